@@ -1,0 +1,1 @@
+"""HF <-> GGUF conversion: model and adapter export, import back to transformers."""

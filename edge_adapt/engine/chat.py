@@ -1,0 +1,59 @@
+"""Chat prompts rendered with the model's own template (tokenizer.chat_template) in a jinja2 sandbox."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, Literal, TypedDict
+
+from edge_adapt.errors import ModelFileError, UsageError
+
+
+class Message(TypedDict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+# Used when a GGUF carries no template: ChatML, which SmolLM2, Qwen2 and many small models speak.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str) -> Any:
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise UsageError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except TemplateError as exc:
+        raise ModelFileError(f"the model's chat template does not compile: {exc}") from None
+
+
+def render_chat(
+    template: str | None,
+    messages: list[Message],
+    *,
+    add_generation_prompt: bool = True,
+    bos_token: str = "",
+    eos_token: str = "",
+) -> str:
+    for m in messages:
+        if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            raise UsageError(f"bad chat message {m!r}: needs role system/user/assistant and string content")
+    from jinja2 import TemplateError
+
+    try:
+        return _compile(template or CHATML).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token
+        )
+    except TemplateError as exc:
+        raise ModelFileError(f"the model's chat template failed to render: {exc}") from None

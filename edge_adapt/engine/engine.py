@@ -1,0 +1,482 @@
+"""The engine: one model, one llama.cpp context, many sequences.
+
+A prompt is decoded once into a sequence; samples are forks of it (`llama_memory_seq_cp`); every live
+sample advances in one batched `llama_decode` per step and reads its own row of logits; finished or
+pruned samples give their sequence id back (`llama_memory_seq_rm`). Snapshots park a sequence's KV as
+bytes (`llama_state_seq_get_data`) and restore it under any free id.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence as Seq
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_adapt.engine.chat import Message, render_chat
+from edge_adapt.engine.device import Device, gpu_layers_for, physical_cores
+from edge_adapt.engine.events import Cancelled, Event, Finished, FinishReason, SampleStarted, Token
+from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
+from edge_adapt.engine.handles import Adapter, Batch, Context, Model, init_backend
+from edge_adapt.engine.sampling import SamplingParams, sample_rows
+from edge_adapt.engine.text import TextStream
+from edge_adapt.errors import BudgetError, ContextOverflowError, EngineError, UsageError
+
+
+class EngineOptions(BaseModel):
+    """How to load a model. Desktop apps build this; the CLI fills it from flags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Path | None = Field(None, description="GGUF file; the embedded default model when omitted")
+    ctx: int = Field(2048, ge=64, description="context length of each sequence, in tokens")
+    parallel: int = Field(1, ge=1, le=256, description="sequences the context holds at once")
+    threads: int | None = Field(None, ge=1, description="CPU threads; physical cores when omitted")
+    device: Device = "auto"
+    gpu_layers: int | None = Field(None, ge=-1, description="layers to offload; all when a GPU is used")
+    kv_unified: bool = Field(
+        False, description="one KV buffer for all sequences (forks share the prompt's cells) instead of one each"
+    )
+    batch: int = Field(512, ge=16, description="tokens per llama_decode call")
+    verbose: bool = False
+
+
+@dataclass
+class Sequence:
+    """One sequence id of the context. The KV holds tokens[:n_past]; `logits` predict the token after them."""
+
+    id: int
+    tokens: list[int]
+    n_past: int = 0
+    logits: np.ndarray | None = None
+
+    @property
+    def pending(self) -> list[int]:
+        return self.tokens[self.n_past :]
+
+
+@dataclass
+class Sample:
+    """A sample being generated from a sequence: its sampler state, text stream and record."""
+
+    index: int
+    seq: Sequence
+    params: SamplingParams
+    max_tokens: int
+    stream: TextStream
+    rng: np.random.Generator
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: FinishReason | None = None
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
+
+    @property
+    def sum_logprob(self) -> float:
+        return float(np.sum(self.logprobs)) if self.logprobs else 0.0
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.sum_logprob / len(self.logprobs) if self.logprobs else 0.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A sequence parked in RAM: its KV bytes, its tokens and its next-token logits."""
+
+    tokens: tuple[int, ...]
+    n_past: int
+    state: bytes
+    logits: np.ndarray | None
+    model_fingerprint: str
+
+
+class Engine:
+    """Owns the model, the context and the sequence ids. Use as a context manager or call close()."""
+
+    def __init__(self, options: EngineOptions | None = None, **overrides: object) -> None:
+        opts = (options or EngineOptions()).model_copy(update=overrides) if overrides else (options or EngineOptions())
+        opts = EngineOptions.model_validate(opts.model_dump())
+        self.options = opts
+        if opts.model is None:
+            from edge_adapt.engine.default_model import default_model_path
+
+            path = default_model_path()
+        else:
+            path = Path(opts.model)
+        self.info: GGUFInfo = inspect_gguf(path)
+        if opts.ctx > self.info.n_ctx_train > 0:
+            raise BudgetError(f"--ctx {opts.ctx} exceeds the model's training context {self.info.n_ctx_train}")
+        init_backend(opts.verbose)
+        self.threads = opts.threads or physical_cores()
+        self.gpu_layers = gpu_layers_for(opts.device, opts.gpu_layers)
+        self.model = Model(path, gpu_layers=self.gpu_layers)
+        try:
+            self.ctx = Context(
+                self.model,
+                n_ctx=opts.ctx * opts.parallel,
+                n_batch=opts.batch,
+                n_seq_max=opts.parallel,
+                n_threads=self.threads,
+                kv_unified=opts.kv_unified,
+                offload_kqv=self.gpu_layers > 0,
+            )
+            self.batch = Batch(max(opts.batch, opts.parallel))
+            self.model.on_close(self.batch.close)
+        except BaseException:
+            self.model.close()
+            raise
+        self.n_ctx_seq = self.ctx.n_ctx_seq if not opts.kv_unified else opts.ctx
+        self._free_ids = list(range(opts.parallel))
+        self._cancel = threading.Event()
+        self._adapters: dict[Path, Adapter] = {}
+        self.fingerprint = f"{self.info.architecture}:{self.info.n_params}:{self.info.n_vocab}:{self.info.file_type}"
+        self.decoded_tokens = 0  # every token llama.cpp has been asked to decode: tests and accounts read it
+        self.decode_calls = 0
+
+    # -- lifetime -------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.model.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- text ---------------------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, special: bool = True, add_bos: bool = False) -> list[int]:
+        return self.model.tokenize(text, add_special=add_bos, parse_special=special)
+
+    def detokenize(self, tokens: Seq[int]) -> str:
+        return b"".join(self.model.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def chat_prompt(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
+        return render_chat(
+            self.model.chat_template() or self.info.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.detokenize([self.model.bos]) if self.model.bos >= 0 else "",
+            eos_token=self.detokenize([self.model.eos]) if self.model.eos >= 0 else "",
+        )
+
+    def is_eog(self, token: int) -> bool:
+        return self.model.is_eog(token)
+
+    # -- sequences --------------------------------------------------------------------------------------
+    @property
+    def free_sequences(self) -> int:
+        return len(self._free_ids)
+
+    def _take_id(self) -> int:
+        if not self._free_ids:
+            raise BudgetError(
+                f"all {self.options.parallel} sequences are in use; load the engine with a larger `parallel`"
+            )
+        return self._free_ids.pop(0)
+
+    def open(self, tokens: Seq[int]) -> Sequence:
+        """A new sequence holding `tokens`, decoded once; its logits predict what follows."""
+        if not tokens:
+            raise UsageError("cannot open a sequence on an empty prompt")
+        self._check_fits(len(tokens))
+        seq = Sequence(self._take_id(), [])
+        try:
+            self.extend([(seq, list(tokens))])
+        except BaseException:
+            self.release(seq)
+            raise
+        return seq
+
+    def fork(self, seq: Sequence) -> Sequence:
+        """A copy of `seq` under a free id, sharing (unified KV) or copying (split KV) its cells."""
+        if seq.n_past != len(seq.tokens):
+            raise EngineError("cannot fork a sequence with undecoded tokens")
+        child = Sequence(self._take_id(), list(seq.tokens), seq.n_past, seq.logits)
+        self.ctx.seq_rm(child.id)
+        self.ctx.seq_cp(seq.id, child.id)
+        return child
+
+    def release(self, seq: Sequence) -> None:
+        """Drop a sequence's KV and give its id back for reuse."""
+        if seq.id in self._free_ids:
+            return
+        self.ctx.seq_rm(seq.id)
+        self._free_ids.append(seq.id)
+        self._free_ids.sort()
+        seq.n_past, seq.logits = 0, None
+
+    def truncate(self, seq: Sequence, n: int) -> None:
+        """Keep only the first n tokens of a sequence (its logits are gone until the next decode)."""
+        if n < seq.n_past:
+            self.ctx.seq_rm(seq.id, n, -1)
+            seq.n_past = n
+            seq.logits = None
+        del seq.tokens[n:]
+
+    def extend(self, updates: Seq[tuple[Sequence, Seq[int]]]) -> None:
+        """Append tokens to several sequences and decode them together, n_batch tokens per llama_decode.
+
+        Each sequence's logits afterwards predict the token after its last one.
+        """
+        rows_tok: list[int] = []
+        rows_pos: list[int] = []
+        rows_seq: list[int] = []
+        rows_out: list[bool] = []
+        owners: list[Sequence] = []
+        for seq, new in updates:
+            self._check_fits(len(seq.tokens) + len(new))
+        for seq, new in updates:
+            seq.tokens.extend(new)
+            todo = seq.pending
+            if not todo:
+                if seq.logits is None:
+                    raise EngineError("nothing to decode and no logits: truncate one token and decode it again")
+                continue
+            for i, t in enumerate(todo):
+                rows_tok.append(t)
+                rows_pos.append(seq.n_past + i)
+                rows_seq.append(seq.id)
+                last = i == len(todo) - 1
+                rows_out.append(last)
+                if last:
+                    owners.append(seq)
+        if not rows_tok:
+            return
+        tok, pos, sid, out = (np.asarray(a) for a in (rows_tok, rows_pos, rows_seq, rows_out))
+        start_n_past = {s.id: s.n_past for s, _ in updates}
+        owner_i = 0
+        try:
+            for lo in range(0, len(tok), self.ctx.n_batch):
+                hi = min(lo + self.ctx.n_batch, len(tok))
+                self.batch.fill(tok[lo:hi], pos[lo:hi], sid[lo:hi], out[lo:hi])
+                self.ctx.decode(self.batch)
+                self.decode_calls += 1
+                self.decoded_tokens += hi - lo
+                n_out = int(out[lo:hi].sum())
+                if n_out:
+                    logits = self.ctx.logits(n_out)
+                    for row in logits:
+                        owners[owner_i].logits = row
+                        owner_i += 1
+        except (Cancelled, EngineError):
+            # Put every sequence back exactly where it was before this call.
+            for seq, new in updates:
+                self.ctx.seq_rm(seq.id, start_n_past[seq.id], -1)
+                seq.n_past = start_n_past[seq.id]
+                del seq.tokens[len(seq.tokens) - len(new) :]
+            raise
+        for seq, _ in updates:
+            seq.n_past = len(seq.tokens)
+
+    def _check_fits(self, n_tokens: int) -> None:
+        if n_tokens > self.n_ctx_seq:
+            raise ContextOverflowError(
+                f"{n_tokens} tokens do not fit the context of {self.n_ctx_seq} tokens per sequence "
+                "(raise --ctx or shorten the prompt)"
+            )
+
+    @contextmanager
+    def scratch(self, seqs: Seq[Sequence]) -> Iterator[list[Sequence]]:
+        """Throw-away extensions of `seqs`: whatever is decoded into them is gone afterwards.
+
+        With a unified KV the scratch is a fork (`seq_cp` shares the cells, no copy); with split KV a
+        fork would copy the whole stream, so the scratch extends the sequence in place and removes the
+        extra positions afterwards. Either way the original KV, tokens and logits are untouched.
+        """
+        cheap_fork = self.options.kv_unified and self.free_sequences >= len(seqs)
+        if cheap_fork:
+            tmp = [self.fork(s) for s in seqs]
+        else:
+            tmp = [Sequence(s.id, list(s.tokens), s.n_past, s.logits) for s in seqs]
+        try:
+            yield tmp
+        finally:
+            if cheap_fork:
+                for t in tmp:
+                    self.release(t)
+            else:
+                for s in seqs:
+                    self.ctx.seq_rm(s.id, s.n_past, -1)
+
+    # -- snapshots -------------------------------------------------------------------------------------
+    def snapshot(self, seq: Sequence) -> Snapshot:
+        if seq.n_past != len(seq.tokens):
+            raise EngineError("cannot snapshot a sequence with undecoded tokens")
+        return Snapshot(
+            tuple(seq.tokens), seq.n_past, self.ctx.state_seq_get(seq.id),
+            None if seq.logits is None else seq.logits.copy(), self.fingerprint,
+        )
+
+    def restore(self, snap: Snapshot, into: Sequence | None = None) -> Sequence:
+        """Bring a snapshot back under a free id (or into an existing sequence, replacing its content)."""
+        if snap.model_fingerprint != self.fingerprint:
+            raise EngineError(f"snapshot is from another model ({snap.model_fingerprint}, this is {self.fingerprint})")
+        self._check_fits(snap.n_past)
+        seq = into or Sequence(self._take_id(), [])
+        self.ctx.seq_rm(seq.id)
+        try:
+            self.ctx.state_seq_set(seq.id, snap.state)
+        except EngineError:
+            if into is None:
+                self.release(seq)
+            raise
+        seq.tokens, seq.n_past = list(snap.tokens), snap.n_past
+        seq.logits = None if snap.logits is None else snap.logits.copy()
+        return seq
+
+    # -- adapters --------------------------------------------------------------------------------------
+    def load_adapter(self, path: Path) -> Adapter:
+        path = Path(path)
+        if path not in self._adapters:
+            inspect_gguf(path, expect="adapter")
+            self._adapters[path] = Adapter(self.model, path)
+        return self._adapters[path]
+
+    @contextmanager
+    def adapter(self, adapter: Adapter | None, scale: float = 1.0) -> Iterator[None]:
+        """Switch an adapter on for the decodes inside the block only; generation outside stays the base model's."""
+        if adapter is None:
+            yield
+            return
+        self.ctx.set_adapters([adapter], [scale])
+        try:
+            yield
+        finally:
+            self.ctx.set_adapters([], [])
+
+    # -- sampling ---------------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop the generation in progress (safe from any thread); it ends with finish reason 'cancelled'."""
+        self._cancel.set()
+        self.ctx.request_abort(True)
+
+    def start(
+        self,
+        root: Sequence,
+        params: Seq[SamplingParams],
+        *,
+        max_tokens: int,
+        stop: Seq[str] = (),
+        first_index: int = 0,
+    ) -> list[Sample]:
+        """Fork one sample per entry of `params` from a decoded prompt sequence."""
+        if max_tokens < 1:
+            raise UsageError(f"max_tokens must be >= 1, got {max_tokens}")
+        if len(params) > self.free_sequences:
+            raise BudgetError(
+                f"{len(params)} samples need {len(params)} free sequences, {self.free_sequences} are left "
+                f"(the engine holds {self.options.parallel}; one keeps the prompt)"
+            )
+        if root.logits is None:
+            raise EngineError("the prompt sequence has no logits to sample from")
+        return [
+            Sample(first_index + i, self.fork(root), p, max_tokens, TextStream(tuple(stop)), np.random.default_rng(p.seed))
+            for i, p in enumerate(params)
+        ]
+
+    def advance(self, samples: Seq[Sample], until: int | None = None) -> Iterator[Event]:
+        """Generate for all unfinished samples, one batched decode per step, until each has `until` tokens,
+        hits max_tokens, a stop string or an end-of-generation token.
+
+        Sampled tokens other than end-of-generation are decoded into the sample's KV even on the last
+        step, so a finished sample can be scored or continued without decoding anything again.
+        """
+        self._cancel.clear()
+        self.ctx.request_abort(False)
+        limit = {id(s): min(s.max_tokens, until if until is not None else s.max_tokens) for s in samples}
+        live = [s for s in samples if s.finish is None and len(s.generated) < limit[id(s)]]
+        while live:
+            if self._cancel.is_set():
+                yield from self._finish_all(live, "cancelled")
+                return
+            logits = np.stack([s.seq.logits for s in live])  # type: ignore[misc]
+            recent = [np.asarray(s.seq.tokens[-s.params.repeat_last_n :]) if s.params.repeat_penalty != 1.0 else np.empty(0, int) for s in live]
+            tokens, logps = sample_rows(logits, [s.params for s in live], [s.rng for s in live], recent)
+            to_decode: list[tuple[Sequence, list[int]]] = []
+            for s, t, lp in zip(live, tokens.tolist(), logps.tolist()):
+                s.generated.append(t)
+                s.logprobs.append(lp)
+                if self.model.is_eog(t):
+                    yield Token(s.index, t, s.stream.flush(), lp)
+                    s.finish = "eos"
+                    yield self._finished(s)
+                    continue
+                text, stopped = s.stream.push(self.model.piece(t))
+                if stopped:
+                    s.finish = "stop"
+                elif len(s.generated) >= s.max_tokens:
+                    s.finish = "length"
+                    text += s.stream.flush()
+                yield Token(s.index, t, text, lp)
+                to_decode.append((s.seq, [t]))
+                if s.finish:
+                    yield self._finished(s)
+            if to_decode:
+                try:
+                    self.extend(to_decode)
+                except Cancelled:
+                    # The interrupted step's tokens were recorded but not decoded: forget them too.
+                    for seq, (t,) in to_decode:
+                        sample = next(x for x in live if x.seq is seq)
+                        sample.generated.pop()
+                        sample.logprobs.pop()
+                        sample.finish = None
+                    yield from self._finish_all([s for s in live if s.finish is None], "cancelled")
+                    return
+            live = [s for s in live if s.finish is None and len(s.generated) < limit[id(s)]]
+
+    def _finish_all(self, samples: Seq[Sample], reason: FinishReason) -> Iterator[Event]:
+        self._cancel.clear()
+        self.ctx.request_abort(False)
+        for s in samples:
+            s.finish = reason
+            s.stream.flush()
+            yield self._finished(s)
+
+    @staticmethod
+    def _finished(s: Sample) -> Finished:
+        return Finished(s.index, s.finish or "length", s.text, len(s.generated), s.sum_logprob)
+
+    def generate(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams | Seq[SamplingParams] = SamplingParams(),
+        *,
+        n: int = 1,
+        max_tokens: int = 256,
+        stop: Seq[str] = (),
+    ) -> Iterator[Event]:
+        """Decode the prompt once, fork `n` samples and stream their tokens. Sample i uses seed + i."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [
+            SamplingParams(**{**params.__dict__, "seed": params.seed + i}) for i in range(n)
+        ]
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_fits(len(tokens) + max_tokens)
+        root = self.open(tokens)
+        samples: list[Sample] = []
+        try:
+            samples = self.start(root, plist, max_tokens=max_tokens, stop=stop)
+            for s in samples:
+                yield SampleStarted(s.index, s.params.temperature, s.params.seed)
+            yield from self.advance(samples)
+        finally:
+            for s in samples:
+                self.release(s.seq)
+            self.release(root)
+
+
+def collect_texts(events: Iterator[Event]) -> dict[int, Finished]:
+    """Drain an event stream and return each sample's Finished event."""
+    return {e.sample: e for e in events if isinstance(e, Finished)}
+
+
+def now() -> float:
+    return time.perf_counter()

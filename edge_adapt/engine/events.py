@@ -1,0 +1,59 @@
+"""Events streamed from the engine and the strategies to their caller. Text is built from the stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "eos", "length", "cancelled", "pruned"]
+
+
+class Cancelled(Exception):
+    """A generation was cancelled from another thread; the engine stays usable."""
+
+
+@dataclass(frozen=True)
+class SampleStarted:
+    sample: int
+    temperature: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class Token:
+    sample: int
+    token: int
+    text: str  # newly releasable text: may be empty while a character or stop string is incomplete
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Finished:
+    sample: int
+    reason: FinishReason
+    text: str
+    n_tokens: int
+    sum_logprob: float
+
+
+@dataclass(frozen=True)
+class Usage:
+    """The compute account of one request."""
+
+    prompt_tokens: int = 0
+    prompt_tokens_reused: int = 0
+    generated_tokens: int = 0
+    selfeval_tokens: int = 0
+    samples_started: int = 0
+    samples_pruned: int = 0
+    decode_calls: int = 0
+    wall_s: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Done:
+    usage: Usage
+
+
+Event = SampleStarted | Token | Finished | Done

@@ -1,0 +1,271 @@
+"""One small owner per llama.cpp C handle.
+
+Each wrapper frees its handle through an ExitStack of idempotent callbacks, and a child registers its own
+`close` on its parent's stack so that it is freed first (context before model, adapter before model).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from contextlib import ExitStack
+from pathlib import Path
+
+import llama_cpp.llama_cpp as ll
+import numpy as np
+
+from edge_adapt.errors import EngineError, ModelFileError
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+_verbose = False
+
+
+@ll.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    if _verbose:
+        import sys
+
+        sys.stderr.write(text.decode("utf-8", "replace"))
+
+
+def init_backend(verbose: bool = False) -> None:
+    """Initialise llama.cpp once per process; its own log output goes to stderr only when verbose."""
+    global _backend_ready, _verbose
+    with _backend_lock:
+        _verbose = verbose
+        if not _backend_ready:
+            ll.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            ll.llama_backend_init()
+            _backend_ready = True
+
+
+class Model:
+    """A loaded llama_model and its vocabulary."""
+
+    def __init__(self, path: Path, *, gpu_layers: int = 0, use_mmap: bool = True) -> None:
+        params = ll.llama_model_default_params()
+        params.n_gpu_layers = gpu_layers
+        params.use_mmap = use_mmap
+        ptr = ll.llama_model_load_from_file(str(path).encode(), params)
+        if not ptr:
+            raise ModelFileError(f"{path}: llama.cpp could not load this model (run with --verbose for its log)")
+        self.ptr = ptr
+        self._stack = ExitStack()
+        self._stack.callback(self._free)
+        self.vocab = ll.llama_model_get_vocab(ptr)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self.eos = ll.llama_vocab_eos(self.vocab)
+        self.bos = ll.llama_vocab_bos(self.vocab)
+        self._pieces: dict[int, bytes] = {}
+
+    def _free(self) -> None:
+        if self.ptr:
+            ll.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def on_close(self, callback) -> None:  # type: ignore[no-untyped-def]
+        self._stack.callback(callback)
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        buf = (ll.llama_token * capacity)()
+        n = ll.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
+        if n < 0:
+            capacity = -n
+            buf = (ll.llama_token * capacity)()
+            n = ll.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
+        if n < 0:
+            raise EngineError("tokenization failed")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for, without rendering control tokens (cached: the hot loop calls this)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            cached = self._pieces[token] = buf.raw[:n]
+        return cached
+
+    def is_eog(self, token: int) -> bool:
+        return bool(ll.llama_vocab_is_eog(self.vocab, token))
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = ll.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return None if n < 0 else buf.value.decode("utf-8", "replace")
+
+    def chat_template(self) -> str | None:
+        tpl = ll.llama_model_chat_template(self.ptr, None)
+        return tpl.decode("utf-8", "replace") if tpl else None
+
+
+class Adapter:
+    """A LoRA or activated-LoRA adapter loaded on top of a model; freed before the model."""
+
+    def __init__(self, model: Model, path: Path) -> None:
+        ptr = ll.llama_adapter_lora_init(model.ptr, str(path).encode())
+        if not ptr:
+            raise ModelFileError(f"{path}: llama.cpp could not load this adapter for this model")
+        self.ptr = ptr
+        self.path = path
+        n = ll.llama_adapter_get_alora_n_invocation_tokens(ptr)
+        toks = ll.llama_adapter_get_alora_invocation_tokens(ptr)
+        self.invocation_tokens: list[int] = [toks[i] for i in range(n)] if n else []
+        model.on_close(self.close)
+
+    def close(self) -> None:
+        if self.ptr:
+            ll.llama_adapter_lora_free(self.ptr)
+            self.ptr = None
+
+
+class Context:
+    """A llama_context: KV memory for up to n_seq_max sequences, decoding, per-sequence state."""
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int,
+        n_batch: int,
+        n_seq_max: int,
+        n_threads: int,
+        kv_unified: bool,
+        offload_kqv: bool,
+    ) -> None:
+        params = ll.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.kv_unified = kv_unified
+        params.offload_kqv = offload_kqv
+        params.no_perf = True
+        self._abort = threading.Event()
+        # llama.cpp polls this between graph nodes, so another thread can cancel a long decode.
+        self._abort_cb = ll.ggml_abort_callback(lambda _: self._abort.is_set())
+        params.abort_callback = self._abort_cb
+        ptr = ll.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            raise EngineError("llama.cpp could not create a context (out of memory? run with --verbose)")
+        self.ptr = ptr
+        self.model = model
+        self.n_vocab = model.n_vocab
+        self.n_ctx = ll.llama_n_ctx(ptr)
+        self.n_seq_max = n_seq_max
+        self.n_ctx_seq = ll.llama_n_ctx_seq(ptr) if hasattr(ll, "llama_n_ctx_seq") else self.n_ctx
+        self.n_batch = n_batch
+        self.memory = ll.llama_get_memory(ptr)
+        self._stack = ExitStack()
+        self._stack.callback(self._free)
+        self._adapters: tuple[int, ...] = ()
+        model.on_close(self.close)
+
+    def _free(self) -> None:
+        if self.ptr:
+            ll.llama_free(self.ptr)
+            self.ptr = None
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def request_abort(self, flag: bool = True) -> None:
+        if flag:
+            self._abort.set()
+        else:
+            self._abort.clear()
+
+    def decode(self, batch: Batch) -> None:
+        rc = ll.llama_decode(self.ptr, batch.view)
+        if rc == 2:
+            from edge_adapt.engine.events import Cancelled
+
+            raise Cancelled()
+        if rc == 1:
+            raise EngineError("no room left in the KV cache for this batch")
+        if rc != 0:
+            raise EngineError(f"llama_decode failed with code {rc}")
+
+    def logits(self, n_outputs: int) -> np.ndarray:
+        """Logits of the last decode's outputs, in batch order, as a fresh (n_outputs, n_vocab) array."""
+        ptr = ll.llama_get_logits(self.ptr)
+        return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab)).copy()
+
+    def seq_cp(self, src: int, dst: int) -> None:
+        ll.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        if not ll.llama_memory_seq_rm(self.memory, seq, p0, p1):
+            raise EngineError(f"could not remove positions [{p0}, {p1}) of sequence {seq}")
+
+    def seq_pos_max(self, seq: int) -> int:
+        return ll.llama_memory_seq_pos_max(self.memory, seq)
+
+    def state_seq_get(self, seq: int) -> bytes:
+        size = ll.llama_state_seq_get_size(self.ptr, seq)
+        buf = (ctypes.c_uint8 * size)()
+        written = ll.llama_state_seq_get_data(self.ptr, buf, size, seq)
+        if written != size:
+            raise EngineError(f"sequence {seq} state: expected {size} bytes, got {written}")
+        return bytes(buf)
+
+    def state_seq_set(self, seq: int, data: bytes) -> None:
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if ll.llama_state_seq_set_data(self.ptr, buf, len(data), seq) == 0:
+            raise EngineError("llama.cpp refused the sequence state (taken from another model or context size?)")
+
+    def set_adapters(self, adapters: list[Adapter], scales: list[float]) -> None:
+        key = tuple(a.ptr for a in adapters)
+        if key == self._adapters:
+            return
+        arr = (ll.llama_adapter_lora_p_ctypes * max(1, len(adapters)))(*[a.ptr for a in adapters])
+        sc = (ctypes.c_float * max(1, len(adapters)))(*scales)
+        if ll.llama_set_adapters_lora(self.ptr, arr if adapters else None, len(adapters), sc if adapters else None):
+            raise EngineError("llama.cpp refused the adapter set")
+        self._adapters = key
+
+
+class Batch:
+    """A reusable llama_batch whose token, position and flag arrays are filled through numpy views."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.view = ll.llama_batch_init(capacity, 0, 1)
+        self._stack = ExitStack()
+        self._stack.callback(self._free)
+        self._token = np.ctypeslib.as_array(self.view.token, shape=(capacity,))
+        self._pos = np.ctypeslib.as_array(self.view.pos, shape=(capacity,))
+        self._n_seq = np.ctypeslib.as_array(self.view.n_seq_id, shape=(capacity,))
+        self._logits = np.ctypeslib.as_array(self.view.logits, shape=(capacity,))
+        self._n_seq[:] = 1
+
+    def _free(self) -> None:
+        if self.view is not None:
+            ll.llama_batch_free(self.view)
+            self.view = None
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def fill(self, tokens: np.ndarray, positions: np.ndarray, seq_ids: np.ndarray, want_logits: np.ndarray) -> None:
+        n = len(tokens)
+        if n > self.capacity:
+            raise EngineError(f"batch of {n} tokens exceeds capacity {self.capacity}")
+        self._token[:n] = tokens
+        self._pos[:n] = positions
+        self._logits[:n] = want_logits
+        seq_ptrs = self.view.seq_id
+        for i, s in enumerate(seq_ids.tolist()):
+            seq_ptrs[i][0] = s
+        self.view.n_tokens = n

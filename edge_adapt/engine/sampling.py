@@ -1,0 +1,103 @@
+"""Token sampling, vectorised in numpy over the rows of a batch.
+
+Every row draws from its own random generator, so a sequence's output for a fixed seed does not depend
+on how many other sequences are decoded beside it. Filters follow llama.cpp's order: repetition penalty,
+top-k, temperature, top-p, min-p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_adapt.errors import UsageError
+
+# Candidates are the tokens within this many temperature-scaled nats of the most likely one: anything
+# further is less than e^-25 (about 1e-11) times as likely as the top token, far below what top-p or
+# min-p could keep, and skipping it spares a partition of the whole vocabulary per row per step.
+_TAIL_NATS = 25.0
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence picks its next token. temperature 0 means greedy."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UsageError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise UsageError(f"min_p must be in [0, 1), got {self.min_p}")
+        if not self.repeat_penalty > 0:
+            raise UsageError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        if self.repeat_last_n < 0:
+            raise UsageError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def token_logprobs(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """log-softmax of each row evaluated at that row's token, without materialising the whole row."""
+    m = logits.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(logits - m).sum(axis=-1, dtype=np.float64)) + m[:, 0]
+    return logits[np.arange(len(tokens)), tokens] - lse
+
+
+def _candidates(row: np.ndarray, top_k: int, temperature: float) -> np.ndarray:
+    """Indices of the top_k most likely tokens of a row (all tokens when top_k is 0), most likely first,
+    leaving out the negligible tail (see _TAIL_NATS)."""
+    idx = np.flatnonzero(row >= row.max() - _TAIL_NATS * temperature)
+    if top_k and len(idx) > top_k:
+        idx = idx[np.argpartition(-row[idx], top_k - 1)[:top_k]]
+    return idx[np.argsort(-row[idx], kind="stable")]
+
+
+def apply_repeat_penalty(logits: np.ndarray, recent: list[np.ndarray], penalties: np.ndarray) -> None:
+    """In place: divide positive / multiply negative logits of recently seen tokens, once per distinct token."""
+    for row, (toks, pen) in enumerate(zip(recent, penalties)):
+        if pen == 1.0 or len(toks) == 0:
+            continue
+        ids = np.unique(toks)
+        vals = logits[row, ids]
+        logits[row, ids] = np.where(vals > 0, vals / pen, vals * pen)
+
+
+def sample_rows(
+    logits: np.ndarray,
+    params: Sequence[SamplingParams],
+    rngs: Sequence[np.random.Generator],
+    recent: Sequence[np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pick one token per row. Returns (tokens, log-probabilities under the model's unfiltered distribution)."""
+    work = np.array(logits, dtype=np.float32)
+    if recent is not None:
+        apply_repeat_penalty(work, recent, np.array([p.repeat_penalty for p in params]))
+    tokens = work.argmax(axis=-1)
+    for row, p in enumerate(params):
+        if p.greedy:
+            continue
+        cand = _candidates(work[row], p.top_k, p.temperature)
+        probs = np.exp((work[row, cand] - work[row, cand[0]]) / p.temperature, dtype=np.float64)
+        probs /= probs.sum()
+        keep = (np.cumsum(probs) - probs < p.top_p) & (probs >= p.min_p * probs[0])  # the top token always stays
+        cdf = np.cumsum(np.where(keep, probs, 0.0))
+        u = rngs[row].random() * cdf[-1]
+        tokens[row] = cand[min(int(np.searchsorted(cdf, u, side="right")), len(cand) - 1)]
+    return tokens, token_logprobs(np.asarray(logits, dtype=np.float32), tokens)

@@ -1,0 +1,29 @@
+"""One error hierarchy: the CLI turns each of these into a one-line message and a non-zero exit."""
+
+
+class EdgeAdaptError(Exception):
+    """An expected failure whose message is fit to show a user as it is."""
+
+    exit_code = 1
+
+
+class UsageError(EdgeAdaptError):
+    """An option or configuration value is out of range or inconsistent."""
+
+    exit_code = 2
+
+
+class ModelFileError(EdgeAdaptError):
+    """A model or adapter file is missing, unreadable, malformed or unsupported."""
+
+
+class BudgetError(EdgeAdaptError):
+    """The request does not fit the memory budget or the context window."""
+
+
+class ContextOverflowError(BudgetError):
+    """A prompt or a conversation is longer than the context can hold."""
+
+
+class EngineError(EdgeAdaptError):
+    """llama.cpp refused an operation (a failed decode, a state that would not restore)."""
