@@ -366,20 +366,27 @@ class Engine:
         max_tokens: int,
         stop: Seq[str] = (),
         first_index: int = 0,
+        consume_root: bool = False,
     ) -> list[Sample]:
-        """Fork one sample per entry of `params` from a decoded prompt sequence."""
+        """Fork one sample per entry of `params` from a decoded prompt sequence.
+
+        With `consume_root` the last sample takes the prompt's own sequence instead of a fork: one id less
+        when no more samples will be drawn from that prompt.
+        """
         if max_tokens < 1:
             raise UsageError(f"max_tokens must be >= 1, got {max_tokens}")
-        if len(params) > self.free_sequences:
+        forks = len(params) - (1 if consume_root else 0)
+        if forks > self.free_sequences:
             raise BudgetError(
-                f"{len(params)} samples need {len(params)} free sequences, {self.free_sequences} are left "
-                f"(the engine holds {self.options.parallel}; one keeps the prompt)"
+                f"{len(params)} samples need {forks} free sequences, {self.free_sequences} are left "
+                f"(the engine holds {self.options.parallel})"
             )
         if root.logits is None:
             raise EngineError("the prompt sequence has no logits to sample from")
+        seqs = [self.fork(root) for _ in range(forks)] + ([root] if consume_root else [])
         return [
-            Sample(first_index + i, self.fork(root), p, max_tokens, TextStream(tuple(stop)), np.random.default_rng(p.seed))
-            for i, p in enumerate(params)
+            Sample(first_index + i, seq, p, max_tokens, TextStream(tuple(stop)), np.random.default_rng(p.seed))
+            for i, (seq, p) in enumerate(zip(seqs, params))
         ]
 
     def advance(self, samples: Seq[Sample], until: int | None = None) -> Iterator[Event]:
@@ -463,7 +470,7 @@ class Engine:
         root = self.open(tokens)
         samples: list[Sample] = []
         try:
-            samples = self.start(root, plist, max_tokens=max_tokens, stop=stop)
+            samples = self.start(root, plist, max_tokens=max_tokens, stop=stop, consume_root=True)
             for s in samples:
                 yield SampleStarted(s.index, s.params.temperature, s.params.seed)
             yield from self.advance(samples)

@@ -45,6 +45,7 @@ class GGUFInfo:
     head_dim_v: int
     n_ctx_train: int
     n_vocab: int
+    n_ff: int
     file_type: str
     tensor_types: dict[str, int]
     tensor_bytes: int
@@ -228,7 +229,7 @@ def inspect_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUF
         return GGUFInfo(
             path=p, file_size=file_size, kind="adapter", architecture=arch, name=get("general.name", p.stem),
             n_params=n_params, n_layers=0, n_embd=0, n_head=0, n_head_kv=0, head_dim_k=0, head_dim_v=0,
-            n_ctx_train=0, n_vocab=0, file_type=_file_type_name(get("general.file_type")),
+            n_ctx_train=0, n_vocab=0, n_ff=0, file_type=_file_type_name(get("general.file_type")),
             tensor_types=dict(type_counts), tensor_bytes=sum(t.n_bytes for t in tensors), chat_template=None,
             edge_adapt=edge_meta, adapter=adapter,
         )
@@ -256,10 +257,18 @@ def inspect_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUF
         path=p, file_size=file_size, kind="model", architecture=arch, name=get("general.name", p.stem),
         n_params=n_params, n_layers=int(n_layers), n_embd=int(n_embd), n_head=n_head, n_head_kv=n_head_kv,
         head_dim_k=head_dim_k, head_dim_v=head_dim_v, n_ctx_train=int(get(f"{arch}.context_length", 0)),
-        n_vocab=n_vocab, file_type=_file_type_name(get("general.file_type")), tensor_types=dict(type_counts),
+        n_vocab=n_vocab, n_ff=int(_scalar(get(f"{arch}.feed_forward_length", 4 * n_embd))),
+        file_type=_file_type_name(get("general.file_type")), tensor_types=dict(type_counts),
         tensor_bytes=sum(t.n_bytes for t in tensors), chat_template=template if isinstance(template, str) else None,
         edge_adapt=edge_meta,
     )
+
+
+def _scalar(value: Any) -> Any:
+    """Per-layer values (lists) planned for by their largest entry."""
+    if isinstance(value, _Skipped):
+        return 0
+    return max(value) if isinstance(value, list) else value
 
 
 def _file_type_name(value: Any) -> str:

@@ -147,6 +147,10 @@ class Context:
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = n_seq_max
+        # We read at most one row of logits per sequence per decode (sampling, prompt end, self-eval suffix
+        # end); without this bound llama.cpp reserves logits for a whole batch (n_batch x n_vocab floats,
+        # 96 MiB for a 49k vocabulary), which is most of a small model's compute buffer.
+        params.n_outputs_max = n_seq_max
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.kv_unified = kv_unified

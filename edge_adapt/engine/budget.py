@@ -1,0 +1,136 @@
+"""Memory planning from GGUF metadata alone: how many parallel samples of which context length fit a budget.
+
+The estimate mirrors what llama.cpp allocates for a context made by `Engine`:
+- weights: the tensor bytes of the file (memory-mapped; all of them are touched by the first decode);
+- KV cache: K and V for every layer, per token, per sequence (f16), over n_seq x ctx cells, where split
+  KV rounds each sequence's context up to a multiple of 256 as llama.cpp does;
+- output buffer: one row of logits per sequence (the engine caps llama.cpp's outputs per batch at that);
+- compute buffer: the activations of one full micro-batch (fitted to llama.cpp's reservation, see below);
+- the engine's own numpy rows of logits, and the process the model runs in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from edge_adapt.engine.gguf_file import GGUFInfo
+from edge_adapt.errors import BudgetError, UsageError
+
+MiB = 1 << 20
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": MiB, "mb": MiB, "mib": MiB,
+          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'1.5GB', '800M', '2GiB' -> bytes (binary units: a laptop's '8 GB' of RAM is 8 GiB)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UsageError(f"cannot read memory size {text!r} (examples: 1.5GB, 800MB, 2GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def process_rss() -> int:
+    """Resident memory of this process now (Linux /proc, else the peak that resource reports)."""
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process so far."""
+    try:
+        with open(f"/proc/{os.getpid()}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Predicted memory of one engine configuration, in bytes."""
+
+    parallel: int
+    ctx: int
+    ctx_cells: int
+    weights: int
+    kv: int
+    outputs: int
+    compute: int
+    runtime: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.outputs + self.compute + self.runtime
+
+    def describe(self) -> str:
+        parts = [("weights", self.weights), ("KV cache", self.kv), ("compute", self.compute),
+                 ("logits", self.outputs), ("runtime", self.runtime)]
+        detail = ", ".join(f"{name} {v / MiB:.0f} MiB" for name, v in parts)
+        return f"{self.parallel} x {self.ctx} tokens: {self.total / MiB:.0f} MiB ({detail})"
+
+
+def _pad(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def plan(
+    info: GGUFInfo,
+    *,
+    parallel: int,
+    ctx: int,
+    kv_unified: bool = False,
+    batch: int = 512,
+    runtime: int | None = None,
+) -> Plan:
+    """Predict the resident memory of `Engine(model, parallel=..., ctx=...)` running on the CPU."""
+    if parallel < 1 or ctx < 1:
+        raise UsageError("parallel and ctx must be >= 1")
+    cells = _pad(ctx * parallel, 256) if kv_unified else _pad(ctx, 256) * parallel
+    kv = info.kv_bytes_per_token_f16 * cells
+    # llama.cpp keeps one float row per output in its output buffer, and the engine copies each row once.
+    outputs = 2 * 4 * info.n_vocab * parallel
+    # Compute buffer: activations of one n_batch micro-batch. Fitted on llama.cpp's reservation for
+    # SmolLM2-135M (14.0 MiB at batch 512: 4 bytes x 512 x (6 x 576 + 2 x 1536) = 12.8 MiB, plus
+    # attention scratch over the context and the output rows).
+    compute = 4 * batch * (6 * info.n_embd + 2 * info.n_ff) + 4 * batch * info.n_head * 32 + 4 * info.n_vocab * parallel
+    return Plan(parallel, ctx, cells, info.tensor_bytes, kv, outputs, compute,
+                process_rss() if runtime is None else runtime)
+
+
+def fit(info: GGUFInfo, budget: int, *, ctx: int, want: int | None = None, kv_unified: bool = False,
+        batch: int = 512, runtime: int | None = None) -> Plan:
+    """The plan with the most parallel sequences of `ctx` tokens (up to `want`) that fits `budget` bytes.
+
+    Refuses with BudgetError when not even one sequence, or fewer than `want`, fit.
+    """
+    one = plan(info, parallel=1, ctx=ctx, kv_unified=kv_unified, batch=batch, runtime=runtime)
+    if one.total > budget:
+        raise BudgetError(
+            f"--mem-budget {budget / MiB:.0f} MiB is too small: one sequence of {ctx} tokens needs "
+            f"{one.total / MiB:.0f} MiB ({one.describe()})"
+        )
+    per_seq = plan(info, parallel=2, ctx=ctx, kv_unified=kv_unified, batch=batch, runtime=runtime).total - one.total
+    most = 1 + max(0, (budget - one.total) // max(per_seq, 1))
+    if want is not None and most < want:
+        raise BudgetError(
+            f"{want} parallel sequences of {ctx} tokens need "
+            f"{plan(info, parallel=want, ctx=ctx, kv_unified=kv_unified, batch=batch, runtime=runtime).total / MiB:.0f} MiB;"
+            f" --mem-budget {budget / MiB:.0f} MiB fits {most} (lower -n or --ctx)"
+        )
+    n = int(min(most, want if want is not None else 256))
+    return plan(info, parallel=n, ctx=ctx, kv_unified=kv_unified, batch=batch, runtime=runtime)
