@@ -2,10 +2,338 @@
 
 from __future__ import annotations
 
-import typer
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
-app = typer.Typer(help="Adaptive inference-time compute for small local models.", no_args_is_help=True)
+import typer
+from typer.exceptions import TyperException
+
+from edge_adapt.errors import EdgeAdaptError, UsageError
+
+app = typer.Typer(
+    help="Adaptive inference-time compute for small local models on llama.cpp.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+_debug = False
+
+# -- shared options -----------------------------------------------------------------------------------------
+ModelArg = Annotated[Optional[Path], typer.Argument(help="GGUF model (default: embedded SmolLM2-135M-Instruct)")]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF model (default: embedded SmolLM2-135M-Instruct)")]
+CtxOpt = Annotated[Optional[int], typer.Option("--ctx", help="context length per sequence (tokens)", min=64)]
+
+
+class DeviceChoice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    metal = "metal"
+
+
+DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="where to run")]
+GpuLayersOpt = Annotated[Optional[int], typer.Option("--gpu-layers", help="layers to offload to the GPU (-1: all)", min=-1)]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: physical cores)", min=1)]
+BudgetOpt = Annotated[Optional[str], typer.Option("--mem-budget", help="refuse plans above this much memory, e.g. 1.5GB")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", help="show llama.cpp's own log")]
+TempOpt = Annotated[float, typer.Option("--temp", help="sampling temperature (0: greedy)", min=0.0)]
+MaxTokOpt = Annotated[int, typer.Option("--max-tokens", help="most tokens to generate per sample", min=1)]
+SeedOpt = Annotated[int, typer.Option("--seed", help="random seed (sample i uses seed + i)")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="keep the k most likely tokens (0: off)", min=0)]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="nucleus sampling mass", min=0.0, max=1.0)]
+MinPOpt = Annotated[float, typer.Option("--min-p", help="drop tokens below min-p x the top probability", min=0.0, max=1.0)]
+RepeatOpt = Annotated[float, typer.Option("--repeat-penalty", help="penalty for recently seen tokens (1: off)", min=0.0)]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for unexpected errors")] = False) -> None:
+    global _debug
+    _debug = debug
+
+
+def _text_arg(value: str, what: str) -> str:
+    """Command-line text must be UTF-8: Python hands undecodable bytes through as lone surrogates."""
+    if value == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{what} on standard input is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8") from None
+    return value
+
+
+def _engine(model: Path | None, *, parallel: int, ctx: int, device: DeviceChoice, gpu_layers: int | None,
+            threads: int | None, mem_budget: str | None, verbose: bool) -> Any:
+    """Plan against the budget from metadata alone, then load."""
+    from edge_adapt.engine import Engine, EngineOptions
+    from edge_adapt.engine.budget import fit, parse_size
+    from edge_adapt.engine.default_model import default_model_path
+    from edge_adapt.engine.gguf_file import inspect_gguf
+
+    path = model or default_model_path()
+    if mem_budget is not None:
+        fit(inspect_gguf(path), parse_size(mem_budget), ctx=ctx, want=parallel)
+    return Engine(EngineOptions(model=path, parallel=parallel, ctx=ctx, device=device.value, gpu_layers=gpu_layers,  # type: ignore[arg-type]
+                                threads=threads, verbose=verbose))
+
+
+@contextmanager
+def _ctrl_c_cancels(engine: Any) -> Iterator[None]:
+    """While generating, Ctrl-C stops the reply (the engine ends it cleanly) instead of killing the program."""
+    previous = signal.signal(signal.SIGINT, lambda *_: engine.cancel())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctx_for(prompt_tokens: int, max_tokens: int, ctx: int | None) -> int:
+    # Enough for prompt + reply, rounded up as llama.cpp rounds a sequence's cells.
+    return ctx or max(256, -(-(prompt_tokens + max_tokens + 64) // 256) * 256)
+
+
+# -- run ----------------------------------------------------------------------------------------------------
+@app.command()
+def run(
+    prompt: Annotated[str, typer.Argument(help="the prompt ('-' reads standard input)")],
+    n: Annotated[int, typer.Option("-n", "--samples", help="samples to draw in parallel", min=1, max=255)] = 1,
+    temp: TempOpt = 0.0,
+    max_tokens: MaxTokOpt = 256,
+    seed: SeedOpt = 0,
+    top_k: TopKOpt = 40,
+    top_p: TopPOpt = 0.95,
+    min_p: MinPOpt = 0.05,
+    repeat_penalty: RepeatOpt = 1.0,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="stop string (repeatable)")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="plain completion: no chat template")] = False,
+    system: Annotated[Optional[str], typer.Option("--system", help="system message")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print samples, token counts and timing as JSON")] = False,
+    model: ModelOpt = None,
+    ctx: CtxOpt = None,
+    device: DeviceOpt = DeviceChoice.auto,
+    gpu_layers: GpuLayersOpt = None,
+    threads: ThreadsOpt = None,
+    mem_budget: BudgetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Answer one prompt; with -n, draw several samples from one decoded prompt."""
+    from edge_adapt.engine import Finished, SamplingParams, Token
+    from edge_adapt.engine.gguf_file import inspect_gguf
+    from edge_adapt.engine.default_model import default_model_path
+
+    prompt = _text_arg(prompt, "the prompt")
+    if system is not None:
+        system = _text_arg(system, "--system")
+    params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repeat_penalty=repeat_penalty, seed=seed)
+    inspect_gguf(model or default_model_path())  # a bad file fails before anything is loaded
+    t0 = time.perf_counter()
+    # A BPE token covers at least one byte, so the prompt's bytes bound its tokens before anything is loaded;
+    # 64 more cover the chat template. The engine re-checks with the exact count.
+    guess = len(prompt.encode()) + len((system or "").encode()) + 64
+    engine = _engine(model, parallel=n, ctx=_ctx_for(guess, max_tokens, ctx), device=device,
+                     gpu_layers=gpu_layers, threads=threads, mem_budget=mem_budget, verbose=verbose)
+    with engine:
+        text = prompt if raw else engine.chat_prompt(
+            ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}])
+        tokens = engine.tokenize(text, add_bos=raw)
+        t_load = time.perf_counter()
+        done: dict[int, Finished] = {}
+        first_token_at: float | None = None
+        stream = n == 1 and not as_json
+        with _ctrl_c_cancels(engine):
+            for ev in engine.generate(tokens, params, n=n, max_tokens=max_tokens, stop=stop or ()):
+                if isinstance(ev, Token):
+                    first_token_at = first_token_at or time.perf_counter()
+                    if stream:
+                        sys.stdout.write(ev.text)
+                        sys.stdout.flush()
+                elif isinstance(ev, Finished):
+                    done[ev.sample] = ev
+        t_end = time.perf_counter()
+    if stream:
+        sys.stdout.write("\n")
+        return
+    samples = [done[i] for i in sorted(done)]
+    if as_json:
+        gen = sum(s.n_tokens for s in samples)
+        print(json.dumps({
+            "model": str(model or default_model_path()),
+            "prompt_tokens": len(tokens),
+            "samples": [{"index": s.sample, "text": s.text, "finish_reason": s.reason, "tokens": s.n_tokens,
+                         "mean_logprob": s.sum_logprob / max(1, s.n_tokens)} for s in samples],
+            "usage": {"prompt_tokens": len(tokens), "generated_tokens": gen},
+            "timing": {"load_s": round(t_load - t0, 4), "first_token_s": round((first_token_at or t_end) - t_load, 4),
+                       "generate_s": round(t_end - t_load, 4), "tokens_per_s": round(gen / max(t_end - t_load, 1e-9), 2)},
+        }, ensure_ascii=False, indent=2))
+        return
+    for s in samples:
+        print(f"--- sample {s.sample} ({s.n_tokens} tokens, {s.reason}) ---\n{s.text}")
+
+
+# -- chat ---------------------------------------------------------------------------------------------------
+CHAT_HELP = """commands:
+  /reset        forget the conversation
+  /save FILE    save the conversation and its KV cache (add --force to overwrite)
+  /load FILE    restore a saved conversation
+  /help         this text
+  /exit         leave (Ctrl-D too); Ctrl-C interrupts a reply"""
+
+
+@app.command()
+def chat(
+    model: ModelArg = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="system message")] = None,
+    temp: TempOpt = 0.7,
+    max_tokens: MaxTokOpt = 512,
+    seed: SeedOpt = 0,
+    top_k: TopKOpt = 40,
+    top_p: TopPOpt = 0.95,
+    min_p: MinPOpt = 0.05,
+    repeat_penalty: RepeatOpt = 1.1,
+    ctx: CtxOpt = 4096,
+    device: DeviceOpt = DeviceChoice.auto,
+    gpu_layers: GpuLayersOpt = None,
+    threads: ThreadsOpt = None,
+    mem_budget: BudgetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Talk with a model; the KV cache is kept across turns so each turn decodes only what is new."""
+    from edge_adapt.engine import SamplingParams, Token
+    from edge_adapt.session import ChatSession, Notice
+
+    params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repeat_penalty=repeat_penalty, seed=seed)
+    engine = _engine(model, parallel=1, ctx=ctx or 4096, device=device, gpu_layers=gpu_layers, threads=threads,
+                     mem_budget=mem_budget, verbose=verbose)
+    with engine:
+        session = ChatSession(engine, system=_text_arg(system, "--system") if system else None, params=params,
+                              max_tokens=max_tokens)
+        print(f"edge-adapt chat: {engine.info.name} ({engine.n_ctx_seq} tokens of context). /help for commands.")
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                print()
+                return
+            except KeyboardInterrupt:
+                print()
+                continue
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                cmd, _, arg = line.partition(" ")
+                try:
+                    if cmd in ("/exit", "/quit"):
+                        return
+                    elif cmd == "/help":
+                        print(CHAT_HELP)
+                    elif cmd == "/reset":
+                        session.reset()
+                        print("(conversation cleared)")
+                    elif cmd == "/save" and arg:
+                        path, _, flag = arg.strip().partition(" ")
+                        session.save(path, force=flag.strip() == "--force")
+                        print(f"(saved to {path})")
+                    elif cmd == "/load" and arg:
+                        session.load(arg.strip())
+                        print(f"(restored {len(session.messages)} messages)")
+                    else:
+                        print(f"unknown command {line!r}; /help lists them")
+                except EdgeAdaptError as exc:
+                    print(f"error: {exc}")
+                continue
+            try:
+                with _ctrl_c_cancels(engine):
+                    for ev in session.send(line):
+                        if isinstance(ev, Notice):
+                            print(f"({ev.text})")
+                        elif isinstance(ev, Token):
+                            sys.stdout.write(ev.text)
+                            sys.stdout.flush()
+            except EdgeAdaptError as exc:
+                print(f"error: {exc}")
+                continue
+            print()
+
+
+# -- info ---------------------------------------------------------------------------------------------------
+@app.command()
+def info(
+    model: ModelArg = None,
+    mem_budget: BudgetOpt = None,
+    ctx: Annotated[int, typer.Option("--ctx", help="context per sequence to plan for", min=64)] = 1024,
+    parallel: Annotated[Optional[int], typer.Option("-n", "--parallel", help="sequences to plan for", min=1)] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Describe a GGUF model and plan its memory (no weights are loaded)."""
+    from edge_adapt.engine.budget import MiB, fit, parse_size, plan
+    from edge_adapt.engine.default_model import default_model_path
+    from edge_adapt.engine.gguf_file import inspect_gguf
+
+    meta = inspect_gguf(model or default_model_path())
+    if mem_budget is not None:
+        p = fit(meta, parse_size(mem_budget), ctx=ctx, want=parallel)
+    else:
+        p = plan(meta, parallel=parallel or 1, ctx=ctx)
+    facts = {
+        "file": str(meta.path), "name": meta.name, "architecture": meta.architecture,
+        "parameters": meta.n_params, "quantization": meta.file_type, "tensor_types": meta.tensor_types,
+        "layers": meta.n_layers, "embedding": meta.n_embd, "heads": meta.n_head, "kv_heads": meta.n_head_kv,
+        "vocabulary": meta.n_vocab, "training_context": meta.n_ctx_train,
+        "kv_bytes_per_token": meta.kv_bytes_per_token_f16, "chat_template": bool(meta.chat_template),
+        "edge_adapt": meta.edge_adapt,
+        "plan": {"parallel": p.parallel, "ctx": p.ctx, "total_bytes": p.total, "weights": p.weights, "kv": p.kv,
+                 "compute": p.compute, "logits": p.outputs, "runtime": p.runtime},
+    }
+    if as_json:
+        print(json.dumps(facts, indent=2, default=str))
+        return
+    print(f"{meta.name}  [{meta.path}]")
+    print(f"  architecture   {meta.architecture}, {meta.n_params / 1e6:.1f}M parameters, {meta.file_type}"
+          f" ({', '.join(f'{k}: {v}' for k, v in meta.tensor_types.items())})")
+    print(f"  shape          {meta.n_layers} layers, {meta.n_embd} wide, {meta.n_head} heads / {meta.n_head_kv} KV heads,"
+          f" vocabulary {meta.n_vocab}")
+    print(f"  context        {meta.n_ctx_train} tokens trained; KV {meta.kv_bytes_per_token_f16 / 1024:.1f} KiB per token")
+    print(f"  chat template  {'yes' if meta.chat_template else 'no (ChatML is used)'}")
+    for k, v in meta.edge_adapt.items():
+        print(f"  edge_adapt.{k} = {v}")
+    budget = f" within {parse_size(mem_budget) / MiB:.0f} MiB" if mem_budget else ""
+    print(f"  plan{budget}: {p.describe()}")
 
 
 def main() -> None:
-    app()
+    try:
+        app(standalone_mode=False)
+    except EdgeAdaptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except TyperException as exc:  # bad options and arguments, as typer's bundled click reports them
+        print(f"error: {exc.format_message()}", file=sys.stderr)  # type: ignore[attr-defined]
+        sys.exit(getattr(exc, "exit_code", 2))
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if _debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)
+        sys.exit(70)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from edge_adapt.cli import main
+
+main()

@@ -1,0 +1,124 @@
+"""A conversation that keeps its KV cache across turns: each turn decodes only what is new."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_adapt.engine.chat import Message
+from edge_adapt.engine.engine import Engine, Sequence
+from edge_adapt.engine.events import Event, Finished, SampleStarted
+from edge_adapt.engine.sampling import SamplingParams
+from edge_adapt.engine.snapshot_file import load_snapshot, save_snapshot
+from edge_adapt.errors import ContextOverflowError, EdgeAdaptError
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know about a turn (e.g. old turns dropped to fit the context)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class TurnStats:
+    prompt_tokens: int  # tokens of the whole rendered conversation
+    decoded_tokens: int  # of which had to be decoded this turn (the rest came from the KV cache)
+
+
+class ChatSession:
+    """Multi-turn chat over one engine sequence.
+
+    Each turn renders the whole conversation with the model's template, keeps the longest prefix already in
+    the KV cache, and decodes only the rest. When the conversation outgrows the context, the oldest turns
+    are dropped (a system message is kept) and a Notice says how many.
+    """
+
+    def __init__(self, engine: Engine, *, system: str | None = None, params: SamplingParams = SamplingParams(),
+                 max_tokens: int = 512) -> None:
+        self.engine = engine
+        self.params = params
+        self.max_tokens = max_tokens
+        self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
+        self.seq: Sequence | None = None
+        self.last: TurnStats | None = None
+        self._turn = 0
+
+    def close(self) -> None:
+        if self.seq is not None:
+            self.engine.release(self.seq)
+            self.seq = None
+
+    def reset(self) -> None:
+        self.close()
+        self.messages = [m for m in self.messages if m["role"] == "system"]
+
+    def _fit(self, messages: list[Message]) -> tuple[list[Message], list[int], int]:
+        """Render and tokenize, dropping the oldest exchanges until prompt + reply fit the context."""
+        dropped = 0
+        while True:
+            tokens = self.engine.tokenize(self.engine.chat_prompt(messages))
+            if len(tokens) + self.max_tokens <= self.engine.n_ctx_seq:
+                return messages, tokens, dropped
+            first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
+            if first is None or len(messages) - first <= 1:
+                raise ContextOverflowError(
+                    f"this message ({len(tokens)} tokens) plus a {self.max_tokens}-token reply does not fit the "
+                    f"context of {self.engine.n_ctx_seq} tokens (raise --ctx or lower --max-tokens)"
+                )
+            # Drop the oldest user turn with the assistant reply that follows it.
+            end = first + 1
+            if end < len(messages) - 1 and messages[end]["role"] == "assistant":
+                end += 1
+            messages = messages[:first] + messages[end:]
+            dropped += 1
+
+    def send(self, text: str) -> Iterator[Event | Notice]:
+        """Add a user message and stream the reply; the reply joins the history when it finishes."""
+        messages, tokens, dropped = self._fit(self.messages + [{"role": "user", "content": text}])
+        if dropped:
+            yield Notice(f"dropped the {dropped} oldest exchange(s) to fit the context of {self.engine.n_ctx_seq} tokens")
+        if self.seq is None:
+            self.seq = self.engine.open(tokens[:1])
+        common = _common_prefix(self.seq.tokens, tokens)
+        # The last prompt token must be decoded now, so that its logits are fresh.
+        keep = min(common, len(tokens) - 1)
+        self.engine.truncate(self.seq, keep)
+        before = self.engine.decoded_tokens
+        self.engine.extend([(self.seq, tokens[keep:])])
+        self.last = TurnStats(len(tokens), self.engine.decoded_tokens - before)
+        self._turn += 1
+        params = SamplingParams(**{**self.params.__dict__, "seed": self.params.seed + self._turn})
+        (sample,) = self.engine.start(self.seq, [params], max_tokens=self.max_tokens, consume_root=True)
+        yield SampleStarted(0, params.temperature, params.seed)
+        reply = ""
+        for ev in self.engine.advance([sample]):
+            if isinstance(ev, Finished):
+                reply = ev.text
+            yield ev
+        self.messages = messages + [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+
+    def save(self, path: str | Path, *, force: bool = False) -> None:
+        if self.seq is None:
+            raise EdgeAdaptError("nothing to save yet: the conversation is empty")
+        save_snapshot(self.engine.snapshot(self.seq), path, extra={"messages": self.messages, "turn": self._turn},
+                      force=force)
+
+    def load(self, path: str | Path) -> None:
+        snap, extra = load_snapshot(path)
+        messages = extra.get("messages")
+        if not isinstance(messages, list):
+            raise EdgeAdaptError(f"{path}: snapshot holds no chat history")
+        restored = self.engine.restore(snap, into=self.seq)
+        self.seq = restored
+        self.messages = messages
+        self._turn = int(extra.get("turn", 0))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

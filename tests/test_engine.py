@@ -1,0 +1,164 @@
+"""The engine on the embedded model: forks, batching, snapshots and scratch extensions."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from edge_adapt.engine import GREEDY, Engine, Finished, SamplingParams
+from edge_adapt.engine.snapshot_file import load_snapshot, save_snapshot
+
+PROMPT = [{"role": "user", "content": "Write two sentences about rivers."}]
+SAMPLED = SamplingParams(temperature=0.9, seed=11)
+
+
+def _prompt(engine: Engine) -> list[int]:
+    return engine.tokenize(engine.chat_prompt(PROMPT))
+
+
+def _tokens_alone(engine: Engine, tokens: list[int], params: SamplingParams, n: int) -> list[int]:
+    root = engine.open(tokens)
+    (s,) = engine.start(root, [params], max_tokens=n, consume_root=True)
+    list(engine.advance([s]))
+    engine.release(s.seq)
+    return s.generated
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_fork_continues_like_fresh_sequence(engine: Engine, params: SamplingParams):
+    tokens = _prompt(engine)
+    fresh = _tokens_alone(engine, tokens, params, 24)
+    root = engine.open(tokens)
+    (forked,) = engine.start(root, [params], max_tokens=24)  # a seq_cp fork; root stays
+    list(engine.advance([forked]))
+    engine.release(forked.seq)
+    engine.release(root)
+    assert forked.generated == fresh
+
+
+def test_batch_of_8_gives_each_sample_its_text_alone(engine: Engine):
+    tokens = _prompt(engine)
+    batched = {e.sample: e.text for e in engine.generate(tokens, SAMPLED, n=8, max_tokens=32)
+               if isinstance(e, Finished)}
+    assert len(set(batched.values())) > 1, "different seeds should give different samples"
+    for i in range(8):
+        params = SamplingParams(temperature=SAMPLED.temperature, seed=SAMPLED.seed + i)
+        alone = [e.text for e in engine.generate(tokens, params, n=1, max_tokens=32) if isinstance(e, Finished)]
+        assert alone == [batched[i]], f"sample {i} differs when run alone"
+
+
+def test_generation_decodes_the_prompt_once_for_all_samples(engine: Engine):
+    tokens = _prompt(engine)
+    before = engine.decoded_tokens
+    done = [e for e in engine.generate(tokens, SAMPLED, n=8, max_tokens=16) if isinstance(e, Finished)]
+    decoded = engine.decoded_tokens - before
+    generated = sum(e.n_tokens for e in done)
+    assert decoded <= len(tokens) + generated  # forks copy the prompt's KV instead of decoding it 8 times
+
+
+def test_snapshot_restored_into_another_sequence_continues_identically(engine: Engine, tmp_path):
+    tokens = _prompt(engine)
+    root = engine.open(tokens)
+    (s,) = engine.start(root, [SAMPLED], max_tokens=40, consume_root=True)
+    list(engine.advance([s], until=12))
+    snap = engine.snapshot(s.seq)
+    rng_at_snapshot = copy.deepcopy(s.rng)
+    save_snapshot(snap, tmp_path / "s.snap", extra={"note": "x"})
+    list(engine.advance([s]))
+    expected = s.generated[12:]
+
+    loaded, extra = load_snapshot(tmp_path / "s.snap")
+    assert extra == {"note": "x"} and loaded.tokens == snap.tokens
+    engine.release(s.seq)
+    moved = engine.restore(loaded)  # whatever id is free now
+    (cont,) = engine.start(moved, [SAMPLED], max_tokens=28, consume_root=True)
+    cont.rng = rng_at_snapshot
+    list(engine.advance([cont]))
+    engine.release(cont.seq)
+    assert cont.generated == expected
+
+
+def test_snapshot_into_a_different_id_while_original_lives(engine: Engine):
+    tokens = _prompt(engine)
+    a = engine.open(tokens)
+    b = engine.restore(engine.snapshot(a))
+    assert a.id != b.id
+    np.testing.assert_array_equal(a.logits, b.logits)
+    ga = _continue_greedy(engine, a, 10)
+    gb = _continue_greedy(engine, b, 10)
+    engine.release(a)
+    engine.release(b)
+    assert ga == gb
+
+
+def _continue_greedy(engine: Engine, seq, n: int) -> list[int]:
+    (s,) = engine.start(seq, [GREEDY], max_tokens=n, consume_root=True)
+    list(engine.advance([s]))
+    return s.generated
+
+
+def test_scratch_extension_leaves_the_sequence_untouched(engine: Engine):
+    tokens = _prompt(engine)
+    plain = _tokens_alone(engine, tokens, SAMPLED, 30)
+
+    root = engine.open(tokens)
+    (s,) = engine.start(root, [SAMPLED], max_tokens=30, consume_root=True)
+    list(engine.advance([s], until=10))
+    logits_before = s.seq.logits.copy()
+    with engine.scratch([s.seq]) as (tmp,):
+        engine.extend([(tmp, engine.tokenize("<|im_end|>\n<|im_start|>user\nAre you sure?"))])
+        assert tmp.logits is not None and not np.array_equal(tmp.logits, logits_before)
+    np.testing.assert_array_equal(s.seq.logits, logits_before)
+    list(engine.advance([s]))
+    engine.release(s.seq)
+    assert s.generated == plain
+
+
+def test_finished_sample_kv_holds_prompt_and_response(engine: Engine):
+    tokens = _prompt(engine)
+    root = engine.open(tokens)
+    (s,) = engine.start(root, [GREEDY], max_tokens=8, consume_root=True)
+    list(engine.advance([s]))
+    assert s.finish == "length"
+    assert s.seq.tokens == tokens + s.generated
+    assert engine.ctx.seq_pos_max(s.seq.id) == len(tokens) + len(s.generated) - 1
+    engine.release(s.seq)
+
+
+def test_released_ids_are_reused(engine: Engine):
+    seqs = [engine.open([1, 2, 3]) for _ in range(engine.options.parallel)]
+    assert engine.free_sequences == 0
+    with pytest.raises(Exception, match="in use"):
+        engine.open([1, 2, 3])
+    engine.release(seqs[3])
+    again = engine.open([4, 5])
+    assert again.id == seqs[3].id
+    for s in seqs[:3] + seqs[4:] + [again]:
+        engine.release(s)
+
+
+def test_cancel_from_another_thread_ends_with_cancelled(engine: Engine):
+    import threading
+
+    tokens = _prompt(engine)
+    events = engine.generate(tokens, SAMPLED, n=4, max_tokens=200)
+    seen = 0
+    done = []
+    for ev in events:
+        seen += 1
+        if seen == 10:
+            threading.Thread(target=engine.cancel).start()
+        if isinstance(ev, Finished):
+            done.append(ev)
+    assert len(done) == 4 and all(d.reason == "cancelled" for d in done)
+    # The engine stays usable afterwards.
+    assert _tokens_alone(engine, tokens, GREEDY, 4)
+
+
+def test_prompt_longer_than_context_is_refused(engine: Engine):
+    from edge_adapt.errors import ContextOverflowError
+
+    with pytest.raises(ContextOverflowError, match="do not fit"):
+        list(engine.generate(list(range(1000, 1300)), GREEDY, max_tokens=4))
