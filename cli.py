@@ -314,6 +314,29 @@ def info(
     print(f"  plan{budget}: {p.describe()}")
 
 
+# -- bench --------------------------------------------------------------------------------------------------
+@app.command()
+def bench(
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="single_stream | batched | fork | rss (repeatable)")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="parallel samples for the batched run", min=2)] = 16,
+    tokens: Annotated[int, typer.Option("--tokens", help="tokens per sample", min=8)] = 128,
+    repeats: Annotated[int, typer.Option("--repeats", help="best of this many runs per timing", min=1)] = 3,
+    model: ModelOpt = None,
+    device: DeviceOpt = DeviceChoice.cpu,
+    threads: ThreadsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Measure the engine against llama-cpp-python's high-level API, side by side, and print ratios."""
+    from edge_adapt.bench.engine import BenchConfig, render, run_all
+
+    known = {"single_stream", "batched", "fork", "rss"}
+    if only and not set(only) <= known:
+        raise UsageError(f"--only takes {', '.join(sorted(known))}; got {', '.join(sorted(set(only) - known))}")
+    results = run_all(BenchConfig(model=model, threads=threads, device=device.value, samples=samples, tokens=tokens,
+                                  repeats=repeats), set(only) if only else None)
+    print(json.dumps(results, indent=2) if as_json else render(results))
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator, Sequence as Seq
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,7 @@ class Engine:
             path = default_model_path()
         else:
             path = Path(opts.model)
+        self.model_path = path
         self.info: GGUFInfo = inspect_gguf(path)
         if opts.ctx > self.info.n_ctx_train > 0:
             raise BudgetError(f"--ctx {opts.ctx} exceeds the model's training context {self.info.n_ctx_train}")
@@ -169,6 +171,10 @@ class Engine:
 
     def is_eog(self, token: int) -> bool:
         return self.model.is_eog(token)
+
+    @cached_property
+    def eog_tokens(self) -> np.ndarray:
+        return np.array([t for t in range(self.model.n_vocab) if self.model.is_eog(t)], dtype=np.int64)
 
     # -- sequences --------------------------------------------------------------------------------------
     @property
@@ -405,6 +411,9 @@ class Engine:
                 yield from self._finish_all(live, "cancelled")
                 return
             logits = np.stack([s.seq.logits for s in live])  # type: ignore[misc]
+            for row, s in enumerate(live):
+                if s.params.ignore_eos:
+                    logits[row, self.eog_tokens] = -np.inf
             recent = [np.asarray(s.seq.tokens[-s.params.repeat_last_n :]) if s.params.repeat_penalty != 1.0 else np.empty(0, int) for s in live]
             tokens, logps = sample_rows(logits, [s.params for s in live], [s.rng for s in live], recent)
             to_decode: list[tuple[Sequence, list[int]]] = []

@@ -30,6 +30,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int = 0
+    ignore_eos: bool = False  # for benchmarks: never end on an end-of-generation token
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:

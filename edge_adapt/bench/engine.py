@@ -1,0 +1,206 @@
+"""Side-by-side engine measurements on one machine in one run; each line reports a ratio.
+
+- single stream: this engine vs `llama_cpp.Llama.create_completion`, same prompt, greedy, same token count;
+- 16 samples x 128 tokens forked from one prompt and batched vs the same 16 run one after another;
+- cost of a fork: `seq_cp` (split and unified KV) vs `Llama.save_state` + `load_state`;
+- peak RSS of a fresh process vs the planner's prediction made before loading.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_adapt.engine import Engine, EngineOptions, Finished, SamplingParams
+
+PROMPT = "Write a long story about a lighthouse keeper and a storm."
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: Path | None = None
+    threads: int | None = None
+    device: str = "cpu"
+    samples: int = 16
+    tokens: int = 128
+    repeats: int = 3  # each timing is the best of this many runs: the machine is shared and noisy
+
+
+def _best(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _opts(cfg: BenchConfig, **kw: Any) -> EngineOptions:
+    return EngineOptions(model=cfg.model, threads=cfg.threads, device=cfg.device, **kw)  # type: ignore[arg-type]
+
+
+def single_stream(cfg: BenchConfig) -> dict[str, float]:
+    """Greedy tokens/s for one sequence, prompt included, ours vs llama-cpp-python's high-level API."""
+    from llama_cpp import Llama
+
+    params = SamplingParams(temperature=0.0, ignore_eos=True)
+    with Engine(_opts(cfg, parallel=1, ctx=512)) as e:
+        prompt = e.tokenize(e.chat_prompt([{"role": "user", "content": PROMPT}]))
+        path, threads, gpu_layers = e.model_path, e.threads, e.gpu_layers
+
+        def ours() -> None:
+            for _ in e.generate(prompt, params, max_tokens=cfg.tokens):
+                pass
+
+        ours()  # warm-up: first decode allocates the graph
+        t_ours = _best(ours, cfg.repeats)
+    llm = Llama(str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers,
+                verbose=False)
+    try:
+        def theirs() -> None:
+            llm.reset()  # no prefix reuse between repeats: both sides decode the prompt each time
+            out = llm.create_completion(prompt, max_tokens=cfg.tokens, temperature=0.0, top_k=1, logit_bias={
+                t: -1e9 for t in (llm.token_eos(),)})
+            assert out["usage"]["completion_tokens"] == cfg.tokens, out["usage"]
+
+        theirs()
+        t_theirs = _best(theirs, cfg.repeats)
+    finally:
+        llm.close()
+    return {"ours_tok_s": cfg.tokens / t_ours, "llama_cpp_tok_s": cfg.tokens / t_theirs, "ratio": t_theirs / t_ours}
+
+
+def batched_vs_sequential(cfg: BenchConfig) -> dict[str, float]:
+    """Aggregate tokens/s of N forked samples in one batch vs the same N samples one after another."""
+    n, tokens = cfg.samples, cfg.tokens
+    base = SamplingParams(temperature=0.8, seed=1, ignore_eos=True)
+    with Engine(_opts(cfg, parallel=n, ctx=-(-(64 + tokens) // 256) * 256 + 256)) as e:
+        prompt = e.tokenize(e.chat_prompt([{"role": "user", "content": PROMPT}]))
+
+        def batched() -> None:
+            done = [x for x in e.generate(prompt, base, n=n, max_tokens=tokens) if isinstance(x, Finished)]
+            assert sum(d.n_tokens for d in done) == n * tokens
+
+        def sequential() -> None:
+            for i in range(n):
+                p = SamplingParams(**{**base.__dict__, "seed": base.seed + i})
+                for _ in e.generate(prompt, p, max_tokens=tokens):
+                    pass
+
+        batched()
+        t_b = _best(batched, max(1, cfg.repeats - 1))
+        t_s = _best(sequential, 1)
+    total = n * tokens
+    return {"batched_tok_s": total / t_b, "sequential_tok_s": total / t_s, "ratio": t_s / t_b,
+            "batched_s": t_b, "sequential_s": t_s}
+
+
+def fork_cost(cfg: BenchConfig, prompt_tokens: int = 256, reps: int = 20) -> dict[str, float]:
+    """Seconds to branch a decoded prompt and decode one token on the branch.
+
+    llama.cpp defers a cross-stream `seq_cp` (split KV) to the next decode, so every side is timed with the
+    first decode after the copy included: fork + decode vs `Llama.load_state(saved)` + eval of one token.
+    """
+    from llama_cpp import Llama
+
+    out: dict[str, float] = {}
+    prompt = list(range(1000, 1000 + prompt_tokens))
+    for unified in (False, True):
+        with Engine(_opts(cfg, parallel=2, ctx=512, kv_unified=unified)) as e:
+            root = e.open(prompt)
+
+            def fork() -> None:
+                for _ in range(reps):
+                    child = e.fork(root)
+                    e.extend([(child, [42])])
+                    e.release(child)
+
+            fork()
+            out["seq_cp_unified_s" if unified else "seq_cp_split_s"] = _best(fork, cfg.repeats) / reps
+            path, threads, gpu_layers = e.model_path, e.threads, e.gpu_layers
+    llm = Llama(str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers,
+                verbose=False)
+    try:
+        llm.eval(prompt)
+        saved = llm.save_state()
+
+        def save_load() -> None:
+            for _ in range(reps):
+                llm.load_state(llm.save_state())
+                llm.eval([42])
+                llm.load_state(saved)
+
+        out["llama_save_load_s"] = _best(save_load, cfg.repeats) / reps
+    finally:
+        llm.close()
+    out["ratio_split"] = out["llama_save_load_s"] / out["seq_cp_split_s"]
+    out["ratio_unified"] = out["llama_save_load_s"] / out["seq_cp_unified_s"]
+    return out
+
+
+def _rss_child(model: str | None, parallel: int, ctx: int, tokens: int, threads: int | None, device: str) -> dict[str, Any]:
+    """Runs in a fresh process: plan, load, generate with every sequence, report peak RSS."""
+    from edge_adapt.engine.budget import peak_rss, plan
+    from edge_adapt.engine.default_model import default_model_path
+    from edge_adapt.engine.gguf_file import inspect_gguf
+
+    path = Path(model) if model else default_model_path()
+    predicted = plan(inspect_gguf(path), parallel=parallel, ctx=ctx)
+    with Engine(model=path, parallel=parallel, ctx=ctx, threads=threads, device=device) as e:
+        prompt = e.tokenize(e.chat_prompt([{"role": "user", "content": PROMPT}]))
+        for _ in e.generate(prompt, SamplingParams(temperature=0.8, ignore_eos=True), n=parallel, max_tokens=tokens):
+            pass
+    return {"parallel": parallel, "ctx": ctx, "predicted_mib": predicted.total / 2**20,
+            "peak_rss_mib": peak_rss() / 2**20}
+
+
+def rss_vs_plan(cfg: BenchConfig) -> list[dict[str, float]]:
+    rows = []
+    for parallel, ctx in ((1, 2048), (cfg.samples, 512), (32, 1024)):
+        code = ("import json,sys; from edge_adapt.bench.engine import _rss_child; "
+                f"print(json.dumps(_rss_child({str(cfg.model) if cfg.model else None!r}, {parallel}, {ctx}, "
+                f"{min(cfg.tokens, 64)}, {cfg.threads!r}, {cfg.device!r})))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row["ratio"] = row["peak_rss_mib"] / row["predicted_mib"]
+        rows.append(row)
+    return rows
+
+
+def run_all(cfg: BenchConfig, only: set[str] | None = None) -> dict[str, Any]:
+    sections = {"single_stream": single_stream, "batched": batched_vs_sequential, "fork": fork_cost,
+                "rss": rss_vs_plan}
+    return {"config": {k: str(v) for k, v in asdict(cfg).items()},
+            **{name: fn(cfg) for name, fn in sections.items() if not only or name in only}}
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = []
+    if "single_stream" in results:
+        r = results["single_stream"]
+        lines.append(f"single stream   ours {r['ours_tok_s']:.1f} tok/s vs Llama.create_completion "
+                     f"{r['llama_cpp_tok_s']:.1f} tok/s -> {r['ratio']:.2f}x  (goal >= 1.0x)")
+    if "batched" in results:
+        r = results["batched"]
+        lines.append(f"forked batch    {r['batched_tok_s']:.1f} tok/s aggregate vs {r['sequential_tok_s']:.1f} tok/s "
+                     f"one after another -> {r['ratio']:.2f}x  (goal >= 2.0x)")
+    if "fork" in results:
+        r = results["fork"]
+        lines.append(f"fork + 1 decode seq_cp split {r['seq_cp_split_s'] * 1e3:.1f} ms, unified "
+                     f"{r['seq_cp_unified_s'] * 1e3:.1f} ms vs Llama save/load_state {r['llama_save_load_s'] * 1e3:.1f} ms"
+                     f" -> {r['ratio_split']:.1f}x / {r['ratio_unified']:.1f}x faster")
+    for r in results.get("rss", []):
+        lines.append(f"peak RSS        {r['parallel']:>2} x {r['ctx']:<5} measured {r['peak_rss_mib']:.0f} MiB vs planned "
+                     f"{r['predicted_mib']:.0f} MiB -> {r['ratio']:.3f}  (goal within 15%)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    res = run_all(BenchConfig())
+    print(render(res))
+    print(json.dumps(res, indent=2))
