@@ -15,10 +15,11 @@ from edge_adapt.selfeval.suffix import answer_token, render_suffix, split_for_ad
 
 
 def p_keep(logits: np.ndarray, yes: int, no: int) -> np.ndarray:
-    """P(no) / (P(yes) + P(no)) per row: the softmax normaliser cancels, leaving a sigmoid of the difference."""
+    """P(no) / (P(yes) + P(no)) per row: the softmax normaliser cancels, leaving sigmoid(logit_no - logit_yes)
+    (computed as a tanh, which does not overflow)."""
     rows = np.atleast_2d(np.asarray(logits))
     diff = rows[:, no].astype(np.float64) - rows[:, yes].astype(np.float64)
-    return 1.0 / (1.0 + np.exp(-diff))
+    return 0.5 * (1.0 + np.tanh(0.5 * diff))
 
 
 def resolve_config(engine: Engine, config: SelfEvalConfig | None, adapter_path: str | Path | None) -> SelfEvalConfig:
