@@ -191,8 +191,11 @@ def test_alora_is_switched_on_at_its_invocation_tokens(engine, tmp_path):
 def test_adapter_gguf_carries_the_self_eval_config(engine, tmp_path):
     path = make_lora(tmp_path / "meta.gguf", meta={"self_eval.question": "Is this answer correct?"})
     ev = SelfEvaluator(engine, adapter_path=path)
-    assert ev.config.question == "Is this answer correct?"
+    assert ev.config.question == "Is this answer correct?" and ev.config.adapter == path
     assert "Is this answer correct?" in engine.detokenize(ev.suffix)
+    assert SelfEvaluator(engine, SelfEvalConfig(adapter=path)).config.question == "Is this answer correct?"
+    explicit = SelfEvaluator(engine, SelfEvalConfig(question="Sure?"), adapter_path=path)
+    assert explicit.config.question == "Sure?"  # what the caller sets wins over the file's keys
 
 
 @pytest.mark.parametrize("strategy", ["best-of-n", "prune", "adaptive"])

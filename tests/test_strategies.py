@@ -363,6 +363,13 @@ def test_too_few_sequences_is_a_clear_error():
     assert samples_at_once(StrategyConfig(strategy="adaptive", budget=16)) == 8
 
 
+def test_configuration_errors_raise_before_anything_is_decoded():
+    e = fresh(parallel=4)
+    with pytest.raises(BudgetError):
+        run_strategy(e, [1], StrategyConfig(strategy="vote", budget=8))  # no iteration needed
+    assert e.decode_calls == 0 and e.free_sequences == 4
+
+
 def test_context_too_small_is_a_clear_error():
     from edge_adapt.errors import ContextOverflowError
 

@@ -23,15 +23,20 @@ def p_keep(logits: np.ndarray, yes: int, no: int) -> np.ndarray:
 
 
 def resolve_config(engine: Engine, config: SelfEvalConfig | None, adapter_path: str | Path | None) -> SelfEvalConfig:
-    """Explicit config, else the adapter's `edge_adapt.self_eval.*` keys over the model's, else defaults."""
-    if config is not None:
-        return config
+    """The model's `edge_adapt.self_eval.*` keys, overridden by the adapter's, overridden by the fields
+    the explicit config sets (so `SelfEvalConfig(adapter=p)` still takes the question p was trained on)."""
+    path = adapter_path if adapter_path is not None else (config.adapter if config is not None else None)
     meta: dict[str, Any] = dict(engine.info.edge_adapt)
-    if adapter_path is not None:
+    if path is not None:
         from edge_adapt.engine.gguf_file import inspect_gguf
 
-        meta.update(inspect_gguf(adapter_path, expect="adapter").edge_adapt)
-    return SelfEvalConfig.from_gguf_metadata(meta)
+        meta.update(inspect_gguf(path, expect="adapter").edge_adapt)
+    data = SelfEvalConfig.from_gguf_metadata(meta).model_dump(exclude_unset=True)
+    if config is not None:
+        data.update(config.model_dump(exclude_unset=True))
+    if path is not None:
+        data["adapter"] = Path(path)
+    return SelfEvalConfig.parse(data)
 
 
 class SelfEvaluator:
@@ -43,8 +48,8 @@ class SelfEvaluator:
     def __init__(self, engine: Engine, config: SelfEvalConfig | None = None, adapter_path: str | Path | None = None):
         self.engine = engine
         self.config = resolve_config(engine, config, adapter_path)
-        path = adapter_path if adapter_path is not None else self.config.adapter
-        self.adapter = engine.load_adapter(Path(path)) if path is not None else None
+        path = self.config.adapter
+        self.adapter = engine.load_adapter(path) if path is not None else None
         self.suffix = render_suffix(self.config, engine)
         self.yes_token = answer_token(engine, self.config.yes, "yes")
         self.no_token = answer_token(engine, self.config.no, "no")

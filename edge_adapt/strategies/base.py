@@ -92,6 +92,7 @@ class Pool:
             yield Pruned(s.index, self.scores.get(s.index, math.nan), len(s.generated))
             if s.finish is None:
                 s.finish = "pruned"
+                s.stream.flush()
                 yield Finished(s.index, "pruned", s.text, len(s.generated), s.sum_logprob)
         self.release(samples)
 

@@ -10,7 +10,7 @@ from typing import Any
 from edge_adapt.engine.chat import Message
 from edge_adapt.engine.events import Done, Event, SampleStarted, Token, Usage
 from edge_adapt.errors import BudgetError, ContextOverflowError, UsageError
-from edge_adapt.strategies.base import EngineLike, Scorer
+from edge_adapt.strategies.base import EngineLike, Scorer, StrategyFn
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import Pruned, RoundStarted, Scored, StrategyEvent
 from edge_adapt.strategies.registry import NEEDS_SCORER, STRATEGIES, samples_at_once
@@ -37,7 +37,11 @@ def run_strategy(
     engine: EngineLike, prompt: Prompt, config: StrategyConfig, scorer: Scorer | None = None
 ) -> Iterator[Event | StrategyEvent]:
     """Run `config.strategy` on the prompt. Without a scorer, strategies that need one get a
-    `SelfEvaluator(engine, config.self_eval)`. The stream ends with a Chosen event, then Done(usage)."""
+    `SelfEvaluator(engine, config.self_eval)`. The stream ends with a Chosen event, then Done(usage).
+
+    Configuration problems (unknown strategy, too few sequences, a context too short) raise here, before
+    anything is decoded; the returned iterator does the work.
+    """
     fn = STRATEGIES.get(config.strategy)
     if fn is None:
         raise UsageError(f"unknown strategy {config.strategy!r} (choose from {', '.join(STRATEGIES)})")
@@ -59,14 +63,20 @@ def run_strategy(
             f"strategy {config.strategy} with budget {config.budget} runs {at_once} samples at once and needs "
             f"{at_once + 1} free sequences (one for the prompt); the engine has {engine.free_sequences}"
         )
+    return _stream(engine, tokens, config, scorer, fn)
 
+
+def _stream(
+    engine: EngineLike, tokens: list[int], config: StrategyConfig, scorer: Scorer | None, fn: StrategyFn
+) -> Iterator[Event | StrategyEvent]:
     t0 = time.perf_counter()
     calls0 = engine.decode_calls
     se0 = scorer.decoded_tokens if scorer is not None else 0
     started = generated = pruned = scored = rounds = 0
     root = engine.open(tokens)
-    events = fn(engine, root, config, scorer)
+    events: Iterator[Event | StrategyEvent] | None = None
     try:
+        events = fn(engine, root, config, scorer)
         for ev in events:
             if isinstance(ev, Token):
                 generated += 1
