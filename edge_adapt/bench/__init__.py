@@ -1,1 +1,1 @@
-"""Benchmarks that measure side by side in one run and print ratios."""
+"""Benchmarks that measure side by side in one run and return numbers; the CLI prints their ratios."""

@@ -1,0 +1,157 @@
+"""Self-evaluation and strategy benchmarks on one engine, side by side.
+
+Each function measures and returns a dict of numbers; `run_all` runs them in one go and `python -m
+edge_adapt.bench.strategies` prints them with the targets of issue 4:
+
+- self-eval cost <= 3% of generation time, 16 samples x 128 tokens
+- prune 16 -> 4 at 32 tokens generates <= 40% of the tokens of best-of-16
+- best-of-8 wall time <= 0.6 x that of 8 sequential samples + scoring
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from edge_adapt.engine.engine import Engine
+from edge_adapt.engine.sampling import SamplingParams
+from edge_adapt.selfeval import SelfEvalConfig, SelfEvaluator
+from edge_adapt.strategies import StrategyConfig, run_strategy
+
+LONG_PROMPT = "Write a long, detailed story about a dragon who learns to bake bread."
+SHORT_SUFFIX = SelfEvalConfig(format="raw", suffix="<|im_end|>\n<|im_start|>assistant\n")  # cost reference only
+
+
+def _done(events: Any) -> Any:
+    *_, last = events
+    return last.usage
+
+
+def selfeval_cost(engine: Engine, n: int = 16, max_tokens: int = 128, prompt: str = LONG_PROMPT) -> dict[str, float]:
+    """Generate n samples side by side, then score them all once: time of each, and their ratio."""
+    ev = SelfEvaluator(engine)
+    short = SelfEvaluator(engine, SHORT_SUFFIX)
+    root = engine.open(engine.tokenize(engine.chat_prompt([{"role": "user", "content": prompt}])))
+    samples = engine.start(root, [SamplingParams(temperature=0.8, seed=i) for i in range(n)], max_tokens=max_tokens)
+    try:
+        t0 = time.perf_counter()
+        for _ in engine.advance(samples):
+            pass
+        gen_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ev.score(samples)
+        score_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        short.score(samples)
+        short_s = time.perf_counter() - t0
+    finally:
+        for s in samples:
+            engine.release(s.seq)
+        engine.release(root)
+    generated = sum(len(s.generated) for s in samples)
+    return {
+        "samples": n,
+        "generated_tokens": generated,
+        "generation_s": gen_s,
+        "suffix_tokens": len(ev.suffix),
+        "selfeval_s": score_s,
+        "selfeval_ratio": score_s / gen_s,
+        "short_suffix_tokens": len(short.suffix),
+        "short_selfeval_s": short_s,
+        "short_selfeval_ratio": short_s / gen_s,
+    }
+
+
+def prune_vs_best_of_n(
+    engine: Engine, n: int = 16, k: int = 4, at: int = 32, max_tokens: int = 128, prompt: str = LONG_PROMPT
+) -> dict[str, float]:
+    """best-of-n and prune n -> k at `at` tokens on the same prompt and seeds: tokens generated and wall time."""
+    common = dict(budget=n, max_tokens=max_tokens, temperature=0.8)
+    scorer = SelfEvaluator(engine)
+    bon = _done(run_strategy(engine, prompt, StrategyConfig(strategy="best-of-n", **common), scorer))
+    pr = _done(run_strategy(engine, prompt, StrategyConfig(strategy="prune", k=k, prune_at=(at,), **common), scorer))
+    return {
+        "max_tokens": max_tokens,
+        "best_of_n_tokens": bon.generated_tokens,
+        "prune_tokens": pr.generated_tokens,
+        "token_ratio": pr.generated_tokens / bon.generated_tokens,
+        "token_ratio_if_none_ends_early": (n * at + k * (max_tokens - at)) / (n * max_tokens),
+        "best_of_n_s": bon.wall_s,
+        "prune_s": pr.wall_s,
+        "wall_ratio": pr.wall_s / bon.wall_s,
+        "prune_selfeval_tokens": pr.selfeval_tokens,
+    }
+
+
+def batched_vs_sequential(engine: Engine, n: int = 8, max_tokens: int = 128, prompt: str = LONG_PROMPT) -> dict[str, float]:
+    """best-of-n (samples side by side, one batched scoring) against the same n samples (same seeds) one
+    after another, each scored on its own. The prompt is decoded once in both."""
+    scorer = SelfEvaluator(engine)
+    cfg = StrategyConfig(strategy="best-of-n", budget=n, max_tokens=max_tokens, temperature=0.8)
+    batched = _done(run_strategy(engine, prompt, cfg, scorer))
+    root = engine.open(engine.tokenize(engine.chat_prompt([{"role": "user", "content": prompt}])))
+    t0 = time.perf_counter()
+    generated = 0
+    try:
+        for i in range(n):
+            (s,) = engine.start(root, [SamplingParams(temperature=0.8, seed=i)], max_tokens=max_tokens, first_index=i)
+            for _ in engine.advance([s]):
+                pass
+            scorer.score([s])
+            generated += len(s.generated)
+            engine.release(s.seq)
+    finally:
+        engine.release(root)
+    seq_s = time.perf_counter() - t0
+    return {
+        "samples": n,
+        "batched_tokens": batched.generated_tokens,
+        "sequential_tokens": generated,
+        "batched_s": batched.wall_s,
+        "sequential_s": seq_s,
+        "wall_ratio": batched.wall_s / seq_s,
+    }
+
+
+def run_all(engine: Engine | None = None, *, threads: int | None = None, quick: bool = False) -> dict[str, dict[str, float]]:
+    """Every benchmark on one engine (the default model unless one is given)."""
+    own = engine is None
+    e = engine or Engine(parallel=17, ctx=512, threads=threads)
+    try:
+        tok = 32 if quick else 128
+        out = {"selfeval_cost": selfeval_cost(e, max_tokens=tok)}
+        for mt in (tok,) if quick else (128, 256):
+            out[f"prune_16_to_4_at_32_max{mt}"] = prune_vs_best_of_n(e, max_tokens=mt, at=min(32, mt // 2))
+        out["best_of_8_vs_sequential"] = batched_vs_sequential(e, max_tokens=tok)
+        return out
+    finally:
+        if own:
+            e.close()
+
+
+TARGETS = {
+    ("selfeval_cost", "selfeval_ratio"): 0.03,
+    ("prune_16_to_4_at_32_max128", "token_ratio"): 0.40,
+    ("prune_16_to_4_at_32_max256", "token_ratio"): 0.40,
+    ("best_of_8_vs_sequential", "wall_ratio"): 0.60,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: physical cores)")
+    ap.add_argument("--quick", action="store_true", help="32-token samples: a smoke run, not the targets' setting")
+    args = ap.parse_args(argv)
+    results = run_all(threads=args.threads, quick=args.quick)
+    for name, numbers in results.items():
+        print(name)
+        for key, value in numbers.items():
+            target = TARGETS.get((name, key))
+            mark = "" if target is None else f"   target <= {target:.2f}: {'met' if value <= target else 'NOT met'}"
+            print(f"  {key:32s} {value:10.4g}{mark}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Scoring samples by self-evaluation on throw-away extensions of their KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_adapt.engine.engine import Engine, Sample, Sequence
+from edge_adapt.errors import EngineError
+from edge_adapt.selfeval.config import SelfEvalConfig
+from edge_adapt.selfeval.suffix import answer_token, render_suffix, split_for_adapter
+
+
+def p_keep(logits: np.ndarray, yes: int, no: int) -> np.ndarray:
+    """P(no) / (P(yes) + P(no)) per row: the softmax normaliser cancels, leaving sigmoid(logit_no - logit_yes)
+    (computed as a tanh, which does not overflow)."""
+    rows = np.atleast_2d(np.asarray(logits))
+    diff = rows[:, no].astype(np.float64) - rows[:, yes].astype(np.float64)
+    return 0.5 * (1.0 + np.tanh(0.5 * diff))
+
+
+def resolve_config(engine: Engine, config: SelfEvalConfig | None, adapter_path: str | Path | None) -> SelfEvalConfig:
+    """The model's `edge_adapt.self_eval.*` keys, overridden by the adapter's, overridden by the fields
+    the explicit config sets (so `SelfEvalConfig(adapter=p)` still takes the question p was trained on)."""
+    path = adapter_path if adapter_path is not None else (config.adapter if config is not None else None)
+    meta: dict[str, Any] = dict(engine.info.edge_adapt)
+    if path is not None:
+        from edge_adapt.engine.gguf_file import inspect_gguf
+
+        meta.update(inspect_gguf(path, expect="adapter").edge_adapt)
+    data = SelfEvalConfig.from_gguf_metadata(meta).model_dump(exclude_unset=True)
+    if config is not None:
+        data.update(config.model_dump(exclude_unset=True))
+    if path is not None:
+        data["adapter"] = Path(path)
+    return SelfEvalConfig.parse(data)
+
+
+class SelfEvaluator:
+    """p_keep for samples, complete or partial: one batched decode of the suffix over scratch extensions
+    of their sequences, the adapter (if any) on only for that decode. The samples' own KV, tokens and
+    logits are untouched, so generation continues from them exactly as if nothing had been scored.
+    """
+
+    def __init__(self, engine: Engine, config: SelfEvalConfig | None = None, adapter_path: str | Path | None = None):
+        self.engine = engine
+        self.config = resolve_config(engine, config, adapter_path)
+        path = self.config.adapter
+        self.adapter = engine.load_adapter(path) if path is not None else None
+        self.suffix = render_suffix(self.config, engine)
+        self.yes_token = answer_token(engine, self.config.yes, "yes")
+        self.no_token = answer_token(engine, self.config.no, "no")
+        invocation = self.adapter.invocation_tokens if self.adapter is not None else []
+        self.base_part, self.adapter_part = split_for_adapter(self.suffix, invocation)
+        self.decoded_tokens = 0  # suffix tokens decoded so far: the self-eval line of the compute account
+        self.calls = 0
+
+    def score(self, samples: Seq[Sample | Sequence]) -> list[float]:
+        """p_keep per sample, in order."""
+        seqs = [s.seq if isinstance(s, Sample) else s for s in samples]
+        if not seqs:
+            return []
+        if len({s.id for s in seqs}) != len(seqs):
+            raise EngineError("cannot score the same sequence twice in one call")
+        for s in seqs:
+            if s.n_past != len(s.tokens):
+                raise EngineError(f"sequence {s.id} has undecoded tokens; advance it before scoring")
+        e = self.engine
+        with e.scratch(seqs) as tmp:
+            if self.base_part:
+                e.extend([(t, self.base_part) for t in tmp])
+            with e.adapter(self.adapter, self.config.adapter_scale):
+                e.extend([(t, self.adapter_part) for t in tmp])
+            logits = np.stack([t.logits for t in tmp])  # type: ignore[misc]
+        self.decoded_tokens += len(seqs) * len(self.suffix)
+        self.calls += 1
+        return p_keep(logits, self.yes_token, self.no_token).tolist()

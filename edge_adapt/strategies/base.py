@@ -1,0 +1,128 @@
+"""What every strategy shares: the engine and scorer protocols, the pool of started samples, choosing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence as Seq
+from typing import Callable, Protocol
+
+from edge_adapt.engine.engine import Sample, Sequence
+from edge_adapt.engine.events import Event, Finished, SampleStarted
+from edge_adapt.engine.sampling import SamplingParams
+from edge_adapt.strategies.config import StrategyConfig
+from edge_adapt.strategies.events import Chosen, Pruned, Scored, StrategyEvent
+
+
+class EngineLike(Protocol):
+    """The part of `Engine` strategies use; tests pass a scripted fake."""
+
+    decode_calls: int
+    n_ctx_seq: int
+
+    @property
+    def free_sequences(self) -> int: ...
+
+    def open(self, tokens: Seq[int]) -> Sequence: ...
+
+    def start(
+        self, root: Sequence, params: Seq[SamplingParams], *, max_tokens: int, stop: Seq[str] = (), first_index: int = 0
+    ) -> list[Sample]: ...
+
+    def advance(self, samples: Seq[Sample], until: int | None = None) -> Iterator[Event]: ...
+
+    def release(self, seq: Sequence) -> None: ...
+
+
+class Scorer(Protocol):
+    """`SelfEvaluator` or a fake: p_keep per sample, and a running count of the tokens it decoded."""
+
+    decoded_tokens: int
+
+    def score(self, samples: Seq[Sample]) -> list[float]: ...
+
+
+StrategyFn = Callable[[EngineLike, Sequence, StrategyConfig, "Scorer | None"], Iterator["Event | StrategyEvent"]]
+
+
+def sampling_params(config: StrategyConfig, temperature: float, seed: int) -> SamplingParams:
+    return SamplingParams(
+        temperature=temperature, top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
+        repeat_penalty=config.repeat_penalty, seed=seed,
+    )
+
+
+class Pool:
+    """The samples one strategy run started. Sample i uses seed + i; every sequence is given back exactly
+    once (a released id may already belong to another sample, so a second release would be wrong)."""
+
+    def __init__(self, engine: EngineLike, root: Sequence, config: StrategyConfig) -> None:
+        self.engine, self.root, self.config = engine, root, config
+        self.samples: list[Sample] = []
+        self.scores: dict[int, float] = {}  # sample index -> latest p_keep
+        self._live_ids: set[int] = set()
+
+    def start(self, n: int, temperature: float) -> Iterator[Event]:
+        """Fork n samples from the prompt; they are appended to `self.samples`."""
+        first = len(self.samples)
+        params = [sampling_params(self.config, temperature, self.config.seed + first + i) for i in range(n)]
+        new = self.engine.start(
+            self.root, params, max_tokens=self.config.max_tokens, stop=self.config.stop, first_index=first
+        )
+        self.samples.extend(new)
+        self._live_ids.update(s.index for s in new)
+        for s in new:
+            yield SampleStarted(s.index, s.params.temperature, s.params.seed)
+
+    def score(self, scorer: Scorer, samples: Seq[Sample]) -> Iterator[Scored]:
+        """Score samples in one batch (skipping finished ones scored already) and record the scores."""
+        todo = [s for s in samples if not (s.finish is not None and s.index in self.scores)]
+        for s, p in zip(todo, scorer.score(todo)):
+            self.scores[s.index] = p
+            yield Scored(s.index, p, len(s.generated), s.finish is not None)
+
+    def release(self, samples: Seq[Sample]) -> None:
+        for s in samples:
+            if s.index in self._live_ids:
+                self._live_ids.discard(s.index)
+                self.engine.release(s.seq)
+
+    def prune(self, samples: Seq[Sample]) -> Iterator[Event | StrategyEvent]:
+        """Drop samples from the pool: Pruned, then Finished('pruned') for those still generating."""
+        for s in samples:
+            yield Pruned(s.index, self.scores.get(s.index, math.nan), len(s.generated))
+            if s.finish is None:
+                s.finish = "pruned"
+                s.stream.flush()
+                yield Finished(s.index, "pruned", s.text, len(s.generated), s.sum_logprob)
+        self.release(samples)
+
+    def close(self) -> None:
+        self.release(self.samples)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def rank_key(self, s: Sample) -> tuple[float, float, int]:
+        """Higher is better: p_keep, then mean log-probability, then the earlier sample."""
+        p = self.scores.get(s.index)
+        return (-math.inf if p is None or math.isnan(p) else p, s.mean_logprob, -s.index)
+
+    def best(self, samples: Seq[Sample]) -> Sample:
+        return max(samples, key=self.rank_key)
+
+    def chosen(self, s: Sample, **extra: object) -> Chosen:
+        return Chosen(
+            s.index, s.text, self.scores.get(s.index), s.mean_logprob, len(s.generated), s.finish or "length",
+            **extra,  # type: ignore[arg-type]
+        )
+
+
+def require_scorer(scorer: Scorer | None, name: str) -> Scorer:
+    if scorer is None:
+        from edge_adapt.errors import UsageError
+
+        raise UsageError(f"strategy {name!r} needs a self-evaluation scorer")
+    return scorer

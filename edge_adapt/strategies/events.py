@@ -1,0 +1,52 @@
+"""Strategy-level events, streamed beside the engine's SampleStarted / Token / Finished / Done."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RoundStarted:
+    """adaptive: a round of `n` new samples at `temperature` begins."""
+
+    round: int
+    n: int
+    temperature: float
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A sample's self-evaluation: p_keep after `n_tokens` generated tokens (`final` when it had finished)."""
+
+    sample: int
+    p_keep: float
+    n_tokens: int
+    final: bool
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """A sample left the candidate pool at a prune point. If it was still generating, Finished(reason
+    'pruned') follows; a sample that had already finished gets no second Finished."""
+
+    sample: int
+    p_keep: float
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The strategy's answer: the chosen sample and why (its score, or its answer's votes)."""
+
+    sample: int
+    text: str
+    p_keep: float | None
+    mean_logprob: float
+    n_tokens: int
+    finish: str
+    answer: str | None = None  # vote strategies: the extracted answer that won
+    votes: float | None = None  # its count (vote) or summed p_keep (weighted-vote)
+    tally: tuple[tuple[str, float], ...] = ()  # every answer and its votes, best first
+
+
+StrategyEvent = RoundStarted | Scored | Pruned | Chosen

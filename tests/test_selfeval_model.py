@@ -1,0 +1,209 @@
+"""Self-evaluation on the embedded model: scoring is exact, cheap and leaves generation alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_adapt.engine import GREEDY, Engine, SamplingParams
+from edge_adapt.errors import UsageError
+from edge_adapt.selfeval import SelfEvalConfig, SelfEvaluator, p_keep
+from edge_adapt.strategies import Chosen, StrategyConfig, run_strategy
+
+pytestmark = pytest.mark.slow  # the embedded model, both KV layouts: about a minute on 2 shared cores
+
+PROMPT = [{"role": "user", "content": "Name three colours and explain which one you like best."}]
+PARAMS = [GREEDY, SamplingParams(temperature=0.9, seed=3), SamplingParams(temperature=1.2, seed=11)]
+
+
+def make_lora(path: Path, *, rank: int = 8, seed: int = 0, invocation=None, meta=None) -> Path:
+    """A random LoRA (or aLoRA) on attn_q / attn_v of every block of SmolLM2-135M."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(rank))
+    if invocation:
+        w.add_key_value(  # llama.cpp accepts only a uint32 array here
+            "adapter.alora.invocation_tokens", [int(t) for t in invocation],
+            gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32,
+        )
+    for k, v in (meta or {}).items():
+        w.add_string(f"edge_adapt.{k}", v)
+    for b in range(30):
+        for name, n_out in (("attn_q", 576), ("attn_v", 192)):
+            w.add_tensor(f"blk.{b}.{name}.weight.lora_a", (rng.standard_normal((rank, 576)) * 0.05).astype(np.float32))
+            w.add_tensor(f"blk.{b}.{name}.weight.lora_b", (rng.standard_normal((n_out, rank)) * 0.05).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["split-kv", "unified-kv"])
+def engine(request):
+    # One thread: on a shared 2-core machine two llama.cpp threads spin-wait on each other and run slower.
+    with Engine(parallel=8, ctx=512, threads=1, kv_unified=request.param) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory) -> Path:
+    return make_lora(tmp_path_factory.mktemp("lora") / "lora.gguf")
+
+
+def generate(e: Engine, scorer: SelfEvaluator | None, score_at: tuple[int, ...] = (), until: int = 40):
+    """Tokens and log-probabilities of PARAMS' samples, optionally scored at some token counts."""
+    root = e.open(e.tokenize(e.chat_prompt(PROMPT)))
+    samples = e.start(root, PARAMS, max_tokens=until)
+    try:
+        for point in score_at:
+            list(e.advance(samples, until=point))
+            assert scorer is not None
+            scorer.score(samples)
+        list(e.advance(samples))
+        return [(list(s.generated), list(s.logprobs)) for s in samples]
+    finally:
+        for s in samples:
+            e.release(s.seq)
+        e.release(root)
+
+
+def test_default_suffix_is_chatml_question_turn(engine):
+    ev = SelfEvaluator(engine)
+    assert ev.suffix == engine.tokenize(
+        '<|im_end|>\n<|im_start|>user\nWould you do better if you started over? ("Yes." or "No.")<|im_end|>\n'
+        "<|im_start|>assistant\n"
+    )
+    assert len(ev.suffix) == 27 and ev.suffix[0] == engine.tokenize("<|im_end|>")[0]
+    assert engine.detokenize([ev.yes_token]) == "Yes" and engine.detokenize([ev.no_token]) == "No"
+
+
+def test_multi_token_answer_rejected(engine):
+    with pytest.raises(UsageError, match=r"yes='Yes\.' is 2 tokens"):
+        SelfEvaluator(engine, SelfEvalConfig(yes="Yes."))
+
+
+def test_scoring_does_not_change_continuation(engine):
+    plain = generate(engine, None)
+    scored = generate(engine, SelfEvaluator(engine), score_at=(8, 24))
+    assert [t for t, _ in scored] == [t for t, _ in plain]
+    for (_, a), (_, b) in zip(scored, plain):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_scratch_score_equals_decoding_everything_from_scratch(engine):
+    """Scoring through a scratch extension equals decoding prompt + response + suffix into a new sequence.
+
+    Bit for bit when the KV was computed the same way: the response replayed one token per step into a
+    fresh sequence, scored through the scratch vs. extended with the suffix directly; and the batched
+    samples' own scores equal the replay's with split KV. llama.cpp rounds differently when several
+    sequences share one decode in a unified KV, or when the response is decoded as one many-token batch,
+    so those comparisons get a tolerance (seen up to 0.06 on this Q4_1 model; the gap is the kernels', not the fork's: one sample alone
+    matches exactly)."""
+    ev = SelfEvaluator(engine)
+    prompt = engine.tokenize(engine.chat_prompt(PROMPT))
+    root = engine.open(prompt)
+    samples = engine.start(root, PARAMS, max_tokens=48)
+    list(engine.advance(samples, until=20))  # partial responses; one may have finished
+    scores = ev.score(samples)
+    tol = 0.05 if engine.options.kv_unified else 1e-6
+    for s, got in zip(samples, scores):
+        replay = engine.open(prompt)
+        for t in s.seq.tokens[len(prompt) :]:
+            engine.extend([(replay, [t])])
+        via_scratch = ev.score([replay])[0]
+        engine.extend([(replay, ev.suffix)])
+        direct = p_keep(replay.logits, ev.yes_token, ev.no_token)[0]
+        engine.release(replay)
+        assert via_scratch == pytest.approx(direct, abs=1e-6)
+        assert got == pytest.approx(direct, abs=tol)
+        one_batch = engine.open(s.seq.tokens + ev.suffix)
+        assert got == pytest.approx(p_keep(one_batch.logits, ev.yes_token, ev.no_token)[0], abs=0.1)
+        engine.release(one_batch)
+    for s in samples:
+        engine.release(s.seq)
+    engine.release(root)
+
+
+def test_scoring_decodes_only_the_suffix_once(engine):
+    ev = SelfEvaluator(engine)
+    root = engine.open(engine.tokenize(engine.chat_prompt(PROMPT)))
+    samples = engine.start(root, PARAMS, max_tokens=16)
+    list(engine.advance(samples))
+    tokens_before, calls_before = engine.decoded_tokens, engine.decode_calls
+    kv_before = [(list(s.seq.tokens), s.seq.n_past, s.seq.logits.copy()) for s in samples]
+    ev.score(samples)
+    assert engine.decoded_tokens - tokens_before == len(samples) * len(ev.suffix) == ev.decoded_tokens
+    assert engine.decode_calls - calls_before == 1  # one batched decode for all samples
+    for s, (toks, n_past, logits) in zip(samples, kv_before):
+        assert s.seq.tokens == toks and s.seq.n_past == n_past and np.array_equal(s.seq.logits, logits)
+    for s in samples:
+        engine.release(s.seq)
+    engine.release(root)
+
+
+def test_adapter_is_on_only_while_scoring(engine, lora):
+    base = generate(engine, None)
+    with_adapter = SelfEvaluator(engine, adapter_path=lora)
+    scored = generate(engine, with_adapter, score_at=(8, 24))
+    assert [t for t, _ in scored] == [t for t, _ in base]  # generation stays the base model's
+    root = engine.open(engine.tokenize(engine.chat_prompt(PROMPT)))
+    samples = engine.start(root, PARAMS[:1], max_tokens=16)
+    list(engine.advance(samples))
+    on, off = with_adapter.score(samples)[0], SelfEvaluator(engine).score(samples)[0]
+    assert abs(on - off) > 1e-4  # ...and the adapter did change the score
+    engine.release(samples[0].seq)
+    engine.release(root)
+
+
+def test_alora_is_switched_on_at_its_invocation_tokens(engine, tmp_path):
+    invocation = engine.tokenize("<|im_start|>user")
+    path = make_lora(tmp_path / "alora.gguf", seed=1, invocation=invocation)
+    ev = SelfEvaluator(engine, adapter_path=path)
+    assert ev.adapter.invocation_tokens == invocation
+    assert ev.adapter_part[: len(invocation)] == invocation and ev.base_part + ev.adapter_part == ev.suffix
+    assert len(ev.base_part) == 2  # <|im_end|> \n: decoded with the adapter off
+    root = engine.open(engine.tokenize(engine.chat_prompt(PROMPT)))
+    samples = engine.start(root, PARAMS[:2], max_tokens=12)
+    list(engine.advance(samples))
+    got = ev.score(samples)
+
+    def by_hand(adapter_from: int) -> np.ndarray:
+        with engine.scratch([s.seq for s in samples]) as tmp:
+            engine.extend([(t, ev.suffix[:adapter_from]) for t in tmp])
+            with engine.adapter(ev.adapter):
+                engine.extend([(t, ev.suffix[adapter_from:]) for t in tmp])
+            return p_keep(np.stack([t.logits for t in tmp]), ev.yes_token, ev.no_token)
+
+    assert got == pytest.approx(by_hand(len(ev.base_part)).tolist(), abs=1e-6)
+    assert np.abs(by_hand(0) - np.array(got)).max() > 1e-4  # adapter on for the whole suffix is another score
+    for s in samples:
+        engine.release(s.seq)
+    engine.release(root)
+
+
+def test_adapter_gguf_carries_the_self_eval_config(engine, tmp_path):
+    path = make_lora(tmp_path / "meta.gguf", meta={"self_eval.question": "Is this answer correct?"})
+    ev = SelfEvaluator(engine, adapter_path=path)
+    assert ev.config.question == "Is this answer correct?" and ev.config.adapter == path
+    assert "Is this answer correct?" in engine.detokenize(ev.suffix)
+    assert SelfEvaluator(engine, SelfEvalConfig(adapter=path)).config.question == "Is this answer correct?"
+    explicit = SelfEvaluator(engine, SelfEvalConfig(question="Sure?"), adapter_path=path)
+    assert explicit.config.question == "Sure?"  # what the caller sets wins over the file's keys
+
+
+@pytest.mark.parametrize("strategy", ["best-of-n", "prune", "adaptive"])
+def test_strategies_run_on_the_model(engine, strategy):
+    free = engine.free_sequences
+    cfg = StrategyConfig(strategy=strategy, budget=4, k=2, prune_at=(6,), max_tokens=16, threshold=1.0)
+    events = list(run_strategy(engine, "What is 2 + 2?", cfg))
+    usage = events[-1].usage
+    assert isinstance(events[-2], Chosen)
+    assert usage.selfeval_tokens > 0 and usage.selfeval_tokens % 27 == 0
+    assert engine.free_sequences == free
