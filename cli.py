@@ -103,6 +103,78 @@ def _ctx_for(prompt_tokens: int, max_tokens: int, ctx: int | None) -> int:
     return ctx or max(256, -(-(prompt_tokens + max_tokens + 64) // 256) * 256)
 
 
+StrategyOpt = Annotated[Optional[str], typer.Option("--strategy", "-s", help="single | best-of-n | adaptive | prune | adaptive+prune | vote | weighted-vote")]
+BudgetNOpt = Annotated[Optional[int], typer.Option("--budget", help="most samples the strategy may draw", min=1)]
+ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help="adaptive: stop when a sample's p_keep reaches this")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="strategy TOML/JSON file (flags override it)")]
+AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="self-eval adapter GGUF (LoRA / aLoRA), on only while scoring")]
+
+
+def _strategy_config(path: Path | None, *, adapter: Path | None = None, **flags: Any) -> Any:
+    from edge_adapt.selfeval import SelfEvalConfig
+    from edge_adapt.strategies import StrategyConfig
+
+    cfg = StrategyConfig.from_file(path, **flags) if path else StrategyConfig.parse(
+        {k: v for k, v in flags.items() if v is not None})
+    if adapter is not None:
+        cfg = cfg.model_copy(update={"self_eval": (cfg.self_eval or SelfEvalConfig()).model_copy(update={"adapter": adapter})})
+    return cfg
+
+
+def _run_strategy(prompt: str, system: str | None, cfg: Any, *, show_scores: bool, as_json: bool, model: Path | None,
+                  ctx: int | None, device: DeviceChoice, gpu_layers: int | None, threads: int | None,
+                  mem_budget: str | None, verbose: bool) -> None:
+    from edge_adapt.engine import Done, Finished, Token
+    from edge_adapt.strategies import Chosen, Pruned, Scored, run_strategy, samples_at_once
+
+    guess = len(prompt.encode()) + len((system or "").encode()) + 64 + 64  # + the self-eval suffix
+    engine = _engine(model, parallel=samples_at_once(cfg) + 1, ctx=_ctx_for(guess, cfg.max_tokens, ctx), device=device,
+                     gpu_layers=gpu_layers, threads=threads, mem_budget=mem_budget, verbose=verbose)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    scores: dict[int, list[tuple[int, float]]] = {}
+    finished: dict[int, Any] = {}
+    chosen = usage = None
+    stream = cfg.strategy == "single" and not as_json and not show_scores
+    with engine, _ctrl_c_cancels(engine):
+        for ev in run_strategy(engine, messages, cfg):
+            if isinstance(ev, Token) and stream:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+            elif isinstance(ev, Scored):
+                scores.setdefault(ev.sample, []).append((ev.n_tokens, ev.p_keep))
+            elif isinstance(ev, Finished):
+                finished[ev.sample] = ev
+            elif isinstance(ev, Chosen):
+                chosen = ev
+            elif isinstance(ev, Done):
+                usage = ev.usage
+    if stream:
+        print()
+        return
+    if as_json:
+        print(json.dumps({
+            "strategy": cfg.strategy,
+            "chosen": None if chosen is None else {"sample": chosen.sample, "text": chosen.text, "p_keep": chosen.p_keep,
+                                                   "answer": chosen.answer, "votes": chosen.votes},
+            "samples": [{"index": f.sample, "text": f.text, "finish_reason": f.reason, "tokens": f.n_tokens,
+                         "scores": scores.get(f.sample, [])} for f in (finished[i] for i in sorted(finished))],
+            "usage": None if usage is None else {k: v for k, v in usage.__dict__.items()},
+        }, ensure_ascii=False, indent=2, default=str))
+        return
+    if show_scores:
+        for i in sorted(finished):
+            f = finished[i]
+            trail = "  ".join(f"@{n}: {p:.3f}" for n, p in scores.get(i, []))
+            mark = "*" if chosen is not None and chosen.sample == i else " "
+            print(f"{mark} sample {i:>2}  {f.n_tokens:>4} tokens  {f.reason:<9} {trail}")
+        if usage is not None:
+            print(f"  compute: {usage.samples_started} samples ({usage.samples_pruned} pruned), {usage.generated_tokens} "
+                  f"generated + {usage.selfeval_tokens} self-eval tokens, {usage.wall_s:.1f} s")
+        print()
+    if chosen is not None:
+        print(chosen.text)
+
+
 # -- run ----------------------------------------------------------------------------------------------------
 @app.command()
 def run(
@@ -119,6 +191,14 @@ def run(
     raw: Annotated[bool, typer.Option("--raw", help="plain completion: no chat template")] = False,
     system: Annotated[Optional[str], typer.Option("--system", help="system message")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print samples, token counts and timing as JSON")] = False,
+    strategy: StrategyOpt = None,
+    budget: BudgetNOpt = None,
+    threshold: ThresholdOpt = None,
+    config: ConfigOpt = None,
+    adapter: AdapterOpt = None,
+    keep: Annotated[Optional[int], typer.Option("--keep", "-k", help="prune: samples kept at each prune point", min=1)] = None,
+    prune_at: Annotated[Optional[list[int]], typer.Option("--prune-at", help="prune: token count to score and prune at (repeatable)")] = None,
+    show_scores: Annotated[bool, typer.Option("--show-scores", help="print every sample's self-eval score")] = False,
     model: ModelOpt = None,
     ctx: CtxOpt = None,
     device: DeviceOpt = DeviceChoice.auto,
@@ -138,6 +218,14 @@ def run(
     params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, seed=seed)
     inspect_gguf(model or default_model_path())  # a bad file fails before anything is loaded
+    if strategy or config:
+        cfg = _strategy_config(config, strategy=strategy, budget=budget, threshold=threshold, adapter=adapter,
+                               temperature=temp if temp > 0 else None, max_tokens=max_tokens, seed=seed,
+                               stop=tuple(stop) if stop else None, k=keep,
+                               prune_at=tuple(prune_at) if prune_at else None)
+        _run_strategy(prompt, system, cfg, show_scores=show_scores, as_json=as_json, model=model, ctx=ctx,
+                      device=device, gpu_layers=gpu_layers, threads=threads, mem_budget=mem_budget, verbose=verbose)
+        return
     t0 = time.perf_counter()
     # A BPE token covers at least one byte, so the prompt's bytes bound its tokens before anything is loaded;
     # 64 more cover the chat template. The engine re-checks with the exact count.
@@ -187,6 +275,7 @@ CHAT_HELP = """commands:
   /reset        forget the conversation
   /save FILE    save the conversation and its KV cache (add --force to overwrite)
   /load FILE    restore a saved conversation
+  /strategy NAME [BUDGET]  answer with a strategy (single, best-of-n, adaptive, prune, vote, ...)
   /help         this text
   /exit         leave (Ctrl-D too); Ctrl-C interrupts a reply"""
 
@@ -203,6 +292,11 @@ def chat(
     min_p: MinPOpt = 0.05,
     repeat_penalty: RepeatOpt = 1.1,
     ctx: CtxOpt = 4096,
+    strategy: StrategyOpt = None,
+    budget: BudgetNOpt = None,
+    threshold: ThresholdOpt = None,
+    config: ConfigOpt = None,
+    adapter: AdapterOpt = None,
     device: DeviceOpt = DeviceChoice.auto,
     gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
@@ -212,14 +306,19 @@ def chat(
     """Talk with a model; the KV cache is kept across turns so each turn decodes only what is new."""
     from edge_adapt.engine import SamplingParams, Token
     from edge_adapt.session import ChatSession, Notice
+    from edge_adapt.strategies import Chosen, samples_at_once
 
     params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, seed=seed)
-    engine = _engine(model, parallel=1, ctx=ctx or 4096, device=device, gpu_layers=gpu_layers, threads=threads,
-                     mem_budget=mem_budget, verbose=verbose)
+    cfg = _strategy_config(config, strategy=strategy, budget=budget, threshold=threshold, adapter=adapter,
+                           temperature=temp) if (strategy or config) else None
+    # The conversation's own sequence, plus room for the samples of the strategy chosen at start.
+    parallel = 1 + (samples_at_once(cfg) if cfg is not None and cfg.strategy != "single" else 0)
+    engine = _engine(model, parallel=parallel, ctx=ctx or 4096, device=device, gpu_layers=gpu_layers,
+                     threads=threads, mem_budget=mem_budget, verbose=verbose)
     with engine:
         session = ChatSession(engine, system=_text_arg(system, "--system") if system else None, params=params,
-                              max_tokens=max_tokens)
+                              max_tokens=max_tokens, strategy=cfg)
         print(f"edge-adapt chat: {engine.info.name} ({engine.n_ctx_seq} tokens of context). /help for commands.")
         while True:
             try:
@@ -247,6 +346,14 @@ def chat(
                         path, _, flag = arg.strip().partition(" ")
                         session.save(path, force=flag.strip() == "--force")
                         print(f"(saved to {path})")
+                    elif cmd == "/strategy":
+                        name, _, n = arg.strip().partition(" ")
+                        base = session.strategy or _strategy_config(None, temperature=temp)
+                        session.strategy = base.with_options(strategy=name or None,
+                                                             budget=int(n) if n.strip().isdigit() else None)
+                        room = engine.options.parallel - 1
+                        print(f"(strategy {session.strategy.strategy}, budget {session.strategy.budget}; "
+                              f"{room} parallel samples fit this chat, start it with --budget N for more)")
                     elif cmd == "/load" and arg:
                         session.load(arg.strip())
                         print(f"(restored {len(session.messages)} messages)")
@@ -260,9 +367,12 @@ def chat(
                     for ev in session.send(line):
                         if isinstance(ev, Notice):
                             print(f"({ev.text})")
-                        elif isinstance(ev, Token):
+                        elif isinstance(ev, Token) and (session.strategy is None or session.strategy.strategy == "single"):
                             sys.stdout.write(ev.text)
                             sys.stdout.flush()
+                        elif isinstance(ev, Chosen):
+                            score = f"p_keep {ev.p_keep:.2f}, " if ev.p_keep is not None else ""
+                            sys.stdout.write(f"{ev.text}\n({score}sample {ev.sample})")
             except EdgeAdaptError as exc:
                 print(f"error: {exc}")
                 continue

@@ -12,6 +12,7 @@ from edge_adapt.engine.events import Event, Finished, SampleStarted
 from edge_adapt.engine.sampling import SamplingParams
 from edge_adapt.engine.snapshot_file import load_snapshot, save_snapshot
 from edge_adapt.errors import ContextOverflowError, EdgeAdaptError
+from edge_adapt.strategies import Chosen, StrategyConfig, run_strategy
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,15 @@ class ChatSession:
     """
 
     def __init__(self, engine: Engine, *, system: str | None = None, params: SamplingParams = SamplingParams(),
-                 max_tokens: int = 512) -> None:
+                 max_tokens: int = 512, strategy: StrategyConfig | None = None) -> None:
         self.engine = engine
         self.params = params
+        self.strategy = strategy  # None or "single": plain sampling with `params`
         self.max_tokens = max_tokens
         self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
         self.seq: Sequence | None = None
         self.last: TurnStats | None = None
+        self._text: str | None = None  # the text whose tokens `seq` holds, when known exactly
         self._turn = 0
 
     def close(self) -> None:
@@ -52,6 +55,7 @@ class ChatSession:
 
     def reset(self) -> None:
         self.close()
+        self._text = None
         self.messages = [m for m in self.messages if m["role"] == "system"]
 
     def _fit(self, messages: list[Message]) -> tuple[list[Message], list[int], int]:
@@ -59,7 +63,8 @@ class ChatSession:
         dropped = 0
         while True:
             tokens = self.engine.tokenize(self.engine.chat_prompt(messages))
-            if len(tokens) + self.max_tokens <= self.engine.n_ctx_seq:
+            # A strategy also appends the self-eval suffix after the reply.
+            if len(tokens) + self.max_tokens + (64 if self.strategy else 0) <= self.engine.n_ctx_seq:
                 return messages, tokens, dropped
             first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
             if first is None or len(messages) - first <= 1:
@@ -79,30 +84,50 @@ class ChatSession:
         messages, tokens, dropped = self._fit(self.messages + [{"role": "user", "content": text}])
         if dropped:
             yield Notice(f"dropped the {dropped} oldest exchange(s) to fit the context of {self.engine.n_ctx_seq} tokens")
-        if self.seq is None:
-            self.seq = self.engine.open(tokens[:1])
-        common = _common_prefix(self.seq.tokens, tokens)
-        # The last prompt token must be decoded now, so that its logits are fresh.
-        keep = min(common, len(tokens) - 1)
-        self.engine.truncate(self.seq, keep)
         before = self.engine.decoded_tokens
-        self.engine.extend([(self.seq, tokens[keep:])])
+        full = self.engine.chat_prompt(messages)
+        if self.seq is not None and self._text is not None and full.startswith(self._text):
+            # Reuse the KV exactly as generated: re-tokenizing the reply could merge tokens differently at
+            # its edges and force a re-decode of the whole reply.
+            tokens = list(self.seq.tokens) + self.engine.tokenize(full[len(self._text):])
+        if self.seq is None:
+            self.seq = self.engine.open(tokens)
+        else:
+            common = _common_prefix(self.seq.tokens, tokens)
+            # The last prompt token must be decoded now, so that its logits are fresh.
+            keep = min(common, len(tokens) - 1)
+            self.engine.truncate(self.seq, keep)
+            self.engine.extend([(self.seq, tokens[keep:])])
         self.last = TurnStats(len(tokens), self.engine.decoded_tokens - before)
         self._turn += 1
+        if self.strategy is not None and self.strategy.strategy != "single":
+            reply = ""
+            cfg = self.strategy.with_options(seed=self.strategy.seed + 1000 * self._turn, max_tokens=self.max_tokens)
+            self._text = full  # the sequence holds the prompt only; the samples were forks
+            for ev in run_strategy(self.engine, tokens, cfg, root=self.seq):
+                if isinstance(ev, Chosen):
+                    self._record(messages, ev.text)
+                yield ev
+            return
         params = SamplingParams(**{**self.params.__dict__, "seed": self.params.seed + self._turn})
         (sample,) = self.engine.start(self.seq, [params], max_tokens=self.max_tokens, consume_root=True)
         yield SampleStarted(0, params.temperature, params.seed)
-        reply = ""
         for ev in self.engine.advance([sample]):
             if isinstance(ev, Finished):
-                reply = ev.text
+                self._record(messages, ev.text)
+                # The sequence now holds prompt + reply tokens; a stop string's tokens are in the KV but not in
+                # the reply, so only clean endings can be extended as text.
+                self._text = full + ev.text if ev.reason in ("eos", "length") else None
             yield ev
-        self.messages = messages + [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+
+    def _record(self, messages: list[Message], reply: str) -> None:
+        # Recorded before the final event is handed out, so a caller that stops reading there keeps the turn.
+        self.messages = messages + [{"role": "assistant", "content": reply}]
 
     def save(self, path: str | Path, *, force: bool = False) -> None:
         if self.seq is None:
             raise EdgeAdaptError("nothing to save yet: the conversation is empty")
-        save_snapshot(self.engine.snapshot(self.seq), path, extra={"messages": self.messages, "turn": self._turn},
+        save_snapshot(self.engine.snapshot(self.seq), path, extra={"messages": self.messages, "turn": self._turn, "text": self._text},
                       force=force)
 
     def load(self, path: str | Path) -> None:
@@ -112,6 +137,7 @@ class ChatSession:
             raise EdgeAdaptError(f"{path}: snapshot holds no chat history")
         restored = self.engine.restore(snap, into=self.seq)
         self.seq = restored
+        self._text = extra.get("text")
         self.messages = messages
         self._turn = int(extra.get("turn", 0))
 

@@ -136,32 +136,30 @@ def _scan(path: Path) -> tuple[dict[str, Any], list[_Tensor]]:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         except ValueError:
             raise ModelFileError(f"{path}: empty file, not a GGUF") from None
-    with mm:
-        cur = _Cursor(memoryview(mm), path)
-        try:
-            cur.off = 4
-            version = cur.take("<I")
-            if version not in (2, 3):
-                raise ModelFileError(f"{path}: unsupported GGUF version {version}")
-            n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
-            if n_tensors > 1_000_000 or n_kv > 1_000_000:
-                raise ModelFileError(f"{path}: malformed GGUF (implausible counts: {n_tensors} tensors, {n_kv} keys)")
-            kv: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = cur.string().decode("utf-8", "replace")
-                kv[key] = _read_value(cur, cur.take("<I"), key)
-            raw: list[tuple[str, tuple[int, ...], int, int]] = []
-            for _ in range(n_tensors):
-                name = cur.string().decode("utf-8", "replace")
-                n_dims = cur.take("<I")
-                if n_dims > 8:
-                    raise ModelFileError(f"{path}: malformed GGUF (tensor {name!r} has {n_dims} dimensions)")
-                shape = tuple(cur.take("<Q") for _ in range(n_dims))
-                raw.append((name, shape, cur.take("<I"), cur.take("<Q")))
-            alignment = int(kv.get("general.alignment", 32))
-            data_start = -(-cur.off // alignment) * alignment
-        finally:
-            del cur
+    # The view is released on the way out, even when an error unwinds through it, so the map can close.
+    with mm, memoryview(mm) as view:
+        cur = _Cursor(view, path)
+        cur.off = 4
+        version = cur.take("<I")
+        if version not in (2, 3):
+            raise ModelFileError(f"{path}: unsupported GGUF version {version}")
+        n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
+        if n_tensors > 1_000_000 or n_kv > 1_000_000:
+            raise ModelFileError(f"{path}: malformed GGUF (implausible counts: {n_tensors} tensors, {n_kv} keys)")
+        kv: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string().decode("utf-8", "replace")
+            kv[key] = _read_value(cur, cur.take("<I"), key)
+        raw: list[tuple[str, tuple[int, ...], int, int]] = []
+        for _ in range(n_tensors):
+            name = cur.string().decode("utf-8", "replace")
+            n_dims = cur.take("<I")
+            if n_dims > 8:
+                raise ModelFileError(f"{path}: malformed GGUF (tensor {name!r} has {n_dims} dimensions)")
+            shape = tuple(cur.take("<Q") for _ in range(n_dims))
+            raw.append((name, shape, cur.take("<I"), cur.take("<Q")))
+        alignment = int(kv.get("general.alignment", 32))
+        data_start = -(-cur.off // alignment) * alignment
     tensors = []
     file_size = path.stat().st_size
     for name, shape, type_id, offset in raw:

@@ -34,10 +34,13 @@ def prompt_tokens(engine: Any, prompt: Prompt) -> list[int]:
 
 
 def run_strategy(
-    engine: EngineLike, prompt: Prompt, config: StrategyConfig, scorer: Scorer | None = None
+    engine: EngineLike, prompt: Prompt, config: StrategyConfig, scorer: Scorer | None = None, *, root: Any = None
 ) -> Iterator[Event | StrategyEvent]:
     """Run `config.strategy` on the prompt. Without a scorer, strategies that need one get a
     `SelfEvaluator(engine, config.self_eval)`. The stream ends with a Chosen event, then Done(usage).
+
+    `root`, when given, is an already decoded sequence holding the prompt (a chat keeps its conversation
+    there): samples fork from it and it is left as it was, instead of decoding the prompt into a new one.
 
     Configuration problems (unknown strategy, too few sequences, a context too short) raise here, before
     anything is decoded; the returned iterator does the work.
@@ -45,7 +48,7 @@ def run_strategy(
     fn = STRATEGIES.get(config.strategy)
     if fn is None:
         raise UsageError(f"unknown strategy {config.strategy!r} (choose from {', '.join(STRATEGIES)})")
-    tokens = prompt_tokens(engine, prompt)
+    tokens = list(root.tokens) if root is not None else prompt_tokens(engine, prompt)
     if scorer is None and config.strategy in NEEDS_SCORER:
         from edge_adapt.selfeval import SelfEvaluator
 
@@ -58,22 +61,23 @@ def run_strategy(
             f"tokens exceed the context of {engine.n_ctx_seq} per sequence (raise --ctx or lower max_tokens)"
         )
     at_once = samples_at_once(config)
-    if at_once + 1 > engine.free_sequences:
+    if at_once + (root is None) > engine.free_sequences:
         raise BudgetError(
             f"strategy {config.strategy} with budget {config.budget} runs {at_once} samples at once and needs "
             f"{at_once + 1} free sequences (one for the prompt); the engine has {engine.free_sequences}"
         )
-    return _stream(engine, tokens, config, scorer, fn)
+    return _stream(engine, tokens, config, scorer, fn, root)
 
 
 def _stream(
-    engine: EngineLike, tokens: list[int], config: StrategyConfig, scorer: Scorer | None, fn: StrategyFn
+    engine: EngineLike, tokens: list[int], config: StrategyConfig, scorer: Scorer | None, fn: StrategyFn,
+    given_root: Any = None,
 ) -> Iterator[Event | StrategyEvent]:
     t0 = time.perf_counter()
     calls0 = engine.decode_calls
     se0 = scorer.decoded_tokens if scorer is not None else 0
     started = generated = pruned = scored = rounds = 0
-    root = engine.open(tokens)
+    root = given_root if given_root is not None else engine.open(tokens)
     events: Iterator[Event | StrategyEvent] | None = None
     try:
         events = fn(engine, root, config, scorer)
@@ -93,7 +97,8 @@ def _stream(
         close = getattr(events, "close", None)
         if close is not None:
             close()  # a consumer that stops early still gets every sequence back
-        engine.release(root)
+        if given_root is None:
+            engine.release(root)
     extra = {"scores": float(scored)}
     if rounds:
         extra["rounds"] = float(rounds)

@@ -1,0 +1,65 @@
+"""Chat keeps its KV cache across turns and survives save / load."""
+
+from __future__ import annotations
+
+from edge_adapt.engine import GREEDY, Engine, Finished
+from edge_adapt.session import ChatSession, Notice
+
+
+def _reply(session: ChatSession, text: str) -> str:
+    return next(e.text for e in session.send(text) if isinstance(e, Finished))
+
+
+def test_second_turn_decodes_only_the_new_tokens(engine: Engine):
+    chat = ChatSession(engine, params=GREEDY, max_tokens=24)
+    try:
+        _reply(chat, "Name a big city.")
+        first = chat.last
+        _reply(chat, "And a river?")
+        second = chat.last
+        assert first is not None and second is not None
+        assert first.decoded_tokens == first.prompt_tokens
+        assert second.prompt_tokens > first.prompt_tokens
+        # Only the new user turn (plus the re-tokenized tail of the previous reply at most) is decoded.
+        new = second.prompt_tokens - first.prompt_tokens
+        assert second.decoded_tokens <= new, (second, first)
+        # The reply's own tokens were already in the cache: what is decoded is the new turn's markup and text.
+        reply_tokens = second.prompt_tokens - first.prompt_tokens - second.decoded_tokens
+        assert reply_tokens >= 10, (second, first)
+        assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+    finally:
+        chat.close()
+
+
+def test_saved_chat_restores_and_continues_identically(engine: Engine, tmp_path):
+    chat = ChatSession(engine, params=GREEDY, max_tokens=16)
+    try:
+        _reply(chat, "Say hello.")
+        chat.save(tmp_path / "c.snap")
+        expected = _reply(chat, "Now say goodbye.")
+    finally:
+        chat.close()
+    again = ChatSession(engine, params=GREEDY, max_tokens=16)
+    try:
+        again.load(tmp_path / "c.snap")
+        before = engine.decoded_tokens
+        got = _reply(again, "Now say goodbye.")
+        assert got == expected
+        assert again.last is not None and again.last.decoded_tokens < again.last.prompt_tokens
+        assert engine.decoded_tokens - before < again.last.prompt_tokens + 16
+    finally:
+        again.close()
+
+
+def test_overflowing_conversation_drops_oldest_turns_and_says_so(engine: Engine):
+    chat = ChatSession(engine, params=GREEDY, max_tokens=48)
+    notices = []
+    try:
+        for i in range(8):
+            for ev in chat.send(f"Tell me fact number {i} about the sea, in one sentence."):
+                if isinstance(ev, Notice):
+                    notices.append(ev.text)
+        assert notices and "dropped" in notices[0]
+        assert chat.last is not None and chat.last.prompt_tokens + 48 <= engine.n_ctx_seq
+    finally:
+        chat.close()

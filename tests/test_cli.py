@@ -1,0 +1,131 @@
+"""The command line as a user meets it: answers, JSON, and a one-line error with a non-zero exit for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_adapt.engine.default_model import default_model_path
+
+
+def cli(*args: str | bytes, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "edge_adapt", *args], input=stdin, capture_output=True,
+                          timeout=300, env=env)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[bytes], fragment: str) -> None:
+    err = proc.stderr.decode()
+    assert proc.returncode != 0
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert fragment in lines[0], err
+
+
+def test_run_answers_with_the_default_model():
+    proc = cli("run", "What is 2 + 2?", "--max-tokens", "12")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().strip()
+
+
+def test_run_json_reports_samples_tokens_and_timing():
+    proc = cli("run", "Name a fruit.", "-n", "3", "--temp", "0.8", "--max-tokens", "10", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out["samples"]) == 3
+    assert all(1 <= s["tokens"] <= 10 for s in out["samples"])
+    assert out["usage"]["generated_tokens"] == sum(s["tokens"] for s in out["samples"])
+    assert out["timing"]["tokens_per_s"] > 0
+
+
+def test_info_prints_facts_and_a_plan():
+    proc = cli("info", "--json", "--mem-budget", "1GB", "--ctx", "512")
+    assert proc.returncode == 0, proc.stderr
+    facts = json.loads(proc.stdout)
+    assert facts["architecture"] == "llama" and facts["layers"] == 30 and facts["quantization"] == "Q4_1"
+    assert facts["plan"]["parallel"] > 1 and facts["plan"]["total_bytes"] <= 2**30
+
+
+def test_missing_model_file(tmp_path: Path):
+    assert_one_line_error(cli("run", "hi", "--model", str(tmp_path / "nope.gguf")), "no such file")
+
+
+def test_file_that_is_not_gguf(tmp_path: Path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 definitely a zip")
+    assert_one_line_error(cli("run", "hi", "--model", str(bad)), "not a GGUF file")
+
+
+def test_truncated_gguf(tmp_path: Path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(default_model_path().read_bytes()[: 8 << 20])
+    assert_one_line_error(cli("run", "hi", "--model", str(cut)), "truncated GGUF")
+
+
+def test_gguf_cut_inside_its_metadata(tmp_path: Path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(default_model_path().read_bytes()[:4000])
+    assert_one_line_error(cli("info", str(cut)), "truncated GGUF")
+
+
+def test_unsupported_architecture(tmp_path: Path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "bert.gguf"
+    w = gguf.GGUFWriter(str(path), "bert")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_one_line_error(cli("run", "hi", "--model", str(path)), "unsupported architecture 'bert'")
+
+
+def test_prompt_longer_than_context():
+    assert_one_line_error(cli("run", "word " * 400, "--ctx", "256", "--max-tokens", "8"), "do not fit")
+
+
+def test_budget_too_small():
+    assert_one_line_error(cli("run", "hi", "--mem-budget", "50MB"), "too small")
+    assert_one_line_error(cli("info", "--mem-budget", "lots"), "cannot read memory size")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("run", "hi", "--temp", "-1"), "--temp"),
+        (("run", "hi", "--top-p", "0"), "top_p"),
+        (("run", "hi", "-n", "0"), "-n"),
+        (("run", "hi", "--device", "tpu"), "--device"),
+        (("run", "hi", "--strategy", "magic"), "unknown strategy"),
+        (("run", "hi", "--strategy", "prune", "--budget", "4", "-k", "9"), "k (9) must be <= budget"),
+        (("run", "hi", "--strategy", "adaptive", "--threshold", "1.5"), "threshold"),
+        (("bench", "--only", "everything"), "--only"),
+    ],
+)
+def test_invalid_option_values(args: tuple[str, ...], fragment: str):
+    assert_one_line_error(cli(*args), fragment)
+
+
+def test_non_utf8_prompt_on_stdin():
+    assert_one_line_error(cli("run", "-", stdin=b"caf\xe9 au lait"), "not valid UTF-8")
+
+
+def test_non_utf8_prompt_argument():
+    assert_one_line_error(cli("run", os.fsdecode(b"caf\xe9")), "not valid UTF-8")
+
+
+def test_cuda_requested_on_a_cpu_build():
+    import llama_cpp.llama_cpp as ll
+
+    if ll.llama_supports_gpu_offload():
+        pytest.skip("this llama-cpp-python build has a GPU backend")
+    assert_one_line_error(cli("run", "hi", "--device", "cuda"), "no GPU backend")
