@@ -131,3 +131,47 @@ def build_lora(model_dir: Path, out: Path, *, invocation: list[int] | None = Non
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+# -- shared pytest fixtures and helpers (imported by the test_convert_* modules) ------------------------------
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return build_model(tmp_path_factory.mktemp("llama") / "hf", "llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return build_model(tmp_path_factory.mktemp("qwen2") / "hf", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def gguf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gguf")
+
+
+def llama_cpp_logits(path: Path, ids: list[int]) -> "np.ndarray":
+    """Per-position logits from llama.cpp with an f32 KV cache, so only the conversion's error remains."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=256, n_threads=2, n_batch=256, verbose=False,
+                          type_k=0, type_v=0)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def hf_logits(model: object, ids: list[int]) -> "np.ndarray":
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()  # type: ignore[operator]
