@@ -29,7 +29,8 @@ def check_target(path: Path, *, force: bool) -> None:
 
 def os_error_message(path: Path, exc: OSError) -> str:
     """One line for the user; disk full and permission problems are the common ones."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    # numpy's tofile reports a short write without an errno: the device stopped taking data.
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or (exc.errno is None and "requested and" in str(exc)):
         return f"cannot write {path}: no space left ({exc.strerror})"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {path}: permission denied"

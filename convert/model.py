@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 
 from edge_adapt.convert.adapter import LoraAdapter, check_fits, load_peft_adapter, require_mergeable
-from edge_adapt.convert.atomic import atomic_file, check_target, os_error_message
+from edge_adapt.convert.atomic import atomic_file, check_target
 from edge_adapt.convert.checkpoint import Checkpoint, require_torch
 from edge_adapt.convert.gguf_io import ProgressFn
 from edge_adapt.convert.registry import ModelBase, model_class_for
@@ -282,8 +282,6 @@ def _write_gguf(
                 i += 1
             if progress:
                 progress("convert", done, total)
-    except OSError as exc:
-        raise ModelFileError(os_error_message(path, exc)) from None
     finally:
         w.close()
 
