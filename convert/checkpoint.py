@@ -79,11 +79,11 @@ class Checkpoint:
         file = self._files[name]
         try:
             if file.suffix == ".safetensors":
-                if file not in self._handles:
-                    from safetensors import safe_open
+                from safetensors import safe_open
 
-                    self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="pt"))
-                t = self._handles[file].get_tensor(name)
+                # Opened per tensor: a long-lived mapping would keep every page read so far resident.
+                with safe_open(str(file), framework="pt") as fh:
+                    t = fh.get_tensor(name).clone()
             else:
                 if file not in self._bin:
                     self._bin[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
