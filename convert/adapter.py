@@ -1,0 +1,206 @@
+"""PEFT LoRA / activated LoRA: read an adapter directory, merge it into weights, or export it as a GGUF adapter.
+
+llama.cpp applies `scale * B @ A` with scale = alpha / rank, where rank is read from each tensor; so PEFT's
+rsLoRA (alpha / sqrt(rank)) is written as an equivalent alpha. Q/K rows are permuted for llama like the base
+weight, which only touches B (A acts on the input side).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gguf
+import numpy as np
+
+from edge_adapt.convert.atomic import atomic_file, check_target
+from edge_adapt.convert.checkpoint import read_json, require_torch
+from edge_adapt.convert.gguf_io import ProgressFn, read_gguf_kv
+from edge_adapt.convert.registry import ModelBase, model_class_for_gguf
+from edge_adapt.errors import ModelFileError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoraAdapter:
+    """One PEFT adapter: per target weight (HF name) its A (r, in) and B (out, r), and the shared scale."""
+
+    path: Path
+    rank: int
+    alpha: float
+    scale: float
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    invocation_tokens: list[int] | None
+
+    @property
+    def gguf_alpha(self) -> float:
+        """The alpha llama.cpp needs so that alpha / rank equals PEFT's scale."""
+        return self.scale * self.rank
+
+    def delta(self, hf_name: str) -> torch.Tensor | None:
+        if hf_name not in self.pairs:
+            return None
+        a, b = self.pairs[hf_name]
+        return (b @ a) * self.scale
+
+
+def load_peft_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
+    """Read adapter_config.json and adapter_model.safetensors; refuse what llama.cpp cannot apply."""
+    torch = require_torch()
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelFileError(f"{root}: no such adapter directory")
+    cfg = read_json(root / "adapter_config.json", "PEFT adapter config")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ModelFileError(f"{root}: PEFT type {cfg.get('peft_type')!r} is not LoRA")
+    for key, why in (("use_dora", "DoRA"), ("modules_to_save", "full modules_to_save"), ("alpha_pattern", "alpha_pattern"),
+                     ("lora_bias", "LoRA biases")):
+        if cfg.get(key):
+            raise ModelFileError(f"{root}: {why} adapters cannot be converted for llama.cpp")
+    rank, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    ranks = {rank, *(int(v) for v in (cfg.get("rank_pattern") or {}).values())}
+    if cfg.get("use_rslora") and len(ranks) > 1:
+        raise ModelFileError(f"{root}: rsLoRA with a rank_pattern has no single llama.cpp alpha")
+    if len(ranks) > 1:
+        raise ModelFileError(f"{root}: rank_pattern (mixed ranks) is not supported")
+    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+
+    weights = root / "adapter_model.safetensors"
+    try:
+        if weights.is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights))
+        elif (root / "adapter_model.bin").is_file():
+            state = torch.load(root / "adapter_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise ModelFileError(f"{root}: adapter weights missing (adapter_model.safetensors)")
+    except ModelFileError:
+        raise
+    except Exception as exc:
+        raise ModelFileError(f"{root}: unreadable adapter weights ({exc.__class__.__name__})") from None
+
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        name = key.removeprefix(_PREFIX)
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}.weight"
+            if name.endswith(marker):
+                halves.setdefault(name[: -len(marker)] + ".weight", {})[part] = value.to(torch.float32)
+                break
+        else:
+            raise ModelFileError(f"{root}: unsupported adapter tensor {key!r} (only lora_A / lora_B of linear layers)")
+    pairs = {}
+    for name, h in halves.items():
+        if set(h) != {"lora_A", "lora_B"}:
+            raise ModelFileError(f"{root}: incomplete adapter, {name} lacks lora_A or lora_B")
+        pairs[name] = (h["lora_A"], h["lora_B"])
+    if not pairs:
+        raise ModelFileError(f"{root}: adapter holds no LoRA tensors")
+    inv = cfg.get("alora_invocation_tokens")
+    return LoraAdapter(root, rank, alpha, scale, pairs, [int(t) for t in inv] if inv else None)
+
+
+def check_fits(adapter: LoraAdapter, shapes: dict[str, tuple[int, ...]], what: str) -> None:
+    """Every target must exist in the base with B @ A's shape; otherwise it was trained on another model."""
+    for name, (a, b) in adapter.pairs.items():
+        if name not in shapes:
+            raise ModelFileError(f"adapter {adapter.path} targets {name}, which {what} does not have (different base?)")
+        want = tuple(shapes[name])
+        got = (b.shape[0], a.shape[1])
+        if want != got or a.shape[0] != b.shape[1]:
+            raise ModelFileError(
+                f"adapter {adapter.path} does not fit {what}: {name} is {want[0]}x{want[1]} in the base, "
+                f"{got[0]}x{got[1]} in the adapter (different base model?)"
+            )
+
+
+@dataclass(frozen=True)
+class AdapterResult:
+    path: Path
+    n_tensors: int
+    alpha: float
+    invocation_tokens: list[int] | None
+    seconds: float
+
+
+def convert_adapter(
+    peft_dir: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> AdapterResult:
+    """Export a PEFT LoRA or aLoRA as a GGUF adapter that llama.cpp loads on top of the `base` GGUF."""
+    from edge_adapt.engine.gguf_file import inspect_gguf
+
+    t0 = time.perf_counter()
+    out_path = Path(out)
+    check_target(out_path, force=force)
+    info = inspect_gguf(base, expect="model")
+    adapter = load_peft_adapter(peft_dir)
+    reader = gguf.GGUFReader(info.path)
+    kv = read_gguf_kv(reader, skip_vocab=True)
+    cls = model_class_for_gguf(info.architecture)
+    tied = not any(t.name == "output.weight" for t in reader.tensors)
+    model: ModelBase = cls(cls.hf_config(kv, info.n_vocab, tied))
+    gguf_shapes = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in reader.tensors}
+    hf_shapes = {model.hf_name(n): s for n, s in gguf_shapes.items() if n != "rope_freqs.weight"}
+    check_fits(adapter, hf_shapes, f"base model {info.path.name}")
+    del reader
+
+    w = gguf.GGUFWriter(None, info.architecture)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_name(adapter.path.name)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.gguf_alpha)
+    if adapter.invocation_tokens:
+        n_vocab = info.n_vocab
+        bad = [t for t in adapter.invocation_tokens if not 0 <= t < n_vocab]
+        if bad:
+            raise ModelFileError(f"aLoRA invocation token {bad[0]} is outside the base vocabulary ({n_vocab})")
+        w.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, adapter.invocation_tokens,
+                        gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
+
+    tensors: list[tuple[str, np.ndarray]] = []
+    for hf_name, (a, b) in sorted(adapter.pairs.items()):
+        gname = model.gguf_name(hf_name)
+        bid = model.block_id(gname)
+        (_, b_gguf), = model.modify_tensors(b, gname, bid)
+        tensors.append((f"{gname}.lora_a", a.numpy().astype(np.float32)))
+        tensors.append((f"{gname}.lora_b", np.ascontiguousarray(b_gguf.numpy(), dtype=np.float32)))
+    for name, arr in tensors:
+        w.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
+
+    with atomic_file(out_path, force=force) as tmp:
+        try:
+            w.open_output_file(tmp)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for i, (_, arr) in enumerate(tensors):
+                w.write_tensor_data(arr)
+                if progress:
+                    progress("adapter", i + 1, len(tensors))
+        finally:
+            w.close()
+        inspect_gguf(tmp, expect="adapter")
+    return AdapterResult(out_path, len(tensors), adapter.gguf_alpha, adapter.invocation_tokens,
+                         time.perf_counter() - t0)
+
+
+def require_mergeable(adapter: LoraAdapter) -> None:
+    if adapter.invocation_tokens:
+        raise UsageError(
+            f"{adapter.path} is an activated LoRA (it applies only after its invocation tokens) and cannot be "
+            "merged into the weights; convert it with convert-adapter instead"
+        )

@@ -1,0 +1,312 @@
+"""HF checkpoint -> GGUF model, one tensor at a time.
+
+Two passes over the same `modify_tensors` hooks: the first runs them on meta tensors (shapes only) to
+write the GGUF header and tensor table, the second loads, transforms, quantizes and writes each tensor and
+drops it. Types the `gguf` package quantizes natively are written directly; K-quants need llama.cpp's
+importance-free quantizer, so they go through `llama_model_quantize` from an f16 intermediate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from edge_adapt.convert.adapter import LoraAdapter, check_fits, load_peft_adapter, require_mergeable
+from edge_adapt.convert.atomic import atomic_file, check_target
+from edge_adapt.convert.checkpoint import Checkpoint, require_torch
+from edge_adapt.convert.gguf_io import ProgressFn
+from edge_adapt.convert.registry import ModelBase, model_class_for
+from edge_adapt.convert.tokenizer import read_hf_tokenizer
+from edge_adapt.errors import ModelFileError, UsageError
+
+Q = gguf.GGMLQuantizationType
+F = gguf.LlamaFileType
+# --type -> (file type recorded in the GGUF, tensor type for 2-D weights)
+NATIVE_TYPES: dict[str, tuple[F, Q]] = {
+    "f32": (F.ALL_F32, Q.F32),
+    "f16": (F.MOSTLY_F16, Q.F16),
+    "bf16": (F.MOSTLY_BF16, Q.BF16),
+    "q8_0": (F.MOSTLY_Q8_0, Q.Q8_0),
+    "q4_0": (F.MOSTLY_Q4_0, Q.Q4_0),
+    "q4_1": (F.MOSTLY_Q4_1, Q.Q4_1),
+}
+LLAMA_QUANT_TYPES: dict[str, F] = {"q4_k_m": F.MOSTLY_Q4_K_M, "q5_k_m": F.MOSTLY_Q5_K_M, "q6_k": F.MOSTLY_Q6_K}
+TYPES = (*NATIVE_TYPES, *LLAMA_QUANT_TYPES)
+
+SELF_EVAL_PREFIX = "edge_adapt.self_eval."
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    path: Path
+    type: str
+    architecture: str
+    n_tensors: int
+    n_params: int
+    file_size: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Planned:
+    hf_name: str | None  # None for tensors the class generates (extra_tensors)
+    name: str
+    shape: tuple[int, ...]
+    qtype: Q
+
+
+def tensor_type(name: str, shape: tuple[int, ...], want: Q) -> Q:
+    """Norms, biases and other 1-D tensors stay f32 (llama.cpp adds them in f32); rows that do not fill a
+    quantization block fall back to f16, as llama.cpp's own converter does."""
+    if len(shape) < 2 or want == Q.F32:
+        return Q.F32
+    block, _ = gguf.GGML_QUANT_SIZES[want]
+    if shape[-1] % block:
+        return Q.F16
+    return want
+
+
+def _encode(arr: np.ndarray, qtype: Q) -> np.ndarray:
+    if qtype == Q.F32:
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    if qtype == Q.F16:
+        return np.ascontiguousarray(arr, dtype=np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype)
+
+
+def _nbytes(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...], np.dtype, int]:
+    """What add_tensor_info needs: the array shape as written, its numpy dtype, and its size in bytes."""
+    if qtype == Q.F32:
+        return shape, np.dtype(np.float32), int(np.prod(shape)) * 4
+    if qtype == Q.F16:
+        return shape, np.dtype(np.float16), int(np.prod(shape)) * 2
+    byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
+
+
+def read_self_eval_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A flat JSON object whose values GGUF can hold: str, int, float, bool, or a non-empty list of one of those."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{p}: self-eval config not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{p}: not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{p}: the self-eval config must be a JSON object")
+    for key, value in data.items():
+        if not key or not all(c.isalnum() or c in "_-." for c in key):
+            raise UsageError(f"{p}: bad key {key!r} (letters, digits, _ - . only)")
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not value:
+            raise UsageError(f"{p}: {key} is an empty list (GGUF arrays need at least one element)")
+        kinds = {type(v) for v in items}
+        if not kinds <= {str, int, float, bool} or (len(kinds) > 1 and kinds != {int, float}):
+            raise UsageError(f"{p}: {key} must be a string, number, bool, or a list of one such type")
+    return data
+
+
+def write_self_eval(w: gguf.GGUFWriter, config: dict[str, Any]) -> None:
+    V = gguf.GGUFValueType
+    for key, value in config.items():
+        k = SELF_EVAL_PREFIX + key
+        if isinstance(value, list):
+            if any(isinstance(v, float) for v in value):
+                w.add_key_value(k, [float(v) for v in value], V.ARRAY, sub_type=V.FLOAT32)
+            elif isinstance(value[0], bool):
+                w.add_key_value(k, value, V.ARRAY, sub_type=V.BOOL)
+            elif isinstance(value[0], int):
+                w.add_key_value(k, value, V.ARRAY, sub_type=V.INT64)
+            else:
+                w.add_key_value(k, value, V.ARRAY, sub_type=V.STRING)
+        elif isinstance(value, bool):
+            w.add_bool(k, value)
+        elif isinstance(value, int):
+            w.add_int64(k, value)
+        elif isinstance(value, float):
+            w.add_float64(k, value)
+        else:
+            w.add_key_value(k, value, V.STRING)  # add_string would drop an empty string
+
+
+def _plan(model: ModelBase, ckpt: Checkpoint, want: Q) -> list[_Planned]:
+    torch = require_torch()
+    missing = [n for n in model.required_tensors() if n not in ckpt.shapes]
+    if missing:
+        raise ModelFileError(
+            f"{ckpt.path}: incomplete checkpoint, {len(missing)} tensor(s) missing (first: {missing[0]})"
+        )
+    plan: list[_Planned] = []
+    for name, arr in model.extra_tensors():
+        plan.append(_Planned(None, name, tuple(arr.shape), Q.F32))
+    names = [n for n in ckpt.shapes if not model.is_ignored(n)]
+    order = {n: i for i, n in enumerate(model.required_tensors())}
+    for hf_name in sorted(names, key=lambda n: (order.get(n, len(order)), n)):
+        gname = model.gguf_name(hf_name)
+        meta = torch.empty(ckpt.shapes[hf_name], device="meta")
+        for out_name, t in model.modify_tensors(meta, gname, model.block_id(gname)):
+            shape = tuple(int(x) for x in t.shape)
+            plan.append(_Planned(hf_name, out_name, shape, tensor_type(out_name, shape, want)))
+    return plan
+
+
+def convert_model(
+    hf_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    type: str = "f16",
+    merge_adapter: str | os.PathLike[str] | None = None,
+    self_eval_config: str | os.PathLike[str] | dict[str, Any] | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> ConvertResult:
+    """Convert a transformers checkpoint directory to a GGUF model file of the given --type."""
+    t0 = time.perf_counter()
+    kind = type.lower()
+    if kind not in TYPES:
+        raise UsageError(f"unknown type {type!r}; choose one of {', '.join(TYPES)}")
+    out_path = Path(out)
+    check_target(out_path, force=force)
+    if isinstance(self_eval_config, dict):
+        self_eval = self_eval_config
+    else:
+        self_eval = read_self_eval_config(self_eval_config) if self_eval_config is not None else {}
+    require_torch()
+
+    with Checkpoint.open(hf_dir) as ckpt:
+        model = model_class_for(ckpt.config)(ckpt.config)
+        vocab = read_hf_tokenizer(ckpt.path, model.hp.n_vocab, ckpt.config)
+        adapter: LoraAdapter | None = None
+        if merge_adapter is not None:
+            adapter = load_peft_adapter(merge_adapter)
+            require_mergeable(adapter)
+            check_fits(adapter, ckpt.shapes, f"checkpoint {ckpt.path.name}")
+
+        if kind in NATIVE_TYPES:
+            ftype, want = NATIVE_TYPES[kind]
+        else:
+            ftype, want = F.MOSTLY_F16, Q.F16
+        plan = _plan(model, ckpt, want)
+
+        def write(path: Path) -> None:
+            _write_gguf(path, model, ckpt, plan, vocab, ftype, self_eval, adapter, progress)
+
+        with atomic_file(out_path, force=force) as tmp:
+            if kind in NATIVE_TYPES:
+                write(tmp)
+            else:
+                # The intermediate sits beside the output so a full disk shows up before llama.cpp starts.
+                fd, mid_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".f16.tmp", dir=tmp.parent)
+                os.close(fd)
+                mid = Path(mid_name)
+                try:
+                    write(mid)
+                    if progress:
+                        progress("quantize", 0, 1)
+                    _llama_quantize(mid, tmp, LLAMA_QUANT_TYPES[kind])
+                    if progress:
+                        progress("quantize", 1, 1)
+                finally:
+                    mid.unlink(missing_ok=True)
+            from edge_adapt.engine.gguf_file import inspect_gguf
+
+            inspect_gguf(tmp, expect="model")  # a file we would refuse to load must not be published
+        n_params = sum(int(np.prod(p.shape)) for p in plan)
+    return ConvertResult(out_path, kind, model.gguf_arch, len(plan), n_params, out_path.stat().st_size,
+                         time.perf_counter() - t0)
+
+
+def _write_gguf(
+    path: Path,
+    model: ModelBase,
+    ckpt: Checkpoint,
+    plan: list[_Planned],
+    vocab: Any,
+    ftype: F,
+    self_eval: dict[str, Any],
+    adapter: LoraAdapter | None,
+    progress: ProgressFn | None,
+) -> None:
+    torch = require_torch()
+    w = gguf.GGUFWriter(None, model.gguf_arch)
+    try:
+        w.add_type(gguf.GGUFType.MODEL)
+        w.add_name(ckpt.config.get("_name_or_path") or ckpt.path.name)
+        model.set_gguf_parameters(w)
+        w.add_file_type(int(ftype))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        vocab.write(w)
+        write_self_eval(w, self_eval)
+        for p in plan:
+            shape, dtype, nbytes = _nbytes(p.shape, p.qtype)
+            w.add_tensor_info(p.name, shape, dtype, nbytes, raw_dtype=None if p.qtype in (Q.F32, Q.F16) else p.qtype)
+
+        w.open_output_file(path)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        extra = dict(model.extra_tensors())
+        total = sum(int(np.prod(p.shape)) for p in plan)
+        done = 0
+        i = 0
+        while i < len(plan):
+            p = plan[i]
+            if p.hf_name is None:
+                outputs = [(p.name, extra[p.name])]
+            else:
+                data = ckpt.load(p.hf_name)
+                delta = adapter.delta(p.hf_name) if adapter else None
+                if delta is not None:
+                    data = data + delta
+                gname = model.gguf_name(p.hf_name)
+                with torch.no_grad():
+                    outputs = [(n, t.numpy() if hasattr(t, "numpy") else t)
+                               for n, t in model.modify_tensors(data, gname, model.block_id(gname))]
+                del data
+            for out_name, arr in outputs:
+                q = plan[i]
+                if q.name != out_name or tuple(arr.shape) != q.shape:
+                    raise ModelFileError(f"internal: planned {q.name}{q.shape}, produced {out_name}{arr.shape}")
+                w.write_tensor_data(_encode(arr, q.qtype))
+                done += int(np.prod(q.shape))
+                i += 1
+            if progress:
+                progress("convert", done, total)
+    finally:
+        w.close()
+
+
+def _llama_quantize(src: Path, dst: Path, ftype: F) -> None:
+    import llama_cpp as ll
+
+    from edge_adapt.engine.handles import init_backend
+
+    init_backend(False)
+    params = ll.llama_model_quantize_default_params()
+    params.ftype = int(ftype)
+    params.nthread = min(2, os.cpu_count() or 1)
+    if ll.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        free = _free_bytes(dst.parent)
+        raise ModelFileError(f"llama.cpp could not quantize to {ftype.name.removeprefix('MOSTLY_').lower()}"
+                             + (" (disk full?)" if free is not None and free < src.stat().st_size else ""))
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+__all__ = ["convert_model", "ConvertResult", "TYPES"]

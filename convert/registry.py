@@ -1,0 +1,326 @@
+"""One small class per architecture family, registered under the HF architecture names it converts.
+
+A class knows four things about its family: which HF tensor becomes which GGUF tensor, how a tensor's
+layout differs between the two (`modify_tensors` / `restore_tensor`), which hyperparameters llama.cpp
+reads (`set_gguf_parameters`), and the reverse (`hf_config`) for importing a GGUF back to transformers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import gguf
+import numpy as np
+
+from edge_adapt.errors import ModelFileError
+
+_REGISTRY: dict[str, type[ModelBase]] = {}
+_BY_GGUF_ARCH: dict[str, type[ModelBase]] = {}
+
+M = TypeVar("M", bound="type[ModelBase]")
+
+
+def register(*hf_names: str) -> Callable[[M], M]:
+    def wrap(cls: M) -> M:
+        for name in hf_names:
+            _REGISTRY[name] = cls
+        _BY_GGUF_ARCH.setdefault(cls.gguf_arch, cls)
+        return cls
+
+    return wrap
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def model_class_for(config: dict[str, Any]) -> type[ModelBase]:
+    """The class for a config.json's `architectures`; an unknown one is named along with what is supported."""
+    archs = config.get("architectures") or []
+    if not archs:
+        raise ModelFileError("config.json has no `architectures` entry; cannot tell which model this is")
+    for name in archs:
+        if name in _REGISTRY:
+            return _REGISTRY[name]
+    raise ModelFileError(
+        f"unsupported architecture {archs[0]!r}; supported: {', '.join(supported_architectures())}"
+    )
+
+
+def model_class_for_gguf(arch: str) -> type[ModelBase]:
+    if arch not in _BY_GGUF_ARCH:
+        raise ModelFileError(f"cannot import GGUF architecture {arch!r}; supported: {', '.join(sorted(_BY_GGUF_ARCH))}")
+    return _BY_GGUF_ARCH[arch]
+
+
+@dataclass(frozen=True)
+class Hparams:
+    """The hyperparameters the llama-like families share, read from config.json (transformers 4 or 5)."""
+
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+    n_ctx: int
+    rope_theta: float
+    rms_eps: float
+    tie_embeddings: bool
+    rope_scaling: dict[str, Any] | None
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> Hparams:
+        try:
+            n_embd = int(cfg["hidden_size"])
+            n_head = int(cfg["num_attention_heads"])
+            # transformers 5 moved rope settings into `rope_parameters`; 4.x keeps `rope_theta`/`rope_scaling`.
+            rope = cfg.get("rope_parameters") or {}
+            scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+            return cls(
+                n_layer=int(cfg["num_hidden_layers"]),
+                n_embd=n_embd,
+                n_ff=int(cfg["intermediate_size"]),
+                n_head=n_head,
+                n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
+                head_dim=int(cfg.get("head_dim") or n_embd // n_head),
+                n_vocab=int(cfg["vocab_size"]),
+                n_ctx=int(cfg.get("max_position_embeddings") or 2048),
+                rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+                rms_eps=float(cfg.get("rms_norm_eps") or 1e-6),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                rope_scaling=scaling,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"config.json lacks or has a bad hyperparameter: {exc}") from None
+
+
+class ModelBase:
+    """Shared machinery; subclasses set the class variables and override the hooks they need."""
+
+    gguf_arch: ClassVar[str]
+    hf_architecture: ClassVar[str]  # what `import` writes into config.json
+    hf_model_type: ClassVar[str]
+    # HF names inside a decoder layer (`model.layers.{bid}.`) -> GGUF names inside a block (`blk.{bid}.`).
+    layer_tensors: ClassVar[dict[str, str]] = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    optional_layer_tensors: ClassVar[dict[str, str]] = {}
+    global_tensors: ClassVar[dict[str, str]] = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    # Buffers some checkpoints carry that llama.cpp recomputes.
+    ignored: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        if type(self) is ModelBase:
+            raise TypeError("ModelBase is abstract; use a registered architecture class")
+        self.config = config
+        self.hp = Hparams.from_config(config)
+        self._to_gguf = self._name_table()
+        self._to_hf = {v: k for k, v in self._to_gguf.items()}
+
+    # -- names ------------------------------------------------------------------------------------------
+    def _name_table(self) -> dict[str, str]:
+        table = dict(self.global_tensors)
+        for bid in range(self.hp.n_layer):
+            for hf, gg in {**self.layer_tensors, **self.optional_layer_tensors}.items():
+                table[f"model.layers.{bid}.{hf}"] = f"blk.{bid}.{gg}"
+        return table
+
+    def required_tensors(self) -> list[str]:
+        names = [n for n in self.global_tensors if not (n == "lm_head.weight" and self.hp.tie_embeddings)]
+        for bid in range(self.hp.n_layer):
+            names += [f"model.layers.{bid}.{hf}" for hf in self.layer_tensors]
+        return names
+
+    def is_ignored(self, hf_name: str) -> bool:
+        return hf_name.endswith(self.ignored) or (hf_name == "lm_head.weight" and self.hp.tie_embeddings)
+
+    def gguf_name(self, hf_name: str) -> str:
+        try:
+            return self._to_gguf[hf_name]
+        except KeyError:
+            raise ModelFileError(f"unexpected tensor {hf_name!r} for {self.hf_architecture}") from None
+
+    def hf_name(self, gguf_name: str) -> str:
+        try:
+            return self._to_hf[gguf_name]
+        except KeyError:
+            raise ModelFileError(f"unexpected GGUF tensor {gguf_name!r} for {self.gguf_arch}") from None
+
+    @staticmethod
+    def block_id(gguf_name: str) -> int | None:
+        m = re.match(r"blk\.(\d+)\.", gguf_name)
+        return int(m.group(1)) if m else None
+
+    # -- hooks ------------------------------------------------------------------------------------------
+    def set_gguf_parameters(self, w: gguf.GGUFWriter) -> None:
+        hp = self.hp
+        w.add_context_length(hp.n_ctx)
+        w.add_embedding_length(hp.n_embd)
+        w.add_block_count(hp.n_layer)
+        w.add_feed_forward_length(hp.n_ff)
+        w.add_head_count(hp.n_head)
+        w.add_head_count_kv(hp.n_head_kv)
+        w.add_rope_freq_base(hp.rope_theta)
+        w.add_layer_norm_rms_eps(hp.rms_eps)
+        w.add_vocab_size(hp.n_vocab)
+        w.add_rope_dimension_count(hp.head_dim)
+        if hp.head_dim != hp.n_embd // hp.n_head:
+            w.add_key_length(hp.head_dim)
+            w.add_value_length(hp.head_dim)
+        self._set_rope_scaling(w)
+
+    def _set_rope_scaling(self, w: gguf.GGUFWriter) -> None:
+        sc = self.hp.rope_scaling
+        if not sc:
+            return
+        kind = sc.get("rope_type") or sc.get("type")
+        if kind == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(sc["factor"]))
+        elif kind != "llama3":  # llama3 is carried by the rope_freqs tensor (extra_tensors)
+            raise ModelFileError(f"unsupported rope scaling {kind!r} (supported: linear, llama3)")
+
+    def extra_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Tensors llama.cpp needs that the checkpoint does not hold."""
+        return iter(())
+
+    def modify_tensors(self, data: Any, name: str, bid: int | None) -> Iterator[tuple[str, Any]]:
+        """HF layout -> GGUF layout for one tensor (torch or numpy; also called on meta tensors to plan)."""
+        yield name, data
+
+    def restore_tensor(self, data: np.ndarray, name: str) -> np.ndarray:
+        """GGUF layout -> HF layout: the inverse of modify_tensors."""
+        return data
+
+    # -- import direction ---------------------------------------------------------------------------------
+    @classmethod
+    def hf_config(cls, kv: dict[str, Any], n_vocab: int, tied: bool) -> dict[str, Any]:
+        a = cls.gguf_arch
+        n_embd, n_head = int(kv[f"{a}.embedding_length"]), int(kv[f"{a}.attention.head_count"])
+        theta = float(kv.get(f"{a}.rope.freq_base", 10000.0))
+        cfg: dict[str, Any] = {
+            "architectures": [cls.hf_architecture],
+            "model_type": cls.hf_model_type,
+            "hidden_size": n_embd,
+            "intermediate_size": int(kv[f"{a}.feed_forward_length"]),
+            "num_hidden_layers": int(kv[f"{a}.block_count"]),
+            "num_attention_heads": n_head,
+            "num_key_value_heads": int(kv.get(f"{a}.attention.head_count_kv", n_head)),
+            "head_dim": int(kv.get(f"{a}.attention.key_length", n_embd // n_head)),
+            "max_position_embeddings": int(kv.get(f"{a}.context_length", 2048)),
+            "rms_norm_eps": float(kv.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+            "vocab_size": n_vocab,
+            "hidden_act": "silu",
+            "tie_word_embeddings": tied,
+            # Both spellings: transformers 4 reads rope_theta, 5 reads rope_parameters.
+            "rope_theta": theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+            "torch_dtype": "float32",
+        }
+        if kv.get(f"{a}.rope.scaling.type") == "linear":
+            factor = float(kv[f"{a}.rope.scaling.factor"])
+            cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+            cfg["rope_parameters"] = {"rope_type": "linear", "factor": factor, "rope_theta": theta}
+        for key, tok in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
+            if f"tokenizer.ggml.{tok}_token_id" in kv:
+                cfg[key] = int(kv[f"tokenizer.ggml.{tok}_token_id"])
+        return cfg
+
+
+def _permute(w: Any, n_head: int) -> Any:
+    """HF's rotate-half Q/K row order -> llama.cpp's interleaved pairs (works on torch and numpy)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unpermute(w: Any, n_head: int) -> Any:
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@register("LlamaForCausalLM", "MistralForCausalLM")
+class LlamaModel(ModelBase):
+    """Llama, SmolLM, Mistral-style: llama.cpp rotates interleaved pairs, so Q and K rows are permuted."""
+
+    gguf_arch = "llama"
+    hf_architecture = "LlamaForCausalLM"
+    hf_model_type = "llama"
+    optional_layer_tensors = {
+        "self_attn.q_proj.bias": "attn_q.bias",
+        "self_attn.k_proj.bias": "attn_k.bias",
+        "self_attn.v_proj.bias": "attn_v.bias",
+        "self_attn.o_proj.bias": "attn_output.bias",
+    }
+
+    def _heads_for(self, name: str) -> int | None:
+        if ".attn_q." in name:
+            return self.hp.n_head
+        if ".attn_k." in name:
+            return self.hp.n_head_kv
+        return None
+
+    def modify_tensors(self, data: Any, name: str, bid: int | None) -> Iterator[tuple[str, Any]]:
+        heads = self._heads_for(name)
+        yield name, (_permute(data, heads) if heads else data)
+
+    def restore_tensor(self, data: np.ndarray, name: str) -> np.ndarray:
+        heads = self._heads_for(name)
+        return _unpermute(data, heads) if heads else data
+
+    def extra_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        sc = self.hp.rope_scaling
+        if not sc or (sc.get("rope_type") or sc.get("type")) != "llama3":
+            return
+        # Llama 3.1 frequency-dependent scaling, precomputed per rotary pair as llama.cpp expects.
+        factor = float(sc.get("factor", 8.0))
+        low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+        old_ctx = float(sc.get("original_max_position_embeddings", 8192))
+        dim = self.hp.head_dim
+        freqs = 1.0 / (self.hp.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+        factors = []
+        for f in freqs:
+            wavelen = 2 * math.pi / f
+            if wavelen < old_ctx / high:
+                factors.append(1.0)
+            elif wavelen > old_ctx / low:
+                factors.append(factor)
+            else:
+                smooth = (old_ctx / wavelen - low) / (high - low)
+                factors.append(1.0 / ((1 - smooth) / factor + smooth))
+        yield "rope_freqs.weight", np.asarray(factors, dtype=np.float32)
+
+
+@register("Qwen2ForCausalLM")
+class Qwen2Model(ModelBase):
+    """Qwen2: NEOX-style rope (no permutation) and biases on Q, K and V."""
+
+    gguf_arch = "qwen2"
+    hf_architecture = "Qwen2ForCausalLM"
+    hf_model_type = "qwen2"
+    layer_tensors = {
+        **ModelBase.layer_tensors,
+        "self_attn.q_proj.bias": "attn_q.bias",
+        "self_attn.k_proj.bias": "attn_k.bias",
+        "self_attn.v_proj.bias": "attn_v.bias",
+    }
+
+    def set_gguf_parameters(self, w: gguf.GGUFWriter) -> None:
+        super().set_gguf_parameters(w)
+        if self.config.get("use_sliding_window"):
+            raise ModelFileError("Qwen2 with use_sliding_window=true is not supported by llama.cpp's qwen2 graph")

@@ -1,0 +1,248 @@
+"""Tokenizers both ways: HF `tokenizer.json` -> GGUF `tokenizer.ggml.*`, and GGUF -> a transformers tokenizer.
+
+llama.cpp does not run the HF tokenizer; it re-implements a fixed set of pre-tokenizers (regex splits)
+chosen by `tokenizer.ggml.pre`. So a tokenizer converts only if its pre-tokenizer is one llama.cpp knows;
+anything else is refused rather than silently tokenized differently. The structure of the HF pre-tokenizer
+is compared (not a hash of sample ids, as llama.cpp's script does), so a retrained vocabulary still matches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from edge_adapt.errors import ModelFileError
+
+# The split regexes, exactly as HF tokenizer.json files spell them.
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+_BYTELEVEL_REGEX = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_BYTELEVEL_PLAIN = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+
+
+def _split(regex: str) -> dict[str, Any]:
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+# llama.cpp pre-tokenizer name -> the HF pre_tokenizer that splits text the same way.
+PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
+    "gpt2": _BYTELEVEL_REGEX,
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTELEVEL_REGEX]},
+    "qwen2": {"type": "Sequence", "pretokenizers": [_split(QWEN2_REGEX), _BYTELEVEL_PLAIN]},
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [_split(LLAMA3_REGEX), _BYTELEVEL_PLAIN]},
+}
+
+
+def _canon(pre: dict[str, Any] | None) -> tuple[Any, ...]:
+    """The parts of a pre-tokenizer that change where text is split (offsets trimming does not)."""
+    if pre is None:
+        return ()
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    out: list[Any] = []
+    for s in steps:
+        kind = s.get("type")
+        if kind == "ByteLevel":
+            out.append((kind, bool(s.get("add_prefix_space", True)), bool(s.get("use_regex", True))))
+        elif kind == "Digits":
+            out.append((kind, bool(s.get("individual_digits", False))))
+        elif kind == "Split":
+            pattern = s.get("pattern", {})
+            out.append((kind, pattern.get("Regex", pattern.get("String")), str(s.get("behavior", "")).lower(),
+                        bool(s.get("invert", False))))
+        else:
+            out.append((kind, json.dumps(s, sort_keys=True)))
+    return tuple(out)
+
+
+def identify_pre_tokenizer(pre: dict[str, Any] | None) -> str:
+    target = _canon(pre)
+    for name, known in PRE_TOKENIZERS.items():
+        if _canon(known) == target:
+            return name
+    kinds = "+".join(str(step[0]) for step in target) or "none"
+    raise ModelFileError(
+        f"tokenizer pre-tokenizer ({kinds}) matches none llama.cpp implements "
+        f"({', '.join(PRE_TOKENIZERS)}); converting it would tokenize differently"
+    )
+
+
+@dataclass
+class GGUFVocab:
+    """Everything llama.cpp reads about a tokenizer, ready to write."""
+
+    model: str
+    pre: str
+    tokens: list[str]
+    toktypes: list[int]
+    merges: list[str]
+    special_ids: dict[str, int] = field(default_factory=dict)
+    add_bos: bool = False
+    add_eos: bool = False
+    chat_template: str | None = None
+
+    def write(self, w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model(self.model)
+        w.add_tokenizer_pre(self.pre)
+        w.add_token_list(self.tokens)
+        w.add_token_types(self.toktypes)
+        if self.merges:
+            w.add_token_merges(self.merges)
+        for kind, tid in self.special_ids.items():
+            w.add_uint32(f"tokenizer.ggml.{kind}_token_id", tid)
+        w.add_add_bos_token(self.add_bos)
+        w.add_add_eos_token(self.add_eos)
+        if self.chat_template:
+            w.add_chat_template(self.chat_template)
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def read_hf_tokenizer(root: Path, n_vocab: int, config: dict[str, Any]) -> GGUFVocab:
+    """Read tokenizer.json (+ tokenizer_config.json, chat_template.jinja) from a checkpoint directory."""
+    path = root / "tokenizer.json"
+    if not path.is_file():
+        raise ModelFileError(f"{root}: tokenizer missing (no tokenizer.json; save it with tokenizer.save_pretrained)")
+    try:
+        tj = json.loads(path.read_text(encoding="utf-8"))
+        tcfg = json.loads((root / "tokenizer_config.json").read_text(encoding="utf-8")) \
+            if (root / "tokenizer_config.json").is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{root}: unreadable tokenizer files ({exc.__class__.__name__})") from None
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ModelFileError(
+            f"{path}: only byte-level BPE tokenizers are supported (found {model.get('type')!r}"
+            f"{' with byte_fallback' if model.get('byte_fallback') else ''})"
+        )
+    normalizer = tj.get("normalizer")
+    # NFC is harmless: llama.cpp skips it, which differs only on text that is not already NFC.
+    if normalizer is not None and normalizer.get("type") != "NFC":
+        raise ModelFileError(f"{path}: normalizer {normalizer.get('type')!r} has no llama.cpp equivalent")
+    pre = identify_pre_tokenizer(tj.get("pre_tokenizer"))
+
+    vocab: dict[str, int] = model.get("vocab") or {}
+    added = tj.get("added_tokens") or []
+    top = max([*vocab.values(), *(a["id"] for a in added)], default=-1)
+    if top >= n_vocab:
+        raise ModelFileError(f"{path}: tokenizer has ids up to {top} but the model's vocab_size is {n_vocab}")
+    tokens: list[str | None] = [None] * n_vocab
+    types = [gguf.TokenType.NORMAL] * n_vocab
+    for text, tid in vocab.items():
+        tokens[tid] = text
+    for a in added:
+        tokens[a["id"]] = a["content"]
+        types[a["id"]] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
+    for i, t in enumerate(tokens):
+        if t is None:  # embedding rows beyond the tokenizer (padding to a round size)
+            tokens[i] = f"[PAD{i}]"
+            types[i] = gguf.TokenType.UNUSED
+
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    ids = {t: i for i, t in enumerate(tokens)}
+    special: dict[str, int] = {}
+    for kind, key in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
+        text = _token_text(tcfg.get(key))
+        if text is not None and text in ids:
+            special[kind] = ids[text]
+    for kind, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
+        value = config.get(key)
+        if kind not in special and isinstance(value, int) and 0 <= value < n_vocab:
+            special[kind] = value
+
+    add_bos, add_eos = _template_adds(tj.get("post_processor"))
+    template = tcfg.get("chat_template")
+    if (root / "chat_template.jinja").is_file():  # transformers >= 4.50 saves it beside the config
+        template = (root / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, list):  # named templates: llama.cpp reads the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return GGUFVocab(
+        model="gpt2", pre=pre, tokens=[str(t) for t in tokens], toktypes=[int(t) for t in types], merges=merges,
+        special_ids=special, add_bos=add_bos, add_eos=add_eos, chat_template=template,
+    )
+
+
+def _template_adds(post: dict[str, Any] | None) -> tuple[bool, bool]:
+    """Whether the HF post-processor puts a special token before / after a single sequence."""
+    if not post:
+        return False, False
+    steps = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    for s in steps:
+        if s.get("type") == "TemplateProcessing":
+            single = s.get("single") or []
+            return bool(single and "SpecialToken" in single[0]), bool(single and "SpecialToken" in single[-1])
+    return False, False
+
+
+# -- GGUF -> transformers ----------------------------------------------------------------------------------
+def build_hf_tokenizer(kv: dict[str, Any], out: Path) -> None:
+    """Write tokenizer.json + tokenizer_config.json (+ chat template) for a GGUF's BPE vocabulary."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    model = kv.get("tokenizer.ggml.model")
+    pre = kv.get("tokenizer.ggml.pre", "gpt2")
+    if model != "gpt2":
+        raise ModelFileError(f"cannot import tokenizer model {model!r} (only byte-level BPE, 'gpt2')")
+    if pre == "default":
+        pre = "gpt2"
+    if pre not in PRE_TOKENIZERS:
+        raise ModelFileError(f"cannot import pre-tokenizer {pre!r}; supported: {', '.join(PRE_TOKENIZERS)}")
+    tokens: list[str] = kv["tokenizer.ggml.tokens"]
+    types: list[int] = kv.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [m.split(" ", 1) for m in kv.get("tokenizer.ggml.merges") or []]
+    bos = kv.get("tokenizer.ggml.bos_token_id")
+    add_bos = bool(kv.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    if add_bos:
+        post: dict[str, Any] = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": tokens[bos], "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}},
+        }
+    else:
+        post = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    # Written as tokenizer.json's own schema: the `tokenizers` builder API cannot set every field we need.
+    spec = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [
+            {"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": types[i] == gguf.TokenType.CONTROL}
+            for i in range(len(tokens)) if types[i] in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)
+        ],
+        "normalizer": None,
+        "pre_tokenizer": PRE_TOKENIZERS[pre],
+        "post_processor": post,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges},
+    }
+    tok = Tokenizer.from_str(json.dumps(spec))
+
+    def text(key: str) -> str | None:
+        tid = kv.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[tid] if isinstance(tid, int) and 0 <= tid < len(tokens) else None
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=text("bos"), eos_token=text("eos"), unk_token=text("unknown"),
+        pad_token=text("padding"), add_bos_token=add_bos, clean_up_tokenization_spaces=False,
+    )
+    template = kv.get("tokenizer.chat_template")
+    if template:
+        fast.chat_template = template
+    fast.save_pretrained(str(out))
+

@@ -1,0 +1,98 @@
+"""PEFT LoRA / aLoRA: merged into the model or applied by llama.cpp at run time, both match PEFT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from convert_fixtures import PROMPTS, build_lora, gguf_dir, llama_dir, qwen2_dir  # noqa: E402
+
+from edge_adapt.convert import convert_adapter, convert_model  # noqa: E402
+from edge_adapt.engine import Engine  # noqa: E402
+from edge_adapt.engine.gguf_file import inspect_gguf  # noqa: E402
+
+__all__ = ["gguf_dir", "llama_dir", "qwen2_dir"]
+
+# The engine keeps an f16 KV cache, which alone costs about 1e-3 of the logit scale.
+TOL = 5e-3
+
+
+def _peft_last_logits(hf_dir: Path, adapter_dir: Path, ids: list[int]) -> np.ndarray:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    base = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
+
+
+def _rel(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_lora_merged_and_runtime_match_peft(family: str, request: pytest.FixtureRequest, gguf_dir: Path,
+                                            tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    hf_dir = request.getfixturevalue(f"{family}_dir")
+    lora = build_lora(hf_dir, tmp_path / "lora")
+    base, merged, adapter = gguf_dir / f"{family}.a.f32.gguf", tmp_path / "merged.gguf", tmp_path / "lora.gguf"
+    convert_model(hf_dir, base, type="f32", force=True)
+    convert_model(hf_dir, merged, type="f32", merge_adapter=lora)
+    convert_adapter(lora, base, adapter)
+    assert inspect_gguf(adapter, expect="adapter").adapter["lora.alpha"] == pytest.approx(8.0)
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    worst_merged = worst_runtime = 0.0
+    for prompt in PROMPTS[:3]:
+        ids = tok(prompt)["input_ids"]
+        ref = _peft_last_logits(hf_dir, lora, ids)
+        with Engine(model=merged, ctx=128, device="cpu", threads=2) as e:
+            worst_merged = max(worst_merged, _rel(e.open(ids).logits, ref))
+        with Engine(model=base, ctx=128, device="cpu", threads=2) as e:
+            a = e.load_adapter(adapter)
+            with e.adapter(a):
+                seq = e.open(ids)
+            worst_runtime = max(worst_runtime, _rel(seq.logits, ref))
+            e.release(seq)
+            plain = e.open(ids).logits  # outside the block the base model answers
+            assert _rel(plain, ref) > 0.05
+    print(f"\n{family} LoRA: merged rel {worst_merged:.2e}, runtime rel {worst_runtime:.2e}")
+    assert worst_merged < TOL and worst_runtime < TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_alora_applies_from_invocation_like_peft(family: str, request: pytest.FixtureRequest, gguf_dir: Path,
+                                                 tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    hf_dir = request.getfixturevalue(f"{family}_dir")
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    invocation = tok("<|im_start|>assistant", add_special_tokens=False)["input_ids"]
+    alora = build_lora(hf_dir, tmp_path / "alora", invocation=invocation)
+    base, adapter = gguf_dir / f"{family}.b.f32.gguf", tmp_path / "alora.gguf"
+    convert_model(hf_dir, base, type="f32", force=True)
+    result = convert_adapter(alora, base, adapter)
+    assert result.invocation_tokens == invocation
+
+    ids = tok(PROMPTS[3] + "Sure")["input_ids"]
+    start = max(i for i in range(len(ids)) if ids[i : i + len(invocation)] == invocation)
+    ref = _peft_last_logits(hf_dir, alora, ids)
+    with Engine(model=base, ctx=128, device="cpu", threads=2) as e:
+        a = e.load_adapter(adapter)
+        assert list(a.invocation_tokens) == invocation
+        seq = e.open(ids[:start])  # the prefix keeps the base model's KV, as PEFT's aLoRA does
+        with e.adapter(a):
+            e.extend([(seq, ids[start:])])
+        rel = _rel(seq.logits, ref)
+    print(f"\n{family} aLoRA: runtime rel {rel:.2e}")
+    assert rel < TOL
