@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import gguf
 import numpy as np
 
-from edge_adapt.convert.atomic import atomic_file, check_target
+from edge_adapt.fileio import atomic_file, check_target
 from edge_adapt.convert.checkpoint import read_json, require_torch
 from edge_adapt.convert.gguf_io import ProgressFn, read_gguf_kv
 from edge_adapt.convert.registry import ModelBase, model_class_for_gguf

@@ -17,7 +17,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from edge_adapt.convert.atomic import atomic_dir
+from edge_adapt.fileio import atomic_dir
 from edge_adapt.convert.gguf_io import ProgressFn, read_gguf_kv
 from edge_adapt.convert.registry import model_class_for_gguf
 from edge_adapt.convert.tokenizer import build_hf_tokenizer

@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 
 from edge_adapt.convert.adapter import LoraAdapter, check_fits, load_peft_adapter, require_mergeable
-from edge_adapt.convert.atomic import atomic_file, check_target
+from edge_adapt.fileio import atomic_file, check_target
 from edge_adapt.convert.checkpoint import Checkpoint, require_torch
 from edge_adapt.convert.gguf_io import ProgressFn
 from edge_adapt.convert.registry import ModelBase, model_class_for

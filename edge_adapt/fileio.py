@@ -1,43 +1,100 @@
-"""Atomic file output: a temporary file beside the target, renamed only once complete."""
+"""Write outputs so that a reader only ever sees a complete file: temp file beside the target, then rename.
+
+The temp lives in the target's directory because os.replace is only atomic within one filesystem.
+Any failure (disk full, permission, Ctrl-C, a bug) removes the temp; an existing output survives unless
+`force` was given, and even then it is replaced only once the new one is complete.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from edge_adapt.errors import EdgeAdaptError, UsageError
+from edge_adapt.errors import ModelFileError, UsageError
+
+
+def check_target(path: Path, *, force: bool) -> None:
+    """Refuse to clobber an existing output before any work is done."""
+    if path.exists() and not force:
+        raise UsageError(f"{path} already exists; pass --force to overwrite it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"output directory {parent} does not exist")
+
+
+def os_error_message(path: Path, exc: OSError) -> str:
+    """One line for the user; disk full and permission problems are the common ones."""
+    # numpy's tofile reports a short write without an errno: the device stopped taking data.
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or (exc.errno is None and "requested and" in str(exc)):
+        return f"cannot write {path}: no space left ({exc.strerror})"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: permission denied"
+    return f"cannot write {path}: {exc.strerror or exc}"
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+    """Yield a temp path to write; on success it becomes `path`, on any exception it is deleted."""
+    target = Path(path)
+    check_target(target, force=force)
+    if target.is_dir():
+        raise UsageError(f"{target} is a directory")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+    except OSError as exc:
+        raise ModelFileError(os_error_message(target, exc)) from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ModelFileError(os_error_message(target, exc)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+    """Like atomic_file for a directory: filled under a temp name, swapped in only when complete."""
+    target = Path(path)
+    check_target(target, force=force)
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"{target} exists and is not a directory")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or "."))
+    except OSError as exc:
+        raise ModelFileError(os_error_message(target, exc)) from None
+    try:
+        yield tmp
+        if target.exists():
+            # A directory cannot be replaced in one rename; park the old one until the new one is in place.
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent or "."))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelFileError(os_error_message(target, exc)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @contextmanager
 def atomic_output(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[BinaryIO]:
-    """Write `path` through a temporary file; on any failure nothing is left behind and the old file stays.
-
-    An existing file is replaced only with `force`.
-    """
-    target = Path(path)
-    if target.exists() and not force:
-        raise UsageError(f"{target} exists; pass --force to overwrite it")
-    if target.exists() and target.is_dir():
-        raise UsageError(f"{target} is a directory")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-    except FileNotFoundError:
-        raise UsageError(f"{target.parent}: no such directory") from None
-    except PermissionError:
-        raise UsageError(f"{target.parent}: permission denied") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise EdgeAdaptError(f"{target}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`atomic_file` for writers that want an open binary handle; flushed to disk before the rename."""
+    with atomic_file(path, force=force) as tmp, open(tmp, "wb") as fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())

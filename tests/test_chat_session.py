@@ -55,7 +55,7 @@ def test_overflowing_conversation_drops_oldest_turns_and_says_so(engine: Engine)
     chat = ChatSession(engine, params=GREEDY, max_tokens=48)
     notices = []
     try:
-        for i in range(8):
+        for i in range(5):
             for ev in chat.send(f"Tell me fact number {i} about the sea, in one sentence."):
                 if isinstance(ev, Notice):
                     notices.append(ev.text)

@@ -159,7 +159,7 @@ def test_permission_denied_is_one_line_error(llama_dir: Path, tmp_path: Path, mo
     if os.geteuid() != 0:
         out.chmod(0o500)
     else:  # root ignores directory modes; make the temp-file creation fail the way the kernel would
-        import edge_adapt.convert.atomic as atomic
+        import edge_adapt.fileio as atomic
 
         def denied(*_a: object, **_k: object) -> tuple[int, str]:
             raise PermissionError(errno.EACCES, "Permission denied")
