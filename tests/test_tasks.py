@@ -29,6 +29,11 @@ from edge_adapt.tasks.files import GSM8K_DEFAULT
     ("The answer is 3.0", "3"),
     ("Final Answer is 8 cookies", "8"),
     ("no numbers here", None),
+    ("The answer is 8 + 5 = 13.", "13"),
+    ("The answer is 13 books, because 8 + 5 makes it.", "13"),
+    ("The answer is: 3 x 4 = 12 apples.\nLater I counted 5.", "12"),
+    ("The answer is 2.5 hours.", "2.5"),
+    ("The answer is N. So 7.", "7"),
     ("Lists like 3,4 and 5", "5"),
 ])
 def test_final_number_extraction_on_tricky_answers(text, want):

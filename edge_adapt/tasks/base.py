@@ -12,7 +12,7 @@ Split = str  # "train" | "validation" | "test"
 SPLITS = ("train", "validation", "test")
 
 # Appended to every generated question so the answer can be extracted (scorers look for "answer is N").
-ANSWER_FORMAT = 'End your reply with "The answer is N." where N is a number.'
+ANSWER_FORMAT = 'Give a short explanation, then write "The answer is" followed by the number.'
 
 
 @dataclass(frozen=True)

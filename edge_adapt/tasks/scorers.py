@@ -30,11 +30,10 @@ class Scorer(Protocol):
 # A number: optional sign, thousands groups of exactly three digits or a plain run of digits, optional decimals.
 _NUMBER = r"[-−]?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 _NUMBER_RE = re.compile(r"(?<![\w.])" + _NUMBER)
-# "The answer is 72", "answer: $1,200", "Final answer is -3", "#### 72", "\boxed{72}"
-_MARKED_RE = re.compile(
-    r"(?:answer\s*(?:is|=|:)\s*[:=]?|####|\\boxed\{)\s*(?:\*\*)?\s*(" + _NUMBER + ")",
-    re.IGNORECASE,
-)
+# "The answer is 72", "answer: $1,200", "Final answer is -3", "#### 72", "\boxed{72}": the clause after the marker.
+_MARKER_RE = re.compile(r"answer\s*(?:is|=|:)\s*[:=]?|####|\\boxed\{", re.IGNORECASE)
+# A clause ends at a line break or at a period that is not a decimal point.
+_CLAUSE_END_RE = re.compile(r"\n|\.(?!\d)")
 
 
 def normalize_number(raw: str) -> str | None:
@@ -49,11 +48,23 @@ def normalize_number(raw: str) -> str | None:
     return format(d.normalize(), "f")
 
 
+def _marked_number(clause: str) -> str | None:
+    """The number a marked clause states: after its last '=' ("The answer is 8 + 5 = 13"), else its first."""
+    if "=" in clause:
+        clause = clause.rsplit("=", 1)[1]
+    numbers = _NUMBER_RE.findall(clause)
+    return normalize_number(numbers[0]) if numbers else None
+
+
 def extract_final_number(text: str) -> str | None:
-    """The number a reply commits to: the last 'answer is N' / '#### N' / '\\boxed{N}', else the last number."""
-    marked = _MARKED_RE.findall(text)
-    if marked:
-        return normalize_number(marked[-1])
+    """The number a reply commits to: the last 'answer is ...' / '#### ...' / '\\boxed{...}' clause that states
+    one (after its last '=' if it has one), else the last number in the reply."""
+    for m in reversed(list(_MARKER_RE.finditer(text))):
+        rest = text[m.end() :]
+        end = _CLAUSE_END_RE.search(rest)
+        got = _marked_number(rest[: end.start()] if end else rest)
+        if got is not None:
+            return got
     numbers = _NUMBER_RE.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
 
