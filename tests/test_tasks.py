@@ -89,7 +89,7 @@ def test_arith_is_seeded_and_splits_are_disjoint():
 def test_arith_answers_are_right():
     import re
 
-    for p in arith_problems(3, "test", 20):
+    for p in arith_problems(5, "test", 20):
         a, b = map(int, re.findall(r"\d+", p.messages[0]["content"])[:2])
         assert int(p.answer) == a * b
     suite = arith_suite("test", 23)
