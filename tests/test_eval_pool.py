@@ -10,7 +10,7 @@ from edge_adapt.engine import Engine
 from edge_adapt.eval.pool import PoolCache, PoolSettings, build_pool, model_identity
 from edge_adapt.tasks import arith_suite
 
-from tests.test_eval_standin import StandInSelfEval
+from test_eval_standin import StandInSelfEval  # tests/ is on sys.path under pytest (rootdir-less layout)
 
 SETTINGS = PoolSettings(k=3, temperature=0.8, max_tokens=10, prune_points=(4,), seed=0)
 

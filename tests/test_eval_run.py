@@ -10,7 +10,7 @@ from edge_adapt.engine import Engine
 from edge_adapt.errors import UsageError
 from edge_adapt.eval import EvalConfig, run_eval
 
-from tests.test_eval_standin import StandInSelfEval
+from test_eval_standin import StandInSelfEval  # tests/ is on sys.path under pytest (rootdir-less layout)
 
 
 @pytest.mark.slow

@@ -60,7 +60,7 @@ def test_exact_regex_and_custom_scorers():
     assert rx.correct("I think... Answer: B", "b")  # the pattern is as case-sensitive as written
     assert rx.extract("Answer: A ... Answer: C") == "c"
     assert not rx.correct("no letter", "A")
-    custom = resolve_scorer("tests.test_tasks:_contains_ok")
+    custom = resolve_scorer("test_tasks:_contains_ok")
     assert custom.correct("it is OK", "x") and not custom.correct("nope", "x")
     assert resolve_scorer("regex:(\\d+)").correct("got 7", "7")
     with pytest.raises(UsageError):
