@@ -136,7 +136,7 @@ def run_eval(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalS
         model=engine.fingerprint, selfeval=identity.split("|selfeval=", 1)[1], suite=suite.name, split=suite.split,
         prompts=len(pools), k=settings.k, temperature=settings.temperature, max_tokens=settings.max_tokens,
         prune_points=list(settings.prune_points), pool_file=str(Path(cfg.cache_dir) / f"pool-{suite.name}-{sk}.jsonl"),
-        generation_wall_s=wall, prompts_generated=generated, tokens_generated=tokens,
+        generation_wall_s=wall if generated else sum(p.wall_s for p in pools), prompts_generated=generated, tokens_generated=tokens,
         levels={str(k): v for k, v in sorted(Counter(p.level for p in pools if p.level is not None).items())},
         strategies=strategy_rows(replays, pools, cfg.seed), calibration=calibrations(pools, settings.prune_points),
         live=live, notes=notes,
