@@ -1,0 +1,40 @@
+"""`python -m edge_adapt.eval key=value ...`: run_eval without the CLI (values are JSON where not plain strings).
+
+    python -m edge_adapt.eval suite=arith split=test n_prompts=200 k=16 max_tokens=96 'prune_points=[16,32]' \
+        'live=["best-of-8","adaptive"]' out_dir=docs/baseline-arith
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from edge_adapt.errors import EdgeAdaptError
+from edge_adapt.eval import EvalConfig, run_eval
+
+
+def parse(argv: list[str]) -> EvalConfig:
+    fields: dict[str, object] = {}
+    for arg in argv:
+        key, sep, raw = arg.partition("=")
+        if not sep:
+            raise SystemExit(f"expected key=value, got {arg!r}")
+        try:
+            fields[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            fields[key] = raw
+    return EvalConfig.model_validate(fields)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        report = run_eval(parse(sys.argv[1:] if argv is None else argv))
+    except EdgeAdaptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"wrote {report.title}: {report.prompts} prompts, {len(report.strategies)} strategy rows")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

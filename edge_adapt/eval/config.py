@@ -1,0 +1,43 @@
+"""EvalConfig: what `edge-adapt eval` and library callers pass to `run_eval` (pydantic: an edge)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+LiveStrategy = Literal["best-of-8", "adaptive"]
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    suite: str = Field("arith", description="arith, gsm8k, or a user suite .jsonl file")
+    split: str = Field("test", description="arith split: train, validation or test")
+    data: Path | None = Field(None, description="suite file (gsm8k: defaults to ../shared/data/gsm8k/train.jsonl)")
+    scorer: str | None = Field(None, description="user suites: final-number, exact, regex:<pattern>, module:function")
+    n_prompts: int = Field(200, ge=1)
+    k: int = Field(16, ge=1, le=64, description="samples per prompt in the pool")
+    temperature: float = Field(0.7, gt=0)
+    max_tokens: int = Field(96, ge=1)
+    prune_points: list[int] = Field(default_factory=lambda: [16, 32])
+    seed: int = 0
+    model: Path | None = Field(None, description="GGUF model; the embedded default when omitted")
+    adapter: Path | None = Field(None, description="self-eval LoRA adapter (GGUF)")
+    selfeval: str = Field("edge_adapt.selfeval:SelfEvaluator",
+                          description="module:Class of the self-evaluator, called as Class(engine, adapter_path=...)")
+    threads: int | None = Field(None, ge=1)
+    cache_dir: Path = Path("runs/eval-cache")
+    out_dir: Path = Path("runs/eval")
+    live: list[LiveStrategy] = Field(default_factory=list, description="strategies to also run for real")
+    live_prompts: int = Field(30, ge=1)
+    live_threshold: float | None = Field(None, description="adaptive threshold for --live; the pool's median end score when omitted")
+    progress: bool = True
+
+    @field_validator("prune_points")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(v, v[1:])) or any(p < 1 for p in v):
+            raise ValueError("prune_points must be positive and strictly increasing")
+        return v

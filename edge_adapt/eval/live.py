@@ -1,0 +1,66 @@
+"""Live runs of best-of-N and adaptive on the engine, to check that replay predicts them.
+
+These are reference implementations with the same semantics as the replay (same sampling settings, end
+scores, ties by mean log-prob), run with seeds the pool never used. They check the *replay*; once
+`edge_adapt.strategies` lands, the same check should be run on its strategies too (see the report).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from edge_adapt.engine import Engine, Sample
+from edge_adapt.eval.pool import PoolSettings, SelfEvalScorer, _score
+from edge_adapt.eval.replay import adaptive_rounds
+from edge_adapt.tasks.base import Problem, Suite
+
+
+@dataclass(frozen=True)
+class LiveOutcome:
+    problem_id: str
+    correct: bool
+    samples: int
+    tokens: int
+    selfeval_tokens: float
+
+
+def _run(engine: Engine, scorer: SelfEvalScorer, suite: Suite, problem: Problem, settings: PoolSettings,
+         strategy: str, n: int, threshold: float) -> LiveOutcome:
+    live_settings = replace(settings, seed=settings.seed + 1_000_003)  # fresh seeds, never the pool's
+    params = live_settings.params(problem.id)
+    root = engine.open(engine.tokenize(engine.chat_prompt(list(problem.messages))))
+    used: list[Sample] = []
+    scores: list[float] = []
+    se = 0.0
+    try:
+        rounds = [n] if strategy == "best-of-n" else adaptive_rounds(n)
+        for size in rounds:
+            new = engine.start(root, params[len(used) : len(used) + size], max_tokens=settings.max_tokens,
+                               first_index=len(used))
+            used += new
+            for _ in engine.advance(new):
+                pass
+            sc, cost = _score(engine, scorer, new)
+            scores += sc
+            se += cost * len(new)
+            for s in new:  # a scored sample is done: give its id back before the next round
+                engine.release(s.seq)
+            if strategy == "adaptive" and max(scores) >= threshold:
+                break
+        best = max(range(len(used)), key=lambda i: (scores[i], used[i].mean_logprob))
+        return LiveOutcome(problem.id, bool(suite.scorer.correct(used[best].text, problem.answer)), len(used),
+                           sum(len(s.generated) for s in used), se)
+    finally:
+        for s in used:
+            engine.release(s.seq)
+        engine.release(root)
+
+
+def run_live(engine: Engine, scorer: SelfEvalScorer, suite: Suite, problems: Sequence[Problem],
+             settings: PoolSettings, strategy: str, n: int, threshold: float = 0.0):
+    """Yield one LiveOutcome per problem (the caller renders progress). strategy: 'best-of-n' or 'adaptive'."""
+    if strategy not in ("best-of-n", "adaptive"):
+        raise ValueError(f"live strategy must be best-of-n or adaptive, got {strategy!r}")
+    for p in problems:
+        yield _run(engine, scorer, suite, p, settings, strategy, n, threshold)

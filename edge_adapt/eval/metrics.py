@@ -1,0 +1,93 @@
+"""Calibration and uncertainty: AUROC, Brier score, expected calibration error, reliability bins, intervals.
+
+All pure functions over plain sequences; no model, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Probability that a random positive scores above a random negative (ties count half); None without both."""
+    s, y = np.asarray(scores, float), np.asarray(labels, bool)
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    # Rank-based (Mann-Whitney U) with average ranks for ties.
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[y].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
+
+
+def brier(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    s, y = np.asarray(scores, float), np.asarray(labels, float)
+    return float(np.mean((s - y) ** 2))
+
+
+def brier_constant(labels: Sequence[bool]) -> float:
+    """Brier score of always predicting the base rate: the bar a useful score has to get under."""
+    y = np.asarray(labels, float)
+    return float(y.mean() * (1 - y.mean()))
+
+
+@dataclass(frozen=True)
+class Bin:
+    lo: float
+    hi: float
+    count: int
+    mean_score: float
+    accuracy: float
+
+
+def reliability_bins(scores: Sequence[float], labels: Sequence[bool], n_bins: int = 10) -> list[Bin]:
+    """Equal-width bins over [0, 1]; a score of exactly 1 falls in the last bin. Empty bins are left out."""
+    s, y = np.asarray(scores, float), np.asarray(labels, float)
+    idx = np.minimum((s * n_bins).astype(int), n_bins - 1)
+    out = []
+    for b in range(n_bins):
+        m = idx == b
+        if m.any():
+            out.append(Bin(b / n_bins, (b + 1) / n_bins, int(m.sum()), float(s[m].mean()), float(y[m].mean())))
+    return out
+
+
+def ece(scores: Sequence[float], labels: Sequence[bool], n_bins: int = 10) -> float:
+    """Expected calibration error: sum over bins of (share of samples) x |accuracy - mean score|."""
+    n = len(scores)
+    return float(sum(b.count / n * abs(b.accuracy - b.mean_score) for b in reliability_bins(scores, labels, n_bins)))
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def bootstrap_ci(per_prompt: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap over prompts of the mean of per-prompt values (expected correctness in [0, 1])."""
+    x = np.asarray(per_prompt, float)
+    if len(x) == 0:
+        return (0.0, 1.0)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    a = (1 - level) / 2
+    return (float(np.quantile(means, a)), float(np.quantile(means, 1 - a)))

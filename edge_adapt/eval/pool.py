@@ -1,0 +1,246 @@
+"""The sample pool: K i.i.d. samples per prompt (plus one greedy sample), generated once and cached on disk.
+
+Per sample it records the text, token count, per-token log-probabilities, the self-eval score p_keep at each
+prune point (for samples still generating there) and at the end, the self-eval tokens each score cost, the
+extracted answer and its correctness. Replays (replay.py) read only this record.
+
+Cache: one JSONL file per (model, suite, settings) under the cache directory, one line per prompt, appended and
+fsync'ed as soon as the prompt is done. Every line carries its prompt key, a hash of everything that could change
+the samples (model fingerprint and adapter hash, self-eval identity and config, suite name, prompt id and text,
+reference answer, K, sampling settings, max_tokens, prune points, seed); a line whose key does not match is
+never reused. A run killed midway loses at most the prompt in flight; rerunning generates only missing prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from edge_adapt.engine import GREEDY, Engine, Sample, SamplingParams
+from edge_adapt.tasks.base import Problem, Suite, stable_hash
+
+
+class SelfEvalScorer(Protocol):
+    """What the pool needs from self-evaluation (edge_adapt.selfeval.SelfEvaluator has this shape): p_keep per
+    sample, computed on scratch extensions so the samples' own KV stays as it was and generation can go on."""
+
+    def score(self, samples: Sequence[Sample]) -> list[float]: ...
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Everything about how a pool is generated. Sample j of a prompt uses seed stable_hash(seed, prompt id, j)."""
+
+    k: int = 16
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    max_tokens: int = 96
+    prune_points: tuple[int, ...] = (16, 32)
+    seed: int = 0
+
+    def params(self, problem_id: str) -> list[SamplingParams]:
+        return [
+            SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                           seed=stable_hash(self.seed, problem_id, j) % 2**31)
+            for j in range(self.k)
+        ]
+
+
+@dataclass(frozen=True)
+class PoolSample:
+    index: int  # -1 for the greedy sample
+    temperature: float
+    seed: int
+    text: str
+    n_tokens: int
+    logprobs: tuple[float, ...]
+    finish: str
+    scores: tuple[float | None, ...]  # p_keep at each prune point; None when the sample had finished before it
+    end_score: float
+    selfeval_tokens: tuple[float, ...]  # self-eval tokens each score cost, per prune point (0 if unscored) + end
+    extracted: str | None
+    correct: bool
+
+    @property
+    def mean_logprob(self) -> float:
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
+
+    def score_at(self, point: int) -> float:
+        """The score a pruner at prune point `point` (an index into prune_points) sees: the end score when the
+        sample had already finished (its text is final, so it is the same text being scored)."""
+        s = self.scores[point]
+        return self.end_score if s is None else s
+
+
+@dataclass(frozen=True)
+class PromptPool:
+    key: str
+    problem_id: str
+    level: int | None
+    answer: str
+    prompt_tokens: int
+    samples: tuple[PoolSample, ...]
+    greedy: PoolSample
+    wall_s: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> PromptPool:
+        def ps(x: dict[str, Any]) -> PoolSample:
+            return PoolSample(**{**x, "logprobs": tuple(x["logprobs"]), "scores": tuple(x["scores"]),
+                                 "selfeval_tokens": tuple(x["selfeval_tokens"])})
+        return PromptPool(**{**d, "samples": tuple(ps(s) for s in d["samples"]), "greedy": ps(d["greedy"])})
+
+
+def file_hash(path: Path | None) -> str:
+    if path is None:
+        return "none"
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def model_identity(engine: Engine, scorer: object, adapter_path: Path | None = None) -> str:
+    """Model fingerprint + adapter hash + the self-eval scorer's class and config."""
+    cfg = getattr(scorer, "config", None)
+    cfg_s = cfg.model_dump_json() if hasattr(cfg, "model_dump_json") else repr(cfg)
+    cls = f"{type(scorer).__module__}.{type(scorer).__qualname__}"
+    return f"{engine.fingerprint}|adapter={file_hash(adapter_path)}|selfeval={cls}:{cfg_s}"
+
+
+def settings_key(identity: str, suite: str, settings: PoolSettings) -> str:
+    return hashlib.sha256(f"{identity}|{suite}|{sorted(asdict(settings).items())}".encode()).hexdigest()[:16]
+
+
+def prompt_key(settings_k: str, problem: Problem) -> str:
+    blob = f"{settings_k}|{problem.id}|{problem.text}|{problem.answer}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class PoolCache:
+    """Append-only JSONL store of PromptPools, one line each; a torn last line (a killed run) is ignored."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> dict[str, PromptPool]:
+        out: dict[str, PromptPool] = {}
+        if not self.path.exists():
+            return out
+        with self.path.open(encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    pool = PromptPool.from_dict(json.loads(line))
+                except (json.JSONDecodeError, TypeError, KeyError):
+                    continue  # torn or foreign line
+                out[pool.key] = pool
+        return out
+
+    def append(self, pool: PromptPool) -> None:
+        needs_newline = self.path.exists() and self.path.stat().st_size > 0 and not self._ends_with_newline()
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(("\n" if needs_newline else "") + pool.to_json() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _ends_with_newline(self) -> bool:
+        with self.path.open("rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) == b"\n"
+
+
+@dataclass(frozen=True)
+class PoolProgress:
+    """Yielded once per prompt by `build_pool`: the caller renders progress (rich, logs, nothing)."""
+
+    done: int
+    total: int
+    generated: bool  # False when the prompt came from the cache
+    pool: PromptPool
+    tokens: int = field(default=0)
+
+
+def _score(engine: Engine, scorer: SelfEvalScorer, samples: list[Sample]) -> tuple[list[float], float]:
+    """Scores and the self-eval tokens each cost (decoded tokens during scoring / samples scored)."""
+    if not samples:
+        return [], 0.0
+    before = engine.decoded_tokens
+    scores = [float(x) for x in scorer.score(samples)]
+    return scores, (engine.decoded_tokens - before) / len(samples)
+
+
+def generate_prompt_pool(
+    engine: Engine, scorer: SelfEvalScorer, suite: Suite, problem: Problem, settings: PoolSettings, key: str,
+) -> PromptPool:
+    """Decode the prompt once, fork K sampled + 1 greedy sample, advance them together to each prune point and
+    score the ones still generating, then run to the end and score all of them."""
+    t0 = time.perf_counter()
+    tokens = engine.tokenize(engine.chat_prompt(list(problem.messages)))
+    root = engine.open(tokens)
+    samples: list[Sample] = []
+    try:
+        samples = engine.start(root, [*settings.params(problem.id), GREEDY], max_tokens=settings.max_tokens)
+        n_pts = len(settings.prune_points)
+        at: list[list[float | None]] = [[None] * n_pts for _ in samples]
+        cost: list[list[float]] = [[0.0] * (n_pts + 1) for _ in samples]
+        for i, point in enumerate(settings.prune_points):
+            for _ in engine.advance(samples, until=point):
+                pass
+            live = [s for s in samples if s.finish is None]
+            scores, c = _score(engine, scorer, live)
+            for s, v in zip(live, scores):
+                at[s.index][i] = v
+                cost[s.index][i] = c
+        for _ in engine.advance(samples):
+            pass
+        end, c = _score(engine, scorer, samples)
+        records = []
+        for s, v in zip(samples, end):
+            cost[s.index][n_pts] = c
+            greedy = s.index == settings.k
+            records.append(PoolSample(
+                index=-1 if greedy else s.index, temperature=s.params.temperature, seed=s.params.seed,
+                text=s.text, n_tokens=len(s.generated), logprobs=tuple(round(x, 5) for x in s.logprobs),
+                finish=s.finish or "length", scores=tuple(at[s.index]), end_score=v,
+                selfeval_tokens=tuple(cost[s.index]), extracted=suite.scorer.extract(s.text),
+                correct=bool(suite.scorer.correct(s.text, problem.answer)),
+            ))
+    finally:
+        for s in samples:
+            engine.release(s.seq)
+        engine.release(root)
+    return PromptPool(key, problem.id, problem.level, problem.answer, len(tokens), tuple(records[:-1]), records[-1],
+                      time.perf_counter() - t0)
+
+
+def build_pool(
+    engine: Engine, scorer: SelfEvalScorer, suite: Suite, settings: PoolSettings, cache_dir: Path,
+    identity: str | None = None,
+) -> Iterator[PoolProgress]:
+    """Yield each prompt's pool in suite order, from the cache when its key is there, else generated and
+    appended to the cache at once. Drain it to get the whole pool; stop early and nothing done is lost."""
+    sk = settings_key(identity or model_identity(engine, scorer), suite.name, settings)
+    cache = PoolCache(Path(cache_dir) / f"pool-{suite.name}-{sk}.jsonl")
+    have = cache.load()
+    for i, problem in enumerate(suite.problems):
+        key = prompt_key(sk, problem)
+        if key in have:
+            yield PoolProgress(i + 1, len(suite), False, have[key])
+            continue
+        pool = generate_prompt_pool(engine, scorer, suite, problem, settings, key)
+        cache.append(pool)
+        yield PoolProgress(i + 1, len(suite), True, pool,
+                           sum(s.n_tokens for s in pool.samples) + pool.greedy.n_tokens)

@@ -1,0 +1,260 @@
+"""Strategies replayed over a recorded pool: pure functions, no generation.
+
+Semantics (chosen to match the live strategies; each function's docstring says what it assumes):
+- The K samples of a prompt are i.i.d. draws at one temperature, so a strategy that uses N of them is replayed
+  as the *expectation over random subsets / orders* of the pool (exact where a formula exists, else an average
+  over seeded random orders). Greedy is the separate temperature-0 sample.
+- A strategy returns, per prompt, its expected correctness in [0, 1] and its expected compute: samples
+  started, generated tokens, self-eval tokens. Accuracy intervals bootstrap over prompts.
+- The live adaptive strategy anneals the temperature per round; the pool holds one temperature, so replayed
+  adaptive uses that temperature in every round. `--live` measures what that approximation costs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_adapt.eval.metrics import bootstrap_ci
+from edge_adapt.eval.pool import PoolSample, PromptPool
+
+
+@dataclass(frozen=True)
+class Replay:
+    """One strategy at one setting, replayed over a pool. Lists are per prompt, in pool order."""
+
+    strategy: str  # family: greedy, best-of-n, majority-vote, weighted-vote, adaptive, prune
+    setting: str  # e.g. "by=self-eval N=8"
+    correct: tuple[float, ...]
+    samples: tuple[float, ...]
+    tokens: tuple[float, ...]
+    selfeval_tokens: tuple[float, ...]
+    n_budget: int = 0  # K-equivalent budget for the curves: N for best-of-N, max samples for adaptive
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(self.correct)) if self.correct else 0.0
+
+    def ci(self, seed: int = 0) -> tuple[float, float]:
+        return bootstrap_ci(self.correct, seed=seed)
+
+    @property
+    def mean_samples(self) -> float:
+        return float(np.mean(self.samples)) if self.samples else 0.0
+
+    @property
+    def mean_tokens(self) -> float:
+        return float(np.mean(self.tokens)) if self.tokens else 0.0
+
+    @property
+    def mean_selfeval_tokens(self) -> float:
+        return float(np.mean(self.selfeval_tokens)) if self.selfeval_tokens else 0.0
+
+    def subset(self, idx: Sequence[int]) -> Replay:
+        pick = lambda xs: tuple(xs[i] for i in idx)  # noqa: E731
+        return Replay(self.strategy, self.setting, pick(self.correct), pick(self.samples), pick(self.tokens),
+                      pick(self.selfeval_tokens), self.n_budget)
+
+
+def _end_cost(s: PoolSample) -> float:
+    return s.selfeval_tokens[-1]
+
+
+def _rank_key(s: PoolSample, by: str) -> tuple[float, ...]:
+    """Larger is better. Self-eval: end score, ties by mean log-prob. Log-prob: mean log-prob."""
+    if by == "self-eval":
+        return (s.end_score, s.mean_logprob)
+    if by == "logprob":
+        return (s.mean_logprob,)
+    raise ValueError(f"unknown ranking {by!r}")
+
+
+def _rank_probs(k: int, n: int) -> np.ndarray:
+    """P(the best of a uniform random n-subset of k ranked items is the item at rank r), r = 0 (best) .. k-1."""
+    total = math.comb(k, n)
+    return np.array([math.comb(k - 1 - r, n - 1) / total for r in range(k)])
+
+
+def greedy(pools: Sequence[PromptPool]) -> Replay:
+    """The recorded temperature-0 sample: one sample, scored at the end (the score is not used)."""
+    g = [p.greedy for p in pools]
+    return Replay("greedy", "T=0", tuple(float(s.correct) for s in g), tuple(1.0 for _ in g),
+                  tuple(float(s.n_tokens) for s in g), tuple(0.0 for _ in g), 1)
+
+
+def best_of_n(pools: Sequence[PromptPool], n: int, by: str = "self-eval") -> Replay:
+    """Generate N samples, keep the one ranked best (`by`: self-eval end score with ties by mean log-prob,
+    mean log-prob, or oracle = any of the N is correct). Exact expectation over uniform N-subsets of the pool:
+    the chosen sample is rank r of the pool with probability C(K-1-r, N-1) / C(K, N). Self-eval tokens count
+    only when ranking by self-eval (N end scores)."""
+    correct, samples, tokens, se = [], [], [], []
+    for p in pools:
+        k = len(p.samples)
+        if not 1 <= n <= k:
+            raise ValueError(f"best-of-{n} needs 1 <= N <= K={k}")
+        if by == "oracle":
+            c = sum(s.correct for s in p.samples)
+            correct.append(1.0 - math.comb(k - c, n) / math.comb(k, n))
+        else:
+            ranked = sorted(p.samples, key=lambda s: _rank_key(s, by), reverse=True)
+            correct.append(float(np.dot(_rank_probs(k, n), [s.correct for s in ranked])))
+        samples.append(float(n))
+        tokens.append(n * float(np.mean([s.n_tokens for s in p.samples])))
+        se.append(n * float(np.mean([_end_cost(s) for s in p.samples])) if by == "self-eval" else 0.0)
+    return Replay("best-of-n", f"by={by} N={n}", tuple(correct), tuple(samples), tuple(tokens), tuple(se), n)
+
+
+def _vote(group: Sequence[PoolSample], weighted: bool) -> float:
+    """Correctness of the winning answer (ties: the answer whose best sample has the highest end score)."""
+    weight: dict[str | None, float] = defaultdict(float)
+    best: dict[str | None, float] = defaultdict(lambda: -1.0)
+    right: dict[str | None, list[bool]] = defaultdict(list)
+    for s in group:
+        weight[s.extracted] += s.end_score if weighted else 1.0
+        best[s.extracted] = max(best[s.extracted], s.end_score)
+        right[s.extracted].append(s.correct)
+    # Replies with no extractable answer never win unless nothing else was said.
+    cands = [a for a in weight if a is not None] or list(weight)
+    win = max(cands, key=lambda a: (weight[a], best[a]))
+    return float(np.mean(right[win]))
+
+
+def vote(pools: Sequence[PromptPool], n: int, weighted: bool = False, draws: int = 64, seed: int = 0) -> Replay:
+    """Majority vote (or self-eval-weighted vote) over the extracted answers of N samples. Expectation over
+    N-subsets: exact (all subsets) when there are at most `draws` of them, else `draws` seeded random subsets."""
+    rng = np.random.default_rng(seed)
+    correct, tokens, se = [], [], []
+    for p in pools:
+        k = len(p.samples)
+        if math.comb(k, n) <= draws:
+            subsets = [list(c) for c in itertools.combinations(range(k), n)]
+        else:
+            subsets = [rng.choice(k, n, replace=False).tolist() for _ in range(draws)]
+        correct.append(float(np.mean([_vote([p.samples[i] for i in sub], weighted) for sub in subsets])))
+        tokens.append(n * float(np.mean([s.n_tokens for s in p.samples])))
+        se.append(n * float(np.mean([_end_cost(s) for s in p.samples])) if weighted else 0.0)
+    name = "weighted-vote" if weighted else "majority-vote"
+    return Replay(name, f"N={n}", tuple(correct), tuple(float(n) for _ in pools), tuple(tokens), tuple(se), n)
+
+
+def adaptive_rounds(budget: int) -> list[int]:
+    """Round sizes 1, 1, 2, 4, 8, ... (the running total doubles) cut to the budget."""
+    sizes, total = [], 0
+    while total < budget:
+        size = max(1, total) if total else 1
+        size = min(size, budget - total)
+        sizes.append(size)
+        total += size
+    return sizes
+
+
+def _adaptive_once(order: Sequence[PoolSample], threshold: float, budget: int) -> tuple[float, int, int, float]:
+    used: list[PoolSample] = []
+    for size in adaptive_rounds(budget):
+        used.extend(order[len(used) : len(used) + size])
+        if max(s.end_score for s in used) >= threshold:
+            break
+    best = max(used, key=lambda s: _rank_key(s, "self-eval"))
+    return float(best.correct), len(used), sum(s.n_tokens for s in used), sum(_end_cost(s) for s in used)
+
+
+def adaptive(pools: Sequence[PromptPool], threshold: float, budget: int | None = None, draws: int = 64,
+             seed: int = 0) -> Replay:
+    """Adaptive sampling (Manvi et al. 2024): rounds of 1, 1, 2, 4, 8, ... samples, each scored at its end; stop
+    as soon as any sample so far has p_keep >= threshold or the budget is spent; answer with the best-scored
+    sample. Replayed by consuming the pool in `draws` seeded random orders and averaging (the samples are
+    i.i.d.; the live strategy's per-round temperature annealing is not reproduced, see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    correct, samples, tokens, se = [], [], [], []
+    for p in pools:
+        b = min(budget or len(p.samples), len(p.samples))
+        runs = [_adaptive_once([p.samples[i] for i in rng.permutation(len(p.samples))], threshold, b)
+                for _ in range(draws)]
+        c, n, t, e = (float(np.mean(x)) for x in zip(*runs))
+        correct.append(c), samples.append(n), tokens.append(t), se.append(e)
+    bud = budget or (len(pools[0].samples) if pools else 0)
+    return Replay("adaptive", f"threshold={threshold:.3g} max={bud}", tuple(correct), tuple(samples), tuple(tokens),
+                  tuple(se), bud)
+
+
+def prune_schedule(n: int, n_points: int, keep: float = 0.5) -> tuple[int, ...]:
+    """How many samples survive each prune point: multiply by `keep` each time, at least 1."""
+    out, cur = [], n
+    for _ in range(n_points):
+        cur = max(1, int(round(cur * keep)))
+        out.append(cur)
+    return tuple(out)
+
+
+def _prune_once(group: Sequence[PoolSample], points: Sequence[int], keeps: Sequence[int]) -> tuple[float, float, float]:
+    live = list(group)
+    tokens = 0.0
+    se = 0.0
+    for i, (point, keep) in enumerate(zip(points, keeps)):
+        scored = [s for s in live if s.scores[i] is not None]  # still generating at this point: scored now
+        se += sum(s.selfeval_tokens[i] for s in scored)
+        ranked = sorted(live, key=lambda s: (s.score_at(i), s.mean_logprob), reverse=True)
+        kept, dropped = ranked[:keep], ranked[keep:]
+        tokens += sum(min(s.n_tokens, point) for s in dropped)
+        live = kept
+    tokens += sum(s.n_tokens for s in live)
+    se += sum(_end_cost(s) for s in live)
+    best = max(live, key=lambda s: _rank_key(s, "self-eval"))
+    return float(best.correct), tokens, se
+
+
+def prune(pools: Sequence[PromptPool], points: Sequence[int], n: int, keeps: Sequence[int], draws: int = 64,
+          seed: int = 0) -> Replay:
+    """Start N samples; at each prune point keep the top keeps[i] by the p_keep recorded there (a sample that had
+    already finished competes with its end score); the survivors run to the end and the best end score answers.
+    Tokens: full length for survivors, min(length, prune point) for the pruned. Self-eval tokens: every sample
+    still generating at a prune point is scored there, survivors once more at the end. Expectation over
+    N-subsets: exact when N = K, else `draws` seeded random subsets."""
+    rng = np.random.default_rng(seed)
+    correct, tokens, se = [], [], []
+    for p in pools:
+        k = len(p.samples)
+        subsets = [list(range(k))] if n >= k else [rng.choice(k, n, replace=False).tolist() for _ in range(draws)]
+        runs = [_prune_once([p.samples[i] for i in sub], points, keeps) for sub in subsets]
+        c, t, e = (float(np.mean(x)) for x in zip(*runs))
+        correct.append(c), tokens.append(t), se.append(e)
+    setting = f"N={n} keep={'/'.join(map(str, keeps))} at={'/'.join(map(str, points))}"
+    return Replay("prune", setting, tuple(correct), tuple(float(min(n, len(p.samples))) for p in pools),
+                  tuple(tokens), tuple(se), n)
+
+
+def default_thresholds(pools: Sequence[PromptPool]) -> list[float]:
+    """Fixed thresholds plus quantiles of the pool's end scores (so an ill-scaled score still traces a curve)."""
+    scores = [s.end_score for p in pools for s in p.samples]
+    fixed = [0.5, 0.7, 0.9]
+    quant = [float(np.quantile(scores, q)) for q in (0.25, 0.5, 0.75, 0.9, 0.97)] if scores else []
+    return sorted({round(x, 4) for x in fixed + quant})
+
+
+def replay_all(pools: Sequence[PromptPool], prune_points: Sequence[int], seed: int = 0) -> list[Replay]:
+    """The standard sweep: greedy; best-of-N (self-eval, log-prob, oracle) and votes for N = 1, 2, 4, ..., K;
+    adaptive over a threshold sweep; pruning schedules starting from K, K/2, K/4 samples."""
+    if not pools:
+        return []
+    k = min(len(p.samples) for p in pools)
+    ns = sorted({n for n in (1, 2, 4, 8, 16, 32, 64) if n <= k} | {k})
+    out = [greedy(pools)]
+    for by in ("self-eval", "logprob", "oracle"):
+        out += [best_of_n(pools, n, by) for n in ns]
+    out += [vote(pools, n, weighted=False, seed=seed) for n in ns if n > 1]
+    out += [vote(pools, n, weighted=True, seed=seed) for n in ns if n > 1]
+    out += [adaptive(pools, t, k, seed=seed) for t in default_thresholds(pools)]
+    if prune_points:
+        for n in sorted({k, max(2, k // 2), max(2, k // 4)}, reverse=True):
+            for keep in (0.5, 0.25):
+                out.append(prune(pools, prune_points, n, prune_schedule(n, len(prune_points), keep), seed=seed))
+    return out
+
+
+def answer_counts(pool: PromptPool) -> Counter:
+    return Counter(s.extracted for s in pool.samples)

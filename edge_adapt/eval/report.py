@@ -1,0 +1,182 @@
+"""The evaluation report: pydantic models (an edge), built from replays and calibration; Markdown and JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from pydantic import BaseModel
+
+from edge_adapt.eval import metrics
+from edge_adapt.eval.pool import PromptPool
+from edge_adapt.eval.replay import Replay
+
+
+class StrategyRow(BaseModel):
+    strategy: str
+    setting: str
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    mean_samples: float
+    mean_tokens: float
+    mean_selfeval_tokens: float
+    gain_recovered: float | None = None  # (acc - best-of-1) / (best-of-K by self-eval - best-of-1)
+    per_level: dict[str, float] = {}
+
+
+class BinRow(BaseModel):
+    lo: float
+    hi: float
+    count: int
+    mean_score: float
+    accuracy: float
+
+
+class Calibration(BaseModel):
+    scope: str  # "all" or "level N", "prune point P"
+    n: int
+    base_rate: float
+    auroc: float | None
+    brier: float
+    brier_constant: float
+    ece: float
+    bins: list[BinRow] = []
+
+
+class LiveCheck(BaseModel):
+    strategy: str
+    setting: str
+    prompts: int
+    live_accuracy: float
+    live_ci: tuple[float, float]
+    replay_accuracy: float
+    replay_ci: tuple[float, float]
+    within_replay_ci: bool
+    live_mean_samples: float
+    replay_mean_samples: float
+    live_mean_tokens: float
+    replay_mean_tokens: float
+
+
+class Report(BaseModel):
+    title: str
+    model: str
+    selfeval: str
+    suite: str
+    split: str
+    prompts: int
+    k: int
+    temperature: float
+    max_tokens: int
+    prune_points: list[int]
+    pool_file: str
+    generation_wall_s: float
+    prompts_generated: int
+    tokens_generated: int
+    levels: dict[str, int]
+    strategies: list[StrategyRow]
+    calibration: list[Calibration]
+    live: list[LiveCheck] = []
+    plots: list[str] = []
+    notes: list[str] = []
+
+    def markdown(self) -> str:
+        return render_markdown(self)
+
+
+def calibration(scope: str, scores: Sequence[float], labels: Sequence[bool], bins: bool = True) -> Calibration:
+    return Calibration(
+        scope=scope, n=len(scores), base_rate=float(np.mean(labels)) if labels else 0.0,
+        auroc=metrics.auroc(scores, labels), brier=metrics.brier(scores, labels),
+        brier_constant=metrics.brier_constant(labels), ece=metrics.ece(scores, labels),
+        bins=[BinRow(**b.__dict__) for b in metrics.reliability_bins(scores, labels)] if bins else [],
+    )
+
+
+def calibrations(pools: Sequence[PromptPool], prune_points: Sequence[int]) -> list[Calibration]:
+    """End-score calibration over all sampled replies, per level, and at each prune point (samples scored there)."""
+    out = []
+    def collect(ps: Sequence[PromptPool]) -> tuple[list[float], list[bool]]:
+        return [s.end_score for p in ps for s in p.samples], [s.correct for p in ps for s in p.samples]
+    out.append(calibration("all", *collect(pools)))
+    for lv in sorted({p.level for p in pools if p.level is not None}):
+        out.append(calibration(f"level {lv}", *collect([p for p in pools if p.level == lv])))
+    for i, pt in enumerate(prune_points):
+        sc = [(s.scores[i], s.correct) for p in pools for s in p.samples if s.scores[i] is not None]
+        if sc:
+            out.append(calibration(f"prune point {pt} tokens", [a for a, _ in sc], [b for _, b in sc], bins=False))
+    return out
+
+
+def strategy_rows(replays: Sequence[Replay], pools: Sequence[PromptPool], seed: int = 0) -> list[StrategyRow]:
+    levels = sorted({p.level for p in pools if p.level is not None})
+    k = min(len(p.samples) for p in pools)
+    base = next((r.accuracy for r in replays if r.setting == "by=self-eval N=1"), None)
+    top = next((r.accuracy for r in replays if r.setting == f"by=self-eval N={k}"), None)
+    rows = []
+    for r in replays:
+        lo, hi = r.ci(seed)
+        per = {}
+        for lv in levels:
+            idx = [i for i, p in enumerate(pools) if p.level == lv]
+            per[str(lv)] = float(np.mean([r.correct[i] for i in idx]))
+        gain = None
+        if base is not None and top is not None and abs(top - base) > 1e-9:
+            gain = (r.accuracy - base) / (top - base)
+        rows.append(StrategyRow(strategy=r.strategy, setting=r.setting, accuracy=r.accuracy, ci_low=lo, ci_high=hi,
+                                mean_samples=r.mean_samples, mean_tokens=r.mean_tokens,
+                                mean_selfeval_tokens=r.mean_selfeval_tokens, gain_recovered=gain, per_level=per))
+    return rows
+
+
+def _f(x: float | None, nd: int = 3) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def render_markdown(r: Report) -> str:
+    lv = sorted(r.levels, key=lambda s: int(s) if s.isdigit() else 0)
+    lines = [
+        f"# {r.title}", "",
+        f"- model: `{r.model}`", f"- self-eval: `{r.selfeval}`",
+        f"- suite: `{r.suite}` split `{r.split}`, {r.prompts} prompts"
+        + (f" ({', '.join(f'level {k}: {v}' for k, v in sorted(r.levels.items()))})" if r.levels else ""),
+        f"- pool: K={r.k} samples per prompt at temperature {r.temperature} + 1 greedy, max_tokens {r.max_tokens}, "
+        f"prune points {r.prune_points}",
+        f"- generation: {r.prompts_generated} prompts generated ({r.tokens_generated} tokens) in "
+        f"{r.generation_wall_s / 60:.1f} min; pool file `{r.pool_file}`", "",
+    ]
+    for n in r.notes:
+        lines.append(f"> {n}")
+        lines.append("")
+    for p in r.plots:
+        lines.append(f"![{p}]({p})")
+    lines += ["", "## Strategies (replayed over the pool)", "",
+              "Accuracy with a 95% bootstrap interval over prompts; compute is the mean per prompt. "
+              "`gain` is the share of best-of-K's (by self-eval) gain over a single sample.", "",
+              "| strategy | setting | accuracy | 95% CI | samples | tokens | self-eval tokens | gain |"
+              + "".join(f" L{x} |" for x in lv),
+              "|---|---|---|---|---|---|---|---|" + "---|" * len(lv)]
+    for s in r.strategies:
+        lines.append(
+            f"| {s.strategy} | {s.setting} | {s.accuracy:.3f} | {s.ci_low:.3f}–{s.ci_high:.3f} | {s.mean_samples:.2f} | "
+            f"{s.mean_tokens:.0f} | {s.mean_selfeval_tokens:.0f} | {_f(s.gain_recovered, 2)} |"
+            + "".join(f" {s.per_level.get(x, float('nan')):.2f} |" for x in lv))
+    lines += ["", "## Calibration of the self-eval score (p_keep vs correctness of each sampled reply)", "",
+              "| scope | replies | base rate | AUROC | Brier | Brier of constant | ECE |", "|---|---|---|---|---|---|---|"]
+    for c in r.calibration:
+        lines.append(f"| {c.scope} | {c.n} | {c.base_rate:.3f} | {_f(c.auroc)} | {c.brier:.4f} | {c.brier_constant:.4f} | {c.ece:.3f} |")
+    allc = next((c for c in r.calibration if c.scope == "all"), None)
+    if allc and allc.bins:
+        lines += ["", "Reliability (all replies):", "", "| p_keep bin | replies | mean p_keep | accuracy |", "|---|---|---|---|"]
+        lines += [f"| {b.lo:.1f}–{b.hi:.1f} | {b.count} | {b.mean_score:.3f} | {b.accuracy:.3f} |" for b in allc.bins]
+    if r.live:
+        lines += ["", "## Live check (strategy run for real vs its replay, same prompts)", "",
+                  "| strategy | setting | prompts | live acc (95% Wilson) | replay acc (95% bootstrap) | live in replay CI | "
+                  "samples live/replay | tokens live/replay |", "|---|---|---|---|---|---|---|---|"]
+        for c in r.live:
+            lines.append(
+                f"| {c.strategy} | {c.setting} | {c.prompts} | {c.live_accuracy:.3f} ({c.live_ci[0]:.3f}–{c.live_ci[1]:.3f}) | "
+                f"{c.replay_accuracy:.3f} ({c.replay_ci[0]:.3f}–{c.replay_ci[1]:.3f}) | {'yes' if c.within_replay_ci else 'NO'} | "
+                f"{c.live_mean_samples:.2f} / {c.replay_mean_samples:.2f} | {c.live_mean_tokens:.0f} / {c.replay_mean_tokens:.0f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,92 @@
+"""The sample pool on the real embedded model: recorded fields, caching, resume after a kill, stale keys."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from edge_adapt.engine import Engine
+from edge_adapt.eval.pool import PoolCache, PoolSettings, build_pool, model_identity
+from edge_adapt.tasks import arith_suite
+
+from test_eval_standin import StandInSelfEval  # tests/ is on sys.path under pytest (rootdir-less layout)
+
+SETTINGS = PoolSettings(k=3, temperature=0.8, max_tokens=10, prune_points=(4,), seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with Engine(parallel=SETTINGS.k + 2, ctx=256) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def scorer(engine):
+    return StandInSelfEval(engine)
+
+
+def _drain(it):
+    return list(it)
+
+
+def test_pool_records_every_sample_field(engine, scorer, tmp_path):
+    suite = arith_suite("test", 2)
+    steps = _drain(build_pool(engine, scorer, suite, SETTINGS, tmp_path))
+    assert [s.generated for s in steps] == [True, True]
+    pool = steps[0].pool
+    assert len(pool.samples) == 3 and pool.greedy.index == -1 and pool.greedy.temperature == 0
+    assert len({s.seed for s in pool.samples}) == 3 and {s.temperature for s in pool.samples} == {0.8}
+    for s in (*pool.samples, pool.greedy):
+        assert 1 <= s.n_tokens <= 10 and len(s.logprobs) == s.n_tokens and all(lp <= 0 for lp in s.logprobs)
+        assert 0 <= s.end_score <= 1 and len(s.scores) == 1 and len(s.selfeval_tokens) == 2
+        assert (s.scores[0] is None) == (s.n_tokens <= 4 and s.finish in ("eos", "stop"))
+        assert s.selfeval_tokens[-1] > 0 and s.correct == suite.scorer.correct(s.text, pool.answer)
+    assert engine.free_sequences == SETTINGS.k + 2  # every id given back
+
+
+def test_pool_samples_are_reproducible(engine, scorer, tmp_path):
+    suite = arith_suite("test", 1)
+    a = _drain(build_pool(engine, scorer, suite, SETTINGS, tmp_path / "a"))[0].pool
+    b = _drain(build_pool(engine, scorer, suite, SETTINGS, tmp_path / "b"))[0].pool
+    assert [s.text for s in a.samples] == [s.text for s in b.samples]
+    assert [s.end_score for s in a.samples] == pytest.approx([s.end_score for s in b.samples], abs=1e-4)
+
+
+def test_kill_midway_then_resume_regenerates_nothing_and_loses_nothing(engine, scorer, tmp_path):
+    suite = arith_suite("test", 4)
+    first = []
+    for step in build_pool(engine, scorer, suite, SETTINGS, tmp_path):
+        first.append(step.pool)
+        if len(first) == 2:
+            break  # the process dies here...
+    (path,) = tmp_path.glob("pool-*.jsonl")
+    with path.open("a") as fh:
+        fh.write('{"key": "torn line of the prompt in fli')  # ...in the middle of writing the third prompt
+    decoded = engine.decoded_tokens
+    steps = _drain(build_pool(engine, scorer, suite, SETTINGS, tmp_path))
+    assert [s.generated for s in steps] == [False, False, True, True]
+    assert [s.pool for s in steps[:2]] == first  # nothing lost, nothing regenerated
+    assert engine.decoded_tokens > decoded
+    decoded = engine.decoded_tokens
+    again = _drain(build_pool(engine, scorer, suite, SETTINGS, tmp_path))
+    assert not any(s.generated for s in again) and engine.decoded_tokens == decoded
+    assert [s.pool for s in again] == [s.pool for s in steps]
+    assert len(PoolCache(path).load()) == 4
+    lines = path.read_text().splitlines()
+    assert sum(1 for ln in lines if ln.startswith('{"key"') and ln.endswith("}")) == 4
+
+
+def test_a_changed_setting_never_reuses_stale_samples(engine, scorer, tmp_path):
+    suite = arith_suite("test", 1)
+    _drain(build_pool(engine, scorer, suite, SETTINGS, tmp_path))
+    for changed in (replace(SETTINGS, max_tokens=11), replace(SETTINGS, temperature=0.9),
+                    replace(SETTINGS, prune_points=(5,)), replace(SETTINGS, seed=1), replace(SETTINGS, k=2)):
+        assert _drain(build_pool(engine, scorer, suite, changed, tmp_path))[0].generated
+    # A different self-eval identity (another adapter or config) is another key too.
+    ident = model_identity(engine, scorer) + "|adapter=other"
+    assert _drain(build_pool(engine, scorer, suite, SETTINGS, tmp_path, identity=ident))[0].generated
+    # Same settings, a prompt whose text changed under the same id: regenerated, the old line ignored.
+    prob = suite.problems[0]
+    edited = replace(suite, problems=(replace(prob, answer="999999"),))
+    assert _drain(build_pool(engine, scorer, edited, SETTINGS, tmp_path))[0].generated

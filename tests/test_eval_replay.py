@@ -1,0 +1,148 @@
+"""Replay over tiny hand-made pools equals brute-force recomputation; metrics match known values."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from edge_adapt.eval import metrics
+from edge_adapt.eval import replay as rp
+from edge_adapt.eval.pool import PoolSample, PromptPool
+
+
+def _s(i, correct, end, mlp=-1.0, n_tok=10, scores=(None,), ans=None, cost=5.0):
+    return PoolSample(index=i, temperature=0.7, seed=i, text="", n_tokens=n_tok, logprobs=(mlp,) * n_tok, finish="eos",
+                      scores=tuple(scores), end_score=end, selfeval_tokens=(cost,) * len(scores) + (cost,),
+                      extracted=ans if ans is not None else ("right" if correct else f"w{i}"), correct=correct)
+
+
+def _pool(samples, greedy_ok=False, pid="p"):
+    return PromptPool("k-" + pid, pid, 1, "1", 20, tuple(samples), _s(-1, greedy_ok, 0.5), 0.0)
+
+
+def _pools():
+    rng = np.random.default_rng(3)
+    out = []
+    for j in range(6):
+        samples = []
+        for i in range(5):
+            end = float(np.round(rng.random(), 1))  # coarse: ties on purpose
+            samples.append(_s(i, bool(rng.random() < 0.4), end, mlp=float(-rng.random()), n_tok=int(rng.integers(4, 30)),
+                              scores=(float(rng.random()),), ans=str(int(rng.integers(0, 3)))))
+        # answers decide correctness in the vote: make "0" the right one
+        samples = [s.__class__(**{**s.__dict__, "correct": s.extracted == "0"}) for s in samples]
+        out.append(_pool(samples, pid=str(j)))
+    return out
+
+
+def _best(group, by):
+    if by == "oracle":
+        return float(any(s.correct for s in group))
+    key = (lambda s: (s.end_score, s.mean_logprob)) if by == "self-eval" else (lambda s: s.mean_logprob)
+    return float(max(group, key=key).correct)  # max() keeps the first of equals: the lowest index, as replay does
+
+
+@pytest.mark.parametrize("by", ["self-eval", "logprob", "oracle"])
+def test_best_of_n_replay_equals_brute_force(by):
+    pools = _pools()
+    for n in range(1, 6):
+        r = rp.best_of_n(pools, n, by)
+        for p, got in zip(pools, r.correct):
+            subs = list(itertools.combinations(p.samples, n))
+            assert got == pytest.approx(np.mean([_best(list(g), by) for g in subs]))
+        assert r.mean_samples == n
+        assert r.mean_tokens == pytest.approx(np.mean([n * np.mean([s.n_tokens for s in p.samples]) for p in pools]))
+
+
+def test_best_of_n_breaks_self_eval_ties_by_mean_logprob():
+    p = _pool([_s(0, False, 0.9, mlp=-2.0), _s(1, True, 0.9, mlp=-0.5), _s(2, False, 0.1, mlp=-0.1)])
+    assert rp.best_of_n([p], 3, "self-eval").correct == (1.0,)
+    assert rp.best_of_n([p], 3, "logprob").correct == (0.0,)
+
+
+def test_vote_replay_equals_brute_force():
+    pools = _pools()
+    for n in (2, 3):
+        for weighted in (False, True):
+            r = rp.vote(pools, n, weighted=weighted, draws=1000)  # C(5, n) <= draws: exact
+            for p, got in zip(pools, r.correct):
+                want = []
+                for g in itertools.combinations(p.samples, n):
+                    w = {}
+                    for s in g:
+                        w[s.extracted] = w.get(s.extracted, 0) + (s.end_score if weighted else 1)
+                    win = max(w, key=lambda a: (w[a], max(s.end_score for s in g if s.extracted == a)))
+                    want.append(float(win == "0"))
+                assert got == pytest.approx(np.mean(want))
+
+
+def test_adaptive_stops_at_threshold_and_respects_budget():
+    assert rp.adaptive_rounds(16) == [1, 1, 2, 4, 8]
+    assert rp.adaptive_rounds(5) == [1, 1, 2, 1]
+    p = _pool([_s(i, i == 0, 0.95 if i == 0 else 0.2, n_tok=10) for i in range(8)])
+    never = rp.adaptive([p], threshold=1.01, budget=8, draws=16)
+    assert never.mean_samples == 8 and never.accuracy == 1.0 and never.mean_tokens == 80
+    always = rp.adaptive([p], threshold=0.0, budget=8, draws=16)
+    assert always.mean_samples == 1 and always.mean_tokens == 10
+    # With threshold 0.9 it stops exactly when the one good sample has been drawn: expectation over orders.
+    mid = rp.adaptive([p], threshold=0.9, budget=8, draws=4000, seed=1)
+    assert mid.accuracy == 1.0
+    cum = [1, 2, 4, 8]
+    exp_samples = sum(next(c for c in cum if c > pos) for pos in range(8)) / 8
+    assert mid.mean_samples == pytest.approx(exp_samples, rel=0.05)
+
+
+def test_prune_keeps_top_k_by_score_at_the_prune_point():
+    # Sample 0 looks best at the prune point but ends badly; 1 and 2 survive a keep-2 cut; 3 is pruned.
+    s = [_s(0, False, 0.1, scores=(0.9,), n_tok=40), _s(1, True, 0.8, scores=(0.7,), n_tok=30),
+         _s(2, False, 0.6, scores=(0.5,), n_tok=20), _s(3, True, 0.99, scores=(0.1,), n_tok=50)]
+    # Keep 2: samples 0 and 1 survive (0.9, 0.7 at the point); the best end score among them is 1's (0.8).
+    assert rp.prune([_pool(s)], points=(16,), n=4, keeps=(2,)).correct == (1.0,)
+    # Keep 1: only sample 0 survives, though it ends worst; sample 3 (best at the end) was pruned.
+    assert rp.prune([_pool(s)], points=(16,), n=4, keeps=(1,)).correct == (0.0,)
+
+
+def test_prune_accounting_matches_hand_computation():
+    s = [_s(0, False, 0.1, scores=(0.9,), n_tok=40, cost=5), _s(1, True, 0.8, scores=(0.7,), n_tok=30, cost=5),
+         _s(2, False, 0.6, scores=(0.5,), n_tok=20, cost=5), _s(3, True, 0.99, scores=(None,), n_tok=10, cost=5)]
+    r = rp.prune([_pool(s)], points=(16,), n=4, keeps=(2,))
+    # At 16 tokens: 0, 1, 2 are still generating (scored there: 3 x 5 self-eval tokens); 3 finished at 10 tokens
+    # and competes with its end score 0.99. Kept: 3 (0.99) and 0 (0.9). Pruned: 1 and 2 at 16 tokens each.
+    assert r.correct == (1.0,)
+    assert r.tokens == (10 + 40 + 16 + 16,)
+    assert r.selfeval_tokens == (3 * 5 + 2 * 5,)
+    assert rp.prune_schedule(16, 2, 0.5) == (8, 4) and rp.prune_schedule(4, 3, 0.25) == (1, 1, 1)
+
+
+def test_greedy_replay_reads_the_greedy_sample():
+    p = _pool([_s(0, False, 0.5)], greedy_ok=True)
+    g = rp.greedy([p])
+    assert g.correct == (1.0,) and g.mean_samples == 1
+
+
+def test_replay_all_runs_on_a_pool():
+    rows = rp.replay_all(_pools(), prune_points=(16,))
+    names = {r.strategy for r in rows}
+    assert {"greedy", "best-of-n", "majority-vote", "weighted-vote", "adaptive", "prune"} <= names
+    assert all(0 <= r.accuracy <= 1 for r in rows)
+
+
+def test_auroc_brier_ece_on_known_values():
+    scores, labels = [0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]
+    assert metrics.auroc(scores, labels) == pytest.approx(0.75)
+    assert metrics.auroc([0.5, 0.5, 0.5], [0, 1, 1]) == pytest.approx(0.5)  # ties count half
+    assert metrics.auroc([0.2, 0.3], [1, 1]) is None
+    assert metrics.brier(scores, labels) == pytest.approx((0.01 + 0.16 + 0.4225 + 0.04) / 4)
+    assert metrics.brier_constant(labels) == pytest.approx(0.25)
+    # Two bins: [0.1, 0.4, 0.35] -> bins 1, 4, 3 ; 0.8 -> bin 8. Bin accuracies vs mean scores:
+    # bin1: |0 - 0.1|, bin3: |1 - 0.35|, bin4: |0 - 0.4|, bin8: |1 - 0.8|; each weight 1/4.
+    assert metrics.ece(scores, labels) == pytest.approx((0.1 + 0.65 + 0.4 + 0.2) / 4)
+    assert metrics.ece([0.3] * 10, [1] * 3 + [0] * 7) == pytest.approx(0.0)  # perfectly calibrated
+    lo, hi = metrics.wilson(15, 30)
+    assert lo == pytest.approx(0.3315, abs=1e-3) and hi == pytest.approx(0.6685, abs=1e-3)
+    lo, hi = metrics.bootstrap_ci([1.0] * 10 + [0.0] * 10, seed=0)
+    assert lo < 0.5 < hi and hi - lo < 0.6
+    assert math.isclose(metrics.bootstrap_ci([0.7] * 5)[0], 0.7)

@@ -1,0 +1,129 @@
+"""Task suites and scorers: tricky answers, seeded disjoint splits, file formats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_adapt.errors import UsageError
+from edge_adapt.tasks import (
+    LEVELS, ExactMatch, FinalNumber, RegexMatch, arith_problems, arith_suite, extract_final_number, gsm8k_suite,
+    jsonl_suite, load_suite, resolve_scorer,
+)
+from edge_adapt.tasks.files import GSM8K_DEFAULT
+
+
+@pytest.mark.parametrize("text, want", [
+    ("The answer is 72.", "72"),
+    ("They sold 1,234 apples. The answer is 1,234.", "1234"),
+    ("The answer is $1,200.50 in total.", "1200.5"),
+    ("It costs 5 dollars each, so 3 cost 15 dollars.", "15"),
+    ("The temperature dropped to -7 degrees. The answer is -7.", "-7"),
+    ("The answer is −12.", "-12"),
+    ("First 3 + 4 = 7. The answer is 7. Then I checked 2 more.", "7"),
+    ("The answer is: **42**", "42"),
+    ("#### 18", "18"),
+    ("So the total is \\boxed{96}.", "96"),
+    ("She has 12 apples.", "12"),
+    ("The answer is 3.0", "3"),
+    ("Final Answer is 8 cookies", "8"),
+    ("no numbers here", None),
+    ("The answer is 8 + 5 = 13.", "13"),
+    ("The answer is 13 books, because 8 + 5 makes it.", "13"),
+    ("The answer is: 3 x 4 = 12 apples.\nLater I counted 5.", "12"),
+    ("The answer is 2.5 hours.", "2.5"),
+    ("The answer is N. So 7.", "7"),
+    ("Lists like 3,4 and 5", "5"),
+])
+def test_final_number_extraction_on_tricky_answers(text, want):
+    assert extract_final_number(text) == want
+
+
+@pytest.mark.parametrize("text, ref, ok", [
+    ("The answer is 1,234.", "1234", True),
+    ("The answer is 1234 apples.", "#### 1,234", True),
+    ("The answer is 72.", "Natalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72", True),
+    ("The answer is -5.", "5", False),
+    ("The answer is 5.00", "5", True),
+    ("I think 5. The answer is 6.", "5", False),
+    ("", "5", False),
+])
+def test_final_number_scorer(text, ref, ok):
+    assert FinalNumber().correct(text, ref) is ok
+
+
+def test_exact_regex_and_custom_scorers():
+    assert ExactMatch().correct("  Paris. ", "paris")
+    assert not ExactMatch().correct("Paris, France", "paris")
+    rx = RegexMatch(r"Answer:\s*([A-D])")
+    assert rx.correct("I think... Answer: B", "b")  # the pattern is as case-sensitive as written
+    assert rx.extract("Answer: A ... Answer: C") == "c"
+    assert not rx.correct("no letter", "A")
+    custom = resolve_scorer("test_tasks:_contains_ok")
+    assert custom.correct("it is OK", "x") and not custom.correct("nope", "x")
+    assert resolve_scorer("regex:(\\d+)").correct("got 7", "7")
+    with pytest.raises(UsageError):
+        resolve_scorer("nonsense")
+    with pytest.raises(UsageError):
+        resolve_scorer("regex:(")
+
+
+def _contains_ok(text: str, reference: str) -> bool:
+    return "OK" in text
+
+
+def test_arith_is_seeded_and_splits_are_disjoint():
+    for level in LEVELS:
+        a = arith_problems(level, "test", 30)
+        assert a == arith_problems(level, "test", 30)
+        texts = {split: {p.messages[0]["content"] for p in arith_problems(level, split, 30)}
+                 for split in ("train", "validation", "test")}
+        assert not texts["train"] & texts["test"] and not texts["train"] & texts["validation"]
+        assert not texts["validation"] & texts["test"]
+        assert len(texts["test"]) == 30
+        assert all(p.level == level and p.answer.lstrip("-").isdigit() for p in a)
+    assert arith_problems(1, "test", 5, seed=1) != arith_problems(1, "test", 5, seed=0)
+
+
+def test_arith_answers_are_right():
+    import re
+
+    for p in arith_problems(5, "test", 20):
+        a, b = map(int, re.findall(r"\d+", p.messages[0]["content"])[:2])
+        assert int(p.answer) == a * b
+    suite = arith_suite("test", 23)
+    assert len(suite) == 23 and [p.level for p in suite.problems[:5]] == [1, 2, 3, 4, 5]
+    assert all("The answer is" in p.messages[-1]["content"] for p in suite.problems)
+
+
+def test_gsm8k_file_reads_final_number(tmp_path):
+    f = tmp_path / "g.jsonl"
+    f.write_text(json.dumps({"question": "How many?", "answer": "2+3=<<2+3=5>>5\n#### 1,005"}) + "\n\n")
+    s = gsm8k_suite(f)
+    assert s.problems[0].answer == "1005" and s.scorer.correct("The answer is 1,005.", s.problems[0].answer)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "no marker here"}) + "\n")
+    with pytest.raises(UsageError):
+        gsm8k_suite(bad)
+
+
+@pytest.mark.skipif(not GSM8K_DEFAULT.exists(), reason="the shared GSM8K split is not beside this checkout")
+def test_shared_gsm8k_training_split_loads():
+    s = load_suite("gsm8k", n=50)
+    assert len(s) == 50 and s.problems[0].answer == "72"
+
+
+def test_user_jsonl_suite_with_prompt_or_messages(tmp_path):
+    f = tmp_path / "mine.jsonl"
+    rows = [{"prompt": "Capital of France?", "answer": "Paris", "level": 2},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+             "answer": "4", "id": "sum"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    s = jsonl_suite(f, "exact")
+    assert [p.id for p in s.problems] == ["mine-0", "sum"] and s.problems[0].level == 2
+    assert s.scorer.correct("paris.", "Paris") and len(s.problems[1].messages) == 2
+    assert load_suite(str(f), scorer="exact").name == "mine"
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "x"}\n')
+    with pytest.raises(UsageError):
+        jsonl_suite(tmp_path / "broken.jsonl")
