@@ -447,6 +447,46 @@ def bench(
     print(json.dumps(results, indent=2) if as_json else render(results))
 
 
+# -- eval ---------------------------------------------------------------------------------------------------
+@app.command("eval")
+def eval_cmd(
+    suite: Annotated[str, typer.Option("--suite", help="arith, gsm8k, or a user suite .jsonl file")] = "arith",
+    split: Annotated[str, typer.Option("--split", help="arith split: train, validation or test")] = "test",
+    data: Annotated[Optional[Path], typer.Option("--data", help="suite file (gsm8k: the shared training split by default)")] = None,
+    scorer: Annotated[Optional[str], typer.Option("--scorer", help="final-number | exact | regex:PATTERN | module:function")] = None,
+    n_prompts: Annotated[int, typer.Option("--prompts", help="prompts to evaluate", min=1)] = 200,
+    k: Annotated[int, typer.Option("-k", "--samples", help="samples per prompt in the pool", min=1, max=64)] = 16,
+    temp: Annotated[float, typer.Option("--temp", help="sampling temperature of the pool")] = 0.7,
+    max_tokens: MaxTokOpt = 96,
+    prune_at: Annotated[Optional[list[int]], typer.Option("--prune-at", help="token counts where scores are recorded (repeatable)")] = None,
+    seed: SeedOpt = 0,
+    live: Annotated[Optional[list[str]], typer.Option("--live", help="also run this strategy for real: best-of-8 | adaptive (repeatable)")] = None,
+    live_prompts: Annotated[int, typer.Option("--live-prompts", min=1)] = 30,
+    adapter: AdapterOpt = None,
+    model: ModelOpt = None,
+    threads: ThreadsOpt = None,
+    cache_dir: Annotated[Path, typer.Option("--cache", help="sample pool cache (resumable)")] = Path("runs/eval-cache"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="report directory")] = Path("runs/eval"),
+) -> None:
+    """Build (or resume) a sample pool, replay strategies over it, and write a report with plots."""
+    from pydantic import ValidationError
+
+    from edge_adapt.eval import EvalConfig, run_eval
+
+    fields = dict(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temperature=temp,
+                  max_tokens=max_tokens, seed=seed, model=model, adapter=adapter, threads=threads,
+                  cache_dir=cache_dir, out_dir=out, live=live or [], live_prompts=live_prompts)
+    if prune_at:
+        fields["prune_points"] = prune_at
+    try:
+        cfg = EvalConfig(**fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UsageError(f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}") from None
+    run_eval(cfg)
+    print(f"report written to {out / 'report.md'}")
+
+
 # -- convert / convert-adapter / import: HF <-> GGUF ---------------------------------------------------------
 @contextmanager
 def _progress_bar(label: str) -> Iterator[Callable[[str, int, int], None]]:
