@@ -427,7 +427,7 @@ def info(
 # -- bench --------------------------------------------------------------------------------------------------
 @app.command()
 def bench(
-    only: Annotated[Optional[list[str]], typer.Option("--only", help="single_stream | batched | fork | rss (repeatable)")] = None,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="single_stream | batched | fork | rss | strategies (repeatable)")] = None,
     samples: Annotated[int, typer.Option("--samples", help="parallel samples for the batched run", min=2)] = 16,
     tokens: Annotated[int, typer.Option("--tokens", help="tokens per sample", min=8)] = 128,
     repeats: Annotated[int, typer.Option("--repeats", help="best of this many runs per timing", min=1)] = 3,
@@ -437,14 +437,29 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Measure the engine against llama-cpp-python's high-level API, side by side, and print ratios."""
-    from edge_adapt.bench.engine import BenchConfig, render, run_all
+    from edge_adapt.bench import engine as engine_bench
+    from edge_adapt.bench import strategies as strategy_bench
 
-    known = {"single_stream", "batched", "fork", "rss"}
+    known = {"single_stream", "batched", "fork", "rss", "strategies"}
     if only and not set(only) <= known:
         raise UsageError(f"--only takes {', '.join(sorted(known))}; got {', '.join(sorted(set(only) - known))}")
-    results = run_all(BenchConfig(model=model, threads=threads, device=device.value, samples=samples, tokens=tokens,
-                                  repeats=repeats), set(only) if only else None)
-    print(json.dumps(results, indent=2) if as_json else render(results))
+    sections = set(only) if only else known
+    results: dict[str, Any] = {}
+    if sections - {"strategies"}:
+        results = engine_bench.run_all(engine_bench.BenchConfig(model=model, threads=threads, device=device.value,
+                                                                samples=samples, tokens=tokens, repeats=repeats),
+                                       sections - {"strategies"})
+        if not as_json:
+            print(engine_bench.render(results))
+    if "strategies" in sections:
+        from edge_adapt.engine import Engine
+
+        with Engine(model=model, parallel=17, ctx=512, threads=threads, device=device.value) as e:
+            results["strategies"] = strategy_bench.run_all(e)
+        if not as_json:
+            print(strategy_bench.render(results["strategies"]))
+    if as_json:
+        print(json.dumps(results, indent=2))
 
 
 # -- eval ---------------------------------------------------------------------------------------------------

@@ -137,6 +137,17 @@ TARGETS = {
 }
 
 
+def render(results: dict[str, dict[str, float]]) -> str:
+    lines = []
+    for name, numbers in results.items():
+        lines.append(name)
+        for key, value in numbers.items():
+            target = TARGETS.get((name, key))
+            mark = "" if target is None else f"   target <= {target:.2f}: {'met' if value <= target else 'NOT met'}"
+            lines.append(f"  {key:32s} {value:10.4g}{mark}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -144,13 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: physical cores)")
     ap.add_argument("--quick", action="store_true", help="32-token samples: a smoke run, not the targets' setting")
     args = ap.parse_args(argv)
-    results = run_all(threads=args.threads, quick=args.quick)
-    for name, numbers in results.items():
-        print(name)
-        for key, value in numbers.items():
-            target = TARGETS.get((name, key))
-            mark = "" if target is None else f"   target <= {target:.2f}: {'met' if value <= target else 'NOT met'}"
-            print(f"  {key:32s} {value:10.4g}{mark}")
+    print(render(run_all(threads=args.threads, quick=args.quick)))
 
 
 if __name__ == "__main__":
