@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.exceptions import TyperException
 
-from edge_adapt.errors import EdgeAdaptError, UsageError
+from edge_adapt.errors import EdgeAdaptError, UsageError, one_line
 
 app = typer.Typer(
     help="Adaptive inference-time compute for small local models on llama.cpp.",
@@ -496,8 +496,7 @@ def eval_cmd(
     try:
         cfg = EvalConfig(**fields)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise UsageError(f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}") from None
+        raise UsageError(one_line(exc, "eval")) from None
     run_eval(cfg)
     print(f"report written to {out / 'report.md'}")
 

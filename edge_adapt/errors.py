@@ -1,5 +1,12 @@
 """One error hierarchy: the CLI turns each of these into a one-line message and a non-zero exit."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class EdgeAdaptError(Exception):
     """An expected failure whose message is fit to show a user as it is."""
@@ -27,3 +34,13 @@ class ContextOverflowError(BudgetError):
 
 class EngineError(EdgeAdaptError):
     """llama.cpp refused an operation (a failed decode, a state that would not restore)."""
+
+
+def one_line(exc: ValidationError, what: str) -> str:
+    """A pydantic error as one line: `what: field: message; field: message`."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"{what}: " + "; ".join(parts)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edge_adapt.errors import UsageError
+from edge_adapt.errors import UsageError, one_line
 
 DEFAULT_QUESTION = 'Would you do better if you started over? ("Yes." or "No.")'
 
@@ -18,14 +18,6 @@ DEFAULT_QUESTION = 'Would you do better if you started over? ("Yes." or "No.")'
 GGUF_KEYS = ("format", "question", "suffix", "yes", "no", "adapter_scale")
 
 
-def one_line(exc: ValidationError, what: str) -> str:
-    """A pydantic error as one line: `what: field: message; field: message`."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return f"{what}: " + "; ".join(parts)
 
 
 class SelfEvalConfig(BaseModel):

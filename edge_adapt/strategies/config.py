@@ -10,7 +10,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge_adapt.errors import UsageError
-from edge_adapt.selfeval.config import SelfEvalConfig, load_mapping, one_line
+from edge_adapt.errors import one_line
+from edge_adapt.selfeval.config import SelfEvalConfig, load_mapping
 
 STRATEGY_NAMES = ("single", "best-of-n", "adaptive", "prune", "adaptive+prune", "vote", "weighted-vote")
 PRUNING = ("prune", "adaptive+prune")
