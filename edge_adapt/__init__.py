@@ -12,6 +12,13 @@ The library a desktop app embeds; the `edge-adapt` command line is a thin layer 
         # engine.cancel() from another thread ends a generation with finish reason "cancelled"
 """
 
+# libllama must be loaded before numpy's and pydantic-core's extension modules: with them loaded first, a CUDA
+# build of llama-cpp-python 0.3.36 (H100, Ubuntu 24.04 image) segfaults in std::regex while loading the
+# vocabulary (reproduced by importing either first; importing llama_cpp first fixes it). Every entry point
+# (library, CLI) passes through this file first. An app that imports numpy before edge_adapt should import
+# llama_cpp.llama_cpp first itself.
+import llama_cpp.llama_cpp  # noqa: F401, I001
+
 from edge_adapt.engine import (
     GREEDY,
     Cancelled,
