@@ -209,15 +209,12 @@ def run(
 ) -> None:
     """Answer one prompt; with -n, draw several samples from one decoded prompt."""
     from edge_adapt.engine import Finished, SamplingParams, Token
-    from edge_adapt.engine.gguf_file import inspect_gguf
-    from edge_adapt.engine.default_model import default_model_path
 
     prompt = _text_arg(prompt, "the prompt")
     if system is not None:
         system = _text_arg(system, "--system")
     params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, seed=seed)
-    inspect_gguf(model or default_model_path())  # a bad file fails before anything is loaded
     if strategy or config:
         cfg = _strategy_config(config, strategy=strategy, budget=budget, threshold=threshold, adapter=adapter,
                                temperature=temp if temp > 0 else None, max_tokens=max_tokens, seed=seed,
@@ -257,7 +254,7 @@ def run(
     if as_json:
         gen = sum(s.n_tokens for s in samples)
         print(json.dumps({
-            "model": str(model or default_model_path()),
+            "model": str(engine.model_path),
             "prompt_tokens": len(tokens),
             "samples": [{"index": s.sample, "text": s.text, "finish_reason": s.reason, "tokens": s.n_tokens,
                          "mean_logprob": s.sum_logprob / max(1, s.n_tokens)} for s in samples],

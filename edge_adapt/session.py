@@ -58,14 +58,15 @@ class ChatSession:
         self._text = None
         self.messages = [m for m in self.messages if m["role"] == "system"]
 
-    def _fit(self, messages: list[Message]) -> tuple[list[Message], list[int], int]:
+    def _fit(self, messages: list[Message]) -> tuple[list[Message], str, list[int], int]:
         """Render and tokenize, dropping the oldest exchanges until prompt + reply fit the context."""
         dropped = 0
         while True:
-            tokens = self.engine.tokenize(self.engine.chat_prompt(messages))
+            text = self.engine.chat_prompt(messages)
+            tokens = self.engine.tokenize(text)
             # A strategy also appends the self-eval suffix after the reply.
             if len(tokens) + self.max_tokens + (64 if self.strategy else 0) <= self.engine.n_ctx_seq:
-                return messages, tokens, dropped
+                return messages, text, tokens, dropped
             first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
             if first is None or len(messages) - first <= 1:
                 raise ContextOverflowError(
@@ -81,11 +82,10 @@ class ChatSession:
 
     def send(self, text: str) -> Iterator[Event | Notice]:
         """Add a user message and stream the reply; the reply joins the history when it finishes."""
-        messages, tokens, dropped = self._fit(self.messages + [{"role": "user", "content": text}])
+        messages, full, tokens, dropped = self._fit(self.messages + [{"role": "user", "content": text}])
         if dropped:
             yield Notice(f"dropped the {dropped} oldest exchange(s) to fit the context of {self.engine.n_ctx_seq} tokens")
         before = self.engine.decoded_tokens
-        full = self.engine.chat_prompt(messages)
         if self.seq is not None and self._text is not None and full.startswith(self._text):
             # Reuse the KV exactly as generated: re-tokenizing the reply could merge tokens differently at
             # its edges and force a re-decode of the whole reply.

@@ -9,7 +9,6 @@ bytes (`llama_state_seq_get_data`) and restore it under any free id.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator, Sequence as Seq
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -103,8 +102,7 @@ class Engine:
     """Owns the model, the context and the sequence ids. Use as a context manager or call close()."""
 
     def __init__(self, options: EngineOptions | None = None, **overrides: object) -> None:
-        opts = (options or EngineOptions()).model_copy(update=overrides) if overrides else (options or EngineOptions())
-        opts = EngineOptions.model_validate(opts.model_dump())
+        opts = EngineOptions.model_validate({**(options or EngineOptions()).model_dump(), **overrides})
         self.options = opts
         if opts.model is None:
             from edge_adapt.engine.default_model import default_model_path
@@ -488,11 +486,3 @@ class Engine:
                 self.release(s.seq)
             self.release(root)
 
-
-def collect_texts(events: Iterator[Event]) -> dict[int, Finished]:
-    """Drain an event stream and return each sample's Finished event."""
-    return {e.sample: e for e in events if isinstance(e, Finished)}
-
-
-def now() -> float:
-    return time.perf_counter()
