@@ -38,6 +38,13 @@ def os_error_message(path: Path, exc: OSError) -> str:
     return f"cannot write {path}: {exc.strerror or exc}"
 
 
+def _umask_mode(path: Path, mode: int = 0o666) -> None:
+    """mkstemp/mkdtemp create owner-only entries; the output should get the mode any new file gets."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, mode & ~mask)
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
     """Yield a temp path to write; on success it becomes `path`, on any exception it is deleted."""
@@ -51,6 +58,7 @@ def atomic_file(path: str | os.PathLike[str], *, force: bool = False) -> Iterato
         raise ModelFileError(os_error_message(target, exc)) from None
     os.close(fd)
     tmp = Path(tmp_name)
+    _umask_mode(tmp)
     try:
         yield tmp
         os.replace(tmp, target)
@@ -73,6 +81,7 @@ def atomic_dir(path: str | os.PathLike[str], *, force: bool = False) -> Iterator
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or "."))
     except OSError as exc:
         raise ModelFileError(os_error_message(target, exc)) from None
+    _umask_mode(tmp, 0o777)
     try:
         yield tmp
         if target.exists():
