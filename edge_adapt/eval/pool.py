@@ -17,8 +17,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,6 +68,7 @@ class PoolSample:
     selfeval_tokens: tuple[float, ...]  # self-eval tokens each score cost, per prune point (0 if unscored) + end
     extracted: str | None
     correct: bool
+    tokens: tuple[int, ...] = ()  # the response's token ids as decoded into its KV (no end-of-generation token)
 
     @property
     def mean_logprob(self) -> float:
@@ -90,6 +91,8 @@ class PromptPool:
     samples: tuple[PoolSample, ...]
     greedy: PoolSample
     wall_s: float
+    prompt_ids: tuple[int, ...] = ()
+    sample_key: str = ""  # what the samples depend on (not the scorer or prune points): see sample_key()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -98,8 +101,9 @@ class PromptPool:
     def from_dict(d: dict[str, Any]) -> PromptPool:
         def ps(x: dict[str, Any]) -> PoolSample:
             return PoolSample(**{**x, "logprobs": tuple(x["logprobs"]), "scores": tuple(x["scores"]),
-                                 "selfeval_tokens": tuple(x["selfeval_tokens"])})
-        return PromptPool(**{**d, "samples": tuple(ps(s) for s in d["samples"]), "greedy": ps(d["greedy"])})
+                                 "selfeval_tokens": tuple(x["selfeval_tokens"]), "tokens": tuple(x.get("tokens", ()))})
+        return PromptPool(**{**d, "samples": tuple(ps(s) for s in d["samples"]), "greedy": ps(d["greedy"]),
+                             "prompt_ids": tuple(d.get("prompt_ids", ()))})
 
 
 def file_hash(path: Path | None) -> str:
@@ -116,12 +120,22 @@ def model_identity(engine: Engine, scorer: object, adapter_path: Path | None = N
     """Model fingerprint + adapter hash + the self-eval scorer's class and config."""
     cfg = getattr(scorer, "config", None)
     cfg_s = cfg.model_dump_json() if hasattr(cfg, "model_dump_json") else repr(cfg)
+    if adapter_path is None:  # the scorer may have picked one itself (the default model's shipped adapter)
+        adapter_path = getattr(cfg, "adapter", None)
     cls = f"{type(scorer).__module__}.{type(scorer).__qualname__}"
     return f"{engine.fingerprint}|adapter={file_hash(adapter_path)}|selfeval={cls}:{cfg_s}"
 
 
 def settings_key(identity: str, suite: str, settings: PoolSettings) -> str:
     return hashlib.sha256(f"{identity}|{suite}|{sorted(asdict(settings).items())}".encode()).hexdigest()[:16]
+
+
+def sample_key(fingerprint: str, suite: str, settings: PoolSettings, problem: Problem) -> str:
+    """Everything the samples themselves depend on. Scoring runs on scratch forks and never changes a sample,
+    so pools made with another scorer or other prune points hold the same samples under this key."""
+    sampling = {k: v for k, v in sorted(asdict(settings).items()) if k != "prune_points"}
+    blob = f"{fingerprint}|{suite}|{sampling}|{problem.id}|{problem.text}|{problem.answer}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 def prompt_key(settings_k: str, problem: Problem) -> str:
@@ -216,22 +230,26 @@ def generate_prompt_pool(
                 text=s.text, n_tokens=len(s.generated), logprobs=tuple(round(x, 5) for x in s.logprobs),
                 finish=s.finish or "length", scores=tuple(at[s.index]), end_score=v,
                 selfeval_tokens=tuple(cost[s.index]), extracted=suite.scorer.extract(s.text),
-                correct=bool(suite.scorer.correct(s.text, problem.answer)),
+                correct=bool(suite.scorer.correct(s.text, problem.answer)), tokens=tuple(s.seq.tokens[len(tokens):]),
             ))
     finally:
         for s in samples:
             engine.release(s.seq)
         engine.release(root)
     return PromptPool(key, problem.id, problem.level, problem.answer, len(tokens), tuple(records[:-1]), records[-1],
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, tuple(tokens), sample_key(engine.fingerprint, suite.name, settings, problem))
 
 
 def build_pool(
     engine: Engine, scorer: SelfEvalScorer, suite: Suite, settings: PoolSettings, cache_dir: Path,
-    identity: str | None = None,
+    identity: str | None = None, reuse: Mapping[str, PromptPool] | None = None,
 ) -> Iterator[PoolProgress]:
     """Yield each prompt's pool in suite order, from the cache when its key is there, else generated and
-    appended to the cache at once. Drain it to get the whole pool; stop early and nothing done is lost."""
+    appended to the cache at once. Drain it to get the whole pool; stop early and nothing done is lost.
+
+    `reuse` (by sample_key, see samples_in): pools from other caches whose samples are the ones this pool would
+    generate; they are taken as they are (their scores are the other scorer's, so only pass them to callers
+    that read the samples, not the scores) and stored under this cache's key."""
     sk = settings_key(identity or model_identity(engine, scorer), suite.name, settings)
     cache = PoolCache(Path(cache_dir) / f"pool-{suite.name}-{sk}.jsonl")
     have = cache.load()
@@ -240,7 +258,23 @@ def build_pool(
         if key in have:
             yield PoolProgress(i + 1, len(suite), False, have[key])
             continue
+        other = reuse.get(sample_key(engine.fingerprint, suite.name, settings, problem)) if reuse else None
+        if other is not None:
+            pool = replace(other, key=key)
+            cache.append(pool)
+            yield PoolProgress(i + 1, len(suite), False, pool)
+            continue
         pool = generate_prompt_pool(engine, scorer, suite, problem, settings, key)
         cache.append(pool)
         yield PoolProgress(i + 1, len(suite), True, pool,
                            sum(s.n_tokens for s in pool.samples) + pool.greedy.n_tokens)
+
+
+def samples_in(cache_dir: Path) -> dict[str, PromptPool]:
+    """Every cached prompt pool under `cache_dir` that recorded its token ids, by sample_key."""
+    out: dict[str, PromptPool] = {}
+    for f in sorted(Path(cache_dir).glob("pool-*.jsonl")):
+        for pool in PoolCache(f).load().values():
+            if pool.sample_key and pool.prompt_ids:
+                out[pool.sample_key] = pool
+    return out

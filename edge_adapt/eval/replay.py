@@ -191,11 +191,13 @@ def prune_schedule(n: int, n_points: int, keep: float = 0.5) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _prune_once(group: Sequence[PoolSample], points: Sequence[int], keeps: Sequence[int]) -> tuple[float, float, float]:
+def _prune_once(group: Sequence[PoolSample], points: Sequence[int], keeps: Sequence[int | None]) -> tuple[float, float, float]:
     live = list(group)
     tokens = 0.0
     se = 0.0
     for i, (point, keep) in enumerate(zip(points, keeps)):
+        if keep is None:  # the pool scored here, this schedule does not prune here
+            continue
         scored = [s for s in live if s.scores[i] is not None]  # still generating at this point: scored now
         se += sum(s.selfeval_tokens[i] for s in scored)
         ranked = sorted(live, key=lambda s: (s.score_at(i), s.mean_logprob), reverse=True)
@@ -208,9 +210,9 @@ def _prune_once(group: Sequence[PoolSample], points: Sequence[int], keeps: Seque
     return float(best.correct), tokens, se
 
 
-def prune(pools: Sequence[PromptPool], points: Sequence[int], n: int, keeps: Sequence[int], draws: int = 64,
+def prune(pools: Sequence[PromptPool], points: Sequence[int], n: int, keeps: Sequence[int | None], draws: int = 64,
           seed: int = 0) -> Replay:
-    """Start N samples; at each prune point keep the top keeps[i] by the p_keep recorded there (a sample that had
+    """Start N samples; at each prune point keep the top keeps[i] (None: do not prune or score there) by the p_keep recorded there (a sample that had
     already finished competes with its end score); the survivors run to the end and the best end score answers.
     Tokens: full length for survivors, min(length, prune point) for the pruned. Self-eval tokens: every sample
     still generating at a prune point is scored there, survivors once more at the end. Expectation over
@@ -223,7 +225,8 @@ def prune(pools: Sequence[PromptPool], points: Sequence[int], n: int, keeps: Seq
         runs = [_prune_once([p.samples[i] for i in sub], points, keeps) for sub in subsets]
         c, t, e = (float(np.mean(x)) for x in zip(*runs))
         correct.append(c), tokens.append(t), se.append(e)
-    setting = f"N={n} keep={'/'.join(map(str, keeps))} at={'/'.join(map(str, points))}"
+    used = [(k, p) for k, p in zip(keeps, points) if k is not None]
+    setting = f"N={n} keep={'/'.join(str(k) for k, _ in used)} at={'/'.join(str(p) for _, p in used)}"
     return Replay("prune", setting, tuple(correct), tuple(float(min(n, len(p.samples))) for p in pools),
                   tuple(tokens), tuple(se), n)
 
@@ -253,6 +256,11 @@ def replay_all(pools: Sequence[PromptPool], prune_points: Sequence[int], seed: i
         for n in sorted({k, max(2, k // 2), max(2, k // 4)}, reverse=True):
             for keep in (0.5, 0.25):
                 out.append(prune(pools, prune_points, n, prune_schedule(n, len(prune_points), keep), seed=seed))
+        if len(prune_points) > 1:  # one cut at each point alone: K -> K/4 (the paper's "prune early" setting)
+            for i in range(len(prune_points)):
+                keeps = [None] * len(prune_points)
+                keeps[i] = max(1, k // 4)
+                out.append(prune(pools, prune_points, k, keeps, seed=seed))
     return out
 
 
