@@ -107,7 +107,11 @@ StrategyOpt = Annotated[Optional[str], typer.Option("--strategy", "-s", help="si
 BudgetNOpt = Annotated[Optional[int], typer.Option("--budget", help="most samples the strategy may draw", min=1)]
 ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help="adaptive: stop when a sample's p_keep reaches this")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="strategy TOML/JSON file (flags override it)")]
-AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="self-eval adapter GGUF (LoRA / aLoRA), on only while scoring")]
+AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="self-eval adapter GGUF (LoRA / aLoRA), on only while scoring; 'none': not even the default model's shipped one")]
+
+
+def _no_adapter(adapter: Path | None) -> bool:
+    return adapter is not None and str(adapter).lower() == "none"
 
 
 def _strategy_config(path: Path | None, *, adapter: Path | None = None, **flags: Any) -> Any:
@@ -117,7 +121,8 @@ def _strategy_config(path: Path | None, *, adapter: Path | None = None, **flags:
     cfg = StrategyConfig.from_file(path, **flags) if path else StrategyConfig.parse(
         {k: v for k, v in flags.items() if v is not None})
     if adapter is not None:
-        cfg = cfg.model_copy(update={"self_eval": (cfg.self_eval or SelfEvalConfig()).model_copy(update={"adapter": adapter})})
+        update: dict[str, Any] = {"default_adapter": False} if _no_adapter(adapter) else {"adapter": adapter}
+        cfg = cfg.model_copy(update={"self_eval": (cfg.self_eval or SelfEvalConfig()).model_copy(update=update)})
     return cfg
 
 
@@ -486,7 +491,8 @@ def eval_cmd(
     from edge_adapt.eval import EvalConfig, run_eval
 
     fields = dict(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temperature=temp,
-                  max_tokens=max_tokens, seed=seed, model=model, adapter=adapter, threads=threads,
+                  max_tokens=max_tokens, seed=seed, model=model, threads=threads, default_adapter=not _no_adapter(adapter),
+                  adapter=None if _no_adapter(adapter) else adapter,
                   cache_dir=cache_dir, out_dir=out, live=live or [], live_prompts=live_prompts)
     if prune_at:
         fields["prune_points"] = prune_at
@@ -496,6 +502,111 @@ def eval_cmd(
         raise UsageError(one_line(exc, "eval")) from None
     run_eval(cfg)
     print(f"report written to {out / 'report.md'}")
+
+
+# -- label / train: teaching the model to evaluate itself ---------------------------------------------------
+@app.command("label")
+def label_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="label dataset to write (.jsonl)")],
+    suite: Annotated[str, typer.Option("--suite", help="arith, gsm8k, or a user suite .jsonl file")] = "arith",
+    split: Annotated[str, typer.Option("--split", help="arith split (never the one you report on)")] = "train",
+    data: Annotated[Optional[Path], typer.Option("--data", help="suite file (gsm8k: the shared training split by default)")] = None,
+    scorer: Annotated[Optional[str], typer.Option("--scorer", help="final-number | exact | regex:PATTERN | module:function")] = None,
+    n_prompts: Annotated[int, typer.Option("--prompts", help="training prompts to label", min=1)] = 300,
+    k: Annotated[int, typer.Option("-k", "--samples", help="samples per prompt", min=2, max=64)] = 16,
+    temp: Annotated[float, typer.Option("--temp", help="sampling temperature")] = 0.7,
+    max_tokens: MaxTokOpt = 96,
+    cut: Annotated[Optional[list[int]], typer.Option("--cut", help="also emit responses cut at this many tokens (repeatable)")] = None,
+    seed: SeedOpt = 0,
+    model: ModelOpt = None,
+    threads: ThreadsOpt = None,
+    cache_dir: Annotated[Path, typer.Option("--cache", help="sample pool cache (resumable; shared with eval)")] = Path("runs/eval-cache"),
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing dataset")] = False,
+) -> None:
+    """Sample K responses per training prompt and label each with its self-eval target."""
+    from pydantic import ValidationError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from edge_adapt.train import LabelConfig, label_iter
+
+    fields = dict(out=out, suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k,
+                  temperature=temp, max_tokens=max_tokens, seed=seed, model=model, threads=threads,
+                  cache_dir=cache_dir, force=force)
+    if cut:
+        fields["cuts"] = cut
+    try:
+        cfg = LabelConfig(**fields)
+    except ValidationError as exc:
+        raise UsageError(one_line(exc, "label")) from None
+    t0 = time.perf_counter()
+    tokens = generated = 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.fields[info]}")) as bar:
+        task = bar.add_task(f"label {suite}/{split} K={k}", total=n_prompts, info="")
+        for step in label_iter(cfg):
+            tokens += step.tokens
+            generated += step.generated
+            rate = tokens / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, completed=step.done, total=step.total, info=f"{rate:.0f} tok/s" if generated else "cached")
+    print(f"wrote {out} ({n_prompts} prompts, {generated} generated now) in {time.perf_counter() - t0:.0f}s")
+
+
+@app.command("train")
+def train_cmd(
+    labels: Annotated[Path, typer.Argument(help="training labels from `edge-adapt label`")],
+    validation: Annotated[Path, typer.Option("--validation", help="labels of held-out prompts (validated each epoch)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory (adapter.gguf or model.gguf, metrics, plot)")],
+    method: Annotated[str, typer.Option("--method", help="alora | lora | full")] = "alora",
+    target: Annotated[str, typer.Option("--target", help="relative (share of other samples not better) | correct")] = "relative",
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 2,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate (3e-4 for (a)LoRA, 2e-5 for full)")] = None,
+    rank: Annotated[int, typer.Option("--rank", min=1)] = 8,
+    prompts_per_step: Annotated[int, typer.Option("--prompts-per-step", min=1)] = 4,
+    lm_loss: Annotated[float, typer.Option("--lm-loss", help="weight of an LM loss on the responses (full)")] = 0.0,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="stop early (smoke tests)")] = None,
+    validate_before: Annotated[bool, typer.Option("--validate-before/--no-validate-before", help="validate the untrained model too")] = True,
+    model: ModelOpt = None,
+    threads: ThreadsOpt = None,
+    seed: SeedOpt = 0,
+    force: Annotated[bool, typer.Option("--force", help="overwrite a non-empty output directory")] = False,
+) -> None:
+    """Train the self-eval adapter (needs the [train] extra) and export it to GGUF."""
+    from pydantic import ValidationError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    try:
+        from edge_adapt.train.config import TrainConfig
+        from edge_adapt.train.trainer import train
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(f"training needs the [train] extra: pip install 'edge-adapt[train]' ({exc.name} is missing)") from None
+    try:
+        cfg = TrainConfig(labels=labels, validation=validation, out=out, method=method, target=target, epochs=epochs, lr=lr, rank=rank,
+                          prompts_per_step=prompts_per_step, lm_loss=lm_loss, max_steps=max_steps, model=model,
+                          validate_before=validate_before,
+                          threads=threads, seed=seed, force=force)
+    except ValidationError as exc:
+        raise UsageError(one_line(exc, "train")) from None
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.fields[info]}")) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int, info: str) -> None:
+            if stage == "validate":
+                bar.console.print(info)
+                return
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, info="")
+            bar.update(tasks[stage], completed=done, total=total, info=info)
+            if not bar.console.is_terminal and done % 10 == 0:  # logs get a line now and then
+                bar.console.print(f"{stage} {done}/{total} {info}")
+
+        result = train(cfg, progress=update)
+    best = next(e for e in result.epochs if e.epoch == result.best_epoch)
+    typer.echo(f"wrote {result.exported} (best epoch {result.best_epoch}: validation AUROC "
+               f"{best.auroc if best.auroc is None else round(best.auroc, 3)}, Brier {best.brier:.3f} vs constant "
+               f"{best.brier_constant:.3f}) in {result.seconds / 60:.1f} min, peak RSS {result.peak_rss_mib:.0f} MiB")
 
 
 # -- convert / convert-adapter / import: HF <-> GGUF ---------------------------------------------------------
@@ -541,13 +652,16 @@ def convert_adapter_cmd(
     peft_dir: Path = typer.Argument(..., help="PEFT adapter directory (adapter_config.json, adapter_model.safetensors)"),
     base: Path = typer.Option(..., "--base", help="the base model GGUF the adapter will be loaded on"),
     output: Path = typer.Option(..., "-o", "--output", help="GGUF adapter file to write"),
+    self_eval_config: Optional[Path] = typer.Option(None, "--self-eval-config", help="JSON written as edge_adapt.self_eval.*"),
+    type: str = typer.Option("f32", "--type", help="f32 | f16"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output"),
 ) -> None:
     """Convert a PEFT LoRA or activated LoRA to a GGUF adapter."""
     from edge_adapt.convert import convert_adapter
 
     with _progress_bar("convert-adapter") as progress:
-        r = convert_adapter(peft_dir, base, output, force=force, progress=progress)
+        r = convert_adapter(peft_dir, base, output, self_eval_config=self_eval_config, type=type, force=force,
+                              progress=progress)
     kind = f"aLoRA, invocation tokens {r.invocation_tokens}" if r.invocation_tokens else "LoRA"
     typer.echo(f"wrote {r.path} ({kind}, {r.n_tensors} tensors, alpha {r.alpha:g}) in {r.seconds:.1f}s")
 

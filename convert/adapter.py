@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
@@ -137,15 +137,29 @@ def convert_adapter(
     base: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
+    self_eval_config: str | os.PathLike[str] | dict[str, Any] | None = None,
+    type: str = "f32",
     force: bool = False,
     progress: ProgressFn | None = None,
 ) -> AdapterResult:
-    """Export a PEFT LoRA or aLoRA as a GGUF adapter that llama.cpp loads on top of the `base` GGUF."""
+    """Export a PEFT LoRA or aLoRA as a GGUF adapter that llama.cpp loads on top of the `base` GGUF.
+
+    `self_eval_config` (a dict or a JSON file) is written as `edge_adapt.self_eval.*` metadata, so the runtime
+    scores with the suffix and answers the adapter was trained on, with no flags. `type` f16 halves the file
+    (llama.cpp computes LoRA products in f32 either way)."""
+    if type not in ("f32", "f16"):
+        raise UsageError(f"adapter type must be f32 or f16, got {type!r}")
+    dtype = np.float32 if type == "f32" else np.float16
+    from edge_adapt.convert.model import read_self_eval_config, write_self_eval
     from edge_adapt.engine.gguf_file import inspect_gguf
 
     t0 = time.perf_counter()
     out_path = Path(out)
     check_target(out_path, force=force)
+    if isinstance(self_eval_config, dict):
+        self_eval = self_eval_config
+    else:
+        self_eval = read_self_eval_config(self_eval_config) if self_eval_config is not None else {}
     info = inspect_gguf(base, expect="model")
     adapter = load_peft_adapter(peft_dir)
     reader = gguf.GGUFReader(info.path)
@@ -170,14 +184,15 @@ def convert_adapter(
             raise ModelFileError(f"aLoRA invocation token {bad[0]} is outside the base vocabulary ({n_vocab})")
         w.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, adapter.invocation_tokens,
                         gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
+    write_self_eval(w, self_eval)
 
     tensors: list[tuple[str, np.ndarray]] = []
     for hf_name, (a, b) in sorted(adapter.pairs.items()):
         gname = model.gguf_name(hf_name)
         bid = model.block_id(gname)
         (_, b_gguf), = model.modify_tensors(b, gname, bid)
-        tensors.append((f"{gname}.lora_a", a.numpy().astype(np.float32)))
-        tensors.append((f"{gname}.lora_b", np.ascontiguousarray(b_gguf.numpy(), dtype=np.float32)))
+        tensors.append((f"{gname}.lora_a", a.numpy().astype(dtype)))
+        tensors.append((f"{gname}.lora_b", np.ascontiguousarray(b_gguf.numpy(), dtype=dtype)))
     for name, arr in tensors:
         w.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
 

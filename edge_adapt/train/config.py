@@ -1,0 +1,53 @@
+"""TrainConfig: what `edge-adapt train` and library callers pass to `train()` (pydantic: users write it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The suffix the shipped adapter is trained on. Four tokens for SmolLM2 ([<|im_end|>, Rest, art, ?]): scoring
+# 16 samples costs one decode of 64 tokens, a few percent of generating them. The answer tokens follow "?".
+DEFAULT_SUFFIX = "<|im_end|>Restart?"
+DEFAULT_YES = " Yes"
+DEFAULT_NO = " No"
+
+Method = Literal["alora", "lora", "full"]
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    labels: Path = Field(..., description="label dataset from `edge-adapt label` (training split)")
+    validation: Path = Field(..., description="label dataset of held-out prompts, for validation each epoch")
+    out: Path = Field(..., description="output directory: adapter.gguf (or model.gguf), checkpoint, metrics, plots")
+    model: Path | None = Field(None, description="base GGUF; the embedded default model when omitted")
+    method: Method = Field("alora", description="alora: adapter acts from the suffix on; lora; full: merged model")
+    rank: int = Field(8, ge=1, le=256, description="LoRA rank (8: the shipped adapter is 5 MB in f16)")
+    alpha: float = Field(32.0, gt=0)
+    targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lr: float | None = Field(None, gt=0, description="learning rate; 3e-4 for (a)LoRA, 2e-5 for full when omitted")
+    target: Literal["relative", "correct"] = Field(
+        "relative", description="relative: the label's target, the share of other samples not better (Manvi et al.); "
+                                "correct: 1 for a right answer, 0 for a wrong one")
+    epochs: int = Field(2, ge=1)
+    prompts_per_step: int = Field(4, ge=1, description="prompts (with all their samples and cuts) per optimizer step")
+    lm_loss: float = Field(0.0, ge=0, description="weight of an LM loss on the responses (method full: keeps the "
+                                                  "model's own distribution); ignored by (a)LoRA, which never "
+                                                  "touches generation")
+    suffix: str = Field(DEFAULT_SUFFIX, min_length=1, description="raw self-eval suffix trained on and exported")
+    yes: str = DEFAULT_YES
+    no: str = DEFAULT_NO
+    validate_before: bool = Field(True, description="also validate the untrained model (the baseline in metrics)")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (smoke tests)")
+    export_type: str = Field("q8_0", description="GGUF type of the merged model (method full)")
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+    force: bool = False
+    progress: bool = True
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-5 if self.method == "full" else 3e-4)

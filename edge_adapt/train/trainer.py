@@ -1,0 +1,431 @@
+"""Train the self-eval adapter: PEFT on a transformers copy of the GGUF model, exported back to GGUF.
+
+The loss reads the score exactly as the runtime does: the prompt and response are in the KV cache, the suffix
+tokens are decoded after them, and p_keep = sigmoid(logit[no] - logit[yes]) at the last suffix position. It is
+the binary cross-entropy of p_keep against the label's target t, i.e. the cross-entropy of the next token
+restricted to the two answers, against {No: t, Yes: 1 - t}. The restriction is the runtime's own definition
+of the score; a full-vocabulary softmax would also spend capacity on pushing mass onto the two tokens.
+
+Why training is cheap enough for two CPU cores: with (a)LoRA the adapter acts only on the suffix tokens (the
+runtime switches it on only while scoring), so the prompt and response are base-model computations. They run
+once per prompt group without gradients (the prompt once, its K responses batched on top of it); every cut of a
+response reuses the response's KV with the positions after the cut masked out; only the suffix tokens (4 for
+the default suffix) run with gradients. Method `full` changes the weights under the prompt and response too,
+so there gradients flow through the whole sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_adapt.errors import UsageError
+from edge_adapt.eval import metrics
+from edge_adapt.train.config import TrainConfig
+from edge_adapt.train.labels import LabelSet, read_labels
+
+CHUNK = 8  # responses batched over one prompt's KV; sorted by length so padding stays small
+
+
+@dataclass(frozen=True)
+class Row:
+    sample: int  # index of the response within its prompt group
+    cut: int | None
+    n_ids: int  # response tokens before the suffix
+    target: float
+    correct: bool
+
+
+@dataclass(frozen=True)
+class Group:
+    """One prompt: its token ids, its distinct responses (full length) and the rows scored on them."""
+
+    problem_id: str
+    level: int | None
+    prompt_ids: list[int]
+    responses: list[list[int]]
+    rows: list[Row]
+
+
+def groups_of(labels: LabelSet, target: str = "relative") -> list[Group]:
+    """Prompt groups; `target` "correct" replaces each row's target by its correctness."""
+    out = []
+    for rec in labels.prompts:
+        full: dict[int, list[int]] = {r["sample"]: r["ids"] for r in rec["rows"] if r["cut"] is None}
+        order = sorted(full)
+        index = {s: i for i, s in enumerate(order)}
+        rows = [Row(index[r["sample"]], r["cut"], len(r["ids"]),
+                    float(r["correct"]) if target == "correct" else float(r["target"]), bool(r["correct"]))
+                for r in rec["rows"] if r["sample"] in index]
+        out.append(Group(rec["problem_id"], rec.get("level"), rec["prompt_ids"], [full[s] for s in order], rows))
+    return out
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    auroc: float | None
+    brier: float
+    brier_constant: float
+    ece: float
+    auroc_by_level: dict[str, float | None] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    exported: Path
+    best_epoch: int
+    epochs: list[EpochResult]
+    seconds: float
+    peak_rss_mib: float
+    examples: int
+
+
+class _Scorer:
+    """Forward passes shared by training and validation (torch is imported only here)."""
+
+    def __init__(self, cfg: TrainConfig, hf_dir: Path, suffix_ids: list[int], yes: int, no: int,
+                 checkpoint: Path | None = None, device: str = "cpu") -> None:
+        import torch
+        from peft import LoraConfig, PeftModel, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.cfg = cfg
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        model.config.use_cache = True
+        if cfg.method == "full":
+            if checkpoint is not None:
+                model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+            self.model = model
+            self.peft = None
+        elif checkpoint is not None:
+            self.peft = PeftModel.from_pretrained(model, checkpoint)
+            self.model = self.peft
+        else:
+            lora = LoraConfig(
+                r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets), lora_dropout=0.0, bias="none",
+                task_type="CAUSAL_LM", alora_invocation_tokens=list(suffix_ids) if cfg.method == "alora" else None,
+            )
+            self.peft = get_peft_model(model, lora)
+            self.model = self.peft
+        self.base = model  # LlamaForCausalLM (PEFT wraps its linear layers in place)
+        self.device = device
+        self.model.to(device)
+        self.suffix = torch.tensor(suffix_ids, dtype=torch.long, device=device)
+        self.yes, self.no = yes, no
+
+    def trainable(self) -> list[Any]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _prefix(self, group: Group, members: list[int], grad: bool) -> tuple[Any, Any]:
+        """KV of prompt + each member response (right-padded), and the attention mask over it."""
+        torch = self.torch
+        from transformers import DynamicCache
+
+        ctx = torch.enable_grad() if grad else torch.no_grad()
+        off = self.peft.disable_adapter() if self.peft is not None else _null()
+        with ctx, off:
+            p = torch.tensor([group.prompt_ids], dtype=torch.long, device=self.device)
+            cache = self.base.model(input_ids=p, use_cache=True, past_key_values=DynamicCache()).past_key_values
+            lens = [len(group.responses[m]) for m in members]
+            width = max(max(lens), 1)
+            ids = torch.full((len(members), width), 0, dtype=torch.long)
+            mask = torch.zeros((len(members), len(group.prompt_ids) + width), dtype=torch.long)
+            mask[:, : len(group.prompt_ids)] = 1
+            for i, m in enumerate(members):
+                r = group.responses[m]
+                ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+                mask[i, len(group.prompt_ids) : len(group.prompt_ids) + len(r)] = 1
+            big = DynamicCache([(lay.keys.expand(len(members), -1, -1, -1).contiguous(),
+                                 lay.values.expand(len(members), -1, -1, -1).contiguous()) for lay in cache.layers])
+            out = self.base.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), past_key_values=big,
+                                  use_cache=True)
+        return out, ids
+
+    def logit_diffs(self, group: Group, grad: bool) -> tuple[list[Row], Any, Any]:
+        """(rows, logit[no] - logit[yes] per row, LM loss on the responses or None) for one prompt group."""
+        torch = self.torch
+        from transformers import DynamicCache
+
+        n_p = len(group.prompt_ids)
+        diffs, rows_out, lm_terms = [], [], []
+        order = sorted(range(len(group.responses)), key=lambda m: len(group.responses[m]))
+        for lo in range(0, len(order), CHUNK):
+            members = order[lo : lo + CHUNK]
+            where = {m: i for i, m in enumerate(members)}
+            rows = [r for r in group.rows if r.sample in where]
+            if not rows:
+                continue
+            full_grad = grad and self.cfg.method == "full"
+            out, ids = self._prefix(group, members, full_grad)
+            if full_grad and self.cfg.lm_loss > 0:
+                lm_terms.append(self._lm_loss(out.last_hidden_state, ids, [len(group.responses[m]) for m in members]))
+            pick = torch.tensor([where[r.sample] for r in rows], dtype=torch.long, device=self.device)
+            cache = DynamicCache([(lay.keys.index_select(0, pick), lay.values.index_select(0, pick))
+                                  for lay in out.past_key_values.layers])
+            width = cache.get_seq_length()
+            s = len(self.suffix)
+            mask = torch.zeros((len(rows), width + s), dtype=torch.long)
+            pos = torch.zeros((len(rows), s), dtype=torch.long)
+            for i, r in enumerate(rows):
+                mask[i, : n_p + r.n_ids] = 1
+                pos[i] = torch.arange(n_p + r.n_ids, n_p + r.n_ids + s)
+            mask[:, width:] = 1
+            ctx = torch.enable_grad() if grad else torch.no_grad()
+            with ctx:
+                logits = self.model(input_ids=self.suffix.expand(len(rows), -1), attention_mask=mask.to(self.device),
+                                    position_ids=pos.to(self.device),
+                                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                diffs.append(logits[:, self.no] - logits[:, self.yes])
+            rows_out.extend(rows)
+        lm = torch.stack(lm_terms).mean() if lm_terms else None
+        return rows_out, torch.cat(diffs) if diffs else torch.zeros(0, device=self.device), lm
+
+    def _lm_loss(self, hidden: Any, ids: Any, lens: list[int]) -> Any:
+        torch = self.torch
+        logits = self.base.lm_head(hidden[:, :-1])
+        target = ids[:, 1:].clone()
+        for i, n in enumerate(lens):
+            target[i, max(n - 1, 0) :] = -100
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                 ignore_index=-100)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+def bce(diff: Any, target: Any) -> Any:
+    """Binary cross-entropy of sigmoid(diff) against soft targets, stable for large |diff|."""
+    import torch
+
+    return torch.nn.functional.binary_cross_entropy_with_logits(diff, target, reduction="sum")
+
+
+@dataclass
+class _Validation:
+    loss: float
+    p_keep: list[float]
+    rows: list[Row]
+    levels: list[int | None]
+
+
+def _validate(scorer: _Scorer, groups: list[Group]) -> _Validation:
+    import torch
+
+    v = _Validation(0.0, [], [], [])
+    for g in groups:
+        rows, diff, _ = scorer.logit_diffs(g, grad=False)
+        v.loss += float(bce(diff, torch.tensor([r.target for r in rows], device=diff.device)))
+        v.p_keep.extend(torch.sigmoid(diff).tolist())
+        v.rows.extend(rows)
+        v.levels.extend([g.level] * len(rows))
+    v.loss /= max(len(v.rows), 1)
+    return v
+
+
+def _epoch_metrics(epoch: int, train_loss: float, v: _Validation, seconds: float) -> EpochResult:
+    """Calibration judged as the evaluation report judges it: whole responses, against correctness."""
+    full = [(p, r, lv) for p, r, lv in zip(v.p_keep, v.rows, v.levels) if r.cut is None]
+    scores, right = [p for p, _, _ in full], [r.correct for _, r, _ in full]
+    by_level = {str(lv): metrics.auroc([p for p, _, x in full if x == lv], [r.correct for _, r, x in full if x == lv])
+                for lv in sorted({x for _, _, x in full if x is not None})}
+    return EpochResult(
+        epoch=epoch, train_loss=train_loss, val_loss=v.loss, auroc=metrics.auroc(scores, right),
+        brier=metrics.brier(scores, right), brier_constant=metrics.brier_constant(right),
+        ece=metrics.ece(scores, right), auroc_by_level=by_level, seconds=seconds,
+    )
+
+
+ProgressFn = Callable[[str, int, int, str], None]
+
+
+def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
+    """Import the base model, train, keep the best epoch by validation AUROC, export to GGUF."""
+    import torch
+
+    from edge_adapt.convert import convert_adapter, convert_model, import_gguf
+    from edge_adapt.engine import Engine
+    from edge_adapt.engine.budget import peak_rss
+    from edge_adapt.selfeval.config import SelfEvalConfig
+    from edge_adapt.selfeval.suffix import answer_token, render_suffix
+
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.force:
+        raise UsageError(f"{out} already exists and is not empty; pass --force to overwrite it")
+    train_set, val_set = read_labels(cfg.labels), read_labels(cfg.validation)
+    if train_set.header.get("model") != val_set.header.get("model"):
+        raise UsageError("training and validation labels come from different models")
+    overlap = {p["problem_id"] for p in train_set.prompts} & {p["problem_id"] for p in val_set.prompts}
+    if overlap:
+        raise UsageError(f"validation shares {len(overlap)} prompts with training (e.g. {sorted(overlap)[0]})")
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    self_eval = SelfEvalConfig(format="raw", suffix=cfg.suffix, yes=cfg.yes, no=cfg.no)
+    with Engine(model=cfg.model, parallel=1, ctx=256) as eng:
+        if eng.fingerprint != train_set.header.get("model"):
+            raise UsageError(f"labels were made with {train_set.header.get('model')}, the model is {eng.fingerprint}")
+        suffix_ids = render_suffix(self_eval, eng)
+        yes, no = answer_token(eng, cfg.yes, "yes"), answer_token(eng, cfg.no, "no")
+        base_gguf = eng.model_path
+    hf_dir = out / "base-hf"
+    if not (hf_dir / "config.json").exists():
+        import_gguf(base_gguf, hf_dir, force=True)
+
+    # accelerate picks the device (CUDA under `accelerate launch` on a GPU machine, else the CPU). One process:
+    # the forward passes go through the inner modules, which a multi-process wrapper would not synchronise.
+    from accelerate import Accelerator
+
+    acc = Accelerator()
+    if acc.num_processes > 1:
+        raise UsageError("training runs in one process (use `accelerate launch --num_processes 1`)")
+    scorer = _Scorer(cfg, hf_dir, suffix_ids, yes, no, device=str(acc.device))
+    opt = torch.optim.AdamW(scorer.trainable(), lr=cfg.learning_rate, weight_decay=0.0)
+    train_groups, val_groups = groups_of(train_set, cfg.target), groups_of(val_set, cfg.target)
+    steps_per_epoch = math.ceil(len(train_groups) / cfg.prompts_per_step)
+    total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    warmup = max(1, total_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))) + 1e-3)
+
+    history: list[EpochResult] = []
+    best: EpochResult | None = None
+    best_dir = out / "checkpoint"
+    step = 0
+    rng = random.Random(cfg.seed)
+    if cfg.validate_before:
+        val0 = _epoch_metrics(0, float("nan"), _validate(scorer, val_groups), 0.0)
+        history.append(val0)
+    if progress and cfg.validate_before:
+        levels = " ".join(f"L{k} {_f(v)}" for k, v in val0.auroc_by_level.items())
+        progress("validate", 0, cfg.epochs, f"before training: AUROC {_f(val0.auroc)} ({levels}) Brier {val0.brier:.3f}")
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        order = train_groups[:]
+        rng.shuffle(order)
+        losses: list[float] = []
+        for lo in range(0, len(order), cfg.prompts_per_step):
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+            batch = order[lo : lo + cfg.prompts_per_step]
+            n_rows = sum(len(g.rows) for g in batch)
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for g in batch:
+                rows, diff, lm = scorer.logit_diffs(g, grad=True)
+                t = torch.tensor([r.target for r in rows], device=diff.device)
+                loss = bce(diff, t) / n_rows
+                if lm is not None:
+                    loss = loss + cfg.lm_loss * lm / len(batch)
+                acc.backward(loss)
+                step_loss += float(loss.detach())
+            torch.nn.utils.clip_grad_norm_(scorer.trainable(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(step_loss)
+            if progress:
+                progress("train", step, total_steps, f"epoch {epoch} loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        res = _epoch_metrics(epoch, sum(losses) / max(len(losses), 1), _validate(scorer, val_groups),
+                             time.perf_counter() - t0)
+        history.append(res)
+        if progress:
+            levels = " ".join(f"L{k} {_f(v)}" for k, v in res.auroc_by_level.items())
+            progress("validate", epoch, cfg.epochs, f"epoch {epoch}: AUROC {_f(res.auroc)} ({levels}) Brier "
+                                                    f"{res.brier:.3f} (constant {res.brier_constant:.3f}) ECE {res.ece:.3f}")
+        if best is None or (res.auroc or 0) > (best.auroc or 0):
+            best = res
+            _save(scorer, best_dir)
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
+    assert best is not None
+
+    meta = self_eval.model_dump(include={"format", "suffix", "yes", "no"})
+    if cfg.method == "full":
+        exported = out / "model.gguf"
+        convert_model(best_dir, exported, type=cfg.export_type, self_eval_config=meta, force=True)
+    else:
+        exported = out / "adapter.gguf"
+        convert_adapter(best_dir, base_gguf, exported, self_eval_config=meta, type="f16", force=True)
+    result = TrainResult(out, exported, best.epoch, history, time.perf_counter() - t_start, peak_rss() / 2**20,
+                         train_set.n_rows)
+    _write_metrics(cfg, result, suffix_ids)
+    return result
+
+
+def _save(scorer: _Scorer, path: Path) -> None:
+    """The PEFT adapter (or the whole model for `full`) with what the converter needs beside it."""
+    import shutil
+
+    from edge_adapt.fileio import atomic_dir
+
+    with atomic_dir(path, force=True) as tmp:
+        scorer.model.save_pretrained(tmp)
+        if scorer.peft is None:
+            src = Path(scorer.base.name_or_path)
+            for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+                if (src / f).exists():
+                    shutil.copy(src / f, Path(tmp) / f)
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _write_metrics(cfg: TrainConfig, result: TrainResult, suffix_ids: list[int]) -> None:
+    from dataclasses import asdict
+
+    from edge_adapt.fileio import atomic_file
+
+    data = {
+        "config": json.loads(cfg.model_dump_json()), "suffix_ids": suffix_ids, "exported": str(result.exported),
+        "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1), "peak_rss_mib": round(result.peak_rss_mib),
+        "train_rows": result.examples, "epochs": [asdict(e) for e in result.epochs],
+    }
+    with atomic_file(result.out / "metrics.json", force=True) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    try:
+        _plot(result, result.out / "training.png")
+    except ImportError:
+        pass
+
+
+def _plot(result: TrainResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [e.epoch for e in result.epochs]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot(ep[1:], [e.train_loss for e in result.epochs[1:]], "o-", label="train")
+    ax[0].plot(ep, [e.val_loss for e in result.epochs], "o-", label="validation")
+    ax[0].set(xlabel="epoch", ylabel="BCE vs target", title="loss")
+    ax[0].legend()
+    ax[1].plot(ep, [e.auroc or float("nan") for e in result.epochs], "o-", label="AUROC")
+    ax[1].plot(ep, [e.brier for e in result.epochs], "o-", label="Brier")
+    ax[1].plot(ep, [e.brier_constant for e in result.epochs], "--", label="Brier, constant")
+    ax[1].set(xlabel="epoch", title="validation (whole responses vs correctness)")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

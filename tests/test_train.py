@@ -1,0 +1,192 @@
+"""Self-eval training: label targets, the dataset, and an end-to-end smoke (label -> train -> export -> score)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edge_adapt.engine import GREEDY, Engine
+from edge_adapt.errors import UsageError
+from edge_adapt.eval.pool import PoolSample, PromptPool
+from edge_adapt.train.labels import (
+    LabelConfig, cut_points, label, prompt_record, read_labels, target_against, targets,
+)
+
+
+def test_targets_right_wrong_pool():
+    # 1 right of 4: the right one beats nothing strictly... all others are not better -> 1; a wrong one has 2 of 3
+    # others not better (the other wrongs) -> 2/3 = 1 - pass rate of the others.
+    assert targets([1, 0, 0, 0]) == [1.0, 2 / 3, 2 / 3, 2 / 3]
+    assert targets([0, 0]) == [1.0, 1.0]  # nobody can do better than a hopeless prompt's answer
+    assert targets([1, 1, 0]) == [1.0, 1.0, 0.0]  # both others are right: restarting would do better
+
+
+def test_targets_graded_scores_count_ties_as_not_better():
+    assert targets([0.5, 0.2, 0.9, 0.5]) == [2 / 3, 0.0, 1.0, 2 / 3]
+
+
+def test_target_of_the_greedy_answer_is_against_all_samples():
+    assert target_against(0.0, [1, 0, 0, 1]) == 0.5
+    assert target_against(1.0, [1, 0, 0, 1]) == 1.0
+
+
+def test_targets_need_two_samples():
+    with pytest.raises(ValueError):
+        targets([1.0])
+
+
+def test_cut_points_are_where_the_sample_was_still_generating():
+    assert cut_points(40, [16, 32, 64]) == [16, 32]
+    assert cut_points(16, [16, 32]) == []  # its 16th token ended it: a pruner at 16 saw it finished
+    assert cut_points(17, [16, 32]) == [16]
+
+
+def _sample(index: int, correct: bool, tokens: tuple[int, ...], n_tokens: int | None = None) -> PoolSample:
+    n = len(tokens) + 1 if n_tokens is None else n_tokens
+    return PoolSample(index, 0.7, 1, "t", n, (), "eos", (), 0.5, (0.0,), None, correct, tokens)
+
+
+def test_prompt_record_rows_and_targets_on_a_hand_made_pool():
+    samples = (_sample(0, True, tuple(range(20))), _sample(1, False, (5, 6, 7)), _sample(2, False, tuple(range(40)), 40))
+    pool = PromptPool("k", "p1", 2, "7", 3, samples, _sample(-1, True, (9, 9)), 0.1, (1, 2, 3), "sk")
+    rec = prompt_record(pool, "prompt", [16, 32], include_greedy=True)
+    rows = [(r["sample"], r["cut"], len(r["ids"]), r["target"]) for r in rec["rows"]]
+    assert rows == [
+        (0, None, 20, 1.0), (0, 16, 16, 1.0),
+        (1, None, 3, 0.5),
+        (2, None, 40, 0.5), (2, 16, 16, 0.5), (2, 32, 32, 0.5),
+        (-1, None, 2, 1.0),
+    ]
+    assert rec["pass_rate"] == pytest.approx(1 / 3) and rec["prompt_ids"] == [1, 2, 3]
+    assert rec["rows"][1]["ids"] == list(range(16))
+
+
+def test_read_labels_rejects_foreign_files(tmp_path):
+    bad = tmp_path / "x.jsonl"
+    bad.write_text('{"hello": 1}\n')
+    with pytest.raises(UsageError, match="not an edge-adapt label file"):
+        read_labels(bad)
+    with pytest.raises(UsageError, match="not found"):
+        read_labels(tmp_path / "missing.jsonl")
+
+
+def test_label_refuses_to_overwrite_without_force(tmp_path):
+    out = tmp_path / "l.jsonl"
+    out.write_text("mine")
+    with pytest.raises(UsageError, match="--force"):
+        label(LabelConfig(out=out, n_prompts=1, k=2))
+    assert out.read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
+    """A few prompts labelled, a few steps trained, exported, and loaded by the runtime: the runtime's score
+    equals the trained model's, the metadata picks the suffix with no flags, and generation is unchanged."""
+    pytest.importorskip("peft")
+    from edge_adapt.selfeval import SelfEvaluator
+    from edge_adapt.train.config import TrainConfig
+    from edge_adapt.train.trainer import _Scorer, groups_of, train
+
+    common = dict(k=4, max_tokens=24, cuts=[8], cache_dir=tmp_path / "cache", progress=False)
+    tr = label(LabelConfig(out=tmp_path / "train.jsonl", split="train", n_prompts=3, **common), engine)
+    va = label(LabelConfig(out=tmp_path / "val.jsonl", split="validation", n_prompts=2, **common), engine)
+    labels = read_labels(tr)
+    assert labels.header["settings"]["k"] == 4 and len(labels.prompts) == 3
+    assert all(0.0 <= r["target"] <= 1.0 for p in labels.prompts for r in p["rows"])
+
+    # Labelling again reuses the pool cache: nothing is generated.
+    before = engine.decoded_tokens
+    label(LabelConfig(out=tmp_path / "again.jsonl", split="train", n_prompts=3, **common), engine)
+    assert engine.decoded_tokens == before
+    assert read_labels(tmp_path / "again.jsonl").prompts == labels.prompts
+
+    cfg = TrainConfig(labels=tr, validation=va, out=tmp_path / "run", epochs=1, max_steps=2, prompts_per_step=2,
+                      lr=1e-3, threads=2, progress=False)
+    prompt = engine.tokenize(engine.chat_prompt([{"role": "user", "content": "What is 2 + 5?"}]))
+
+    def greedy(score_with: SelfEvaluator | None) -> list[int]:
+        r = engine.open(prompt)
+        (s,) = engine.start(r, [GREEDY], max_tokens=12)
+        try:
+            for _ in engine.advance([s], until=6):
+                pass
+            if score_with is not None:
+                score_with.score([s])
+            for _ in engine.advance([s]):
+                pass
+            return list(s.generated)
+        finally:
+            engine.release(s.seq)
+            engine.release(r)
+
+    base_greedy = greedy(None)
+    result = train(cfg)
+    assert result.exported.exists() and (tmp_path / "run" / "metrics.json").exists()
+    assert len(result.epochs) == 2  # before training + one epoch
+
+    ev = SelfEvaluator(engine, adapter_path=result.exported)
+    assert ev.suffix == json.loads((tmp_path / "run" / "metrics.json").read_text())["suffix_ids"]
+    assert ev.base_part == [] and ev.adapter.invocation_tokens == ev.suffix  # aLoRA: on from the suffix on
+
+    group = groups_of(read_labels(va))[0]
+    root = engine.open(group.prompt_ids)
+    seqs = []
+    try:
+        for r in group.rows:
+            s = engine.fork(root)
+            ids = group.responses[r.sample][: r.n_ids]
+            if ids:
+                engine.extend([(s, ids)])
+            seqs.append(s)
+        runtime = ev.score(seqs)
+    finally:
+        for s in seqs:
+            engine.release(s)
+        engine.release(root)
+    torch_scorer = _Scorer(cfg, tmp_path / "run" / "base-hf", ev.suffix, ev.yes_token, ev.no_token,
+                           checkpoint=tmp_path / "run" / "checkpoint")
+    import torch
+
+    rows, diff, _ = torch_scorer.logit_diffs(group, grad=False)
+    trained = dict(zip(rows, torch.sigmoid(diff).tolist()))
+    for r, got in zip(group.rows, runtime):
+        assert got == pytest.approx(trained[r], abs=0.03)  # Q4_1 + f16 KV in llama.cpp vs f32 torch
+
+    # With the adapter loaded (and switched on for scoring mid-generation), greedy output is the base model's.
+    assert greedy(ev) == base_greedy
+
+
+def test_cli_label_and_train_bad_input_is_one_line(tmp_path):
+    from test_cli import assert_one_line_error, cli
+
+    assert_one_line_error(cli("train", str(tmp_path / "nope.jsonl"), "--validation", str(tmp_path / "v.jsonl"),
+                              "-o", str(tmp_path / "o")), "label file not found")
+    foreign = tmp_path / "f.jsonl"
+    foreign.write_text("[1, 2]\n")
+    assert_one_line_error(cli("train", str(foreign), "--validation", str(foreign), "-o", str(tmp_path / "o")),
+                          "not an edge-adapt label file")
+    assert_one_line_error(cli("train", str(foreign), "--validation", str(foreign), "-o", str(tmp_path / "o"),
+                              "--method", "magic"), "method")
+    assert_one_line_error(cli("label", "-o", str(tmp_path / "l.jsonl"), "--cut", "32", "--cut", "16"), "cuts")
+
+
+
+def test_label_reuses_samples_an_eval_pool_already_generated(engine: Engine, tmp_path: Path):
+    """Scores are taken on scratch forks, so an eval pool (any scorer, any prune points) holds exactly the samples
+    labelling would draw: with matching sampling settings nothing is generated again."""
+    from edge_adapt.eval.pool import PoolSettings, build_pool
+    from edge_adapt.tasks import arith_suite
+    from test_eval_standin import StandInSelfEval
+
+    suite = arith_suite("train", 2)
+    settings = PoolSettings(k=4, max_tokens=20, prune_points=(8,))
+    evald = list(build_pool(engine, StandInSelfEval(engine), suite, settings, tmp_path))
+    before = engine.decoded_tokens
+    out = label(LabelConfig(out=tmp_path / "l.jsonl", n_prompts=2, k=4, max_tokens=20, cuts=[8], cache_dir=tmp_path,
+                            progress=False), engine)
+    assert engine.decoded_tokens == before
+    got = read_labels(out).prompts
+    assert [[r["ids"] for r in p["rows"] if r["cut"] is None] for p in got] == [
+        [list(s.tokens) for s in (*e.pool.samples, e.pool.greedy)] for e in evald]
