@@ -74,8 +74,23 @@ def generate(e: Engine, scorer: SelfEvaluator | None, score_at: tuple[int, ...] 
         e.release(root)
 
 
-def test_default_suffix_is_chatml_question_turn(engine):
+UNTRAINED = SelfEvalConfig(default_adapter=False)  # the model's own answer, without the shipped adapter
+
+
+def test_default_model_scores_with_the_shipped_adapter_and_its_suffix(engine):
+    from edge_adapt.engine.default_model import default_selfeval_adapter
+
+    shipped = default_selfeval_adapter()
+    assert shipped is not None, "models/smollm2-135m-selfeval.gguf is not installed with the package"
     ev = SelfEvaluator(engine)
+    assert ev.config.adapter == shipped and ev.config.format == "raw"
+    assert ev.suffix == engine.tokenize("<|im_end|>Restart?") and len(ev.suffix) == 4
+    assert ev.adapter is not None and ev.adapter.invocation_tokens == ev.suffix and ev.base_part == []
+    assert engine.detokenize([ev.yes_token]) == " Yes" and engine.detokenize([ev.no_token]) == " No"
+
+
+def test_untrained_suffix_is_chatml_question_turn(engine):
+    ev = SelfEvaluator(engine, UNTRAINED)
     assert ev.suffix == engine.tokenize(
         '<|im_end|>\n<|im_start|>user\nWould you do better if you started over? ("Yes." or "No.")<|im_end|>\n'
         "<|im_start|>assistant\n"
@@ -105,8 +120,8 @@ def test_scratch_score_equals_decoding_everything_from_scratch(engine):
     samples' own scores equal the replay's with split KV. llama.cpp rounds differently when several
     sequences share one decode in a unified KV, or when the response is decoded as one many-token batch,
     so those comparisons get a tolerance (seen up to 0.06 on this Q4_1 model; the gap is the kernels', not the fork's: one sample alone
-    matches exactly)."""
-    ev = SelfEvaluator(engine)
+    matches exactly). Without an adapter, so that "decoding everything" needs no adapter switching."""
+    ev = SelfEvaluator(engine, UNTRAINED)
     prompt = engine.tokenize(engine.chat_prompt(PROMPT))
     root = engine.open(prompt)
     samples = engine.start(root, PARAMS, max_tokens=48)
@@ -156,7 +171,7 @@ def test_adapter_is_on_only_while_scoring(engine, lora):
     root = engine.open(engine.tokenize(engine.chat_prompt(PROMPT)))
     samples = engine.start(root, PARAMS[:1], max_tokens=16)
     list(engine.advance(samples))
-    on, off = with_adapter.score(samples)[0], SelfEvaluator(engine).score(samples)[0]
+    on, off = with_adapter.score(samples)[0], SelfEvaluator(engine, UNTRAINED).score(samples)[0]
     assert abs(on - off) > 1e-4  # ...and the adapter did change the score
     engine.release(samples[0].seq)
     engine.release(root)
@@ -205,5 +220,5 @@ def test_strategies_run_on_the_model(engine, strategy):
     events = list(run_strategy(engine, "What is 2 + 2?", cfg))
     usage = events[-1].usage
     assert isinstance(events[-2], Chosen)
-    assert usage.selfeval_tokens > 0 and usage.selfeval_tokens % 27 == 0
+    assert usage.selfeval_tokens > 0 and usage.selfeval_tokens % 4 == 0  # the shipped adapter's 4-token suffix
     assert engine.free_sequences == free

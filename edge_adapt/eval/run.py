@@ -104,7 +104,12 @@ def run_eval(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalS
         engine = Engine(model=cfg.model, parallel=cfg.k + 2, ctx=512, threads=cfg.threads)
     try:
         if scorer is None:
-            scorer = load_selfeval(cfg.selfeval)(engine, adapter_path=cfg.adapter)
+            extra: dict[str, Any] = {}
+            if not cfg.default_adapter:
+                from edge_adapt.selfeval import SelfEvalConfig
+
+                extra["config"] = SelfEvalConfig(default_adapter=False)
+            scorer = load_selfeval(cfg.selfeval)(engine, adapter_path=cfg.adapter, **extra)
         identity = model_identity(engine, scorer, cfg.adapter)
         out_dir = Path(cfg.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

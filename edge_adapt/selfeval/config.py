@@ -38,6 +38,8 @@ class SelfEvalConfig(BaseModel):
     no: str = Field("No", min_length=1, description="the answer meaning 'keep this response'; one token")
     adapter: Path | None = Field(None, description="LoRA / aLoRA GGUF switched on only while scoring")
     adapter_scale: float = Field(1.0, gt=0)
+    default_adapter: bool = Field(True, description="with the embedded default model and no adapter given, score "
+                                                    "with the self-eval adapter shipped for it")
 
     @model_validator(mode="after")
     def _check(self) -> SelfEvalConfig:

@@ -24,9 +24,18 @@ def p_keep(logits: np.ndarray, yes: int, no: int) -> np.ndarray:
 
 def resolve_config(engine: Engine, config: SelfEvalConfig | None, adapter_path: str | Path | None) -> SelfEvalConfig:
     """The model's `edge_adapt.self_eval.*` keys, overridden by the adapter's, overridden by the fields
-    the explicit config sets (so `SelfEvalConfig(adapter=p)` still takes the question p was trained on)."""
+    the explicit config sets (so `SelfEvalConfig(adapter=p)` still takes the question p was trained on).
+
+    The embedded default model, given no adapter and no self-eval metadata of its own, gets the adapter
+    trained for it (shipped in the package): untrained, its self-eval ranks answers no better than chance.
+    """
     path = adapter_path if adapter_path is not None else (config.adapter if config is not None else None)
     meta: dict[str, Any] = dict(engine.info.edge_adapt)
+    if path is None and (config is None or config.default_adapter) and not any(k.startswith("self_eval.") for k in meta):
+        from edge_adapt.engine.default_model import default_selfeval_adapter, is_default_model
+
+        if is_default_model(engine.model_path):
+            path = default_selfeval_adapter()
     if path is not None:
         from edge_adapt.engine.gguf_file import inspect_gguf
 

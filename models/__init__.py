@@ -1,0 +1,1 @@
+"""Trained artefacts shipped with edge-adapt (installed as `edge_adapt.models`): see README.md here."""
