@@ -46,6 +46,10 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", help="show llama.cpp's ow
 TempOpt = Annotated[float, typer.Option("--temp", help="sampling temperature (0: greedy)", min=0.0)]
 MaxTokOpt = Annotated[int, typer.Option("--max-tokens", help="most tokens to generate per sample", min=1)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed (sample i uses seed + i)")]
+SuiteOpt = Annotated[str, typer.Option("--suite", help="arith, gsm8k, or a user suite .jsonl file")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="suite file (gsm8k: the shared training split by default)")]
+ScorerOpt = Annotated[Optional[str], typer.Option("--scorer", help="final-number | exact | regex:PATTERN | module:function")]
+CacheOpt = Annotated[Path, typer.Option("--cache", help="sample pool cache (resumable; shared by eval and label)")]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="keep the k most likely tokens (0: off)", min=0)]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="nucleus sampling mass", min=0.0, max=1.0)]
 MinPOpt = Annotated[float, typer.Option("--min-p", help="drop tokens below min-p x the top probability", min=0.0, max=1.0)]
@@ -467,10 +471,10 @@ def bench(
 # -- eval ---------------------------------------------------------------------------------------------------
 @app.command("eval")
 def eval_cmd(
-    suite: Annotated[str, typer.Option("--suite", help="arith, gsm8k, or a user suite .jsonl file")] = "arith",
+    suite: SuiteOpt = "arith",
     split: Annotated[str, typer.Option("--split", help="arith split: train, validation or test")] = "test",
-    data: Annotated[Optional[Path], typer.Option("--data", help="suite file (gsm8k: the shared training split by default)")] = None,
-    scorer: Annotated[Optional[str], typer.Option("--scorer", help="final-number | exact | regex:PATTERN | module:function")] = None,
+    data: DataOpt = None,
+    scorer: ScorerOpt = None,
     n_prompts: Annotated[int, typer.Option("--prompts", help="prompts to evaluate", min=1)] = 200,
     k: Annotated[int, typer.Option("-k", "--samples", help="samples per prompt in the pool", min=1, max=64)] = 16,
     temp: Annotated[float, typer.Option("--temp", help="sampling temperature of the pool")] = 0.7,
@@ -482,7 +486,7 @@ def eval_cmd(
     adapter: AdapterOpt = None,
     model: ModelOpt = None,
     threads: ThreadsOpt = None,
-    cache_dir: Annotated[Path, typer.Option("--cache", help="sample pool cache (resumable)")] = Path("runs/eval-cache"),
+    cache_dir: CacheOpt = Path("runs/eval-cache"),
     out: Annotated[Path, typer.Option("--out", "-o", help="report directory")] = Path("runs/eval"),
 ) -> None:
     """Build (or resume) a sample pool, replay strategies over it, and write a report with plots."""
@@ -505,13 +509,21 @@ def eval_cmd(
 
 
 # -- label / train: teaching the model to evaluate itself ---------------------------------------------------
+def _work_progress() -> Any:
+    """The progress display of long jobs (the one `eval` shows)."""
+    from edge_adapt.eval.run import progress_display
+
+    return progress_display(True)
+
+
+
 @app.command("label")
 def label_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="label dataset to write (.jsonl)")],
-    suite: Annotated[str, typer.Option("--suite", help="arith, gsm8k, or a user suite .jsonl file")] = "arith",
+    suite: SuiteOpt = "arith",
     split: Annotated[str, typer.Option("--split", help="arith split (never the one you report on)")] = "train",
-    data: Annotated[Optional[Path], typer.Option("--data", help="suite file (gsm8k: the shared training split by default)")] = None,
-    scorer: Annotated[Optional[str], typer.Option("--scorer", help="final-number | exact | regex:PATTERN | module:function")] = None,
+    data: DataOpt = None,
+    scorer: ScorerOpt = None,
     n_prompts: Annotated[int, typer.Option("--prompts", help="training prompts to label", min=1)] = 300,
     k: Annotated[int, typer.Option("-k", "--samples", help="samples per prompt", min=2, max=64)] = 16,
     temp: Annotated[float, typer.Option("--temp", help="sampling temperature")] = 0.7,
@@ -520,12 +532,11 @@ def label_cmd(
     seed: SeedOpt = 0,
     model: ModelOpt = None,
     threads: ThreadsOpt = None,
-    cache_dir: Annotated[Path, typer.Option("--cache", help="sample pool cache (resumable; shared with eval)")] = Path("runs/eval-cache"),
+    cache_dir: CacheOpt = Path("runs/eval-cache"),
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing dataset")] = False,
 ) -> None:
     """Sample K responses per training prompt and label each with its self-eval target."""
     from pydantic import ValidationError
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from edge_adapt.train import LabelConfig, label_iter
 
@@ -540,8 +551,7 @@ def label_cmd(
         raise UsageError(one_line(exc, "label")) from None
     t0 = time.perf_counter()
     tokens = generated = 0
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), TextColumn("{task.fields[info]}")) as bar:
+    with _work_progress() as bar:
         task = bar.add_task(f"label {suite}/{split} K={k}", total=n_prompts, info="")
         for step in label_iter(cfg):
             tokens += step.tokens
@@ -572,7 +582,6 @@ def train_cmd(
 ) -> None:
     """Train the self-eval adapter (needs the [train] extra) and export it to GGUF."""
     from pydantic import ValidationError
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     try:
         from edge_adapt.train.config import TrainConfig
@@ -588,8 +597,7 @@ def train_cmd(
                           threads=threads, seed=seed, force=force)
     except ValidationError as exc:
         raise UsageError(one_line(exc, "train")) from None
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), TextColumn("{task.fields[info]}")) as bar:
+    with _work_progress() as bar:
         tasks: dict[str, int] = {}
 
         def update(stage: str, done: int, total: int, info: str) -> None:

@@ -39,6 +39,11 @@ class EvalConfig(BaseModel):
     @field_validator("prune_points")
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
-        if any(b <= a for a, b in zip(v, v[1:])) or any(p < 1 for p in v):
-            raise ValueError("prune_points must be positive and strictly increasing")
-        return v
+        return token_points(v, "prune_points")
+
+
+def token_points(v: list[int], what: str) -> list[int]:
+    """Token counts at which something happens (prune points, cuts): positive and strictly increasing."""
+    if any(b <= a for a, b in zip(v, v[1:])) or any(p < 1 for p in v):
+        raise ValueError(f"{what} must be positive and strictly increasing")
+    return v

@@ -51,7 +51,7 @@ def suite_for(cfg: EvalConfig) -> Suite:
     return load_suite(cfg.suite, split=cfg.split, n=cfg.n_prompts, path=cfg.data, scorer=cfg.scorer, seed=cfg.seed)
 
 
-def _progress(enabled: bool) -> Any:
+def progress_display(enabled: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -116,7 +116,7 @@ def run_eval(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalS
         pools: list[PromptPool] = []
         generated = tokens = 0
         t0 = time.perf_counter()
-        with _progress(cfg.progress) as progress:
+        with progress_display(cfg.progress) as progress:
             task = progress.add_task(f"pool {suite.name}/{suite.split} K={settings.k}", total=len(suite), info="")
             for step in build_pool(engine, scorer, suite, settings, cfg.cache_dir, identity):
                 pools.append(step.pool)

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edge_adapt.engine import Engine, Sample
 from edge_adapt.errors import UsageError
+from edge_adapt.eval.config import token_points
 from edge_adapt.eval.pool import PoolSettings, PromptPool, build_pool, model_identity, samples_in
 from edge_adapt.fileio import atomic_file, check_target
 from edge_adapt.tasks import load_suite
@@ -67,9 +68,7 @@ class LabelConfig(BaseModel):
     @field_validator("cuts")
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
-        if any(b <= a for a, b in zip(v, v[1:])) or any(p < 1 for p in v):
-            raise ValueError("cuts must be positive and strictly increasing")
-        return v
+        return token_points(v, "cuts")
 
 
 def targets(scores: Sequence[float]) -> list[float]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 import random
 import time
 from collections.abc import Callable
@@ -134,7 +135,7 @@ class _Scorer:
         from transformers import DynamicCache
 
         ctx = torch.enable_grad() if grad else torch.no_grad()
-        off = self.peft.disable_adapter() if self.peft is not None else _null()
+        off = self.peft.disable_adapter() if self.peft is not None else nullcontext()
         with ctx, off:
             p = torch.tensor([group.prompt_ids], dtype=torch.long, device=self.device)
             cache = self.base.model(input_ids=p, use_cache=True, past_key_values=DynamicCache()).past_key_values
@@ -200,14 +201,6 @@ class _Scorer:
             target[i, max(n - 1, 0) :] = -100
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                  ignore_index=-100)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
 
 
 def bce(diff: Any, target: Any) -> Any:
