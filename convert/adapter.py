@@ -156,10 +156,7 @@ def convert_adapter(
     t0 = time.perf_counter()
     out_path = Path(out)
     check_target(out_path, force=force)
-    if isinstance(self_eval_config, dict):
-        self_eval = self_eval_config
-    else:
-        self_eval = read_self_eval_config(self_eval_config) if self_eval_config is not None else {}
+    self_eval = read_self_eval_config(self_eval_config)
     info = inspect_gguf(base, expect="model")
     adapter = load_peft_adapter(peft_dir)
     reader = gguf.GGUFReader(info.path)

@@ -93,15 +93,21 @@ def _nbytes(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...], np.dtype
     return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
 
 
-def read_self_eval_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A flat JSON object whose values GGUF can hold: str, int, float, bool, or a non-empty list of one of those."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{p}: self-eval config not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{p}: not valid JSON ({exc.__class__.__name__})") from None
+def read_self_eval_config(source: str | os.PathLike[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """A flat mapping whose values GGUF can hold (str, int, float, bool, or a non-empty list of one of those),
+    given as a dict or a JSON file; None is no metadata."""
+    if source is None:
+        return {}
+    p = Path("self-eval config") if isinstance(source, dict) else Path(source)
+    if isinstance(source, dict):
+        data: Any = source
+    else:
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"{p}: self-eval config not found") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"{p}: not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise UsageError(f"{p}: the self-eval config must be a JSON object")
     for key, value in data.items():
@@ -177,10 +183,7 @@ def convert_model(
         raise UsageError(f"unknown type {type!r}; choose one of {', '.join(TYPES)}")
     out_path = Path(out)
     check_target(out_path, force=force)
-    if isinstance(self_eval_config, dict):
-        self_eval = self_eval_config
-    else:
-        self_eval = read_self_eval_config(self_eval_config) if self_eval_config is not None else {}
+    self_eval = read_self_eval_config(self_eval_config)
     require_torch()
 
     with Checkpoint.open(hf_dir) as ckpt:
