@@ -190,3 +190,29 @@ def test_label_reuses_samples_an_eval_pool_already_generated(engine: Engine, tmp
     got = read_labels(out).prompts
     assert [[r["ids"] for r in p["rows"] if r["cut"] is None] for p in got] == [
         [list(s.tokens) for s in (*e.pool.samples, e.pool.greedy)] for e in evald]
+
+
+@pytest.mark.slow
+def test_full_fine_tune_exports_a_self_describing_model(tmp_path: Path, engine: Engine):
+    """Method `full` (with the LM loss that keeps the responses' distribution) exports a merged model whose
+    metadata carries the suffix: the runtime scores with it and no adapter."""
+    pytest.importorskip("peft")
+    from edge_adapt.selfeval import SelfEvaluator
+    from edge_adapt.train.config import TrainConfig
+    from edge_adapt.train.trainer import train
+
+    common = dict(k=3, max_tokens=16, cuts=[8], cache_dir=tmp_path / "cache", progress=False)
+    tr = label(LabelConfig(out=tmp_path / "train.jsonl", split="train", n_prompts=2, **common), engine)
+    va = label(LabelConfig(out=tmp_path / "val.jsonl", split="validation", n_prompts=1, **common), engine)
+    result = train(TrainConfig(labels=tr, validation=va, out=tmp_path / "full", method="full", lm_loss=0.1,
+                               max_steps=1, prompts_per_step=1, validate_before=False, threads=2, progress=False))
+    assert result.exported.name == "model.gguf"
+    with Engine(model=result.exported, parallel=2, ctx=128) as merged:
+        ev = SelfEvaluator(merged)
+        assert ev.adapter is None and ev.config.suffix == "<|im_end|>Restart?"
+        root = merged.open(merged.tokenize(merged.chat_prompt([{"role": "user", "content": "What is 1 + 1?"}])))
+        try:
+            (p,) = ev.score([root])
+        finally:
+            merged.release(root)
+        assert 0.0 < p < 1.0
