@@ -103,11 +103,11 @@ class _Scorer:
 
         self.torch = torch
         self.cfg = cfg
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        # `full` checkpoints are whole models; (a)LoRA checkpoints are adapters on the base.
+        source = checkpoint if cfg.method == "full" and checkpoint is not None else hf_dir
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         model.config.use_cache = True
         if cfg.method == "full":
-            if checkpoint is not None:
-                model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
             self.model = model
             self.peft = None
         elif checkpoint is not None:
