@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.exceptions import TyperException
 
-from edge_adapt.errors import EdgeAdaptError, UsageError, one_line
+from edge_adapt.errors import EdgeAdaptError, UsageError, validated
 
 app = typer.Typer(
     help="Adaptive inference-time compute for small local models on llama.cpp.",
@@ -490,8 +490,6 @@ def eval_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="report directory")] = Path("runs/eval"),
 ) -> None:
     """Build (or resume) a sample pool, replay strategies over it, and write a report with plots."""
-    from pydantic import ValidationError
-
     from edge_adapt.eval import EvalConfig, run_eval
 
     fields = dict(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temperature=temp,
@@ -500,10 +498,7 @@ def eval_cmd(
                   cache_dir=cache_dir, out_dir=out, live=live or [], live_prompts=live_prompts)
     if prune_at:
         fields["prune_points"] = prune_at
-    try:
-        cfg = EvalConfig(**fields)
-    except ValidationError as exc:
-        raise UsageError(one_line(exc, "eval")) from None
+    cfg = validated(EvalConfig, fields, "eval")
     run_eval(cfg)
     print(f"report written to {out / 'report.md'}")
 
@@ -536,8 +531,6 @@ def label_cmd(
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing dataset")] = False,
 ) -> None:
     """Sample K responses per training prompt and label each with its self-eval target."""
-    from pydantic import ValidationError
-
     from edge_adapt.train import LabelConfig, label_iter
 
     fields = dict(out=out, suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k,
@@ -545,10 +538,7 @@ def label_cmd(
                   cache_dir=cache_dir, force=force)
     if cut:
         fields["cuts"] = cut
-    try:
-        cfg = LabelConfig(**fields)
-    except ValidationError as exc:
-        raise UsageError(one_line(exc, "label")) from None
+    cfg = validated(LabelConfig, fields, "label")
     t0 = time.perf_counter()
     tokens = generated = 0
     with _work_progress() as bar:
@@ -581,8 +571,6 @@ def train_cmd(
     force: Annotated[bool, typer.Option("--force", help="overwrite a non-empty output directory")] = False,
 ) -> None:
     """Train the self-eval adapter (needs the [train] extra) and export it to GGUF."""
-    from pydantic import ValidationError
-
     try:
         from edge_adapt.train.config import TrainConfig
         from edge_adapt.train.trainer import train
@@ -590,13 +578,10 @@ def train_cmd(
         import torch  # noqa: F401
     except ImportError as exc:
         raise UsageError(f"training needs the [train] extra: pip install 'edge-adapt[train]' ({exc.name} is missing)") from None
-    try:
-        cfg = TrainConfig(labels=labels, validation=validation, out=out, method=method, target=target, epochs=epochs, lr=lr, rank=rank,
-                          prompts_per_step=prompts_per_step, lm_loss=lm_loss, max_steps=max_steps, model=model,
-                          validate_before=validate_before,
-                          threads=threads, seed=seed, force=force)
-    except ValidationError as exc:
-        raise UsageError(one_line(exc, "train")) from None
+    cfg = validated(TrainConfig, dict(
+        labels=labels, validation=validation, out=out, method=method, target=target, epochs=epochs, lr=lr, rank=rank,
+        prompts_per_step=prompts_per_step, lm_loss=lm_loss, max_steps=max_steps, model=model,
+        validate_before=validate_before, threads=threads, seed=seed, force=force), "train")
     with _work_progress() as bar:
         tasks: dict[str, int] = {}
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from pydantic import ValidationError
+    from pydantic import BaseModel, ValidationError
+
+    M = TypeVar("M", bound=BaseModel)
 
 
 class EdgeAdaptError(Exception):
@@ -44,3 +47,13 @@ def one_line(exc: ValidationError, what: str) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     return f"{what}: " + "; ".join(parts)
+
+
+def validated(cls: type[M], data: Mapping[str, Any], what: str) -> M:
+    """`cls` built from user-written settings, or a one-line UsageError naming `what`."""
+    from pydantic import ValidationError
+
+    try:
+        return cls.model_validate(dict(data))
+    except ValidationError as exc:
+        raise UsageError(one_line(exc, what)) from None

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edge_adapt.errors import UsageError, one_line
+from edge_adapt.errors import UsageError, validated
 
 DEFAULT_QUESTION = 'Would you do better if you started over? ("Yes." or "No.")'
 
@@ -52,10 +52,7 @@ class SelfEvalConfig(BaseModel):
     @classmethod
     def parse(cls, data: Mapping[str, Any], what: str = "self-eval config") -> SelfEvalConfig:
         """Validate, turning pydantic's report into a one-line UsageError."""
-        try:
-            return cls.model_validate(dict(data))
-        except ValidationError as exc:
-            raise UsageError(one_line(exc, what)) from None
+        return validated(cls, data, what)
 
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> SelfEvalConfig:

@@ -7,10 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edge_adapt.errors import UsageError
-from edge_adapt.errors import one_line
+from edge_adapt.errors import validated
 from edge_adapt.selfeval.config import SelfEvalConfig, load_mapping
 
 STRATEGY_NAMES = ("single", "best-of-n", "adaptive", "prune", "adaptive+prune", "vote", "weighted-vote")
@@ -92,10 +91,7 @@ class StrategyConfig(BaseModel):
     @classmethod
     def parse(cls, data: Mapping[str, Any], what: str = "strategy config") -> StrategyConfig:
         """Validate, turning pydantic's report into a one-line UsageError."""
-        try:
-            return cls.model_validate(dict(data))
-        except ValidationError as exc:
-            raise UsageError(one_line(exc, what)) from None
+        return validated(cls, data, what)
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> StrategyConfig:
