@@ -98,10 +98,10 @@ def read_self_eval_config(source: str | os.PathLike[str] | dict[str, Any] | None
     given as a dict or a JSON file; None is no metadata."""
     if source is None:
         return {}
-    p = Path("self-eval config") if isinstance(source, dict) else Path(source)
-    if isinstance(source, dict):
-        data: Any = source
-    else:
+    data: Any = source
+    p = Path("self-eval config")
+    if not isinstance(source, dict):
+        p = Path(source)
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
