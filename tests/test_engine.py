@@ -162,3 +162,52 @@ def test_prompt_longer_than_context_is_refused(engine: Engine):
 
     with pytest.raises(ContextOverflowError, match="do not fit"):
         list(engine.generate(list(range(1000, 1300)), GREEDY, max_tokens=4))
+
+
+# -- steps and branches (beam search) ---------------------------------------------------------------------
+def test_advance_pauses_at_a_step_end_and_resumes(engine: Engine):
+    tokens = engine.tokenize(engine.chat_prompt([{"role": "user", "content": "List three fruits, one per line."}]))
+    whole = _tokens_alone(engine, tokens, GREEDY, 40)
+    root = engine.open(tokens)
+    (s,) = engine.start(root, [GREEDY], max_tokens=40, consume_root=True)
+    list(engine.advance([s], max_new=6))
+    assert len(s.generated) == 6 and s.finish is None  # paused, not finished
+    list(engine.advance([s], pause_on="\n"))
+    if s.finish is None:
+        assert "\n" in engine.detokenize(s.generated[-1:])  # stopped on the token that ends the line
+    list(engine.advance([s]))
+    engine.release(s.seq)
+    assert s.generated == whole  # pausing changes nothing about what is generated
+
+
+def test_beam_expansion_continues_exactly_like_its_parent(engine: Engine):
+    tokens = _prompt(engine)
+    root = engine.open(tokens)
+    (parent,) = engine.start(root, [GREEDY], max_tokens=30, consume_root=True)
+    list(engine.advance([parent], max_new=10))
+    kids = engine.branch(parent, [GREEDY, GREEDY], first_index=1)
+    decoded = engine.decoded_tokens
+    assert [k.generated for k in kids] == [parent.generated] * 2 and kids[0].text == parent.text
+    assert [k.seq.n_past for k in kids] == [parent.seq.n_past] * 2
+    list(engine.advance([parent] + kids))
+    assert engine.decoded_tokens - decoded == 3 * 20  # only the 20 new tokens each: nothing of the shared past
+    for s in [parent] + kids:
+        engine.release(s.seq)
+    assert kids[0].generated == kids[1].generated == parent.generated
+
+
+def test_freeing_pruned_beams_returns_their_memory(engine: Engine):
+    root = engine.open(_prompt(engine))
+    (parent,) = engine.start(root, [SAMPLED], max_tokens=20, consume_root=True)
+    list(engine.advance([parent], max_new=8))
+    free = engine.free_sequences
+    kids = engine.branch(parent, [SAMPLED] * 4, first_index=1)
+    list(engine.advance(kids, max_new=4))
+    assert engine.free_sequences == free - 4
+    assert all(engine.ctx.seq_pos_max(k.seq.id) >= 8 for k in kids)
+    ids = [k.seq.id for k in kids]
+    for k in kids:
+        engine.release(k.seq)
+    assert engine.free_sequences == free
+    assert all(engine.ctx.seq_pos_max(i) == -1 for i in ids)  # their KV cells are empty again
+    engine.release(parent.seq)

@@ -38,7 +38,11 @@ class FakeEngine:
         self.n_ctx_seq = n_ctx_seq
         self._free = list(range(parallel))
         self.decode_calls = 0
+        self.extended = 0
         self.started: list[Sample] = []
+        self.branched: list[Sample] = []
+        self.contexts: list[list[int]] = []  # each started sample's prompt tokens
+        self.fingerprint = "fake"
 
     @property
     def free_sequences(self) -> int:
@@ -53,20 +57,54 @@ class FakeEngine:
         self.decode_calls += 1
         return Sequence(self._take(), list(tokens), len(tokens), np.zeros(4, np.float32))
 
-    def start(self, root, params, *, max_tokens, stop=(), first_index=0) -> list[Sample]:
+    def start(self, root, params, *, max_tokens, stop=(), first_index=0, consume_root=False) -> list[Sample]:
+        forks = len(params) - consume_root
+        if forks > self.free_sequences:
+            raise BudgetError("not enough sequences")
+        seqs = [Sequence(self._take(), list(root.tokens), len(root.tokens), root.logits) for _ in range(forks)]
+        new = [
+            Sample(first_index + i, seq, p, max_tokens, TextStream(tuple(stop)), np.random.default_rng(p.seed))
+            for i, (seq, p) in enumerate(zip(seqs + ([root] if consume_root else []), params))
+        ]
+        self.started.extend(new)
+        self.contexts.extend(list(root.tokens) for _ in new)
+        return new
+
+    def branch(self, parent, params, *, first_index=0) -> list[Sample]:
+        assert parent.finish is None
         if len(params) > self.free_sequences:
             raise BudgetError("not enough sequences")
         new = [
-            Sample(first_index + i, Sequence(self._take(), list(root.tokens), len(root.tokens), root.logits), p,
-                   max_tokens, TextStream(tuple(stop)), np.random.default_rng(p.seed))
+            Sample(first_index + i, Sequence(self._take(), list(parent.seq.tokens), parent.seq.n_past, parent.seq.logits),
+                   p, parent.max_tokens, parent.stream.copy(), np.random.default_rng(p.seed),
+                   list(parent.generated), list(parent.logprobs))
             for i, p in enumerate(params)
         ]
-        self.started.extend(new)
+        self.branched.extend(new)
         return new
 
-    def advance(self, samples: Seq[Sample], until: int | None = None) -> Iterator:
-        limit = {s.index: min(s.max_tokens, until or s.max_tokens) for s in samples}
+    def extend(self, updates) -> None:
+        self.decode_calls += 1
+        for seq, new in updates:
+            seq.tokens.extend(new)
+            seq.n_past = len(seq.tokens)
+            self.extended += len(new)
+
+    def truncate(self, seq: Sequence, n: int) -> None:
+        del seq.tokens[n:]
+        seq.n_past = min(seq.n_past, n)
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def chat_prompt(self, messages) -> str:
+        return "".join(f"<{m['role']}>{m['content']}</>" for m in messages) + "<assistant>"
+
+    def advance(self, samples: Seq[Sample], until: int | None = None, *, max_new=None, pause_on=None) -> Iterator:
+        limit = {s.index: min(s.max_tokens, until or s.max_tokens,
+                              len(s.generated) + max_new if max_new else s.max_tokens) for s in samples}
         live = [s for s in samples if s.finish is None and len(s.generated) < limit[s.index]]
+        paused = set()
         while live:
             self.decode_calls += 1
             for s in live:
@@ -80,7 +118,7 @@ class FakeEngine:
                     yield Token(s.index, EOS, "", lp)
                     yield Finished(s.index, "eos", s.text, len(s.generated), s.sum_logprob)
                     continue
-                tok = 1000 + n
+                tok = 1000 + 100 * s.index + n
                 s.generated.append(tok)
                 s.seq.tokens.append(tok)
                 s.seq.n_past += 1
@@ -90,7 +128,9 @@ class FakeEngine:
                 yield Token(s.index, tok, text, lp)
                 if s.finish:
                     yield Finished(s.index, s.finish, s.text, len(s.generated), s.sum_logprob)
-            live = [s for s in live if s.finish is None and len(s.generated) < limit[s.index]]
+                elif pause_on and pause_on in text:
+                    paused.add(s.index)
+            live = [s for s in live if s.finish is None and len(s.generated) < limit[s.index] and s.index not in paused]
 
     def release(self, seq: Sequence) -> None:
         assert seq.id not in self._free, f"sequence {seq.id} released twice"
@@ -345,7 +385,8 @@ def test_compute_account_adds_up(cfg):
 
 
 def test_every_strategy_is_registered():
-    assert set(STRATEGIES) == {"single", "best-of-n", "adaptive", "prune", "adaptive+prune", "vote", "weighted-vote"}
+    assert set(STRATEGIES) == {"single", "best-of-n", "adaptive", "prune", "adaptive+prune", "vote", "weighted-vote",
+                               "weighted-best-of-n", "beam", "lookahead", "revise", "auto"}
 
 
 def test_stopping_the_stream_early_gives_sequences_back():
@@ -384,7 +425,10 @@ def test_context_too_small_is_a_clear_error():
         (dict(strategy="prune", budget=4, k=8), "k (8) must be <= budget (4)"),
         (dict(threshold=1.5), "threshold: Input should be less than or equal to 1"),
         (dict(threshold=-0.1), "threshold: Input should be greater than or equal to 0"),
-        (dict(strategy="beam"), "unknown strategy 'beam'"),
+        (dict(strategy="bean"), "unknown strategy 'bean'"),
+        (dict(strategy="beam", budget=6, beam_width=4), "budget (6) must be a multiple of the beam width M (4)"),
+        (dict(strategy="lookahead", budget=2, beam_width=4), "budget (2) must be a multiple"),
+        (dict(strategy="revise", budget=1), "revise needs a budget of at least 2"),
         (dict(strategy="prune", prune_at=[32, 300], max_tokens=256), "prune point 300 is not below max_tokens (256)"),
         (dict(strategy="prune", prune_at=[64, 32]), "must be increasing"),
         (dict(extractor="regex"), "needs a `pattern`"),

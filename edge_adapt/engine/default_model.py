@@ -34,15 +34,28 @@ def default_model_path() -> Path:
 DEFAULT_SELFEVAL_ADAPTER = "smollm2-135m-selfeval.gguf"
 
 
-def default_selfeval_adapter() -> Path | None:
-    """The shipped self-eval adapter for the default model, or None when this install has none."""
+# The compute-optimal policy tuned for the default model with that adapter (`edge-adapt tune-policy`).
+DEFAULT_POLICY = "smollm2-135m-policy.json"
+
+
+def _shipped(name: str) -> Path | None:
     from importlib import resources
 
     try:
-        f = resources.files("edge_adapt.models") / DEFAULT_SELFEVAL_ADAPTER
+        f = resources.files("edge_adapt.models") / name
     except ModuleNotFoundError:
         return None
     return Path(str(f)) if f.is_file() else None
+
+
+def default_selfeval_adapter() -> Path | None:
+    """The shipped self-eval adapter for the default model, or None when this install has none."""
+    return _shipped(DEFAULT_SELFEVAL_ADAPTER)
+
+
+def default_policy() -> Path | None:
+    """The shipped `auto` policy for the default model, or None when this install has none."""
+    return _shipped(DEFAULT_POLICY)
 
 
 def is_default_model(path: Path) -> bool:

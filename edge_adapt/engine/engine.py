@@ -393,17 +393,45 @@ class Engine:
             for i, (seq, p) in enumerate(zip(seqs, params))
         ]
 
-    def advance(self, samples: Seq[Sample], until: int | None = None) -> Iterator[Event]:
+    def branch(self, parent: Sample, params: Seq[SamplingParams], *, first_index: int = 0) -> list[Sample]:
+        """Fork a paused sample into one child per entry of `params`: each child's KV is a copy of the
+        parent's (`seq_cp`, nothing decoded again) and it carries the parent's tokens, log-probabilities and
+        text, so it reads as the parent's continuation. The parent is left as it is; release it when done."""
+        if parent.finish is not None:
+            raise EngineError(f"sample {parent.index} has finished ({parent.finish}); it cannot be continued")
+        if len(params) > self.free_sequences:
+            raise BudgetError(
+                f"branching into {len(params)} samples needs {len(params)} free sequences, {self.free_sequences} "
+                f"are left (the engine holds {self.options.parallel})"
+            )
+        children = []
+        for i, p in enumerate(params):
+            children.append(Sample(
+                first_index + i, self.fork(parent.seq), p, parent.max_tokens, parent.stream.copy(),
+                np.random.default_rng(p.seed),
+                list(parent.generated), list(parent.logprobs),
+            ))
+        return children
+
+    def advance(
+        self, samples: Seq[Sample], until: int | None = None, *, max_new: int | None = None, pause_on: str | None = None
+    ) -> Iterator[Event]:
         """Generate for all unfinished samples, one batched decode per step, until each has `until` tokens,
         hits max_tokens, a stop string or an end-of-generation token.
+
+        Steps: with `max_new` a sample pauses after that many new tokens, with `pause_on` after a token
+        whose text contains that string (a reasoning step's end). A paused sample is not finished: the
+        next `advance` (or `branch`) continues it.
 
         Sampled tokens other than end-of-generation are decoded into the sample's KV even on the last
         step, so a finished sample can be scored or continued without decoding anything again.
         """
         self._cancel.clear()
         self.ctx.request_abort(False)
-        limit = {id(s): min(s.max_tokens, until if until is not None else s.max_tokens) for s in samples}
+        limit = {id(s): min(s.max_tokens, until if until is not None else s.max_tokens,
+                            len(s.generated) + max_new if max_new is not None else s.max_tokens) for s in samples}
         live = [s for s in samples if s.finish is None and len(s.generated) < limit[id(s)]]
+        paused: set[int] = set()
         while live:
             if self._cancel.is_set():
                 yield from self._finish_all(live, "cancelled")
@@ -433,6 +461,8 @@ class Engine:
                 to_decode.append((s.seq, [t]))
                 if s.finish:
                     yield self._finished(s)
+                elif pause_on is not None and pause_on in text:
+                    paused.add(id(s))
             if to_decode:
                 try:
                     self.extend(to_decode)
@@ -445,7 +475,7 @@ class Engine:
                         sample.finish = None
                     yield from self._finish_all([s for s in live if s.finish is None], "cancelled")
                     return
-            live = [s for s in live if s.finish is None and len(s.generated) < limit[id(s)]]
+            live = [s for s in live if s.finish is None and len(s.generated) < limit[id(s)] and id(s) not in paused]
 
     def _finish_all(self, samples: Seq[Sample], reason: FinishReason) -> Iterator[Event]:
         self._cancel.clear()

@@ -36,6 +36,12 @@ class TextStream:
         self.text += out
         return out, False
 
+    def copy(self) -> TextStream:
+        """An independent stream in the same state (held-back text and a partial character included)."""
+        twin = TextStream(self.stop, self.text, self._pending)
+        twin._decoder.setstate(self._decoder.getstate())
+        return twin
+
     def flush(self) -> str:
         """End of sample: release whatever was held back (an incomplete character becomes U+FFFD)."""
         out = self._pending + self._decoder.decode(b"", final=True)

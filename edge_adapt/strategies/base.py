@@ -25,10 +25,19 @@ class EngineLike(Protocol):
     def open(self, tokens: Seq[int]) -> Sequence: ...
 
     def start(
-        self, root: Sequence, params: Seq[SamplingParams], *, max_tokens: int, stop: Seq[str] = (), first_index: int = 0
+        self, root: Sequence, params: Seq[SamplingParams], *, max_tokens: int, stop: Seq[str] = (), first_index: int = 0,
+        consume_root: bool = False,
     ) -> list[Sample]: ...
 
-    def advance(self, samples: Seq[Sample], until: int | None = None) -> Iterator[Event]: ...
+    def branch(self, parent: Sample, params: Seq[SamplingParams], *, first_index: int = 0) -> list[Sample]: ...
+
+    def advance(
+        self, samples: Seq[Sample], until: int | None = None, *, max_new: int | None = None, pause_on: str | None = None
+    ) -> Iterator[Event]: ...
+
+    def extend(self, updates: Seq[tuple[Sequence, Seq[int]]]) -> None: ...
+
+    def truncate(self, seq: Sequence, n: int) -> None: ...
 
     def release(self, seq: Sequence) -> None: ...
 
@@ -72,6 +81,39 @@ class Pool:
         self._live_ids.update(s.index for s in new)
         for s in new:
             yield SampleStarted(s.index, s.params.temperature, s.params.seed)
+
+    def branch(self, parent: Sample, n: int, temperature: float, *, announce: bool = True) -> Iterator[Event]:
+        """Continue a paused sample n ways (its KV forked, its history copied); the children are appended to
+        `self.samples`. `announce=False` for throw-away continuations (look-ahead roll-outs)."""
+        first = len(self.samples)
+        params = [sampling_params(self.config, temperature, self.config.seed + first + i) for i in range(n)]
+        new = self.engine.branch(parent, params, first_index=first)
+        self.samples.extend(new)
+        self._live_ids.update(s.index for s in new)
+        if announce:
+            for s in new:
+                yield SampleStarted(s.index, s.params.temperature, s.params.seed)
+
+    def follow(self, previous: Sample, temperature: float) -> Iterator[Event]:
+        """A new sample that takes over `previous`'s sequence (whatever was decoded into it since stays its
+        prompt); `previous` keeps its text and score but no longer owns a sequence."""
+        first = len(self.samples)
+        params = [sampling_params(self.config, temperature, self.config.seed + first)]
+        (new,) = self.engine.start(previous.seq, params, max_tokens=self.config.max_tokens, stop=self.config.stop,
+                                   first_index=first, consume_root=True)
+        self._live_ids.discard(previous.index)
+        self.samples.append(new)
+        self._live_ids.add(new.index)
+        yield SampleStarted(new.index, new.params.temperature, new.params.seed)
+
+    def stop(self, samples: Seq[Sample]) -> Iterator[Event]:
+        """End samples that are still generating where they are (finish reason 'length': a search ran out of
+        rounds); they stay candidates."""
+        for s in samples:
+            if s.finish is None:
+                s.finish = "length"
+                s.stream.flush()
+                yield Finished(s.index, "length", s.text, len(s.generated), s.sum_logprob)
 
     def score(self, scorer: Scorer, samples: Seq[Sample]) -> Iterator[Scored]:
         """Score samples in one batch (skipping finished ones scored already) and record the scores."""

@@ -12,8 +12,13 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from edge_adapt.errors import validated
 from edge_adapt.selfeval.config import SelfEvalConfig, load_mapping
 
-STRATEGY_NAMES = ("single", "best-of-n", "adaptive", "prune", "adaptive+prune", "vote", "weighted-vote")
+STRATEGY_NAMES = (
+    "single", "best-of-n", "adaptive", "prune", "adaptive+prune", "vote", "weighted-vote",
+    "weighted-best-of-n", "beam", "lookahead", "revise", "auto",
+)
 PRUNING = ("prune", "adaptive+prune")
+STEP_SEARCH = ("beam", "lookahead")
+DEFAULT_REVISE_PROMPT = "Check your answer step by step. If it is wrong, give a corrected answer; if it is right, give it again."
 
 
 class StrategyConfig(BaseModel):
@@ -46,6 +51,18 @@ class StrategyConfig(BaseModel):
     stop: tuple[str, ...] = ()
     seed: int = Field(0, ge=0, description="sample i uses seed + i")
     self_eval: SelfEvalConfig | None = Field(None, description="the scorer's suffix; the model's GGUF keys when omitted")
+    # Step search (beam, lookahead): a step ends at the delimiter or after max_step_tokens.
+    step_delimiter: str = Field("\n", min_length=1, description="beam/lookahead: the text that ends a reasoning step")
+    max_step_tokens: int = Field(24, ge=1, description="beam/lookahead: the longest step, in tokens")
+    beam_width: int = Field(4, ge=1, description="beam/lookahead: M; the top budget/M beams are kept, each expanded M ways")
+    max_rounds: int = Field(40, ge=1, description="beam/lookahead: step rounds before the search stops")
+    lookahead: int = Field(1, ge=1, description="lookahead: greedy steps rolled out before a step is scored")
+    sequential_ratio: float = Field(
+        0.5, ge=0, le=1,
+        description="revise: attempts per chain = max(1, round(budget * ratio)); chains = budget // that",
+    )
+    revise_prompt: str = Field(DEFAULT_REVISE_PROMPT, min_length=1, description="revise: the user turn before a new attempt")
+    policy: Path | None = Field(None, description="auto: compute-optimal policy JSON; the default model's shipped one when omitted")
 
     @field_validator("strategy")
     @classmethod
@@ -66,6 +83,13 @@ class StrategyConfig(BaseModel):
                 raise ValueError(f"prune_at {list(pts)} must be increasing positive token counts")
             if pts[-1] >= self.max_tokens:
                 raise ValueError(f"prune point {pts[-1]} is not below max_tokens ({self.max_tokens})")
+        if self.strategy in STEP_SEARCH and (self.budget < self.beam_width or self.budget % self.beam_width):
+            raise ValueError(
+                f"{self.strategy} keeps budget/M beams and expands each M ways: budget ({self.budget}) must be a "
+                f"multiple of the beam width M ({self.beam_width})"
+            )
+        if self.strategy == "revise" and self.budget < 2:
+            raise ValueError("revise needs a budget of at least 2 (one attempt and one revision)")
         if self.t_min > self.t_max:
             raise ValueError(f"t_min ({self.t_min}) must be <= t_max ({self.t_max})")
         if self.schedule == "exponential" and self.t_min <= 0:
@@ -87,6 +111,16 @@ class StrategyConfig(BaseModel):
         if self.k is not None or self.prune_threshold is not None:
             return self.k
         return max(1, self.budget // 4)
+
+    @property
+    def chain_length(self) -> int:
+        """revise: attempts per chain (the first attempt and its revisions)."""
+        return max(1, min(self.budget, round(self.budget * self.sequential_ratio)))
+
+    @property
+    def chains(self) -> int:
+        """revise: chains run side by side."""
+        return self.budget // self.chain_length
 
     @classmethod
     def parse(cls, data: Mapping[str, Any], what: str = "strategy config") -> StrategyConfig:

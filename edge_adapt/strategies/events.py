@@ -49,4 +49,24 @@ class Chosen:
     tally: tuple[tuple[str, float], ...] = ()  # every answer and its votes, best first
 
 
-StrategyEvent = RoundStarted | Scored | Pruned | Chosen
+@dataclass(frozen=True)
+class RolledOut:
+    """lookahead: a throw-away greedy continuation of `sample` (`n_tokens` generated, discarded afterwards)
+    was scored `p_keep`; that score is the sample's at this step."""
+
+    sample: int
+    n_tokens: int
+    p_keep: float
+
+
+@dataclass(frozen=True)
+class DifficultyEstimated:
+    """auto: the probe sample's p_keep put the prompt in `bin` (1 = easiest .. 5 = hardest); `choice` is the
+    strategy the policy picks there."""
+
+    bin: int
+    p_keep: float
+    choice: str
+
+
+StrategyEvent = RoundStarted | Scored | Pruned | Chosen | RolledOut | DifficultyEstimated

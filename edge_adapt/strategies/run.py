@@ -12,8 +12,9 @@ from edge_adapt.engine.events import Done, Event, SampleStarted, Token, Usage
 from edge_adapt.errors import BudgetError, ContextOverflowError, UsageError
 from edge_adapt.strategies.base import EngineLike, Scorer, StrategyFn
 from edge_adapt.strategies.config import StrategyConfig
-from edge_adapt.strategies.events import Pruned, RoundStarted, Scored, StrategyEvent
-from edge_adapt.strategies.registry import NEEDS_SCORER, STRATEGIES, samples_at_once
+from edge_adapt.strategies.events import DifficultyEstimated, Pruned, RolledOut, RoundStarted, Scored, StrategyEvent
+from edge_adapt.strategies.registry import NEEDS_SCORER, STRATEGIES, samples_at_once, tokens_per_sequence
+from edge_adapt.strategies.revise import revision_turn
 
 Prompt = str | Seq[Message] | Seq[int]
 
@@ -53,11 +54,21 @@ def run_strategy(
         from edge_adapt.selfeval import SelfEvaluator
 
         scorer = SelfEvaluator(engine, config.self_eval)  # type: ignore[arg-type]
+    if config.strategy == "auto":
+        from edge_adapt.strategies.auto import policy_path
+        from edge_adapt.strategies.policy import Policy
+
+        policy = Policy.load(policy_path(config))
+        policy.check_model(getattr(engine, "fingerprint", policy.model))
+        policy.row_for(config.budget)
     n_suffix = len(getattr(scorer, "suffix", ())) if scorer is not None else 0
-    need = len(tokens) + config.max_tokens + n_suffix
+    turn = len(revision_turn(engine, config.revise_prompt)) if config.strategy == "revise" else 0
+    span = tokens_per_sequence(config, turn)
+    need = len(tokens) + span + n_suffix
     if need > engine.n_ctx_seq:
+        what = "max_tokens" if span == config.max_tokens else "attempts in context"
         raise ContextOverflowError(
-            f"prompt ({len(tokens)}) + max_tokens ({config.max_tokens}) + self-eval suffix ({n_suffix}) = {need} "
+            f"prompt ({len(tokens)}) + {what} ({span}) + self-eval suffix ({n_suffix}) = {need} "
             f"tokens exceed the context of {engine.n_ctx_seq} per sequence (raise --ctx or lower max_tokens)"
         )
     at_once = samples_at_once(config)
@@ -76,7 +87,8 @@ def _stream(
     t0 = time.perf_counter()
     calls0 = engine.decode_calls
     se0 = scorer.decoded_tokens if scorer is not None else 0
-    started = generated = pruned = scored = rounds = 0
+    started = generated = pruned = scored = rounds = rollout = 0
+    difficulty = None
     root = given_root if given_root is not None else engine.open(tokens)
     events: Iterator[Event | StrategyEvent] | None = None
     try:
@@ -92,6 +104,10 @@ def _stream(
                 pruned += 1
             elif isinstance(ev, RoundStarted):
                 rounds += 1
+            elif isinstance(ev, RolledOut):
+                rollout += ev.n_tokens
+            elif isinstance(ev, DifficultyEstimated):
+                difficulty = ev.bin
             yield ev
     finally:
         close = getattr(events, "close", None)
@@ -102,6 +118,10 @@ def _stream(
     extra = {"scores": float(scored)}
     if rounds:
         extra["rounds"] = float(rounds)
+    if rollout:
+        extra["rollout_tokens"] = float(rollout)  # already part of generated_tokens
+    if difficulty is not None:
+        extra["difficulty_bin"] = float(difficulty)
     yield Done(
         Usage(
             prompt_tokens=len(tokens),

@@ -1,16 +1,17 @@
-"""vote / weighted-vote: N samples; the answer extracted from most of them wins (weighted-vote: the
-answer with the largest summed p_keep). The winner's best-scored sample is returned."""
+"""vote / weighted-vote: N samples; the answer extracted from most of them wins (weighted-vote, also known by
+Snell et al.'s name weighted-best-of-n: the answer with the largest summed p_keep). The winner's best-scored
+sample is returned."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence as Seq
 
-from edge_adapt.engine.engine import Sequence
+from edge_adapt.engine.engine import Sample, Sequence
 from edge_adapt.engine.events import Event
 from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.config import StrategyConfig
-from edge_adapt.strategies.events import StrategyEvent
-from edge_adapt.strategies.extract import make_extractor
+from edge_adapt.strategies.events import Chosen, StrategyEvent
+from edge_adapt.strategies.extract import Extractor, make_extractor
 
 
 def tally(answers: Seq[str | None], weights: Seq[float]) -> list[tuple[str, float]]:
@@ -45,12 +46,17 @@ def _vote(
         yield from engine.advance(pool.samples)
         if scorer is not None:
             yield from pool.score(scorer, pool.samples)
-        answers = [extract(s.text) for s in pool.samples]
         weights = [pool.scores[s.index] if scorer is not None else 1.0 for s in pool.samples]
-        ranked = tally(answers, weights)
-        if not ranked:
-            yield pool.chosen(pool.best(pool.samples))
-            return
-        winner, votes = ranked[0]
-        best = pool.best([s for s, a in zip(pool.samples, answers) if a == winner])
-        yield pool.chosen(best, answer=winner, votes=votes, tally=tuple(ranked))
+        yield choose_by_answer(pool, pool.samples, extract, weights)
+
+
+def choose_by_answer(pool: Pool, samples: Seq[Sample], extract: Extractor, weights: Seq[float]) -> Chosen:
+    """The answer with the most weight wins; its best-ranked sample is returned (no answer at all: the best
+    sample). Snell et al.'s "best-of-N weighted" is this with p_keep as the weight."""
+    answers = [extract(s.text) for s in samples]
+    ranked = tally(answers, weights)
+    if not ranked:
+        return pool.chosen(pool.best(samples))
+    winner, votes = ranked[0]
+    best = pool.best([s for s, a in zip(samples, answers) if a == winner])
+    return pool.chosen(best, answer=winner, votes=votes, tally=tuple(ranked))

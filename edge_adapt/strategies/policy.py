@@ -1,0 +1,107 @@
+"""The compute-optimal policy `auto` follows: (difficulty bin, budget) -> strategy and its settings.
+
+Difficulty is read from one probe sample's p_keep (Snell et al. estimate it from verifier scores too): the
+four bin edges are quantiles of probe scores on a tuning set, bin 1 holds the highest scores (easiest) and
+bin 5 the lowest. `edge-adapt tune-policy` writes the file (edge_adapt/eval/tune.py); the default model ships
+one in `models/`. It names the model it was tuned for, and `auto` refuses it on another.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from edge_adapt.errors import UsageError, validated
+
+POLICY_FORMAT = "edge-adapt-policy/1"
+N_BINS = 5
+PROBE = "probe"  # answer with the probe sample itself: no more compute for this bin
+
+
+class PolicyChoice(BaseModel):
+    """What to run in one bin: a strategy and the StrategyConfig options that differ from the caller's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: str
+    options: dict[str, Any] = Field(default_factory=dict, description="StrategyConfig fields, e.g. budget, threshold")
+    accuracy: float | None = Field(None, description="on the tuning prompts of this bin (information only)")
+    tokens: float | None = Field(None, description="generated tokens per prompt there, probe included")
+    prompts: int | None = None
+
+    @model_validator(mode="after")
+    def _known(self) -> PolicyChoice:
+        from edge_adapt.strategies.config import STRATEGY_NAMES
+
+        if self.strategy != PROBE and (self.strategy not in STRATEGY_NAMES or self.strategy == "auto"):
+            raise ValueError(f"unknown strategy {self.strategy!r} in the policy")
+        return self
+
+    def describe(self) -> str:
+        opts = " ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.strategy} {opts}".strip()
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["edge-adapt-policy/1"] = POLICY_FORMAT
+    model: str = Field(description="fingerprint of the model it was tuned for (Engine.fingerprint)")
+    self_eval: str = Field("", description="the self-evaluation it was tuned with (information)")
+    probe_temperature: float = Field(0.0, ge=0)
+    bin_edges: list[float] = Field(description="4 increasing p_keep edges; p >= the last is bin 1 (easiest)")
+    budgets: dict[int, list[PolicyChoice]] = Field(description="budget -> the choice for bins 1..5")
+    tuning: dict[str, Any] = Field(default_factory=dict, description="how it was tuned (information)")
+
+    @field_validator("bin_edges")
+    @classmethod
+    def _edges(cls, v: list[float]) -> list[float]:
+        if len(v) != N_BINS - 1 or any(b < a for a, b in zip(v, v[1:])):
+            raise ValueError(f"bin_edges must be {N_BINS - 1} non-decreasing numbers")
+        return v
+
+    @field_validator("budgets")
+    @classmethod
+    def _tables(cls, v: dict[int, list[PolicyChoice]]) -> dict[int, list[PolicyChoice]]:
+        if not v:
+            raise ValueError("the policy has no budgets")
+        for budget, row in v.items():
+            if budget < 1 or len(row) != N_BINS:
+                raise ValueError(f"budget {budget} needs a positive budget and {N_BINS} choices, one per bin")
+        return dict(sorted(v.items()))
+
+    def bin_of(self, p_keep: float) -> int:
+        """1 (the probe scored at least the highest edge) .. 5 (below the lowest)."""
+        return N_BINS - sum(p_keep >= e for e in self.bin_edges)
+
+    def row_for(self, budget: int) -> tuple[int, list[PolicyChoice]]:
+        """The choices tuned for the largest budget that fits `budget`."""
+        fits = [b for b in self.budgets if b <= budget]
+        if not fits:
+            raise UsageError(f"budget {budget} is too small for this policy (smallest tuned budget: {min(self.budgets)})")
+        return fits[-1], self.budgets[fits[-1]]
+
+    def check_model(self, fingerprint: str) -> None:
+        if fingerprint != self.model:
+            raise UsageError(f"the policy was tuned for model {self.model}, not this one ({fingerprint})")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise UsageError(f"cannot read policy {path}: {exc.strerror or exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"policy {path} is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"policy {path} is not a JSON object")
+        if data.get("format") != POLICY_FORMAT:
+            raise UsageError(f"{path} is not an edge-adapt policy (format {data.get('format')!r}, expected {POLICY_FORMAT!r})")
+        return validated(cls, data, f"policy {path}")
+
+    def dumps(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=1) + "\n"

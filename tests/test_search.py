@@ -1,0 +1,234 @@
+"""Snell-style search strategies (beam, lookahead, revise, weighted best-of-N, auto) against the scripted fake
+engine and scorer of test_strategies: pure mechanics, no model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_adapt.engine.events import Finished, SampleStarted, Token
+from edge_adapt.errors import UsageError
+from edge_adapt.strategies import Chosen, Pruned, RoundStarted, Scored, StrategyConfig, run_strategy
+from edge_adapt.strategies.events import DifficultyEstimated, RolledOut
+from edge_adapt.strategies.policy import Policy
+from edge_adapt.strategies.revise import MAX_IN_CONTEXT, revision_turn
+from tests.test_strategies import FakeScorer, chosen, fresh, of, run, usage
+
+STEP = ["a", "b\n"]  # every sample writes two-token steps
+
+
+def steps(n_steps: int):
+    return lambda i: STEP * n_steps
+
+
+def by_round(events: list) -> list[list]:
+    rounds: list[list] = []
+    for ev in events:
+        if isinstance(ev, RoundStarted):
+            rounds.append([])
+        elif rounds:
+            rounds[-1].append(ev)
+    return rounds
+
+
+def unique_score(i: int, n: int) -> float:
+    return ((i * 37 + n * 11) % 101) / 101
+
+
+# -- beam -------------------------------------------------------------------------------------------------
+def test_beam_keeps_exactly_the_top_n_over_m_each_round():
+    e = fresh(steps(5))
+    ev = run(e, FakeScorer(unique_score), strategy="beam", budget=8, beam_width=4, max_tokens=64)
+    rounds = by_round(ev)
+    assert len(rounds) == 6  # five steps, then the end of generation
+    for r in rounds[:-1]:
+        scored = {x.sample: x.p_keep for x in of(r, Scored)}
+        assert len(scored) == 8
+        top = sorted(scored, key=scored.get, reverse=True)[:2]
+        assert {x.sample for x in of(r, Pruned)} == set(scored) - set(top)
+        assert len(of(r, SampleStarted)) == 8  # the two kept beams, expanded 4 ways each
+    assert e.free_sequences == 32
+
+
+def test_beam_children_continue_their_parent():
+    e = fresh(steps(3))
+    run(e, FakeScorer(unique_score), strategy="beam", budget=4, beam_width=2, max_tokens=64)
+    assert e.branched
+    for child in e.branched:
+        assert child.text.startswith("a b\n") and child.text.count("\n") >= 2  # the parent's step, then its own
+
+
+def test_beam_stops_at_the_round_limit():
+    e = fresh(steps(50))
+    ev = run(e, FakeScorer(unique_score), strategy="beam", budget=4, beam_width=2, max_rounds=3, max_tokens=256)
+    assert len(of(ev, RoundStarted)) == 3
+    c = chosen(ev)
+    assert c.n_tokens == 6 and c.finish == "length"  # three two-token steps, cut by the limit
+    live_at_end = [f for f in of(ev, Finished) if f.reason == "length"]
+    assert len(live_at_end) == 4
+    assert e.free_sequences == 32
+
+
+def test_step_ends_at_max_step_tokens_without_a_delimiter():
+    e = fresh(lambda i: ["w"] * 20)
+    ev = run(e, FakeScorer(unique_score), strategy="beam", budget=2, beam_width=2, max_step_tokens=5, max_rounds=2,
+             max_tokens=64)
+    assert {x.n_tokens for x in of(by_round(ev)[0], Scored)} == {5}
+    assert chosen(ev).n_tokens == 10
+
+
+def test_beam_picks_by_weighted_vote_over_finished_beams():
+    # beams end at their first step; answers "1","1","2","3" with scores .3,.3,.5,.1: "1" weighs .6 > .5
+    answers = {0: "1", 1: "1", 2: "2", 3: "3"}
+    e = fresh(lambda i: [answers[i]])
+    ev = run(e, FakeScorer(lambda i, n: {0: .3, 1: .3, 2: .5, 3: .1}[i]), strategy="beam", budget=4, beam_width=2)
+    c = chosen(ev)
+    assert c.answer == "1" and c.votes == pytest.approx(0.6) and c.sample in (0, 1)
+
+
+# -- lookahead --------------------------------------------------------------------------------------------
+def test_lookahead_rollouts_are_discarded_and_counted():
+    e = fresh(steps(4))
+    sc = FakeScorer(unique_score)
+    ev = run(e, sc, strategy="lookahead", budget=4, beam_width=2, lookahead=2, max_tokens=64)
+    rolled = of(ev, RolledOut)
+    assert rolled and all(r.n_tokens <= 4 for r in rolled)  # two two-token steps at most
+    u = usage(ev)
+    assert u.extra["rollout_tokens"] == sum(r.n_tokens for r in rolled)
+    assert u.generated_tokens == len(of(ev, Token))  # roll-out tokens are generated compute
+    announced = {s.sample for s in of(ev, SampleStarted)}
+    assert not announced & {r.sample for r in rolled} - announced  # roll-outs are never announced as samples
+    assert chosen(ev).sample in announced
+    # a beam's score is its roll-out's: the scorer saw the roll-out k steps further on
+    scored_lengths = [n for call in sc.calls for _, n in call]
+    assert max(scored_lengths) == 9  # a beam three steps in, rolled out by the last step and the end of text
+    assert e.free_sequences == 32
+
+
+def test_lookahead_score_is_the_rollout_score():
+    e = fresh(steps(6))
+    sc = FakeScorer(lambda i, n: n / 100)  # a longer look scores higher
+    ev = run(e, sc, strategy="lookahead", budget=2, beam_width=2, lookahead=1, max_rounds=1, max_tokens=64)
+    first = of(ev, Scored)
+    assert [s.n_tokens for s in first] == [2, 2]  # the beams are two tokens in
+    assert [s.p_keep for s in first] == [0.04, 0.04]  # ... and scored at four (the roll-out's end)
+
+
+# -- weighted best-of-n -----------------------------------------------------------------------------------
+def test_weighted_best_of_n_marginalises_over_answers():
+    answers = {0: "5", 1: "5", 2: "7", 3: "9"}
+    scores = {0: 0.3, 1: 0.35, 2: 0.5, 3: 0.2}
+    e = fresh(lambda i: [f"so {answers[i]}"])
+    ev = run(e, FakeScorer(lambda i, n: scores[i]), strategy="weighted-best-of-n", budget=4)
+    c = chosen(ev)
+    assert c.answer == "5" and c.votes == pytest.approx(0.65) and c.sample == 1
+    assert dict(c.tally) == pytest.approx({"5": 0.65, "7": 0.5, "9": 0.2})
+    plain = chosen(run(fresh(lambda i: [f"so {answers[i]}"]), FakeScorer(lambda i, n: scores[i]), strategy="best-of-n",
+                       budget=4))
+    assert plain.sample == 2  # plain best-of-n takes the single best score
+
+
+# -- revise -----------------------------------------------------------------------------------------------
+def test_revisions_keep_at_most_four_attempts_in_context():
+    e = fresh(lambda i: ["x", "y"])
+    ev = run(e, FakeScorer(unique_score), strategy="revise", budget=7, sequential_ratio=1.0, max_tokens=8)
+    turn = revision_turn(e, StrategyConfig().revise_prompt)
+    attempts = e.started
+    assert len(attempts) == 7 and len(of(ev, RoundStarted)) == 7
+    for j, (a, ctx) in enumerate(zip(attempts, e.contexts)):
+        after_prompt = ctx[3:]  # the prompt is [1, 2, 3]
+        shown = attempts[max(0, j - MAX_IN_CONTEXT) : j]
+        expected = [t for s in shown for t in s.generated[:-1] + turn]  # each attempt without its EOS, then the turn
+        assert after_prompt == expected
+    assert e.free_sequences == 32
+
+
+def test_revise_splits_the_budget_into_chains():
+    e = fresh(lambda i: ["x"])
+    ev = run(e, FakeScorer(unique_score), strategy="revise", budget=8, sequential_ratio=0.25)
+    assert [r.n for r in of(ev, RoundStarted)] == [4, 4]  # 4 chains of 2 attempts
+    assert usage(ev).samples_started == 8
+
+
+def test_revise_answers_by_weighted_vote_over_all_attempts():
+    answers = {0: "3", 1: "4", 2: "4"}
+    e = fresh(lambda i: [answers[i]])
+    ev = run(e, FakeScorer(lambda i, n: {0: 0.6, 1: 0.4, 2: 0.4}[i]), strategy="revise", budget=3,
+             sequential_ratio=1.0)
+    assert chosen(ev).answer == "4"
+
+
+def test_revise_context_need_is_checked_up_front():
+    from edge_adapt.errors import ContextOverflowError
+
+    with pytest.raises(ContextOverflowError, match="attempts in context"):
+        run(fresh(n_ctx_seq=600), FakeScorer(unique_score), strategy="revise", budget=8, sequential_ratio=1.0,
+            max_tokens=96)
+
+
+# -- auto -------------------------------------------------------------------------------------------------
+def policy_file(tmp_path, model="fake", **change):
+    data = {
+        "format": "edge-adapt-policy/1", "model": model, "bin_edges": [0.2, 0.4, 0.6, 0.8],
+        "budgets": {
+            "4": [{"strategy": "probe"}] * 4 + [{"strategy": "best-of-n", "options": {"budget": 3}}],
+            "8": [{"strategy": "probe"}] * 3 + [{"strategy": "best-of-n", "options": {"budget": 4}},
+                                                  {"strategy": "weighted-vote", "options": {"budget": 7}}],
+        },
+    }
+    data.update(change)
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_auto_answers_an_easy_prompt_with_the_probe(tmp_path):
+    e = fresh()
+    ev = run(e, FakeScorer(lambda i, n: 0.9), strategy="auto", budget=8, policy=policy_file(tmp_path))
+    (d,) = of(ev, DifficultyEstimated)
+    assert (d.bin, d.choice) == (1, "probe")
+    assert chosen(ev).sample == 0 and usage(ev).samples_started == 1
+    assert usage(ev).extra["difficulty_bin"] == 1
+    assert e.started[0].params.temperature == 0.0  # the probe is greedy
+
+
+def test_auto_runs_the_policy_choice_for_a_hard_prompt(tmp_path):
+    e = fresh()
+    ev = run(e, FakeScorer(lambda i, n: 0.1 if i == 0 else 0.5), strategy="auto", budget=8, policy=policy_file(tmp_path))
+    (d,) = of(ev, DifficultyEstimated)
+    assert (d.bin, d.choice) == (5, "weighted-vote")
+    started = [s.sample for s in of(ev, SampleStarted)]
+    assert started == list(range(8))  # the probe, then the 7 of the chosen strategy, numbered after it
+    assert chosen(ev).sample in started[1:]
+    assert e.free_sequences == 32
+
+
+def test_auto_uses_the_largest_tuned_budget_that_fits(tmp_path):
+    ev = run(fresh(), FakeScorer(lambda i, n: 0.1), strategy="auto", budget=6, policy=policy_file(tmp_path))
+    assert usage(ev).samples_started == 4  # budget 4's row: the probe + best-of-3
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(budget=2), "budget 2 is too small for this policy (smallest tuned budget: 4)"),
+        (dict(model="llama:1:2:Q8_0"), "tuned for model llama:1:2:Q8_0, not this one (fake)"),
+        (dict(budgets={"4": [{"strategy": "warp"}] * 5}), "unknown strategy 'warp'"),
+        (dict(budgets={"4": [{"strategy": "probe"}] * 3}), "5 choices, one per bin"),
+        (dict(format="other/1"), "is not an edge-adapt policy"),
+    ],
+)
+def test_auto_bad_policy_or_budget_is_a_one_line_error_before_decoding(tmp_path, kw, message):
+    budget = kw.pop("budget", 8)
+    path = policy_file(tmp_path, **kw)
+    e = fresh()
+    with pytest.raises(UsageError) as err:
+        run_strategy(e, [1, 2, 3], StrategyConfig(strategy="auto", budget=budget, policy=path), FakeScorer(unique_score))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert e.decode_calls == 0
+
+
+def test_policy_bins_run_from_easy_to_hard(tmp_path):
+    p = Policy.load(policy_file(tmp_path))
+    assert [p.bin_of(x) for x in (0.95, 0.8, 0.7, 0.5, 0.3, 0.2, 0.05)] == [1, 1, 2, 3, 4, 4, 5]
