@@ -7,12 +7,14 @@ scores, ties by mean log-prob), run with seeds the pool never used. They check t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from edge_adapt.engine import Engine, Sample
 from edge_adapt.eval.pool import PoolSettings, SelfEvalScorer, _score
 from edge_adapt.eval.replay import adaptive_rounds
+from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.tasks.base import Problem, Suite
 
 
@@ -64,3 +66,38 @@ def run_live(engine: Engine, scorer: SelfEvalScorer, suite: Suite, problems: Seq
         raise ValueError(f"live strategy must be best-of-n or adaptive, got {strategy!r}")
     for p in problems:
         yield _run(engine, scorer, suite, p, settings, strategy, n, threshold)
+
+
+@dataclass(frozen=True)
+class StrategyOutcome:
+    """One prompt answered by a strategy from edge_adapt.strategies, with its compute account."""
+
+    problem_id: str
+    level: int | None
+    correct: bool
+    samples: int
+    tokens: int  # generated, look-ahead roll-outs included
+    selfeval_tokens: int
+    wall_s: float
+    difficulty_bin: int | None = None  # auto
+
+
+def run_strategy_live(engine: Engine, scorer: Any, suite: Suite, problems: Sequence[Problem],
+                      config: StrategyConfig) -> Iterator[StrategyOutcome]:
+    """Answer each problem with `config` through `run_strategy`, exactly as `edge-adapt run` would."""
+    from edge_adapt.engine.events import Done
+    from edge_adapt.strategies import Chosen, run_strategy
+
+    for p in problems:
+        tokens = engine.tokenize(engine.chat_prompt(list(p.messages)))
+        chosen = usage = None
+        for ev in run_strategy(engine, tokens, config, scorer):
+            if isinstance(ev, Chosen):
+                chosen = ev
+            elif isinstance(ev, Done):
+                usage = ev.usage
+        assert chosen is not None and usage is not None
+        bin_ = usage.extra.get("difficulty_bin")
+        yield StrategyOutcome(p.id, p.level, bool(suite.scorer.correct(chosen.text, p.answer)), usage.samples_started,
+                              usage.generated_tokens, usage.selfeval_tokens, usage.wall_s,
+                              None if bin_ is None else int(bin_))

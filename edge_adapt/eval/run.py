@@ -91,6 +91,34 @@ def _live_checks(engine: Engine, scorer: SelfEvalScorer, suite: Suite, pools: li
     return out
 
 
+def load_scorer(cfg: EvalConfig, engine: Engine) -> SelfEvalScorer:
+    """cfg.selfeval's class on `engine`, with cfg's adapter (or none at all when default_adapter is off)."""
+    extra: dict[str, Any] = {}
+    if not cfg.default_adapter:
+        from edge_adapt.selfeval import SelfEvalConfig
+
+        extra["config"] = SelfEvalConfig(default_adapter=False)
+    return load_selfeval(cfg.selfeval)(engine, adapter_path=cfg.adapter, **extra)
+
+
+def collect_pools(cfg: EvalConfig, engine: Engine, scorer: SelfEvalScorer, progress: Any) -> tuple[list[PromptPool], str]:
+    """The pool of every prompt of cfg's suite (cached ones read back, missing ones generated) and the
+    identity (model, adapter, self-eval) it was made with."""
+    settings = pool_settings(cfg)
+    suite = suite_for(cfg)
+    identity = model_identity(engine, scorer, cfg.adapter)
+    pools: list[PromptPool] = []
+    tokens = 0
+    t0 = time.perf_counter()
+    task = progress.add_task(f"pool {suite.name}/{suite.split} K={settings.k}", total=len(suite), info="")
+    for step in build_pool(engine, scorer, suite, settings, cfg.cache_dir, identity):
+        pools.append(step.pool)
+        tokens += step.tokens
+        rate = tokens / max(time.perf_counter() - t0, 1e-9)
+        progress.update(task, advance=1, info=f"{rate:.0f} tok/s" if step.generated else "cached")
+    return pools, identity
+
+
 def run_eval(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalScorer | None = None) -> Report:
     """Evaluate: pool (cached, resumable) -> replays -> calibration -> optional live checks -> report files.
 
@@ -104,12 +132,7 @@ def run_eval(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalS
         engine = Engine(model=cfg.model, parallel=cfg.k + 2, ctx=512, threads=cfg.threads)
     try:
         if scorer is None:
-            extra: dict[str, Any] = {}
-            if not cfg.default_adapter:
-                from edge_adapt.selfeval import SelfEvalConfig
-
-                extra["config"] = SelfEvalConfig(default_adapter=False)
-            scorer = load_selfeval(cfg.selfeval)(engine, adapter_path=cfg.adapter, **extra)
+            scorer = load_scorer(cfg, engine)
         identity = model_identity(engine, scorer, cfg.adapter)
         out_dir = Path(cfg.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

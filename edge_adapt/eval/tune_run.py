@@ -1,0 +1,269 @@
+"""`run_tune(TuneConfig)`: the one call behind `edge-adapt tune-policy`.
+
+Tuning pool (cached like `eval`'s) -> candidate tables per budget -> two-fold cross-validation -> the policy,
+written atomically. With a test split it also replays the written policy on test prompts it never saw, against
+best-of-N and weighted best-of-N at the same budget, runs strategies that no pool can replay (beam, lookahead,
+revise, auto itself) live on some of those prompts, and writes report.md / report.json / PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_adapt.engine import Engine
+from edge_adapt.eval import replay as rp
+from edge_adapt.eval import tune
+from edge_adapt.eval.config import EvalConfig
+from edge_adapt.eval.live import StrategyOutcome, run_strategy_live
+from edge_adapt.eval.metrics import bootstrap_ci, wilson
+from edge_adapt.eval.pool import PromptPool
+from edge_adapt.eval.run import collect_pools, load_scorer, progress_display, suite_for
+from edge_adapt.fileio import atomic_file, check_target
+from edge_adapt.strategies.config import StrategyConfig
+from edge_adapt.strategies.policy import N_BINS, Policy
+
+LIVE_SEED = 1_000_003  # live runs never reuse a pool's seeds
+
+
+class TuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pool: EvalConfig = Field(description="the tuning prompts' pool (suite, split, K, sampling, model, adapter)")
+    budgets: list[int] = Field(default_factory=lambda: list(tune.DEFAULT_BUDGETS))
+    tolerance: float = Field(0.0, ge=0, le=1, description="a cheaper choice within this accuracy of the best wins")
+    out: Path = Field(Path("policy.json"), description="the policy file to write")
+    force: bool = False
+    test_split: str | None = Field(None, description="also report the policy on this split (never tuned on)")
+    test_prompts: int = Field(200, ge=1)
+    report_dir: Path | None = None
+    live: list[str] = Field(default_factory=list, description="strategies to run live on test prompts")
+    live_prompts: int = Field(40, ge=1)
+    live_budget: int = Field(8, ge=2)
+    live_ctx: int = Field(1024, ge=256, description="context per sequence for live runs (revise keeps attempts)")
+
+
+def _mean_ci(x: np.ndarray) -> tuple[float, float, float]:
+    lo, hi = bootstrap_ci(x.tolist())
+    return float(x.mean()), lo, hi
+
+
+def run_tune(cfg: TuneConfig) -> dict[str, Any]:
+    """Tune, write the policy, and (with a test split) the report. Returns the report's JSON."""
+    check_target(cfg.out, force=cfg.force)
+    pcfg = cfg.pool
+    engine = Engine(model=pcfg.model, parallel=max(pcfg.k + 2, 2 * cfg.live_budget + 2),
+                    ctx=cfg.live_ctx if cfg.live else 512, threads=pcfg.threads)
+    report: dict[str, Any] = {}
+    with engine, progress_display(pcfg.progress) as progress:
+        scorer = load_scorer(pcfg, engine)
+        pools, identity = collect_pools(pcfg, engine, scorer, progress)
+        points = tuple(pcfg.prune_points)
+        policy, tables = tune.tune(pools, model=engine.fingerprint, self_eval=identity.split("|selfeval=", 1)[1],
+                                   prune_points=points, temperature=pcfg.temperature, budgets=cfg.budgets,
+                                   tolerance=cfg.tolerance, seed=pcfg.seed,
+                                   source=f"{pcfg.suite} {pcfg.split} ({len(pools)} prompts, K={pcfg.k})")
+        cv = {b: tune.cross_validate(t, b, cfg.tolerance, seed=pcfg.seed) for b, t in tables.items()}
+        policy.tuning["cross_validation"] = {
+            str(b): {"accuracy": round(c.accuracy, 4), "tokens": round(c.mean_tokens, 1)} for b, c in cv.items()}
+        with atomic_file(cfg.out, force=cfg.force) as tmp:
+            tmp.write_text(policy.dumps())
+        report = {"policy": str(cfg.out), "tuning": policy.tuning, "bin_edges": policy.bin_edges,
+                  "choices": {str(b): [c.describe() for c in row] for b, row in policy.budgets.items()}}
+        if cfg.test_split is not None:
+            tcfg = pcfg.model_copy(update={"split": cfg.test_split, "n_prompts": cfg.test_prompts})
+            test_pools, _ = collect_pools(tcfg, engine, scorer, progress)
+            report["test"] = held_out(policy, test_pools, points, pcfg.seed)
+            if cfg.live:
+                report["live"] = live_runs(engine, scorer, tcfg, cfg, policy, test_pools, progress)
+    if cfg.report_dir is not None and "test" in report:
+        cfg.report_dir.mkdir(parents=True, exist_ok=True)
+        report["plots"] = write_plots(report, cfg.report_dir)
+        (cfg.report_dir / "report.json").write_text(json.dumps(report, indent=1))
+        (cfg.report_dir / "report.md").write_text(markdown(report))
+    return report
+
+
+def held_out(policy: Policy, pools: list[PromptPool], points: tuple[int, ...], seed: int) -> dict[str, Any]:
+    """The policy replayed on the test pools, each budget beside best-of-N / weighted best-of-N / vote at N =
+    budget (their tokens include no probe), and per bin: the choice and how the main candidates fare there."""
+    k = min(len(p.samples) for p in pools)
+    greedy = rp.greedy(pools)
+    out: dict[str, Any] = {"prompts": len(pools), "greedy": greedy.accuracy, "greedy_tokens": greedy.mean_tokens,
+                           "budgets": {}, "curves": {}}
+    ns = sorted({n for n in (1, 2, 4, 8, 16, 32, 64) if n <= k} | {k})
+    curves = {"best-of-n": [rp.best_of_n(pools, n, "self-eval") for n in ns],
+              "weighted-best-of-n": [rp.vote(pools, n, weighted=True, seed=seed) for n in ns],
+              "majority-vote": [rp.vote(pools, n, weighted=False, seed=seed) for n in ns]}
+    out["curves"] = {name: [[r.n_budget, r.accuracy, r.mean_tokens] for r in rows] for name, rows in curves.items()}
+    ref = curves["weighted-best-of-n"][-1]
+    out["reference"] = {"name": f"weighted best-of-{ref.n_budget}", "accuracy": ref.accuracy,
+                        "tokens": ref.mean_tokens, "ci": list(ref.ci(seed))}
+    for b in policy.budgets:
+        if b > k + 1:
+            continue
+        correct, tokens, bins = tune.apply(policy, pools, b, points, seed)
+        acc, lo, hi = _mean_ci(correct)
+        n = min(b, k)
+        per_bin = []
+        table = tune.build_table(pools, b, points, float(policy.tuning.get("temperature", 0.7)), seed)
+        keys = [tune.choice_key(c) for c in table.choices]
+        for bin_ in range(1, N_BINS + 1):
+            idx = [i for i in range(len(pools)) if bins[i] == bin_]
+            row = {"bin": bin_, "prompts": len(idx), "choice": policy.budgets[b][bin_ - 1].describe()}
+            if idx:
+                row["accuracy"] = float(correct[idx].mean())
+                row["tokens"] = float(tokens[idx].mean())
+                best = int(np.argmax(table.correct[:, idx].mean(axis=1)))
+                row["best_on_test"] = keys[best]
+                row["best_on_test_accuracy"] = float(table.correct[best, idx].mean())
+                row["levels"] = {str(lv): int(sum(1 for i in idx if pools[i].level == lv))
+                                 for lv in sorted({pools[i].level for i in idx if pools[i].level is not None})}
+            per_bin.append(row)
+        bon = rp.best_of_n(pools, n, "self-eval")
+        wbon = rp.vote(pools, n, weighted=True, seed=seed)
+        out["budgets"][str(b)] = {
+            "auto": {"accuracy": acc, "ci": [lo, hi], "tokens": float(tokens.mean())},
+            "best-of-n": {"accuracy": bon.accuracy, "ci": list(bon.ci(seed)), "tokens": bon.mean_tokens},
+            "weighted-best-of-n": {"accuracy": wbon.accuracy, "ci": list(wbon.ci(seed)), "tokens": wbon.mean_tokens},
+            "per_bin": per_bin,
+        }
+    return out
+
+
+def live_runs(engine: Engine, scorer: Any, tcfg: EvalConfig, cfg: TuneConfig, policy: Policy,
+              pools: list[PromptPool], progress: Any) -> list[dict[str, Any]]:
+    """Strategies run for real on the first `live_prompts` test prompts (auto with the policy just written)."""
+    suite = suite_for(tcfg)
+    n = min(cfg.live_prompts, len(suite.problems))
+    problems = list(suite.problems[:n])
+    out = []
+    for name in cfg.live:
+        config = StrategyConfig.parse({
+            "strategy": name, "budget": cfg.live_budget, "max_tokens": tcfg.max_tokens, "temperature": tcfg.temperature,
+            "seed": LIVE_SEED, **({"policy": str(cfg.out)} if name == "auto" else {}),
+        }, f"live {name}")
+        task = progress.add_task(f"live {name} budget {cfg.live_budget}", total=n, info="")
+        outcomes: list[StrategyOutcome] = []
+        for o in run_strategy_live(engine, scorer, suite, problems, config):
+            outcomes.append(o)
+            progress.update(task, advance=1, info=f"acc {np.mean([x.correct for x in outcomes]):.2f}")
+        right = sum(o.correct for o in outcomes)
+        row: dict[str, Any] = {
+            "strategy": name, "budget": cfg.live_budget, "prompts": n, "accuracy": right / n, "ci": list(wilson(right, n)),
+            "tokens": float(np.mean([o.tokens for o in outcomes])),
+            "samples": float(np.mean([o.samples for o in outcomes])),
+            "selfeval_tokens": float(np.mean([o.selfeval_tokens for o in outcomes])),
+            "wall_s": float(np.mean([o.wall_s for o in outcomes])),
+            "per_level": {str(lv): float(np.mean([o.correct for o in outcomes if o.level == lv]))
+                          for lv in sorted({o.level for o in outcomes if o.level is not None})},
+        }
+        if name == "auto":
+            row["bins"] = {str(b): sum(1 for o in outcomes if o.difficulty_bin == b) for b in range(1, N_BINS + 1)}
+        out.append(row)
+    # the same prompts replayed, for comparison
+    sub = pools[:n]
+    for label, r in (("best-of-n (replay)", rp.best_of_n(sub, min(cfg.live_budget, len(sub[0].samples)), "self-eval")),
+                     ("weighted-best-of-n (replay)", rp.vote(sub, min(cfg.live_budget, len(sub[0].samples)), weighted=True)),
+                     ("greedy (replay)", rp.greedy(sub))):
+        out.append({"strategy": label, "budget": r.n_budget, "prompts": n, "accuracy": r.accuracy, "ci": list(r.ci()),
+                    "tokens": r.mean_tokens, "samples": r.mean_samples, "selfeval_tokens": r.mean_selfeval_tokens})
+    return out
+
+
+def markdown(r: dict[str, Any]) -> str:
+    t = r["test"]
+    ref = t["reference"]
+    lines = [
+        "# Compute-optimal policy (`auto`)", "",
+        f"- policy: `{r['policy']}`, tuned on {r['tuning']['source']}; tolerance {r['tuning']['tolerance']}",
+        f"- difficulty: the greedy probe's p_keep; bin edges (bin 1 = easiest, p >= the last edge): "
+        + ", ".join(f"{e:.3f}" for e in r["bin_edges"]),
+        f"- test: {t['prompts']} prompts the tuning never saw; greedy {t['greedy']:.3f} at {t['greedy_tokens']:.0f} tokens",
+        f"- reference: {ref['name']} {ref['accuracy']:.3f} ({ref['ci'][0]:.3f}–{ref['ci'][1]:.3f}) at {ref['tokens']:.0f} tokens",
+        "", "## Accuracy and generated tokens per prompt, by budget (replayed on the test pool)", "",
+        "| budget | auto | tokens | best-of-N | tokens | weighted best-of-N | tokens | auto tokens / reference |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for b, row in t["budgets"].items():
+        a, bo, w = row["auto"], row["best-of-n"], row["weighted-best-of-n"]
+        lines.append(f"| {b} | {a['accuracy']:.3f} ({a['ci'][0]:.3f}–{a['ci'][1]:.3f}) | {a['tokens']:.0f} | "
+                     f"{bo['accuracy']:.3f} | {bo['tokens']:.0f} | {w['accuracy']:.3f} | {w['tokens']:.0f} | "
+                     f"{a['tokens'] / ref['tokens']:.2f} |")
+    lines += ["", "Cross-validation on the tuning prompts (two folds, each chosen on the other): " + ", ".join(
+        f"budget {b}: {v['accuracy']:.3f} at {v['tokens']:.0f} tokens" for b, v in r["tuning"]["cross_validation"].items()), ""]
+    lines += ["## Which strategy wins where (per difficulty bin, test prompts)", ""]
+    for b, row in t["budgets"].items():
+        lines += [f"### budget {b}", "", "| bin | prompts | levels | policy's choice | its accuracy | tokens | best on test (hindsight) |",
+                  "|---|---|---|---|---|---|---|"]
+        for x in row["per_bin"]:
+            if not x["prompts"]:
+                lines.append(f"| {x['bin']} | 0 | | {x['choice']} | | | |")
+                continue
+            lv = " ".join(f"L{k}:{v}" for k, v in x["levels"].items())
+            lines.append(f"| {x['bin']} | {x['prompts']} | {lv} | {x['choice']} | {x['accuracy']:.3f} | {x['tokens']:.0f} | "
+                         f"{x['best_on_test']} ({x['best_on_test_accuracy']:.3f}) |")
+        lines.append("")
+    if r.get("live"):
+        lines += ["## Live runs (real generation through `run_strategy`, fresh seeds)", "",
+                  "| strategy | budget | prompts | accuracy | 95% CI | tokens | samples | self-eval tokens | s/prompt |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for x in r["live"]:
+            lines.append(f"| {x['strategy']} | {x['budget']} | {x['prompts']} | {x['accuracy']:.3f} | "
+                         f"{x['ci'][0]:.3f}–{x['ci'][1]:.3f} | {x['tokens']:.0f} | {x['samples']:.1f} | "
+                         f"{x['selfeval_tokens']:.0f} | {x.get('wall_s', float('nan')):.2f} |")
+        lines.append("")
+    if r.get("plots"):
+        lines += [f"![{p}]({p})" for p in r["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(r: dict[str, Any], out_dir: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    t = r["test"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in t["curves"].items():
+        ax.plot([p[2] for p in pts], [p[1] for p in pts], marker="o", label=f"{name} (N = 1 … {pts[-1][0]})")
+    autos = [(v["auto"]["tokens"], v["auto"]["accuracy"], b) for b, v in t["budgets"].items()]
+    ax.plot([a[0] for a in autos], [a[1] for a in autos], marker="*", markersize=12, color="black", label="auto (policy)")
+    for x, y, b in autos:
+        ax.annotate(f"B={b}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    ax.axhline(t["greedy"], color="gray", linestyle=":", label="greedy")
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per prompt")
+    ax.set_ylabel("accuracy (test)")
+    ax.set_title("compute-optimal policy vs best-of-N")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "auto_vs_best_of_n.png", dpi=120)
+    plt.close(fig)
+    names = ["auto_vs_best_of_n.png"]
+    budgets = list(t["budgets"])
+    if budgets:
+        b = budgets[-1]
+        bins = t["budgets"][b]["per_bin"]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        xs = np.arange(len(bins))
+        ax.bar(xs, [x.get("accuracy", 0) for x in bins], color="tab:blue")
+        for x, row in zip(xs, bins):
+            ax.text(x, row.get("accuracy", 0) + 0.01, row["choice"].replace(" temperature=0.7", "").replace(" ", "\n", 1),
+                    ha="center", fontsize=7)
+        ax.set_xticks(xs, [f"bin {x['bin']}\n({x['prompts']})" for x in bins])
+        ax.set_ylabel("accuracy (test)")
+        ax.set_ylim(0, 1.1)
+        ax.set_title(f"budget {b}: the policy's choice per difficulty bin (1 = easiest)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "per_bin.png", dpi=120)
+        plt.close(fig)
+        names.append("per_bin.png")
+    return names

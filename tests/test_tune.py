@@ -1,0 +1,113 @@
+"""Compute-optimal policy tuning on hand-made tables and pools: the choice per bin, the tolerance, and
+cross-validation that never looks at the fold it reports on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_adapt.errors import UsageError
+from edge_adapt.eval import tune
+from edge_adapt.eval.pool import PoolSample, PromptPool
+from edge_adapt.strategies.policy import PROBE, Policy, PolicyChoice
+
+
+def table(correct, tokens, probe_scores, levels=None) -> tune.Table:
+    choices = [PolicyChoice(strategy=PROBE)] + [
+        PolicyChoice(strategy="best-of-n", options={"budget": n}) for n in range(1, len(correct))]
+    correct, tokens = np.array(correct, float), np.array(tokens, float)
+    return tune.Table(choices, correct, tokens, np.array(probe_scores, float), levels or [None] * correct.shape[1])
+
+
+def test_choose_takes_the_most_accurate_candidate_per_bin():
+    # 10 prompts, two per bin (probe scores .95 .9 | .75 .7 | .55 .5 | .35 .3 | .15 .1)
+    scores = [0.95, 0.9, 0.75, 0.7, 0.55, 0.5, 0.35, 0.3, 0.15, 0.1]
+    t = table(
+        correct=[[1, 1, 0, 0, 0, 0, 0, 0, 0, 0],   # probe: right on the easy bin
+                 [1, 1, 1, 1, 0, 0, 1, 0, 0, 0],   # candidate 1
+                 [1, 1, 1, 0, 1, 1, 1, 1, 0, 0]],  # candidate 2
+        tokens=[[10] * 10, [30] * 10, [90] * 10], probe_scores=scores)
+    bins = tune.bins_of(scores, [0.2, 0.4, 0.6, 0.8])
+    assert bins.tolist() == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    picks = tune.choose(t, range(10), bins, tolerance=0.0)
+    # bin 1: all tie at 1.0 -> cheapest (probe); bin 2: cand 1; bin 3, 4: cand 2; bin 5: nobody right -> probe
+    assert picks == [0, 1, 2, 2, 0]
+
+
+def test_tolerance_prefers_a_cheaper_choice_that_is_nearly_as_good():
+    t = table(correct=[[0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], tokens=[[1] * 4, [10] * 4, [100] * 4],
+              probe_scores=[0.5] * 4)
+    bins = np.array([3, 3, 3, 3])
+    assert tune.choose(t, range(4), bins, tolerance=0.0)[2] == 2
+    assert tune.choose(t, range(4), bins, tolerance=0.25)[2] == 1
+
+
+def test_cross_validation_chooses_each_fold_on_the_other():
+    # Candidate 1 is right on fold A's prompts only, candidate 2 on fold B's only: choosing on the other fold
+    # must always pick the wrong one, so the cross-validated accuracy is 0 although each is perfect in hindsight.
+    n = 20
+    levels = [1] * n
+    folds = tune.folds_of(levels, 2, seed=0)
+    a, b = folds
+    c1 = [1.0 if i in a else 0.0 for i in range(n)]
+    c2 = [1.0 if i in b else 0.0 for i in range(n)]
+    t = table(correct=[[0.0] * n, c1, c2], tokens=[[1] * n, [5] * n, [5] * n], probe_scores=[0.5] * n, levels=levels)
+    cv = tune.cross_validate(t, budget=4, tolerance=0.0, seed=0)
+    assert cv.accuracy == 0.0
+    # equal probe scores put every prompt in bin 1; the empty bins default to the probe
+    assert [picks[0] for picks in cv.picks] == ["best-of-n budget=2", "best-of-n budget=1"]
+    # and the held-out fold's own numbers never change its choice
+    t2 = table(correct=[[0.0] * n, [1.0] * n, c2], tokens=[[1] * n, [5] * n, [5] * n], probe_scores=[0.5] * n,
+               levels=levels)
+    t2.correct[1, b] = 0.0  # candidate 1 is now perfect on fold A, still useless on fold B
+    assert tune.cross_validate(t2, 4, 0.0, seed=0).picks[0] == cv.picks[0]
+
+
+def test_folds_share_every_level():
+    levels = [1] * 10 + [2] * 10 + [3] * 6
+    f1, f2 = tune.folds_of(levels, 2, seed=3)
+    assert sorted(f1 + f2) == list(range(26))
+    for lv in (1, 2, 3):
+        assert abs(sum(levels[i] == lv for i in f1) - sum(levels[i] == lv for i in f2)) <= 1
+
+
+def _sample(i: int, correct: bool, score: float, answer: str) -> PoolSample:
+    return PoolSample(i, 0.7, i, f"= {answer}", 10, (-1.0,) * 10, "eos", (None, None), score, (0.0, 0.0, 4.0),
+                      answer, correct)
+
+
+def _pools(n: int = 40) -> list[PromptPool]:
+    """Easy prompts: a confident right greedy answer. Hard ones: an unsure wrong greedy, half the samples right."""
+    out = []
+    for j in range(n):
+        easy = j % 2 == 0
+        greedy = _sample(-1, easy, 0.9 if easy else 0.1 + 0.001 * j, "1" if easy else "2")
+        samples = tuple(_sample(i, easy or i % 2 == 0, 0.8 if (easy or i % 2 == 0) else 0.2,
+                                "1" if (easy or i % 2 == 0) else "3") for i in range(8))
+        out.append(PromptPool(f"k{j}", f"p{j}", 1 + j % 2, "1", 5, samples, greedy, 0.0))
+    return out
+
+
+def test_tune_spends_nothing_on_easy_prompts_and_searches_on_hard_ones(tmp_path):
+    pools = _pools()
+    policy, tables = tune.tune(pools, model="m", self_eval="s", prune_points=(16, 32), temperature=0.7,
+                               budgets=(4, 8))
+    assert policy.budgets[8][0].strategy == PROBE  # easy bin: the probe was right and confident
+    assert policy.budgets[8][4].strategy != PROBE  # hard bin: sample more
+    path = tmp_path / "p.json"
+    path.write_text(policy.dumps())
+    again = Policy.load(path)
+    assert again == policy
+    correct, tokens, bins = tune.apply(again, pools, 8, (16, 32))
+    assert correct.mean() == 1.0  # easy: the probe; hard: the best-scored sample is right
+    assert tokens[bins == 1].mean() == 10  # the probe alone
+
+
+def test_tune_refuses_too_few_prompts():
+    with pytest.raises(UsageError, match="at least 10 prompts"):
+        tune.tune(_pools(6), model="m", self_eval="s", prune_points=(16, 32), temperature=0.7)
+
+
+def test_pool_cannot_replay_beam():
+    with pytest.raises(UsageError, match="cannot be replayed"):
+        tune.replay_choice(PolicyChoice(strategy="beam", options={"budget": 4}), _pools(), (16, 32))
