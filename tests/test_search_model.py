@@ -1,0 +1,64 @@
+"""The search strategies on the embedded model with its shipped self-eval adapter: they run end to end through
+`run_strategy`, account for their compute and give every sequence back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_adapt.engine import Engine, Token
+from edge_adapt.engine.events import Done, SampleStarted
+from edge_adapt.selfeval import SelfEvaluator
+from edge_adapt.strategies import Chosen, StrategyConfig, run_strategy
+from edge_adapt.strategies.events import DifficultyEstimated, RolledOut, RoundStarted
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Tom has 3 apples and gets 4 more. How many apples does Tom have now? Think step by step."
+
+
+def run(engine: Engine, **cfg) -> list:
+    config = StrategyConfig(max_tokens=24, **cfg)
+    return list(run_strategy(engine, PROMPT, config, SelfEvaluator(engine)))
+
+
+def the(events: list, kind: type) -> list:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def test_beam_search_on_the_model(engine: Engine):
+    ev = run(engine, strategy="beam", budget=4, beam_width=2, max_step_tokens=8)
+    (chosen,) = the(ev, Chosen)
+    usage = the(ev, Done)[0].usage
+    assert chosen.text and chosen.p_keep is not None
+    assert len(the(ev, RoundStarted)) >= 2  # 24 tokens in steps of at most 8
+    assert usage.generated_tokens == len(the(ev, Token))
+    assert usage.samples_started > 4  # expansions are new samples continuing their parents
+
+
+def test_lookahead_on_the_model_counts_its_rollouts(engine: Engine):
+    ev = run(engine, strategy="lookahead", budget=4, beam_width=2, max_step_tokens=8, lookahead=1)
+    usage = the(ev, Done)[0].usage
+    rolled = the(ev, RolledOut)
+    assert rolled and usage.extra["rollout_tokens"] == sum(r.n_tokens for r in rolled) > 0
+    assert the(ev, Chosen)[0].sample in {s.sample for s in the(ev, SampleStarted)}
+
+
+def test_revise_on_the_model(engine: Engine):
+    ev = run(engine, strategy="revise", budget=4, sequential_ratio=0.5)
+    assert [r.n for r in the(ev, RoundStarted)] == [2, 2]
+    assert the(ev, Done)[0].usage.samples_started == 4
+    assert the(ev, Chosen)[0].text
+
+
+def test_auto_on_the_model_with_a_policy(engine: Engine, tmp_path):
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({
+        "format": "edge-adapt-policy/1", "model": engine.fingerprint, "bin_edges": [0.99, 0.995, 0.998, 0.999],
+        "budgets": {"4": [{"strategy": "probe"}] * 4 + [{"strategy": "best-of-n", "options": {"budget": 3}}]},
+    }))
+    ev = run(engine, strategy="auto", budget=4, policy=path)
+    (d,) = the(ev, DifficultyEstimated)
+    assert d.bin == 5 and d.choice == "best-of-n"  # no probe scores 0.99
+    assert the(ev, Done)[0].usage.samples_started == 4
