@@ -107,10 +107,11 @@ def _ctx_for(prompt_tokens: int, max_tokens: int, ctx: int | None) -> int:
     return ctx or max(256, -(-(prompt_tokens + max_tokens + 64) // 256) * 256)
 
 
-StrategyOpt = Annotated[Optional[str], typer.Option("--strategy", "-s", help="single | best-of-n | adaptive | prune | adaptive+prune | vote | weighted-vote")]
+StrategyOpt = Annotated[Optional[str], typer.Option("--strategy", "-s", help="single | best-of-n | adaptive | prune | adaptive+prune | vote | weighted-vote | weighted-best-of-n | beam | lookahead | revise | auto")]
 BudgetNOpt = Annotated[Optional[int], typer.Option("--budget", help="most samples the strategy may draw", min=1)]
 ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help="adaptive: stop when a sample's p_keep reaches this")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="strategy TOML/JSON file (flags override it)")]
+PolicyOpt = Annotated[Optional[Path], typer.Option("--policy", help="auto: compute-optimal policy JSON (default: the one shipped for the default model)")]
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="self-eval adapter GGUF (LoRA / aLoRA), on only while scoring; 'none': not even the default model's shipped one")]
 
 
@@ -135,14 +136,17 @@ def _run_strategy(prompt: str, system: str | None, cfg: Any, *, show_scores: boo
                   mem_budget: str | None, verbose: bool) -> None:
     from edge_adapt.engine import Done, Finished, Token
     from edge_adapt.strategies import Chosen, Pruned, Scored, run_strategy, samples_at_once
+    from edge_adapt.strategies.events import DifficultyEstimated
+    from edge_adapt.strategies.registry import tokens_per_sequence
 
     guess = len(prompt.encode()) + len((system or "").encode()) + 64 + 64  # + the self-eval suffix
-    engine = _engine(model, parallel=samples_at_once(cfg) + 1, ctx=_ctx_for(guess, cfg.max_tokens, ctx), device=device,
+    span = tokens_per_sequence(cfg)
+    engine = _engine(model, parallel=samples_at_once(cfg) + 1, ctx=_ctx_for(guess, span, ctx), device=device,
                      gpu_layers=gpu_layers, threads=threads, mem_budget=mem_budget, verbose=verbose)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     scores: dict[int, list[tuple[int, float]]] = {}
     finished: dict[int, Any] = {}
-    chosen = usage = None
+    chosen = usage = difficulty = None
     stream = cfg.strategy == "single" and not as_json and not show_scores
     with engine, _ctrl_c_cancels(engine):
         for ev in run_strategy(engine, messages, cfg):
@@ -155,6 +159,8 @@ def _run_strategy(prompt: str, system: str | None, cfg: Any, *, show_scores: boo
                 finished[ev.sample] = ev
             elif isinstance(ev, Chosen):
                 chosen = ev
+            elif isinstance(ev, DifficultyEstimated):
+                difficulty = ev
             elif isinstance(ev, Done):
                 usage = ev.usage
     if stream:
@@ -176,6 +182,8 @@ def _run_strategy(prompt: str, system: str | None, cfg: Any, *, show_scores: boo
             trail = "  ".join(f"@{n}: {p:.3f}" for n, p in scores.get(i, []))
             mark = "*" if chosen is not None and chosen.sample == i else " "
             print(f"{mark} sample {i:>2}  {f.n_tokens:>4} tokens  {f.reason:<9} {trail}")
+        if difficulty is not None:
+            print(f"  difficulty bin {difficulty.bin} of 5 (probe p_keep {difficulty.p_keep:.3f}): {difficulty.choice}")
         if usage is not None:
             print(f"  compute: {usage.samples_started} samples ({usage.samples_pruned} pruned), {usage.generated_tokens} "
                   f"generated + {usage.selfeval_tokens} self-eval tokens, {usage.wall_s:.1f} s")
@@ -205,6 +213,7 @@ def run(
     threshold: ThresholdOpt = None,
     config: ConfigOpt = None,
     adapter: AdapterOpt = None,
+    policy: PolicyOpt = None,
     keep: Annotated[Optional[int], typer.Option("--keep", "-k", help="prune: samples kept at each prune point", min=1)] = None,
     prune_at: Annotated[Optional[list[int]], typer.Option("--prune-at", help="prune: token count to score and prune at (repeatable)")] = None,
     show_scores: Annotated[bool, typer.Option("--show-scores", help="print every sample's self-eval score")] = False,
@@ -228,7 +237,7 @@ def run(
         cfg = _strategy_config(config, strategy=strategy, budget=budget, threshold=threshold, adapter=adapter,
                                temperature=temp if temp > 0 else None, max_tokens=max_tokens, seed=seed,
                                stop=tuple(stop) if stop else None, k=keep,
-                               prune_at=tuple(prune_at) if prune_at else None)
+                               prune_at=tuple(prune_at) if prune_at else None, policy=policy)
         _run_strategy(prompt, system, cfg, show_scores=show_scores, as_json=as_json, model=model, ctx=ctx,
                       device=device, gpu_layers=gpu_layers, threads=threads, mem_budget=mem_budget, verbose=verbose)
         return
@@ -501,6 +510,69 @@ def eval_cmd(
     cfg = validated(EvalConfig, fields, "eval")
     run_eval(cfg)
     print(f"report written to {out / 'report.md'}")
+
+
+@app.command("tune-policy")
+def tune_policy_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="policy JSON to write")],
+    suite: SuiteOpt = "arith",
+    split: Annotated[str, typer.Option("--split", help="the split the policy is tuned on")] = "validation",
+    data: DataOpt = None,
+    scorer: ScorerOpt = None,
+    n_prompts: Annotated[int, typer.Option("--prompts", help="tuning prompts", min=1)] = 150,
+    k: Annotated[int, typer.Option("-k", "--samples", help="samples per prompt in the pool", min=1, max=64)] = 16,
+    temp: Annotated[float, typer.Option("--temp", help="sampling temperature of the pool")] = 0.7,
+    max_tokens: MaxTokOpt = 96,
+    prune_at: Annotated[Optional[list[int]], typer.Option("--prune-at", help="token counts where scores are recorded (repeatable)")] = None,
+    budget: Annotated[Optional[list[int]], typer.Option("--budget", help="budget to tune for (repeatable; default 2 4 6 8 12 16)", min=1)] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="a cheaper choice within this accuracy of the best wins", min=0, max=1)] = 0.02,
+    test_split: Annotated[Optional[str], typer.Option("--test-split", help="also report the policy on this split")] = None,
+    test_prompts: Annotated[int, typer.Option("--test-prompts", min=1)] = 200,
+    report: Annotated[Optional[Path], typer.Option("--report", help="report directory (with --test-split)")] = None,
+    live: Annotated[Optional[list[str]], typer.Option("--live", help="strategy to also run live on test prompts (repeatable)")] = None,
+    live_prompts: Annotated[int, typer.Option("--live-prompts", min=1)] = 40,
+    live_budget: Annotated[int, typer.Option("--live-budget", min=2)] = 8,
+    compare_model: Annotated[Optional[Path], typer.Option("--compare-model", help="a larger GGUF model to compare with at equal compute (with --test-split)")] = None,
+    seed: SeedOpt = 0,
+    adapter: AdapterOpt = None,
+    model: ModelOpt = None,
+    threads: ThreadsOpt = None,
+    cache_dir: CacheOpt = Path("runs/eval-cache"),
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing policy file")] = False,
+) -> None:
+    """Build the compute-optimal policy `--strategy auto` follows: per difficulty bin and budget, the strategy
+    that does best on the tuning pool (two-fold cross-validated), optionally reported on a held-out split."""
+    from edge_adapt.eval import EvalConfig
+    from edge_adapt.eval.tune import DEFAULT_BUDGETS
+    from edge_adapt.eval.tune_run import TuneConfig, run_tune
+    from edge_adapt.strategies import StrategyConfig
+
+    fields = dict(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temperature=temp,
+                  max_tokens=max_tokens, seed=seed, model=model, threads=threads, default_adapter=not _no_adapter(adapter),
+                  adapter=None if _no_adapter(adapter) else adapter, cache_dir=cache_dir)
+    if prune_at:
+        fields["prune_points"] = prune_at
+    pool = validated(EvalConfig, fields, "tune-policy")
+    if test_split is None and (report or live or compare_model):
+        raise UsageError("--report, --live and --compare-model need --test-split")
+    if compare_model is not None:
+        from edge_adapt.engine.gguf_file import inspect_gguf
+
+        inspect_gguf(compare_model)  # a bad file fails now, not after the tuning
+    if any(b < 2 for b in budget or ()):
+        raise UsageError("a budget must be at least 2 (the probe and one more sample)")
+    for name in live or ():
+        StrategyConfig.parse({"strategy": name}, f"--live {name}")
+    cfg = validated(TuneConfig, dict(pool=pool, budgets=budget or list(DEFAULT_BUDGETS), tolerance=tolerance, out=out,
+                                     force=force, test_split=test_split, test_prompts=test_prompts, report_dir=report,
+                                     live=live or [], live_prompts=live_prompts, live_budget=live_budget,
+                                     compare_model=compare_model), "tune-policy")
+    result = run_tune(cfg)
+    print(f"policy written to {out}")
+    for b, choices in result["choices"].items():
+        print(f"  budget {b}: " + " | ".join(f"bin {i}: {c}" for i, c in enumerate(choices, start=1)))
+    if report and "test" in result:
+        print(f"report written to {report / 'report.md'}")
 
 
 # -- label / train: teaching the model to evaluate itself ---------------------------------------------------

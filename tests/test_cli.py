@@ -109,6 +109,12 @@ def test_budget_too_small():
         (("run", "hi", "--strategy", "prune", "--budget", "4", "-k", "9"), "k (9) must be <= budget"),
         (("run", "hi", "--strategy", "adaptive", "--threshold", "1.5"), "threshold"),
         (("bench", "--only", "everything"), "--only"),
+        (("run", "hi", "--strategy", "beam", "--budget", "6"), "multiple of the beam width M (4)"),
+        (("run", "hi", "--strategy", "revise", "--budget", "1"), "at least 2"),
+        (("run", "hi", "--strategy", "auto", "--policy", "/nonexistent/policy.json"), "cannot read policy"),
+        (("tune-policy", "-o", "p.json", "--report", "r"), "need --test-split"),
+        (("tune-policy", "-o", "p.json", "--budget", "1"), "at least 2"),
+        (("tune-policy", "-o", "p.json", "--test-split", "test", "--live", "warp"), "unknown strategy 'warp'"),
     ],
 )
 def test_invalid_option_values(args: tuple[str, ...], fragment: str):
@@ -129,3 +135,55 @@ def test_cuda_requested_on_a_cpu_build():
     if ll.llama_supports_gpu_offload():
         pytest.skip("this llama-cpp-python build has a GPU backend")
     assert_one_line_error(cli("run", "hi", "--device", "cuda"), "no GPU backend")
+
+
+def _policy(path: Path, model: str, budgets: dict) -> Path:
+    path.write_text(json.dumps({"format": "edge-adapt-policy/1", "model": model, "bin_edges": [0.2, 0.4, 0.6, 0.8],
+                                "budgets": budgets}))
+    return path
+
+
+def test_auto_policy_errors(tmp_path: Path):
+    row = {"4": [{"strategy": "probe"}] * 5}
+    other = _policy(tmp_path / "other.json", "llama:1:2:F16", row)
+    assert_one_line_error(cli("run", "hi", "--strategy", "auto", "--policy", str(other)), "tuned for model llama:1:2:F16")
+    from edge_adapt.engine.gguf_file import inspect_gguf
+
+    info = inspect_gguf(default_model_path())
+    mine = _policy(tmp_path / "mine.json", f"{info.architecture}:{info.n_params}:{info.n_vocab}:{info.file_type}", row)
+    assert_one_line_error(cli("run", "hi", "--strategy", "auto", "--budget", "2", "--policy", str(mine)),
+                          "budget 2 is too small for this policy")
+    (tmp_path / "bad.json").write_text("{not json")
+    assert_one_line_error(cli("run", "hi", "--strategy", "auto", "--policy", str(tmp_path / "bad.json")), "not valid JSON")
+    proc = cli("run", "What is 2 + 3?", "--strategy", "auto", "--budget", "4", "--policy", str(mine), "--show-scores",
+               "--max-tokens", "16")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "difficulty bin" in proc.stdout.decode()
+
+
+def test_tune_policy_never_overwrites_without_force(tmp_path: Path):
+    existing = tmp_path / "policy.json"
+    existing.write_text("mine")
+    assert_one_line_error(cli("tune-policy", "-o", str(existing)), "exists")
+    assert existing.read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_tune_policy_end_to_end(tmp_path: Path):
+    """Tiny pools on both splits, a policy, its held-out report, a live auto run and a compute-matched
+    comparison (the default model standing in for the larger one: greedy either way, so it must score
+    exactly what the pool's greedy scored)."""
+    out, report = tmp_path / "policy.json", tmp_path / "report"
+    proc = cli("tune-policy", "-o", str(out), "--prompts", "10", "-k", "2", "--max-tokens", "24", "--prune-at", "8",
+               "--budget", "2", "--budget", "3", "--test-split", "test", "--test-prompts", "5", "--report", str(report),
+               "--live", "auto", "--live-prompts", "2", "--live-budget", "3", "--compare-model", str(default_model_path()),
+               "--cache", str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr.decode()
+    policy = json.loads(out.read_text())
+    assert set(policy["budgets"]) == {"2", "3"} and len(policy["budgets"]["3"]) == 5
+    data = json.loads((report / "report.json").read_text())
+    assert data["compare"]["accuracy"] == pytest.approx(data["test"]["greedy"])
+    assert data["compare"]["tokens"] == pytest.approx(data["test"]["greedy_tokens"])
+    (auto,) = [r for r in data["live"] if r["strategy"] == "auto"]
+    assert auto["prompts"] == 2 and sum(auto["bins"].values()) == 2
+    assert "Compute-matched comparison" in (report / "report.md").read_text()

@@ -130,4 +130,45 @@ def test_default_model_round_trip(tmp_path: Path) -> None:
     print(f"q8_0 vs f32 top-1 agreement over {sum(len(g) for g in gen_q)} generated positions: {top1:.2%} "
           f"({time.perf_counter() - t4:.1f}s)")
     assert top1 >= 0.9
+
+    # q8_0 against the reference itself (transformers on the imported checkpoint, f32), at every position of
+    # every prompt and its continuation: the acceptance's "q8_0 top-1 agreement", on a trained model whose
+    # logits are decisive (the tiny random fixtures' are near-ties).
+    full = [p + g for p, g in zip(ids, gen_q)]
+    q8_every = _argmax_every_position(q8.path, full)
+    hf_every = []
+    for toks in full:
+        with torch.no_grad():
+            hf_every.append(model(input_ids=torch.tensor([toks])).logits[0, :-1].argmax(-1).numpy())
+    top1_hf = float(np.mean(np.concatenate([q == h for q, h in zip(q8_every, hf_every)])))
+    n_pos = sum(len(h) for h in hf_every)
+    print(f"q8_0 (llama.cpp) vs transformers f32 top-1 agreement over {n_pos} positions: {top1_hf:.2%}")
+    assert top1_hf >= 0.99
+
+    # Back to the original's own type: Q4_1 re-quantizes the dequantized weights block for block, so the file
+    # is the original's tensors bit for bit and the greedy continuations are the same on all 10 prompts.
+    q41 = convert_model(tmp_path / "hf", tmp_path / "rt.q4_1.gguf", type="q4_1")
+    a, b = gguf.GGUFReader(original), gguf.GGUFReader(q41.path)
+    fb = {t.name: t for t in b.tensors}
+    same_bytes = sum(np.array_equal(np.asarray(t.data), np.asarray(fb[t.name].data)) for t in a.tensors)
+    print(f"q4_1 round trip: {same_bytes}/{len(a.tensors)} tensors byte-identical to the original")
+    assert same_bytes == len(a.tensors)
+    del a, b, fb
+    gen_41, _ = _greedy(q41.path, ids)
+    assert gen_41 == gen_q
     assert imported.n_params == f32.n_params
+
+
+def _argmax_every_position(path: Path, seqs: list[list[int]]) -> list[np.ndarray]:
+    """llama.cpp's next-token argmax after every prefix of each sequence (all but the last token)."""
+    out = []
+    with Engine(model=path, ctx=256, device="cpu", threads=2) as e:
+        for toks in seqs:
+            seq = e.open(toks[:1])
+            picks = [int(np.argmax(seq.logits))]
+            for t in toks[1:-1]:
+                e.extend([(seq, [t])])
+                picks.append(int(np.argmax(seq.logits)))
+            e.release(seq)
+            out.append(np.array(picks))
+    return out

@@ -98,9 +98,10 @@ def test_tune_spends_nothing_on_easy_prompts_and_searches_on_hard_ones(tmp_path)
     path.write_text(policy.dumps())
     again = Policy.load(path)
     assert again == policy
-    correct, tokens, bins = tune.apply(again, pools, 8, (16, 32))
-    assert correct.mean() == 1.0  # easy: the probe; hard: the best-scored sample is right
-    assert tokens[bins == 1].mean() == 10  # the probe alone
+    got = tune.apply(again, pools, 8, (16, 32))
+    assert got.correct.mean() == 1.0  # easy: the probe; hard: the best-scored sample is right
+    assert got.tokens[got.bins == 1].mean() == 10  # the probe alone
+    assert got.selfeval_tokens[got.bins == 1].mean() == 4  # scoring it
 
 
 def test_tune_refuses_too_few_prompts():

@@ -23,7 +23,7 @@ from edge_adapt.eval.metrics import bootstrap_ci
 from edge_adapt.eval.pool import PromptPool
 from edge_adapt.strategies.policy import N_BINS, PROBE, Policy, PolicyChoice
 
-DEFAULT_BUDGETS = (2, 4, 8, 16)
+DEFAULT_BUDGETS = (2, 4, 6, 8, 12, 16)
 THRESHOLDS = (0.3, 0.5, 0.7)
 
 
@@ -195,18 +195,30 @@ def tune(pools: Sequence[PromptPool], *, model: str, self_eval: str, prune_point
     return policy, tables
 
 
+@dataclass(frozen=True)
+class Applied:
+    """A policy replayed per prompt: correctness, generated tokens and self-eval tokens (probe included)."""
+
+    correct: np.ndarray
+    tokens: np.ndarray
+    selfeval_tokens: np.ndarray
+    bins: np.ndarray
+
+
 def apply(policy: Policy, pools: Sequence[PromptPool], budget: int, prune_points: Sequence[int],
-          seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The policy replayed on pools it was not tuned on: per prompt correctness, tokens and bin."""
+          seed: int = 0) -> Applied:
+    """The policy replayed on pools it was not tuned on."""
     _, row = policy.row_for(budget)
     bins = np.array([policy.bin_of(p.greedy.end_score) for p in pools])
     correct, tokens = np.zeros(len(pools)), np.zeros(len(pools))
-    probe_cost = np.array([p.greedy.n_tokens for p in pools], float)
+    se = np.array([p.greedy.selfeval_tokens[-1] for p in pools], float)  # scoring the probe
+    tokens = np.array([p.greedy.n_tokens for p in pools], float)
     for b in range(1, N_BINS + 1):
         idx = [i for i in range(len(pools)) if bins[i] == b]
         if not idx:
             continue
         r = replay_choice(row[b - 1], [pools[i] for i in idx], prune_points, seed)
         correct[idx] = r.correct
-        tokens[idx] = np.asarray(r.tokens) + probe_cost[idx]
-    return correct, tokens, bins
+        tokens[idx] += np.asarray(r.tokens)
+        se[idx] += np.asarray(r.selfeval_tokens)
+    return Applied(correct, tokens, se, bins)

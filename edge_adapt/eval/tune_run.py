@@ -35,7 +35,7 @@ class TuneConfig(BaseModel):
 
     pool: EvalConfig = Field(description="the tuning prompts' pool (suite, split, K, sampling, model, adapter)")
     budgets: list[int] = Field(default_factory=lambda: list(tune.DEFAULT_BUDGETS))
-    tolerance: float = Field(0.0, ge=0, le=1, description="a cheaper choice within this accuracy of the best wins")
+    tolerance: float = Field(0.02, ge=0, le=1, description="a cheaper choice within this accuracy of the best wins")
     out: Path = Field(Path("policy.json"), description="the policy file to write")
     force: bool = False
     test_split: str | None = Field(None, description="also report the policy on this split (never tuned on)")
@@ -45,6 +45,7 @@ class TuneConfig(BaseModel):
     live_prompts: int = Field(40, ge=1)
     live_budget: int = Field(8, ge=2)
     live_ctx: int = Field(1024, ge=256, description="context per sequence for live runs (revise keeps attempts)")
+    compare_model: Path | None = Field(None, description="a larger GGUF model answering the test prompts greedily")
 
 
 def _mean_ci(x: np.ndarray) -> tuple[float, float, float]:
@@ -59,6 +60,7 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
     engine = Engine(model=pcfg.model, parallel=max(pcfg.k + 2, 2 * cfg.live_budget + 2),
                     ctx=cfg.live_ctx if cfg.live else 512, threads=pcfg.threads)
     report: dict[str, Any] = {}
+    test_problems: list[Any] = []
     with engine, progress_display(pcfg.progress) as progress:
         scorer = load_scorer(pcfg, engine)
         pools, identity = collect_pools(pcfg, engine, scorer, progress)
@@ -78,8 +80,12 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
             tcfg = pcfg.model_copy(update={"split": cfg.test_split, "n_prompts": cfg.test_prompts})
             test_pools, _ = collect_pools(tcfg, engine, scorer, progress)
             report["test"] = held_out(policy, test_pools, points, pcfg.seed)
+            report["test"]["params"] = engine.info.n_params
             if cfg.live:
                 report["live"] = live_runs(engine, scorer, tcfg, cfg, policy, test_pools, progress)
+    if cfg.compare_model is not None and "test" in report:
+        with progress_display(pcfg.progress) as progress:
+            report["compare"] = compare_model(cfg.compare_model, tcfg, progress)
     if cfg.report_dir is not None and "test" in report:
         cfg.report_dir.mkdir(parents=True, exist_ok=True)
         report["plots"] = write_plots(report, cfg.report_dir)
@@ -94,7 +100,7 @@ def held_out(policy: Policy, pools: list[PromptPool], points: tuple[int, ...], s
     k = min(len(p.samples) for p in pools)
     greedy = rp.greedy(pools)
     out: dict[str, Any] = {"prompts": len(pools), "greedy": greedy.accuracy, "greedy_tokens": greedy.mean_tokens,
-                           "budgets": {}, "curves": {}}
+                           "prompt_tokens": float(np.mean([p.prompt_tokens for p in pools])), "budgets": {}, "curves": {}}
     ns = sorted({n for n in (1, 2, 4, 8, 16, 32, 64) if n <= k} | {k})
     curves = {"best-of-n": [rp.best_of_n(pools, n, "self-eval") for n in ns],
               "weighted-best-of-n": [rp.vote(pools, n, weighted=True, seed=seed) for n in ns],
@@ -106,7 +112,8 @@ def held_out(policy: Policy, pools: list[PromptPool], points: tuple[int, ...], s
     for b in policy.budgets:
         if b > k + 1:
             continue
-        correct, tokens, bins = tune.apply(policy, pools, b, points, seed)
+        got = tune.apply(policy, pools, b, points, seed)
+        correct, tokens, bins = got.correct, got.tokens, got.bins
         acc, lo, hi = _mean_ci(correct)
         n = min(b, k)
         per_bin = []
@@ -124,10 +131,14 @@ def held_out(policy: Policy, pools: list[PromptPool], points: tuple[int, ...], s
                 row["levels"] = {str(lv): int(sum(1 for i in idx if pools[i].level == lv))
                                  for lv in sorted({pools[i].level for i in idx if pools[i].level is not None})}
             per_bin.append(row)
+        diff = correct - np.asarray(ref.correct)
+        d_lo, d_hi = bootstrap_ci(diff.tolist(), seed=seed)
         bon = rp.best_of_n(pools, n, "self-eval")
         wbon = rp.vote(pools, n, weighted=True, seed=seed)
         out["budgets"][str(b)] = {
-            "auto": {"accuracy": acc, "ci": [lo, hi], "tokens": float(tokens.mean())},
+            "auto": {"accuracy": acc, "ci": [lo, hi], "tokens": float(tokens.mean()),
+                     "selfeval_tokens": float(got.selfeval_tokens.mean()),
+                     "minus_reference": float(diff.mean()), "minus_reference_ci": [d_lo, d_hi]},
             "best-of-n": {"accuracy": bon.accuracy, "ci": list(bon.ci(seed)), "tokens": bon.mean_tokens},
             "weighted-best-of-n": {"accuracy": wbon.accuracy, "ci": list(wbon.ci(seed)), "tokens": wbon.mean_tokens},
             "per_bin": per_bin,
@@ -175,6 +186,37 @@ def live_runs(engine: Engine, scorer: Any, tcfg: EvalConfig, cfg: TuneConfig, po
     return out
 
 
+def compare_model(path: Path, tcfg: EvalConfig, progress: Any) -> dict[str, Any]:
+    """The larger model answering every test prompt once, greedily: its accuracy and its compute."""
+    suite = suite_for(tcfg)
+    right, tokens, prompt_tokens = 0, [], []
+    with Engine(model=path, parallel=2, ctx=512, threads=tcfg.threads) as big:
+        task = progress.add_task(f"compare {path.name} greedy", total=len(suite.problems), info="")
+        for p in suite.problems:
+            ids = big.tokenize(big.chat_prompt(list(p.messages)))
+            text, n = "", 0
+            from edge_adapt.engine import GREEDY, Finished
+
+            for ev in big.generate(ids, GREEDY, max_tokens=tcfg.max_tokens):
+                if isinstance(ev, Finished):
+                    text, n = ev.text, ev.n_tokens
+            right += bool(suite.scorer.correct(text, p.answer))
+            tokens.append(n)
+            prompt_tokens.append(len(ids))
+            progress.update(task, advance=1, info="")
+        params = big.info.n_params
+        fingerprint = big.fingerprint
+    n = len(suite.problems)
+    return {"model": str(path), "fingerprint": fingerprint, "params": params, "prompts": n, "accuracy": right / n,
+            "ci": list(wilson(right, n)), "tokens": float(np.mean(tokens)),
+            "flops": 2.0 * params * float(np.mean(np.add(tokens, prompt_tokens)))}
+
+
+def flops(params: int, prompt_tokens: float, tokens: float, selfeval_tokens: float = 0.0) -> float:
+    """Compute as 2 x parameters x tokens processed (prompt once, generated, self-eval suffixes)."""
+    return 2.0 * params * (prompt_tokens + tokens + selfeval_tokens)
+
+
 def markdown(r: dict[str, Any]) -> str:
     t = r["test"]
     ref = t["reference"]
@@ -186,14 +228,16 @@ def markdown(r: dict[str, Any]) -> str:
         f"- test: {t['prompts']} prompts the tuning never saw; greedy {t['greedy']:.3f} at {t['greedy_tokens']:.0f} tokens",
         f"- reference: {ref['name']} {ref['accuracy']:.3f} ({ref['ci'][0]:.3f}–{ref['ci'][1]:.3f}) at {ref['tokens']:.0f} tokens",
         "", "## Accuracy and generated tokens per prompt, by budget (replayed on the test pool)", "",
-        "| budget | auto | tokens | best-of-N | tokens | weighted best-of-N | tokens | auto tokens / reference |",
-        "|---|---|---|---|---|---|---|---|",
+        "| budget | auto | tokens | best-of-N | tokens | weighted best-of-N | tokens | auto − reference (paired 95% CI) | auto tokens / reference |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for b, row in t["budgets"].items():
         a, bo, w = row["auto"], row["best-of-n"], row["weighted-best-of-n"]
         lines.append(f"| {b} | {a['accuracy']:.3f} ({a['ci'][0]:.3f}–{a['ci'][1]:.3f}) | {a['tokens']:.0f} | "
                      f"{bo['accuracy']:.3f} | {bo['tokens']:.0f} | {w['accuracy']:.3f} | {w['tokens']:.0f} | "
+                     f"{a['minus_reference']:+.3f} ({a['minus_reference_ci'][0]:+.3f} … {a['minus_reference_ci'][1]:+.3f}) | "
                      f"{a['tokens'] / ref['tokens']:.2f} |")
+    lines += ["", "Best-of-N and weighted best-of-N use N = budget samples and no probe; auto's tokens include its probe."]
     lines += ["", "Cross-validation on the tuning prompts (two folds, each chosen on the other): " + ", ".join(
         f"budget {b}: {v['accuracy']:.3f} at {v['tokens']:.0f} tokens" for b, v in r["tuning"]["cross_validation"].items()), ""]
     lines += ["## Which strategy wins where (per difficulty bin, test prompts)", ""]
@@ -216,6 +260,18 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {x['strategy']} | {x['budget']} | {x['prompts']} | {x['accuracy']:.3f} | "
                          f"{x['ci'][0]:.3f}–{x['ci'][1]:.3f} | {x['tokens']:.0f} | {x['samples']:.1f} | "
                          f"{x['selfeval_tokens']:.0f} | {x.get('wall_s', float('nan')):.2f} |")
+        lines.append("")
+    if r.get("compare"):
+        c = r["compare"]
+        lines += ["## Compute-matched comparison with a larger model", "",
+                  f"`{c['model']}` ({c['params'] / 1e6:.0f}M parameters) answers each test prompt once, greedily. "
+                  "Compute is 2 × parameters × tokens processed (prompt once, generated tokens, self-eval suffixes).", "",
+                  "| who | accuracy | 95% CI | GFLOPs per prompt |", "|---|---|---|---|",
+                  f"| {c['fingerprint']} greedy | {c['accuracy']:.3f} | {c['ci'][0]:.3f}–{c['ci'][1]:.3f} | {c['flops'] / 1e9:.1f} |"]
+        for b, row in t["budgets"].items():
+            a = row["auto"]
+            f = flops(t["params"], t["prompt_tokens"], a["tokens"], a["selfeval_tokens"])
+            lines.append(f"| auto, budget {b} | {a['accuracy']:.3f} | {a['ci'][0]:.3f}–{a['ci'][1]:.3f} | {f / 1e9:.1f} |")
         lines.append("")
     if r.get("plots"):
         lines += [f"![{p}]({p})" for p in r["plots"]]
