@@ -36,8 +36,7 @@ def sub_config(config: StrategyConfig, policy: Policy, bin: int) -> StrategyConf
     choice = row[bin - 1]
     if choice.strategy == PROBE:
         return None
-    return config.with_options(**{**choice.options, "strategy": choice.strategy, "seed": config.seed + 1,
-                                  "policy": None})
+    return config.with_options(**{**choice.options, "strategy": choice.strategy, "seed": config.seed + 1})
 
 
 def auto(engine: EngineLike, root: Sequence, config: StrategyConfig, scorer: Scorer | None) -> Iterator[Event | StrategyEvent]:
