@@ -214,6 +214,10 @@ def run(
     config: ConfigOpt = None,
     adapter: AdapterOpt = None,
     policy: PolicyOpt = None,
+    beam_width: Annotated[Optional[int], typer.Option("--beam-width", help="beam/lookahead: M, expansions per kept beam", min=1)] = None,
+    step_tokens: Annotated[Optional[int], typer.Option("--max-step-tokens", help="beam/lookahead: longest step", min=1)] = None,
+    lookahead: Annotated[Optional[int], typer.Option("--lookahead", help="lookahead: greedy steps rolled out before scoring", min=1)] = None,
+    sequential_ratio: Annotated[Optional[float], typer.Option("--sequential-ratio", help="revise: share of the budget spent on revisions", min=0, max=1)] = None,
     keep: Annotated[Optional[int], typer.Option("--keep", "-k", help="prune: samples kept at each prune point", min=1)] = None,
     prune_at: Annotated[Optional[list[int]], typer.Option("--prune-at", help="prune: token count to score and prune at (repeatable)")] = None,
     show_scores: Annotated[bool, typer.Option("--show-scores", help="print every sample's self-eval score")] = False,
@@ -237,7 +241,8 @@ def run(
         cfg = _strategy_config(config, strategy=strategy, budget=budget, threshold=threshold, adapter=adapter,
                                temperature=temp if temp > 0 else None, max_tokens=max_tokens, seed=seed,
                                stop=tuple(stop) if stop else None, k=keep,
-                               prune_at=tuple(prune_at) if prune_at else None, policy=policy)
+                               prune_at=tuple(prune_at) if prune_at else None, policy=policy, beam_width=beam_width,
+                               max_step_tokens=step_tokens, lookahead=lookahead, sequential_ratio=sequential_ratio)
         _run_strategy(prompt, system, cfg, show_scores=show_scores, as_json=as_json, model=model, ctx=ctx,
                       device=device, gpu_layers=gpu_layers, threads=threads, mem_budget=mem_budget, verbose=verbose)
         return
