@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +163,18 @@ def _plan(model: ModelBase, ckpt: Checkpoint, want: Q) -> list[_Planned]:
         for out_name, t in model.modify_tensors(meta, gname, model.block_id(gname)):
             shape = tuple(int(x) for x in t.shape)
             plan.append(_Planned(hf_name, out_name, shape, tensor_type(out_name, shape, want)))
-    return plan
+    return _output_at_8_bits(plan, want)
+
+
+def _output_at_8_bits(plan: list[_Planned], want: Q) -> list[_Planned]:
+    """4-bit files keep the output matrix (token_embd when the embeddings are tied) at higher precision, as
+    llama.cpp's quantizer does: it picks Q6_K and falls back to Q8_0 when rows are not a multiple of 256; the
+    gguf package quantizes Q8_0 but not Q6_K, so Q8_0 it is (SmolLM2's 576-wide rows get Q8_0 either way)."""
+    if want not in (Q.Q4_0, Q.Q4_1):
+        return plan
+    names = {p.name for p in plan}
+    output = "output.weight" if "output.weight" in names else "token_embd.weight"
+    return [replace(p, qtype=tensor_type(p.name, p.shape, Q.Q8_0)) if p.name == output else p for p in plan]
 
 
 def convert_model(

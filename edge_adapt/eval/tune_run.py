@@ -65,7 +65,12 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
         scorer = load_scorer(pcfg, engine)
         pools, identity = collect_pools(pcfg, engine, scorer, progress)
         points = tuple(pcfg.prune_points)
-        policy, tables = tune.tune(pools, model=engine.fingerprint, self_eval=identity.split("|selfeval=", 1)[1],
+        # The adapter by file name: the policy is shipped, the path it was tuned from is local.
+        adapter = getattr(getattr(scorer, "config", None), "adapter", None)
+        self_eval = identity.split("|selfeval=", 1)[1]
+        if adapter is not None:
+            self_eval = self_eval.replace(json.dumps(str(adapter))[1:-1], Path(adapter).name)
+        policy, tables = tune.tune(pools, model=engine.fingerprint, self_eval=self_eval,
                                    prune_points=points, temperature=pcfg.temperature, budgets=cfg.budgets,
                                    tolerance=cfg.tolerance, seed=pcfg.seed,
                                    source=f"{pcfg.suite} {pcfg.split} ({len(pools)} prompts, K={pcfg.k})")
@@ -257,9 +262,10 @@ def markdown(r: dict[str, Any]) -> str:
                   "| strategy | budget | prompts | accuracy | 95% CI | tokens | samples | self-eval tokens | s/prompt |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for x in r["live"]:
+            wall = f"{x['wall_s']:.2f}" if "wall_s" in x else "replayed"
             lines.append(f"| {x['strategy']} | {x['budget']} | {x['prompts']} | {x['accuracy']:.3f} | "
                          f"{x['ci'][0]:.3f}–{x['ci'][1]:.3f} | {x['tokens']:.0f} | {x['samples']:.1f} | "
-                         f"{x['selfeval_tokens']:.0f} | {x.get('wall_s', float('nan')):.2f} |")
+                         f"{x['selfeval_tokens']:.0f} | {wall} |")
         lines.append("")
     if r.get("compare"):
         c = r["compare"]
@@ -276,6 +282,19 @@ def markdown(r: dict[str, Any]) -> str:
     if r.get("plots"):
         lines += [f"![{p}]({p})" for p in r["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def short_label(choice: str) -> str:
+    """'prune budget=7 k=1 prune_at=[32] temperature=0.7' -> 'prune 7→1 @32' (for plot cells)."""
+    name, *rest = choice.split()
+    o = dict(x.split("=", 1) for x in rest)
+    if name == "prune":
+        return f"prune {o['budget']}→{o['k']} @{o['prune_at'].strip('[]')}"
+    if name == "adaptive":
+        return f"adaptive ≤{o['budget']}\np≥{o['threshold']}"
+    if "budget" in o:
+        return f"{name}\nN={o['budget']}"
+    return name
 
 
 def write_plots(r: dict[str, Any], out_dir: Path) -> list[str]:
@@ -306,20 +325,23 @@ def write_plots(r: dict[str, Any], out_dir: Path) -> list[str]:
     names = ["auto_vs_best_of_n.png"]
     budgets = list(t["budgets"])
     if budgets:
-        b = budgets[-1]
-        bins = t["budgets"][b]["per_bin"]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        xs = np.arange(len(bins))
-        ax.bar(xs, [x.get("accuracy", 0) for x in bins], color="tab:blue")
-        for x, row in zip(xs, bins):
-            ax.text(x, row.get("accuracy", 0) + 0.01, row["choice"].replace(" temperature=0.7", "").replace(" ", "\n", 1),
-                    ha="center", fontsize=7)
-        ax.set_xticks(xs, [f"bin {x['bin']}\n({x['prompts']})" for x in bins])
-        ax.set_ylabel("accuracy (test)")
-        ax.set_ylim(0, 1.1)
-        ax.set_title(f"budget {b}: the policy's choice per difficulty bin (1 = easiest)")
+        # The choice map: budgets down, bins across, one colour per strategy family, accuracy in each cell.
+        families = sorted({row["choice"].split()[0] for b in budgets for row in t["budgets"][b]["per_bin"]})
+        grid = np.array([[families.index(row["choice"].split()[0]) for row in t["budgets"][b]["per_bin"]]
+                         for b in budgets])
+        fig, ax = plt.subplots(figsize=(8, 0.6 * len(budgets) + 1.6))
+        cmap = plt.get_cmap("tab10", len(families))
+        ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(families) - 0.5, aspect="auto")
+        for y, b in enumerate(budgets):
+            for x, row in enumerate(t["budgets"][b]["per_bin"]):
+                acc = f"\nacc {row['accuracy']:.2f}" if row.get("prompts") else ""
+                ax.text(x, y, short_label(row["choice"]) + acc, ha="center", va="center", fontsize=7)
+        bins = t["budgets"][budgets[0]]["per_bin"]
+        ax.set_xticks(range(len(bins)), [f"bin {x['bin']} ({x['prompts']})" for x in bins])
+        ax.set_yticks(range(len(budgets)), [f"budget {b}" for b in budgets])
+        ax.set_title("the policy's choice per difficulty bin (1 = easiest) and budget, accuracy on test")
         fig.tight_layout()
-        fig.savefig(out_dir / "per_bin.png", dpi=120)
+        fig.savefig(out_dir / "per_bin.png", dpi=130)
         plt.close(fig)
         names.append("per_bin.png")
     return names
