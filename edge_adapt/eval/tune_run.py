@@ -148,6 +148,28 @@ def held_out(policy: Policy, pools: list[PromptPool], points: tuple[int, ...], s
             "weighted-best-of-n": {"accuracy": wbon.accuracy, "ci": list(wbon.ci(seed)), "tokens": wbon.mean_tokens},
             "per_bin": per_bin,
         }
+    top = max(b for b in policy.budgets if b <= k + 1) if any(b <= k + 1 for b in policy.budgets) else None
+    if top is not None:
+        out["bin_curves"] = bin_curves(pools, policy, top, points, seed)
+    return out
+
+
+def bin_curves(pools: list[PromptPool], policy: Policy, budget: int, points: tuple[int, ...],
+               seed: int) -> dict[str, dict[str, list[list[float]]]]:
+    """Per difficulty bin (the policy's bins) and strategy family: (tokens, accuracy) of every candidate at this
+    budget, sorted by tokens: which strategy wins where, and at what cost."""
+    table = tune.build_table(pools, budget, points, float(policy.tuning.get("temperature", 0.7)), seed)
+    bins = np.array([policy.bin_of(p.greedy.end_score) for p in pools])
+    out: dict[str, dict[str, list[list[float]]]] = {}
+    for b in range(1, N_BINS + 1):
+        idx = np.flatnonzero(bins == b)
+        if not len(idx):
+            continue
+        fams: dict[str, list[list[float]]] = {}
+        for c, choice in enumerate(table.choices):
+            fams.setdefault(choice.strategy, []).append(
+                [float(table.tokens[c, idx].mean()), float(table.correct[c, idx].mean())])
+        out[str(b)] = {f: sorted(v) for f, v in fams.items()}
     return out
 
 
@@ -222,6 +244,28 @@ def flops(params: int, prompt_tokens: float, tokens: float, selfeval_tokens: flo
     return 2.0 * params * (prompt_tokens + tokens + selfeval_tokens)
 
 
+def verdict(t: dict[str, Any]) -> list[str]:
+    """Where auto stands against the reference: its best within half the reference's tokens, and the first
+    budget at which it reaches the reference's accuracy."""
+    ref = t["reference"]
+    rows = [(b, row["auto"]) for b, row in t["budgets"].items()]
+    out = []
+    half = [(b, a) for b, a in rows if a["tokens"] <= 0.5 * ref["tokens"]]
+    if half:
+        b, a = max(half, key=lambda x: x[1]["accuracy"])
+        out.append(f"- Within half of {ref['name']}'s tokens, auto does best at budget {b}: {a['accuracy']:.3f}, "
+                   f"{a['minus_reference']:+.3f} against it (paired 95% CI {a['minus_reference_ci'][0]:+.3f} … "
+                   f"{a['minus_reference_ci'][1]:+.3f}), with {a['tokens'] / ref['tokens']:.2f} of its tokens.")
+    reach = [(b, a) for b, a in rows if a["accuracy"] >= ref["accuracy"]]
+    if reach:
+        b, a = reach[0]
+        out.append(f"- auto first reaches {ref['name']}'s accuracy at budget {b} ({a['accuracy']:.3f}), with "
+                   f"{a['tokens'] / ref['tokens']:.2f} of its tokens.")
+    else:
+        out.append(f"- auto does not reach {ref['name']}'s accuracy at any tuned budget.")
+    return out + [""]
+
+
 def markdown(r: dict[str, Any]) -> str:
     t = r["test"]
     ref = t["reference"]
@@ -242,7 +286,8 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{bo['accuracy']:.3f} | {bo['tokens']:.0f} | {w['accuracy']:.3f} | {w['tokens']:.0f} | "
                      f"{a['minus_reference']:+.3f} ({a['minus_reference_ci'][0]:+.3f} … {a['minus_reference_ci'][1]:+.3f}) | "
                      f"{a['tokens'] / ref['tokens']:.2f} |")
-    lines += ["", "Best-of-N and weighted best-of-N use N = budget samples and no probe; auto's tokens include its probe."]
+    lines += ["", "Best-of-N and weighted best-of-N use N = budget samples and no probe; auto's tokens include its probe.", ""]
+    lines += verdict(t)
     lines += ["", "Cross-validation on the tuning prompts (two folds, each chosen on the other): " + ", ".join(
         f"budget {b}: {v['accuracy']:.3f} at {v['tokens']:.0f} tokens" for b, v in r["tuning"]["cross_validation"].items()), ""]
     lines += ["## Which strategy wins where (per difficulty bin, test prompts)", ""]
@@ -323,6 +368,28 @@ def write_plots(r: dict[str, Any], out_dir: Path) -> list[str]:
     fig.savefig(out_dir / "auto_vs_best_of_n.png", dpi=120)
     plt.close(fig)
     names = ["auto_vs_best_of_n.png"]
+    if t.get("bin_curves"):
+        curves = t["bin_curves"]
+        from matplotlib.ticker import NullFormatter
+
+        fig, axes = plt.subplots(1, len(curves), figsize=(3.3 * len(curves), 3.6), sharey=True)
+        axes = np.atleast_1d(axes)
+        marks = {"probe": "s", "best-of-n": "o", "weighted-best-of-n": "^", "vote": "v", "adaptive": "D", "prune": "x"}
+        for ax, (b, fams) in zip(axes, curves.items()):
+            for fam, pts in fams.items():
+                ax.plot([q[0] for q in pts], [q[1] for q in pts], marker=marks.get(fam, "."), label=fam,
+                        linestyle="-" if len(pts) > 1 else "none")
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_title(f"bin {b}" + (" (easiest)" if b == "1" else " (hardest)" if b == str(N_BINS) else ""), fontsize=9)
+            ax.set_xlabel("tokens per prompt", fontsize=8)
+        axes[0].set_ylabel("accuracy (test)")
+        axes[-1].legend(fontsize=7)
+        fig.suptitle("every candidate per difficulty bin (test prompts): which strategy wins where", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out_dir / "bins_accuracy_vs_tokens.png", dpi=120)
+        plt.close(fig)
+        names.append("bins_accuracy_vs_tokens.png")
     budgets = list(t["budgets"])
     if budgets:
         # The choice map: budgets down, bins across, one colour per strategy family, accuracy in each cell.
