@@ -475,7 +475,7 @@ def bench(
         from edge_adapt.engine import Engine
 
         with Engine(model=model, parallel=17, ctx=512, threads=threads, device=device.value) as e:
-            results["strategies"] = strategy_bench.run_all(e)
+            results["strategies"] = strategy_bench.run_all(e, repeats=repeats)
         if not as_json:
             print(strategy_bench.render(results["strategies"]))
     if as_json:
@@ -638,6 +638,7 @@ def train_cmd(
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 2,
     lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate (3e-4 for (a)LoRA, 2e-5 for full)")] = None,
     rank: Annotated[int, typer.Option("--rank", min=1)] = 8,
+    suffix: Annotated[Optional[str], typer.Option("--suffix", help="raw self-eval suffix to train on (default <|im_end|>Restart)")] = None,
     prompts_per_step: Annotated[int, typer.Option("--prompts-per-step", min=1)] = 4,
     lm_loss: Annotated[float, typer.Option("--lm-loss", help="weight of an LM loss on the responses (full)")] = 0.0,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="stop early (smoke tests)")] = None,
@@ -658,7 +659,8 @@ def train_cmd(
     cfg = validated(TrainConfig, dict(
         labels=labels, validation=validation, out=out, method=method, target=target, epochs=epochs, lr=lr, rank=rank,
         prompts_per_step=prompts_per_step, lm_loss=lm_loss, max_steps=max_steps, model=model,
-        validate_before=validate_before, threads=threads, seed=seed, force=force), "train")
+        validate_before=validate_before, threads=threads, seed=seed, force=force,
+        **({"suffix": suffix} if suffix is not None else {})), "train")
     with _work_progress() as bar:
         tasks: dict[str, int] = {}
 

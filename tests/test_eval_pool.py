@@ -90,3 +90,30 @@ def test_a_changed_setting_never_reuses_stale_samples(engine, scorer, tmp_path):
     prob = suite.problems[0]
     edited = replace(suite, problems=(replace(prob, answer="999999"),))
     assert _drain(build_pool(engine, scorer, edited, SETTINGS, tmp_path))[0].generated
+
+
+def test_rescoring_an_earlier_pool_reproduces_its_scores_without_generating(engine, scorer, tmp_path):
+    from edge_adapt.eval.pool import samples_in
+
+    suite = arith_suite("test", 2)
+    first = [s.pool for s in _drain(build_pool(engine, scorer, suite, SETTINGS, tmp_path))]
+    decoded = engine.decoded_tokens
+    ident = model_identity(engine, scorer) + "|adapter=other"  # another scorer's key: nothing cached under it
+    steps = _drain(build_pool(engine, scorer, suite, SETTINGS, tmp_path, identity=ident, rescore=samples_in(tmp_path)))
+    assert not any(s.generated for s in steps)
+    for old, new in zip(first, (s.pool for s in steps)):
+        assert new.key != old.key and new.rescore_s > 0
+        for a, b in zip((*old.samples, old.greedy), (*new.samples, new.greedy)):
+            assert (a.text, a.tokens, a.correct) == (b.text, b.tokens, b.correct)  # the same samples
+            assert [x is None for x in a.scores] == [x is None for x in b.scores]  # scored at the same points
+            # prefilled instead of generated token by token: the same KV up to float rounding
+            assert b.end_score == pytest.approx(a.end_score, abs=0.02)
+            assert [x for x in b.scores if x is not None] == pytest.approx([x for x in a.scores if x is not None], abs=0.02)
+            assert b.selfeval_tokens == a.selfeval_tokens
+    # decoded: each prompt once, each response's recorded tokens once, and the suffixes; nothing sampled
+    expected = sum(len(p.prompt_ids) + sum(len(x.tokens) + sum(x.selfeval_tokens) for x in (*p.samples, p.greedy))
+                   for p in (s.pool for s in steps))
+    assert engine.decoded_tokens - decoded == expected
+    assert engine.free_sequences == SETTINGS.k + 2
+    again = _drain(build_pool(engine, scorer, suite, SETTINGS, tmp_path, identity=ident))  # cached under its key
+    assert [s.pool.greedy.end_score for s in again] == [s.pool.greedy.end_score for s in steps]

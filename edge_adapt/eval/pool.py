@@ -22,7 +22,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from edge_adapt.engine import GREEDY, Engine, Sample, SamplingParams
+from edge_adapt.engine.text import TextStream
 from edge_adapt.tasks.base import Problem, Suite, stable_hash
 
 
@@ -93,6 +96,7 @@ class PromptPool:
     wall_s: float
     prompt_ids: tuple[int, ...] = ()
     sample_key: str = ""  # what the samples depend on (not the scorer or prune points): see sample_key()
+    rescore_s: float = 0.0  # when the samples came from another pool and were only scored again: that time
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -240,16 +244,69 @@ def generate_prompt_pool(
                       time.perf_counter() - t0, tuple(tokens), sample_key(engine.fingerprint, suite.name, settings, problem))
 
 
+def _replayable(pool: PromptPool) -> bool:
+    """Whether every sample recorded the exact token ids it decoded (what rescoring feeds back)."""
+    return bool(pool.prompt_ids) and all(
+        len(s.tokens) == s.n_tokens - (s.finish == "eos") for s in (*pool.samples, pool.greedy))
+
+
+def _as_sample(engine: Engine, index: int, seq: Any, tokens: Sequence[int]) -> Sample:
+    """A recorded response as the Sample a scorer expects: its sequence, token ids and text so far."""
+    stream = TextStream()
+    stream.text = engine.detokenize(tokens)
+    return Sample(index, seq, GREEDY, len(tokens) or 1, stream, np.random.default_rng(0), list(tokens))
+
+
+def rescore_prompt_pool(
+    engine: Engine, scorer: SelfEvalScorer, settings: PoolSettings, key: str, other: PromptPool,
+) -> PromptPool:
+    """The same samples as `other` (same model, prompt, sampling settings and seeds) scored by `scorer` at
+    `settings.prune_points` and at the end. Each sample's recorded token ids are decoded behind the prompt up
+    to each prune point (a batched prefill, not generation), so the KV a score reads holds exactly what it held
+    when the sample was generated; a sample is scored at a point only if it was still generating there."""
+    t0 = time.perf_counter()
+    records = [*other.samples, other.greedy]
+    root = engine.open(list(other.prompt_ids))
+    seqs = []
+    try:
+        seqs = [engine.fork(root) for _ in records]
+        n_pts = len(settings.prune_points)
+        at: list[list[float | None]] = [[None] * n_pts for _ in records]
+        cost: list[list[float]] = [[0.0] * (n_pts + 1) for _ in records]
+        done = [0] * len(records)
+        for i, point in enumerate(settings.prune_points):
+            live = [j for j, r in enumerate(records) if r.n_tokens > point]
+            engine.extend([(seqs[j], records[j].tokens[done[j]:point]) for j in live])
+            for j in live:
+                done[j] = point
+            scores, c = _score(engine, scorer, [_as_sample(engine, j, seqs[j], records[j].tokens[:point]) for j in live])
+            for j, v in zip(live, scores):
+                at[j][i], cost[j][i] = v, c
+        engine.extend([(seqs[j], r.tokens[done[j]:]) for j, r in enumerate(records) if len(r.tokens) > done[j]])
+        end, c = _score(engine, scorer, [_as_sample(engine, j, q, r.tokens) for j, (q, r) in enumerate(zip(seqs, records))])
+    finally:
+        for q in seqs:
+            engine.release(q)
+        engine.release(root)
+    new = [replace(r, scores=tuple(at[j]), end_score=end[j], selfeval_tokens=(*cost[j][:n_pts], c))
+           for j, r in enumerate(records)]
+    # wall_s stays the generation's: these samples cost that to make; rescoring adds only `rescore_s`.
+    return replace(other, key=key, samples=tuple(new[:-1]), greedy=new[-1], rescore_s=time.perf_counter() - t0)
+
+
 def build_pool(
     engine: Engine, scorer: SelfEvalScorer, suite: Suite, settings: PoolSettings, cache_dir: Path,
     identity: str | None = None, reuse: Mapping[str, PromptPool] | None = None,
+    rescore: Mapping[str, PromptPool] | None = None,
 ) -> Iterator[PoolProgress]:
     """Yield each prompt's pool in suite order, from the cache when its key is there, else generated and
     appended to the cache at once. Drain it to get the whole pool; stop early and nothing done is lost.
 
     `reuse` (by sample_key, see samples_in): pools from other caches whose samples are the ones this pool would
     generate; they are taken as they are (their scores are the other scorer's, so only pass them to callers
-    that read the samples, not the scores) and stored under this cache's key."""
+    that read the samples, not the scores) and stored under this cache's key.
+    `rescore` (by sample_key): the same, but their samples are scored again by this scorer (a new adapter on
+    old samples costs a prefill and the suffixes, not a generation)."""
     sk = settings_key(identity or model_identity(engine, scorer), suite.name, settings)
     cache = PoolCache(Path(cache_dir) / f"pool-{suite.name}-{sk}.jsonl")
     have = cache.load()
@@ -258,9 +315,16 @@ def build_pool(
         if key in have:
             yield PoolProgress(i + 1, len(suite), False, have[key])
             continue
-        other = reuse.get(sample_key(engine.fingerprint, suite.name, settings, problem)) if reuse else None
+        skey = sample_key(engine.fingerprint, suite.name, settings, problem)
+        other = reuse.get(skey) if reuse else None
         if other is not None:
             pool = replace(other, key=key)
+            cache.append(pool)
+            yield PoolProgress(i + 1, len(suite), False, pool)
+            continue
+        other = rescore.get(skey) if rescore else None
+        if other is not None and _replayable(other) and len(other.samples) == settings.k:
+            pool = rescore_prompt_pool(engine, scorer, settings, key, other)
             cache.append(pool)
             yield PoolProgress(i + 1, len(suite), False, pool)
             continue

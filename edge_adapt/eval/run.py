@@ -23,7 +23,7 @@ from edge_adapt.eval.config import EvalConfig
 from edge_adapt.eval.live import run_live
 from edge_adapt.eval.plots import write_plots
 from edge_adapt.eval.pool import (
-    PoolSettings, PromptPool, SelfEvalScorer, build_pool, model_identity, settings_key,
+    PoolSettings, PromptPool, SelfEvalScorer, build_pool, model_identity, samples_in, settings_key,
 )
 from edge_adapt.eval import replay as rp
 from edge_adapt.eval.report import LiveCheck, Report, calibrations, strategy_rows
@@ -111,7 +111,8 @@ def collect_pools(cfg: EvalConfig, engine: Engine, scorer: SelfEvalScorer, progr
     tokens = 0
     t0 = time.perf_counter()
     task = progress.add_task(f"pool {suite.name}/{suite.split} K={settings.k}", total=len(suite), info="")
-    for step in build_pool(engine, scorer, suite, settings, cfg.cache_dir, identity):
+    earlier = samples_in(cfg.cache_dir)
+    for step in build_pool(engine, scorer, suite, settings, cfg.cache_dir, identity, rescore=earlier):
         pools.append(step.pool)
         tokens += step.tokens
         rate = tokens / max(time.perf_counter() - t0, 1e-9)
@@ -141,7 +142,8 @@ def run_eval(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalS
         t0 = time.perf_counter()
         with progress_display(cfg.progress) as progress:
             task = progress.add_task(f"pool {suite.name}/{suite.split} K={settings.k}", total=len(suite), info="")
-            for step in build_pool(engine, scorer, suite, settings, cfg.cache_dir, identity):
+            earlier = samples_in(cfg.cache_dir)
+            for step in build_pool(engine, scorer, suite, settings, cfg.cache_dir, identity, rescore=earlier):
                 pools.append(step.pool)
                 generated += step.generated
                 tokens += step.tokens
@@ -156,6 +158,11 @@ def run_eval(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalS
     replays = rp.replay_all(pools, settings.prune_points, seed=cfg.seed)
     sk = settings_key(identity, suite.name, settings)
     notes = []
+    rescored = [p for p in pools if p.rescore_s > 0]
+    if rescored:
+        notes.append(f"{len(rescored)} prompts' samples come from an earlier pool with the same model, prompts, sampling "
+                     f"settings and seeds, scored again by this self-evaluator ({sum(p.rescore_s for p in rescored):.0f} s); "
+                     "the generation time shown is the one that made them.")
     if "stand-in" in identity.lower() or "standin" in identity.lower():
         notes.append("PROVISIONAL: scored with a test stand-in self-evaluator (same suffix + two-logit p_keep), "
                      "not edge_adapt.selfeval; regenerate with the real scorer.")
