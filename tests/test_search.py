@@ -13,7 +13,7 @@ from edge_adapt.strategies import Chosen, Pruned, RoundStarted, Scored, Strategy
 from edge_adapt.strategies.events import DifficultyEstimated, RolledOut
 from edge_adapt.strategies.policy import Policy
 from edge_adapt.strategies.revise import MAX_IN_CONTEXT, revision_turn
-from tests.test_strategies import FakeScorer, chosen, fresh, of, run, usage
+from test_strategies import FakeScorer, chosen, fresh, of, run, usage  # tests/ is on sys.path under pytest
 
 STEP = ["a", "b\n"]  # every sample writes two-token steps
 
