@@ -70,41 +70,36 @@ class Pool:
         self.scores: dict[int, float] = {}  # sample index -> latest p_keep
         self._live_ids: set[int] = set()
 
-    def start(self, n: int, temperature: float) -> Iterator[Event]:
-        """Fork n samples from the prompt; they are appended to `self.samples`."""
+    def _params(self, n: int, temperature: float) -> list[SamplingParams]:
         first = len(self.samples)
-        params = [sampling_params(self.config, temperature, self.config.seed + first + i) for i in range(n)]
-        new = self.engine.start(
-            self.root, params, max_tokens=self.config.max_tokens, stop=self.config.stop, first_index=first
-        )
-        self.samples.extend(new)
-        self._live_ids.update(s.index for s in new)
-        for s in new:
-            yield SampleStarted(s.index, s.params.temperature, s.params.seed)
+        return [sampling_params(self.config, temperature, self.config.seed + first + i) for i in range(n)]
 
-    def branch(self, parent: Sample, n: int, temperature: float, *, announce: bool = True) -> Iterator[Event]:
-        """Continue a paused sample n ways (its KV forked, its history copied); the children are appended to
-        `self.samples`. `announce=False` for throw-away continuations (look-ahead roll-outs)."""
-        first = len(self.samples)
-        params = [sampling_params(self.config, temperature, self.config.seed + first + i) for i in range(n)]
-        new = self.engine.branch(parent, params, first_index=first)
+    def _adopt(self, new: list[Sample], *, announce: bool = True) -> Iterator[Event]:
         self.samples.extend(new)
         self._live_ids.update(s.index for s in new)
         if announce:
             for s in new:
                 yield SampleStarted(s.index, s.params.temperature, s.params.seed)
 
+    def start(self, n: int, temperature: float) -> Iterator[Event]:
+        """Fork n samples from the prompt; they are appended to `self.samples`."""
+        new = self.engine.start(self.root, self._params(n, temperature), max_tokens=self.config.max_tokens,
+                                stop=self.config.stop, first_index=len(self.samples))
+        yield from self._adopt(new)
+
+    def branch(self, parent: Sample, n: int, temperature: float, *, announce: bool = True) -> Iterator[Event]:
+        """Continue a paused sample n ways (its KV forked, its history copied); the children are appended to
+        `self.samples`. `announce=False` for throw-away continuations (look-ahead roll-outs)."""
+        new = self.engine.branch(parent, self._params(n, temperature), first_index=len(self.samples))
+        yield from self._adopt(new, announce=announce)
+
     def follow(self, previous: Sample, temperature: float) -> Iterator[Event]:
         """A new sample that takes over `previous`'s sequence (whatever was decoded into it since stays its
         prompt); `previous` keeps its text and score but no longer owns a sequence."""
-        first = len(self.samples)
-        params = [sampling_params(self.config, temperature, self.config.seed + first)]
-        (new,) = self.engine.start(previous.seq, params, max_tokens=self.config.max_tokens, stop=self.config.stop,
-                                   first_index=first, consume_root=True)
+        new = self.engine.start(previous.seq, self._params(1, temperature), max_tokens=self.config.max_tokens,
+                                stop=self.config.stop, first_index=len(self.samples), consume_root=True)
         self._live_ids.discard(previous.index)
-        self.samples.append(new)
-        self._live_ids.add(new.index)
-        yield SampleStarted(new.index, new.params.temperature, new.params.seed)
+        yield from self._adopt(new)
 
     def stop(self, samples: Seq[Sample]) -> Iterator[Event]:
         """End samples that are still generating where they are (finish reason 'length': a search ran out of
