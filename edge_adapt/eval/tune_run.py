@@ -215,6 +215,8 @@ def live_runs(engine: Engine, scorer: Any, tcfg: EvalConfig, cfg: TuneConfig, po
 
 def compare_model(path: Path, tcfg: EvalConfig, progress: Any) -> dict[str, Any]:
     """The larger model answering every test prompt once, greedily: its accuracy and its compute."""
+    from edge_adapt.engine import GREEDY, Finished
+
     suite = suite_for(tcfg)
     right, tokens, prompt_tokens = 0, [], []
     with Engine(model=path, parallel=2, ctx=512, threads=tcfg.threads) as big:
@@ -222,8 +224,6 @@ def compare_model(path: Path, tcfg: EvalConfig, progress: Any) -> dict[str, Any]
         for p in suite.problems:
             ids = big.tokenize(big.chat_prompt(list(p.messages)))
             text, n = "", 0
-            from edge_adapt.engine import GREEDY, Finished
-
             for ev in big.generate(ids, GREEDY, max_tokens=tcfg.max_tokens):
                 if isinstance(ev, Finished):
                     text, n = ev.text, ev.n_tokens
