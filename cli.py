@@ -49,6 +49,9 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="random seed (sample i uses
 SuiteOpt = Annotated[str, typer.Option("--suite", help="arith, gsm8k, or a user suite .jsonl file")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="suite file (gsm8k: the shared training split by default)")]
 ScorerOpt = Annotated[Optional[str], typer.Option("--scorer", help="final-number | exact | regex:PATTERN | module:function")]
+PoolKOpt = Annotated[int, typer.Option("-k", "--samples", help="samples per prompt in the pool", min=1, max=64)]
+PoolTempOpt = Annotated[float, typer.Option("--temp", help="sampling temperature of the pool")]
+PrunePointsOpt = Annotated[Optional[list[int]], typer.Option("--prune-at", help="token counts where scores are recorded (repeatable)")]
 CacheOpt = Annotated[Path, typer.Option("--cache", help="sample pool cache (resumable; shared by eval and label)")]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="keep the k most likely tokens (0: off)", min=0)]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="nucleus sampling mass", min=0.0, max=1.0)]
@@ -490,10 +493,10 @@ def eval_cmd(
     data: DataOpt = None,
     scorer: ScorerOpt = None,
     n_prompts: Annotated[int, typer.Option("--prompts", help="prompts to evaluate", min=1)] = 200,
-    k: Annotated[int, typer.Option("-k", "--samples", help="samples per prompt in the pool", min=1, max=64)] = 16,
-    temp: Annotated[float, typer.Option("--temp", help="sampling temperature of the pool")] = 0.7,
+    k: PoolKOpt = 16,
+    temp: PoolTempOpt = 0.7,
     max_tokens: MaxTokOpt = 96,
-    prune_at: Annotated[Optional[list[int]], typer.Option("--prune-at", help="token counts where scores are recorded (repeatable)")] = None,
+    prune_at: PrunePointsOpt = None,
     seed: SeedOpt = 0,
     live: Annotated[Optional[list[str]], typer.Option("--live", help="also run this strategy for real: best-of-8 | adaptive (repeatable)")] = None,
     live_prompts: Annotated[int, typer.Option("--live-prompts", min=1)] = 30,
@@ -525,10 +528,10 @@ def tune_policy_cmd(
     data: DataOpt = None,
     scorer: ScorerOpt = None,
     n_prompts: Annotated[int, typer.Option("--prompts", help="tuning prompts", min=1)] = 150,
-    k: Annotated[int, typer.Option("-k", "--samples", help="samples per prompt in the pool", min=1, max=64)] = 16,
-    temp: Annotated[float, typer.Option("--temp", help="sampling temperature of the pool")] = 0.7,
+    k: PoolKOpt = 16,
+    temp: PoolTempOpt = 0.7,
     max_tokens: MaxTokOpt = 96,
-    prune_at: Annotated[Optional[list[int]], typer.Option("--prune-at", help="token counts where scores are recorded (repeatable)")] = None,
+    prune_at: PrunePointsOpt = None,
     budget: Annotated[Optional[list[int]], typer.Option("--budget", help="budget to tune for (repeatable; default 2 4 6 8 12 16)", min=1)] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="a cheaper choice within this accuracy of the best wins", min=0, max=1)] = 0.02,
     test_split: Annotated[Optional[str], typer.Option("--test-split", help="also report the policy on this split")] = None,
