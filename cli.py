@@ -486,6 +486,15 @@ def bench(
 
 
 # -- eval ---------------------------------------------------------------------------------------------------
+def _pool_fields(*, temp: float, prune_at: list[int] | None, adapter: Path | None, **flags: Any) -> dict[str, Any]:
+    """The EvalConfig fields of a sample pool from the flags `eval` and `tune-policy` share."""
+    fields = {**flags, "temperature": temp, "default_adapter": not _no_adapter(adapter),
+              "adapter": None if _no_adapter(adapter) else adapter}
+    if prune_at:
+        fields["prune_points"] = prune_at
+    return fields
+
+
 @app.command("eval")
 def eval_cmd(
     suite: SuiteOpt = "arith",
@@ -509,13 +518,10 @@ def eval_cmd(
     """Build (or resume) a sample pool, replay strategies over it, and write a report with plots."""
     from edge_adapt.eval import EvalConfig, run_eval
 
-    fields = dict(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temperature=temp,
-                  max_tokens=max_tokens, seed=seed, model=model, threads=threads, default_adapter=not _no_adapter(adapter),
-                  adapter=None if _no_adapter(adapter) else adapter,
-                  cache_dir=cache_dir, out_dir=out, live=live or [], live_prompts=live_prompts)
-    if prune_at:
-        fields["prune_points"] = prune_at
-    cfg = validated(EvalConfig, fields, "eval")
+    fields = _pool_fields(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temp=temp,
+                          max_tokens=max_tokens, prune_at=prune_at, seed=seed, model=model, threads=threads,
+                          adapter=adapter, cache_dir=cache_dir)
+    cfg = validated(EvalConfig, {**fields, "out_dir": out, "live": live or [], "live_prompts": live_prompts}, "eval")
     run_eval(cfg)
     print(f"report written to {out / 'report.md'}")
 
@@ -555,11 +561,9 @@ def tune_policy_cmd(
     from edge_adapt.eval.tune_run import TuneConfig, run_tune
     from edge_adapt.strategies import StrategyConfig
 
-    fields = dict(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temperature=temp,
-                  max_tokens=max_tokens, seed=seed, model=model, threads=threads, default_adapter=not _no_adapter(adapter),
-                  adapter=None if _no_adapter(adapter) else adapter, cache_dir=cache_dir)
-    if prune_at:
-        fields["prune_points"] = prune_at
+    fields = _pool_fields(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temp=temp,
+                          max_tokens=max_tokens, prune_at=prune_at, seed=seed, model=model, threads=threads,
+                          adapter=adapter, cache_dir=cache_dir)
     pool = validated(EvalConfig, fields, "tune-policy")
     if test_split is None and (report or live or compare_model):
         raise UsageError("--report, --live and --compare-model need --test-split")

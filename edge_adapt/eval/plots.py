@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from edge_adapt.eval.report import Report, StrategyRow
 
@@ -26,14 +27,22 @@ def _curves(rows: list[StrategyRow], x: str) -> dict[str, list[tuple[float, floa
     return {k: sorted(v) for k, v in out.items()}
 
 
-def write_plots(report: Report, out_dir: Path) -> list[str]:
-    """Write the PNGs next to report.md and return their file names (nothing when matplotlib is missing)."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def write_plots(report: Report, out_dir: Path) -> list[str]:
+    """Write the PNGs next to report.md and return their file names (nothing when matplotlib is missing)."""
+    plt = pyplot()
+    if plt is None:
         return []
     out_dir = Path(out_dir)
     names = []

@@ -343,12 +343,10 @@ def short_label(choice: str) -> str:
 
 
 def write_plots(r: dict[str, Any], out_dir: Path) -> list[str]:
-    try:
-        import matplotlib
+    from edge_adapt.eval.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     t = r["test"]
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -396,18 +396,15 @@ def _write_metrics(cfg: TrainConfig, result: TrainResult, suffix_ids: list[int])
     }
     with atomic_file(result.out / "metrics.json", force=True) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
-    try:
-        _plot(result, result.out / "training.png")
-    except ImportError:
-        pass
+    _plot(result, result.out / "training.png")
 
 
 def _plot(result: TrainResult, path: Path) -> None:
-    import matplotlib
+    from edge_adapt.eval.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     ep = [e.epoch for e in result.epochs]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     ax[0].plot(ep[1:], [e.train_loss for e in result.epochs[1:]], "o-", label="train")
