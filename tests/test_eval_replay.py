@@ -95,6 +95,20 @@ def test_adaptive_stops_at_threshold_and_respects_budget():
     assert mid.mean_samples == pytest.approx(exp_samples, rel=0.05)
 
 
+def test_adaptive_from_greedy_stops_on_a_confident_greedy_and_counts_it_in_the_budget():
+    samples = [_s(i, i == 0, 0.95 if i == 0 else 0.2, n_tok=10) for i in range(8)]
+    sure = PromptPool("k", "p", 1, "1", 20, tuple(samples), _s(-1, True, 0.99, n_tok=3), 0.0)
+    got = rp.adaptive([sure], threshold=0.9, budget=8, draws=16, greedy_first=True)
+    assert got.accuracy == 1.0 and got.mean_samples == 1 and got.mean_tokens == 3
+    assert got.setting.endswith("first=greedy")
+    # An unsure wrong greedy: the later rounds draw from the samples; the budget includes the greedy one,
+    # so one of the 8 samples is never drawn, and the right one is found in 7 of 8 orders.
+    unsure = PromptPool("k", "p", 1, "1", 20, tuple(samples), _s(-1, False, 0.3, n_tok=3), 0.0)
+    got = rp.adaptive([unsure], threshold=1.01, budget=8, draws=4000, seed=2, greedy_first=True)
+    assert got.mean_samples == 8 and got.mean_tokens == 3 + 7 * 10
+    assert got.accuracy == pytest.approx(7 / 8, abs=0.03)
+
+
 def test_prune_keeps_top_k_by_score_at_the_prune_point():
     # Sample 0 looks best at the prune point but ends badly; 1 and 2 survive a keep-2 cut; 3 is pruned.
     s = [_s(0, False, 0.1, scores=(0.9,), n_tok=40), _s(1, True, 0.8, scores=(0.7,), n_tok=30),

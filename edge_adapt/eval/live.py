@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from edge_adapt.engine import Engine, Sample
+from edge_adapt.engine import GREEDY, Engine, Sample
 from edge_adapt.eval.pool import PoolSettings, SelfEvalScorer, _score
 from edge_adapt.eval.replay import adaptive_rounds
 from edge_adapt.strategies.config import StrategyConfig
@@ -28,9 +28,9 @@ class LiveOutcome:
 
 
 def _run(engine: Engine, scorer: SelfEvalScorer, suite: Suite, problem: Problem, settings: PoolSettings,
-         strategy: str, n: int, threshold: float) -> LiveOutcome:
+         strategy: str, n: int, threshold: float, greedy_first: bool) -> LiveOutcome:
     live_settings = replace(settings, seed=settings.seed + 1_000_003)  # fresh seeds, never the pool's
-    params = live_settings.params(problem.id)
+    params = ([GREEDY] if greedy_first else []) + list(live_settings.params(problem.id))
     root = engine.open(engine.tokenize(engine.chat_prompt(list(problem.messages))))
     used: list[Sample] = []
     scores: list[float] = []
@@ -60,12 +60,13 @@ def _run(engine: Engine, scorer: SelfEvalScorer, suite: Suite, problem: Problem,
 
 
 def run_live(engine: Engine, scorer: SelfEvalScorer, suite: Suite, problems: Sequence[Problem],
-             settings: PoolSettings, strategy: str, n: int, threshold: float = 0.0):
-    """Yield one LiveOutcome per problem (the caller renders progress). strategy: 'best-of-n' or 'adaptive'."""
+             settings: PoolSettings, strategy: str, n: int, threshold: float = 0.0, greedy_first: bool = False):
+    """Yield one LiveOutcome per problem (the caller renders progress). strategy: 'best-of-n' or 'adaptive'
+    (`greedy_first`: its first round is the greedy sample, as replay.adaptive(greedy_first=True))."""
     if strategy not in ("best-of-n", "adaptive"):
         raise ValueError(f"live strategy must be best-of-n or adaptive, got {strategy!r}")
     for p in problems:
-        yield _run(engine, scorer, suite, p, settings, strategy, n, threshold)
+        yield _run(engine, scorer, suite, p, settings, strategy, n, threshold, greedy_first)
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,14 @@ from typing import Any
 from edge_adapt.eval.report import Report, StrategyRow
 
 _CURVES = ("best-of-n by=self-eval", "best-of-n by=logprob", "best-of-n by=oracle", "majority-vote", "weighted-vote",
-           "adaptive", "prune")
+           "adaptive", "adaptive first=greedy", "prune")
 
 
 def _family(row: StrategyRow) -> str:
     if row.strategy == "best-of-n":
         return f"best-of-n {row.setting.split()[0]}"
+    if row.strategy == "adaptive" and row.setting.endswith("first=greedy"):
+        return "adaptive first=greedy"
     return row.strategy
 
 
@@ -82,8 +84,11 @@ def write_plots(report: Report, out_dir: Path) -> list[str]:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("average samples per prompt")
     ax.set_ylabel(f"share of best-of-{report.k} gain recovered")
-    ax.set_title("gain recovered vs compute (1 = best-of-K by self-eval, 0 = one sample)")
-    ax.legend(fontsize=7)
+    ax.set_title("gain recovered vs compute (1 = best-of-K by self-eval, 0 = greedy)")
+    if len(ax.get_lines()) > 2:  # more than the two reference lines: no curves when best-of-K does not beat greedy
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "best-of-K does not beat greedy: no gain to recover", ha="center", transform=ax.transAxes)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "gain_recovered.png", dpi=120)

@@ -6,8 +6,9 @@ Semantics (chosen to match the live strategies; each function's docstring says w
   over seeded random orders). Greedy is the separate temperature-0 sample.
 - A strategy returns, per prompt, its expected correctness in [0, 1] and its expected compute: samples
   started, generated tokens, self-eval tokens. Accuracy intervals bootstrap over prompts.
-- The live adaptive strategy anneals the temperature per round; the pool holds one temperature, so replayed
-  adaptive uses that temperature in every round. `--live` measures what that approximation costs.
+- The live adaptive strategy anneals the temperature per round from near 0; the pool holds greedy plus one
+  temperature, so replayed adaptive starts from a sample or from the greedy one and uses the pool's temperature
+  after that. `--live` measures what that approximation costs.
 """
 
 from __future__ import annotations
@@ -164,22 +165,26 @@ def _adaptive_once(order: Sequence[PoolSample], threshold: float, budget: int) -
 
 
 def adaptive(pools: Sequence[PromptPool], threshold: float, budget: int | None = None, draws: int = 64,
-             seed: int = 0) -> Replay:
+             seed: int = 0, greedy_first: bool = False) -> Replay:
     """Adaptive sampling (Manvi et al. 2024): rounds of 1, 1, 2, 4, 8, ... samples, each scored at its end; stop
     as soon as any sample so far has p_keep >= threshold or the budget is spent; answer with the best-scored
     sample. Replayed by consuming the pool in `draws` seeded random orders and averaging (the samples are
-    i.i.d.; the live strategy's per-round temperature annealing is not reproduced, see the module docstring)."""
+    i.i.d.; the live strategy's per-round temperature annealing is not reproduced, see the module docstring).
+    `greedy_first`: the first round is the pool's greedy sample (the live strategy starts near temperature 0),
+    the later rounds draw from the sampled ones; the budget counts the greedy sample."""
     rng = np.random.default_rng(seed)
     correct, samples, tokens, se = [], [], [], []
     for p in pools:
         b = min(budget or len(p.samples), len(p.samples))
-        runs = [_adaptive_once([p.samples[i] for i in rng.permutation(len(p.samples))], threshold, b)
+        lead = [p.greedy] if greedy_first else []
+        runs = [_adaptive_once(lead + [p.samples[i] for i in rng.permutation(len(p.samples))], threshold, b)
                 for _ in range(draws)]
         c, n, t, e = (float(np.mean(x)) for x in zip(*runs))
         correct.append(c), samples.append(n), tokens.append(t), se.append(e)
     bud = budget or (len(pools[0].samples) if pools else 0)
-    return Replay("adaptive", f"threshold={threshold:.3g} max={bud}", tuple(correct), tuple(samples), tuple(tokens),
-                  tuple(se), bud)
+    first = " first=greedy" if greedy_first else ""
+    return Replay("adaptive", f"threshold={threshold:.3g} max={bud}{first}", tuple(correct), tuple(samples),
+                  tuple(tokens), tuple(se), bud)
 
 
 def prune_schedule(n: int, n_points: int, keep: float = 0.5) -> tuple[int, ...]:
@@ -241,7 +246,7 @@ def default_thresholds(pools: Sequence[PromptPool]) -> list[float]:
 
 def replay_all(pools: Sequence[PromptPool], prune_points: Sequence[int], seed: int = 0) -> list[Replay]:
     """The standard sweep: greedy; best-of-N (self-eval, log-prob, oracle) and votes for N = 1, 2, 4, ..., K;
-    adaptive over a threshold sweep; pruning schedules starting from K, K/2, K/4 samples."""
+    adaptive over a threshold sweep, from a sample and from greedy; pruning schedules starting from K, K/2, K/4 samples."""
     if not pools:
         return []
     k = min(len(p.samples) for p in pools)
@@ -251,7 +256,8 @@ def replay_all(pools: Sequence[PromptPool], prune_points: Sequence[int], seed: i
         out += [best_of_n(pools, n, by) for n in ns]
     out += [vote(pools, n, weighted=False, seed=seed) for n in ns if n > 1]
     out += [vote(pools, n, weighted=True, seed=seed) for n in ns if n > 1]
-    out += [adaptive(pools, t, k, seed=seed) for t in default_thresholds(pools)]
+    for first in (False, True):
+        out += [adaptive(pools, t, k, seed=seed, greedy_first=first) for t in default_thresholds(pools)]
     if prune_points:
         for n in sorted({k, max(2, k // 2), max(2, k // 4)}, reverse=True):
             for keep in (0.5, 0.25):

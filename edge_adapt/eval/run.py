@@ -73,10 +73,12 @@ def _live_checks(engine: Engine, scorer: SelfEvalScorer, suite: Suite, pools: li
             replayed = rp.best_of_n(pools, budget, "self-eval").subset(idx)
         else:
             strat, budget = "adaptive", settings.k
-            replayed = rp.adaptive(pools, threshold, budget, seed=cfg.seed).subset(idx)
+            # From greedy, as the live strategy starts (its first round is near temperature 0).
+            replayed = rp.adaptive(pools, threshold, budget, seed=cfg.seed, greedy_first=True).subset(idx)
         task = progress.add_task(f"live {name}", total=n, info="")
         outcomes = []
-        for o in run_live(engine, scorer, suite, problems, settings, strat, budget, threshold):
+        for o in run_live(engine, scorer, suite, problems, settings, strat, budget, threshold,
+                          greedy_first=strat == "adaptive"):
             outcomes.append(o)
             progress.update(task, advance=1, info=f"acc {np.mean([x.correct for x in outcomes]):.2f}")
         right = sum(o.correct for o in outcomes)
