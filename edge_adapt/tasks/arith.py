@@ -39,8 +39,7 @@ LEVELS = (1, 2, 3, 4, 5)
 # From `python -m edge_adapt.tasks.arith --measure 48` (greedy, validation split, max_tokens 96).
 LEVEL_GREEDY_ACCURACY: dict[int, float] = {1: 0.67, 2: 0.42, 3: 0.38, 4: 0.12, 5: 0.08}
 
-# Asking for a brief answer, not for an explanation: told to explain, this model skips straight to
-# "The answer is N" with a guessed N (greedy 17% on single-digit sums); asked briefly, it writes "3 + 4 = 7".
+# Brief, not "explain, then write 'The answer is'": why is in the module docstring.
 ARITH_FORMAT = "Answer briefly."
 
 _NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Eva", "Ben", "Zoe", "Max", "Ivy", "Noah", "Lily")
