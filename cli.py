@@ -655,7 +655,7 @@ def train_cmd(
     seed: SeedOpt = 0,
     force: Annotated[bool, typer.Option("--force", help="overwrite a non-empty output directory")] = False,
 ) -> None:
-    """Train the self-eval adapter (needs the [train] extra) and export it to GGUF."""
+    """Train the self-eval adapter (needs the \\[train] extra) and export it to GGUF."""
     try:
         from edge_adapt.train.config import TrainConfig
         from edge_adapt.train.trainer import train

@@ -1,8 +1,9 @@
-"""Live runs of best-of-N and adaptive on the engine, to check that replay predicts them.
+"""Live runs on the engine: checks that the replay predicts what a real run gets.
 
-These are reference implementations with the same semantics as the replay (same sampling settings, end
-scores, ties by mean log-prob), run with seeds the pool never used. They check the *replay*; once
-`edge_adapt.strategies` lands, the same check should be run on its strategies too (see the report).
+`run_live` is a reference implementation with the replay's exact semantics (same sampling settings, end
+scores, ties by mean log-prob), run with seeds the pool never used: it checks the *replay*, so it does not go
+through `edge_adapt.strategies`, whose rounds and tie-breaks are free to differ. `run_strategy_live` answers
+with a strategy exactly as `edge-adapt run` does (tune-policy's live check).
 """
 
 from __future__ import annotations
