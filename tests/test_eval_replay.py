@@ -109,6 +109,19 @@ def test_adaptive_from_greedy_stops_on_a_confident_greedy_and_counts_it_in_the_b
     assert got.accuracy == pytest.approx(7 / 8, abs=0.03)
 
 
+def test_thresholds_from_greedy_reach_the_low_sample_end():
+    # Sample scores all sit above the greedy ones: the sample-score thresholds would stop every prompt at its
+    # greedy answer or none, so the from-greedy sweep adds the greedy scores' quartiles.
+    pools = [PromptPool(f"k{j}", "p", 1, "1", 20, tuple(_s(i, i == 0, 0.8, n_tok=10) for i in range(8)),
+                        _s(-1, j % 2 == 0, 0.05 + 0.1 * j, n_tok=3), 0.0) for j in range(8)]
+    assert len(rp.default_thresholds(pools, greedy_first=True)) == len(rp.default_thresholds(pools)) + 3
+    median = sorted(p.greedy.end_score for p in pools)[3:5]
+    t = round(float(np.quantile([p.greedy.end_score for p in pools], 0.5)), 4)
+    assert median[0] < t < median[1] and t in rp.default_thresholds(pools, greedy_first=True)
+    got = rp.adaptive(pools, t, budget=8, draws=16, greedy_first=True)
+    assert got.mean_samples == pytest.approx((4 * 1 + 4 * 2) / 8)  # half stop at greedy; a sample of 0.8 stops the rest
+
+
 def test_prune_keeps_top_k_by_score_at_the_prune_point():
     # Sample 0 looks best at the prune point but ends badly; 1 and 2 survive a keep-2 cut; 3 is pruned.
     s = [_s(0, False, 0.1, scores=(0.9,), n_tok=40), _s(1, True, 0.8, scores=(0.7,), n_tok=30),

@@ -236,11 +236,15 @@ def prune(pools: Sequence[PromptPool], points: Sequence[int], n: int, keeps: Seq
                   tuple(tokens), tuple(se), n)
 
 
-def default_thresholds(pools: Sequence[PromptPool]) -> list[float]:
-    """Fixed thresholds plus quantiles of the pool's end scores (so an ill-scaled score still traces a curve)."""
+def default_thresholds(pools: Sequence[PromptPool], greedy_first: bool = False) -> list[float]:
+    """Fixed thresholds plus quantiles of the pool's end scores (so an ill-scaled score still traces a curve).
+    From greedy, also the quartiles of the greedy answers' scores: they stop at the greedy answer on about 75%,
+    50% and 25% of the prompts, the low-sample end of the curve (where the rest go on sampling decides how low)."""
     scores = [s.end_score for p in pools for s in p.samples]
     fixed = [0.5, 0.7, 0.9]
     quant = [float(np.quantile(scores, q)) for q in (0.25, 0.5, 0.75, 0.9, 0.97)] if scores else []
+    if greedy_first and pools:
+        quant += [float(np.quantile([p.greedy.end_score for p in pools], q)) for q in (0.25, 0.5, 0.75)]
     return sorted({round(x, 4) for x in fixed + quant})
 
 
@@ -257,7 +261,7 @@ def replay_all(pools: Sequence[PromptPool], prune_points: Sequence[int], seed: i
     out += [vote(pools, n, weighted=False, seed=seed) for n in ns if n > 1]
     out += [vote(pools, n, weighted=True, seed=seed) for n in ns if n > 1]
     for first in (False, True):
-        out += [adaptive(pools, t, k, seed=seed, greedy_first=first) for t in default_thresholds(pools)]
+        out += [adaptive(pools, t, k, seed=seed, greedy_first=first) for t in default_thresholds(pools, first)]
     if prune_points:
         for n in sorted({k, max(2, k // 2), max(2, k // 4)}, reverse=True):
             for keep in (0.5, 0.25):
