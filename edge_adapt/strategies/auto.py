@@ -29,6 +29,15 @@ def policy_path(config: StrategyConfig) -> Path:
     return shipped
 
 
+def checked_policy(config: StrategyConfig, engine: EngineLike) -> Policy:
+    """The policy `auto` follows, refused before anything is generated if it was tuned for another model or
+    has no row for the budget."""
+    policy = Policy.load(policy_path(config))
+    policy.check_model(getattr(engine, "fingerprint", policy.model))
+    policy.row_for(config.budget)
+    return policy
+
+
 def sub_config(config: StrategyConfig, policy: Policy, bin: int) -> StrategyConfig | None:
     """The strategy the policy runs in this bin (None: answer with the probe). Its samples are seeded after
     the probe's."""
@@ -43,9 +52,7 @@ def auto(engine: EngineLike, root: Sequence, config: StrategyConfig, scorer: Sco
     from edge_adapt.strategies.registry import STRATEGIES
 
     scorer = require_scorer(scorer, "auto")
-    policy = Policy.load(policy_path(config))
-    policy.check_model(getattr(engine, "fingerprint", policy.model))
-    policy.row_for(config.budget)  # a budget too small fails before anything is generated
+    policy = checked_policy(config, engine)
     with Pool(engine, root, config) as pool:
         yield from pool.start(1, policy.probe_temperature)
         yield from engine.advance(pool.samples)

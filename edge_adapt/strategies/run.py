@@ -55,12 +55,9 @@ def run_strategy(
 
         scorer = SelfEvaluator(engine, config.self_eval)  # type: ignore[arg-type]
     if config.strategy == "auto":
-        from edge_adapt.strategies.auto import policy_path
-        from edge_adapt.strategies.policy import Policy
+        from edge_adapt.strategies.auto import checked_policy
 
-        policy = Policy.load(policy_path(config))
-        policy.check_model(getattr(engine, "fingerprint", policy.model))
-        policy.row_for(config.budget)
+        checked_policy(config, engine)
     n_suffix = len(getattr(scorer, "suffix", ())) if scorer is not None else 0
     turn = len(revision_turn(engine, config.revise_prompt)) if config.strategy == "revise" else 0
     span = tokens_per_sequence(config, turn)
