@@ -80,8 +80,6 @@ def test_vote_replay_equals_brute_force():
 
 
 def test_adaptive_stops_at_threshold_and_respects_budget():
-    assert rp.adaptive_rounds(16) == [1, 1, 2, 4, 8]
-    assert rp.adaptive_rounds(5) == [1, 1, 2, 1]
     p = _pool([_s(i, i == 0, 0.95 if i == 0 else 0.2, n_tok=10) for i in range(8)])
     never = rp.adaptive([p], threshold=1.01, budget=8, draws=16)
     assert never.mean_samples == 8 and never.accuracy == 1.0 and never.mean_tokens == 80
@@ -155,6 +153,11 @@ def test_replay_all_runs_on_a_pool():
     names = {r.strategy for r in rows}
     assert {"greedy", "best-of-n", "majority-vote", "weighted-vote", "adaptive", "prune"} <= names
     assert all(0 <= r.accuracy <= 1 for r in rows)
+    # From greedy, the sweep runs at budgets 2 and 4 too (K = 5 here), and no row spends more than its budget.
+    budgets = {r.setting.split()[1]: r.mean_samples for r in rows if r.setting.endswith("first=greedy")}
+    assert set(budgets) == {"max=2", "max=4", "max=5"}
+    capped = [r for r in rows if r.strategy == "adaptive" and "max=2 " in r.setting]
+    assert capped and all(1 <= r.mean_samples <= 2 for r in capped)
 
 
 def test_auroc_brier_ece_on_known_values():

@@ -14,7 +14,7 @@ from typing import Any
 
 from edge_adapt.engine import GREEDY, Engine, Sample
 from edge_adapt.eval.pool import PoolSettings, SelfEvalScorer, _score
-from edge_adapt.eval.replay import adaptive_rounds
+from edge_adapt.strategies.adaptive import round_sizes
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.tasks.base import Problem, Suite
 
@@ -37,7 +37,7 @@ def _run(engine: Engine, scorer: SelfEvalScorer, suite: Suite, problem: Problem,
     scores: list[float] = []
     se = 0.0
     try:
-        rounds = [n] if strategy == "best-of-n" else adaptive_rounds(n)
+        rounds = [n] if strategy == "best-of-n" else round_sizes(n)
         for size in rounds:
             new = engine.start(root, params[len(used) : len(used) + size], max_tokens=settings.max_tokens,
                                first_index=len(used))

@@ -9,22 +9,25 @@ from typing import Any
 from edge_adapt.eval.report import Report, StrategyRow
 
 _CURVES = ("best-of-n by=self-eval", "best-of-n by=logprob", "best-of-n by=oracle", "majority-vote", "weighted-vote",
-           "adaptive", "adaptive first=greedy", "prune")
+           "prune")
 
 
-def _family(row: StrategyRow) -> str:
+def _family(row: StrategyRow, k: int) -> str:
+    """One curve per strategy family; adaptive rows split by start (greedy or a sample) and budget below K."""
     if row.strategy == "best-of-n":
         return f"best-of-n {row.setting.split()[0]}"
-    if row.strategy == "adaptive" and row.setting.endswith("first=greedy"):
-        return "adaptive first=greedy"
+    if row.strategy == "adaptive":
+        budget = next((w for w in row.setting.split() if w.startswith("max=")), f"max={k}")
+        return " ".join(["adaptive"] + (["first=greedy"] if row.setting.endswith("first=greedy") else [])
+                        + ([budget] if budget != f"max={k}" else []))
     return row.strategy
 
 
-def _curves(rows: list[StrategyRow], x: str) -> dict[str, list[tuple[float, float, float, float]]]:
+def _curves(rows: list[StrategyRow], x: str, k: int) -> dict[str, list[tuple[float, float, float, float]]]:
     out: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)
     for r in rows:
-        fam = _family(r)
-        if fam in _CURVES:
+        fam = _family(r, k)
+        if fam in _CURVES or fam.startswith("adaptive"):
             out[fam].append((getattr(r, x), r.accuracy, r.ci_low, r.ci_high))
     return {k: sorted(v) for k, v in out.items()}
 
@@ -53,7 +56,7 @@ def write_plots(report: Report, out_dir: Path) -> list[str]:
     for x, label, fname in (("mean_samples", "average samples per prompt", "accuracy_vs_samples.png"),
                             ("mean_tokens", "average generated tokens per prompt", "accuracy_vs_tokens.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for fam, pts in _curves(report.strategies, x).items():
+        for fam, pts in _curves(report.strategies, x, report.k).items():
             xs, ys, lo, hi = zip(*pts)
             style = "--" if "oracle" in fam else "-"
             line, = ax.plot(xs, ys, style, marker="o", ms=3, label=fam)
@@ -72,7 +75,7 @@ def write_plots(report: Report, out_dir: Path) -> list[str]:
         names.append(fname)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for fam, pts in _curves([r for r in report.strategies if r.gain_recovered is not None], "mean_samples").items():
+    for fam, pts in _curves([r for r in report.strategies if r.gain_recovered is not None], "mean_samples", report.k).items():
         if "oracle" in fam:
             continue
         gains = {(r.mean_samples, r.accuracy): r.gain_recovered for r in report.strategies}

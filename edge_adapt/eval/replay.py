@@ -23,6 +23,7 @@ import numpy as np
 
 from edge_adapt.eval.metrics import bootstrap_ci
 from edge_adapt.eval.pool import PoolSample, PromptPool
+from edge_adapt.strategies.adaptive import round_sizes
 
 
 @dataclass(frozen=True)
@@ -143,20 +144,9 @@ def vote(pools: Sequence[PromptPool], n: int, weighted: bool = False, draws: int
     return Replay(name, f"N={n}", tuple(correct), tuple(float(n) for _ in pools), tuple(tokens), tuple(se), n)
 
 
-def adaptive_rounds(budget: int) -> list[int]:
-    """Round sizes 1, 1, 2, 4, 8, ... (the running total doubles) cut to the budget."""
-    sizes, total = [], 0
-    while total < budget:
-        size = max(1, total) if total else 1
-        size = min(size, budget - total)
-        sizes.append(size)
-        total += size
-    return sizes
-
-
 def _adaptive_once(order: Sequence[PoolSample], threshold: float, budget: int) -> tuple[float, int, int, float]:
     used: list[PoolSample] = []
-    for size in adaptive_rounds(budget):
+    for size in round_sizes(budget):
         used.extend(order[len(used) : len(used) + size])
         if max(s.end_score for s in used) >= threshold:
             break
@@ -250,7 +240,7 @@ def default_thresholds(pools: Sequence[PromptPool], greedy_first: bool = False) 
 
 def replay_all(pools: Sequence[PromptPool], prune_points: Sequence[int], seed: int = 0) -> list[Replay]:
     """The standard sweep: greedy; best-of-N (self-eval, log-prob, oracle) and votes for N = 1, 2, 4, ..., K;
-    adaptive over a threshold sweep, from a sample and from greedy; pruning schedules starting from K, K/2, K/4 samples."""
+    adaptive over a threshold sweep, from a sample and from greedy (budget K, and 2 and 4 from greedy); pruning schedules starting from K, K/2, K/4 samples."""
     if not pools:
         return []
     k = min(len(p.samples) for p in pools)
@@ -262,6 +252,10 @@ def replay_all(pools: Sequence[PromptPool], prune_points: Sequence[int], seed: i
     out += [vote(pools, n, weighted=True, seed=seed) for n in ns if n > 1]
     for first in (False, True):
         out += [adaptive(pools, t, k, seed=seed, greedy_first=first) for t in default_thresholds(pools, first)]
+    # From greedy with a small budget too (`run --strategy adaptive --budget 2|4`): the low-sample end, where a
+    # prompt the score keeps doubting cannot run on to K samples.
+    for cap in (c for c in (2, 4) if c < k):
+        out += [adaptive(pools, t, cap, seed=seed, greedy_first=True) for t in default_thresholds(pools, True)]
     if prune_points:
         for n in sorted({k, max(2, k // 2), max(2, k // 4)}, reverse=True):
             for keep in (0.5, 0.25):

@@ -21,7 +21,7 @@ class StrategyRow(BaseModel):
     mean_samples: float
     mean_tokens: float
     mean_selfeval_tokens: float
-    gain_recovered: float | None = None  # (acc - best-of-1) / (best-of-K by self-eval - best-of-1)
+    gain_recovered: float | None = None  # (acc - greedy) / (best-of-K by self-eval - greedy)
     per_level: dict[str, float] = {}
 
 
