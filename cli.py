@@ -643,6 +643,7 @@ def train_cmd(
     method: Annotated[str, typer.Option("--method", help="alora | lora | full")] = "alora",
     target: Annotated[str, typer.Option("--target", help="relative (share of other samples not better) | correct")] = "relative",
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 2,
+    init: Annotated[Optional[Path], typer.Option("--init", help="continue from a previous run's checkpoint/ directory")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate (3e-4 for (a)LoRA, 2e-5 for full)")] = None,
     rank: Annotated[int, typer.Option("--rank", min=1)] = 8,
     suffix: Annotated[Optional[str], typer.Option("--suffix", help="raw self-eval suffix to train on (default <|im_end|>Restart)")] = None,
@@ -664,8 +665,8 @@ def train_cmd(
     except ImportError as exc:
         raise UsageError(f"training needs the [train] extra: pip install 'edge-adapt[train]' ({exc.name} is missing)") from None
     cfg = validated(TrainConfig, dict(
-        labels=labels, validation=validation, out=out, method=method, target=target, epochs=epochs, lr=lr, rank=rank,
-        prompts_per_step=prompts_per_step, lm_loss=lm_loss, max_steps=max_steps, model=model,
+        labels=labels, validation=validation, out=out, method=method, target=target, epochs=epochs, init=init, lr=lr,
+        rank=rank, prompts_per_step=prompts_per_step, lm_loss=lm_loss, max_steps=max_steps, model=model,
         validate_before=validate_before, threads=threads, seed=seed, force=force,
         **({"suffix": suffix} if suffix is not None else {})), "train")
     with _work_progress() as bar:

@@ -128,6 +128,12 @@ def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
     result = train(cfg)
     assert result.exported.exists() and (tmp_path / "run" / "metrics.json").exists()
     assert len(result.epochs) == 2  # before training + one epoch
+    # Continuing from the checkpoint starts where that run ended: its before-training validation is the first
+    # run's last epoch, not the untrained model's.
+    again = train(cfg.model_copy(update={"out": tmp_path / "again", "init": tmp_path / "run" / "checkpoint",
+                                         "max_steps": 1}))
+    assert again.epochs[0].brier == pytest.approx(result.epochs[-1].brier, abs=1e-5)
+    assert abs(again.epochs[0].brier - result.epochs[0].brier) > 1e-4
 
     ev = SelfEvaluator(engine, adapter_path=result.exported)
     assert ev.suffix == json.loads((tmp_path / "run" / "metrics.json").read_text())["suffix_ids"]
@@ -170,6 +176,28 @@ def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
 
     # With the adapter loaded (and switched on for scoring mid-generation), greedy output is the base model's.
     assert greedy(ev) == base_greedy
+
+
+def test_init_must_be_an_adapter_of_the_same_shape(tmp_path: Path):
+    from edge_adapt.errors import UsageError
+    from edge_adapt.train.config import TrainConfig
+    from edge_adapt.train.trainer import _check_init
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    cfg = TrainConfig(labels=tmp_path / "l", validation=tmp_path / "v", out=tmp_path / "o", init=ckpt)
+    with pytest.raises(UsageError, match="not a PEFT adapter checkpoint"):
+        _check_init(cfg, [1, 2, 3])
+    (ckpt / "adapter_config.json").write_text(json.dumps({"r": 8, "alora_invocation_tokens": [1, 2, 3]}))
+    _check_init(cfg, [1, 2, 3])
+    with pytest.raises(UsageError, match="another self-eval suffix"):
+        _check_init(cfg, [1, 2, 4])
+    with pytest.raises(UsageError, match="rank-8 alora adapter; this run trains a rank-16 alora"):
+        _check_init(cfg.model_copy(update={"rank": 16}), [1, 2, 3])
+    with pytest.raises(UsageError, match="rank-8 alora adapter; this run trains a rank-8 lora"):
+        _check_init(cfg.model_copy(update={"method": "lora"}), [1, 2, 3])
+    with pytest.raises(UsageError, match="method full"):
+        _check_init(cfg.model_copy(update={"method": "full"}), [1, 2, 3])
 
 
 def test_cli_label_and_train_bad_input_is_one_line(tmp_path):

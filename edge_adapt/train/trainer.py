@@ -97,6 +97,7 @@ class _Scorer:
 
     def __init__(self, cfg: TrainConfig, hf_dir: Path, suffix_ids: list[int], yes: int, no: int,
                  checkpoint: Path | None = None, device: str = "cpu") -> None:
+        """`checkpoint`: an (a)LoRA adapter directory to start from (trainable), or a `full` model directory."""
         import torch
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -111,7 +112,7 @@ class _Scorer:
             self.model = model
             self.peft = None
         elif checkpoint is not None:
-            self.peft = PeftModel.from_pretrained(model, checkpoint)
+            self.peft = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
             self.model = self.peft
         else:
             lora = LoraConfig(
@@ -280,6 +281,8 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
         suffix_ids = render_suffix(self_eval, eng)
         yes, no = answer_token(eng, cfg.yes, "yes"), answer_token(eng, cfg.no, "no")
         base_gguf = eng.model_path
+    if cfg.init is not None:
+        _check_init(cfg, suffix_ids)
     hf_dir = out / "base-hf"
     if not (hf_dir / "config.json").exists():
         import_gguf(base_gguf, hf_dir, force=True)
@@ -291,7 +294,7 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
     acc = Accelerator()
     if acc.num_processes > 1:
         raise UsageError("training runs in one process (use `accelerate launch --num_processes 1`)")
-    scorer = _Scorer(cfg, hf_dir, suffix_ids, yes, no, device=str(acc.device))
+    scorer = _Scorer(cfg, hf_dir, suffix_ids, yes, no, checkpoint=cfg.init, device=str(acc.device))
     opt = torch.optim.AdamW(scorer.trainable(), lr=cfg.learning_rate, weight_decay=0.0)
     train_groups, val_groups = groups_of(train_set, cfg.target), groups_of(val_set, cfg.target)
     steps_per_epoch = math.ceil(len(train_groups) / cfg.prompts_per_step)
@@ -363,6 +366,25 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
                          train_set.n_rows)
     _write_metrics(cfg, result, suffix_ids)
     return result
+
+
+def _check_init(cfg: TrainConfig, suffix_ids: list[int]) -> None:
+    """A checkpoint to continue from must be an adapter of this method, rank and suffix (else PEFT loads it
+    silently into a different shape of training than the one asked for)."""
+    if cfg.method == "full":
+        raise UsageError("--init continues an (a)LoRA adapter; method full starts from the base model")
+    try:
+        peft_cfg = json.loads((Path(cfg.init) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"--init {cfg.init}: not a PEFT adapter checkpoint ({exc})") from None
+    invocation = peft_cfg.get("alora_invocation_tokens")
+    method = "alora" if invocation else "lora"
+    if method != cfg.method or peft_cfg.get("r") != cfg.rank:
+        raise UsageError(f"--init {cfg.init} is a rank-{peft_cfg.get('r')} {method} adapter; this run trains a "
+                         f"rank-{cfg.rank} {cfg.method} one")
+    if invocation and list(invocation) != list(suffix_ids):
+        raise UsageError(f"--init {cfg.init} was trained on another self-eval suffix (tokens {invocation}, "
+                         f"this run's are {suffix_ids})")
 
 
 def _save(scorer: _Scorer, path: Path) -> None:
