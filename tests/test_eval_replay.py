@@ -154,8 +154,8 @@ def test_replay_all_runs_on_a_pool():
     assert {"greedy", "best-of-n", "majority-vote", "weighted-vote", "adaptive", "prune"} <= names
     assert all(0 <= r.accuracy <= 1 for r in rows)
     # From greedy, the sweep runs at budgets 2 and 4 too (K = 5 here), and no row spends more than its budget.
-    budgets = {r.setting.split()[1]: r.mean_samples for r in rows if r.setting.endswith("first=greedy")}
-    assert set(budgets) == {"max=2", "max=4", "max=5"}
+    budgets = {r.setting.split()[1] for r in rows if r.setting.endswith("first=greedy")}
+    assert budgets == {"max=2", "max=4", "max=5"}
     capped = [r for r in rows if r.strategy == "adaptive" and "max=2 " in r.setting]
     assert capped and all(1 <= r.mean_samples <= 2 for r in capped)
 

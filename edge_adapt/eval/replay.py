@@ -240,7 +240,8 @@ def default_thresholds(pools: Sequence[PromptPool], greedy_first: bool = False) 
 
 def replay_all(pools: Sequence[PromptPool], prune_points: Sequence[int], seed: int = 0) -> list[Replay]:
     """The standard sweep: greedy; best-of-N (self-eval, log-prob, oracle) and votes for N = 1, 2, 4, ..., K;
-    adaptive over a threshold sweep, from a sample and from greedy (budget K, and 2 and 4 from greedy); pruning schedules starting from K, K/2, K/4 samples."""
+    adaptive over a threshold sweep, from a sample and from greedy (budget K, and 2 and 4 from greedy); pruning
+    schedules starting from K, K/2, K/4 samples."""
     if not pools:
         return []
     k = min(len(p.samples) for p in pools)
