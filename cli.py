@@ -604,6 +604,7 @@ def label_cmd(
     data: DataOpt = None,
     scorer: ScorerOpt = None,
     n_prompts: Annotated[int, typer.Option("--prompts", help="training prompts to label", min=1)] = 300,
+    level: Annotated[Optional[list[int]], typer.Option("--level", help="arith level to label (repeatable; all when omitted)")] = None,
     k: Annotated[int, typer.Option("-k", "--samples", help="samples per prompt", min=2, max=64)] = 16,
     temp: Annotated[float, typer.Option("--temp", help="sampling temperature")] = 0.7,
     max_tokens: MaxTokOpt = 96,
@@ -617,7 +618,7 @@ def label_cmd(
     """Sample K responses per training prompt and label each with its self-eval target."""
     from edge_adapt.train import LabelConfig, label_iter
 
-    fields = dict(out=out, suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k,
+    fields = dict(out=out, suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, levels=level, k=k,
                   temperature=temp, max_tokens=max_tokens, seed=seed, model=model, threads=threads,
                   cache_dir=cache_dir, force=force)
     if cut:

@@ -99,6 +99,18 @@ def test_arith_answers_are_right():
     assert all(p.messages[-1]["content"].endswith("Answer briefly.") for p in suite.problems)
 
 
+def test_suite_levels_pick_arith_levels_and_keep_their_problems():
+    hard = load_suite("arith", split="train", n=10, levels=[5, 4, 4])
+    assert [p.level for p in hard.problems] == [4, 5] * 5
+    # The same prompts as in the all-levels suite: a pool cache or label file made from either is reused.
+    every = {p.id: p for p in load_suite("arith", split="train", n=50).problems}
+    assert all(every[p.id] == p for p in hard.problems)
+    with pytest.raises(UsageError, match="not 7"):
+        load_suite("arith", levels=[4, 7])
+    with pytest.raises(UsageError, match="levels are arith's"):
+        load_suite("gsm8k", n=5, levels=[4])
+
+
 def test_gsm8k_file_reads_final_number(tmp_path):
     f = tmp_path / "g.jsonl"
     f.write_text(json.dumps({"question": "How many?", "answer": "2+3=<<2+3=5>>5\n#### 1,005"}) + "\n\n")

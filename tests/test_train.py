@@ -212,6 +212,8 @@ def test_cli_label_and_train_bad_input_is_one_line(tmp_path):
     assert_one_line_error(cli("train", str(foreign), "--validation", str(foreign), "-o", str(tmp_path / "o"),
                               "--method", "magic"), "method")
     assert_one_line_error(cli("label", "-o", str(tmp_path / "l.jsonl"), "--cut", "32", "--cut", "16"), "cuts")
+    assert_one_line_error(cli("label", "-o", str(tmp_path / "l.jsonl"), "--level", "9"), "arith has levels")
+    assert not (tmp_path / "l.jsonl").exists()
 
 
 

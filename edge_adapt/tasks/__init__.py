@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from edge_adapt.errors import UsageError
@@ -15,12 +16,18 @@ from edge_adapt.tasks.scorers import (
 
 def load_suite(
     name: str, *, split: str = "test", n: int | None = None, path: Path | None = None,
-    scorer: str | None = None, seed: int = 0,
+    scorer: str | None = None, seed: int = 0, levels: Sequence[int] | None = None,
 ) -> Suite:
-    """A suite by name: 'arith' (generated), 'gsm8k' (a GSM8K-format file, `path` or the shared training split),
-    or 'jsonl' / any path ending in .jsonl (a user suite; `scorer` defaults to final-number)."""
+    """A suite by name: 'arith' (generated; `levels` picks some of its levels), 'gsm8k' (a GSM8K-format file,
+    `path` or the shared training split), or 'jsonl' / any path ending in .jsonl (a user suite; `scorer` defaults
+    to final-number)."""
+    if levels and name != "arith":
+        raise UsageError(f"levels are arith's; suite {name!r} has none")
     if name == "arith":
-        return arith_suite(split, n or 200, seed)
+        unknown = sorted(set(levels or ()) - set(LEVELS))
+        if unknown:
+            raise UsageError(f"arith has levels {', '.join(map(str, LEVELS))}, not {unknown[0]}")
+        return arith_suite(split, n or 200, seed, tuple(sorted(set(levels))) if levels else LEVELS)
     if name == "gsm8k":
         return gsm8k_suite(path or GSM8K_DEFAULT, n)
     if name == "jsonl" or name.endswith(".jsonl"):

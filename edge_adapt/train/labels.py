@@ -53,6 +53,7 @@ class LabelConfig(BaseModel):
     data: Path | None = None
     scorer: str | None = None
     n_prompts: int = Field(300, ge=1)
+    levels: list[int] | None = Field(None, description="arith levels to label, spread evenly (all when omitted)")
     k: int = Field(16, ge=2, le=64, description="samples per prompt (targets compare each with the other K-1)")
     temperature: float = Field(0.7, gt=0)
     max_tokens: int = Field(96, ge=1)
@@ -132,7 +133,8 @@ def label_iter(cfg: LabelConfig, engine: Engine | None = None) -> Iterator[Label
     check_target(out, force=cfg.force)
     if cfg.cuts and cfg.cuts[-1] >= cfg.max_tokens:
         raise UsageError(f"cuts {cfg.cuts} must be below max_tokens {cfg.max_tokens}")
-    suite = load_suite(cfg.suite, split=cfg.split, n=cfg.n_prompts, path=cfg.data, scorer=cfg.scorer, seed=cfg.seed)
+    suite = load_suite(cfg.suite, split=cfg.split, n=cfg.n_prompts, path=cfg.data, scorer=cfg.scorer, seed=cfg.seed,
+                       levels=cfg.levels)
     settings = PoolSettings(k=cfg.k, temperature=cfg.temperature, max_tokens=cfg.max_tokens, prune_points=(),
                             seed=cfg.seed)
     owns = engine is None
@@ -154,7 +156,7 @@ def label_iter(cfg: LabelConfig, engine: Engine | None = None) -> Iterator[Label
             "suite": suite.name, "split": suite.split, "scorer": suite.scorer.name, "created": time.strftime("%Y-%m-%d"),
             "settings": {"k": cfg.k, "temperature": cfg.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
                          "min_p": settings.min_p, "max_tokens": cfg.max_tokens, "cuts": cfg.cuts, "seed": cfg.seed,
-                         "include_greedy": cfg.include_greedy},
+                         "include_greedy": cfg.include_greedy, "levels": cfg.levels},
         }
         with atomic_file(out, force=cfg.force) as tmp:
             with open(tmp, "w", encoding="utf-8") as fh:
