@@ -14,7 +14,8 @@ from edge_adapt.engine import GREEDY, Engine
 from edge_adapt.errors import UsageError
 from edge_adapt.eval.pool import PoolSample, PromptPool
 from edge_adapt.train.labels import (
-    LabelConfig, cut_points, label, prompt_record, read_labels, target_against, targets,
+    FORMAT, VERSION, LabelConfig, cut_points, label, merge_labels, prompt_record, read_labels, target_against,
+    targets,
 )
 
 
@@ -73,6 +74,21 @@ def test_read_labels_rejects_foreign_files(tmp_path):
         read_labels(bad)
     with pytest.raises(UsageError, match="not found"):
         read_labels(tmp_path / "missing.jsonl")
+
+
+def test_merged_label_files_count_a_shared_prompt_once(tmp_path):
+    def write(name: str, model: str, ids: list[str]) -> Path:
+        f = tmp_path / name
+        recs = [{"problem_id": i, "prompt_ids": [1], "rows": [{"sample": 0, "source": name}]} for i in ids]
+        f.write_text("\n".join(json.dumps(x) for x in [{"format": FORMAT, "version": VERSION, "model": model}, *recs]))
+        return f
+
+    a, b = write("a.jsonl", "m", ["p1", "p2"]), write("b.jsonl", "m", ["p2", "p3"])
+    merged = merge_labels([a, b])
+    assert [(r["problem_id"], r["rows"][0]["source"]) for r in merged.prompts] == [
+        ("p1", "a.jsonl"), ("p2", "a.jsonl"), ("p3", "b.jsonl")]
+    with pytest.raises(UsageError, match="c.jsonl was labelled with other"):
+        merge_labels([a, write("c.jsonl", "other", ["p4"])])
 
 
 def test_label_refuses_to_overwrite_without_force(tmp_path):

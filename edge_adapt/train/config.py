@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # The suffix the shipped adapter is trained on. Three tokens for SmolLM2 ([<|im_end|>, Rest, art]): scoring 16
 # samples costs one decode of 48 tokens, about 2.4% of generating 128 tokens each (the earlier 4-token
@@ -20,7 +20,8 @@ Method = Literal["alora", "lora", "full"]
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    labels: Path = Field(..., description="label dataset from `edge-adapt label` (training split)")
+    labels: list[Path] = Field(..., min_length=1, description="label datasets from `edge-adapt label` (training "
+                                                             "split), merged; a prompt in several counts once")
     validation: Path = Field(..., description="label dataset of held-out prompts, for validation each epoch")
     out: Path = Field(..., description="output directory: adapter.gguf (or model.gguf), checkpoint, metrics, plots")
     model: Path | None = Field(None, description="base GGUF; the embedded default model when omitted")
@@ -50,6 +51,11 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(None, ge=1)
     force: bool = False
     progress: bool = True
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: object) -> object:
+        return [v] if isinstance(v, (str, Path)) else v
 
     @property
     def learning_rate(self) -> float:

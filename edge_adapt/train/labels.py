@@ -206,3 +206,22 @@ def read_labels(path: str | Path) -> LabelSet:
         if not isinstance(rec, dict) or not rec.get("prompt_ids") or not isinstance(rec.get("rows"), list):
             raise UsageError(f"{p}: a prompt record lacks prompt_ids or rows")
     return LabelSet(header, prompts)
+
+
+def merge_labels(paths: Sequence[str | Path]) -> LabelSet:
+    """Several label files as one (e.g. a later run that labelled more prompts of the hard levels): they must come
+    from the same model; a prompt in more than one counts once (its samples come from the same pool cache)."""
+    sets = [read_labels(p) for p in paths]
+    first = sets[0]
+    for path, other in zip(paths[1:], sets[1:]):
+        if other.header.get("model") != first.header.get("model"):
+            raise UsageError(f"{path} was labelled with {other.header.get('model')}, {paths[0]} with "
+                             f"{first.header.get('model')}")
+    seen: set[str] = set()
+    prompts = []
+    for ls in sets:
+        for rec in ls.prompts:
+            if rec["problem_id"] not in seen:
+                seen.add(rec["problem_id"])
+                prompts.append(rec)
+    return LabelSet(first.header, prompts)
