@@ -173,6 +173,31 @@ def test_auroc_brier_ece_on_known_values():
     assert metrics.ece([0.3] * 10, [1] * 3 + [0] * 7) == pytest.approx(0.0)  # perfectly calibrated
     lo, hi = metrics.wilson(15, 30)
     assert lo == pytest.approx(0.3315, abs=1e-3) and hi == pytest.approx(0.6685, abs=1e-3)
+
+
+def test_auroc_matches_pairwise_count_with_ties():
+    rng = np.random.default_rng(3)
+    s, y = rng.integers(0, 5, 60) / 4, rng.random(60) < 0.4  # few distinct values: many ties
+    pos, neg = s[y], s[~y]
+    pairwise = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert metrics.auroc(s, y) == pytest.approx(pairwise)
+
+
+def test_auroc_ci_resamples_prompts():
+    rng = np.random.default_rng(0)
+    separated = [([0.9, 0.8, 0.2], [1, 1, 0]), ([0.7, 0.1], [1, 0]), ([0.3], [0])]
+    assert metrics.auroc_ci(separated, n_boot=200) == (1.0, 1.0)
+    # Scores unrelated to correctness: the interval holds 0.5, and narrows as prompts are added.
+    def noise(n_prompts):
+        return [(list(rng.random(8)), list(rng.random(8) < 0.5)) for _ in range(n_prompts)]
+    lo, hi = metrics.auroc_ci(noise(20), n_boot=300)
+    assert lo < 0.5 < hi
+    lo2, hi2 = metrics.auroc_ci(noise(320), n_boot=300)
+    assert hi2 - lo2 < (hi - lo) / 2
+    # Replies to one prompt move together: one prompt all right and high, one all wrong and low gives AUROC 1
+    # from the pair, but a resample of one prompt has one class only and is left out, never counted as 0.5.
+    assert metrics.auroc_ci([([0.9] * 8, [1] * 8), ([0.1] * 8, [0] * 8)], n_boot=200) == (1.0, 1.0)
+    assert metrics.auroc_ci([([0.9], [1])], n_boot=50) is None
     lo, hi = metrics.bootstrap_ci([1.0] * 10 + [0.0] * 10, seed=0)
     assert lo < 0.5 < hi and hi - lo < 0.6
     assert math.isclose(metrics.bootstrap_ci([0.7] * 5)[0], 0.7)

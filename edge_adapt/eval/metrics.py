@@ -15,22 +15,38 @@ import numpy as np
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     """Probability that a random positive scores above a random negative (ties count half); None without both."""
     s, y = np.asarray(scores, float), np.asarray(labels, bool)
-    pos, neg = s[y], s[~y]
-    if len(pos) == 0 or len(neg) == 0:
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
         return None
-    # Rank-based (Mann-Whitney U) with average ranks for ties.
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = ranks[y].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(pos) * len(neg)))
+    # Mann-Whitney U with average ranks for ties: a value's rank is the middle of its run in sorted order.
+    ordered = np.sort(s)
+    ranks = (np.searchsorted(ordered, s, "left") + np.searchsorted(ordered, s, "right") + 1) / 2
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def auroc_ci(groups: Sequence[tuple[Sequence[float], Sequence[bool]]], n_boot: int = 1000, seed: int = 0,
+             level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of AUROC, resampling whole groups (prompts), not single replies.
+
+    The replies to one prompt share its difficulty, so they are not independent draws: resampling replies would
+    give an interval far too narrow for a per-level AUROC over 40 prompts. None when no resample has both classes.
+    """
+    if not groups:
+        return None
+    rng = np.random.default_rng(seed)
+    scores = [np.asarray(g[0], float) for g in groups]
+    labels = [np.asarray(g[1], bool) for g in groups]
+    values = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(groups), size=len(groups))
+        v = auroc(np.concatenate([scores[i] for i in pick]), np.concatenate([labels[i] for i in pick]))
+        if v is not None:
+            values.append(v)
+    if not values:
+        return None
+    a = (1 - level) / 2
+    return (float(np.quantile(values, a)), float(np.quantile(values, 1 - a)))
 
 
 def brier(scores: Sequence[float], labels: Sequence[bool]) -> float:

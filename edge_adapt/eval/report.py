@@ -38,6 +38,7 @@ class Calibration(BaseModel):
     n: int
     base_rate: float
     auroc: float | None
+    auroc_ci: tuple[float, float] | None = None  # 95% bootstrap over prompts
     brier: float
     brier_constant: float
     ece: float
@@ -85,27 +86,32 @@ class Report(BaseModel):
         return render_markdown(self)
 
 
-def calibration(scope: str, scores: Sequence[float], labels: Sequence[bool], bins: bool = True) -> Calibration:
+def calibration(scope: str, groups: Sequence[tuple[list[float], list[bool]]], bins: bool = True) -> Calibration:
+    """Calibration of scores against correctness; `groups` holds each prompt's (scores, labels)."""
+    scores = [x for g in groups for x in g[0]]
+    labels = [x for g in groups for x in g[1]]
     return Calibration(
         scope=scope, n=len(scores), base_rate=float(np.mean(labels)) if labels else 0.0,
-        auroc=metrics.auroc(scores, labels), brier=metrics.brier(scores, labels),
-        brier_constant=metrics.brier_constant(labels), ece=metrics.ece(scores, labels),
+        auroc=metrics.auroc(scores, labels), auroc_ci=metrics.auroc_ci(groups),
+        brier=metrics.brier(scores, labels), brier_constant=metrics.brier_constant(labels),
+        ece=metrics.ece(scores, labels),
         bins=[BinRow(**b.__dict__) for b in metrics.reliability_bins(scores, labels)] if bins else [],
     )
 
 
 def calibrations(pools: Sequence[PromptPool], prune_points: Sequence[int]) -> list[Calibration]:
     """End-score calibration over all sampled replies, per level, and at each prune point (samples scored there)."""
-    out = []
-    def collect(ps: Sequence[PromptPool]) -> tuple[list[float], list[bool]]:
-        return [s.end_score for p in ps for s in p.samples], [s.correct for p in ps for s in p.samples]
-    out.append(calibration("all", *collect(pools)))
+    def ends(ps: Sequence[PromptPool]) -> list[tuple[list[float], list[bool]]]:
+        return [([s.end_score for s in p.samples], [s.correct for s in p.samples]) for p in ps]
+    out = [calibration("all", ends(pools))]
     for lv in sorted({p.level for p in pools if p.level is not None}):
-        out.append(calibration(f"level {lv}", *collect([p for p in pools if p.level == lv])))
+        out.append(calibration(f"level {lv}", ends([p for p in pools if p.level == lv])))
     for i, pt in enumerate(prune_points):
-        sc = [(s.scores[i], s.correct) for p in pools for s in p.samples if s.scores[i] is not None]
-        if sc:
-            out.append(calibration(f"prune point {pt} tokens", [a for a, _ in sc], [b for _, b in sc], bins=False))
+        groups = [([s.scores[i] for s in p.samples if s.scores[i] is not None],
+                   [s.correct for s in p.samples if s.scores[i] is not None]) for p in pools]
+        groups = [g for g in groups if g[0]]
+        if groups:
+            out.append(calibration(f"prune point {pt} tokens", groups, bins=False))
     return out
 
 
@@ -163,9 +169,13 @@ def render_markdown(r: Report) -> str:
             f"{s.mean_tokens:.0f} | {s.mean_selfeval_tokens:.0f} | {_f(s.gain_recovered, 2)} |"
             + "".join(f" {s.per_level.get(x, float('nan')):.2f} |" for x in lv))
     lines += ["", "## Calibration of the self-eval score (p_keep vs correctness of each sampled reply)", "",
-              "| scope | replies | base rate | AUROC | Brier | Brier of constant | ECE |", "|---|---|---|---|---|---|---|"]
+              "AUROC's interval is a 95% bootstrap over prompts (a prompt's replies are resampled together).", "",
+              "| scope | replies | base rate | AUROC | AUROC 95% CI | Brier | Brier of constant | ECE |",
+              "|---|---|---|---|---|---|---|---|"]
     for c in r.calibration:
-        lines.append(f"| {c.scope} | {c.n} | {c.base_rate:.3f} | {_f(c.auroc)} | {c.brier:.4f} | {c.brier_constant:.4f} | {c.ece:.3f} |")
+        ci = f"{c.auroc_ci[0]:.3f}–{c.auroc_ci[1]:.3f}" if c.auroc_ci else "–"
+        lines.append(f"| {c.scope} | {c.n} | {c.base_rate:.3f} | {_f(c.auroc)} | {ci} | {c.brier:.4f} | "
+                     f"{c.brier_constant:.4f} | {c.ece:.3f} |")
     allc = next((c for c in r.calibration if c.scope == "all"), None)
     if allc and allc.bins:
         lines += ["", "Reliability (all replies):", "", "| p_keep bin | replies | mean p_keep | accuracy |", "|---|---|---|---|"]
