@@ -107,9 +107,8 @@ def calibrations(pools: Sequence[PromptPool], prune_points: Sequence[int]) -> li
     for lv in sorted({p.level for p in pools if p.level is not None}):
         out.append(calibration(f"level {lv}", ends([p for p in pools if p.level == lv])))
     for i, pt in enumerate(prune_points):
-        groups = [([s.scores[i] for s in p.samples if s.scores[i] is not None],
-                   [s.correct for s in p.samples if s.scores[i] is not None]) for p in pools]
-        groups = [g for g in groups if g[0]]
+        scored = [[s for s in p.samples if s.scores[i] is not None] for p in pools]
+        groups = [([s.scores[i] for s in ss], [s.correct for s in ss]) for ss in scored if ss]
         if groups:
             out.append(calibration(f"prune point {pt} tokens", groups, bins=False))
     return out
