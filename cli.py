@@ -639,7 +639,7 @@ def label_cmd(
 @app.command("train")
 def train_cmd(
     labels: Annotated[list[Path], typer.Argument(help="training labels from `edge-adapt label` (one or more files)")],
-    validation: Annotated[Path, typer.Option("--validation", help="labels of held-out prompts (validated each epoch)")],
+    validation: Annotated[list[Path], typer.Option("--validation", help="labels of held-out prompts, validated each epoch (repeatable: merged)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory (adapter.gguf or model.gguf, metrics, plot)")],
     method: Annotated[str, typer.Option("--method", help="alora | lora | full")] = "alora",
     target: Annotated[str, typer.Option("--target", help="relative (share of other samples not better) | correct")] = "relative",

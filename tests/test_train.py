@@ -150,6 +150,9 @@ def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
                                          "max_steps": 1}))
     assert again.epochs[0].brier == pytest.approx(result.epochs[-1].brier, abs=1e-5)
     assert abs(again.epochs[0].brier - result.epochs[0].brier) > 1e-4
+    # Several validation files merge like training ones, and a training prompt in any of them is refused.
+    with pytest.raises(UsageError, match="validation shares 3 prompts"):
+        train(cfg.model_copy(update={"out": tmp_path / "leak", "validation": [va, tr]}))
 
     ev = SelfEvaluator(engine, adapter_path=result.exported)
     assert ev.suffix == json.loads((tmp_path / "run" / "metrics.json").read_text())["suffix_ids"]

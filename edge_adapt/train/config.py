@@ -22,7 +22,8 @@ class TrainConfig(BaseModel):
 
     labels: list[Path] = Field(..., min_length=1, description="label datasets from `edge-adapt label` (training "
                                                              "split), merged; a prompt in several counts once")
-    validation: Path = Field(..., description="label dataset of held-out prompts, for validation each epoch")
+    validation: list[Path] = Field(..., min_length=1, description="label datasets of held-out prompts, merged like "
+                                                                 "`labels`, for validation each epoch")
     out: Path = Field(..., description="output directory: adapter.gguf (or model.gguf), checkpoint, metrics, plots")
     model: Path | None = Field(None, description="base GGUF; the embedded default model when omitted")
     method: Method = Field("alora", description="alora: adapter acts from the suffix on; lora; full: merged model")
@@ -52,7 +53,7 @@ class TrainConfig(BaseModel):
     force: bool = False
     progress: bool = True
 
-    @field_validator("labels", mode="before")
+    @field_validator("labels", "validation", mode="before")
     @classmethod
     def _one_or_more(cls, v: object) -> object:
         return [v] if isinstance(v, (str, Path)) else v

@@ -29,7 +29,7 @@ from typing import Any
 from edge_adapt.errors import UsageError
 from edge_adapt.eval import metrics
 from edge_adapt.train.config import TrainConfig
-from edge_adapt.train.labels import LabelSet, merge_labels, read_labels
+from edge_adapt.train.labels import LabelSet, merge_labels
 
 CHUNK = 8  # responses batched over one prompt's KV; sorted by length so padding stays small
 
@@ -263,7 +263,7 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.force:
         raise UsageError(f"{out} already exists and is not empty; pass --force to overwrite it")
-    train_set, val_set = merge_labels(cfg.labels), read_labels(cfg.validation)
+    train_set, val_set = merge_labels(cfg.labels), merge_labels(cfg.validation)
     if train_set.header.get("model") != val_set.header.get("model"):
         raise UsageError("training and validation labels come from different models")
     overlap = {p["problem_id"] for p in train_set.prompts} & {p["problem_id"] for p in val_set.prompts}
