@@ -173,6 +173,9 @@ def test_auroc_brier_ece_on_known_values():
     assert metrics.ece([0.3] * 10, [1] * 3 + [0] * 7) == pytest.approx(0.0)  # perfectly calibrated
     lo, hi = metrics.wilson(15, 30)
     assert lo == pytest.approx(0.3315, abs=1e-3) and hi == pytest.approx(0.6685, abs=1e-3)
+    lo, hi = metrics.bootstrap_ci([1.0] * 10 + [0.0] * 10, seed=0)
+    assert lo < 0.5 < hi and hi - lo < 0.6
+    assert math.isclose(metrics.bootstrap_ci([0.7] * 5)[0], 0.7)
 
 
 def test_auroc_matches_pairwise_count_with_ties():
@@ -198,6 +201,3 @@ def test_auroc_ci_resamples_prompts():
     # from the pair, but a resample of one prompt has one class only and is left out, never counted as 0.5.
     assert metrics.auroc_ci([([0.9] * 8, [1] * 8), ([0.1] * 8, [0] * 8)], n_boot=200) == (1.0, 1.0)
     assert metrics.auroc_ci([([0.9], [1])], n_boot=50) is None
-    lo, hi = metrics.bootstrap_ci([1.0] * 10 + [0.0] * 10, seed=0)
-    assert lo < 0.5 < hi and hi - lo < 0.6
-    assert math.isclose(metrics.bootstrap_ci([0.7] * 5)[0], 0.7)
