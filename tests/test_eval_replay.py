@@ -107,6 +107,31 @@ def test_adaptive_from_greedy_stops_on_a_confident_greedy_and_counts_it_in_the_b
     assert got.accuracy == pytest.approx(7 / 8, abs=0.03)
 
 
+def test_adaptive_with_a_perfect_judge_stops_at_the_first_right_sample():
+    samples = [_s(i, i == 0, 0.1, n_tok=10) for i in range(8)]
+    wrong_greedy = PromptPool("k", "p", 1, "1", 20, tuple(samples), _s(-1, False, 0.99, n_tok=3), 0.0)
+    # Budget 2: the greedy answer is wrong, so one sample is always drawn; it is the right one in 1 of 8 orders.
+    got = rp.adaptive([wrong_greedy], threshold=0.0, budget=2, draws=4000, seed=4, greedy_first=True, by="oracle")
+    assert got.setting == "by=oracle max=2 first=greedy"
+    assert got.mean_samples == 2 and got.mean_selfeval_tokens == 0
+    assert got.accuracy == pytest.approx(1 / 8, abs=0.02)
+    # Budget 8: the judge keeps drawing until the right sample, found unless it is the one of 8 left undrawn.
+    got = rp.adaptive([wrong_greedy], threshold=0.0, budget=8, draws=4000, seed=4, greedy_first=True, by="oracle")
+    assert got.accuracy == pytest.approx(7 / 8, abs=0.02)
+    right_greedy = PromptPool("k", "p", 1, "1", 20, tuple(samples), _s(-1, True, 0.01, n_tok=3), 0.0)
+    got = rp.adaptive([right_greedy], threshold=0.0, budget=8, draws=16, greedy_first=True, by="oracle")
+    assert got.accuracy == 1 and got.mean_samples == 1 and got.mean_tokens == 3
+
+
+def test_no_threshold_beats_the_perfect_judge_at_its_budget():
+    pools = _pools()
+    for budget in (2, 3, 5):
+        judge = rp.adaptive(pools, 0.0, budget, seed=7, by="oracle")
+        for t in (0.0, 0.3, 0.6, 0.9, 1.01):
+            score = rp.adaptive(pools, t, budget, seed=7)  # same seed: the same orders as the judge's
+            assert all(c <= j for c, j in zip(score.correct, judge.correct))
+
+
 def test_thresholds_from_greedy_reach_the_low_sample_end():
     # Sample scores all sit above the greedy ones: the sample-score thresholds would stop every prompt at its
     # greedy answer or none, so the from-greedy sweep adds the greedy scores' quartiles.
@@ -158,6 +183,8 @@ def test_replay_all_runs_on_a_pool():
     assert budgets == {"max=2", "max=4", "max=5"}
     capped = [r for r in rows if r.strategy == "adaptive" and "max=2 " in r.setting]
     assert capped and all(1 <= r.mean_samples <= 2 for r in capped)
+    judged = [r.setting for r in rows if r.strategy == "adaptive" and r.setting.startswith("by=oracle")]
+    assert judged == ["by=oracle max=2 first=greedy", "by=oracle max=4 first=greedy", "by=oracle max=5 first=greedy"]
 
 
 def test_auroc_brier_ece_on_known_values():

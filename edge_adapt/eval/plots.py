@@ -13,12 +13,14 @@ _CURVES = ("best-of-n by=self-eval", "best-of-n by=logprob", "best-of-n by=oracl
 
 
 def _family(row: StrategyRow, k: int) -> str:
-    """One curve per strategy family; adaptive rows split by start (greedy or a sample) and budget below K."""
+    """One curve per strategy family; adaptive rows split by judge (score or oracle), start (greedy or a sample)
+    and budget below K."""
     if row.strategy == "best-of-n":
         return f"best-of-n {row.setting.split()[0]}"
     if row.strategy == "adaptive":
         budget = next((w for w in row.setting.split() if w.startswith("max=")), f"max={k}")
-        return " ".join(["adaptive"] + (["first=greedy"] if row.setting.endswith("first=greedy") else [])
+        return " ".join(["adaptive"] + (["by=oracle"] if row.setting.startswith("by=oracle") else [])
+                        + (["first=greedy"] if row.setting.endswith("first=greedy") else [])
                         + ([budget] if budget != f"max={k}" else []))
     return row.strategy
 

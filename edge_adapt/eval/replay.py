@@ -144,36 +144,44 @@ def vote(pools: Sequence[PromptPool], n: int, weighted: bool = False, draws: int
     return Replay(name, f"N={n}", tuple(correct), tuple(float(n) for _ in pools), tuple(tokens), tuple(se), n)
 
 
-def _adaptive_once(order: Sequence[PoolSample], threshold: float, budget: int) -> tuple[float, int, int, float]:
+def _adaptive_once(order: Sequence[PoolSample], threshold: float, budget: int, by: str) -> tuple[float, int, int, float]:
+    oracle = by == "oracle"
     used: list[PoolSample] = []
     for size in round_sizes(budget):
         used.extend(order[len(used) : len(used) + size])
-        if max(s.end_score for s in used) >= threshold:
+        if any(s.correct if oracle else s.end_score >= threshold for s in used):
             break
+    tokens = sum(s.n_tokens for s in used)
+    if oracle:
+        return float(any(s.correct for s in used)), len(used), tokens, 0.0
     best = max(used, key=lambda s: _rank_key(s, "self-eval"))
-    return float(best.correct), len(used), sum(s.n_tokens for s in used), sum(_end_cost(s) for s in used)
+    return float(best.correct), len(used), tokens, sum(_end_cost(s) for s in used)
 
 
 def adaptive(pools: Sequence[PromptPool], threshold: float, budget: int | None = None, draws: int = 64,
-             seed: int = 0, greedy_first: bool = False) -> Replay:
+             seed: int = 0, greedy_first: bool = False, by: str = "self-eval") -> Replay:
     """Adaptive sampling (Manvi et al. 2024): rounds of 1, 1, 2, 4, 8, ... samples, each scored at its end; stop
     as soon as any sample so far has p_keep >= threshold or the budget is spent; answer with the best-scored
     sample. Replayed by consuming the pool in `draws` seeded random orders and averaging (the samples are
     i.i.d.; the live strategy's per-round temperature annealing is not reproduced, see the module docstring).
     `greedy_first`: the first round is the pool's greedy sample (the live strategy starts near temperature 0),
-    the later rounds draw from the sampled ones; the budget counts the greedy sample."""
+    the later rounds draw from the sampled ones; the budget counts the greedy sample.
+    `by="oracle"`: a perfect judge in place of the score (stop at the first right sample and answer with it; no
+    threshold, no self-eval tokens). Its accuracy is the most any stopping rule reaches at this budget; it
+    never gives up on a prompt, so a score can spend fewer samples, but only by answering fewer right."""
     rng = np.random.default_rng(seed)
     correct, samples, tokens, se = [], [], [], []
     for p in pools:
         b = min(budget or len(p.samples), len(p.samples))
         lead = [p.greedy] if greedy_first else []
-        runs = [_adaptive_once(lead + [p.samples[i] for i in rng.permutation(len(p.samples))], threshold, b)
+        runs = [_adaptive_once(lead + [p.samples[i] for i in rng.permutation(len(p.samples))], threshold, b, by)
                 for _ in range(draws)]
         c, n, t, e = (float(np.mean(x)) for x in zip(*runs))
         correct.append(c), samples.append(n), tokens.append(t), se.append(e)
     bud = budget or (len(pools[0].samples) if pools else 0)
     first = " first=greedy" if greedy_first else ""
-    return Replay("adaptive", f"threshold={threshold:.3g} max={bud}{first}", tuple(correct), tuple(samples),
+    stop = "by=oracle" if by == "oracle" else f"threshold={threshold:.3g}"
+    return Replay("adaptive", f"{stop} max={bud}{first}", tuple(correct), tuple(samples),
                   tuple(tokens), tuple(se), bud)
 
 
@@ -240,8 +248,8 @@ def default_thresholds(pools: Sequence[PromptPool], greedy_first: bool = False) 
 
 def replay_all(pools: Sequence[PromptPool], prune_points: Sequence[int], seed: int = 0) -> list[Replay]:
     """The standard sweep: greedy; best-of-N (self-eval, log-prob, oracle) and votes for N = 1, 2, 4, ..., K;
-    adaptive over a threshold sweep, from a sample and from greedy (budget K, and 2 and 4 from greedy); pruning
-    schedules starting from K, K/2, K/4 samples."""
+    adaptive over a threshold sweep, from a sample and from greedy (budget K, and 2 and 4 from greedy), and from
+    greedy with a perfect judge at budgets 2, 4 and K; pruning schedules starting from K, K/2, K/4 samples."""
     if not pools:
         return []
     k = min(len(p.samples) for p in pools)
@@ -257,6 +265,8 @@ def replay_all(pools: Sequence[PromptPool], prune_points: Sequence[int], seed: i
     # prompt the score keeps doubting cannot run on to K samples.
     for cap in (c for c in (2, 4) if c < k):
         out += [adaptive(pools, t, cap, seed=seed, greedy_first=True) for t in default_thresholds(pools, True)]
+    # What a perfect judge would get at the same budgets: the ceiling the score's rows are read against.
+    out += [adaptive(pools, 0.0, cap, seed=seed, greedy_first=True, by="oracle") for cap in sorted({2, 4, k}) if cap <= k]
     if prune_points:
         for n in sorted({k, max(2, k // 2), max(2, k // 4)}, reverse=True):
             for keep in (0.5, 0.25):
