@@ -25,6 +25,7 @@ def test_run_eval_writes_report_and_reuses_the_pool(tmp_path):
         assert [s.accuracy for s in again.strategies] == [s.accuracy for s in rep.strategies]
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Strategies" in md and "## Calibration" in md and "## Live check" in md and "PROVISIONAL" in md
+    assert "every prompt read from the cache" in md  # the rerun generated nothing and says so
     data = json.loads((tmp_path / "out" / "report.json").read_text())
     fams = {s["strategy"] for s in data["strategies"]}
     assert {"greedy", "best-of-n", "adaptive", "prune", "majority-vote", "weighted-vote"} <= fams

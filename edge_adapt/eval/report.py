@@ -148,8 +148,10 @@ def render_markdown(r: Report) -> str:
         + (f" ({', '.join(f'level {k}: {v}' for k, v in sorted(r.levels.items()))})" if r.levels else ""),
         f"- pool: K={r.k} samples per prompt at temperature {r.temperature} + 1 greedy, max_tokens {r.max_tokens}, "
         f"prune points {r.prune_points}",
-        f"- generation: {r.prompts_generated} prompts generated ({r.tokens_generated} tokens) in "
-        f"{r.generation_wall_s / 60:.1f} min; pool file `{r.pool_file}`", "",
+        (f"- generation: {r.prompts_generated} prompts generated ({r.tokens_generated} tokens) in "
+         f"{r.generation_wall_s / 60:.1f} min" if r.prompts_generated else
+         f"- generation: every prompt read from the cache (generating them took {r.generation_wall_s / 60:.1f} min)")
+        + f"; pool file `{r.pool_file}`", "",
     ]
     for n in r.notes:
         lines.append(f"> {n}")
