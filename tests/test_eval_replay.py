@@ -187,6 +187,16 @@ def test_replay_all_runs_on_a_pool():
     assert judged == ["by=oracle max=2 first=greedy", "by=oracle max=4 first=greedy", "by=oracle max=5 first=greedy"]
 
 
+def test_plots_draw_the_perfect_judge_as_one_curve_across_budgets():
+    from edge_adapt.eval.plots import _curves
+    from edge_adapt.eval.report import strategy_rows
+
+    pools = _pools()
+    curves = _curves(strategy_rows(rp.replay_all(pools, prune_points=(16,)), pools, 0), "mean_samples", 5)
+    assert len(curves["adaptive by=oracle first=greedy"]) == 3  # budgets 2, 4 and K = 5
+    assert [f for f in curves if "oracle" in f and f.startswith("adaptive")] == ["adaptive by=oracle first=greedy"]
+
+
 def test_auroc_brier_ece_on_known_values():
     scores, labels = [0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]
     assert metrics.auroc(scores, labels) == pytest.approx(0.75)

@@ -13,14 +13,15 @@ _CURVES = ("best-of-n by=self-eval", "best-of-n by=logprob", "best-of-n by=oracl
 
 
 def _family(row: StrategyRow, k: int) -> str:
-    """One curve per strategy family; adaptive rows split by judge (score or oracle), start (greedy or a sample)
-    and budget below K."""
+    """One curve per strategy family; adaptive rows split by start (greedy or a sample) and budget below K. The
+    perfect judge's rows are one curve across budgets: it has no threshold, so its budget is what moves it."""
     if row.strategy == "best-of-n":
         return f"best-of-n {row.setting.split()[0]}"
     if row.strategy == "adaptive":
+        if row.setting.startswith("by=oracle"):
+            return "adaptive by=oracle first=greedy"
         budget = next((w for w in row.setting.split() if w.startswith("max=")), f"max={k}")
-        return " ".join(["adaptive"] + (["by=oracle"] if row.setting.startswith("by=oracle") else [])
-                        + (["first=greedy"] if row.setting.endswith("first=greedy") else [])
+        return " ".join(["adaptive"] + (["first=greedy"] if row.setting.endswith("first=greedy") else [])
                         + ([budget] if budget != f"max={k}" else []))
     return row.strategy
 
@@ -58,6 +59,8 @@ def write_plots(report: Report, out_dir: Path) -> list[str]:
     for x, label, fname in (("mean_samples", "average samples per prompt", "accuracy_vs_samples.png"),
                             ("mean_tokens", "average generated tokens per prompt", "accuracy_vs_tokens.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        # More families than the default ten colours: ten strong ones, then their light twins.
+        ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])
         for fam, pts in _curves(report.strategies, x, report.k).items():
             xs, ys, lo, hi = zip(*pts)
             style = "--" if "oracle" in fam else "-"
