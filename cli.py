@@ -644,7 +644,7 @@ def train_cmd(
     method: Annotated[str, typer.Option("--method", help="alora | lora | full")] = "alora",
     target: Annotated[str, typer.Option("--target", help="relative (share of other samples not better) | correct")] = "relative",
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 2,
-    init: Annotated[Optional[Path], typer.Option("--init", help="continue from a previous run's checkpoint/ directory")] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="continue from a previous run's checkpoint/ directory or an adapter GGUF")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate (3e-4 for (a)LoRA, 2e-5 for full)")] = None,
     rank: Annotated[int, typer.Option("--rank", min=1)] = 8,
     suffix: Annotated[Optional[str], typer.Option("--suffix", help="raw self-eval suffix to train on (default <|im_end|>Restart)")] = None,

@@ -1,4 +1,5 @@
-"""PEFT LoRA / activated LoRA: read an adapter directory, merge it into weights, or export it as a GGUF adapter.
+"""PEFT LoRA / activated LoRA: read an adapter directory, merge it into weights, export it as a GGUF adapter,
+or import a GGUF adapter back into a PEFT directory (to train a shipped adapter further).
 
 llama.cpp applies `scale * B @ A` with scale = alpha / rank, where rank is read from each tensor; so PEFT's
 rsLoRA (alpha / sqrt(rank)) is written as an equivalent alpha. Q/K rows are permuted for llama like the base
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import gguf
 import numpy as np
 
-from edge_adapt.fileio import atomic_file, check_target
+from edge_adapt.fileio import atomic_dir, atomic_file, check_target
 from edge_adapt.convert.checkpoint import read_json, require_torch
 from edge_adapt.convert.gguf_io import ProgressFn, read_gguf_kv
 from edge_adapt.convert.registry import ModelBase, model_class_for_gguf
@@ -216,3 +217,65 @@ def require_mergeable(adapter: LoraAdapter) -> None:
             f"{adapter.path} is an activated LoRA (it applies only after its invocation tokens) and cannot be "
             "merged into the weights; convert it with convert-adapter instead"
         )
+
+
+def import_adapter(
+    adapter: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+) -> AdapterResult:
+    """A GGUF LoRA / aLoRA adapter back to a PEFT directory for the transformers copy of `base` (`import_gguf`).
+
+    The inverse of `convert_adapter`: Q/K rows of B are un-permuted and the GGUF alpha (scale x rank) becomes
+    PEFT's lora_alpha, so PEFT applies the same `scale * B @ A`. f16 tensors widen to f32 exactly."""
+    torch = require_torch()
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from edge_adapt.engine.gguf_file import inspect_gguf
+
+    t0 = time.perf_counter()
+    check_target(Path(out), force=force)
+    info = inspect_gguf(adapter, expect="adapter")
+    base_info = inspect_gguf(base, expect="model")
+    if info.architecture != base_info.architecture:
+        raise ModelFileError(f"{info.path} is a {info.architecture} adapter, {base_info.path.name} a "
+                             f"{base_info.architecture} model")
+    base_reader = gguf.GGUFReader(base_info.path)
+    kv = read_gguf_kv(base_reader, skip_vocab=True)
+    cls = model_class_for_gguf(base_info.architecture)
+    names = {t.name for t in base_reader.tensors}
+    model: ModelBase = cls(cls.hf_config(kv, base_info.n_vocab, "output.weight" not in names))
+    del base_reader
+
+    halves: dict[str, dict[str, np.ndarray]] = {}
+    for t in gguf.GGUFReader(info.path).tensors:
+        gname, _, part = t.name.rpartition(".")
+        if part not in ("lora_a", "lora_b") or gname not in names:
+            raise ModelFileError(f"{info.path}: tensor {t.name!r} is no LoRA half of a {base_info.path.name} weight")
+        shape = tuple(int(x) for x in reversed(t.shape))
+        arr = np.asarray(t.data).astype(np.float32).reshape(shape)
+        halves.setdefault(gname, {})[part] = model.restore_tensor(arr, gname) if part == "lora_b" else arr
+    ranks = set()
+    state = {}
+    for gname, h in halves.items():
+        if set(h) != {"lora_a", "lora_b"}:
+            raise ModelFileError(f"{info.path}: incomplete adapter, {gname} lacks lora_a or lora_b")
+        ranks.add(h["lora_a"].shape[0])
+        stem = _PREFIX + model.hf_name(gname).removesuffix(".weight")
+        state[f"{stem}.lora_A.weight"] = torch.from_numpy(np.ascontiguousarray(h["lora_a"]))
+        state[f"{stem}.lora_B.weight"] = torch.from_numpy(np.ascontiguousarray(h["lora_b"]))
+    if len(ranks) != 1:
+        raise ModelFileError(f"{info.path}: mixed LoRA ranks {sorted(ranks)} have no single PEFT config")
+    rank = ranks.pop()
+    alpha = float(info.adapter.get("lora.alpha") or rank)  # llama.cpp: no alpha means scale 1
+    invocation = [int(x) for x in info.adapter.get("alora.invocation_tokens") or []] or None
+    targets = sorted({model.hf_name(g).removesuffix(".weight").rsplit(".", 1)[1] for g in halves})
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none",
+                     task_type="CAUSAL_LM", alora_invocation_tokens=invocation)
+    with atomic_dir(out, force=force) as tmp:
+        cfg.save_pretrained(str(tmp))
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return AdapterResult(Path(out), len(state), alpha, invocation, time.perf_counter() - t0)

@@ -15,6 +15,7 @@ from convert_fixtures import PROMPTS, build_lora, gguf_dir, llama_dir, qwen2_dir
 from edge_adapt.convert import convert_adapter, convert_model  # noqa: E402
 from edge_adapt.engine import Engine  # noqa: E402
 from edge_adapt.engine.gguf_file import inspect_gguf  # noqa: E402
+from edge_adapt.errors import ModelFileError, UsageError  # noqa: E402
 
 __all__ = ["gguf_dir", "llama_dir", "qwen2_dir"]
 
@@ -96,3 +97,37 @@ def test_alora_applies_from_invocation_like_peft(family: str, request: pytest.Fi
         rel = _rel(seq.logits, ref)
     print(f"\n{family} aLoRA: runtime rel {rel:.2e}")
     assert rel < TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gguf_adapter_imports_back_to_the_same_peft_adapter(family: str, request: pytest.FixtureRequest,
+                                                            gguf_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from edge_adapt.convert import import_adapter
+    from edge_adapt.convert.adapter import load_peft_adapter
+
+    hf_dir = request.getfixturevalue(f"{family}_dir")
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    invocation = tok("<|im_start|>assistant", add_special_tokens=False)["input_ids"]
+    alora = build_lora(hf_dir, tmp_path / "alora", invocation=invocation)
+    base, adapter = gguf_dir / f"{family}.c.f32.gguf", tmp_path / "alora.gguf"
+    convert_model(hf_dir, base, type="f32", force=True)
+    convert_adapter(alora, base, adapter)
+    result = import_adapter(adapter, base, tmp_path / "back")
+    assert result.invocation_tokens == invocation
+
+    orig, back = load_peft_adapter(alora), load_peft_adapter(tmp_path / "back")
+    assert (back.rank, back.scale, back.invocation_tokens) == (orig.rank, orig.scale, orig.invocation_tokens)
+    assert set(back.pairs) == set(orig.pairs)
+    for name, (a, b) in orig.pairs.items():  # Q/K rows un-permuted: every tensor exactly the original
+        assert np.array_equal(back.pairs[name][0].numpy(), a.numpy()), name
+        assert np.array_equal(back.pairs[name][1].numpy(), b.numpy()), name
+    ids = tok(PROMPTS[3] + "<|im_start|>assistant Sure")["input_ids"]
+    np.testing.assert_allclose(_peft_last_logits(hf_dir, tmp_path / "back", ids),
+                               _peft_last_logits(hf_dir, alora, ids), rtol=0, atol=1e-5)
+    with pytest.raises(UsageError, match="already exists"):
+        import_adapter(adapter, base, tmp_path / "back")
+    with pytest.raises(ModelFileError, match="not an adapter GGUF|adapter GGUF"):
+        import_adapter(base, base, tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()

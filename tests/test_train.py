@@ -150,6 +150,9 @@ def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
                                          "max_steps": 1}))
     assert again.epochs[0].brier == pytest.approx(result.epochs[-1].brier, abs=1e-5)
     assert abs(again.epochs[0].brier - result.epochs[0].brier) > 1e-4
+    # So does continuing from the exported GGUF (imported back to PEFT; f16 tensors round the weights a little).
+    from_gguf = train(cfg.model_copy(update={"out": tmp_path / "from-gguf", "init": result.exported, "max_steps": 1}))
+    assert from_gguf.epochs[0].brier == pytest.approx(result.epochs[-1].brier, abs=1e-4)
     # Several validation files merge like training ones, and a training prompt in any of them is refused.
     with pytest.raises(UsageError, match="validation shares 3 prompts"):
         train(cfg.model_copy(update={"out": tmp_path / "leak", "validation": [va, tr]}))
@@ -206,17 +209,17 @@ def test_init_must_be_an_adapter_of_the_same_shape(tmp_path: Path):
     ckpt.mkdir()
     cfg = TrainConfig(labels=tmp_path / "l", validation=tmp_path / "v", out=tmp_path / "o", init=ckpt)
     with pytest.raises(UsageError, match="not a PEFT adapter checkpoint"):
-        _check_init(cfg, [1, 2, 3])
+        _check_init(cfg, ckpt, [1, 2, 3])
     (ckpt / "adapter_config.json").write_text(json.dumps({"r": 8, "alora_invocation_tokens": [1, 2, 3]}))
-    _check_init(cfg, [1, 2, 3])
+    _check_init(cfg, ckpt, [1, 2, 3])
     with pytest.raises(UsageError, match="another self-eval suffix"):
-        _check_init(cfg, [1, 2, 4])
+        _check_init(cfg, ckpt, [1, 2, 4])
     with pytest.raises(UsageError, match="rank-8 alora adapter; this run trains a rank-16 alora"):
-        _check_init(cfg.model_copy(update={"rank": 16}), [1, 2, 3])
+        _check_init(cfg.model_copy(update={"rank": 16}), ckpt, [1, 2, 3])
     with pytest.raises(UsageError, match="rank-8 alora adapter; this run trains a rank-8 lora"):
-        _check_init(cfg.model_copy(update={"method": "lora"}), [1, 2, 3])
+        _check_init(cfg.model_copy(update={"method": "lora"}), ckpt, [1, 2, 3])
     with pytest.raises(UsageError, match="method full"):
-        _check_init(cfg.model_copy(update={"method": "full"}), [1, 2, 3])
+        _check_init(cfg.model_copy(update={"method": "full"}), ckpt, [1, 2, 3])
 
 
 def test_cli_label_and_train_bad_input_is_one_line(tmp_path):

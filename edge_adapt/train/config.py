@@ -35,8 +35,9 @@ class TrainConfig(BaseModel):
     target: Literal["relative", "correct"] = Field(
         "relative", description="relative: the label's target, the share of other samples not better (Manvi et al.); "
                                 "correct: 1 for a right answer, 0 for a wrong one")
-    init: Path | None = Field(None, description="continue from this (a)LoRA checkpoint (a previous run's "
-                                                "`checkpoint/` directory) instead of a fresh adapter")
+    init: Path | None = Field(None, description="continue from this (a)LoRA adapter (a previous run's "
+                                                "`checkpoint/` directory, or an adapter GGUF such as the shipped "
+                                                "one) instead of a fresh adapter")
     epochs: int = Field(2, ge=1)
     prompts_per_step: int = Field(4, ge=1, description="prompts (with all their samples and cuts) per optimizer step")
     lm_loss: float = Field(0.0, ge=0, description="weight of an LM loss on the responses (method full: keeps the "

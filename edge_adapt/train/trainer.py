@@ -253,7 +253,7 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
     """Import the base model, train, keep the best epoch by validation AUROC, export to GGUF."""
     import torch
 
-    from edge_adapt.convert import convert_adapter, convert_model, import_gguf
+    from edge_adapt.convert import convert_adapter, convert_model, import_adapter, import_gguf
     from edge_adapt.engine import Engine
     from edge_adapt.engine.budget import peak_rss
     from edge_adapt.selfeval.config import SelfEvalConfig
@@ -281,8 +281,12 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
         suffix_ids = render_suffix(self_eval, eng)
         yes, no = answer_token(eng, cfg.yes, "yes"), answer_token(eng, cfg.no, "no")
         base_gguf = eng.model_path
-    if cfg.init is not None:
-        _check_init(cfg, suffix_ids)
+    init = cfg.init
+    if init is not None and Path(init).is_file():
+        # An exported adapter (the shipped one, say): back to PEFT, so training continues where it left off.
+        init = import_adapter(init, base_gguf, out / "init", force=True).path
+    if init is not None:
+        _check_init(cfg, init, suffix_ids)
     hf_dir = out / "base-hf"
     if not (hf_dir / "config.json").exists():
         import_gguf(base_gguf, hf_dir, force=True)
@@ -294,7 +298,7 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
     acc = Accelerator()
     if acc.num_processes > 1:
         raise UsageError("training runs in one process (use `accelerate launch --num_processes 1`)")
-    scorer = _Scorer(cfg, hf_dir, suffix_ids, yes, no, checkpoint=cfg.init, device=str(acc.device))
+    scorer = _Scorer(cfg, hf_dir, suffix_ids, yes, no, checkpoint=init, device=str(acc.device))
     opt = torch.optim.AdamW(scorer.trainable(), lr=cfg.learning_rate, weight_decay=0.0)
     train_groups, val_groups = groups_of(train_set, cfg.target), groups_of(val_set, cfg.target)
     steps_per_epoch = math.ceil(len(train_groups) / cfg.prompts_per_step)
@@ -368,13 +372,13 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
     return result
 
 
-def _check_init(cfg: TrainConfig, suffix_ids: list[int]) -> None:
+def _check_init(cfg: TrainConfig, init: Path, suffix_ids: list[int]) -> None:
     """A checkpoint to continue from must be an adapter of this method, rank and suffix (else PEFT loads it
     silently into a different shape of training than the one asked for)."""
     if cfg.method == "full":
         raise UsageError("--init continues an (a)LoRA adapter; method full starts from the base model")
     try:
-        peft_cfg = json.loads((Path(cfg.init) / "adapter_config.json").read_text(encoding="utf-8"))
+        peft_cfg = json.loads((Path(init) / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"--init {cfg.init}: not a PEFT adapter checkpoint ({exc})") from None
     invocation = peft_cfg.get("alora_invocation_tokens")
