@@ -649,7 +649,6 @@ def train_cmd(
     rank: Annotated[int, typer.Option("--rank", min=1)] = 8,
     suffix: Annotated[Optional[str], typer.Option("--suffix", help="raw self-eval suffix to train on (default <|im_end|>Restart)")] = None,
     prompts_per_step: Annotated[int, typer.Option("--prompts-per-step", min=1)] = 4,
-    counterfactuals: Annotated[int, typer.Option("--counterfactuals", min=0, help="per training prompt, up to N copies of its replies with only the final number changed, labelled by the scorer (numeric suites)")] = 0,
     lm_loss: Annotated[float, typer.Option("--lm-loss", help="weight of an LM loss on the responses (full)")] = 0.0,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="stop early (smoke tests)")] = None,
     validate_before: Annotated[bool, typer.Option("--validate-before/--no-validate-before", help="validate the untrained model too")] = True,
@@ -668,7 +667,7 @@ def train_cmd(
         raise UsageError(f"training needs the [train] extra: pip install 'edge-adapt[train]' ({exc.name} is missing)") from None
     cfg = validated(TrainConfig, dict(
         labels=labels, validation=validation, out=out, method=method, target=target, epochs=epochs, init=init, lr=lr,
-        rank=rank, prompts_per_step=prompts_per_step, counterfactuals=counterfactuals, lm_loss=lm_loss, max_steps=max_steps, model=model,
+        rank=rank, prompts_per_step=prompts_per_step, lm_loss=lm_loss, max_steps=max_steps, model=model,
         validate_before=validate_before, threads=threads, seed=seed, force=force,
         **({"suffix": suffix} if suffix is not None else {})), "train")
     with _work_progress() as bar:

@@ -67,55 +67,6 @@ def test_prompt_record_rows_and_targets_on_a_hand_made_pool():
     assert rec["rows"][1]["ids"] == list(range(16))
 
 
-def test_swap_final_number_changes_only_the_stated_result():
-    from edge_adapt.train.counterfactual import swap_final_number
-
-    assert swap_final_number("The answer is 8.", "7") == "The answer is 7."
-    assert swap_final_number("4 + 5 + 5 = 13. The answer is 13.", "14") == "4 + 5 + 5 = 14. The answer is 14."
-    assert swap_final_number("5 + 1 is 11.", "12") == "5 + 1 is 12."
-    assert swap_final_number("3 + 3 = 6 and 6 + 1 = 7", "8") == "3 + 3 = 6 and 6 + 1 = 8"  # the operand 6 stays
-    assert swap_final_number("It costs $ 7.", "8") == "It costs $ 8."
-    assert swap_final_number("6 + 6 + 6", "18") is None  # no stated result to change
-    assert swap_final_number("no number", "3") is None
-
-
-def _labels(rows: list[dict], answer: str = "15", scorer: str = "final-number"):
-    from edge_adapt.train.labels import LabelSet
-
-    whole = [{"cut": None, "ids": [1], "finish": "eos", **r} for r in rows]
-    cut = [{**whole[0], "cut": 8, "ids": [1]}] if whole else []
-    return LabelSet({"format": FORMAT, "scorer": scorer}, [{"problem_id": "p", "answer": answer, "prompt_ids": [1],
-                                                            "rows": whole + cut}])
-
-
-def test_counterfactuals_edit_each_reply_to_right_and_to_wrong():
-    from edge_adapt.train.counterfactual import FIRST_INDEX, with_counterfactuals
-
-    labels = _labels([
-        {"sample": 0, "text": "4 + 8 + 3 = 15", "correct": True, "target": 1.0},
-        {"sample": 1, "text": "The answer is 12.", "correct": False, "target": 0.5},
-        {"sample": 2, "text": "The answer is 12.", "correct": False, "target": 0.5},  # a duplicate: edited once
-        {"sample": 3, "text": "4 + 8 = 11", "correct": False, "target": 0.5},
-        {"sample": -1, "text": "Fifteen.", "correct": False, "target": 0.25},  # no number: left alone
-    ])
-    out = with_counterfactuals(labels, lambda text: [len(text)], per_prompt=8)
-    added = {r["text"]: r for r in out.prompts[0]["rows"] if r["sample"] >= FIRST_INDEX}
-    right = {t for t, r in added.items() if r["correct"]}
-    wrong = {t: r for t, r in added.items() if not r["correct"]}
-    assert right == {"The answer is 15.", "4 + 8 = 15"}
-    # Wrong copies take a near miss (15 +-1 or 2) that no sample answered (so not 15, 12 or 11).
-    assert {t.rstrip(".").rsplit(" ", 1)[0] for t in wrong} == {"4 + 8 + 3 =", "The answer is", "4 + 8 ="}
-    assert {t.rstrip(".").rsplit(" ", 1)[1] for t in wrong} <= {"13", "14", "16", "17"}
-    # Targets as for sampled replies: right 1, wrong 1 - the pass rate of the K samples (1 of 4 right).
-    assert {r["target"] for r in wrong.values()} == {0.75} and added["The answer is 15."]["target"] == 1.0
-    assert all(r["cut"] is None and r["ids"] == [len(r["text"])] for r in added.values())
-    assert len({r["sample"] for r in added.values()}) == 5
-    assert labels.prompts[0]["rows"] == out.prompts[0]["rows"][: len(labels.prompts[0]["rows"])]  # originals kept
-    assert sum(r["sample"] >= FIRST_INDEX for r in with_counterfactuals(labels, lambda t: [1], 2).prompts[0]["rows"]) == 2
-    with pytest.raises(UsageError, match="final-number"):
-        with_counterfactuals(_labels([], scorer="exact"), lambda t: [1], 2)
-
-
 def test_read_labels_rejects_foreign_files(tmp_path):
     bad = tmp_path / "x.jsonl"
     bad.write_text('{"hello": 1}\n')

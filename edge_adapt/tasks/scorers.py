@@ -30,7 +30,6 @@ class Scorer(Protocol):
 # A number: optional sign, thousands groups of exactly three digits or a plain run of digits, optional decimals.
 _NUMBER = r"[-−]?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 _NUMBER_RE = re.compile(r"(?<![\w.])" + _NUMBER)
-_SIGN_OR_DIGIT_RE = re.compile(r"[-−\d]")
 # "The answer is 72", "answer: $1,200", "Final answer is -3", "#### 72", "\boxed{72}": the clause after the marker.
 _MARKER_RE = re.compile(r"answer\s*(?:is|=|:)\s*[:=]?|####|\\boxed\{", re.IGNORECASE)
 # A clause ends at a line break or at a period that is not a decimal point.
@@ -55,12 +54,6 @@ def _marked_number(clause: str) -> str | None:
         clause = clause.rsplit("=", 1)[1]
     numbers = _NUMBER_RE.findall(clause)
     return normalize_number(numbers[0]) if numbers else None
-
-
-def numbers_in(text: str) -> list[tuple[int, int, str | None]]:
-    """Every number in `text`: (start, end, normalised value); the span starts at its sign or first digit."""
-    return [(m.start() + _SIGN_OR_DIGIT_RE.search(m.group()).start(), m.end(), normalize_number(m.group()))
-            for m in _NUMBER_RE.finditer(text)]
 
 
 def extract_final_number(text: str) -> str | None:

@@ -40,10 +40,6 @@ class TrainConfig(BaseModel):
                                                 "one) instead of a fresh adapter")
     epochs: int = Field(2, ge=1)
     prompts_per_step: int = Field(4, ge=1, description="prompts (with all their samples and cuts) per optimizer step")
-    counterfactuals: int = Field(0, ge=0, description="per training prompt, up to this many copies of its replies "
-                                                    "with only the final number changed (to the reference, or to a "
-                                                    "near miss no sample gave), labelled by the scorer; numeric "
-                                                    "suites only (edge_adapt.train.counterfactual)")
     lm_loss: float = Field(0.0, ge=0, description="weight of an LM loss on the responses (method full: keeps the "
                                                   "model's own distribution); ignored by (a)LoRA, which never "
                                                   "touches generation")

@@ -29,7 +29,6 @@ from typing import Any
 from edge_adapt.errors import UsageError
 from edge_adapt.eval import metrics
 from edge_adapt.train.config import TrainConfig
-from edge_adapt.train.counterfactual import with_counterfactuals
 from edge_adapt.train.labels import LabelSet, merge_labels
 
 CHUNK = 8  # responses batched over one prompt's KV; sorted by length so padding stays small
@@ -282,9 +281,6 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
         suffix_ids = render_suffix(self_eval, eng)
         yes, no = answer_token(eng, cfg.yes, "yes"), answer_token(eng, cfg.no, "no")
         base_gguf = eng.model_path
-        if cfg.counterfactuals:
-            train_set = with_counterfactuals(train_set, lambda text: eng.tokenize(text, special=False),
-                                             cfg.counterfactuals, cfg.seed)
     init = cfg.init
     if init is not None and Path(init).is_file():
         # An exported adapter (the shipped one, say): back to PEFT, so training continues where it left off.
