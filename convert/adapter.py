@@ -27,6 +27,8 @@ from edge_adapt.errors import ModelFileError, UsageError
 if TYPE_CHECKING:
     import torch
 
+    from edge_adapt.engine.gguf_file import GGUFInfo
+
 _PREFIX = "base_model.model."
 
 
@@ -124,6 +126,18 @@ def check_fits(adapter: LoraAdapter, shapes: dict[str, tuple[int, ...]], what: s
             )
 
 
+def _base_layout(info: GGUFInfo) -> tuple[ModelBase, dict[str, tuple[int, ...]]]:
+    """The architecture class of a base GGUF (names and Q/K layout) and its weights' shapes by HF name."""
+    reader = gguf.GGUFReader(info.path)
+    kv = read_gguf_kv(reader, skip_vocab=True)
+    cls = model_class_for_gguf(info.architecture)
+    tied = not any(t.name == "output.weight" for t in reader.tensors)
+    model: ModelBase = cls(cls.hf_config(kv, info.n_vocab, tied))
+    shapes = {model.hf_name(t.name): tuple(int(x) for x in reversed(t.shape))
+              for t in reader.tensors if t.name != "rope_freqs.weight"}
+    return model, shapes
+
+
 @dataclass(frozen=True)
 class AdapterResult:
     path: Path
@@ -160,15 +174,8 @@ def convert_adapter(
     self_eval = read_self_eval_config(self_eval_config)
     info = inspect_gguf(base, expect="model")
     adapter = load_peft_adapter(peft_dir)
-    reader = gguf.GGUFReader(info.path)
-    kv = read_gguf_kv(reader, skip_vocab=True)
-    cls = model_class_for_gguf(info.architecture)
-    tied = not any(t.name == "output.weight" for t in reader.tensors)
-    model: ModelBase = cls(cls.hf_config(kv, info.n_vocab, tied))
-    gguf_shapes = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in reader.tensors}
-    hf_shapes = {model.hf_name(n): s for n, s in gguf_shapes.items() if n != "rope_freqs.weight"}
+    model, hf_shapes = _base_layout(info)
     check_fits(adapter, hf_shapes, f"base model {info.path.name}")
-    del reader
 
     w = gguf.GGUFWriter(None, info.architecture)
     w.add_type(gguf.GGUFType.ADAPTER)
@@ -237,45 +244,47 @@ def import_adapter(
     from edge_adapt.engine.gguf_file import inspect_gguf
 
     t0 = time.perf_counter()
-    check_target(Path(out), force=force)
+    out_path = Path(out)
+    check_target(out_path, force=force)
     info = inspect_gguf(adapter, expect="adapter")
     base_info = inspect_gguf(base, expect="model")
     if info.architecture != base_info.architecture:
         raise ModelFileError(f"{info.path} is a {info.architecture} adapter, {base_info.path.name} a "
                              f"{base_info.architecture} model")
-    base_reader = gguf.GGUFReader(base_info.path)
-    kv = read_gguf_kv(base_reader, skip_vocab=True)
-    cls = model_class_for_gguf(base_info.architecture)
-    names = {t.name for t in base_reader.tensors}
-    model: ModelBase = cls(cls.hf_config(kv, base_info.n_vocab, "output.weight" not in names))
-    del base_reader
+    model, hf_shapes = _base_layout(base_info)
 
-    halves: dict[str, dict[str, np.ndarray]] = {}
+    halves: dict[str, dict[str, torch.Tensor]] = {}
     for t in gguf.GGUFReader(info.path).tensors:
         gname, _, part = t.name.rpartition(".")
-        if part not in ("lora_a", "lora_b") or gname not in names:
-            raise ModelFileError(f"{info.path}: tensor {t.name!r} is no LoRA half of a {base_info.path.name} weight")
-        shape = tuple(int(x) for x in reversed(t.shape))
-        arr = np.asarray(t.data).astype(np.float32).reshape(shape)
-        halves.setdefault(gname, {})[part] = model.restore_tensor(arr, gname) if part == "lora_b" else arr
-    ranks = set()
-    state = {}
-    for gname, h in halves.items():
+        if part not in ("lora_a", "lora_b"):
+            raise ModelFileError(f"{info.path}: tensor {t.name!r} is not a LoRA half (lora_a / lora_b)")
+        hf = model.hf_name(gname)
+        arr = np.asarray(t.data).astype(np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+        if part == "lora_b":
+            arr = model.restore_tensor(arr, gname)
+        halves.setdefault(hf, {})[part] = torch.from_numpy(np.ascontiguousarray(arr))
+    pairs = {}
+    for name, h in halves.items():
         if set(h) != {"lora_a", "lora_b"}:
-            raise ModelFileError(f"{info.path}: incomplete adapter, {gname} lacks lora_a or lora_b")
-        ranks.add(h["lora_a"].shape[0])
-        stem = _PREFIX + model.hf_name(gname).removesuffix(".weight")
-        state[f"{stem}.lora_A.weight"] = torch.from_numpy(np.ascontiguousarray(h["lora_a"]))
-        state[f"{stem}.lora_B.weight"] = torch.from_numpy(np.ascontiguousarray(h["lora_b"]))
+            raise ModelFileError(f"{info.path}: incomplete adapter, {name} lacks lora_a or lora_b")
+        pairs[name] = (h["lora_a"], h["lora_b"])
+    ranks = {a.shape[0] for a, _ in pairs.values()}
     if len(ranks) != 1:
         raise ModelFileError(f"{info.path}: mixed LoRA ranks {sorted(ranks)} have no single PEFT config")
     rank = ranks.pop()
     alpha = float(info.adapter.get("lora.alpha") or rank)  # llama.cpp: no alpha means scale 1
     invocation = [int(x) for x in info.adapter.get("alora.invocation_tokens") or []] or None
-    targets = sorted({model.hf_name(g).removesuffix(".weight").rsplit(".", 1)[1] for g in halves})
+    check_fits(LoraAdapter(info.path, rank, alpha, alpha / rank, pairs, invocation), hf_shapes,
+               f"base model {base_info.path.name}")
+
+    targets = sorted({name.removesuffix(".weight").rsplit(".", 1)[1] for name in pairs})
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none",
                      task_type="CAUSAL_LM", alora_invocation_tokens=invocation)
-    with atomic_dir(out, force=force) as tmp:
+    state = {}
+    for name, (a, b) in pairs.items():
+        stem = _PREFIX + name.removesuffix(".weight")
+        state[f"{stem}.lora_A.weight"], state[f"{stem}.lora_B.weight"] = a, b
+    with atomic_dir(out_path, force=force) as tmp:
         cfg.save_pretrained(str(tmp))
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return AdapterResult(Path(out), len(state), alpha, invocation, time.perf_counter() - t0)
+    return AdapterResult(out_path, len(state), alpha, invocation, time.perf_counter() - t0)

@@ -18,7 +18,7 @@ pytest.importorskip("torch")
 
 from convert_fixtures import build_lora, gguf_dir, llama_dir, qwen2_dir  # noqa: E402
 
-from edge_adapt.convert import convert_adapter, convert_model, import_gguf  # noqa: E402
+from edge_adapt.convert import convert_adapter, convert_model, import_adapter, import_gguf  # noqa: E402
 from edge_adapt.errors import ModelFileError, UsageError  # noqa: E402
 
 __all__ = ["gguf_dir", "llama_dir", "qwen2_dir"]
@@ -134,6 +134,11 @@ def test_adapter_for_different_base_rejected(llama_dir: Path, qwen2_dir: Path, g
         convert_adapter(lora, qwen_gguf, out / "a.gguf")
     with pytest.raises(ModelFileError, match="does not fit .*different base"):
         convert_model(qwen2_dir, out / "m.gguf", merge_adapter=lora)
+    llama_gguf = gguf_dir / "llama.e.f16.gguf"
+    convert_model(llama_dir, llama_gguf, type="f16", force=True)
+    convert_adapter(lora, llama_gguf, tmp_path / "a.gguf")
+    with pytest.raises(ModelFileError, match="is a llama adapter, qwen2.e.f16.gguf a qwen2 model"):
+        import_adapter(tmp_path / "a.gguf", qwen_gguf, out / "peft")
     _only(out)
 
 

@@ -282,7 +282,7 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
         yes, no = answer_token(eng, cfg.yes, "yes"), answer_token(eng, cfg.no, "no")
         base_gguf = eng.model_path
     init = cfg.init
-    if init is not None and Path(init).is_file():
+    if init is not None and Path(init).is_file() and cfg.method != "full":
         # An exported adapter (the shipped one, say): back to PEFT, so training continues where it left off.
         init = import_adapter(init, base_gguf, out / "init", force=True).path
     if init is not None:
