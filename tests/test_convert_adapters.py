@@ -71,20 +71,27 @@ def test_lora_merged_and_runtime_match_peft(family: str, request: pytest.Fixture
     assert worst_merged < TOL and worst_runtime < TOL
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_alora_applies_from_invocation_like_peft(family: str, request: pytest.FixtureRequest, gguf_dir: Path,
-                                                 tmp_path: Path) -> None:
+def _alora_on_f32_base(family: str, request: pytest.FixtureRequest, gguf_dir: Path, tmp_path: Path,
+                       tag: str) -> tuple[Path, object, list[int], Path, Path, Path]:
+    """A fixture model's aLoRA (invoked by "<|im_start|>assistant"), its f32 base GGUF and the GGUF adapter:
+    (hf_dir, tokenizer, invocation, PEFT dir, base GGUF, adapter GGUF)."""
     from transformers import AutoTokenizer
 
     hf_dir = request.getfixturevalue(f"{family}_dir")
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     invocation = tok("<|im_start|>assistant", add_special_tokens=False)["input_ids"]
     alora = build_lora(hf_dir, tmp_path / "alora", invocation=invocation)
-    base, adapter = gguf_dir / f"{family}.b.f32.gguf", tmp_path / "alora.gguf"
+    base, adapter = gguf_dir / f"{family}.{tag}.f32.gguf", tmp_path / "alora.gguf"
     convert_model(hf_dir, base, type="f32", force=True)
     result = convert_adapter(alora, base, adapter)
     assert result.invocation_tokens == invocation
+    return hf_dir, tok, invocation, alora, base, adapter
 
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_alora_applies_from_invocation_like_peft(family: str, request: pytest.FixtureRequest, gguf_dir: Path,
+                                                 tmp_path: Path) -> None:
+    hf_dir, tok, invocation, alora, base, adapter = _alora_on_f32_base(family, request, gguf_dir, tmp_path, "b")
     ids = tok(PROMPTS[3] + "Sure")["input_ids"]
     start = max(i for i in range(len(ids)) if ids[i : i + len(invocation)] == invocation)
     ref = _peft_last_logits(hf_dir, alora, ids)
@@ -102,18 +109,10 @@ def test_alora_applies_from_invocation_like_peft(family: str, request: pytest.Fi
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_gguf_adapter_imports_back_to_the_same_peft_adapter(family: str, request: pytest.FixtureRequest,
                                                             gguf_dir: Path, tmp_path: Path) -> None:
-    from transformers import AutoTokenizer
-
     from edge_adapt.convert import import_adapter
     from edge_adapt.convert.adapter import load_peft_adapter
 
-    hf_dir = request.getfixturevalue(f"{family}_dir")
-    tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    invocation = tok("<|im_start|>assistant", add_special_tokens=False)["input_ids"]
-    alora = build_lora(hf_dir, tmp_path / "alora", invocation=invocation)
-    base, adapter = gguf_dir / f"{family}.c.f32.gguf", tmp_path / "alora.gguf"
-    convert_model(hf_dir, base, type="f32", force=True)
-    convert_adapter(alora, base, adapter)
+    hf_dir, tok, invocation, alora, base, adapter = _alora_on_f32_base(family, request, gguf_dir, tmp_path, "c")
     result = import_adapter(adapter, base, tmp_path / "back")
     assert result.invocation_tokens == invocation
 
