@@ -211,3 +211,54 @@ def test_freeing_pruned_beams_returns_their_memory(engine: Engine):
     assert engine.free_sequences == free
     assert all(engine.ctx.seq_pos_max(i) == -1 for i in ids)  # their KV cells are empty again
     engine.release(parent.seq)
+
+
+def test_opened_gives_back_the_root_and_every_fork_of_it(engine: Engine):
+    free = engine.free_sequences
+    other = engine.open(_prompt(engine))  # not forked from the opened root: it stays
+    with pytest.raises(RuntimeError):
+        with engine.opened(_prompt(engine)) as root:
+            samples = engine.start(root, [GREEDY, SAMPLED], max_tokens=4)
+            list(engine.advance(samples))
+            engine.branch(engine.start(root, [SAMPLED], max_tokens=8)[0], [SAMPLED])  # a fork of a fork
+            assert engine.free_sequences == free - 6
+            raise RuntimeError("the block fails")
+    assert engine.free_sequences == free - 1 and engine.live_sequences == 1
+    engine.release(other)
+    engine.release(other)  # a second release of the same sequence does nothing
+    assert engine.free_sequences == free
+
+
+def test_generate_ends_with_done_and_its_usage(engine: Engine):
+    from edge_adapt.engine import Done, Token
+
+    calls = engine.decode_calls
+    events = list(engine.generate(_prompt(engine), SAMPLED, n=3, max_tokens=6))
+    assert isinstance(events[-1], Done) and not any(isinstance(e, Done) for e in events[:-1])
+    u = events[-1].usage
+    assert u.generated_tokens == sum(isinstance(e, Token) for e in events) == sum(
+        e.n_tokens for e in events if isinstance(e, Finished))
+    assert u.samples_started == 3 and u.prompt_tokens == len(_prompt(engine))
+    assert u.decode_calls == engine.decode_calls - calls and u.wall_s > 0
+
+
+def test_resize_keeps_a_sequence_and_continues_it_identically():
+    with Engine(parallel=1, ctx=256, device="cpu") as e:
+        tokens = _prompt(e)
+        alone = _tokens_alone(e, tokens, GREEDY, 12)
+        seq = e.open(tokens)
+        logits = seq.logits.copy()
+        e.resize(parallel=4, keep=[seq])
+        # Decoded again in one prefill, as `open` decoded it: the same logits.
+        assert e.options.parallel == 4 and e.free_sequences == 3 and seq.tokens == tokens
+        assert np.array_equal(seq.logits, logits)
+        samples = e.start(seq, [GREEDY, GREEDY], max_tokens=12)
+        list(e.advance(samples))
+        assert [s.generated for s in samples] == [alone, alone]
+        for s in samples:
+            e.release(s.seq)
+        with pytest.raises(Exception, match="other sequence"):
+            e.resize(parallel=2)  # `seq` is still held and not kept
+        e.release(seq)
+        e.resize(parallel=2, ctx=512)
+        assert e.free_sequences == 2 and e.n_ctx_seq >= 512

@@ -134,3 +134,33 @@ def fit(info: GGUFInfo, budget: int, *, ctx: int, want: int | None = None, kv_un
         )
     n = int(min(most, want if want is not None else 256))
     return plan(info, parallel=n, ctx=ctx, kv_unified=kv_unified, batch=batch, runtime=runtime)
+
+
+def model_facts(meta: GGUFInfo, p: Plan) -> dict[str, object]:
+    """What `edge-adapt info --json` prints: the model's facts from its GGUF metadata and a memory plan."""
+    return {
+        "file": str(meta.path), "name": meta.name, "architecture": meta.architecture,
+        "parameters": meta.n_params, "quantization": meta.file_type, "tensor_types": meta.tensor_types,
+        "layers": meta.n_layers, "embedding": meta.n_embd, "heads": meta.n_head, "kv_heads": meta.n_head_kv,
+        "vocabulary": meta.n_vocab, "training_context": meta.n_ctx_train,
+        "kv_bytes_per_token": meta.kv_bytes_per_token_f16, "chat_template": bool(meta.chat_template),
+        "edge_adapt": meta.edge_adapt,
+        "plan": {"parallel": p.parallel, "ctx": p.ctx, "total_bytes": p.total, "weights": p.weights, "kv": p.kv,
+                 "compute": p.compute, "logits": p.outputs, "runtime": p.runtime},
+    }
+
+
+def summary(meta: GGUFInfo, p: Plan, budget: int | None = None) -> str:
+    """The same, as lines for a person (`edge-adapt info`)."""
+    lines = [
+        f"{meta.name}  [{meta.path}]",
+        f"  architecture   {meta.architecture}, {meta.n_params / 1e6:.1f}M parameters, {meta.file_type}"
+        f" ({', '.join(f'{k}: {v}' for k, v in meta.tensor_types.items())})",
+        f"  shape          {meta.n_layers} layers, {meta.n_embd} wide, {meta.n_head} heads / {meta.n_head_kv} KV heads,"
+        f" vocabulary {meta.n_vocab}",
+        f"  context        {meta.n_ctx_train} tokens trained; KV {meta.kv_bytes_per_token_f16 / 1024:.1f} KiB per token",
+        f"  chat template  {'yes' if meta.chat_template else 'no (ChatML is used)'}",
+        *(f"  edge_adapt.{k} = {v}" for k, v in meta.edge_adapt.items()),
+        f"  plan{f' within {budget / MiB:.0f} MiB' if budget else ''}: {p.describe()}",
+    ]
+    return "\n".join(lines)

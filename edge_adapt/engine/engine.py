@@ -9,6 +9,7 @@ bytes (`llama_state_seq_get_data`) and restore it under any free id.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence as Seq
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,13 +19,13 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge_adapt.engine.chat import Message, render_chat
 from edge_adapt.engine.device import Device, gpu_layers_for, physical_cores
-from edge_adapt.engine.events import Cancelled, Event, Finished, FinishReason, SampleStarted, Token
+from edge_adapt.engine.events import Cancelled, Done, Event, Finished, FinishReason, SampleStarted, Token, Usage
 from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
 from edge_adapt.engine.handles import Adapter, Batch, Context, Model, init_backend
 from edge_adapt.engine.sampling import SamplingParams, sample_rows
 from edge_adapt.engine.text import TextStream
+from edge_adapt.engine.vocab import TextModel
 from edge_adapt.errors import BudgetError, ContextOverflowError, EngineError, UsageError
 
 
@@ -54,6 +55,7 @@ class Sequence:
     tokens: list[int]
     n_past: int = 0
     logits: np.ndarray | None = None
+    origin: Sequence | None = field(default=None, repr=False, compare=False)  # the opened sequence it forks from
 
     @property
     def pending(self) -> list[int]:
@@ -98,7 +100,7 @@ class Snapshot:
     model_fingerprint: str
 
 
-class Engine:
+class Engine(TextModel):
     """Owns the model, the context and the sequence ids. Use as a context manager or call close()."""
 
     def __init__(self, options: EngineOptions | None = None, **overrides: object) -> None:
@@ -119,27 +121,72 @@ class Engine:
         self.gpu_layers = gpu_layers_for(opts.device, opts.gpu_layers)
         self.model = Model(path, gpu_layers=self.gpu_layers)
         try:
-            self.ctx = Context(
-                self.model,
-                n_ctx=opts.ctx * opts.parallel,
-                n_batch=opts.batch,
-                n_seq_max=opts.parallel,
-                n_threads=self.threads,
-                kv_unified=opts.kv_unified,
-                offload_kqv=self.gpu_layers > 0,
-            )
-            self.batch = Batch(max(opts.batch, opts.parallel))
-            self.model.on_close(self.batch.close)
+            self._make_context(opts)
         except BaseException:
             self.model.close()
             raise
-        self.n_ctx_seq = self.ctx.n_ctx_seq if not opts.kv_unified else opts.ctx
-        self._free_ids = list(range(opts.parallel))
         self._cancel = threading.Event()
         self._adapters: dict[Path, Adapter] = {}
-        self.fingerprint = f"{self.info.architecture}:{self.info.n_params}:{self.info.n_vocab}:{self.info.file_type}"
         self.decoded_tokens = 0  # every token llama.cpp has been asked to decode: tests and accounts read it
         self.decode_calls = 0
+
+    def _make_context(self, opts: EngineOptions) -> None:
+        """A context (and its batch) for `opts.parallel` sequences of `opts.ctx` tokens, all of them free."""
+        ctx = Context(
+            self.model,
+            n_ctx=opts.ctx * opts.parallel,
+            n_batch=opts.batch,
+            n_seq_max=opts.parallel,
+            n_threads=self.threads,
+            kv_unified=opts.kv_unified,
+            offload_kqv=self.gpu_layers > 0,
+        )
+        try:
+            batch = Batch(max(opts.batch, opts.parallel))
+        except BaseException:
+            ctx.close()
+            raise
+        self.model.on_close(batch.close)
+        self.options, self.ctx, self.batch = opts, ctx, batch
+        self.n_ctx_seq = ctx.n_ctx_seq if not opts.kv_unified else opts.ctx
+        self._free_ids = list(range(opts.parallel))
+        self._live: dict[int, Sequence] = {}  # id -> the sequence holding it
+
+    def resize(self, *, parallel: int | None = None, ctx: int | None = None, keep: Seq[Sequence] = ()) -> None:
+        """Rebuild the context for another number of sequences or another context length, the model staying
+        loaded. The sequences in `keep` move over with their tokens (their ids may change): their KV is decoded
+        again in one prefill, because llama.cpp's per-sequence state records how many KV streams its context had
+        and is refused by a context with another count. Every other sequence must have been released."""
+        others = [s for s in self._live.values() if not any(s is k for k in keep)]
+        if others:
+            raise EngineError(f"cannot resize the engine while {len(others)} other sequence(s) are in use")
+        opts = EngineOptions.model_validate({**self.options.model_dump(), **{k: v for k, v in
+                                             (("parallel", parallel), ("ctx", ctx)) if v is not None}})
+        if opts.ctx > self.info.n_ctx_train > 0:
+            raise BudgetError(f"--ctx {opts.ctx} exceeds the model's training context {self.info.n_ctx_train}")
+        if len(keep) > opts.parallel:
+            raise BudgetError(f"{len(keep)} sequences cannot be kept in an engine of {opts.parallel}")
+        if any(s.n_past > opts.ctx for s in keep):
+            raise ContextOverflowError(f"a kept sequence does not fit a context of {opts.ctx} tokens")
+        kept = [list(s.tokens[: s.n_past]) for s in keep]
+        previous = self.options
+        # The old KV goes before the new one is allocated; if the new context cannot be made, the old one is made
+        # again so the engine and the kept sequences stay as they were.
+        self.ctx.close()
+        self.batch.close()
+        try:
+            self._make_context(opts)
+        except EngineError:
+            self._make_context(previous)
+            self._decode_again(keep, kept)
+            raise
+        self._decode_again(keep, kept)
+
+    def _decode_again(self, keep: Seq[Sequence], tokens: Seq[list[int]]) -> None:
+        for seq, toks in zip(keep, tokens):
+            seq.id, seq.tokens, seq.n_past, seq.logits = self._take_id(), [], 0, None
+            self._live[seq.id] = seq
+        self.extend([(seq, toks) for seq, toks in zip(keep, tokens) if toks])
 
     # -- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -151,25 +198,7 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- text ---------------------------------------------------------------------------------------------
-    def tokenize(self, text: str, *, special: bool = True, add_bos: bool = False) -> list[int]:
-        return self.model.tokenize(text, add_special=add_bos, parse_special=special)
-
-    def detokenize(self, tokens: Seq[int]) -> str:
-        return b"".join(self.model.piece(t) for t in tokens).decode("utf-8", "replace")
-
-    def chat_prompt(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
-        return render_chat(
-            self.model.chat_template() or self.info.chat_template,
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.detokenize([self.model.bos]) if self.model.bos >= 0 else "",
-            eos_token=self.detokenize([self.model.eos]) if self.model.eos >= 0 else "",
-        )
-
-    def is_eog(self, token: int) -> bool:
-        return self.model.is_eog(token)
-
+    # -- text: tokenize, detokenize, chat_prompt, is_eog, fingerprint come from TextModel ----------------------
     @cached_property
     def eog_tokens(self) -> np.ndarray:
         return np.array([t for t in range(self.model.n_vocab) if self.model.is_eog(t)], dtype=np.int64)
@@ -186,12 +215,18 @@ class Engine:
             )
         return self._free_ids.pop(0)
 
+    def _new(self, tokens: list[int], n_past: int = 0, logits: np.ndarray | None = None,
+             origin: Sequence | None = None) -> Sequence:
+        seq = Sequence(self._take_id(), tokens, n_past, logits, origin)
+        self._live[seq.id] = seq
+        return seq
+
     def open(self, tokens: Seq[int]) -> Sequence:
         """A new sequence holding `tokens`, decoded once; its logits predict what follows."""
         if not tokens:
             raise UsageError("cannot open a sequence on an empty prompt")
         self._check_fits(len(tokens))
-        seq = Sequence(self._take_id(), [])
+        seq = self._new([])
         try:
             self.extend([(seq, list(tokens))])
         except BaseException:
@@ -199,20 +234,37 @@ class Engine:
             raise
         return seq
 
+    @contextmanager
+    def opened(self, tokens: Seq[int]) -> Iterator[Sequence]:
+        """`open` for the length of a block: on leaving it, the sequence and every sequence forked from it
+        (samples, their branches) that is still held are released, however the block ends."""
+        root = self.open(tokens)
+        try:
+            yield root
+        finally:
+            for seq in [s for s in self._live.values() if s is root or s.origin is root]:
+                self.release(seq)
+
     def fork(self, seq: Sequence) -> Sequence:
         """A copy of `seq` under a free id, sharing (unified KV) or copying (split KV) its cells."""
         if seq.n_past != len(seq.tokens):
             raise EngineError("cannot fork a sequence with undecoded tokens")
-        child = Sequence(self._take_id(), list(seq.tokens), seq.n_past, seq.logits)
+        child = self._new(list(seq.tokens), seq.n_past, seq.logits, seq.origin or seq)
         self.ctx.seq_rm(child.id)
         self.ctx.seq_cp(seq.id, child.id)
         return child
 
+    @property
+    def live_sequences(self) -> int:
+        return len(self._live)
+
     def release(self, seq: Sequence) -> None:
-        """Drop a sequence's KV and give its id back for reuse."""
-        if seq.id in self._free_ids:
+        """Drop a sequence's KV and give its id back for reuse (once: a later call for the same sequence, or
+        for a stale copy whose id another sequence holds now, does nothing)."""
+        if self._live.get(seq.id) is not seq:
             return
         self.ctx.seq_rm(seq.id)
+        del self._live[seq.id]
         self._free_ids.append(seq.id)
         self._free_ids.sort()
         seq.n_past, seq.logits = 0, None
@@ -324,7 +376,7 @@ class Engine:
         if snap.model_fingerprint != self.fingerprint:
             raise EngineError(f"snapshot is from another model ({snap.model_fingerprint}, this is {self.fingerprint})")
         self._check_fits(snap.n_past)
-        seq = into or Sequence(self._take_id(), [])
+        seq = into or self._new([])
         self.ctx.seq_rm(seq.id)
         try:
             self.ctx.state_seq_set(seq.id, snap.state)
@@ -504,15 +556,14 @@ class Engine:
         ]
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_fits(len(tokens) + max_tokens)
-        root = self.open(tokens)
-        samples: list[Sample] = []
-        try:
+        t0, calls0, generated = time.perf_counter(), self.decode_calls, 0
+        with self.opened(tokens) as root:
             samples = self.start(root, plist, max_tokens=max_tokens, stop=stop, consume_root=True)
             for s in samples:
                 yield SampleStarted(s.index, s.params.temperature, s.params.seed)
-            yield from self.advance(samples)
-        finally:
-            for s in samples:
-                self.release(s.seq)
-            self.release(root)
+            for ev in self.advance(samples):
+                generated += isinstance(ev, Token)
+                yield ev
+        yield Done(Usage(prompt_tokens=len(tokens), generated_tokens=generated, samples_started=len(samples),
+                         decode_calls=self.decode_calls - calls0, wall_s=time.perf_counter() - t0))
 

@@ -43,7 +43,7 @@ def init_backend(verbose: bool = False) -> None:
 
 
 @functools.cache
-def _cpu_has_amx() -> bool:
+def cpu_has_amx() -> bool:
     """Whether this llama.cpp build runs AMX kernels (its system info line reads e.g. `AMX_INT8 = 1`)."""
     return re.search(rb"AMX_INT8 = 1", ll.llama_print_system_info()) is not None
 
@@ -51,15 +51,16 @@ def _cpu_has_amx() -> bool:
 class Model:
     """A loaded llama_model and its vocabulary."""
 
-    def __init__(self, path: Path, *, gpu_layers: int = 0, use_mmap: bool = True) -> None:
+    def __init__(self, path: Path, *, gpu_layers: int = 0, use_mmap: bool = True, vocab_only: bool = False) -> None:
         params = ll.llama_model_default_params()
+        params.vocab_only = vocab_only
         params.n_gpu_layers = gpu_layers
         params.use_mmap = use_mmap
         # ggml's AMX kernels (Intel Sapphire Rapids and later) crash in ggml_backend_amx_mul_mat on batched
         # decodes of this model's Q4_1 weights (llama-cpp-python 0.3.36, segfault on the first prompt decode).
         # They are reached only through the "extra" weight buffer types, so builds with AMX load the weights
         # into plain CPU buffers; every other CPU keeps its repacked layouts.
-        params.use_extra_bufts = not _cpu_has_amx()
+        params.use_extra_bufts = not cpu_has_amx()
         ptr = ll.llama_model_load_from_file(str(path).encode(), params)
         if not ptr:
             raise ModelFileError(f"{path}: llama.cpp could not load this model (run with --verbose for its log)")

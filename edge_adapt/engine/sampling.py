@@ -7,7 +7,8 @@ top-k, temperature, top-p, min-p.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,27 @@ from edge_adapt.errors import UsageError
 # further is less than e^-25 (about 1e-11) times as likely as the top token, far below what top-p or
 # min-p could keep, and skipping it spares a partition of the whole vocabulary per row per step.
 _TAIL_NATS = 25.0
+
+# The one declaration of the sampling settings' ranges: SamplingParams, StrategyConfig, the pool configs and
+# the CLI all check through `check_sampling`. Each entry: the rule, what it says when broken, the CLI flag.
+SAMPLING_RULES: dict[str, tuple[Callable[[float], bool], str, str]] = {
+    "temperature": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: greedy)", "--temp"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0 disables it)", "--top-k"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]", "--top-p"),
+    "min_p": (lambda v: 0 <= v < 1, "in [0, 1)", "--min-p"),
+    "repeat_penalty": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0 (1: off)", "--repeat-penalty"),
+    "repeat_last_n": (lambda v: v >= 0, ">= 0", "--repeat-last-n"),
+    "seed": (lambda v: v >= 0, ">= 0", "--seed"),
+}
+
+
+def check_sampling(**values: float) -> None:
+    """Raise UsageError naming the first setting out of its range (the field and its CLI flag)."""
+    for name, value in values.items():
+        ok, rule, flag = SAMPLING_RULES[name]
+        if not ok(value):
+            raise UsageError(f"{name} ({flag}) must be {rule}, got {value}")
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -33,18 +55,8 @@ class SamplingParams:
     ignore_eos: bool = False  # for benchmarks: never end on an end-of-generation token
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise UsageError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise UsageError(f"min_p must be in [0, 1), got {self.min_p}")
-        if not self.repeat_penalty > 0:
-            raise UsageError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
-        if self.repeat_last_n < 0:
-            raise UsageError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
+        check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                       repeat_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n, seed=self.seed)
 
     @property
     def greedy(self) -> bool:

@@ -1,0 +1,72 @@
+"""A model's text side, shared by the Engine and by `Vocab`: tokenizing, detokenizing, the chat template.
+
+`Vocab` loads only the vocabulary (llama.cpp `vocab_only`), not the weights: enough to count a prompt's and a
+self-evaluation suffix's tokens, and so to size an engine exactly before loading it (edge_adapt.sizing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+from edge_adapt.engine.chat import Message, render_chat
+from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
+from edge_adapt.engine.handles import Model, init_backend
+
+
+def fingerprint(info: GGUFInfo) -> str:
+    """What identifies a model for snapshots, pools and policies."""
+    return f"{info.architecture}:{info.n_params}:{info.n_vocab}:{info.file_type}"
+
+
+class TextModel:
+    """Text methods over `self.model` (a loaded Model handle) and `self.info` (its GGUF metadata)."""
+
+    model: Model
+    info: GGUFInfo
+    model_path: Path
+
+    def tokenize(self, text: str, *, special: bool = True, add_bos: bool = False) -> list[int]:
+        return self.model.tokenize(text, add_special=add_bos, parse_special=special)
+
+    def detokenize(self, tokens: Seq[int]) -> str:
+        return b"".join(self.model.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def chat_prompt(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
+        return render_chat(
+            self.model.chat_template() or self.info.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.detokenize([self.model.bos]) if self.model.bos >= 0 else "",
+            eos_token=self.detokenize([self.model.eos]) if self.model.eos >= 0 else "",
+        )
+
+    def is_eog(self, token: int) -> bool:
+        return self.model.is_eog(token)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.info)
+
+
+class Vocab(TextModel):
+    """The tokenizer and chat template of a GGUF model, without its weights. Close it (or use `with`)."""
+
+    def __init__(self, model: str | Path | None = None) -> None:
+        if model is None:
+            from edge_adapt.engine.default_model import default_model_path
+
+            model = default_model_path()
+        self.model_path = Path(model)
+        self.info = inspect_gguf(self.model_path)
+        init_backend()
+        self.model = Model(self.model_path, vocab_only=True)
+
+    def close(self) -> None:
+        self.model.close()
+
+    def __enter__(self) -> Vocab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
