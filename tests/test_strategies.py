@@ -467,3 +467,13 @@ def test_with_options_revalidates():
 def test_default_prune_keeps_a_quarter():
     assert StrategyConfig(strategy="prune", budget=16).keep_k == 4
     assert StrategyConfig(strategy="prune", budget=16, prune_threshold=0.5).keep_k is None
+
+
+def test_prune_survivors_are_chosen_by_their_end_score():
+    """As the replay the policy is tuned on: the survivors run to the end and the best end score answers (a
+    score read at the last prune point is not the answer's)."""
+    sc = FakeScorer(lambda i, n: (0.9 if i == 0 else 0.5) if n <= 8 else (0.2 if i == 0 else 0.6))
+    ev = run(fresh(words(20)), sc, strategy="prune", budget=4, k=2, prune_at=(8,), max_tokens=40)
+    finals = {s.sample: s.p_keep for s in of(ev, Scored) if s.final}
+    assert set(finals) == {0, 1} and finals[0] == 0.2  # both survivors scored again once they had finished
+    assert chosen(ev).sample == 1 and chosen(ev).p_keep == 0.6

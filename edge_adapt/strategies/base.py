@@ -68,6 +68,7 @@ class Pool:
         self.engine, self.root, self.config = engine, root, config
         self.samples: list[Sample] = []
         self.scores: dict[int, float] = {}  # sample index -> latest p_keep
+        self._scored_finished: set[int] = set()  # samples whose latest score was taken after they finished
         self._live_ids: set[int] = set()
 
     def _params(self, n: int, temperature: float) -> list[SamplingParams]:
@@ -111,10 +112,13 @@ class Pool:
                 yield Finished(s.index, "length", s.text, len(s.generated), s.sum_logprob)
 
     def score(self, scorer: Scorer, samples: Seq[Sample]) -> Iterator[Scored]:
-        """Score samples in one batch (skipping finished ones scored already) and record the scores."""
-        todo = [s for s in samples if not (s.finish is not None and s.index in self.scores)]
+        """Score samples in one batch and record the scores. A sample scored after it finished is not scored
+        again (its response cannot change); one scored mid-generation is, once it has finished."""
+        todo = [s for s in samples if s.index not in self._scored_finished]
         for s, p in zip(todo, scorer.score(todo)):
             self.scores[s.index] = p
+            if s.finish is not None:
+                self._scored_finished.add(s.index)
             yield Scored(s.index, p, len(s.generated), s.finish is not None)
 
     def release(self, samples: Seq[Sample]) -> None:
