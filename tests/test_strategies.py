@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence as Seq
+from contextlib import contextmanager
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +41,8 @@ class FakeEngine:
         self.script, self.logprob = script, logprob
         self.n_ctx_seq = n_ctx_seq
         self._free = list(range(parallel))
+        self.parallel = parallel
+        self.peak = 0  # the most sequences held at once
         self.decode_calls = 0
         self.extended = 0
         self.started: list[Sample] = []
@@ -51,6 +57,7 @@ class FakeEngine:
     def _take(self) -> int:
         if not self._free:
             raise BudgetError("no free sequence")
+        self.peak = max(self.peak, self.parallel - len(self._free) + 1)
         return self._free.pop(0)
 
     def open(self, tokens: Seq[int]) -> Sequence:
@@ -135,6 +142,14 @@ class FakeEngine:
     def release(self, seq: Sequence) -> None:
         assert seq.id not in self._free, f"sequence {seq.id} released twice"
         self._free.append(seq.id)
+
+    @contextmanager
+    def opened(self, tokens: Seq[int]) -> Iterator[Sequence]:
+        root = self.open(tokens)
+        try:
+            yield root
+        finally:
+            self.release(root)
 
 
 class FakeScorer:
@@ -467,6 +482,65 @@ def test_with_options_revalidates():
 def test_default_prune_keeps_a_quarter():
     assert StrategyConfig(strategy="prune", budget=16).keep_k == 4
     assert StrategyConfig(strategy="prune", budget=16, prune_threshold=0.5).keep_k is None
+
+
+# -- specs: each strategy declares what it needs, in its own module -------------------------------------------
+STRATEGY_MODULES = ("single", "best_of_n", "adaptive", "prune", "vote", "beam", "lookahead", "revise", "auto")
+
+
+def test_registry_lists_every_strategy_modules_spec():
+    """Each strategy module registers the specs of the strategies it defines, and nothing else is registered."""
+    specs = set(STRATEGIES.values())
+    where = {spec.run.__module__.rsplit(".", 1)[1] for spec in specs}
+    assert where == set(STRATEGY_MODULES)
+    assert {s.name for s in specs} == {"single", "best-of-n", "adaptive", "adaptive+prune", "prune", "vote",
+                                       "weighted-vote", "beam", "lookahead", "revise", "auto"}
+    assert STRATEGIES["weighted-best-of-n"] is STRATEGIES["weighted-vote"]  # an alias, declared with its spec
+
+
+@pytest.mark.parametrize("module", ("registry", "config", "run", *STRATEGY_MODULES))
+def test_each_strategy_module_imports_alone(module):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", f"import edge_adapt.strategies.{module}"], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+
+
+def test_the_registry_imports_no_strategy():
+    import ast
+    from pathlib import Path
+
+    import edge_adapt.strategies.registry as registry
+
+    tree = ast.parse(Path(registry.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {f"edge_adapt.strategies.{m}" for m in STRATEGY_MODULES} & imported
+
+
+def _peak_policy(tmp_path) -> Path:
+    row = [{"strategy": "probe"}, {"strategy": "best-of-n", "options": {"budget": 2}},
+           {"strategy": "beam", "options": {"budget": 4}}, {"strategy": "lookahead", "options": {"budget": 2}},
+           {"strategy": "revise", "options": {"budget": 4}}]
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"format": "edge-adapt-policy/1", "model": "fake", "bin_edges": [0.2, 0.4, 0.6, 0.8],
+                                "budgets": {"2": row, "4": row, "8": row}}))
+    return path
+
+
+@pytest.mark.parametrize("budget", (2, 4, 8))
+@pytest.mark.parametrize("name", sorted(set(STRATEGIES)))
+def test_declared_sequences_are_exactly_what_a_run_holds_at_most(name, budget, tmp_path):
+    """An engine with the spec's samples + the prompt's sequence runs the strategy; it never holds more. Scores
+    vary so that pruning, beams and auto's bins all take their paths."""
+    extra = {"policy": _peak_policy(tmp_path), "max_tokens": 64} if name == "auto" else {}
+    cfg = StrategyConfig(strategy=name, budget=budget, max_step_tokens=3, prune_at=(4,), **extra)
+    need = samples_at_once(cfg) + 1
+    e = fresh(lambda i: ["x", "y\n"] * (2 + i % 3), parallel=need)
+    for p in (0.1, 0.5, 0.9):  # auto: bins 5, 3 and 1
+        ev = list(run_strategy(e, [1, 2, 3], cfg, FakeScorer(lambda i, n: (p + 0.07 * (i % 5)) % 1)))
+        assert isinstance(ev[-1], Done) and e.free_sequences == need
+        assert e.peak <= need
 
 
 def test_prune_survivors_are_chosen_by_their_end_score():

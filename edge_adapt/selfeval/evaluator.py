@@ -48,6 +48,12 @@ def resolve_config(engine: Engine, config: SelfEvalConfig | None, adapter_path: 
     return SelfEvalConfig.parse(data)
 
 
+def suffix_tokens(model: Any, config: SelfEvalConfig | None = None) -> list[int]:
+    """The suffix a SelfEvaluator would decode after each sample: `model` is an Engine, or a Vocab when the
+    engine is still to be sized for it."""
+    return render_suffix(resolve_config(model, config, None), model)
+
+
 class SelfEvaluator:
     """p_keep for samples, complete or partial: one batched decode of the suffix over scratch extensions
     of their sequences, the adapter (if any) on only for that decode. The samples' own KV, tokens and

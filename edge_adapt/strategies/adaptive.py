@@ -12,7 +12,8 @@ from edge_adapt.engine.events import Event
 from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import RoundStarted, StrategyEvent
-from edge_adapt.strategies.prune import run_pruned
+from edge_adapt.strategies.prune import check_prune_points, run_pruned
+from edge_adapt.strategies.registry import StrategySpec, register
 
 
 def round_sizes(budget: int) -> list[int]:
@@ -75,3 +76,11 @@ def _rounds(
             if any(pool.scores[s.index] >= config.threshold for s in done):
                 break
         yield pool.chosen(pool.best(candidates))
+
+
+def _largest_round(config: StrategyConfig) -> int:
+    return max(round_sizes(config.budget))  # a round's sequences are given back before the next one starts
+
+
+register(StrategySpec("adaptive", adaptive, samples_at_once=_largest_round))
+register(StrategySpec("adaptive+prune", adaptive_prune, samples_at_once=_largest_round, check=check_prune_points))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from edge_adapt.engine.engine import Sequence
 from edge_adapt.engine.events import Event
@@ -15,11 +16,12 @@ from edge_adapt.errors import UsageError
 from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import DifficultyEstimated, StrategyEvent
-from edge_adapt.strategies.policy import PROBE, Policy
+from edge_adapt.strategies.policy import N_BINS, PROBE, Policy
+from edge_adapt.strategies.registry import STRATEGIES, StrategySpec, register
 
 
 def policy_path(config: StrategyConfig) -> Path:
-    if config.policy is not None:
+    if isinstance(config.policy, Path):
         return config.policy
     from edge_adapt.engine.default_model import default_policy
 
@@ -29,13 +31,18 @@ def policy_path(config: StrategyConfig) -> Path:
     return shipped
 
 
-def checked_policy(config: StrategyConfig, engine: EngineLike) -> Policy:
-    """The policy `auto` follows, refused before anything is generated if it was tuned for another model or
-    has no row for the budget."""
-    policy = Policy.load(policy_path(config))
-    policy.check_model(getattr(engine, "fingerprint", policy.model))
+def policy_of(config: StrategyConfig) -> Policy:
+    """The policy loaded by `prepare`, or read from its file for a config that was not prepared."""
+    return config.policy if isinstance(config.policy, Policy) else Policy.load(policy_path(config))
+
+
+def prepare(config: StrategyConfig, model: Any) -> StrategyConfig:
+    """Preflight: read the policy once and refuse it before anything is generated if it was tuned for another
+    model or has no row for the budget; the run then uses the loaded policy."""
+    policy = policy_of(config)
+    policy.check_model(getattr(model, "fingerprint", policy.model))
     policy.row_for(config.budget)
-    return policy
+    return config.model_copy(update={"policy": policy})
 
 
 def sub_config(config: StrategyConfig, policy: Policy, bin: int) -> StrategyConfig | None:
@@ -48,11 +55,25 @@ def sub_config(config: StrategyConfig, policy: Policy, bin: int) -> StrategyConf
     return config.with_options(**{**choice.options, "strategy": choice.strategy, "seed": config.seed + 1})
 
 
-def auto(engine: EngineLike, root: Sequence, config: StrategyConfig, scorer: Scorer | None) -> Iterator[Event | StrategyEvent]:
-    from edge_adapt.strategies.registry import STRATEGIES
+def _choices(config: StrategyConfig) -> list[StrategyConfig]:
+    """The strategies the policy may run at this budget, one per bin that does not stop at the probe."""
+    policy = policy_of(config)
+    return [s for s in (sub_config(config, policy, b) for b in range(1, N_BINS + 1)) if s is not None]
 
+
+def samples_at_once(config: StrategyConfig) -> int:
+    """The probe, or the most any bin's choice holds (the probe is given back before the choice runs)."""
+    return max([1] + [STRATEGIES[s.strategy].samples_at_once(s) for s in _choices(config)])
+
+
+def tokens_per_sequence(config: StrategyConfig, model: Any) -> int:
+    return max([config.max_tokens] + [STRATEGIES[s.strategy].tokens_per_sequence(s, model)
+                                      for s in _choices(config)])
+
+
+def auto(engine: EngineLike, root: Sequence, config: StrategyConfig, scorer: Scorer | None) -> Iterator[Event | StrategyEvent]:
     scorer = require_scorer(scorer, "auto")
-    policy = checked_policy(config, engine)
+    policy = policy_of(config)
     with Pool(engine, root, config) as pool:
         yield from pool.start(1, policy.probe_temperature)
         yield from engine.advance(pool.samples)
@@ -66,5 +87,9 @@ def auto(engine: EngineLike, root: Sequence, config: StrategyConfig, scorer: Sco
             yield pool.chosen(probe)
             return
     # The probe is sample 0; the chosen strategy's samples follow it.
-    for ev in STRATEGIES[sub.strategy](engine, root, sub, scorer):
+    for ev in STRATEGIES[sub.strategy].run(engine, root, sub, scorer):
         yield dataclasses.replace(ev, sample=ev.sample + 1) if hasattr(ev, "sample") else ev  # type: ignore[type-var]
+
+
+register(StrategySpec("auto", auto, samples_at_once=samples_at_once, tokens_per_sequence=tokens_per_sequence,
+                      prepare=prepare))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence as Seq
+from contextlib import AbstractContextManager
 from typing import Callable, Protocol
 
 from edge_adapt.engine.engine import Sample, Sequence
@@ -23,6 +24,8 @@ class EngineLike(Protocol):
     def free_sequences(self) -> int: ...
 
     def open(self, tokens: Seq[int]) -> Sequence: ...
+
+    def opened(self, tokens: Seq[int]) -> AbstractContextManager[Sequence]: ...
 
     def start(
         self, root: Sequence, params: Seq[SamplingParams], *, max_tokens: int, stop: Seq[str] = (), first_index: int = 0,

@@ -21,6 +21,7 @@ from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import RoundStarted, StrategyEvent
 from edge_adapt.strategies.extract import make_extractor
 from edge_adapt.strategies.prune import select
+from edge_adapt.strategies.registry import StrategySpec, register
 from edge_adapt.strategies.vote import choose_by_answer
 
 # Scores `beams` (live and just finished) into pool.scores, streaming its events.
@@ -35,7 +36,7 @@ def beam(engine: EngineLike, root: Sequence, config: StrategyConfig, scorer: Sco
 def search(
     engine: EngineLike, root: Sequence, config: StrategyConfig, score_steps: StepScorer
 ) -> Iterator[Event | StrategyEvent]:
-    n, m = config.budget, config.beam_width
+    n, m = config.budget, config.width
     step = {"max_new": config.max_step_tokens, "pause_on": config.step_delimiter}
     with Pool(engine, root, config) as pool:
         yield from pool.start(n, config.temperature)
@@ -63,3 +64,16 @@ def search(
         candidates = finished or live
         extract = make_extractor(config.extractor, config.pattern)
         yield choose_by_answer(pool, candidates, extract, [pool.scores[s.index] for s in candidates])
+
+
+def check_width(config: StrategyConfig) -> None:
+    m = config.width
+    if config.budget < m or config.budget % m:
+        raise ValueError(
+            f"{config.strategy} keeps budget/M beams and expands each M ways: budget ({config.budget}) must be a "
+            f"multiple of the beam width M ({m})"
+        )
+
+
+# While a kept beam forks its M children it still holds its own sequence: budget + 1 at the peak.
+register(StrategySpec("beam", beam, samples_at_once=lambda config: config.budget + 1, check=check_width))

@@ -10,6 +10,7 @@ from edge_adapt.engine.events import Event
 from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import StrategyEvent
+from edge_adapt.strategies.registry import StrategySpec, register
 
 
 def best_of_n(
@@ -21,3 +22,6 @@ def best_of_n(
         yield from engine.advance(pool.samples)
         yield from pool.score(scorer, pool.samples)
         yield pool.chosen(pool.best(pool.samples))
+
+
+register(StrategySpec("best-of-n", best_of_n))

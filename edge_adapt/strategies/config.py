@@ -9,15 +9,12 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edge_adapt.errors import validated
+from edge_adapt.engine.sampling import check_sampling
+from edge_adapt.errors import UsageError, validated
 from edge_adapt.selfeval.config import SelfEvalConfig, load_mapping
+from edge_adapt.strategies import registry
+from edge_adapt.strategies.policy import Policy
 
-STRATEGY_NAMES = (
-    "single", "best-of-n", "adaptive", "prune", "adaptive+prune", "vote", "weighted-vote",
-    "weighted-best-of-n", "beam", "lookahead", "revise", "auto",
-)
-PRUNING = ("prune", "adaptive+prune")
-STEP_SEARCH = ("beam", "lookahead")
 DEFAULT_REVISE_PROMPT = "Check your answer step by step. If it is wrong, give a corrected answer; if it is right, give it again."
 
 
@@ -26,7 +23,7 @@ class StrategyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    strategy: str = Field("single", description=f"one of {', '.join(STRATEGY_NAMES)}")
+    strategy: str = Field("single", description="a registered strategy (edge_adapt.strategies.STRATEGIES)")
     budget: int = Field(
         8, ge=1, le=255, validation_alias=AliasChoices("budget", "n"),
         description="samples: N of best-of-n / prune / votes, the most an adaptive run may start",
@@ -37,24 +34,29 @@ class StrategyConfig(BaseModel):
     k: int | None = Field(None, ge=1, description="prune: samples kept at each prune point (default budget // 4)")
     prune_threshold: float | None = Field(None, ge=0, le=1, description="prune: keep samples with p_keep >= this")
     prune_at: tuple[int, ...] = Field((32,), description="prune: generated-token counts at which to score and prune")
-    temperature: float = Field(0.7, ge=0, description="sampling temperature (0 = greedy); adaptive 'constant'")
+    # Sampling settings: their ranges are declared once, in edge_adapt.engine.sampling (checked below).
+    temperature: float = Field(0.7, description="sampling temperature (0 = greedy); adaptive 'constant'")
     schedule: Literal["constant", "linear", "exponential"] = Field("linear", description="adaptive: temperature per round")
-    t_min: float = Field(0.1, ge=0, description="adaptive: first round's temperature")
-    t_max: float = Field(1.0, ge=0, description="adaptive: last round's temperature")
-    top_k: int = Field(40, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    min_p: float = Field(0.05, ge=0, lt=1)
-    repeat_penalty: float = Field(1.0, gt=0)
+    t_min: float = Field(0.1, description="adaptive: first round's temperature")
+    t_max: float = Field(1.0, description="adaptive: last round's temperature")
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
     extractor: Literal["last-number", "regex", "exact"] = Field("last-number", description="votes: answer extractor")
     pattern: str | None = Field(None, description="votes: the regex of the 'regex' extractor (group 1 if any)")
     max_tokens: int = Field(256, ge=1)
     stop: tuple[str, ...] = ()
-    seed: int = Field(0, ge=0, description="sample i uses seed + i")
+    seed: int = Field(0, description="sample i uses seed + i")
     self_eval: SelfEvalConfig | None = Field(None, description="the scorer's suffix; the model's GGUF keys when omitted")
     # Step search (beam, lookahead): a step ends at the delimiter or after max_step_tokens.
     step_delimiter: str = Field("\n", min_length=1, description="beam/lookahead: the text that ends a reasoning step")
     max_step_tokens: int = Field(24, ge=1, description="beam/lookahead: the longest step, in tokens")
-    beam_width: int = Field(4, ge=1, description="beam/lookahead: M; the top budget/M beams are kept, each expanded M ways")
+    beam_width: int | None = Field(
+        None, ge=1,
+        description="beam/lookahead: M; the top budget/M beams are kept, each expanded M ways (default: 4, or the "
+                    "budget when it is smaller)",
+    )
     max_rounds: int = Field(40, ge=1, description="beam/lookahead: step rounds before the search stops")
     lookahead: int = Field(1, ge=1, description="lookahead: greedy steps rolled out before a step is scored")
     sequential_ratio: float = Field(
@@ -62,34 +64,29 @@ class StrategyConfig(BaseModel):
         description="revise: attempts per chain = max(1, round(budget * ratio)); chains = budget // that",
     )
     revise_prompt: str = Field(DEFAULT_REVISE_PROMPT, min_length=1, description="revise: the user turn before a new attempt")
-    policy: Path | None = Field(None, description="auto: compute-optimal policy JSON; the default model's shipped one when omitted")
+    policy: Path | Policy | None = Field(
+        None, description="auto: compute-optimal policy JSON (loaded once, in preflight); the default model's shipped one when omitted",
+    )
 
     @field_validator("strategy")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in STRATEGY_NAMES:
-            raise ValueError(f"unknown strategy {v!r} (choose from {', '.join(STRATEGY_NAMES)})")
+        if v not in registry.STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r} (choose from {', '.join(registry.names())})")
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> StrategyConfig:
+        try:
+            check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                           repeat_penalty=self.repeat_penalty, seed=self.seed)
+            check_sampling(temperature=self.t_min)
+            check_sampling(temperature=self.t_max)
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
         if self.k is not None and self.k > self.budget:
             raise ValueError(f"k ({self.k}) must be <= budget ({self.budget})")
-        if self.strategy in PRUNING:
-            pts = self.prune_at
-            if not pts:
-                raise ValueError("prune_at needs at least one token count")
-            if any(p < 1 for p in pts) or list(pts) != sorted(set(pts)):
-                raise ValueError(f"prune_at {list(pts)} must be increasing positive token counts")
-            if pts[-1] >= self.max_tokens:
-                raise ValueError(f"prune point {pts[-1]} is not below max_tokens ({self.max_tokens})")
-        if self.strategy in STEP_SEARCH and (self.budget < self.beam_width or self.budget % self.beam_width):
-            raise ValueError(
-                f"{self.strategy} keeps budget/M beams and expands each M ways: budget ({self.budget}) must be a "
-                f"multiple of the beam width M ({self.beam_width})"
-            )
-        if self.strategy == "revise" and self.budget < 2:
-            raise ValueError("revise needs a budget of at least 2 (one attempt and one revision)")
+        registry.STRATEGIES[self.strategy].check(self)
         if self.t_min > self.t_max:
             raise ValueError(f"t_min ({self.t_min}) must be <= t_max ({self.t_max})")
         if self.schedule == "exponential" and self.t_min <= 0:
@@ -104,6 +101,11 @@ class StrategyConfig(BaseModel):
         elif self.pattern is not None:
             raise ValueError(f"`pattern` is only used by the regex extractor (extractor is {self.extractor!r})")
         return self
+
+    @property
+    def width(self) -> int:
+        """beam/lookahead: M, the expansions per kept beam."""
+        return self.beam_width if self.beam_width is not None else min(4, self.budget)
 
     @property
     def keep_k(self) -> int | None:

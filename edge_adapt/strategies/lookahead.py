@@ -10,9 +10,10 @@ from collections.abc import Iterator, Sequence as Seq
 from edge_adapt.engine.engine import Sample, Sequence
 from edge_adapt.engine.events import Event
 from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
-from edge_adapt.strategies.beam import search
+from edge_adapt.strategies.beam import check_width, search
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import RolledOut, Scored, StrategyEvent
+from edge_adapt.strategies.registry import StrategySpec, register
 
 
 def lookahead(
@@ -48,3 +49,7 @@ def rolled_out_scores(
         pool.scores[b.index] = p
         yield RolledOut(b.index, len(roll.generated) - len(b.generated), p)
         yield Scored(b.index, p, len(b.generated), False)
+
+
+# Every live beam and its roll-out.
+register(StrategySpec("lookahead", lookahead, samples_at_once=lambda config: 2 * config.budget, check=check_width))

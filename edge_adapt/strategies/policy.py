@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge_adapt.errors import UsageError, validated
+from edge_adapt.strategies.registry import STRATEGIES
 
 POLICY_FORMAT = "edge-adapt-policy/1"
 N_BINS = 5
@@ -34,9 +35,7 @@ class PolicyChoice(BaseModel):
 
     @model_validator(mode="after")
     def _known(self) -> PolicyChoice:
-        from edge_adapt.strategies.config import STRATEGY_NAMES
-
-        if self.strategy != PROBE and (self.strategy not in STRATEGY_NAMES or self.strategy == "auto"):
+        if self.strategy != PROBE and (self.strategy not in STRATEGIES or self.strategy == "auto"):
             raise ValueError(f"unknown strategy {self.strategy!r} in the policy")
         return self
 

@@ -10,6 +10,7 @@ from edge_adapt.engine.events import Event
 from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import StrategyEvent
+from edge_adapt.strategies.registry import StrategySpec, register
 
 
 def select(pool: Pool, samples: Seq[Sample], k: int | None, threshold: float | None) -> list[Sample]:
@@ -56,3 +57,16 @@ def prune(
             engine, pool, pool.samples, scorer, config.prune_at, config.keep_k, config.prune_threshold
         )
         yield pool.chosen(pool.best(alive))
+
+
+def check_prune_points(config: StrategyConfig) -> None:
+    pts = config.prune_at
+    if not pts:
+        raise ValueError("prune_at needs at least one token count")
+    if any(p < 1 for p in pts) or list(pts) != sorted(set(pts)):
+        raise ValueError(f"prune_at {list(pts)} must be increasing positive token counts")
+    if pts[-1] >= config.max_tokens:
+        raise ValueError(f"prune point {pts[-1]} is not below max_tokens ({config.max_tokens})")
+
+
+register(StrategySpec("prune", prune, check=check_prune_points))

@@ -1,61 +1,76 @@
-"""STRATEGIES: name -> strategy function (engine, root sequence, config, scorer) -> event iterator."""
+"""The strategy registry. Each strategy module declares one `StrategySpec` beside its code and registers it
+here; this module imports no strategy (importing the `edge_adapt.strategies` package imports them all, and
+Python runs that package first whenever any of its modules is imported, so the registry is always full)."""
 
 from __future__ import annotations
 
-from edge_adapt.strategies.adaptive import adaptive, adaptive_prune, round_sizes
-from edge_adapt.strategies.auto import auto, policy_path, sub_config
-from edge_adapt.strategies.base import StrategyFn
-from edge_adapt.strategies.beam import beam
-from edge_adapt.strategies.best_of_n import best_of_n
-from edge_adapt.strategies.config import STRATEGY_NAMES, StrategyConfig
-from edge_adapt.strategies.lookahead import lookahead
-from edge_adapt.strategies.policy import Policy
-from edge_adapt.strategies.prune import prune
-from edge_adapt.strategies.revise import MAX_IN_CONTEXT, revise
-from edge_adapt.strategies.single import single
-from edge_adapt.strategies.vote import vote, weighted_vote
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-STRATEGIES: dict[str, StrategyFn] = {
-    "single": single,
-    "best-of-n": best_of_n,
-    "adaptive": adaptive,
-    "prune": prune,
-    "adaptive+prune": adaptive_prune,
-    "vote": vote,
-    "weighted-vote": weighted_vote,
-    "weighted-best-of-n": weighted_vote,  # Snell et al.'s name for the same rule
-    "beam": beam,
-    "lookahead": lookahead,
-    "revise": revise,
-    "auto": auto,
-}
-assert tuple(STRATEGIES) == STRATEGY_NAMES
+from edge_adapt.errors import UsageError
 
-# Strategies that cannot run without a self-evaluation scorer (single scores only when given one).
-NEEDS_SCORER = frozenset(set(STRATEGY_NAMES) - {"single", "vote"})
+if TYPE_CHECKING:
+    from edge_adapt.strategies.base import StrategyFn
+    from edge_adapt.strategies.config import StrategyConfig
 
 
-def samples_at_once(config: StrategyConfig) -> int:
-    """The most samples a run holds at the same time (the engine needs one more sequence for the prompt)."""
-    if config.strategy == "single":
-        return 1
-    if config.strategy in ("adaptive", "adaptive+prune"):
-        return max(round_sizes(config.budget))
-    if config.strategy == "lookahead":
-        return 2 * config.budget  # every beam and its roll-out
-    if config.strategy == "revise":
-        return config.chains
-    if config.strategy == "auto":
-        policy = Policy.load(policy_path(config))
-        subs = [sub_config(config, policy, b) for b in range(1, 6)]
-        return max([1] + [samples_at_once(s) for s in subs if s is not None])
+def _budget(config: StrategyConfig) -> int:
     return config.budget
 
 
-def tokens_per_sequence(config: StrategyConfig, revision_turn: int = 64) -> int:
-    """The most generated tokens one sequence holds: revise keeps earlier attempts (and the turns between
-    them) in context; `revision_turn` bounds the tokens of one turn."""
-    if config.strategy == "revise":
-        window = min(config.chain_length - 1, MAX_IN_CONTEXT)
-        return config.max_tokens + window * (config.max_tokens + revision_turn)
+def _max_tokens(config: StrategyConfig, model: Any) -> int:
     return config.max_tokens
+
+
+def _no_check(config: StrategyConfig) -> None:
+    return None
+
+
+def _as_is(config: StrategyConfig, model: Any) -> StrategyConfig:
+    return config
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """What a strategy is and what it needs, declared where it is written.
+
+    - `run(engine, root, config, scorer)` streams its events and ends with a Chosen event.
+    - `samples_at_once(config)`: the most sequences a run holds at the same time, the prompt's not counted.
+    - `tokens_per_sequence(config, model)`: the most tokens generated into one sequence (revise keeps earlier
+      attempts, and the turns between them that the model's chat template writes, in context).
+    - `check(config)`: settings that only this strategy constrains; raises ValueError with a one-line reason.
+    - `prepare(config, model)`: preflight against the model before anything is decoded (auto loads and checks
+      its policy once here); returns the config the run uses.
+    """
+
+    name: str
+    run: StrategyFn
+    needs_scorer: bool = True
+    samples_at_once: Callable[[StrategyConfig], int] = _budget
+    tokens_per_sequence: Callable[[StrategyConfig, Any], int] = _max_tokens
+    check: Callable[[StrategyConfig], None] = _no_check
+    prepare: Callable[[StrategyConfig, Any], StrategyConfig] = _as_is
+    aliases: tuple[str, ...] = ()
+
+
+STRATEGIES: dict[str, StrategySpec] = {}  # every name (aliases too) -> its spec, in registration order
+
+
+def register(spec: StrategySpec) -> StrategySpec:
+    for name in (spec.name, *spec.aliases):
+        if name in STRATEGIES:
+            raise RuntimeError(f"strategy {name!r} is registered twice")
+        STRATEGIES[name] = spec
+    return spec
+
+
+def names() -> tuple[str, ...]:
+    return tuple(STRATEGIES)
+
+
+def spec_of(name: str) -> StrategySpec:
+    spec = STRATEGIES.get(name)
+    if spec is None:
+        raise UsageError(f"unknown strategy {name!r} (choose from {', '.join(STRATEGIES)})")
+    return spec

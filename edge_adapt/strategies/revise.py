@@ -15,6 +15,7 @@ from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import RoundStarted, StrategyEvent
 from edge_adapt.strategies.extract import make_extractor
+from edge_adapt.strategies.registry import StrategySpec, register
 from edge_adapt.strategies.vote import choose_by_answer
 
 MAX_IN_CONTEXT = 4  # earlier attempts a revision sees (Snell et al. keep the 4 most recent)
@@ -77,3 +78,19 @@ def context_after_prompt(attempts: Seq[Sample], turn: Seq[int]) -> list[int]:
     for a in attempts:
         out += response_tokens(a) + list(turn)
     return out
+
+
+def _tokens_in_context(config: StrategyConfig, model: Any) -> int:
+    """A chain's sequence holds its current attempt and the earlier ones in its window, with the revision turn
+    after each."""
+    window = min(config.chain_length - 1, MAX_IN_CONTEXT)
+    return config.max_tokens + window * (config.max_tokens + len(revision_turn(model, config.revise_prompt)))
+
+
+def _check(config: StrategyConfig) -> None:
+    if config.budget < 2:
+        raise ValueError("revise needs a budget of at least 2 (one attempt and one revision)")
+
+
+register(StrategySpec("revise", revise, samples_at_once=lambda config: config.chains,
+                      tokens_per_sequence=_tokens_in_context, check=_check))

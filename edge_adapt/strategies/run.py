@@ -1,27 +1,30 @@
-"""run_strategy: the one entry point the CLI and apps call. Opens the prompt, runs a strategy, streams its
-events and ends with Done(usage), the compute account built from the stream itself."""
+"""run_strategy: the one entry point the CLI, the chat, eval and apps call. `plan_run` is its preflight: what a
+run needs (sequences, tokens per sequence), worked out from the strategy's spec before anything is decoded, so
+an engine can be sized for it (edge_adapt.sizing) and a run that cannot fit is refused at once. The stream
+ends with Chosen, then Done(usage), the compute account built from the stream itself."""
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from collections.abc import Iterator, Sequence as Seq
+from dataclasses import dataclass
 from typing import Any
 
 from edge_adapt.engine.chat import Message
 from edge_adapt.engine.events import Done, Event, SampleStarted, Token, Usage
 from edge_adapt.errors import BudgetError, ContextOverflowError, UsageError
-from edge_adapt.strategies.base import EngineLike, Scorer, StrategyFn
+from edge_adapt.strategies.base import EngineLike, Scorer
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import DifficultyEstimated, Pruned, RolledOut, RoundStarted, Scored, StrategyEvent
-from edge_adapt.strategies.registry import NEEDS_SCORER, STRATEGIES, samples_at_once, tokens_per_sequence
-from edge_adapt.strategies.revise import revision_turn
+from edge_adapt.strategies.registry import StrategySpec, spec_of
 
 Prompt = str | Seq[Message] | Seq[int]
 
 
-def prompt_tokens(engine: Any, prompt: Prompt) -> list[int]:
+def prompt_tokens(model: Any, prompt: Prompt) -> list[int]:
     """A str is one user message and a list of dicts a conversation, both rendered with the model's chat
-    template; a list of ints is used as it is."""
+    template; a list of ints is used as it is. `model` is an Engine or a Vocab."""
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     items = list(prompt)
@@ -30,8 +33,46 @@ def prompt_tokens(engine: Any, prompt: Prompt) -> list[int]:
     if all(isinstance(t, int) for t in items):
         return items  # type: ignore[return-value]
     if all(isinstance(m, dict) for m in items):
-        return engine.tokenize(engine.chat_prompt(items), special=True)
+        return model.tokenize(model.chat_prompt(items), special=True)
     raise UsageError("a prompt is a string, a list of chat messages or a list of token ids")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one strategy run on one prompt needs."""
+
+    spec: StrategySpec
+    config: StrategyConfig  # as prepared by the spec (auto: its policy loaded)
+    prompt: list[int]
+    samples: int  # samples held at the same time
+    span: int  # the most tokens generated into one sequence
+    suffix: int  # self-evaluation suffix tokens decoded after a sample (0 without a scorer)
+
+    @property
+    def sequences(self) -> int:
+        """Engine sequences: the samples and the prompt's own."""
+        return self.samples + 1
+
+    @property
+    def tokens_per_sequence(self) -> int:
+        return len(self.prompt) + self.span + self.suffix
+
+
+def plan_run(model: Any, prompt: Prompt | None, config: StrategyConfig, *, suffix: int | None = None) -> RunPlan:
+    """The preflight of a run: `model` is the Engine it will run on, or a Vocab when the engine is still to be
+    sized. `suffix` is the scorer's suffix length; when omitted it is the self-evaluation suffix the model
+    (and config.self_eval) gives, for strategies that need a scorer. With no prompt (a chat planning for
+    turns to come) the plan's prompt is empty and `tokens_per_sequence` is the room a turn needs after it."""
+    spec = spec_of(config.strategy)
+    config = spec.prepare(config, model)
+    tokens = prompt_tokens(model, prompt) if prompt is not None else []
+    if suffix is None:
+        suffix = 0
+        if spec.needs_scorer:
+            from edge_adapt.selfeval import suffix_tokens
+
+            suffix = len(suffix_tokens(model, config.self_eval))
+    return RunPlan(spec, config, tokens, spec.samples_at_once(config), spec.tokens_per_sequence(config, model), suffix)
 
 
 def run_strategy(
@@ -46,72 +87,58 @@ def run_strategy(
     Configuration problems (unknown strategy, too few sequences, a context too short) raise here, before
     anything is decoded; the returned iterator does the work.
     """
-    fn = STRATEGIES.get(config.strategy)
-    if fn is None:
-        raise UsageError(f"unknown strategy {config.strategy!r} (choose from {', '.join(STRATEGIES)})")
-    tokens = list(root.tokens) if root is not None else prompt_tokens(engine, prompt)
-    if scorer is None and config.strategy in NEEDS_SCORER:
+    spec = spec_of(config.strategy)
+    if scorer is None and spec.needs_scorer:
         from edge_adapt.selfeval import SelfEvaluator
 
         scorer = SelfEvaluator(engine, config.self_eval)  # type: ignore[arg-type]
-    if config.strategy == "auto":
-        from edge_adapt.strategies.auto import checked_policy
-
-        checked_policy(config, engine)
     n_suffix = len(getattr(scorer, "suffix", ())) if scorer is not None else 0
-    turn = len(revision_turn(engine, config.revise_prompt)) if config.strategy == "revise" else 0
-    span = tokens_per_sequence(config, turn)
-    need = len(tokens) + span + n_suffix
-    if need > engine.n_ctx_seq:
-        what = "max_tokens" if span == config.max_tokens else "attempts in context"
+    plan = plan_run(engine, list(root.tokens) if root is not None else prompt, config, suffix=n_suffix)
+    if plan.tokens_per_sequence > engine.n_ctx_seq:
+        what = "max_tokens" if plan.span == config.max_tokens else "attempts in context"
         raise ContextOverflowError(
-            f"prompt ({len(tokens)}) + {what} ({span}) + self-eval suffix ({n_suffix}) = {need} "
-            f"tokens exceed the context of {engine.n_ctx_seq} per sequence (raise --ctx or lower max_tokens)"
+            f"prompt ({len(plan.prompt)}) + {what} ({plan.span}) + self-eval suffix ({n_suffix}) = "
+            f"{plan.tokens_per_sequence} tokens exceed the context of {engine.n_ctx_seq} per sequence "
+            "(raise --ctx or lower max_tokens)"
         )
-    at_once = samples_at_once(config)
-    if at_once + (root is None) > engine.free_sequences:
+    if plan.samples + (root is None) > engine.free_sequences:
         raise BudgetError(
-            f"strategy {config.strategy} with budget {config.budget} runs {at_once} samples at once and needs "
-            f"{at_once + 1} free sequences (one for the prompt); the engine has {engine.free_sequences}"
+            f"strategy {config.strategy} with budget {config.budget} runs {plan.samples} samples at once and needs "
+            f"{plan.samples + 1} free sequences (one for the prompt); the engine has {engine.free_sequences}"
         )
-    return _stream(engine, tokens, config, scorer, fn, root)
+    return _stream(engine, plan, scorer, root)
 
 
-def _stream(
-    engine: EngineLike, tokens: list[int], config: StrategyConfig, scorer: Scorer | None, fn: StrategyFn,
-    given_root: Any = None,
-) -> Iterator[Event | StrategyEvent]:
+def _stream(engine: EngineLike, plan: RunPlan, scorer: Scorer | None, given_root: Any) -> Iterator[Event | StrategyEvent]:
     t0 = time.perf_counter()
     calls0 = engine.decode_calls
     se0 = scorer.decoded_tokens if scorer is not None else 0
     started = generated = pruned = scored = rounds = rollout = 0
     difficulty = None
-    root = given_root if given_root is not None else engine.open(tokens)
-    events: Iterator[Event | StrategyEvent] | None = None
-    try:
-        events = fn(engine, root, config, scorer)
-        for ev in events:
-            if isinstance(ev, Token):
-                generated += 1
-            elif isinstance(ev, SampleStarted):
-                started += 1
-            elif isinstance(ev, Scored):
-                scored += 1
-            elif isinstance(ev, Pruned):
-                pruned += 1
-            elif isinstance(ev, RoundStarted):
-                rounds += 1
-            elif isinstance(ev, RolledOut):
-                rollout += ev.n_tokens
-            elif isinstance(ev, DifficultyEstimated):
-                difficulty = ev.bin
-            yield ev
-    finally:
-        close = getattr(events, "close", None)
-        if close is not None:
-            close()  # a consumer that stops early still gets every sequence back
-        if given_root is None:
-            engine.release(root)
+    # A chat's root holds its conversation and stays as it is; otherwise the prompt is opened for this run.
+    with nullcontext(given_root) if given_root is not None else engine.opened(plan.prompt) as root:
+        events = plan.spec.run(engine, root, plan.config, scorer)
+        try:
+            for ev in events:
+                if isinstance(ev, Token):
+                    generated += 1
+                elif isinstance(ev, SampleStarted):
+                    started += 1
+                elif isinstance(ev, Scored):
+                    scored += 1
+                elif isinstance(ev, Pruned):
+                    pruned += 1
+                elif isinstance(ev, RoundStarted):
+                    rounds += 1
+                elif isinstance(ev, RolledOut):
+                    rollout += ev.n_tokens
+                elif isinstance(ev, DifficultyEstimated):
+                    difficulty = ev.bin
+                yield ev
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()  # a consumer that stops early still gets every sequence back
     extra = {"scores": float(scored)}
     if rounds:
         extra["rounds"] = float(rounds)
@@ -121,7 +148,7 @@ def _stream(
         extra["difficulty_bin"] = float(difficulty)
     yield Done(
         Usage(
-            prompt_tokens=len(tokens),
+            prompt_tokens=len(plan.prompt),
             generated_tokens=generated,
             selfeval_tokens=(scorer.decoded_tokens - se0) if scorer is not None else 0,
             samples_started=started,

@@ -9,6 +9,7 @@ from edge_adapt.engine.events import Event
 from edge_adapt.strategies.base import EngineLike, Pool, Scorer
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import StrategyEvent
+from edge_adapt.strategies.registry import StrategySpec, register
 
 
 def single(
@@ -20,3 +21,6 @@ def single(
         if scorer is not None:
             yield from pool.score(scorer, pool.samples)
         yield pool.chosen(pool.samples[0])
+
+
+register(StrategySpec("single", single, needs_scorer=False, samples_at_once=lambda config: 1))
