@@ -20,7 +20,8 @@ import numpy as np
 
 from edge_adapt.fileio import atomic_dir, atomic_file, check_target
 from edge_adapt.convert.checkpoint import read_json, require_torch
-from edge_adapt.convert.gguf_io import ProgressFn, read_gguf_kv
+from edge_adapt.convert.gguf_io import read_gguf_kv
+from edge_adapt.progress import Job, Progress, to_the_end
 from edge_adapt.convert.registry import ModelBase, model_class_for_gguf
 from edge_adapt.errors import ModelFileError, UsageError
 
@@ -147,7 +148,7 @@ class AdapterResult:
     seconds: float
 
 
-def convert_adapter(
+def convert_adapter_job(
     peft_dir: str | os.PathLike[str],
     base: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -155,13 +156,13 @@ def convert_adapter(
     self_eval_config: str | os.PathLike[str] | dict[str, Any] | None = None,
     type: str = "f32",
     force: bool = False,
-    progress: ProgressFn | None = None,
-) -> AdapterResult:
+) -> Job[AdapterResult]:
     """Export a PEFT LoRA or aLoRA as a GGUF adapter that llama.cpp loads on top of the `base` GGUF.
 
     `self_eval_config` (a dict or a JSON file) is written as `edge_adapt.self_eval.*` metadata, so the runtime
     scores with the suffix and answers the adapter was trained on, with no flags. `type` f16 halves the file
-    (llama.cpp computes LoRA products in f32 either way)."""
+    (llama.cpp computes LoRA products in f32 either way). As a job it yields Progress ("adapter", per tensor
+    written); `convert_adapter` runs it to its result."""
     if type not in ("f32", "f16"):
         raise UsageError(f"adapter type must be f32 or f16, got {type!r}")
     dtype = np.float32 if type == "f32" else np.float16
@@ -209,13 +210,15 @@ def convert_adapter(
             w.write_ti_data_to_file()
             for i, (_, arr) in enumerate(tensors):
                 w.write_tensor_data(arr)
-                if progress:
-                    progress("adapter", i + 1, len(tensors))
+                yield Progress("adapter", i + 1, len(tensors))
         finally:
             w.close()
         inspect_gguf(tmp, expect="adapter")
     return AdapterResult(out_path, len(tensors), adapter.gguf_alpha, adapter.invocation_tokens,
                          time.perf_counter() - t0)
+
+
+convert_adapter = to_the_end(convert_adapter_job)
 
 
 def require_mergeable(adapter: LoraAdapter) -> None:

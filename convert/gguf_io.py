@@ -1,14 +1,10 @@
-"""Small shared pieces for reading GGUF metadata and reporting progress."""
+"""Small shared pieces for reading GGUF metadata."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import gguf
-
-# (stage, done, total): the CLI draws a bar from it; library callers may pass None.
-ProgressFn = Callable[[str, int, int], None]
 
 _VOCAB_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
 

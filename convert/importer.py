@@ -18,7 +18,8 @@ import gguf
 import numpy as np
 
 from edge_adapt.fileio import atomic_dir
-from edge_adapt.convert.gguf_io import ProgressFn, read_gguf_kv
+from edge_adapt.convert.gguf_io import read_gguf_kv
+from edge_adapt.progress import Job, Progress, to_the_end
 from edge_adapt.convert.registry import model_class_for_gguf
 from edge_adapt.convert.tokenizer import build_hf_tokenizer
 from edge_adapt.errors import ModelFileError
@@ -46,14 +47,11 @@ def _dequantize(t: gguf.ReaderTensor) -> np.ndarray:
         raise ModelFileError(f"tensor {t.name!r}: cannot dequantize type {qtype.name}") from None
 
 
-def import_gguf(
-    model: str | os.PathLike[str] | None,
-    out: str | os.PathLike[str],
-    *,
-    force: bool = False,
-    progress: ProgressFn | None = None,
-) -> ImportResult:
-    """Write `out/` (config.json, model.safetensors, tokenizer files) from a GGUF; None means the default model."""
+def import_gguf_job(
+    model: str | os.PathLike[str] | None, out: str | os.PathLike[str], *, force: bool = False
+) -> Job[ImportResult]:
+    """Write `out/` (config.json, model.safetensors, tokenizer files) from a GGUF; None means the default model.
+    As a job it yields Progress ("import", per tensor written); `import_gguf` runs it to its result."""
     from edge_adapt.engine.gguf_file import inspect_gguf
 
     t0 = time.perf_counter()
@@ -96,8 +94,7 @@ def import_gguf(
             for i, (t, _, shape, _, _) in enumerate(entries):
                 arr = arch.restore_tensor(_dequantize(t), t.name)
                 np.ascontiguousarray(arr, dtype="<f4").tofile(fh)
-                if progress:
-                    progress("import", i + 1, len(entries))
+                yield Progress("import", i + 1, len(entries))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
@@ -107,3 +104,7 @@ def import_gguf(
             (tmp / "edge_adapt.json").write_text(json.dumps(info.edge_adapt, indent=2) + "\n", encoding="utf-8")
     n_params = sum(int(np.prod(s)) for _, _, s, _, _ in entries)
     return ImportResult(Path(out), info.architecture, len(entries), n_params, time.perf_counter() - t0)
+
+
+
+import_gguf = to_the_end(import_gguf_job)

@@ -23,7 +23,7 @@ import numpy as np
 from edge_adapt.convert.adapter import LoraAdapter, check_fits, load_peft_adapter, require_mergeable
 from edge_adapt.fileio import atomic_file, check_target
 from edge_adapt.convert.checkpoint import Checkpoint, require_torch
-from edge_adapt.convert.gguf_io import ProgressFn
+from edge_adapt.progress import Job, Progress, to_the_end
 from edge_adapt.convert.registry import ModelBase, model_class_for
 from edge_adapt.convert.tokenizer import read_hf_tokenizer
 from edge_adapt.errors import ModelFileError, UsageError
@@ -177,7 +177,7 @@ def _output_at_8_bits(plan: list[_Planned], want: Q) -> list[_Planned]:
     return [replace(p, qtype=tensor_type(p.name, p.shape, Q.Q8_0)) if p.name == output else p for p in plan]
 
 
-def convert_model(
+def convert_model_job(
     hf_dir: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
@@ -185,9 +185,9 @@ def convert_model(
     merge_adapter: str | os.PathLike[str] | None = None,
     self_eval_config: str | os.PathLike[str] | dict[str, Any] | None = None,
     force: bool = False,
-    progress: ProgressFn | None = None,
-) -> ConvertResult:
-    """Convert a transformers checkpoint directory to a GGUF model file of the given --type."""
+) -> Job[ConvertResult]:
+    """Convert a transformers checkpoint directory to a GGUF model file of the given --type. As a job it yields
+    Progress ("convert", then "quantize" for llama.cpp's own types); `convert_model` runs it to its result."""
     t0 = time.perf_counter()
     kind = type.lower()
     if kind not in TYPES:
@@ -212,24 +212,22 @@ def convert_model(
             ftype, want = F.MOSTLY_F16, Q.F16
         plan = _plan(model, ckpt, want)
 
-        def write(path: Path) -> None:
-            _write_gguf(path, model, ckpt, plan, vocab, ftype, self_eval, adapter, progress)
+        def write(path: Path) -> Job[None]:
+            return _write_gguf(path, model, ckpt, plan, vocab, ftype, self_eval, adapter)
 
         with atomic_file(out_path, force=force) as tmp:
             if kind in NATIVE_TYPES:
-                write(tmp)
+                yield from write(tmp)
             else:
                 # The intermediate sits beside the output so a full disk shows up before llama.cpp starts.
                 fd, mid_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".f16.tmp", dir=tmp.parent)
                 os.close(fd)
                 mid = Path(mid_name)
                 try:
-                    write(mid)
-                    if progress:
-                        progress("quantize", 0, 1)
+                    yield from write(mid)
+                    yield Progress("quantize", 0, 1)
                     _llama_quantize(mid, tmp, LLAMA_QUANT_TYPES[kind])
-                    if progress:
-                        progress("quantize", 1, 1)
+                    yield Progress("quantize", 1, 1)
                 finally:
                     mid.unlink(missing_ok=True)
             from edge_adapt.engine.gguf_file import inspect_gguf
@@ -238,6 +236,9 @@ def convert_model(
         n_params = sum(int(np.prod(p.shape)) for p in plan)
     return ConvertResult(out_path, kind, model.gguf_arch, len(plan), n_params, out_path.stat().st_size,
                          time.perf_counter() - t0)
+
+
+convert_model = to_the_end(convert_model_job)
 
 
 def _write_gguf(
@@ -249,8 +250,7 @@ def _write_gguf(
     ftype: F,
     self_eval: dict[str, Any],
     adapter: LoraAdapter | None,
-    progress: ProgressFn | None,
-) -> None:
+) -> Job[None]:
     torch = require_torch()
     w = gguf.GGUFWriter(None, model.gguf_arch)
     try:
@@ -294,8 +294,7 @@ def _write_gguf(
                 w.write_tensor_data(_encode(arr, q.qtype))
                 done += int(np.prod(q.shape))
                 i += 1
-            if progress:
-                progress("convert", done, total)
+            yield Progress("convert", done, total)
     finally:
         w.close()
 

@@ -16,7 +16,7 @@ from test_eval_standin import StandInSelfEval  # tests/ is on sys.path under pyt
 @pytest.mark.slow
 def test_run_eval_writes_report_and_reuses_the_pool(tmp_path):
     cfg = EvalConfig(suite="arith", n_prompts=5, k=4, max_tokens=12, prune_points=[4, 8], cache_dir=tmp_path / "c",
-                     out_dir=tmp_path / "out", live=["best-of-8", "adaptive"], live_prompts=3, progress=False)
+                     out_dir=tmp_path / "out", live=["best-of-8", "adaptive"], live_prompts=3)
     with Engine(parallel=cfg.k + 2, ctx=256) as e:
         rep = run_eval(cfg, engine=e, scorer=StandInSelfEval(e))
         assert rep.prompts == 5 and rep.prompts_generated == 5 and rep.levels == {str(i): 1 for i in range(1, 6)}

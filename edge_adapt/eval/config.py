@@ -19,7 +19,7 @@ class EvalConfig(BaseModel):
     scorer: str | None = Field(None, description="user suites: final-number, exact, regex:<pattern>, module:function")
     n_prompts: int = Field(200, ge=1)
     k: int = Field(16, ge=1, le=64, description="samples per prompt in the pool")
-    temperature: float = Field(0.7, gt=0)
+    temperature: float = Field(0.7, description="sampling temperature of the pool (> 0)")
     max_tokens: int = Field(96, ge=1)
     prune_points: list[int] = Field(default_factory=lambda: [16, 32])
     seed: int = 0
@@ -40,6 +40,25 @@ class EvalConfig(BaseModel):
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
         return token_points(v, "prune_points")
+
+    @field_validator("temperature")
+    @classmethod
+    def _samples(cls, v: float) -> float:
+        return pool_temperature(v)
+
+
+def pool_temperature(v: float) -> float:
+    """A pool samples (its greedy reply is drawn apart): a temperature in the sampling range, above 0."""
+    from edge_adapt.engine.sampling import check_sampling
+    from edge_adapt.errors import UsageError
+
+    try:
+        check_sampling(temperature=v)
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
+    if v <= 0:
+        raise ValueError(f"a pool samples: temperature must be > 0, got {v}")
+    return v
 
 
 def token_points(v: list[int], what: str) -> list[int]:

@@ -32,11 +32,10 @@ def _run(engine: Engine, scorer: SelfEvalScorer, suite: Suite, problem: Problem,
          strategy: str, n: int, threshold: float, greedy_first: bool) -> LiveOutcome:
     live_settings = replace(settings, seed=settings.seed + 1_000_003)  # fresh seeds, never the pool's
     params = ([GREEDY] if greedy_first else []) + list(live_settings.params(problem.id))
-    root = engine.open(engine.tokenize(engine.chat_prompt(list(problem.messages))))
     used: list[Sample] = []
     scores: list[float] = []
     se = 0.0
-    try:
+    with engine.opened(engine.tokenize(engine.chat_prompt(list(problem.messages)))) as root:
         rounds = [n] if strategy == "best-of-n" else round_sizes(n)
         for size in rounds:
             new = engine.start(root, params[len(used) : len(used) + size], max_tokens=settings.max_tokens,
@@ -51,13 +50,9 @@ def _run(engine: Engine, scorer: SelfEvalScorer, suite: Suite, problem: Problem,
                 engine.release(s.seq)
             if strategy == "adaptive" and max(scores) >= threshold:
                 break
-        best = max(range(len(used)), key=lambda i: (scores[i], used[i].mean_logprob))
-        return LiveOutcome(problem.id, bool(suite.scorer.correct(used[best].text, problem.answer)), len(used),
-                           sum(len(s.generated) for s in used), se)
-    finally:
-        for s in used:
-            engine.release(s.seq)
-        engine.release(root)
+    best = max(range(len(used)), key=lambda i: (scores[i], used[i].mean_logprob))
+    return LiveOutcome(problem.id, bool(suite.scorer.correct(used[best].text, problem.answer)), len(used),
+                       sum(len(s.generated) for s in used), se)
 
 
 def run_live(engine: Engine, scorer: SelfEvalScorer, suite: Suite, problems: Sequence[Problem],
@@ -87,19 +82,11 @@ class StrategyOutcome:
 def run_strategy_live(engine: Engine, scorer: Any, suite: Suite, problems: Sequence[Problem],
                       config: StrategyConfig) -> Iterator[StrategyOutcome]:
     """Answer each problem with `config` through `run_strategy`, exactly as `edge-adapt run` would."""
-    from edge_adapt.engine.events import Done
-    from edge_adapt.strategies import Chosen, run_strategy
+    from edge_adapt.result import collect
+    from edge_adapt.strategies import run_strategy
 
     for p in problems:
-        tokens = engine.tokenize(engine.chat_prompt(list(p.messages)))
-        chosen = usage = None
-        for ev in run_strategy(engine, tokens, config, scorer):
-            if isinstance(ev, Chosen):
-                chosen = ev
-            elif isinstance(ev, Done):
-                usage = ev.usage
-        assert chosen is not None and usage is not None
-        bin_ = usage.extra.get("difficulty_bin")
-        yield StrategyOutcome(p.id, p.level, bool(suite.scorer.correct(chosen.text, p.answer)), usage.samples_started,
-                              usage.generated_tokens, usage.selfeval_tokens, usage.wall_s,
-                              None if bin_ is None else int(bin_))
+        r = collect(run_strategy(engine, list(p.messages), config, scorer))
+        u = r.usage
+        yield StrategyOutcome(p.id, p.level, bool(suite.scorer.correct(r.text, p.answer)), u.samples_started,
+                              u.generated_tokens, u.selfeval_tokens, u.wall_s, None if r.difficulty is None else r.difficulty.bin)

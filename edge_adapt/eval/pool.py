@@ -26,6 +26,7 @@ import numpy as np
 
 from edge_adapt.engine import GREEDY, Engine, Sample, SamplingParams
 from edge_adapt.engine.text import TextStream
+from edge_adapt.progress import Job, Progress
 from edge_adapt.tasks.base import Problem, Suite, stable_hash
 
 
@@ -207,9 +208,7 @@ def generate_prompt_pool(
     score the ones still generating, then run to the end and score all of them."""
     t0 = time.perf_counter()
     tokens = engine.tokenize(engine.chat_prompt(list(problem.messages)))
-    root = engine.open(tokens)
-    samples: list[Sample] = []
-    try:
+    with engine.opened(tokens) as root:  # the samples forked from it go back with it
         samples = engine.start(root, [*settings.params(problem.id), GREEDY], max_tokens=settings.max_tokens)
         n_pts = len(settings.prune_points)
         at: list[list[float | None]] = [[None] * n_pts for _ in samples]
@@ -236,10 +235,6 @@ def generate_prompt_pool(
                 selfeval_tokens=tuple(cost[s.index]), extracted=suite.scorer.extract(s.text),
                 correct=bool(suite.scorer.correct(s.text, problem.answer)), tokens=tuple(s.seq.tokens[len(tokens):]),
             ))
-    finally:
-        for s in samples:
-            engine.release(s.seq)
-        engine.release(root)
     return PromptPool(key, problem.id, problem.level, problem.answer, len(tokens), tuple(records[:-1]), records[-1],
                       time.perf_counter() - t0, tuple(tokens), sample_key(engine.fingerprint, suite.name, settings, problem))
 
@@ -266,9 +261,7 @@ def rescore_prompt_pool(
     when the sample was generated; a sample is scored at a point only if it was still generating there."""
     t0 = time.perf_counter()
     records = [*other.samples, other.greedy]
-    root = engine.open(list(other.prompt_ids))
-    seqs = []
-    try:
+    with engine.opened(list(other.prompt_ids)) as root:  # the samples forked from it go back with it
         seqs = [engine.fork(root) for _ in records]
         n_pts = len(settings.prune_points)
         at: list[list[float | None]] = [[None] * n_pts for _ in records]
@@ -284,10 +277,6 @@ def rescore_prompt_pool(
                 at[j][i], cost[j][i] = v, c
         engine.extend([(seqs[j], r.tokens[done[j]:]) for j, r in enumerate(records) if len(r.tokens) > done[j]])
         end, c = _score(engine, scorer, [_as_sample(engine, j, q, r.tokens) for j, (q, r) in enumerate(zip(seqs, records))])
-    finally:
-        for q in seqs:
-            engine.release(q)
-        engine.release(root)
     new = [replace(r, scores=tuple(at[j]), end_score=end[j], selfeval_tokens=(*cost[j][:n_pts], c))
            for j, r in enumerate(records)]
     # wall_s stays the generation's: these samples cost that to make; rescoring adds only `rescore_s`.
@@ -332,6 +321,30 @@ def build_pool(
         cache.append(pool)
         yield PoolProgress(i + 1, len(suite), True, pool,
                            sum(s.n_tokens for s in pool.samples) + pool.greedy.n_tokens)
+
+
+@dataclass(frozen=True)
+class PoolRun:
+    """A whole pool as `pool_job` returns it."""
+
+    pools: list[PromptPool]
+    generated: int  # prompts generated in this run (the others came from a cache)
+    tokens: int  # tokens generated in this run
+    wall_s: float
+
+
+def pool_job(task: str, steps: Iterator[PoolProgress]) -> Job[PoolRun]:
+    """Drain `build_pool(...)`, yielding Progress per prompt (the generation rate, or 'cached')."""
+    pools: list[PromptPool] = []
+    generated = tokens = 0
+    t0 = time.perf_counter()
+    for step in steps:
+        pools.append(step.pool)
+        generated += step.generated
+        tokens += step.tokens
+        rate = tokens / max(time.perf_counter() - t0, 1e-9)
+        yield Progress(task, step.done, step.total, f"{rate:.0f} tok/s" if generated else "cached")
+    return PoolRun(pools, generated, tokens, time.perf_counter() - t0)
 
 
 def samples_in(cache_dir: Path) -> dict[str, PromptPool]:

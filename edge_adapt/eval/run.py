@@ -1,6 +1,6 @@
 """`run_eval(EvalConfig) -> Report`: the one call behind `edge-adapt eval`.
 
-Build (or resume) the pool with a rich progress bar, replay every strategy, measure calibration, optionally run
+Build (or resume) the pool (yielding Progress events), replay every strategy, measure calibration, optionally run
 strategies live, and write report.md, report.json and the PNGs to `out_dir`.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -23,10 +22,14 @@ from edge_adapt.eval.config import EvalConfig
 from edge_adapt.eval.live import run_live
 from edge_adapt.eval.plots import write_plots
 from edge_adapt.eval.pool import (
-    PoolSettings, PromptPool, SelfEvalScorer, build_pool, model_identity, samples_in, settings_key,
+    PoolRun, PoolSettings, PromptPool, SelfEvalScorer, build_pool, model_identity, pool_job, samples_in, settings_key,
 )
 from edge_adapt.eval import replay as rp
 from edge_adapt.eval.report import LiveCheck, Report, calibrations, strategy_rows
+from edge_adapt.progress import Job, Progress, to_the_end
+from edge_adapt.sizing import ensure, for_pool, for_strategy, load_engine
+from edge_adapt.strategies.config import StrategyConfig
+from edge_adapt.strategies.run import prompt_tokens
 from edge_adapt.tasks import load_suite
 from edge_adapt.tasks.base import Suite
 
@@ -51,15 +54,8 @@ def suite_for(cfg: EvalConfig) -> Suite:
     return load_suite(cfg.suite, split=cfg.split, n=cfg.n_prompts, path=cfg.data, scorer=cfg.scorer, seed=cfg.seed)
 
 
-def progress_display(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not enabled)
-
-
 def _live_checks(engine: Engine, scorer: SelfEvalScorer, suite: Suite, pools: list[PromptPool],
-                 settings: PoolSettings, cfg: EvalConfig, progress: Any) -> list[LiveCheck]:
+                 settings: PoolSettings, cfg: EvalConfig) -> Job[list[LiveCheck]]:
     n = min(cfg.live_prompts, len(pools))
     idx = list(range(n))
     problems = list(suite.problems[:n])
@@ -75,12 +71,11 @@ def _live_checks(engine: Engine, scorer: SelfEvalScorer, suite: Suite, pools: li
             strat, budget = "adaptive", settings.k
             # From greedy, as the live strategy starts (its first round is near temperature 0).
             replayed = rp.adaptive(pools, threshold, budget, seed=cfg.seed, greedy_first=True).subset(idx)
-        task = progress.add_task(f"live {name}", total=n, info="")
         outcomes = []
         for o in run_live(engine, scorer, suite, problems, settings, strat, budget, threshold,
                           greedy_first=strat == "adaptive"):
             outcomes.append(o)
-            progress.update(task, advance=1, info=f"acc {np.mean([x.correct for x in outcomes]):.2f}")
+            yield Progress(f"live {name}", len(outcomes), n, f"acc {np.mean([x.correct for x in outcomes]):.2f}")
         right = sum(o.correct for o in outcomes)
         lo, hi = replayed.ci(cfg.seed)
         live_acc = right / n
@@ -93,6 +88,15 @@ def _live_checks(engine: Engine, scorer: SelfEvalScorer, suite: Suite, pools: li
     return out
 
 
+def selfeval_config(cfg: EvalConfig) -> Any:
+    """The self-evaluation settings a pool is scored with: cfg's adapter, or none at all without the default."""
+    from edge_adapt.selfeval import SelfEvalConfig
+
+    if cfg.adapter is not None:
+        return SelfEvalConfig(adapter=cfg.adapter)
+    return None if cfg.default_adapter else SelfEvalConfig(default_adapter=False)
+
+
 def load_scorer(cfg: EvalConfig, engine: Engine) -> SelfEvalScorer:
     """cfg.selfeval's class on `engine`, with cfg's adapter (or none at all when default_adapter is off)."""
     extra: dict[str, Any] = {}
@@ -103,56 +107,59 @@ def load_scorer(cfg: EvalConfig, engine: Engine) -> SelfEvalScorer:
     return load_selfeval(cfg.selfeval)(engine, adapter_path=cfg.adapter, **extra)
 
 
-def collect_pools(cfg: EvalConfig, engine: Engine, scorer: SelfEvalScorer, progress: Any) -> tuple[list[PromptPool], str]:
-    """The pool of every prompt of cfg's suite (cached ones read back, missing ones generated) and the
-    identity (model, adapter, self-eval) it was made with."""
+def pool_engine(cfg: EvalConfig, suites: list[Suite], live: list[StrategyConfig] = ()) -> tuple[Engine, SelfEvalScorer]:
+    """An engine sized for the pools of `suites` and for `live` strategy runs on their longest prompt, with cfg's
+    scorer on it. It is sized from the default self-evaluator's suffix, and grown if the scorer's is longer."""
+    from edge_adapt.engine import EngineOptions, Vocab
+    from edge_adapt.selfeval import suffix_tokens
+
+    prompts = [list(p.messages) for s in suites for p in s.problems]
+    with Vocab(cfg.model) as vocab:
+        longest_ids = max((prompt_tokens(vocab, p) for p in prompts), key=len)
+        longest = len(longest_ids)
+        suffix = len(suffix_tokens(vocab, selfeval_config(cfg)))
+        extra = [for_strategy(vocab, longest_ids, c)[0] for c in live]
+    engine = load_engine(for_pool(longest, cfg.k, cfg.max_tokens, suffix, extra=extra),
+                         EngineOptions(model=cfg.model, threads=cfg.threads))
+    try:
+        scorer = load_scorer(cfg, engine)
+        ensure(engine, for_pool(longest, cfg.k, cfg.max_tokens, len(getattr(scorer, "suffix", ())), extra=extra))
+    except BaseException:
+        engine.close()
+        raise
+    return engine, scorer
+
+
+def pools_job(cfg: EvalConfig, engine: Engine, scorer: SelfEvalScorer, suite: Suite) -> Job[tuple[PoolRun, str]]:
+    """The pool of every prompt of `suite` (cached ones read back, missing ones generated) and the identity
+    (model, adapter, self-eval) it was made with."""
     settings = pool_settings(cfg)
-    suite = suite_for(cfg)
     identity = model_identity(engine, scorer, cfg.adapter)
-    pools: list[PromptPool] = []
-    tokens = 0
-    t0 = time.perf_counter()
-    task = progress.add_task(f"pool {suite.name}/{suite.split} K={settings.k}", total=len(suite), info="")
-    earlier = samples_in(cfg.cache_dir)
-    for step in build_pool(engine, scorer, suite, settings, cfg.cache_dir, identity, rescore=earlier):
-        pools.append(step.pool)
-        tokens += step.tokens
-        rate = tokens / max(time.perf_counter() - t0, 1e-9)
-        progress.update(task, advance=1, info=f"{rate:.0f} tok/s" if step.generated else "cached")
-    return pools, identity
+    steps = build_pool(engine, scorer, suite, settings, cfg.cache_dir, identity, rescore=samples_in(cfg.cache_dir))
+    run = yield from pool_job(f"pool {suite.name}/{suite.split} K={settings.k}", steps)
+    return run, identity
 
 
-def run_eval(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalScorer | None = None) -> Report:
+def eval_job(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalScorer | None = None) -> Job[Report]:
     """Evaluate: pool (cached, resumable) -> replays -> calibration -> optional live checks -> report files.
+    Yields Progress while sampling.
 
     `engine` and `scorer` may be passed in (tests, apps that already hold a model); otherwise the engine is
-    loaded from cfg (parallel = K + 2: prompt, K samples, greedy) and the scorer is cfg.selfeval's class.
+    sized for the suite (edge_adapt.sizing: prompt, K samples, greedy) and the scorer is cfg.selfeval's class.
     """
     settings = pool_settings(cfg)
     suite = suite_for(cfg)
     owns = engine is None
     if engine is None:
-        engine = Engine(model=cfg.model, parallel=cfg.k + 2, ctx=512, threads=cfg.threads)
+        engine, scorer = pool_engine(cfg, [suite])
     try:
         if scorer is None:
             scorer = load_scorer(cfg, engine)
-        identity = model_identity(engine, scorer, cfg.adapter)
         out_dir = Path(cfg.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        pools: list[PromptPool] = []
-        generated = tokens = 0
-        t0 = time.perf_counter()
-        with progress_display(cfg.progress) as progress:
-            task = progress.add_task(f"pool {suite.name}/{suite.split} K={settings.k}", total=len(suite), info="")
-            earlier = samples_in(cfg.cache_dir)
-            for step in build_pool(engine, scorer, suite, settings, cfg.cache_dir, identity, rescore=earlier):
-                pools.append(step.pool)
-                generated += step.generated
-                tokens += step.tokens
-                elapsed = time.perf_counter() - t0
-                progress.update(task, advance=1, info=f"{tokens / max(elapsed, 1e-9):.0f} tok/s" if generated else "cached")
-            wall = time.perf_counter() - t0
-            live = _live_checks(engine, scorer, suite, pools, settings, cfg, progress) if cfg.live else []
+        run, identity = yield from pools_job(cfg, engine, scorer, suite)
+        pools, generated, tokens = run.pools, run.generated, run.tokens
+        live = (yield from _live_checks(engine, scorer, suite, pools, settings, cfg)) if cfg.live else []
     finally:
         if owns:
             engine.close()
@@ -173,7 +180,7 @@ def run_eval(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalS
         model=engine.fingerprint, selfeval=identity.split("|selfeval=", 1)[1], suite=suite.name, split=suite.split,
         prompts=len(pools), k=settings.k, temperature=settings.temperature, max_tokens=settings.max_tokens,
         prune_points=list(settings.prune_points), pool_file=str(Path(cfg.cache_dir) / f"pool-{suite.name}-{sk}.jsonl"),
-        generation_wall_s=wall if generated else sum(p.wall_s for p in pools), prompts_generated=generated, tokens_generated=tokens,
+        generation_wall_s=run.wall_s if generated else sum(p.wall_s for p in pools), prompts_generated=generated, tokens_generated=tokens,
         levels={str(k): v for k, v in sorted(Counter(p.level for p in pools if p.level is not None).items())},
         strategies=strategy_rows(replays, pools, cfg.seed), calibration=calibrations(pools, settings.prune_points),
         live=live, notes=notes,
@@ -182,3 +189,6 @@ def run_eval(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalS
     (out_dir / "report.json").write_text(json.dumps(report.model_dump(mode="json"), indent=1))
     (out_dir / "report.md").write_text(report.markdown())
     return report
+
+
+run_eval = to_the_end(eval_job)

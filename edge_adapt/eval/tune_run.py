@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge_adapt.engine import Engine
 from edge_adapt.eval import replay as rp
@@ -22,10 +22,13 @@ from edge_adapt.eval.config import EvalConfig
 from edge_adapt.eval.live import StrategyOutcome, run_strategy_live
 from edge_adapt.eval.metrics import bootstrap_ci, wilson
 from edge_adapt.eval.pool import PromptPool
-from edge_adapt.eval.run import collect_pools, load_scorer, progress_display, suite_for
+from edge_adapt.eval.run import pool_engine, pools_job, suite_for
 from edge_adapt.fileio import atomic_file, check_target
+from edge_adapt.progress import Job, Progress, to_the_end
+from edge_adapt.sizing import ensure, for_generation, for_strategy, load_engine
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.policy import N_BINS, Policy
+from edge_adapt.strategies.run import prompt_tokens
 
 LIVE_SEED = 1_000_003  # live runs never reuse a pool's seeds
 
@@ -44,8 +47,31 @@ class TuneConfig(BaseModel):
     live: list[str] = Field(default_factory=list, description="strategies to run live on test prompts")
     live_prompts: int = Field(40, ge=1)
     live_budget: int = Field(8, ge=2)
-    live_ctx: int = Field(1024, ge=256, description="context per sequence for live runs (revise keeps attempts)")
     compare_model: Path | None = Field(None, description="a larger GGUF model answering the test prompts greedily")
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list[int]) -> list[int]:
+        if any(b < 2 for b in v):
+            raise ValueError("a budget must be at least 2 (the probe and one more sample)")
+        return v
+
+    @field_validator("live")
+    @classmethod
+    def _live(cls, v: list[str]) -> list[str]:
+        for name in v:
+            StrategyConfig.parse({"strategy": name}, f"--live {name}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TuneConfig:
+        if self.test_split is None and (self.report_dir or self.live or self.compare_model):
+            raise ValueError("--report, --live and --compare-model need --test-split")
+        if self.compare_model is not None:
+            from edge_adapt.engine.gguf_file import inspect_gguf
+
+            inspect_gguf(self.compare_model)  # a bad file fails now, not after the tuning
+        return self
 
 
 def _mean_ci(x: np.ndarray) -> tuple[float, float, float]:
@@ -53,17 +79,19 @@ def _mean_ci(x: np.ndarray) -> tuple[float, float, float]:
     return float(x.mean()), lo, hi
 
 
-def run_tune(cfg: TuneConfig) -> dict[str, Any]:
-    """Tune, write the policy, and (with a test split) the report. Returns the report's JSON."""
+def tune_job(cfg: TuneConfig) -> Job[dict[str, Any]]:
+    """Tune, write the policy, and (with a test split) the report, yielding Progress while sampling. Returns the
+    report's JSON."""
     check_target(cfg.out, force=cfg.force)
     pcfg = cfg.pool
-    engine = Engine(model=pcfg.model, parallel=max(pcfg.k + 2, 2 * cfg.live_budget + 2),
-                    ctx=cfg.live_ctx if cfg.live else 512, threads=pcfg.threads)
+    tcfg = pcfg.model_copy(update={"split": cfg.test_split, "n_prompts": cfg.test_prompts}) if cfg.test_split else None
+    suites = [suite_for(pcfg)] + ([suite_for(tcfg)] if tcfg is not None else [])
+    # `auto` runs live with the policy this job writes: its engine size is known once the policy is.
+    engine, scorer = pool_engine(pcfg, suites, [live_config(cfg, pcfg, name) for name in cfg.live if name != "auto"])
     report: dict[str, Any] = {}
-    test_problems: list[Any] = []
-    with engine, progress_display(pcfg.progress) as progress:
-        scorer = load_scorer(pcfg, engine)
-        pools, identity = collect_pools(pcfg, engine, scorer, progress)
+    with engine:
+        run, identity = yield from pools_job(pcfg, engine, scorer, suites[0])
+        pools = run.pools
         points = tuple(pcfg.prune_points)
         # The adapter by file name: the policy is shipped, the path it was tuned from is local.
         adapter = getattr(getattr(scorer, "config", None), "adapter", None)
@@ -81,22 +109,23 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
             tmp.write_text(policy.dumps())
         report = {"policy": str(cfg.out), "tuning": policy.tuning, "bin_edges": policy.bin_edges,
                   "choices": {str(b): [c.describe() for c in row] for b, row in policy.budgets.items()}}
-        if cfg.test_split is not None:
-            tcfg = pcfg.model_copy(update={"split": cfg.test_split, "n_prompts": cfg.test_prompts})
-            test_pools, _ = collect_pools(tcfg, engine, scorer, progress)
-            report["test"] = held_out(policy, test_pools, points, pcfg.seed)
+        if tcfg is not None:
+            test_run, _ = yield from pools_job(tcfg, engine, scorer, suites[1])
+            report["test"] = held_out(policy, test_run.pools, points, pcfg.seed)
             report["test"]["params"] = engine.info.n_params
             if cfg.live:
-                report["live"] = live_runs(engine, scorer, tcfg, cfg, policy, test_pools, progress)
-    if cfg.compare_model is not None and "test" in report:
-        with progress_display(pcfg.progress) as progress:
-            report["compare"] = compare_model(cfg.compare_model, tcfg, progress)
+                report["live"] = yield from live_runs(engine, scorer, tcfg, cfg, policy, test_run.pools)
+    if cfg.compare_model is not None and tcfg is not None:
+        report["compare"] = yield from compare_model(cfg.compare_model, tcfg)
     if cfg.report_dir is not None and "test" in report:
         cfg.report_dir.mkdir(parents=True, exist_ok=True)
         report["plots"] = write_plots(report, cfg.report_dir)
         (cfg.report_dir / "report.json").write_text(json.dumps(report, indent=1))
         (cfg.report_dir / "report.md").write_text(markdown(report))
     return report
+
+
+run_tune = to_the_end(tune_job)
 
 
 def held_out(policy: Policy, pools: list[PromptPool], points: tuple[int, ...], seed: int) -> dict[str, Any]:
@@ -173,23 +202,32 @@ def bin_curves(pools: list[PromptPool], policy: Policy, budget: int, points: tup
     return out
 
 
+def live_config(cfg: TuneConfig, tcfg: EvalConfig, name: str) -> StrategyConfig:
+    """How strategy `name` runs live: the live budget, the pool's sampling, seeds no pool used (auto: the policy
+    this job writes)."""
+    return StrategyConfig.parse({
+        "strategy": name, "budget": cfg.live_budget, "max_tokens": tcfg.max_tokens, "temperature": tcfg.temperature,
+        "seed": LIVE_SEED, **({"policy": str(cfg.out)} if name == "auto" else {}),
+    }, f"live {name}")
+
+
 def live_runs(engine: Engine, scorer: Any, tcfg: EvalConfig, cfg: TuneConfig, policy: Policy,
-              pools: list[PromptPool], progress: Any) -> list[dict[str, Any]]:
+              pools: list[PromptPool]) -> Job[list[dict[str, Any]]]:
     """Strategies run for real on the first `live_prompts` test prompts (auto with the policy just written)."""
     suite = suite_for(tcfg)
     n = min(cfg.live_prompts, len(suite.problems))
     problems = list(suite.problems[:n])
     out = []
     for name in cfg.live:
-        config = StrategyConfig.parse({
-            "strategy": name, "budget": cfg.live_budget, "max_tokens": tcfg.max_tokens, "temperature": tcfg.temperature,
-            "seed": LIVE_SEED, **({"policy": str(cfg.out)} if name == "auto" else {}),
-        }, f"live {name}")
-        task = progress.add_task(f"live {name} budget {cfg.live_budget}", total=n, info="")
+        config = live_config(cfg, tcfg, name)
+        if name == "auto":  # its policy exists now: grow the engine if a bin's choice holds more
+            longest = max((prompt_tokens(engine, list(p.messages)) for p in suite.problems), key=len)
+            ensure(engine, for_strategy(engine, longest, config)[0])
         outcomes: list[StrategyOutcome] = []
         for o in run_strategy_live(engine, scorer, suite, problems, config):
             outcomes.append(o)
-            progress.update(task, advance=1, info=f"acc {np.mean([x.correct for x in outcomes]):.2f}")
+            yield Progress(f"live {name} budget {cfg.live_budget}", len(outcomes), n,
+                           f"acc {np.mean([x.correct for x in outcomes]):.2f}")
         right = sum(o.correct for o in outcomes)
         row: dict[str, Any] = {
             "strategy": name, "budget": cfg.live_budget, "prompts": n, "accuracy": right / n, "ci": list(wilson(right, n)),
@@ -213,30 +251,28 @@ def live_runs(engine: Engine, scorer: Any, tcfg: EvalConfig, cfg: TuneConfig, po
     return out
 
 
-def compare_model(path: Path, tcfg: EvalConfig, progress: Any) -> dict[str, Any]:
+def compare_model(path: Path, tcfg: EvalConfig) -> Job[dict[str, Any]]:
     """The larger model answering every test prompt once, greedily: its accuracy and its compute."""
-    from edge_adapt.engine import GREEDY, Finished
+    from edge_adapt.engine import GREEDY, EngineOptions, Vocab
+    from edge_adapt.result import collect
 
     suite = suite_for(tcfg)
-    right, tokens, prompt_tokens = 0, [], []
-    with Engine(model=path, parallel=2, ctx=512, threads=tcfg.threads) as big:
-        task = progress.add_task(f"compare {path.name} greedy", total=len(suite.problems), info="")
-        for p in suite.problems:
-            ids = big.tokenize(big.chat_prompt(list(p.messages)))
-            text, n = "", 0
-            for ev in big.generate(ids, GREEDY, max_tokens=tcfg.max_tokens):
-                if isinstance(ev, Finished):
-                    text, n = ev.text, ev.n_tokens
-            right += bool(suite.scorer.correct(text, p.answer))
-            tokens.append(n)
-            prompt_tokens.append(len(ids))
-            progress.update(task, advance=1, info="")
+    with Vocab(path) as vocab:
+        prompts = [prompt_tokens(vocab, list(p.messages)) for p in suite.problems]
+    right, tokens = 0, []
+    size = for_generation(max(prompts, key=len), 1, tcfg.max_tokens)
+    with load_engine(size, EngineOptions(model=path, threads=tcfg.threads)) as big:
+        for i, (p, ids) in enumerate(zip(suite.problems, prompts)):
+            (answer,) = collect(big.generate(ids, GREEDY, max_tokens=tcfg.max_tokens)).samples
+            right += bool(suite.scorer.correct(answer.text, p.answer))
+            tokens.append(answer.tokens)
+            yield Progress(f"compare {path.name} greedy", i + 1, len(suite.problems))
         params = big.info.n_params
         fingerprint = big.fingerprint
     n = len(suite.problems)
     return {"model": str(path), "fingerprint": fingerprint, "params": params, "prompts": n, "accuracy": right / n,
             "ci": list(wilson(right, n)), "tokens": float(np.mean(tokens)),
-            "flops": 2.0 * params * float(np.mean(np.add(tokens, prompt_tokens)))}
+            "flops": 2.0 * params * float(np.mean(np.add(tokens, [len(x) for x in prompts])))}
 
 
 def flops(params: int, prompt_tokens: float, tokens: float, selfeval_tokens: float = 0.0) -> float:
@@ -272,7 +308,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         "# Compute-optimal policy (`auto`)", "",
         f"- policy: `{r['policy']}`, tuned on {r['tuning']['source']}; tolerance {r['tuning']['tolerance']}",
-        f"- difficulty: the greedy probe's p_keep; bin edges (bin 1 = easiest, p >= the last edge): "
+        "- difficulty: the greedy probe's p_keep; bin edges (bin 1 = easiest, p >= the last edge): "
         + ", ".join(f"{e:.3f}" for e in r["bin_edges"]),
         f"- test: {t['prompts']} prompts the tuning never saw; greedy {t['greedy']:.3f} at {t['greedy_tokens']:.0f} tokens",
         f"- reference: {ref['name']} {ref['accuracy']:.3f} ({ref['ci'][0]:.3f}–{ref['ci'][1]:.3f}) at {ref['tokens']:.0f} tokens",

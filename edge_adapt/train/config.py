@@ -52,7 +52,6 @@ class TrainConfig(BaseModel):
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     force: bool = False
-    progress: bool = True
 
     @field_validator("labels", "validation", mode="before")
     @classmethod

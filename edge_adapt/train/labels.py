@@ -24,18 +24,21 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from edge_adapt.engine import Engine, Sample
+from edge_adapt.engine import Engine, EngineOptions, Sample, Vocab
 from edge_adapt.errors import UsageError
-from edge_adapt.eval.config import token_points
-from edge_adapt.eval.pool import PoolSettings, PromptPool, build_pool, model_identity, samples_in
+from edge_adapt.eval.config import pool_temperature, token_points
+from edge_adapt.eval.pool import PoolSettings, PromptPool, build_pool, model_identity, pool_job, samples_in
 from edge_adapt.fileio import atomic_file, check_target
+from edge_adapt.progress import Job, to_the_end
+from edge_adapt.sizing import for_pool, load_engine
+from edge_adapt.strategies.run import prompt_tokens
 from edge_adapt.tasks import load_suite
 
 FORMAT = "edge-adapt-labels"
@@ -55,7 +58,7 @@ class LabelConfig(BaseModel):
     n_prompts: int = Field(300, ge=1)
     levels: list[int] | None = Field(None, description="arith levels to label, spread evenly (all when omitted)")
     k: int = Field(16, ge=2, le=64, description="samples per prompt (targets compare each with the other K-1)")
-    temperature: float = Field(0.7, gt=0)
+    temperature: float = Field(0.7, description="sampling temperature (> 0)")
     max_tokens: int = Field(96, ge=1)
     cuts: list[int] = Field(default_factory=lambda: [16, 32, 64], description="prune points to emit partial responses at")
     include_greedy: bool = Field(True, description="also label the greedy response (its 'others' are the K samples)")
@@ -64,12 +67,16 @@ class LabelConfig(BaseModel):
     threads: int | None = Field(None, ge=1)
     cache_dir: Path = Path("runs/eval-cache")
     force: bool = False
-    progress: bool = True
 
     @field_validator("cuts")
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
         return token_points(v, "cuts")
+
+    @field_validator("temperature")
+    @classmethod
+    def _samples(cls, v: float) -> float:
+        return pool_temperature(v)
 
 
 def targets(scores: Sequence[float]) -> list[float]:
@@ -119,16 +126,8 @@ def prompt_record(pool: PromptPool, prompt_text: str, cuts: Sequence[int], inclu
     }
 
 
-@dataclass(frozen=True)
-class LabelProgress:
-    done: int
-    total: int
-    generated: bool
-    tokens: int
-
-
-def label_iter(cfg: LabelConfig, engine: Engine | None = None) -> Iterator[LabelProgress]:
-    """Generate (or reuse) the pool prompt by prompt, yielding progress; write the dataset when all are done."""
+def label_job(cfg: LabelConfig, engine: Engine | None = None) -> Job[Path]:
+    """Generate (or reuse) the pool prompt by prompt, yielding Progress; write the dataset when all are done."""
     out = Path(cfg.out)
     check_target(out, force=cfg.force)
     if cfg.cuts and cfg.cuts[-1] >= cfg.max_tokens:
@@ -138,19 +137,22 @@ def label_iter(cfg: LabelConfig, engine: Engine | None = None) -> Iterator[Label
     settings = PoolSettings(k=cfg.k, temperature=cfg.temperature, max_tokens=cfg.max_tokens, prune_points=(),
                             seed=cfg.seed)
     owns = engine is None
-    if engine is None:
-        engine = Engine(model=cfg.model, parallel=cfg.k + 2, ctx=512, threads=cfg.threads)
+    if engine is None:  # labels score nothing: no suffix to make room for
+        with Vocab(cfg.model) as vocab:
+            longest = max(len(prompt_tokens(vocab, list(p.messages))) for p in suite.problems)
+        engine = load_engine(for_pool(longest, cfg.k, cfg.max_tokens, 0),
+                             EngineOptions(model=cfg.model, threads=cfg.threads))
     scorer = NoSelfEval()
     try:
-        reuse = samples_in(cfg.cache_dir)
+        steps = build_pool(engine, scorer, suite, settings, cfg.cache_dir, model_identity(engine, scorer),
+                           samples_in(cfg.cache_dir))
+        run = yield from pool_job(f"label {suite.name}/{suite.split} K={cfg.k}", steps)
         records = []
-        for step in build_pool(engine, scorer, suite, settings, cfg.cache_dir, model_identity(engine, scorer), reuse):
-            problem = suite.problems[step.done - 1]
-            if not step.pool.prompt_ids:
+        for problem, pool in zip(suite.problems, run.pools):
+            if not pool.prompt_ids:
                 raise UsageError(f"{cfg.cache_dir}: pool entry for {problem.id} predates token ids; use another --cache")
-            records.append(prompt_record(step.pool, engine.chat_prompt(list(problem.messages)), cfg.cuts,
+            records.append(prompt_record(pool, engine.chat_prompt(list(problem.messages)), cfg.cuts,
                                          cfg.include_greedy))
-            yield LabelProgress(step.done, step.total, step.generated, step.tokens)
         header = {
             "format": FORMAT, "version": VERSION, "model": engine.fingerprint, "model_path": str(engine.model_path),
             "suite": suite.name, "split": suite.split, "scorer": suite.scorer.name, "created": time.strftime("%Y-%m-%d"),
@@ -166,12 +168,10 @@ def label_iter(cfg: LabelConfig, engine: Engine | None = None) -> Iterator[Label
     finally:
         if owns:
             engine.close()
+    return out
 
 
-def label(cfg: LabelConfig, engine: Engine | None = None) -> Path:
-    for _ in label_iter(cfg, engine):
-        pass
-    return Path(cfg.out)
+label = to_the_end(label_job)
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,13 @@ import math
 from contextlib import nullcontext
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_adapt.errors import UsageError
 from edge_adapt.eval import metrics
+from edge_adapt.progress import Job, Progress, to_the_end
 from edge_adapt.train.config import TrainConfig
 from edge_adapt.train.labels import LabelSet, merge_labels
 
@@ -246,11 +246,19 @@ def _epoch_metrics(epoch: int, train_loss: float, v: _Validation, seconds: float
     )
 
 
-ProgressFn = Callable[[str, int, int, str], None]
+def require_train_extra() -> None:
+    """A one-line error, before any work, when the [train] extra is not installed."""
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(f"training needs the [train] extra: pip install 'edge-adapt[train]' ({exc.name} is missing)") from None
 
 
-def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
-    """Import the base model, train, keep the best epoch by validation AUROC, export to GGUF."""
+def train_job(cfg: TrainConfig) -> Job[TrainResult]:
+    """Import the base model, train, keep the best epoch by validation AUROC, export to GGUF. As a job it yields
+    Progress ("train" per optimizer step; "validate" per validation, its metrics as the message); `train` runs
+    it to its result."""
     import torch
 
     from edge_adapt.convert import convert_adapter, convert_model, import_adapter, import_gguf
@@ -315,9 +323,10 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
     if cfg.validate_before:
         val0 = _epoch_metrics(0, float("nan"), _validate(scorer, val_groups), 0.0)
         history.append(val0)
-    if progress and cfg.validate_before:
+    if cfg.validate_before:
         levels = " ".join(f"L{k} {_f(v)}" for k, v in val0.auroc_by_level.items())
-        progress("validate", 0, cfg.epochs, f"before training: AUROC {_f(val0.auroc)} ({levels}) Brier {val0.brier:.3f}")
+        yield Progress("validate", 0, cfg.epochs,
+                       message=f"before training: AUROC {_f(val0.auroc)} ({levels}) Brier {val0.brier:.3f}")
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         order = train_groups[:]
@@ -343,15 +352,14 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
             sched.step()
             step += 1
             losses.append(step_loss)
-            if progress:
-                progress("train", step, total_steps, f"epoch {epoch} loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
+            yield Progress("train", step, total_steps, f"epoch {epoch} loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
         res = _epoch_metrics(epoch, sum(losses) / max(len(losses), 1), _validate(scorer, val_groups),
                              time.perf_counter() - t0)
         history.append(res)
-        if progress:
-            levels = " ".join(f"L{k} {_f(v)}" for k, v in res.auroc_by_level.items())
-            progress("validate", epoch, cfg.epochs, f"epoch {epoch}: AUROC {_f(res.auroc)} ({levels}) Brier "
-                                                    f"{res.brier:.3f} (constant {res.brier_constant:.3f}) ECE {res.ece:.3f}")
+        levels = " ".join(f"L{k} {_f(v)}" for k, v in res.auroc_by_level.items())
+        yield Progress("validate", epoch, cfg.epochs,
+                       message=f"epoch {epoch}: AUROC {_f(res.auroc)} ({levels}) Brier {res.brier:.3f} "
+                               f"(constant {res.brier_constant:.3f}) ECE {res.ece:.3f}")
         if best is None or (res.auroc or 0) > (best.auroc or 0):
             best = res
             _save(scorer, best_dir)
@@ -370,6 +378,9 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
                          train_set.n_rows)
     _write_metrics(cfg, result, suffix_ids)
     return result
+
+
+train = to_the_end(train_job)
 
 
 def _check_init(cfg: TrainConfig, init: Path, suffix_ids: list[int]) -> None:

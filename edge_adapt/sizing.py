@@ -1,0 +1,93 @@
+"""Engine sizing: how many sequences of how many tokens a job needs, and an engine of that size, checked against
+a memory budget before any weights are loaded. `edge-adapt run`, `chat`, `eval`, `label` and `tune-policy` all
+size their engines here, from exact token counts (a `Vocab` reads the tokenizer without the weights) and the
+strategies' own declarations (StrategySpec.samples_at_once / tokens_per_sequence)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence as Seq
+from dataclasses import dataclass
+from typing import Any
+
+from edge_adapt.engine import Engine, EngineOptions, Vocab
+from edge_adapt.engine.budget import fit, parse_size
+from edge_adapt.engine.gguf_file import inspect_gguf
+from edge_adapt.strategies.config import StrategyConfig
+from edge_adapt.strategies.run import Prompt, RunPlan, plan_run, prompt_tokens
+
+CELLS = 256  # llama.cpp gives a sequence its context in multiples of 256 cells
+
+
+def round_ctx(tokens: int) -> int:
+    """A sequence's context for `tokens` tokens, rounded up as llama.cpp rounds its cells."""
+    return max(CELLS, -(-tokens // CELLS) * CELLS)
+
+
+@dataclass(frozen=True)
+class EngineSize:
+    sequences: int
+    ctx: int  # tokens per sequence
+
+    def covers(self, other: EngineSize) -> bool:
+        return self.sequences >= other.sequences and self.ctx >= other.ctx
+
+
+def load_engine(size: EngineSize, options: EngineOptions | None = None, *, mem_budget: int | str | None = None) -> Engine:
+    """An engine of `size` with the rest of `options` (model, device, threads ...), refused with BudgetError
+    before loading when its memory plan does not fit `mem_budget` (bytes, or a size such as '1.5GB')."""
+    opts = (options or EngineOptions()).model_copy(update={"parallel": size.sequences, "ctx": size.ctx})
+    if mem_budget is not None:
+        from edge_adapt.engine.default_model import default_model_path
+
+        budget = parse_size(mem_budget) if isinstance(mem_budget, str) else mem_budget
+        fit(inspect_gguf(opts.model or default_model_path()), budget, ctx=opts.ctx, want=opts.parallel,
+            kv_unified=opts.kv_unified, batch=opts.batch)
+    return Engine(opts)
+
+
+def for_strategy(model: Any, prompt: Prompt, config: StrategyConfig, *, ctx: int | None = None) -> tuple[EngineSize, RunPlan]:
+    """The engine one strategy run needs (the prompt's sequence and the samples it holds at once, each with room
+    for the prompt, its longest generation and the self-evaluation suffix), and the run's plan. `ctx` given
+    by the user wins over the computed context."""
+    plan = plan_run(model, prompt, config)
+    return EngineSize(plan.sequences, ctx or round_ctx(plan.tokens_per_sequence)), plan
+
+
+def engine_for_strategy(prompt: Prompt, config: StrategyConfig, options: EngineOptions | None = None, *,
+                        ctx: int | None = None, mem_budget: int | str | None = None) -> tuple[Engine, RunPlan]:
+    """An engine sized for one strategy run on `prompt`, and the run's plan (`run_strategy(engine, plan.prompt,
+    plan.config)`). Token counts come from the model's tokenizer, read without its weights."""
+    with Vocab((options or EngineOptions()).model) as vocab:
+        size, plan = for_strategy(vocab, prompt, config, ctx=ctx)
+    return load_engine(size, options, mem_budget=mem_budget), plan
+
+
+def engine_for_generation(prompt: Prompt, n: int, max_tokens: int, options: EngineOptions | None = None, *,
+                          raw: bool = False, ctx: int | None = None,
+                          mem_budget: int | str | None = None) -> tuple[Engine, list[int]]:
+    """An engine sized for `n` samples of `max_tokens` from `prompt`, and the prompt's tokens (`raw`: a str
+    prompt as it is, with the model's BOS, instead of a chat turn)."""
+    with Vocab((options or EngineOptions()).model) as vocab:
+        tokens = vocab.tokenize(prompt, add_bos=True) if raw and isinstance(prompt, str) else prompt_tokens(vocab, prompt)
+    return load_engine(for_generation(tokens, n, max_tokens, ctx=ctx), options, mem_budget=mem_budget), tokens
+
+
+def for_generation(prompt: Seq[int], n: int, max_tokens: int, *, ctx: int | None = None) -> EngineSize:
+    """Plain sampling: n samples forked from one prompt (the last takes the prompt's own sequence)."""
+    return EngineSize(n, ctx or round_ctx(len(prompt) + max_tokens))
+
+
+def for_pool(longest: int, k: int, max_tokens: int, suffix: int, *, extra: Iterable[EngineSize] = ()) -> EngineSize:
+    """A sample pool (eval, label, tune-policy): the prompt, its K samples and the greedy one at once, each with
+    room for the longest prompt, max_tokens and the scorer's suffix; `extra` sizes (live strategy runs on the
+    same engine) are covered too."""
+    sizes = [EngineSize(k + 2, round_ctx(longest + max_tokens + suffix)), *extra]
+    return EngineSize(max(s.sequences for s in sizes), max(s.ctx for s in sizes))
+
+
+def ensure(engine: Engine, size: EngineSize) -> None:
+    """Grow an engine that holds no sequences to at least `size` (a scorer turned out to need a longer suffix
+    than the engine was sized with)."""
+    have = EngineSize(engine.options.parallel, engine.n_ctx_seq)
+    if not have.covers(size):
+        engine.resize(parallel=max(have.sequences, size.sequences), ctx=max(engine.options.ctx, size.ctx))
