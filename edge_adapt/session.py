@@ -11,8 +11,18 @@ from edge_adapt.engine.engine import Engine, Sequence
 from edge_adapt.engine.events import Event, Finished, SampleStarted
 from edge_adapt.engine.sampling import SamplingParams
 from edge_adapt.engine.snapshot_file import load_snapshot, save_snapshot
-from edge_adapt.errors import ContextOverflowError, EdgeAdaptError
-from edge_adapt.strategies import Chosen, StrategyConfig, run_strategy
+from edge_adapt.engine.budget import fit
+from edge_adapt.errors import BudgetError, ContextOverflowError, EdgeAdaptError, UsageError
+from edge_adapt.strategies import Chosen, StrategyConfig, plan_run, run_strategy
+
+
+CHAT_HELP = """commands:
+  /reset        forget the conversation
+  /save FILE    save the conversation and its KV cache (add --force to overwrite)
+  /load FILE    restore a saved conversation
+  /strategy NAME [BUDGET]  answer with a strategy (single, best-of-n, adaptive, prune, vote, ...)
+  /help         this text
+  /exit         leave (Ctrl-D too); Ctrl-C interrupts a reply"""
 
 
 @dataclass(frozen=True)
@@ -37,16 +47,43 @@ class ChatSession:
     """
 
     def __init__(self, engine: Engine, *, system: str | None = None, params: SamplingParams = SamplingParams(),
-                 max_tokens: int = 512, strategy: StrategyConfig | None = None) -> None:
+                 max_tokens: int = 512, strategy: StrategyConfig | None = None, mem_budget: int | None = None) -> None:
         self.engine = engine
         self.params = params
-        self.strategy = strategy  # None or "single": plain sampling with `params`
         self.max_tokens = max_tokens
+        self.mem_budget = mem_budget  # bytes the engine may grow to when a strategy needs more sequences
         self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
         self.seq: Sequence | None = None
         self.last: TurnStats | None = None
         self._text: str | None = None  # the text whose tokens `seq` holds, when known exactly
         self._turn = 0
+        self.strategy: StrategyConfig | None = None  # None or "single": plain sampling with `params`
+        self._room = max_tokens  # tokens a turn needs after the conversation (reply, suffix, attempts)
+        self.set_strategy(strategy)
+
+    def set_strategy(self, config: StrategyConfig | None) -> None:
+        """Answer with `config` from the next turn on (None or "single": plain sampling). When the strategy
+        needs more sequences than the engine has, the engine grows (within `mem_budget`), keeping the
+        conversation and its KV; a strategy that cannot fit is refused here and the chat stays as it was."""
+        if config is None or config.strategy == "single":
+            self.strategy, self._room = config, self.max_tokens
+            return
+        plan = plan_run(self.engine, None, config.with_options(max_tokens=self.max_tokens))
+        if plan.tokens_per_sequence >= self.engine.n_ctx_seq:
+            raise BudgetError(
+                f"strategy {config.strategy} needs {plan.tokens_per_sequence} tokens per turn, more than this chat's "
+                f"context of {self.engine.n_ctx_seq} (start the chat with a larger --ctx or lower --max-tokens)"
+            )
+        need = plan.sequences  # the conversation's own sequence is the prompt the samples fork from
+        if need > self.engine.options.parallel:
+            if self.mem_budget is not None:
+                try:
+                    fit(self.engine.info, self.mem_budget, ctx=self.engine.options.ctx, want=need)
+                except BudgetError as exc:
+                    raise BudgetError(f"strategy {config.strategy} with budget {config.budget} needs {need} "
+                                      f"sequences: {exc}") from None
+            self.engine.resize(parallel=need, keep=[self.seq] if self.seq is not None else [])
+        self.strategy, self._room = plan.config, plan.tokens_per_sequence
 
     def close(self) -> None:
         if self.seq is not None:
@@ -64,13 +101,13 @@ class ChatSession:
         while True:
             text = self.engine.chat_prompt(messages)
             tokens = self.engine.tokenize(text)
-            # A strategy also appends the self-eval suffix after the reply.
-            if len(tokens) + self.max_tokens + (64 if self.strategy else 0) <= self.engine.n_ctx_seq:
+            # A strategy's turn may need more than the reply: the self-eval suffix, earlier attempts (revise).
+            if len(tokens) + self._room <= self.engine.n_ctx_seq:
                 return messages, text, tokens, dropped
             first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
             if first is None or len(messages) - first <= 1:
                 raise ContextOverflowError(
-                    f"this message ({len(tokens)} tokens) plus a {self.max_tokens}-token reply does not fit the "
+                    f"this message ({len(tokens)} tokens) plus {self._room} tokens for the reply does not fit the "
                     f"context of {self.engine.n_ctx_seq} tokens (raise --ctx or lower --max-tokens)"
                 )
             # Drop the oldest user turn with the assistant reply that follows it.
@@ -101,7 +138,6 @@ class ChatSession:
         self.last = TurnStats(len(tokens), self.engine.decoded_tokens - before)
         self._turn += 1
         if self.strategy is not None and self.strategy.strategy != "single":
-            reply = ""
             cfg = self.strategy.with_options(seed=self.strategy.seed + 1000 * self._turn, max_tokens=self.max_tokens)
             self._text = full  # the sequence holds the prompt only; the samples were forks
             for ev in run_strategy(self.engine, tokens, cfg, root=self.seq):
@@ -119,6 +155,35 @@ class ChatSession:
                 # the reply, so only clean endings can be extended as text.
                 self._text = full + ev.text if ev.reason in ("eos", "length") else None
             yield ev
+
+    def command(self, line: str, base: StrategyConfig | None = None) -> str | None:
+        """A chat front end's slash command: what to show for it, or None for /exit. `base` holds the sampling
+        settings a `/strategy` switch starts from when no strategy is set."""
+        cmd, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        if cmd in ("/exit", "/quit"):
+            return None
+        if cmd == "/help":
+            return CHAT_HELP
+        if cmd == "/reset":
+            self.reset()
+            return "(conversation cleared)"
+        if cmd == "/save" and arg:
+            path, _, flag = arg.partition(" ")
+            self.save(path, force=flag.strip() == "--force")
+            return f"(saved to {path})"
+        if cmd == "/load" and arg:
+            self.load(arg)
+            return f"(restored {len(self.messages)} messages)"
+        if cmd == "/strategy":
+            name, _, n = arg.partition(" ")
+            if n.strip() and not n.strip().isdigit():
+                raise UsageError(f"/strategy NAME [BUDGET]: the budget is a whole number, got {n.strip()!r}")
+            start = self.strategy or base or StrategyConfig()
+            self.set_strategy(start.with_options(strategy=name or None, budget=int(n) if n.strip() else None))
+            s = self.strategy or start.with_options(strategy="single")
+            return f"(strategy {s.strategy}, budget {s.budget}; the engine holds {self.engine.options.parallel} sequences)"
+        return f"unknown command {line!r}; /help lists them"
 
     def _record(self, messages: list[Message], reply: str) -> None:
         # Recorded before the final event is handed out, so a caller that stops reading there keeps the turn.

@@ -161,8 +161,11 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> "np.ndarray":
     import llama_cpp
     import numpy as np
 
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=256, n_threads=2, n_batch=256, verbose=False,
-                          type_k=0, type_v=0)
+    from edge_adapt.engine.handles import llama_like_the_engine
+
+    with llama_like_the_engine():  # AMX kernels crash on some quantized types: the engine avoids them too
+        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=256, n_threads=2, n_batch=256, verbose=False,
+                              type_k=0, type_v=0)
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float32)

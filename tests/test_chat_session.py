@@ -63,3 +63,28 @@ def test_overflowing_conversation_drops_oldest_turns_and_says_so(engine: Engine)
         assert chat.last is not None and chat.last.prompt_tokens + 48 <= engine.n_ctx_seq
     finally:
         chat.close()
+
+
+def test_switching_strategy_mid_chat_grows_the_engine_and_keeps_the_conversation():
+    import pytest
+
+    from edge_adapt.errors import BudgetError
+    from edge_adapt.strategies import Chosen, StrategyConfig
+
+    with Engine(parallel=1, ctx=1024, device="cpu") as e:
+        chat = ChatSession(e, params=GREEDY, max_tokens=16, mem_budget=10 * 2**30)
+        _reply(chat, "Name a big city.")
+        held = list(chat.seq.tokens)
+        chat.set_strategy(StrategyConfig(strategy="adaptive", budget=4))  # rounds 1, 1, 2: two samples at once
+        assert e.options.parallel == 3 and chat.seq.tokens == held and len(chat.messages) == 2
+        events = list(chat.send("And a river?"))
+        assert any(isinstance(ev, Chosen) for ev in events) and len(chat.messages) == 4
+        assert chat.last.decoded_tokens < chat.last.prompt_tokens - len(held) + 8  # the conversation's KV was kept
+        assert e.free_sequences == 2  # the samples went back; the conversation's sequence stays
+        chat.mem_budget = 1  # no room to grow: refused at once, and the chat is as it was
+        with pytest.raises(BudgetError, match="needs 9 sequences"):
+            chat.set_strategy(StrategyConfig(strategy="best-of-n", budget=8))
+        assert chat.strategy.strategy == "adaptive" and e.options.parallel == 3
+        chat.set_strategy(None)
+        assert next(ev for ev in chat.send("One more?") if isinstance(ev, Finished)).text
+        chat.close()

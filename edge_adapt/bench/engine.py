@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_adapt.engine import Engine, EngineOptions, Finished, SamplingParams
+from edge_adapt.engine.handles import llama_like_the_engine
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 
@@ -59,8 +60,9 @@ def single_stream(cfg: BenchConfig) -> dict[str, float]:
 
         ours()  # warm-up: first decode allocates the graph
         t_ours = _best(ours, cfg.repeats)
-    llm = Llama(str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers,
-                verbose=False)
+    with llama_like_the_engine():
+        llm = Llama(str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers,
+                    verbose=False)
     try:
         def theirs() -> None:
             llm.reset()  # no prefix reuse between repeats: both sides decode the prompt each time
@@ -123,8 +125,9 @@ def fork_cost(cfg: BenchConfig, prompt_tokens: int = 256, reps: int = 20) -> dic
             fork()
             out["seq_cp_unified_s" if unified else "seq_cp_split_s"] = _best(fork, cfg.repeats) / reps
             path, threads, gpu_layers = e.model_path, e.threads, e.gpu_layers
-    llm = Llama(str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers,
-                verbose=False)
+    with llama_like_the_engine():
+        llm = Llama(str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers,
+                    verbose=False)
     try:
         llm.eval(prompt)
         saved = llm.save_state()

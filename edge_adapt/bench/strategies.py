@@ -11,21 +11,16 @@ edge_adapt.bench.strategies` prints them with the targets of issue 4:
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from edge_adapt.engine.engine import Engine
 from edge_adapt.engine.sampling import SamplingParams
+from edge_adapt.result import collect
 from edge_adapt.selfeval import SelfEvalConfig, SelfEvaluator
 from edge_adapt.strategies import StrategyConfig, run_strategy
 
 LONG_PROMPT = "Write a long, detailed story about a dragon who learns to bake bread."
 # Cost reference: the untrained chat-format question (27 tokens for SmolLM2) the shipped adapter replaced.
 UNTRAINED = SelfEvalConfig(default_adapter=False)
-
-
-def _done(events: Any) -> Any:
-    *_, last = events
-    return last.usage
 
 
 def selfeval_cost(engine: Engine, n: int = 16, max_tokens: int = 128, prompt: str = LONG_PROMPT,
@@ -38,9 +33,9 @@ def selfeval_cost(engine: Engine, n: int = 16, max_tokens: int = 128, prompt: st
     gen_s = score_s = untrained_s = float("inf")
     generated = 0
     for _ in range(repeats):
-        root = engine.open(engine.tokenize(engine.chat_prompt([{"role": "user", "content": prompt}])))
-        samples = engine.start(root, [SamplingParams(temperature=0.8, seed=i) for i in range(n)], max_tokens=max_tokens)
-        try:
+        with engine.opened(engine.tokenize(engine.chat_prompt([{"role": "user", "content": prompt}]))) as root:
+            samples = engine.start(root, [SamplingParams(temperature=0.8, seed=i) for i in range(n)],
+                                   max_tokens=max_tokens)
             t0 = time.perf_counter()
             for _ in engine.advance(samples):
                 pass
@@ -51,10 +46,6 @@ def selfeval_cost(engine: Engine, n: int = 16, max_tokens: int = 128, prompt: st
             t0 = time.perf_counter()
             untrained.score(samples)
             untrained_s = min(untrained_s, time.perf_counter() - t0)
-        finally:
-            for s in samples:
-                engine.release(s.seq)
-            engine.release(root)
         generated = sum(len(s.generated) for s in samples)
     return {
         "samples": n,
@@ -76,8 +67,8 @@ def prune_vs_best_of_n(
     """best-of-n and prune n -> k at `at` tokens on the same prompt and seeds: tokens generated and wall time."""
     common = dict(budget=n, max_tokens=max_tokens, temperature=0.8)
     scorer = SelfEvaluator(engine)
-    bon = _done(run_strategy(engine, prompt, StrategyConfig(strategy="best-of-n", **common), scorer))
-    pr = _done(run_strategy(engine, prompt, StrategyConfig(strategy="prune", k=k, prune_at=(at,), **common), scorer))
+    bon = collect(run_strategy(engine, prompt, StrategyConfig(strategy="best-of-n", **common), scorer)).usage
+    pr = collect(run_strategy(engine, prompt, StrategyConfig(strategy="prune", k=k, prune_at=(at,), **common), scorer)).usage
     return {
         "max_tokens": max_tokens,
         "best_of_n_tokens": bon.generated_tokens,
@@ -100,12 +91,11 @@ def batched_vs_sequential(engine: Engine, n: int = 8, max_tokens: int = 128, pro
     cfg = StrategyConfig(strategy="best-of-n", budget=n, max_tokens=max_tokens, temperature=0.8)
     batched_s = seq_s = float("inf")
     for _ in range(repeats):
-        batched = _done(run_strategy(engine, prompt, cfg, scorer))
+        batched = collect(run_strategy(engine, prompt, cfg, scorer)).usage
         batched_s = min(batched_s, batched.wall_s)
-        root = engine.open(engine.tokenize(engine.chat_prompt([{"role": "user", "content": prompt}])))
         t0 = time.perf_counter()
         generated = 0
-        try:
+        with engine.opened(engine.tokenize(engine.chat_prompt([{"role": "user", "content": prompt}]))) as root:
             for i in range(n):
                 (s,) = engine.start(root, [SamplingParams(temperature=0.8, seed=i)], max_tokens=max_tokens, first_index=i)
                 for _ in engine.advance([s]):
@@ -113,8 +103,6 @@ def batched_vs_sequential(engine: Engine, n: int = 8, max_tokens: int = 128, pro
                 scorer.score([s])
                 generated += len(s.generated)
                 engine.release(s.seq)
-        finally:
-            engine.release(root)
         seq_s = min(seq_s, time.perf_counter() - t0)
     return {
         "samples": n,

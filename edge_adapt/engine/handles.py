@@ -10,7 +10,8 @@ import ctypes
 import functools
 import re
 import threading
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import llama_cpp.llama_cpp as ll
@@ -46,6 +47,28 @@ def init_backend(verbose: bool = False) -> None:
 def cpu_has_amx() -> bool:
     """Whether this llama.cpp build runs AMX kernels (its system info line reads e.g. `AMX_INT8 = 1`)."""
     return re.search(rb"AMX_INT8 = 1", ll.llama_print_system_info()) is not None
+
+
+@contextmanager
+def llama_like_the_engine() -> Iterator[None]:
+    """While it lasts, llama-cpp-python's own `Llama` loads weights as the engine does: on builds with AMX kernels
+    without the extra buffer types (see cpu_has_amx's caller), so a side-by-side comparison runs the same kernels
+    and neither side crashes. `Llama` takes no option for it: its default model parameters are adjusted."""
+    if not cpu_has_amx():
+        yield
+        return
+    default = ll.llama_model_default_params
+
+    def params() -> ll.llama_model_params:
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    ll.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        ll.llama_model_default_params = default
 
 
 class Model:
