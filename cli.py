@@ -6,7 +6,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -43,9 +43,10 @@ GpuLayersOpt = Annotated[Optional[int], typer.Option("--gpu-layers", help="layer
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: physical cores)", min=1)]
 BudgetOpt = Annotated[Optional[str], typer.Option("--mem-budget", help="refuse plans above this much memory, e.g. 1.5GB")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="show llama.cpp's own log")]
-TempOpt = Annotated[float, typer.Option("--temp", help="sampling temperature (0: greedy)", min=0.0)]
-MaxTokOpt = Annotated[int, typer.Option("--max-tokens", help="most tokens to generate per sample", min=1)]
-SeedOpt = Annotated[int, typer.Option("--seed", help="random seed (sample i uses seed + i)")]
+# Sampling flags carry no ranges here: edge_adapt.engine.sampling declares them once, for every entry point.
+TempOpt = Annotated[Optional[float], typer.Option("--temp", help="sampling temperature (0: greedy; run: greedy unless a strategy, 0.7)")]
+MaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", help="most tokens to generate per sample (run: 256)", min=1)]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="random seed (sample i uses seed + i)")]
 SuiteOpt = Annotated[str, typer.Option("--suite", help="arith, gsm8k, or a user suite .jsonl file")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="suite file (gsm8k: the shared training split by default)")]
 ScorerOpt = Annotated[Optional[str], typer.Option("--scorer", help="final-number | exact | regex:PATTERN | module:function")]
@@ -53,10 +54,10 @@ PoolKOpt = Annotated[int, typer.Option("-k", "--samples", help="samples per prom
 PoolTempOpt = Annotated[float, typer.Option("--temp", help="sampling temperature of the pool")]
 PrunePointsOpt = Annotated[Optional[list[int]], typer.Option("--prune-at", help="token counts where scores are recorded (repeatable)")]
 CacheOpt = Annotated[Path, typer.Option("--cache", help="sample pool cache (resumable; shared by eval and label)")]
-TopKOpt = Annotated[int, typer.Option("--top-k", help="keep the k most likely tokens (0: off)", min=0)]
-TopPOpt = Annotated[float, typer.Option("--top-p", help="nucleus sampling mass", min=0.0, max=1.0)]
-MinPOpt = Annotated[float, typer.Option("--min-p", help="drop tokens below min-p x the top probability", min=0.0, max=1.0)]
-RepeatOpt = Annotated[float, typer.Option("--repeat-penalty", help="penalty for recently seen tokens (1: off)", min=0.0)]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="keep the k most likely tokens (0: off; default 40)")]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="nucleus sampling mass (default 0.95)")]
+MinPOpt = Annotated[Optional[float], typer.Option("--min-p", help="drop tokens below min-p x the top probability (default 0.05)")]
+RepeatOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", help="penalty for recently seen tokens (1: off)")]
 
 
 @app.callback()
@@ -80,19 +81,37 @@ def _text_arg(value: str, what: str) -> str:
     return value
 
 
-def _engine(model: Path | None, *, parallel: int, ctx: int, device: DeviceChoice, gpu_layers: int | None,
-            threads: int | None, mem_budget: str | None, verbose: bool) -> Any:
-    """Plan against the budget from metadata alone, then load."""
-    from edge_adapt.engine import Engine, EngineOptions
-    from edge_adapt.engine.budget import fit, parse_size
-    from edge_adapt.engine.default_model import default_model_path
-    from edge_adapt.engine.gguf_file import inspect_gguf
+def _show(job: Any) -> Any:
+    """Run a library job, drawing its Progress events as bars on stderr (a line now and then when stderr is
+    not a terminal, and every event's message as a line); returns the job's result."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    path = model or default_model_path()
-    if mem_budget is not None:
-        fit(inspect_gguf(path), parse_size(mem_budget), ctx=ctx, want=parallel)
-    return Engine(EngineOptions(model=path, parallel=parallel, ctx=ctx, device=device.value, gpu_layers=gpu_layers,  # type: ignore[arg-type]
-                                threads=threads, verbose=verbose))
+    from edge_adapt.progress import finish
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def show(p: Any) -> None:
+            if p.message is not None:
+                console.print(p.message)
+                return
+            if p.task not in tasks:
+                tasks[p.task] = bar.add_task(p.task, total=p.total, info="")
+            bar.update(tasks[p.task], completed=p.done, total=p.total, info=p.info)
+            if not console.is_terminal and (p.done % 10 == 0 or p.done == p.total):
+                console.print(f"{p.task} {p.done}/{p.total} {p.info}")
+
+        return finish(job, show)
+
+
+def _options(model: Path | None, *, device: DeviceChoice = DeviceChoice.auto, gpu_layers: int | None = None,
+             threads: int | None = None, verbose: bool = False) -> Any:
+    from edge_adapt.engine import EngineOptions
+
+    return EngineOptions(model=model, device=device.value, gpu_layers=gpu_layers, threads=threads, verbose=verbose)
 
 
 @contextmanager
@@ -105,15 +124,10 @@ def _ctrl_c_cancels(engine: Any) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _ctx_for(prompt_tokens: int, max_tokens: int, ctx: int | None) -> int:
-    # Enough for prompt + reply, rounded up as llama.cpp rounds a sequence's cells.
-    return ctx or max(256, -(-(prompt_tokens + max_tokens + 64) // 256) * 256)
-
-
-StrategyOpt = Annotated[Optional[str], typer.Option("--strategy", "-s", help="single | best-of-n | adaptive | prune | adaptive+prune | vote | weighted-vote | weighted-best-of-n | beam | lookahead | revise | auto")]
+StrategyOpt = Annotated[Optional[str], typer.Option("--strategy", "-s", help="a self-evaluation strategy (best-of-n, adaptive, prune, vote, beam, revise, auto ...: the README lists them)")]
 BudgetNOpt = Annotated[Optional[int], typer.Option("--budget", help="most samples the strategy may draw", min=1)]
 ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help="adaptive: stop when a sample's p_keep reaches this")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="strategy TOML/JSON file (flags override it)")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="strategy TOML/JSON file (flags given override it)")]
 PolicyOpt = Annotated[Optional[Path], typer.Option("--policy", help="auto: compute-optimal policy JSON (default: the one shipped for the default model)")]
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="self-eval adapter GGUF (LoRA / aLoRA), on only while scoring; 'none': not even the default model's shipped one")]
 
@@ -123,6 +137,7 @@ def _no_adapter(adapter: Path | None) -> bool:
 
 
 def _strategy_config(path: Path | None, *, adapter: Path | None = None, **flags: Any) -> Any:
+    """The strategy settings: the --config file (if any), then each flag that was given."""
     from edge_adapt.selfeval import SelfEvalConfig
     from edge_adapt.strategies import StrategyConfig
 
@@ -134,83 +149,41 @@ def _strategy_config(path: Path | None, *, adapter: Path | None = None, **flags:
     return cfg
 
 
-def _run_strategy(prompt: str, system: str | None, cfg: Any, *, show_scores: bool, as_json: bool, model: Path | None,
-                  ctx: int | None, device: DeviceChoice, gpu_layers: int | None, threads: int | None,
-                  mem_budget: str | None, verbose: bool) -> None:
-    from edge_adapt.engine import Done, Finished, Token
-    from edge_adapt.strategies import Chosen, Pruned, Scored, run_strategy, samples_at_once
-    from edge_adapt.strategies.events import DifficultyEstimated
-    from edge_adapt.strategies.registry import tokens_per_sequence
-
-    guess = len(prompt.encode()) + len((system or "").encode()) + 64 + 64  # + the self-eval suffix
-    span = tokens_per_sequence(cfg)
-    engine = _engine(model, parallel=samples_at_once(cfg) + 1, ctx=_ctx_for(guess, span, ctx), device=device,
-                     gpu_layers=gpu_layers, threads=threads, mem_budget=mem_budget, verbose=verbose)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    scores: dict[int, list[tuple[int, float]]] = {}
-    finished: dict[int, Any] = {}
-    chosen = usage = difficulty = None
-    stream = cfg.strategy == "single" and not as_json and not show_scores
-    with engine, _ctrl_c_cancels(engine):
-        for ev in run_strategy(engine, messages, cfg):
-            if isinstance(ev, Token) and stream:
-                sys.stdout.write(ev.text)
-                sys.stdout.flush()
-            elif isinstance(ev, Scored):
-                scores.setdefault(ev.sample, []).append((ev.n_tokens, ev.p_keep))
-            elif isinstance(ev, Finished):
-                finished[ev.sample] = ev
-            elif isinstance(ev, Chosen):
-                chosen = ev
-            elif isinstance(ev, DifficultyEstimated):
-                difficulty = ev
-            elif isinstance(ev, Done):
-                usage = ev.usage
-    if stream:
-        print()
-        return
-    if as_json:
-        print(json.dumps({
-            "strategy": cfg.strategy,
-            "chosen": None if chosen is None else {"sample": chosen.sample, "text": chosen.text, "p_keep": chosen.p_keep,
-                                                   "answer": chosen.answer, "votes": chosen.votes},
-            "samples": [{"index": f.sample, "text": f.text, "finish_reason": f.reason, "tokens": f.n_tokens,
-                         "scores": scores.get(f.sample, [])} for f in (finished[i] for i in sorted(finished))],
-            "usage": None if usage is None else {k: v for k, v in usage.__dict__.items()},
-        }, ensure_ascii=False, indent=2, default=str))
+def _print_result(result: Any, *, show_scores: bool) -> None:
+    """A strategy's answer (with every sample's scores and the compute account when asked), or plain samples."""
+    if result.chosen is None:
+        for s in result.samples:
+            print(f"--- sample {s.index} ({s.tokens} tokens, {s.finish_reason}) ---\n{s.text}")
         return
     if show_scores:
-        for i in sorted(finished):
-            f = finished[i]
-            trail = "  ".join(f"@{n}: {p:.3f}" for n, p in scores.get(i, []))
-            mark = "*" if chosen is not None and chosen.sample == i else " "
-            print(f"{mark} sample {i:>2}  {f.n_tokens:>4} tokens  {f.reason:<9} {trail}")
-        if difficulty is not None:
-            print(f"  difficulty bin {difficulty.bin} of 5 (probe p_keep {difficulty.p_keep:.3f}): {difficulty.choice}")
-        if usage is not None:
-            print(f"  compute: {usage.samples_started} samples ({usage.samples_pruned} pruned), {usage.generated_tokens} "
-                  f"generated + {usage.selfeval_tokens} self-eval tokens, {usage.wall_s:.1f} s")
-        print()
-    if chosen is not None:
-        print(chosen.text)
+        for s in result.samples:
+            trail = "  ".join(f"@{n}: {p:.3f}" for n, p in s.scores)
+            mark = "*" if result.chosen.sample == s.index else " "
+            print(f"{mark} sample {s.index:>2}  {s.tokens:>4} tokens  {s.finish_reason:<9} {trail}")
+        d, u = result.difficulty, result.usage
+        if d is not None:
+            print(f"  difficulty bin {d.bin} of 5 (probe p_keep {d.p_keep:.3f}): {d.choice}")
+        print(f"  compute: {u.samples_started} samples ({u.samples_pruned} pruned), {u.generated_tokens} "
+              f"generated + {u.selfeval_tokens} self-eval tokens, {u.wall_s:.1f} s\n")
+    print(result.chosen.text)
 
 
 # -- run ----------------------------------------------------------------------------------------------------
 @app.command()
 def run(
     prompt: Annotated[str, typer.Argument(help="the prompt ('-' reads standard input)")],
-    n: Annotated[int, typer.Option("-n", "--samples", help="samples to draw in parallel", min=1, max=255)] = 1,
-    temp: TempOpt = 0.0,
-    max_tokens: MaxTokOpt = 256,
-    seed: SeedOpt = 0,
-    top_k: TopKOpt = 40,
-    top_p: TopPOpt = 0.95,
-    min_p: MinPOpt = 0.05,
-    repeat_penalty: RepeatOpt = 1.0,
+    n: Annotated[Optional[int], typer.Option("-n", "--samples", help="samples to draw in parallel (with --strategy: the budget)", min=1, max=255)] = None,
+    temp: TempOpt = None,
+    max_tokens: MaxTokOpt = None,
+    seed: SeedOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatOpt = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="stop string (repeatable)")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="plain completion: no chat template")] = False,
     system: Annotated[Optional[str], typer.Option("--system", help="system message")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print samples, token counts and timing as JSON")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result (samples, scores, usage, timing) as JSON")] = False,
     strategy: StrategyOpt = None,
     budget: BudgetNOpt = None,
     threshold: ThresholdOpt = None,
@@ -232,77 +205,69 @@ def run(
     mem_budget: BudgetOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Answer one prompt; with -n, draw several samples from one decoded prompt."""
-    from edge_adapt.engine import Finished, SamplingParams, Token
+    """Answer one prompt; with -n, draw several samples from one decoded prompt; with --strategy, spend them by
+    self-evaluation."""
+    from edge_adapt.engine import SamplingParams, Token
+    from edge_adapt.result import Collector
+    from edge_adapt.sizing import engine_for_generation, engine_for_strategy
+    from edge_adapt.strategies import run_strategy
 
     prompt = _text_arg(prompt, "the prompt")
-    if system is not None:
-        system = _text_arg(system, "--system")
-    params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repeat_penalty=repeat_penalty, seed=seed)
+    messages = ([{"role": "system", "content": _text_arg(system, "--system")}] if system else []) + [
+        {"role": "user", "content": prompt}]
+    if stop and "" in stop:
+        raise UsageError("--stop takes a non-empty string (an empty one would end every reply at once)")
+    sampling = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+    cfg = None
     if strategy or config:
-        cfg = _strategy_config(config, strategy=strategy, budget=budget, threshold=threshold, adapter=adapter,
-                               temperature=temp if temp > 0 else None, max_tokens=max_tokens, seed=seed,
-                               stop=tuple(stop) if stop else None, k=keep,
-                               prune_at=tuple(prune_at) if prune_at else None, policy=policy, beam_width=beam_width,
-                               max_step_tokens=step_tokens, lookahead=lookahead, sequential_ratio=sequential_ratio)
-        _run_strategy(prompt, system, cfg, show_scores=show_scores, as_json=as_json, model=model, ctx=ctx,
-                      device=device, gpu_layers=gpu_layers, threads=threads, mem_budget=mem_budget, verbose=verbose)
-        return
+        if n is not None and budget is not None and n != budget:
+            raise UsageError(f"-n {n} and --budget {budget} disagree: with a strategy, -n is the budget")
+        cfg = _strategy_config(config, strategy=strategy, budget=budget if budget is not None else n,
+                               threshold=threshold, adapter=adapter, max_tokens=max_tokens,
+                               stop=tuple(stop) if stop else None, k=keep, prune_at=tuple(prune_at) if prune_at else None,
+                               policy=policy, beam_width=beam_width, max_step_tokens=step_tokens, lookahead=lookahead,
+                               sequential_ratio=sequential_ratio, **sampling)
+    if policy is not None and (cfg is None or cfg.strategy != "auto"):
+        raise UsageError("--policy is only used by --strategy auto")
+    if cfg is None and raw and system:
+        raise UsageError("--system needs the chat template; --raw sends the prompt as it is")
     t0 = time.perf_counter()
-    # A BPE token covers at least one byte, so the prompt's bytes bound its tokens before anything is loaded;
-    # 64 more cover the chat template. The engine re-checks with the exact count.
-    guess = len(prompt.encode()) + len((system or "").encode()) + 64
-    engine = _engine(model, parallel=n, ctx=_ctx_for(guess, max_tokens, ctx), device=device,
-                     gpu_layers=gpu_layers, threads=threads, mem_budget=mem_budget, verbose=verbose)
-    with engine:
-        text = prompt if raw else engine.chat_prompt(
-            ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}])
-        tokens = engine.tokenize(text, add_bos=raw)
-        t_load = time.perf_counter()
-        done: dict[int, Finished] = {}
-        first_token_at: float | None = None
-        stream = n == 1 and not as_json
-        with _ctrl_c_cancels(engine):
-            for ev in engine.generate(tokens, params, n=n, max_tokens=max_tokens, stop=stop or ()):
-                if isinstance(ev, Token):
-                    first_token_at = first_token_at or time.perf_counter()
-                    if stream:
-                        sys.stdout.write(ev.text)
-                        sys.stdout.flush()
-                elif isinstance(ev, Finished):
-                    done[ev.sample] = ev
+    opts = _options(model, device=device, gpu_layers=gpu_layers, threads=threads, verbose=verbose)
+    if cfg is not None:
+        engine, plan = engine_for_strategy(messages, cfg, opts, ctx=ctx, mem_budget=mem_budget)
+    else:
+        params = SamplingParams(**{"temperature": 0.0, **{k: v for k, v in sampling.items() if v is not None}})
+        engine, tokens = engine_for_generation(prompt if raw else messages, n or 1, max_tokens or 256, opts, raw=raw,
+                                               ctx=ctx, mem_budget=mem_budget)
+    stream = not as_json and not show_scores and (cfg.strategy == "single" if cfg else (n or 1) == 1)
+    collector = Collector()
+    with engine, _ctrl_c_cancels(engine):
+        t_load = first_token_at = time.perf_counter()
+        events = run_strategy(engine, plan.prompt, plan.config) if cfg is not None else engine.generate(
+            tokens, params, n=n or 1, max_tokens=max_tokens or 256, stop=stop or ())
+        for ev in events:
+            collector.add(ev)
+            if isinstance(ev, Token):
+                first_token_at = first_token_at if first_token_at > t_load else time.perf_counter()
+                if stream:
+                    sys.stdout.write(ev.text)
+                    sys.stdout.flush()
         t_end = time.perf_counter()
-    if stream:
-        sys.stdout.write("\n")
-        return
-    samples = [done[i] for i in sorted(done)]
+    result = collector.result()
     if as_json:
-        gen = sum(s.n_tokens for s in samples)
+        gen = result.usage.generated_tokens
         print(json.dumps({
-            "model": str(engine.model_path),
-            "prompt_tokens": len(tokens),
-            "samples": [{"index": s.sample, "text": s.text, "finish_reason": s.reason, "tokens": s.n_tokens,
-                         "mean_logprob": s.sum_logprob / max(1, s.n_tokens)} for s in samples],
-            "usage": {"prompt_tokens": len(tokens), "generated_tokens": gen},
-            "timing": {"load_s": round(t_load - t0, 4), "first_token_s": round((first_token_at or t_end) - t_load, 4),
+            "model": str(engine.model_path), "strategy": cfg.strategy if cfg else None, **result.to_dict(),
+            "timing": {"load_s": round(t_load - t0, 4), "first_token_s": round(first_token_at - t_load, 4),
                        "generate_s": round(t_end - t_load, 4), "tokens_per_s": round(gen / max(t_end - t_load, 1e-9), 2)},
         }, ensure_ascii=False, indent=2))
-        return
-    for s in samples:
-        print(f"--- sample {s.sample} ({s.n_tokens} tokens, {s.reason}) ---\n{s.text}")
+    elif stream:
+        print()
+    else:
+        _print_result(result, show_scores=show_scores)
 
 
 # -- chat ---------------------------------------------------------------------------------------------------
-CHAT_HELP = """commands:
-  /reset        forget the conversation
-  /save FILE    save the conversation and its KV cache (add --force to overwrite)
-  /load FILE    restore a saved conversation
-  /strategy NAME [BUDGET]  answer with a strategy (single, best-of-n, adaptive, prune, vote, ...)
-  /help         this text
-  /exit         leave (Ctrl-D too); Ctrl-C interrupts a reply"""
-
-
 @app.command()
 def chat(
     model: ModelArg = None,
@@ -327,79 +292,57 @@ def chat(
     verbose: VerboseOpt = False,
 ) -> None:
     """Talk with a model; the KV cache is kept across turns so each turn decodes only what is new."""
-    from edge_adapt.engine import SamplingParams, Token
+    from edge_adapt.engine import SamplingParams, Token, Vocab
+    from edge_adapt.engine.budget import parse_size
     from edge_adapt.session import ChatSession, Notice
-    from edge_adapt.strategies import Chosen, samples_at_once
+    from edge_adapt.sizing import EngineSize, load_engine
+    from edge_adapt.strategies import Chosen, plan_run
 
-    params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repeat_penalty=repeat_penalty, seed=seed)
-    cfg = _strategy_config(config, strategy=strategy, budget=budget, threshold=threshold, adapter=adapter,
-                           temperature=temp) if (strategy or config) else None
-    # The conversation's own sequence, plus room for the samples of the strategy chosen at start.
-    parallel = 1 + (samples_at_once(cfg) if cfg is not None and cfg.strategy != "single" else 0)
-    engine = _engine(model, parallel=parallel, ctx=ctx or 4096, device=device, gpu_layers=gpu_layers,
-                     threads=threads, mem_budget=mem_budget, verbose=verbose)
-    with engine:
+    params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,  # type: ignore[arg-type]
+                            repeat_penalty=repeat_penalty, seed=seed)  # type: ignore[arg-type]
+    sampling = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+    base = _strategy_config(config, strategy=strategy, budget=budget, threshold=threshold, adapter=adapter, **sampling)
+    opts = _options(model, device=device, gpu_layers=gpu_layers, threads=threads, verbose=verbose)
+    sequences = 1  # the conversation's own, plus the samples of the strategy chosen at start
+    if strategy or config:
+        with Vocab(opts.model) as vocab:
+            sequences = plan_run(vocab, None, base.with_options(max_tokens=max_tokens)).sequences
+    budget_bytes = parse_size(mem_budget) if mem_budget else None
+    with load_engine(EngineSize(sequences, ctx or 4096), opts, mem_budget=budget_bytes) as engine:
         session = ChatSession(engine, system=_text_arg(system, "--system") if system else None, params=params,
-                              max_tokens=max_tokens, strategy=cfg)
+                              max_tokens=max_tokens, strategy=base if (strategy or config) else None,  # type: ignore[arg-type]
+                              mem_budget=budget_bytes)
         print(f"edge-adapt chat: {engine.info.name} ({engine.n_ctx_seq} tokens of context). /help for commands.")
         while True:
             try:
-                line = input("> ")
+                line = input("> ").strip()
             except EOFError:
                 print()
                 return
             except KeyboardInterrupt:
                 print()
                 continue
-            line = line.strip()
-            if not line:
-                continue
-            if line.startswith("/"):
-                cmd, _, arg = line.partition(" ")
-                try:
-                    if cmd in ("/exit", "/quit"):
-                        return
-                    elif cmd == "/help":
-                        print(CHAT_HELP)
-                    elif cmd == "/reset":
-                        session.reset()
-                        print("(conversation cleared)")
-                    elif cmd == "/save" and arg:
-                        path, _, flag = arg.strip().partition(" ")
-                        session.save(path, force=flag.strip() == "--force")
-                        print(f"(saved to {path})")
-                    elif cmd == "/strategy":
-                        name, _, n = arg.strip().partition(" ")
-                        base = session.strategy or _strategy_config(None, temperature=temp)
-                        session.strategy = base.with_options(strategy=name or None,
-                                                             budget=int(n) if n.strip().isdigit() else None)
-                        room = engine.options.parallel - 1
-                        print(f"(strategy {session.strategy.strategy}, budget {session.strategy.budget}; "
-                              f"{room} parallel samples fit this chat, start it with --budget N for more)")
-                    elif cmd == "/load" and arg:
-                        session.load(arg.strip())
-                        print(f"(restored {len(session.messages)} messages)")
-                    else:
-                        print(f"unknown command {line!r}; /help lists them")
-                except EdgeAdaptError as exc:
-                    print(f"error: {exc}")
-                continue
             try:
-                with _ctrl_c_cancels(engine):
-                    for ev in session.send(line):
-                        if isinstance(ev, Notice):
-                            print(f"({ev.text})")
-                        elif isinstance(ev, Token) and (session.strategy is None or session.strategy.strategy == "single"):
-                            sys.stdout.write(ev.text)
-                            sys.stdout.flush()
-                        elif isinstance(ev, Chosen):
-                            score = f"p_keep {ev.p_keep:.2f}, " if ev.p_keep is not None else ""
-                            sys.stdout.write(f"{ev.text}\n({score}sample {ev.sample})")
+                if line.startswith("/"):
+                    reply = session.command(line, base)
+                    if reply is None:
+                        return
+                    print(reply)
+                elif line:
+                    plain = session.strategy is None or session.strategy.strategy == "single"
+                    with _ctrl_c_cancels(engine):
+                        for ev in session.send(line):
+                            if isinstance(ev, Notice):
+                                print(f"({ev.text})")
+                            elif isinstance(ev, Token) and plain:
+                                sys.stdout.write(ev.text)
+                                sys.stdout.flush()
+                            elif isinstance(ev, Chosen):
+                                score = f"p_keep {ev.p_keep:.2f}, " if ev.p_keep is not None else ""
+                                sys.stdout.write(f"{ev.text}\n({score}sample {ev.sample})")
+                    print()
             except EdgeAdaptError as exc:
                 print(f"error: {exc}")
-                continue
-            print()
 
 
 # -- info ---------------------------------------------------------------------------------------------------
@@ -412,39 +355,14 @@ def info(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Describe a GGUF model and plan its memory (no weights are loaded)."""
-    from edge_adapt.engine.budget import MiB, fit, parse_size, plan
+    from edge_adapt.engine.budget import fit, model_facts, parse_size, plan, summary
     from edge_adapt.engine.default_model import default_model_path
     from edge_adapt.engine.gguf_file import inspect_gguf
 
     meta = inspect_gguf(model or default_model_path())
-    if mem_budget is not None:
-        p = fit(meta, parse_size(mem_budget), ctx=ctx, want=parallel)
-    else:
-        p = plan(meta, parallel=parallel or 1, ctx=ctx)
-    facts = {
-        "file": str(meta.path), "name": meta.name, "architecture": meta.architecture,
-        "parameters": meta.n_params, "quantization": meta.file_type, "tensor_types": meta.tensor_types,
-        "layers": meta.n_layers, "embedding": meta.n_embd, "heads": meta.n_head, "kv_heads": meta.n_head_kv,
-        "vocabulary": meta.n_vocab, "training_context": meta.n_ctx_train,
-        "kv_bytes_per_token": meta.kv_bytes_per_token_f16, "chat_template": bool(meta.chat_template),
-        "edge_adapt": meta.edge_adapt,
-        "plan": {"parallel": p.parallel, "ctx": p.ctx, "total_bytes": p.total, "weights": p.weights, "kv": p.kv,
-                 "compute": p.compute, "logits": p.outputs, "runtime": p.runtime},
-    }
-    if as_json:
-        print(json.dumps(facts, indent=2, default=str))
-        return
-    print(f"{meta.name}  [{meta.path}]")
-    print(f"  architecture   {meta.architecture}, {meta.n_params / 1e6:.1f}M parameters, {meta.file_type}"
-          f" ({', '.join(f'{k}: {v}' for k, v in meta.tensor_types.items())})")
-    print(f"  shape          {meta.n_layers} layers, {meta.n_embd} wide, {meta.n_head} heads / {meta.n_head_kv} KV heads,"
-          f" vocabulary {meta.n_vocab}")
-    print(f"  context        {meta.n_ctx_train} tokens trained; KV {meta.kv_bytes_per_token_f16 / 1024:.1f} KiB per token")
-    print(f"  chat template  {'yes' if meta.chat_template else 'no (ChatML is used)'}")
-    for k, v in meta.edge_adapt.items():
-        print(f"  edge_adapt.{k} = {v}")
-    budget = f" within {parse_size(mem_budget) / MiB:.0f} MiB" if mem_budget else ""
-    print(f"  plan{budget}: {p.describe()}")
+    budget = parse_size(mem_budget) if mem_budget is not None else None
+    p = fit(meta, budget, ctx=ctx, want=parallel) if budget is not None else plan(meta, parallel=parallel or 1, ctx=ctx)
+    print(json.dumps(model_facts(meta, p), indent=2, default=str) if as_json else summary(meta, p, budget))
 
 
 # -- bench --------------------------------------------------------------------------------------------------
@@ -460,29 +378,12 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Measure the engine against llama-cpp-python's high-level API, side by side, and print ratios."""
-    from edge_adapt.bench import engine as engine_bench
-    from edge_adapt.bench import strategies as strategy_bench
+    from edge_adapt import bench as benchmarks
+    from edge_adapt.bench.engine import BenchConfig
 
-    known = {"single_stream", "batched", "fork", "rss", "strategies"}
-    if only and not set(only) <= known:
-        raise UsageError(f"--only takes {', '.join(sorted(known))}; got {', '.join(sorted(set(only) - known))}")
-    sections = set(only) if only else known
-    results: dict[str, Any] = {}
-    if sections - {"strategies"}:
-        results = engine_bench.run_all(engine_bench.BenchConfig(model=model, threads=threads, device=device.value,
-                                                                samples=samples, tokens=tokens, repeats=repeats),
-                                       sections - {"strategies"})
-        if not as_json:
-            print(engine_bench.render(results))
-    if "strategies" in sections:
-        from edge_adapt.engine import Engine
-
-        with Engine(model=model, parallel=17, ctx=512, threads=threads, device=device.value) as e:
-            results["strategies"] = strategy_bench.run_all(e, repeats=repeats)
-        if not as_json:
-            print(strategy_bench.render(results["strategies"]))
-    if as_json:
-        print(json.dumps(results, indent=2))
+    results = benchmarks.run(BenchConfig(model=model, threads=threads, device=device.value, samples=samples,
+                                         tokens=tokens, repeats=repeats), set(only) if only else None)
+    print(json.dumps(results, indent=2) if as_json else benchmarks.render(results))
 
 
 # -- eval ---------------------------------------------------------------------------------------------------
@@ -516,13 +417,14 @@ def eval_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="report directory")] = Path("runs/eval"),
 ) -> None:
     """Build (or resume) a sample pool, replay strategies over it, and write a report with plots."""
-    from edge_adapt.eval import EvalConfig, run_eval
+    from edge_adapt.eval import EvalConfig
+    from edge_adapt.eval.run import eval_job
 
     fields = _pool_fields(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temp=temp,
                           max_tokens=max_tokens, prune_at=prune_at, seed=seed, model=model, threads=threads,
                           adapter=adapter, cache_dir=cache_dir)
     cfg = validated(EvalConfig, {**fields, "out_dir": out, "live": live or [], "live_prompts": live_prompts}, "eval")
-    run_eval(cfg)
+    _show(eval_job(cfg))
     print(f"report written to {out / 'report.md'}")
 
 
@@ -558,28 +460,17 @@ def tune_policy_cmd(
     that does best on the tuning pool (two-fold cross-validated), optionally reported on a held-out split."""
     from edge_adapt.eval import EvalConfig
     from edge_adapt.eval.tune import DEFAULT_BUDGETS
-    from edge_adapt.eval.tune_run import TuneConfig, run_tune
-    from edge_adapt.strategies import StrategyConfig
+    from edge_adapt.eval.tune_run import TuneConfig, tune_job
 
     fields = _pool_fields(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temp=temp,
                           max_tokens=max_tokens, prune_at=prune_at, seed=seed, model=model, threads=threads,
                           adapter=adapter, cache_dir=cache_dir)
     pool = validated(EvalConfig, fields, "tune-policy")
-    if test_split is None and (report or live or compare_model):
-        raise UsageError("--report, --live and --compare-model need --test-split")
-    if compare_model is not None:
-        from edge_adapt.engine.gguf_file import inspect_gguf
-
-        inspect_gguf(compare_model)  # a bad file fails now, not after the tuning
-    if any(b < 2 for b in budget or ()):
-        raise UsageError("a budget must be at least 2 (the probe and one more sample)")
-    for name in live or ():
-        StrategyConfig.parse({"strategy": name}, f"--live {name}")
     cfg = validated(TuneConfig, dict(pool=pool, budgets=budget or list(DEFAULT_BUDGETS), tolerance=tolerance, out=out,
                                      force=force, test_split=test_split, test_prompts=test_prompts, report_dir=report,
                                      live=live or [], live_prompts=live_prompts, live_budget=live_budget,
                                      compare_model=compare_model), "tune-policy")
-    result = run_tune(cfg)
+    result = _show(tune_job(cfg))
     print(f"policy written to {out}")
     for b, choices in result["choices"].items():
         print(f"  budget {b}: " + " | ".join(f"bin {i}: {c}" for i, c in enumerate(choices, start=1)))
@@ -588,14 +479,6 @@ def tune_policy_cmd(
 
 
 # -- label / train: teaching the model to evaluate itself ---------------------------------------------------
-def _work_progress() -> Any:
-    """The progress display of long jobs (the one `eval` shows)."""
-    from edge_adapt.eval.run import progress_display
-
-    return progress_display(True)
-
-
-
 @app.command("label")
 def label_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="label dataset to write (.jsonl)")],
@@ -616,7 +499,7 @@ def label_cmd(
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing dataset")] = False,
 ) -> None:
     """Sample K responses per training prompt and label each with its self-eval target."""
-    from edge_adapt.train import LabelConfig, label_iter
+    from edge_adapt.train import LabelConfig, label_job
 
     fields = dict(out=out, suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, levels=level, k=k,
                   temperature=temp, max_tokens=max_tokens, seed=seed, model=model, threads=threads,
@@ -625,15 +508,8 @@ def label_cmd(
         fields["cuts"] = cut
     cfg = validated(LabelConfig, fields, "label")
     t0 = time.perf_counter()
-    tokens = generated = 0
-    with _work_progress() as bar:
-        task = bar.add_task(f"label {suite}/{split} K={k}", total=n_prompts, info="")
-        for step in label_iter(cfg):
-            tokens += step.tokens
-            generated += step.generated
-            rate = tokens / max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, completed=step.done, total=step.total, info=f"{rate:.0f} tok/s" if generated else "cached")
-    print(f"wrote {out} ({n_prompts} prompts, {generated} generated now) in {time.perf_counter() - t0:.0f}s")
+    _show(label_job(cfg))
+    print(f"wrote {out} ({n_prompts} prompts) in {time.perf_counter() - t0:.0f}s")
 
 
 @app.command("train")
@@ -658,32 +534,16 @@ def train_cmd(
     force: Annotated[bool, typer.Option("--force", help="overwrite a non-empty output directory")] = False,
 ) -> None:
     """Train the self-eval adapter (needs the \\[train] extra) and export it to GGUF."""
-    try:
-        from edge_adapt.train.config import TrainConfig
-        from edge_adapt.train.trainer import train
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as exc:
-        raise UsageError(f"training needs the [train] extra: pip install 'edge-adapt[train]' ({exc.name} is missing)") from None
+    from edge_adapt.train.config import TrainConfig
+    from edge_adapt.train.trainer import require_train_extra, train_job
+
+    require_train_extra()
     cfg = validated(TrainConfig, dict(
         labels=labels, validation=validation, out=out, method=method, target=target, epochs=epochs, init=init, lr=lr,
         rank=rank, prompts_per_step=prompts_per_step, lm_loss=lm_loss, max_steps=max_steps, model=model,
         validate_before=validate_before, threads=threads, seed=seed, force=force,
         **({"suffix": suffix} if suffix is not None else {})), "train")
-    with _work_progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def update(stage: str, done: int, total: int, info: str) -> None:
-            if stage == "validate":
-                bar.console.print(info)
-                return
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total, info="")
-            bar.update(tasks[stage], completed=done, total=total, info=info)
-            if not bar.console.is_terminal and done % 10 == 0:  # logs get a line now and then
-                bar.console.print(f"{stage} {done}/{total} {info}")
-
-        result = train(cfg, progress=update)
+    result = _show(train_job(cfg))
     best = next(e for e in result.epochs if e.epoch == result.best_epoch)
     typer.echo(f"wrote {result.exported} (best epoch {result.best_epoch}: validation AUROC "
                f"{best.auroc if best.auroc is None else round(best.auroc, 3)}, Brier {best.brier:.3f} vs constant "
@@ -691,24 +551,6 @@ def train_cmd(
 
 
 # -- convert / convert-adapter / import: HF <-> GGUF ---------------------------------------------------------
-@contextmanager
-def _progress_bar(label: str) -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar on stderr, fed by the library's (stage, done, total) calls."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(f"{label}: {stage}", total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        yield update
-
-
 @app.command("convert")
 def convert_cmd(
     hf_dir: Path = typer.Argument(..., help="transformers checkpoint directory (config.json, safetensors, tokenizer)"),
@@ -719,11 +561,10 @@ def convert_cmd(
     force: bool = typer.Option(False, "--force", help="overwrite an existing output"),
 ) -> None:
     """Convert a transformers checkpoint to a GGUF model."""
-    from edge_adapt.convert import convert_model
+    from edge_adapt.convert import convert_model_job
 
-    with _progress_bar("convert") as progress:
-        r = convert_model(hf_dir, output, type=type, merge_adapter=merge_adapter,
-                          self_eval_config=self_eval_config, force=force, progress=progress)
+    r = _show(convert_model_job(hf_dir, output, type=type, merge_adapter=merge_adapter,
+                                self_eval_config=self_eval_config, force=force))
     typer.echo(f"wrote {r.path} ({r.architecture}, {r.type}, {r.n_params / 1e6:.1f}M params, "
                f"{r.file_size / 2**20:.1f} MiB) in {r.seconds:.1f}s")
 
@@ -738,11 +579,9 @@ def convert_adapter_cmd(
     force: bool = typer.Option(False, "--force", help="overwrite an existing output"),
 ) -> None:
     """Convert a PEFT LoRA or activated LoRA to a GGUF adapter."""
-    from edge_adapt.convert import convert_adapter
+    from edge_adapt.convert import convert_adapter_job
 
-    with _progress_bar("convert-adapter") as progress:
-        r = convert_adapter(peft_dir, base, output, self_eval_config=self_eval_config, type=type, force=force,
-                              progress=progress)
+    r = _show(convert_adapter_job(peft_dir, base, output, self_eval_config=self_eval_config, type=type, force=force))
     kind = f"aLoRA, invocation tokens {r.invocation_tokens}" if r.invocation_tokens else "LoRA"
     typer.echo(f"wrote {r.path} ({kind}, {r.n_tensors} tensors, alpha {r.alpha:g}) in {r.seconds:.1f}s")
 
@@ -754,10 +593,9 @@ def import_cmd(
     force: bool = typer.Option(False, "--force", help="overwrite an existing output"),
 ) -> None:
     """Dequantize a GGUF model back to a transformers checkpoint (for fine-tuning)."""
-    from edge_adapt.convert import import_gguf
+    from edge_adapt.convert import import_gguf_job
 
-    with _progress_bar("import") as progress:
-        r = import_gguf(model, output, force=force, progress=progress)
+    r = _show(import_gguf_job(model, output, force=force))
     typer.echo(f"wrote {r.path} ({r.architecture}, {r.n_params / 1e6:.1f}M params, float32) in {r.seconds:.1f}s")
 
 

@@ -187,3 +187,85 @@ def test_tune_policy_end_to_end(tmp_path: Path):
     (auto,) = [r for r in data["live"] if r["strategy"] == "auto"]
     assert auto["prompts"] == 2 and sum(auto["bins"].values()) == 2
     assert "Compute-matched comparison" in (report / "report.md").read_text()
+
+
+# -- one run path for every strategy, sized by the library -----------------------------------------------------
+def _run_in_process(*args: str) -> tuple[int, str]:
+    """`edge-adapt run ...` in this process (the model loads in well under a second; a new interpreter per case
+    would cost more than the run)."""
+    from typer.testing import CliRunner
+
+    from edge_adapt.cli import app
+
+    result = CliRunner().invoke(app, ["run", *args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", (None, 2, 4))  # None: the strategy's defaults (budget 8)
+@pytest.mark.parametrize("strategy", sorted(set(__import__("edge_adapt.strategies", fromlist=["STRATEGIES"]).STRATEGIES)))
+def test_every_strategy_runs_through_the_cli_at_its_defaults_and_small_budgets(strategy: str, budget: int | None):
+    """The CLI sizes the engine from the strategy's own declaration (edge_adapt.sizing): no strategy may find too
+    few sequences or too short a context, at its default settings or at budgets 2, 4 and (by default) 8."""
+    # 40 tokens: past the default prune point (32), so the pruning strategies run at their defaults too; a short
+    # question, whose samples mostly end within a few tokens, keeps the 36 runs quick.
+    args = ["What is 2 + 3?", "--strategy", strategy, "--max-tokens", "40", "--json"] + (
+        ["--budget", str(budget)] if budget else [])
+    code, out = _run_in_process(*args)
+    assert code == 0, out
+    data = json.loads(out)
+    assert data["strategy"] == strategy and data["chosen"]["text"] == next(
+        s["text"] for s in data["samples"] if s["index"] == data["chosen"]["sample"])
+    assert data["usage"]["samples_started"] >= 1
+
+
+def test_run_json_has_one_schema_for_plain_and_strategy_runs():
+    plain = json.loads(cli("run", "Name a fruit.", "-n", "2", "--temp", "0.8", "--max-tokens", "6", "--json").stdout)
+    strat = json.loads(cli("run", "Name a fruit.", "--strategy", "best-of-n", "-n", "2", "--max-tokens", "6",
+                           "--json").stdout)
+    # The schema is the one the README documents (its ```json example of run --json).
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    documented = json.loads(readme.split("```json\n", 1)[1].split("```", 1)[0])
+    assert set(plain) == set(strat) == set(documented)
+    assert set(plain["samples"][0]) == set(strat["samples"][0]) == set(documented["samples"][0])
+    assert set(plain["usage"]) == set(strat["usage"]) == set(documented["usage"])
+    assert set(strat["chosen"]) == set(documented["chosen"]) and set(plain["timing"]) == set(documented["timing"])
+    assert plain["strategy"] is None and plain["chosen"] is None and len(plain["samples"]) == 2
+    # -n with a strategy is its budget
+    assert strat["strategy"] == "best-of-n" and strat["usage"]["samples_started"] == 2
+    assert all(len(s["scores"]) == 1 for s in strat["samples"]) and strat["chosen"]["p_keep"] is not None
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("run", "hi", "--strategy", "best-of-n", "-n", "4", "--budget", "8"), "-n 4 and --budget 8 disagree"),
+        (("run", "hi", "--stop", ""), "--stop takes a non-empty string"),
+        (("run", "hi", "--policy", "p.json"), "--policy is only used by --strategy auto"),
+        (("run", "hi", "--temp", "inf"), "temperature (--temp) must be a finite number"),
+        (("run", "hi", "--strategy", "best-of-n", "--top-p", "1.5"), "top_p (--top-p) must be in (0, 1]"),
+        (("eval", "--temp", "nan"), "temperature (--temp) must be a finite number"),
+        (("label", "-o", "x.jsonl", "--temp", "0"), "a pool samples: temperature must be > 0"),
+    ],
+)
+def test_sampling_and_run_options_are_checked_once(args: tuple[str, ...], fragment: str, tmp_path: Path):
+    assert_one_line_error(cli(*args), fragment)
+
+
+def test_run_config_file_values_win_over_flags_not_given(tmp_path: Path):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('strategy = "best-of-n"\nbudget = 2\nmax_tokens = 5\nseed = 7\n')
+    out = json.loads(cli("run", "Name a fruit.", "--config", str(cfg), "--json").stdout)
+    assert all(s["tokens"] <= 5 for s in out["samples"]) and out["usage"]["samples_started"] == 2
+    again = json.loads(cli("run", "Name a fruit.", "--config", str(cfg), "--max-tokens", "3", "--json").stdout)
+    assert all(s["tokens"] <= 3 for s in again["samples"])
+
+
+def test_chat_switches_strategy_mid_conversation():
+    proc = cli("chat", "--max-tokens", "12", stdin=b"What is 2 + 3?\n/strategy adaptive 4\nAnd 4 + 4?\n/exit\n")
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "(strategy adaptive, budget 4; the engine holds 3 sequences)" in out and "error" not in out
+    assert "p_keep" in out  # the second answer came from the strategy, with its score
