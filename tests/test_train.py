@@ -108,7 +108,7 @@ def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
     from edge_adapt.train.config import TrainConfig
     from edge_adapt.train.trainer import _Scorer, groups_of, train
 
-    common = dict(k=4, max_tokens=24, cuts=[8], cache_dir=tmp_path / "cache", progress=False)
+    common = dict(k=4, max_tokens=24, cuts=[8], cache_dir=tmp_path / "cache")
     tr = label(LabelConfig(out=tmp_path / "train.jsonl", split="train", n_prompts=3, **common), engine)
     va = label(LabelConfig(out=tmp_path / "val.jsonl", split="validation", n_prompts=2, **common), engine)
     labels = read_labels(tr)
@@ -122,7 +122,7 @@ def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
     assert read_labels(tmp_path / "again.jsonl").prompts == labels.prompts
 
     cfg = TrainConfig(labels=tr, validation=va, out=tmp_path / "run", epochs=1, max_steps=2, prompts_per_step=2,
-                      lr=1e-3, threads=2, progress=False)
+                      lr=1e-3, threads=2)
     prompt = engine.tokenize(engine.chat_prompt([{"role": "user", "content": "What is 2 + 5?"}]))
 
     def greedy(score_with: SelfEvaluator | None) -> list[int]:
@@ -162,39 +162,51 @@ def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
     assert ev.base_part == [] and ev.adapter.invocation_tokens == ev.suffix  # aLoRA: on from the suffix on
 
     group = groups_of(read_labels(va))[0]
-    root = engine.open(group.prompt_ids)
-    runtime: list[float] = []
-    try:
-        for lo in range(0, len(group.rows), 4):  # a group's rows (samples and their cuts) may outnumber free ids
-            seqs = []
-            try:
-                for r in group.rows[lo : lo + 4]:
-                    s = engine.fork(root)
-                    seqs.append(s)
+
+    def logit_diffs(eng: Engine, scorer: SelfEvaluator) -> np.ndarray:
+        """logit(No) - logit(Yes) after each validation row (a response, or its cut), as the runtime reads it."""
+        p_keep: list[float] = []
+        with eng.opened(group.prompt_ids) as root:
+            for lo in range(0, len(group.rows), 4):  # a group's rows (samples and their cuts) may outnumber free ids
+                seqs = [eng.fork(root) for _ in group.rows[lo : lo + 4]]
+                for s, r in zip(seqs, group.rows[lo : lo + 4]):
                     ids = group.responses[r.sample][: r.n_ids]
                     if ids:
-                        engine.extend([(s, ids)])
-                runtime += ev.score(seqs)
-            finally:
+                        eng.extend([(s, ids)])
+                p_keep += scorer.score(seqs)
                 for s in seqs:
-                    engine.release(s)
-    finally:
-        engine.release(root)
+                    eng.release(s)
+        return np.array([math.log(p / (1 - p)) for p in p_keep])
+
     torch_scorer = _Scorer(cfg, tmp_path / "run" / "base-hf", ev.suffix, ev.yes_token, ev.no_token,
                            checkpoint=tmp_path / "run" / "checkpoint")
     import torch
 
     rows, diff, _ = torch_scorer.logit_diffs(group, grad=False)
-    trained = dict(zip(rows, torch.sigmoid(diff).tolist()))
-    # The same score from two implementations: llama.cpp (Q4_1 weights with Q8_1 activations, f16 KV) and torch
-    # (f32 on the dequantized weights). Compared as logit(No) - logit(Yes), where the quantization error is
-    # additive: measured 0.10 on average, 0.14 at most (about 0.03 in p near 0.5); the Q4_1 file's own logits
-    # move by up to 4% of their scale against f32 (test_convert_roundtrip), so 0.3 leaves room, not slack.
-    got = np.array([math.log(p / (1 - p)) for p in runtime])
-    ref = np.array([math.log(trained[r] / (1 - trained[r])) for r in group.rows])
-    err = np.abs(got - ref)
-    print(f"runtime vs torch logit diff: mean |d| {err.mean():.3f}, max {err.max():.3f} over {len(err)} rows")
-    assert err.max() <= 0.3
+    trained = dict(zip(rows, diff.tolist()))
+    ref = np.array([trained[r] for r in group.rows])
+    # The same score from two implementations, compared as logit(No) - logit(Yes). Against an f32 GGUF of the
+    # very weights torch ran (the dequantized base model), nothing is quantized but llama.cpp's f16 KV cache:
+    # the two must agree closely on any CPU.
+    from edge_adapt.convert import convert_model
+
+    f32 = convert_model(tmp_path / "run" / "base-hf", tmp_path / "base-f32.gguf", type="f32").path
+    with Engine(model=f32, parallel=5, ctx=256, device="cpu") as exact:
+        exact_ev = SelfEvaluator(exact, adapter_path=result.exported)
+        err_exact = np.abs(logit_diffs(exact, exact_ev) - ref)
+        no_adapter = exact_ev.config.model_copy(update={"adapter": None, "default_adapter": False})
+        base_exact = logit_diffs(exact, SelfEvaluator(exact, no_adapter))
+    print(f"runtime (f32 GGUF) vs torch logit diff: mean |d| {err_exact.mean():.4f}, max {err_exact.max():.4f}")
+    assert err_exact.max() <= 0.05
+    # The shipped Q4_1 file runs with Q8 activations through kernels llama.cpp picks per CPU, so its error is
+    # measured here, on this CPU: the base model's own score (adapter off) against the f32 file's. With the
+    # adapter on, the quantized runtime may err by about as much, not more: a wrongly applied adapter (scale,
+    # rows, invocation tokens) would move the score by far more than quantization does.
+    err_quant = np.abs(logit_diffs(engine, SelfEvaluator(engine, no_adapter)) - base_exact)
+    err = np.abs(logit_diffs(engine, ev) - ref)
+    print(f"runtime (Q4_1) vs torch logit diff: mean |d| {err.mean():.3f}, max {err.max():.3f}; "
+          f"the file's own quantization error (adapter off): max {err_quant.max():.3f}")
+    assert err.max() <= 2 * err_quant.max() + 0.05
 
     # With the adapter loaded (and switched on for scoring mid-generation), greedy output is the base model's.
     assert greedy(ev) == base_greedy
@@ -250,8 +262,8 @@ def test_label_reuses_samples_an_eval_pool_already_generated(engine: Engine, tmp
     settings = PoolSettings(k=4, max_tokens=20, prune_points=(8,))
     evald = list(build_pool(engine, StandInSelfEval(engine), suite, settings, tmp_path))
     before = engine.decoded_tokens
-    out = label(LabelConfig(out=tmp_path / "l.jsonl", n_prompts=2, k=4, max_tokens=20, cuts=[8], cache_dir=tmp_path,
-                            progress=False), engine)
+    out = label(LabelConfig(out=tmp_path / "l.jsonl", n_prompts=2, k=4, max_tokens=20, cuts=[8], cache_dir=tmp_path),
+          engine)
     assert engine.decoded_tokens == before
     got = read_labels(out).prompts
     assert [[r["ids"] for r in p["rows"] if r["cut"] is None] for p in got] == [
@@ -267,11 +279,11 @@ def test_full_fine_tune_exports_a_self_describing_model(tmp_path: Path, engine: 
     from edge_adapt.train.config import TrainConfig
     from edge_adapt.train.trainer import train
 
-    common = dict(k=3, max_tokens=16, cuts=[8], cache_dir=tmp_path / "cache", progress=False)
+    common = dict(k=3, max_tokens=16, cuts=[8], cache_dir=tmp_path / "cache")
     tr = label(LabelConfig(out=tmp_path / "train.jsonl", split="train", n_prompts=2, **common), engine)
     va = label(LabelConfig(out=tmp_path / "val.jsonl", split="validation", n_prompts=1, **common), engine)
     result = train(TrainConfig(labels=tr, validation=va, out=tmp_path / "full", method="full", lm_loss=0.1,
-                               max_steps=1, prompts_per_step=1, validate_before=False, threads=2, progress=False))
+                               max_steps=1, prompts_per_step=1, validate_before=False, threads=2))
     assert result.exported.name == "model.gguf"
     with Engine(model=result.exported, parallel=2, ctx=128) as merged:
         ev = SelfEvaluator(merged)
