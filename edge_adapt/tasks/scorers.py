@@ -162,3 +162,34 @@ def resolve_scorer(spec: str) -> Scorer:
             raise UsageError(f"scorer {spec!r} is not callable")
         return CustomScorer(fn, spec)
     raise UsageError(f"unknown scorer {spec!r}: use final-number, exact, regex:<pattern> or module:function")
+
+
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_WEEKDAY_RE = re.compile(r"\b(" + "|".join(WEEKDAYS) + r")\b", re.IGNORECASE)
+
+
+def extract_weekday(text: str) -> str | None:
+    """The weekday a reply commits to: the last one named in its last 'answer is ...' clause that names one, else
+    the last one named anywhere ("Today is Monday, so tomorrow is Tuesday" -> Tuesday)."""
+    for m in reversed(list(_MARKER_RE.finditer(text))):
+        rest = text[m.end() :]
+        end = _CLAUSE_END_RE.search(rest)
+        found = _WEEKDAY_RE.findall(rest[: end.start()] if end else rest)
+        if found:
+            return found[-1].capitalize()
+    found = _WEEKDAY_RE.findall(text)
+    return found[-1].capitalize() if found else None
+
+
+@dataclass(frozen=True)
+class Weekday:
+    """The reference is a weekday name; the reply's is `extract_weekday`'s, compared case-insensitively."""
+
+    name: str = "weekday"
+
+    def extract(self, text: str) -> str | None:
+        return extract_weekday(text)
+
+    def correct(self, text: str, reference: str) -> bool:
+        got = extract_weekday(text)
+        return got is not None and got.lower() == reference.strip().lower()

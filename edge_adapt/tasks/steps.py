@@ -1,0 +1,57 @@
+"""`steps`: the long-answer family. Multi-step word problems whose prompt asks for the working, one step per
+line, and then "The answer is N": the default model writes 100+ tokens per reply (measured: docs/tasks.md), so
+mid-generation pruning at 16 / 32 / 64 tokens cuts replies that are still working. The final answer is checked
+exactly by the final-number checker (the last "answer is" clause wins over numbers in the working).
+"""
+
+from __future__ import annotations
+
+import random
+
+from edge_adapt.tasks.family import GeneratedFamily
+from edge_adapt.tasks.scorers import FinalNumber
+from edge_adapt.tasks.wordprob import _GROUPS, _NAMES, _THINGS
+
+STEPS_FORMAT = 'Show your steps, one per line, then write "The answer is" followed by the number.'
+
+
+def _level1(r: random.Random) -> tuple[str, str]:
+    a, b, c = r.randint(2, 9), r.randint(2, 9), r.randint(2, 9)
+    n, t = r.choice(_NAMES), r.choice(_THINGS)
+    return f"{n} has {a} {t}, buys {b} more and is given {c} more. How many {t} does {n} have?", str(a + b + c)
+
+
+def _level2(r: random.Random) -> tuple[str, str]:
+    a, b, c = r.randint(2, 6), r.randint(2, 6), r.randint(1, 9)
+    n, t, g = r.choice(_NAMES), r.choice(_THINGS), r.choice(_GROUPS)
+    return f"{n} has {a} {g} with {b} {t} in each and {c} more {t}. How many {t} does {n} have?", str(a * b + c)
+
+
+def _level3(r: random.Random) -> tuple[str, str]:
+    a, b = r.randint(2, 6), r.randint(2, 6)
+    c = r.randint(1, a * b - 1)
+    n, t, g = r.choice(_NAMES), r.choice(_THINGS), r.choice(_GROUPS)
+    return f"{n} fills {a} {g} with {b} {t} each, then gives away {c} {t}. How many {t} are left?", str(a * b - c)
+
+
+def _level4(r: random.Random) -> tuple[str, str]:
+    a, b, c = r.randint(2, 5), r.randint(2, 5), r.randint(2, 9)
+    d = r.randint(1, a * b + c - 1)
+    n, t, g = r.choice(_NAMES), r.choice(_THINGS), r.choice(_GROUPS)
+    q = (f"{n} has {a} {g} with {b} {t} in each. {n} buys {c} more {t}, then gives {d} {t} to a friend. "
+         f"How many {t} does {n} have now?")
+    return q, str(a * b + c - d)
+
+
+def _level5(r: random.Random) -> tuple[str, str]:
+    k, per, extra = r.randint(2, 5), r.randint(2, 6), r.randint(1, 9)
+    n, t = r.choice(_NAMES), r.choice(_THINGS)
+    q = (f"{n} has {k * per} {t} and shares them equally among {k} friends. One friend then finds {extra} more "
+         f"{t}. How many {t} does that friend have?")
+    return q, str(per + extra)
+
+
+STEPS = GeneratedFamily(
+    "steps", {1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5}, STEPS_FORMAT, FinalNumber(),
+    max_tokens=256,
+)
