@@ -46,7 +46,8 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", help="show llama.cpp's ow
 TempOpt = Annotated[float, typer.Option("--temp", help="sampling temperature (0: greedy)", min=0.0)]
 MaxTokOpt = Annotated[int, typer.Option("--max-tokens", help="most tokens to generate per sample", min=1)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed (sample i uses seed + i)")]
-SuiteOpt = Annotated[str, typer.Option("--suite", help="arith, gsm8k, or a user suite .jsonl file")]
+SuiteOpt = Annotated[str, typer.Option("--suite", help="arith, gsm8k, mix (all task families), or a user suite .jsonl file")]
+FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="one task family instead of --suite (docs/tasks.md)")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="suite file (gsm8k: the shared training split by default)")]
 ScorerOpt = Annotated[Optional[str], typer.Option("--scorer", help="final-number | exact | regex:PATTERN | module:function")]
 PoolKOpt = Annotated[int, typer.Option("-k", "--samples", help="samples per prompt in the pool", min=1, max=64)]
@@ -498,6 +499,7 @@ def _pool_fields(*, temp: float, prune_at: list[int] | None, adapter: Path | Non
 @app.command("eval")
 def eval_cmd(
     suite: SuiteOpt = "arith",
+    family: FamilyOpt = None,
     split: Annotated[str, typer.Option("--split", help="arith split: train, validation or test")] = "test",
     data: DataOpt = None,
     scorer: ScorerOpt = None,
@@ -520,7 +522,7 @@ def eval_cmd(
 
     fields = _pool_fields(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temp=temp,
                           max_tokens=max_tokens, prune_at=prune_at, seed=seed, model=model, threads=threads,
-                          adapter=adapter, cache_dir=cache_dir)
+                          adapter=adapter, cache_dir=cache_dir, family=family)
     cfg = validated(EvalConfig, {**fields, "out_dir": out, "live": live or [], "live_prompts": live_prompts}, "eval")
     run_eval(cfg)
     print(f"report written to {out / 'report.md'}")
@@ -530,6 +532,7 @@ def eval_cmd(
 def tune_policy_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="policy JSON to write")],
     suite: SuiteOpt = "arith",
+    family: FamilyOpt = None,
     split: Annotated[str, typer.Option("--split", help="the split the policy is tuned on")] = "validation",
     data: DataOpt = None,
     scorer: ScorerOpt = None,
@@ -563,7 +566,7 @@ def tune_policy_cmd(
 
     fields = _pool_fields(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temp=temp,
                           max_tokens=max_tokens, prune_at=prune_at, seed=seed, model=model, threads=threads,
-                          adapter=adapter, cache_dir=cache_dir)
+                          adapter=adapter, cache_dir=cache_dir, family=family)
     pool = validated(EvalConfig, fields, "tune-policy")
     if test_split is None and (report or live or compare_model):
         raise UsageError("--report, --live and --compare-model need --test-split")
@@ -600,6 +603,7 @@ def _work_progress() -> Any:
 def label_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="label dataset to write (.jsonl)")],
     suite: SuiteOpt = "arith",
+    family: FamilyOpt = None,
     split: Annotated[str, typer.Option("--split", help="arith split (never the one you report on)")] = "train",
     data: DataOpt = None,
     scorer: ScorerOpt = None,
@@ -620,7 +624,7 @@ def label_cmd(
 
     fields = dict(out=out, suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, levels=level, k=k,
                   temperature=temp, max_tokens=max_tokens, seed=seed, model=model, threads=threads,
-                  cache_dir=cache_dir, force=force)
+                  cache_dir=cache_dir, force=force, family=family)
     if cut:
         fields["cuts"] = cut
     cfg = validated(LabelConfig, fields, "label")

@@ -13,7 +13,8 @@ LiveStrategy = Literal["best-of-8", "adaptive"]
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    suite: str = Field("arith", description="arith, gsm8k, or a user suite .jsonl file")
+    suite: str = Field("arith", description="arith, gsm8k, mix (every task family), or a user suite .jsonl file")
+    family: str | None = Field(None, description="one task family instead of a suite (edge_adapt.tasks.FAMILIES)")
     split: str = Field("test", description="arith split: train, validation or test")
     data: Path | None = Field(None, description="suite file (gsm8k: defaults to ../shared/data/gsm8k/train.jsonl)")
     scorer: str | None = Field(None, description="user suites: final-number, exact, regex:<pattern>, module:function")
@@ -40,6 +41,20 @@ class EvalConfig(BaseModel):
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
         return token_points(v, "prune_points")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str | None) -> str | None:
+        return known_family(v)
+
+
+def known_family(name: str | None) -> str | None:
+    """`name` if it is a task family (or None); else an error naming the families, before any model loads."""
+    from edge_adapt.tasks import FAMILIES
+
+    if name is not None and name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}: choose from {', '.join(FAMILIES)}")
+    return name
 
 
 def token_points(v: list[int], what: str) -> list[int]:

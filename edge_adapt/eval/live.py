@@ -52,7 +52,8 @@ def _run(engine: Engine, scorer: SelfEvalScorer, suite: Suite, problem: Problem,
             if strategy == "adaptive" and max(scores) >= threshold:
                 break
         best = max(range(len(used)), key=lambda i: (scores[i], used[i].mean_logprob))
-        return LiveOutcome(problem.id, bool(suite.scorer.correct(used[best].text, problem.answer)), len(used),
+        right = suite.scorer_of(problem).correct(used[best].text, problem.answer)
+        return LiveOutcome(problem.id, bool(right), len(used),
                            sum(len(s.generated) for s in used), se)
     finally:
         for s in used:
@@ -100,6 +101,7 @@ def run_strategy_live(engine: Engine, scorer: Any, suite: Suite, problems: Seque
                 usage = ev.usage
         assert chosen is not None and usage is not None
         bin_ = usage.extra.get("difficulty_bin")
-        yield StrategyOutcome(p.id, p.level, bool(suite.scorer.correct(chosen.text, p.answer)), usage.samples_started,
+        right = suite.scorer_of(p).correct(chosen.text, p.answer)
+        yield StrategyOutcome(p.id, p.level, bool(right), usage.samples_started,
                               usage.generated_tokens, usage.selfeval_tokens, usage.wall_s,
                               None if bin_ is None else int(bin_))

@@ -227,7 +227,7 @@ def compare_model(path: Path, tcfg: EvalConfig, progress: Any) -> dict[str, Any]
             for ev in big.generate(ids, GREEDY, max_tokens=tcfg.max_tokens):
                 if isinstance(ev, Finished):
                     text, n = ev.text, ev.n_tokens
-            right += bool(suite.scorer.correct(text, p.answer))
+            right += bool(suite.scorer_of(p).correct(text, p.answer))
             tokens.append(n)
             prompt_tokens.append(len(ids))
             progress.update(task, advance=1, info="")

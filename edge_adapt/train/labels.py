@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edge_adapt.engine import Engine, Sample
 from edge_adapt.errors import UsageError
-from edge_adapt.eval.config import token_points
+from edge_adapt.eval.config import known_family, token_points
 from edge_adapt.eval.pool import PoolSettings, PromptPool, build_pool, model_identity, samples_in
 from edge_adapt.fileio import atomic_file, check_target
 from edge_adapt.tasks import load_suite
@@ -48,12 +48,13 @@ class LabelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out: Path = Field(..., description="the dataset file to write (.jsonl)")
-    suite: str = Field("arith", description="arith, gsm8k, or a user suite .jsonl file")
-    split: str = Field("train", description="arith split; never label the split you report on")
+    suite: str = Field("arith", description="arith, gsm8k, mix (every task family), or a user suite .jsonl file")
+    family: str | None = Field(None, description="one task family instead of a suite (edge_adapt.tasks.FAMILIES)")
+    split: str = Field("train", description="split of a generated suite; never label the split you report on")
     data: Path | None = None
     scorer: str | None = None
     n_prompts: int = Field(300, ge=1)
-    levels: list[int] | None = Field(None, description="arith levels to label, spread evenly (all when omitted)")
+    levels: list[int] | None = Field(None, description="levels of arith or the family to label, spread evenly (all when omitted)")
     k: int = Field(16, ge=2, le=64, description="samples per prompt (targets compare each with the other K-1)")
     temperature: float = Field(0.7, gt=0)
     max_tokens: int = Field(96, ge=1)
@@ -70,6 +71,11 @@ class LabelConfig(BaseModel):
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
         return token_points(v, "cuts")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str | None) -> str | None:
+        return known_family(v)
 
 
 def targets(scores: Sequence[float]) -> list[float]:
@@ -134,7 +140,7 @@ def label_iter(cfg: LabelConfig, engine: Engine | None = None) -> Iterator[Label
     if cfg.cuts and cfg.cuts[-1] >= cfg.max_tokens:
         raise UsageError(f"cuts {cfg.cuts} must be below max_tokens {cfg.max_tokens}")
     suite = load_suite(cfg.suite, split=cfg.split, n=cfg.n_prompts, path=cfg.data, scorer=cfg.scorer, seed=cfg.seed,
-                       levels=cfg.levels)
+                       levels=cfg.levels, family=cfg.family)
     settings = PoolSettings(k=cfg.k, temperature=cfg.temperature, max_tokens=cfg.max_tokens, prune_points=(),
                             seed=cfg.seed)
     owns = engine is None
