@@ -15,8 +15,8 @@ from edge_adapt.tasks.files import GSM8K_DEFAULT, gsm8k_suite, jsonl_suite
 from edge_adapt.tasks.gsm8k import Gsm8kFamily
 from edge_adapt.tasks.registry import FAMILIES
 from edge_adapt.tasks.scorers import (
-    ExactMatch, FinalNumber, RegexMatch, Scorer, Weekday, extract_final_number, extract_weekday, normalize_number,
-    resolve_scorer,
+    ExactMatch, FinalNumber, RegexMatch, Scorer, StatedNumber, Weekday, extract_final_number, extract_stated_number,
+    extract_weekday, normalize_number, resolve_scorer,
 )
 
 
@@ -61,7 +61,7 @@ def load_suite(
 
 __all__ = [
     "ANSWER_FORMAT", "LEVELS", "SPLITS", "GSM8K_DEFAULT", "FAMILIES", "Family", "GeneratedFamily", "Gsm8kFamily",
-    "Problem", "Suite", "Scorer", "FinalNumber", "ExactMatch", "RegexMatch", "Weekday", "arith_problems",
+    "Problem", "Suite", "Scorer", "FinalNumber", "ExactMatch", "RegexMatch", "StatedNumber", "Weekday", "arith_problems",
     "arith_suite", "family_suite", "get_family", "gsm8k_suite", "jsonl_suite", "load_suite", "mix_suite",
-    "extract_final_number", "extract_weekday", "normalize_number", "resolve_scorer",
+    "extract_final_number", "extract_stated_number", "extract_weekday", "normalize_number", "resolve_scorer",
 ]

@@ -1,6 +1,8 @@
 """`compare`: comparing and ordering numbers. The answer is always one number (the larger, the smallest, the one
-in a given place once sorted), so the final-number checker applies: asked to answer briefly, the default model
-writes "The answer is 82." Levels and their measured greedy accuracy: docs/tasks.md.
+in a given place once sorted). The prompt asks for "The answer is N": unmarked, the default model's replies name
+the choice first ("12 is a larger number than 6") or restate the options first ("The largest of 95, 58 and 51
+is 95"), so no position rule reads them all; the marked clause is exact. Levels and their measured greedy
+accuracy: docs/tasks.md.
 """
 
 from __future__ import annotations
@@ -8,8 +10,9 @@ from __future__ import annotations
 import random
 
 from edge_adapt.tasks.family import GeneratedFamily
-from edge_adapt.tasks.scorers import FinalNumber
+from edge_adapt.tasks.scorers import StatedNumber
 
+COMPARE_FORMAT = 'Write "The answer is" followed by the number.'
 _ORDINAL = {1: "first", 2: "second", 3: "third", 4: "fourth"}
 
 
@@ -66,6 +69,6 @@ def _level5(r: random.Random) -> tuple[str, str]:
 
 
 COMPARE = GeneratedFamily(
-    "compare", {1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5}, "Answer briefly.", FinalNumber(),
+    "compare", {1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5}, COMPARE_FORMAT, StatedNumber(),
     max_tokens=64,
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 from edge_adapt.tasks.family import GeneratedFamily
-from edge_adapt.tasks.scorers import FinalNumber
+from edge_adapt.tasks.scorers import StatedNumber
 
 _ITEMS = ("apple", "pear", "plum", "fig", "lemon", "grape", "peach", "cherry", "mango", "kiwi", "melon", "lime")
 _COLOURS = ("red", "blue", "green", "yellow", "black", "white", "pink", "brown")
@@ -28,7 +28,7 @@ _WORDS = (
 )
 
 
-def _level1(r: random.Random) -> tuple[str, str]:
+def _coloured(r: random.Random) -> tuple[str, str]:
     # Objects told apart by colour, asked "in total": when probed the model answered "a total of 3 cars"
     # where without "in total" it repeated the list.
     k = r.randint(2, 4)
@@ -38,21 +38,23 @@ def _level1(r: random.Random) -> tuple[str, str]:
     return f"{name} has {listed}. How many {obj}s does {name} have in total?", str(k)
 
 
-def _level2(r: random.Random) -> tuple[str, str]:
+def _fruits(r: random.Random) -> tuple[str, str]:
     k = r.randint(2, 4)
     xs = r.sample(_ITEMS, k)
-    q = r.choice((f"How many fruits are there: {', '.join(xs)}?", f"How many fruits are in this list: {', '.join(xs)}?"))
+    listed = ", ".join(xs)
+    q = r.choice((f"How many fruits are there: {listed}?", f"How many fruits are in this list: {listed}?"))
     return q, str(k)
 
 
-def _level3(r: random.Random) -> tuple[str, str]:
+def _long_list(r: random.Random) -> tuple[str, str]:
     k = r.randint(5, 8)
     xs = [r.choice(_ITEMS) for _ in range(k)]
-    q = r.choice((f"How many items are in this list: {', '.join(xs)}?", f"Count the words in this list: {', '.join(xs)}."))
+    listed = ", ".join(xs)
+    q = r.choice((f"How many items are in this list: {listed}?", f"Count the words in this list: {listed}."))
     return q, str(k)
 
 
-def _level4(r: random.Random) -> tuple[str, str]:
+def _word_length(r: random.Random) -> tuple[str, str]:
     w = r.choice(_WORDS)
     q = r.choice((f'How many letters are in the word "{w}"?', f'How many letters does "{w}" have?',
                   f'How long is the word "{w}" in letters?', f'Count the letters in "{w}".',
@@ -60,7 +62,7 @@ def _level4(r: random.Random) -> tuple[str, str]:
     return q, str(len(w))
 
 
-def _level5(r: random.Random) -> tuple[str, str]:
+def _letter_count(r: random.Random) -> tuple[str, str]:
     w = r.choice(_WORDS)
     c = r.choice(sorted(set(w)))
     q = r.choice((f'How many times does the letter "{c}" appear in "{w}"?', f'How many "{c}"s are in "{w}"?',
@@ -68,7 +70,11 @@ def _level5(r: random.Random) -> tuple[str, str]:
     return q, str(w.count(c))
 
 
+# Levels in the order the default model finds them hard (measured greedy accuracy 0.35 / 0.25 / 0.10 / 0.05 /
+# 0.00 on 20 validation prompts each before this order was fixed): most letters occur once in a word, and it
+# answers "1 time"; it repeats lists rather than counting them, and spells words with made-up letters.
 COUNTING = GeneratedFamily(
-    "counting", {1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5}, "Answer briefly.", FinalNumber(),
+    "counting", {1: _letter_count, 2: _fruits, 3: _coloured, 4: _long_list, 5: _word_length}, "Answer briefly.",
+    StatedNumber(),
     max_tokens=64,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from edge_adapt.tasks.family import GeneratedFamily
-from edge_adapt.tasks.scorers import WEEKDAYS, FinalNumber, Weekday
+from edge_adapt.tasks.scorers import WEEKDAYS, StatedNumber, Weekday
 
 _MONTHS = (("January", 31), ("February", 28), ("March", 31), ("April", 30), ("May", 31), ("June", 30),
            ("July", 31), ("August", 31), ("September", 30), ("October", 31), ("November", 30), ("December", 31))
@@ -66,6 +66,6 @@ def _level5(r: random.Random) -> tuple[str, str]:
 
 
 DATES = GeneratedFamily(
-    "dates", {1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5}, "Answer briefly.", FinalNumber(),
+    "dates", {1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5}, "Answer briefly.", StatedNumber(),
     max_tokens=64, level_scorers={1: Weekday(), 2: Weekday(), 3: Weekday()},
 )

@@ -81,8 +81,8 @@ class GeneratedFamily:
             if q in seen or split_of(self.name, q, seed) != split:
                 continue
             seen.add(q)
-            out.append(Problem(f"{self.name}-L{level}-{split}-{len(out)}", user(f"{q} {self.instruction}"), str(ans), level,
-                               scorer))
+            pid = f"{self.name}-L{level}-{split}-{len(out)}"
+            out.append(Problem(pid, user(f"{q} {self.instruction}"), str(ans), level, scorer))
         if len(out) < n:
             raise UsageError(f"{self.name} level {level} has fewer than {n} distinct {split} problems")
         return out

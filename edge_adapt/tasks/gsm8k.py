@@ -18,7 +18,7 @@ from edge_adapt.errors import UsageError
 from edge_adapt.tasks.base import Problem, stable_hash, user
 from edge_adapt.tasks.family import check_level_split, split_of
 from edge_adapt.tasks.files import GSM8K_DEFAULT, _read_jsonl
-from edge_adapt.tasks.scorers import FinalNumber, Scorer, reference_number
+from edge_adapt.tasks.scorers import Scorer, StatedNumber, reference_number
 
 GSM8K_FORMAT = 'Show your work, then write "The answer is" followed by the number.'
 # Steps of the reference solution per level: 2 or fewer, 3, 4, 5 or more.
@@ -49,7 +49,7 @@ class Gsm8kFamily:
     path: Path = GSM8K_DEFAULT
     name: str = "gsm8k"
     levels: tuple[int, ...] = tuple(_LEVEL_STEPS)
-    scorer: Scorer = field(default_factory=FinalNumber)
+    scorer: Scorer = field(default_factory=StatedNumber)
     max_tokens: int = 256
 
     def problems(self, level: int, split: str, n: int, seed: int = 0) -> list[Problem]:

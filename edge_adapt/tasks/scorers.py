@@ -3,8 +3,8 @@
 A scorer is a small frozen object with two methods: `extract(text)` (the answer a reply commits to, normalised, or
 None) and `correct(text, reference)`. Votes group replies by `extract`; accuracy uses `correct`.
 
-Spec strings (`resolve_scorer`): "final-number" (GSM8K-style), "stated-number" (the task families'), "exact", "regex:<pattern>", or "module:function" for
-a custom Python function `(text, reference) -> bool`.
+Spec strings (`resolve_scorer`): "final-number" (GSM8K-style), "stated-number" (the task families'), "exact",
+"regex:<pattern>", or "module:function" for a custom Python function `(text, reference) -> bool`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 
 from edge_adapt.tasks.family import GeneratedFamily
-from edge_adapt.tasks.scorers import FinalNumber
+from edge_adapt.tasks.scorers import StatedNumber
 
 
 def _ask(r: random.Random, xs: list[int]) -> str:
@@ -31,25 +31,30 @@ def _level1(r: random.Random) -> tuple[str, str]:
 
 
 def _level2(r: random.Random) -> tuple[str, str]:
-    return _arithmetic(r, (1, 100), (2, 5, 10))
+    a = r.randint(10, 200)
+    xs = ", ".join(str(a - i) for i in range(4))
+    q = r.choice((f"Count down: {xs}. What comes next?", f"Keep counting down: {xs}. What is the next number?"))
+    return q, str(a - 4)
 
 
 def _level3(r: random.Random) -> tuple[str, str]:
-    return _arithmetic(r, (1, 50), (3, 4, 6, 7, 8, 9))
+    return _arithmetic(r, (1, 100), (2, 5, 10))
 
 
 def _level4(r: random.Random) -> tuple[str, str]:
-    # Counting down: the model tends to keep counting up.
-    return _arithmetic(r, (40, 99), (-1, -2, -3, -5, -10))
+    return _arithmetic(r, (1, 50), (3, 4, 6, 7, 8, 9))
 
 
 def _level5(r: random.Random) -> tuple[str, str]:
+    # Falling by more than one, or growing by a factor: the model keeps adding a small step.
+    if r.random() < 0.5:
+        return _arithmetic(r, (40, 99), (-2, -3, -5, -10))
     a, k, length = r.randint(1, 12), r.choice((2, 3, 10)), r.randint(3, 5)
     xs = [a * k**i for i in range(length)]
     return _ask(r, xs), str(a * k**length)
 
 
 SEQUENCE = GeneratedFamily(
-    "sequence", {1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5}, "Answer briefly.", FinalNumber(),
+    "sequence", {1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5}, "Answer briefly.", StatedNumber(),
     max_tokens=64,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from edge_adapt.tasks.family import GeneratedFamily
-from edge_adapt.tasks.scorers import FinalNumber
+from edge_adapt.tasks.scorers import StatedNumber
 from edge_adapt.tasks.wordprob import _GROUPS, _NAMES, _THINGS
 
 STEPS_FORMAT = 'Show your steps, one per line, then write "The answer is" followed by the number.'
@@ -52,6 +52,6 @@ def _level5(r: random.Random) -> tuple[str, str]:
 
 
 STEPS = GeneratedFamily(
-    "steps", {1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5}, STEPS_FORMAT, FinalNumber(),
+    "steps", {1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5}, STEPS_FORMAT, StatedNumber(),
     max_tokens=256,
 )

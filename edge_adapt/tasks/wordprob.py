@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from edge_adapt.tasks.family import GeneratedFamily
-from edge_adapt.tasks.scorers import FinalNumber
+from edge_adapt.tasks.scorers import StatedNumber
 
 _NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Eva", "Ben", "Zoe", "Max", "Ivy", "Noah", "Lily", "Omar", "Rosa")
 _THINGS = ("apples", "pens", "stickers", "marbles", "books", "cookies", "stamps", "coins", "shells", "cards",
@@ -126,6 +126,6 @@ def _level5(r: random.Random) -> tuple[str, str]:
 
 
 WORDPROB = GeneratedFamily(
-    "wordprob", {1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5}, "Answer briefly.", FinalNumber(),
+    "wordprob", {1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5}, "Answer briefly.", StatedNumber(),
     max_tokens=96,
 )
