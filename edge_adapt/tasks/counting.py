@@ -1,4 +1,4 @@
-"""`counting`: counting items in a list and letters in a word. Answers are whole numbers (final-number
+"""`counting`: counting items in a list and letters in a word. Answers are whole numbers (stated-number
 checker). Levels and their measured greedy accuracy: docs/tasks.md.
 """
 

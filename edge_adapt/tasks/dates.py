@@ -1,6 +1,6 @@
 """`dates`: calendar questions: the day after or before a weekday, a weekday some days on, and the days between
-two dates. Weekday answers are checked by `Weekday` (the last weekday a reply names), day counts by the
-final-number checker. (Not `calendar.py`: that would shadow the standard library module when run as a script.)
+two dates. Weekday answers are checked by `Weekday` (the last weekday a reply names), day counts by
+stated-number. (Not `calendar.py`: that would shadow the standard library module when run as a script.)
 Levels and their measured greedy accuracy: docs/tasks.md.
 """
 
@@ -15,8 +15,6 @@ _MONTHS = (("January", 31), ("February", 28), ("March", 31), ("April", 30), ("Ma
            ("July", 31), ("August", 31), ("September", 30), ("October", 31), ("November", 30), ("December", 31))
 # February's length depends on the year, which the questions do not give: no question touches it.
 _NO_FEB = tuple(m for m in _MONTHS if m[0] != "February")
-
-
 _NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Eva", "Ben", "Zoe", "Max", "Ivy", "Noah", "Lily")
 _EVENTS = ("party", "match", "trip", "test", "concert", "picnic", "visit", "lesson")
 

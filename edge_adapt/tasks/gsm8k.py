@@ -2,7 +2,7 @@
 checkout, never downloaded). Only the training split is here, so train / validation / test are carved from it by
 a stable hash of the question (80 / 10 / 10), as the generated families are. Levels are the number of steps of
 the reference solution (its lines before '#### N'). Replies are asked to show their work and end in the number;
-the final-number checker reads the last "answer is" clause, else the last number.
+stated-number reads the last "answer is" clause, else the last "= N" / "is N", else the last number.
 
 `--suite gsm8k` is different and unchanged: a GSM8K-format file read in file order, whatever the split.
 """

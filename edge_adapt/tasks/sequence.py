@@ -1,5 +1,5 @@
-"""`sequence`: the next element of a simple number sequence. The answer is one number (final-number checker:
-a reply that restates the sequence and appends the next element ends with it). Levels and their measured
+"""`sequence`: the next element of a simple number sequence. The answer is one number (stated-number checker:
+"The next number is 28"). Levels and their measured
 greedy accuracy: docs/tasks.md.
 """
 

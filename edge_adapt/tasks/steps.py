@@ -1,7 +1,7 @@
 """`steps`: the long-answer family. Multi-step word problems whose prompt asks for the working, one step per
-line, and then "The answer is N": the default model writes 100+ tokens per reply (measured: docs/tasks.md), so
+line, and then "The answer is N": the default model's greedy replies average 108 tokens (63 at level 1 to 158 at level 5: docs/tasks.md), so
 mid-generation pruning at 16 / 32 / 64 tokens cuts replies that are still working. The final answer is checked
-exactly by the final-number checker (the last "answer is" clause wins over numbers in the working).
+exactly by stated-number (the last "answer is" clause wins over numbers in the working).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""`units`: unit and time conversions with whole-number answers (a reply like "3 hours is 3 * 60 = 180
-minutes" states its answer last, so the final-number checker applies). Levels and their measured greedy
-accuracy: docs/tasks.md.
+"""`units`: unit and time conversions with whole-number answers, checked by stated-number ("There are 180
+minutes in 3 hours" states 180 before restating the question). Levels and their measured greedy accuracy:
+docs/tasks.md.
 """
 
 from __future__ import annotations
