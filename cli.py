@@ -47,7 +47,8 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", help="show llama.cpp's ow
 TempOpt = Annotated[Optional[float], typer.Option("--temp", help="sampling temperature (0: greedy; run: greedy unless a strategy, 0.7)")]
 MaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", help="most tokens to generate per sample (run: 256)", min=1)]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="random seed (sample i uses seed + i)")]
-SuiteOpt = Annotated[str, typer.Option("--suite", help="arith, gsm8k, or a user suite .jsonl file")]
+SuiteOpt = Annotated[str, typer.Option("--suite", help="arith, gsm8k, mix (all task families), or a user suite .jsonl file")]
+FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="one task family instead of --suite (docs/tasks.md)")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="suite file (gsm8k: the shared training split by default)")]
 ScorerOpt = Annotated[Optional[str], typer.Option("--scorer", help="final-number | exact | regex:PATTERN | module:function")]
 PoolKOpt = Annotated[int, typer.Option("-k", "--samples", help="samples per prompt in the pool", min=1, max=64)]
@@ -399,6 +400,7 @@ def _pool_fields(*, temp: float, prune_at: list[int] | None, adapter: Path | Non
 @app.command("eval")
 def eval_cmd(
     suite: SuiteOpt = "arith",
+    family: FamilyOpt = None,
     split: Annotated[str, typer.Option("--split", help="arith split: train, validation or test")] = "test",
     data: DataOpt = None,
     scorer: ScorerOpt = None,
@@ -422,7 +424,7 @@ def eval_cmd(
 
     fields = _pool_fields(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temp=temp,
                           max_tokens=max_tokens, prune_at=prune_at, seed=seed, model=model, threads=threads,
-                          adapter=adapter, cache_dir=cache_dir)
+                          adapter=adapter, cache_dir=cache_dir, family=family)
     cfg = validated(EvalConfig, {**fields, "out_dir": out, "live": live or [], "live_prompts": live_prompts}, "eval")
     _show(eval_job(cfg))
     print(f"report written to {out / 'report.md'}")
@@ -432,6 +434,7 @@ def eval_cmd(
 def tune_policy_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="policy JSON to write")],
     suite: SuiteOpt = "arith",
+    family: FamilyOpt = None,
     split: Annotated[str, typer.Option("--split", help="the split the policy is tuned on")] = "validation",
     data: DataOpt = None,
     scorer: ScorerOpt = None,
@@ -464,7 +467,7 @@ def tune_policy_cmd(
 
     fields = _pool_fields(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temp=temp,
                           max_tokens=max_tokens, prune_at=prune_at, seed=seed, model=model, threads=threads,
-                          adapter=adapter, cache_dir=cache_dir)
+                          adapter=adapter, cache_dir=cache_dir, family=family)
     pool = validated(EvalConfig, fields, "tune-policy")
     cfg = validated(TuneConfig, dict(pool=pool, budgets=budget or list(DEFAULT_BUDGETS), tolerance=tolerance, out=out,
                                      force=force, test_split=test_split, test_prompts=test_prompts, report_dir=report,
@@ -483,6 +486,7 @@ def tune_policy_cmd(
 def label_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="label dataset to write (.jsonl)")],
     suite: SuiteOpt = "arith",
+    family: FamilyOpt = None,
     split: Annotated[str, typer.Option("--split", help="arith split (never the one you report on)")] = "train",
     data: DataOpt = None,
     scorer: ScorerOpt = None,
@@ -503,7 +507,7 @@ def label_cmd(
 
     fields = dict(out=out, suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, levels=level, k=k,
                   temperature=temp, max_tokens=max_tokens, seed=seed, model=model, threads=threads,
-                  cache_dir=cache_dir, force=force)
+                  cache_dir=cache_dir, force=force, family=family)
     if cut:
         fields["cuts"] = cut
     cfg = validated(LabelConfig, fields, "label")

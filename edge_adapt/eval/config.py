@@ -13,7 +13,8 @@ LiveStrategy = Literal["best-of-8", "adaptive"]
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    suite: str = Field("arith", description="arith, gsm8k, or a user suite .jsonl file")
+    suite: str = Field("arith", description="arith, gsm8k, mix (every task family), or a user suite .jsonl file")
+    family: str | None = Field(None, description="one task family instead of a suite (edge_adapt.tasks.FAMILIES)")
     split: str = Field("test", description="arith split: train, validation or test")
     data: Path | None = Field(None, description="suite file (gsm8k: defaults to ../shared/data/gsm8k/train.jsonl)")
     scorer: str | None = Field(None, description="user suites: final-number, exact, regex:<pattern>, module:function")
@@ -34,7 +35,6 @@ class EvalConfig(BaseModel):
     live: list[LiveStrategy] = Field(default_factory=list, description="strategies to also run for real")
     live_prompts: int = Field(30, ge=1)
     live_threshold: float | None = Field(None, description="adaptive threshold for --live; the pool's median end score when omitted")
-    progress: bool = True
 
     @field_validator("prune_points")
     @classmethod
@@ -45,6 +45,11 @@ class EvalConfig(BaseModel):
     @classmethod
     def _samples(cls, v: float) -> float:
         return pool_temperature(v)
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str | None) -> str | None:
+        return known_family(v)
 
 
 def pool_temperature(v: float) -> float:
@@ -59,6 +64,15 @@ def pool_temperature(v: float) -> float:
     if v <= 0:
         raise ValueError(f"a pool samples: temperature must be > 0, got {v}")
     return v
+
+
+def known_family(name: str | None) -> str | None:
+    """`name` if it is a task family (or None); else an error naming the families, before any model loads."""
+    from edge_adapt.tasks import FAMILIES
+
+    if name is not None and name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}: choose from {', '.join(FAMILIES)}")
+    return name
 
 
 def token_points(v: list[int], what: str) -> list[int]:

@@ -51,7 +51,7 @@ def _run(engine: Engine, scorer: SelfEvalScorer, suite: Suite, problem: Problem,
             if strategy == "adaptive" and max(scores) >= threshold:
                 break
     best = max(range(len(used)), key=lambda i: (scores[i], used[i].mean_logprob))
-    return LiveOutcome(problem.id, bool(suite.scorer.correct(used[best].text, problem.answer)), len(used),
+    return LiveOutcome(problem.id, bool(suite.scorer_of(problem).correct(used[best].text, problem.answer)), len(used),
                        sum(len(s.generated) for s in used), se)
 
 
@@ -88,5 +88,5 @@ def run_strategy_live(engine: Engine, scorer: Any, suite: Suite, problems: Seque
     for p in problems:
         r = collect(run_strategy(engine, list(p.messages), config, scorer))
         u = r.usage
-        yield StrategyOutcome(p.id, p.level, bool(suite.scorer.correct(r.text, p.answer)), u.samples_started,
+        yield StrategyOutcome(p.id, p.level, bool(suite.scorer_of(p).correct(r.text, p.answer)), u.samples_started,
                               u.generated_tokens, u.selfeval_tokens, u.wall_s, None if r.difficulty is None else r.difficulty.bin)

@@ -225,6 +225,7 @@ def generate_prompt_pool(
             pass
         end, c = _score(engine, scorer, samples)
         records = []
+        check = suite.scorer_of(problem)  # a mix's problems each carry their family's scorer
         for s, v in zip(samples, end):
             cost[s.index][n_pts] = c
             greedy = s.index == settings.k
@@ -232,8 +233,8 @@ def generate_prompt_pool(
                 index=-1 if greedy else s.index, temperature=s.params.temperature, seed=s.params.seed,
                 text=s.text, n_tokens=len(s.generated), logprobs=tuple(round(x, 5) for x in s.logprobs),
                 finish=s.finish or "length", scores=tuple(at[s.index]), end_score=v,
-                selfeval_tokens=tuple(cost[s.index]), extracted=suite.scorer.extract(s.text),
-                correct=bool(suite.scorer.correct(s.text, problem.answer)), tokens=tuple(s.seq.tokens[len(tokens):]),
+                selfeval_tokens=tuple(cost[s.index]), extracted=check.extract(s.text),
+                correct=bool(check.correct(s.text, problem.answer)), tokens=tuple(s.seq.tokens[len(tokens):]),
             ))
     return PromptPool(key, problem.id, problem.level, problem.answer, len(tokens), tuple(records[:-1]), records[-1],
                       time.perf_counter() - t0, tuple(tokens), sample_key(engine.fingerprint, suite.name, settings, problem))

@@ -51,7 +51,8 @@ def pool_settings(cfg: EvalConfig) -> PoolSettings:
 
 
 def suite_for(cfg: EvalConfig) -> Suite:
-    return load_suite(cfg.suite, split=cfg.split, n=cfg.n_prompts, path=cfg.data, scorer=cfg.scorer, seed=cfg.seed)
+    return load_suite(cfg.suite, split=cfg.split, n=cfg.n_prompts, path=cfg.data, scorer=cfg.scorer, seed=cfg.seed,
+                      family=cfg.family)
 
 
 def _live_checks(engine: Engine, scorer: SelfEvalScorer, suite: Suite, pools: list[PromptPool],

@@ -264,7 +264,7 @@ def compare_model(path: Path, tcfg: EvalConfig) -> Job[dict[str, Any]]:
     with load_engine(size, EngineOptions(model=path, threads=tcfg.threads)) as big:
         for i, (p, ids) in enumerate(zip(suite.problems, prompts)):
             (answer,) = collect(big.generate(ids, GREEDY, max_tokens=tcfg.max_tokens)).samples
-            right += bool(suite.scorer.correct(answer.text, p.answer))
+            right += bool(suite.scorer_of(p).correct(answer.text, p.answer))
             tokens.append(answer.tokens)
             yield Progress(f"compare {path.name} greedy", i + 1, len(suite.problems))
         params = big.info.n_params

@@ -6,23 +6,45 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_adapt.errors import UsageError
+from dataclasses import replace
+
 from edge_adapt.tasks.arith import LEVELS, arith_problems, arith_suite
 from edge_adapt.tasks.base import ANSWER_FORMAT, SPLITS, Problem, Suite
+from edge_adapt.tasks.family import Family, GeneratedFamily, family_suite, mix_suite
 from edge_adapt.tasks.files import GSM8K_DEFAULT, gsm8k_suite, jsonl_suite
+from edge_adapt.tasks.gsm8k import Gsm8kFamily
+from edge_adapt.tasks.registry import FAMILIES
 from edge_adapt.tasks.scorers import (
-    ExactMatch, FinalNumber, RegexMatch, Scorer, extract_final_number, normalize_number, resolve_scorer,
+    ExactMatch, FinalNumber, RegexMatch, Scorer, StatedNumber, Weekday, extract_final_number, extract_stated_number,
+    extract_weekday, normalize_number, resolve_scorer,
 )
+
+
+def get_family(name: str, path: Path | None = None) -> Family:
+    """A family by name; `path` is the gsm8k family's data file (the shared training split by default)."""
+    if name not in FAMILIES:
+        raise UsageError(f"unknown family {name!r}: choose from {', '.join(FAMILIES)}")
+    fam = FAMILIES[name]
+    return replace(fam, path=path) if path is not None and isinstance(fam, Gsm8kFamily) else fam
 
 
 def load_suite(
     name: str, *, split: str = "test", n: int | None = None, path: Path | None = None,
-    scorer: str | None = None, seed: int = 0, levels: Sequence[int] | None = None,
+    scorer: str | None = None, seed: int = 0, levels: Sequence[int] | None = None, family: str | None = None,
 ) -> Suite:
     """A suite by name: 'arith' (generated; `levels` picks some of its levels), 'gsm8k' (a GSM8K-format file,
-    `path` or the shared training split), or 'jsonl' / any path ending in .jsonl (a user suite; `scorer` defaults
-    to final-number)."""
+    `path` or the shared training split, in file order), 'mix' (every family, interleaved; `path` is gsm8k's
+    data), or 'jsonl' / any path ending in .jsonl (a user suite; `scorer` defaults to final-number).
+    `family` picks one family instead (`levels` some of its levels); `name` must then be 'arith' (the default)
+    or the family itself."""
+    if family is not None:
+        if name not in ("arith", family):
+            raise UsageError(f"suite {name!r} and family {family!r} both pick a suite: give one of them")
+        return family_suite(get_family(family, path), split, n or 200, seed, tuple(sorted(set(levels or ()))))
     if levels and name != "arith":
-        raise UsageError(f"levels are arith's; suite {name!r} has none")
+        raise UsageError(f"suite {name!r} has no levels: levels belong to a family (arith or --family NAME)")
+    if name == "mix":
+        return mix_suite([get_family(f, path) for f in FAMILIES], split, n or 200, seed)
     if name == "arith":
         unknown = sorted(set(levels or ()) - set(LEVELS))
         if unknown:
@@ -33,11 +55,13 @@ def load_suite(
     if name == "jsonl" or name.endswith(".jsonl"):
         file = path or Path(name)
         return jsonl_suite(file, scorer or "final-number", n)
-    raise UsageError(f"unknown suite {name!r}: use arith, gsm8k or a .jsonl file")
+    raise UsageError(f"unknown suite {name!r}: use arith, gsm8k, mix or a .jsonl file "
+                     f"(one family: --family {'|'.join(FAMILIES)})")
 
 
 __all__ = [
-    "ANSWER_FORMAT", "LEVELS", "SPLITS", "GSM8K_DEFAULT", "Problem", "Suite", "Scorer", "FinalNumber", "ExactMatch",
-    "RegexMatch", "arith_problems", "arith_suite", "gsm8k_suite", "jsonl_suite", "load_suite",
-    "extract_final_number", "normalize_number", "resolve_scorer",
+    "ANSWER_FORMAT", "LEVELS", "SPLITS", "GSM8K_DEFAULT", "FAMILIES", "Family", "GeneratedFamily", "Gsm8kFamily",
+    "Problem", "Suite", "Scorer", "FinalNumber", "ExactMatch", "RegexMatch", "StatedNumber", "Weekday", "arith_problems",
+    "arith_suite", "family_suite", "get_family", "gsm8k_suite", "jsonl_suite", "load_suite", "mix_suite",
+    "extract_final_number", "extract_stated_number", "extract_weekday", "normalize_number", "resolve_scorer",
 ]

@@ -23,7 +23,8 @@ problems that only restate the numbers ("found 3 in the morning and 4 in the aft
 0.31, so level 1 keeps the "has N and gets M more" wording. The levels order what the model finds hard.
 
 Splits are disjoint by construction: a question belongs to the split its text hashes to (80% train, 10%
-validation, 10% test); each split draws candidates from its own seeded stream and keeps only its own.
+validation, 10% test); each split draws candidates from its own seeded stream and keeps only its own. `arith` is
+a `GeneratedFamily` (edge_adapt.tasks.family) like the other families, with the same problems and ids as before.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from edge_adapt.errors import UsageError
-from edge_adapt.tasks.base import SPLITS, Problem, Suite, stable_hash, user
+from edge_adapt.tasks.base import Problem, Suite
+from edge_adapt.tasks.family import GeneratedFamily, family_suite
 from edge_adapt.tasks.scorers import FinalNumber
 
 LEVELS = (1, 2, 3, 4, 5)
@@ -48,11 +49,6 @@ _BOXES = ("boxes", "bags", "jars", "packs", "baskets", "shelves")
 # The bare-expression wordings this model answers best (greedy per wording on 400 sums ranged 0.15-0.87;
 # these five were 0.64-0.79): a level's difficulty should come from its arithmetic, not from its wording.
 _ASK = ("What is {e}?", "Compute {e}.", "Calculate {e}.", "Quick: {e}?", "What number is {e}?")
-
-
-def _split_of(question: str, seed: int) -> str:
-    b = stable_hash("arith-split", seed, question) % 10
-    return "train" if b < 8 else "validation" if b == 8 else "test"
 
 
 def _level1(r: random.Random) -> tuple[str, int]:
@@ -90,34 +86,17 @@ _GENERATORS: dict[int, Callable[[random.Random], tuple[str, int]]] = {
 }
 
 
+ARITH = GeneratedFamily("arith", _GENERATORS, ARITH_FORMAT, FinalNumber(), max_tokens=96)
+
+
 def arith_problems(level: int, split: str = "test", n: int = 50, seed: int = 0) -> list[Problem]:
     """The first `n` problems of a level in a split; the same arguments always give the same problems."""
-    if level not in _GENERATORS:
-        raise UsageError(f"arith level must be one of {LEVELS}, got {level}")
-    if split not in SPLITS:
-        raise UsageError(f"split must be one of {SPLITS}, got {split!r}")
-    r = random.Random(stable_hash("arith", seed, level, split))
-    seen: set[str] = set()
-    out: list[Problem] = []
-    for _ in range(200 * n + 1000):
-        if len(out) == n:
-            break
-        q, ans = _GENERATORS[level](r)
-        if q in seen or _split_of(q, seed) != split:
-            continue
-        seen.add(q)
-        out.append(Problem(f"arith-L{level}-{split}-{len(out)}", user(f"{q} {ARITH_FORMAT}"), str(ans), level))
-    if len(out) < n:
-        raise UsageError(f"arith level {level} has fewer than {n} distinct {split} problems")
-    return out
+    return ARITH.problems(level, split, n, seed)
 
 
 def arith_suite(split: str = "test", n: int = 200, seed: int = 0, levels: tuple[int, ...] = LEVELS) -> Suite:
     """`n` problems spread evenly over `levels` (interleaved level by level, so a prefix stays balanced)."""
-    per = -(-n // len(levels))
-    by_level = [arith_problems(lv, split, per, seed) for lv in levels]
-    mixed = [p for group in zip(*by_level) for p in group][:n]
-    return Suite("arith", split, tuple(mixed), FinalNumber())
+    return family_suite(ARITH, split, n, seed, levels)
 
 
 def measure_greedy(n: int = 50, max_tokens: int = 96, split: str = "validation", dump: str | None = None) -> dict[int, float]:

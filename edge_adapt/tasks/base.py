@@ -23,6 +23,8 @@ class Problem:
     messages: tuple[Message, ...]
     answer: str
     level: int | None = None
+    # This problem's checker when it is not its suite's: a mix keeps each family's, a family may differ by level.
+    scorer: Scorer | None = None
 
     @property
     def text(self) -> str:
@@ -39,6 +41,10 @@ class Suite:
 
     def __len__(self) -> int:
         return len(self.problems)
+
+    def scorer_of(self, problem: Problem) -> Scorer:
+        """The scorer that checks replies to `problem`: its own when it has one, else the suite's."""
+        return problem.scorer or self.scorer
 
 
 def user(content: str) -> tuple[Message, ...]:

@@ -3,8 +3,8 @@
 A scorer is a small frozen object with two methods: `extract(text)` (the answer a reply commits to, normalised, or
 None) and `correct(text, reference)`. Votes group replies by `extract`; accuracy uses `correct`.
 
-Spec strings (`resolve_scorer`): "final-number" (GSM8K-style), "exact", "regex:<pattern>", or "module:function" for
-a custom Python function `(text, reference) -> bool`.
+Spec strings (`resolve_scorer`): "final-number" (GSM8K-style), "stated-number" (the task families'), "exact",
+"regex:<pattern>", or "module:function" for a custom Python function `(text, reference) -> bool`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def normalize_number(raw: str) -> str | None:
     except InvalidOperation:
         return None
     if d == d.to_integral_value():
-        return str(d.quantize(Decimal(1)))
+        return str(int(d))  # not quantize(): it raises on integers longer than the context's 28 digits
     return format(d.normalize(), "f")
 
 
@@ -85,6 +85,42 @@ class FinalNumber:
 
     def correct(self, text: str, reference: str) -> bool:
         got, want = extract_final_number(text), reference_number(reference)
+        return got is not None and want is not None and Decimal(got) == Decimal(want)
+
+
+# "... = 8", "There are 6 days from May 3 to May 9", "The next number is 16": a number stated as a result.
+_STATED_RE = re.compile(r"(?:=|\b(?:is|are|was|were|equals|makes)\b)\s*(" + _NUMBER + r")(?![\w.]\d)", re.IGNORECASE)
+
+
+def extract_stated_number(text: str) -> str | None:
+    """The number a reply commits to when it restates the question after its answer ("There are 180 minutes
+    in 3 hours"): the last 'answer is ...' clause that states one; else the last number stated as a result
+    ("= N", "is N", "are N", "was N", "equals N", "makes N"); else the last number."""
+    for m in reversed(list(_MARKER_RE.finditer(text))):
+        rest = text[m.end() :]
+        end = _CLAUSE_END_RE.search(rest)
+        got = _marked_number(rest[: end.start()] if end else rest)
+        if got is not None:
+            return got
+    stated = _STATED_RE.findall(text)
+    if stated:
+        return normalize_number(stated[-1])
+    numbers = _NUMBER_RE.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+@dataclass(frozen=True)
+class StatedNumber:
+    """FinalNumber for replies that restate the question after the answer: `extract_stated_number`. The generated
+    families use it; arith keeps FinalNumber, which its labels and reports were made with."""
+
+    name: str = "stated-number"
+
+    def extract(self, text: str) -> str | None:
+        return extract_stated_number(text)
+
+    def correct(self, text: str, reference: str) -> bool:
+        got, want = extract_stated_number(text), reference_number(reference)
         return got is not None and want is not None and Decimal(got) == Decimal(want)
 
 
@@ -148,6 +184,8 @@ def resolve_scorer(spec: str) -> Scorer:
     """A scorer from its spec string (see the module docstring)."""
     if spec in ("final-number", "number"):
         return FinalNumber()
+    if spec == "stated-number":
+        return StatedNumber()
     if spec == "exact":
         return ExactMatch()
     if spec.startswith("regex:"):
@@ -162,3 +200,34 @@ def resolve_scorer(spec: str) -> Scorer:
             raise UsageError(f"scorer {spec!r} is not callable")
         return CustomScorer(fn, spec)
     raise UsageError(f"unknown scorer {spec!r}: use final-number, exact, regex:<pattern> or module:function")
+
+
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_WEEKDAY_RE = re.compile(r"\b(" + "|".join(WEEKDAYS) + r")\b", re.IGNORECASE)
+
+
+def extract_weekday(text: str) -> str | None:
+    """The weekday a reply commits to: the last one named in its last 'answer is ...' clause that names one, else
+    the last one named anywhere ("Today is Monday, so tomorrow is Tuesday" -> Tuesday)."""
+    for m in reversed(list(_MARKER_RE.finditer(text))):
+        rest = text[m.end() :]
+        end = _CLAUSE_END_RE.search(rest)
+        found = _WEEKDAY_RE.findall(rest[: end.start()] if end else rest)
+        if found:
+            return found[-1].capitalize()
+    found = _WEEKDAY_RE.findall(text)
+    return found[-1].capitalize() if found else None
+
+
+@dataclass(frozen=True)
+class Weekday:
+    """The reference is a weekday name; the reply's is `extract_weekday`'s, compared case-insensitively."""
+
+    name: str = "weekday"
+
+    def extract(self, text: str) -> str | None:
+        return extract_weekday(text)
+
+    def correct(self, text: str, reference: str) -> bool:
+        got = extract_weekday(text)
+        return got is not None and got.lower() == reference.strip().lower()

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edge_adapt.engine import Engine, EngineOptions, Sample, Vocab
 from edge_adapt.errors import UsageError
-from edge_adapt.eval.config import pool_temperature, token_points
+from edge_adapt.eval.config import known_family, pool_temperature, token_points
 from edge_adapt.eval.pool import PoolSettings, PromptPool, build_pool, model_identity, pool_job, samples_in
 from edge_adapt.fileio import atomic_file, check_target
 from edge_adapt.progress import Job, to_the_end
@@ -51,12 +51,13 @@ class LabelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out: Path = Field(..., description="the dataset file to write (.jsonl)")
-    suite: str = Field("arith", description="arith, gsm8k, or a user suite .jsonl file")
-    split: str = Field("train", description="arith split; never label the split you report on")
+    suite: str = Field("arith", description="arith, gsm8k, mix (every task family), or a user suite .jsonl file")
+    family: str | None = Field(None, description="one task family instead of a suite (edge_adapt.tasks.FAMILIES)")
+    split: str = Field("train", description="split of a generated suite; never label the split you report on")
     data: Path | None = None
     scorer: str | None = None
     n_prompts: int = Field(300, ge=1)
-    levels: list[int] | None = Field(None, description="arith levels to label, spread evenly (all when omitted)")
+    levels: list[int] | None = Field(None, description="levels of arith or the family to label, spread evenly (all when omitted)")
     k: int = Field(16, ge=2, le=64, description="samples per prompt (targets compare each with the other K-1)")
     temperature: float = Field(0.7, description="sampling temperature (> 0)")
     max_tokens: int = Field(96, ge=1)
@@ -77,6 +78,11 @@ class LabelConfig(BaseModel):
     @classmethod
     def _samples(cls, v: float) -> float:
         return pool_temperature(v)
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str | None) -> str | None:
+        return known_family(v)
 
 
 def targets(scores: Sequence[float]) -> list[float]:
@@ -133,7 +139,7 @@ def label_job(cfg: LabelConfig, engine: Engine | None = None) -> Job[Path]:
     if cfg.cuts and cfg.cuts[-1] >= cfg.max_tokens:
         raise UsageError(f"cuts {cfg.cuts} must be below max_tokens {cfg.max_tokens}")
     suite = load_suite(cfg.suite, split=cfg.split, n=cfg.n_prompts, path=cfg.data, scorer=cfg.scorer, seed=cfg.seed,
-                       levels=cfg.levels)
+                       levels=cfg.levels, family=cfg.family)
     settings = PoolSettings(k=cfg.k, temperature=cfg.temperature, max_tokens=cfg.max_tokens, prune_points=(),
                             seed=cfg.seed)
     owns = engine is None

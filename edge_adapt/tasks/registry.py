@@ -1,0 +1,26 @@
+"""Every task family by name. A new family is one module in this package and one line here."""
+
+from __future__ import annotations
+
+from edge_adapt.tasks.arith import ARITH
+from edge_adapt.tasks.compare import COMPARE
+from edge_adapt.tasks.counting import COUNTING
+from edge_adapt.tasks.dates import DATES
+from edge_adapt.tasks.family import Family
+from edge_adapt.tasks.gsm8k import GSM8K
+from edge_adapt.tasks.sequence import SEQUENCE
+from edge_adapt.tasks.steps import STEPS
+from edge_adapt.tasks.units import UNITS
+from edge_adapt.tasks.wordprob import WORDPROB
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    ARITH,
+    WORDPROB,
+    COMPARE,
+    UNITS,
+    COUNTING,
+    SEQUENCE,
+    DATES,
+    STEPS,
+    GSM8K,
+)}
