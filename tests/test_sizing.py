@@ -45,7 +45,7 @@ def test_a_sized_engine_runs_its_strategy_with_nothing_to_spare():
 
 def test_memory_budget_is_refused_before_loading():
     with pytest.raises(BudgetError, match="parallel sequences"):
-        load_engine(EngineSize(64, 8192), EngineOptions(device="cpu"), mem_budget="300MB")
+        load_engine(EngineSize(64, 1024), EngineOptions(device="cpu"), mem_budget="300MB")
 
 
 def test_ensure_grows_an_idle_engine_only_when_needed():

