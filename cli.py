@@ -362,6 +362,9 @@ def chat(
             except KeyboardInterrupt:
                 print()
                 continue
+            except UnicodeDecodeError as exc:  # the line is dropped, the chat goes on
+                print(f"error: this line is not valid UTF-8 (byte {exc.start}); it was ignored")
+                continue
             line = line.strip()
             if not line:
                 continue
