@@ -186,13 +186,12 @@ class LabelSet:
 
 def read_labels(path: str | Path) -> LabelSet:
     """A dataset written by `label`, or a one-line UsageError."""
+    from edge_adapt.fileio import read_user_file
+
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UsageError(f"{p}: label file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{p}: cannot read ({exc})") from None
+    if not p.exists() and not p.is_symlink():
+        raise UsageError(f"{p}: label file not found")
+    lines = read_user_file(p, max_bytes=4 << 30, text=True).splitlines()
     try:
         header = json.loads(lines[0]) if lines else {}
         if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -202,10 +201,47 @@ def read_labels(path: str | Path) -> LabelSet:
         prompts = [json.loads(x) for x in lines[1:] if x.strip()]
     except json.JSONDecodeError as exc:
         raise UsageError(f"{p}: broken JSON line ({exc.msg})") from None
-    for rec in prompts:
-        if not isinstance(rec, dict) or not rec.get("prompt_ids") or not isinstance(rec.get("rows"), list):
-            raise UsageError(f"{p}: a prompt record lacks prompt_ids or rows")
+    for line, rec in enumerate(prompts, start=2):
+        problem = _bad_record(rec)
+        if problem:
+            raise UsageError(f"{p}: prompt record {line - 1} {problem}")
+    if not prompts:
+        raise UsageError(f"{p}: no prompt records")
     return LabelSet(header, prompts)
+
+
+def _ids(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v)
+
+
+def _bad_record(rec: Any) -> str | None:
+    """What is wrong with one prompt record of a label file (None: nothing), checked before any work."""
+    if not isinstance(rec, dict) or not rec.get("prompt_ids") or not isinstance(rec.get("rows"), list):
+        return "lacks prompt_ids or rows"
+    if not isinstance(rec.get("problem_id"), str):
+        return "lacks a problem_id"
+    if not _ids(rec["prompt_ids"]):
+        return "has prompt_ids that are not token ids"
+    if not rec["rows"]:
+        return "has no rows"
+    full = set()
+    for row in rec["rows"]:
+        if not isinstance(row, dict) or not {"sample", "cut", "ids", "correct", "target"} <= set(row):
+            return "has a row without sample, cut, ids, correct and target"
+        if not isinstance(row["sample"], int) or not _ids(row["ids"]) or not row["ids"]:
+            return "has a row whose sample or ids are not token ids"
+        if row["cut"] is not None and (not isinstance(row["cut"], int) or row["cut"] <= 0):
+            return f"has a row with cut {row['cut']!r}"
+        t = row["target"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
+            return f"has a row with target {t!r} (expected 0..1)"
+        if not isinstance(row["correct"], (bool, int)):
+            return f"has a row with correct {row['correct']!r}"
+        if row["cut"] is None:
+            full.add(row["sample"])
+    if not full:
+        return "has no full (uncut) response"
+    return None
 
 
 def merge_labels(paths: Sequence[str | Path]) -> LabelSet:
