@@ -154,6 +154,11 @@ def _plan(model: ModelBase, ckpt: Checkpoint, want: Q) -> list[_Planned]:
         raise ModelFileError(
             f"{ckpt.path}: incomplete checkpoint, {len(missing)} tensor(s) missing (first: {missing[0]})"
         )
+    for hf_name, shape in ckpt.shapes.items():
+        want_shape = None if model.is_ignored(hf_name) else model.expected_shape(hf_name)
+        if want_shape is not None and tuple(shape) != want_shape:
+            raise ModelFileError(f"{ckpt.path}: {hf_name} has shape {list(shape)}, config.json implies "
+                                 f"{list(want_shape)}")
     plan: list[_Planned] = []
     for name, arr in model.extra_tensors():
         plan.append(_Planned(None, name, tuple(arr.shape), Q.F32))

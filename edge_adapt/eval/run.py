@@ -127,7 +127,15 @@ def run_eval(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalS
 
     `engine` and `scorer` may be passed in (tests, apps that already hold a model); otherwise the engine is
     loaded from cfg (parallel = K + 2: prompt, K samples, greedy) and the scorer is cfg.selfeval's class.
+    A failed or interrupted run takes back the folders it created (the cache keeps any samples it holds).
     """
+    from edge_adapt.fileio import removed_on_failure
+
+    with removed_on_failure(cfg.cache_dir, keep_work=True), removed_on_failure(cfg.out_dir):
+        return _run_eval(cfg, engine, scorer)
+
+
+def _run_eval(cfg: EvalConfig, engine: Engine | None, scorer: SelfEvalScorer | None) -> Report:
     settings = pool_settings(cfg)
     suite = suite_for(cfg)
     owns = engine is None

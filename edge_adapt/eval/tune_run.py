@@ -54,8 +54,21 @@ def _mean_ci(x: np.ndarray) -> tuple[float, float, float]:
 
 
 def run_tune(cfg: TuneConfig) -> dict[str, Any]:
-    """Tune, write the policy, and (with a test split) the report. Returns the report's JSON."""
+    """Tune, write the policy, and (with a test split) the report. Returns the report's JSON.
+
+    A failed or interrupted run takes back the folders it created (the cache keeps any samples it holds)."""
+    from edge_adapt.fileio import removed_on_failure
+    from edge_adapt.strategies.policy import N_BINS
+
     check_target(cfg.out, force=cfg.force)
+    if cfg.pool.n_prompts < 2 * N_BINS:  # known before sampling, not after it
+        raise UsageError(f"tuning needs at least {2 * N_BINS} prompts, got --prompts {cfg.pool.n_prompts}")
+    with removed_on_failure(cfg.pool.cache_dir, keep_work=True), \
+            removed_on_failure(*([cfg.report_dir] if cfg.report_dir is not None else [])):
+        return _run_tune(cfg)
+
+
+def _run_tune(cfg: TuneConfig) -> dict[str, Any]:
     pcfg = cfg.pool
     engine = Engine(model=pcfg.model, parallel=max(pcfg.k + 2, 2 * cfg.live_budget + 2),
                     ctx=cfg.live_ctx if cfg.live else 512, threads=pcfg.threads)

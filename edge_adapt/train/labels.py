@@ -35,7 +35,7 @@ from edge_adapt.engine import Engine, Sample
 from edge_adapt.errors import UsageError
 from edge_adapt.eval.config import token_points
 from edge_adapt.eval.pool import PoolSettings, PromptPool, build_pool, model_identity, samples_in
-from edge_adapt.fileio import atomic_file, check_target
+from edge_adapt.fileio import atomic_file, check_target, removed_on_failure
 from edge_adapt.tasks import load_suite
 
 FORMAT = "edge-adapt-labels"
@@ -142,27 +142,28 @@ def label_iter(cfg: LabelConfig, engine: Engine | None = None) -> Iterator[Label
         engine = Engine(model=cfg.model, parallel=cfg.k + 2, ctx=512, threads=cfg.threads)
     scorer = NoSelfEval()
     try:
-        reuse = samples_in(cfg.cache_dir)
-        records = []
-        for step in build_pool(engine, scorer, suite, settings, cfg.cache_dir, model_identity(engine, scorer), reuse):
-            problem = suite.problems[step.done - 1]
-            if not step.pool.prompt_ids:
-                raise UsageError(f"{cfg.cache_dir}: pool entry for {problem.id} predates token ids; use another --cache")
-            records.append(prompt_record(step.pool, engine.chat_prompt(list(problem.messages)), cfg.cuts,
-                                         cfg.include_greedy))
-            yield LabelProgress(step.done, step.total, step.generated, step.tokens)
-        header = {
-            "format": FORMAT, "version": VERSION, "model": engine.fingerprint, "model_path": str(engine.model_path),
-            "suite": suite.name, "split": suite.split, "scorer": suite.scorer.name, "created": time.strftime("%Y-%m-%d"),
-            "settings": {"k": cfg.k, "temperature": cfg.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
-                         "min_p": settings.min_p, "max_tokens": cfg.max_tokens, "cuts": cfg.cuts, "seed": cfg.seed,
-                         "include_greedy": cfg.include_greedy, "levels": cfg.levels},
-        }
-        with atomic_file(out, force=cfg.force) as tmp:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(header) + "\n")
-                for r in records:
-                    fh.write(json.dumps(r, separators=(",", ":")) + "\n")
+        with removed_on_failure(cfg.cache_dir, keep_work=True):  # an empty cache folder is not left behind
+            reuse = samples_in(cfg.cache_dir)
+            records = []
+            for step in build_pool(engine, scorer, suite, settings, cfg.cache_dir, model_identity(engine, scorer), reuse):
+                problem = suite.problems[step.done - 1]
+                if not step.pool.prompt_ids:
+                    raise UsageError(f"{cfg.cache_dir}: pool entry for {problem.id} predates token ids; use another --cache")
+                records.append(prompt_record(step.pool, engine.chat_prompt(list(problem.messages)), cfg.cuts,
+                                             cfg.include_greedy))
+                yield LabelProgress(step.done, step.total, step.generated, step.tokens)
+            header = {
+                "format": FORMAT, "version": VERSION, "model": engine.fingerprint, "model_path": str(engine.model_path),
+                "suite": suite.name, "split": suite.split, "scorer": suite.scorer.name, "created": time.strftime("%Y-%m-%d"),
+                "settings": {"k": cfg.k, "temperature": cfg.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
+                             "min_p": settings.min_p, "max_tokens": cfg.max_tokens, "cuts": cfg.cuts, "seed": cfg.seed,
+                             "include_greedy": cfg.include_greedy, "levels": cfg.levels},
+            }
+            with atomic_file(out, force=cfg.force) as tmp:
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    fh.write(json.dumps(header) + "\n")
+                    for r in records:
+                        fh.write(json.dumps(r, separators=(",", ":")) + "\n")
     finally:
         if owns:
             engine.close()
