@@ -356,14 +356,15 @@ def chat(
         while True:
             try:
                 line = input("> ")
+                line.encode("utf-8")  # undecodable bytes arrive as lone surrogates (or as a decode error)
             except EOFError:
                 print()
                 return
             except KeyboardInterrupt:
                 print()
                 continue
-            except UnicodeDecodeError as exc:  # the line is dropped, the chat goes on
-                print(f"error: this line is not valid UTF-8 (byte {exc.start}); it was ignored")
+            except (UnicodeDecodeError, UnicodeEncodeError):  # the line is dropped, the chat goes on
+                print("error: this line is not valid UTF-8; it was ignored")
                 continue
             line = line.strip()
             if not line:

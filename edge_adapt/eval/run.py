@@ -48,7 +48,17 @@ def pool_settings(cfg: EvalConfig) -> PoolSettings:
 
 
 def suite_for(cfg: EvalConfig) -> Suite:
-    return load_suite(cfg.suite, split=cfg.split, n=cfg.n_prompts, path=cfg.data, scorer=cfg.scorer, seed=cfg.seed)
+    return nonempty(load_suite(cfg.suite, split=cfg.split, n=cfg.n_prompts, path=cfg.data, scorer=cfg.scorer,
+                               seed=cfg.seed))
+
+
+def nonempty(suite: Suite) -> Suite:
+    """A suite with no problems is refused before a model is loaded."""
+    if not suite.problems:
+        from edge_adapt.errors import UsageError
+
+        raise UsageError(f"suite {suite.name!r} holds no problems")
+    return suite
 
 
 def progress_display(enabled: bool) -> Any:

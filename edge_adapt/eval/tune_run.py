@@ -23,6 +23,7 @@ from edge_adapt.eval.live import StrategyOutcome, run_strategy_live
 from edge_adapt.eval.metrics import bootstrap_ci, wilson
 from edge_adapt.eval.pool import PromptPool
 from edge_adapt.eval.run import collect_pools, load_scorer, progress_display, suite_for
+from edge_adapt.errors import UsageError
 from edge_adapt.fileio import atomic_file, check_target
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.policy import N_BINS, Policy
@@ -58,7 +59,6 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
 
     A failed or interrupted run takes back the folders it created (the cache keeps any samples it holds)."""
     from edge_adapt.fileio import removed_on_failure
-    from edge_adapt.strategies.policy import N_BINS
 
     check_target(cfg.out, force=cfg.force)
     if cfg.pool.n_prompts < 2 * N_BINS:  # known before sampling, not after it

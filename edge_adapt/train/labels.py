@@ -135,6 +135,8 @@ def label_iter(cfg: LabelConfig, engine: Engine | None = None) -> Iterator[Label
         raise UsageError(f"cuts {cfg.cuts} must be below max_tokens {cfg.max_tokens}")
     suite = load_suite(cfg.suite, split=cfg.split, n=cfg.n_prompts, path=cfg.data, scorer=cfg.scorer, seed=cfg.seed,
                        levels=cfg.levels)
+    if not suite.problems:
+        raise UsageError(f"suite {suite.name!r} holds no problems")
     settings = PoolSettings(k=cfg.k, temperature=cfg.temperature, max_tokens=cfg.max_tokens, prune_points=(),
                             seed=cfg.seed)
     owns = engine is None
