@@ -314,14 +314,18 @@ def test_duplicate_vocabulary_in_chat(tokenizer, tmp_path: Path):
 def test_huge_declared_array_is_refused_at_once(tokenizer, tmp_path: Path):
     import time
 
-    path = _hostile(tokenizer, "token_type_2_40", tmp_path / "m.gguf")
+    g = tiny_model(dict(tokenizer))
+    GGUF_CASES["token_type_2_40"][0](g)
+    # 40 MB behind the lying array: a reader that walks item by item takes seconds to find the end.
+    g.tensors.append(Tensor("blk.0.pad.weight", (10_000_000,), GGML_F32, bytes(40_000_000)))
+    path = g.write(tmp_path / "m.gguf")
     t0 = time.perf_counter()
     from edge_adapt.engine.gguf_file import inspect_gguf
     from edge_adapt.errors import ModelFileError
 
     with pytest.raises(ModelFileError, match="truncated"):
         inspect_gguf(path)
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 1.5
 
 
 def test_import_of_more_layers_than_present_writes_nothing(tokenizer, tmp_path: Path, capsys):
@@ -331,9 +335,9 @@ def test_import_of_more_layers_than_present_writes_nothing(tokenizer, tmp_path: 
     nothing_left(tmp_path, "m.gguf")
 
 
-def test_adapter_base_that_is_hostile(tokenizer, tmp_path: Path, capsys):
+def test_strategy_run_on_a_hostile_model(tokenizer, tmp_path: Path):
     path = _hostile(tokenizer, "vocab_duplicate_endoftext", tmp_path / "m.gguf")
-    one_error(inproc(capsys, "run", "hi", "--model", str(path), "--strategy", "best-of-n", "--budget", "2"))
+    one_error(cli("run", "hi", "--model", str(path), "--strategy", "best-of-n", "--budget", "2", timeout=60))
     nothing_left(tmp_path, "m.gguf")
 
 
@@ -367,7 +371,7 @@ def test_fifo_is_refused_not_read(case: str, tmp_path: Path):
 
 
 @pytest.mark.parametrize("source", ["/dev/zero", "/dev/null", "directory", "sparse_1g", "fifo_symlink"])
-def test_config_that_is_not_a_small_regular_file(source: str, tmp_path: Path, capsys):
+def test_config_that_is_not_a_small_regular_file(source: str, tmp_path: Path):
     if source == "directory":
         path = tmp_path / "cfg.toml"
         path.mkdir()
@@ -382,7 +386,7 @@ def test_config_that_is_not_a_small_regular_file(source: str, tmp_path: Path, ca
         path = Path(source)
         if not path.exists():
             pytest.skip(f"{source} is not on this system")
-    one_error(inproc(capsys, "run", "hi", "--config", str(path)))
+    one_error(cli("run", "hi", "--config", str(path), timeout=60))  # its own process: reading /dev/zero never ends
 
 
 # -- chat snapshots: a bad /load is refused and leaves the chat exactly as it was ------------------------------
