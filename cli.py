@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.exceptions import TyperException
 
+from edge_adapt import interrupts
 from edge_adapt.errors import EdgeAdaptError, UsageError, validated
 
 app = typer.Typer(
@@ -116,13 +117,22 @@ def _options(model: Path | None, *, device: DeviceChoice = DeviceChoice.auto, gp
 
 
 @contextmanager
-def _ctrl_c_cancels(engine: Any) -> Iterator[None]:
-    """While generating, Ctrl-C stops the reply (the engine ends it cleanly) instead of killing the program."""
-    previous = signal.signal(signal.SIGINT, lambda *_: engine.cancel())
+def _ctrl_c_cancels(engine: Any, *, then_exit: bool = True) -> Iterator[None]:
+    """While generating, Ctrl-C stops the reply (the engine ends it cleanly); then the command ends as
+    interrupted (exit 130), or with `then_exit=False` (chat) carries on."""
+    hit: list[int] = []
+
+    def on_sigint(*_: Any) -> None:
+        hit.append(1)
+        engine.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+    if hit and then_exit:
+        raise KeyboardInterrupt
 
 
 StrategyOpt = Annotated[Optional[str], typer.Option("--strategy", "-s", help="a self-evaluation strategy (best-of-n, adaptive, prune, vote, beam, revise, auto ...: the README lists them)")]
@@ -317,11 +327,15 @@ def chat(
         while True:
             try:
                 line = input("> ").strip()
+                line.encode("utf-8")  # undecodable bytes arrive as lone surrogates (or as a decode error)
             except EOFError:
                 print()
                 return
             except KeyboardInterrupt:
                 print()
+                continue
+            except (UnicodeDecodeError, UnicodeEncodeError):  # the line is dropped, the chat goes on
+                print("error: this line is not valid UTF-8; it was ignored")
                 continue
             try:
                 if line.startswith("/"):
@@ -331,7 +345,7 @@ def chat(
                     print(reply)
                 elif line:
                     plain = session.strategy is None or session.strategy.strategy == "single"
-                    with _ctrl_c_cancels(engine):
+                    with _ctrl_c_cancels(engine, then_exit=False):
                         for ev in session.send(line):
                             if isinstance(ev, Notice):
                                 print(f"({ev.text})")
@@ -603,17 +617,27 @@ def import_cmd(
     typer.echo(f"wrote {r.path} ({r.architecture}, {r.n_params / 1e6:.1f}M params, float32) in {r.seconds:.1f}s")
 
 
+def _interrupted() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the one line short
+    print(interrupts.MESSAGE, file=sys.stderr)
+    sys.exit(interrupts.EXIT_CODE)
+
+
 def main() -> None:
+    from edge_adapt.engine.events import Cancelled
+
+    interrupts.install()  # Ctrl-C raises KeyboardInterrupt from here on; what a command created is taken back
     try:
-        app(standalone_mode=False)
+        # typer turns KeyboardInterrupt into Exit(130), which standalone_mode=False returns instead of raising.
+        code = app(standalone_mode=False)
+        interrupts.check()
     except EdgeAdaptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
+        code = exc.exit_code
+    except (typer.Abort, KeyboardInterrupt, Cancelled):  # Cancelled: Ctrl-C stopped a decode outside generation
+        _interrupted()
     except TyperException as exc:  # bad options and arguments, as typer's bundled click reports them
         print(f"error: {exc.format_message()}", file=sys.stderr)  # type: ignore[attr-defined]
         sys.exit(getattr(exc, "exit_code", 2))
@@ -622,6 +646,10 @@ def main() -> None:
             raise
         print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)
         sys.exit(70)
+    if code == interrupts.EXIT_CODE:
+        _interrupted()
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

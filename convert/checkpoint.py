@@ -28,11 +28,13 @@ def require_torch() -> Any:
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
+    from edge_adapt.fileio import read_user_file
+
+    if not path.exists():
+        raise ModelFileError(f"{path.parent}: {what} is missing ({path.name})")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelFileError(f"{path.parent}: {what} is missing ({path.name})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(read_user_file(path, max_bytes=64 << 20, text=True, error=ModelFileError))
+    except json.JSONDecodeError as exc:
         raise ModelFileError(f"{path}: unreadable {what} ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise ModelFileError(f"{path}: {what} is not a JSON object")

@@ -101,12 +101,14 @@ def read_self_eval_config(source: str | os.PathLike[str] | dict[str, Any] | None
     data: Any = source
     p = Path("self-eval config")
     if not isinstance(source, dict):
+        from edge_adapt.fileio import read_user_file
+
         p = Path(source)
+        if not p.exists():
+            raise UsageError(f"{p}: self-eval config not found")
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UsageError(f"{p}: self-eval config not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = json.loads(read_user_file(p, max_bytes=1 << 20, text=True))
+        except json.JSONDecodeError as exc:
             raise UsageError(f"{p}: not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise UsageError(f"{p}: the self-eval config must be a JSON object")
@@ -152,6 +154,11 @@ def _plan(model: ModelBase, ckpt: Checkpoint, want: Q) -> list[_Planned]:
         raise ModelFileError(
             f"{ckpt.path}: incomplete checkpoint, {len(missing)} tensor(s) missing (first: {missing[0]})"
         )
+    for hf_name, shape in ckpt.shapes.items():
+        want_shape = None if model.is_ignored(hf_name) else model.expected_shape(hf_name)
+        if want_shape is not None and tuple(shape) != want_shape:
+            raise ModelFileError(f"{ckpt.path}: {hf_name} has shape {list(shape)}, config.json implies "
+                                 f"{list(want_shape)}")
     plan: list[_Planned] = []
     for name, arr in model.extra_tensors():
         plan.append(_Planned(None, name, tuple(arr.shape), Q.F32))

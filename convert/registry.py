@@ -99,6 +99,26 @@ class Hparams:
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"config.json lacks or has a bad hyperparameter: {exc}") from None
 
+    def __post_init__(self) -> None:
+        """Values llama.cpp would assert on (or allocate from) are refused here, before anything is written."""
+        counts = {"num_hidden_layers": self.n_layer, "hidden_size": self.n_embd, "intermediate_size": self.n_ff,
+                  "num_attention_heads": self.n_head, "num_key_value_heads": self.n_head_kv,
+                  "head_dim": self.head_dim, "vocab_size": self.n_vocab, "max_position_embeddings": self.n_ctx}
+        for key, v in counts.items():
+            if not 0 < v < 1 << 24:
+                raise ModelFileError(f"config.json: {key} is {v}")
+        if self.n_layer > 512:
+            raise ModelFileError(f"config.json: num_hidden_layers is {self.n_layer}; llama.cpp takes at most 512")
+        if self.n_head % self.n_head_kv:
+            raise ModelFileError(f"config.json: {self.n_head} attention heads are not a multiple of "
+                                 f"{self.n_head_kv} key/value heads")
+        if self.head_dim % 2:
+            raise ModelFileError(f"config.json: head size {self.head_dim} is odd (rope rotates pairs)")
+        if not (math.isfinite(self.rms_eps) and 0 < self.rms_eps < 1):
+            raise ModelFileError(f"config.json: rms_norm_eps is {self.rms_eps}")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ModelFileError(f"config.json: rope_theta is {self.rope_theta}")
+
 
 class ModelBase:
     """Shared machinery; subclasses set the class variables and override the hooks they need."""
@@ -151,6 +171,24 @@ class ModelBase:
 
     def is_ignored(self, hf_name: str) -> bool:
         return hf_name.endswith(self.ignored) or (hf_name == "lm_head.weight" and self.hp.tie_embeddings)
+
+    def expected_shape(self, hf_name: str) -> tuple[int, ...] | None:
+        """The shape (transformers' order) the hyperparameters imply for a checkpoint tensor; None: not known."""
+        hp = self.hp
+        q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+        shapes = {
+            "model.embed_tokens.weight": (hp.n_vocab, hp.n_embd), "lm_head.weight": (hp.n_vocab, hp.n_embd),
+            "model.norm.weight": (hp.n_embd,), "input_layernorm.weight": (hp.n_embd,),
+            "post_attention_layernorm.weight": (hp.n_embd,), "self_attn.q_proj.weight": (q, hp.n_embd),
+            "self_attn.k_proj.weight": (kv, hp.n_embd), "self_attn.v_proj.weight": (kv, hp.n_embd),
+            "self_attn.o_proj.weight": (hp.n_embd, q), "mlp.gate_proj.weight": (hp.n_ff, hp.n_embd),
+            "mlp.up_proj.weight": (hp.n_ff, hp.n_embd), "mlp.down_proj.weight": (hp.n_embd, hp.n_ff),
+            "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+            "self_attn.o_proj.bias": (hp.n_embd,),
+        }
+        if hf_name.startswith("model.layers."):
+            hf_name = hf_name.split(".", 3)[3]
+        return shapes.get(hf_name)
 
     def gguf_name(self, hf_name: str) -> str:
         try:

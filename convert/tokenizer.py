@@ -115,11 +115,13 @@ def read_hf_tokenizer(root: Path, n_vocab: int, config: dict[str, Any]) -> GGUFV
     path = root / "tokenizer.json"
     if not path.is_file():
         raise ModelFileError(f"{root}: tokenizer missing (no tokenizer.json; save it with tokenizer.save_pretrained)")
+    from edge_adapt.fileio import read_user_file
+
     try:
-        tj = json.loads(path.read_text(encoding="utf-8"))
-        tcfg = json.loads((root / "tokenizer_config.json").read_text(encoding="utf-8")) \
-            if (root / "tokenizer_config.json").is_file() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        tj = json.loads(read_user_file(path, max_bytes=256 << 20, text=True, error=ModelFileError))
+        tcfg = json.loads(read_user_file(root / "tokenizer_config.json", max_bytes=64 << 20, text=True,
+                                         error=ModelFileError)) if (root / "tokenizer_config.json").exists() else {}
+    except json.JSONDecodeError as exc:
         raise ModelFileError(f"{root}: unreadable tokenizer files ({exc.__class__.__name__})") from None
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):

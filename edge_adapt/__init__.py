@@ -17,6 +17,12 @@ The library a desktop app embeds; the `edge-adapt` command line is a thin layer 
 # vocabulary (reproduced by importing either first; importing llama_cpp first fixes it). Every entry point
 # (library, CLI) passes through this file first. An app that imports numpy before edge_adapt should import
 # llama_cpp.llama_cpp first itself.
+# Ctrl-C while the command line starts up (the imports below take a while) ends it with one line, not a
+# traceback from inside an import; a library user's process is left alone (see interrupts.py).
+from edge_adapt.interrupts import install_early_if_cli  # noqa: I001
+
+install_early_if_cli()
+
 import llama_cpp.llama_cpp  # noqa: F401, I001
 
 from edge_adapt.engine import (

@@ -1,8 +1,15 @@
-"""Write outputs so that a reader only ever sees a complete file: temp file beside the target, then rename.
+"""User files in, outputs out.
 
-The temp lives in the target's directory because os.replace is only atomic within one filesystem.
-Any failure (disk full, permission, Ctrl-C, a bug) removes the temp; an existing output survives unless
-`force` was given, and even then it is replaced only once the new one is complete.
+Reading: `read_user_file` is the one way a command reads a file the user named. It opens without blocking
+and checks that what it got is a regular file before reading a byte (a FIFO or a device would hang the
+process, a directory gives odd errors), refuses files above a size limit, and decodes text as UTF-8.
+`check_user_file` does the same checks for files handed by path to other code (llama.cpp, safetensors).
+
+Writing: outputs appear only complete: temp file beside the target, then rename. The temp lives in the
+target's directory because os.replace is only atomic within one filesystem. Any failure (disk full,
+permission, Ctrl-C, a bug) removes the temp; an existing output survives unless `force` was given, and even
+then it is replaced only once the new one is complete. `removed_on_failure` takes back what a command
+created when it fails or is interrupted.
 """
 
 from __future__ import annotations
@@ -10,13 +17,97 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from edge_adapt.errors import ModelFileError, UsageError
+from edge_adapt import interrupts
+from edge_adapt.errors import EdgeAdaptError, ModelFileError, UsageError
+
+MiB = 1 << 20
+# Settings, policies and label sets are small; a larger file is a mistake, not data.
+DEFAULT_MAX_BYTES = 256 * MiB
+
+
+def _refuse(path: Path, why: str, error: type[EdgeAdaptError]) -> EdgeAdaptError:
+    return error(f"{path}: {why}")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO, not a regular file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a regular file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a regular file"
+    return "is not a regular file"
+
+
+def check_user_file(path: str | os.PathLike[str], *, max_bytes: int | None = None,
+                    error: type[EdgeAdaptError] = UsageError) -> Path:
+    """`path` names a regular file (symlinks followed) no larger than `max_bytes`; stat only, nothing opened."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise _refuse(p, "no such file", error) from None
+    except OSError as exc:
+        raise _refuse(p, f"cannot read ({exc.strerror or exc})", error) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _refuse(p, _kind(st.st_mode), error)
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise _refuse(p, f"too large ({st.st_size} bytes, at most {max_bytes} read)", error)
+    return p
+
+
+def read_user_file(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES, text: bool = False,
+                   error: type[EdgeAdaptError] = UsageError) -> Any:
+    """The bytes (or, with `text`, the UTF-8 text) of a regular file the user named, or a one-line `error`.
+
+    The file is opened non-blocking and checked with fstat on the open descriptor, so a FIFO swapped in
+    after a check cannot hang the read.
+    """
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise _refuse(p, "no such file", error) from None
+    except IsADirectoryError:
+        raise _refuse(p, "is a directory", error) from None
+    except OSError as exc:
+        raise _refuse(p, f"cannot read ({exc.strerror or exc})", error) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _refuse(p, _kind(st.st_mode), error)
+        if st.st_size > max_bytes:
+            raise _refuse(p, f"too large ({st.st_size} bytes, at most {max_bytes} read)", error)
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > max_bytes:  # grew while being read
+                raise _refuse(p, f"too large (more than {max_bytes} bytes)", error)
+            chunks.append(chunk)
+    except OSError as exc:
+        raise _refuse(p, f"cannot read ({exc.strerror or exc})", error) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if not text:
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise _refuse(p, f"not valid UTF-8 text (line {line}, byte {exc.start})", error) from None
 
 
 def check_target(path: Path, *, force: bool) -> None:
@@ -61,6 +152,7 @@ def atomic_file(path: str | os.PathLike[str], *, force: bool = False) -> Iterato
     _umask_mode(tmp)
     try:
         yield tmp
+        interrupts.check()  # a Ctrl-C that arrived while llama.cpp wrote the file: publish nothing
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -84,6 +176,7 @@ def atomic_dir(path: str | os.PathLike[str], *, force: bool = False) -> Iterator
     _umask_mode(tmp, 0o777)
     try:
         yield tmp
+        interrupts.check()
         if target.exists():
             # A directory cannot be replaced in one rename; park the old one until the new one is in place.
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent or "."))
@@ -107,3 +200,44 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False) -> Itera
         yield fh
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _snapshot(path: Path) -> set[str] | bool:
+    """False: absent; True: a file; a set: a directory's entries."""
+    if path.is_dir():
+        return {p.name for p in path.iterdir()}
+    return path.exists() or path.is_symlink()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _empty_tree(path: Path) -> bool:
+    return path.is_dir() and all(_empty_tree(p) for p in path.iterdir())
+
+
+@contextmanager
+def removed_on_failure(*paths: str | os.PathLike[str], keep_work: bool = False) -> Iterator[None]:
+    """If the block raises (Ctrl-C included), take back what it created at `paths`: a path that did not exist
+    is removed, and so are the new entries of a directory that did. What existed before is never touched.
+
+    `keep_work` is for resumable caches: what was created is removed only when it holds no file (an empty
+    folder, or folders of empty folders), so work done before the failure is there for the next run.
+    """
+    targets = [Path(p) for p in paths]
+    before = [_snapshot(p) for p in targets]
+    try:
+        yield
+    except BaseException:
+        for p, had in zip(targets, before):
+            if had is True:
+                continue
+            created = [p] if had is False else [c for c in (p.iterdir() if p.is_dir() else ()) if c.name not in had]
+            for c in created:
+                if not keep_work or _empty_tree(c):
+                    _remove(c)
+        raise

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_adapt.engine.chat import Message
-from edge_adapt.engine.engine import Engine, Sequence
+from edge_adapt.engine.engine import Engine, Sequence, Snapshot
 from edge_adapt.engine.events import Event, Finished, SampleStarted
 from edge_adapt.engine.sampling import SamplingParams
-from edge_adapt.engine.snapshot_file import load_snapshot, save_snapshot
+from edge_adapt.engine.snapshot_file import check_against, load_snapshot, save_snapshot
 from edge_adapt.engine.budget import fit
 from edge_adapt.errors import BudgetError, ContextOverflowError, EdgeAdaptError, UsageError
 from edge_adapt.strategies import Chosen, StrategyConfig, plan_run, run_strategy
@@ -196,15 +196,60 @@ class ChatSession:
                       force=force)
 
     def load(self, path: str | Path) -> None:
+        """Restore a saved conversation. The whole file is checked against this model first; if anything is
+        wrong (or llama.cpp refuses the state) the session is left as it was and an EdgeAdaptError says why."""
         snap, extra = load_snapshot(path)
-        messages = extra.get("messages")
-        if not isinstance(messages, list):
-            raise EdgeAdaptError(f"{path}: snapshot holds no chat history")
-        restored = self.engine.restore(snap, into=self.seq)
+        messages, turn, text = _chat_extra(extra, path)
+        check_against(snap, path, fingerprint=self.engine.fingerprint, n_vocab=self.engine.model.n_vocab,
+                      n_ctx=self.engine.n_ctx_seq)
+        backup = None
+        if self.seq is not None:
+            try:
+                backup = self.engine.snapshot(self.seq)
+            except EdgeAdaptError:
+                backup = None
+        try:
+            restored = self.engine.restore(snap, into=self.seq)
+            if self.engine.ctx.seq_pos_max(restored.id) != snap.n_past - 1:
+                raise EdgeAdaptError(f"{path}: snapshot state does not match its {snap.n_past} tokens")
+        except EdgeAdaptError:
+            self._put_back(backup)
+            raise
         self.seq = restored
-        self._text = extra.get("text")
+        self._text = text
         self.messages = messages
-        self._turn = int(extra.get("turn", 0))
+        self._turn = turn
+
+    def _put_back(self, backup: Snapshot | None) -> None:
+        """After a failed restore: the conversation's own KV again, or none (the next turn re-decodes it)."""
+        if self.seq is None:
+            return
+        if backup is not None:
+            try:
+                self.engine.restore(backup, into=self.seq)
+                return
+            except EdgeAdaptError:
+                pass
+        self.close()
+        self._text = None
+
+
+def _chat_extra(extra: dict[str, object], path: str | Path) -> tuple[list[Message], int, str | None]:
+    """The chat part of a snapshot: a list of {role, content} messages, a turn counter and the decoded text."""
+    messages = extra.get("messages")
+    if not isinstance(messages, list):
+        raise EdgeAdaptError(f"{path}: snapshot holds no chat history")
+    for m in messages:
+        if (not isinstance(m, dict) or set(m) != {"role", "content"} or m["role"] not in ("system", "user", "assistant")
+                or not isinstance(m["content"], str)):
+            raise EdgeAdaptError(f"{path}: snapshot chat history holds {str(m)[:60]!r}, not a message")
+    turn = extra.get("turn", 0)
+    if not isinstance(turn, int) or isinstance(turn, bool) or turn < 0:
+        raise EdgeAdaptError(f"{path}: snapshot turn counter is {turn!r}")
+    text = extra.get("text")
+    if text is not None and not isinstance(text, str):
+        raise EdgeAdaptError(f"{path}: snapshot text is {type(text).__name__}, not a string")
+    return list(messages), turn, text
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

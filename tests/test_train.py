@@ -79,7 +79,8 @@ def test_read_labels_rejects_foreign_files(tmp_path):
 def test_merged_label_files_count_a_shared_prompt_once(tmp_path):
     def write(name: str, model: str, ids: list[str]) -> Path:
         f = tmp_path / name
-        recs = [{"problem_id": i, "prompt_ids": [1], "rows": [{"sample": 0, "source": name}]} for i in ids]
+        recs = [{"problem_id": i, "prompt_ids": [1], "rows": [{"sample": 0, "cut": None, "ids": [5], "correct": True,
+                                                                "target": 1.0, "source": name}]} for i in ids]
         f.write_text("\n".join(json.dumps(x) for x in [{"format": FORMAT, "version": VERSION, "model": model}, *recs]))
         return f
 
@@ -180,8 +181,6 @@ def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
 
     torch_scorer = _Scorer(cfg, tmp_path / "run" / "base-hf", ev.suffix, ev.yes_token, ev.no_token,
                            checkpoint=tmp_path / "run" / "checkpoint")
-    import torch
-
     rows, diff, _ = torch_scorer.logit_diffs(group, grad=False)
     trained = dict(zip(rows, diff.tolist()))
     ref = np.array([trained[r] for r in group.rows])

@@ -6,6 +6,7 @@ so that a bad file becomes a one-line ModelFileError instead of a crash in C.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -83,9 +84,11 @@ class _Cursor:
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
 # String arrays (vocabularies, merges) are long; only these are kept, everything else is skipped and counted.
 _KEEP_ARRAYS = ("adapter.alora.invocation_tokens",)
+_TOKENS = "tokenizer.ggml.tokens"  # kept as raw bytes: llama.cpp compares token strings byte for byte
 
 
 def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
@@ -95,13 +98,23 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
         return cur.string().decode("utf-8", "replace")
     if vtype == _ARRAY:
         etype, n = cur.take("<I"), cur.take("<Q")
-        keep = key in _KEEP_ARRAYS or key.startswith("edge_adapt.") or etype != _STRING
-        if etype in _SCALARS and not keep:
+        left = len(cur.buf) - cur.off
+        if etype in _SCALARS:
+            # Sized before anything is read, so a huge declared length costs nothing.
             size = struct.calcsize(_SCALARS[etype]) * n
-            if cur.off + size > len(cur.buf):
-                raise ModelFileError(f"{cur.path}: truncated GGUF (array {key!r} runs past the end)")
+            if size > left:
+                raise ModelFileError(f"{cur.path}: truncated GGUF (array {key!r} of {n} items runs past the end)")
+            values = np.frombuffer(cur.buf, dtype=_NUMPY[etype], count=n, offset=cur.off).tolist()
             cur.off += size
-            return _Skipped(n)
+            return values
+        # A string takes at least its 8-byte length, a nested array at least its 12-byte header.
+        if etype not in (_STRING, _ARRAY) or n * (8 if etype == _STRING else 12) > left:
+            if etype not in (_STRING, _ARRAY):
+                raise ModelFileError(f"{cur.path}: malformed GGUF (array {key!r} has unknown item type {etype})")
+            raise ModelFileError(f"{cur.path}: truncated GGUF (array {key!r} of {n} items runs past the end)")
+        if key == _TOKENS and etype == _STRING:
+            return _Tokens(n, tuple(cur.string() for _ in range(n)))
+        keep = key in _KEEP_ARRAYS or key.startswith("edge_adapt.")
         items = [_read_value(cur, etype, key) for _ in range(n)]
         return items if keep else _Skipped(n)
     raise ModelFileError(f"{cur.path}: malformed GGUF (metadata {key!r} has unknown value type {vtype})")
@@ -115,6 +128,13 @@ class _Skipped:
 
 
 @dataclass(frozen=True)
+class _Tokens(_Skipped):
+    """The vocabulary: token strings as the raw bytes llama.cpp compares."""
+
+    items: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
 class _Tensor:
     name: str
     shape: tuple[int, ...]
@@ -124,7 +144,7 @@ class _Tensor:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape))
+        return math.prod(self.shape)
 
 
 def _scan(path: Path) -> tuple[dict[str, Any], list[_Tensor]]:
@@ -162,13 +182,19 @@ def _scan(path: Path) -> tuple[dict[str, Any], list[_Tensor]]:
         data_start = -(-cur.off // alignment) * alignment
     tensors = []
     file_size = path.stat().st_size
+    seen: set[str] = set()
     for name, shape, type_id, offset in raw:
+        if name in seen:
+            raise ModelFileError(f"{path}: malformed GGUF (tensor {name!r} appears twice)")
+        seen.add(name)
         try:
             qtype = gguf.GGMLQuantizationType(type_id)
             block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
             raise ModelFileError(f"{path}: tensor {name!r} has unknown type {type_id}") from None
-        n_el = int(np.prod(shape)) if shape else 1
+        n_el = math.prod(shape)  # Python ints: a crafted shape cannot overflow into a small size
+        if any(d == 0 for d in shape) or (shape and shape[0] % block):
+            raise ModelFileError(f"{path}: malformed GGUF (tensor {name!r} has shape {list(shape)} for type {qtype.name})")
         n_bytes = n_el // block * type_size
         start = data_start + offset
         if start + n_bytes > file_size:
@@ -235,6 +261,9 @@ def inspect_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUF
     known = set(gguf.MODEL_ARCH_NAMES.values())
     if arch not in known or arch in NOT_GENERATIVE:
         raise ModelFileError(f"{p}: unsupported architecture {arch!r} (edge-adapt runs text-generating models)")
+    check_model_metadata(p, arch, kv, tensors)
+    if file_size <= SCAN_DATA_BYTES:
+        check_tensor_data(p, tensors)
     n_layers = get(f"{arch}.block_count")
     n_embd = get(f"{arch}.embedding_length")
     n_head = get(f"{arch}.attention.head_count")
@@ -278,3 +307,166 @@ def _file_type_name(value: Any) -> str:
         return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
     except ValueError:
         return f"type {value}"
+
+
+# -- what llama.cpp asserts on load, checked first ------------------------------------------------------------
+LLAMA_MAX_LAYERS = 512  # llama-hparams.h
+MAX_CONTEXT = 1 << 24
+SCAN_DATA_BYTES = 2 << 30  # files up to this size have their float data checked for NaN / Inf
+_NO_TOKEN = (-1, 0xFFFFFFFF)  # "no such special token"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_model_metadata(p: Path, arch: str, kv: dict[str, Any], tensors: list[_Tensor]) -> None:
+    """Refuse, with one line, what llama.cpp would abort on (GGML_ASSERT) or load and then misbehave with:
+    the layer count and per-layer arrays, head counts, finite positive epsilons and rope parameters, the
+    context length, a unique vocabulary with special ids inside it, and tensors that match all of that."""
+
+    def bad(msg: str) -> ModelFileError:
+        return ModelFileError(f"{p}: {msg}")
+
+    # Every number under the architecture's keys must be finite (NaN epsilons abort in ggml_rms_norm).
+    for key, value in kv.items():
+        if key.startswith(f"{arch}."):
+            for x in value if isinstance(value, list) else [value]:
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise bad(f"{key} is {x}, not a finite number")
+
+    n_layer = kv.get(f"{arch}.block_count")
+    if not _is_int(n_layer) or not 0 < n_layer <= LLAMA_MAX_LAYERS:
+        raise bad(f"{arch}.block_count is {n_layer!r}; llama.cpp takes 1 to {LLAMA_MAX_LAYERS} layers")
+
+    def per_layer(suffix: str, *, required: bool, default: Any = None) -> list[int] | None:
+        key = f"{arch}.{suffix}"
+        v = kv.get(key, default)
+        if v is None:
+            if required:
+                raise bad(f"GGUF lacks {key}")
+            return None
+        values = v if isinstance(v, list) else [v] * n_layer
+        if isinstance(v, list) and len(v) != n_layer:
+            raise bad(f"{key} has {len(v)} entries for {n_layer} layers")
+        if not all(_is_int(x) and 0 < x < 1 << 24 for x in values):
+            raise bad(f"{key} is {v!r}; expected positive counts")
+        return values
+
+    n_embd = kv.get(f"{arch}.embedding_length")
+    if not _is_int(n_embd) or not 0 < n_embd < 1 << 20:
+        raise bad(f"{arch}.embedding_length is {n_embd!r}")
+    heads = per_layer("attention.head_count", required=True)
+    kv_heads = per_layer("attention.head_count_kv", required=False, default=kv.get(f"{arch}.attention.head_count"))
+    per_layer("feed_forward_length", required=False)
+    assert heads is not None and kv_heads is not None
+    for i, (h, hkv) in enumerate(zip(heads, kv_heads)):
+        if h % hkv:
+            raise bad(f"layer {i} has {h} attention heads, not a multiple of its {hkv} KV heads")
+    head_k = kv.get(f"{arch}.attention.key_length")
+    head_v = kv.get(f"{arch}.attention.value_length")
+    for key, v in ((f"{arch}.attention.key_length", head_k), (f"{arch}.attention.value_length", head_v)):
+        if v is not None and not (_is_int(v) and 0 < v < 1 << 16):
+            raise bad(f"{key} is {v!r}")
+    if head_k is None and n_embd % max(heads):
+        raise bad(f"{arch}.embedding_length {n_embd} is not a multiple of {max(heads)} heads")
+    head_dim = head_k or n_embd // max(heads)
+
+    ctx = kv.get(f"{arch}.context_length")
+    if ctx is not None and not (_is_int(ctx) and 0 < ctx <= MAX_CONTEXT):
+        raise bad(f"{arch}.context_length is {ctx!r}; expected 1 to {MAX_CONTEXT}")
+    for suffix in ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon"):
+        eps = kv.get(f"{arch}.{suffix}")
+        if eps is not None and not (_is_num(eps) and 0 < eps < 1):
+            raise bad(f"{arch}.{suffix} is {eps!r}; expected a small positive number")
+    for suffix in ("rope.freq_base", "rope.scaling.factor", "rope.scale_linear"):
+        v = kv.get(f"{arch}.{suffix}")
+        if v is not None and not (_is_num(v) and v > 0):
+            raise bad(f"{arch}.{suffix} is {v!r}; expected a positive number")
+    rope_dims = kv.get(f"{arch}.rope.dimension_count")
+    if rope_dims is not None and not (_is_int(rope_dims) and 0 < rope_dims <= head_dim and rope_dims % 2 == 0):
+        raise bad(f"{arch}.rope.dimension_count is {rope_dims!r} for heads of {head_dim}")
+
+    # The vocabulary: llama.cpp asserts its token strings are unique, and reads scores / types by token id.
+    vocab = kv.get(_TOKENS)
+    if not isinstance(vocab, _Tokens) or vocab.length == 0:
+        raise bad(f"GGUF has no vocabulary ({_TOKENS})")
+    n_vocab = vocab.length
+    if len(set(vocab.items)) != n_vocab:
+        counts = Counter(vocab.items)
+        dup = next(t for t in vocab.items if counts[t] > 1)
+        raise bad(f"vocabulary holds token {dup.decode('utf-8', 'replace')!r} more than once")
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        v = kv.get(key)
+        if v is not None and (not isinstance(v, list) or len(v) != n_vocab):
+            raise bad(f"{key} has {len(v) if isinstance(v, list) else 'no'} entries for {n_vocab} tokens")
+    declared = kv.get(f"{arch}.vocab_size")
+    if declared is not None and declared != n_vocab:
+        raise bad(f"{arch}.vocab_size is {declared!r} but the vocabulary has {n_vocab} tokens")
+    for key, v in kv.items():
+        if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
+            if not _is_int(v) or (v not in _NO_TOKEN and not 0 <= v < n_vocab):
+                raise bad(f"{key} is {v!r}, outside the vocabulary of {n_vocab} tokens")
+
+    # Tensors: one set per declared layer, and the shapes the metadata implies.
+    by_name = {t.name: t for t in tensors}
+    blocks = set()
+    for t in tensors:
+        if t.name.startswith("blk."):
+            idx = t.name.split(".")[1]
+            if not idx.isdigit() or int(idx) >= n_layer:
+                raise bad(f"tensor {t.name!r} is outside the {n_layer} declared layers")
+            blocks.add(int(idx))
+    if len(blocks) != n_layer:
+        raise bad(f"{arch}.block_count declares {n_layer} layers but the file holds tensors for {len(blocks)}")
+    expect: dict[str, tuple[int, ...]] = {"token_embd.weight": (n_embd, n_vocab), "output.weight": (n_embd, n_vocab)}
+    for i in range(n_layer):
+        expect[f"blk.{i}.attn_q.weight"] = (n_embd, heads[i] * head_dim)
+        expect[f"blk.{i}.attn_k.weight"] = (n_embd, kv_heads[i] * head_dim)
+        expect[f"blk.{i}.attn_v.weight"] = (n_embd, kv_heads[i] * (head_v or head_dim))
+        expect[f"blk.{i}.attn_norm.weight"] = (n_embd,)
+    for name, shape in expect.items():
+        t = by_name.get(name)
+        if t is not None and t.shape != shape:
+            raise bad(f"tensor {name!r} has shape {list(t.shape)}, the metadata implies {list(shape)}")
+    if "token_embd.weight" not in by_name:
+        raise bad("GGUF lacks the token embedding (token_embd.weight)")
+
+
+# Where the float fields (scales, minimums) sit inside one quantized block, in bytes: (offset, numpy type).
+# Integer quants cannot be NaN, so checking these fields checks the tensor. Other types are not checked.
+_FLOAT_FIELDS: dict[str, tuple[tuple[int, str], ...]] = {
+    "Q4_0": ((0, "<f2"),), "Q4_1": ((0, "<f2"), (2, "<f2")), "Q5_0": ((0, "<f2"),), "Q5_1": ((0, "<f2"), (2, "<f2")),
+    "Q8_0": ((0, "<f2"),), "Q2_K": ((80, "<f2"), (82, "<f2")), "Q3_K": ((108, "<f2"),),
+    "Q4_K": ((0, "<f2"), (2, "<f2")), "Q5_K": ((0, "<f2"), (2, "<f2")), "Q6_K": ((208, "<f2"),),
+}
+_PLAIN = {"F32": "<f4", "F16": "<f2", "F64": "<f8"}
+
+
+def check_tensor_data(p: Path, tensors: list[_Tensor]) -> None:
+    """NaN or Inf in a tensor's floats (plain float tensors, and the scales of the common quant types)."""
+    import gguf
+
+    data = np.memmap(p, dtype=np.uint8, mode="r")
+    try:
+        for t in tensors:
+            raw = data[t.offset : t.offset + t.n_bytes]
+            if t.type_name in _PLAIN:
+                ok = np.isfinite(raw.view(_PLAIN[t.type_name])).all()
+            elif t.type_name == "BF16":
+                ok = ((raw.view("<u2") & 0x7F80) != 0x7F80).all()
+            elif t.type_name in _FLOAT_FIELDS:
+                _, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.type_name]]
+                blocks = raw.reshape(-1, size)
+                ok = all(np.isfinite(np.ascontiguousarray(blocks[:, at : at + 2]).view(dt)).all()
+                         for at, dt in _FLOAT_FIELDS[t.type_name])
+            else:
+                continue
+            if not ok:
+                raise ModelFileError(f"{p}: tensor {t.name!r} holds NaN or infinite values")
+    finally:
+        del data

@@ -12,7 +12,7 @@ import numpy as np
 
 from edge_adapt.engine.engine import Snapshot
 from edge_adapt.errors import EdgeAdaptError
-from edge_adapt.fileio import atomic_output
+from edge_adapt.fileio import atomic_output, read_user_file
 
 MAGIC = b"EDGESNAP"
 VERSION = 1
@@ -35,14 +35,19 @@ def save_snapshot(snap: Snapshot, path: str | Path, *, extra: dict[str, Any] | N
         fh.write(snap.state)
 
 
+# A snapshot holds one sequence of one context; far larger files are not snapshots.
+MAX_SNAPSHOT_BYTES = 4 << 30
+
+
 def load_snapshot(path: str | Path) -> tuple[Snapshot, dict[str, Any]]:
+    """Read and check a snapshot file from end to end; nothing here touches an engine.
+
+    Every field is checked for its type and range (tokens are ints, logits whole float32s, `extra` a
+    mapping), so a crafted file fails here with one line. What depends on the model (fingerprint, vocabulary,
+    logits width, state bytes) is checked by `check_against`.
+    """
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise EdgeAdaptError(f"{p}: no such file") from None
-    except OSError as exc:
-        raise EdgeAdaptError(f"{p}: cannot read ({exc.strerror})") from None
+    data = read_user_file(p, max_bytes=MAX_SNAPSHOT_BYTES, error=EdgeAdaptError)
     if len(data) < _HEAD.size or data[:8] != MAGIC:
         raise EdgeAdaptError(f"{p}: not an edge-adapt snapshot")
     _, version, n_json, n_logits, n_state = _HEAD.unpack_from(data)
@@ -50,13 +55,49 @@ def load_snapshot(path: str | Path) -> tuple[Snapshot, dict[str, Any]]:
         raise EdgeAdaptError(f"{p}: snapshot format version {version}, this edge-adapt reads {VERSION}")
     if _HEAD.size + n_json + n_logits + n_state != len(data):
         raise EdgeAdaptError(f"{p}: truncated or corrupt snapshot")
+    if n_logits % 4:
+        raise EdgeAdaptError(f"{p}: corrupt snapshot (logits are {n_logits} bytes, not whole float32 values)")
+    if n_state == 0:
+        raise EdgeAdaptError(f"{p}: corrupt snapshot (no sequence state)")
     at = _HEAD.size
     try:
-        meta = json.loads(data[at : at + n_json])
-    except ValueError:
+        meta = json.loads(data[at : at + n_json].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
         raise EdgeAdaptError(f"{p}: corrupt snapshot metadata") from None
+    if not isinstance(meta, dict):
+        raise EdgeAdaptError(f"{p}: corrupt snapshot metadata (not a JSON object)")
+    tokens, n_past, model = meta.get("tokens"), meta.get("n_past"), meta.get("model")
+    extra = meta.get("extra", {})
+    if not isinstance(tokens, list) or not all(_is_int(t) and t >= 0 for t in tokens):
+        raise EdgeAdaptError(f"{p}: corrupt snapshot metadata (tokens must be a list of token ids)")
+    if not _is_int(n_past) or n_past != len(tokens):
+        raise EdgeAdaptError(f"{p}: corrupt snapshot metadata (n_past {n_past!r} for {len(tokens)} tokens)")
+    if not isinstance(model, str):
+        raise EdgeAdaptError(f"{p}: corrupt snapshot metadata (no model fingerprint)")
+    if not isinstance(extra, dict):
+        raise EdgeAdaptError(f"{p}: corrupt snapshot metadata (extra must be a JSON object)")
     at += n_json
     logits = np.frombuffer(data[at : at + n_logits], dtype=np.float32).copy() if n_logits else None
+    if logits is not None and not np.isfinite(logits).all():
+        raise EdgeAdaptError(f"{p}: corrupt snapshot (logits hold NaN or infinite values)")
     at += n_logits
-    snap = Snapshot(tuple(meta["tokens"]), int(meta["n_past"]), data[at:], logits, meta["model"])
-    return snap, meta.get("extra", {})
+    snap = Snapshot(tuple(tokens), n_past, data[at:], logits, model)
+    return snap, extra
+
+
+def check_against(snap: Snapshot, path: str | Path, *, fingerprint: str, n_vocab: int, n_ctx: int) -> None:
+    """The snapshot fits this model and context: same model, token ids in the vocabulary, a logits row as
+    wide as the vocabulary, and no more tokens than a sequence holds."""
+    if snap.model_fingerprint != fingerprint:
+        raise EdgeAdaptError(f"{path}: snapshot is from another model ({snap.model_fingerprint}, this is {fingerprint})")
+    bad = next((t for t in snap.tokens if t >= n_vocab), None)
+    if bad is not None:
+        raise EdgeAdaptError(f"{path}: snapshot holds token id {bad}, outside this model's {n_vocab} tokens")
+    if snap.logits is not None and snap.logits.size != n_vocab:
+        raise EdgeAdaptError(f"{path}: snapshot logits have {snap.logits.size} values for {n_vocab} tokens")
+    if snap.n_past > n_ctx:
+        raise EdgeAdaptError(f"{path}: snapshot holds {snap.n_past} tokens, the context holds {n_ctx}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -51,8 +51,17 @@ def pool_settings(cfg: EvalConfig) -> PoolSettings:
 
 
 def suite_for(cfg: EvalConfig) -> Suite:
-    return load_suite(cfg.suite, split=cfg.split, n=cfg.n_prompts, path=cfg.data, scorer=cfg.scorer, seed=cfg.seed,
-                      family=cfg.family)
+    return nonempty(load_suite(cfg.suite, split=cfg.split, n=cfg.n_prompts, path=cfg.data, scorer=cfg.scorer,
+                               seed=cfg.seed, family=cfg.family))
+
+
+def nonempty(suite: Suite) -> Suite:
+    """A suite with no problems is refused before a model is loaded."""
+    if not suite.problems:
+        from edge_adapt.errors import UsageError
+
+        raise UsageError(f"suite {suite.name!r} holds no problems")
+    return suite
 
 
 def _live_checks(engine: Engine, scorer: SelfEvalScorer, suite: Suite, pools: list[PromptPool],
@@ -147,7 +156,15 @@ def eval_job(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalS
 
     `engine` and `scorer` may be passed in (tests, apps that already hold a model); otherwise the engine is
     sized for the suite (edge_adapt.sizing: prompt, K samples, greedy) and the scorer is cfg.selfeval's class.
+    A failed or interrupted run takes back the folders it created (the cache keeps any samples it holds).
     """
+    from edge_adapt.fileio import removed_on_failure
+
+    with removed_on_failure(cfg.cache_dir, keep_work=True), removed_on_failure(cfg.out_dir):
+        return (yield from _evaluate(cfg, engine, scorer))
+
+
+def _evaluate(cfg: EvalConfig, engine: Engine | None, scorer: SelfEvalScorer | None) -> Job[Report]:
     settings = pool_settings(cfg)
     suite = suite_for(cfg)
     owns = engine is None

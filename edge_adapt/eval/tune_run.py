@@ -23,6 +23,7 @@ from edge_adapt.eval.live import StrategyOutcome, run_strategy_live
 from edge_adapt.eval.metrics import bootstrap_ci, wilson
 from edge_adapt.eval.pool import PromptPool
 from edge_adapt.eval.run import pool_engine, pools_job, suite_for
+from edge_adapt.errors import UsageError
 from edge_adapt.fileio import atomic_file, check_target
 from edge_adapt.progress import Job, Progress, to_the_end
 from edge_adapt.sizing import ensure, for_generation, for_strategy, load_engine
@@ -81,8 +82,19 @@ def _mean_ci(x: np.ndarray) -> tuple[float, float, float]:
 
 def tune_job(cfg: TuneConfig) -> Job[dict[str, Any]]:
     """Tune, write the policy, and (with a test split) the report, yielding Progress while sampling. Returns the
-    report's JSON."""
+    report's JSON. A failed or interrupted run takes back the folders it created (the cache keeps any samples
+    it holds)."""
+    from edge_adapt.fileio import removed_on_failure
+
     check_target(cfg.out, force=cfg.force)
+    if cfg.pool.n_prompts < 2 * N_BINS:  # known before sampling, not after it
+        raise UsageError(f"tuning needs at least {2 * N_BINS} prompts, got --prompts {cfg.pool.n_prompts}")
+    with removed_on_failure(cfg.pool.cache_dir, keep_work=True), \
+            removed_on_failure(*([cfg.report_dir] if cfg.report_dir is not None else [])):
+        return (yield from _tune(cfg))
+
+
+def _tune(cfg: TuneConfig) -> Job[dict[str, Any]]:
     pcfg = cfg.pool
     tcfg = pcfg.model_copy(update={"split": cfg.test_split, "n_prompts": cfg.test_prompts}) if cfg.test_split else None
     suites = [suite_for(pcfg)] + ([suite_for(tcfg)] if tcfg is not None else [])

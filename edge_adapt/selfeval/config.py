@@ -78,11 +78,10 @@ class SelfEvalConfig(BaseModel):
 
 def load_mapping(path: str | Path) -> dict[str, Any]:
     """A TOML or JSON file as a dict, or a one-line UsageError."""
+    from edge_adapt.fileio import read_user_file
+
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{p}: cannot read ({exc.strerror})") from None
+    raw = read_user_file(p, max_bytes=16 << 20)
     try:
         if p.suffix.lower() == ".json":
             data = json.loads(raw)

@@ -89,11 +89,15 @@ class Policy(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
+        from edge_adapt.fileio import read_user_file
+
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise UsageError(f"cannot read policy {path}: {exc.strerror or exc}") from None
+            raw = read_user_file(path, max_bytes=16 << 20)
+        except UsageError as exc:
+            raise UsageError(f"cannot read policy {exc}") from None
+        try:
+            data = json.loads(raw.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UsageError(f"policy {path} is not valid JSON ({exc})") from None
         if not isinstance(data, dict):

@@ -35,7 +35,7 @@ from edge_adapt.engine import Engine, EngineOptions, Sample, Vocab
 from edge_adapt.errors import UsageError
 from edge_adapt.eval.config import known_family, pool_temperature, token_points
 from edge_adapt.eval.pool import PoolSettings, PromptPool, build_pool, model_identity, pool_job, samples_in
-from edge_adapt.fileio import atomic_file, check_target
+from edge_adapt.fileio import atomic_file, check_target, removed_on_failure
 from edge_adapt.progress import Job, to_the_end
 from edge_adapt.sizing import for_pool, load_engine
 from edge_adapt.strategies.run import prompt_tokens
@@ -140,6 +140,8 @@ def label_job(cfg: LabelConfig, engine: Engine | None = None) -> Job[Path]:
         raise UsageError(f"cuts {cfg.cuts} must be below max_tokens {cfg.max_tokens}")
     suite = load_suite(cfg.suite, split=cfg.split, n=cfg.n_prompts, path=cfg.data, scorer=cfg.scorer, seed=cfg.seed,
                        levels=cfg.levels, family=cfg.family)
+    if not suite.problems:
+        raise UsageError(f"suite {suite.name!r} holds no problems")
     settings = PoolSettings(k=cfg.k, temperature=cfg.temperature, max_tokens=cfg.max_tokens, prune_points=(),
                             seed=cfg.seed)
     owns = engine is None
@@ -150,27 +152,28 @@ def label_job(cfg: LabelConfig, engine: Engine | None = None) -> Job[Path]:
                              EngineOptions(model=cfg.model, threads=cfg.threads))
     scorer = NoSelfEval()
     try:
-        steps = build_pool(engine, scorer, suite, settings, cfg.cache_dir, model_identity(engine, scorer),
-                           samples_in(cfg.cache_dir))
-        run = yield from pool_job(f"label {suite.name}/{suite.split} K={cfg.k}", steps)
-        records = []
-        for problem, pool in zip(suite.problems, run.pools):
-            if not pool.prompt_ids:
-                raise UsageError(f"{cfg.cache_dir}: pool entry for {problem.id} predates token ids; use another --cache")
-            records.append(prompt_record(pool, engine.chat_prompt(list(problem.messages)), cfg.cuts,
-                                         cfg.include_greedy))
-        header = {
-            "format": FORMAT, "version": VERSION, "model": engine.fingerprint, "model_path": str(engine.model_path),
-            "suite": suite.name, "split": suite.split, "scorer": suite.scorer.name, "created": time.strftime("%Y-%m-%d"),
-            "settings": {"k": cfg.k, "temperature": cfg.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
-                         "min_p": settings.min_p, "max_tokens": cfg.max_tokens, "cuts": cfg.cuts, "seed": cfg.seed,
-                         "include_greedy": cfg.include_greedy, "levels": cfg.levels},
-        }
-        with atomic_file(out, force=cfg.force) as tmp:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(header) + "\n")
-                for r in records:
-                    fh.write(json.dumps(r, separators=(",", ":")) + "\n")
+        with removed_on_failure(cfg.cache_dir, keep_work=True):  # an empty cache folder is not left behind
+            steps = build_pool(engine, scorer, suite, settings, cfg.cache_dir, model_identity(engine, scorer),
+                               samples_in(cfg.cache_dir))
+            run = yield from pool_job(f"label {suite.name}/{suite.split} K={cfg.k}", steps)
+            records = []
+            for problem, pool in zip(suite.problems, run.pools):
+                if not pool.prompt_ids:
+                    raise UsageError(f"{cfg.cache_dir}: pool entry for {problem.id} predates token ids; use another --cache")
+                records.append(prompt_record(pool, engine.chat_prompt(list(problem.messages)), cfg.cuts,
+                                             cfg.include_greedy))
+            header = {
+                "format": FORMAT, "version": VERSION, "model": engine.fingerprint, "model_path": str(engine.model_path),
+                "suite": suite.name, "split": suite.split, "scorer": suite.scorer.name, "created": time.strftime("%Y-%m-%d"),
+                "settings": {"k": cfg.k, "temperature": cfg.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
+                             "min_p": settings.min_p, "max_tokens": cfg.max_tokens, "cuts": cfg.cuts, "seed": cfg.seed,
+                             "include_greedy": cfg.include_greedy, "levels": cfg.levels},
+            }
+            with atomic_file(out, force=cfg.force) as tmp:
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    fh.write(json.dumps(header) + "\n")
+                    for r in records:
+                        fh.write(json.dumps(r, separators=(",", ":")) + "\n")
     finally:
         if owns:
             engine.close()
@@ -192,13 +195,12 @@ class LabelSet:
 
 def read_labels(path: str | Path) -> LabelSet:
     """A dataset written by `label`, or a one-line UsageError."""
+    from edge_adapt.fileio import read_user_file
+
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UsageError(f"{p}: label file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{p}: cannot read ({exc})") from None
+    if not p.exists() and not p.is_symlink():
+        raise UsageError(f"{p}: label file not found")
+    lines = read_user_file(p, max_bytes=4 << 30, text=True).splitlines()
     try:
         header = json.loads(lines[0]) if lines else {}
         if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -208,10 +210,47 @@ def read_labels(path: str | Path) -> LabelSet:
         prompts = [json.loads(x) for x in lines[1:] if x.strip()]
     except json.JSONDecodeError as exc:
         raise UsageError(f"{p}: broken JSON line ({exc.msg})") from None
-    for rec in prompts:
-        if not isinstance(rec, dict) or not rec.get("prompt_ids") or not isinstance(rec.get("rows"), list):
-            raise UsageError(f"{p}: a prompt record lacks prompt_ids or rows")
+    for line, rec in enumerate(prompts, start=2):
+        problem = _bad_record(rec)
+        if problem:
+            raise UsageError(f"{p}: prompt record {line - 1} {problem}")
+    if not prompts:
+        raise UsageError(f"{p}: no prompt records")
     return LabelSet(header, prompts)
+
+
+def _ids(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v)
+
+
+def _bad_record(rec: Any) -> str | None:
+    """What is wrong with one prompt record of a label file (None: nothing), checked before any work."""
+    if not isinstance(rec, dict) or not rec.get("prompt_ids") or not isinstance(rec.get("rows"), list):
+        return "lacks prompt_ids or rows"
+    if not isinstance(rec.get("problem_id"), str):
+        return "lacks a problem_id"
+    if not _ids(rec["prompt_ids"]):
+        return "has prompt_ids that are not token ids"
+    if not rec["rows"]:
+        return "has no rows"
+    full = set()
+    for row in rec["rows"]:
+        if not isinstance(row, dict) or not {"sample", "cut", "ids", "correct", "target"} <= set(row):
+            return "has a row without sample, cut, ids, correct and target"
+        if not isinstance(row["sample"], int) or not _ids(row["ids"]) or not row["ids"]:
+            return "has a row whose sample or ids are not token ids"
+        if row["cut"] is not None and (not isinstance(row["cut"], int) or row["cut"] <= 0):
+            return f"has a row with cut {row['cut']!r}"
+        t = row["target"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
+            return f"has a row with target {t!r} (expected 0..1)"
+        if not isinstance(row["correct"], (bool, int)):
+            return f"has a row with correct {row['correct']!r}"
+        if row["cut"] is None:
+            full.add(row["sample"])
+    if not full:
+        return "has no full (uncut) response"
+    return None
 
 
 def merge_labels(paths: Sequence[str | Path]) -> LabelSet:

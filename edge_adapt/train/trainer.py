@@ -258,7 +258,17 @@ def require_train_extra() -> None:
 def train_job(cfg: TrainConfig) -> Job[TrainResult]:
     """Import the base model, train, keep the best epoch by validation AUROC, export to GGUF. As a job it yields
     Progress ("train" per optimizer step; "validate" per validation, its metrics as the message); `train` runs
-    it to its result."""
+    it to its result.
+
+    Inputs are checked before any work; if the run fails or is interrupted, what it created in the output
+    directory (the directory itself, if it made it) is removed."""
+    from edge_adapt.fileio import removed_on_failure
+
+    with removed_on_failure(cfg.out):
+        return (yield from _train(cfg))
+
+
+def _train(cfg: TrainConfig) -> Job[TrainResult]:
     import torch
 
     from edge_adapt.convert import convert_adapter, convert_model, import_adapter, import_gguf
@@ -281,14 +291,18 @@ def train_job(cfg: TrainConfig) -> Job[TrainResult]:
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out.mkdir(parents=True, exist_ok=True)
     self_eval = SelfEvalConfig(format="raw", suffix=cfg.suffix, yes=cfg.yes, no=cfg.no)
     with Engine(model=cfg.model, parallel=1, ctx=256) as eng:
         if eng.fingerprint != train_set.header.get("model"):
             raise UsageError(f"labels were made with {train_set.header.get('model')}, the model is {eng.fingerprint}")
+        top = max(max(rec["prompt_ids"] + [max(r["ids"]) for r in rec["rows"]])
+                  for rec in train_set.prompts + val_set.prompts)
+        if top >= eng.model.n_vocab:
+            raise UsageError(f"labels hold token id {top}, outside the model's {eng.model.n_vocab} tokens")
         suffix_ids = render_suffix(self_eval, eng)
         yes, no = answer_token(eng, cfg.yes, "yes"), answer_token(eng, cfg.no, "no")
         base_gguf = eng.model_path
+    out.mkdir(parents=True, exist_ok=True)
     init = cfg.init
     if init is not None and Path(init).is_file() and cfg.method != "full":
         # An exported adapter (the shipped one, say): back to PEFT, so training continues where it left off.
@@ -388,10 +402,14 @@ def _check_init(cfg: TrainConfig, init: Path, suffix_ids: list[int]) -> None:
     silently into a different shape of training than the one asked for)."""
     if cfg.method == "full":
         raise UsageError("--init continues an (a)LoRA adapter; method full starts from the base model")
+    from edge_adapt.fileio import read_user_file
+
     try:
-        peft_cfg = json.loads((Path(init) / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        peft_cfg = json.loads(read_user_file(Path(init) / "adapter_config.json", max_bytes=1 << 20, text=True))
+    except (UsageError, json.JSONDecodeError) as exc:
         raise UsageError(f"--init {cfg.init}: not a PEFT adapter checkpoint ({exc})") from None
+    if not isinstance(peft_cfg, dict):
+        raise UsageError(f"--init {cfg.init}: not a PEFT adapter checkpoint (adapter_config.json is not an object)")
     invocation = peft_cfg.get("alora_invocation_tokens")
     method = "alora" if invocation else "lora"
     if method != cfg.method or peft_cfg.get("r") != cfg.rank:

@@ -1,0 +1,87 @@
+"""Ctrl-C for the command line: handled once, at the entry point, the same way for every command.
+
+Two phases. While the package and the CLI import (before anything is created) Ctrl-C ends the process at
+once with one line: a KeyboardInterrupt there would print a traceback from inside some import. From
+`cli.main()` on, Ctrl-C raises KeyboardInterrupt as usual, so `with` blocks and `finally` clauses take back
+what they created, and `main()` prints one line and exits 130.
+
+One case needs care: llama.cpp calls back into Python (its log callback) while it loads a model or
+quantizes. A KeyboardInterrupt raised inside a ctypes callback is printed as "Exception ignored" and lost.
+When the signal lands there it is remembered instead and delivered again shortly, once control is back in
+Python; `check()` raises it at points that must not be passed with an interrupt pending (publishing an
+output).
+
+Only the standard library is imported here: the package imports this module before anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from types import FrameType
+
+EXIT_CODE = 130
+MESSAGE = "interrupted"
+# Functions llama.cpp calls through ctypes; an exception raised in them never reaches the caller.
+CALLBACKS = frozenset({"_log_callback"})
+
+_pending = threading.Event()
+
+
+def _inside_callback(frame: FrameType | None) -> bool:
+    for _ in range(4):
+        if frame is None:
+            return False
+        if frame.f_code.co_name in CALLBACKS:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _redeliver() -> None:
+    if _pending.is_set():
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    if _inside_callback(frame):
+        _pending.set()
+        timer = threading.Timer(0.05, _redeliver)
+        timer.daemon = True
+        timer.start()
+        return
+    _pending.clear()
+    raise KeyboardInterrupt
+
+
+def _exit_now(signum: int, frame: FrameType | None) -> None:
+    os.write(2, f"{MESSAGE}\n".encode())
+    os._exit(EXIT_CODE)
+
+
+def check() -> None:
+    """Raise the interrupt that arrived while llama.cpp had control, if one did."""
+    if _pending.is_set():
+        _pending.clear()
+        raise KeyboardInterrupt
+
+
+def install() -> None:
+    """From here on Ctrl-C raises KeyboardInterrupt (never inside a llama.cpp callback). Main thread only."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _raise_interrupt)
+
+
+def install_early_if_cli() -> None:
+    """When this process is the `edge-adapt` command, Ctrl-C during the imports exits 130 with one line.
+
+    A library user's process is left alone: only the command's own start (the console script, or
+    `python -m edge_adapt` / `python -m edge_adapt.cli`) is recognised.
+    """
+    argv = getattr(sys, "orig_argv", sys.argv)
+    script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    as_module = any(a == "-m" and b in ("edge_adapt", "edge_adapt.cli") for a, b in zip(argv, argv[1:]))
+    if (script in ("edge-adapt", "edge-adapt.exe") or as_module) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _exit_now)

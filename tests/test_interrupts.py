@@ -1,0 +1,244 @@
+"""Ctrl-C at several moments of every long command: exit 130, one line on stderr, nothing published, no temp
+file. Each moment is chosen by waiting for a marker (llama.cpp's library mapped into the process: the imports
+are under way; llama.cpp's own log: the model is loading; the first answer bytes; a temp file or folder
+appearing), with every wait bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from edge_adapt.engine.default_model import default_model_path
+
+try:
+    from convert_fixtures import llama_dir  # noqa: F401 (a fixture)
+except ImportError:  # pragma: no cover
+    pass
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="markers read /proc")
+
+
+class Run:
+    """A command in its own process, its stdout and stderr collected as they come."""
+
+    def __init__(self, args: list[str], cwd: Path | None = None) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.p = subprocess.Popen([sys.executable, "-m", "edge_adapt", *args], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=env, cwd=cwd)
+        self.out, self.err = bytearray(), bytearray()
+        self._threads = [threading.Thread(target=self._pump, args=(s, b), daemon=True)
+                         for s, b in ((self.p.stdout, self.out), (self.p.stderr, self.err))]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _pump(stream, buf: bytearray) -> None:  # type: ignore[no-untyped-def]
+        for chunk in iter(lambda: stream.read1(4096), b""):
+            buf.extend(chunk)
+
+    def wait_for(self, marker: Callable[[], bool], timeout: float = 120) -> None:
+        end = time.monotonic() + timeout
+        while not marker():
+            if self.p.poll() is not None:
+                pytest.fail(f"the command ended (rc {self.p.returncode}) before the moment came: {bytes(self.err)[-2000:]!r}")
+            if time.monotonic() > end:
+                self.p.kill()
+                pytest.fail("the moment never came")
+            time.sleep(0.002)
+
+    def interrupt(self, timeout: float = 120) -> tuple[int, str, str]:
+        assert self.p.poll() is None, "the command had already ended"
+        self.p.send_signal(signal.SIGINT)
+        try:
+            rc = self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            pytest.fail(f"the interrupt was lost: still running {timeout} s after Ctrl-C")
+        for t in self._threads:
+            t.join(timeout=10)
+        return rc, bytes(self.out).decode(errors="replace"), bytes(self.err).decode(errors="replace")
+
+    def maps(self, name: str) -> Callable[[], bool]:
+        def marker() -> bool:
+            try:
+                return name in Path(f"/proc/{self.p.pid}/maps").read_text()
+            except OSError:
+                return False
+        return marker
+
+
+def interrupted(result: tuple[int, str, str], *, verbose: bool = False) -> None:
+    rc, _, err = result
+    assert rc == 130, (rc, err[-3000:])
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    if verbose:  # llama.cpp's own log comes first
+        assert lines and lines[-1] == "interrupted", err[-3000:]
+    else:
+        assert lines == ["interrupted"], err[-3000:]
+
+
+def no_temp_files(directory: Path) -> None:
+    left = [p for p in directory.rglob("*") if p.name.endswith((".tmp", ".old")) or ".tmp" in p.name]
+    assert not left, left
+
+
+# -- run -----------------------------------------------------------------------------------------------------
+LONG = ["run", "Write a long story about a cat who learns to fly.", "--raw", "-n", "4", "--temp", "1",
+        "--max-tokens", "2000", "--ctx", "2048"]
+
+
+def test_run_interrupted_during_imports():
+    r = Run(LONG)
+    r.wait_for(r.maps("libllama"))
+    interrupted(r.interrupt())
+
+
+def test_run_interrupted_while_the_model_loads():
+    r = Run([*LONG, "--verbose"])
+    r.wait_for(lambda: b"llama_model_loader" in r.err)
+    rc, out, err = r.interrupt()
+    interrupted((rc, out, err), verbose=True)
+    assert "sample 0" not in out  # the run did not go on to answer
+
+
+def test_run_interrupted_mid_generation():
+    r = Run(["run", "Write a long story about a cat who learns to fly.", "--max-tokens", "2000", "--temp", "1",
+             "--ctx", "2048"])
+    r.wait_for(lambda: len(r.out) > 0)
+    interrupted(r.interrupt())
+
+
+def test_run_with_a_strategy_interrupted_while_scoring():
+    r = Run(["run", "What is 17 * 23?", "--strategy", "best-of-n", "--budget", "4", "--max-tokens", "200",
+             "--temp", "1", "--show-scores"])
+    r.wait_for(r.maps("libllama"))
+    time.sleep(1.5)
+    if r.p.poll() is None:
+        interrupted(r.interrupt())
+
+
+# -- convert / import ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def medium_dir(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random llama of ~40M parameters (the fixture's tokenizer): big enough that converting takes a while."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("medium") / "hf"
+    shutil.copytree(llama_dir, out)
+    for f in out.glob("model*.safetensors*"):
+        f.unlink()
+    cfg = json.loads((out / "config.json").read_text())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**cfg, "hidden_size": 768, "intermediate_size": 3072,
+                                            "num_hidden_layers": 4, "num_attention_heads": 12, "num_key_value_heads": 4,
+                                            "head_dim": 64}))
+    model.save_pretrained(str(out))
+    return out
+
+
+def _tmp_appears(directory: Path, suffix: str) -> Callable[[], bool]:
+    return lambda: any(p.name.endswith(suffix) for p in directory.iterdir())
+
+
+@pytest.mark.parametrize("moment", ["imports", "writing", "quantizing"])
+def test_convert_interrupted_publishes_nothing(moment: str, medium_dir: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    r = Run(["convert", str(medium_dir), "-o", str(out / "m.gguf"), "--type", "q4_k_m"])
+    if moment == "imports":
+        r.wait_for(r.maps("libllama"))
+    elif moment == "writing":
+        r.wait_for(_tmp_appears(out, ".f16.tmp"))
+    else:  # the f16 intermediate is complete once llama.cpp's quantizer starts writing the output temp
+        r.wait_for(lambda: any(p.name.endswith(".tmp") and not p.name.endswith(".f16.tmp") and p.stat().st_size > 0
+                               for p in out.iterdir()))
+    interrupted(r.interrupt())
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("moment", ["imports", "writing"])
+def test_import_interrupted_publishes_nothing(moment: str, tmp_path: Path):
+    pytest.importorskip("torch")
+    r = Run(["import", "-o", str(tmp_path / "hf")])
+    if moment == "imports":
+        r.wait_for(r.maps("libllama"))
+    else:
+        r.wait_for(lambda: any(p.name.endswith(".tmp") and (p / "model.safetensors").exists() for p in tmp_path.iterdir()))
+    interrupted(r.interrupt())
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- label / eval / train -----------------------------------------------------------------------------------
+def _cache_has_a_pool(cache: Path) -> Callable[[], bool]:
+    return lambda: cache.is_dir() and any(cache.glob("pool-*.jsonl"))
+
+
+@pytest.mark.parametrize("moment", ["imports", "sampling"])
+def test_label_interrupted_publishes_nothing(moment: str, tmp_path: Path):
+    cache = tmp_path / "cache"
+    r = Run(["label", "-o", str(tmp_path / "l.jsonl"), "--prompts", "40", "-k", "4", "--max-tokens", "96",
+             "--cache", str(cache)])
+    if moment == "imports":
+        r.wait_for(r.maps("libllama"))
+    else:
+        r.wait_for(_cache_has_a_pool(cache))
+    interrupted(r.interrupt())
+    assert not (tmp_path / "l.jsonl").exists()
+    no_temp_files(tmp_path)
+    # What the cache holds (finished prompts) is kept for the next run; an empty cache folder is not.
+    assert not cache.exists() or any(cache.iterdir())
+
+
+@pytest.mark.parametrize("moment", ["imports", "sampling"])
+def test_eval_interrupted_publishes_nothing(moment: str, tmp_path: Path):
+    cache, report = tmp_path / "cache", tmp_path / "report"
+    r = Run(["eval", "--prompts", "40", "-k", "4", "--max-tokens", "64", "--cache", str(cache), "--out", str(report)])
+    if moment == "imports":
+        r.wait_for(r.maps("libllama"))
+    else:
+        r.wait_for(_cache_has_a_pool(cache))
+    interrupted(r.interrupt())
+    assert not report.exists()
+    no_temp_files(tmp_path)
+    assert not cache.exists() or any(cache.iterdir())
+
+
+def _labels(path: Path, pids: list[str]) -> Path:
+    from edge_adapt.engine.gguf_file import inspect_gguf
+    from edge_adapt.train.labels import FORMAT, VERSION
+
+    i = inspect_gguf(default_model_path())
+    head = {"format": FORMAT, "version": VERSION, "model": f"{i.architecture}:{i.n_params}:{i.n_vocab}:{i.file_type}"}
+    rows = [{"sample": s, "correct": s == 0, "target": 1.0 - s, "cut": None, "ids": [28, 29, 30]} for s in (0, 1)]
+    recs = [{"problem_id": p, "level": 1, "prompt_ids": [1, 2, 3], "rows": rows} for p in pids]
+    path.write_text("\n".join(json.dumps(x) for x in [head, *recs]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("moment", ["imports", "importing the base model"])
+def test_train_interrupted_leaves_no_output(moment: str, tmp_path: Path):
+    pytest.importorskip("peft")
+    train, val = _labels(tmp_path / "t.jsonl", ["a", "b"]), _labels(tmp_path / "v.jsonl", ["c", "d"])
+    out = tmp_path / "run"
+    r = Run(["train", str(train), "--validation", str(val), "-o", str(out), "--epochs", "1"])
+    if moment == "imports":
+        r.wait_for(r.maps("libllama"))
+    else:
+        r.wait_for(lambda: out.is_dir() and any(p.name.startswith(".base-hf") for p in out.iterdir()))
+    interrupted(r.interrupt())
+    assert not out.exists()
+    no_temp_files(tmp_path)
