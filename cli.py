@@ -84,8 +84,8 @@ def _text_arg(value: str, what: str) -> str:
 
 
 def _show(job: Any) -> Any:
-    """Run a library job, drawing its Progress events as bars on stderr (a line now and then when stderr is
-    not a terminal, and every event's message as a line); returns the job's result."""
+    """Run a library job, drawing its Progress events as bars on stderr and every event's message as a line;
+    returns the job's result. Off a terminal the bars stay silent, so logs get the messages only."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -103,8 +103,6 @@ def _show(job: Any) -> Any:
             if p.task not in tasks:
                 tasks[p.task] = bar.add_task(p.task, total=p.total, info="")
             bar.update(tasks[p.task], completed=p.done, total=p.total, info=p.info)
-            if not console.is_terminal and (p.done % 10 == 0 or p.done == p.total):
-                console.print(f"{p.task} {p.done}/{p.total} {p.info}")
 
         return finish(job, show)
 

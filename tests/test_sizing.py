@@ -44,8 +44,15 @@ def test_a_sized_engine_runs_its_strategy_with_nothing_to_spare():
 
 
 def test_memory_budget_is_refused_before_loading():
-    with pytest.raises(BudgetError, match="parallel sequences"):
-        load_engine(EngineSize(64, 1024), EngineOptions(device="cpu"), mem_budget="300MB")
+    from edge_adapt.engine.budget import plan
+    from edge_adapt.engine.default_model import default_model_path
+    from edge_adapt.engine.gguf_file import inspect_gguf
+
+    # The plan counts this process's own memory, which differs between a test alone and the whole suite: the
+    # budget is one sequence's plan and 10 MiB, never 64 sequences (about 22 MiB of KV each).
+    one = plan(inspect_gguf(default_model_path()), parallel=1, ctx=1024).total
+    with pytest.raises(BudgetError, match="64 parallel sequences"):
+        load_engine(EngineSize(64, 1024), EngineOptions(device="cpu"), mem_budget=one + (10 << 20))
 
 
 def test_ensure_grows_an_idle_engine_only_when_needed():
