@@ -39,10 +39,12 @@ from edge_adapt.engine import (
     Usage,
 )
 from edge_adapt.errors import EdgeAdaptError
+from edge_adapt.result import Collector, Result, collect
 from edge_adapt.session import ChatSession
 from edge_adapt.strategies import Chosen, StrategyConfig, run_strategy
 
 __all__ = [
     "Engine", "EngineOptions", "SamplingParams", "GREEDY", "ChatSession", "StrategyConfig", "run_strategy",
     "Event", "SampleStarted", "Token", "Finished", "Done", "Usage", "Chosen", "Cancelled", "EdgeAdaptError",
+    "collect", "Collector", "Result",
 ]
