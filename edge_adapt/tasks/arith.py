@@ -12,7 +12,7 @@ Levels (operands drawn uniformly; every question ends with "Answer briefly."):
 
 Measured greedy accuracy of the embedded SmolLM2-135M-Instruct Q4_1 (validation split, seed 0, 48 prompts per
 level, max_tokens 96, 2 CPU cores): level 1 0.67 (32/48), level 2 0.42 (20/48), level 3 0.38 (18/48),
-level 4 0.12 (6/48), level 5 0.08 (4/48). Reproduce with `python -m edge_adapt.tasks.arith --measure 48`.
+level 4 0.12 (6/48), level 5 0.08 (4/48). Reproduce with `python -m edge_adapt.tasks.measure arith --prompts 48`.
 
 How the levels were tuned (greedy, 96 random prompts per candidate, same model): this model's accuracy depends
 more on the wording than on the arithmetic. Told to "give a short explanation, then write 'The answer is'", it
@@ -37,7 +37,7 @@ from edge_adapt.tasks.family import GeneratedFamily, family_suite
 from edge_adapt.tasks.scorers import FinalNumber
 
 LEVELS = (1, 2, 3, 4, 5)
-# From `python -m edge_adapt.tasks.arith --measure 48` (greedy, validation split, max_tokens 96).
+# From `python -m edge_adapt.tasks.measure arith --prompts 48` (greedy, validation split, max_tokens 96).
 LEVEL_GREEDY_ACCURACY: dict[int, float] = {1: 0.67, 2: 0.42, 3: 0.38, 4: 0.12, 5: 0.08}
 
 # Brief, not "explain, then write 'The answer is'": why is in the module docstring.
@@ -99,45 +99,6 @@ def arith_suite(split: str = "test", n: int = 200, seed: int = 0, levels: tuple[
     return family_suite(ARITH, split, n, seed, levels)
 
 
-def measure_greedy(n: int = 50, max_tokens: int = 96, split: str = "validation", dump: str | None = None) -> dict[int, float]:
-    """Greedy accuracy of the default model per level: several prompts decoded together, one root each.
-    `dump`: a JSONL file that receives every reply (level, id, answer, text, correct)."""
-    import json
-    from edge_adapt.engine import GREEDY, Engine
-
-    scorer = FinalNumber()
-    batch = 8
-    acc: dict[int, float] = {}
-    with Engine(parallel=2 * batch, ctx=256) as e:
-        for level in LEVELS:
-            probs = arith_problems(level, split, n)
-            right = 0
-            for lo in range(0, n, batch):
-                group = probs[lo : lo + batch]
-                roots = [e.open(e.tokenize(e.chat_prompt(list(p.messages)))) for p in group]
-                samples = [e.start(r, [GREEDY], max_tokens=max_tokens, first_index=i)[0] for i, r in enumerate(roots)]
-                for _ in e.advance(samples):
-                    pass
-                right += sum(scorer.correct(s.text, p.answer) for s, p in zip(samples, group))
-                if dump:
-                    with open(dump, "a") as fh:
-                        for s, p in zip(samples, group):
-                            fh.write(json.dumps({"level": level, "id": p.id, "answer": p.answer, "text": s.text,
-                                                 "correct": scorer.correct(s.text, p.answer)}) + "\n")
-                for s in samples:
-                    e.release(s.seq)
-                for r in roots:
-                    e.release(r)
-            acc[level] = right / n
-            print(f"level {level}: greedy accuracy {acc[level]:.2f} ({right}/{n})", flush=True)
-    return acc
-
-
 if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) >= 2 and sys.argv[1] == "--measure":
-        measure_greedy(int(sys.argv[2]) if len(sys.argv) > 2 else 50, dump=sys.argv[3] if len(sys.argv) > 3 else None)
-    else:
-        for lv in LEVELS:
-            print(arith_problems(lv, "test", 2)[0].messages[0]["content"])
+    for lv in LEVELS:
+        print(arith_problems(lv, "test", 2)[0].messages[0]["content"])
