@@ -10,36 +10,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 LiveStrategy = Literal["best-of-8", "adaptive"]
 
 
-class EvalConfig(BaseModel):
+class PoolSource(BaseModel):
+    """What a sample pool is drawn from and how: the settings `eval`, `tune-policy` and `label` share."""
+
     model_config = ConfigDict(extra="forbid")
 
     suite: str = Field("arith", description="arith, gsm8k, mix (every task family), or a user suite .jsonl file")
     family: str | None = Field(None, description="one task family instead of a suite (edge_adapt.tasks.FAMILIES)")
-    split: str = Field("test", description="arith split: train, validation or test")
     data: Path | None = Field(None, description="suite file (gsm8k: defaults to ../shared/data/gsm8k/train.jsonl)")
     scorer: str | None = Field(None, description="user suites: final-number, exact, regex:<pattern>, module:function")
-    n_prompts: int = Field(200, ge=1)
-    k: int = Field(16, ge=1, le=64, description="samples per prompt in the pool")
     temperature: float = Field(0.7, description="sampling temperature of the pool (> 0)")
     max_tokens: int = Field(96, ge=1)
-    prune_points: list[int] = Field(default_factory=lambda: [16, 32])
     seed: int = 0
     model: Path | None = Field(None, description="GGUF model; the embedded default when omitted")
-    adapter: Path | None = Field(None, description="self-eval LoRA adapter (GGUF)")
-    default_adapter: bool = Field(True, description="the default model's shipped adapter when no adapter is given")
-    selfeval: str = Field("edge_adapt.selfeval:SelfEvaluator",
-                          description="module:Class of the self-evaluator, called as Class(engine, adapter_path=...)")
     threads: int | None = Field(None, ge=1)
     cache_dir: Path = Path("runs/eval-cache")
-    out_dir: Path = Path("runs/eval")
-    live: list[LiveStrategy] = Field(default_factory=list, description="strategies to also run for real")
-    live_prompts: int = Field(30, ge=1)
-    live_threshold: float | None = Field(None, description="adaptive threshold for --live; the pool's median end score when omitted")
-
-    @field_validator("prune_points")
-    @classmethod
-    def _increasing(cls, v: list[int]) -> list[int]:
-        return token_points(v, "prune_points")
 
     @field_validator("temperature")
     @classmethod
@@ -50,6 +35,26 @@ class EvalConfig(BaseModel):
     @classmethod
     def _known_family(cls, v: str | None) -> str | None:
         return known_family(v)
+
+
+class EvalConfig(PoolSource):
+    split: str = Field("test", description="arith split: train, validation or test")
+    n_prompts: int = Field(200, ge=1)
+    k: int = Field(16, ge=1, le=64, description="samples per prompt in the pool")
+    prune_points: list[int] = Field(default_factory=lambda: [16, 32])
+    adapter: Path | None = Field(None, description="self-eval LoRA adapter (GGUF)")
+    default_adapter: bool = Field(True, description="the default model's shipped adapter when no adapter is given")
+    selfeval: str = Field("edge_adapt.selfeval:SelfEvaluator",
+                          description="module:Class of the self-evaluator, called as Class(engine, adapter_path=...)")
+    out_dir: Path = Path("runs/eval")
+    live: list[LiveStrategy] = Field(default_factory=list, description="strategies to also run for real")
+    live_prompts: int = Field(30, ge=1)
+    live_threshold: float | None = Field(None, description="adaptive threshold for --live; the pool's median end score when omitted")
+
+    @field_validator("prune_points")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        return token_points(v, "prune_points")
 
 
 def pool_temperature(v: float) -> float:

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from edge_adapt.engine import Engine, EngineOptions, Sample, Vocab
 from edge_adapt.errors import UsageError
-from edge_adapt.eval.config import known_family, pool_temperature, token_points
+from edge_adapt.eval.config import PoolSource, token_points
 from edge_adapt.eval.pool import PoolSettings, PromptPool, build_pool, model_identity, pool_job, samples_in
 from edge_adapt.fileio import atomic_file, check_target, removed_on_failure
 from edge_adapt.progress import Job, to_the_end
@@ -45,44 +45,22 @@ FORMAT = "edge-adapt-labels"
 VERSION = 1
 
 
-class LabelConfig(BaseModel):
+class LabelConfig(PoolSource):
     """What `edge-adapt label` and `label()` take."""
 
-    model_config = ConfigDict(extra="forbid")
-
     out: Path = Field(..., description="the dataset file to write (.jsonl)")
-    suite: str = Field("arith", description="arith, gsm8k, mix (every task family), or a user suite .jsonl file")
-    family: str | None = Field(None, description="one task family instead of a suite (edge_adapt.tasks.FAMILIES)")
     split: str = Field("train", description="split of a generated suite; never label the split you report on")
-    data: Path | None = None
-    scorer: str | None = None
     n_prompts: int = Field(300, ge=1)
     levels: list[int] | None = Field(None, description="levels of arith or the family to label, spread evenly (all when omitted)")
     k: int = Field(16, ge=2, le=64, description="samples per prompt (targets compare each with the other K-1)")
-    temperature: float = Field(0.7, description="sampling temperature (> 0)")
-    max_tokens: int = Field(96, ge=1)
     cuts: list[int] = Field(default_factory=lambda: [16, 32, 64], description="prune points to emit partial responses at")
     include_greedy: bool = Field(True, description="also label the greedy response (its 'others' are the K samples)")
-    seed: int = 0
-    model: Path | None = None
-    threads: int | None = Field(None, ge=1)
-    cache_dir: Path = Path("runs/eval-cache")
     force: bool = False
 
     @field_validator("cuts")
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
         return token_points(v, "cuts")
-
-    @field_validator("temperature")
-    @classmethod
-    def _samples(cls, v: float) -> float:
-        return pool_temperature(v)
-
-    @field_validator("family")
-    @classmethod
-    def _known_family(cls, v: str | None) -> str | None:
-        return known_family(v)
 
 
 def targets(scores: Sequence[float]) -> list[float]:
