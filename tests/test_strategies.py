@@ -107,7 +107,11 @@ class FakeEngine:
     def chat_prompt(self, messages) -> str:
         return "".join(f"<{m['role']}>{m['content']}</>" for m in messages) + "<assistant>"
 
-    def advance(self, samples: Seq[Sample], until: int | None = None, *, max_new=None, pause_on=None) -> Iterator:
+    @contextmanager
+    def adapter(self, adapter, scale: float = 1.0) -> Iterator[None]:
+        yield
+
+    def steps(self, samples: Seq[Sample], until: int | None = None, *, max_new=None, pause_on=None) -> Iterator:
         limit = {s.index: min(s.max_tokens, until or s.max_tokens,
                               len(s.generated) + max_new if max_new else s.max_tokens) for s in samples}
         live = [s for s in samples if s.finish is None and len(s.generated) < limit[s.index]]
@@ -161,10 +165,12 @@ class FakeScorer:
         self.decoded_tokens = 0
         self.calls: list[list[tuple[int, int]]] = []
 
-    def score(self, samples: Seq[Sample]) -> list[float]:
+    def steps(self, samples: Seq[Sample]) -> Iterator:
+        """A scoring step program that decodes nothing (a real scorer yields its suffix decodes)."""
         self.calls.append([(s.index, len(s.generated)) for s in samples])
         self.decoded_tokens += len(samples) * len(self.suffix)
         return [self.fn(s.index, len(s.generated)) for s in samples]
+        yield
 
 
 def words(n: int) -> Callable[[int], list[str]]:

@@ -23,7 +23,8 @@ from edge_adapt.engine.device import Device, gpu_layers_for, physical_cores
 from edge_adapt.engine.events import Cancelled, Done, Event, Finished, FinishReason, SampleStarted, Token, Usage
 from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
 from edge_adapt.engine.handles import Adapter, Batch, Context, Model, init_backend
-from edge_adapt.engine.sampling import SamplingParams, sample_rows
+from edge_adapt.engine.sampling import SamplingParams, sample_rows, top_logprobs
+from edge_adapt.engine.steps import Decode, Program, drive
 from edge_adapt.engine.text import TextStream
 from edge_adapt.engine.vocab import TextModel
 from edge_adapt.errors import BudgetError, ContextOverflowError, EngineError, UsageError
@@ -75,6 +76,7 @@ class Sample:
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish: FinishReason | None = None
+    top_logprobs: int | None = None  # Token events carry this many most likely alternatives (None: none)
 
     @property
     def text(self) -> str:
@@ -234,6 +236,19 @@ class Engine(TextModel):
             raise
         return seq
 
+    def open_empty(self) -> Sequence:
+        """A free sequence id holding nothing yet: a step program decodes its prompt into it (`Decode`)."""
+        return self._new([])
+
+    def holds(self, seq: Sequence) -> bool:
+        """Whether `seq` still holds its sequence id (it was not released)."""
+        return self._live.get(seq.id) is seq
+
+    @property
+    def kv_cells_used(self) -> int:
+        """KV cells the live sequences fill (a fork's shared cells counted once per sequence)."""
+        return sum(s.n_past for s in list(self._live.values()))
+
     @contextmanager
     def opened(self, tokens: Seq[int]) -> Iterator[Sequence]:
         """`open` for the length of a block: on leaving it, the sequence and every sequence forked from it
@@ -242,8 +257,13 @@ class Engine(TextModel):
         try:
             yield root
         finally:
-            for seq in [s for s in self._live.values() if s is root or s.origin is root]:
-                self.release(seq)
+            self.release_forks(root)
+            self.release(root)
+
+    def release_forks(self, root: Sequence) -> None:
+        """Release every sequence still held that was forked from `root` (samples, their branches)."""
+        for seq in [s for s in self._live.values() if s.origin is root and s is not root]:
+            self.release(seq)
 
     def fork(self, seq: Sequence) -> Sequence:
         """A copy of `seq` under a free id, sharing (unified KV) or copying (split KV) its cells."""
@@ -261,7 +281,7 @@ class Engine(TextModel):
     def release(self, seq: Sequence) -> None:
         """Drop a sequence's KV and give its id back for reuse (once: a later call for the same sequence, or
         for a stale copy whose id another sequence holds now, does nothing)."""
-        if self._live.get(seq.id) is not seq:
+        if not self.holds(seq):
             return
         self.ctx.seq_rm(seq.id)
         del self._live[seq.id]
@@ -423,11 +443,13 @@ class Engine(TextModel):
         stop: Seq[str] = (),
         first_index: int = 0,
         consume_root: bool = False,
+        top_logprobs: int | None = None,
     ) -> list[Sample]:
         """Fork one sample per entry of `params` from a decoded prompt sequence.
 
         With `consume_root` the last sample takes the prompt's own sequence instead of a fork: one id less
-        when no more samples will be drawn from that prompt.
+        when no more samples will be drawn from that prompt. With `top_logprobs` k, every Token event carries
+        the k most likely tokens of its step and their log-probabilities.
         """
         if max_tokens < 1:
             raise UsageError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -441,7 +463,8 @@ class Engine(TextModel):
             raise EngineError("the prompt sequence has no logits to sample from")
         seqs = [self.fork(root) for _ in range(forks)] + ([root] if consume_root else [])
         return [
-            Sample(first_index + i, seq, p, max_tokens, TextStream(tuple(stop)), np.random.default_rng(p.seed))
+            Sample(first_index + i, seq, p, max_tokens, TextStream(tuple(stop)), np.random.default_rng(p.seed),
+                   top_logprobs=top_logprobs)
             for i, (seq, p) in enumerate(zip(seqs, params))
         ]
 
@@ -468,8 +491,15 @@ class Engine(TextModel):
     def advance(
         self, samples: Seq[Sample], until: int | None = None, *, max_new: int | None = None, pause_on: str | None = None
     ) -> Iterator[Event]:
+        """`steps`, each step decoded at once: the events of one caller's generation."""
+        yield from drive(self, self.steps(samples, until, max_new=max_new, pause_on=pause_on))
+
+    def steps(
+        self, samples: Seq[Sample], until: int | None = None, *, max_new: int | None = None, pause_on: str | None = None
+    ) -> Program[None]:
         """Generate for all unfinished samples, one batched decode per step, until each has `until` tokens,
-        hits max_tokens, a stop string or an end-of-generation token.
+        hits max_tokens, a stop string or an end-of-generation token: a step program (edge_adapt.engine.steps)
+        that yields each step's tokens as one `Decode` request, and the events.
 
         Steps: with `max_new` a sample pauses after that many new tokens, with `pause_on` after a token
         whose text contains that string (a reasoning step's end). A paused sample is not finished: the
@@ -495,11 +525,12 @@ class Engine(TextModel):
             recent = [np.asarray(s.seq.tokens[-s.params.repeat_last_n :]) if s.params.repeat_penalty != 1.0 else np.empty(0, int) for s in live]
             tokens, logps = sample_rows(logits, [s.params for s in live], [s.rng for s in live], recent)
             to_decode: list[tuple[Sequence, list[int]]] = []
-            for s, t, lp in zip(live, tokens.tolist(), logps.tolist()):
+            for row, (s, t, lp) in enumerate(zip(live, tokens.tolist(), logps.tolist())):
                 s.generated.append(t)
                 s.logprobs.append(lp)
+                top = top_logprobs(logits[row], s.top_logprobs) if s.top_logprobs else ()
                 if self.model.is_eog(t):
-                    yield Token(s.index, t, s.stream.flush(), lp)
+                    yield Token(s.index, t, s.stream.flush(), lp, top)
                     s.finish = "eos"
                     yield self._finished(s)
                     continue
@@ -509,7 +540,7 @@ class Engine(TextModel):
                 elif len(s.generated) >= s.max_tokens:
                     s.finish = "length"
                     text += s.stream.flush()
-                yield Token(s.index, t, text, lp)
+                yield Token(s.index, t, text, lp, top)
                 to_decode.append((s.seq, [t]))
                 if s.finish:
                     yield self._finished(s)
@@ -517,7 +548,7 @@ class Engine(TextModel):
                     paused.add(id(s))
             if to_decode:
                 try:
-                    self.extend(to_decode)
+                    yield Decode.of(to_decode)
                 except Cancelled:
                     # The interrupted step's tokens were recorded but not decoded: forget them too.
                     for seq, (t,) in to_decode:
@@ -549,6 +580,7 @@ class Engine(TextModel):
         n: int = 1,
         max_tokens: int = 256,
         stop: Seq[str] = (),
+        top_logprobs: int | None = None,
     ) -> Iterator[Event]:
         """Decode the prompt once, fork `n` samples and stream their tokens. Sample i uses seed + i."""
         plist = list(params) if isinstance(params, (list, tuple)) else [
@@ -556,14 +588,33 @@ class Engine(TextModel):
         ]
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_fits(len(tokens) + max_tokens)
-        t0, calls0, generated = time.perf_counter(), self.decode_calls, 0
+        started = (time.perf_counter(), self.decode_calls)
         with self.opened(tokens) as root:
-            samples = self.start(root, plist, max_tokens=max_tokens, stop=stop, consume_root=True)
-            for s in samples:
-                yield SampleStarted(s.index, s.params.temperature, s.params.seed)
-            for ev in self.advance(samples):
-                generated += isinstance(ev, Token)
-                yield ev
-        yield Done(Usage(prompt_tokens=len(tokens), generated_tokens=generated, samples_started=len(samples),
-                         decode_calls=self.decode_calls - calls0, wall_s=time.perf_counter() - t0))
+            yield from drive(self, self.generation(root, plist, max_tokens=max_tokens, stop=stop,
+                                                   top_logprobs=top_logprobs, started=started))
 
+    def generation(
+        self,
+        root: Sequence,
+        params: Seq[SamplingParams],
+        *,
+        max_tokens: int,
+        stop: Seq[str] = (),
+        top_logprobs: int | None = None,
+        reused: int = 0,
+        started: tuple[float, int] | None = None,
+    ) -> Program[None]:
+        """The step program of plain sampling from a decoded prompt: one sample per entry of `params`, the
+        last taking the prompt's own sequence (which then holds prompt + its reply when it ends); the stream
+        ends with Done(usage). `reused`: prompt tokens that were already in the KV (a prefix cache's); `started`:
+        (perf_counter, decode_calls) when the request began, if before this program (its prompt's decode)."""
+        t0, calls0 = started or (time.perf_counter(), self.decode_calls)
+        n_prompt = len(root.tokens)
+        samples = self.start(root, params, max_tokens=max_tokens, stop=stop, consume_root=True,
+                             top_logprobs=top_logprobs)
+        for s in samples:
+            yield SampleStarted(s.index, s.params.temperature, s.params.seed)
+        yield from self.steps(samples)
+        yield Done(Usage(prompt_tokens=n_prompt, prompt_tokens_reused=reused,
+                         generated_tokens=sum(len(s.generated) for s in samples), samples_started=len(samples),
+                         decode_calls=self.decode_calls - calls0, wall_s=time.perf_counter() - t0))

@@ -25,6 +25,7 @@ class Token:
     token: int
     text: str  # newly releasable text: may be empty while a character or stop string is incomplete
     logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the step's most likely tokens and log-probabilities, when asked for
 
 
 @dataclass(frozen=True)

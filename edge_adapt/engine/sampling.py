@@ -73,6 +73,17 @@ def token_logprobs(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     return logits[np.arange(len(tokens)), tokens] - lse
 
 
+def top_logprobs(row: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
+    """The k most likely tokens of one row of logits and their log-probabilities (unfiltered distribution, as
+    `token_logprobs`), most likely first."""
+    k = min(k, row.shape[-1])
+    idx = np.argpartition(-row, k - 1)[:k]
+    idx = idx[np.argsort(-row[idx], kind="stable")]
+    m = float(row.max())
+    lse = float(np.log(np.exp(row - m, dtype=np.float64).sum())) + m
+    return tuple((int(i), float(row[i]) - lse) for i in idx)
+
+
 def _candidates(row: np.ndarray, top_k: int, temperature: float) -> np.ndarray:
     """Indices of the top_k most likely tokens of a row (all tokens when top_k is 0), most likely first,
     leaving out the negligible tail (see _TAIL_NATS)."""

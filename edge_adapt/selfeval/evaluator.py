@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from edge_adapt.engine.engine import Engine, Sample, Sequence
+from edge_adapt.engine.steps import Decode, Program, drive, run_to_end
 from edge_adapt.errors import EngineError
 from edge_adapt.selfeval.config import SelfEvalConfig
 from edge_adapt.selfeval.suffix import answer_token, render_suffix, split_for_adapter
@@ -75,6 +76,12 @@ class SelfEvaluator:
 
     def score(self, samples: Seq[Sample | Sequence]) -> list[float]:
         """p_keep per sample, in order."""
+        return run_to_end(drive(self.engine, self.steps(samples)))
+
+    def steps(self, samples: Seq[Sample | Sequence]) -> Program[list[float]]:
+        """`score` as a step program (edge_adapt.engine.steps): the suffix's two decodes (base part, then the
+        adapter's part with the adapter on) are yielded as requests, so a scheduler can batch them with other
+        requests' decodes; returns p_keep per sample."""
         seqs = [s.seq if isinstance(s, Sample) else s for s in samples]
         if not seqs:
             return []
@@ -86,9 +93,8 @@ class SelfEvaluator:
         e = self.engine
         with e.scratch(seqs) as tmp:
             if self.base_part:
-                e.extend([(t, self.base_part) for t in tmp])
-            with e.adapter(self.adapter, self.config.adapter_scale):
-                e.extend([(t, self.adapter_part) for t in tmp])
+                yield Decode.of([(t, self.base_part) for t in tmp])
+            yield Decode.of([(t, self.adapter_part) for t in tmp], self.adapter, self.config.adapter_scale)
             logits = np.stack([t.logits for t in tmp])  # type: ignore[misc]
         self.decoded_tokens += len(seqs) * len(self.suffix)
         self.calls += 1

@@ -68,7 +68,7 @@ def _rounds(
                     engine, pool, new, scorer, config.prune_at, config.keep_k, config.prune_threshold
                 )
             else:
-                yield from engine.advance(new)
+                yield from engine.steps(new)
                 yield from pool.score(scorer, new)
                 done = new
             pool.release(done)  # their text and scores stay; the sequence ids serve the next round

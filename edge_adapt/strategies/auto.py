@@ -76,7 +76,7 @@ def auto(engine: EngineLike, root: Sequence, config: StrategyConfig, scorer: Sco
     policy = policy_of(config)
     with Pool(engine, root, config) as pool:
         yield from pool.start(1, policy.probe_temperature)
-        yield from engine.advance(pool.samples)
+        yield from engine.steps(pool.samples)
         yield from pool.score(scorer, pool.samples)
         probe = pool.samples[0]
         p = pool.scores[probe.index]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence as Seq
 from contextlib import AbstractContextManager
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from edge_adapt.engine.engine import Sample, Sequence
 from edge_adapt.engine.events import Event, Finished, SampleStarted
 from edge_adapt.engine.sampling import SamplingParams
+from edge_adapt.engine.steps import Program
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import Chosen, Pruned, Scored, StrategyEvent
 
@@ -34,11 +35,13 @@ class EngineLike(Protocol):
 
     def branch(self, parent: Sample, params: Seq[SamplingParams], *, first_index: int = 0) -> list[Sample]: ...
 
-    def advance(
+    def steps(
         self, samples: Seq[Sample], until: int | None = None, *, max_new: int | None = None, pause_on: str | None = None
-    ) -> Iterator[Event]: ...
+    ) -> Program[None]: ...
 
     def extend(self, updates: Seq[tuple[Sequence, Seq[int]]]) -> None: ...
+
+    def adapter(self, adapter: Any, scale: float = 1.0) -> AbstractContextManager[None]: ...
 
     def truncate(self, seq: Sequence, n: int) -> None: ...
 
@@ -46,11 +49,12 @@ class EngineLike(Protocol):
 
 
 class Scorer(Protocol):
-    """`SelfEvaluator` or a fake: p_keep per sample, and a running count of the tokens it decoded."""
+    """`SelfEvaluator` or a fake: p_keep per sample, as a step program that yields its decodes, and a running
+    count of the tokens it decoded."""
 
     decoded_tokens: int
 
-    def score(self, samples: Seq[Sample]) -> list[float]: ...
+    def steps(self, samples: Seq[Sample]) -> Program[list[float]]: ...
 
 
 StrategyFn = Callable[[EngineLike, Sequence, StrategyConfig, "Scorer | None"], Iterator["Event | StrategyEvent"]]
@@ -114,11 +118,11 @@ class Pool:
                 s.stream.flush()
                 yield Finished(s.index, "length", s.text, len(s.generated), s.sum_logprob)
 
-    def score(self, scorer: Scorer, samples: Seq[Sample]) -> Iterator[Scored]:
+    def score(self, scorer: Scorer, samples: Seq[Sample]) -> Program[None]:
         """Score samples in one batch and record the scores. A sample scored after it finished is not scored
         again (its response cannot change); one scored mid-generation is, once it has finished."""
         todo = [s for s in samples if s.index not in self._scored_finished]
-        for s, p in zip(todo, scorer.score(todo)):
+        for s, p in zip(todo, (yield from scorer.steps(todo))):
             self.scores[s.index] = p
             if s.finish is not None:
                 self._scored_finished.add(s.index)

@@ -44,7 +44,7 @@ def search(
         finished: list[Sample] = []
         for r in range(config.max_rounds):
             yield RoundStarted(r, len(live), config.temperature)
-            yield from engine.advance(live, **step)
+            yield from engine.steps(live, **step)
             yield from score_steps(pool, live)
             done = [s for s in live if s.finish is not None]
             pool.release(done)  # text and score stay; the sequence is free for the next expansion

@@ -19,7 +19,7 @@ def best_of_n(
     scorer = require_scorer(scorer, "best-of-n")
     with Pool(engine, root, config) as pool:
         yield from pool.start(config.budget, config.temperature)
-        yield from engine.advance(pool.samples)
+        yield from engine.steps(pool.samples)
         yield from pool.score(scorer, pool.samples)
         yield pool.chosen(pool.best(pool.samples))
 

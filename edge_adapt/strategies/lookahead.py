@@ -41,8 +41,8 @@ def rolled_out_scores(
         rolls += pool.samples[before:]
     try:
         for _ in range(config.lookahead):
-            yield from engine.advance(rolls, max_new=config.max_step_tokens, pause_on=config.step_delimiter)
-        scores = scorer.score(rolls) if rolls else []
+            yield from engine.steps(rolls, max_new=config.max_step_tokens, pause_on=config.step_delimiter)
+        scores = (yield from scorer.steps(rolls)) if rolls else []
     finally:
         pool.release(rolls)
     for b, roll, p in zip(live, rolls, scores):

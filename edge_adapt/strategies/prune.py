@@ -36,13 +36,13 @@ def run_pruned(
     """Generate `samples` to the end with pruning at `points`; returns the survivors, all scored."""
     alive = list(samples)
     for point in points:
-        yield from engine.advance(alive, until=point)
+        yield from engine.steps(alive, until=point)
         yield from pool.score(scorer, alive)
         keep = select(pool, alive, k, threshold)
         kept = {s.index for s in keep}
         yield from pool.prune([s for s in alive if s.index not in kept])
         alive = keep
-    yield from engine.advance(alive)
+    yield from engine.steps(alive)
     yield from pool.score(scorer, alive)
     return alive
 

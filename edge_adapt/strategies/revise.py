@@ -11,6 +11,7 @@ from typing import Any
 
 from edge_adapt.engine.engine import Sample, Sequence
 from edge_adapt.engine.events import Event
+from edge_adapt.engine.steps import Decode
 from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import RoundStarted, StrategyEvent
@@ -51,7 +52,7 @@ def revise(engine: EngineLike, root: Sequence, config: StrategyConfig, scorer: S
         chains: list[list[Sample]] = [[s] for s in current]
         for r in range(config.chain_length):
             yield RoundStarted(r, len(current), config.temperature)
-            yield from engine.advance(current)
+            yield from engine.steps(current)
             yield from pool.score(scorer, current)
             if r == config.chain_length - 1:
                 break
@@ -60,10 +61,10 @@ def revise(engine: EngineLike, root: Sequence, config: StrategyConfig, scorer: S
                 last = chain[-1]
                 seq = last.seq
                 if len(chain) <= MAX_IN_CONTEXT:  # the window still holds every attempt: append
-                    engine.extend([(seq, turn)])
+                    yield Decode.of([(seq, turn)])
                 else:  # slide: the prompt's cells stay, the window's attempts are decoded again
                     engine.truncate(seq, n_prompt)
-                    engine.extend([(seq, context_after_prompt(chain[-MAX_IN_CONTEXT:], turn))])
+                    yield Decode.of([(seq, context_after_prompt(chain[-MAX_IN_CONTEXT:], turn))])
                 yield from pool.follow(last, config.temperature)
                 chain.append(pool.samples[-1])
                 current.append(pool.samples[-1])

@@ -13,6 +13,7 @@ from typing import Any
 
 from edge_adapt.engine.chat import Message
 from edge_adapt.engine.events import Done, Event, SampleStarted, Token, Usage
+from edge_adapt.engine.steps import Program, drive, watched
 from edge_adapt.errors import BudgetError, ContextOverflowError, UsageError
 from edge_adapt.strategies.base import EngineLike, Scorer
 from edge_adapt.strategies.config import StrategyConfig
@@ -85,63 +86,63 @@ def run_strategy(
     there): samples fork from it and it is left as it was, instead of decoding the prompt into a new one.
 
     Configuration problems (unknown strategy, too few sequences, a context too short) raise here, before
-    anything is decoded; the returned iterator does the work.
+    anything is decoded; the returned iterator does the work, each of its decodes at once (`drive`); a
+    scheduler drives `strategy_steps` itself, batching its decodes with other requests'.
     """
-    spec = spec_of(config.strategy)
-    if scorer is None and spec.needs_scorer:
+    if scorer is None and spec_of(config.strategy).needs_scorer:
         from edge_adapt.selfeval import SelfEvaluator
 
         scorer = SelfEvaluator(engine, config.self_eval)  # type: ignore[arg-type]
     n_suffix = len(getattr(scorer, "suffix", ())) if scorer is not None else 0
     plan = plan_run(engine, list(root.tokens) if root is not None else prompt, config, suffix=n_suffix)
-    if plan.tokens_per_sequence > engine.n_ctx_seq:
-        what = "max_tokens" if plan.span == config.max_tokens else "attempts in context"
-        raise ContextOverflowError(
-            f"prompt ({len(plan.prompt)}) + {what} ({plan.span}) + self-eval suffix ({n_suffix}) = "
-            f"{plan.tokens_per_sequence} tokens exceed the context of {engine.n_ctx_seq} per sequence "
-            "(raise --ctx or lower max_tokens)"
-        )
+    check_fits(plan, engine.n_ctx_seq)
     if plan.samples + (root is None) > engine.free_sequences:
         raise BudgetError(
             f"strategy {config.strategy} with budget {config.budget} runs {plan.samples} samples at once and needs "
             f"{plan.samples + 1} free sequences (one for the prompt); the engine has {engine.free_sequences}"
         )
-    return _stream(engine, plan, scorer, root)
+    return drive(engine, strategy_steps(engine, plan, scorer, root))
 
 
-def _stream(engine: EngineLike, plan: RunPlan, scorer: Scorer | None, given_root: Any) -> Iterator[Event | StrategyEvent]:
+def check_fits(plan: RunPlan, n_ctx_seq: int) -> None:
+    """Refuse a plan whose longest sequence would not fit the context of one sequence."""
+    if plan.tokens_per_sequence > n_ctx_seq:
+        what = "max_tokens" if plan.span == plan.config.max_tokens else "attempts in context"
+        raise ContextOverflowError(
+            f"prompt ({len(plan.prompt)}) + {what} ({plan.span}) + self-eval suffix ({plan.suffix}) = "
+            f"{plan.tokens_per_sequence} tokens exceed the context of {n_ctx_seq} per sequence "
+            "(raise --ctx or lower max_tokens)"
+        )
+
+
+def strategy_steps(
+    engine: EngineLike, plan: RunPlan, scorer: Scorer | None, given_root: Any = None, *, reused: int = 0
+) -> Program[None]:
+    """The step program of a planned run (edge_adapt.engine.steps): the strategy's events and decode requests,
+    then Done(usage), the compute account built from the events. `given_root` holds the decoded prompt and is
+    left as it was (a chat's conversation, a server's prefix cache entry); without it the prompt is opened
+    for this run. `reused`: prompt tokens that were already in the KV."""
     t0 = time.perf_counter()
     calls0 = engine.decode_calls
     se0 = scorer.decoded_tokens if scorer is not None else 0
-    started = generated = pruned = scored = rounds = rollout = 0
+    counts = {SampleStarted: 0, Token: 0, Scored: 0, Pruned: 0, RoundStarted: 0}
+    rollout = 0
     difficulty = None
-    # A chat's root holds its conversation and stays as it is; otherwise the prompt is opened for this run.
+
+    def see(ev: object) -> None:
+        nonlocal rollout, difficulty
+        if type(ev) in counts:
+            counts[type(ev)] += 1
+        elif isinstance(ev, RolledOut):
+            rollout += ev.n_tokens
+        elif isinstance(ev, DifficultyEstimated):
+            difficulty = ev.bin
+
     with nullcontext(given_root) if given_root is not None else engine.opened(plan.prompt) as root:
-        events = plan.spec.run(engine, root, plan.config, scorer)
-        try:
-            for ev in events:
-                if isinstance(ev, Token):
-                    generated += 1
-                elif isinstance(ev, SampleStarted):
-                    started += 1
-                elif isinstance(ev, Scored):
-                    scored += 1
-                elif isinstance(ev, Pruned):
-                    pruned += 1
-                elif isinstance(ev, RoundStarted):
-                    rounds += 1
-                elif isinstance(ev, RolledOut):
-                    rollout += ev.n_tokens
-                elif isinstance(ev, DifficultyEstimated):
-                    difficulty = ev.bin
-                yield ev
-        finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()  # a consumer that stops early still gets every sequence back
-    extra = {"scores": float(scored)}
-    if rounds:
-        extra["rounds"] = float(rounds)
+        yield from watched(plan.spec.run(engine, root, plan.config, scorer), see)
+    extra = {"scores": float(counts[Scored])}
+    if counts[RoundStarted]:
+        extra["rounds"] = float(counts[RoundStarted])
     if rollout:
         extra["rollout_tokens"] = float(rollout)  # already part of generated_tokens
     if difficulty is not None:
@@ -149,10 +150,11 @@ def _stream(engine: EngineLike, plan: RunPlan, scorer: Scorer | None, given_root
     yield Done(
         Usage(
             prompt_tokens=len(plan.prompt),
-            generated_tokens=generated,
+            prompt_tokens_reused=reused,
+            generated_tokens=counts[Token],
             selfeval_tokens=(scorer.decoded_tokens - se0) if scorer is not None else 0,
-            samples_started=started,
-            samples_pruned=pruned,
+            samples_started=counts[SampleStarted],
+            samples_pruned=counts[Pruned],
             decode_calls=engine.decode_calls - calls0,
             wall_s=time.perf_counter() - t0,
             extra=extra,

@@ -17,7 +17,7 @@ def single(
 ) -> Iterator[Event | StrategyEvent]:
     with Pool(engine, root, config) as pool:
         yield from pool.start(1, config.temperature)
-        yield from engine.advance(pool.samples)
+        yield from engine.steps(pool.samples)
         if scorer is not None:
             yield from pool.score(scorer, pool.samples)
         yield pool.chosen(pool.samples[0])

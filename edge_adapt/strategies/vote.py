@@ -44,7 +44,7 @@ def _vote(
     extract = make_extractor(config.extractor, config.pattern)
     with Pool(engine, root, config) as pool:
         yield from pool.start(config.budget, config.temperature)
-        yield from engine.advance(pool.samples)
+        yield from engine.steps(pool.samples)
         if scorer is not None:
             yield from pool.score(scorer, pool.samples)
         weights = [pool.scores[s.index] if scorer is not None else 1.0 for s in pool.samples]

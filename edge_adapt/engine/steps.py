@@ -1,0 +1,132 @@
+"""Step programs: generation, scoring and strategies written as generators that *yield* what they want decoded.
+
+A step program yields `Decode` requests and events. Whoever drives it decodes each request, then resumes the
+program, which reads the logits the decode left on its sequences. That one shape serves both ends:
+
+- one program (the CLI, `Engine.generate`, `run_strategy`, eval): `drive` decodes each request at once, so
+  nothing changes for a single caller;
+- many programs (`edge-adapt serve`): the scheduler runs every admitted request's program to its next
+  `Decode`, then decodes all of those requests together (`decode_together`), so the live sequences of every
+  client advance in the same `llama_decode` calls.
+
+Nothing but `decode_together` calls `llama_decode` for a step program: what a program does between its
+yields (forks, releases, sampling) touches only its own sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator, Sequence as Seq
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from edge_adapt.engine.events import Cancelled
+from edge_adapt.errors import EngineError
+
+if TYPE_CHECKING:
+    from edge_adapt.engine.engine import Sequence
+    from edge_adapt.engine.handles import Adapter
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Decode:
+    """A request to append `updates` ((sequence, tokens) pairs) and decode them, with `adapter` switched on
+    (self-evaluation suffixes) or not (everything else). Afterwards each sequence's logits predict its next
+    token."""
+
+    updates: tuple[tuple[Sequence, tuple[int, ...]], ...]
+    adapter: Adapter | None = None
+    scale: float = 1.0
+
+    @staticmethod
+    def of(updates: Seq[tuple[Sequence, Seq[int]]], adapter: Adapter | None = None, scale: float = 1.0) -> Decode:
+        return Decode(tuple((s, tuple(t)) for s, t in updates), adapter, scale)
+
+
+# A step program: yields Decode requests (and, for generation and strategies, events); may return a value.
+Program = Generator[Any, None, R]
+
+
+class Decoder(Protocol):
+    """The part of an engine that runs decodes (tests' scripted engines implement it too)."""
+
+    def extend(self, updates: Seq[tuple[Sequence, Seq[int]]]) -> None: ...
+
+    def adapter(self, adapter: Adapter | None, scale: float = 1.0) -> Any: ...
+
+
+def decode_together(engine: Decoder, requests: Seq[Decode]) -> list[BaseException | None]:
+    """Decode several programs' requests in as few `llama_decode` calls as the adapter allows: every request
+    without an adapter in one `extend` (its n_batch chunks), then each adapter's requests in one more. An
+    adapter applies to a whole decode, so base-model and adapter tokens never share one.
+
+    Returns, per request, None or the error its group raised (a failed `extend` leaves every sequence of the
+    group as it was, so each program gets the error at its yield and may handle it).
+    """
+    errors: list[BaseException | None] = [None] * len(requests)
+    groups: dict[tuple[int, float], list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault((0, 1.0) if r.adapter is None else (id(r.adapter), r.scale), []).append(i)
+    for members in groups.values():
+        first = requests[members[0]]
+        try:
+            with engine.adapter(first.adapter, first.scale):
+                engine.extend([u for i in members for u in requests[i].updates])
+        except (Cancelled, EngineError) as e:
+            for i in members:
+                errors[i] = e
+    return errors
+
+
+def drive(engine: Decoder, program: Program[R]) -> Generator[Any, None, R]:
+    """Run one step program: decode each request as it comes and pass every other item on. Returns what the
+    program returns; closing this closes the program (its `finally` blocks give its sequences back)."""
+    error: BaseException | None = None
+    try:
+        while True:
+            try:
+                item = program.throw(error) if error is not None else next(program)
+            except StopIteration as stop:
+                return stop.value
+            error = None
+            if isinstance(item, Decode):
+                error = decode_together(engine, [item])[0]
+            else:
+                yield item
+    finally:
+        program.close()
+
+
+def watched(program: Program[R], see: Any) -> Program[R]:
+    """`yield from program`, calling `see(item)` on each item that is not a decode request: a driver's errors
+    thrown in at a yield reach the program (a bare `for item in program: yield item` would take them itself)."""
+    error: BaseException | None = None
+    try:
+        while True:
+            try:
+                item = program.throw(error) if error is not None else next(program)
+            except StopIteration as stop:
+                return stop.value
+            error = None
+            if not isinstance(item, Decode):
+                see(item)
+            try:
+                yield item
+            except GeneratorExit:
+                raise
+            except BaseException as e:  # thrown in by whoever drives us: it is the program's to handle
+                error = e
+    finally:
+        program.close()
+
+
+def run_to_end(steps: Iterator[Any] | Generator[Any, None, R]) -> R:
+    """The return value of a driven program that yields nothing but decode requests (a scorer's)."""
+    gen = iter(steps)
+    while True:
+        try:
+            item = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        raise EngineError(f"a scoring program yielded {type(item).__name__}, not a decode request")
