@@ -1,0 +1,377 @@
+"""The scheduler: one thread owns the engine and decodes every admitted request's sequences in shared steps.
+
+Each request is a step program (edge_adapt.engine.steps): plain sampling (`Engine.generation`) or a strategy
+run (`strategy_steps`), the same code the CLI and the Python API drive one at a time. A scheduler step runs
+every running program to its next `Decode` request, then decodes all of them together (`decode_together`:
+one batch for the base model, one more for the self-evaluation suffixes that need the adapter), so two
+clients' samples, one client's prefill and another's self-evaluation share the same `llama_decode` calls.
+
+Admission: a request reserves the sequences its plan holds at once (its samples and its prompt's own); it is
+admitted while the reservations of the running requests leave room, else it waits in a FIFO queue (full:
+`QueueFull`); one that could never fit is refused at `submit`. So a running strategy always finds the
+sequences it forks.
+
+Prefix cache: when a request ends, the sequence that held its prompt (for plain sampling: the prompt and the
+last choice's reply) is kept, with its KV, in slots no running request has reserved. A new request takes the
+entry with the longest common token prefix, cuts it there and decodes only the rest: a chat client's second
+turn decodes only its new tokens. Entries are evicted least recently used first when slots are needed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence as Seq
+from dataclasses import dataclass, field
+import numpy as np
+
+from edge_adapt.engine.engine import Engine, Sequence
+from edge_adapt.engine.sampling import SamplingParams
+from edge_adapt.engine.steps import Decode, Program, decode_together
+from edge_adapt.errors import BudgetError, ContextOverflowError, EdgeAdaptError, UsageError
+from edge_adapt.strategies.config import StrategyConfig
+from edge_adapt.strategies.run import RunPlan, check_fits, plan_run, strategy_steps
+
+
+class QueueFull(EdgeAdaptError):
+    """`max_queue` requests are already waiting."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request: a prompt (token ids) and either plain samples (one SamplingParams per choice) or a strategy."""
+
+    prompt: list[int]
+    max_tokens: int
+    samples: tuple[SamplingParams, ...] = ()
+    stop: tuple[str, ...] = ()
+    top_logprobs: int | None = None  # Token events carry this many alternatives (None: none)
+    strategy: StrategyConfig | None = None  # a strategy run (its own budget, max_tokens, stop, seed); samples unused
+
+
+class Ticket:
+    """A submitted job: `cancel()` from any thread frees its sequences at the next step."""
+
+    def __init__(self, scheduler: Scheduler, job: Job, sink: Callable[[object], None], need: int,
+                 plan: RunPlan | None) -> None:
+        self.job, self.sink, self.need, self.plan = job, sink, need, plan
+        self._scheduler = scheduler
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self._scheduler._wake()
+
+
+@dataclass
+class _Running:
+    ticket: Ticket
+    program: Program[None]
+    root: Sequence | None = None
+    error: BaseException | None = None  # thrown into the program at its next resume
+
+
+@dataclass
+class _Counters:
+    decode_steps_total: int = 0
+    decode_step_sequences_total: int = 0
+    last_step_sequences: int = 0
+    max_step_sequences: int = 0
+    tokens_generated_total: int = 0
+    selfeval_tokens_total: int = 0
+    prompt_tokens_decoded_total: int = 0
+    prefix_cache_hits_total: int = 0
+    prefix_tokens_reused_total: int = 0
+    requests_total: int = 0
+    requests_failed_total: int = 0
+    requests_cancelled_total: int = 0
+
+
+@dataclass
+class PrefixCache:
+    """Idle sequences kept with their KV, least recently used first."""
+
+    entries: list[Sequence] = field(default_factory=list)
+
+    def best(self, prompt: Seq[int]) -> tuple[Sequence | None, int]:
+        """The entry sharing the longest token prefix with `prompt`, and that length (0: none shares any)."""
+        best, best_n = None, 0
+        want = np.asarray(prompt)
+        for seq in self.entries:
+            have = np.asarray(seq.tokens[: seq.n_past])
+            m = min(len(have), len(want))
+            same = have[:m] == want[:m]
+            n = m if same.all() else int(np.argmin(same))
+            if n > best_n:
+                best, best_n = seq, n
+        return best, best_n
+
+
+class Scheduler:
+    """Runs jobs on `engine` from one thread (`start` / `close`); `submit` from any thread."""
+
+    def __init__(self, engine: Engine, *, max_queue: int = 64, prefix_cache: bool = True) -> None:
+        self.engine = engine
+        self.capacity = engine.options.parallel
+        self.max_queue = max_queue
+        self.prefix_cache = prefix_cache
+        self._cond = threading.Condition()
+        self._queue: list[Ticket] = []
+        self._running: list[_Running] = []
+        self._reserved = 0  # sequences reserved by running jobs
+        self._cache = PrefixCache()
+        self._counters = _Counters()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._pieces: dict[int, str] = {}
+
+    # -- any thread ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="edge-adapt-scheduler", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Cancel every job, stop the thread and give every sequence back (the engine stays open)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        else:
+            self._shutdown()
+
+    def submit(self, job: Job, sink: Callable[[object], None]) -> Ticket:
+        """Queue a job; `sink` gets its events on the scheduler's thread, ending with Done(usage) or the
+        exception that ended it. Raises at once what can never run (too long, too many sequences) and
+        QueueFull when `max_queue` jobs wait."""
+        need, plan = self._plan(job)
+        ticket = Ticket(self, job, sink, need, plan)
+        with self._cond:
+            if self._closing:
+                raise EdgeAdaptError("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are already waiting (--max-queue {self.max_queue})")
+            self._queue.append(ticket)
+            self._cond.notify_all()
+        return ticket
+
+    def piece(self, token: int) -> str:
+        text = self._pieces.get(token)
+        if text is None:
+            text = self._pieces[token] = self.engine.model.piece(token).decode("utf-8", errors="replace")
+        return text
+
+    def metrics(self) -> dict[str, float]:
+        with self._cond:
+            c = self._counters
+            live = self.engine.live_sequences
+            return {
+                "requests_queued": float(len(self._queue)),
+                "requests_running": float(len(self._running)),
+                "live_sequences": float(live - len(self._cache.entries)),
+                "prefix_cache_entries": float(len(self._cache.entries)),
+                "kv_cells_used": float(self.engine.kv_cells_used),
+                "sequences_capacity": float(self.capacity),
+                **{k: float(v) for k, v in vars(c).items()},
+            }
+
+    def _plan(self, job: Job) -> tuple[int, RunPlan | None]:
+        """The sequences a job holds at once, checked against what the engine can ever give it."""
+        if not job.prompt:
+            raise UsageError("the prompt is empty")
+        n_ctx = self.engine.n_ctx_seq
+        if job.strategy is not None:
+            plan = plan_run(self.engine, job.prompt, job.strategy)
+            check_fits(plan, n_ctx)
+            need = plan.sequences
+            what = f"strategy {job.strategy.strategy} with budget {job.strategy.budget} holds {plan.samples} samples"
+        else:
+            if not job.samples:
+                raise UsageError("a job needs at least one sample")
+            if len(job.prompt) + job.max_tokens > n_ctx:
+                raise ContextOverflowError(
+                    f"prompt ({len(job.prompt)}) + max_tokens ({job.max_tokens}) = {len(job.prompt) + job.max_tokens} "
+                    f"tokens exceed the context of {n_ctx} per sequence"
+                )
+            plan, need = None, len(job.samples)
+            what = f"n={need} holds {need} samples"
+        if need > self.capacity:
+            raise BudgetError(f"{what} at once, one sequence each; the server holds {self.capacity} (--parallel)")
+        return need, plan
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- the scheduler's thread ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and not self._running and not self._queue:
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                    self._admit()
+                self._drop_cancelled()
+                requests: list[tuple[_Running, Decode]] = []
+                for run in list(self._running):
+                    item = self._resume(run)
+                    if item is not None:
+                        requests.append((run, item))
+                if requests:
+                    self._decode(requests)
+                elif not self._running:
+                    with self._cond:  # the queue head waits for slots no one will free: nothing to do but wait
+                        if self._queue and not self._can_admit(self._queue[0]):
+                            self._cond.wait(0.05)
+        finally:
+            self._shutdown()
+
+    def _can_admit(self, ticket: Ticket) -> bool:
+        return self._reserved + ticket.need <= self.capacity
+
+    def _admit(self) -> None:
+        """Start queued jobs in order while they fit (called with the lock held)."""
+        while self._queue:
+            ticket = self._queue[0]
+            if ticket.cancelled.is_set():
+                self._queue.pop(0)
+                self._counters.requests_cancelled_total += 1
+                continue
+            if not self._can_admit(ticket):
+                return
+            self._queue.pop(0)
+            self._reserved += ticket.need
+            self._counters.requests_total += 1
+            run = _Running(ticket, iter(()))  # type: ignore[arg-type]
+            run.program = self._program(run)
+            self._running.append(run)
+
+    def _program(self, run: _Running) -> Program[None]:
+        """A job's step program: its prompt into a sequence (from the prefix cache when one shares a prefix),
+        then plain sampling or the strategy run, from that sequence."""
+        job = run.ticket.job
+        root, reused = self._root_for(job.prompt, run.ticket.need)
+        run.root = root
+        rest = job.prompt[reused:]
+        self._counters.prompt_tokens_decoded_total += len(rest)
+        step = self.engine.options.batch
+        for lo in range(0, len(rest), step):  # a long prompt in slices: other requests go on decoding between them
+            yield Decode.of([(root, rest[lo : lo + step])])
+        if run.ticket.plan is not None:
+            plan = run.ticket.plan
+            scorer = None
+            if plan.spec.needs_scorer:
+                from edge_adapt.selfeval import SelfEvaluator
+
+                scorer = SelfEvaluator(self.engine, plan.config.self_eval)
+            yield from strategy_steps(self.engine, plan, scorer, root, reused=reused)
+        else:
+            yield from self.engine.generation(root, job.samples, max_tokens=job.max_tokens, stop=job.stop,
+                                              top_logprobs=job.top_logprobs, reused=reused)
+
+    def _root_for(self, prompt: list[int], need: int) -> tuple[Sequence, int]:
+        """A sequence holding a prefix of `prompt` (the longest the cache has), and that prefix's length. Cache
+        entries are evicted, oldest first, until this job's sequences are free."""
+        entry, common = self._cache.best(prompt) if self.prefix_cache else (None, 0)
+        if entry is not None:
+            self._cache.entries.remove(entry)
+            # The last prompt token is decoded again unless the entry holds exactly the prompt with its logits:
+            # its logits are what the first sample draws from.
+            if not (common == len(prompt) == entry.n_past and entry.logits is not None):
+                common = min(common, len(prompt) - 1)
+                self.engine.truncate(entry, common)
+            if common == 0:
+                self.engine.release(entry)
+                entry = None
+        while self.engine.free_sequences < need - (entry is not None):
+            self.engine.release(self._cache.entries.pop(0))
+        if entry is None:
+            return self.engine.open_empty(), 0
+        self._counters.prefix_cache_hits_total += 1
+        self._counters.prefix_tokens_reused_total += common
+        return entry, common
+
+    def _resume(self, run: _Running) -> Decode | None:
+        """Run a job's program to its next decode request, handing its events to the sink; None once it ended."""
+        sink = run.ticket.sink
+        while True:
+            try:
+                if run.error is not None:
+                    error, run.error = run.error, None
+                    item = run.program.throw(error)
+                else:
+                    item = next(run.program)
+            except StopIteration:
+                self._end(run)
+                return None
+            except Exception as e:  # the job failed; the others go on
+                self._counters.requests_failed_total += 1
+                self._end(run)
+                _deliver(sink, e)
+                return None
+            if isinstance(item, Decode):
+                return item
+            self._count(item)
+            _deliver(sink, item)
+
+    def _count(self, item: object) -> None:
+        from edge_adapt.engine.events import Done, Token
+
+        if isinstance(item, Token):
+            self._counters.tokens_generated_total += 1
+        elif isinstance(item, Done):
+            self._counters.selfeval_tokens_total += item.usage.selfeval_tokens
+
+    def _decode(self, requests: list[tuple[_Running, Decode]]) -> None:
+        decodes = [d for _, d in requests]
+        errors = decode_together(self.engine, decodes)
+        for (run, _), err in zip(requests, errors):
+            run.error = err
+        c = self._counters
+        seqs = len({id(s) for d in decodes for s, _ in d.updates})
+        c.decode_steps_total += 1
+        c.decode_step_sequences_total += seqs
+        c.last_step_sequences = seqs
+        c.max_step_sequences = max(c.max_step_sequences, seqs)
+
+    def _drop_cancelled(self) -> None:
+        for run in [r for r in self._running if r.ticket.cancelled.is_set()]:
+            run.program.close()  # its finally blocks give back its samples' sequences
+            self._counters.requests_cancelled_total += 1
+            self._end(run)
+
+    def _end(self, run: _Running) -> None:
+        """A job is over: its forks are released and its prompt's sequence goes to the prefix cache."""
+        run.program.close()
+        root = run.root
+        if root is not None:
+            self.engine.release_forks(root)
+            live = self.engine.holds(root)
+            if live and self.prefix_cache and root.n_past == len(root.tokens) and root.n_past > 0:
+                self._cache.entries.append(root)
+            elif live:
+                self.engine.release(root)
+        with self._cond:
+            self._running.remove(run)
+            self._reserved -= run.ticket.need
+            self._cond.notify_all()
+
+    def _shutdown(self) -> None:
+        for run in list(self._running):
+            run.ticket.cancelled.set()
+        self._drop_cancelled()
+        with self._cond:
+            self._queue.clear()
+        for seq in self._cache.entries:
+            self.engine.release(seq)
+        self._cache.entries.clear()
+
+
+def _deliver(sink: Callable[[object], None], item: object) -> None:
+    try:
+        sink(item)
+    except Exception:  # a client's sink must not take the scheduler down
+        pass
+

@@ -1,0 +1,169 @@
+"""The server's scheduler on the real embedded model, without HTTP: shared decode steps, the prefix cache,
+cancellation, strategies, and runs that match the one-request path token for token."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from edge_adapt.engine import Engine
+from edge_adapt.engine.events import Done, Finished, Token
+from edge_adapt.engine.sampling import SamplingParams
+from edge_adapt.errors import BudgetError, ContextOverflowError
+from edge_adapt.result import collect
+from edge_adapt.server.scheduler import Job, QueueFull, Scheduler
+from edge_adapt.strategies import run_strategy
+from edge_adapt.strategies.config import StrategyConfig
+
+
+@pytest.fixture(scope="module")
+def sched() -> Iterator[Scheduler]:
+    with Engine(parallel=8, ctx=256, device="cpu", threads=2) as e:
+        s = Scheduler(e, max_queue=4)
+        s.start()
+        try:
+            yield s
+        finally:
+            s.close()
+            assert e.live_sequences == 0
+
+
+def _prompt(s: Scheduler, text: str) -> list[int]:
+    e = s.engine
+    return e.tokenize(e.chat_prompt([{"role": "user", "content": text}]), special=True)
+
+
+def _run(s: Scheduler, job: Job, timeout: float = 120) -> list[object]:
+    """Submit a job and wait for its last event."""
+    q: queue.Queue[object] = queue.Queue()
+    s.submit(job, q.put)
+    out = []
+    deadline = time.monotonic() + timeout
+    while True:
+        item = q.get(timeout=max(0.1, deadline - time.monotonic()))
+        out.append(item)
+        if isinstance(item, (Done, BaseException)):
+            return out
+
+
+def _samples(n: int, temperature: float = 0.8, seed: int = 7) -> tuple[SamplingParams, ...]:
+    return tuple(SamplingParams(temperature=temperature, seed=seed + i) for i in range(n))
+
+
+def _texts(events: list[object]) -> dict[int, str]:
+    return {e.sample: e.text for e in events if isinstance(e, Finished)}
+
+
+def _idle(s: Scheduler, timeout: float = 2.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = s.metrics()
+        if (m["requests_running"] == 0 and m["live_sequences"] == 0) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.01)
+
+
+def test_a_job_alone_matches_engine_generate(sched: Scheduler) -> None:
+    """One request through the scheduler is the one-request path: same tokens for the same seeds."""
+    prompt = _prompt(sched, "Name three colours.")
+    events = _run(sched, Job(prompt, max_tokens=20, samples=_samples(3)))
+    _idle(sched)
+    # The prefix cache now holds this prompt; the engine's own path decodes it afresh, so free it first.
+    sched._wake()
+    direct = []
+    with sched._cond:  # the scheduler thread is idle (waiting on the condition): the engine is ours meanwhile
+        for seq in sched._cache.entries:
+            sched.engine.release(seq)
+        sched._cache.entries.clear()
+        direct = list(sched.engine.generate(prompt, list(_samples(3)), max_tokens=20))
+    assert _texts(events) == _texts(direct)
+    assert isinstance(events[-1], Done) and events[-1].usage.generated_tokens == sum(
+        isinstance(e, Token) for e in events)
+
+
+def test_overlapping_jobs_share_decode_steps(sched: Scheduler) -> None:
+    before = sched.metrics()
+    qs: list[queue.Queue[object]] = [queue.Queue(), queue.Queue()]
+    for i, q in enumerate(qs):
+        sched.submit(Job(_prompt(sched, f"Count to {10 + i}."), max_tokens=24, samples=_samples(2, seed=i)), q.put)
+    for q in qs:
+        while not isinstance(item := q.get(timeout=120), (Done, BaseException)):
+            pass
+        assert isinstance(item, Done)
+    m = _idle(sched)
+    assert m["max_step_sequences"] >= 3  # more than the 2 samples of either request: they were decoded together
+    steps = m["decode_steps_total"] - before["decode_steps_total"]
+    seqs = m["decode_step_sequences_total"] - before["decode_step_sequences_total"]
+    assert seqs / steps > 2
+    assert m["live_sequences"] == 0
+
+
+def test_second_turn_decodes_only_its_new_tokens(sched: Scheduler) -> None:
+    e = sched.engine
+    first = [{"role": "user", "content": "Say hello in French."}]
+    events = _run(sched, Job(_prompt(sched, first[0]["content"]), max_tokens=12, samples=_samples(1, 0.0)))
+    reply = _texts(events)[0]
+    convo = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And in German?"}]
+    prompt2 = e.tokenize(e.chat_prompt(convo), special=True)
+    before = sched.metrics()
+    done = _run(sched, Job(prompt2, max_tokens=8, samples=_samples(1, 0.0)))[-1]
+    after = sched.metrics()
+    assert isinstance(done, Done)
+    reused = done.usage.prompt_tokens_reused
+    decoded = after["prompt_tokens_decoded_total"] - before["prompt_tokens_decoded_total"]
+    assert after["prefix_cache_hits_total"] == before["prefix_cache_hits_total"] + 1
+    assert reused + decoded == len(prompt2)
+    assert decoded <= 16  # the new user turn and the template around it, not the conversation again
+
+
+def test_cancel_frees_sequences_within_a_step(sched: Scheduler) -> None:
+    q: queue.Queue[object] = queue.Queue()
+    ticket = sched.submit(Job(_prompt(sched, "Write a long story."), max_tokens=200, samples=_samples(4)), q.put)
+    while not isinstance(q.get(timeout=120), Token):
+        pass
+    ticket.cancel()
+    m = _idle(sched, 1.0)
+    assert m["live_sequences"] == 0 and m["requests_running"] == 0
+
+
+def test_strategy_job_runs_the_strategy(sched: Scheduler) -> None:
+    cfg = StrategyConfig(strategy="best-of-n", budget=3, max_tokens=16, seed=3)
+    prompt = _prompt(sched, "What is 2 + 3?")
+    result = collect(e for e in _run(sched, Job(prompt, max_tokens=16, strategy=cfg)))
+    assert result.chosen is not None and len(result.samples) == 3
+    assert all(len(s.scores) == 1 for s in result.samples)
+    assert result.usage.selfeval_tokens > 0
+    _idle(sched)
+    with sched._cond:
+        for seq in sched._cache.entries:
+            sched.engine.release(seq)
+        sched._cache.entries.clear()
+        direct = collect(run_strategy(sched.engine, prompt, cfg))
+    assert [s.text for s in direct.samples] == [s.text for s in result.samples]
+    assert [s.scores[0][1] for s in direct.samples] == pytest.approx([s.scores[0][1] for s in result.samples], abs=1e-4)
+
+
+def test_refusals_are_immediate(sched: Scheduler) -> None:
+    with pytest.raises(BudgetError, match="--parallel"):
+        sched.submit(Job([1, 2, 3], max_tokens=4, samples=_samples(9)), lambda _: None)
+    with pytest.raises(ContextOverflowError):
+        sched.submit(Job([1] * 250, max_tokens=10, samples=_samples(1)), lambda _: None)
+    with pytest.raises(BudgetError):
+        sched.submit(Job([1, 2, 3], max_tokens=4, strategy=StrategyConfig(strategy="best-of-n", budget=8)), lambda _: None)
+
+
+def test_a_full_queue_refuses(sched: Scheduler) -> None:
+    qs: list[queue.Queue[object]] = []
+    tickets = []
+    with pytest.raises(QueueFull):
+        with sched._cond:  # hold the scheduler still so nothing is admitted meanwhile
+            for i in range(6):
+                q: queue.Queue[object] = queue.Queue()
+                tickets.append(sched.submit(Job([1, 2, 3], max_tokens=2, samples=_samples(1)), q.put))
+                qs.append(q)
+    for t in tickets:
+        t.cancel()
+    _idle(sched)
