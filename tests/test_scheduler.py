@@ -167,3 +167,22 @@ def test_a_full_queue_refuses(sched: Scheduler) -> None:
     for t in tickets:
         t.cancel()
     _idle(sched)
+
+
+def test_cached_prefixes_never_starve_a_running_strategy(sched: Scheduler) -> None:
+    """Idle prefixes fill the free slots; an adaptive run that forks its later rounds still finds its sequences
+    while another request takes the rest (cache entries give way to every running job's reservation)."""
+    for i in range(6):
+        assert isinstance(_run(sched, Job(_prompt(sched, f"Fact {i}?"), max_tokens=2, samples=_samples(1)))[-1], Done)
+    assert sched.metrics()["prefix_cache_entries"] >= 6
+    cfg = StrategyConfig(strategy="adaptive", budget=4, threshold=1.0, max_tokens=8, seed=1)  # never stops early
+    qs: list[queue.Queue[object]] = [queue.Queue(), queue.Queue()]
+    sched.submit(Job(_prompt(sched, "What is 7 * 6?"), max_tokens=8, strategy=cfg), qs[0].put)
+    sched.submit(Job(_prompt(sched, "Name a fruit."), max_tokens=8, samples=_samples(3)), qs[1].put)
+    for q in qs:
+        while not isinstance(item := q.get(timeout=120), (Done, BaseException)):
+            pass
+        assert isinstance(item, Done), item
+    m = _idle(sched)
+    assert m["live_sequences"] == 0
+    assert m["prefix_cache_entries"] + m["live_sequences"] <= sched.capacity

@@ -252,7 +252,7 @@ class Scheduler:
         """A job's step program: its prompt into a sequence (from the prefix cache when one shares a prefix),
         then plain sampling or the strategy run, from that sequence."""
         job = run.ticket.job
-        root, reused = self._root_for(job.prompt, run.ticket.need)
+        root, reused = self._root_for(job.prompt)
         run.root = root
         rest = job.prompt[reused:]
         self._counters.prompt_tokens_decoded_total += len(rest)
@@ -271,27 +271,38 @@ class Scheduler:
             yield from self.engine.generation(root, job.samples, max_tokens=job.max_tokens, stop=job.stop,
                                               top_logprobs=job.top_logprobs, reused=reused)
 
-    def _root_for(self, prompt: list[int], need: int) -> tuple[Sequence, int]:
-        """A sequence holding a prefix of `prompt` (the longest the cache has), and that prefix's length. Cache
-        entries are evicted, oldest first, until this job's sequences are free."""
+    def _root_for(self, prompt: list[int]) -> tuple[Sequence, int]:
+        """A sequence holding a prefix of `prompt` (the longest the cache has), and that prefix's length.
+
+        An entry that is all prefix of the prompt (a conversation's earlier turns) becomes the root; one that
+        goes on differently (a shared system prompt, then another client's question) is forked and the fork
+        cut, so the entry stays for others. Entries live only in slots no running job has reserved (this
+        one's included), oldest evicted first, so a running strategy always finds the sequences it forks."""
         entry, common = self._cache.best(prompt) if self.prefix_cache else (None, 0)
-        if entry is not None:
-            self._cache.entries.remove(entry)
-            # The last prompt token is decoded again unless the entry holds exactly the prompt with its logits:
-            # its logits are what the first sample draws from.
-            if not (common == len(prompt) == entry.n_past and entry.logits is not None):
-                common = min(common, len(prompt) - 1)
-                self.engine.truncate(entry, common)
-            if common == 0:
-                self.engine.release(entry)
-                entry = None
-        while self.engine.free_sequences < need - (entry is not None):
-            self.engine.release(self._cache.entries.pop(0))
-        if entry is None:
+        # The last prompt token is decoded again unless the entry holds exactly the prompt with its logits:
+        # its logits are what the first sample draws from.
+        if entry is not None and not (common == len(prompt) == entry.n_past and entry.logits is not None):
+            common = min(common, len(prompt) - 1)
+        if entry is None or common == 0:
+            self._evict()
             return self.engine.open_empty(), 0
+        self._cache.entries.remove(entry)
+        self._evict()
+        if common < entry.n_past and len(self._cache.entries) + 1 + self._reserved <= self.capacity:
+            root = self.engine.fork(entry)
+            root.origin = None  # a root of its own: its samples are released with it, not with the entry
+            self._cache.entries.append(entry)  # most recently used
+        else:
+            root = entry
+        if common < root.n_past:
+            self.engine.truncate(root, common)
         self._counters.prefix_cache_hits_total += 1
         self._counters.prefix_tokens_reused_total += common
-        return entry, common
+        return root, common
+
+    def _evict(self) -> None:
+        while self._cache.entries and len(self._cache.entries) + self._reserved > self.capacity:
+            self.engine.release(self._cache.entries.pop(0))
 
     def _resume(self, run: _Running) -> Decode | None:
         """Run a job's program to its next decode request, handing its events to the sink; None once it ended."""
