@@ -358,6 +358,34 @@ def chat(
                 print(f"error: {exc}")
 
 
+# -- serve --------------------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    model: ModelArg = None,
+    host: Annotated[str, typer.Option("--host", help="address to listen on (other than loopback: set --api-key)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="port (0: a free one, printed once bound)", min=0, max=65535)] = 8080,
+    parallel: Annotated[int, typer.Option("--parallel", "-n", help="sequences decoded at once, over all requests", min=1, max=256)] = 16,
+    ctx: Annotated[int, typer.Option("--ctx", help="context length per sequence (tokens)", min=64)] = 2048,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="require 'Authorization: Bearer KEY' (not on /health, /v1/models)", envvar="EDGE_ADAPT_API_KEY")] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="requests that may wait for sequences; more get 429", min=0)] = 64,
+    cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", help="allow browser requests from this origin (repeatable; '*': any)")] = None,
+    device: DeviceOpt = DeviceChoice.auto,
+    gpu_layers: GpuLayersOpt = None,
+    threads: ThreadsOpt = None,
+    mem_budget: BudgetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API; concurrent requests are decoded together."""
+    from edge_adapt.server.serve import ServeConfig, serve as run_server
+
+    if api_key is not None and not api_key.strip():
+        raise UsageError("--api-key must not be empty")
+    run_server(ServeConfig(
+        options=_options(model, device=device, gpu_layers=gpu_layers, threads=threads, verbose=verbose), host=host,
+        port=port, parallel=parallel, ctx=ctx, mem_budget=mem_budget, api_key=api_key, max_queue=max_queue,
+        cors_origins=tuple(cors_origin or ())))
+
+
 # -- info ---------------------------------------------------------------------------------------------------
 @app.command()
 def info(

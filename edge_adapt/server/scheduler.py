@@ -36,6 +36,10 @@ class QueueFull(EdgeAdaptError):
     """`max_queue` requests are already waiting."""
 
 
+class ShuttingDown(EdgeAdaptError):
+    """The scheduler is closing: new requests are refused and the running ones end with this."""
+
+
 @dataclass(frozen=True)
 class Job:
     """One request: a prompt (token ids) and either plain samples (one SamplingParams per choice) or a strategy."""
@@ -148,8 +152,10 @@ class Scheduler:
         ticket = Ticket(self, job, sink, need, plan)
         with self._cond:
             if self._closing:
-                raise EdgeAdaptError("the server is shutting down")
-            if len(self._queue) >= self.max_queue:
+                raise ShuttingDown("the server is shutting down")
+            # The bound is on requests that wait: one that fits at once is never refused (--max-queue 0 works).
+            fits_now = not self._queue and self._can_admit(ticket)
+            if len(self._queue) >= self.max_queue and not fits_now:
                 raise QueueFull(f"{len(self._queue)} requests are already waiting (--max-queue {self.max_queue})")
             self._queue.append(ticket)
             self._cond.notify_all()
@@ -370,10 +376,15 @@ class Scheduler:
             self._cond.notify_all()
 
     def _shutdown(self) -> None:
+        """Every running and queued job ends with ShuttingDown (its sequences given back), the cache is emptied."""
+        closing = ShuttingDown("the server is shutting down")
         for run in list(self._running):
             run.ticket.cancelled.set()
+            _deliver(run.ticket.sink, closing)
         self._drop_cancelled()
         with self._cond:
+            for ticket in self._queue:
+                _deliver(ticket.sink, closing)
             self._queue.clear()
         for seq in self._cache.entries:
             self.engine.release(seq)

@@ -1,0 +1,286 @@
+"""The OpenAI-compatible HTTP app over one Scheduler: FastAPI routes, SSE streaming, OpenAI-shaped errors.
+
+Every request becomes one scheduler Job; the scheduler's thread hands the job's events to this event loop
+(`call_soon_threadsafe`), where they are folded into a response or streamed as chunks. A client that goes
+away cancels its job: a stream when Starlette stops iterating it, a plain request by polling for the
+disconnect while it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from edge_adapt.engine.events import Done
+from edge_adapt.errors import EdgeAdaptError
+from edge_adapt.server import metrics as prometheus
+from edge_adapt.server.guard import MAX_BODY, Guard
+from edge_adapt.server.jobs import chat_tokens, completion_tokens, plan_job
+from edge_adapt.server.openai_errors import (
+    APIError, bad_request, from_library, from_pydantic, on_api_error, on_http_error, on_unexpected,
+    on_validation_error,
+)
+from edge_adapt.server.responses import Assembler, Shape
+from edge_adapt.server.scheduler import QueueFull, Scheduler, Ticket
+from edge_adapt.server.schemas import ChatCompletionRequest, CompletionRequest
+
+M = TypeVar("M", bound=BaseModel)
+Kind = Literal["chat", "text"]
+PING_S = 2.0  # an SSE comment this often while a stream has nothing to send (queue wait, long prefill, strategy)
+DISCONNECT_POLL_S = 0.05  # how often a non-streaming request checks that its client is still there
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class ServerState:
+    """What the routes share. `scheduler` is None until the model has loaded (the routes answer 503 meanwhile)."""
+
+    model_id: str
+    model_created: int = 0
+    scheduler: Scheduler | None = None
+    waiting: set[asyncio.Queue[object]] = field(default_factory=set)  # the event queues of requests in flight
+
+    def stop_requests(self) -> None:
+        """The server is stopping: every request in flight ends now with a 503 (a stream: an error event)."""
+        for q in self.waiting:
+            q.put_nowait(APIError(503, "the server is shutting down", code="server_shutting_down"))
+
+    def ready(self) -> Scheduler:
+        if self.scheduler is None:
+            raise APIError(503, "the model is still loading", code="model_loading",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        return self.scheduler
+
+    def accepts(self, model: str | None) -> bool:
+        """The served model answers to its id (the GGUF file's stem), its file name, and 'default'; a request
+        without `model` gets it too."""
+        return model is None or model in (self.model_id, f"{self.model_id}.gguf", "default")
+
+    def check_model(self, model: str | None) -> None:
+        if not self.accepts(model):
+            raise APIError(404, f"The model `{model}` does not exist: this server serves `{self.model_id}`",
+                           param="model", code="model_not_found")
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.model_id, "object": "model", "created": self.model_created, "owned_by": "edge-adapt"}
+
+
+def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: Sequence[str] = (),
+               max_body: int = MAX_BODY) -> FastAPI:
+    app = FastAPI(title="edge-adapt", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body)  # type: ignore[arg-type]
+    if cors_origins:  # added last: outermost, so a preflight is answered before the key is asked for
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["*"])
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        state.ready()
+        return {"status": "ok", "model": state.model_id}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [state.model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        state.check_model(model)
+        return state.model_card()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(prometheus.render(state.ready().metrics()), media_type=prometheus.CONTENT_TYPE)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await _parse(request, ChatCompletionRequest)
+        scheduler = state.ready()
+        state.check_model(req.model)
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        prompt = await _library(chat_tokens, scheduler.engine, messages)
+        return await _answer(request, state, scheduler, req, prompt, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await _parse(request, CompletionRequest)
+        scheduler = state.ready()
+        state.check_model(req.model)
+        prompt = await _library(completion_tokens, scheduler.engine, req.prompt)
+        return await _answer(request, state, scheduler, req, prompt, "text")
+
+    return app
+
+
+# -- requests -----------------------------------------------------------------------------------------------
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+async def _parse(request: Request, cls: type[M]) -> M:
+    """The body as `cls`: UTF-8 JSON holding one object, every fault a 400 naming what is wrong."""
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"the request body is not valid UTF-8 (byte {exc.start})", code="invalid_body") from None
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise bad_request(f"the request body is not valid JSON ({str(exc)[:200]})", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object", code="invalid_json")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise from_pydantic(exc.errors()) from None
+
+
+async def _library(fn: Callable[..., Any], *args: Any) -> Any:
+    """A library call off the event loop (tokenizing a long prompt takes a while); its refusals are 400s."""
+    try:
+        return await run_in_threadpool(fn, *args)
+    except EdgeAdaptError as exc:
+        raise from_library(exc) from None
+
+
+async def _answer(request: Request, state: ServerState, scheduler: Scheduler,
+                  req: ChatCompletionRequest | CompletionRequest, prompt: list[int], kind: Kind) -> Response:
+    plan = plan_job(req, prompt, n_ctx_seq=scheduler.engine.n_ctx_seq, capacity=scheduler.capacity)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    shape = Shape.new(kind, state.model_id, plan.n, top_logprobs=plan.top_logprobs, strategy=plan.strategy,
+                      include_usage=include_usage)
+    assembler = Assembler(shape, scheduler.piece)
+    queue: asyncio.Queue[object] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def sink(item: object) -> None:  # called on the scheduler's thread
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed: the server is stopping and nobody is listening
+            pass
+
+    try:
+        ticket = scheduler.submit(plan.job, sink)
+    except QueueFull:
+        raise APIError(429, "too many requests are waiting; retry shortly", code="queue_full",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except EdgeAdaptError as exc:
+        raise _refusal(exc, kind) from None
+    if req.stream:
+        return StreamingResponse(_stream(assembler, queue, ticket, state.waiting), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    state.waiting.add(queue)
+    try:
+        return await _wait(request, assembler, queue, ticket, kind)
+    finally:
+        state.waiting.discard(queue)
+
+
+def _refusal(exc: BaseException, kind: Kind) -> APIError:
+    """A job's failure as an error: the library's refusals are the request's fault (400), the rest the server's."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EdgeAdaptError):
+        err = from_library(exc)
+        if err.code == "exceed_context_size_error":
+            err.param = "messages" if kind == "chat" else "prompt"
+        return err
+    return APIError(500, f"the job failed: {type(exc).__name__}: {exc}")
+
+
+async def _wait(request: Request, assembler: Assembler, queue: asyncio.Queue[object], ticket: Ticket,
+                kind: Kind) -> Response:
+    """A non-streaming answer: every event folded, then one body; the job is cancelled if the client leaves."""
+    loop = asyncio.get_running_loop()
+    next_check = loop.time() + DISCONNECT_POLL_S
+    finished = False
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), max(0.0, next_check - loop.time()))
+            except asyncio.TimeoutError:
+                item = None
+            if loop.time() >= next_check:
+                if await request.is_disconnected():
+                    return Response(status_code=499)  # nobody reads it: the job is cancelled below
+                next_check = loop.time() + DISCONNECT_POLL_S
+            if item is None:
+                continue
+            if isinstance(item, BaseException):
+                finished = _last(item)
+                raise _refusal(item, kind)
+            assembler.add(item)
+            if isinstance(item, Done):
+                finished = True
+                return JSONResponse(assembler.body())
+    finally:
+        if not finished:
+            ticket.cancel()
+
+
+def _last(item: object) -> bool:
+    """The scheduler's last item for a job: Done, or the exception that ended it (an APIError is the server's
+    own, put there when it stops: the job still runs and must be cancelled)."""
+    return isinstance(item, Done) or (isinstance(item, BaseException) and not isinstance(item, APIError))
+
+
+def _sse(data: object) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _stream(assembler: Assembler, queue: asyncio.Queue[object], ticket: Ticket,
+                  waiting: set[asyncio.Queue[object]]) -> AsyncIterator[str]:
+    """Server-sent events: chunks as the job produces them, `: ping` while it has nothing to say, `[DONE]` at
+    the end. Starlette stops iterating when the client disconnects: `finally` then cancels the job."""
+    finished = False  # the stream has said all it will
+    ended = False  # the job's last item arrived: nothing to cancel
+    waiting.add(queue)
+    try:
+        opening = assembler.opening()
+        if opening:
+            yield "".join(_sse(c) for c in opening)
+        while not finished:
+            try:
+                item = await asyncio.wait_for(queue.get(), PING_S)
+            except asyncio.TimeoutError:
+                yield ": ping\n\n"
+                continue
+            items = [item]
+            while not queue.empty():  # everything already waiting goes out in one write
+                items.append(queue.get_nowait())
+            out = []
+            for it in items:
+                ended = _last(it)
+                try:
+                    if isinstance(it, BaseException):
+                        raise _refusal(it, assembler.shape.kind)
+                    out += [_sse(c) for c in assembler.add(it)]
+                except APIError as exc:  # the status line has gone out: the error is an event of its own
+                    out.append(_sse(exc.body()))
+                    finished = True
+                    break
+                if isinstance(it, Done):
+                    out.append("data: [DONE]\n\n")
+                    finished = True
+                    break
+            yield "".join(out)
+    finally:
+        waiting.discard(queue)
+        if not ended:
+            ticket.cancel()

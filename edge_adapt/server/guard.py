@@ -1,0 +1,88 @@
+"""The gate in front of the app (plain ASGI, so nothing is parsed before it has run): the API key, then the
+body size limit. A refused request's body is read and dropped, never held, so the client gets the answer
+instead of a broken pipe while it is still sending."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from edge_adapt.server.openai_errors import APIError
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+MAX_BODY = 4 << 20  # bytes: a chat of about a million tokens, far beyond any context this server holds
+DRAIN_LIMIT = 256 << 20  # past this much refused body the connection is simply closed
+OPEN_PATHS = ("/health", "/v1/models")  # answer without the key, as OpenAI's model list does for a client
+
+
+def _open(path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in OPEN_PATHS)
+
+
+class Guard:
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body: int = MAX_BODY) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        if self.api_key is not None and scope["method"] != "OPTIONS" and not _open(scope["path"]):
+            given = headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                what = "Incorrect API key provided" if given else "Missing API key: send 'Authorization: Bearer KEY'"
+                await self._refuse(receive, send, APIError(401, what, code="invalid_api_key"))
+                return
+        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            await self._refuse(receive, send, self._too_large())
+            return
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body:
+                await self._refuse(receive, send, self._too_large(), more=more)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            # The body once, whole; then the client's own messages (the disconnect a handler waits on).
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than this server takes ({self.max_body >> 20} MiB)",
+                        code="request_too_large")
+
+    async def _refuse(self, receive: Receive, send: Send, error: APIError, *, more: bool = True) -> None:
+        """Read what is left of the body (dropping it), then answer `error`."""
+        seen = 0
+        while more and seen <= DRAIN_LIMIT:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            seen += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        await error.response()({"type": "http"}, receive, send)

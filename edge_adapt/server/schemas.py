@@ -1,0 +1,247 @@
+"""Request bodies of the OpenAI endpoints, checked at the HTTP edge.
+
+Strict: a field of the wrong JSON type is refused rather than coerced ("8" is not a number), an unknown field
+is refused by name, and a field OpenAI defines but this server does not implement (tools, response_format,
+penalties other than 0, ...) is refused by name too, never silently ignored. Sampling ranges are the library's
+own (edge_adapt.engine.sampling.SAMPLING_RULES), checked when the job is built.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP = 4  # as OpenAI: up to 4 stop strings
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs (OpenAI: 0..20)
+MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs (OpenAI: 0..5)
+
+# Fields OpenAI defines that this server does not implement: refused unless given their neutral value.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "store": (None, False),
+    "metadata": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "service_tier": (None, "auto", "default"),
+    "web_search_options": (None,),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+}
+
+
+class FieldError(ValueError):
+    """A refusal that names its field even where pydantic cannot (checks across fields)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _utf8(text: str, what: str) -> str:
+    """JSON can spell lone surrogates (\\ud800) that no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8 text (a lone surrogate)") from None
+    return text
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class EdgeAdaptOptions(_Body):
+    """The `edge_adapt` extension object (`extra_body={"edge_adapt": {...}}` with the SDK): a self-evaluation
+    strategy for this request, with the names and checks of `edge-adapt run` (`keep` is its --keep)."""
+
+    strategy: str
+    budget: int | None = None
+    threshold: float | None = None
+    keep: int | None = None
+    prune_at: int | list[int] | None = None
+    policy: dict[str, Any] | None = None
+    beam_width: int | None = None
+    max_step_tokens: int | None = None
+    lookahead: int | None = None
+    sequential_ratio: float | None = None
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _inline_policy(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, dict):
+            raise ValueError("policy must be the policy itself, an inline JSON object (the server reads no files)")
+        return v
+
+
+class _Completion(_Body):
+    """The fields chat completions and completions share."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    seed: int | None = Field(None, ge=-1, le=2**63 - 1, description="-1 or absent: a random seed")
+    stop: Any = Field(None, validate_default=True)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    edge_adapt: EdgeAdaptOptions | None = None
+    # Declared only to be refused by name (see _NEUTRAL); Any so that the refusal, not a type error, speaks.
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stops(cls, v: Any) -> tuple[str, ...]:
+        if v is None:
+            return ()
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ValueError("must be a string or a list of strings")
+        if len(items) > MAX_STOP:
+            raise ValueError(f"takes at most {MAX_STOP} stop strings, got {len(items)}")
+        if any(s == "" for s in items):
+            raise ValueError("a stop string must not be empty (it would end every reply at once)")
+        return tuple(_utf8(s, "a stop string") for s in items)
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> _Completion:
+        for name in type(self).model_fields:
+            if name in _NEUTRAL and getattr(self, name) not in _NEUTRAL[name]:
+                raise FieldError(name, f"{name} is not supported by this server")
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options", "stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return self.stop  # type: ignore[no-any-return]  # the validator made it a tuple
+
+
+class ContentPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: str
+    content: Any
+    name: str | None = None  # accepted as OpenAI does; the chat template has no place for it
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, v: str) -> str:
+        if v == "developer":  # OpenAI's newer name for the system role
+            return "system"
+        if v not in ("system", "user", "assistant"):
+            raise ValueError(f"role {v!r} is not supported (system, user, assistant or developer)")
+        return v
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text(cls, v: Any) -> str:
+        """A string, or a list of text parts joined; anything else (images, audio, null) is refused."""
+        if isinstance(v, list):
+            texts = []
+            for part in v:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise ValueError(f"only text content parts are supported, got {kind!r}")
+                texts.append(ContentPart.model_validate(part).text)
+            v = "".join(texts)
+        if not isinstance(v, str):
+            raise ValueError("must be a string or a list of text parts")
+        if not v:
+            raise ValueError("must not be empty")
+        return _utf8(v, "the content")
+
+
+class ChatCompletionRequest(_Completion):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    service_tier: Any = None
+    web_search_options: Any = None
+    store: Any = None
+    metadata: Any = None
+
+    @model_validator(mode="after")
+    def _limits(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise FieldError("max_completion_tokens", "max_tokens and max_completion_tokens disagree (give one)")
+        return self
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def top_alternatives(self) -> int | None:
+        """None: no logprobs; k: logprobs with the k most likely alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_Completion):
+    prompt: Any
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> str:
+        """One string (or a list holding one string); batches of prompts and token-id prompts are refused."""
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
+            v = v[0]
+        if isinstance(v, list):
+            raise ValueError("only one prompt per request is supported (a string, or a list of one string)")
+        if not isinstance(v, str):
+            raise ValueError("must be a string")
+        if not v:
+            raise ValueError("must not be empty")
+        return _utf8(v, "the prompt")
+
+    @property
+    def token_limit(self) -> int | None:
+        # OpenAI's completions default is 16 tokens; an absent max_tokens here means that too.
+        return self.max_tokens if self.max_tokens is not None else 16
+
+    @property
+    def top_alternatives(self) -> int | None:
+        return self.logprobs

@@ -1,0 +1,127 @@
+"""`edge-adapt serve`: bind the socket, answer at once (503 on /health while the model loads in a background
+thread), then serve until Ctrl-C / SIGTERM and take everything down in order: HTTP, scheduler, engine."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from edge_adapt.engine import EngineOptions
+from edge_adapt.errors import UsageError
+from edge_adapt.server.app import ServerState, create_app
+from edge_adapt.server.guard import MAX_BODY
+
+PREFIX = "edge-adapt serve:"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    options: EngineOptions  # model, device, threads ...
+    host: str = "127.0.0.1"
+    port: int = 8080
+    parallel: int = 16
+    ctx: int = 2048
+    mem_budget: str | None = None
+    api_key: str | None = None
+    max_queue: int = 64
+    cors_origins: tuple[str, ...] = ()
+    max_body: int = MAX_BODY
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: a free one), so the port is known before the server runs."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)  # connections made before uvicorn runs wait in the backlog
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def is_loopback(sock: socket.socket) -> bool:
+    return ipaddress.ip_address(sock.getsockname()[0]).is_loopback
+
+
+def serve(config: ServeConfig) -> None:
+    from edge_adapt.engine.default_model import default_model_path
+
+    model_path = Path(config.options.model) if config.options.model is not None else default_model_path()
+    if not model_path.is_file():
+        raise UsageError(f"model {model_path} is not a file")
+    sock = bind(config.host, config.port)
+    state = ServerState(model_id=model_path.stem, model_created=int(model_path.stat().st_mtime))
+    app = create_app(state, api_key=config.api_key, cors_origins=config.cors_origins, max_body=config.max_body)
+    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws="none",
+                                    timeout_graceful_shutdown=3), state)
+    failure: list[BaseException] = []
+    loader = threading.Thread(target=_load, args=(config, state, server, failure), name="edge-adapt-load", daemon=True)
+    print(f"{PREFIX} listening on {url_of(sock)}", flush=True)
+    if not is_loopback(sock) and config.api_key is None:
+        print(f"warning: {config.host} is reachable from other machines and no --api-key is set: anyone who can "
+              "reach this port can use the model", file=sys.stderr, flush=True)
+    loader.start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        loader.join()  # a load in progress cannot be interrupted; it is short next to a server's life
+        if state.scheduler is not None:
+            state.scheduler.close()
+            state.scheduler.engine.close()
+        sock.close()
+    if failure:
+        raise failure[0]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which first ends the requests in flight (503, or an error event in a stream) when it
+    stops: otherwise it would wait for every open stream to finish."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.state.stop_requests()
+        await super().shutdown(sockets)
+
+
+def _load(config: ServeConfig, state: ServerState, server: object, failure: list[BaseException]) -> None:
+    """Load the engine and start its scheduler; a failure stops the server (serve() raises it)."""
+    from edge_adapt.server.scheduler import Scheduler
+    from edge_adapt.sizing import EngineSize, load_engine
+
+    try:
+        options = config.options.model_copy(update={"kv_unified": False})  # each sequence has its own context
+        engine = load_engine(EngineSize(config.parallel, config.ctx), options, mem_budget=config.mem_budget)
+        try:
+            scheduler = Scheduler(engine, max_queue=config.max_queue)
+            scheduler.start()
+        except BaseException:
+            engine.close()
+            raise
+    except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which reports it
+        failure.append(exc)
+        server.should_exit = True  # type: ignore[attr-defined]
+        return
+    state.scheduler = scheduler
+    print(f"{PREFIX} {state.model_id} loaded: {config.parallel} sequences of {engine.n_ctx_seq} tokens, "
+          f"{engine.threads} threads", flush=True)

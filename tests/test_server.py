@@ -1,0 +1,387 @@
+"""`edge-adapt serve` driven with the official openai client over loopback: a real server process, the real
+scheduler and the embedded model, no mocks."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from serving import ServerProcess, running_server
+
+MODEL = "default"
+QUESTION = [{"role": "user", "content": "What is 12 + 7?"}]
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # a raw prompt the model keeps continuing (no early end of generation)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    with running_server("--parallel", "9", "--ctx", "512") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return server.client()
+
+
+def _stream_chunks(client: openai.OpenAI, **kwargs: object) -> list:
+    return list(client.chat.completions.create(model=MODEL, messages=QUESTION, stream=True, **kwargs))  # type: ignore[call-overload]
+
+
+def _texts_by_index(chunks: list) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+    return texts
+
+
+# -- basics -------------------------------------------------------------------------------------------------
+def test_health_and_model_list(server: ServerProcess, client: openai.OpenAI) -> None:
+    assert server.http.get("/health").json()["status"] == "ok"
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].id.endswith("Q4_1")  # the GGUF file's stem
+    assert client.models.retrieve(models[0].id).id == models[0].id
+    # The served model answers to its id too, not only to the alias "default".
+    r = client.chat.completions.create(model=models[0].id, messages=QUESTION, max_tokens=4, seed=1)
+    assert r.model == models[0].id
+
+
+def test_n4_returns_four_choices_with_summed_usage(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, n=4, max_tokens=12, seed=3, temperature=0.9)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert all(c.finish_reason in ("stop", "length") and c.message.role == "assistant" for c in r.choices)
+    u = r.usage
+    assert u is not None and u.prompt_tokens > 0 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert 4 <= u.completion_tokens <= 4 * 12
+    assert sum(12 for c in r.choices if c.finish_reason == "length") <= u.completion_tokens
+
+
+def test_n4_stream_sends_roles_first_then_indexed_content_and_usage(client: openai.OpenAI) -> None:
+    kwargs = dict(n=4, max_tokens=12, seed=3, temperature=0.9)
+    plain = client.chat.completions.create(model=MODEL, messages=QUESTION, **kwargs)  # type: ignore[arg-type]
+    chunks = _stream_chunks(client, stream_options={"include_usage": True}, **kwargs)
+    # The first chunks carry the role of every choice, in order.
+    assert [(c.choices[0].index, c.choices[0].delta.role) for c in chunks[:4]] == [(i, "assistant") for i in range(4)]
+    finishes = [(c.index, c.finish_reason) for ch in chunks for c in ch.choices if c.finish_reason]
+    assert sorted(i for i, _ in finishes) == [0, 1, 2, 3]  # one finish_reason per choice
+    assert dict(finishes) == {c.index: c.finish_reason for c in plain.choices}
+    # The same seed gives the same texts streamed or not.
+    assert _texts_by_index(chunks) == {c.index: c.message.content for c in plain.choices}
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.completion_tokens == plain.usage.completion_tokens  # summed over the four choices
+    assert all(ch.usage is None for ch in chunks[:-1])
+
+
+def test_stream_helper_assembles_every_choice(client: openai.OpenAI) -> None:
+    kwargs = dict(n=3, max_tokens=10, seed=11, temperature=0.8)
+    plain = client.chat.completions.create(model=MODEL, messages=QUESTION, **kwargs)  # type: ignore[arg-type]
+    with client.chat.completions.stream(model=MODEL, messages=QUESTION, **kwargs) as stream:  # type: ignore[arg-type]
+        for _ in stream:
+            pass
+        # The helper's own assembly (get_final_completion() would also parse, and the SDK refuses to parse a
+        # choice cut by max_tokens: LengthFinishReasonError).
+        final = stream.current_completion_snapshot
+    assert [c.index for c in final.choices] == [0, 1, 2]
+    assert [c.message.content for c in final.choices] == [c.message.content for c in plain.choices]
+    assert [c.finish_reason for c in final.choices] == [c.finish_reason for c in plain.choices]
+    # Choices that all end by a stop string parse too.
+    with client.chat.completions.stream(model=MODEL, messages=QUESTION, stop=[" "], **kwargs) as stream:  # type: ignore[arg-type]
+        parsed = stream.get_final_completion()
+    assert [c.index for c in parsed.choices] == [0, 1, 2] and all(c.finish_reason == "stop" for c in parsed.choices)
+    assert all(" " not in (c.message.content or " ") for c in parsed.choices)
+
+
+def test_same_seed_gives_same_text(client: openai.OpenAI) -> None:
+    def ask(seed: int) -> list[str]:
+        r = client.chat.completions.create(model=MODEL, messages=QUESTION, n=2, max_tokens=12, seed=seed, temperature=1.0)
+        return [c.message.content or "" for c in r.choices]
+
+    first = ask(42)
+    assert ask(42) == first
+    # Choice i uses seed + i: choice 1 of seed 42 is choice 0 of seed 43.
+    assert ask(43)[0] == first[1]
+
+
+# -- logprobs and stop strings ------------------------------------------------------------------------------
+def test_logprob_tokens_join_into_content(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, n=2, max_tokens=16, seed=5, temperature=0.8,
+                                       logprobs=True, top_logprobs=3)
+    for c in r.choices:
+        content = c.logprobs.content  # type: ignore[union-attr]
+        assert "".join(t.token for t in content) == c.message.content
+        assert all(t.logprob <= 0 and len(t.top_logprobs) == 3 for t in content)
+        assert all(bytes(t.bytes) == t.token.encode() for t in content)  # type: ignore[arg-type]
+        assert all(a.logprob >= b.logprob for t in content for a, b in zip(t.top_logprobs, t.top_logprobs[1:]))
+    # Streamed, the logprobs arrive with the text they belong to.
+    chunks = _stream_chunks(client, n=2, max_tokens=16, seed=5, temperature=0.8, logprobs=True, top_logprobs=3)
+    for c in r.choices:
+        streamed = [t.token for ch in chunks for x in ch.choices if x.index == c.index and x.logprobs
+                    for t in x.logprobs.content or []]
+        assert "".join(streamed) == c.message.content
+
+
+def test_completion_logprobs_in_completions_shape(client: openai.OpenAI) -> None:
+    r = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=8, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp is not None and "".join(lp.tokens or []) == r.choices[0].text
+    assert len(lp.token_logprobs or []) == len(lp.tokens or []) == len(lp.top_logprobs or [])
+    assert all(len(d) <= 2 for d in lp.top_logprobs or [])
+    assert lp.text_offset == [sum(len(t) for t in (lp.tokens or [])[:i]) for i in range(len(lp.tokens or []))]
+    assert r.choices[0].text.lstrip().startswith("9")
+
+
+def test_stop_strings_never_leak(client: openai.OpenAI) -> None:
+    full = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=24, temperature=0).choices[0].text
+    # A stop string that spans token boundaries ("11, 1" is several tokens).
+    assert "11, 1" in full
+    want = full[: full.index("11, 1")]
+    r = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=24, temperature=0, stop=["11, 1", "zzz"])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=24, temperature=0, stop="11, 1",
+                                         stream=True)
+    pieces = [c.choices[0].text for c in streamed if c.choices]
+    assert "".join(pieces) == want
+    assert not any("11, 1" in p for p in pieces)
+
+
+# -- strategies ---------------------------------------------------------------------------------------------
+def test_strategy_fields_round_trip_with_scores(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, n=2, max_tokens=12, seed=1,
+                                       extra_body={"edge_adapt": {"strategy": "best-of-n", "budget": 3}})
+    top = r.model_extra["edge_adapt"]  # type: ignore[index]
+    assert top["strategy"] == "best-of-n" and top["samples_started"] == 3 and top["samples_pruned"] == 0
+    assert top["selfeval_tokens"] > 0 and top["generated_tokens"] == r.usage.completion_tokens  # type: ignore[union-attr]
+    assert [c.index for c in r.choices] == [0, 1]
+    keeps = []
+    for c in r.choices:
+        ext = c.model_extra["edge_adapt"]  # type: ignore[index]
+        assert ext["scores"] and all(0 <= p <= 1 and n > 0 for n, p in ext["scores"])
+        assert ext["p_keep"] == ext["scores"][-1][1]
+        keeps.append(ext["p_keep"])
+    assert keeps[0] >= keeps[1]  # best-of-n answers with its best sample first
+
+
+def test_prune_strategy_never_returns_pruned_samples(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, n=4, max_tokens=12, seed=2,
+        extra_body={"edge_adapt": {"strategy": "prune", "budget": 4, "keep": 1, "prune_at": [4]}})
+    top = r.model_extra["edge_adapt"]  # type: ignore[index]
+    assert top["samples_started"] == 4 and top["samples_pruned"] == 3
+    assert len(r.choices) == 1 and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_strategy_stream_sends_the_answer_when_the_run_ends(client: openai.OpenAI) -> None:
+    body = dict(model=MODEL, messages=QUESTION, max_tokens=12, seed=1,
+                extra_body={"edge_adapt": {"strategy": "best-of-n", "budget": 3}})
+    plain = client.chat.completions.create(**body)  # type: ignore[arg-type]
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **body))  # type: ignore[arg-type]
+    assert _texts_by_index(chunks) == {0: plain.choices[0].message.content}
+    assert chunks[-1].model_extra["edge_adapt"]["samples_started"] == 3  # type: ignore[index]
+
+
+def test_invalid_strategy_settings_are_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="keep|k \\("):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8,
+                                       extra_body={"edge_adapt": {"strategy": "prune", "budget": 2, "keep": 5}})
+    with pytest.raises(openai.BadRequestError, match="unknown strategy"):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8,
+                                       extra_body={"edge_adapt": {"strategy": "guess"}})
+    with pytest.raises(openai.BadRequestError, match="inline JSON object"):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8,
+                                       extra_body={"edge_adapt": {"strategy": "auto", "policy": "/etc/passwd"}})
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+def test_error_statuses_raise_the_clients_exceptions(server: ServerProcess, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[{"type": "function", "function": {"name": "f"}}])
+    assert bad.value.param == "tools" and "tools" in bad.value.message  # type: ignore[attr-defined]
+    with pytest.raises(openai.BadRequestError) as many:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, n=10)  # the server holds 9 sequences
+    assert many.value.param == "n"  # type: ignore[attr-defined]
+    with pytest.raises(openai.NotFoundError) as nf:
+        client.chat.completions.create(model="gpt-4o", messages=QUESTION)
+    assert nf.value.code == "model_not_found"  # type: ignore[attr-defined]
+    r = server.http.post("/v1/no-such-path", json={})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    r = server.http.get("/v1/chat/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_unsupported_fields_are_refused_by_name(client: openai.OpenAI) -> None:
+    for field, value in [("response_format", {"type": "json_object"}), ("presence_penalty", 0.5),
+                         ("logit_bias", {"1": 5}), ("tool_choice", "auto")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, **{field: value})  # type: ignore[arg-type]
+        assert e.value.param == field, field  # type: ignore[attr-defined]
+    # Their neutral values are accepted.
+    client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, presence_penalty=0, frequency_penalty=0)
+
+
+# -- the scheduler behind the HTTP layer --------------------------------------------------------------------
+def test_second_chat_turn_decodes_only_new_tokens(server: ServerProcess, client: openai.OpenAI) -> None:
+    convo = [{"role": "user", "content": "Name a color of the sky at dusk."}]
+    first = client.chat.completions.create(model=MODEL, messages=convo, max_tokens=12, temperature=0)
+    convo += [{"role": "assistant", "content": first.choices[0].message.content or "red"},
+              {"role": "user", "content": "And at noon?"}]
+    before = server.metrics()
+    second = client.chat.completions.create(model=MODEL, messages=convo, max_tokens=8, temperature=0)
+    after = server.metrics()
+    cached = second.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
+    assert cached >= first.usage.prompt_tokens - 1  # type: ignore[union-attr]  # at least turn 1's prompt
+    assert after["prefix_cache_hits_total"] == before["prefix_cache_hits_total"] + 1
+    assert after["prefix_tokens_reused_total"] - before["prefix_tokens_reused_total"] == cached
+    decoded = after["prompt_tokens_decoded_total"] - before["prompt_tokens_decoded_total"]
+    assert decoded == second.usage.prompt_tokens - cached  # type: ignore[union-attr]
+
+
+def test_disconnect_mid_stream_frees_every_sequence(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.base, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json={"prompt": COUNTING, "max_tokens": 400, "n": 4,
+                                                          "temperature": 0, "stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            got = 0
+            while got < 6:
+                got += next(lines).startswith("data: ")
+            assert server.metrics()["live_sequences"] >= 4
+        # Leaving the block closes the connection mid-stream.
+    assert server.wait_idle(timeout=1.0) < 1.0
+
+
+def test_disconnect_while_waiting_cancels_a_plain_request(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.base, timeout=0.5) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/completions", json={"prompt": COUNTING, "max_tokens": 400, "n": 2, "temperature": 0})
+    assert server.wait_idle(timeout=1.0) < 1.0
+
+
+def test_overlapping_requests_share_decode_steps(server: ServerProcess, client: openai.OpenAI) -> None:
+    before = server.metrics()
+    results: list[object] = []
+
+    def ask(seed: int) -> None:
+        results.append(client.completions.create(model=MODEL, prompt=COUNTING, n=4, max_tokens=24, temperature=0.5,
+                                                 seed=seed))
+
+    threads = [threading.Thread(target=ask, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = server.metrics()
+    assert len(results) == 2
+    # One request alone decodes at most its 4 samples (and a prompt) per step; together they shared steps.
+    assert after["max_step_sequences"] >= 6
+    steps = after["decode_steps_total"] - before["decode_steps_total"]
+    seqs = after["decode_step_sequences_total"] - before["decode_step_sequences_total"]
+    assert seqs / steps > 4
+    server.wait_idle()
+
+
+def test_metrics_are_prometheus_text(server: ServerProcess) -> None:
+    r = server.http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for name, kind in [("edge_adapt_live_sequences", "gauge"), ("edge_adapt_decode_steps_total", "counter"),
+                       ("edge_adapt_prefix_cache_hits_total", "counter"), ("edge_adapt_kv_cells_used", "gauge")]:
+        assert f"# TYPE {name} {kind}" in text and f"# HELP {name} " in text
+
+
+def test_health_is_503_while_the_model_loads() -> None:
+    from starlette.testclient import TestClient
+
+    from edge_adapt.server.app import ServerState, create_app
+
+    with TestClient(create_app(ServerState(model_id="m"))) as http:  # no scheduler yet: still loading
+        r = http.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading" and r.headers["retry-after"]
+        assert http.post("/v1/chat/completions", json={"messages": QUESTION}).status_code == 503
+        assert http.get("/v1/models").json()["data"][0]["id"] == "m"  # known before the weights are
+
+
+# -- a second server: API key, a queue of one, CORS for one origin ------------------------------------------
+ORIGIN = "http://app.example"
+
+
+@pytest.fixture(scope="module")
+def guarded() -> Iterator[ServerProcess]:
+    with running_server("--parallel", "2", "--ctx", "512", "--max-queue", "1", "--cors-origin", ORIGIN,
+                        key="sesame") as s:
+        yield s
+
+
+def test_cors_only_for_the_allowed_origin(server: ServerProcess, guarded: ServerProcess) -> None:
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    with httpx.Client() as bare:
+        r = bare.options(f"{guarded.base}/v1/chat/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+        r = bare.options(f"{guarded.base}/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
+        assert r.headers.get("access-control-allow-origin") != "http://evil.example"
+        # Without --cors-origin no browser origin is allowed.
+        r = bare.get(f"{server.base}/v1/models", headers={"Origin": ORIGIN})
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_api_key_is_required_except_for_health_and_models(guarded: ServerProcess) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{guarded.base}/v1", api_key="wrong", max_retries=0).chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=2)
+    bare = httpx.Client(base_url=guarded.base)
+    r = bare.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert bare.get("/metrics").status_code == 401
+    assert bare.get("/health").status_code == 200 and bare.get("/v1/models").status_code == 200
+    r2 = guarded.client().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2)
+    assert r2.choices[0].message.content is not None
+
+
+def test_full_queue_is_429_with_retry_after_and_the_waiting_stream_is_pinged(guarded: ServerProcess) -> None:
+    client = guarded.client()
+    body = dict(model=MODEL, prompt=COUNTING, max_tokens=400, temperature=0, stream=True)
+    running = client.completions.create(n=2, **body)  # type: ignore[arg-type]  # holds both sequences
+    next(iter(running))
+    # Accepted, it waits in the queue (of one): nothing to send but `: ping` comments.
+    with guarded.http.stream("POST", "/v1/completions", json={**body, "n": 1}) as waiting:
+        try:
+            assert waiting.status_code == 200
+            t0 = time.monotonic()
+            while guarded.metrics()["requests_queued"] < 1 and time.monotonic() - t0 < 5:
+                time.sleep(0.02)
+            with pytest.raises(openai.RateLimitError) as e:
+                client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+            assert int(e.value.response.headers["retry-after"]) >= 1
+            assert next(waiting.iter_lines()) == ": ping"
+        finally:
+            running.close()
+    guarded.wait_idle(timeout=2.0)
+
+
+def test_stopping_the_server_ends_requests_in_flight() -> None:
+    with running_server("--parallel", "3", "--ctx", "512") as s:
+        body = {"prompt": COUNTING, "max_tokens": 400, "temperature": 0}
+        plain: list[httpx.Response] = []
+        waiter = threading.Thread(target=lambda: plain.append(httpx.post(f"{s.base}/v1/completions", json=body, timeout=30)))
+        with httpx.stream("POST", f"{s.base}/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+            lines = r.iter_lines()
+            while not next(lines).startswith("data: "):  # `: ping` while the prompt is decoded
+                pass
+            waiter.start()
+            while s.metrics()["requests_running"] < 2:
+                time.sleep(0.02)
+            t0 = time.monotonic()
+            s.proc.send_signal(signal.SIGINT)
+            rest = list(lines)
+        waiter.join(10)
+        assert s.proc.wait(timeout=10) == 130 and time.monotonic() - t0 < 3
+        assert any(line.startswith('data: {"error"') and "shutting down" in line for line in rest)
+        assert plain[0].status_code == 503 and plain[0].json()["error"]["code"] == "server_shutting_down"

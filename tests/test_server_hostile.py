@@ -1,0 +1,151 @@
+"""Bad input to `edge-adapt serve`: each is a clean 4xx in OpenAI's error shape, the server keeps serving and
+no sequence leaks. A real server process (with an API key) and the embedded model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from serving import ServerProcess, running_server
+
+KEY = "hostile-key"
+OK_BODY = {"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    with running_server("--parallel", "4", "--ctx", "256", key=KEY) as s:
+        yield s
+        # After everything below: still serving, nothing live.
+        r = s.http.post("/v1/chat/completions", json=OK_BODY)
+        assert r.status_code == 200, r.text
+        s.wait_idle()
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def _post(server: ServerProcess, body: object, path: str = "/v1/chat/completions", **kwargs: object) -> httpx.Response:
+    if isinstance(body, (bytes, str)):
+        return server.http.post(path, content=body, headers={"Content-Type": "application/json"}, **kwargs)  # type: ignore[arg-type]
+    return server.http.post(path, json=body, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("raw", [b"{", b"", b"[1, 2]", b'"text"', b"{'model': 1}", b'{"a": NaN}',
+                                 b"[" * 100000 + b"]" * 100000])
+def test_malformed_json_is_400(server: ServerProcess, raw: bytes) -> None:
+    err = _error(_post(server, raw), 400)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_non_utf8_bytes_are_400(server: ServerProcess) -> None:
+    raw = b'{"messages": [{"role": "user", "content": "caf\xe9 \xff"}], "max_tokens": 2}'
+    assert "UTF-8" in _error(_post(server, raw), 400)["message"]
+    # JSON can also spell a lone surrogate, which no text encoding holds.
+    lone = '{"messages": [{"role": "user", "content": "a \\ud800 b"}], "max_tokens": 2}'
+    assert "UTF-8" in _error(_post(server, lone), 400)["message"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", "8"), ("max_tokens", 8.5), ("n", True), ("temperature", "hot"), ("stream", "yes"),
+    ("messages", "hello"), ("stop", 5), ("seed", 1.5), ("top_logprobs", "3"), ("edge_adapt", "best-of-n"),
+])
+def test_wrong_types_are_400_naming_the_field(server: ServerProcess, field: str, value: object) -> None:
+    err = _error(_post(server, {**OK_BODY, field: value}), 400)
+    assert err["param"] is not None and err["param"].startswith(field)
+
+
+@pytest.mark.parametrize("messages", [
+    [],
+    [{"role": "wizard", "content": "hi"}],
+    [{"role": "tool", "content": "hi", "tool_call_id": "x"}],
+    [{"role": "user", "content": ""}],
+    [{"role": "user", "content": None}],
+    [{"role": "user"}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
+    [{"content": "hi"}],
+])
+def test_bad_messages_are_400(server: ServerProcess, messages: list) -> None:
+    err = _error(_post(server, {**OK_BODY, "messages": messages}), 400)
+    assert err["param"] is not None and err["param"].startswith("messages")
+
+
+def test_text_parts_are_accepted(server: ServerProcess) -> None:
+    body = {**OK_BODY, "messages": [{"role": "developer", "content": "Be brief."},
+                                    {"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                                                 {"type": "text", "text": "there"}]}]}
+    assert _post(server, body).status_code == 200
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n", 10**9), ("n", 0), ("max_tokens", -5), ("max_tokens", 0), ("temperature", -1), ("top_p", 0),
+    ("top_p", 1.5), ("min_p", 1), ("top_k", -1), ("seed", -7), ("top_logprobs", 50),
+    ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]), ("unknown_field", 1), ("tools", [{"type": "function"}]),
+    ("max_completion_tokens", 3),  # disagrees with max_tokens 2
+])
+def test_out_of_range_values_are_400(server: ServerProcess, field: str, value: object) -> None:
+    err = _error(_post(server, {**OK_BODY, field: value}), 400)
+    assert err["param"] == field or err["param"] == f"{field}.0", err
+
+
+def test_completion_prompt_faults_are_400(server: ServerProcess) -> None:
+    for prompt in [["a", "b"], [1, 2, 3], 7, ""]:
+        err = _error(_post(server, {"prompt": prompt, "max_tokens": 2}, "/v1/completions"), 400)
+        assert err["param"] == "prompt"
+    for field, value in [("echo", True), ("suffix", "x"), ("best_of", 3)]:
+        err = _error(_post(server, {"prompt": "hi", "max_tokens": 2, field: value}, "/v1/completions"), 400)
+        assert err["param"] == field
+
+
+def test_prompt_over_the_context_is_400(server: ServerProcess) -> None:
+    body = {**OK_BODY, "messages": [{"role": "user", "content": "word " * 600}]}  # the context holds 256 tokens
+    err = _error(_post(server, body), 400)
+    assert err["code"] == "exceed_context_size_error"
+    # max_tokens that cannot fit beside the prompt is the same refusal.
+    err = _error(_post(server, {**OK_BODY, "max_tokens": 1000}), 400)
+    assert err["code"] == "exceed_context_size_error"
+
+
+def test_ten_megabyte_body_is_refused_without_reading_it_all(server: ServerProcess) -> None:
+    big = json.dumps({**OK_BODY, "messages": [{"role": "user", "content": "x" * (10 << 20)}]}).encode()
+    err = _error(_post(server, big), 413)
+    assert err["code"] == "request_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is counted as the body arrives
+        for i in range(0, len(big), 1 << 16):
+            yield big[i: i + 1 << 16]
+
+    r = server.http.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    _error(r, 413)
+
+
+def test_wrong_or_missing_key_is_401(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.base) as bare:
+        for headers in [{}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}, {"Authorization": "Basic " + KEY}]:
+            err = _error(bare.post("/v1/chat/completions", json=OK_BODY, headers=headers), 401)
+            assert err["code"] == "invalid_api_key"
+        assert bare.get("/health").status_code == 200
+
+
+def test_unknown_model_is_404(server: ServerProcess) -> None:
+    assert _error(_post(server, {**OK_BODY, "model": "gpt-4"}), 404)["code"] == "model_not_found"
+    assert _error(server.http.get("/v1/models/gpt-4"), 404)["code"] == "model_not_found"
+
+
+def test_strategy_needing_more_sequences_than_the_server_has_is_400(server: ServerProcess) -> None:
+    body = {**OK_BODY, "edge_adapt": {"strategy": "best-of-n", "budget": 16}}
+    _error(_post(server, body), 400)
+    err = _error(_post(server, {**OK_BODY, "logprobs": True, "edge_adapt": {"strategy": "best-of-n", "budget": 2}}), 400)
+    assert err["param"] == "logprobs"
+
+
+def test_nothing_leaks_after_bad_input(server: ServerProcess) -> None:
+    server.wait_idle()
+    assert server.metrics()["requests_queued"] == 0
