@@ -409,7 +409,7 @@ def info(
 # -- bench --------------------------------------------------------------------------------------------------
 @app.command()
 def bench(
-    only: Annotated[Optional[list[str]], typer.Option("--only", help="single_stream | batched | fork | rss | strategies (repeatable)")] = None,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="single_stream | batched | fork | rss | raw | strategies (repeatable)")] = None,
     samples: Annotated[int, typer.Option("--samples", help="parallel samples for the batched run", min=2)] = 16,
     tokens: Annotated[int, typer.Option("--tokens", help="tokens per sample", min=8)] = 128,
     repeats: Annotated[int, typer.Option("--repeats", help="best of this many runs per timing", min=1)] = 3,
@@ -588,6 +588,8 @@ def train_cmd(
         validate_before=validate_before, threads=threads, seed=seed, force=force,
         **({"suffix": suffix} if suffix is not None else {})), "train")
     result = _show(train_job(cfg))
+    if not result.main:
+        return  # one of several processes (accelerate launch): the main one reports
     best = next(e for e in result.epochs if e.epoch == result.best_epoch)
     typer.echo(f"wrote {result.exported} (best epoch {result.best_epoch}: validation AUROC "
                f"{best.auroc if best.auroc is None else round(best.auroc, 3)}, Brier {best.brier:.3f} vs constant "

@@ -3,7 +3,9 @@
 - single stream: this engine vs `llama_cpp.Llama.create_completion`, same prompt, greedy, same token count;
 - 16 samples x 128 tokens forked from one prompt and batched vs the same 16 run one after another;
 - cost of a fork: `seq_cp` (split and unified KV) vs `Llama.save_state` + `load_state`;
-- peak RSS of a fresh process vs the planner's prediction made before loading.
+- peak RSS of a fresh process vs the planner's prediction made before loading;
+- the engine's forked greedy decode vs raw llama.cpp's (low-level API, no engine) at 1, 16 and 64 sequences:
+  the gap to what the hardware gives, one number per size.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_adapt.engine import Engine, EngineOptions, Finished, SamplingParams
+from edge_adapt.engine import Engine, EngineOptions, Finished, SamplingParams, Token
 from edge_adapt.engine.handles import llama_like_the_engine
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
@@ -175,9 +177,42 @@ def rss_vs_plan(cfg: BenchConfig) -> list[dict[str, float]]:
     return rows
 
 
+def engine_vs_raw(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64)) -> list[dict[str, float]]:
+    """Greedy tokens/s of N forks of one prompt: the engine (`generate`: sampling, log-probabilities, text,
+    events) against raw llama.cpp (`bench.raw`: argmax and one `llama_decode` per step, nothing else) on the
+    same model handle, the same context per sequence and threads, timed alternately, best of `repeats`."""
+    from edge_adapt.bench.raw import forked_greedy_tok_s
+
+    tokens = min(cfg.tokens, 64)  # 64 sequences x 128 tokens would take minutes on 2 cores
+    params = SamplingParams(temperature=0.0, ignore_eos=True)
+    rows = []
+    for n in sizes:
+        with Engine(_opts(cfg, parallel=max(n, 2), ctx=64)) as probe:
+            prompt = probe.tokenize(probe.chat_prompt([{"role": "user", "content": PROMPT}]), special=True)
+        ctx = len(prompt) + tokens + 16  # what bench.raw gives each of its sequences
+        with Engine(_opts(cfg, parallel=max(n, 2), ctx=ctx)) as e:
+            def ours() -> float:
+                t0, count = 0.0, 0
+                for ev in e.generate(prompt, [params] * n, max_tokens=tokens):
+                    if not isinstance(ev, Token):
+                        continue
+                    if count == 0:
+                        t0 = time.perf_counter()  # after the prompt's decode, as the raw loop
+                    count += 1
+                return (count - n) / (time.perf_counter() - t0)
+
+            engine_tok_s = raw_tok_s = 0.0
+            for _ in range(cfg.repeats):
+                engine_tok_s = max(engine_tok_s, ours())
+                raw_tok_s = max(raw_tok_s, forked_greedy_tok_s(e.model, prompt, n, tokens, e.threads))
+        rows.append({"sequences": n, "tokens": tokens, "engine_tok_s": engine_tok_s, "raw_tok_s": raw_tok_s,
+                     "ratio": engine_tok_s / raw_tok_s})
+    return rows
+
+
 def run_all(cfg: BenchConfig, only: set[str] | None = None) -> dict[str, Any]:
     sections = {"single_stream": single_stream, "batched": batched_vs_sequential, "fork": fork_cost,
-                "rss": rss_vs_plan}
+                "rss": rss_vs_plan, "raw": engine_vs_raw}
     return {"config": {k: str(v) for k, v in asdict(cfg).items()},
             **{name: fn(cfg) for name, fn in sections.items() if not only or name in only}}
 
@@ -197,6 +232,9 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"fork + 1 decode seq_cp split {r['seq_cp_split_s'] * 1e3:.1f} ms, unified "
                      f"{r['seq_cp_unified_s'] * 1e3:.1f} ms vs Llama save/load_state {r['llama_save_load_s'] * 1e3:.1f} ms"
                      f" -> {r['ratio_split']:.1f}x / {r['ratio_unified']:.1f}x faster")
+    for r in results.get("raw", []):
+        lines.append(f"vs raw llama.cpp {r['sequences']:>2} forks: engine {r['engine_tok_s']:.1f} tok/s, raw "
+                     f"{r['raw_tok_s']:.1f} tok/s -> {r['ratio']:.2f}  (goal >= 0.95 at 16 and 64)")
     for r in results.get("rss", []):
         lines.append(f"peak RSS        {r['parallel']:>2} x {r['ctx']:<5} measured {r['peak_rss_mib']:.0f} MiB vs planned "
                      f"{r['predicted_mib']:.0f} MiB -> {r['ratio']:.3f}  (goal within 15%)")

@@ -12,6 +12,9 @@ once per prompt group without gradients (the prompt once, its K responses batche
 response reuses the response's KV with the positions after the cut masked out; only the suffix tokens (4 for
 the default suffix) run with gradients. Method `full` changes the weights under the prompt and response too,
 so there gradients flow through the whole sequence.
+
+Several processes (`accelerate launch`, `torchrun`) train data-parallel over prompts: each takes its share of every
+step's prompts, the gradients are averaged by DDP, and the update is the one-process update (see `_train`).
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ class TrainResult:
     seconds: float
     peak_rss_mib: float
     examples: int
+    processes: int = 1  # processes that trained together (data-parallel over prompts)
+    main: bool = True  # this process wrote the outputs (the others of a multi-process run only computed)
 
 
 class _Scorer:
@@ -122,6 +127,7 @@ class _Scorer:
             self.peft = get_peft_model(model, lora)
             self.model = self.peft
         self.base = model  # LlamaForCausalLM (PEFT wraps its linear layers in place)
+        self.net = self.model  # what trained forward passes run through: the DDP wrapper of several processes
         self.device = device
         self.model.to(device)
         self.suffix = torch.tensor(suffix_ids, dtype=torch.long, device=device)
@@ -185,14 +191,20 @@ class _Scorer:
                 pos[i] = torch.arange(n_p + r.n_ids, n_p + r.n_ids + s)
             mask[:, width:] = 1
             ctx = torch.enable_grad() if grad else torch.no_grad()
+            net = self.net if grad else self.model
             with ctx:
-                logits = self.model(input_ids=self.suffix.expand(len(rows), -1), attention_mask=mask.to(self.device),
-                                    position_ids=pos.to(self.device),
-                                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                logits = net(input_ids=self.suffix.expand(len(rows), -1), attention_mask=mask.to(self.device),
+                             position_ids=pos.to(self.device),
+                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
                 diffs.append(logits[:, self.no] - logits[:, self.yes])
             rows_out.extend(rows)
         lm = torch.stack(lm_terms).mean() if lm_terms else None
         return rows_out, torch.cat(diffs) if diffs else torch.zeros(0, device=self.device), lm
+
+    def idle_loss(self) -> Any:
+        """A zero loss over every trainable weight: a process with no prompt in a step still joins the step's
+        gradient all-reduce (its share is zero)."""
+        return self.net(input_ids=self.suffix[None], logits_to_keep=1).logits.sum() * 0.0
 
     def _lm_loss(self, hidden: Any, ids: Any, lens: list[int]) -> Any:
         torch = self.torch
@@ -219,16 +231,26 @@ class _Validation:
     levels: list[int | None]
 
 
-def _validate(scorer: _Scorer, groups: list[Group]) -> _Validation:
+def _validate(scorer: _Scorer, groups: list[Group], acc: Any) -> _Validation:
+    """Each process scores its share of the groups (every N-th); the shares are gathered and put back in group
+    order, so every process holds the whole validation, summed as one process sums it."""
     import torch
+    from accelerate.utils import gather_object
 
-    v = _Validation(0.0, [], [], [])
-    for g in groups:
+    parts = []
+    for i in range(acc.process_index, len(groups), acc.num_processes):
+        g = groups[i]
         rows, diff, _ = scorer.logit_diffs(g, grad=False)
-        v.loss += float(bce(diff, torch.tensor([r.target for r in rows], device=diff.device)))
-        v.p_keep.extend(torch.sigmoid(diff).tolist())
+        loss = float(bce(diff, torch.tensor([r.target for r in rows], device=diff.device)))
+        parts.append((i, loss, torch.sigmoid(diff).tolist(), rows, g.level))
+    if acc.num_processes > 1:
+        parts = sorted(gather_object(parts), key=lambda part: part[0])
+    v = _Validation(0.0, [], [], [])
+    for _, loss, p_keep, rows, level in parts:
+        v.loss += loss
+        v.p_keep.extend(p_keep)
         v.rows.extend(rows)
-        v.levels.extend([g.level] * len(rows))
+        v.levels.extend([level] * len(rows))
     v.loss /= max(len(v.rows), 1)
     return v
 
@@ -261,14 +283,37 @@ def train_job(cfg: TrainConfig) -> Job[TrainResult]:
     it to its result.
 
     Inputs are checked before any work; if the run fails or is interrupted, what it created in the output
-    directory (the directory itself, if it made it) is removed."""
+    directory (the directory itself, if it made it) is removed.
+
+    Launched as several processes, only the main one writes (and yields Progress); each returns the result."""
     from edge_adapt.fileio import removed_on_failure
 
-    with removed_on_failure(cfg.out):
-        return (yield from _train(cfg))
+    acc = _accelerator()
+    with removed_on_failure(cfg.out) if acc.is_main_process else nullcontext():
+        return (yield from _train(cfg, acc))
 
 
-def _train(cfg: TrainConfig) -> Job[TrainResult]:
+def _accelerator() -> Any:
+    """accelerate picks the device: CUDA under `accelerate launch` on a GPU machine, else the CPU. Launched as
+    several processes on a machine without an accelerator, accelerate would run each as a run of its own (and
+    all would write the outputs); they are CPU processes of one gloo group instead."""
+    import os
+
+    import torch
+    from accelerate import Accelerator
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=several and not torch.accelerator.is_available())
+
+
+def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
+    """One process or several. Several share every step's prompts (process i of N takes prompts i, i + N, ...
+    of the step's batch); each weighs its rows by the whole step's row count and scales its loss by N, so
+    DDP's average of the gradients is the one-process gradient. What remains different is the order of float
+    sums (each process's share, then the all-reduce); a step with fewer prompts than processes leaves some
+    processes idle (they join the all-reduce with zero gradients). Validation is shared the same way and
+    gathered. Every process seeds alike (and DDP starts them from the main process's weights); only the main
+    one imports the base model, saves checkpoints, exports and writes metrics."""
     import torch
 
     from edge_adapt.convert import convert_adapter, convert_model, import_adapter, import_gguf
@@ -302,26 +347,31 @@ def _train(cfg: TrainConfig) -> Job[TrainResult]:
         suffix_ids = render_suffix(self_eval, eng)
         yes, no = answer_token(eng, cfg.yes, "yes"), answer_token(eng, cfg.no, "no")
         base_gguf = eng.model_path
-    out.mkdir(parents=True, exist_ok=True)
+    main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
+    acc.wait_for_everyone()  # every process has checked the output directory before the main one writes there
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     init = cfg.init
     if init is not None and Path(init).is_file() and cfg.method != "full":
         # An exported adapter (the shipped one, say): back to PEFT, so training continues where it left off.
-        init = import_adapter(init, base_gguf, out / "init", force=True).path
+        init = import_adapter(init, base_gguf, out / "init", force=True).path if main else out / "init"
+        acc.wait_for_everyone()  # the others check what the main process imported
     if init is not None:
         _check_init(cfg, init, suffix_ids)
     hf_dir = out / "base-hf"
-    if not (hf_dir / "config.json").exists():
+    if main and not (hf_dir / "config.json").exists():
         import_gguf(base_gguf, hf_dir, force=True)
+    acc.wait_for_everyone()  # the others load what the main process imported
 
-    # accelerate picks the device (CUDA under `accelerate launch` on a GPU machine, else the CPU). One process:
-    # the forward passes go through the inner modules, which a multi-process wrapper would not synchronise.
-    from accelerate import Accelerator
-
-    acc = Accelerator()
-    if acc.num_processes > 1:
-        raise UsageError("training runs in one process (use `accelerate launch --num_processes 1`)")
     scorer = _Scorer(cfg, hf_dir, suffix_ids, yes, no, checkpoint=init, device=str(acc.device))
     opt = torch.optim.AdamW(scorer.trainable(), lr=cfg.learning_rate, weight_decay=0.0)
+    # Several processes: DDP over the trained model (the forward passes with gradients run through it); the
+    # base-model prefix passes run on the inner modules without gradients, as in one process.
+    scorer.net, opt = acc.prepare(scorer.model, opt)
+    if scorer.net is not scorer.model:
+        # No buffer broadcast per forward pass: processes whose prompts take different numbers of passes would
+        # deadlock on it, and the only buffers (rotary frequencies) are computed alike everywhere.
+        scorer.net.broadcast_buffers = False
     train_groups, val_groups = groups_of(train_set, cfg.target), groups_of(val_set, cfg.target)
     steps_per_epoch = math.ceil(len(train_groups) / cfg.prompts_per_step)
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
@@ -335,9 +385,9 @@ def _train(cfg: TrainConfig) -> Job[TrainResult]:
     step = 0
     rng = random.Random(cfg.seed)
     if cfg.validate_before:
-        val0 = _epoch_metrics(0, float("nan"), _validate(scorer, val_groups), 0.0)
+        val0 = _epoch_metrics(0, float("nan"), _validate(scorer, val_groups, acc), 0.0)
         history.append(val0)
-    if cfg.validate_before:
+    if cfg.validate_before and main:
         levels = " ".join(f"L{k} {_f(v)}" for k, v in val0.auroc_by_level.items())
         yield Progress("validate", 0, cfg.epochs,
                        message=f"before training: AUROC {_f(val0.auroc)} ({levels}) Brier {val0.brier:.3f}")
@@ -351,50 +401,71 @@ def _train(cfg: TrainConfig) -> Job[TrainResult]:
                 break
             batch = order[lo : lo + cfg.prompts_per_step]
             n_rows = sum(len(g.rows) for g in batch)
+            mine = batch[rank::world]
             opt.zero_grad(set_to_none=True)
             step_loss = 0.0
-            for g in batch:
-                rows, diff, lm = scorer.logit_diffs(g, grad=True)
-                t = torch.tensor([r.target for r in rows], device=diff.device)
-                loss = bce(diff, t) / n_rows
-                if lm is not None:
-                    loss = loss + cfg.lm_loss * lm / len(batch)
-                acc.backward(loss)
+            for i, g in enumerate(mine):
+                # Gradients add up locally; the step's last backward pass averages them over the processes.
+                with acc.no_sync(scorer.net) if i < len(mine) - 1 else nullcontext():
+                    rows, diff, lm = scorer.logit_diffs(g, grad=True)
+                    t = torch.tensor([r.target for r in rows], device=diff.device)
+                    loss = bce(diff, t) / n_rows
+                    if lm is not None:
+                        loss = loss + cfg.lm_loss * lm / len(batch)
+                    acc.backward(loss * world)  # DDP divides the sum over processes by their number
                 step_loss += float(loss.detach())
+            if not mine:
+                acc.backward(scorer.idle_loss())
             torch.nn.utils.clip_grad_norm_(scorer.trainable(), 1.0)
             opt.step()
             sched.step()
             step += 1
-            losses.append(step_loss)
-            yield Progress("train", step, total_steps, f"epoch {epoch} loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
-        res = _epoch_metrics(epoch, sum(losses) / max(len(losses), 1), _validate(scorer, val_groups),
+            losses.append(_summed(acc, step_loss))
+            if main:
+                yield Progress("train", step, total_steps,
+                               f"epoch {epoch} loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        res = _epoch_metrics(epoch, sum(losses) / max(len(losses), 1), _validate(scorer, val_groups, acc),
                              time.perf_counter() - t0)
         history.append(res)
         levels = " ".join(f"L{k} {_f(v)}" for k, v in res.auroc_by_level.items())
-        yield Progress("validate", epoch, cfg.epochs,
-                       message=f"epoch {epoch}: AUROC {_f(res.auroc)} ({levels}) Brier {res.brier:.3f} "
-                               f"(constant {res.brier_constant:.3f}) ECE {res.ece:.3f}")
+        if main:
+            yield Progress("validate", epoch, cfg.epochs,
+                           message=f"epoch {epoch}: AUROC {_f(res.auroc)} ({levels}) Brier {res.brier:.3f} "
+                                   f"(constant {res.brier_constant:.3f}) ECE {res.ece:.3f}")
         if best is None or (res.auroc or 0) > (best.auroc or 0):
-            best = res
-            _save(scorer, best_dir)
+            best = res  # every process holds the whole validation, so all agree on the best epoch
+            if main:
+                _save(scorer, best_dir)
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
     assert best is not None
 
     meta = self_eval.model_dump(include={"format", "suffix", "yes", "no"})
-    if cfg.method == "full":
-        exported = out / "model.gguf"
-        convert_model(best_dir, exported, type=cfg.export_type, self_eval_config=meta, force=True)
-    else:
-        exported = out / "adapter.gguf"
-        convert_adapter(best_dir, base_gguf, exported, self_eval_config=meta, type="f16", force=True)
+    exported = out / ("model.gguf" if cfg.method == "full" else "adapter.gguf")
+    acc.wait_for_everyone()  # training is over everywhere before the main process exports
+    if main:
+        if cfg.method == "full":
+            convert_model(best_dir, exported, type=cfg.export_type, self_eval_config=meta, force=True)
+        else:
+            convert_adapter(best_dir, base_gguf, exported, self_eval_config=meta, type="f16", force=True)
     result = TrainResult(out, exported, best.epoch, history, time.perf_counter() - t_start, peak_rss() / 2**20,
-                         train_set.n_rows)
-    _write_metrics(cfg, result, suffix_ids)
+                         train_set.n_rows, world, main)
+    if main:
+        _write_metrics(cfg, result, suffix_ids)
+    acc.wait_for_everyone()  # every process returns once the outputs are there
     return result
 
 
 train = to_the_end(train_job)
+
+
+def _summed(acc: Any, x: float) -> float:
+    """x summed over the processes (x itself in one process)."""
+    if acc.num_processes == 1:
+        return x
+    import torch
+
+    return float(acc.reduce(torch.tensor([x], dtype=torch.float64, device=acc.device), "sum")[0])
 
 
 def _check_init(cfg: TrainConfig, init: Path, suffix_ids: list[int]) -> None:
@@ -447,7 +518,7 @@ def _write_metrics(cfg: TrainConfig, result: TrainResult, suffix_ids: list[int])
     data = {
         "config": json.loads(cfg.model_dump_json()), "suffix_ids": suffix_ids, "exported": str(result.exported),
         "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1), "peak_rss_mib": round(result.peak_rss_mib),
-        "train_rows": result.examples, "epochs": [asdict(e) for e in result.epochs],
+        "processes": result.processes, "train_rows": result.examples, "epochs": [asdict(e) for e in result.epochs],
     }
     with atomic_file(result.out / "metrics.json", force=True) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
