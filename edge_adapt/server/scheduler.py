@@ -190,7 +190,8 @@ class Scheduler:
             plan = plan_run(self.engine, job.prompt, job.strategy)
             check_fits(plan, n_ctx)
             need = plan.sequences
-            what = f"strategy {job.strategy.strategy} with budget {job.strategy.budget} holds {plan.samples} samples"
+            what = (f"strategy {job.strategy.strategy} with budget {job.strategy.budget} holds {plan.samples} samples "
+                    f"and the prompt's own sequence at once: {need} sequences")
         else:
             if not job.samples:
                 raise UsageError("a job needs at least one sample")
@@ -200,9 +201,9 @@ class Scheduler:
                     f"tokens exceed the context of {n_ctx} per sequence"
                 )
             plan, need = None, len(job.samples)
-            what = f"n={need} holds {need} samples"
+            what = f"n={need} holds {need} sequences at once (the last choice takes the prompt's)"
         if need > self.capacity:
-            raise BudgetError(f"{what} at once, one sequence each; the server holds {self.capacity} (--parallel)")
+            raise BudgetError(f"{what}; the server holds {self.capacity} (--parallel)")
         return need, plan
 
     def _wake(self) -> None:
