@@ -22,9 +22,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
+
 import numpy as np
 
 from edge_adapt.engine.engine import Engine, Sequence
+from edge_adapt.engine.events import Done, Token
 from edge_adapt.engine.sampling import SamplingParams
 from edge_adapt.engine.steps import Decode, Program, decode_together
 from edge_adapt.errors import BudgetError, ContextOverflowError, EdgeAdaptError, UsageError
@@ -69,7 +71,7 @@ class Ticket:
 @dataclass
 class _Running:
     ticket: Ticket
-    program: Program[None]
+    program: Program[None] = field(init=False)  # made from the _Running itself (it records the root there)
     root: Sequence | None = None
     error: BaseException | None = None  # thrown into the program at its next resume
 
@@ -251,7 +253,7 @@ class Scheduler:
             self._queue.pop(0)
             self._reserved += ticket.need
             self._counters.requests_total += 1
-            run = _Running(ticket, iter(()))  # type: ignore[arg-type]
+            run = _Running(ticket)
             run.program = self._program(run)
             self._running.append(run)
 
@@ -335,8 +337,6 @@ class Scheduler:
             _deliver(sink, item)
 
     def _count(self, item: object) -> None:
-        from edge_adapt.engine.events import Done, Token
-
         if isinstance(item, Token):
             self._counters.tokens_generated_total += 1
         elif isinstance(item, Done):
@@ -348,7 +348,7 @@ class Scheduler:
         for (run, _), err in zip(requests, errors):
             run.error = err
         c = self._counters
-        seqs = len({id(s) for d in decodes for s, _ in d.updates})
+        seqs = len({s.id for d in decodes for s, _ in d.updates})  # a scoring scratch shares its sample's id
         c.decode_steps_total += 1
         c.decode_step_sequences_total += seqs
         c.last_step_sequences = seqs
