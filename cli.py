@@ -56,6 +56,11 @@ PoolKOpt = Annotated[int, typer.Option("-k", "--samples", help="samples per prom
 PoolTempOpt = Annotated[float, typer.Option("--temp", help="sampling temperature of the pool")]
 PrunePointsOpt = Annotated[Optional[list[int]], typer.Option("--prune-at", help="token counts where scores are recorded (repeatable)")]
 CacheOpt = Annotated[Path, typer.Option("--cache", help="sample pool cache (resumable; shared by eval and label)")]
+BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="sample on this OpenAI-compatible server (vLLM, llama-server, edge-adapt serve) instead of in process; API key from $EDGE_ADAPT_BACKEND_KEY")]
+BackendModelOpt = Annotated[Optional[str], typer.Option("--backend-model", help="the server's model name (default: the one it serves)")]
+BackendSelfEvalOpt = Annotated[Optional[str], typer.Option("--backend-selfeval", help="the server's self-eval model name (default: edge-adapt serve's MODEL:selfeval)")]
+ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", help="requests in flight to --backend at once", min=1, max=1024)]
+BackendWaitOpt = Annotated[float, typer.Option("--backend-wait", help="seconds a --backend request is retried (429, 5xx, a restarting server)", min=0)]
 TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="keep the k most likely tokens (0: off; default 40)")]
 TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="nucleus sampling mass (default 0.95)")]
 MinPOpt = Annotated[Optional[float], typer.Option("--min-p", help="drop tokens below min-p x the top probability (default 0.05)")]
@@ -457,6 +462,11 @@ def eval_cmd(
     threads: ThreadsOpt = None,
     cache_dir: CacheOpt = Path("runs/eval-cache"),
     out: Annotated[Path, typer.Option("--out", "-o", help="report directory")] = Path("runs/eval"),
+    backend: BackendOpt = None,
+    backend_model: BackendModelOpt = None,
+    backend_selfeval: BackendSelfEvalOpt = None,
+    concurrency: ConcurrencyOpt = 8,
+    backend_wait: BackendWaitOpt = 120.0,
 ) -> None:
     """Build (or resume) a sample pool, replay strategies over it, and write a report with plots."""
     from edge_adapt.eval import EvalConfig
@@ -464,7 +474,8 @@ def eval_cmd(
 
     fields = _pool_fields(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temp=temp,
                           max_tokens=max_tokens, prune_at=prune_at, seed=seed, model=model, threads=threads,
-                          adapter=adapter, cache_dir=cache_dir, family=family)
+                          adapter=adapter, cache_dir=cache_dir, family=family, backend=backend,
+                          backend_model=backend_model, backend_selfeval=backend_selfeval, concurrency=concurrency, backend_wait=backend_wait)
     cfg = validated(EvalConfig, {**fields, "out_dir": out, "live": live or [], "live_prompts": live_prompts}, "eval")
     _show(eval_job(cfg))
     print(f"report written to {out / 'report.md'}")
@@ -498,6 +509,11 @@ def tune_policy_cmd(
     threads: ThreadsOpt = None,
     cache_dir: CacheOpt = Path("runs/eval-cache"),
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing policy file")] = False,
+    backend: BackendOpt = None,
+    backend_model: BackendModelOpt = None,
+    backend_selfeval: BackendSelfEvalOpt = None,
+    concurrency: ConcurrencyOpt = 8,
+    backend_wait: BackendWaitOpt = 120.0,
 ) -> None:
     """Build the compute-optimal policy `--strategy auto` follows: per difficulty bin and budget, the strategy
     that does best on the tuning pool (two-fold cross-validated), optionally reported on a held-out split."""
@@ -507,7 +523,8 @@ def tune_policy_cmd(
 
     fields = _pool_fields(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temp=temp,
                           max_tokens=max_tokens, prune_at=prune_at, seed=seed, model=model, threads=threads,
-                          adapter=adapter, cache_dir=cache_dir, family=family)
+                          adapter=adapter, cache_dir=cache_dir, family=family, backend=backend,
+                          backend_model=backend_model, backend_selfeval=backend_selfeval, concurrency=concurrency, backend_wait=backend_wait)
     pool = validated(EvalConfig, fields, "tune-policy")
     cfg = validated(TuneConfig, dict(pool=pool, budgets=budget or list(DEFAULT_BUDGETS), tolerance=tolerance, out=out,
                                      force=force, test_split=test_split, test_prompts=test_prompts, report_dir=report,
@@ -541,13 +558,18 @@ def label_cmd(
     threads: ThreadsOpt = None,
     cache_dir: CacheOpt = Path("runs/eval-cache"),
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing dataset")] = False,
+    backend: BackendOpt = None,
+    backend_model: BackendModelOpt = None,
+    concurrency: ConcurrencyOpt = 8,
+    backend_wait: BackendWaitOpt = 120.0,
 ) -> None:
     """Sample K responses per training prompt and label each with its self-eval target."""
     from edge_adapt.train import LabelConfig, label_job
 
     fields = dict(out=out, suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, levels=level, k=k,
                   temperature=temp, max_tokens=max_tokens, seed=seed, model=model, threads=threads,
-                  cache_dir=cache_dir, force=force, family=family)
+                  cache_dir=cache_dir, force=force, family=family, backend=backend, backend_model=backend_model,
+                  concurrency=concurrency, backend_wait=backend_wait)
     if cut:
         fields["cuts"] = cut
     cfg = validated(LabelConfig, fields, "label")

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -46,8 +47,13 @@ def _texts_by_index(chunks: list) -> dict[int, str]:
 def test_health_and_model_list(server: ServerProcess, client: openai.OpenAI) -> None:
     assert server.http.get("/health").json()["status"] == "ok"
     models = client.models.list().data
-    assert len(models) == 1 and models[0].id.endswith("Q4_1")  # the GGUF file's stem
+    assert len(models) == 2 and models[0].id.endswith("Q4_1")  # the GGUF file's stem
     assert client.models.retrieve(models[0].id).id == models[0].id
+    # Its self-evaluation is listed as a model of its own (as vLLM lists a LoRA), saying how to ask it.
+    judge = models[1].model_dump()
+    assert judge["id"] == models[0].id + ":selfeval" and judge["parent"] == models[0].id
+    assert judge["edge_adapt"]["adapter"] == "smollm2-135m-selfeval.gguf" and len(judge["edge_adapt"]["suffix_ids"]) >= 1
+    assert client.models.retrieve(judge["id"]).id == judge["id"]
     # The served model answers to its id too, not only to the alias "default".
     r = client.chat.completions.create(model=models[0].id, messages=QUESTION, max_tokens=4, seed=1)
     assert r.model == models[0].id
@@ -218,12 +224,107 @@ def test_error_statuses_raise_the_clients_exceptions(server: ServerProcess, clie
 
 def test_unsupported_fields_are_refused_by_name(client: openai.OpenAI) -> None:
     for field, value in [("response_format", {"type": "json_object"}), ("presence_penalty", 0.5),
-                         ("logit_bias", {"1": 5}), ("tool_choice", "auto")]:
+                         ("tool_choice", "auto")]:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, **{field: value})  # type: ignore[arg-type]
         assert e.value.param == field, field  # type: ignore[attr-defined]
     # Their neutral values are accepted.
     client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, presence_penalty=0, frequency_penalty=0)
+
+
+# -- what a remote pool backend asks for (edge_adapt.backends.remote) -----------------------------------------
+def _ids(names: list[str]) -> list[int]:
+    assert all(n.startswith("token_id:") for n in names), names
+    return [int(n.split(":", 1)[1]) for n in names]
+
+
+def test_token_id_prompt_and_token_id_logprobs(client: openai.OpenAI) -> None:
+    """A prompt given as token ids is decoded as given; with return_tokens_as_token_ids every drawn token is
+    named by id, the end-of-generation token included, and the ids spell the text."""
+    from edge_adapt.engine import Vocab
+
+    with Vocab() as vocab:
+        ids = vocab.tokenize(vocab.chat_prompt(QUESTION))
+        by_text = client.completions.create(model=MODEL, prompt=vocab.chat_prompt(QUESTION), max_tokens=24,
+                                            temperature=0.9, seed=5, logprobs=0)
+        r = client.completions.create(model=MODEL, prompt=ids, max_tokens=24, temperature=0.9, seed=5, logprobs=0,
+                                      extra_body={"return_tokens_as_token_ids": True})
+        c = r.choices[0]
+        drawn = _ids(c.logprobs.tokens)  # type: ignore[union-attr]
+        assert r.usage.prompt_tokens == len(ids) and len(drawn) == r.usage.completion_tokens  # type: ignore[union-attr]
+        assert c.text == by_text.choices[0].text  # the text prompt tokenizes to the same ids (BOS: none in this template)
+        if c.finish_reason == "stop":
+            assert vocab.is_eog(drawn[-1])
+            drawn = drawn[:-1]
+        assert vocab.detokenize(drawn) == c.text
+        assert len(c.logprobs.token_logprobs) == len(c.logprobs.tokens)  # type: ignore[union-attr]
+
+
+def test_logit_bias_moves_the_pick_and_the_reported_logprobs(client: openai.OpenAI) -> None:
+    plain = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=1, temperature=0, logprobs=5,
+                                      extra_body={"return_tokens_as_token_ids": True})
+    top = plain.choices[0].logprobs.top_logprobs[0]  # type: ignore[union-attr]
+    first, second = list(top)[:2]
+    forced = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=1, temperature=0, logprobs=5,
+                                       logit_bias={second.split(":")[1]: 100},
+                                       extra_body={"return_tokens_as_token_ids": True})
+    lp = forced.choices[0].logprobs  # type: ignore[union-attr]
+    assert lp.tokens == [second] and lp.token_logprobs[0] > -1e-3  # biased by 100: certain
+    # Both biased alike: their difference is the unbiased one.
+    both = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=1, temperature=0, logprobs=5,
+                                     logit_bias={first.split(":")[1]: 100, second.split(":")[1]: 100},
+                                     extra_body={"return_tokens_as_token_ids": True})
+    b = both.choices[0].logprobs.top_logprobs[0]  # type: ignore[union-attr]
+    assert b[first] - b[second] == pytest.approx(top[first] - top[second], abs=1e-4)
+
+
+def test_selfeval_model_scores_as_the_library_does(server: ServerProcess, client: openai.OpenAI) -> None:
+    """The `<model>:selfeval` model answers prompt + response + suffix with the answer tokens' log-probabilities,
+    the adapter on for the suffix only: p_keep equals SelfEvaluator's on the same tokens (decoded the same way:
+    the response as one batch), and the adapter's KV never reaches a later base-model request."""
+    from edge_adapt.engine import EngineOptions
+    from edge_adapt.selfeval import SelfEvaluator
+    from edge_adapt.selfeval.evaluator import p_keep
+    from edge_adapt.sizing import EngineSize, load_engine
+
+    card = client.models.list().data[1].model_dump()
+    judge, info = card["id"], card["edge_adapt"]
+    ids = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=1).usage  # warm the prefix cache
+    with load_engine(EngineSize(2, 512), EngineOptions(kv_unified=False, threads=1)) as engine:
+        ev = SelfEvaluator(engine)
+        assert list(ev.suffix) == info["suffix_ids"] and ev.yes_token == info["yes_token"]
+        reply = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=16, temperature=0, logprobs=0,
+                                          extra_body={"return_tokens_as_token_ids": True})
+        ids = engine.tokenize(COUNTING, add_bos=True) + _ids(reply.choices[0].logprobs.tokens)  # type: ignore[union-attr]
+        root = engine.open(ids)
+        want = ev.score([root])[0]
+        engine.release(root)
+        bias = {str(info["yes_token"]): 100, str(info["no_token"]): 100}
+        r = client.completions.create(model=judge, prompt=ids + info["suffix_ids"], max_tokens=1, temperature=0,
+                                      logprobs=2, logit_bias=bias, extra_body={"return_tokens_as_token_ids": True})
+        top = r.choices[0].logprobs.top_logprobs[0]  # type: ignore[union-attr]
+        got = float(p_keep(np.array([[top[f"token_id:{info['yes_token']}"], top[f"token_id:{info['no_token']}"]]]),
+                           0, 1)[0])
+        assert got == pytest.approx(want, abs=1e-4)
+        assert r.model == judge
+    # The base model, asked right after, continues as if no adapter had run.
+    again = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=16, temperature=0)
+    assert again.choices[0].text == reply.choices[0].text
+
+
+def test_selfeval_model_refusals(client: openai.OpenAI) -> None:
+    card = client.models.list().data[1].model_dump()
+    judge, suffix = card["id"], card["edge_adapt"]["suffix_ids"]
+    ok = {"model": judge, "prompt": [1, 2, 3, *suffix], "max_tokens": 1, "logprobs": 2}
+    for change, param in [({"prompt": [1, 2, 3]}, "prompt"), ({"max_tokens": 4}, "max_tokens"), ({"n": 2}, "n"),
+                          ({"logprobs": None}, "logprobs"), ({"logprobs": 1}, "logprobs")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**{**ok, **change})  # type: ignore[arg-type]
+        assert e.value.param == param, change  # type: ignore[attr-defined]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=judge, messages=QUESTION, max_tokens=1)
+    assert e.value.param == "model"  # type: ignore[attr-defined]
+    assert client.completions.create(**ok).choices[0].logprobs is not None  # type: ignore[arg-type]
 
 
 # -- the scheduler behind the HTTP layer --------------------------------------------------------------------

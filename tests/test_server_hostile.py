@@ -89,16 +89,23 @@ def test_text_parts_are_accepted(server: ServerProcess) -> None:
     ("top_p", 1.5), ("min_p", 1), ("top_k", -1), ("seed", -7), ("top_logprobs", 50),
     ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]), ("unknown_field", 1), ("tools", [{"type": "function"}]),
     ("max_completion_tokens", 3),  # disagrees with max_tokens 2
+    ("logit_bias", [1, 2]), ("logit_bias", {"abc": 1}), ("logit_bias", {"-3": 1}), ("logit_bias", {"5": 101}),
+    ("logit_bias", {"5": "1"}), ("logit_bias", {str(i): 1 for i in range(301)}),
 ])
 def test_out_of_range_values_are_400(server: ServerProcess, field: str, value: object) -> None:
     err = _error(_post(server, {**OK_BODY, field: value}), 400)
     assert err["param"] == field or err["param"] == f"{field}.0", err
 
 
+def test_logit_bias_outside_the_vocabulary_is_400(server: ServerProcess) -> None:
+    err = _error(_post(server, {**OK_BODY, "logit_bias": {str(10**7): 5}}), 400)
+    assert "vocabulary" in err["message"]
+
+
 def test_completion_prompt_faults_are_400(server: ServerProcess) -> None:
-    for prompt in [["a", "b"], [1, 2, 3], 7, ""]:
+    for prompt in [["a", "b"], [[1, 2], [3]], [], [1, -2], [1, 2.5], [True, 2], [1, 10**9], 7, ""]:
         err = _error(_post(server, {"prompt": prompt, "max_tokens": 2}, "/v1/completions"), 400)
-        assert err["param"] == "prompt"
+        assert err["param"] == "prompt", prompt
     for field, value in [("echo", True), ("suffix", "x"), ("best_of", 3)]:
         err = _error(_post(server, {"prompt": "hi", "max_tokens": 2, field: value}, "/v1/completions"), 400)
         assert err["param"] == field

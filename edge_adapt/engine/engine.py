@@ -522,6 +522,8 @@ class Engine(TextModel):
             for row, s in enumerate(live):
                 if s.params.ignore_eos:
                     logits[row, self.eog_tokens] = -np.inf
+                for token, bias in s.params.logit_bias:
+                    logits[row, token] += bias
             recent = [np.asarray(s.seq.tokens[-s.params.repeat_last_n :]) if s.params.repeat_penalty != 1.0 else np.empty(0, int) for s in live]
             tokens, logps = sample_rows(logits, [s.params for s in live], [s.rng for s in live], recent)
             to_decode: list[tuple[Sequence, list[int]]] = []

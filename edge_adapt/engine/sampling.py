@@ -53,6 +53,9 @@ class SamplingParams:
     repeat_last_n: int = 64
     seed: int = 0
     ignore_eos: bool = False  # for benchmarks: never end on an end-of-generation token
+    # (token, bias) pairs added to the logits before sampling, the reported log-probabilities included (OpenAI's
+    # logit_bias: a self-eval client biases both answer tokens alike to read their relative log-probabilities).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,

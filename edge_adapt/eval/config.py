@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    from edge_adapt.backends import RemoteOptions
 
 LiveStrategy = Literal["best-of-8", "adaptive"]
 
@@ -25,6 +28,23 @@ class PoolSource(BaseModel):
     model: Path | None = Field(None, description="GGUF model; the embedded default when omitted")
     threads: int | None = Field(None, ge=1)
     cache_dir: Path = Path("runs/eval-cache")
+    backend: str | None = Field(None, description="an OpenAI-compatible server's URL to sample and score on instead "
+                                                  "of in process (vLLM, llama-server, edge-adapt serve)")
+    backend_model: str | None = Field(None, description="the server's model name (default: the one it serves)")
+    backend_selfeval: str | None = Field(None, description="the server's self-eval model name (default: edge-adapt "
+                                                           "serve's <model>:selfeval)")
+    concurrency: int = Field(8, ge=1, le=1024, description="requests in flight to the backend at once")
+    backend_wait: float = Field(120.0, ge=0, description="seconds a backend request is retried (429, 5xx, a "
+                                                         "restarting server) before the run stops")
+
+    def remote(self) -> RemoteOptions | None:
+        """How to reach the backend server, or None to sample in process."""
+        from edge_adapt.backends import RemoteOptions
+
+        if self.backend is None:
+            return None
+        return RemoteOptions(url=self.backend, model=self.backend_model, selfeval_model=self.backend_selfeval,
+                             concurrency=self.concurrency, give_up_s=self.backend_wait)
 
     @field_validator("temperature")
     @classmethod

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from edge_adapt.engine import GREEDY, Engine, Sample, SamplingParams
 from edge_adapt.engine.text import TextStream
 from edge_adapt.progress import Job, Progress
 from edge_adapt.tasks.base import Problem, Suite, stable_hash
+
+if TYPE_CHECKING:
+    from edge_adapt.backends import PoolBackend
 
 
 class SelfEvalScorer(Protocol):
@@ -289,39 +292,62 @@ def build_pool(
     identity: str | None = None, reuse: Mapping[str, PromptPool] | None = None,
     rescore: Mapping[str, PromptPool] | None = None,
 ) -> Iterator[PoolProgress]:
-    """Yield each prompt's pool in suite order, from the cache when its key is there, else generated and
-    appended to the cache at once. Drain it to get the whole pool; stop early and nothing done is lost.
+    """`build_pool_from` with the in-process engine and `scorer` as the backend."""
+    from edge_adapt.backends import LocalBackend
+
+    backend = LocalBackend(engine, scorer, identity=identity)
+    return build_pool_from(backend, suite, settings, cache_dir, reuse=reuse, rescore=rescore)
+
+
+def build_pool_from(
+    backend: PoolBackend, suite: Suite, settings: PoolSettings, cache_dir: Path,
+    reuse: Mapping[str, PromptPool] | None = None, rescore: Mapping[str, PromptPool] | None = None,
+) -> Iterator[PoolProgress]:
+    """Yield each prompt's pool in suite order, from the cache when its key is there, else made by `backend`
+    and appended to the cache as soon as it is done (a remote backend makes several at once). Drain it to get
+    the whole pool; stop early and nothing done is lost.
 
     `reuse` (by sample_key, see samples_in): pools from other caches whose samples are the ones this pool would
     generate; they are taken as they are (their scores are the other scorer's, so only pass them to callers
     that read the samples, not the scores) and stored under this cache's key.
     `rescore` (by sample_key): the same, but their samples are scored again by this scorer (a new adapter on
     old samples costs a prefill and the suffixes, not a generation)."""
-    sk = settings_key(identity or model_identity(engine, scorer), suite.name, settings)
+    sk = settings_key(backend.identity, suite.name, settings)
     cache = PoolCache(Path(cache_dir) / f"pool-{suite.name}-{sk}.jsonl")
     have = cache.load()
-    for i, problem in enumerate(suite.problems):
+    plan: list[tuple[str, PromptPool | None]] = []  # per problem: its key and a pool to take or rescore
+    work: list[tuple[Problem, str]] = []
+    for problem in suite.problems:
         key = prompt_key(sk, problem)
-        if key in have:
-            yield PoolProgress(i + 1, len(suite), False, have[key])
-            continue
-        skey = sample_key(engine.fingerprint, suite.name, settings, problem)
-        other = reuse.get(skey) if reuse else None
-        if other is not None:
-            pool = replace(other, key=key)
-            cache.append(pool)
-            yield PoolProgress(i + 1, len(suite), False, pool)
-            continue
+        skey = sample_key(backend.fingerprint, suite.name, settings, problem)
         other = rescore.get(skey) if rescore else None
-        if other is not None and _replayable(other) and len(other.samples) == settings.k:
-            pool = rescore_prompt_pool(engine, scorer, settings, key, other)
+        if key in have:
+            plan.append((key, None))
+        elif reuse and skey in reuse:
+            have[key] = replace(reuse[skey], key=key)
+            cache.append(have[key])
+            plan.append((key, None))
+        elif other is not None and _replayable(other) and len(other.samples) == settings.k:
+            plan.append((key, other))
+        else:
+            plan.append((key, None))
+            work.append((problem, key))
+    made = backend.generate(work, suite, settings) if work else iter(())  # pools come in the order they finish
+    fresh: set[str] = set()
+    for i, (key, other) in enumerate(plan):
+        if other is not None and key not in have:
+            have[key] = backend.rescore(settings, key, other)
+            cache.append(have[key])
+        while key not in have:
+            pool = next(made)
             cache.append(pool)
-            yield PoolProgress(i + 1, len(suite), False, pool)
-            continue
-        pool = generate_prompt_pool(engine, scorer, suite, problem, settings, key)
-        cache.append(pool)
-        yield PoolProgress(i + 1, len(suite), True, pool,
-                           sum(s.n_tokens for s in pool.samples) + pool.greedy.n_tokens)
+            have[pool.key] = pool
+            fresh.add(pool.key)
+        pool = have[key]
+        generated = key in fresh
+        fresh.discard(key)
+        tokens = sum(s.n_tokens for s in pool.samples) + pool.greedy.n_tokens if generated else 0
+        yield PoolProgress(i + 1, len(plan), generated, pool, tokens)
 
 
 @dataclass(frozen=True)

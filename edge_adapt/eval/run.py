@@ -21,8 +21,9 @@ from edge_adapt.eval import metrics
 from edge_adapt.eval.config import EvalConfig
 from edge_adapt.eval.live import run_live
 from edge_adapt.eval.plots import write_plots
+from edge_adapt.backends import LocalBackend, PoolBackend
 from edge_adapt.eval.pool import (
-    PoolRun, PoolSettings, PromptPool, SelfEvalScorer, build_pool, model_identity, pool_job, samples_in, settings_key,
+    PoolRun, PoolSettings, PromptPool, SelfEvalScorer, build_pool_from, pool_job, samples_in, settings_key,
 )
 from edge_adapt.eval import replay as rp
 from edge_adapt.eval.report import LiveCheck, Report, calibrations, strategy_rows
@@ -140,14 +141,27 @@ def pool_engine(cfg: EvalConfig, suites: list[Suite], live: list[StrategyConfig]
     return engine, scorer
 
 
-def pools_job(cfg: EvalConfig, engine: Engine, scorer: SelfEvalScorer, suite: Suite) -> Job[tuple[PoolRun, str]]:
-    """The pool of every prompt of `suite` (cached ones read back, missing ones generated) and the identity
-    (model, adapter, self-eval) it was made with."""
+def pool_backend(cfg: EvalConfig, suites: list[Suite], live: list[StrategyConfig] = ()) -> PoolBackend:
+    """Where cfg's pools are sampled and scored: the server at cfg.backend, or an engine in process sized for
+    `suites` (and for `live` strategy runs) with cfg's scorer on it."""
+    remote = cfg.remote()
+    if remote is None:
+        engine, scorer = pool_engine(cfg, suites, live)
+        return LocalBackend(engine, scorer, cfg.adapter)
+    if cfg.live or live:
+        raise UsageError("live strategy runs happen in process: --live cannot be combined with --backend")
+    from edge_adapt.backends import RemoteBackend
+
+    return RemoteBackend.open(remote, cfg.model, scores=True, selfeval_config=selfeval_config(cfg))
+
+
+def pools_job(cfg: EvalConfig, backend: PoolBackend, suite: Suite) -> Job[tuple[PoolRun, str]]:
+    """The pool of every prompt of `suite` (cached ones read back, missing ones made by `backend`) and the
+    identity (model, adapter, self-eval) it was made with."""
     settings = pool_settings(cfg)
-    identity = model_identity(engine, scorer, cfg.adapter)
-    steps = build_pool(engine, scorer, suite, settings, cfg.cache_dir, identity, rescore=samples_in(cfg.cache_dir))
+    steps = build_pool_from(backend, suite, settings, cfg.cache_dir, rescore=samples_in(cfg.cache_dir))
     run = yield from pool_job(f"pool {suite.name}/{suite.split} K={settings.k}", steps)
-    return run, identity
+    return run, backend.identity
 
 
 def eval_job(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalScorer | None = None) -> Job[Report]:
@@ -167,20 +181,22 @@ def eval_job(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalS
 def _evaluate(cfg: EvalConfig, engine: Engine | None, scorer: SelfEvalScorer | None) -> Job[Report]:
     settings = pool_settings(cfg)
     suite = suite_for(cfg)
-    owns = engine is None
-    if engine is None:
-        engine, scorer = pool_engine(cfg, [suite])
+    if engine is not None:
+        backend: PoolBackend = LocalBackend(engine, scorer if scorer is not None else load_scorer(cfg, engine),
+                                            cfg.adapter)
+    else:
+        backend = pool_backend(cfg, [suite])
     try:
-        if scorer is None:
-            scorer = load_scorer(cfg, engine)
         out_dir = Path(cfg.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        run, identity = yield from pools_job(cfg, engine, scorer, suite)
+        run, identity = yield from pools_job(cfg, backend, suite)
         pools, generated, tokens = run.pools, run.generated, run.tokens
-        live = (yield from _live_checks(engine, scorer, suite, pools, settings, cfg)) if cfg.live else []
+        live = []
+        if cfg.live and isinstance(backend, LocalBackend):
+            live = yield from _live_checks(backend.engine, backend.scorer, suite, pools, settings, cfg)
     finally:
-        if owns:
-            engine.close()
+        if engine is None:
+            backend.close()
 
     replays = rp.replay_all(pools, settings.prune_points, seed=cfg.seed)
     sk = settings_key(identity, suite.name, settings)
@@ -195,7 +211,7 @@ def _evaluate(cfg: EvalConfig, engine: Engine | None, scorer: SelfEvalScorer | N
                      "not edge_adapt.selfeval; regenerate with the real scorer.")
     report = Report(
         title=f"edge-adapt eval: {suite.name} {suite.split}",
-        model=engine.fingerprint, selfeval=identity.split("|selfeval=", 1)[1], suite=suite.name, split=suite.split,
+        model=backend.fingerprint, selfeval=identity.split("|selfeval=", 1)[1], suite=suite.name, split=suite.split,
         prompts=len(pools), k=settings.k, temperature=settings.temperature, max_tokens=settings.max_tokens,
         prune_points=list(settings.prune_points), pool_file=str(Path(cfg.cache_dir) / f"pool-{suite.name}-{sk}.jsonl"),
         generation_wall_s=run.wall_s if generated else sum(p.wall_s for p in pools), prompts_generated=generated, tokens_generated=tokens,

@@ -22,7 +22,8 @@ from edge_adapt.eval.config import EvalConfig
 from edge_adapt.eval.live import StrategyOutcome, run_strategy_live
 from edge_adapt.eval.metrics import bootstrap_ci, wilson
 from edge_adapt.eval.pool import PromptPool
-from edge_adapt.eval.run import pool_engine, pools_job, suite_for
+from edge_adapt.backends import LocalBackend
+from edge_adapt.eval.run import pool_backend, pools_job, suite_for
 from edge_adapt.errors import UsageError
 from edge_adapt.fileio import atomic_file, check_target
 from edge_adapt.progress import Job, Progress, to_the_end
@@ -99,18 +100,21 @@ def _tune(cfg: TuneConfig) -> Job[dict[str, Any]]:
     tcfg = pcfg.model_copy(update={"split": cfg.test_split, "n_prompts": cfg.test_prompts}) if cfg.test_split else None
     suites = [suite_for(pcfg)] + ([suite_for(tcfg)] if tcfg is not None else [])
     # `auto` runs live with the policy this job writes: its engine size is known once the policy is.
-    engine, scorer = pool_engine(pcfg, suites, [live_config(cfg, pcfg, name) for name in cfg.live if name != "auto"])
+    backend = pool_backend(pcfg, suites, [live_config(cfg, pcfg, name) for name in cfg.live if name != "auto"])
+    if cfg.live and not isinstance(backend, LocalBackend):  # `auto` alone is not in the list above
+        backend.close()
+        raise UsageError("live strategy runs happen in process: --live cannot be combined with --backend")
     report: dict[str, Any] = {}
-    with engine:
-        run, identity = yield from pools_job(pcfg, engine, scorer, suites[0])
+    with backend:
+        run, identity = yield from pools_job(pcfg, backend, suites[0])
         pools = run.pools
         points = tuple(pcfg.prune_points)
         # The adapter by file name: the policy is shipped, the path it was tuned from is local.
-        adapter = getattr(getattr(scorer, "config", None), "adapter", None)
+        adapter = getattr(getattr(getattr(backend, "scorer", None), "config", None), "adapter", None)
         self_eval = identity.split("|selfeval=", 1)[1]
         if adapter is not None:
             self_eval = self_eval.replace(json.dumps(str(adapter))[1:-1], Path(adapter).name)
-        policy, tables = tune.tune(pools, model=engine.fingerprint, self_eval=self_eval,
+        policy, tables = tune.tune(pools, model=backend.fingerprint, self_eval=self_eval,
                                    prune_points=points, temperature=pcfg.temperature, budgets=cfg.budgets,
                                    tolerance=cfg.tolerance, seed=pcfg.seed,
                                    source=f"{pcfg.suite} {pcfg.split} ({len(pools)} prompts, K={pcfg.k})")
@@ -122,11 +126,12 @@ def _tune(cfg: TuneConfig) -> Job[dict[str, Any]]:
         report = {"policy": str(cfg.out), "tuning": policy.tuning, "bin_edges": policy.bin_edges,
                   "choices": {str(b): [c.describe() for c in row] for b, row in policy.budgets.items()}}
         if tcfg is not None:
-            test_run, _ = yield from pools_job(tcfg, engine, scorer, suites[1])
+            test_run, _ = yield from pools_job(tcfg, backend, suites[1])
             report["test"] = held_out(policy, test_run.pools, points, pcfg.seed)
-            report["test"]["params"] = engine.info.n_params
-            if cfg.live:
-                report["live"] = yield from live_runs(engine, scorer, tcfg, cfg, policy, test_run.pools)
+            report["test"]["params"] = backend.info.n_params
+            if cfg.live and isinstance(backend, LocalBackend):
+                report["live"] = yield from live_runs(backend.engine, backend.scorer, tcfg, cfg, policy,
+                                                      test_run.pools)
     if cfg.compare_model is not None and tcfg is not None:
         report["compare"] = yield from compare_model(cfg.compare_model, tcfg)
     if cfg.report_dir is not None and "test" in report:

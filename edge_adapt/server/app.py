@@ -27,7 +27,7 @@ from edge_adapt.engine.events import Done
 from edge_adapt.errors import EdgeAdaptError
 from edge_adapt.server import metrics as prometheus
 from edge_adapt.server.guard import MAX_BODY, Guard
-from edge_adapt.server.jobs import chat_tokens, completion_tokens, plan_job
+from edge_adapt.server.jobs import ScoringModel, chat_tokens, completion_tokens, plan_job
 from edge_adapt.server.openai_errors import (
     APIError, bad_request, from_library, from_pydantic, on_api_error, on_http_error, on_unexpected,
     on_validation_error,
@@ -50,6 +50,7 @@ class ServerState:
     model_id: str
     model_created: int = 0
     scheduler: Scheduler | None = None
+    scoring: ScoringModel | None = None  # set with the scheduler
     waiting: set[asyncio.Queue[object]] = field(default_factory=set)  # the event queues of requests in flight
 
     def stop_requests(self) -> None:
@@ -68,13 +69,26 @@ class ServerState:
         without `model` gets it too."""
         return model is None or model in (self.model_id, f"{self.model_id}.gguf", "default")
 
-    def check_model(self, model: str | None) -> None:
+    def check_model(self, model: str | None) -> ScoringModel | None:
+        """Nothing for the served model; the ScoringModel when the request names the self-eval model."""
+        if self.scoring is not None and model == self.scoring.id:
+            return self.scoring
         if not self.accepts(model):
             raise APIError(404, f"The model `{model}` does not exist: this server serves `{self.model_id}`",
                            param="model", code="model_not_found")
+        return None
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_id, "object": "model", "created": self.model_created, "owned_by": "edge-adapt"}
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        """The served model, and its self-evaluation as a model of its own (listed as vLLM lists a LoRA: with
+        `parent`), whose `edge_adapt` block says how to ask it (edge_adapt.backends.remote reads it)."""
+        cards = [self.model_card()]
+        if self.scoring is not None:
+            cards.append({"id": self.scoring.id, "object": "model", "created": self.model_created,
+                          "owned_by": "edge-adapt", "parent": self.model_id, "edge_adapt": self.scoring.card()})
+        return cards
 
 
 def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: Sequence[str] = (),
@@ -96,12 +110,12 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [state.model_card()]}
+        return {"object": "list", "data": state.model_cards()}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> dict[str, Any]:
-        state.check_model(model)
-        return state.model_card()
+        scoring = state.check_model(model)
+        return state.model_cards()[-1] if scoring is not None else state.model_card()
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -111,7 +125,9 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
     async def chat_completions(request: Request) -> Response:
         req = await _parse(request, ChatCompletionRequest)
         scheduler = state.ready()
-        state.check_model(req.model)
+        if state.check_model(req.model) is not None:
+            raise bad_request(f"the self-eval model {req.model} answers completions requests (token ids ending in "
+                              "its suffix), not chat", "model")
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         prompt = await _library(chat_tokens, scheduler.engine, messages)
         return await _answer(request, state, scheduler, req, prompt, "chat")
@@ -120,9 +136,9 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
     async def completions(request: Request) -> Response:
         req = await _parse(request, CompletionRequest)
         scheduler = state.ready()
-        state.check_model(req.model)
+        scoring = state.check_model(req.model)
         prompt = await _library(completion_tokens, scheduler.engine, req.prompt)
-        return await _answer(request, state, scheduler, req, prompt, "text")
+        return await _answer(request, state, scheduler, req, prompt, "text", scoring)
 
     return app
 
@@ -166,11 +182,13 @@ async def _library(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 async def _answer(request: Request, state: ServerState, scheduler: Scheduler,
-                  req: ChatCompletionRequest | CompletionRequest, prompt: list[int], kind: Kind) -> Response:
-    plan = plan_job(req, prompt, n_ctx_seq=scheduler.engine.n_ctx_seq, capacity=scheduler.capacity)
+                  req: ChatCompletionRequest | CompletionRequest, prompt: list[int], kind: Kind,
+                  scoring: ScoringModel | None = None) -> Response:
+    plan = plan_job(req, prompt, n_ctx_seq=scheduler.engine.n_ctx_seq, capacity=scheduler.capacity, scoring=scoring)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    shape = Shape.new(kind, state.model_id, plan.n, top_logprobs=plan.top_logprobs, strategy=plan.strategy,
-                      include_usage=include_usage)
+    shape = Shape.new(kind, scoring.id if scoring is not None else state.model_id, plan.n,
+                      top_logprobs=plan.top_logprobs, strategy=plan.strategy, include_usage=include_usage,
+                      token_ids=bool(getattr(req, "return_tokens_as_token_ids", False)))
     assembler = Assembler(shape, scheduler.piece)
     queue: asyncio.Queue[object] = asyncio.Queue()
     loop = asyncio.get_running_loop()

@@ -19,6 +19,25 @@ SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
 
 
 @dataclass(frozen=True)
+class ScoringModel:
+    """The self-evaluation the server offers as a model of its own (`<model>:selfeval`), as vLLM serves a LoRA
+    adapter under its own name: a completions request whose prompt ends with the self-eval suffix gets the
+    next token's log-probabilities with the adapter on for the suffix's last `adapter_tail` tokens."""
+
+    id: str
+    suffix: tuple[int, ...]
+    adapter_tail: int
+    yes_token: int
+    no_token: int
+    adapter: str | None  # the adapter file's name; None: the base model judges itself
+    adapter_sha256: str | None = None  # its content's hash (the first 16 hex digits): what a client's cache keys
+
+    def card(self) -> dict[str, Any]:
+        return {"suffix_ids": list(self.suffix), "adapter_tail": self.adapter_tail, "yes_token": self.yes_token,
+                "no_token": self.no_token, "adapter": self.adapter, "adapter_sha256": self.adapter_sha256}
+
+
+@dataclass(frozen=True)
 class Plan:
     job: Job
     n: int  # choices to return (a strategy may return fewer: pruned samples are never returned)
@@ -31,8 +50,15 @@ def chat_tokens(engine: Any, messages: list[dict[str, str]]) -> list[int]:
     return engine.tokenize(engine.chat_prompt(messages), special=True)
 
 
-def completion_tokens(engine: Any, prompt: str) -> list[int]:
-    """A raw prompt with the model's BOS, as `edge-adapt run --raw` tokenizes it."""
+def completion_tokens(engine: Any, prompt: str | list[int]) -> list[int]:
+    """A raw prompt with the model's BOS, as `edge-adapt run --raw` tokenizes it; token ids are taken as they
+    are (the client tokenized them, BOS included if it wants one) once each is known to the vocabulary."""
+    if isinstance(prompt, list):
+        n_vocab = engine.model.n_vocab
+        bad = next((t for t in prompt if t >= n_vocab), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} is not in the model's vocabulary of {n_vocab}", "prompt")
+        return list(prompt)
     return engine.tokenize(prompt, add_bos=True)
 
 
@@ -51,15 +77,23 @@ def resolve_seed(seed: int | None) -> int:
     return secrets.randbelow(2**31) if seed is None or seed == -1 else seed
 
 
-def plan_job(req: Request, prompt: list[int], *, n_ctx_seq: int, capacity: int) -> Plan:
-    """The Job for `req` on an engine of `capacity` sequences of `n_ctx_seq` tokens. Only checks that need the
-    request's own fields are made here; the scheduler refuses what does not fit (context, sequences) itself."""
+def plan_job(req: Request, prompt: list[int], *, n_ctx_seq: int, capacity: int,
+             scoring: ScoringModel | None = None) -> Plan:
+    """The Job for `req` on an engine of `capacity` sequences of `n_ctx_seq` tokens (`scoring`: the request
+    names the self-eval model). Only checks that need the request's own fields are made here; the scheduler
+    refuses what does not fit (context, sequences) itself."""
     values = sampling_values(req)
     seed = resolve_seed(req.seed)
     limit = req.token_limit
+    bias = req.logit_bias
+    if scoring is not None:
+        return _scoring_plan(req, prompt, scoring,
+                             SamplingParams(**values, seed=seed, logit_bias=bias))  # type: ignore[arg-type]
     if req.edge_adapt is not None:
         if req.top_alternatives is not None:
             raise bad_request("logprobs are not available with an edge_adapt strategy", "logprobs")
+        if bias:
+            raise bad_request("logit_bias is not available with an edge_adapt strategy", "logit_bias")
         cfg = strategy_config(req.edge_adapt, values, seed=seed, max_tokens=limit, stop=req.stops)
         return Plan(Job(prompt=prompt, max_tokens=cfg.max_tokens, stop=cfg.stop, strategy=cfg), req.n,
                     cfg.strategy, None)
@@ -67,10 +101,30 @@ def plan_job(req: Request, prompt: list[int], *, n_ctx_seq: int, capacity: int) 
         raise bad_request(f"n ({req.n}) is more than this server runs at once ({capacity} sequences)", "n")
     # OpenAI's chat default: until the context is full.
     max_tokens = limit if limit is not None else max(1, n_ctx_seq - len(prompt))
-    base = SamplingParams(**values, seed=seed)  # type: ignore[arg-type]
+    base = SamplingParams(**values, seed=seed, logit_bias=bias)  # type: ignore[arg-type]
     samples = tuple(replace(base, seed=seed + i) for i in range(req.n))  # choice i uses seed + i
     job = Job(prompt=prompt, max_tokens=max_tokens, samples=samples, stop=req.stops, top_logprobs=req.top_alternatives)
     return Plan(job, req.n, None, req.top_alternatives)
+
+
+def _scoring_plan(req: Request, prompt: list[int], scoring: ScoringModel, params: SamplingParams) -> Plan:
+    """A self-eval request: one token after prompt + suffix, its log-probabilities being the answer."""
+    if req.edge_adapt is not None:
+        raise bad_request(f"the self-eval model {scoring.id} runs no strategy", "edge_adapt")
+    if req.n != 1:
+        raise bad_request(f"the self-eval model {scoring.id} answers one choice (n: 1)", "n")
+    if req.token_limit != 1:
+        raise bad_request(f"the self-eval model {scoring.id} answers one token (max_tokens: 1)", "max_tokens")
+    if req.top_alternatives is None or req.top_alternatives < 2:
+        raise bad_request(f"the self-eval model {scoring.id} answers with log-probabilities: ask for logprobs >= 2",
+                          "logprobs")
+    n = len(scoring.suffix)
+    if len(prompt) <= n or tuple(prompt[-n:]) != scoring.suffix:
+        raise bad_request(f"a prompt for the self-eval model {scoring.id} ends with its suffix, the {n} token ids "
+                          "listed under edge_adapt.suffix_ids in GET /v1/models", "prompt")
+    job = Job(prompt=prompt, max_tokens=1, samples=(params,), top_logprobs=req.top_alternatives,
+              adapter_tail=scoring.adapter_tail)
+    return Plan(job, 1, None, req.top_alternatives)
 
 
 def strategy_config(opts: EdgeAdaptOptions, sampling: dict[str, float], *, seed: int, max_tokens: int | None,

@@ -34,6 +34,7 @@ class Shape:
     top_logprobs: int | None = None  # None: no logprobs
     strategy: str | None = None
     include_usage: bool = False
+    token_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
     id: str = ""
     created: int = 0
 
@@ -48,6 +49,7 @@ class TokenLog:
     text: str
     logprob: float
     top: list[tuple[str, float]]
+    token: int = -1
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,9 @@ class Assembler:
     def _token(self, ev: Token) -> list[dict[str, Any]]:
         logs = self.logs.setdefault(ev.sample, [])
         if self.shape.top_logprobs is not None:
-            top = [(self.piece(t), _finite(lp)) for t, lp in ev.top[: self.shape.top_logprobs]]
-            logs.append(TokenLog(ev.text, _finite(ev.logprob), top))
+            name = self._name
+            top = [(name(t), _finite(lp)) for t, lp in ev.top[: self.shape.top_logprobs]]
+            logs.append(TokenLog(ev.text, _finite(ev.logprob), top, ev.token))
         if not ev.text:
             return []  # part of a character, or held back as a possible stop string: sent with later text
         offset = len(self.texts.get(ev.sample, ""))
@@ -135,11 +138,18 @@ class Assembler:
         if ev.reason not in FINISH:
             raise APIError(503, f"the reply was {ev.reason} before it was complete (the server is stopping)")
         logs = self.logs.get(ev.sample, [])
-        del logs[self.sent.get(ev.sample, 0):]  # tokens that released no text: end of generation, a stop string
+        sent = self.sent.get(ev.sample, 0)
+        rest: list[TokenLog] = []
+        if self.shape.token_ids:  # every token the reply drew is named, the end-of-generation one too (as vLLM does)
+            rest = logs[sent:]
+            self.sent[ev.sample] = sent + len(rest)
+        del logs[sent + len(rest):]  # tokens that released no text: end of generation, a stop string
         reason = self.finished[ev.sample] = FINISH[ev.reason]
         if self.shape.kind == "chat":
             return [self._chunk(ev.sample, {}, finish_reason=reason)]
-        return [self._chunk(ev.sample, None, text="", finish_reason=reason)]
+        offset = len(self.texts.get(ev.sample, ""))
+        return [self._chunk(ev.sample, None, text="", finish_reason=reason,
+                            logprobs=self._text_logprobs(rest, offset) if rest else None)]
 
     def _closing(self) -> list[dict[str, Any]]:
         """A strategy stream's whole content (known only now), then the usage chunk when asked for."""
@@ -210,6 +220,9 @@ class Assembler:
         return body
 
     # -- pieces -----------------------------------------------------------------------------------------
+    def _name(self, token: int) -> str:
+        return f"token_id:{token}" if self.shape.token_ids else self.piece(token)
+
     def _object(self, *, stream: bool) -> str:
         if self.shape.kind == "text":
             return "text_completion"
@@ -256,5 +269,6 @@ class Assembler:
         for t in logs:
             offsets.append(offset)
             offset += len(t.text)
-        return {"tokens": [t.text for t in logs], "token_logprobs": [t.logprob for t in logs],
+        tokens = [f"token_id:{t.token}" for t in logs] if self.shape.token_ids else [t.text for t in logs]
+        return {"tokens": tokens, "token_logprobs": [t.logprob for t in logs],
                 "top_logprobs": [dict(t.top) for t in logs], "text_offset": offsets}

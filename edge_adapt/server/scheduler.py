@@ -30,6 +30,7 @@ from edge_adapt.engine.events import Done, Token
 from edge_adapt.engine.sampling import SamplingParams
 from edge_adapt.engine.steps import Decode, Program, decode_together
 from edge_adapt.errors import BudgetError, ContextOverflowError, EdgeAdaptError, UsageError
+from edge_adapt.selfeval import SelfEvaluator
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.run import RunPlan, check_fits, plan_run, strategy_steps
 
@@ -52,6 +53,9 @@ class Job:
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # Token events carry this many alternatives (None: none)
     strategy: StrategyConfig | None = None  # a strategy run (its own budget, max_tokens, stop, seed); samples unused
+    # A self-eval request: the prompt's last `adapter_tail` tokens (its self-eval suffix's adapter part) are
+    # decoded with the scheduler's self-eval adapter on, as an activated LoRA does; the rest is the base model's.
+    adapter_tail: int = 0
 
 
 class Ticket:
@@ -115,8 +119,10 @@ class PrefixCache:
 class Scheduler:
     """Runs jobs on `engine` from one thread (`start` / `close`); `submit` from any thread."""
 
-    def __init__(self, engine: Engine, *, max_queue: int = 64, prefix_cache: bool = True) -> None:
+    def __init__(self, engine: Engine, *, max_queue: int = 64, prefix_cache: bool = True,
+                 scorer: SelfEvaluator | None = None) -> None:
         self.engine = engine
+        self.scorer = scorer  # its adapter serves the jobs with an adapter_tail
         self.capacity = engine.options.parallel
         self.max_queue = max_queue
         self.prefix_cache = prefix_cache
@@ -202,8 +208,14 @@ class Scheduler:
                     f"prompt ({len(job.prompt)}) + max_tokens ({job.max_tokens}) = {len(job.prompt) + job.max_tokens} "
                     f"tokens exceed the context of {n_ctx} per sequence"
                 )
+            n_vocab = self.engine.model.n_vocab
+            biased = next((t for p in job.samples for t, _ in p.logit_bias if t >= n_vocab), None)
+            if biased is not None:
+                raise UsageError(f"logit_bias names token {biased}, outside the model's vocabulary of {n_vocab}")
             plan, need = None, len(job.samples)
             what = f"n={need} holds {need} sequences at once (the last choice takes the prompt's)"
+            if job.adapter_tail and (self.scorer is None or not 0 < job.adapter_tail < len(job.prompt)):
+                raise UsageError("this server scores no self-evaluation suffix of that length")
         if need > self.capacity:
             raise BudgetError(f"{what}; the server holds {self.capacity} (--parallel)")
         return need, plan
@@ -261,13 +273,17 @@ class Scheduler:
         """A job's step program: its prompt into a sequence (from the prefix cache when one shares a prefix),
         then plain sampling or the strategy run, from that sequence."""
         job = run.ticket.job
-        root, reused = self._root_for(job.prompt)
+        base = job.prompt[: len(job.prompt) - job.adapter_tail]
+        root, reused = self._root_for(base)
         run.root = root
-        rest = job.prompt[reused:]
-        self._counters.prompt_tokens_decoded_total += len(rest)
+        rest = base[reused:]
+        self._counters.prompt_tokens_decoded_total += len(rest) + job.adapter_tail
         step = self.engine.options.batch
         for lo in range(0, len(rest), step):  # a long prompt in slices: other requests go on decoding between them
             yield Decode.of([(root, rest[lo : lo + step])])
+        if job.adapter_tail:
+            assert self.scorer is not None  # _plan refused the job otherwise
+            yield Decode.of([(root, job.prompt[len(base):])], self.scorer.adapter, self.scorer.config.adapter_scale)
         if run.ticket.plan is not None:
             plan = run.ticket.plan
             scorer = None
@@ -367,6 +383,9 @@ class Scheduler:
         if root is not None:
             self.engine.release_forks(root)
             live = self.engine.holds(root)
+            keep = len(run.ticket.job.prompt) - run.ticket.job.adapter_tail
+            if live and run.ticket.job.adapter_tail and root.n_past >= keep:
+                self.engine.truncate(root, keep)  # the adapter's KV must never serve a base-model request
             if live and self.prefix_cache and root.n_past == len(root.tokens) and root.n_past > 0:
                 self._cache.entries.append(root)
             elif live:

@@ -13,14 +13,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 4  # as OpenAI: up to 4 stop strings
+MAX_LOGIT_BIAS = 300  # as OpenAI: up to 300 biased tokens, each by -100..100
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs (OpenAI: 0..20)
-MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs (OpenAI: 0..5)
+MAX_COMPLETION_LOGPROBS = 20  # completions' logprobs (OpenAI caps it at 5; vLLM at its max_logprobs, 20 by default)
 
 # Fields OpenAI defines that this server does not implement: refused unless given their neutral value.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
     "store": (None, False),
     "metadata": (None, {}),
     "tools": (None, []),
@@ -107,9 +107,28 @@ class _Completion(_Body):
     user: str | None = None
     edge_adapt: EdgeAdaptOptions | None = None
     # Declared only to be refused by name (see _NEUTRAL); Any so that the refusal, not a type error, speaks.
+    logit_bias: Any = Field(None, validate_default=True)
     presence_penalty: Any = None
     frequency_penalty: Any = None
-    logit_bias: Any = None
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias(cls, v: Any) -> tuple[tuple[int, float], ...]:
+        """OpenAI's {"token id": bias} with biases in -100..100, as (id, bias) pairs."""
+        if v is None:
+            return ()
+        if not isinstance(v, dict):
+            raise ValueError("must be an object mapping token ids to biases")
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"takes at most {MAX_LOGIT_BIAS} tokens, got {len(v)}")
+        out = []
+        for key, bias in v.items():
+            if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+                raise ValueError(f"key {key[:20]!r} is not a token id")
+            if type(bias) not in (int, float) or not -100 <= bias <= 100:
+                raise ValueError(f"bias of token {key} must be a number in -100..100")
+            out.append((int(key), float(bias)))
+        return tuple(out)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -219,23 +238,39 @@ class ChatCompletionRequest(_Completion):
 class CompletionRequest(_Completion):
     prompt: Any
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    # vLLM's extension: logprobs name each token as "token_id:<id>" instead of its text, so a client gets
+    # the exact token ids of the reply (what a label file records and a self-eval request sends back).
+    return_tokens_as_token_ids: bool = False
     echo: Any = None
     suffix: Any = None
     best_of: Any = None
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, v: Any) -> str:
-        """One string (or a list holding one string); batches of prompts and token-id prompts are refused."""
-        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
+    def _one_prompt(cls, v: Any) -> str | list[int]:
+        """One prompt: a string or a list of token ids (or a list holding one of them); batches are refused."""
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
             v = v[0]
         if isinstance(v, list):
-            raise ValueError("only one prompt per request is supported (a string, or a list of one string)")
+            if not v:
+                raise ValueError("must not be empty")
+            if not all(type(t) is int for t in v):
+                raise ValueError("only one prompt per request is supported (a string, a list of token ids, "
+                                 "or a list holding one of them)")
+            if min(v) < 0:
+                raise ValueError("token ids must not be negative")
+            return list(v)
         if not isinstance(v, str):
-            raise ValueError("must be a string")
+            raise ValueError("must be a string or a list of token ids")
         if not v:
             raise ValueError("must not be empty")
         return _utf8(v, "the prompt")
+
+    @model_validator(mode="after")
+    def _token_ids(self) -> CompletionRequest:
+        if self.return_tokens_as_token_ids and self.logprobs is None:
+            raise FieldError("return_tokens_as_token_ids", "return_tokens_as_token_ids needs logprobs")
+        return self
 
     @property
     def token_limit(self) -> int | None:

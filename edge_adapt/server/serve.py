@@ -9,6 +9,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -128,7 +129,8 @@ def _load(config: ServeConfig, state: ServerState, server: object, failure: list
         options = config.options.model_copy(update={"kv_unified": False})  # each sequence has its own context
         engine = load_engine(EngineSize(config.parallel, config.ctx), options, mem_budget=config.mem_budget)
         try:
-            scheduler = Scheduler(engine, max_queue=config.max_queue)
+            scorer, scoring = _self_evaluation(engine, state.model_id)
+            scheduler = Scheduler(engine, max_queue=config.max_queue, scorer=scorer)
             scheduler.start()
         except BaseException:
             engine.close()
@@ -137,6 +139,22 @@ def _load(config: ServeConfig, state: ServerState, server: object, failure: list
         failure.append(exc)
         server.should_exit = True  # type: ignore[attr-defined]
         return
+    state.scoring = scoring
     state.scheduler = scheduler
     print(f"{PREFIX} {state.model_id} loaded: {config.parallel} sequences of {engine.n_ctx_seq} tokens, "
           f"{engine.threads} threads", flush=True)
+
+
+def _self_evaluation(engine: Any, model_id: str) -> tuple[Any, Any]:
+    """The self-evaluator the strategies use, offered as the model `<model>:selfeval` (jobs.ScoringModel)."""
+    from edge_adapt.eval.pool import file_hash
+    from edge_adapt.selfeval import SelfEvaluator
+    from edge_adapt.server.jobs import ScoringModel
+
+    scorer = SelfEvaluator(engine)
+    adapter = scorer.config.adapter
+    scoring = ScoringModel(id=f"{model_id}:selfeval", suffix=tuple(scorer.suffix), adapter_tail=len(scorer.adapter_part),
+                           yes_token=scorer.yes_token, no_token=scorer.no_token,
+                           adapter=Path(adapter).name if adapter is not None else None,
+                           adapter_sha256=file_hash(Path(adapter)) if adapter is not None else None)
+    return scorer, scoring

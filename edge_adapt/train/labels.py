@@ -34,12 +34,14 @@ from pydantic import Field, field_validator
 from edge_adapt.engine import Engine, EngineOptions, Sample, Vocab
 from edge_adapt.errors import UsageError
 from edge_adapt.eval.config import PoolSource, token_points
-from edge_adapt.eval.pool import PoolSettings, PromptPool, build_pool, model_identity, pool_job, samples_in
+from edge_adapt.backends import LocalBackend, PoolBackend
+from edge_adapt.eval.pool import PoolSettings, PromptPool, build_pool_from, model_identity, pool_job, samples_in
 from edge_adapt.fileio import atomic_file, check_target, removed_on_failure
 from edge_adapt.progress import Job, to_the_end
 from edge_adapt.sizing import for_pool, load_engine
 from edge_adapt.strategies.run import prompt_tokens
 from edge_adapt.tasks import load_suite
+from edge_adapt.tasks.base import Suite
 
 FORMAT = "edge-adapt-labels"
 VERSION = 1
@@ -122,26 +124,20 @@ def label_job(cfg: LabelConfig, engine: Engine | None = None) -> Job[Path]:
         raise UsageError(f"suite {suite.name!r} holds no problems")
     settings = PoolSettings(k=cfg.k, temperature=cfg.temperature, max_tokens=cfg.max_tokens, prune_points=(),
                             seed=cfg.seed)
-    owns = engine is None
-    if engine is None:  # labels score nothing: no suffix to make room for
-        with Vocab(cfg.model) as vocab:
-            longest = max(len(prompt_tokens(vocab, list(p.messages))) for p in suite.problems)
-        engine = load_engine(for_pool(longest, cfg.k, cfg.max_tokens, 0),
-                             EngineOptions(model=cfg.model, threads=cfg.threads))
-    scorer = NoSelfEval()
+    backend = _label_backend(cfg, suite, engine)
     try:
         with removed_on_failure(cfg.cache_dir, keep_work=True):  # an empty cache folder is not left behind
-            steps = build_pool(engine, scorer, suite, settings, cfg.cache_dir, model_identity(engine, scorer),
-                               samples_in(cfg.cache_dir))
+            steps = build_pool_from(backend, suite, settings, cfg.cache_dir, samples_in(cfg.cache_dir))
             run = yield from pool_job(f"label {suite.name}/{suite.split} K={cfg.k}", steps)
             records = []
             for problem, pool in zip(suite.problems, run.pools):
                 if not pool.prompt_ids:
                     raise UsageError(f"{cfg.cache_dir}: pool entry for {problem.id} predates token ids; use another --cache")
-                records.append(prompt_record(pool, engine.chat_prompt(list(problem.messages)), cfg.cuts,
+                records.append(prompt_record(pool, backend.chat_prompt(list(problem.messages)), cfg.cuts,
                                              cfg.include_greedy))
             header = {
-                "format": FORMAT, "version": VERSION, "model": engine.fingerprint, "model_path": str(engine.model_path),
+                "format": FORMAT, "version": VERSION, "model": backend.fingerprint, "model_path": str(backend.model_path),
+                "backend": cfg.backend,
                 "suite": suite.name, "split": suite.split, "scorer": suite.scorer.name, "created": time.strftime("%Y-%m-%d"),
                 "settings": {"k": cfg.k, "temperature": cfg.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
                              "min_p": settings.min_p, "max_tokens": cfg.max_tokens, "cuts": cfg.cuts, "seed": cfg.seed,
@@ -153,9 +149,28 @@ def label_job(cfg: LabelConfig, engine: Engine | None = None) -> Job[Path]:
                     for r in records:
                         fh.write(json.dumps(r, separators=(",", ":")) + "\n")
     finally:
-        if owns:
-            engine.close()
+        if engine is None:
+            backend.close()
     return out
+
+
+def _label_backend(cfg: LabelConfig, suite: Suite, engine: Engine | None) -> PoolBackend:
+    """The server at cfg.backend, else `engine` or an engine sized for the suite; no self-eval (labels score
+    nothing)."""
+    remote = cfg.remote()
+    if remote is not None:
+        if engine is not None:
+            raise UsageError("label samples either on the engine given or on --backend, not both")
+        from edge_adapt.backends import RemoteBackend
+
+        return RemoteBackend.open(remote, cfg.model, scores=False)
+    if engine is None:  # no suffix to make room for
+        with Vocab(cfg.model) as vocab:
+            longest = max(len(prompt_tokens(vocab, list(p.messages))) for p in suite.problems)
+        engine = load_engine(for_pool(longest, cfg.k, cfg.max_tokens, 0),
+                             EngineOptions(model=cfg.model, threads=cfg.threads))
+    scorer = NoSelfEval()
+    return LocalBackend(engine, scorer, identity=model_identity(engine, scorer))
 
 
 label = to_the_end(label_job)

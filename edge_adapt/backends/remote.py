@@ -1,0 +1,365 @@
+"""An OpenAI-compatible server as a pool backend: vLLM, llama.cpp's llama-server, `edge-adapt serve`.
+
+Prompts are rendered with the model's chat template and tokenized here, from the local GGUF's vocabulary, and
+sent as token ids to `/v1/completions`, so the server decodes exactly the prompt the local engine would.
+
+Samples: one request per sample (n=1), each with the sample's own seed, not one request with n=K. The pool's
+seeds are per sample (edge_adapt.eval.pool.PoolSettings.params); servers derive the seeds of n choices their
+own way (edge-adapt serve: seed + i; vLLM has returned n identical choices for one seed), so only per-sample
+requests make a pool reproducible on any server and identical to the local engine's for the same seeds. vLLM
+runs n>1 as n child requests anyway, and its prefix cache (as edge-adapt serve's) shares the prompt.
+The reply's token ids come back as logprobs tokens named "token_id:<id>" (vLLM's return_tokens_as_token_ids,
+which edge-adapt serve implements too): labels train on the exact ids the server decoded.
+
+Self-eval scores: one request per score to the server's self-eval model (edge-adapt serve lists
+`<model>:selfeval`; vLLM serves the adapter as a LoRA module under its own name, llama-server per request)
+with prompt + response + the self-eval suffix as token ids and max_tokens 1. A trained adapter shapes only the
+difference of the two answer logits, so the answers themselves can rank in the hundreds (measured: ranks
+100-600 for the shipped adapter); the request therefore biases both by +100 (OpenAI's logit_bias), which puts
+them first and leaves their difference as it was, and reads p_keep = P(no) / (P(yes) + P(no)) from the top
+log-probabilities, as edge_adapt.selfeval computes it. The server must report log-probabilities after the
+bias, as OpenAI and edge-adapt serve do (vLLM: --logprobs-mode processed_logprobs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_adapt.backends.http import JsonClient, RemoteError, RetryPolicy
+from edge_adapt.engine.chat import Message
+from edge_adapt.engine.gguf_file import GGUFInfo
+from edge_adapt.engine.sampling import GREEDY, SamplingParams
+from edge_adapt.engine.vocab import TextModel, Vocab
+
+if TYPE_CHECKING:
+    from edge_adapt.eval.pool import PoolSample, PoolSettings, PromptPool
+    from edge_adapt.tasks.base import Problem, Suite
+
+SCORE_LOGPROBS = 5  # the alternatives a score request asks for (OpenAI's most for completions)
+ANSWER_BIAS = 100.0  # added to both answer tokens' logits: the most OpenAI's logit_bias allows
+KEY_ENV = ("EDGE_ADAPT_BACKEND_KEY", "OPENAI_API_KEY")  # the server's API key, read from the environment
+
+
+class RemoteOptions(BaseModel):
+    """How to reach the server: what `--backend`, `--backend-model`, `--backend-selfeval` and `--concurrency`
+    set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="the server's base URL, e.g. http://127.0.0.1:8000/v1")
+    model: str | None = Field(None, description="the served model's name (default: the one it serves)")
+    selfeval_model: str | None = Field(None, description="the model name that scores (default: edge-adapt serve's "
+                                                          "<model>:selfeval)")
+    concurrency: int = Field(8, ge=1, le=1024, description="requests in flight at once")
+    timeout_s: float = Field(300.0, gt=0, description="longest wait for one answer")
+    give_up_s: float = Field(120.0, ge=0, description="longest a request is retried (429, 5xx, a restarting server)")
+
+    def api_key(self) -> str | None:
+        return next((os.environ[k] for k in KEY_ENV if os.environ.get(k)), None)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How the server scores: the model name, the suffix ids to append, the answer tokens, and what
+    identifies the judgement (adapter file hash, suffix) for the cache key."""
+
+    model: str
+    suffix: tuple[int, ...]
+    yes_token: int
+    no_token: int
+    identity: str
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """One sample as the server returned it."""
+
+    params: SamplingParams
+    text: str
+    ids: tuple[int, ...]  # decoded into its KV: the end-of-generation token left out
+    logprobs: tuple[float, ...]  # one per drawn token, the end-of-generation token's included
+    finish: str  # eos | stop | length
+
+
+class RemoteBackend:
+    """Pools from an OpenAI-compatible server; the local `vocab` renders and tokenizes prompts."""
+
+    def __init__(self, options: RemoteOptions, vocab: TextModel, *, scores: bool,
+                 selfeval_config: Any = None, client: JsonClient | None = None) -> None:
+        self.options, self.vocab = options, vocab
+        self.client = client or JsonClient(options.url, api_key=options.api_key(), timeout_s=options.timeout_s,
+                                           retry=RetryPolicy(give_up_s=options.give_up_s))
+        cards = self._models()
+        self.model = self._served_model(cards)
+        self.scoring = self._scoring(cards, selfeval_config) if scores else None
+        self._stop = threading.Event()
+
+    @classmethod
+    def open(cls, options: RemoteOptions, model_path: Path | None, *, scores: bool,
+             selfeval_config: Any = None) -> RemoteBackend:
+        """The backend with the local GGUF's vocabulary (the embedded default model's when None)."""
+        vocab = Vocab(model_path)
+        try:
+            return cls(options, vocab, scores=scores, selfeval_config=selfeval_config)
+        except BaseException:
+            vocab.close()
+            raise
+
+    # -- what the pool needs ----------------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return f"remote:{self.model}|tokenizer={self.vocab.fingerprint}"
+
+    @property
+    def identity(self) -> str:
+        judged = self.scoring.identity if self.scoring is not None else "none"
+        return f"{self.fingerprint}|selfeval={judged}"
+
+    @property
+    def model_path(self) -> Path:
+        return self.vocab.model_path
+
+    @property
+    def info(self) -> GGUFInfo:
+        """The local GGUF's description (its vocabulary is what the server's model was checked against)."""
+        return self.vocab.info
+
+    def chat_prompt(self, messages: list[Message]) -> str:
+        return self.vocab.chat_prompt(messages)
+
+    def generate(self, work: Sequence[tuple[Problem, str]], suite: Suite,
+                 settings: PoolSettings) -> Iterator[PromptPool]:
+        per_prompt = settings.k + 1
+        prompts_at_once = max(1, math.ceil(self.options.concurrency / per_prompt)) + 1  # the next one queued
+        self._stop.clear()
+        requests = ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="edge-adapt-http")
+        prompts = ThreadPoolExecutor(prompts_at_once, thread_name_prefix="edge-adapt-prompt")
+        futures = [prompts.submit(self._prompt_pool, requests, suite, problem, settings, key) for problem, key in work]
+        try:
+            for f in as_completed(futures):
+                yield f.result()
+        finally:  # an error, a Ctrl-C or a caller that stopped early: nothing more is sent
+            self._stop.set()
+            for f in futures:
+                f.cancel()
+            prompts.shutdown(wait=True, cancel_futures=True)
+            requests.shutdown(wait=True, cancel_futures=True)
+
+    def rescore(self, settings: PoolSettings, key: str, other: PromptPool) -> PromptPool:
+        with ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="edge-adapt-http") as requests:
+            t0 = time.perf_counter()
+            records = [*other.samples, other.greedy]
+            scored = self._score_all(requests, list(other.prompt_ids), records, settings)
+        return replace(other, key=key, samples=tuple(scored[:-1]), greedy=scored[-1],
+                       rescore_s=time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.vocab.close()
+
+    def __enter__(self) -> RemoteBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- one prompt -------------------------------------------------------------------------------------------
+    def _prompt_pool(self, requests: ThreadPoolExecutor, suite: Suite, problem: Problem, settings: PoolSettings,
+                     key: str) -> PromptPool:
+        from edge_adapt.eval.pool import PoolSample, PromptPool, sample_key
+
+        t0 = time.perf_counter()
+        prompt = self.vocab.tokenize(self.vocab.chat_prompt(list(problem.messages)))
+        params = [*settings.params(problem.id), GREEDY]
+        drawn = _all(requests, [(self._draw, prompt, p, settings.max_tokens) for p in params], self._stop)
+        check = suite.scorer_of(problem)
+        records = [
+            PoolSample(index=i if i < settings.k else -1, temperature=d.params.temperature, seed=d.params.seed,
+                       text=d.text, n_tokens=len(d.logprobs), logprobs=tuple(round(x, 5) for x in d.logprobs),
+                       finish=d.finish, scores=(None,) * len(settings.prune_points), end_score=float("nan"),
+                       selfeval_tokens=(0.0,) * (len(settings.prune_points) + 1), extracted=check.extract(d.text),
+                       correct=bool(check.correct(d.text, problem.answer)), tokens=d.ids)
+            for i, d in enumerate(drawn)
+        ]
+        if self.scoring is not None:
+            records = self._score_all(requests, prompt, records, settings)
+        return PromptPool(key, problem.id, problem.level, problem.answer, len(prompt), tuple(records[:-1]), records[-1],
+                          time.perf_counter() - t0, tuple(prompt),
+                          sample_key(self.fingerprint, suite.name, settings, problem))
+
+    def _score_all(self, requests: ThreadPoolExecutor, prompt: list[int], records: list[PoolSample],
+                   settings: PoolSettings) -> list[PoolSample]:
+        """Each sample scored at every prune point it was still generating at (its first `point` tokens) and at
+        the end, as edge_adapt.eval.pool scores it in process."""
+        assert self.scoring is not None
+        asks: list[tuple[int, int | None]] = []  # (record, prune point index or None for the end)
+        for j, r in enumerate(records):
+            asks += [(j, i) for i, point in enumerate(settings.prune_points) if r.n_tokens > point]
+            asks.append((j, None))
+        calls = [(self._score, prompt + list(records[j].tokens[: settings.prune_points[i]] if i is not None
+                                              else records[j].tokens)) for j, i in asks]
+        got = _all(requests, calls, self._stop)
+        cost = float(len(self.scoring.suffix))
+        out = []
+        for j, r in enumerate(records):
+            at: list[float | None] = [None] * len(settings.prune_points)
+            end = float("nan")
+            for (jj, i), p in zip(asks, got):
+                if jj == j and i is not None:
+                    at[i] = p
+                elif jj == j:
+                    end = p
+            out.append(replace(r, scores=tuple(at), end_score=end,
+                               selfeval_tokens=(*(cost if s is not None else 0.0 for s in at), cost)))
+        return out
+
+    # -- one request ------------------------------------------------------------------------------------------
+    def _draw(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> Drawn:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "n": 1,
+                "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
+                "min_p": params.min_p, "seed": params.seed, "logprobs": 0, "return_tokens_as_token_ids": True}
+        if params.repeat_penalty != 1.0:
+            body["repeat_penalty"] = params.repeat_penalty
+        choice = self._choice(self.client.post("/completions", body))
+        text = choice.get("text")
+        names, lps = _logprobs(choice, self.client.base)
+        ids = [_token_id(t, self.client.base) for t in names]
+        if not isinstance(text, str) or len(lps) != len(ids) or not all(isinstance(x, (int, float)) for x in lps):
+            raise RemoteError(f"{self.client.base}: a completion without its text and per-token log-probabilities")
+        reason = choice.get("finish_reason")
+        if reason not in ("stop", "length"):
+            raise RemoteError(f"{self.client.base}: unexpected finish_reason {reason!r}")
+        finish = "length" if reason == "length" else "stop"
+        drawn = ids
+        if ids and reason == "stop" and self.vocab.is_eog(ids[-1]):
+            finish, drawn = "eos", ids[:-1]
+        n_vocab = self.vocab.model.n_vocab
+        if any(not 0 <= t < n_vocab for t in drawn) or self.vocab.detokenize(drawn) != text:
+            raise RemoteError(f"{self.client.base}: the reply's token ids do not spell its text with --model's "
+                              f"vocabulary: does the server run the same model ({self.model})?")
+        return Drawn(params, text, tuple(drawn), tuple(float(x) for x in lps), finish)
+
+    def _score(self, ids: list[int]) -> float:
+        assert self.scoring is not None
+        s = self.scoring
+        body = {"model": s.model, "prompt": ids + list(s.suffix), "max_tokens": 1, "temperature": 0.0,
+                "logprobs": SCORE_LOGPROBS, "return_tokens_as_token_ids": True,
+                "logit_bias": {str(s.yes_token): ANSWER_BIAS, str(s.no_token): ANSWER_BIAS}}
+        choice = self._choice(self.client.post("/completions", body))
+        lp = choice.get("logprobs")
+        tops = lp.get("top_logprobs") if isinstance(lp, dict) else None
+        if not isinstance(tops, list) or not tops or not isinstance(tops[0], dict):
+            raise RemoteError(f"{self.client.base}: the self-eval model {s.model} returned no top log-probabilities")
+        top = {_token_id(k, self.client.base): v for k, v in tops[0].items()}
+        missing = [name for name, t in (("yes", s.yes_token), ("no", s.no_token)) if t not in top]
+        if missing:
+            raise RemoteError(f"{self.client.base}: the self-eval answer token{'s' if len(missing) > 1 else ''} "
+                              f"{' and '.join(missing)} ({', '.join(str(t) for t in (s.yes_token, s.no_token))}) "
+                              f"{'are' if len(missing) > 1 else 'is'} not among the top {SCORE_LOGPROBS} "
+                              "log-probabilities the server returned although logit_bias raised them by "
+                              f"{ANSWER_BIAS:.0f}: the server must apply logit_bias to the log-probabilities it reports")
+        diff = float(top[s.no_token]) - float(top[s.yes_token])
+        return 0.5 * (1.0 + math.tanh(0.5 * diff))
+
+    def _choice(self, resp: Any) -> dict[str, Any]:
+        choices = resp.get("choices") if isinstance(resp, dict) else None
+        if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+            got = len(choices) if isinstance(choices, list) else "no"
+            raise RemoteError(f"{self.client.base}: asked for one choice (n=1), got {got} choices")
+        return choices[0]
+
+    # -- what the server offers -------------------------------------------------------------------------------
+    def _models(self) -> list[dict[str, Any]]:
+        resp = self.client.get("/models", give_up_s=min(10.0, self.options.give_up_s))
+        data = resp.get("data") if isinstance(resp, dict) else None
+        if not isinstance(data, list) or not all(isinstance(c, dict) and isinstance(c.get("id"), str) for c in data):
+            raise RemoteError(f"{self.client.base}/models: not an OpenAI model list")
+        return data
+
+    def _served_model(self, cards: list[dict[str, Any]]) -> str:
+        ids = [c["id"] for c in cards]
+        if self.options.model is not None:
+            if self.options.model not in ids:
+                raise RemoteError(f"{self.client.base} serves {', '.join(ids) or 'no model'}, not "
+                                  f"{self.options.model!r} (--backend-model)")
+            return self.options.model
+        bases = [c["id"] for c in cards if not c.get("parent")]
+        if len(bases) != 1:
+            raise RemoteError(f"{self.client.base} serves {len(bases)} models ({', '.join(bases)}): name one with "
+                              "--backend-model")
+        return bases[0]
+
+    def _scoring(self, cards: list[dict[str, Any]], selfeval_config: Any) -> Scoring:
+        """The server's self-eval model: its card's `edge_adapt` block (edge-adapt serve) says the suffix and
+        answer tokens; for another server (a LoRA module named with --backend-selfeval) they come from the local
+        self-evaluation config, as the adapter was trained with them."""
+        name = self.options.selfeval_model
+        if name is None:
+            found = [c for c in cards if c.get("parent") == self.model and isinstance(c.get("edge_adapt"), dict)]
+            if not found:
+                raise RemoteError(f"{self.client.base} offers no self-evaluation model for {self.model}: serve the "
+                                  "adapter (vLLM: --lora-modules NAME=PATH) and name it with --backend-selfeval")
+            name = found[0]["id"]
+        card = next((c for c in cards if c["id"] == name), None)
+        if card is None:
+            raise RemoteError(f"{self.client.base} serves no model {name!r} (--backend-selfeval)")
+        block = card.get("edge_adapt")
+        if isinstance(block, dict):
+            try:
+                suffix = tuple(int(t) for t in block["suffix_ids"])
+                yes, no = int(block["yes_token"]), int(block["no_token"])
+            except (KeyError, TypeError, ValueError):
+                raise RemoteError(f"{self.client.base}: model {name} has a malformed edge_adapt block") from None
+            judged = f"{name}:adapter={block.get('adapter')}:{block.get('adapter_sha256')}:suffix={list(suffix)}"
+        else:
+            from edge_adapt.selfeval.evaluator import resolve_config
+            from edge_adapt.selfeval.suffix import answer_token, render_suffix
+
+            config = resolve_config(self.vocab, selfeval_config, None)
+            suffix = tuple(render_suffix(config, self.vocab))
+            yes, no = answer_token(self.vocab, config.yes, "yes"), answer_token(self.vocab, config.no, "no")
+            judged = f"{name}:{config.model_dump_json()}"
+        if not suffix or any(not 0 <= t < self.vocab.model.n_vocab for t in (*suffix, yes, no)):
+            raise RemoteError(f"{self.client.base}: model {name}'s suffix or answer tokens are not --model's tokens")
+        return Scoring(name, suffix, yes, no, judged)
+
+
+def _all(pool: ThreadPoolExecutor, calls: list[tuple[Any, ...]], stop: threading.Event) -> list[Any]:
+    """Run `calls` ((fn, *args) each) on `pool` and return their results in order; the first failure cancels
+    the rest and is raised."""
+    if stop.is_set():
+        raise RemoteError("stopped")
+    futures: list[Future[Any]] = [pool.submit(fn, *args) for fn, *args in calls]
+    try:
+        return [f.result() for f in futures]
+    finally:
+        for f in futures:
+            f.cancel()
+
+
+def _logprobs(choice: dict[str, Any], where: str) -> tuple[list[Any], list[Any]]:
+    lp = choice.get("logprobs")
+    if not isinstance(lp, dict) or not isinstance(lp.get("tokens"), list) or not isinstance(lp.get("token_logprobs"), list):
+        raise RemoteError(f"{where}: a completion without logprobs.tokens / token_logprobs (the server must return "
+                          "per-token log-probabilities)")
+    return lp["tokens"], lp["token_logprobs"]
+
+
+def _token_id(name: Any, where: str) -> int:
+    if isinstance(name, str) and name.startswith("token_id:"):
+        try:
+            return int(name[len("token_id:"):])
+        except ValueError:
+            pass
+    raise RemoteError(f"{where}: tokens are not named by id ({str(name)[:40]!r}); the server must support "
+                      "return_tokens_as_token_ids (vLLM and edge-adapt serve do)")
