@@ -209,6 +209,8 @@ class _Broken(BaseHTTPRequestHandler):
             body = {"choices": [choice, {**choice, "index": 1}]}
         elif mode == "no-logprobs":
             body = {"choices": [{**choice, "logprobs": None}]}
+        elif mode == "content-without-ids":  # llama-server's shape, but no ids
+            body = {"choices": [{**choice, "logprobs": {"content": [{"token": "4", "logprob": -0.1}]}}]}
         elif mode == "text-tokens":
             body = {"choices": [{**choice, "logprobs": {"tokens": ["4"], "token_logprobs": [-0.1]}}]}
         elif mode == "wrong-model":  # ids that do not spell the text: another tokenizer
@@ -234,6 +236,7 @@ def broken() -> Iterator[tuple[str, type[_Broken]]]:
 @pytest.mark.parametrize("mode, fragment", [
     ("not-json", "not JSON"), ("refuses", "400 n is not supported"), ("two-choices", "got 2 choices"),
     ("no-logprobs", "per-token log-probabilities"), ("text-tokens", "return_tokens_as_token_ids"),
+    ("content-without-ids", "by token id"),
     ("wrong-model", "same model"), ("no-models", "not an OpenAI model list"),
 ])
 def test_malformed_answers_are_one_line_and_cache_stays_clean(broken: tuple[str, type[_Broken]], tmp_path: Path,

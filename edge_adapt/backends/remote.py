@@ -232,9 +232,8 @@ class RemoteBackend:
             body["repeat_penalty"] = params.repeat_penalty
         choice = self._choice(self.client.post("/completions", body))
         text = choice.get("text")
-        names, lps = _logprobs(choice, self.client.base)
-        ids = [_token_id(t, self.client.base) for t in names]
-        if not isinstance(text, str) or len(lps) != len(ids) or not all(isinstance(x, (int, float)) for x in lps):
+        ids, lps, _ = _logprobs(choice, self.client.base)
+        if not isinstance(text, str) or len(lps) != len(ids):
             raise RemoteError(f"{self.client.base}: a completion without its text and per-token log-probabilities")
         reason = choice.get("finish_reason")
         if reason not in ("stop", "length"):
@@ -256,11 +255,10 @@ class RemoteBackend:
                 "logprobs": SCORE_LOGPROBS, "return_tokens_as_token_ids": True,
                 "logit_bias": {str(s.yes_token): ANSWER_BIAS, str(s.no_token): ANSWER_BIAS}}
         choice = self._choice(self.client.post("/completions", body))
-        lp = choice.get("logprobs")
-        tops = lp.get("top_logprobs") if isinstance(lp, dict) else None
-        if not isinstance(tops, list) or not tops or not isinstance(tops[0], dict):
+        _, _, tops = _logprobs(choice, self.client.base)
+        if not tops or not tops[0]:
             raise RemoteError(f"{self.client.base}: the self-eval model {s.model} returned no top log-probabilities")
-        top = {_token_id(k, self.client.base): v for k, v in tops[0].items()}
+        top = tops[0]
         missing = [name for name, t in (("yes", s.yes_token), ("no", s.no_token)) if t not in top]
         if missing:
             raise RemoteError(f"{self.client.base}: the self-eval answer token{'s' if len(missing) > 1 else ''} "
@@ -347,12 +345,28 @@ def _all(pool: ThreadPoolExecutor, calls: list[tuple[Any, ...]], stop: threading
             f.cancel()
 
 
-def _logprobs(choice: dict[str, Any], where: str) -> tuple[list[Any], list[Any]]:
+def _logprobs(choice: dict[str, Any], where: str) -> tuple[list[int], list[float], list[dict[int, float]]]:
+    """Token ids, their log-probabilities and each step's top alternatives (by id), from either shape a server
+    answers completions' logprobs in: OpenAI's parallel lists with tokens named "token_id:<id>" (vLLM's
+    return_tokens_as_token_ids, edge-adapt serve), or llama-server's `content` list of {id, logprob,
+    top_logprobs: [{id, logprob}]}."""
     lp = choice.get("logprobs")
-    if not isinstance(lp, dict) or not isinstance(lp.get("tokens"), list) or not isinstance(lp.get("token_logprobs"), list):
-        raise RemoteError(f"{where}: a completion without logprobs.tokens / token_logprobs (the server must return "
-                          "per-token log-probabilities)")
-    return lp["tokens"], lp["token_logprobs"]
+    try:
+        if isinstance(lp, dict) and isinstance(lp.get("content"), list):
+            items = lp["content"]
+            ids = [int(x["id"]) for x in items]
+            lps = [float(x["logprob"]) for x in items]
+            tops = [{int(t["id"]): float(t["logprob"]) for t in x.get("top_logprobs") or ()} for x in items]
+            return ids, lps, tops
+        if isinstance(lp, dict) and isinstance(lp.get("tokens"), list) and isinstance(lp.get("token_logprobs"), list):
+            ids = [_token_id(t, where) for t in lp["tokens"]]
+            lps = [float(x) for x in lp["token_logprobs"]]
+            tops = [{_token_id(k, where): float(v) for k, v in (t or {}).items()} for t in lp.get("top_logprobs") or ()]
+            return ids, lps, tops
+    except (KeyError, TypeError, ValueError):
+        pass
+    raise RemoteError(f"{where}: a completion without per-token log-probabilities by token id (logprobs.tokens / "
+                      "token_logprobs, or logprobs.content)")
 
 
 def _token_id(name: Any, where: str) -> int:

@@ -30,6 +30,7 @@ def label_once(out_dir: Path, *, prompts: int, k: int, max_tokens: int, threads:
     from edge_adapt.train import LabelConfig
     from edge_adapt.train.labels import label
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     cfg = LabelConfig(out=out_dir / "labels.jsonl", cache_dir=out_dir / "cache", n_prompts=prompts, k=k,
                       max_tokens=max_tokens, cuts=[16, 32], threads=threads, model=model, backend=backend,
                       concurrency=concurrency)
