@@ -55,11 +55,13 @@ class CallStats:
 
 class JsonClient:
     def __init__(self, base_url: str, *, api_key: str | None = None, timeout_s: float = 300.0,
-                 retry: RetryPolicy = RetryPolicy(), sleep: Callable[[float], None] = time.sleep) -> None:
+                 retry: RetryPolicy = RetryPolicy(), sleep: Callable[[float], None] = time.sleep,
+                 versioned: bool = True) -> None:
+        """`versioned`: paths are under the URL's /v1 (added when missing), as OpenAI's are."""
         url = base_url.rstrip("/")
         if not url.startswith(("http://", "https://")):
             raise RemoteError(f"backend {base_url!r} is not an http:// or https:// URL")
-        self.base = url if url.endswith("/v1") else url + "/v1"
+        self.base = url if url.endswith("/v1") or not versioned else url + "/v1"
         self.api_key, self.timeout_s, self.retry, self._sleep = api_key, timeout_s, retry, sleep
         self.stats = CallStats()
 

@@ -78,6 +78,7 @@ class Scoring:
     yes_token: int
     no_token: int
     identity: str
+    lora: int | None = None  # llama-server: the adapter's id in its request's `lora` list
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,10 @@ class RemoteBackend:
                                            retry=RetryPolicy(give_up_s=options.give_up_s))
         cards = self._models()
         self.model = self._served_model(cards)
+        # llama.cpp's llama-server (its model card says owned_by "llamacpp") lists token ids only when asked for
+        # alternatives, selects adapters per request by id, and reports log-probabilities before logit_bias
+        # unless asked for post-sampling probabilities: its requests are shaped for that.
+        self.llama_server = any(c.get("id") == self.model and c.get("owned_by") == "llamacpp" for c in cards)
         self.scoring = self._scoring(cards, selfeval_config) if scores else None
         self._stop = threading.Event()
 
@@ -227,7 +232,8 @@ class RemoteBackend:
     def _draw(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> Drawn:
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "n": 1,
                 "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
-                "min_p": params.min_p, "seed": params.seed, "logprobs": 0, "return_tokens_as_token_ids": True}
+                "min_p": params.min_p, "seed": params.seed, "logprobs": 1 if self.llama_server else 0,
+                "return_tokens_as_token_ids": True}
         if params.repeat_penalty != 1.0:
             body["repeat_penalty"] = params.repeat_penalty
         choice = self._choice(self.client.post("/completions", body))
@@ -251,9 +257,12 @@ class RemoteBackend:
     def _score(self, ids: list[int]) -> float:
         assert self.scoring is not None
         s = self.scoring
-        body = {"model": s.model, "prompt": ids + list(s.suffix), "max_tokens": 1, "temperature": 0.0,
-                "logprobs": SCORE_LOGPROBS, "return_tokens_as_token_ids": True,
-                "logit_bias": {str(s.yes_token): ANSWER_BIAS, str(s.no_token): ANSWER_BIAS}}
+        body: dict[str, Any] = {
+            "model": s.model, "prompt": ids + list(s.suffix), "max_tokens": 1, "temperature": 1.0, "top_p": 1.0,
+            "min_p": 0.0, "seed": 0, "logprobs": SCORE_LOGPROBS, "return_tokens_as_token_ids": True,
+            "logit_bias": {str(s.yes_token): ANSWER_BIAS, str(s.no_token): ANSWER_BIAS}}
+        if s.lora is not None:  # llama-server: the adapter by id, its probabilities after the bias
+            body.update(model=self.model, lora=[{"id": s.lora, "scale": 1.0}], post_sampling_probs=True)
         choice = self._choice(self.client.post("/completions", body))
         _, _, tops = _logprobs(choice, self.client.base)
         if not tops or not tops[0]:
@@ -302,6 +311,8 @@ class RemoteBackend:
         answer tokens; for another server (a LoRA module named with --backend-selfeval) they come from the local
         self-evaluation config, as the adapter was trained with them."""
         name = self.options.selfeval_model
+        if self.llama_server:
+            return self._llama_server_scoring(selfeval_config)
         if name is None:
             found = [c for c in cards if c.get("parent") == self.model and isinstance(c.get("edge_adapt"), dict)]
             if not found:
@@ -320,16 +331,47 @@ class RemoteBackend:
                 raise RemoteError(f"{self.client.base}: model {name} has a malformed edge_adapt block") from None
             judged = f"{name}:adapter={block.get('adapter')}:{block.get('adapter_sha256')}:suffix={list(suffix)}"
         else:
-            from edge_adapt.selfeval.evaluator import resolve_config
-            from edge_adapt.selfeval.suffix import answer_token, render_suffix
-
-            config = resolve_config(self.vocab, selfeval_config, None)
-            suffix = tuple(render_suffix(config, self.vocab))
-            yes, no = answer_token(self.vocab, config.yes, "yes"), answer_token(self.vocab, config.no, "no")
-            judged = f"{name}:{config.model_dump_json()}"
+            suffix, yes, no, config = self._local_suffix(selfeval_config)
+            judged = f"{name}:{config}"
         if not suffix or any(not 0 <= t < self.vocab.model.n_vocab for t in (*suffix, yes, no)):
             raise RemoteError(f"{self.client.base}: model {name}'s suffix or answer tokens are not --model's tokens")
         return Scoring(name, suffix, yes, no, judged)
+
+    def _local_suffix(self, selfeval_config: Any) -> tuple[tuple[int, ...], int, int, str]:
+        """The suffix and answer tokens of the local self-eval config (the adapter's metadata, --adapter's)."""
+        from edge_adapt.selfeval.evaluator import resolve_config
+        from edge_adapt.selfeval.suffix import answer_token, render_suffix
+
+        config = resolve_config(self.vocab, selfeval_config, None)
+        suffix = tuple(render_suffix(config, self.vocab))
+        yes, no = answer_token(self.vocab, config.yes, "yes"), answer_token(self.vocab, config.no, "no")
+        return suffix, yes, no, config.model_dump_json()
+
+    def _llama_server_scoring(self, selfeval_config: Any) -> Scoring:
+        """llama-server: the adapter loaded with `--lora FILE` (id 0, or --backend-selfeval ID), switched on per
+        request; an activated LoRA (trained with --method alora) acts from its invocation tokens on, as here."""
+        root = self.client.base.removesuffix("/v1")
+        try:
+            adapters = JsonClient(root, api_key=self.options.api_key(), timeout_s=self.options.timeout_s,
+                                  retry=self.client.retry, versioned=False).get("/lora-adapters", give_up_s=10.0)
+        except RemoteError as exc:
+            raise RemoteError(f"{exc} (start llama-server with --lora ADAPTER.gguf)") from None
+        if self.options.concurrency > 1:
+            # Measured with the llama-server of llama.cpp commit 0c1e570 (vendored by llama-cpp-python 0.3.36): requests with
+            # an activated LoRA decoded together with others (scores or samples) come back with wrong
+            # probabilities, up to 0.86 off p_keep against the same requests one at a time; one at a time they
+            # agree with the in-process scores within 0.05.
+            raise RemoteError(f"{self.client.base} is llama-server, whose per-request activated LoRA gives wrong "
+                              "scores when requests are decoded together: score with --concurrency 1, or on "
+                              "edge-adapt serve or in process (labels, which need no scores, are not affected)")
+        name = self.options.selfeval_model or "0"
+        found = [a for a in adapters if isinstance(a, dict) and str(a.get("id")) == name] \
+            if isinstance(adapters, list) else []
+        if not found:
+            raise RemoteError(f"{root} has no LoRA adapter with id {name} (start llama-server with --lora "
+                              "ADAPTER.gguf --lora-init-without-apply; --backend-selfeval names its id)")
+        suffix, yes, no, config = self._local_suffix(selfeval_config)
+        return Scoring(self.model, suffix, yes, no, f"lora:{found[0].get('path')}:{config}", lora=int(found[0]["id"]))
 
 
 def _all(pool: ThreadPoolExecutor, calls: list[tuple[Any, ...]], stop: threading.Event) -> list[Any]:
@@ -355,8 +397,8 @@ def _logprobs(choice: dict[str, Any], where: str) -> tuple[list[int], list[float
         if isinstance(lp, dict) and isinstance(lp.get("content"), list):
             items = lp["content"]
             ids = [int(x["id"]) for x in items]
-            lps = [float(x["logprob"]) for x in items]
-            tops = [{int(t["id"]): float(t["logprob"]) for t in x.get("top_logprobs") or ()} for x in items]
+            lps = [_lp(x) for x in items]
+            tops = [{int(t["id"]): _lp(t) for t in x.get("top_logprobs") or x.get("top_probs") or ()} for x in items]
             return ids, lps, tops
         if isinstance(lp, dict) and isinstance(lp.get("tokens"), list) and isinstance(lp.get("token_logprobs"), list):
             ids = [_token_id(t, where) for t in lp["tokens"]]
@@ -367,6 +409,14 @@ def _logprobs(choice: dict[str, Any], where: str) -> tuple[list[int], list[float
         pass
     raise RemoteError(f"{where}: a completion without per-token log-probabilities by token id (logprobs.tokens / "
                       "token_logprobs, or logprobs.content)")
+
+
+def _lp(item: dict[str, Any]) -> float:
+    """A llama-server entry's log-probability: `logprob`, or `prob` when it reports post-sampling probabilities."""
+    if "logprob" in item:
+        return float(item["logprob"])
+    p = float(item["prob"])
+    return math.log(p) if p > 0 else -math.inf
 
 
 def _token_id(name: Any, where: str) -> int:
