@@ -379,16 +379,22 @@ def serve(
     threads: ThreadsOpt = None,
     mem_budget: BudgetOpt = None,
     verbose: VerboseOpt = False,
+    adapter: AdapterOpt = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API; concurrent requests are decoded together."""
     from edge_adapt.server.serve import ServeConfig, serve as run_server
 
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key must not be empty")
+    self_eval = None
+    if adapter is not None:
+        from edge_adapt.selfeval import SelfEvalConfig
+
+        self_eval = SelfEvalConfig(default_adapter=False) if _no_adapter(adapter) else SelfEvalConfig(adapter=adapter)
     run_server(ServeConfig(
         options=_options(model, device=device, gpu_layers=gpu_layers, threads=threads, verbose=verbose), host=host,
         port=port, parallel=parallel, ctx=ctx, mem_budget=mem_budget, api_key=api_key, max_queue=max_queue,
-        cors_origins=tuple(cors_origin or ())))
+        cors_origins=tuple(cors_origin or ()), self_eval=self_eval))
 
 
 # -- info ---------------------------------------------------------------------------------------------------

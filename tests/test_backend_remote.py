@@ -269,7 +269,31 @@ def test_bad_backend_input(server: ServerProcess, broken: tuple[str, type[_Broke
     _one_error(_cli(*evaluate, "--backend", server.base, "--live", "adaptive"), "--live cannot be combined")
     _one_error(_cli(*evaluate, "--backend", broken[0]), "offers no self-evaluation model")
     _one_error(_cli(*evaluate, "--backend", server.base, "--backend-selfeval", "judge"), "serves no model 'judge'")
+    _one_error(_cli(*evaluate, "--backend", server.base, "--adapter", "none"), "start the server with --adapter none")
     assert not (tmp_path / "report").exists() and _cached(tmp_path / "cache") == 0
+
+
+def test_eval_adapter_must_be_the_servers(server: ServerProcess, tmp_path: Path) -> None:
+    """--adapter names the adapter the scores must come from: the server's (by content) or a one-line refusal."""
+    import shutil
+
+    from edge_adapt.engine.default_model import default_selfeval_adapter
+
+    copy = tmp_path / "same-weights.gguf"
+    shutil.copy(default_selfeval_adapter(), copy)
+    evaluate = ["eval", "--prompts", "1", "-k", "2", "--max-tokens", "8", "--prune-at", "4",
+                "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "report"), "--backend", server.base]
+    rc, _, err = _cli(*evaluate, "--adapter", str(copy))
+    assert rc == 0, err
+    other = tmp_path / "other.gguf"
+    other.write_bytes(copy.read_bytes()[:-1] + bytes([copy.read_bytes()[-1] ^ 1]))  # one bit of its weights
+    _one_error(_cli(*evaluate, "--adapter", str(other), "--out", str(tmp_path / "r2")), "not --adapter other.gguf")
+    # A server started with --adapter none scores with the base model alone, and says so.
+    with running_server("--parallel", "4", "--ctx", "256", "--adapter", "none") as bare:
+        card = bare.http.get("/v1/models").json()["data"][1]
+        assert card["edge_adapt"]["adapter"] is None and card["edge_adapt"]["adapter_sha256"] is None
+        rc, _, err = _cli(*evaluate[:-1], bare.base, "--adapter", "none", "--out", str(tmp_path / "r3"))
+        assert rc == 0, err
 
 
 def test_retry_policy_backs_off_and_gives_up(broken: tuple[str, type[_Broken]]) -> None:

@@ -330,6 +330,20 @@ class RemoteBackend:
             except (KeyError, TypeError, ValueError):
                 raise RemoteError(f"{self.client.base}: model {name} has a malformed edge_adapt block") from None
             judged = f"{name}:adapter={block.get('adapter')}:{block.get('adapter_sha256')}:suffix={list(suffix)}"
+            wanted = getattr(selfeval_config, "adapter", None)
+            if selfeval_config is not None and wanted is None and not selfeval_config.default_adapter \
+                    and block.get("adapter") is not None:
+                raise RemoteError(f"{self.client.base}: its self-eval model {name} runs adapter {block.get('adapter')}, "
+                                  "not none (--adapter none): start the server with --adapter none")
+            if wanted is not None:
+                from edge_adapt.eval.pool import file_hash
+
+                if not Path(wanted).is_file():
+                    raise RemoteError(f"--adapter {wanted} is not a file")
+                if file_hash(Path(wanted)) != block.get("adapter_sha256"):
+                    raise RemoteError(f"{self.client.base}: its self-eval model {name} runs adapter "
+                                      f"{block.get('adapter')}, not --adapter {Path(wanted).name} (start the server "
+                                      "with that --adapter)")
         else:
             suffix, yes, no, config = self._local_suffix(selfeval_config)
             judged = f"{name}:{config}"

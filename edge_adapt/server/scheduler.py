@@ -299,7 +299,8 @@ class Scheduler:
             if plan.spec.needs_scorer:
                 from edge_adapt.selfeval import SelfEvaluator
 
-                scorer = SelfEvaluator(self.engine, plan.config.self_eval)
+                # The server's self-evaluation (its --adapter), a scorer of its own (it counts this job's tokens).
+                scorer = SelfEvaluator(self.engine, self.scorer.config if self.scorer else plan.config.self_eval)
             yield from strategy_steps(self.engine, plan, scorer, root, reused=reused)
         else:
             yield from self.engine.generation(root, job.samples, max_tokens=job.max_tokens, stop=job.stop,

@@ -33,6 +33,7 @@ class ServeConfig:
     max_queue: int = 64
     cors_origins: tuple[str, ...] = ()
     max_body: int = MAX_BODY
+    self_eval: Any = None  # SelfEvalConfig of the strategies and MODEL:selfeval (--adapter); None: the model's own
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -129,7 +130,7 @@ def _load(config: ServeConfig, state: ServerState, server: object, failure: list
         options = config.options.model_copy(update={"kv_unified": False})  # each sequence has its own context
         engine = load_engine(EngineSize(config.parallel, config.ctx), options, mem_budget=config.mem_budget)
         try:
-            scorer, scoring = _self_evaluation(engine, state.model_id)
+            scorer, scoring = _self_evaluation(engine, state.model_id, config.self_eval)
             scheduler = Scheduler(engine, max_queue=config.max_queue, scorer=scorer)
             scheduler.start()
         except BaseException:
@@ -145,13 +146,13 @@ def _load(config: ServeConfig, state: ServerState, server: object, failure: list
           f"{engine.threads} threads", flush=True)
 
 
-def _self_evaluation(engine: Any, model_id: str) -> tuple[Any, Any]:
+def _self_evaluation(engine: Any, model_id: str, config: Any = None) -> tuple[Any, Any]:
     """The self-evaluator the strategies use, offered as the model `<model>:selfeval` (jobs.ScoringModel)."""
     from edge_adapt.eval.pool import file_hash
     from edge_adapt.selfeval import SelfEvaluator
     from edge_adapt.server.jobs import ScoringModel
 
-    scorer = SelfEvaluator(engine)
+    scorer = SelfEvaluator(engine, config)
     adapter = scorer.config.adapter
     scoring = ScoringModel(id=f"{model_id}:selfeval", suffix=tuple(scorer.suffix), adapter_tail=len(scorer.adapter_part),
                            yes_token=scorer.yes_token, no_token=scorer.no_token,
