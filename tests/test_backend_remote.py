@@ -185,14 +185,23 @@ class _Broken(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:  # noqa: N802
-        data = [self.model] if self.mode != "no-models" else "nope"
+        data: Any = [self.model] if self.mode != "no-models" else "nope"
+        if self.mode == "no-answer-tokens":  # a self-eval model whose answers never show up
+            data.append({"id": "m:selfeval", "parent": "m", "edge_adapt": {
+                "suffix_ids": [2, 21892, 434], "yes_token": 9230, "no_token": 2838, "adapter": "a.gguf",
+                "adapter_sha256": "0"}})
         self._send(200, json.dumps({"object": "list", "data": data}).encode())
 
     def do_POST(self) -> None:  # noqa: N802
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         choice: dict[str, Any] = {"index": 0, "text": "4", "finish_reason": "length",
-                                  "logprobs": {"tokens": ["token_id:33"], "token_logprobs": [-0.1]}}
+                                  "logprobs": {"tokens": ["token_id:36"], "token_logprobs": [-0.1]}}  # "4"
         mode = self.mode
+        if mode == "no-answer-tokens" and json.loads(raw).get("model") == "m:selfeval":
+            top = {"token_id:2": -0.1, "token_id:198": -2.5}
+            body = {"choices": [{**choice, "logprobs": {"tokens": ["token_id:2"], "token_logprobs": [-0.1],
+                                                         "top_logprobs": [top]}}]}
+            return self._send(200, json.dumps(body).encode())
         if mode == "not-json":
             return self._send(200, b"<html>gateway</html>", "text/html")
         if mode == "busy":
@@ -268,6 +277,8 @@ def test_bad_backend_input(server: ServerProcess, broken: tuple[str, type[_Broke
                 "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "report")]
     _one_error(_cli(*evaluate, "--backend", server.base, "--live", "adaptive"), "--live cannot be combined")
     _one_error(_cli(*evaluate, "--backend", broken[0]), "offers no self-evaluation model")
+    broken[1].mode = "no-answer-tokens"
+    _one_error(_cli(*evaluate, "--backend", broken[0]), "yes and no (9230, 2838) are not among the top 5")
     _one_error(_cli(*evaluate, "--backend", server.base, "--backend-selfeval", "judge"), "serves no model 'judge'")
     _one_error(_cli(*evaluate, "--backend", server.base, "--adapter", "none"), "start the server with --adapter none")
     assert not (tmp_path / "report").exists() and _cached(tmp_path / "cache") == 0
