@@ -163,6 +163,29 @@ def test_restarted_server_is_ridden_out_without_resampling(tmp_path: Path) -> No
         assert second.metrics()["requests_total"] == asked
 
 
+def test_ctrl_c_during_a_remote_label_run(server: ServerProcess, tmp_path: Path) -> None:
+    """Ctrl-C while requests are in flight: exit 130 with one line within seconds, no label file, and every
+    cached prompt a whole line (a rerun resumes from them)."""
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-m", "edge_adapt", "label", "--out", str(tmp_path / "l.jsonl"), "--prompts", "12",
+            "-k", "4", "--max-tokens", "48", "--cut", "8", "--cache", str(cache), "--backend", server.base]
+    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    deadline = time.monotonic() + 120
+    while _cached(cache) < 1:
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    run.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    _, err = run.communicate(timeout=60)
+    lines = [line for line in err.decode().splitlines() if line.strip()]
+    assert run.returncode == 130 and len(lines) == 1 and "Traceback" not in err.decode(), err.decode()
+    assert time.monotonic() - t0 < 30 and not (tmp_path / "l.jsonl").exists()
+    for f in cache.glob("pool-*.jsonl"):
+        for line in f.read_text().splitlines():
+            json.loads(line)
+    server.wait_idle(timeout=10)  # the requests it left are finished or cancelled: no sequence stays held
+
+
 def _cached(cache: Path) -> int:
     return sum(len(f.read_text().splitlines()) for f in cache.glob("pool-*.jsonl")) if cache.exists() else 0
 
