@@ -150,6 +150,8 @@ def pool_backend(cfg: EvalConfig, suites: list[Suite], live: list[StrategyConfig
         return LocalBackend(engine, scorer, cfg.adapter)
     if cfg.live or live:
         raise UsageError("live strategy runs happen in process: --live cannot be combined with --backend")
+    if cfg.selfeval != EvalConfig.model_fields["selfeval"].default:
+        raise UsageError(f"self-evaluator {cfg.selfeval} runs in process: the server scores with its own self-eval model")
     from edge_adapt.backends import RemoteBackend
 
     return RemoteBackend.open(remote, cfg.model, scores=True, selfeval_config=selfeval_config(cfg))
