@@ -280,31 +280,36 @@ def test_logit_bias_moves_the_pick_and_the_reported_logprobs(client: openai.Open
 
 def test_selfeval_model_scores_as_the_library_does(server: ServerProcess, client: openai.OpenAI) -> None:
     """The `<model>:selfeval` model answers prompt + response + suffix with the answer tokens' log-probabilities,
-    the adapter on for the suffix only: p_keep equals SelfEvaluator's on the same tokens (decoded the same way:
-    the response as one batch), and the adapter's KV never reaches a later base-model request."""
-    from edge_adapt.engine import EngineOptions
+    the adapter on for the suffix only: p_keep equals SelfEvaluator's on the same tokens decoded the same way (the
+    prompt in one batch, the greedy reply one token per step: the server's prefix cache hands the score request
+    the reply's own sequence), and the adapter's KV never reaches a later base-model request."""
+    from edge_adapt.engine import GREEDY, EngineOptions
     from edge_adapt.selfeval import SelfEvaluator
     from edge_adapt.selfeval.evaluator import p_keep
     from edge_adapt.sizing import EngineSize, load_engine
 
     card = client.models.list().data[1].model_dump()
     judge, info = card["id"], card["edge_adapt"]
-    ids = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=1).usage  # warm the prefix cache
+    reply = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=16, temperature=0, logprobs=0,
+                                      extra_body={"return_tokens_as_token_ids": True})
+    drawn = _ids(reply.choices[0].logprobs.tokens)  # type: ignore[union-attr]
     with load_engine(EngineSize(2, 512), EngineOptions(kv_unified=False, threads=1)) as engine:
         ev = SelfEvaluator(engine)
         assert list(ev.suffix) == info["suffix_ids"] and ev.yes_token == info["yes_token"]
-        reply = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=16, temperature=0, logprobs=0,
-                                          extra_body={"return_tokens_as_token_ids": True})
-        ids = engine.tokenize(COUNTING, add_bos=True) + _ids(reply.choices[0].logprobs.tokens)  # type: ignore[union-attr]
-        root = engine.open(ids)
-        want = ev.score([root])[0]
-        engine.release(root)
+        prompt = engine.tokenize(COUNTING, add_bos=True)
+        with engine.opened(prompt) as root:
+            samples = engine.start(root, [GREEDY], max_tokens=16)
+            list(engine.advance(samples))
+            assert samples[0].generated == drawn  # the same reply, so the same KV to score
+            want = ev.score(samples)[0]
         bias = {str(info["yes_token"]): 100, str(info["no_token"]): 100}
-        r = client.completions.create(model=judge, prompt=ids + info["suffix_ids"], max_tokens=1, temperature=0,
-                                      logprobs=2, logit_bias=bias, extra_body={"return_tokens_as_token_ids": True})
+        r = client.completions.create(model=judge, prompt=prompt + drawn + info["suffix_ids"], max_tokens=1,
+                                      temperature=0, logprobs=2, logit_bias=bias,
+                                      extra_body={"return_tokens_as_token_ids": True})
         top = r.choices[0].logprobs.top_logprobs[0]  # type: ignore[union-attr]
         got = float(p_keep(np.array([[top[f"token_id:{info['yes_token']}"], top[f"token_id:{info['no_token']}"]]]),
                            0, 1)[0])
+        # Computed the same way, scores agree to float rounding (test_selfeval_model: 1e-6 for scratch vs direct).
         assert got == pytest.approx(want, abs=1e-4)
         assert r.model == judge
     # The base model, asked right after, continues as if no adapter had run.
