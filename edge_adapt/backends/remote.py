@@ -9,7 +9,8 @@ own way (edge-adapt serve: seed + i; vLLM has returned n identical choices for o
 requests make a pool reproducible on any server and identical to the local engine's for the same seeds. vLLM
 runs n>1 as n child requests anyway, and its prefix cache (as edge-adapt serve's) shares the prompt.
 The reply's token ids come back as logprobs tokens named "token_id:<id>" (vLLM's return_tokens_as_token_ids,
-which edge-adapt serve implements too): labels train on the exact ids the server decoded.
+which edge-adapt serve implements too) or as llama-server's `logprobs.content` ids: labels train on the exact ids
+the server decoded.
 
 Self-eval scores: one request per score to the server's self-eval model (edge-adapt serve lists
 `<model>:selfeval`; vLLM serves the adapter as a LoRA module under its own name, llama-server per request)
@@ -18,7 +19,10 @@ difference of the two answer logits, so the answers themselves can rank in the h
 100-600 for the shipped adapter); the request therefore biases both by +100 (OpenAI's logit_bias), which puts
 them first and leaves their difference as it was, and reads p_keep = P(no) / (P(yes) + P(no)) from the top
 log-probabilities, as edge_adapt.selfeval computes it. The server must report log-probabilities after the
-bias, as OpenAI and edge-adapt serve do (vLLM: --logprobs-mode processed_logprobs).
+bias, as OpenAI and edge-adapt serve do (vLLM: --logprobs-mode processed_logprobs; llama-server: its
+post-sampling probabilities). The adapter must act on the suffix only, as on the device: edge-adapt serve and
+llama-server do that (llama-server only one request at a time, see _llama_server_scoring); upstream vLLM applies
+a LoRA to the whole request (docs/scale-out.md).
 """
 
 from __future__ import annotations
