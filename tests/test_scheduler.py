@@ -101,36 +101,6 @@ def test_overlapping_jobs_share_decode_steps(sched: Scheduler) -> None:
     assert m["live_sequences"] == 0
 
 
-def test_same_prompt_at_once_is_decoded_once_and_forked(sched: Scheduler) -> None:
-    """Four one-sample requests with one prompt arrive together (a remote pool backend sends a prompt's K
-    samples so): the first decodes the prompt, the others wait a step and fork it, re-decoding only its last
-    token; each sample is still the one its seed draws alone."""
-    prompt = _prompt(sched, "List four fruits that are red, and say why each is red.")
-    seeds = [SamplingParams(temperature=0.8, seed=40 + i) for i in range(4)]  # the queue holds 4
-    _idle(sched)
-    with sched._cond:  # nothing cached or running shares this prompt; the scheduler thread waits meanwhile
-        for seq in sched._cache.entries:
-            sched.engine.release(seq)
-        sched._cache.entries.clear()
-        direct = [_texts(list(sched.engine.generate(prompt, [p], max_tokens=16)))[0] for p in seeds]
-        before = sched.metrics()
-        qs: list[queue.Queue[object]] = [queue.Queue() for _ in seeds]
-        for p, q in zip(seeds, qs):  # queued while the lock is held: admitted in the same step
-            sched.submit(Job(prompt, max_tokens=16, samples=(p,)), q.put)
-    texts = []
-    for q in qs:
-        events = []
-        while not isinstance(item := q.get(timeout=120), (Done, BaseException)):
-            events.append(item)
-        assert isinstance(item, Done)
-        texts.append(_texts(events)[0])
-    after = _idle(sched)
-    assert texts == direct
-    decoded = after["prompt_tokens_decoded_total"] - before["prompt_tokens_decoded_total"]
-    assert decoded == len(prompt) + (len(seeds) - 1)
-    assert after["prefix_cache_hits_total"] - before["prefix_cache_hits_total"] == len(seeds) - 1
-
-
 def test_second_turn_decodes_only_its_new_tokens(sched: Scheduler) -> None:
     e = sched.engine
     first = [{"role": "user", "content": "Say hello in French."}]

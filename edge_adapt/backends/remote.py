@@ -7,7 +7,8 @@ Samples: one request per sample (n=1), each with the sample's own seed, not one 
 seeds are per sample (edge_adapt.eval.pool.PoolSettings.params); servers derive the seeds of n choices their
 own way (edge-adapt serve: seed + i; vLLM has returned n identical choices for one seed), so only per-sample
 requests make a pool reproducible on any server and identical to the local engine's for the same seeds. vLLM
-runs n>1 as n child requests anyway, and its prefix cache (as edge-adapt serve's) shares the prompt.
+runs n>1 as n child requests anyway, and its prefix cache shares the prompt within a batch (edge-adapt serve's
+keeps a prompt once a request has ended: the K requests arriving together each decode it, docs/scale-out.md).
 The reply's token ids come back as logprobs tokens named "token_id:<id>" (vLLM's return_tokens_as_token_ids,
 which edge-adapt serve implements too) or as llama-server's `logprobs.content` ids: labels train on the exact ids
 the server decoded.

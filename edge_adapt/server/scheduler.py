@@ -35,10 +35,6 @@ from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.run import RunPlan, check_fits, plan_run, strategy_steps
 
 
-MIN_SHARED_PREFIX = 16  # tokens a request must share with one being prefilled to wait a step and fork it
-WAIT = Decode(())  # a step program's "nothing to decode this step"
-
-
 class QueueFull(EdgeAdaptError):
     """`max_queue` requests are already waiting."""
 
@@ -82,7 +78,6 @@ class _Running:
     program: Program[None] = field(init=False)  # made from the _Running itself (it records the root there)
     root: Sequence | None = None
     error: BaseException | None = None  # thrown into the program at its next resume
-    prefilling: bool = False  # its prompt is being decoded into its root now (others with the same prefix wait)
 
 
 @dataclass
@@ -279,17 +274,13 @@ class Scheduler:
         then plain sampling or the strategy run, from that sequence."""
         job = run.ticket.job
         base = job.prompt[: len(job.prompt) - job.adapter_tail]
-        while self._prefilling_donor(run, base) is not None:
-            yield WAIT  # another request decodes the same prompt this step: fork it next step instead
-        root, reused = self._root_for(base, run)
+        root, reused = self._root_for(base)
         run.root = root
         rest = base[reused:]
         self._counters.prompt_tokens_decoded_total += len(rest) + job.adapter_tail
         step = self.engine.options.batch
-        run.prefilling = True
         for lo in range(0, len(rest), step):  # a long prompt in slices: other requests go on decoding between them
             yield Decode.of([(root, rest[lo : lo + step])])
-        run.prefilling = False
         if job.adapter_tail:
             assert self.scorer is not None  # _plan refused the job otherwise
             yield Decode.of([(root, job.prompt[len(base):])], self.scorer.adapter, self.scorer.config.adapter_scale)
@@ -297,8 +288,6 @@ class Scheduler:
             plan = run.ticket.plan
             scorer = None
             if plan.spec.needs_scorer:
-                from edge_adapt.selfeval import SelfEvaluator
-
                 # The server's self-evaluation (its --adapter), a scorer of its own (it counts this job's tokens).
                 scorer = SelfEvaluator(self.engine, self.scorer.config if self.scorer else plan.config.self_eval)
             yield from strategy_steps(self.engine, plan, scorer, root, reused=reused)
@@ -306,43 +295,14 @@ class Scheduler:
             yield from self.engine.generation(root, job.samples, max_tokens=job.max_tokens, stop=job.stop,
                                               top_logprobs=job.top_logprobs, reused=reused)
 
-    def _prefilling_donor(self, run: _Running, prompt: list[int]) -> _Running | None:
-        """A request admitted before `run` that is decoding a prompt sharing most of `prompt` right now (K
-        clients sending the same prompt at once, as a remote pool backend does): `run` waits for it and forks."""
-        if not self.prefix_cache:
-            return None
-        for other in self._running:
-            if other is run:
-                return None
-            if other.prefilling and other.root is not None:
-                shared = _common(other.ticket.job.prompt, prompt)
-                if shared >= max(MIN_SHARED_PREFIX, len(prompt) // 2) and other.root.n_past < shared:
-                    return other
-        return None
-
-    def _root_for(self, prompt: list[int], run: _Running | None = None) -> tuple[Sequence, int]:
-        """A sequence holding a prefix of `prompt` (the longest the cache or a running request has), and that
-        prefix's length.
+    def _root_for(self, prompt: list[int]) -> tuple[Sequence, int]:
+        """A sequence holding a prefix of `prompt` (the longest the cache has), and that prefix's length.
 
         An entry that is all prefix of the prompt (a conversation's earlier turns) becomes the root; one that
         goes on differently (a shared system prompt, then another client's question) is forked and the fork
         cut, so the entry stays for others. Entries live only in slots no running job has reserved (this
-        one's included), oldest evicted first, so a running strategy always finds the sequences it forks.
-        A running request's prompt sequence is forked into the sequence this request reserved."""
-        donor, shared = self._running_prefix(prompt, run)
+        one's included), oldest evicted first, so a running strategy always finds the sequences it forks."""
         entry, common = self._cache.best(prompt) if self.prefix_cache else (None, 0)
-        if donor is not None and shared > common:
-            self._evict()
-            try:
-                root = self.engine.fork(donor)
-            except EdgeAdaptError:  # it holds tokens not yet decoded: take nothing from it
-                pass
-            else:
-                root.origin = None  # its own root: not released with the donor's samples
-                self.engine.truncate(root, shared)
-                self._counters.prefix_cache_hits_total += 1
-                self._counters.prefix_tokens_reused_total += shared
-                return root, shared
         # The last prompt token is decoded again unless the entry holds exactly the prompt with its logits:
         # its logits are what the first sample draws from.
         if entry is not None and not (common == len(prompt) == entry.n_past and entry.logits is not None):
@@ -363,21 +323,6 @@ class Scheduler:
         self._counters.prefix_cache_hits_total += 1
         self._counters.prefix_tokens_reused_total += common
         return root, common
-
-    def _running_prefix(self, prompt: list[int], run: _Running | None) -> tuple[Sequence | None, int]:
-        """The running request's prompt sequence sharing the longest decoded prefix with `prompt` (never all of
-        it: the last prompt token is decoded again for its logits), and that length."""
-        if not self.prefix_cache or run is None:
-            return None, 0
-        best, best_n = None, 0
-        for other in self._running:
-            root = other.root
-            if other is run or root is None or not self.engine.holds(root):
-                continue
-            n = min(_common(root.tokens[: root.n_past], prompt), len(prompt) - 1)
-            if n > best_n:
-                best, best_n = root, n
-        return best, best_n
 
     def _evict(self) -> None:
         while self._cache.entries and len(self._cache.entries) + self._reserved > self.capacity:
@@ -413,9 +358,6 @@ class Scheduler:
             self._counters.selfeval_tokens_total += item.usage.selfeval_tokens
 
     def _decode(self, requests: list[tuple[_Running, Decode]]) -> None:
-        requests = [(run, d) for run, d in requests if d.updates]  # WAIT: nothing of its own this step
-        if not requests:
-            return
         decodes = [d for _, d in requests]
         errors = decode_together(self.engine, decodes)
         for (run, _), err in zip(requests, errors):
@@ -466,15 +408,6 @@ class Scheduler:
         for seq in self._cache.entries:
             self.engine.release(seq)
         self._cache.entries.clear()
-
-
-def _common(a: Seq[int], b: Seq[int]) -> int:
-    """The length of the common prefix of two token lists."""
-    m = min(len(a), len(b))
-    if m == 0:
-        return 0
-    same = np.asarray(a[:m]) == np.asarray(b[:m])
-    return m if same.all() else int(np.argmin(same))
 
 
 def _deliver(sink: Callable[[object], None], item: object) -> None:
