@@ -85,14 +85,13 @@ def plan_job(req: Request, prompt: list[int], *, n_ctx_seq: int, capacity: int,
     values = sampling_values(req)
     seed = resolve_seed(req.seed)
     limit = req.token_limit
-    bias = req.logit_bias
+    base = SamplingParams(**values, seed=seed, logit_bias=req.logit_bias)  # type: ignore[arg-type]
     if scoring is not None:
-        return _scoring_plan(req, prompt, scoring,
-                             SamplingParams(**values, seed=seed, logit_bias=bias))  # type: ignore[arg-type]
+        return _scoring_plan(req, prompt, scoring, base)
     if req.edge_adapt is not None:
         if req.top_alternatives is not None:
             raise bad_request("logprobs are not available with an edge_adapt strategy", "logprobs")
-        if bias:
+        if base.logit_bias:
             raise bad_request("logit_bias is not available with an edge_adapt strategy", "logit_bias")
         cfg = strategy_config(req.edge_adapt, values, seed=seed, max_tokens=limit, stop=req.stops)
         return Plan(Job(prompt=prompt, max_tokens=cfg.max_tokens, stop=cfg.stop, strategy=cfg), req.n,
@@ -101,7 +100,6 @@ def plan_job(req: Request, prompt: list[int], *, n_ctx_seq: int, capacity: int,
         raise bad_request(f"n ({req.n}) is more than this server runs at once ({capacity} sequences)", "n")
     # OpenAI's chat default: until the context is full.
     max_tokens = limit if limit is not None else max(1, n_ctx_seq - len(prompt))
-    base = SamplingParams(**values, seed=seed, logit_bias=bias)  # type: ignore[arg-type]
     samples = tuple(replace(base, seed=seed + i) for i in range(req.n))  # choice i uses seed + i
     job = Job(prompt=prompt, max_tokens=max_tokens, samples=samples, stop=req.stops, top_logprobs=req.top_alternatives)
     return Plan(job, req.n, None, req.top_alternatives)

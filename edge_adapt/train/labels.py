@@ -35,7 +35,7 @@ from edge_adapt.engine import Engine, EngineOptions, Sample, Vocab
 from edge_adapt.errors import UsageError
 from edge_adapt.eval.config import PoolSource, token_points
 from edge_adapt.backends import LocalBackend, PoolBackend
-from edge_adapt.eval.pool import PoolSettings, PromptPool, build_pool_from, model_identity, pool_job, samples_in
+from edge_adapt.eval.pool import PoolSettings, PromptPool, build_pool_from, pool_job, samples_in
 from edge_adapt.fileio import atomic_file, check_target, removed_on_failure
 from edge_adapt.progress import Job, to_the_end
 from edge_adapt.sizing import for_pool, load_engine
@@ -169,8 +169,7 @@ def _label_backend(cfg: LabelConfig, suite: Suite, engine: Engine | None) -> Poo
             longest = max(len(prompt_tokens(vocab, list(p.messages))) for p in suite.problems)
         engine = load_engine(for_pool(longest, cfg.k, cfg.max_tokens, 0),
                              EngineOptions(model=cfg.model, threads=cfg.threads))
-    scorer = NoSelfEval()
-    return LocalBackend(engine, scorer, identity=model_identity(engine, scorer))
+    return LocalBackend(engine, NoSelfEval())
 
 
 label = to_the_end(label_job)
