@@ -100,6 +100,83 @@ def test_label_refuses_to_overwrite_without_force(tmp_path):
     assert out.read_text() == "mine"
 
 
+
+def _label_set(tmp_path: Path, prompts: dict[str, list[bool]]) -> Path:
+    """A label file by hand: per prompt id, one whole response per correctness flag, each with the target
+    `targets` gives it (the share of the others not better)."""
+    recs = []
+    for pid, flags in prompts.items():
+        t = targets([float(x) for x in flags])
+        recs.append({"problem_id": pid, "level": 1, "prompt_ids": [1, 2],
+                     "rows": [{"sample": i, "cut": None, "ids": [5 + i], "correct": ok, "target": t[i]}
+                              for i, ok in enumerate(flags)]})
+    f = tmp_path / "hand.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in [{"format": FORMAT, "version": VERSION, "model": "m"}, *recs]))
+    return f
+
+
+def test_blend_target_keeps_right_above_wrong_and_ranks_wrongs_by_what_more_samples_would_fix(tmp_path):
+    from edge_adapt.train.trainer import groups_of
+
+    # "easy": 3 of 4 right, so a wrong reply there is fixed by restarting; "hopeless": none right.
+    labels = read_labels(_label_set(tmp_path, {"easy": [True, True, True, False], "hopeless": [False] * 4}))
+    got = {kind: [[r.target for r in g.rows] for g in groups_of(labels, kind, 0.3)]
+           for kind in ("correct", "relative", "blend")}
+    assert got["correct"] == [[1, 1, 1, 0], [0, 0, 0, 0]]
+    assert got["relative"] == [[1, 1, 1, 0], [1, 1, 1, 1]]  # a hopeless prompt's wrong reply is "keep"
+    assert got["blend"] == [[1, 1, 1, pytest.approx(0.0)], [pytest.approx(0.3)] * 4]
+    half = groups_of(labels, "blend", 0.5)
+    assert [r.target for r in half[1].rows] == [pytest.approx(0.5)] * 4
+    assert all(r.correct == (r.target == 1) for g in groups_of(labels, "blend", 0.3) for r in g.rows)
+    with pytest.raises(ValueError, match="unknown target"):
+        groups_of(labels, "nonsense")
+
+
+def test_blend_of_a_wrong_reply_scales_with_the_others_failing():
+    from edge_adapt.train.trainer import row_target
+
+    # A wrong reply whose 3 others have 1 right: relative target 2/3, blend 0.3 * 2/3.
+    row = {"correct": False, "target": 2 / 3}
+    assert row_target(row, "blend", 0.3) == pytest.approx(0.2)
+    assert row_target(row, "blend", 0.0) == row_target(row, "correct") == 0.0
+    assert row_target(row, "blend", 1.0) == pytest.approx(row_target(row, "relative"))
+
+
+def test_train_config_refuses_a_weight_outside_0_1(tmp_path):
+    from pydantic import ValidationError
+
+    from edge_adapt.train.config import TrainConfig
+
+    with pytest.raises(ValidationError):
+        TrainConfig(labels=[tmp_path / "a"], validation=[tmp_path / "b"], out=tmp_path, target="blend",
+                    relative_weight=1.5)
+
+
+def test_validation_metrics_break_down_by_family_when_there_are_several():
+    from edge_adapt.train.trainer import EpochResult, Row, _epoch_metrics, _Validation
+
+    def row(ok: bool) -> Row:
+        return Row(0, None, 3, float(ok), ok)
+
+    # units: the score ranks perfectly; dates: backwards; a user's own id belongs to no family.
+    v = _Validation(0.0, [0.9, 0.1, 0.2, 0.8, 0.5, 0.4], [row(True), row(False), row(True), row(False), row(True),
+                                                          row(False)], [1, 1, 1, 1, 2, 2],
+                    ["units", "units", "dates", "dates", None, None])
+    res = _epoch_metrics(1, 0.0, v, 0.0)
+    assert res.auroc_by_family == {"dates": 0.0, "units": 1.0}
+    assert res.breakdown() == "dates 0.000 units 1.000"
+    one = EpochResult(1, 0.0, 0.0, 0.5, 0.2, 0.25, 0.1, auroc_by_level={"1": 0.5}, auroc_by_family={"units": 0.5})
+    assert one.breakdown() == "L1 0.500"  # one family: its levels
+
+
+@pytest.mark.parametrize("pid, family", [("units-L3-validation-7", "units"), ("arith-L1-train-0", "arith"),
+                                         ("gsm8k-L2-test-0", "gsm8k"), ("units", None), ("mine-L1-x", None),
+                                         ("units-x", None), ("q17", None)])
+def test_family_of_a_problem_id(pid, family):
+    from edge_adapt.tasks.registry import family_of
+
+    assert family_of(pid) == family
+
 @pytest.mark.slow
 def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
     """A few prompts labelled, a few steps trained, exported, and loaded by the runtime: the runtime's score

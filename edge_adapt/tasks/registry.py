@@ -24,3 +24,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     STEPS,
     GSM8K,
 )}
+
+
+def family_of(problem_id: str) -> str | None:
+    """The family a generated problem comes from: its id starts with the family's name and a level
+    (`units-L3-validation-7`). None for problems of a user's suite file, whatever their ids."""
+    head, sep, rest = problem_id.partition("-")
+    return head if sep and head in FAMILIES and rest[:1] == "L" else None

@@ -32,9 +32,12 @@ class TrainConfig(BaseModel):
     targets: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     lr: float | None = Field(None, gt=0, description="learning rate; 3e-4 for (a)LoRA, 2e-5 for full when omitted")
-    target: Literal["relative", "correct"] = Field(
+    target: Literal["relative", "correct", "blend"] = Field(
         "relative", description="relative: the label's target, the share of other samples not better (Manvi et al.); "
-                                "correct: 1 for a right answer, 0 for a wrong one")
+                                "correct: 1 for a right answer, 0 for a wrong one; blend: (1 - w) * correct + "
+                                "w * relative with w = relative_weight")
+    relative_weight: float = Field(0.3, ge=0, le=1, description="w of the blend target: a wrong reply's target is "
+                                                               "w * (1 - pass rate of the others), a right one's 1")
     init: Path | None = Field(None, description="continue from this (a)LoRA adapter (a previous run's "
                                                 "`checkpoint/` directory, or an adapter GGUF such as the shipped "
                                                 "one) instead of a fresh adapter")

@@ -31,6 +31,7 @@ from typing import Any
 from edge_adapt.errors import UsageError
 from edge_adapt.eval import metrics
 from edge_adapt.progress import Job, Progress, to_the_end
+from edge_adapt.tasks.registry import family_of
 from edge_adapt.train.config import TrainConfig
 from edge_adapt.train.labels import LabelSet, merge_labels
 
@@ -56,16 +57,35 @@ class Group:
     responses: list[list[int]]
     rows: list[Row]
 
+    @property
+    def family(self) -> str | None:
+        return family_of(self.problem_id)
 
-def groups_of(labels: LabelSet, target: str = "relative") -> list[Group]:
-    """Prompt groups; `target` "correct" replaces each row's target by its correctness."""
+
+def row_target(row: dict[str, Any], target: str = "relative", relative_weight: float = 0.3) -> float:
+    """What one label row is trained towards. relative: the label's own target (1 if right, else the share of the
+    other samples not better); correct: 1 or 0; blend: (1 - w) * correct + w * relative, so a right reply stays
+    at 1 and a wrong one gets w * (1 - the others' pass rate): below every right reply, and higher on a prompt
+    that more samples would not fix than on one they would (the stop signal adaptive sampling needs)."""
+    correct, relative = float(row["correct"]), float(row["target"])
+    if target == "correct":
+        return correct
+    if target == "relative":
+        return relative
+    if target == "blend":
+        return (1 - relative_weight) * correct + relative_weight * relative
+    raise ValueError(f"unknown target {target!r}")
+
+
+def groups_of(labels: LabelSet, target: str = "relative", relative_weight: float = 0.3) -> list[Group]:
+    """Prompt groups, each row's target as `row_target` makes it."""
     out = []
     for rec in labels.prompts:
         full: dict[int, list[int]] = {r["sample"]: r["ids"] for r in rec["rows"] if r["cut"] is None}
         order = sorted(full)
         index = {s: i for i, s in enumerate(order)}
-        rows = [Row(index[r["sample"]], r["cut"], len(r["ids"]),
-                    float(r["correct"]) if target == "correct" else float(r["target"]), bool(r["correct"]))
+        rows = [Row(index[r["sample"]], r["cut"], len(r["ids"]), row_target(r, target, relative_weight),
+                    bool(r["correct"]))
                 for r in rec["rows"] if r["sample"] in index]
         out.append(Group(rec["problem_id"], rec.get("level"), rec["prompt_ids"], [full[s] for s in order], rows))
     return out
@@ -82,6 +102,14 @@ class EpochResult:
     ece: float
     auroc_by_level: dict[str, float | None] = field(default_factory=dict)
     seconds: float = 0.0
+    # Labels from several task families: each family's AUROC (levels then mean nothing across families).
+    auroc_by_family: dict[str, float | None] = field(default_factory=dict)
+
+    def breakdown(self) -> str:
+        """The per-family AUROCs when there are several families, else the per-level ones, for a progress line."""
+        parts = self.auroc_by_family if len(self.auroc_by_family) > 1 else {f"L{k}": v for k, v in
+                                                                             self.auroc_by_level.items()}
+        return " ".join(f"{k} {_f(v)}" for k, v in parts.items())
 
 
 @dataclass
@@ -229,6 +257,7 @@ class _Validation:
     p_keep: list[float]
     rows: list[Row]
     levels: list[int | None]
+    families: list[str | None]
 
 
 def _validate(scorer: _Scorer, groups: list[Group], acc: Any) -> _Validation:
@@ -242,29 +271,37 @@ def _validate(scorer: _Scorer, groups: list[Group], acc: Any) -> _Validation:
         g = groups[i]
         rows, diff, _ = scorer.logit_diffs(g, grad=False)
         loss = float(bce(diff, torch.tensor([r.target for r in rows], device=diff.device)))
-        parts.append((i, loss, torch.sigmoid(diff).tolist(), rows, g.level))
+        parts.append((i, loss, torch.sigmoid(diff).tolist(), rows, g.level, g.family))
     if acc.num_processes > 1:
         parts = sorted(gather_object(parts), key=lambda part: part[0])
-    v = _Validation(0.0, [], [], [])
-    for _, loss, p_keep, rows, level in parts:
+    v = _Validation(0.0, [], [], [], [])
+    for _, loss, p_keep, rows, level, family in parts:
         v.loss += loss
         v.p_keep.extend(p_keep)
         v.rows.extend(rows)
         v.levels.extend([level] * len(rows))
+        v.families.extend([family] * len(rows))
     v.loss /= max(len(v.rows), 1)
     return v
 
 
 def _epoch_metrics(epoch: int, train_loss: float, v: _Validation, seconds: float) -> EpochResult:
     """Calibration judged as the evaluation report judges it: whole responses, against correctness."""
-    full = [(p, r, lv) for p, r, lv in zip(v.p_keep, v.rows, v.levels) if r.cut is None]
-    scores, right = [p for p, _, _ in full], [r.correct for _, r, _ in full]
-    by_level = {str(lv): metrics.auroc([p for p, _, x in full if x == lv], [r.correct for _, r, x in full if x == lv])
-                for lv in sorted({x for _, _, x in full if x is not None})}
+    full = [(p, r, lv, fam) for p, r, lv, fam in zip(v.p_keep, v.rows, v.levels, v.families) if r.cut is None]
+    scores, right = [p for p, *_ in full], [r.correct for _, r, *_ in full]
+
+    def auroc_where(keep: Any) -> float | None:
+        return metrics.auroc([p for p, r, lv, fam in full if keep(lv, fam)],
+                             [r.correct for p, r, lv, fam in full if keep(lv, fam)])
+
+    levels = sorted({lv for _, _, lv, _ in full if lv is not None})
+    families = sorted({fam for *_, fam in full if fam is not None})
     return EpochResult(
         epoch=epoch, train_loss=train_loss, val_loss=v.loss, auroc=metrics.auroc(scores, right),
         brier=metrics.brier(scores, right), brier_constant=metrics.brier_constant(right),
-        ece=metrics.ece(scores, right), auroc_by_level=by_level, seconds=seconds,
+        ece=metrics.ece(scores, right), seconds=seconds,
+        auroc_by_level={str(x): auroc_where(lambda lv, _, x=x: lv == x) for x in levels},
+        auroc_by_family={x: auroc_where(lambda _, fam, x=x: fam == x) for x in families},
     )
 
 
@@ -372,7 +409,7 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
         # No buffer broadcast per forward pass: processes whose prompts take different numbers of passes would
         # deadlock on it, and the only buffers (rotary frequencies) are computed alike everywhere.
         scorer.net.broadcast_buffers = False
-    train_groups, val_groups = groups_of(train_set, cfg.target), groups_of(val_set, cfg.target)
+    train_groups, val_groups = (groups_of(s, cfg.target, cfg.relative_weight) for s in (train_set, val_set))
     steps_per_epoch = math.ceil(len(train_groups) / cfg.prompts_per_step)
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     warmup = max(1, total_steps // 20)
@@ -388,9 +425,8 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
         val0 = _epoch_metrics(0, float("nan"), _validate(scorer, val_groups, acc), 0.0)
         history.append(val0)
     if cfg.validate_before and main:
-        levels = " ".join(f"L{k} {_f(v)}" for k, v in val0.auroc_by_level.items())
         yield Progress("validate", 0, cfg.epochs,
-                       message=f"before training: AUROC {_f(val0.auroc)} ({levels}) Brier {val0.brier:.3f}")
+                       message=f"before training: AUROC {_f(val0.auroc)} ({val0.breakdown()}) Brier {val0.brier:.3f}")
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         order = train_groups[:]
@@ -427,10 +463,9 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
         res = _epoch_metrics(epoch, sum(losses) / max(len(losses), 1), _validate(scorer, val_groups, acc),
                              time.perf_counter() - t0)
         history.append(res)
-        levels = " ".join(f"L{k} {_f(v)}" for k, v in res.auroc_by_level.items())
         if main:
             yield Progress("validate", epoch, cfg.epochs,
-                           message=f"epoch {epoch}: AUROC {_f(res.auroc)} ({levels}) Brier {res.brier:.3f} "
+                           message=f"epoch {epoch}: AUROC {_f(res.auroc)} ({res.breakdown()}) Brier {res.brier:.3f} "
                                    f"(constant {res.brier_constant:.3f}) ECE {res.ece:.3f}")
         if best is None or (res.auroc or 0) > (best.auroc or 0):
             best = res  # every process holds the whole validation, so all agree on the best epoch
