@@ -590,7 +590,8 @@ def train_cmd(
     validation: Annotated[list[Path], typer.Option("--validation", help="labels of held-out prompts, validated each epoch (repeatable: merged)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory (adapter.gguf or model.gguf, metrics, plot)")],
     method: Annotated[str, typer.Option("--method", help="alora | lora | full")] = "alora",
-    target: Annotated[str, typer.Option("--target", help="relative (share of other samples not better) | correct")] = "relative",
+    target: Annotated[str, typer.Option("--target", help="relative (share of other samples not better) | correct | blend")] = "relative",
+    relative_weight: Annotated[float, typer.Option("--relative-weight", help="blend: target = (1 - w) * correct + w * relative")] = 0.3,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 2,
     init: Annotated[Optional[Path], typer.Option("--init", help="continue from a previous run's checkpoint/ directory or an adapter GGUF")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate (3e-4 for (a)LoRA, 2e-5 for full)")] = None,
@@ -611,7 +612,8 @@ def train_cmd(
 
     require_train_extra()
     cfg = validated(TrainConfig, dict(
-        labels=labels, validation=validation, out=out, method=method, target=target, epochs=epochs, init=init, lr=lr,
+        labels=labels, validation=validation, out=out, method=method, target=target, relative_weight=relative_weight, epochs=epochs,
+        init=init, lr=lr,
         rank=rank, prompts_per_step=prompts_per_step, lm_loss=lm_loss, max_steps=max_steps, model=model,
         validate_before=validate_before, threads=threads, seed=seed, force=force,
         **({"suffix": suffix} if suffix is not None else {})), "train")
