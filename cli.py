@@ -47,6 +47,7 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", help="show llama.cpp's ow
 # Sampling flags carry no ranges here: edge_adapt.engine.sampling declares them once, for every entry point.
 TempOpt = Annotated[Optional[float], typer.Option("--temp", help="sampling temperature (0: greedy; run: greedy unless a strategy, 0.7)")]
 MaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", help="most tokens to generate per sample (run: 256)", min=1)]
+PoolMaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", help="most tokens per sampled reply (default: each task family's own, 96 for other suites)", min=1)]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="random seed (sample i uses seed + i)")]
 SuiteOpt = Annotated[str, typer.Option("--suite", help="arith, gsm8k, mix (all task families), or a user suite .jsonl file")]
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="one task family instead of --suite (docs/tasks.md)")]
@@ -458,7 +459,7 @@ def eval_cmd(
     n_prompts: Annotated[int, typer.Option("--prompts", help="prompts to evaluate", min=1)] = 200,
     k: PoolKOpt = 16,
     temp: PoolTempOpt = 0.7,
-    max_tokens: MaxTokOpt = 96,
+    max_tokens: PoolMaxTokOpt = None,
     prune_at: PrunePointsOpt = None,
     seed: SeedOpt = 0,
     live: Annotated[Optional[list[str]], typer.Option("--live", help="also run this strategy for real: best-of-8 | adaptive (repeatable)")] = None,
@@ -498,7 +499,7 @@ def tune_policy_cmd(
     n_prompts: Annotated[int, typer.Option("--prompts", help="tuning prompts", min=1)] = 150,
     k: PoolKOpt = 16,
     temp: PoolTempOpt = 0.7,
-    max_tokens: MaxTokOpt = 96,
+    max_tokens: PoolMaxTokOpt = None,
     prune_at: PrunePointsOpt = None,
     budget: Annotated[Optional[list[int]], typer.Option("--budget", help="budget to tune for (repeatable; default 2 4 6 8 12 16)", min=1)] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="a cheaper choice within this accuracy of the best wins", min=0, max=1)] = 0.02,
@@ -557,7 +558,7 @@ def label_cmd(
     level: Annotated[Optional[list[int]], typer.Option("--level", help="arith level to label (repeatable; all when omitted)")] = None,
     k: Annotated[int, typer.Option("-k", "--samples", help="samples per prompt", min=2, max=64)] = 16,
     temp: Annotated[float, typer.Option("--temp", help="sampling temperature")] = 0.7,
-    max_tokens: MaxTokOpt = 96,
+    max_tokens: PoolMaxTokOpt = None,
     cut: Annotated[Optional[list[int]], typer.Option("--cut", help="also emit responses cut at this many tokens (repeatable)")] = None,
     seed: SeedOpt = 0,
     model: ModelOpt = None,

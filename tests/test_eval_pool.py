@@ -117,3 +117,17 @@ def test_rescoring_an_earlier_pool_reproduces_its_scores_without_generating(engi
     assert engine.free_sequences == SETTINGS.k + 2
     again = _drain(build_pool(engine, scorer, suite, SETTINGS, tmp_path, identity=ident))  # cached under its key
     assert [s.pool.greedy.end_score for s in again] == [s.pool.greedy.end_score for s in steps]
+
+
+def test_a_pool_without_max_tokens_gives_each_problem_its_own_budget(engine, scorer, tmp_path):
+    suite = arith_suite("test", 2)
+    short, long = replace(suite.problems[0], max_tokens=3), replace(suite.problems[1], max_tokens=9)
+    mixed = replace(suite, problems=(short, long))
+    settings = replace(SETTINGS, max_tokens=None, prune_points=())
+    pools = [s.pool for s in build_pool(engine, scorer, mixed, settings, tmp_path)]
+    assert max(s.n_tokens for s in (*pools[0].samples, pools[0].greedy)) == 3  # cut at its own budget
+    assert max(s.n_tokens for s in (*pools[1].samples, pools[1].greedy)) > 3
+    assert all(s.n_tokens <= 9 for s in (*pools[1].samples, pools[1].greedy))
+    # The budget the run gives overrides the problem's.
+    fixed = [s.pool for s in build_pool(engine, scorer, mixed, replace(settings, max_tokens=5), tmp_path / "b")]
+    assert max(s.n_tokens for p in fixed for s in (*p.samples, p.greedy)) == 5

@@ -41,7 +41,32 @@ def test_eval_config_rejects_bad_settings(tmp_path):
         EvalConfig(prune_points=[32, 16])
     with pytest.raises(ValueError):
         EvalConfig(unknown_option=1)
-    from edge_adapt.eval.run import pool_settings
+    from edge_adapt.eval.run import pool_settings, suite_for
 
+    cfg = EvalConfig(max_tokens=16, prune_points=[16])
     with pytest.raises(UsageError):
-        pool_settings(EvalConfig(max_tokens=16, prune_points=[16]))
+        pool_settings(cfg, suite_for(cfg))
+
+
+def test_pool_budget_is_each_familys_own_unless_given():
+    from edge_adapt.eval.run import pool_settings, suite_for
+    from edge_adapt.tasks import FAMILIES
+
+    def settings(**kw):
+        cfg = EvalConfig(n_prompts=18, split="validation", **kw)
+        return pool_settings(cfg, suite_for(cfg))
+
+    # One family: its budget written into the settings, so the cache key equals an explicit --max-tokens of it.
+    assert settings(family="steps").max_tokens == FAMILIES["steps"].max_tokens == 256
+    assert settings(family="steps") == settings(family="steps", max_tokens=256)
+    assert settings().max_tokens == 96  # arith, as before the flag had no default
+    assert settings(family="steps", max_tokens=40).max_tokens == 40
+    # A mix: no one budget; each problem keeps its family's.
+    mix = EvalConfig(suite="mix", n_prompts=18, split="validation", prune_points=[16, 32])
+    suite = suite_for(mix)
+    s = pool_settings(mix, suite)
+    assert s.max_tokens is None
+    assert {p.id.split("-")[0]: s.budget(p) for p in suite.problems} == {n: f.max_tokens for n, f in FAMILIES.items()}
+    # Prune points must lie below every family's budget (64 is the shortest).
+    with pytest.raises(UsageError, match="below max_tokens 64"):
+        pool_settings(mix.model_copy(update={"prune_points": [32, 64]}), suite)

@@ -250,3 +250,13 @@ def test_measure_smoke_reports_a_row_per_level_from_real_replies():
     assert [r.level for r in rows] == list(FAMILIES["sequence"].levels)
     assert all(r.prompts == 2 and 0 <= r.right <= 2 and 1 <= r.mean_tokens <= 8 for r in rows)
     assert rows[0].markdown().startswith("| sequence | 1 | 2 | ")
+
+
+def test_every_problem_of_a_family_or_a_mix_carries_its_familys_budget():
+    mix = load_suite("mix", split="validation", n=18)
+    assert {p.id.split("-")[0]: p.max_tokens for p in mix.problems} == {n: f.max_tokens for n, f in FAMILIES.items()}
+    assert mix.budget() is None and mix.budget(50) == 50
+    assert (mix.shortest_budget(), mix.longest_budget()) == (64, 256)
+    steps = load_suite("arith", family="steps", split="validation", n=5)
+    assert steps.budget() == 256 and steps.longest_budget(100) == 100
+    assert load_suite("arith", split="validation", n=5).budget() == 96

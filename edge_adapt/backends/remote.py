@@ -191,7 +191,7 @@ class RemoteBackend:
         t0 = time.perf_counter()
         prompt = self.vocab.tokenize(self.vocab.chat_prompt(list(problem.messages)))
         params = [*settings.params(problem.id), GREEDY]
-        drawn = _all(requests, [(self._draw, prompt, p, settings.max_tokens) for p in params], self._stop)
+        drawn = _all(requests, [(self._draw, prompt, p, settings.budget(problem)) for p in params], self._stop)
         check = suite.scorer_of(problem)
         records = [
             PoolSample(index=i if i < settings.k else -1, temperature=d.params.temperature, seed=d.params.seed,

@@ -23,7 +23,8 @@ class PoolSource(BaseModel):
     data: Path | None = Field(None, description="suite file (gsm8k: defaults to ../shared/data/gsm8k/train.jsonl)")
     scorer: str | None = Field(None, description="user suites: final-number, exact, regex:<pattern>, module:function")
     temperature: float = Field(0.7, description="sampling temperature of the pool (> 0)")
-    max_tokens: int = Field(96, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="most tokens per reply; default: each task family's own "
+                                                           "(docs/tasks.md), 96 for other suites")
     seed: int = 0
     model: Path | None = Field(None, description="GGUF model; the embedded default when omitted")
     threads: int | None = Field(None, ge=1)

@@ -38,7 +38,7 @@ def _run(engine: Engine, scorer: SelfEvalScorer, suite: Suite, problem: Problem,
     with engine.opened(engine.tokenize(engine.chat_prompt(list(problem.messages)))) as root:
         rounds = [n] if strategy == "best-of-n" else round_sizes(n)
         for size in rounds:
-            new = engine.start(root, params[len(used) : len(used) + size], max_tokens=settings.max_tokens,
+            new = engine.start(root, params[len(used) : len(used) + size], max_tokens=settings.budget(problem),
                                first_index=len(used))
             used += new
             for _ in engine.advance(new):

@@ -49,9 +49,13 @@ class PoolSettings:
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
-    max_tokens: int = 96
+    max_tokens: int | None = 96  # None: each problem's own budget (a mix's families differ), see Problem.budget
     prune_points: tuple[int, ...] = (16, 32)
     seed: int = 0
+
+    def budget(self, problem: Problem) -> int:
+        """Tokens a reply to `problem` may take in this pool."""
+        return problem.budget(self.max_tokens)
 
     def params(self, problem_id: str) -> list[SamplingParams]:
         return [
@@ -212,7 +216,7 @@ def generate_prompt_pool(
     t0 = time.perf_counter()
     tokens = engine.tokenize(engine.chat_prompt(list(problem.messages)))
     with engine.opened(tokens) as root:  # the samples forked from it go back with it
-        samples = engine.start(root, [*settings.params(problem.id), GREEDY], max_tokens=settings.max_tokens)
+        samples = engine.start(root, [*settings.params(problem.id), GREEDY], max_tokens=settings.budget(problem))
         n_pts = len(settings.prune_points)
         at: list[list[float | None]] = [[None] * n_pts for _ in samples]
         cost: list[list[float]] = [[0.0] * (n_pts + 1) for _ in samples]

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from edge_adapt.eval import metrics
 from edge_adapt.eval.pool import PromptPool
 from edge_adapt.eval.replay import Replay
+from edge_adapt.tasks.registry import family_of
 
 
 class StrategyRow(BaseModel):
@@ -69,7 +70,7 @@ class Report(BaseModel):
     prompts: int
     k: int
     temperature: float
-    max_tokens: int
+    max_tokens: int | None  # None: each problem's family's own budget (a mix)
     prune_points: list[int]
     pool_file: str
     generation_wall_s: float
@@ -100,12 +101,17 @@ def calibration(scope: str, groups: Sequence[tuple[list[float], list[bool]]], bi
 
 
 def calibrations(pools: Sequence[PromptPool], prune_points: Sequence[int]) -> list[Calibration]:
-    """End-score calibration over all sampled replies, per level, and at each prune point (samples scored there)."""
+    """End-score calibration over all sampled replies, per level, per task family when there are several (a mix),
+    and at each prune point (samples scored there)."""
     def ends(ps: Sequence[PromptPool]) -> list[tuple[list[float], list[bool]]]:
         return [([s.end_score for s in p.samples], [s.correct for s in p.samples]) for p in ps]
     out = [calibration("all", ends(pools))]
     for lv in sorted({p.level for p in pools if p.level is not None}):
         out.append(calibration(f"level {lv}", ends([p for p in pools if p.level == lv])))
+    families = sorted({f for f in map(family_of, (p.problem_id for p in pools)) if f is not None})
+    if len(families) > 1:
+        for fam in families:
+            out.append(calibration(f"family {fam}", ends([p for p in pools if family_of(p.problem_id) == fam])))
     for i, pt in enumerate(prune_points):
         scored = [[s for s in p.samples if s.scores[i] is not None] for p in pools]
         groups = [([s.scores[i] for s in ss], [s.correct for s in ss]) for ss in scored if ss]
@@ -146,7 +152,8 @@ def render_markdown(r: Report) -> str:
         f"- model: `{r.model}`", f"- self-eval: `{r.selfeval}`",
         f"- suite: `{r.suite}` split `{r.split}`, {r.prompts} prompts"
         + (f" ({', '.join(f'level {k}: {v}' for k, v in sorted(r.levels.items()))})" if r.levels else ""),
-        f"- pool: K={r.k} samples per prompt at temperature {r.temperature} + 1 greedy, max_tokens {r.max_tokens}, "
+        f"- pool: K={r.k} samples per prompt at temperature {r.temperature} + 1 greedy, max_tokens "
+        f"{r.max_tokens if r.max_tokens is not None else 'each family its own'}, "
         f"prune points {r.prune_points}",
         (f"- generation: {r.prompts_generated} prompts generated ({r.tokens_generated} tokens) in "
          f"{r.generation_wall_s / 60:.1f} min" if r.prompts_generated else

@@ -44,10 +44,14 @@ def load_selfeval(spec: str) -> Callable[..., SelfEvalScorer]:
         raise UsageError(f"self-evaluator {spec!r} cannot be loaded ({exc})") from None
 
 
-def pool_settings(cfg: EvalConfig) -> PoolSettings:
-    if cfg.prune_points and cfg.prune_points[-1] >= cfg.max_tokens:
-        raise UsageError(f"prune points {cfg.prune_points} must be below max_tokens {cfg.max_tokens}")
-    return PoolSettings(k=cfg.k, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+def pool_settings(cfg: EvalConfig, suite: Suite) -> PoolSettings:
+    """How the pool of `suite` is drawn. Without --max-tokens each problem takes its family's budget; when those
+    are all one number (any suite but a mix) it is written into the settings, so the pool's cache key is the
+    one an explicit --max-tokens of that number gives."""
+    shortest = suite.shortest_budget(cfg.max_tokens)
+    if cfg.prune_points and cfg.prune_points[-1] >= shortest:
+        raise UsageError(f"prune points {cfg.prune_points} must be below max_tokens {shortest}")
+    return PoolSettings(k=cfg.k, temperature=cfg.temperature, max_tokens=suite.budget(cfg.max_tokens),
                         prune_points=tuple(cfg.prune_points), seed=cfg.seed)
 
 
@@ -125,16 +129,17 @@ def pool_engine(cfg: EvalConfig, suites: list[Suite], live: list[StrategyConfig]
     from edge_adapt.selfeval import suffix_tokens
 
     prompts = [list(p.messages) for s in suites for p in s.problems]
+    budget = max(s.longest_budget(cfg.max_tokens) for s in suites)
     with Vocab(cfg.model) as vocab:
         longest_ids = max((prompt_tokens(vocab, p) for p in prompts), key=len)
         longest = len(longest_ids)
         suffix = len(suffix_tokens(vocab, selfeval_config(cfg)))
         extra = [for_strategy(vocab, longest_ids, c)[0] for c in live]
-    engine = load_engine(for_pool(longest, cfg.k, cfg.max_tokens, suffix, extra=extra),
+    engine = load_engine(for_pool(longest, cfg.k, budget, suffix, extra=extra),
                          EngineOptions(model=cfg.model, threads=cfg.threads))
     try:
         scorer = load_scorer(cfg, engine)
-        ensure(engine, for_pool(longest, cfg.k, cfg.max_tokens, len(getattr(scorer, "suffix", ())), extra=extra))
+        ensure(engine, for_pool(longest, cfg.k, budget, len(getattr(scorer, "suffix", ())), extra=extra))
     except BaseException:
         engine.close()
         raise
@@ -160,7 +165,7 @@ def pool_backend(cfg: EvalConfig, suites: list[Suite], live: list[StrategyConfig
 def pools_job(cfg: EvalConfig, backend: PoolBackend, suite: Suite) -> Job[tuple[PoolRun, str]]:
     """The pool of every prompt of `suite` (cached ones read back, missing ones made by `backend`) and the
     identity (model, adapter, self-eval) it was made with."""
-    settings = pool_settings(cfg)
+    settings = pool_settings(cfg, suite)
     steps = build_pool_from(backend, suite, settings, cfg.cache_dir, rescore=samples_in(cfg.cache_dir))
     run = yield from pool_job(f"pool {suite.name}/{suite.split} K={settings.k}", steps)
     return run, backend.identity
@@ -181,8 +186,8 @@ def eval_job(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalS
 
 
 def _evaluate(cfg: EvalConfig, engine: Engine | None, scorer: SelfEvalScorer | None) -> Job[Report]:
-    settings = pool_settings(cfg)
     suite = suite_for(cfg)
+    settings = pool_settings(cfg, suite)
     if engine is not None:
         backend: PoolBackend = LocalBackend(engine, scorer if scorer is not None else load_scorer(cfg, engine),
                                             cfg.adapter)

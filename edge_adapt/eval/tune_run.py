@@ -221,9 +221,11 @@ def bin_curves(pools: list[PromptPool], policy: Policy, budget: int, points: tup
 
 def live_config(cfg: TuneConfig, tcfg: EvalConfig, name: str) -> StrategyConfig:
     """How strategy `name` runs live: the live budget, the pool's sampling, seeds no pool used (auto: the policy
-    this job writes)."""
+    this job writes). One strategy config serves every prompt, so a mix without --max-tokens runs live with its
+    longest family budget."""
+    max_tokens = tcfg.max_tokens or suite_for(tcfg).longest_budget()
     return StrategyConfig.parse({
-        "strategy": name, "budget": cfg.live_budget, "max_tokens": tcfg.max_tokens, "temperature": tcfg.temperature,
+        "strategy": name, "budget": cfg.live_budget, "max_tokens": max_tokens, "temperature": tcfg.temperature,
         "seed": LIVE_SEED, **({"policy": str(cfg.out)} if name == "auto" else {}),
     }, f"live {name}")
 
@@ -277,10 +279,10 @@ def compare_model(path: Path, tcfg: EvalConfig) -> Job[dict[str, Any]]:
     with Vocab(path) as vocab:
         prompts = [prompt_tokens(vocab, list(p.messages)) for p in suite.problems]
     right, tokens = 0, []
-    size = for_generation(max(prompts, key=len), 1, tcfg.max_tokens)
+    size = for_generation(max(prompts, key=len), 1, suite.longest_budget(tcfg.max_tokens))
     with load_engine(size, EngineOptions(model=path, threads=tcfg.threads)) as big:
         for i, (p, ids) in enumerate(zip(suite.problems, prompts)):
-            (answer,) = collect(big.generate(ids, GREEDY, max_tokens=tcfg.max_tokens)).samples
+            (answer,) = collect(big.generate(ids, GREEDY, max_tokens=p.budget(tcfg.max_tokens))).samples
             right += bool(suite.scorer_of(p).correct(answer.text, p.answer))
             tokens.append(answer.tokens)
             yield Progress(f"compare {path.name} greedy", i + 1, len(suite.problems))

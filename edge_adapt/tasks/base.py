@@ -11,6 +11,9 @@ from edge_adapt.tasks.scorers import Scorer
 Split = str  # "train" | "validation" | "test"
 SPLITS = ("train", "validation", "test")
 
+# Tokens a reply may take when neither the run nor the problem says (arith's budget; enough for a brief answer).
+DEFAULT_MAX_TOKENS = 96
+
 # Appended to every generated question so the answer can be extracted (scorers look for "answer is N").
 ANSWER_FORMAT = 'Give a short explanation, then write "The answer is" followed by the number.'
 
@@ -25,6 +28,12 @@ class Problem:
     level: int | None = None
     # This problem's checker when it is not its suite's: a mix keeps each family's, a family may differ by level.
     scorer: Scorer | None = None
+    # Tokens a reply to it may take when the run does not say: its family's (a mix keeps each family's).
+    max_tokens: int | None = None
+
+    def budget(self, max_tokens: int | None = None) -> int:
+        """Tokens a reply may take: the run's `max_tokens` when given, else the problem's own, else 96."""
+        return max_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
 
     @property
     def text(self) -> str:
@@ -45,6 +54,20 @@ class Suite:
     def scorer_of(self, problem: Problem) -> Scorer:
         """The scorer that checks replies to `problem`: its own when it has one, else the suite's."""
         return problem.scorer or self.scorer
+
+    def budget(self, max_tokens: int | None = None) -> int | None:
+        """The reply budget a run over this suite has: `max_tokens` when given; else the one its problems share
+        (a family's); None when they differ (a mix: each problem keeps its family's, see Problem.budget)."""
+        budgets = {p.budget(max_tokens) for p in self.problems}
+        return budgets.pop() if len(budgets) == 1 else None
+
+    def longest_budget(self, max_tokens: int | None = None) -> int:
+        """The most tokens any reply of a run over this suite may take (what engines are sized for)."""
+        return max((p.budget(max_tokens) for p in self.problems), default=max_tokens or DEFAULT_MAX_TOKENS)
+
+    def shortest_budget(self, max_tokens: int | None = None) -> int:
+        """The fewest tokens a reply's budget allows (prune points and cuts must lie below it)."""
+        return min((p.budget(max_tokens) for p in self.problems), default=max_tokens or DEFAULT_MAX_TOKENS)
 
 
 def user(content: str) -> tuple[Message, ...]:

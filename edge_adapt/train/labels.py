@@ -116,14 +116,15 @@ def label_job(cfg: LabelConfig, engine: Engine | None = None) -> Job[Path]:
     """Generate (or reuse) the pool prompt by prompt, yielding Progress; write the dataset when all are done."""
     out = Path(cfg.out)
     check_target(out, force=cfg.force)
-    if cfg.cuts and cfg.cuts[-1] >= cfg.max_tokens:
-        raise UsageError(f"cuts {cfg.cuts} must be below max_tokens {cfg.max_tokens}")
     suite = load_suite(cfg.suite, split=cfg.split, n=cfg.n_prompts, path=cfg.data, scorer=cfg.scorer, seed=cfg.seed,
                        levels=cfg.levels, family=cfg.family)
     if not suite.problems:
         raise UsageError(f"suite {suite.name!r} holds no problems")
-    settings = PoolSettings(k=cfg.k, temperature=cfg.temperature, max_tokens=cfg.max_tokens, prune_points=(),
-                            seed=cfg.seed)
+    if cfg.cuts and cfg.cuts[-1] >= suite.shortest_budget(cfg.max_tokens):
+        raise UsageError(f"cuts {cfg.cuts} must be below max_tokens {suite.shortest_budget(cfg.max_tokens)}")
+    # Without --max-tokens each problem takes its family's budget (see eval.run.pool_settings).
+    settings = PoolSettings(k=cfg.k, temperature=cfg.temperature, max_tokens=suite.budget(cfg.max_tokens),
+                            prune_points=(), seed=cfg.seed)
     backend = _label_backend(cfg, suite, engine)
     try:
         with removed_on_failure(cfg.cache_dir, keep_work=True):  # an empty cache folder is not left behind
@@ -140,7 +141,7 @@ def label_job(cfg: LabelConfig, engine: Engine | None = None) -> Job[Path]:
                 "backend": cfg.backend,
                 "suite": suite.name, "split": suite.split, "scorer": suite.scorer.name, "created": time.strftime("%Y-%m-%d"),
                 "settings": {"k": cfg.k, "temperature": cfg.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
-                             "min_p": settings.min_p, "max_tokens": cfg.max_tokens, "cuts": cfg.cuts, "seed": cfg.seed,
+                             "min_p": settings.min_p, "max_tokens": settings.max_tokens, "cuts": cfg.cuts, "seed": cfg.seed,
                              "include_greedy": cfg.include_greedy, "levels": cfg.levels},
             }
             with atomic_file(out, force=cfg.force) as tmp:
@@ -167,7 +168,7 @@ def _label_backend(cfg: LabelConfig, suite: Suite, engine: Engine | None) -> Poo
     if engine is None:  # no suffix to make room for
         with Vocab(cfg.model) as vocab:
             longest = max(len(prompt_tokens(vocab, list(p.messages))) for p in suite.problems)
-        engine = load_engine(for_pool(longest, cfg.k, cfg.max_tokens, 0),
+        engine = load_engine(for_pool(longest, cfg.k, suite.longest_budget(cfg.max_tokens), 0),
                              EngineOptions(model=cfg.model, threads=cfg.threads))
     return LocalBackend(engine, NoSelfEval())
 
