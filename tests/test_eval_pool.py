@@ -131,3 +131,25 @@ def test_a_pool_without_max_tokens_gives_each_problem_its_own_budget(engine, sco
     # The budget the run gives overrides the problem's.
     fixed = [s.pool for s in build_pool(engine, scorer, mixed, replace(settings, max_tokens=5), tmp_path / "b")]
     assert max(s.n_tokens for p in fixed for s in (*p.samples, p.greedy)) == 5
+
+
+def test_a_mix_takes_the_samples_of_its_families_own_pools(engine, scorer, tmp_path):
+    from edge_adapt.eval.pool import samples_in
+    from edge_adapt.tasks import FAMILIES, family_suite, mix_suite
+
+    fams = [FAMILIES["compare"], FAMILIES["sequence"]]
+    own = {}
+    for fam in fams:  # each family's own run, its budget given explicitly as `--max-tokens 64` would
+        suite = family_suite(fam, "validation", 1)
+        (step,) = build_pool(engine, scorer, suite, replace(SETTINGS, max_tokens=fam.max_tokens), tmp_path / "c")
+        own[step.pool.problem_id] = step.pool
+    mix = mix_suite(fams, "validation", 2)
+    steps = list(build_pool(engine, scorer, mix, replace(SETTINGS, max_tokens=None), tmp_path / "mix",
+                            rescore=samples_in(tmp_path / "c")))
+    assert [s.generated for s in steps] == [False, False]  # scored again, never sampled again
+    for s in steps:
+        assert [x.tokens for x in s.pool.samples] == [x.tokens for x in own[s.pool.problem_id].samples]
+    # Another budget is other samples: not taken.
+    other = list(build_pool(engine, scorer, mix, replace(SETTINGS, max_tokens=8), tmp_path / "mix8",
+                            rescore=samples_in(tmp_path / "c")))
+    assert [s.generated for s in other] == [True, True]

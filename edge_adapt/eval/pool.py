@@ -28,6 +28,7 @@ from edge_adapt.engine import GREEDY, Engine, Sample, SamplingParams
 from edge_adapt.engine.text import TextStream
 from edge_adapt.progress import Job, Progress
 from edge_adapt.tasks.base import Problem, Suite, stable_hash
+from edge_adapt.tasks.registry import family_of
 
 if TYPE_CHECKING:
     from edge_adapt.backends import PoolBackend
@@ -144,9 +145,13 @@ def settings_key(identity: str, suite: str, settings: PoolSettings) -> str:
 
 def sample_key(fingerprint: str, suite: str, settings: PoolSettings, problem: Problem) -> str:
     """Everything the samples themselves depend on. Scoring runs on scratch forks and never changes a sample,
-    so pools made with another scorer or other prune points hold the same samples under this key."""
+    so pools made with another scorer or other prune points hold the same samples under this key. A family's
+    problem is keyed by its family and its own reply budget, so a mix's pool and the family's own pool with the
+    same settings hold the same samples under one key (a family suite's key is what it always was)."""
     sampling = {k: v for k, v in sorted(asdict(settings).items()) if k != "prune_points"}
-    blob = f"{fingerprint}|{suite}|{sampling}|{problem.id}|{problem.text}|{problem.answer}"
+    sampling["max_tokens"] = settings.budget(problem)
+    source = family_of(problem.id) or suite
+    blob = f"{fingerprint}|{source}|{sampling}|{problem.id}|{problem.text}|{problem.answer}"
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
