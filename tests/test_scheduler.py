@@ -186,3 +186,36 @@ def test_cached_prefixes_never_starve_a_running_strategy(sched: Scheduler) -> No
     m = _idle(sched)
     assert m["live_sequences"] == 0
     assert m["prefix_cache_entries"] + m["live_sequences"] <= sched.capacity
+
+
+def test_a_scheduler_that_fails_outside_a_job_refuses_work_instead_of_queueing_it() -> None:
+    """A bug in the scheduler's own loop (here: its decode step raising) ends the running job with ShuttingDown,
+    records the cause, gives every sequence back, and later submissions are refused at once."""
+    from edge_adapt.server.scheduler import ShuttingDown
+
+    with Engine(parallel=2, ctx=128, device="cpu", threads=1) as e:
+        s = Scheduler(e, max_queue=2)
+
+        def broken(requests: object) -> None:
+            raise RuntimeError("boom")
+
+        s._decode = broken  # type: ignore[method-assign]
+        s.start()
+        try:
+            events = _run(s, Job(_prompt(s, "Hi."), max_tokens=4, samples=_samples(1)), timeout=60)
+            assert isinstance(events[-1], ShuttingDown)
+            s._thread.join(timeout=30)
+            assert isinstance(s.failure, RuntimeError) and str(s.failure) == "boom"
+            with pytest.raises(ShuttingDown):
+                s.submit(Job(_prompt(s, "Hi."), max_tokens=4, samples=_samples(1)), lambda _: None)
+            assert e.live_sequences == 0
+            from starlette.testclient import TestClient
+
+            from edge_adapt.server.app import ServerState, create_app
+
+            with TestClient(create_app(ServerState(model_id="m", scheduler=s))) as http:  # what a client sees
+                r = http.get("/health")
+                assert r.status_code == 503 and r.json()["error"]["code"] == "scheduler_failed"
+                assert "boom" in r.json()["error"]["message"] and "retry-after" not in r.headers
+        finally:
+            s.close()

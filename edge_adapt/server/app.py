@@ -62,6 +62,9 @@ class ServerState:
         if self.scheduler is None:
             raise APIError(503, "the model is still loading", code="model_loading",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
+        if self.scheduler.failure is not None:  # it will not come back: no Retry-After
+            raise APIError(503, f"the server's scheduler stopped ({self.scheduler.failure!r}); restart the server",
+                           code="scheduler_failed")
         return self.scheduler
 
     def accepts(self, model: str | None) -> bool:

@@ -19,6 +19,7 @@ turn decodes only its new tokens. Entries are evicted least recently used first 
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
@@ -133,6 +134,8 @@ class Scheduler:
         self._cache = PrefixCache()
         self._counters = _Counters()
         self._closing = False
+        # What stopped the scheduler's thread when it was not a close(): requests are refused from then on.
+        self.failure: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._pieces: dict[int, str] = {}
 
@@ -246,6 +249,9 @@ class Scheduler:
                     with self._cond:  # the queue head waits for slots no one will free: nothing to do but wait
                         if self._queue and not self._can_admit(self._queue[0]):
                             self._cond.wait(0.05)
+        except BaseException as e:  # a bug outside any one job: say so, and refuse work rather than queue it forever
+            self.failure = e
+            logging.getLogger("edge_adapt.server").error("the scheduler stopped: %r", e, exc_info=e)
         finally:
             self._shutdown()
 
@@ -395,7 +401,10 @@ class Scheduler:
             self._cond.notify_all()
 
     def _shutdown(self) -> None:
-        """Every running and queued job ends with ShuttingDown (its sequences given back), the cache is emptied."""
+        """Every running and queued job ends with ShuttingDown (its sequences given back), the cache is emptied, and
+        later submissions are refused."""
+        with self._cond:
+            self._closing = True
         closing = ShuttingDown("the server is shutting down")
         for run in list(self._running):
             run.ticket.cancelled.set()
