@@ -238,3 +238,36 @@ def test_auroc_ci_resamples_prompts():
     # from the pair, but a resample of one prompt has one class only and is left out, never counted as 0.5.
     assert metrics.auroc_ci([([0.9] * 8, [1] * 8), ([0.1] * 8, [0] * 8)], n_boot=200) == (1.0, 1.0)
     assert metrics.auroc_ci([([0.9], [1])], n_boot=50) is None
+
+
+def test_perfect_judge_at_the_same_samples_grows_in_proportion_to_the_extra_samples():
+    from edge_adapt.eval.report import judge_at
+
+    def row(strategy, setting, correct, samples, budget=2):
+        return rp.Replay(strategy, setting, tuple(correct), tuple(samples), (0.0,) * 4, (0.0,) * 4, budget)
+
+    # Greedy is wrong on prompts 0 and 1; one more sample fixes prompt 0 only. The judge resamples both.
+    greedy = row("greedy", "", [0, 0, 1, 1], [1, 1, 1, 1], 1)
+    judge = row("adaptive", "by=oracle max=2 first=greedy", [1, 0, 1, 1], [2, 2, 1, 1])
+    score = row("adaptive", "threshold=0.3 max=2 first=greedy", [1, 0, 1, 1], [2, 1, 1, 1])  # 1.25 samples
+    replays = [greedy, judge, score]
+    assert judge_at(score, replays) == pytest.approx(0.5 + 0.5 * 0.25)  # half the judge's extra samples
+    spendthrift = row("adaptive", "threshold=0.9 max=2 first=greedy", [1, 0, 1, 1], [2, 2, 2, 2])
+    assert judge_at(spendthrift, replays) == pytest.approx(0.75)  # no more than the judge's own row
+    assert judge_at(row("adaptive", "threshold=0.3 max=2", [1, 0, 1, 1], [2, 1, 1, 1]), replays) is None
+    assert judge_at(judge, replays) is None
+    assert judge_at(row("adaptive", "threshold=0.3 max=4 first=greedy", [1, 0, 1, 1], [2, 1, 1, 1], 4), replays) is None
+
+
+def test_report_rows_carry_the_judges_share_for_adaptive_from_greedy_only():
+    from edge_adapt.eval.report import strategy_rows
+
+    pools = _pools()
+    rows = strategy_rows(rp.replay_all(pools, prune_points=(16,)), pools, 0)
+    judged = [r for r in rows if r.judge_accuracy is not None]
+    assert judged and all(r.setting.endswith("first=greedy") and "oracle" not in r.setting for r in judged)
+    greedy = next(r.accuracy for r in rows if r.strategy == "greedy")
+    for r in judged:
+        assert greedy <= r.judge_accuracy <= max(x.accuracy for x in rows if x.setting.startswith("by=oracle"))
+        if r.judge_gain_share is not None:
+            assert r.judge_gain_share == pytest.approx((r.accuracy - greedy) / (r.judge_accuracy - greedy))

@@ -24,6 +24,10 @@ class StrategyRow(BaseModel):
     mean_selfeval_tokens: float
     gain_recovered: float | None = None  # (acc - greedy) / (best-of-K by self-eval - greedy)
     per_level: dict[str, float] = {}
+    # Adaptive from greedy only: what a perfect right/wrong judge reaches at this row's mean samples and budget
+    # (see judge_at), and the share of its gain over greedy this row gets.
+    judge_accuracy: float | None = None
+    judge_gain_share: float | None = None
 
 
 class BinRow(BaseModel):
@@ -135,10 +139,32 @@ def strategy_rows(replays: Sequence[Replay], pools: Sequence[PromptPool], seed: 
         gain = None
         if base is not None and top is not None and top - base > 1e-9:  # no gain to recover otherwise
             gain = (r.accuracy - base) / (top - base)
+        judge = judge_at(r, replays)
+        share = None
+        if judge is not None and base is not None and judge - base > 1e-9:
+            share = (r.accuracy - base) / (judge - base)
         rows.append(StrategyRow(strategy=r.strategy, setting=r.setting, accuracy=r.accuracy, ci_low=lo, ci_high=hi,
                                 mean_samples=r.mean_samples, mean_tokens=r.mean_tokens,
-                                mean_selfeval_tokens=r.mean_selfeval_tokens, gain_recovered=gain, per_level=per))
+                                mean_selfeval_tokens=r.mean_selfeval_tokens, gain_recovered=gain, per_level=per,
+                                judge_accuracy=judge, judge_gain_share=share))
     return rows
+
+
+def judge_at(row: Replay, replays: Sequence[Replay]) -> float | None:
+    """The accuracy a perfect right/wrong judge gets from greedy at `row`'s mean samples and budget: None unless
+    `row` is adaptive from greedy by the score. The judge's own row (`by=oracle`, same budget) resamples every
+    prompt whose greedy answer is wrong; held to fewer samples on average it can only pick at random which of
+    them to resample (it knows right from wrong, not which prompt another sample would fix), so its gain over
+    greedy grows in proportion to the extra samples, up to its own row."""
+    if row.strategy != "adaptive" or "first=greedy" not in row.setting or "by=oracle" in row.setting:
+        return None
+    greedy_row = next((r for r in replays if r.strategy == "greedy"), None)
+    oracle = next((r for r in replays if r.strategy == "adaptive" and r.setting.startswith("by=oracle")
+                   and r.n_budget == row.n_budget), None)
+    if greedy_row is None or oracle is None or oracle.mean_samples <= 1.0:
+        return None
+    part = min(1.0, max(0.0, (row.mean_samples - 1.0) / (oracle.mean_samples - 1.0)))
+    return greedy_row.accuracy + part * (oracle.accuracy - greedy_row.accuracy)
 
 
 def _f(x: float | None, nd: int = 3) -> str:
@@ -176,6 +202,15 @@ def render_markdown(r: Report) -> str:
             f"| {s.strategy} | {s.setting} | {s.accuracy:.3f} | {s.ci_low:.3f}–{s.ci_high:.3f} | {s.mean_samples:.2f} | "
             f"{s.mean_tokens:.0f} | {s.mean_selfeval_tokens:.0f} | {_f(s.gain_recovered, 2)} |"
             + "".join(f" {s.per_level.get(x, float('nan')):.2f} |" for x in lv))
+    judged = [s for s in r.strategies if s.judge_accuracy is not None]
+    if judged:
+        lines += ["", "## Adaptive sampling from greedy against a perfect judge at the same samples", "",
+                  "A perfect right/wrong judge held to the row's mean samples resamples a random share of the prompts "
+                  "whose greedy answer is wrong: its gain over greedy is its `by=oracle` row's (same budget) in "
+                  "proportion to the extra samples. `share` is the row's gain over greedy as a share of the judge's.",
+                  "", "| setting | samples | accuracy | perfect judge | share |", "|---|---|---|---|---|"]
+        lines += [f"| {s.setting} | {s.mean_samples:.2f} | {s.accuracy:.3f} | {s.judge_accuracy:.3f} | "
+                  f"{_f(s.judge_gain_share, 2)} |" for s in judged]
     lines += ["", "## Calibration of the self-eval score (p_keep vs correctness of each sampled reply)", "",
               "AUROC's interval is a 95% bootstrap over prompts (a prompt's replies are resampled together).", "",
               "| scope | replies | base rate | AUROC | AUROC 95% CI | Brier | Brier of constant | ECE |",
