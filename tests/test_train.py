@@ -366,3 +366,11 @@ def test_full_fine_tune_exports_a_self_describing_model(tmp_path: Path, engine: 
         finally:
             merged.release(root)
         assert 0.0 < p < 1.0
+
+
+def test_label_refuses_cuts_at_or_past_the_shortest_reply_budget(tmp_path):
+    with pytest.raises(UsageError, match=r"cuts \[32, 96\] must be below max_tokens 96"):
+        label(LabelConfig(out=tmp_path / "l.jsonl", n_prompts=2, k=2, cuts=[32, 96]))
+    with pytest.raises(UsageError, match=r"cuts \[64\] must be below max_tokens 64"):  # a mix: the short families'
+        label(LabelConfig(out=tmp_path / "m.jsonl", suite="mix", n_prompts=9, k=2, cuts=[64]))
+    assert not list(tmp_path.iterdir())

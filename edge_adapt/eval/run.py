@@ -48,9 +48,7 @@ def pool_settings(cfg: EvalConfig, suite: Suite) -> PoolSettings:
     """How the pool of `suite` is drawn. Without --max-tokens each problem takes its family's budget; when those
     are all one number (any suite but a mix) it is written into the settings, so the pool's cache key is the
     one an explicit --max-tokens of that number gives."""
-    shortest = suite.shortest_budget(cfg.max_tokens)
-    if cfg.prune_points and cfg.prune_points[-1] >= shortest:
-        raise UsageError(f"prune points {cfg.prune_points} must be below max_tokens {shortest}")
+    suite.check_below_budget("prune points", list(cfg.prune_points), cfg.max_tokens)
     return PoolSettings(k=cfg.k, temperature=cfg.temperature, max_tokens=suite.budget(cfg.max_tokens),
                         prune_points=tuple(cfg.prune_points), seed=cfg.seed)
 

@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass
 
 from edge_adapt.engine.chat import Message
+from edge_adapt.errors import UsageError
 from edge_adapt.tasks.scorers import Scorer
 
 Split = str  # "train" | "validation" | "test"
@@ -68,6 +69,13 @@ class Suite:
     def shortest_budget(self, max_tokens: int | None = None) -> int:
         """The fewest tokens a reply's budget allows (prune points and cuts must lie below it)."""
         return min((p.budget(max_tokens) for p in self.problems), default=max_tokens or DEFAULT_MAX_TOKENS)
+
+    def check_below_budget(self, what: str, points: list[int], max_tokens: int | None = None) -> None:
+        """Token counts (prune points, label cuts; increasing) that every reply's budget must exceed, or a
+        one-line UsageError."""
+        shortest = self.shortest_budget(max_tokens)
+        if points and points[-1] >= shortest:
+            raise UsageError(f"{what} {points} must be below max_tokens {shortest}")
 
 
 def user(content: str) -> tuple[Message, ...]:

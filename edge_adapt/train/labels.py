@@ -120,8 +120,7 @@ def label_job(cfg: LabelConfig, engine: Engine | None = None) -> Job[Path]:
                        levels=cfg.levels, family=cfg.family)
     if not suite.problems:
         raise UsageError(f"suite {suite.name!r} holds no problems")
-    if cfg.cuts and cfg.cuts[-1] >= suite.shortest_budget(cfg.max_tokens):
-        raise UsageError(f"cuts {cfg.cuts} must be below max_tokens {suite.shortest_budget(cfg.max_tokens)}")
+    suite.check_below_budget("cuts", cfg.cuts, cfg.max_tokens)
     # Without --max-tokens each problem takes its family's budget (see eval.run.pool_settings).
     settings = PoolSettings(k=cfg.k, temperature=cfg.temperature, max_tokens=suite.budget(cfg.max_tokens),
                             prune_points=(), seed=cfg.seed)
