@@ -593,6 +593,7 @@ def train_cmd(
     method: Annotated[str, typer.Option("--method", help="alora | lora | full")] = "alora",
     target: Annotated[str, typer.Option("--target", help="relative (share of other samples not better) | correct | blend")] = "relative",
     relative_weight: Annotated[float, typer.Option("--relative-weight", help="blend: target = (1 - w) * correct + w * relative")] = 0.3,
+    rank_weight: Annotated[float, typer.Option("--rank-weight", help="weight of a listwise loss ranking each prompt's right replies above its wrong ones (0: none)")] = 0.0,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 2,
     init: Annotated[Optional[Path], typer.Option("--init", help="continue from a previous run's checkpoint/ directory or an adapter GGUF")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate (3e-4 for (a)LoRA, 2e-5 for full)")] = None,
@@ -613,7 +614,8 @@ def train_cmd(
 
     require_train_extra()
     cfg = validated(TrainConfig, dict(
-        labels=labels, validation=validation, out=out, method=method, target=target, relative_weight=relative_weight, epochs=epochs,
+        labels=labels, validation=validation, out=out, method=method, target=target, relative_weight=relative_weight, rank_weight=rank_weight,
+        epochs=epochs,
         init=init, lr=lr,
         rank=rank, prompts_per_step=prompts_per_step, lm_loss=lm_loss, max_steps=max_steps, model=model,
         validate_before=validate_before, threads=threads, seed=seed, force=force,
@@ -623,7 +625,8 @@ def train_cmd(
         return  # one of several processes (accelerate launch): the main one reports
     best = next(e for e in result.epochs if e.epoch == result.best_epoch)
     typer.echo(f"wrote {result.exported} (best epoch {result.best_epoch}: validation AUROC "
-               f"{best.auroc if best.auroc is None else round(best.auroc, 3)}, Brier {best.brier:.3f} vs constant "
+               f"{best.auroc if best.auroc is None else round(best.auroc, 3)}, within prompts "
+               f"{best.within_prompt_auroc if best.within_prompt_auroc is None else round(best.within_prompt_auroc, 3)}, Brier {best.brier:.3f} vs constant "
                f"{best.brier_constant:.3f}) in {result.seconds / 60:.1f} min, peak RSS {result.peak_rss_mib:.0f} MiB")
 
 

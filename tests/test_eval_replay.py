@@ -223,6 +223,21 @@ def test_auroc_matches_pairwise_count_with_ties():
     assert metrics.auroc(s, y) == pytest.approx(pairwise)
 
 
+def test_within_prompt_auroc_ranks_replies_to_one_prompt_only():
+    # Easy prompt all right and high, hard prompt all wrong and low: pooled AUROC 1, but nothing to choose between.
+    apart = [([0.9, 0.8], [1, 1]), ([0.2, 0.1], [0, 0])]
+    assert metrics.auroc([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0]) == 1.0
+    assert metrics.within_prompt_auroc(apart) is None
+    # An easy prompt (three right, all high) and a hard one (three wrong, all low), and within each the wrong
+    # reply above the right one: pooled AUROC 0.56, within-prompt 0.
+    inverted = [([0.9, 0.9, 0.9, 0.95], [1, 1, 1, 0]), ([0.1, 0.1, 0.1, 0.05], [0, 0, 0, 1])]
+    assert metrics.auroc([0.9, 0.9, 0.9, 0.95, 0.1, 0.1, 0.1, 0.05], [1, 1, 1, 0, 0, 0, 0, 1]) == pytest.approx(0.5625)
+    assert metrics.within_prompt_auroc(inverted) == 0.0
+    # Pairs, not prompts, are counted: 2 x 1 pairs right (one tie) and 1 x 1 pair wrong.
+    mixed = [([0.6, 0.5, 0.5], [1, 1, 0]), ([0.3, 0.7], [1, 0]), ([0.4], [1])]
+    assert metrics.within_prompt_auroc(mixed) == pytest.approx((1 + 0.5 + 0) / 3)
+
+
 def test_auroc_ci_resamples_prompts():
     rng = np.random.default_rng(0)
     separated = [([0.9, 0.8, 0.2], [1, 1, 0]), ([0.7, 0.1], [1, 0]), ([0.3], [0])]

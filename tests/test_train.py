@@ -161,12 +161,35 @@ def test_validation_metrics_break_down_by_family_when_there_are_several():
     # units: the score ranks perfectly; dates: backwards; a user's own id belongs to no family.
     v = _Validation(0.0, [0.9, 0.1, 0.2, 0.8, 0.5, 0.4], [row(True), row(False), row(True), row(False), row(True),
                                                           row(False)], [1, 1, 1, 1, 2, 2],
-                    ["units", "units", "dates", "dates", None, None])
+                    ["units", "units", "dates", "dates", None, None], [0, 0, 1, 1, 2, 2])
     res = _epoch_metrics(1, 0.0, v, 0.0)
     assert res.auroc_by_family == {"dates": 0.0, "units": 1.0}
+    assert res.within_prompt_auroc == pytest.approx(2 / 3)  # one pair per prompt: right, wrong, right
     assert res.breakdown() == "dates 0.000 units 1.000"
     one = EpochResult(1, 0.0, 0.0, 0.5, 0.2, 0.25, 0.1, auroc_by_level={"1": 0.5}, auroc_by_family={"units": 0.5})
     assert one.breakdown() == "L1 0.500"  # one family: its levels
+
+
+def test_rank_loss_asks_for_right_above_wrong_within_each_cut_of_one_prompt():
+    import torch
+
+    from edge_adapt.train.trainer import Row, rank_loss
+
+    def row(cut: int | None, ok: bool) -> Row:
+        return Row(0, cut, 3, float(ok), ok)
+
+    rows = [row(None, True), row(None, False), row(16, True), row(16, False), row(8, False), row(8, False)]
+    # Whole replies and cut 16 are mixed, cut 8 has only wrong replies (nothing to rank there).
+    diff = torch.tensor([2.0, -1.0, 0.0, 0.0, 5.0, -5.0], requires_grad=True)
+    loss = rank_loss(rows, diff)
+    expected = (-torch.log_softmax(torch.tensor([2.0, -1.0]), 0)[0] + math.log(2)) / 2
+    assert float(loss) == pytest.approx(float(expected))
+    loss.backward()
+    assert diff.grad[0] < 0 < diff.grad[1] and diff.grad[2] < 0 < diff.grad[3]  # right up, wrong down
+    assert diff.grad[4] == diff.grad[5] == 0
+    # Ranking right first costs less than ranking it last; no mixed cut: nothing to learn from.
+    assert float(rank_loss(rows[:2], torch.tensor([3.0, 0.0]))) < float(rank_loss(rows[:2], torch.tensor([0.0, 3.0])))
+    assert rank_loss(rows[4:], torch.tensor([1.0, 2.0])) is None
 
 
 @pytest.mark.parametrize("pid, family", [("units-L3-validation-7", "units"), ("arith-L1-train-0", "arith"),
@@ -224,8 +247,9 @@ def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
     assert len(result.epochs) == 2  # before training + one epoch
     # Continuing from the checkpoint starts where that run ended: its before-training validation is the first
     # run's last epoch, not the untrained model's.
+    # (It also trains with the within-prompt ranking loss on: the real scorer's rows through rank_loss.)
     again = train(cfg.model_copy(update={"out": tmp_path / "again", "init": tmp_path / "run" / "checkpoint",
-                                         "max_steps": 1}))
+                                         "max_steps": 1, "rank_weight": 1.0}))
     assert again.epochs[0].brier == pytest.approx(result.epochs[-1].brier, abs=1e-5)
     assert abs(again.epochs[0].brier - result.epochs[0].brier) > 1e-4
     # So does continuing from the exported GGUF (imported back to PEFT; f16 tensors round the weights a little).

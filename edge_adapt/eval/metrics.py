@@ -25,6 +25,24 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     return float(u / (n_pos * n_neg))
 
 
+def within_prompt_auroc(groups: Sequence[tuple[Sequence[float], Sequence[bool]]]) -> float | None:
+    """Probability that a right reply scores above a wrong reply *to the same prompt* (ties count half), over all
+    such pairs; None when no prompt has both.
+
+    This is what choosing among one prompt's samples (best-of-N, pruning) depends on. The pooled `auroc` also
+    credits a score for telling easy prompts (or task families) from hard ones, which picks nothing: on issue 21's
+    mix, pooled 0.80 went with 0.69 within prompts."""
+    wins = pairs = 0.0
+    for scores, labels in groups:
+        s, y = np.asarray(scores, float), np.asarray(labels, bool)
+        right, wrong = s[y], s[~y]
+        if len(right) and len(wrong):
+            diff = right[:, None] - wrong[None, :]
+            wins += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+            pairs += diff.size
+    return wins / pairs if pairs else None
+
+
 def auroc_ci(groups: Sequence[tuple[Sequence[float], Sequence[bool]]], n_boot: int = 1000, seed: int = 0,
              level: float = 0.95) -> tuple[float, float] | None:
     """Percentile bootstrap interval of AUROC, resampling whole groups (prompts), not single replies.

@@ -44,6 +44,8 @@ class Calibration(BaseModel):
     base_rate: float
     auroc: float | None
     auroc_ci: tuple[float, float] | None = None  # 95% bootstrap over prompts
+    # Right above wrong among one prompt's replies only: what best-of-N and pruning can use (None: no prompt has both).
+    within_prompt_auroc: float | None = None
     brier: float
     brier_constant: float
     ece: float
@@ -98,7 +100,7 @@ def calibration(scope: str, groups: Sequence[tuple[list[float], list[bool]]], bi
     return Calibration(
         scope=scope, n=len(scores), base_rate=float(np.mean(labels)) if labels else 0.0,
         auroc=metrics.auroc(scores, labels), auroc_ci=metrics.auroc_ci(groups),
-        brier=metrics.brier(scores, labels), brier_constant=metrics.brier_constant(labels),
+        within_prompt_auroc=metrics.within_prompt_auroc(groups), brier=metrics.brier(scores, labels), brier_constant=metrics.brier_constant(labels),
         ece=metrics.ece(scores, labels),
         bins=[BinRow(**b.__dict__) for b in metrics.reliability_bins(scores, labels)] if bins else [],
     )
@@ -212,13 +214,15 @@ def render_markdown(r: Report) -> str:
         lines += [f"| {s.setting} | {s.mean_samples:.2f} | {s.accuracy:.3f} | {s.judge_accuracy:.3f} | "
                   f"{_f(s.judge_gain_share, 2)} |" for s in judged]
     lines += ["", "## Calibration of the self-eval score (p_keep vs correctness of each sampled reply)", "",
-              "AUROC's interval is a 95% bootstrap over prompts (a prompt's replies are resampled together).", "",
-              "| scope | replies | base rate | AUROC | AUROC 95% CI | Brier | Brier of constant | ECE |",
-              "|---|---|---|---|---|---|---|---|"]
+              "AUROC's interval is a 95% bootstrap over prompts (a prompt's replies are resampled together). "
+              "`within prompt` ranks only replies to the same prompt against each other (right above wrong): "
+              "what best-of-N and pruning can use, where AUROC also credits telling easy prompts from hard ones.",
+              "", "| scope | replies | base rate | AUROC | AUROC 95% CI | within prompt | Brier | Brier of constant | ECE |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for c in r.calibration:
         ci = f"{c.auroc_ci[0]:.3f}–{c.auroc_ci[1]:.3f}" if c.auroc_ci else "–"
-        lines.append(f"| {c.scope} | {c.n} | {c.base_rate:.3f} | {_f(c.auroc)} | {ci} | {c.brier:.4f} | "
-                     f"{c.brier_constant:.4f} | {c.ece:.3f} |")
+        lines.append(f"| {c.scope} | {c.n} | {c.base_rate:.3f} | {_f(c.auroc)} | {ci} | {_f(c.within_prompt_auroc)} | "
+                     f"{c.brier:.4f} | {c.brier_constant:.4f} | {c.ece:.3f} |")
     allc = next((c for c in r.calibration if c.scope == "all"), None)
     if allc and allc.bins:
         lines += ["", "Reliability (all replies):", "", "| p_keep bin | replies | mean p_keep | accuracy |", "|---|---|---|---|"]

@@ -38,6 +38,9 @@ class TrainConfig(BaseModel):
                                 "w * relative with w = relative_weight")
     relative_weight: float = Field(0.3, ge=0, le=1, description="w of the blend target: a wrong reply's target is "
                                                                "w * (1 - pass rate of the others), a right one's 1")
+    rank_weight: float = Field(0.0, ge=0, description="weight of a listwise loss within each prompt (softmax over "
+                                                      "its replies' scores against its right ones, per cut): what "
+                                                      "best-of-N and pruning choose by; 0: none")
     init: Path | None = Field(None, description="continue from this (a)LoRA adapter (a previous run's "
                                                 "`checkpoint/` directory, or an adapter GGUF such as the shipped "
                                                 "one) instead of a fresh adapter")

@@ -104,6 +104,8 @@ class EpochResult:
     seconds: float = 0.0
     # Labels from several task families: each family's AUROC (levels then mean nothing across families).
     auroc_by_family: dict[str, float | None] = field(default_factory=dict)
+    # Right above wrong among one prompt's whole replies only (what best-of-N chooses by); None: no mixed prompt.
+    within_prompt_auroc: float | None = None
 
     def breakdown(self) -> str:
         """The per-family AUROCs when there are several families, else the per-level ones, for a progress line."""
@@ -251,6 +253,22 @@ def bce(diff: Any, target: Any) -> Any:
     return torch.nn.functional.binary_cross_entropy_with_logits(diff, target, reduction="sum")
 
 
+def rank_loss(rows: list[Row], diff: Any) -> Any | None:
+    """Listwise loss within one prompt: at each cut (and for whole replies), the softmax over its replies' logit
+    differences against the right replies' share, cross-entropy, averaged over the cuts whose replies are mixed.
+    Best-of-N and pruning choose among one prompt's replies, so what they need is right above wrong *there*; the
+    per-reply BCE also rewards telling easy prompts from hard ones, which chooses nothing. None: no mixed cut."""
+    import torch
+
+    terms = []
+    for cut in {r.cut for r in rows}:
+        at = [i for i, r in enumerate(rows) if r.cut == cut]
+        right = torch.tensor([float(rows[i].correct) for i in at], device=diff.device)
+        if 0 < right.sum() < len(at):
+            terms.append(-(right / right.sum() * torch.log_softmax(diff[at], 0)).sum())
+    return torch.stack(terms).mean() if terms else None
+
+
 @dataclass
 class _Validation:
     loss: float
@@ -258,6 +276,7 @@ class _Validation:
     rows: list[Row]
     levels: list[int | None]
     families: list[str | None]
+    groups: list[int]  # which prompt group each row belongs to
 
 
 def _validate(scorer: _Scorer, groups: list[Group], acc: Any) -> _Validation:
@@ -274,8 +293,9 @@ def _validate(scorer: _Scorer, groups: list[Group], acc: Any) -> _Validation:
         parts.append((i, loss, torch.sigmoid(diff).tolist(), rows, g.level, g.family))
     if acc.num_processes > 1:
         parts = sorted(gather_object(parts), key=lambda part: part[0])
-    v = _Validation(0.0, [], [], [], [])
-    for _, loss, p_keep, rows, level, family in parts:
+    v = _Validation(0.0, [], [], [], [], [])
+    for i, loss, p_keep, rows, level, family in parts:
+        v.groups.extend([i] * len(rows))
         v.loss += loss
         v.p_keep.extend(p_keep)
         v.rows.extend(rows)
@@ -289,6 +309,11 @@ def _epoch_metrics(epoch: int, train_loss: float, v: _Validation, seconds: float
     """Calibration judged as the evaluation report judges it: whole responses, against correctness."""
     full = [(p, r, lv, fam) for p, r, lv, fam in zip(v.p_keep, v.rows, v.levels, v.families) if r.cut is None]
     scores, right = [p for p, *_ in full], [r.correct for _, r, *_ in full]
+    by_prompt: dict[int, tuple[list[float], list[bool]]] = {}
+    for p, r, g in zip(v.p_keep, v.rows, v.groups):
+        if r.cut is None:
+            by_prompt.setdefault(g, ([], []))[0].append(p)
+            by_prompt[g][1].append(r.correct)
 
     def auroc_where(keep: Any) -> float | None:
         return metrics.auroc([p for p, r, lv, fam in full if keep(lv, fam)],
@@ -298,6 +323,7 @@ def _epoch_metrics(epoch: int, train_loss: float, v: _Validation, seconds: float
     families = sorted({fam for *_, fam in full if fam is not None})
     return EpochResult(
         epoch=epoch, train_loss=train_loss, val_loss=v.loss, auroc=metrics.auroc(scores, right),
+        within_prompt_auroc=metrics.within_prompt_auroc(list(by_prompt.values())),
         brier=metrics.brier(scores, right), brier_constant=metrics.brier_constant(right),
         ece=metrics.ece(scores, right), seconds=seconds,
         auroc_by_level={str(x): auroc_where(lambda lv, _, x=x: lv == x) for x in levels},
@@ -426,7 +452,8 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
         history.append(val0)
     if cfg.validate_before and main:
         yield Progress("validate", 0, cfg.epochs,
-                       message=f"before training: AUROC {_f(val0.auroc)} ({val0.breakdown()}) Brier {val0.brier:.3f}")
+                       message=f"before training: AUROC {_f(val0.auroc)} ({val0.breakdown()}) within prompts "
+                               f"{_f(val0.within_prompt_auroc)} Brier {val0.brier:.3f}")
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         order = train_groups[:]
@@ -446,6 +473,9 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
                     rows, diff, lm = scorer.logit_diffs(g, grad=True)
                     t = torch.tensor([r.target for r in rows], device=diff.device)
                     loss = bce(diff, t) / n_rows
+                    ranked = rank_loss(rows, diff) if cfg.rank_weight > 0 else None
+                    if ranked is not None:
+                        loss = loss + cfg.rank_weight * ranked / len(batch)
                     if lm is not None:
                         loss = loss + cfg.lm_loss * lm / len(batch)
                     acc.backward(loss * world)  # DDP divides the sum over processes by their number
@@ -465,7 +495,8 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
         history.append(res)
         if main:
             yield Progress("validate", epoch, cfg.epochs,
-                           message=f"epoch {epoch}: AUROC {_f(res.auroc)} ({res.breakdown()}) Brier {res.brier:.3f} "
+                           message=f"epoch {epoch}: AUROC {_f(res.auroc)} ({res.breakdown()}) within prompts "
+                                   f"{_f(res.within_prompt_auroc)} Brier {res.brier:.3f} "
                                    f"(constant {res.brier_constant:.3f}) ECE {res.ece:.3f}")
         if best is None or (res.auroc or 0) > (best.auroc or 0):
             best = res  # every process holds the whole validation, so all agree on the best epoch
