@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CORPUS_LINES = [
     "The quick brown fox jumps over the lazy dog. It's 12:45 and we've got 3 apples, 17 pears and 1024 grapes.",

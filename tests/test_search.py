@@ -9,7 +9,7 @@ import pytest
 
 from edge_adapt.engine.events import Finished, SampleStarted, Token
 from edge_adapt.errors import UsageError
-from edge_adapt.strategies import Chosen, Pruned, RoundStarted, Scored, StrategyConfig, run_strategy
+from edge_adapt.strategies import Pruned, RoundStarted, Scored, StrategyConfig, run_strategy
 from edge_adapt.strategies.events import DifficultyEstimated, RolledOut
 from edge_adapt.strategies.policy import Policy
 from edge_adapt.strategies.revise import MAX_IN_CONTEXT, revision_turn
