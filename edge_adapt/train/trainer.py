@@ -162,12 +162,20 @@ class _Scorer:
         self.model.to(device)
         self.suffix = torch.tensor(suffix_ids, dtype=torch.long, device=device)
         self.yes, self.no = yes, no
+        if cfg.method != "full" and "lm_head" not in cfg.targets:
+            # The score reads two logits: a head of those two rows (frozen, as the whole head is under (a)LoRA)
+            # instead of the vocabulary's 49,152, whose product ran as a batched matmul over a broadcast weight
+            # and took ~12% of a training step. Same weights, so the same logits.
+            head = torch.nn.Linear(model.lm_head.in_features, 2, bias=False, device=device)
+            head.weight = torch.nn.Parameter(model.lm_head.weight[[yes, no]].detach().clone(), requires_grad=False)
+            model.lm_head = head
+            self.yes, self.no = 0, 1
 
     def trainable(self) -> list[Any]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _prefix(self, group: Group, members: list[int], grad: bool) -> tuple[Any, Any]:
-        """KV of prompt + each member response (right-padded), and the attention mask over it."""
+    def _prompt(self, group: Group, grad: bool) -> Any:
+        """The prompt's KV (base model), computed once per group and shared by its chunks of responses."""
         torch = self.torch
         from transformers import DynamicCache
 
@@ -175,7 +183,17 @@ class _Scorer:
         off = self.peft.disable_adapter() if self.peft is not None else nullcontext()
         with ctx, off:
             p = torch.tensor([group.prompt_ids], dtype=torch.long, device=self.device)
-            cache = self.base.model(input_ids=p, use_cache=True, past_key_values=DynamicCache()).past_key_values
+            return self.base.model(input_ids=p, use_cache=True, past_key_values=DynamicCache()).past_key_values
+
+    def _prefix(self, group: Group, cache: Any, members: list[int], grad: bool) -> tuple[Any, Any]:
+        """KV of prompt (`cache`, left as it is) + each member response (right-padded), and the attention mask
+        over it."""
+        torch = self.torch
+        from transformers import DynamicCache
+
+        ctx = torch.enable_grad() if grad else torch.no_grad()
+        off = self.peft.disable_adapter() if self.peft is not None else nullcontext()
+        with ctx, off:
             lens = [len(group.responses[m]) for m in members]
             width = max(max(lens), 1)
             ids = torch.full((len(members), width), 0, dtype=torch.long)
@@ -199,14 +217,16 @@ class _Scorer:
         n_p = len(group.prompt_ids)
         diffs, rows_out, lm_terms = [], [], []
         order = sorted(range(len(group.responses)), key=lambda m: len(group.responses[m]))
+        full_grad = grad and self.cfg.method == "full"
+        prompt = None
         for lo in range(0, len(order), CHUNK):
             members = order[lo : lo + CHUNK]
             where = {m: i for i, m in enumerate(members)}
             rows = [r for r in group.rows if r.sample in where]
             if not rows:
                 continue
-            full_grad = grad and self.cfg.method == "full"
-            out, ids = self._prefix(group, members, full_grad)
+            prompt = prompt if prompt is not None else self._prompt(group, full_grad)
+            out, ids = self._prefix(group, prompt, members, full_grad)
             if full_grad and self.cfg.lm_loss > 0:
                 lm_terms.append(self._lm_loss(out.last_hidden_state, ids, [len(group.responses[m]) for m in members]))
             pick = torch.tensor([where[r.sample] for r in rows], dtype=torch.long, device=self.device)
