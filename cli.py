@@ -680,7 +680,8 @@ def import_cmd(
 
 
 def _interrupted() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the one line short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or SIGTERM) must not cut the one line short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     print(interrupts.MESSAGE, file=sys.stderr)
     sys.exit(interrupts.EXIT_CODE)
 

@@ -69,9 +69,12 @@ def check() -> None:
 
 
 def install() -> None:
-    """From here on Ctrl-C raises KeyboardInterrupt (never inside a llama.cpp callback). Main thread only."""
+    """From here on Ctrl-C raises KeyboardInterrupt (never inside a llama.cpp callback), and so does SIGTERM: a
+    desktop app or a service manager stopping a command gets what Ctrl-C gets (what the command created taken
+    back, exit 130), not a process killed with half-written output folders. Main thread only."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _raise_interrupt)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def install_early_if_cli() -> None:

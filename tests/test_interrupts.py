@@ -56,9 +56,9 @@ class Run:
                 pytest.fail("the moment never came")
             time.sleep(0.002)
 
-    def interrupt(self, timeout: float = 120) -> tuple[int, str, str]:
+    def interrupt(self, timeout: float = 120, signum: int = signal.SIGINT) -> tuple[int, str, str]:
         assert self.p.poll() is None, "the command had already ended"
-        self.p.send_signal(signal.SIGINT)
+        self.p.send_signal(signum)
         try:
             rc = self.p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -229,7 +229,7 @@ def _labels(path: Path, pids: list[str]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("moment", ["imports", "importing the base model"])
+@pytest.mark.parametrize("moment", ["imports", "importing the base model", "terminated"])
 def test_train_interrupted_leaves_no_output(moment: str, tmp_path: Path):
     pytest.importorskip("peft")
     train, val = _labels(tmp_path / "t.jsonl", ["a", "b"]), _labels(tmp_path / "v.jsonl", ["c", "d"])
@@ -239,6 +239,7 @@ def test_train_interrupted_leaves_no_output(moment: str, tmp_path: Path):
         r.wait_for(r.maps("libllama"))
     else:
         r.wait_for(lambda: out.is_dir() and any(p.name.startswith(".base-hf") for p in out.iterdir()))
-    interrupted(r.interrupt())
+    # SIGTERM (a desktop app or a service manager stopping the command) is taken as Ctrl-C is.
+    interrupted(r.interrupt(signum=signal.SIGTERM if moment == "terminated" else signal.SIGINT))
     assert not out.exists()
     no_temp_files(tmp_path)
