@@ -100,8 +100,8 @@ def calibration(scope: str, groups: Sequence[tuple[list[float], list[bool]]], bi
     return Calibration(
         scope=scope, n=len(scores), base_rate=float(np.mean(labels)) if labels else 0.0,
         auroc=metrics.auroc(scores, labels), auroc_ci=metrics.auroc_ci(groups),
-        within_prompt_auroc=metrics.within_prompt_auroc(groups), brier=metrics.brier(scores, labels), brier_constant=metrics.brier_constant(labels),
-        ece=metrics.ece(scores, labels),
+        within_prompt_auroc=metrics.within_prompt_auroc(groups),
+        brier=metrics.brier(scores, labels), brier_constant=metrics.brier_constant(labels), ece=metrics.ece(scores, labels),
         bins=[BinRow(**b.__dict__) for b in metrics.reliability_bins(scores, labels)] if bins else [],
     )
 
