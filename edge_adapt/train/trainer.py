@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from edge_adapt.errors import UsageError
 from edge_adapt.eval import metrics
@@ -174,14 +174,21 @@ class _Scorer:
     def trainable(self) -> list[Any]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    @contextmanager
+    def _base_model(self, grad: bool) -> Iterator[None]:
+        """The base model (adapter off: the prompt and the response are generation's, not the suffix's), with
+        gradients or without."""
+        ctx = self.torch.enable_grad() if grad else self.torch.no_grad()
+        off = self.peft.disable_adapter() if self.peft is not None else nullcontext()
+        with ctx, off:
+            yield
+
     def _prompt(self, group: Group, grad: bool) -> Any:
         """The prompt's KV (base model), computed once per group and shared by its chunks of responses."""
         torch = self.torch
         from transformers import DynamicCache
 
-        ctx = torch.enable_grad() if grad else torch.no_grad()
-        off = self.peft.disable_adapter() if self.peft is not None else nullcontext()
-        with ctx, off:
+        with self._base_model(grad):
             p = torch.tensor([group.prompt_ids], dtype=torch.long, device=self.device)
             return self.base.model(input_ids=p, use_cache=True, past_key_values=DynamicCache()).past_key_values
 
@@ -191,9 +198,7 @@ class _Scorer:
         torch = self.torch
         from transformers import DynamicCache
 
-        ctx = torch.enable_grad() if grad else torch.no_grad()
-        off = self.peft.disable_adapter() if self.peft is not None else nullcontext()
-        with ctx, off:
+        with self._base_model(grad):
             lens = [len(group.responses[m]) for m in members]
             width = max(max(lens), 1)
             ids = torch.full((len(members), width), 0, dtype=torch.long)
