@@ -255,6 +255,11 @@ def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
     # So does continuing from the exported GGUF (imported back to PEFT; f16 tensors round the weights a little).
     from_gguf = train(cfg.model_copy(update={"out": tmp_path / "from-gguf", "init": result.exported, "max_steps": 1}))
     assert from_gguf.epochs[0].brier == pytest.approx(result.epochs[-1].brier, abs=1e-4)
+    # Continuing at a higher rank widens the adapter without changing a score: the same starting validation.
+    grown = train(cfg.model_copy(update={"out": tmp_path / "grown", "init": tmp_path / "run" / "checkpoint",
+                                         "rank": 16, "max_steps": 1}))
+    assert grown.epochs[0].brier == pytest.approx(result.epochs[-1].brier, abs=1e-5)
+    assert json.loads((tmp_path / "grown" / "checkpoint" / "adapter_config.json").read_text())["r"] == 16
     # Several validation files merge like training ones, and a training prompt in any of them is refused.
     with pytest.raises(UsageError, match="validation shares 3 prompts"):
         train(cfg.model_copy(update={"out": tmp_path / "leak", "validation": [va, tr]}))
@@ -322,8 +327,9 @@ def test_init_must_be_an_adapter_of_the_same_shape(tmp_path: Path):
     _check_init(cfg, ckpt, [1, 2, 3])
     with pytest.raises(UsageError, match="another self-eval suffix"):
         _check_init(cfg, ckpt, [1, 2, 4])
-    with pytest.raises(UsageError, match="rank-8 alora adapter; this run trains a rank-16 alora"):
-        _check_init(cfg.model_copy(update={"rank": 16}), ckpt, [1, 2, 3])
+    _check_init(cfg.model_copy(update={"rank": 16}), ckpt, [1, 2, 3])  # grown by the trainer
+    with pytest.raises(UsageError, match="rank-8 alora adapter; this run trains a rank-4 alora one .a rank can grow"):
+        _check_init(cfg.model_copy(update={"rank": 4}), ckpt, [1, 2, 3])
     with pytest.raises(UsageError, match="rank-8 alora adapter; this run trains a rank-8 lora"):
         _check_init(cfg.model_copy(update={"method": "lora"}), ckpt, [1, 2, 3])
     with pytest.raises(UsageError, match="method full"):

@@ -446,6 +446,12 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
         acc.wait_for_everyone()  # the others check what the main process imported
     if init is not None:
         _check_init(cfg, init, suffix_ids)
+        if _adapter_rank(init) < cfg.rank:
+            # More capacity, same start: the grown adapter scores exactly as the one it came from.
+            if main:
+                grow_rank(init, cfg.rank, out / "init-grown", seed=cfg.seed)
+            acc.wait_for_everyone()
+            init = out / "init-grown"
     hf_dir = out / "base-hf"
     if main and not (hf_dir / "config.json").exists():
         import_gguf(base_gguf, hf_dir, force=True)
@@ -574,12 +580,52 @@ def _check_init(cfg: TrainConfig, init: Path, suffix_ids: list[int]) -> None:
         raise UsageError(f"--init {cfg.init}: not a PEFT adapter checkpoint (adapter_config.json is not an object)")
     invocation = peft_cfg.get("alora_invocation_tokens")
     method = "alora" if invocation else "lora"
-    if method != cfg.method or peft_cfg.get("r") != cfg.rank:
-        raise UsageError(f"--init {cfg.init} is a rank-{peft_cfg.get('r')} {method} adapter; this run trains a "
-                         f"rank-{cfg.rank} {cfg.method} one")
+    r = peft_cfg.get("r")
+    if method != cfg.method or not isinstance(r, int) or r > cfg.rank:
+        raise UsageError(f"--init {cfg.init} is a rank-{r} {method} adapter; this run trains a "
+                         f"rank-{cfg.rank} {cfg.method} one (a rank can grow, not shrink)")
     if invocation and list(invocation) != list(suffix_ids):
         raise UsageError(f"--init {cfg.init} was trained on another self-eval suffix (tokens {invocation}, "
                          f"this run's are {suffix_ids})")
+
+
+def _adapter_rank(checkpoint: Path) -> int:
+    return int(json.loads((Path(checkpoint) / "adapter_config.json").read_text())["r"])
+
+
+def grow_rank(checkpoint: Path, rank: int, dest: Path, seed: int = 0) -> Path:
+    """A PEFT (a)LoRA checkpoint widened to `rank`, scoring exactly as before: each A gains fresh rows (PEFT's own
+    initialisation), each B zero columns, and lora_alpha grows with the rank so that the scale alpha / r, and with
+    it every B @ A, is unchanged. Training then has the extra directions to use (a capacity experiment that keeps
+    what the smaller adapter learned instead of starting from scratch)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from edge_adapt.fileio import atomic_dir
+
+    src = Path(checkpoint)
+    peft_cfg = json.loads((src / "adapter_config.json").read_text())
+    old = int(peft_cfg["r"])
+    if rank < old:
+        raise UsageError(f"{src}: a rank-{old} adapter cannot shrink to rank {rank}")
+    weights = load_file(src / "adapter_model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    grown: dict[str, Any] = {}
+    for name, w in weights.items():
+        if ".lora_A." in name:  # (r, in): new rows as PEFT initialises A (kaiming-uniform, a = sqrt(5))
+            extra = torch.empty(rank - old, w.shape[1], dtype=w.dtype)
+            bound = 1.0 / math.sqrt(w.shape[1])  # kaiming_uniform_(a=sqrt(5)) on a fan-in of in_features
+            extra.uniform_(-bound, bound, generator=gen)
+            grown[name] = torch.cat([w, extra], dim=0).contiguous()
+        elif ".lora_B." in name:  # (out, r): zero columns, so the new directions start switched off
+            grown[name] = torch.cat([w, torch.zeros(w.shape[0], rank - old, dtype=w.dtype)], dim=1).contiguous()
+        else:
+            grown[name] = w
+    peft_cfg.update(r=rank, lora_alpha=float(peft_cfg["lora_alpha"]) * rank / old)
+    with atomic_dir(dest, force=True) as tmp:
+        save_file(grown, Path(tmp) / "adapter_model.safetensors")
+        (Path(tmp) / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2))
+    return Path(dest)
 
 
 def _save(scorer: _Scorer, path: Path) -> None:
