@@ -597,7 +597,7 @@ def train_cmd(
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 2,
     init: Annotated[Optional[Path], typer.Option("--init", help="continue from a previous run's checkpoint/ directory or an adapter GGUF")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate (3e-4 for (a)LoRA, 2e-5 for full)")] = None,
-    rank: Annotated[int, typer.Option("--rank", min=1)] = 8,
+    rank: Annotated[int, typer.Option("--rank", min=1, help="LoRA rank; above --init's rank, that adapter is grown to it (scores unchanged, more capacity)")] = 8,
     suffix: Annotated[Optional[str], typer.Option("--suffix", help="raw self-eval suffix to train on (default <|im_end|>Restart)")] = None,
     prompts_per_step: Annotated[int, typer.Option("--prompts-per-step", min=1)] = 4,
     lm_loss: Annotated[float, typer.Option("--lm-loss", help="weight of an LM loss on the responses (full)")] = 0.0,

@@ -27,7 +27,8 @@ class TrainConfig(BaseModel):
     out: Path = Field(..., description="output directory: adapter.gguf (or model.gguf), checkpoint, metrics, plots")
     model: Path | None = Field(None, description="base GGUF; the embedded default model when omitted")
     method: Method = Field("alora", description="alora: adapter acts from the suffix on; lora; full: merged model")
-    rank: int = Field(8, ge=1, le=256, description="LoRA rank (8: the shipped adapter is 5 MB in f16)")
+    rank: int = Field(8, ge=1, le=256, description="LoRA rank (8: the shipped adapter is 5 MB in f16); above "
+                                                "`init`'s rank, that adapter is grown to this one")
     alpha: float = Field(32.0, gt=0)
     targets: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
