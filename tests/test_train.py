@@ -327,7 +327,7 @@ def test_init_must_be_an_adapter_of_the_same_shape(tmp_path: Path):
     _check_init(cfg, ckpt, [1, 2, 3])
     with pytest.raises(UsageError, match="another self-eval suffix"):
         _check_init(cfg, ckpt, [1, 2, 4])
-    _check_init(cfg.model_copy(update={"rank": 16}), ckpt, [1, 2, 3])  # grown by the trainer
+    assert _check_init(cfg.model_copy(update={"rank": 16}), ckpt, [1, 2, 3]) == 8  # the trainer grows it to 16
     with pytest.raises(UsageError, match="rank-8 alora adapter; this run trains a rank-4 alora one .a rank can grow"):
         _check_init(cfg.model_copy(update={"rank": 4}), ckpt, [1, 2, 3])
     with pytest.raises(UsageError, match="rank-8 alora adapter; this run trains a rank-8 lora"):

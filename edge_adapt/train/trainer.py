@@ -445,8 +445,7 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
         init = import_adapter(init, base_gguf, out / "init", force=True).path if main else out / "init"
         acc.wait_for_everyone()  # the others check what the main process imported
     if init is not None:
-        _check_init(cfg, init, suffix_ids)
-        if _adapter_rank(init) < cfg.rank:
+        if _check_init(cfg, init, suffix_ids) < cfg.rank:
             # More capacity, same start: the grown adapter scores exactly as the one it came from.
             if main:
                 grow_rank(init, cfg.rank, out / "init-grown", seed=cfg.seed)
@@ -565,9 +564,9 @@ def _summed(acc: Any, x: float) -> float:
     return float(acc.reduce(torch.tensor([x], dtype=torch.float64, device=acc.device), "sum")[0])
 
 
-def _check_init(cfg: TrainConfig, init: Path, suffix_ids: list[int]) -> None:
-    """A checkpoint to continue from must be an adapter of this method, rank and suffix (else PEFT loads it
-    silently into a different shape of training than the one asked for)."""
+def _check_init(cfg: TrainConfig, init: Path, suffix_ids: list[int]) -> int:
+    """A checkpoint to continue from must be an adapter of this method and suffix, and of this rank or a lower one
+    to grow (else PEFT loads it silently into a different shape of training than the one asked for). Its rank."""
     if cfg.method == "full":
         raise UsageError("--init continues an (a)LoRA adapter; method full starts from the base model")
     from edge_adapt.fileio import read_user_file
@@ -587,10 +586,7 @@ def _check_init(cfg: TrainConfig, init: Path, suffix_ids: list[int]) -> None:
     if invocation and list(invocation) != list(suffix_ids):
         raise UsageError(f"--init {cfg.init} was trained on another self-eval suffix (tokens {invocation}, "
                          f"this run's are {suffix_ids})")
-
-
-def _adapter_rank(checkpoint: Path) -> int:
-    return int(json.loads((Path(checkpoint) / "adapter_config.json").read_text())["r"])
+    return r
 
 
 def grow_rank(checkpoint: Path, rank: int, dest: Path, seed: int = 0) -> Path:
