@@ -608,10 +608,9 @@ def grow_rank(checkpoint: Path, rank: int, dest: Path, seed: int = 0) -> Path:
     gen = torch.Generator().manual_seed(seed)
     grown: dict[str, Any] = {}
     for name, w in weights.items():
-        if ".lora_A." in name:  # (r, in): new rows as PEFT initialises A (kaiming-uniform, a = sqrt(5))
-            extra = torch.empty(rank - old, w.shape[1], dtype=w.dtype)
-            bound = 1.0 / math.sqrt(w.shape[1])  # kaiming_uniform_(a=sqrt(5)) on a fan-in of in_features
-            extra.uniform_(-bound, bound, generator=gen)
+        if ".lora_A." in name:  # (r, in): new rows as PEFT initialises A
+            extra = torch.nn.init.kaiming_uniform_(torch.empty(rank - old, w.shape[1], dtype=w.dtype),
+                                                   a=math.sqrt(5), generator=gen)
             grown[name] = torch.cat([w, extra], dim=0).contiguous()
         elif ".lora_B." in name:  # (out, r): zero columns, so the new directions start switched off
             grown[name] = torch.cat([w, torch.zeros(w.shape[0], rank - old, dtype=w.dtype)], dim=1).contiguous()
