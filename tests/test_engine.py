@@ -262,3 +262,53 @@ def test_resize_keeps_a_sequence_and_continues_it_identically():
         e.release(seq)
         e.resize(parallel=2, ctx=512)
         assert e.free_sequences == 2 and e.n_ctx_seq >= 512
+
+
+def _params(i: int) -> SamplingParams:
+    return SamplingParams(temperature=SAMPLED.temperature, seed=SAMPLED.seed + i)
+
+
+def test_sequences_decoded_together_move_to_consecutive_ids_and_continue_identically(engine: Engine):
+    """With a KV stream per sequence, llama.cpp splits a decode at every hole in its ids (a weight pass each),
+    so the engine moves sequences to close the holes: neither the moved nor the waiting ones may change."""
+    tokens = _prompt(engine)
+    alone = [_tokens_alone(engine, tokens, _params(i), 20) for i in range(6)]
+    root = engine.open(tokens)
+    samples = engine.start(root, [_params(i) for i in range(6)], max_tokens=20, consume_root=True)
+    assert [s.seq.id for s in samples] == [1, 2, 3, 4, 5, 0]
+    moves = engine.moves
+    first = samples[0::2]  # ids 1, 3, 5: three runs
+    list(engine.advance(first, until=10))
+    ids = sorted(s.seq.id for s in first)
+    assert ids == list(range(ids[0], ids[0] + 3)) and engine.moves > moves
+    list(engine.advance(samples))
+    assert [s.generated for s in samples] == alone
+    for s in samples:
+        engine.release(s.seq)
+
+
+def test_a_scratch_extension_keeps_its_id_while_other_sequences_are_packed(engine: Engine):
+    """A scratch extension shares its sequence's id (split KV): packing must not move that sequence away under it."""
+    tokens = _prompt(engine)
+    suffix = engine.tokenize("<|im_end|>\n<|im_start|>user\nAre you sure?")
+    alone = [_tokens_alone(engine, tokens, _params(i), 12) for i in range(5)]
+    root = engine.open(tokens)
+    samples = engine.start(root, [_params(i) for i in range(5)], max_tokens=12, consume_root=True)
+    held = samples[1]
+    assert held.seq.id == 2 and sorted(s.seq.id for s in samples if s is not held) == [0, 1, 3, 4]
+    with engine.scratch([held.seq]) as (tmp,):
+        engine.extend([(tmp, suffix[:3])])
+        # Ids 0, 1, 3, 4 decode together; moving id 2 out would take one move, but it is the scratch's.
+        list(engine.advance([s for s in samples if s is not held], until=6))
+        assert held.seq.id == 2
+        engine.extend([(tmp, suffix[3:])])  # the scratch goes on where it was
+        with_scratch = tmp.logits.copy()
+    with engine.scratch([held.seq]) as (tmp,):
+        engine.extend([(tmp, suffix)])
+        # Equal bits on the CPU this was written on; another CPU's kernels may round a split decode differently,
+        # while a scratch on the wrong KV would be off by whole logits.
+        np.testing.assert_allclose(tmp.logits, with_scratch, atol=0.05)
+    list(engine.advance(samples))
+    assert [s.generated for s in samples] == alone
+    for s in samples:
+        engine.release(s.seq)

@@ -3,7 +3,7 @@
 The estimate mirrors what llama.cpp allocates for a context made by `Engine`:
 - weights: the tensor bytes of the file (memory-mapped; all of them are touched by the first decode);
 - KV cache: K and V for every layer, per token, per sequence (f16), over n_seq x ctx cells, where split
-  KV rounds each sequence's context up to a multiple of 256 as llama.cpp does;
+  KV rounds each sequence's context up to a multiple of 256 as llama.cpp does and has one spare sequence;
 - output buffer: one row of logits per sequence (the engine caps llama.cpp's outputs per batch at that);
 - compute buffer: the activations of one full micro-batch (fitted to llama.cpp's reservation, see below);
 - the engine's own numpy rows of logits, and the process the model runs in.
@@ -88,6 +88,13 @@ def _pad(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
+def sequence_ids(parallel: int, kv_unified: bool) -> int:
+    """Sequence ids (with split KV: KV streams) of the context made for `parallel` sequences. Split KV gets one
+    spare beyond `parallel`: the engine never holds more than `parallel` sequences, so there is always a free
+    stream to move a sequence through when it packs a decode's sequences onto consecutive ids (Engine._pack)."""
+    return parallel + 1 if parallel > 2 and not kv_unified else parallel  # two fill their ids: no holes to pack
+
+
 def plan(
     info: GGUFInfo,
     *,
@@ -100,10 +107,12 @@ def plan(
     """Predict the resident memory of `Engine(model, parallel=..., ctx=...)` running on the CPU."""
     if parallel < 1 or ctx < 1:
         raise UsageError("parallel and ctx must be >= 1")
-    cells = _pad(ctx * parallel, 256) if kv_unified else _pad(ctx, 256) * parallel
+    ids = sequence_ids(parallel, kv_unified)
+    cells = _pad(ctx * parallel, 256) if kv_unified else _pad(ctx, 256) * ids
     kv = info.kv_bytes_per_token_f16 * cells
-    # llama.cpp keeps one float row per output in its output buffer, and the engine copies each row once.
-    outputs = 2 * 4 * info.n_vocab * parallel
+    # llama.cpp keeps one float row per output (one per sequence id) in its output buffer, and the engine copies
+    # each row once.
+    outputs = 4 * info.n_vocab * (ids + parallel)
     # Compute buffer: activations of one n_batch micro-batch. Fitted on llama.cpp's reservation for
     # SmolLM2-135M (14.0 MiB at batch 512: 4 bytes x 512 x (6 x 576 + 2 x 1536) = 12.8 MiB, plus
     # attention scratch over the context and the output rows).
@@ -118,22 +127,27 @@ def fit(info: GGUFInfo, budget: int, *, ctx: int, want: int | None = None, kv_un
 
     Refuses with BudgetError when not even one sequence, or fewer than `want`, fit.
     """
-    one = plan(info, parallel=1, ctx=ctx, kv_unified=kv_unified, batch=batch, runtime=runtime)
+    runtime = process_rss() if runtime is None else runtime
+
+    def sized(n: int) -> Plan:
+        return plan(info, parallel=n, ctx=ctx, kv_unified=kv_unified, batch=batch, runtime=runtime)
+
+    one = sized(1)
     if one.total > budget:
         raise BudgetError(
             f"--mem-budget {budget / MiB:.0f} MiB is too small: one sequence of {ctx} tokens needs "
             f"{one.total / MiB:.0f} MiB ({one.describe()})"
         )
-    per_seq = plan(info, parallel=2, ctx=ctx, kv_unified=kv_unified, batch=batch, runtime=runtime).total - one.total
-    most = 1 + max(0, (budget - one.total) // max(per_seq, 1))
+    most, over = 1, 257  # the most sequences that fit, and the fewest that do not (memory grows with the count)
+    while over - most > 1:
+        mid = (most + over) // 2
+        most, over = (mid, over) if sized(mid).total <= budget else (most, mid)
     if want is not None and most < want:
         raise BudgetError(
-            f"{want} parallel sequences of {ctx} tokens need "
-            f"{plan(info, parallel=want, ctx=ctx, kv_unified=kv_unified, batch=batch, runtime=runtime).total / MiB:.0f} MiB;"
+            f"{want} parallel sequences of {ctx} tokens need {sized(want).total / MiB:.0f} MiB;"
             f" --mem-budget {budget / MiB:.0f} MiB fits {most} (lower -n or --ctx)"
         )
-    n = int(min(most, want if want is not None else 256))
-    return plan(info, parallel=n, ctx=ctx, kv_unified=kv_unified, batch=batch, runtime=runtime)
+    return sized(min(most, want if want is not None else 256))
 
 
 def model_facts(meta: GGUFInfo, p: Plan) -> dict[str, object]:
