@@ -24,10 +24,22 @@ def _chat_tokens(model: Model, prompt: str) -> list[int]:
     return model.tokenize(text, add_special=True, parse_special=True)
 
 
-def forked_greedy_tok_s(model: Model, prompt: list[int], n_seq: int, tokens: int, threads: int) -> float:
-    """Tokens/s of `n_seq` greedy forks of `prompt`, `tokens` each, decoded together (prompt decode not timed)."""
+def ragged_lengths(n_seq: int, tokens: int) -> list[int]:
+    """Tokens per sequence for a ragged run: from `tokens` down to about half of it, one sequence ending every
+    step or two, as samples that stop at different lengths do."""
+    return [tokens - i * tokens // (2 * n_seq) for i in range(n_seq)]
+
+
+def forked_greedy_tok_s(model: Model, prompt: list[int], n_seq: int, tokens: int, threads: int,
+                        lengths: list[int] | None = None, offload_kqv: bool = False) -> float:
+    """Tokens/s of `n_seq` greedy forks of `prompt`, `tokens` each, decoded together (prompt decode not timed).
+
+    `offload_kqv`: the KV cache on the GPU, as the engine puts it when it offloads layers. With `lengths`,
+    sequence i stops after lengths[i] tokens. The longest run on the lowest ids, so the sequences
+    still running always hold consecutive ids: one micro-batch per step, the best llama.cpp can do."""
+    lengths = sorted(lengths or [tokens] * n_seq, reverse=True)
     ctx = Context(model, n_ctx=(len(prompt) + tokens + 16) * n_seq, n_batch=max(512, len(prompt)), n_seq_max=n_seq,
-                  n_threads=threads, kv_unified=False, offload_kqv=False)
+                  n_threads=threads, kv_unified=False, offload_kqv=offload_kqv)
     batch = Batch(max(512, len(prompt), n_seq))
     try:
         eog = np.array([t for t in range(model.n_vocab) if model.is_eog(t)], dtype=np.int64)
@@ -43,13 +55,15 @@ def forked_greedy_tok_s(model: Model, prompt: list[int], n_seq: int, tokens: int
         seqs = np.arange(n_seq, dtype=np.int32)
         ones = np.ones(n_seq, dtype=np.int8)
         t0 = time.perf_counter()
-        for step in range(tokens):
+        for step in range(lengths[0]):
+            live = sum(length > step for length in lengths)
+            logits = logits[:live]
             logits[:, eog] = -np.inf
             nxt = logits.argmax(axis=1)
-            batch.fill(nxt, np.full(n_seq, n + step), seqs, ones)
+            batch.fill(nxt, np.full(live, n + step), seqs[:live], ones[:live])
             ctx.decode(batch)
-            logits = ctx.logits(n_seq)
-        return n_seq * tokens / (time.perf_counter() - t0)
+            logits = ctx.logits(live)
+        return sum(lengths) / (time.perf_counter() - t0)
     finally:
         batch.close()
         ctx.close()
