@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_adapt.engine import Engine, EngineOptions, Finished, SamplingParams, Token
+from edge_adapt.engine import Engine, EngineOptions, Finished, SampleStarted, SamplingParams, Token
 from edge_adapt.engine.handles import llama_like_the_engine
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
@@ -217,12 +217,11 @@ def engine_vs_raw(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64), ragged
                     return _ragged_tok_s(e, prompt, lengths)
                 t0, count = 0.0, 0
                 for ev in e.generate(prompt, [params] * n, max_tokens=tokens):
-                    if not isinstance(ev, Token):
-                        continue
-                    if count == 0:
-                        t0 = time.perf_counter()  # after the prompt's decode, as the raw loop
-                    count += 1
-                return (count - n) / (time.perf_counter() - t0)
+                    if isinstance(ev, SampleStarted):
+                        t0 = time.perf_counter()  # the prompt decoded and forked, nothing sampled: as the raw loop
+                    elif isinstance(ev, Token):
+                        count += 1
+                return count / (time.perf_counter() - t0)
 
             engine_tok_s = raw_tok_s = 0.0
             moves = e.moves
