@@ -155,17 +155,19 @@ def test_refusals_are_immediate(sched: Scheduler) -> None:
         sched.submit(Job([1, 2, 3], max_tokens=4, strategy=StrategyConfig(strategy="best-of-n", budget=8)), lambda _: None)
 
 
-def test_a_full_queue_refuses(sched: Scheduler) -> None:
-    qs: list[queue.Queue[object]] = []
+def test_a_full_queue_refuses_until_waiting_requests_are_cancelled(sched: Scheduler) -> None:
     tickets = []
-    with pytest.raises(QueueFull):
-        with sched._cond:  # hold the scheduler still so nothing is admitted meanwhile
+    with sched._cond:  # hold the scheduler still so nothing is admitted meanwhile
+        with pytest.raises(QueueFull):
             for i in range(6):
-                q: queue.Queue[object] = queue.Queue()
-                tickets.append(sched.submit(Job([1, 2, 3], max_tokens=2, samples=_samples(1)), q.put))
-                qs.append(q)
-    for t in tickets:
-        t.cancel()
+                tickets.append(sched.submit(Job([1, 2, 3], max_tokens=2, samples=_samples(1)), lambda _: None))
+        assert len(tickets) == sched.max_queue
+        tickets[0].cancel()  # a client gone while waiting: its place is free before the scheduler steps again
+        tickets.append(sched.submit(Job([1, 2, 3], max_tokens=2, samples=_samples(1)), lambda _: None))
+        with pytest.raises(QueueFull):
+            sched.submit(Job([1, 2, 3], max_tokens=2, samples=_samples(1)), lambda _: None)
+        for t in tickets:
+            t.cancel()
     _idle(sched)
 
 

@@ -165,9 +165,11 @@ class Scheduler:
             if self._closing:
                 raise ShuttingDown("the server is shutting down")
             # The bound is on requests that wait: one that fits at once is never refused (--max-queue 0 works).
-            fits_now = not self._queue and self._can_admit(ticket)
-            if len(self._queue) >= self.max_queue and not fits_now:
-                raise QueueFull(f"{len(self._queue)} requests are already waiting (--max-queue {self.max_queue})")
+            # Cancelled ones (clients gone while waiting) leave the queue at the next step and hold no place in it.
+            waiting = sum(not t.cancelled.is_set() for t in self._queue)
+            fits_now = not waiting and self._can_admit(ticket)
+            if waiting >= self.max_queue and not fits_now:
+                raise QueueFull(f"{waiting} requests are already waiting (--max-queue {self.max_queue})")
             self._queue.append(ticket)
             self._cond.notify_all()
         return ticket
