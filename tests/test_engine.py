@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 
-from edge_adapt.engine import GREEDY, Engine, Finished, SamplingParams
+from edge_adapt.engine import GREEDY, Done, Engine, Finished, SamplingParams
 from edge_adapt.engine.snapshot_file import load_snapshot, save_snapshot
 
 PROMPT = [{"role": "user", "content": "Write two sentences about rivers."}]
@@ -312,3 +312,21 @@ def test_a_scratch_extension_keeps_its_id_while_other_sequences_are_packed(engin
     assert [s.generated for s in samples] == alone
     for s in samples:
         engine.release(s.seq)
+
+
+def test_log_probabilities_computed_beside_the_decode_are_the_ones_computed_in_line():
+    """With a core left idle by the decode, the sampled tokens' log-probabilities are computed on a thread of
+    their own meanwhile: same tokens, texts, log-probabilities and events, in the same order."""
+    from edge_adapt.engine.device import physical_cores
+
+    if physical_cores() < 2:
+        pytest.skip("one core: llama.cpp's thread leaves none idle")
+    with Engine(parallel=5, ctx=256, device="cpu", threads=1) as e:
+        assert e._beside is not None
+        tokens = _prompt(e)
+        beside = list(e.generate(tokens, SAMPLED, n=4, max_tokens=24, top_logprobs=3))
+        e._beside, pool = None, e._beside
+        in_line = list(e.generate(tokens, SAMPLED, n=4, max_tokens=24, top_logprobs=3))
+        e._beside = pool
+    events = [ev for ev in beside if not isinstance(ev, Done)]  # Done carries the wall time
+    assert events == [ev for ev in in_line if not isinstance(ev, Done)] and len(events) > 4 * 24 // 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator, Sequence as Seq
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from edge_adapt.engine.device import Device, gpu_layers_for, physical_cores
 from edge_adapt.engine.events import Cancelled, Done, Event, Finished, FinishReason, SampleStarted, Token, Usage
 from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
 from edge_adapt.engine.handles import Adapter, Batch, Context, Model, init_backend
-from edge_adapt.engine.sampling import SamplingParams, sample_rows, top_logprobs
+from edge_adapt.engine.sampling import SamplingParams, sample_rows, token_logprobs, top_logprobs
 from edge_adapt.engine.steps import Decode, Program, drive
 from edge_adapt.engine.text import TextStream
 from edge_adapt.engine.vocab import TextModel
@@ -128,6 +129,13 @@ class Engine(TextModel):
         except BaseException:
             self.model.close()
             raise
+        # A decode that leaves a core idle (a GPU's, or llama.cpp on fewer threads than cores) gets the sampled
+        # tokens' log-probabilities computed beside it, on this thread. Where llama.cpp uses every core, a thread
+        # would only compete with it (measured: no gain), so they are computed in line.
+        self._beside = (ThreadPoolExecutor(1, "edge-adapt-logprobs")
+                        if self.gpu_layers > 0 or self.threads < physical_cores() else None)
+        if self._beside is not None:
+            self.model.on_close(self._beside.shutdown)
         self._cancel = threading.Event()
         self._adapters: dict[Path, Adapter] = {}
         self.decoded_tokens = 0  # every token llama.cpp has been asked to decode: tests and accounts read it
@@ -596,16 +604,17 @@ class Engine(TextModel):
                 for token, bias in s.params.logit_bias:
                     logits[row, token] += bias
             recent = [np.asarray(s.seq.tokens[-s.params.repeat_last_n :]) if s.params.repeat_penalty != 1.0 else np.empty(0, int) for s in live]
-            tokens, logps = sample_rows(logits, [s.params for s in live], [s.rng for s in live], recent)
+            tokens = sample_rows(logits, [s.params for s in live], [s.rng for s in live], recent)
+            # What to decode does not depend on the log-probabilities: they are computed beside the decode where
+            # it leaves a core idle (see _logprobs), and the step's events follow the decode.
+            logps = self._logprobs(logits, tokens)
             to_decode: list[tuple[Sequence, list[int]]] = []
-            for row, (s, t, lp) in enumerate(zip(live, tokens.tolist(), logps.tolist())):
+            stepped: list[tuple[Sample, int, str]] = []  # one per live sample, in row order
+            for s, t in zip(live, tokens.tolist()):
                 s.generated.append(t)
-                s.logprobs.append(lp)
-                top = top_logprobs(logits[row], s.top_logprobs) if s.top_logprobs else ()
                 if self.model.is_eog(t):
-                    yield Token(s.index, t, s.stream.flush(), lp, top)
                     s.finish = "eos"
-                    yield self._finished(s)
+                    stepped.append((s, t, s.stream.flush()))
                     continue
                 text, stopped = s.stream.push(self.model.piece(t))
                 if stopped:
@@ -613,25 +622,40 @@ class Engine(TextModel):
                 elif len(s.generated) >= s.max_tokens:
                     s.finish = "length"
                     text += s.stream.flush()
-                yield Token(s.index, t, text, lp, top)
+                stepped.append((s, t, text))
                 to_decode.append((s.seq, [t]))
-                if s.finish:
-                    yield self._finished(s)
-                elif pause_on is not None and pause_on in text:
+                if not s.finish and pause_on is not None and pause_on in text:
                     paused.add(id(s))
+            cancelled = False
             if to_decode:
                 try:
                     yield Decode.of(to_decode)
                 except Cancelled:
-                    # The interrupted step's tokens were recorded but not decoded: forget them too.
-                    for seq, (t,) in to_decode:
-                        sample = next(x for x in live if x.seq is seq)
-                        sample.generated.pop()
-                        sample.logprobs.pop()
-                        sample.finish = None
-                    yield from self._finish_all([s for s in live if s.finish is None], "cancelled")
-                    return
+                    cancelled = True
+            for row, ((s, t, text), lp) in enumerate(zip(stepped, logps.result().tolist())):
+                s.logprobs.append(lp)
+                top = top_logprobs(logits[row], s.top_logprobs) if s.top_logprobs else ()
+                yield Token(s.index, t, text, lp, top)
+                if s.finish == "eos" or (s.finish and not cancelled):
+                    yield self._finished(s)
+            if cancelled:
+                # The interrupted step's tokens were recorded but not decoded: forget them too.
+                for seq, _ in to_decode:
+                    sample = next(x for x in live if x.seq is seq)
+                    sample.generated.pop()
+                    sample.logprobs.pop()
+                    sample.finish = None
+                yield from self._finish_all([s for s in live if s.finish is None], "cancelled")
+                return
             live = [s for s in live if s.finish is None and len(s.generated) < limit[id(s)] and id(s) not in paused]
+
+    def _logprobs(self, logits: np.ndarray, tokens: np.ndarray) -> Future[np.ndarray]:
+        """The tokens' log-probabilities under `logits` (left untouched until the result is read)."""
+        if self._beside is not None:
+            return self._beside.submit(token_logprobs, logits, tokens)
+        done: Future[np.ndarray] = Future()
+        done.set_result(token_logprobs(logits, tokens))
+        return done
 
     def _finish_all(self, samples: Seq[Sample], reason: FinishReason) -> Iterator[Event]:
         self._cancel.clear()

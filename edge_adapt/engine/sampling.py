@@ -125,8 +125,9 @@ def sample_rows(
     params: Sequence[SamplingParams],
     rngs: Sequence[np.random.Generator],
     recent: Sequence[np.ndarray] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pick one token per row. Returns (tokens, log-probabilities under the model's unfiltered distribution)."""
+) -> np.ndarray:
+    """Pick one token per row (their log-probabilities under the model's unfiltered distribution, the rows as
+    given, are `token_logprobs(logits, tokens)`)."""
     logits = np.asarray(logits, dtype=np.float32)
     penalties = np.array([p.repeat_penalty for p in params])
     work = logits
@@ -144,4 +145,4 @@ def sample_rows(
         cdf = np.cumsum(np.where(keep, probs, 0.0))
         u = rngs[row].random() * cdf[-1]
         tokens[row] = cand[min(int(np.searchsorted(cdf, u, side="right")), len(cand) - 1)]
-    return tokens, token_logprobs(logits, tokens)
+    return tokens
