@@ -1,0 +1,54 @@
+"""Random-weight models of a named shape (edge_adapt.bench.random_model): the GPU benchmarks' stand-in for
+models that cannot travel to the machine."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gguf
+import pytest
+
+from edge_adapt.bench.random_model import SHAPES, main, save_tokenizer, write_random_model
+from edge_adapt.engine import Engine, Finished, SamplingParams
+from edge_adapt.engine.default_model import default_model_path
+from edge_adapt.engine.gguf_file import inspect_gguf
+from edge_adapt.errors import UsageError
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "f16"])
+def test_a_random_model_of_a_shape_loads_and_generates(tmp_path, qtype, engine):
+    tokenizer = save_tokenizer(tmp_path / "tokenizer.gguf")  # what travels to a machine without the default model
+    assert tokenizer.stat().st_size < 4 << 20
+    shape = dataclasses.replace(SHAPES["tiny"], vocab=SHAPES["tiny"].vocab + 100)  # padded past the tokenizer's
+    path = write_random_model(tmp_path / "tiny.gguf", shape, qtype, tokenizer=tokenizer)
+    info = inspect_gguf(path)
+    assert (info.n_layers, info.n_embd, info.n_head, info.n_head_kv, info.n_vocab) == (2, 64, 4, 2, 49252)
+    with Engine(model=path, parallel=3, ctx=128, device="cpu") as e:
+        assert e.model.n_vocab == 49252
+        text = "Write two sentences about rivers."
+        assert e.tokenize(text) == engine.tokenize(text)  # the default model's tokenizer
+        done = [ev for ev in e.generate("Hello", SamplingParams(temperature=0.8, ignore_eos=True), n=3, max_tokens=6)
+                if isinstance(ev, Finished)]
+    assert [d.n_tokens for d in done] == [6, 6, 6]
+
+
+def test_the_default_models_shape_has_its_tensors_and_types(tmp_path):
+    """Speed is a matter of shapes and types: the stand-in must have exactly the default model's."""
+    def layout(path):
+        return sorted((t.name, tuple(int(x) for x in t.shape), t.tensor_type) for t in gguf.GGUFReader(path).tensors)
+
+    path = write_random_model(tmp_path / "smollm2.gguf", SHAPES["smollm2-135m"])
+    assert layout(path) == layout(default_model_path())
+
+
+def test_random_model_refuses_to_overwrite_and_bad_inputs(tmp_path):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep me")
+    with pytest.raises(SystemExit, match="error: .*--force"):
+        main([str(out), "--shape", "tiny"])
+    assert out.read_bytes() == b"keep me"
+    with pytest.raises(SystemExit, match="error: .*cannot read it as a GGUF file"):
+        main([str(tmp_path / "new.gguf"), "--shape", "tiny", "--tokenizer", str(out)])
+    with pytest.raises(UsageError, match="vocabulary of 100 is smaller"):
+        write_random_model(tmp_path / "small.gguf", dataclasses.replace(SHAPES["tiny"], vocab=100))
+    assert not (tmp_path / "new.gguf").exists() and not (tmp_path / "small.gguf").exists()
