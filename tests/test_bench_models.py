@@ -52,3 +52,16 @@ def test_random_model_refuses_to_overwrite_and_bad_inputs(tmp_path):
     with pytest.raises(UsageError, match="vocabulary of 100 is smaller"):
         write_random_model(tmp_path / "small.gguf", dataclasses.replace(SHAPES["tiny"], vocab=100))
     assert not (tmp_path / "new.gguf").exists() and not (tmp_path / "small.gguf").exists()
+
+
+def test_the_step_profile_accounts_for_a_step(tmp_path):
+    """`edge-adapt bench --only profile` on a small random model: every part measured, none over the step."""
+    from edge_adapt.bench.engine import BenchConfig, render, step_profile
+
+    path = write_random_model(tmp_path / "tiny.gguf", SHAPES["tiny"])
+    rows = step_profile(BenchConfig(model=path, tokens=8, repeats=1), sizes=(1, 4))
+    assert [r["sequences"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["step"] > 0 and all(r[k] > 0 for k in ("decode", "logits_out", "sampling", "logprobs"))
+        assert r["decode"] + r["logits_out"] + r["sampling"] < r["step"] and r["rest"] > -0.05 * r["step"]
+    assert "step profile  4 forks" in render({"profile": rows})

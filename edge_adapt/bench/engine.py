@@ -14,6 +14,8 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -235,9 +237,63 @@ def engine_vs_raw(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64), ragged
     return rows
 
 
+@contextmanager
+def _timed(owner: Any, name: str, spent: dict[str, float], label: str) -> Iterator[None]:
+    """While it lasts, `owner.name` adds the seconds of each call to spent[label]."""
+    fn = getattr(owner, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
+
+    setattr(owner, name, timed)
+    try:
+        yield
+    finally:
+        setattr(owner, name, fn)
+
+
+def step_profile(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64)) -> list[dict[str, Any]]:
+    """Where a greedy step of N forks goes, in ms per step (best of `repeats`): llama_decode, copying the logits
+    out, choosing the tokens, their log-probabilities (in line, or on their own thread during the decode, where
+    they cost the step nothing), and the rest (stacking rows, masks, text, events)."""
+    import edge_adapt.engine.engine as engine_module
+
+    tokens = min(cfg.tokens, 64)
+    params = SamplingParams(temperature=0.0, ignore_eos=True)
+    rows = []
+    for n in sizes:
+        with Engine(_opts(cfg, parallel=max(n, 2), ctx=64)) as probe:
+            prompt = probe.tokenize(probe.chat_prompt([{"role": "user", "content": PROMPT}]), special=True)
+        with Engine(_opts(cfg, parallel=max(n, 2), ctx=len(prompt) + tokens + 16)) as e:
+            best: dict[str, Any] = {}
+            for _ in range(cfg.repeats + 1):  # the first run warms up
+                spent: dict[str, float] = {}
+                with (_timed(e.ctx, "decode", spent, "decode"), _timed(e.ctx, "logits", spent, "logits_out"),
+                      _timed(engine_module, "sample_rows", spent, "sampling"),
+                      _timed(engine_module, "token_logprobs", spent, "logprobs")):
+                    t0 = 0.0
+                    for ev in e.generate(prompt, [params] * n, max_tokens=tokens):
+                        if isinstance(ev, SampleStarted):
+                            spent.clear()  # from the forked prompt, as engine_vs_raw
+                            t0 = time.perf_counter()
+                    wall = time.perf_counter() - t0
+                row = {k: v / tokens * 1e3 for k, v in spent.items()}
+                beside = e._beside is not None
+                row["step"] = wall / tokens * 1e3
+                row["rest"] = row["step"] - sum(v for k, v in row.items() if k != "step" and not (beside and k == "logprobs"))
+                if not best or row["step"] < best["step"]:
+                    best = {"sequences": n, "logprobs_beside": beside, **row}
+            rows.append(best)
+    return rows
+
+
 def run_all(cfg: BenchConfig, only: set[str] | None = None) -> dict[str, Any]:
     sections = {"single_stream": single_stream, "batched": batched_vs_sequential, "fork": fork_cost,
-                "rss": rss_vs_plan, "raw": engine_vs_raw}
+                "rss": rss_vs_plan, "raw": engine_vs_raw, "profile": step_profile}
     return {"config": {k: str(v) for k, v in asdict(cfg).items()},
             **{name: fn(cfg) for name, fn in sections.items() if not only or name in only}}
 
@@ -261,6 +317,10 @@ def render(results: dict[str, Any]) -> str:
         kind = f"{r['sequences']:>2} forks" + (f" ragged ({r['moves_per_run']:.0f} moves)" if r.get("ragged") else "")
         lines.append(f"vs raw llama.cpp {kind}: engine {r['engine_tok_s']:.1f} tok/s, raw "
                      f"{r['raw_tok_s']:.1f} tok/s -> {r['ratio']:.2f}  (goal >= 0.95 at 16 and 64)")
+    for r in results.get("profile", []):
+        lines.append(f"step profile {r['sequences']:>2} forks: {r['step']:.2f} ms = llama_decode {r['decode']:.2f}, "
+                     f"logits out {r['logits_out']:.2f}, sampling {r['sampling']:.2f}, log-probs {r['logprobs']:.2f}"
+                     f"{' (beside the decode)' if r['logprobs_beside'] else ''}, rest {r['rest']:.2f}")
     for r in results.get("rss", []):
         lines.append(f"peak RSS        {r['parallel']:>2} x {r['ctx']:<5} measured {r['peak_rss_mib']:.0f} MiB vs planned "
                      f"{r['predicted_mib']:.0f} MiB -> {r['ratio']:.3f}  (goal within 15%)")
