@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator, Sequence as Seq
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -139,6 +139,7 @@ class Engine(TextModel):
         self._cancel = threading.Event()
         self._adapters: dict[Path, Adapter] = {}
         self.decoded_tokens = 0  # every token llama.cpp has been asked to decode: tests and accounts read it
+        self.moves = 0  # sequences moved to another id so that a decode's ids are consecutive (see _pack)
         self.decode_calls = 0
 
     def _make_context(self, opts: EngineOptions) -> None:
@@ -164,7 +165,6 @@ class Engine(TextModel):
         self._free_ids = list(range(ids))  # one more than `parallel` with split KV: see budget.sequence_ids
         self._live: dict[int, Sequence] = {}  # id -> the sequence holding it
         self._pinned: set[int] = set()  # ids a scratch extension shares with its sequence: they must not move
-        self.moves = 0  # sequences moved to another id so that a decode's ids are consecutive (see _pack)
 
     def resize(self, *, parallel: int | None = None, ctx: int | None = None, keep: Seq[Sequence] = ()) -> None:
         """Rebuild the context for another number of sequences or another context length, the model staying
