@@ -465,10 +465,25 @@ class Engine(TextModel):
     def snapshot(self, seq: Sequence) -> Snapshot:
         if seq.n_past != len(seq.tokens):
             raise EngineError("cannot snapshot a sequence with undecoded tokens")
+        if self.ctx.copies_pending and seq.n_past:
+            self._apply_copies(seq)
         return Snapshot(
             tuple(seq.tokens), seq.n_past, self.ctx.state_seq_get(seq.id),
             None if seq.logits is None else seq.logits.copy(), self.fingerprint,
         )
+
+    def _apply_copies(self, seq: Sequence) -> None:
+        """Make llama.cpp apply its pending stream copies (a fork's, a move's) with a decode on `seq` that leaves
+        it as it was: one token appended and taken back, or, at a full context, its last token decoded again."""
+        n, logits = seq.n_past, seq.logits
+        if n < self.n_ctx_seq:
+            self.extend([(seq, [seq.tokens[-1]])])
+        else:
+            last = seq.tokens[-1]
+            self.truncate(seq, n - 1)
+            self.extend([(seq, [last])])
+        self.truncate(seq, n)
+        seq.logits = logits
 
     def restore(self, snap: Snapshot, into: Sequence | None = None) -> Sequence:
         """Bring a snapshot back under a free id (or into an existing sequence, replacing its content)."""

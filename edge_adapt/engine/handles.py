@@ -211,6 +211,10 @@ class Context:
         self._stack = ExitStack()
         self._stack.callback(self._free)
         self._adapters: tuple[int, ...] = ()
+        # With a KV stream per sequence, llama.cpp copies a stream for `seq_cp` at the next decode, and reading a
+        # sequence's state does not wait for it: the engine decodes before such a read while this is set.
+        self._split = not kv_unified and n_seq_max > 1
+        self.copies_pending = False
         model.on_close(self.close)
 
     def _free(self) -> None:
@@ -229,6 +233,8 @@ class Context:
 
     def decode(self, batch: Batch) -> None:
         rc = ll.llama_decode(self.ptr, batch.view)
+        if rc >= 0:  # past its input checks llama.cpp has applied the pending stream copies
+            self.copies_pending = False
         if rc == 2:
             from edge_adapt.engine.events import Cancelled
 
@@ -245,6 +251,7 @@ class Context:
 
     def seq_cp(self, src: int, dst: int) -> None:
         ll.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        self.copies_pending = self.copies_pending or (self._split and src != dst)
 
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
         if not ll.llama_memory_seq_rm(self.memory, seq, p0, p1):
