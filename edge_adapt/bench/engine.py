@@ -181,6 +181,12 @@ def rss_vs_plan(cfg: BenchConfig) -> list[dict[str, float]]:
     return rows
 
 
+def _prompt_tokens(cfg: BenchConfig) -> list[int]:
+    """PROMPT in the model's chat template, tokenized as bench.raw tokenizes it (special tokens parsed)."""
+    with Engine(_opts(cfg, parallel=1, ctx=64)) as probe:
+        return probe.tokenize(probe.chat_prompt([{"role": "user", "content": PROMPT}]), special=True)
+
+
 def _ragged_tok_s(e: Engine, prompt: list[int], lengths: list[int]) -> float:
     """Greedy tokens/s of forks that stop after `lengths` tokens, dealt in a shuffled order, so that sequences
     end between the ids of sequences still running, as samples that stop early do."""
@@ -207,10 +213,9 @@ def engine_vs_raw(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64), ragged
 
     tokens = min(cfg.tokens, 64)  # 64 sequences x 128 tokens would take minutes on 2 cores
     params = SamplingParams(temperature=0.0, ignore_eos=True)
+    prompt = _prompt_tokens(cfg)
     rows: list[dict[str, Any]] = []
     for n, is_ragged in [*((n, False) for n in sizes), *(((ragged, True),) if ragged else ())]:
-        with Engine(_opts(cfg, parallel=max(n, 2), ctx=64)) as probe:
-            prompt = probe.tokenize(probe.chat_prompt([{"role": "user", "content": PROMPT}]), special=True)
         ctx = len(prompt) + tokens + 16  # what bench.raw gives each of its sequences
         lengths = ragged_lengths(n, tokens) if is_ragged else None
         with Engine(_opts(cfg, parallel=max(n, 2), ctx=ctx)) as e:
@@ -264,10 +269,9 @@ def step_profile(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64)) -> list
 
     tokens = min(cfg.tokens, 64)
     params = SamplingParams(temperature=0.0, ignore_eos=True)
+    prompt = _prompt_tokens(cfg)
     rows = []
     for n in sizes:
-        with Engine(_opts(cfg, parallel=max(n, 2), ctx=64)) as probe:
-            prompt = probe.tokenize(probe.chat_prompt([{"role": "user", "content": PROMPT}]), special=True)
         with Engine(_opts(cfg, parallel=max(n, 2), ctx=len(prompt) + tokens + 16)) as e:
             best: dict[str, Any] = {}
             for _ in range(cfg.repeats + 1):  # the first run warms up

@@ -80,6 +80,14 @@ def _add_fields(w: gguf.GGUFWriter, fields: dict[str, tuple[object, gguf.GGUFVal
             w.add_key_value(key, value, vtype, sub)
 
 
+def _write(w: gguf.GGUFWriter, path: Path, force: bool) -> None:
+    with atomic_file(path, force=force) as tmp:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+
 def save_tokenizer(path: Path, *, source: Path | None = None, force: bool = False) -> Path:
     """A GGUF holding only the tokenizer of `source` (the default model when None): what --tokenizer reads."""
     fields = _tokenizer_fields(source or default_model_path())
@@ -87,11 +95,7 @@ def save_tokenizer(path: Path, *, source: Path | None = None, force: bool = Fals
     w.add_type(gguf.GGUFType.MODEL)
     _add_fields(w, fields, list(fields["tokenizer.ggml.tokens"][0]),  # type: ignore[call-overload]
                 list(fields["tokenizer.ggml.token_type"][0]))  # type: ignore[call-overload]
-    with atomic_file(path, force=force) as tmp:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+    _write(w, Path(path), force)
     return Path(path)
 
 
@@ -154,11 +158,7 @@ def write_random_model(path: Path, shape: Shape, qtype: str | None = None, *, to
         add(f"blk.{i}.ffn_gate.weight", matrix(shape.ff, shape.embd))
         add(f"blk.{i}.ffn_up.weight", matrix(shape.ff, shape.embd))
         add(f"blk.{i}.ffn_down.weight", matrix(shape.embd, shape.ff))
-    with atomic_file(path, force=force) as tmp:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+    _write(w, path, force)
     return path
 
 

@@ -132,7 +132,7 @@ def sample_rows(
     penalties = np.array([p.repeat_penalty for p in params])
     work = logits
     if recent is not None and (penalties != 1.0).any():
-        work = logits.copy()  # the penalty is a sampling filter: log-probabilities stay the model's
+        work = logits.copy()  # a filter of the sampling: the caller's rows, its log-probabilities' input, stay
         apply_repeat_penalty(work, recent, penalties)
     tokens = work.argmax(axis=-1)
     for row, p in enumerate(params):
