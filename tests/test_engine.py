@@ -314,6 +314,51 @@ def test_a_scratch_extension_keeps_its_id_while_other_sequences_are_packed(engin
         engine.release(s.seq)
 
 
+def test_a_decode_hands_each_caller_its_rows_in_the_callers_order(engine: Engine):
+    """Logits rows come back in the order of `extend`'s updates, not by sequence id: each sequence still gets
+    its own, whichever order the updates name them in."""
+    tokens = _prompt(engine)
+    token = engine.tokenize(" The")[0]
+    expected = []
+    for _ in range(3):
+        with engine.opened(tokens) as seq:
+            engine.extend([(seq, [token])])
+            expected.append(seq.logits.copy())
+    with engine.opened(tokens) as a:
+        b, c = engine.fork(a), engine.fork(a)
+        extra = engine.tokenize(" river")
+        engine.extend([(c, [token]), (a, [token] + extra), (b, [token])])  # ids a < b < c, named c, a, b
+        with engine.opened(tokens + [token] + extra) as alone:
+            # Equal bits on the CPU this was written on; a row handed to the wrong sequence is off by whole logits.
+            np.testing.assert_allclose(a.logits, alone.logits, atol=0.05)
+        np.testing.assert_allclose(b.logits, expected[1], atol=0.05)
+        np.testing.assert_allclose(c.logits, expected[2], atol=0.05)
+        assert not np.allclose(a.logits, b.logits, atol=0.5)
+        engine.release(b)
+        engine.release(c)
+
+
+def test_a_step_that_edits_its_rows_in_place_puts_them_back(engine: Engine):
+    """A step reads its samples' rows of logits as one view of the decode's array, edits them (logit_bias,
+    ignore_eos) and puts the edited columns back: a fork sharing a row, which waits, sees the model's logits."""
+    tokens = _prompt(engine)
+    eos = int(engine.eog_tokens[0])
+    params = [SamplingParams(temperature=0.0, ignore_eos=True, logit_bias=((eos, 5.0), (300, 7.0))),
+              SamplingParams(temperature=0.0, logit_bias=((300, -3.0),))]
+    root = engine.open(tokens)
+    samples = engine.start(root, params, max_tokens=8, consume_root=True)
+    list(engine.advance(samples, max_new=2))  # both paused, their rows side by side in one array
+    (waiting,) = engine.branch(samples[0], [GREEDY])
+    assert waiting.seq.logits is samples[0].seq.logits
+    before = samples[0].seq.logits.copy(), samples[1].seq.logits.copy()
+    list(engine.advance(samples, max_new=1))
+    np.testing.assert_array_equal(waiting.seq.logits, before[0])
+    assert np.isfinite(waiting.seq.logits[engine.eog_tokens]).all()
+    list(engine.advance(samples))
+    for s in [*samples, waiting]:
+        engine.release(s.seq)
+
+
 def test_log_probabilities_computed_beside_the_decode_are_the_ones_computed_in_line():
     """With a core left idle by the decode, the sampled tokens' log-probabilities are computed on a thread of
     their own meanwhile: same tokens, texts, log-probabilities and events, in the same order."""

@@ -95,6 +95,7 @@ class Model:
         self.eos = ll.llama_vocab_eos(self.vocab)
         self.bos = ll.llama_vocab_bos(self.vocab)
         self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
 
     def _free(self) -> None:
         if self.ptr:
@@ -133,7 +134,11 @@ class Model:
         return cached
 
     def is_eog(self, token: int) -> bool:
-        return bool(ll.llama_vocab_is_eog(self.vocab, token))
+        """Whether a token ends generation (cached like `piece`: a call into llama.cpp costs microseconds)."""
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(ll.llama_vocab_is_eog(self.vocab, token))
+        return eog
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1 << 16)
@@ -244,10 +249,12 @@ class Context:
         if rc != 0:
             raise EngineError(f"llama_decode failed with code {rc}")
 
-    def logits(self, n_outputs: int) -> np.ndarray:
-        """Logits of the last decode's outputs, in batch order, as a fresh (n_outputs, n_vocab) array."""
+    def logits(self, n_outputs: int, order: list[int] | None = None) -> np.ndarray:
+        """Logits of the last decode's outputs as a fresh (n_outputs, n_vocab) array: in batch order, or row i
+        the order[i]-th output (the same single copy)."""
         ptr = ll.llama_get_logits(self.ptr)
-        return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab)).copy()
+        out = np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab))
+        return out.copy() if order is None or order == list(range(n_outputs)) else out[order]
 
     def seq_cp(self, src: int, dst: int) -> None:
         ll.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
