@@ -370,11 +370,14 @@ def test_log_probabilities_computed_beside_the_decode_are_the_ones_computed_in_l
         assert e._beside is not None
         tokens = _prompt(e)
         beside = list(e.generate(tokens, SAMPLED, n=4, max_tokens=24, top_logprobs=3))
+        e._beside_workers = 3  # rows split in 3 ranges (as on a machine with more idle cores)
+        split = list(e.generate(tokens, SAMPLED, n=4, max_tokens=24, top_logprobs=3))
         e._beside, pool = None, e._beside
         in_line = list(e.generate(tokens, SAMPLED, n=4, max_tokens=24, top_logprobs=3))
         e._beside = pool
     events = [ev for ev in beside if not isinstance(ev, Done)]  # Done carries the wall time
     assert events == [ev for ev in in_line if not isinstance(ev, Done)] and len(events) > 4 * 24 // 2
+    assert events == [ev for ev in split if not isinstance(ev, Done)]
 
 
 def test_a_snapshot_taken_right_after_a_fork_holds_the_forked_kv(engine: Engine):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -246,13 +247,15 @@ def engine_vs_raw(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64), ragged
 def _timed(owner: Any, name: str, spent: dict[str, float], label: str) -> Iterator[None]:
     """While it lasts, `owner.name` adds the seconds of each call to spent[label]."""
     fn = getattr(owner, name)
+    lock = threading.Lock()  # the log-probabilities' workers add up at once
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
+            with lock:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
 
     setattr(owner, name, timed)
     try:
@@ -290,7 +293,8 @@ def step_profile(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64)) -> list
                 row["step"] = wall / tokens * 1e3
                 row["rest"] = row["step"] - sum(v for k, v in row.items() if k != "step" and not (beside and k == "logprobs"))
                 if not best or row["step"] < best["step"]:
-                    best = {"sequences": n, "logprobs_beside": beside, **row}
+                    best = {"sequences": n, "logprobs_beside": beside,
+                            "logprobs_workers": e._beside_workers if beside else 0, **row}
             rows.append(best)
     return rows
 
@@ -322,9 +326,10 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"vs raw llama.cpp {kind}: engine {r['engine_tok_s']:.1f} tok/s, raw "
                      f"{r['raw_tok_s']:.1f} tok/s -> {r['ratio']:.2f}  (goal >= 0.95 at 16 and 64)")
     for r in results.get("profile", []):
+        where = f" (beside the decode, {r['logprobs_workers']} threads, their sum)" if r["logprobs_beside"] else ""
         lines.append(f"step profile {r['sequences']:>2} forks: {r['step']:.2f} ms = llama_decode {r['decode']:.2f}, "
                      f"logits out {r['logits_out']:.2f}, sampling {r['sampling']:.2f}, log-probs {r['logprobs']:.2f}"
-                     f"{' (beside the decode)' if r['logprobs_beside'] else ''}, rest {r['rest']:.2f}")
+                     f"{where}, rest {r['rest']:.2f}")
     for r in results.get("rss", []):
         lines.append(f"peak RSS        {r['parallel']:>2} x {r['ctx']:<5} measured {r['peak_rss_mib']:.0f} MiB vs planned "
                      f"{r['predicted_mib']:.0f} MiB -> {r['ratio']:.3f}  (goal within 15%)")

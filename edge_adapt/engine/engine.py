@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence as Seq
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence as Seq
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -129,11 +129,15 @@ class Engine(TextModel):
         except BaseException:
             self.model.close()
             raise
-        # A decode that leaves a core idle (a GPU's, or llama.cpp on fewer threads than cores) gets the sampled
-        # tokens' log-probabilities computed beside it, on this thread. Where llama.cpp uses every core, a thread
-        # would only compete with it (measured: no gain), so they are computed in line.
-        self._beside = (ThreadPoolExecutor(1, "edge-adapt-logprobs")
-                        if self.gpu_layers > 0 or self.threads < physical_cores() else None)
+        # A decode that leaves cores idle (a GPU's, or llama.cpp on fewer threads than cores) gets the sampled
+        # tokens' log-probabilities computed beside it, on threads of its own, rows split among them (numpy lets
+        # go of the GIL in its loops: 64 rows took 8.4 ms on one thread, 4.9 on two, 2-core VM). Where llama.cpp
+        # uses every core a thread would only compete with it (measured: no gain), so they are computed in line.
+        # On a GPU one core stays busy waiting for the device. At most 4: a GPU step is a few milliseconds.
+        idle = physical_cores() - (1 if self.gpu_layers > 0 else self.threads)
+        self._beside_workers = max(1, min(4, idle))
+        self._beside = (ThreadPoolExecutor(self._beside_workers, "edge-adapt-logprobs")
+                        if self.gpu_layers > 0 or idle > 0 else None)
         if self._beside is not None:
             self.model.on_close(self._beside.shutdown)
         self._cancel = threading.Event()
@@ -332,14 +336,12 @@ class Engine(TextModel):
                 if seq.logits is None:
                     raise EngineError("nothing to decode and no logits: truncate one token and decode it again")
                 continue
-            for i, t in enumerate(todo):
-                rows_tok.append(t)
-                rows_pos.append(seq.n_past + i)
-                rows_seq.append(seq.id)
-                last = i == len(todo) - 1
-                rows_out.append(last)
-                if last:
-                    owners.append(seq)
+            k = len(todo)
+            rows_tok += todo
+            rows_pos += range(seq.n_past, seq.n_past + k)
+            rows_seq += [seq.id] * k
+            rows_out += [False] * (k - 1) + [True]  # logits for the last token only
+            owners.append(seq)
         if not rows_tok:
             return
         tok, pos, sid, out = (np.asarray(a) for a in (rows_tok, rows_pos, rows_seq, rows_out))
@@ -612,7 +614,7 @@ class Engine(TextModel):
                             len(s.generated) + max_new if max_new is not None else s.max_tokens) for s in samples}
         live = [s for s in samples if s.finish is None and len(s.generated) < limit[id(s)]]
         paused: set[int] = set()
-        edited: dict[SamplingParams, np.ndarray] = {}  # the logits' columns a sampling setting edits
+        edited: dict[int, np.ndarray] = {}  # by id of the settings: the logits' columns they edit
         while live:
             if self._cancel.is_set():
                 yield from self._finish_all(live, "cancelled")
@@ -625,27 +627,17 @@ class Engine(TextModel):
             borrowed = logits is not None
             if logits is None:
                 logits = np.stack(rows)
-            undo: list[tuple[int, np.ndarray, np.ndarray]] = []
-            for row, s in enumerate(live):
-                if not (s.params.ignore_eos or s.params.logit_bias):
-                    continue
-                if borrowed:
-                    cols = edited.get(s.params)
-                    if cols is None:
-                        cols = edited[s.params] = np.array(
-                            [*(self.eog_tokens if s.params.ignore_eos else ()), *(t for t, _ in s.params.logit_bias)],
-                            dtype=np.int64)
-                    undo.append((row, cols, logits[row, cols]))
-                if s.params.ignore_eos:
-                    logits[row, self.eog_tokens] = -np.inf
-                for token, bias in s.params.logit_bias:
-                    logits[row, token] += bias
-            recent = [np.asarray(s.seq.tokens[-s.params.repeat_last_n :]) if s.params.repeat_penalty != 1.0 else np.empty(0, int) for s in live]
+            undo = self._edit(logits, live, edited, keep=borrowed)
+            recent = None
+            if any(s.params.repeat_penalty != 1.0 for s in live):
+                recent = [np.asarray(s.seq.tokens[-s.params.repeat_last_n :]) if s.params.repeat_penalty != 1.0
+                          else np.empty(0, int) for s in live]
             tokens = sample_rows(logits, [s.params for s in live], [s.rng for s in live], recent)
             # What to decode does not depend on the log-probabilities: they are computed beside the decode where
             # it leaves a core idle (see _logprobs), and the step's events follow the decode.
             logps = self._logprobs(logits, tokens)
             to_decode: list[tuple[Sequence, list[int]]] = []
+            leaving: list[tuple[Sequence, list[int]]] = []
             stepped: list[tuple[Sample, int, str]] = []  # one per live sample, in row order
             for s, t in zip(live, tokens.tolist()):
                 s.generated.append(t)
@@ -660,19 +652,23 @@ class Engine(TextModel):
                     s.finish = "length"
                     text += s.stream.flush()
                 stepped.append((s, t, text))
-                to_decode.append((s.seq, [t]))
                 if not s.finish and pause_on is not None and pause_on in text:
                     paused.add(id(s))
+                goes_on = not s.finish and len(s.generated) < limit[id(s)] and id(s) not in paused
+                (to_decode if goes_on else leaving).append((s.seq, [t]))
             cancelled = False
+            # The samples that go on first: the decode hands rows out in this order, so next step's rows are
+            # side by side again when some samples stop between others (see _consecutive_rows).
+            to_decode += leaving
             if to_decode:
                 try:
                     yield Decode.of(to_decode)
                 except Cancelled:
                     cancelled = True
-            lps = logps.result().tolist()
+            lps = logps().tolist()
             tops = [top_logprobs(logits[row], s.top_logprobs) if s.top_logprobs else () for row, (s, _, _) in enumerate(stepped)]
-            for row, cols, values in undo:
-                logits[row, cols] = values
+            for at, values in undo:
+                logits[at] = values
             for (s, t, text), lp, top in zip(stepped, lps, tops):
                 s.logprobs.append(lp)
                 yield Token(s.index, t, text, lp, top)
@@ -689,13 +685,43 @@ class Engine(TextModel):
                 return
             live = [s for s in live if s.finish is None and len(s.generated) < limit[id(s)] and id(s) not in paused]
 
-    def _logprobs(self, logits: np.ndarray, tokens: np.ndarray) -> Future[np.ndarray]:
-        """The tokens' log-probabilities under `logits` (left untouched until the result is read)."""
-        if self._beside is not None:
-            return self._beside.submit(token_logprobs, logits, tokens)
-        done: Future[np.ndarray] = Future()
-        done.set_result(token_logprobs(logits, tokens))
-        return done
+    def _edit(self, logits: np.ndarray, live: list[Sample], edited: dict[int, np.ndarray], *,
+              keep: bool) -> list[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]:
+        """Mask end-of-generation tokens and add logit biases, in place, one numpy operation per distinct
+        settings object for all the rows that share it (the samples of one request share one). With `keep`,
+        return what to put back afterwards: (where, the values there before)."""
+        groups: dict[int, tuple[SamplingParams, list[int]]] = {}
+        for row, s in enumerate(live):
+            if s.params.ignore_eos or s.params.logit_bias:
+                groups.setdefault(id(s.params), (s.params, []))[1].append(row)
+        undo = []
+        for key, (params, rows) in groups.items():
+            at_rows = np.array(rows)[:, None]
+            if keep:
+                cols = edited.get(key)
+                if cols is None:
+                    cols = edited[key] = np.array(
+                        [*(self.eog_tokens if params.ignore_eos else ()), *(t for t, _ in params.logit_bias)],
+                        dtype=np.int64)
+                undo.append(((at_rows, cols), logits[at_rows, cols]))
+            if params.ignore_eos:
+                logits[at_rows, self.eog_tokens] = -np.inf
+            for token, bias in params.logit_bias:
+                logits[rows, token] += bias
+        return undo
+
+    def _logprobs(self, logits: np.ndarray, tokens: np.ndarray) -> Callable[[], np.ndarray]:
+        """The tokens' log-probabilities under `logits`, read by calling what this returns (`logits` stay untouched
+        until then): computed in line, or beside the decode in one range of rows per worker."""
+        if self._beside is None:
+            done = token_logprobs(logits, tokens)
+            return lambda: done
+        n, k = len(tokens), min(self._beside_workers, len(tokens))
+        if k == 1:
+            return self._beside.submit(token_logprobs, logits, tokens).result
+        bounds = [i * n // k for i in range(k + 1)]
+        parts = [self._beside.submit(token_logprobs, logits[a:b], tokens[a:b]) for a, b in zip(bounds, bounds[1:])]
+        return lambda: np.concatenate([p.result() for p in parts])
 
     def _finish_all(self, samples: Seq[Sample], reason: FinishReason) -> Iterator[Event]:
         self._cancel.clear()

@@ -22,6 +22,11 @@ class TextStream:
     )
 
     def push(self, data: bytes) -> tuple[str, bool]:
+        if not self.stop:  # nothing to hold back but a partial character, which the decoder keeps itself
+            out = self._pending + self._decoder.decode(data)
+            self._pending = ""
+            self.text += out
+            return out, False
         self._pending += self._decoder.decode(data)
         for s in self.stop:
             at = self._pending.find(s)
