@@ -359,6 +359,33 @@ def test_a_step_that_edits_its_rows_in_place_puts_them_back(engine: Engine):
         engine.release(s.seq)
 
 
+def test_work_given_to_a_decode_runs_once_whatever_the_decode_does(engine: Engine):
+    """`extend(meanwhile=...)` runs the work once between llama_decode and reading the logits (on a GPU, while it
+    computes); after a failed decode too; an error of the work comes after the engine has settled the decode."""
+    from edge_adapt.errors import ContextOverflowError
+
+    tokens = _prompt(engine)
+    ran: list[int] = []
+    with engine.opened(tokens) as seq:
+        token = int(np.argmax(seq.logits))
+        engine.extend([(seq, [token])], meanwhile=[lambda: ran.append(len(ran))])
+        assert ran == [0] and seq.n_past == len(tokens) + 1
+
+        def boom() -> None:
+            raise RuntimeError("the work failed")
+
+        with pytest.raises(RuntimeError, match="the work failed"):
+            engine.extend([(seq, [token])], meanwhile=[boom, lambda: ran.append(len(ran))])
+        assert ran == [0, 1]  # the rest of the work ran all the same
+        assert seq.n_past == len(seq.tokens) == len(tokens) + 2 and seq.logits is not None
+        with engine.opened(tokens + [token, token]) as alone:
+            np.testing.assert_allclose(seq.logits, alone.logits, atol=0.05)  # the decode was kept
+
+        with pytest.raises(ContextOverflowError):
+            engine.extend([(seq, [token] * engine.n_ctx_seq)], meanwhile=[lambda: ran.append(len(ran))])
+        assert ran == [0, 1, 2] and seq.n_past == len(tokens) + 2
+
+
 def test_log_probabilities_computed_beside_the_decode_are_the_ones_computed_in_line():
     """With a core left idle by the decode, the sampled tokens' log-probabilities are computed on a thread of
     their own meanwhile: same tokens, texts, log-probabilities and events, in the same order."""

@@ -313,11 +313,24 @@ class Engine(TextModel):
             seq.logits = None
         del seq.tokens[n:]
 
-    def extend(self, updates: Seq[tuple[Sequence, Seq[int]]]) -> None:
+    def extend(self, updates: Seq[tuple[Sequence, Seq[int]]], meanwhile: Seq[Callable[[], None]] = ()) -> None:
         """Append tokens to several sequences and decode them together, n_batch tokens per llama_decode.
 
-        Each sequence's logits afterwards predict the token after its last one.
+        Each sequence's logits afterwards predict the token after its last one. `meanwhile`: work that needs
+        nothing from this decode, run once whatever the outcome, between the last `llama_decode` and reading
+        its logits. On a GPU llama_decode returns once the work is queued and reading the logits waits for it,
+        so this runs while the GPU computes; on the CPU the decode is done by then, and nothing changes.
         """
+        work = list(meanwhile)
+        try:
+            failed = self._extend(updates, work)
+        finally:
+            _run_all(work)  # what the decode's failure left undone
+        if failed is not None:
+            raise failed
+
+    def _extend(self, updates: Seq[tuple[Sequence, Seq[int]]], work: list[Callable[[], None]]) -> BaseException | None:
+        failed = None
         rows_tok: list[int] = []
         rows_pos: list[int] = []
         rows_seq: list[int] = []
@@ -325,6 +338,8 @@ class Engine(TextModel):
         owners: list[Sequence] = []
         for seq, new in updates:
             self._check_fits(len(seq.tokens) + len(new))
+            if not new and not seq.pending and seq.logits is None:
+                raise EngineError("nothing to decode and no logits: truncate one token and decode it again")
         self._pack([seq for seq, new in updates if new or seq.pending])
         # Rows go in by increasing sequence id. With one KV stream per sequence, llama.cpp cuts a batch into
         # micro-batches of consecutive ids in the order their rows come (`split_equal`, sequential): ids 1..15
@@ -333,8 +348,6 @@ class Engine(TextModel):
             seq.tokens.extend(new)
             todo = seq.pending
             if not todo:
-                if seq.logits is None:
-                    raise EngineError("nothing to decode and no logits: truncate one token and decode it again")
                 continue
             k = len(todo)
             rows_tok += todo
@@ -343,7 +356,7 @@ class Engine(TextModel):
             rows_out += [False] * (k - 1) + [True]  # logits for the last token only
             owners.append(seq)
         if not rows_tok:
-            return
+            return None
         tok, pos, sid, out = (np.asarray(a) for a in (rows_tok, rows_pos, rows_seq, rows_out))
         start_n_past = {s.id: s.n_past for s, _ in updates}
         rank = {id(seq): i for i, (seq, _) in enumerate(updates)}
@@ -355,6 +368,8 @@ class Engine(TextModel):
                 self.ctx.decode(self.batch)
                 self.decode_calls += 1
                 self.decoded_tokens += hi - lo
+                if hi == len(tok):
+                    failed = _run_all(work)
                 n_out = int(out[lo:hi].sum())
                 if n_out:
                     # Rows in the callers' order (that of `updates`), not the batch's: a step then finds its
@@ -373,6 +388,7 @@ class Engine(TextModel):
             raise
         for seq, _ in updates:
             seq.n_past = len(seq.tokens)
+        return failed
 
     def _pack(self, seqs: Seq[Sequence]) -> None:
         """Move sequences between ids so that the sequences about to be decoded together hold consecutive ids.
@@ -636,39 +652,55 @@ class Engine(TextModel):
             # What to decode does not depend on the log-probabilities: they are computed beside the decode where
             # it leaves a core idle (see _logprobs), and the step's events follow the decode.
             logps = self._logprobs(logits, tokens)
+            picked = tokens.tolist()
             to_decode: list[tuple[Sequence, list[int]]] = []
             leaving: list[tuple[Sequence, list[int]]] = []
-            stepped: list[tuple[Sample, int, str]] = []  # one per live sample, in row order
-            for s, t in zip(live, tokens.tolist()):
+            for s, t in zip(live, picked):
                 s.generated.append(t)
                 if self.model.is_eog(t):
                     s.finish = "eos"
-                    stepped.append((s, t, s.stream.flush()))
-                    continue
-                text, stopped = s.stream.push(self.model.piece(t))
-                if stopped:
-                    s.finish = "stop"
-                elif len(s.generated) >= s.max_tokens:
-                    s.finish = "length"
-                    text += s.stream.flush()
-                stepped.append((s, t, text))
-                if not s.finish and pause_on is not None and pause_on in text:
-                    paused.add(id(s))
-                goes_on = not s.finish and len(s.generated) < limit[id(s)] and id(s) not in paused
-                (to_decode if goes_on else leaving).append((s.seq, [t]))
-            cancelled = False
-            # The samples that go on first: the decode hands rows out in this order, so next step's rows are
-            # side by side again when some samples stop between others (see _consecutive_rows).
+                elif len(s.generated) < limit[id(s)]:
+                    to_decode.append((s.seq, [t]))
+                else:
+                    leaving.append((s.seq, [t]))
+            # The samples that go on first: the decode hands rows out in this order, so next step's rows are side
+            # by side again when some samples stop between others (see _consecutive_rows). Those a stop string
+            # or a pause ends are known once the text is, after this.
             to_decode += leaving
+            stepped: list[tuple[Sample, int, str]] = []  # one per live sample, in row order
+            lps: list[float] = []
+            tops: list[tuple[tuple[int, float], ...]] = []
+
+            def settle() -> None:
+                """The step's text, ends and log-probabilities: nothing here needs the decode, which runs
+                meanwhile where a core is free (Engine.extend)."""
+                for s, t in zip(live, picked):
+                    if s.finish == "eos":
+                        stepped.append((s, t, s.stream.flush()))
+                        continue
+                    text, stopped = s.stream.push(self.model.piece(t))
+                    if stopped:
+                        s.finish = "stop"
+                    elif len(s.generated) >= s.max_tokens:
+                        s.finish = "length"
+                        text += s.stream.flush()
+                    stepped.append((s, t, text))
+                    if not s.finish and pause_on is not None and pause_on in text:
+                        paused.add(id(s))
+                lps.extend(logps().tolist())
+                tops.extend(top_logprobs(logits[row], s.top_logprobs) if s.top_logprobs else ()
+                            for row, s in enumerate(live))
+                for at, values in undo:
+                    logits[at] = values
+
+            cancelled = False
             if to_decode:
                 try:
-                    yield Decode.of(to_decode)
+                    yield Decode.of(to_decode, meanwhile=settle)
                 except Cancelled:
                     cancelled = True
-            lps = logps().tolist()
-            tops = [top_logprobs(logits[row], s.top_logprobs) if s.top_logprobs else () for row, (s, _, _) in enumerate(stepped)]
-            for at, values in undo:
-                logits[at] = values
+            if not stepped:  # no decode, or a driver that did not run it
+                settle()
             for (s, t, text), lp, top in zip(stepped, lps, tops):
                 s.logprobs.append(lp)
                 yield Token(s.index, t, text, lp, top)
@@ -797,3 +829,14 @@ def _consecutive_rows(rows: list[np.ndarray]) -> np.ndarray | None:
         if r.base is not base or r.shape != base.shape[1:] or r.__array_interface__["data"][0] != first + i * stride:
             return None
     return base[lo : lo + len(rows)]
+
+
+def _run_all(work: list[Callable[[], None]]) -> BaseException | None:
+    """Run and remove each callable of `work`, all of them even if one raises; the first error, if any."""
+    failed = None
+    while work:
+        try:
+            work.pop(0)()
+        except Exception as e:  # noqa: BLE001 - handed back to the caller, which raises it when consistent
+            failed = failed or e
+    return failed

@@ -15,8 +15,8 @@ yields (forks, releases, sampling) touches only its own sequences.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Sequence as Seq
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterator, Sequence as Seq
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from edge_adapt.engine.events import Cancelled
@@ -38,10 +38,15 @@ class Decode:
     updates: tuple[tuple[Sequence, tuple[int, ...]], ...]
     adapter: Adapter | None = None
     scale: float = 1.0
+    # The program's own work that needs nothing from this decode (a step's text and log-probabilities): the
+    # engine runs it while llama.cpp decodes where a core is free for it (Engine.extend), else right after.
+    # It runs once whatever the decode's outcome; a program checks that it ran (a driver may not run it).
+    meanwhile: Callable[[], None] | None = field(default=None, compare=False)
 
     @staticmethod
-    def of(updates: Seq[tuple[Sequence, Seq[int]]], adapter: Adapter | None = None, scale: float = 1.0) -> Decode:
-        return Decode(tuple((s, tuple(t)) for s, t in updates), adapter, scale)
+    def of(updates: Seq[tuple[Sequence, Seq[int]]], adapter: Adapter | None = None, scale: float = 1.0,
+           meanwhile: Callable[[], None] | None = None) -> Decode:
+        return Decode(tuple((s, tuple(t)) for s, t in updates), adapter, scale, meanwhile)
 
 
 # A step program: yields Decode requests (and, for generation and strategies, events); may return a value.
@@ -51,7 +56,7 @@ Program = Generator[Any, None, R]
 class Decoder(Protocol):
     """The part of an engine that runs decodes (tests' scripted engines implement it too)."""
 
-    def extend(self, updates: Seq[tuple[Sequence, Seq[int]]]) -> None: ...
+    def extend(self, updates: Seq[tuple[Sequence, Seq[int]]], meanwhile: Seq[Callable[[], None]] = ()) -> None: ...
 
     def adapter(self, adapter: Adapter | None, scale: float = 1.0) -> Any: ...
 
@@ -70,9 +75,14 @@ def decode_together(engine: Decoder, requests: Seq[Decode]) -> list[BaseExceptio
         groups.setdefault((0, 1.0) if r.adapter is None else (id(r.adapter), r.scale), []).append(i)
     for members in groups.values():
         first = requests[members[0]]
+        work = [m for i in members if (m := requests[i].meanwhile) is not None]
         try:
             with engine.adapter(first.adapter, first.scale):
-                engine.extend([u for i in members for u in requests[i].updates])
+                updates = [u for i in members for u in requests[i].updates]
+                if work:
+                    engine.extend(updates, meanwhile=work)
+                else:
+                    engine.extend(updates)
         except (Cancelled, EngineError) as e:
             for i in members:
                 errors[i] = e
