@@ -141,6 +141,8 @@ class Engine(TextModel):
         if self._beside is not None:
             self.model.on_close(self._beside.shutdown)
         self._cancel = threading.Event()
+        # The last decode's logits: the array, its rows as handed to the sequences, and their ids' places.
+        self._last_rows: tuple[np.ndarray, list[np.ndarray], dict[int, int]] = (np.empty((0, 0)), [], {})
         self._adapters: dict[Path, Adapter] = {}
         self.decoded_tokens = 0  # every token llama.cpp has been asked to decode: tests and accounts read it
         self.moves = 0  # sequences moved to another id so that a decode's ids are consecutive (see _pack)
@@ -376,8 +378,11 @@ class Engine(TextModel):
                     # sequences' rows side by side and in its own order, one view of them (Engine.steps).
                     got = owners[owner_i : owner_i + n_out]
                     order = sorted(range(n_out), key=lambda k: rank[id(got[k])])
-                    for k, row in zip(order, self.ctx.logits(n_out, order)):
+                    block = self.ctx.logits(n_out, order)
+                    rows = list(block)
+                    for k, row in zip(order, rows):
                         got[k].logits = row
+                    self._last_rows = block, rows, {id(row): i for i, row in enumerate(rows)}
                     owner_i += n_out
         except (Cancelled, EngineError):
             # Put every sequence back exactly where it was before this call.
@@ -639,7 +644,7 @@ class Engine(TextModel):
             # Usually the rows of one decode in the order it wrote them: a view of them spares copying them all
             # every step (a tenth of a step where the decode is fast), and the columns edited for this step are
             # put back once it is done with them, since they are the sequences' own (a finished sample keeps its).
-            logits = _consecutive_rows(rows)
+            logits = self._side_by_side(rows)
             borrowed = logits is not None
             if logits is None:
                 logits = np.stack(rows)
@@ -664,7 +669,7 @@ class Engine(TextModel):
                 else:
                     leaving.append((s.seq, [t]))
             # The samples that go on first: the decode hands rows out in this order, so next step's rows are side
-            # by side again when some samples stop between others (see _consecutive_rows). Those a stop string
+            # by side again when some samples stop between others (see _side_by_side). Those a stop string
             # or a pause ends are known once the text is, after this.
             to_decode += leaving
             stepped: list[tuple[Sample, int, str]] = []  # one per live sample, in row order
@@ -716,6 +721,18 @@ class Engine(TextModel):
                 yield from self._finish_all([s for s in live if s.finish is None], "cancelled")
                 return
             live = [s for s in live if s.finish is None and len(s.generated) < limit[id(s)] and id(s) not in paused]
+
+    def _side_by_side(self, rows: list[np.ndarray]) -> np.ndarray | None:
+        """`rows` as one (n, n_vocab) view when they are rows lo..lo+n-1 of the last decode's logits, in that
+        order, else None. By identity: `_last_rows` keeps those row objects alive, so an id found there is one."""
+        block, decoded, index = self._last_rows
+        lo = index.get(id(rows[0]))
+        if lo is None or lo + len(rows) > len(decoded):
+            return None
+        for i, row in enumerate(rows):
+            if decoded[lo + i] is not row:
+                return None
+        return block[lo : lo + len(rows)]
 
     def _edit(self, logits: np.ndarray, live: list[Sample], edited: dict[int, np.ndarray], *,
               keep: bool) -> list[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]:
@@ -813,22 +830,6 @@ class Engine(TextModel):
         yield Done(Usage(prompt_tokens=n_prompt, prompt_tokens_reused=reused,
                          generated_tokens=sum(len(s.generated) for s in samples), samples_started=len(samples),
                          decode_calls=self.decode_calls - calls0, wall_s=time.perf_counter() - t0))
-
-
-def _consecutive_rows(rows: list[np.ndarray]) -> np.ndarray | None:
-    """`rows` as one (n, n_vocab) view when they are rows lo..lo+n-1 of one array, in that order, else None."""
-    base = rows[0].base
-    if base is None or base.ndim != 2 or not base.flags.c_contiguous or len(rows) > len(base):
-        return None
-    stride = base.strides[0]
-    first = rows[0].__array_interface__["data"][0]
-    lo, rem = divmod(first - base.__array_interface__["data"][0], stride)
-    if rem or lo + len(rows) > len(base):
-        return None
-    for i, r in enumerate(rows):
-        if r.base is not base or r.shape != base.shape[1:] or r.__array_interface__["data"][0] != first + i * stride:
-            return None
-    return base[lo : lo + len(rows)]
 
 
 def _run_all(work: list[Callable[[], None]]) -> BaseException | None:
