@@ -359,6 +359,23 @@ def test_a_step_that_edits_its_rows_in_place_puts_them_back(engine: Engine):
         engine.release(s.seq)
 
 
+def test_biased_samples_batched_give_each_its_text_alone(engine: Engine):
+    """Samples of one request share their logit edits (one numpy operation on the step's rows in place, put back
+    afterwards): batched, each still gives what it gives alone, the biased token's log-probabilities included."""
+    tokens = _prompt(engine)
+    biased = SamplingParams(temperature=0.9, seed=5, logit_bias=((engine.tokenize(" the")[0], 4.0), (300, -2.0)))
+
+    def run(params: SamplingParams, n: int) -> dict[int, tuple[str, float]]:
+        return {e.sample: (e.text, round(e.sum_logprob, 4)) for e in engine.generate(tokens, params, n=n, max_tokens=20)
+                if isinstance(e, Finished)}
+
+    batched = run(biased, 4)
+    for i in range(4):
+        alone = run(SamplingParams(**{**biased.__dict__, "seed": biased.seed + i}), 1)
+        assert alone[0][0] == batched[i][0], f"sample {i} differs when run alone"
+        assert alone[0][1] == pytest.approx(batched[i][1], abs=0.05)
+
+
 def test_work_given_to_a_decode_runs_once_whatever_the_decode_does(engine: Engine):
     """`extend(meanwhile=...)` runs the work once between llama_decode and reading the logits (on a GPU, while it
     computes); after a failed decode too; an error of the work comes after the engine has settled the decode."""

@@ -635,7 +635,7 @@ class Engine(TextModel):
                             len(s.generated) + max_new if max_new is not None else s.max_tokens) for s in samples}
         live = [s for s in samples if s.finish is None and len(s.generated) < limit[id(s)]]
         paused: set[int] = set()
-        edited: dict[int, np.ndarray] = {}  # by id of the settings: the logits' columns they edit
+        edited: dict[tuple[bool, tuple[tuple[int, float], ...]], np.ndarray] = {}  # the columns such edits touch
         while live:
             if self._cancel.is_set():
                 yield from self._finish_all(live, "cancelled")
@@ -677,8 +677,8 @@ class Engine(TextModel):
             tops: list[tuple[tuple[int, float], ...]] = []
 
             def settle() -> None:
-                """The step's text, ends and log-probabilities: nothing here needs the decode, which runs
-                meanwhile where a core is free (Engine.extend)."""
+                """The step's text, ends and log-probabilities: nothing here needs the decode, which a GPU
+                computes meanwhile (Engine.extend)."""
                 for s, t in zip(live, picked):
                     if s.finish == "eos":
                         stepped.append((s, t, s.stream.flush()))
@@ -734,28 +734,27 @@ class Engine(TextModel):
                 return None
         return block[lo : lo + len(rows)]
 
-    def _edit(self, logits: np.ndarray, live: list[Sample], edited: dict[int, np.ndarray], *,
-              keep: bool) -> list[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]:
-        """Mask end-of-generation tokens and add logit biases, in place, one numpy operation per distinct
-        settings object for all the rows that share it (the samples of one request share one). With `keep`,
-        return what to put back afterwards: (where, the values there before)."""
-        groups: dict[int, tuple[SamplingParams, list[int]]] = {}
+    def _edit(self, logits: np.ndarray, live: list[Sample], edited: dict[tuple[bool, tuple[tuple[int, float], ...]],
+              np.ndarray], *, keep: bool) -> list[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]:
+        """Mask end-of-generation tokens and add logit biases, in place, one numpy operation for all the rows
+        that ask for the same (a request's samples do, whatever their seeds). With `keep`, return what to put
+        back afterwards: (where, the values there before)."""
+        groups: dict[tuple[bool, tuple[tuple[int, float], ...]], list[int]] = {}
         for row, s in enumerate(live):
             if s.params.ignore_eos or s.params.logit_bias:
-                groups.setdefault(id(s.params), (s.params, []))[1].append(row)
+                groups.setdefault((s.params.ignore_eos, s.params.logit_bias), []).append(row)
         undo = []
-        for key, (params, rows) in groups.items():
+        for (ignore_eos, logit_bias), rows in groups.items():
             at_rows = np.array(rows)[:, None]
             if keep:
-                cols = edited.get(key)
+                cols = edited.get((ignore_eos, logit_bias))
                 if cols is None:
-                    cols = edited[key] = np.array(
-                        [*(self.eog_tokens if params.ignore_eos else ()), *(t for t, _ in params.logit_bias)],
-                        dtype=np.int64)
+                    cols = edited[ignore_eos, logit_bias] = np.array(
+                        [*(self.eog_tokens if ignore_eos else ()), *(t for t, _ in logit_bias)], dtype=np.int64)
                 undo.append(((at_rows, cols), logits[at_rows, cols]))
-            if params.ignore_eos:
+            if ignore_eos:
                 logits[at_rows, self.eog_tokens] = -np.inf
-            for token, bias in params.logit_bias:
+            for token, bias in logit_bias:
                 logits[rows, token] += bias
         return undo
 

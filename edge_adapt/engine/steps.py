@@ -39,8 +39,8 @@ class Decode:
     adapter: Adapter | None = None
     scale: float = 1.0
     # The program's own work that needs nothing from this decode (a step's text and log-probabilities): the
-    # engine runs it while llama.cpp decodes where a core is free for it (Engine.extend), else right after.
-    # It runs once whatever the decode's outcome; a program checks that it ran (a driver may not run it).
+    # engine runs it between llama_decode and reading the logits, while a GPU computes (Engine.extend). It runs
+    # once whatever the decode's outcome; a program checks that it ran (a driver may not run it).
     meanwhile: Callable[[], None] | None = field(default=None, compare=False)
 
     @staticmethod
