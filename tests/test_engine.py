@@ -318,22 +318,23 @@ def test_a_decode_hands_each_caller_its_rows_in_the_callers_order(engine: Engine
     """Logits rows come back in the order of `extend`'s updates, not by sequence id: each sequence still gets
     its own, whichever order the updates name them in."""
     tokens = _prompt(engine)
-    token = engine.tokenize(" The")[0]
-    expected = []
-    for _ in range(3):
-        with engine.opened(tokens) as seq:
-            engine.extend([(seq, [token])])
-            expected.append(seq.logits.copy())
+    the, river, flows = (engine.tokenize(w)[0] for w in (" The", " river", " flows"))
+    news = {"a": [the, flows], "b": [the], "c": [river]}
+    expected = {}
+    for name, new in news.items():
+        with engine.opened(tokens + new) as alone:
+            expected[name] = alone.logits.copy()
     with engine.opened(tokens) as a:
         b, c = engine.fork(a), engine.fork(a)
-        extra = engine.tokenize(" river")
-        engine.extend([(c, [token]), (a, [token] + extra), (b, [token])])  # ids a < b < c, named c, a, b
-        with engine.opened(tokens + [token] + extra) as alone:
-            # Equal bits on the CPU this was written on; a row handed to the wrong sequence is off by whole logits.
-            np.testing.assert_allclose(a.logits, alone.logits, atol=0.05)
-        np.testing.assert_allclose(b.logits, expected[1], atol=0.05)
-        np.testing.assert_allclose(c.logits, expected[2], atol=0.05)
-        assert not np.allclose(a.logits, b.logits, atol=0.5)
+        seqs = {"a": a, "b": b, "c": c}
+        assert a.id < b.id < c.id
+        engine.extend([(seqs[name], news[name]) for name in ("c", "a", "b")])
+        for name, seq in seqs.items():
+            # Batched and alone give equal bits on the CPU this was written on (another CPU's kernels may round
+            # a batch differently, by far less than 0.1); another sequence's row is off by 15 logits or more.
+            np.testing.assert_allclose(seq.logits, expected[name], atol=0.1)
+            others = [other for other in expected if other != name]
+            assert all(np.abs(seq.logits - expected[other]).max() > 1 for other in others)
         engine.release(b)
         engine.release(c)
 
@@ -396,7 +397,9 @@ def test_work_given_to_a_decode_runs_once_whatever_the_decode_does(engine: Engin
         assert ran == [0, 1]  # the rest of the work ran all the same
         assert seq.n_past == len(seq.tokens) == len(tokens) + 2 and seq.logits is not None
         with engine.opened(tokens + [token, token]) as alone:
-            np.testing.assert_allclose(seq.logits, alone.logits, atol=0.05)  # the decode was kept
+            # The decode was kept: equal bits here (another CPU may round a batch differently, by far less than
+            # 0.1), where the logits one token earlier are off by 15.
+            np.testing.assert_allclose(seq.logits, alone.logits, atol=0.1)
 
         with pytest.raises(ContextOverflowError):
             engine.extend([(seq, [token] * engine.n_ctx_seq)], meanwhile=[lambda: ran.append(len(ran))])
