@@ -104,10 +104,45 @@ def top_logprobs(row: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
 def _candidates(row: np.ndarray, top_k: int, temperature: float) -> np.ndarray:
     """Indices of the top_k most likely tokens of a row (all tokens when top_k is 0), most likely first,
     leaving out the negligible tail (see _TAIL_NATS)."""
-    idx = np.flatnonzero(row >= row.max() - _TAIL_NATS * temperature)
+    if top_k:
+        top = _top_k_by_blocks(row, top_k)
+        if top is not None:
+            return top[row[top] >= row[top[0]] - _TAIL_NATS * temperature]
+    floor = row.max() - _TAIL_NATS * temperature
+    idx = np.flatnonzero(row >= floor)
     if top_k and len(idx) > top_k:
         idx = idx[np.argpartition(-row[idx], top_k - 1)[:top_k]]
     return idx[np.argsort(-row[idx], kind="stable")]
+
+
+# A small model spreads its logits thin: the tail's 25 nats held a median of 13,900 of the default model's 49,152
+# tokens at temperature 0.8, and partitioning them took 160-180 us a row, most of a sampled step where the decode
+# is fast. Cut the row into n blocks of _BLOCK tokens (block j: tokens j, j + n, j + 2n, ...): the top k tokens lie
+# in the k blocks with the highest maxima (a token outside them is below k block maxima, so below k tokens), and a
+# partition of those k blocks' tokens finds them (70 us a row at k = 40).
+_BLOCK = 32
+
+
+def _top_k_by_blocks(row: np.ndarray, k: int) -> np.ndarray | None:
+    """The k largest entries' indices, largest first; None where this is no shortcut (a short row) or where
+    values tie among them or with the k-th: the order among equal values is then the one a partition of the whole
+    tail gives, and `_candidates` does that instead, so every pick stays what it was."""
+    n = len(row) // _BLOCK
+    if k >= n // 4:
+        return None
+    blocks = row[: n * _BLOCK].reshape(_BLOCK, n)
+    maxima = blocks.max(axis=0)
+    ranked = np.argpartition(-maxima, k)
+    best = ranked[:k]
+    vals = np.concatenate([blocks[:, best].ravel(), row[n * _BLOCK :]])  # and the last, partial block
+    top = np.argpartition(-vals, k - 1)[:k]
+    top = top[np.argsort(-vals[top], kind="stable")]
+    v = vals[top]
+    if not (v[:-1] > v[1:]).all() or v[-1] <= maxima[ranked[k]] or np.count_nonzero(vals >= v[-1]) != k:
+        return None
+    in_blocks = top < _BLOCK * k
+    member, block = np.divmod(top, k)
+    return np.where(in_blocks, member * n + best[block], n * _BLOCK + top - _BLOCK * k)
 
 
 def apply_repeat_penalty(logits: np.ndarray, recent: list[np.ndarray], penalties: np.ndarray) -> None:
