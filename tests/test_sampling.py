@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_adapt.engine.sampling import _TAIL_NATS, _candidates, _top_k_by_blocks
+from edge_adapt.engine.sampling import (GREEDY, _TAIL_NATS, SamplingParams, _candidates, _top_k_by_blocks,
+                                         sample_rows)
 
 
 def _whole_tail(row: np.ndarray, top_k: int, temperature: float) -> np.ndarray:
@@ -14,6 +15,22 @@ def _whole_tail(row: np.ndarray, top_k: int, temperature: float) -> np.ndarray:
     if top_k and len(idx) > top_k:
         idx = idx[np.argpartition(-row[idx], top_k - 1)[:top_k]]
     return idx[np.argsort(-row[idx], kind="stable")]
+
+
+def _one_by_one(logits: np.ndarray, params: list[SamplingParams], rngs: list[np.random.Generator]) -> list[int]:
+    """Sampling as it was before the shortcuts: each row on its own, its whole tail partitioned."""
+    tokens = logits.argmax(axis=-1)
+    for row, p in enumerate(params):
+        if p.greedy:
+            continue
+        cand = _whole_tail(logits[row], p.top_k, p.temperature)
+        probs = np.exp((logits[row, cand] - logits[row, cand[0]]) / p.temperature, dtype=np.float64)
+        probs /= probs.sum()
+        keep = (np.cumsum(probs) - probs < p.top_p) & (probs >= p.min_p * probs[0])
+        cdf = np.cumsum(np.where(keep, probs, 0.0))
+        u = rngs[row].random() * cdf[-1]
+        tokens[row] = cand[min(int(np.searchsorted(cdf, u, side="right")), len(cand) - 1)]
+    return tokens.tolist()
 
 
 def _rows(seed: int) -> list[np.ndarray]:
@@ -36,13 +53,38 @@ def test_block_shortcut_finds_the_candidates_the_whole_tail_gives(top_k: int, te
         np.testing.assert_array_equal(_candidates(row, top_k, temperature), _whole_tail(row, top_k, temperature))
 
 
-def test_the_shortcut_is_taken_without_ties_and_left_where_values_tie():
+def test_the_shortcut_stands_without_ties_and_steps_aside_where_values_tie():
     rng = np.random.default_rng(0)
     row = (rng.standard_normal(49_152) * 3).astype(np.float32)
-    top = _top_k_by_blocks(row, 40)
-    assert top is not None and list(top) == list(np.argsort(-row, kind="stable")[:40])
     tied = np.round(rng.standard_normal(49_152) * 3, 1).astype(np.float32)  # many equal values near the top
-    assert _top_k_by_blocks(tied, 40) is None
+    found = _top_k_by_blocks(np.stack([row, tied, row * 2]), 40)
+    assert found is not None
+    top, stands = found
+    assert stands.tolist() == [True, False, True]
+    assert top[0].tolist() == top[2].tolist() == np.argsort(-row, kind="stable")[:40].tolist()
     for top_k in (1, 40):
         np.testing.assert_array_equal(_candidates(tied, top_k, 0.8), _whole_tail(tied, top_k, 0.8))
-    assert _top_k_by_blocks(row[:2_000], 40) is None  # too short a row to gain anything
+    assert _top_k_by_blocks(row[None, :2_000], 40) is None  # too short a row to gain anything
+
+
+def test_rows_sampled_together_pick_what_each_picks_alone():
+    """The top-k search runs over every row of a step at once, rows of other settings among them."""
+    rows = np.stack([r[:49_152] for r in _rows(7) if len(r) >= 49_152])
+    params = [SamplingParams(temperature=0.8, seed=i, top_k=(40, 40, 0, 5)[i % 4]) if i % 5 else GREEDY
+              for i in range(len(rows))]
+    together = sample_rows(rows, params, [np.random.default_rng(p.seed) for p in params])
+    alone = [sample_rows(rows[i : i + 1], [p], [np.random.default_rng(p.seed)])[0] for i, p in enumerate(params)]
+    assert together.tolist() == alone
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sample_rows_picks_what_sampling_one_row_at_a_time_over_the_whole_tail_picked(seed: int):
+    rng = np.random.default_rng(seed)
+    rows = np.stack([r[:49_152] for r in _rows(seed) if len(r) >= 49_152] * 3)
+    settings = [dict(temperature=t, top_k=k, top_p=tp, min_p=mp) for t in (0.2, 0.8, 1.5) for k in (0, 1, 5, 40)
+                for tp, mp in ((0.95, 0.05), (0.5, 0.0), (1.0, 0.3))]
+    for _ in range(6):
+        picks = rng.choice(len(settings), size=len(rows))
+        params = [SamplingParams(seed=int(rng.integers(1 << 30)), **settings[i]) if i % 7 else GREEDY for i in picks]
+        ours = sample_rows(rows, params, [np.random.default_rng(p.seed) for p in params])
+        assert ours.tolist() == _one_by_one(rows, params, [np.random.default_rng(p.seed) for p in params])

@@ -101,15 +101,16 @@ def top_logprobs(row: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
     return tuple((int(i), float(row[i]) - lse) for i in idx)
 
 
-def _candidates(row: np.ndarray, top_k: int, temperature: float) -> np.ndarray:
+def _candidates(row: np.ndarray, top_k: int, temperature: float, top: np.ndarray | None = None) -> np.ndarray:
     """Indices of the top_k most likely tokens of a row (all tokens when top_k is 0), most likely first,
-    leaving out the negligible tail (see _TAIL_NATS)."""
-    if top_k:
-        top = _top_k_by_blocks(row, top_k)
-        if top is not None:
-            return top[row[top] >= row[top[0]] - _TAIL_NATS * temperature]
-    floor = row.max() - _TAIL_NATS * temperature
-    idx = np.flatnonzero(row >= floor)
+    leaving out the negligible tail (see _TAIL_NATS). `top`: the row's top_k, if already found."""
+    if top_k and top is None:
+        found = _top_k_by_blocks(row[None], top_k)
+        if found is not None and found[1][0]:
+            top = found[0][0]
+    if top is not None:
+        return top[row[top] >= row[top[0]] - _TAIL_NATS * temperature]
+    idx = np.flatnonzero(row >= row.max() - _TAIL_NATS * temperature)
     if top_k and len(idx) > top_k:
         idx = idx[np.argpartition(-row[idx], top_k - 1)[:top_k]]
     return idx[np.argsort(-row[idx], kind="stable")]
@@ -117,32 +118,36 @@ def _candidates(row: np.ndarray, top_k: int, temperature: float) -> np.ndarray:
 
 # A small model spreads its logits thin: the tail's 25 nats held a median of 13,900 of the default model's 49,152
 # tokens at temperature 0.8, and partitioning them took 160-180 us a row, most of a sampled step where the decode
-# is fast. Cut the row into n blocks of _BLOCK tokens (block j: tokens j, j + n, j + 2n, ...): the top k tokens lie
+# is fast. Cut a row into n blocks of _BLOCK tokens (block j: tokens j, j + n, j + 2n, ...): the top k tokens lie
 # in the k blocks with the highest maxima (a token outside them is below k block maxima, so below k tokens), and a
-# partition of those k blocks' tokens finds them (70 us a row at k = 40).
+# partition of those k blocks' tokens finds them; each numpy call does every row of a step at once.
 _BLOCK = 32
 
 
-def _top_k_by_blocks(row: np.ndarray, k: int) -> np.ndarray | None:
-    """The k largest entries' indices, largest first; None where this is no shortcut (a short row) or where
-    values tie among them or with the k-th: the order among equal values is then the one a partition of the whole
-    tail gives, and `_candidates` does that instead, so every pick stays what it was."""
-    n = len(row) // _BLOCK
+def _top_k_by_blocks(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """For each row of `rows` (m, n_vocab): the indices of its k largest entries, largest first, and whether they
+    stand: not where values tie among them or with the k-th, as the order among equal values is then the one a
+    partition of the whole tail gives (`_candidates` does that instead, so every pick stays what it was). None
+    where rows are too short for this to gain anything."""
+    m, width = rows.shape
+    n = width // _BLOCK
     if k >= n // 4:
         return None
-    blocks = row[: n * _BLOCK].reshape(_BLOCK, n)
-    maxima = blocks.max(axis=0)
-    ranked = np.argpartition(-maxima, k)
-    best = ranked[:k]
-    vals = np.concatenate([blocks[:, best].ravel(), row[n * _BLOCK :]])  # and the last, partial block
-    top = np.argpartition(-vals, k - 1)[:k]
-    top = top[np.argsort(-vals[top], kind="stable")]
-    v = vals[top]
-    if not (v[:-1] > v[1:]).all() or v[-1] <= maxima[ranked[k]] or np.count_nonzero(vals >= v[-1]) != k:
-        return None
-    in_blocks = top < _BLOCK * k
+    blocks = rows[:, : n * _BLOCK].reshape(m, _BLOCK, n)
+    maxima = blocks.max(axis=1)
+    ranked = np.argpartition(-maxima, k, axis=1)
+    best = ranked[:, :k]
+    inside = np.take_along_axis(blocks, np.broadcast_to(best[:, None, :], (m, _BLOCK, k)), axis=2)
+    vals = np.concatenate([inside.reshape(m, _BLOCK * k), rows[:, n * _BLOCK :]], axis=1)  # + the partial block
+    top = np.argpartition(-vals, k - 1, axis=1)[:, :k]
+    top_vals = np.take_along_axis(vals, top, axis=1)
+    order = np.argsort(-top_vals, axis=1, kind="stable")
+    top, v = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_vals, order, axis=1)
+    stand = ((v[:, :-1] > v[:, 1:]).all(axis=1) & (v[:, -1] > np.take_along_axis(maxima, ranked[:, k : k + 1], 1)[:, 0])
+             & (np.count_nonzero(vals >= v[:, -1:], axis=1) == k))
     member, block = np.divmod(top, k)
-    return np.where(in_blocks, member * n + best[block], n * _BLOCK + top - _BLOCK * k)
+    idx = np.where(top < _BLOCK * k, member * n + np.take_along_axis(best, block, axis=1), n * _BLOCK + top - _BLOCK * k)
+    return idx, stand
 
 
 def apply_repeat_penalty(logits: np.ndarray, recent: list[np.ndarray], penalties: np.ndarray) -> None:
@@ -170,14 +175,43 @@ def sample_rows(
         work = logits.copy()  # a filter of the sampling: the caller's rows, its log-probabilities' input, stay
         apply_repeat_penalty(work, recent, penalties)
     tokens = work.argmax(axis=-1)
-    for row, p in enumerate(params):
-        if p.greedy:
-            continue
-        cand = _candidates(work[row], p.top_k, p.temperature)
-        probs = np.exp((work[row, cand] - work[row, cand[0]]) / p.temperature, dtype=np.float64)
-        probs /= probs.sum()
-        keep = (np.cumsum(probs) - probs < p.top_p) & (probs >= p.min_p * probs[0])  # the top token always stays
-        cdf = np.cumsum(np.where(keep, probs, 0.0))
-        u = rngs[row].random() * cdf[-1]
-        tokens[row] = cand[min(int(np.searchsorted(cdf, u, side="right")), len(cand) - 1)]
+    sampled = [row for row, p in enumerate(params) if not p.greedy]
+    tops: dict[int, np.ndarray] = {}  # the top_k of each sampled row, found for all rows that share top_k at once
+    for k in {params[row].top_k for row in sampled} - {0}:
+        rows = [row for row in sampled if params[row].top_k == k]
+        found = _top_k_by_blocks(work if len(rows) == len(work) else work[rows], k)
+        if found is not None:
+            tops.update((row, top) for row, top, stands in zip(rows, *found) if stands)
+    # Rows whose top_k all lie within the tail (nearly all, at usual temperatures) have top_k candidates each, so
+    # those that share top_k are drawn at once; the others one by one.
+    together: dict[int, list[int]] = {}
+    for row, top in tops.items():
+        if work[row, top[-1]] >= work[row, top[0]] - _TAIL_NATS * params[row].temperature:
+            together.setdefault(len(top), []).append(row)
+    for rows in together.values():
+        tokens[rows] = _draw(work, rows, np.stack([tops[row] for row in rows]), params, rngs)
+    drawn = {row for rows in together.values() for row in rows}
+    for row in sampled:
+        if row not in drawn:
+            cand = _candidates(work[row], params[row].top_k, params[row].temperature, tops.get(row))
+            tokens[row] = _draw(work, [row], cand[None], params, rngs)[0]
     return tokens
+
+
+def _draw(work: np.ndarray, rows: list[int], cand: np.ndarray, params: Sequence[SamplingParams],
+          rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """One token per row of `rows`, from its candidates (a row of `cand`, most likely first): temperature, then
+    top-p and min-p (the top token always stays), then a draw from the row's generator. Row-wise numpy, so
+    rows drawn together give the bits each gives alone."""
+    at = np.array(rows)[:, None]
+    vals = work[at, cand]
+    temperature = np.array([params[r].temperature for r in rows], dtype=np.float32)[:, None]
+    probs = np.exp((vals - vals[:, :1]) / temperature, dtype=np.float64)
+    probs /= probs.sum(axis=1, keepdims=True)
+    top_p = np.array([params[r].top_p for r in rows])[:, None]
+    min_p = np.array([params[r].min_p for r in rows])[:, None]
+    keep = (np.cumsum(probs, axis=1) - probs < top_p) & (probs >= min_p * probs[:, :1])
+    cdf = np.cumsum(np.where(keep, probs, 0.0), axis=1)
+    u = np.array([rngs[r].random() for r in rows])[:, None] * cdf[:, -1:]
+    picked = np.minimum(np.count_nonzero(cdf <= u, axis=1), cand.shape[1] - 1)  # searchsorted(cdf, u, "right")
+    return cand[np.arange(len(rows)), picked]
