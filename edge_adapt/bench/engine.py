@@ -264,17 +264,18 @@ def _timed(owner: Any, name: str, spent: dict[str, float], label: str) -> Iterat
         setattr(owner, name, fn)
 
 
-def step_profile(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64)) -> list[dict[str, Any]]:
+def step_profile(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64), sampled: int = 16) -> list[dict[str, Any]]:
     """Where a greedy step of N forks goes, in ms per step (best of `repeats`): llama_decode, copying the logits
     out, choosing the tokens, their log-probabilities (in line, or on their own thread during the decode, where
-    they cost the step nothing), and the rest (stacking rows, masks, text, events)."""
+    they cost the step nothing), and the rest (masks, text, events). One more row samples `sampled` forks at
+    temperature 0.8 (top-k 40, top-p 0.95, min-p 0.05), as users do."""
     import edge_adapt.engine.engine as engine_module
 
     tokens = min(cfg.tokens, 64)
-    params = SamplingParams(temperature=0.0, ignore_eos=True)
     prompt = _prompt_tokens(cfg)
     rows = []
-    for n in sizes:
+    for n, temperature in [*((n, 0.0) for n in sizes), *(((sampled, 0.8),) if sampled else ())]:
+        params = [SamplingParams(temperature=temperature, seed=i, ignore_eos=True) for i in range(n)]
         with Engine(_opts(cfg, parallel=max(n, 2), ctx=len(prompt) + tokens + 16)) as e:
             best: dict[str, Any] = {}
             for _ in range(cfg.repeats + 1):  # the first run warms up
@@ -283,7 +284,7 @@ def step_profile(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64)) -> list
                       _timed(engine_module, "sample_rows", spent, "sampling"),
                       _timed(engine_module, "token_logprobs", spent, "logprobs")):
                     t0 = 0.0
-                    for ev in e.generate(prompt, [params] * n, max_tokens=tokens):
+                    for ev in e.generate(prompt, params, max_tokens=tokens):
                         if isinstance(ev, SampleStarted):
                             spent.clear()  # from the forked prompt, as engine_vs_raw
                             t0 = time.perf_counter()
@@ -293,7 +294,7 @@ def step_profile(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64)) -> list
                 row["step"] = wall / tokens * 1e3
                 row["rest"] = row["step"] - sum(v for k, v in row.items() if k != "step" and not (beside and k == "logprobs"))
                 if not best or row["step"] < best["step"]:
-                    best = {"sequences": n, "logprobs_beside": beside,
+                    best = {"sequences": n, "temperature": temperature, "logprobs_beside": beside,
                             "logprobs_workers": e._beside_workers if beside else 0, **row}
             rows.append(best)
     return rows
@@ -327,7 +328,8 @@ def render(results: dict[str, Any]) -> str:
                      f"{r['raw_tok_s']:.1f} tok/s -> {r['ratio']:.2f}  (goal >= 0.95 at 16 and 64)")
     for r in results.get("profile", []):
         where = f" (beside the decode, {r['logprobs_workers']} threads, their sum)" if r["logprobs_beside"] else ""
-        lines.append(f"step profile {r['sequences']:>2} forks: {r['step']:.2f} ms = llama_decode {r['decode']:.2f}, "
+        kind = f"{r['sequences']:>2} forks" + (f" T={r['temperature']:g}" if r.get("temperature") else "")
+        lines.append(f"step profile {kind}: {r['step']:.2f} ms = llama_decode {r['decode']:.2f}, "
                      f"logits out {r['logits_out']:.2f}, sampling {r['sampling']:.2f}, log-probs {r['logprobs']:.2f}"
                      f"{where}, rest {r['rest']:.2f}")
     for r in results.get("rss", []):
