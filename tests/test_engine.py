@@ -406,6 +406,25 @@ def test_work_given_to_a_decode_runs_once_whatever_the_decode_does(engine: Engin
         assert ran == [0, 1, 2] and seq.n_past == len(tokens) + 2
 
 
+def test_a_programs_failing_work_is_its_own_in_a_shared_decode(engine: Engine):
+    """Two programs' steps decoded together (the server's scheduler): the one whose work beside the decode fails
+    gets that error at its yield; the other's decode and work go through."""
+    from edge_adapt.engine.steps import Decode, decode_together
+
+    tokens = _prompt(engine)
+    ran: list[str] = []
+
+    def boom() -> None:
+        raise RuntimeError("a bug in one program's step")
+
+    with engine.opened(tokens) as a, engine.opened(tokens) as b:
+        token = int(np.argmax(a.logits))
+        errors = decode_together(engine, [Decode.of([(a, [token])], meanwhile=boom),
+                                          Decode.of([(b, [token])], meanwhile=lambda: ran.append("b"))])
+        assert isinstance(errors[0], RuntimeError) and errors[1] is None and ran == ["b"]
+        assert a.n_past == b.n_past == len(tokens) + 1 and a.logits is not None and b.logits is not None  # both decoded
+
+
 def test_log_probabilities_computed_beside_the_decode_are_the_ones_computed_in_line():
     """With a core left idle by the decode, the sampled tokens' log-probabilities are computed on a thread of
     their own meanwhile: same tokens, texts, log-probabilities and events, in the same order."""

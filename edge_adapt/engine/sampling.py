@@ -143,11 +143,12 @@ def _top_k_by_blocks(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] 
     top_vals = np.take_along_axis(vals, top, axis=1)
     order = np.argsort(-top_vals, axis=1, kind="stable")
     top, v = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_vals, order, axis=1)
-    stand = ((v[:, :-1] > v[:, 1:]).all(axis=1) & (v[:, -1] > np.take_along_axis(maxima, ranked[:, k : k + 1], 1)[:, 0])
+    next_best = np.take_along_axis(maxima, ranked[:, k : k + 1], axis=1)[:, 0]  # the highest maximum left out
+    stand = ((v[:, :-1] > v[:, 1:]).all(axis=1) & (v[:, -1] > next_best)
              & (np.count_nonzero(vals >= v[:, -1:], axis=1) == k))
-    member, block = np.divmod(top, k)
-    idx = np.where(top < _BLOCK * k, member * n + np.take_along_axis(best, block, axis=1), n * _BLOCK + top - _BLOCK * k)
-    return idx, stand
+    member, block = np.divmod(top, k)  # vals[:, j] for j < _BLOCK * k: token `member` of block best[block]
+    in_best = member * n + np.take_along_axis(best, block, axis=1)
+    return np.where(top < _BLOCK * k, in_best, n * _BLOCK + top - _BLOCK * k), stand
 
 
 def apply_repeat_penalty(logits: np.ndarray, recent: list[np.ndarray], penalties: np.ndarray) -> None:

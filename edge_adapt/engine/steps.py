@@ -67,15 +67,25 @@ def decode_together(engine: Decoder, requests: Seq[Decode]) -> list[BaseExceptio
     adapter applies to a whole decode, so base-model and adapter tokens never share one.
 
     Returns, per request, None or the error its group raised (a failed `extend` leaves every sequence of the
-    group as it was, so each program gets the error at its yield and may handle it).
+    group as it was, so each program gets the error at its yield and may handle it), or the error its own
+    `meanwhile` raised: that is the program's, not its neighbours'.
     """
     errors: list[BaseException | None] = [None] * len(requests)
     groups: dict[tuple[int, float], list[int]] = {}
     for i, r in enumerate(requests):
         groups.setdefault((0, 1.0) if r.adapter is None else (id(r.adapter), r.scale), []).append(i)
+
+    def owned(i: int, work: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                work()
+            except Exception as e:  # noqa: BLE001 - thrown into the program that asked for the work
+                errors[i] = e
+        return run
+
     for members in groups.values():
         first = requests[members[0]]
-        work = [m for i in members if (m := requests[i].meanwhile) is not None]
+        work = [owned(i, m) for i in members if (m := requests[i].meanwhile) is not None]
         try:
             with engine.adapter(first.adapter, first.scale):
                 updates = [u for i in members for u in requests[i].updates]
