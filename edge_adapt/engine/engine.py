@@ -635,7 +635,6 @@ class Engine(TextModel):
                             len(s.generated) + max_new if max_new is not None else s.max_tokens) for s in samples}
         live = [s for s in samples if s.finish is None and len(s.generated) < limit[id(s)]]
         paused: set[int] = set()
-        edited: dict[tuple[bool, tuple[tuple[int, float], ...]], np.ndarray] = {}  # the columns such edits touch
         while live:
             if self._cancel.is_set():
                 yield from self._finish_all(live, "cancelled")
@@ -648,7 +647,7 @@ class Engine(TextModel):
             borrowed = logits is not None
             if logits is None:
                 logits = np.stack(rows)
-            undo = self._edit(logits, live, edited, keep=borrowed)
+            undo = self._edit(logits, live, keep=borrowed)
             recent = None
             if any(s.params.repeat_penalty != 1.0 for s in live):
                 recent = [np.asarray(s.seq.tokens[-s.params.repeat_last_n :]) if s.params.repeat_penalty != 1.0
@@ -734,8 +733,8 @@ class Engine(TextModel):
                 return None
         return block[lo : lo + len(rows)]
 
-    def _edit(self, logits: np.ndarray, live: list[Sample], edited: dict[tuple[bool, tuple[tuple[int, float], ...]],
-              np.ndarray], *, keep: bool) -> list[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]:
+    def _edit(self, logits: np.ndarray, live: list[Sample], *,
+              keep: bool) -> list[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]:
         """Mask end-of-generation tokens and add logit biases, in place, one numpy operation for all the rows
         that ask for the same (a request's samples do, whatever their seeds). With `keep`, return what to put
         back afterwards: (where, the values there before)."""
@@ -747,10 +746,7 @@ class Engine(TextModel):
         for (ignore_eos, logit_bias), rows in groups.items():
             at_rows = np.array(rows)[:, None]
             if keep:
-                cols = edited.get((ignore_eos, logit_bias))
-                if cols is None:
-                    cols = edited[ignore_eos, logit_bias] = np.array(
-                        [*(self.eog_tokens if ignore_eos else ()), *(t for t, _ in logit_bias)], dtype=np.int64)
+                cols = np.array([*(self.eog_tokens if ignore_eos else ()), *(t for t, _ in logit_bias)], dtype=np.int64)
                 undo.append(((at_rows, cols), logits[at_rows, cols]))
             if ignore_eos:
                 logits[at_rows, self.eog_tokens] = -np.inf

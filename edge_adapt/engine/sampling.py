@@ -101,13 +101,10 @@ def top_logprobs(row: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
     return tuple((int(i), float(row[i]) - lse) for i in idx)
 
 
-def _candidates(row: np.ndarray, top_k: int, temperature: float, top: np.ndarray | None = None) -> np.ndarray:
+def _candidates(row: np.ndarray, top_k: int, temperature: float, top: np.ndarray | None) -> np.ndarray:
     """Indices of the top_k most likely tokens of a row (all tokens when top_k is 0), most likely first,
-    leaving out the negligible tail (see _TAIL_NATS). `top`: the row's top_k, if already found."""
-    if top_k and top is None:
-        found = _top_k_by_blocks(row[None], top_k)
-        if found is not None and found[1][0]:
-            top = found[0][0]
+    leaving out the negligible tail (see _TAIL_NATS). `top`: the row's top_k as `_top_k_by_blocks` found them,
+    or None where it did not (no top_k, ties, a short row): the whole tail is partitioned then."""
     if top is not None:
         return top[row[top] >= row[top[0]] - _TAIL_NATS * temperature]
     idx = np.flatnonzero(row >= row.max() - _TAIL_NATS * temperature)
