@@ -157,6 +157,30 @@ def test_cancel_from_another_thread_ends_with_cancelled(engine: Engine):
     assert _tokens_alone(engine, tokens, GREEDY, 4)
 
 
+def test_an_abort_requested_before_a_decode_stops_it_and_leaves_the_kv_as_it_was(engine: Engine):
+    """The flag llama.cpp polls between graph nodes (handles.AbortFlag, read in C) reaches the decode."""
+    from edge_adapt.engine.events import Cancelled
+    from edge_adapt.engine.handles import AbortFlag
+
+    flag = AbortFlag()
+    assert not flag.callback(flag.data)
+    flag.set()
+    assert flag.callback(flag.data) and flag.is_set()
+    flag.set(False)
+    assert not flag.callback(flag.data)
+
+    tokens = _prompt(engine)
+    free = engine.free_sequences
+    engine.ctx.request_abort(True)
+    try:
+        with pytest.raises(Cancelled):
+            engine.open(tokens)
+        assert engine.free_sequences == free
+    finally:
+        engine.ctx.request_abort(False)
+    assert _tokens_alone(engine, tokens, GREEDY, 4)
+
+
 def test_prompt_longer_than_context_is_refused(engine: Engine):
     from edge_adapt.errors import ContextOverflowError
 

@@ -170,6 +170,44 @@ class Adapter:
             self.ptr = None
 
 
+class AbortFlag:
+    """A flag for llama.cpp's abort callback that it reads without entering Python.
+
+    llama.cpp calls the callback between graph nodes, hundreds of times a decode. A Python callback takes the
+    GIL at each call, and waits for it while another thread holds it (the log-probabilities' workers beside a
+    decode): on a model whose decode takes a millisecond that cost a fifth of a single stream's speed. The
+    callback here is the C library's `strlen` over a two-byte buffer, so the flag is its first byte: 0 reads as
+    false, 1 as true (a bool is returned in the low byte of the register `strlen`'s size_t comes back in, on
+    every ABI llama.cpp runs on). Where no C library can be found, a Python callback reads the same byte.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = ctypes.create_string_buffer(2)  # b"\0\0": strlen 0, not aborting
+        self.data = ctypes.cast(self._buffer, ctypes.c_void_p)
+        strlen = _c_strlen()
+        if strlen is not None:
+            self.callback = ll.ggml_abort_callback(ctypes.cast(strlen, ctypes.c_void_p).value)
+        else:
+            self.callback = ll.ggml_abort_callback(lambda _: self._buffer.raw[0] != 0)
+
+    def set(self, flag: bool = True) -> None:
+        self._buffer[0] = b"\x01" if flag else b"\x00"
+
+    def is_set(self) -> bool:
+        return self._buffer.raw[0] != 0
+
+
+@functools.cache
+def _c_strlen() -> ctypes._CFuncPtr | None:
+    import sys
+
+    try:
+        libc = ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.CDLL(None)
+        return libc.strlen
+    except (OSError, AttributeError):
+        return None
+
+
 class Context:
     """A llama_context: KV memory for up to n_seq_max sequences, decoding, per-sequence state."""
 
@@ -198,10 +236,9 @@ class Context:
         params.kv_unified = kv_unified
         params.offload_kqv = offload_kqv
         params.no_perf = True
-        self._abort = threading.Event()
         # llama.cpp polls this between graph nodes, so another thread can cancel a long decode.
-        self._abort_cb = ll.ggml_abort_callback(lambda _: self._abort.is_set())
-        params.abort_callback = self._abort_cb
+        self._abort = AbortFlag()
+        params.abort_callback, params.abort_callback_data = self._abort.callback, self._abort.data
         ptr = ll.llama_init_from_model(model.ptr, params)
         if not ptr:
             raise EngineError("llama.cpp could not create a context (out of memory? run with --verbose)")
@@ -231,10 +268,7 @@ class Context:
         self._stack.close()
 
     def request_abort(self, flag: bool = True) -> None:
-        if flag:
-            self._abort.set()
-        else:
-            self._abort.clear()
+        self._abort.set(flag)
 
     def decode(self, batch: Batch) -> None:
         rc = ll.llama_decode(self.ptr, batch.view)
