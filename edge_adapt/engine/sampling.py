@@ -115,10 +115,13 @@ def _candidates(row: np.ndarray, top_k: int, temperature: float, top: np.ndarray
 
 # A small model spreads its logits thin: the tail's 25 nats held a median of 13,900 of the default model's 49,152
 # tokens at temperature 0.8, and partitioning them took 160-180 us a row, most of a sampled step where the decode
-# is fast. Cut a row into n blocks of _BLOCK tokens (block j: tokens j, j + n, j + 2n, ...): the top k tokens lie
-# in the k blocks with the highest maxima (a token outside them is below k block maxima, so below k tokens), and a
-# partition of those k blocks' tokens finds them; each numpy call does every row of a step at once.
-_BLOCK = 32
+# is fast. Instead, the top k are narrowed down through maxima of nested groups of tokens, a few hundred values
+# partitioned at each level: a row of n_vocab tokens is cut into sub-blocks of _SUB strided tokens, four of those
+# make a block, four blocks a group. The top k tokens lie in the k sub-blocks with the highest maxima among the
+# sub-blocks of the k blocks with the highest maxima, which lie among the blocks of the k + 1 groups with the
+# highest maxima (a token outside them is below k others). Each numpy call does every row of a step at once.
+_SUB = 8
+_NEST = 4  # sub-blocks a block, blocks a group
 
 
 def _top_k_by_blocks(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -127,25 +130,44 @@ def _top_k_by_blocks(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] 
     partition of the whole tail gives (`_candidates` does that instead, so every pick stays what it was). None
     where rows are too short for this to gain anything."""
     m, width = rows.shape
-    n = width // _BLOCK
-    if k >= n // 4:
+    q, block = _NEST, _NEST * _SUB
+    n = width // block  # blocks; sub-block s holds tokens s + c * q * n, block j the sub-blocks j + d * n
+    groups = n // q  # group g holds the blocks g + e * groups; blocks past groups * q are candidates always
+    if k >= groups:
         return None
-    blocks = rows[:, : n * _BLOCK].reshape(m, _BLOCK, n)
-    maxima = blocks.max(axis=1)
-    ranked = np.argpartition(-maxima, k, axis=1)
-    best = ranked[:, :k]
-    inside = np.take_along_axis(blocks, np.broadcast_to(best[:, None, :], (m, _BLOCK, k)), axis=2)
-    vals = np.concatenate([inside.reshape(m, _BLOCK * k), rows[:, n * _BLOCK :]], axis=1)  # + the partial block
+    at = np.arange(m)[:, None]  # x[at, idx]: each row's own entries (np.take_along_axis costs ~7 us a call)
+    sub_max = rows[:, : n * block].reshape(m, _SUB, q * n).max(axis=1)
+    block_max = sub_max.reshape(m, q, n).max(axis=1)
+    group_max = block_max[:, : groups * q].reshape(m, q, groups).max(axis=1)
+
+    def best(values: np.ndarray, ids: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of the `count` highest values of each row, and the next highest value (-inf if none)."""
+        if values.shape[1] <= count:
+            return ids, np.full(m, -np.inf, dtype=values.dtype)
+        ranked = np.argpartition(-values, count, axis=1)
+        return ids[at, ranked[:, :count]], values[at[:, 0], ranked[:, count]]
+
+    top_groups, _ = best(group_max, np.broadcast_to(np.arange(groups), (m, groups)), k + 1)
+    blocks = (top_groups[:, :, None] + np.arange(q) * groups).reshape(m, -1)
+    if n > groups * q:
+        blocks = np.concatenate([blocks, np.broadcast_to(np.arange(groups * q, n), (m, n - groups * q))], axis=1)
+    top_blocks, next_block = best(block_max[at, blocks], blocks, k)
+    subs = (top_blocks[:, :, None] + np.arange(q) * n).reshape(m, -1)
+    top_subs, next_sub = best(sub_max[at, subs], subs, k)
+    tokens = (top_subs[:, :, None] + np.arange(_SUB) * (q * n)).reshape(m, -1)
+    if width > n * block:  # the tokens past the last whole block: candidates always
+        tokens = np.concatenate([tokens, np.broadcast_to(np.arange(n * block, width), (m, width - n * block))], axis=1)
+    vals = rows[at, tokens]
     top = np.argpartition(-vals, k - 1, axis=1)[:, :k]
-    top_vals = np.take_along_axis(vals, top, axis=1)
+    top_vals = vals[at, top]
     order = np.argsort(-top_vals, axis=1, kind="stable")
-    top, v = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_vals, order, axis=1)
-    next_best = np.take_along_axis(maxima, ranked[:, k : k + 1], axis=1)[:, 0]  # the highest maximum left out
-    stand = ((v[:, :-1] > v[:, 1:]).all(axis=1) & (v[:, -1] > next_best)
+    top, v = top[at, order], top_vals[at, order]
+    # No tie among the k, and every token left out below the k-th: those of the blocks and of the sub-blocks not
+    # chosen are at most the highest maximum left out at that level, the others were partitioned here.
+    last = v[:, -1]
+    stand = ((v[:, :-1] > v[:, 1:]).all(axis=1) & (last > next_block) & (last > next_sub)
              & (np.count_nonzero(vals >= v[:, -1:], axis=1) == k))
-    member, block = np.divmod(top, k)  # vals[:, j] for j < _BLOCK * k: token `member` of block best[block]
-    in_best = member * n + np.take_along_axis(best, block, axis=1)
-    return np.where(top < _BLOCK * k, in_best, n * _BLOCK + top - _BLOCK * k), stand
+    return tokens[at, top], stand
 
 
 def apply_repeat_penalty(logits: np.ndarray, recent: list[np.ndarray], penalties: np.ndarray) -> None:
@@ -172,8 +194,12 @@ def sample_rows(
     if recent is not None and (penalties != 1.0).any():
         work = logits.copy()  # a filter of the sampling: the caller's rows, its log-probabilities' input, stay
         apply_repeat_penalty(work, recent, penalties)
-    tokens = work.argmax(axis=-1)
     sampled = [row for row, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return work.argmax(axis=-1)
+    tokens = np.zeros(len(params), dtype=np.intp)  # an argmax of every row would be a pass over each sampled one too
+    for row in sorted(set(range(len(params))) - set(sampled)):
+        tokens[row] = work[row].argmax()
     tops: dict[int, np.ndarray] = {}  # the top_k of each sampled row, found for all rows that share top_k at once
     for k in {params[row].top_k for row in sampled} - {0}:
         rows = [row for row in sampled if params[row].top_k == k]
