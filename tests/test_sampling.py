@@ -42,7 +42,8 @@ def _shortcut(row: np.ndarray, top_k: int, temperature: float) -> np.ndarray:
 def _rows(seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     rows = []
-    for vocab in (49_152, 128_256, 32_007, 1_000):  # the default model's, Llama 3's, ragged blocks, a small one
+    # The default model's, Llama 3's, a partial block, whole blocks outside the groups too, a small one.
+    for vocab in (49_152, 128_256, 32_007, 40_033, 1_000):
         for spread in (0.5, 3.0, 12.0):  # flat to peaked: a tail of every token down to a few
             rows.append((rng.standard_normal(vocab) * spread).astype(np.float32))
     peaked = (rng.standard_normal(49_152) * 2).astype(np.float32)
@@ -71,6 +72,15 @@ def test_the_shortcut_stands_without_ties_and_steps_aside_where_values_tie():
     for top_k in (1, 40):
         np.testing.assert_array_equal(_shortcut(tied, top_k, 0.8), _whole_tail(tied, top_k, 0.8))
     assert _top_k_by_blocks(row[None, :2_000], 40) is None  # too short a row to gain anything
+
+    # A tie with the 2nd value in a sub-block that is not searched: with 49,152 tokens, block 10 holds the sub-blocks
+    # of tokens 10 and 1,546 (sub-block s: tokens s + 6,144 c), and only one of the two tied sub-blocks is chosen.
+    sibling = -np.abs(row)
+    sibling[[20, 10, 1_546]] = 10.0, 9.0, 9.0
+    elsewhere = -np.abs(row)
+    elsewhere[[20, 10, 11]] = 10.0, 9.0, 9.0  # the same tie in two blocks
+    found = _top_k_by_blocks(np.stack([sibling, elsewhere, -np.abs(row)]), 2)
+    assert found is not None and found[1].tolist() == [False, False, True]
 
 
 def test_rows_sampled_together_pick_what_each_picks_alone():
