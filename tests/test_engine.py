@@ -157,7 +157,7 @@ def test_cancel_from_another_thread_ends_with_cancelled(engine: Engine):
     assert _tokens_alone(engine, tokens, GREEDY, 4)
 
 
-def test_an_abort_requested_before_a_decode_stops_it_and_leaves_the_kv_as_it_was(engine: Engine):
+def test_an_abort_requested_before_a_decode_stops_it_and_the_engine_goes_on(engine: Engine):
     """The flag llama.cpp polls between graph nodes (handles.AbortFlag, read in C) reaches the decode."""
     from edge_adapt.engine.events import Cancelled
     from edge_adapt.engine.handles import AbortFlag

@@ -198,8 +198,9 @@ def sample_rows(
     if not sampled:
         return work.argmax(axis=-1)
     tokens = np.zeros(len(params), dtype=np.intp)  # an argmax of every row would be a pass over each sampled one too
-    for row in sorted(set(range(len(params))) - set(sampled)):
-        tokens[row] = work[row].argmax()
+    for row, p in enumerate(params):
+        if p.greedy:
+            tokens[row] = work[row].argmax()
     tops: dict[int, np.ndarray] = {}  # the top_k of each sampled row, found for all rows that share top_k at once
     for k in {params[row].top_k for row in sampled} - {0}:
         rows = [row for row in sampled if params[row].top_k == k]
