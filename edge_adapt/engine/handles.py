@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import re
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -27,8 +28,6 @@ _verbose = False
 @ll.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     if _verbose:
-        import sys
-
         sys.stderr.write(text.decode("utf-8", "replace"))
 
 
@@ -199,8 +198,6 @@ class AbortFlag:
 
 @functools.cache
 def _c_strlen() -> ctypes._CFuncPtr | None:
-    import sys
-
     try:
         libc = ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.CDLL(None)
         return libc.strlen
