@@ -2,8 +2,8 @@
 
 This is the hardware's batching gain that a server (or the engine) can at best pass on: tokens/s with N
 sequences in each decode against tokens/s with one. Only the owned handles are used (model, context, batch);
-sampling is an argmax over each sequence's row of logits, end-of-generation tokens masked so every sequence
-runs the full count.
+sampling is an argmax over each sequence's row of logits, read in llama.cpp's own buffer (no copy), end-of-
+generation tokens masked so every sequence runs the full count.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def forked_greedy_tok_s(model: Model, prompt: list[int], n_seq: int, tokens: int
         want[-1] = 1
         batch.fill(np.array(prompt), np.arange(n), np.zeros(n, dtype=np.int32), want)
         ctx.decode(batch)
-        row = ctx.logits(1)
+        row = ctx.logits_view(1)
         for s in range(1, n_seq):
             ctx.seq_cp(0, s)
         logits = np.repeat(row, n_seq, axis=0)
@@ -62,7 +62,7 @@ def forked_greedy_tok_s(model: Model, prompt: list[int], n_seq: int, tokens: int
             nxt = logits.argmax(axis=1)
             batch.fill(nxt, np.full(live, n + step), seqs[:live], ones[:live])
             ctx.decode(batch)
-            logits = ctx.logits(live)
+            logits = ctx.logits_view(live)  # in place: the argmax reads it before the next decode
         return sum(lengths) / (time.perf_counter() - t0)
     finally:
         batch.close()

@@ -280,6 +280,12 @@ class Context:
         if rc != 0:
             raise EngineError(f"llama_decode failed with code {rc}")
 
+    def logits_view(self, n_outputs: int) -> np.ndarray:
+        """Logits of the last decode's outputs, (n_outputs, n_vocab) in batch order, where llama.cpp wrote them:
+        its own buffer, which the next decode overwrites (and may reallocate). Read or copy them before that."""
+        ptr = ll.llama_get_logits(self.ptr)
+        return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab))
+
     def logits(self, n_outputs: int, order: list[int] | None = None) -> np.ndarray:
         """Logits of the last decode's outputs as a fresh (n_outputs, n_vocab) array: in batch order, or row i
         the order[i]-th output (the same single copy)."""
