@@ -485,3 +485,65 @@ def test_a_snapshot_taken_right_after_a_fork_holds_the_forked_kv(engine: Engine)
     np.testing.assert_allclose(back.logits, root.logits, atol=1e-3)
     for s in (root, child, back):
         engine.release(s)
+
+
+def test_a_step_that_samples_in_place_while_a_worker_copies_gives_what_sampling_the_copy_gives(monkeypatch):
+    """A step samples from llama.cpp's buffer in place while a worker copies the rows out (engine.outputs), with
+    edits (ignore_eos, logit_bias) and the samples' rows in another order than the batch's (the last sample holds
+    the prompt's id, the lowest): the same events as steps that wait for the copy first, and the same rows kept,
+    the edited columns put back (a sample that ends on end-of-generation keeps the row it sampled that from)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edge_adapt.engine.device import physical_cores
+    from edge_adapt.engine.outputs import Outputs
+
+    if physical_cores() < 2:
+        pytest.skip("one core: llama.cpp's thread leaves none idle")
+    monkeypatch.setattr("edge_adapt.engine.outputs._BESIDE_FROM_BYTES", 0)  # a worker copies the 3 rows too
+    with Engine(parallel=4, ctx=256, device="cpu", threads=1) as e:
+        assert e._beside is not None
+        tokens = _prompt(e)
+        eos = int(e.eog_tokens[0])
+        params = [SamplingParams(temperature=0.0, logit_bias=((300, 4.0), (eos, 1.0)))] + [
+            SamplingParams(temperature=0.9, seed=3 + i, ignore_eos=True, logit_bias=((eos, 3.0), (300, 6.0)))
+            for i in range(2)]
+        took, in_place_steps = e._in_place, 0
+
+        def counted(live):  # type: ignore[no-untyped-def]
+            nonlocal in_place_steps
+            found = took(live)
+            in_place_steps += found is not None
+            return found
+
+        def run() -> tuple[list[object], list[np.ndarray], list[str | None]]:
+            with e.opened(tokens) as root:
+                samples = e.start(root, params, max_tokens=80, consume_root=True, top_logprobs=2)
+                events = list(e.advance(samples))
+                return events, [s.seq.logits.copy() for s in samples], [s.finish for s in samples]
+
+        e._in_place = counted  # type: ignore[method-assign]
+        events, kept, finish = run()
+        assert finish == ["eos", "length", "length"] and in_place_steps > 40
+        # The copy and the log-probabilities split in 3 ranges of rows on 3 threads, the copy slowed down: a range's
+        # log-probabilities are taken up before the copy of their rows is done, and wait for it.
+        copy_rows = Outputs._copy_rows
+
+        def slow_copy(self: Outputs, a: int, b: int) -> None:
+            time.sleep(0.002)
+            copy_rows(self, a, b)
+
+        pool, e._beside, e._beside_workers = e._beside, ThreadPoolExecutor(3), 3
+        monkeypatch.setattr(Outputs, "_copy_rows", slow_copy)
+        try:
+            split = run()
+        finally:
+            monkeypatch.setattr(Outputs, "_copy_rows", copy_rows)
+            e._beside.shutdown()
+            e._beside, e._beside_workers = pool, 1
+        e._in_place = lambda live: None  # type: ignore[method-assign]  # every step waits for the copy
+        copied = run()
+    for other in (split, copied):
+        assert other[0] == events and other[2] == finish
+        for row, row_other in zip(kept, other[1]):  # the same decodes: equal bits; a row left edited is off by 4
+            np.testing.assert_array_equal(row, row_other)

@@ -244,12 +244,15 @@ def engine_vs_raw(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64), ragged
 
 
 @contextmanager
-def _timed(owner: Any, name: str, spent: dict[str, float], label: str) -> Iterator[None]:
-    """While it lasts, `owner.name` adds the seconds of each call to spent[label]."""
+def _timed(owner: Any, name: str, spent: dict[str, float], label: str, main_only: bool = False) -> Iterator[None]:
+    """While it lasts, `owner.name` adds the seconds of each call to spent[label] (`main_only`: the calls made on
+    the main thread, those a step waits for)."""
     fn = getattr(owner, name)
     lock = threading.Lock()  # the log-probabilities' workers add up at once
 
     def timed(*args: Any, **kwargs: Any) -> Any:
+        if main_only and threading.current_thread() is not threading.main_thread():
+            return fn(*args, **kwargs)
         t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)
@@ -266,10 +269,12 @@ def _timed(owner: Any, name: str, spent: dict[str, float], label: str) -> Iterat
 
 def step_profile(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64), sampled: int = 16) -> list[dict[str, Any]]:
     """Where a greedy step of N forks goes, in ms per step (best of `repeats`): llama_decode, copying the logits
-    out, choosing the tokens, their log-probabilities (in line, or on their own thread during the decode, where
-    they cost the step nothing), and the rest (masks, text, events). One more row samples `sampled` forks at
-    temperature 0.8 (top-k 40, top-p 0.95, min-p 0.05), as users do."""
+    out (in line, or on the workers while the step samples: then what the step waited for it counts), choosing
+    the tokens, their log-probabilities (in line, or on the workers during the decode, where they cost the step
+    nothing), and the rest (masks, text, events). One more row samples `sampled` forks at temperature 0.8
+    (top-k 40, top-p 0.95, min-p 0.05), as users do."""
     import edge_adapt.engine.engine as engine_module
+    from edge_adapt.engine.outputs import Outputs
 
     tokens = min(cfg.tokens, 64)
     prompt = _prompt_tokens(cfg)
@@ -280,7 +285,8 @@ def step_profile(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64), sampled
             best: dict[str, Any] = {}
             for _ in range(cfg.repeats + 1):  # the first run warms up
                 spent: dict[str, float] = {}
-                with (_timed(e.ctx, "decode", spent, "decode"), _timed(e.ctx, "logits", spent, "logits_out"),
+                with (_timed(e.ctx, "decode", spent, "decode"), _timed(Outputs, "_copy_rows", spent, "logits_copy"),
+                      _timed(Outputs, "wait", spent, "logits_wait", main_only=True),
                       _timed(engine_module, "sample_rows", spent, "sampling"),
                       _timed(engine_module, "token_logprobs", spent, "logprobs")):
                     t0 = 0.0
@@ -289,10 +295,12 @@ def step_profile(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64), sampled
                             spent.clear()  # from the forked prompt, as engine_vs_raw
                             t0 = time.perf_counter()
                     wall = time.perf_counter() - t0
-                row = {k: v / tokens * 1e3 for k, v in spent.items()}
+                row = {"logits_copy": 0.0, "logits_wait": 0.0, **{k: v / tokens * 1e3 for k, v in spent.items()}}
                 beside = e._beside is not None
                 row["step"] = wall / tokens * 1e3
-                row["rest"] = row["step"] - sum(v for k, v in row.items() if k != "step" and not (beside and k == "logprobs"))
+                # beside the step: the log-probabilities and the copy (what the step waited for it is logits_wait)
+                row["rest"] = row["step"] - sum(v for k, v in row.items() if k not in (
+                    "step", *(("logprobs", "logits_copy") if beside else ("logits_wait",))))
                 if not best or row["step"] < best["step"]:
                     best = {"sequences": n, "temperature": temperature, "logprobs_beside": beside,
                             "logprobs_workers": e._beside_workers if beside else 0, **row}
@@ -329,9 +337,10 @@ def render(results: dict[str, Any]) -> str:
     for r in results.get("profile", []):
         where = f" (beside the decode, {r['logprobs_workers']} threads, their sum)" if r["logprobs_beside"] else ""
         kind = f"{r['sequences']:>2} forks" + (f" T={r['temperature']:g}" if r.get("temperature") else "")
-        lines.append(f"step profile {kind}: {r['step']:.2f} ms = llama_decode {r['decode']:.2f}, "
-                     f"logits out {r['logits_out']:.2f}, sampling {r['sampling']:.2f}, log-probs {r['logprobs']:.2f}"
-                     f"{where}, rest {r['rest']:.2f}")
+        copy = (f"logits copy waited for {r['logits_wait']:.2f} (made beside: {r['logits_copy']:.2f})"
+                if r["logprobs_beside"] else f"logits copy {r['logits_copy']:.2f}")
+        lines.append(f"step profile {kind}: {r['step']:.2f} ms = llama_decode {r['decode']:.2f}, {copy}, "
+                     f"sampling {r['sampling']:.2f}, log-probs {r['logprobs']:.2f}{where}, rest {r['rest']:.2f}")
     for r in results.get("rss", []):
         lines.append(f"peak RSS        {r['parallel']:>2} x {r['ctx']:<5} measured {r['peak_rss_mib']:.0f} MiB vs planned "
                      f"{r['predicted_mib']:.0f} MiB -> {r['ratio']:.3f}  (goal within 15%)")

@@ -25,6 +25,7 @@ from edge_adapt.engine.device import Device, gpu_layers_for, physical_cores
 from edge_adapt.engine.events import Cancelled, Done, Event, Finished, FinishReason, SampleStarted, Token, Usage
 from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
 from edge_adapt.engine.handles import Adapter, Batch, Context, Model, init_backend
+from edge_adapt.engine.outputs import Outputs
 from edge_adapt.engine.sampling import SamplingParams, sample_rows, token_logprobs, top_logprobs
 from edge_adapt.engine.steps import Decode, Program, drive
 from edge_adapt.engine.text import TextStream
@@ -50,19 +51,45 @@ class EngineOptions(BaseModel):
     verbose: bool = False
 
 
-@dataclass
 class Sequence:
-    """One sequence id of the context. The KV holds tokens[:n_past]; `logits` predict the token after them."""
+    """One sequence id of the context. The KV holds tokens[:n_past]; `logits` predict the token after them.
 
-    id: int
-    tokens: list[int]
-    n_past: int = 0
-    logits: np.ndarray | None = None
-    origin: Sequence | None = field(default=None, repr=False, compare=False)  # the opened sequence it forks from
+    Not a dataclass for one reason: `logits` is a property, which waits for the row's copy out of llama.cpp's
+    buffer when the decode that wrote it has not been read yet (engine.outputs)."""
+
+    __slots__ = ("id", "tokens", "n_past", "_logits", "_copying", "origin")
+
+    def __init__(self, id: int, tokens: list[int], n_past: int = 0, logits: np.ndarray | None = None,
+                 origin: Sequence | None = None) -> None:
+        self.id, self.tokens, self.n_past = id, tokens, n_past
+        self._logits, self._copying = logits, None
+        self.origin = origin  # the opened sequence it forks from
+
+    @property
+    def logits(self) -> np.ndarray | None:
+        if self._copying is not None:
+            self._copying.wait()
+            self._copying = None
+        return self._logits
+
+    @logits.setter
+    def logits(self, row: np.ndarray | None) -> None:
+        self._logits, self._copying = row, None
+
+    def hold(self, row: np.ndarray, outputs: Outputs) -> None:
+        """Take `row` of `outputs.block`, which holds it once the copy is done."""
+        self._logits, self._copying = row, outputs
+
+    @property
+    def has_logits(self) -> bool:
+        return self._logits is not None
 
     @property
     def pending(self) -> list[int]:
         return self.tokens[self.n_past :]
+
+    def __repr__(self) -> str:
+        return f"Sequence(id={self.id}, n_past={self.n_past}, tokens={len(self.tokens)})"
 
 
 @dataclass
@@ -143,6 +170,7 @@ class Engine(TextModel):
         self._cancel = threading.Event()
         # The last decode's logits: the array, its rows as handed to the sequences, and their ids' places.
         self._last_rows: tuple[np.ndarray, list[np.ndarray], dict[int, int]] = (np.empty((0, 0)), [], {})
+        self._last_outputs = Outputs(np.empty((0, 0), dtype=np.float32), [])  # their copy (engine.outputs)
         self._adapters: dict[Path, Adapter] = {}
         self.decoded_tokens = 0  # every token llama.cpp has been asked to decode: tests and accounts read it
         self.moves = 0  # sequences moved to another id so that a decode's ids are consecutive (see _pack)
@@ -190,6 +218,7 @@ class Engine(TextModel):
             raise ContextOverflowError(f"a kept sequence does not fit a context of {opts.ctx} tokens")
         kept = [list(s.tokens[: s.n_past]) for s in keep]
         previous = self.options
+        self._last_outputs.wait()  # a worker may be copying out of the context's buffer
         # The old KV goes before the new one is allocated; if the new context cannot be made, the old one is made
         # again so the engine and the kept sequences stay as they were.
         self.ctx.close()
@@ -210,6 +239,7 @@ class Engine(TextModel):
 
     # -- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:
+        self._last_outputs.wait()  # a worker may be copying out of the context's buffer
         self.model.close()
 
     def __enter__(self) -> Engine:
@@ -340,7 +370,7 @@ class Engine(TextModel):
         owners: list[Sequence] = []
         for seq, new in updates:
             self._check_fits(len(seq.tokens) + len(new))
-            if not new and not seq.pending and seq.logits is None:
+            if not new and not seq.pending and not seq.has_logits:
                 raise EngineError("nothing to decode and no logits: truncate one token and decode it again")
         self._pack([seq for seq, new in updates if new or seq.pending])
         # Rows go in by increasing sequence id. With one KV stream per sequence, llama.cpp cuts a batch into
@@ -367,6 +397,7 @@ class Engine(TextModel):
             for lo in range(0, len(tok), self.ctx.n_batch):
                 hi = min(lo + self.ctx.n_batch, len(tok))
                 self.batch.fill(tok[lo:hi], pos[lo:hi], sid[lo:hi], out[lo:hi])
+                self._last_outputs.wait()  # the decode overwrites llama.cpp's buffer: the rows read from it go first
                 self.ctx.decode(self.batch)
                 self.decode_calls += 1
                 self.decoded_tokens += hi - lo
@@ -378,11 +409,12 @@ class Engine(TextModel):
                     # sequences' rows side by side and in its own order, one view of them (Engine.steps).
                     got = owners[owner_i : owner_i + n_out]
                     order = sorted(range(n_out), key=lambda k: rank[id(got[k])])
-                    block = self.ctx.logits(n_out, order)
-                    rows = list(block)
+                    outputs = Outputs(self.ctx.logits_view(n_out), order)
+                    rows = list(outputs.block)
                     for k, row in zip(order, rows):
-                        got[k].logits = row
-                    self._last_rows = block, rows, {id(row): i for i, row in enumerate(rows)}
+                        got[k].hold(row, outputs)
+                    self._last_outputs = outputs
+                    self._last_rows = outputs.block, rows, {id(row): i for i, row in enumerate(rows)}
                     owner_i += n_out
         except (Cancelled, EngineError):
             # Put every sequence back exactly where it was before this call.
@@ -639,23 +671,39 @@ class Engine(TextModel):
             if self._cancel.is_set():
                 yield from self._finish_all(live, "cancelled")
                 return
-            rows: list[np.ndarray] = [s.seq.logits for s in live]  # type: ignore[misc]
-            # Usually the rows of one decode in the order it wrote them: a view of them spares copying them all
-            # every step (a tenth of a step where the decode is fast), and the columns edited for this step are
-            # put back once it is done with them, since they are the sequences' own (a finished sample keeps its).
-            logits = self._side_by_side(rows)
-            borrowed = logits is not None
-            if logits is None:
-                logits = np.stack(rows)
-            undo = self._edit(logits, live, keep=borrowed)
             recent = None
             if any(s.params.repeat_penalty != 1.0 for s in live):
                 recent = [np.asarray(s.seq.tokens[-s.params.repeat_last_n :]) if s.params.repeat_penalty != 1.0
                           else np.empty(0, int) for s in live]
-            tokens = sample_rows(logits, [s.params for s in live], [s.rng for s in live], recent)
+            # Where a worker is idle and the rows are many (a GPU's step), the rows of the last decode, not yet read:
+            # the step samples from llama.cpp's buffer in place while workers copy the rows out (engine.outputs),
+            # and computes the log-probabilities on the copy. The columns edited for this step are put back once it
+            # is done with them, since they are the sequences' own rows (a finished sample keeps its).
+            fresh = self._in_place(live)
+            if fresh is not None:
+                outputs, lo, view, inv = fresh  # live[inv[r]] reads view[r] (inv None: live[r] does)
+                in_view = live if inv is None else [live[i] for i in inv]
+                edits = self._edit(view, in_view, keep=True)
+                undo = edits if inv is None else [((inv[at_rows], cols), values) for (at_rows, cols), values in edits]
+                outputs.copy(self._beside, self._beside_workers)  # the edited rows: the log-probabilities' input
+                tokens = sample_rows(view, [s.params for s in in_view], [s.rng for s in in_view],
+                                     None if recent is None or inv is None else [recent[i] for i in inv])
+                if inv is not None:
+                    tokens[inv] = tokens.copy()
+                logits = outputs.block[lo : lo + len(live)]
+            else:
+                rows: list[np.ndarray] = [s.seq.logits for s in live]  # type: ignore[misc]
+                # Rows of one decode in the order it wrote them are taken as a view (no copy of them all)
+                logits = self._side_by_side(rows)
+                borrowed = logits is not None
+                if logits is None:
+                    logits = np.stack(rows)
+                undo = self._edit(logits, live, keep=borrowed)
+                tokens = sample_rows(logits, [s.params for s in live], [s.rng for s in live], recent)
+                outputs = None
             # What to decode does not depend on the log-probabilities: they are computed beside the decode where
             # it leaves a core idle (see _logprobs), and the step's events follow the decode.
-            logps = self._logprobs(logits, tokens)
+            logps = self._logprobs(logits, tokens, after=outputs)
             picked = tokens.tolist()
             to_decode: list[tuple[Sequence, list[int]]] = []
             leaving: list[tuple[Sequence, list[int]]] = []
@@ -721,6 +769,33 @@ class Engine(TextModel):
                 return
             live = [s for s in live if s.finish is None and len(s.generated) < limit[id(s)] and id(s) not in paused]
 
+    def _in_place(self, live: list[Sample]) -> tuple[Outputs, int, np.ndarray, np.ndarray | None] | None:
+        """Where the samples' rows are rows lo..lo+n-1 of the last decode's, whose copy has not started, and lie
+        side by side in llama.cpp's buffer too: (those outputs, lo, the rows there, and for each row there the
+        sample that owns it, None where that is live[r] for row r). None otherwise. Looks at the rows without
+        waiting for any copy."""
+        outputs = self._last_outputs
+        if self._beside is None or outputs.started or not outputs.worth_a_worker:
+            return None  # the copy would be made in line: reading it costs no more
+        first = live[0].seq
+        lo = self._last_rows[2].get(id(first._logits)) if first._copying is outputs else None
+        n = len(live)
+        if lo is None or lo + n > len(outputs.order):
+            return None
+        decoded = self._last_rows[1]
+        for i, s in enumerate(live):
+            if decoded[lo + i] is not s.seq._logits:
+                return None
+        where = outputs.order[lo : lo + n]
+        a = min(where)
+        if max(where) - a + 1 != n:
+            return None
+        if where == list(range(a, a + n)):
+            return outputs, lo, outputs.view[a : a + n], None
+        inv = np.empty(n, dtype=np.intp)
+        inv[np.asarray(where) - a] = np.arange(n)
+        return outputs, lo, outputs.view[a : a + n], inv
+
     def _side_by_side(self, rows: list[np.ndarray]) -> np.ndarray | None:
         """`rows` as one (n, n_vocab) view when they are rows lo..lo+n-1 of the last decode's logits, in that
         order, else None. By identity: `_last_rows` keeps those row objects alive, so an id found there is one."""
@@ -754,17 +829,27 @@ class Engine(TextModel):
                 logits[rows, token] += bias
         return undo
 
-    def _logprobs(self, logits: np.ndarray, tokens: np.ndarray) -> Callable[[], np.ndarray]:
+    def _logprobs(self, logits: np.ndarray, tokens: np.ndarray,
+                  after: Outputs | None = None) -> Callable[[], np.ndarray]:
         """The tokens' log-probabilities under `logits`, read by calling what this returns (`logits` stay untouched
-        until then): computed in line, or beside the decode in one range of rows per worker."""
+        until then): computed in line, or beside the decode in one range of rows per worker. `after`: the copy
+        that fills `logits`, which the workers took up first (it was queued before), so waiting on it is safe."""
         if self._beside is None:
+            if after is not None:
+                after.wait()
             done = token_logprobs(logits, tokens)
             return lambda: done
+
+        def part(a: int, b: int) -> np.ndarray:
+            if after is not None:
+                after.wait()
+            return token_logprobs(logits[a:b], tokens[a:b])
+
         n, k = len(tokens), min(self._beside_workers, len(tokens))
-        if k == 1:
-            return self._beside.submit(token_logprobs, logits, tokens).result
         bounds = [i * n // k for i in range(k + 1)]
-        parts = [self._beside.submit(token_logprobs, logits[a:b], tokens[a:b]) for a, b in zip(bounds, bounds[1:])]
+        parts = [self._beside.submit(part, a, b) for a, b in zip(bounds, bounds[1:])]
+        if k == 1:
+            return parts[0].result
         return lambda: np.concatenate([p.result() for p in parts])
 
     def _finish_all(self, samples: Seq[Sample], reason: FinishReason) -> Iterator[Event]:

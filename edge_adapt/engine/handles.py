@@ -286,13 +286,6 @@ class Context:
         ptr = ll.llama_get_logits(self.ptr)
         return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab))
 
-    def logits(self, n_outputs: int, order: list[int] | None = None) -> np.ndarray:
-        """Logits of the last decode's outputs as a fresh (n_outputs, n_vocab) array: in batch order, or row i
-        the order[i]-th output (the same single copy)."""
-        ptr = ll.llama_get_logits(self.ptr)
-        out = np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab))
-        return out.copy() if order is None or order == list(range(n_outputs)) else out[order]
-
     def seq_cp(self, src: int, dst: int) -> None:
         ll.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
         self.copies_pending = self.copies_pending or (self._split and src != dst)

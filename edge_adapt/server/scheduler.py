@@ -313,7 +313,7 @@ class Scheduler:
         entry, common = self._cache.best(prompt) if self.prefix_cache else (None, 0)
         # The last prompt token is decoded again unless the entry holds exactly the prompt with its logits:
         # its logits are what the first sample draws from.
-        if entry is not None and not (common == len(prompt) == entry.n_past and entry.logits is not None):
+        if entry is not None and not (common == len(prompt) == entry.n_past and entry.has_logits):
             common = min(common, len(prompt) - 1)
         if entry is None or common == 0:
             self._evict()
