@@ -516,16 +516,22 @@ def test_a_step_that_samples_in_place_while_a_worker_copies_gives_what_sampling_
             in_place_steps += found is not None
             return found
 
-        def run() -> tuple[list[object], list[np.ndarray], list[str | None]]:
+        def run(params: list[SamplingParams] = params, consume_root: bool = True,
+                ) -> tuple[list[object], list[np.ndarray], list[str | None]]:
             with e.opened(tokens) as root:
-                samples = e.start(root, params, max_tokens=80, consume_root=True, top_logprobs=2)
+                samples = e.start(root, params, max_tokens=80, consume_root=consume_root, top_logprobs=2)
                 events = list(e.advance(samples))
                 return events, [s.seq.logits.copy() for s in samples], [s.finish for s in samples]
 
         e._in_place = counted  # type: ignore[method-assign]
         events, kept, finish = run()
         assert finish == ["eos", "length", "length"] and in_place_steps > 40
-        # The copy and the log-probabilities split in 3 ranges of rows on 3 threads, the copy slowed down: a range's
+        # Rows in the batch's order (the prompt's id not sampled from), one with a repetition penalty
+        penalised = [*params[1:], SamplingParams(temperature=0.9, seed=8, repeat_penalty=1.3, ignore_eos=True)]
+        before = in_place_steps
+        in_order = run(penalised, consume_root=False)
+        assert in_place_steps - before > 40
+        # The copy in 4 pieces and the log-probabilities in 3 ranges of rows on 3 threads, the copy slowed down: the
         # log-probabilities are taken up before the copy of their rows is done, and wait for it.
         copy_rows = Outputs._copy_rows
 
@@ -542,8 +548,8 @@ def test_a_step_that_samples_in_place_while_a_worker_copies_gives_what_sampling_
             e._beside.shutdown()
             e._beside, e._beside_workers = pool, 1
         e._in_place = lambda live: None  # type: ignore[method-assign]  # every step waits for the copy
-        copied = run()
-    for other in (split, copied):
-        assert other[0] == events and other[2] == finish
-        for row, row_other in zip(kept, other[1]):  # the same decodes: equal bits; a row left edited is off by 4
+        copied, in_order_copied = run(), run(penalised, consume_root=False)
+    for one, other in ((events, kept, finish), split), ((events, kept, finish), copied), (in_order, in_order_copied):
+        assert other[0] == one[0] and other[2] == one[2]
+        for row, row_other in zip(one[1], other[1]):  # the same decodes: equal bits; a row left edited is off by 4
             np.testing.assert_array_equal(row, row_other)

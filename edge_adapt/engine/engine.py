@@ -687,7 +687,7 @@ class Engine(TextModel):
                 undo = edits if inv is None else [((inv[at_rows], cols), values) for (at_rows, cols), values in edits]
                 outputs.copy(self._beside, self._beside_workers)  # the edited rows: the log-probabilities' input
                 tokens = sample_rows(view, [s.params for s in in_view], [s.rng for s in in_view],
-                                     None if recent is None or inv is None else [recent[i] for i in inv])
+                                     recent if recent is None or inv is None else [recent[i] for i in inv])
                 if inv is not None:
                     tokens[inv] = tokens.copy()
                 logits = outputs.block[lo : lo + len(live)]
