@@ -63,3 +63,14 @@ def test_a_copy_that_fails_on_a_worker_fails_the_wait(monkeypatch: pytest.Monkey
         out.copy(pool, 2)
         with pytest.raises(MemoryError, match="no room"):
             out.wait()  # raised, not a wait forever
+
+
+def test_span_finds_rows_of_this_decode_side_by_side_by_identity():
+    out = Outputs(np.zeros((5, 10), dtype=np.float32), list(range(5)))
+    rows = out.rows
+    assert out.span(rows[1:4]) == 1 and out.span(rows) == 0
+    assert out.span([rows[1], rows[3]]) is None  # not side by side
+    assert out.span([rows[2], rows[1]]) is None  # not in that order
+    assert out.span([rows[4], rows[4]]) is None  # past the last row
+    assert out.span([rows[0].copy()]) is None  # equal values, another array
+    assert out.span([None]) is None

@@ -337,7 +337,7 @@ def render(results: dict[str, Any]) -> str:
     for r in results.get("profile", []):
         where = f" (beside the decode, {r['logprobs_workers']} threads, their sum)" if r["logprobs_beside"] else ""
         kind = f"{r['sequences']:>2} forks" + (f" T={r['temperature']:g}" if r.get("temperature") else "")
-        copy = (f"logits copy waited for {r['logits_wait']:.2f} (made beside: {r['logits_copy']:.2f})"
+        copy = (f"logits copy waited for {r['logits_wait']:.2f} (copying took {r['logits_copy']:.2f} in all threads)"
                 if r["logprobs_beside"] else f"logits copy {r['logits_copy']:.2f}")
         lines.append(f"step profile {kind}: {r['step']:.2f} ms = llama_decode {r['decode']:.2f}, {copy}, "
                      f"sampling {r['sampling']:.2f}, log-probs {r['logprobs']:.2f}{where}, rest {r['rest']:.2f}")

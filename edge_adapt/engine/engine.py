@@ -168,9 +168,7 @@ class Engine(TextModel):
         if self._beside is not None:
             self.model.on_close(self._beside.shutdown)
         self._cancel = threading.Event()
-        # The last decode's logits: the array, its rows as handed to the sequences, and their ids' places.
-        self._last_rows: tuple[np.ndarray, list[np.ndarray], dict[int, int]] = (np.empty((0, 0)), [], {})
-        self._last_outputs = Outputs(np.empty((0, 0), dtype=np.float32), [])  # their copy (engine.outputs)
+        self._last_outputs = Outputs(np.empty((0, 0), dtype=np.float32), [])  # the last decode's logits
         self._adapters: dict[Path, Adapter] = {}
         self.decoded_tokens = 0  # every token llama.cpp has been asked to decode: tests and accounts read it
         self.moves = 0  # sequences moved to another id so that a decode's ids are consecutive (see _pack)
@@ -410,11 +408,9 @@ class Engine(TextModel):
                     got = owners[owner_i : owner_i + n_out]
                     order = sorted(range(n_out), key=lambda k: rank[id(got[k])])
                     outputs = Outputs(self.ctx.logits_view(n_out), order)
-                    rows = list(outputs.block)
-                    for k, row in zip(order, rows):
+                    for k, row in zip(order, outputs.rows):
                         got[k].hold(row, outputs)
                     self._last_outputs = outputs
-                    self._last_rows = outputs.block, rows, {id(row): i for i, row in enumerate(rows)}
                     owner_i += n_out
         except (Cancelled, EngineError):
             # Put every sequence back exactly where it was before this call.
@@ -777,15 +773,10 @@ class Engine(TextModel):
         outputs = self._last_outputs
         if self._beside is None or outputs.started or not outputs.worth_a_worker:
             return None  # the copy would be made in line: reading it costs no more
-        first = live[0].seq
-        lo = self._last_rows[2].get(id(first._logits)) if first._copying is outputs else None
-        n = len(live)
-        if lo is None or lo + n > len(outputs.order):
+        lo = outputs.span([s.seq._logits for s in live])
+        if lo is None:
             return None
-        decoded = self._last_rows[1]
-        for i, s in enumerate(live):
-            if decoded[lo + i] is not s.seq._logits:
-                return None
+        n = len(live)
         where = outputs.order[lo : lo + n]
         a = min(where)
         if max(where) - a + 1 != n:
@@ -798,15 +789,9 @@ class Engine(TextModel):
 
     def _side_by_side(self, rows: list[np.ndarray]) -> np.ndarray | None:
         """`rows` as one (n, n_vocab) view when they are rows lo..lo+n-1 of the last decode's logits, in that
-        order, else None. By identity: `_last_rows` keeps those row objects alive, so an id found there is one."""
-        block, decoded, index = self._last_rows
-        lo = index.get(id(rows[0]))
-        if lo is None or lo + len(rows) > len(decoded):
-            return None
-        for i, row in enumerate(rows):
-            if decoded[lo + i] is not row:
-                return None
-        return block[lo : lo + len(rows)]
+        order, else None."""
+        lo = self._last_outputs.span(rows)
+        return None if lo is None else self._last_outputs.block[lo : lo + len(rows)]
 
     def _edit(self, logits: np.ndarray, live: list[Sample], *,
               keep: bool) -> list[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]:

@@ -32,6 +32,8 @@ class Outputs:
         self.order = order
         self.in_order = order == list(range(len(order)))
         self.block = np.empty(view.shape, dtype=np.float32)
+        self.rows = list(self.block)  # as handed to the sequences: `span` finds them by identity
+        self._at = {id(row): i for i, row in enumerate(self.rows)}  # rows keeps them alive, so an id found is one
         self._pieces: list[tuple[int, int]] | None = None  # None: the copy has not started
         self._front = self._back = 0  # pieces [front, back) are not taken yet
         self._left = 0  # pieces not copied yet
@@ -41,6 +43,16 @@ class Outputs:
     @property
     def started(self) -> bool:
         return self._pieces is not None
+
+    def span(self, rows: list[np.ndarray | None]) -> int | None:
+        """lo where `rows` are rows lo..lo+n-1 of this decode's, in that order, else None."""
+        lo = self._at.get(id(rows[0]))
+        if lo is None or lo + len(rows) > len(self.rows):
+            return None
+        for i, row in enumerate(rows):
+            if self.rows[lo + i] is not row:
+                return None
+        return lo
 
     @property
     def worth_a_worker(self) -> bool:
