@@ -818,10 +818,8 @@ class Engine(TextModel):
                   after: Outputs | None = None) -> Callable[[], np.ndarray]:
         """The tokens' log-probabilities under `logits`, read by calling what this returns (`logits` stay untouched
         until then): computed in line, or beside the decode in one range of rows per worker. `after`: the copy
-        that fills `logits`, which the workers took up first (it was queued before), so waiting on it is safe."""
+        that fills `logits`, made on those workers (a step reading llama.cpp's buffer in place, Engine._in_place)."""
         if self._beside is None:
-            if after is not None:
-                after.wait()
             done = token_logprobs(logits, tokens)
             return lambda: done
 
