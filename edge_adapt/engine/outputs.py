@@ -5,8 +5,8 @@ sequence keeps is copied into an array of the engine's: a step's log-probabiliti
 decode, a sample that stops keeps its row. The copy is a pass over n x n_vocab floats in memory, mostly out of
 cache after a decode: 0.16-0.3 ms for 16 rows of 49,152 on the 2-core VM, about a tenth of a step where the decode
 is fast (a GPU's, the `tiny` proxy's). A step that reads its rows first samples from llama.cpp's buffer in place
-while a worker makes the copy (Engine.steps); anything else that reads a sequence's row waits for the copy
-(Sequence.logits), and so does the next decode.
+while idle workers make the copy, and takes up the pieces they have not when it must wait (Engine.steps); anything
+else that reads a sequence's row waits for the copy (Sequence.logits), and so does the next decode.
 """
 
 from __future__ import annotations
