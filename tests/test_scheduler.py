@@ -221,3 +221,75 @@ def test_a_scheduler_that_fails_outside_a_job_refuses_work_instead_of_queueing_i
                 assert "boom" in r.json()["error"]["message"] and "retry-after" not in r.headers
         finally:
             s.close()
+
+
+def test_overlapping_jobs_with_mixed_settings_each_get_what_they_get_alone() -> None:
+    """Requests that share decode steps, with different temperatures, logit biases, ignore_eos, stop strings, a
+    repetition penalty and top log-probabilities, each get the tokens, texts and log-probabilities they get alone:
+    one request's edits of the logits (bias, masked end-of-generation) never reach another's rows. The first
+    request, one sample, samples llama.cpp's buffer in place while a worker copies the step's rows (engine.outputs:
+    llama.cpp on one thread leaves a core idle, and 19 rows of the default vocabulary are worth a worker); the
+    others read the copy."""
+    from edge_adapt.engine.device import physical_cores
+
+    if physical_cores() < 2:
+        pytest.skip("one core: llama.cpp's thread leaves none idle")
+    with Engine(parallel=20, ctx=256, device="cpu", threads=1) as e:
+        assert e._beside is not None
+        newline, dot = e.tokenize("\n")[0], e.tokenize(".")[0]
+        ask = [e.tokenize(e.chat_prompt([{"role": "user", "content": c}]), special=True)
+               for c in ("Write a haiku about rain.", "List five animals, one per line.", "Count to ten.")]
+        jobs = [
+            Job(ask[0], max_tokens=48, top_logprobs=2, samples=(
+                SamplingParams(temperature=0.8, seed=5, logit_bias=((newline, 2.0), (dot, -3.0))),)),
+            Job(ask[1], max_tokens=40, stop=("\n\n",), samples=tuple(
+                SamplingParams(temperature=0.6, seed=20 + i, ignore_eos=True, logit_bias=((newline, -1.0),))
+                for i in range(10))),
+            Job(ask[2], max_tokens=32, stop=(".",), samples=tuple(
+                SamplingParams(temperature=1.0, seed=30 + i, repeat_penalty=1.2) for i in range(8))),
+        ]
+        took, in_place_steps = e._in_place, 0
+
+        def counted(live):  # type: ignore[no-untyped-def]
+            nonlocal in_place_steps
+            found = took(live)
+            in_place_steps += found is not None
+            return found
+
+        e._in_place = counted  # type: ignore[method-assign]
+        s = Scheduler(e, max_queue=4)
+        qs: list[queue.Queue[object]] = [queue.Queue() for _ in jobs]
+        with s._cond:  # all three admitted at the same step
+            s.start()
+            for job, q in zip(jobs, qs):
+                s.submit(job, q.put)
+        together = []
+        for q in qs:
+            events = []
+            while not isinstance(item := q.get(timeout=120), (Done, BaseException)):
+                events.append(item)
+            assert isinstance(item, Done), item
+            together.append(events)
+        assert s.metrics()["max_step_sequences"] == 19
+        s.close()
+        assert e.live_sequences == 0 and in_place_steps >= 10
+        e._in_place = took  # type: ignore[method-assign]
+
+        def outcome(events: list[object]) -> tuple[dict[int, list[tuple[object, ...]]], list[float]]:
+            """Each sample's tokens, texts and ends in order; the log-probabilities beside, compared within 1e-4."""
+            by_sample: dict[int, list[tuple[object, ...]]] = {}
+            logps: list[float] = []
+            for ev in events:
+                if isinstance(ev, Token):
+                    by_sample.setdefault(ev.sample, []).append((ev.token, ev.text, [t for t, _ in ev.top]))
+                    logps += [ev.logprob, *(lp for _, lp in ev.top)]
+                elif isinstance(ev, Finished):
+                    by_sample.setdefault(ev.sample, []).append((ev.reason, ev.text, ev.n_tokens))
+            return by_sample, logps
+
+        for job, events in zip(jobs, together):
+            alone = list(e.generate(job.prompt, list(job.samples), max_tokens=job.max_tokens, stop=job.stop,
+                                    top_logprobs=job.top_logprobs))
+            (mine, my_logps), (theirs, their_logps) = outcome(events), outcome(alone)
+            assert mine == theirs
+            assert my_logps == pytest.approx(their_logps, abs=1e-4)
