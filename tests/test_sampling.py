@@ -104,3 +104,37 @@ def test_sample_rows_picks_what_sampling_one_row_at_a_time_over_the_whole_tail_p
         params = [SamplingParams(seed=int(rng.integers(1 << 30)), **settings[i]) if i % 7 else GREEDY for i in picks]
         ours = sample_rows(rows, params, [np.random.default_rng(p.seed) for p in params])
         assert ours.tolist() == _one_by_one(rows, params, [np.random.default_rng(p.seed) for p in params])
+
+
+def test_requests_sampled_together_pick_what_each_picks_alone_and_leave_each_generator_where_alone_does():
+    """The scheduler samples every request's rows at once (steps.sample_together): greedy-only requests, sampled
+    ones, one with a repetition penalty beside ones without, and a row-less request; twice, so the generators'
+    states after the first pick are checked too."""
+    from edge_adapt.engine.steps import Sampling, sample_together
+
+    rows = np.stack([r[:49_152] for r in _rows(3) if len(r) >= 49_152] * 2)
+    kinds = [[GREEDY, GREEDY], [SamplingParams(temperature=0.8, seed=1)],
+             [SamplingParams(temperature=1.2, seed=2, top_k=5), GREEDY, SamplingParams(temperature=0.5, seed=3)],
+             [SamplingParams(temperature=0.9, seed=4, repeat_penalty=1.5)], []]
+    spans, at = [], 0
+    for params in kinds:
+        spans.append((at, at + len(params)))
+        at += len(params)
+    assert at <= len(rows)
+    recent = {3: [np.asarray(rows[spans[3][0]].argsort()[-3:])]}  # the penalty moves its row's likeliest tokens
+
+    def requests(rngs: list[list[np.random.Generator]]) -> list[Sampling]:
+        return [Sampling(rows[a:b], kinds[i], rngs[i], recent.get(i)) for i, (a, b) in enumerate(spans)]
+
+    gens_together = [[np.random.default_rng(p.seed) for p in ps] for ps in kinds]
+    gens_alone = [[np.random.default_rng(p.seed) for p in ps] for ps in kinds]
+    for _ in range(2):
+        together = requests(gens_together)
+        sample_together(together)
+        for i, r in enumerate(requests(gens_alone)):
+            alone = sample_rows(r.logits, r.params, r.rngs, r.recent)
+            assert together[i].tokens is not None and together[i].tokens.tolist() == alone.tolist()
+    # the penalty changed its row's pick: the rows' own recent tokens reached sample_rows
+    plain = sample_rows(rows[spans[3][0] : spans[3][1]], kinds[3], [np.random.default_rng(4)])
+    penalised = sample_rows(rows[spans[3][0] : spans[3][1]], kinds[3], [np.random.default_rng(4)], recent[3])
+    assert plain.tolist() != penalised.tolist()

@@ -274,6 +274,7 @@ def step_profile(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64), sampled
     nothing), and the rest (masks, text, events). One more row samples `sampled` forks at temperature 0.8
     (top-k 40, top-p 0.95, min-p 0.05), as users do."""
     import edge_adapt.engine.engine as engine_module
+    import edge_adapt.engine.steps as steps_module
     from edge_adapt.engine.outputs import Outputs
 
     tokens = min(cfg.tokens, 64)
@@ -287,7 +288,7 @@ def step_profile(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64), sampled
                 spent: dict[str, float] = {}
                 with (_timed(e.ctx, "decode", spent, "decode"), _timed(Outputs, "_copy_rows", spent, "logits_copy"),
                       _timed(Outputs, "wait", spent, "logits_wait", main_only=True),
-                      _timed(engine_module, "sample_rows", spent, "sampling"),
+                      _timed(steps_module, "sample_rows", spent, "sampling"),
                       _timed(engine_module, "token_logprobs", spent, "logprobs")):
                     t0 = 0.0
                     for ev in e.generate(prompt, params, max_tokens=tokens):

@@ -26,8 +26,8 @@ from edge_adapt.engine.events import Cancelled, Done, Event, Finished, FinishRea
 from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
 from edge_adapt.engine.handles import Adapter, Batch, Context, Model, init_backend
 from edge_adapt.engine.outputs import Outputs
-from edge_adapt.engine.sampling import SamplingParams, sample_rows, token_logprobs, top_logprobs
-from edge_adapt.engine.steps import Decode, Program, drive
+from edge_adapt.engine.sampling import SamplingParams, token_logprobs, top_logprobs
+from edge_adapt.engine.steps import Decode, Program, Sampling, drive
 from edge_adapt.engine.text import TextStream
 from edge_adapt.engine.vocab import TextModel
 from edge_adapt.errors import BudgetError, ContextOverflowError, EngineError, UsageError
@@ -648,7 +648,8 @@ class Engine(TextModel):
     ) -> Program[None]:
         """Generate for all unfinished samples, one batched decode per step, until each has `until` tokens,
         hits max_tokens, a stop string or an end-of-generation token: a step program (edge_adapt.engine.steps)
-        that yields each step's tokens as one `Decode` request, and the events.
+        that yields a `Sampling` request for each step's tokens (its driver picks them, with other programs' rows where
+        there are), then those tokens as one `Decode` request, and the events.
 
         Steps: with `max_new` a sample pauses after that many new tokens, with `pause_on` after a token
         whose text contains that string (a reasoning step's end). A paused sample is not finished: the
@@ -682,8 +683,11 @@ class Engine(TextModel):
                 edits = self._edit(view, in_view, keep=True)
                 undo = edits if inv is None else [((inv[at_rows], cols), values) for (at_rows, cols), values in edits]
                 outputs.copy(self._beside, self._beside_workers)  # the edited rows: the log-probabilities' input
-                tokens = sample_rows(view, [s.params for s in in_view], [s.rng for s in in_view],
-                                     recent if recent is None or inv is None else [recent[i] for i in inv])
+                picking = Sampling(view, [s.params for s in in_view], [s.rng for s in in_view],
+                                   recent if recent is None or inv is None else [recent[i] for i in inv])
+                yield picking  # the driver samples (with other programs' rows: steps.sample_together)
+                assert picking.tokens is not None
+                tokens = picking.tokens
                 if inv is not None:
                     tokens[inv] = tokens.copy()
                 logits = outputs.block[lo : lo + len(live)]
@@ -695,7 +699,10 @@ class Engine(TextModel):
                 if logits is None:
                     logits = np.stack(rows)
                 undo = self._edit(logits, live, keep=borrowed)
-                tokens = sample_rows(logits, [s.params for s in live], [s.rng for s in live], recent)
+                picking = Sampling(logits, [s.params for s in live], [s.rng for s in live], recent)
+                yield picking
+                assert picking.tokens is not None
+                tokens = picking.tokens
                 outputs = None
             # What to decode does not depend on the log-probabilities: they are computed beside the decode where
             # it leaves a core idle (see _logprobs), and the step's events follow the decode.

@@ -29,7 +29,7 @@ import numpy as np
 from edge_adapt.engine.engine import Engine, Sequence
 from edge_adapt.engine.events import Done, Token
 from edge_adapt.engine.sampling import SamplingParams
-from edge_adapt.engine.steps import Decode, Program, decode_together
+from edge_adapt.engine.steps import Decode, Program, Sampling, decode_together, sample_together
 from edge_adapt.errors import BudgetError, ContextOverflowError, EdgeAdaptError, UsageError
 from edge_adapt.selfeval import SelfEvaluator
 from edge_adapt.strategies.config import StrategyConfig
@@ -241,10 +241,21 @@ class Scheduler:
                     self._admit()
                 self._drop_cancelled()
                 requests: list[tuple[_Running, Decode]] = []
-                for run in list(self._running):
-                    item = self._resume(run)
-                    if item is not None:
-                        requests.append((run, item))
+                waiting = list(self._running)
+                while waiting:  # each program to its decode request, the samplings of all of them at once
+                    picks: list[tuple[_Running, Sampling]] = []
+                    for run in waiting:
+                        item = self._resume(run)
+                        if isinstance(item, Sampling):
+                            picks.append((run, item))
+                        elif item is not None:
+                            requests.append((run, item))
+                    try:
+                        sample_together([p for _, p in picks])
+                    except Exception as e:  # noqa: BLE001 - thrown into those programs at their yield: their jobs fail
+                        for run, _ in picks:
+                            run.error = e
+                    waiting = [run for run, _ in picks]
                 if requests:
                     self._decode(requests)
                 elif not self._running:
@@ -336,8 +347,9 @@ class Scheduler:
         while self._cache.entries and len(self._cache.entries) + self._reserved > self.capacity:
             self.engine.release(self._cache.entries.pop(0))
 
-    def _resume(self, run: _Running) -> Decode | None:
-        """Run a job's program to its next decode request, handing its events to the sink; None once it ended."""
+    def _resume(self, run: _Running) -> Decode | Sampling | None:
+        """Run a job's program to its next decode or sampling request, handing its events to the sink; None once it
+        ended."""
         sink = run.ticket.sink
         while True:
             try:
@@ -354,7 +366,7 @@ class Scheduler:
                 self._end(run)
                 _deliver(sink, e)
                 return None
-            if isinstance(item, Decode):
+            if isinstance(item, (Decode, Sampling)):
                 return item
             self._count(item)
             _deliver(sink, item)
