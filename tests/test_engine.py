@@ -10,6 +10,8 @@ import pytest
 from edge_adapt.engine import GREEDY, Done, Engine, Finished, SamplingParams
 from edge_adapt.engine.snapshot_file import load_snapshot, save_snapshot
 
+from in_place import InPlaceSteps
+
 PROMPT = [{"role": "user", "content": "Write two sentences about rivers."}]
 SAMPLED = SamplingParams(temperature=0.9, seed=11)
 
@@ -508,14 +510,6 @@ def test_a_step_that_samples_in_place_while_a_worker_copies_gives_what_sampling_
         params = [SamplingParams(temperature=0.0, logit_bias=((300, 4.0), (eos, 1.0)))] + [
             SamplingParams(temperature=0.9, seed=3 + i, ignore_eos=True, logit_bias=((eos, 3.0), (300, 6.0)))
             for i in range(2)]
-        took, in_place_steps = e._in_place, 0
-
-        def counted(live):  # type: ignore[no-untyped-def]
-            nonlocal in_place_steps
-            found = took(live)
-            in_place_steps += found is not None
-            return found
-
         def run(params: list[SamplingParams] = params, consume_root: bool = True,
                 ) -> tuple[list[object], list[np.ndarray], list[str | None]]:
             with e.opened(tokens) as root:
@@ -523,14 +517,14 @@ def test_a_step_that_samples_in_place_while_a_worker_copies_gives_what_sampling_
                 events = list(e.advance(samples))
                 return events, [s.seq.logits.copy() for s in samples], [s.finish for s in samples]
 
-        e._in_place = counted  # type: ignore[method-assign]
+        in_place = InPlaceSteps(e)
         events, kept, finish = run()
-        assert finish == ["eos", "length", "length"] and in_place_steps > 40
+        assert finish == ["eos", "length", "length"] and in_place.count > 40
         # Rows in the batch's order (the prompt's id not sampled from), one with a repetition penalty
         penalised = [*params[1:], SamplingParams(temperature=0.9, seed=8, repeat_penalty=1.3, ignore_eos=True)]
-        before = in_place_steps
+        before = in_place.count
         in_order = run(penalised, consume_root=False)
-        assert in_place_steps - before > 40
+        assert in_place.count - before > 40
         # The copy in 4 pieces and the log-probabilities in 3 ranges of rows on 3 threads, the copy slowed down: the
         # log-probabilities are taken up before the copy of their rows is done, and wait for it.
         copy_rows = Outputs._copy_rows

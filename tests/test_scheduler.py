@@ -18,6 +18,8 @@ from edge_adapt.server.scheduler import Job, QueueFull, Scheduler
 from edge_adapt.strategies import run_strategy
 from edge_adapt.strategies.config import StrategyConfig
 
+from in_place import InPlaceSteps
+
 
 @pytest.fixture(scope="module")
 def sched() -> Iterator[Scheduler]:
@@ -248,15 +250,7 @@ def test_overlapping_jobs_with_mixed_settings_each_get_what_they_get_alone() -> 
             Job(ask[2], max_tokens=32, stop=(".",), samples=tuple(
                 SamplingParams(temperature=1.0, seed=30 + i, repeat_penalty=1.2) for i in range(8))),
         ]
-        took, in_place_steps = e._in_place, 0
-
-        def counted(live):  # type: ignore[no-untyped-def]
-            nonlocal in_place_steps
-            found = took(live)
-            in_place_steps += found is not None
-            return found
-
-        e._in_place = counted  # type: ignore[method-assign]
+        in_place = InPlaceSteps(e)
         s = Scheduler(e, max_queue=4)
         qs: list[queue.Queue[object]] = [queue.Queue() for _ in jobs]
         with s._cond:  # all three admitted at the same step
@@ -272,8 +266,8 @@ def test_overlapping_jobs_with_mixed_settings_each_get_what_they_get_alone() -> 
             together.append(events)
         assert s.metrics()["max_step_sequences"] == 19
         s.close()
-        assert e.live_sequences == 0 and in_place_steps >= 10
-        e._in_place = took  # type: ignore[method-assign]
+        assert e.live_sequences == 0 and in_place.count >= 10
+        in_place.stop()
 
         def outcome(events: list[object]) -> tuple[dict[int, list[tuple[object, ...]]], list[float]]:
             """Each sample's tokens, texts and ends in order; the log-probabilities beside, compared within 1e-4."""
