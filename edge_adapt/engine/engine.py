@@ -685,11 +685,6 @@ class Engine(TextModel):
                 outputs.copy(self._beside, self._beside_workers)  # the edited rows: the log-probabilities' input
                 picking = Sampling(view, [s.params for s in in_view], [s.rng for s in in_view],
                                    recent if recent is None or inv is None else [recent[i] for i in inv])
-                yield picking  # the driver samples (with other programs' rows: steps.sample_together)
-                assert picking.tokens is not None
-                tokens = picking.tokens
-                if inv is not None:
-                    tokens[inv] = tokens.copy()
                 logits = outputs.block[lo : lo + len(live)]
             else:
                 rows: list[np.ndarray] = [s.seq.logits for s in live]  # type: ignore[misc]
@@ -700,10 +695,12 @@ class Engine(TextModel):
                     logits = np.stack(rows)
                 undo = self._edit(logits, live, keep=borrowed)
                 picking = Sampling(logits, [s.params for s in live], [s.rng for s in live], recent)
-                yield picking
-                assert picking.tokens is not None
-                tokens = picking.tokens
-                outputs = None
+                outputs, inv = None, None
+            yield picking  # the driver samples (with other programs' rows: steps.sample_together)
+            assert picking.tokens is not None
+            tokens = picking.tokens
+            if inv is not None:
+                tokens[inv] = tokens.copy()
             # What to decode does not depend on the log-probabilities: they are computed beside the decode where
             # it leaves a core idle (see _logprobs), and the step's events follow the decode.
             logps = self._logprobs(logits, tokens, after=outputs)
