@@ -421,7 +421,7 @@ def info(
 # -- bench --------------------------------------------------------------------------------------------------
 @app.command()
 def bench(
-    only: Annotated[Optional[list[str]], typer.Option("--only", help="single_stream | batched | fork | rss | raw | profile | strategies (repeatable)")] = None,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="single_stream | batched | fork | rss | raw | profile | clients | strategies (repeatable)")] = None,
     samples: Annotated[int, typer.Option("--samples", help="parallel samples for the batched run", min=2)] = 16,
     tokens: Annotated[int, typer.Option("--tokens", help="tokens per sample", min=8)] = 128,
     repeats: Annotated[int, typer.Option("--repeats", help="best of this many runs per timing", min=1)] = 3,

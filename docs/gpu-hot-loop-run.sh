@@ -29,8 +29,8 @@ export PYTHONPATH=/tmp/site:$root PYTHONUNBUFFERED=1
 for shape in ${SHAPES:-smollm2-135m llama-1b}; do
   step model "$shape"
   python3 -m edge_adapt.bench.random_model "/tmp/$shape.gguf" --shape "$shape" --tokenizer .gpu/tokenizer.gguf --force
-  step engine vs raw, step profile: "$shape" on "$device"
-  python3 -m edge_adapt bench -m "/tmp/$shape.gguf" --only raw --only profile --device "$device" \
+  step engine vs raw, step profile, clients vs forks: "$shape" on "$device"
+  python3 -m edge_adapt bench -m "/tmp/$shape.gguf" --only raw --only profile --only clients --device "$device" \
     --repeats "$repeats" --json > "$res/raw-$shape.json"
   show "$res/raw-$shape.json"
 done

@@ -67,3 +67,17 @@ def test_the_step_profile_accounts_for_a_step(tmp_path):
         assert r["decode"] + waited + r["sampling"] < r["step"] and r["rest"] > -0.05 * r["step"]
     assert "step profile  4 forks:" in render({"profile": rows})
     assert "step profile  4 forks T=0.8:" in render({"profile": rows})
+
+
+def test_clients_against_forks_runs_both_sides_on_one_engine(tmp_path):
+    """`edge-adapt bench --only clients`: n one-sample requests through the scheduler and one request of n forks,
+    greedy and sampled, both sides timed, the ratio theirs."""
+    from edge_adapt.bench.engine import BenchConfig, clients_vs_forks, render
+
+    path = write_random_model(tmp_path / "tiny.gguf", SHAPES["tiny"])
+    rows = clients_vs_forks(BenchConfig(model=path, tokens=8, repeats=1), n=4)
+    assert [(r["requests"], r["temperature"], r["tokens"]) for r in rows] == [(4, 0.0, 8), (4, 0.8, 8)]
+    for r in rows:
+        assert r["forks_tok_s"] > 0 and r["clients_tok_s"] > 0
+        assert r["ratio"] == pytest.approx(r["clients_tok_s"] / r["forks_tok_s"])
+    assert "4 requests of 1 vs 1 of 4 at T=0.8:" in render({"clients": rows})

@@ -7,7 +7,7 @@ from typing import Any
 
 from edge_adapt.errors import UsageError
 
-SECTIONS = ("single_stream", "batched", "fork", "rss", "raw", "profile", "strategies")
+SECTIONS = ("single_stream", "batched", "fork", "rss", "raw", "profile", "clients", "strategies")
 
 
 def run(cfg: Any, sections: set[str] | None = None) -> dict[str, Any]:

@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_adapt.engine import Engine, EngineOptions, Finished, SampleStarted, SamplingParams, Token
+from edge_adapt.engine import Done, Engine, EngineOptions, Finished, SampleStarted, SamplingParams, Token
 from edge_adapt.engine.handles import llama_like_the_engine
+from edge_adapt.errors import EngineError
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 
@@ -309,9 +310,61 @@ def step_profile(cfg: BenchConfig, sizes: tuple[int, ...] = (1, 16, 64), sampled
     return rows
 
 
+def clients_vs_forks(cfg: BenchConfig, n: int = 16, temperatures: tuple[float, ...] = (0.0, 0.8)) -> list[dict[str, Any]]:
+    """Tokens/s of `n` requests of one sample each through the server's scheduler (`edge-adapt serve`'s clients)
+    against one request of `n` forks, the same samples (seed i for sample i, so the same tokens), alternately on
+    one engine, best of `repeats`, from the first token to the last: what separate requests cost beyond the
+    decode they share (their own sampling calls, log-probabilities, text and events)."""
+    from edge_adapt.server.scheduler import Job, Scheduler
+
+    tokens = min(cfg.tokens, 64)
+    prompt = _prompt_tokens(cfg)
+    rows = []
+    with Engine(_opts(cfg, parallel=n + 1, ctx=len(prompt) + tokens + 16)) as e:
+        sched = Scheduler(e, max_queue=n, prefix_cache=False)
+        sched.start()
+        try:
+            def tok_s(jobs: list[Job]) -> float:
+                first: list[float] = []
+                count, ended, failed = [0], [0], []
+                done = threading.Event()
+
+                def sink(ev: object) -> None:  # on the scheduler's thread: no consumer thread takes the GIL
+                    if isinstance(ev, Token):
+                        count[0] += 1
+                        if not first:
+                            first.append(time.perf_counter())
+                    elif isinstance(ev, (Done, BaseException)):
+                        if isinstance(ev, BaseException):
+                            failed.append(ev)
+                        ended[0] += 1
+                        if ended[0] == len(jobs):
+                            done.set()
+
+                with sched._cond:  # admitted at the same step
+                    for job in jobs:
+                        sched.submit(job, sink)
+                if not done.wait(600) or failed:
+                    raise EngineError(f"the clients benchmark did not finish: {failed or 'timed out'}")
+                return count[0] / (time.perf_counter() - first[0])
+
+            for temperature in temperatures:
+                samples = [SamplingParams(temperature=temperature, seed=i, ignore_eos=True) for i in range(n)]
+                forks = clients = 0.0
+                for _ in range(cfg.repeats):
+                    forks = max(forks, tok_s([Job(prompt, max_tokens=tokens, samples=tuple(samples))]))
+                    clients = max(clients, tok_s([Job(prompt, max_tokens=tokens, samples=(p,)) for p in samples]))
+                rows.append({"requests": n, "temperature": temperature, "tokens": tokens, "forks_tok_s": forks,
+                             "clients_tok_s": clients, "ratio": clients / forks})
+        finally:
+            sched.close()
+    return rows
+
+
 def run_all(cfg: BenchConfig, only: set[str] | None = None) -> dict[str, Any]:
     sections = {"single_stream": single_stream, "batched": batched_vs_sequential, "fork": fork_cost,
-                "rss": rss_vs_plan, "raw": engine_vs_raw, "profile": step_profile}
+                "rss": rss_vs_plan, "raw": engine_vs_raw, "profile": step_profile,
+                "clients": clients_vs_forks}
     return {"config": {k: str(v) for k, v in asdict(cfg).items()},
             **{name: fn(cfg) for name, fn in sections.items() if not only or name in only}}
 
@@ -342,6 +395,10 @@ def render(results: dict[str, Any]) -> str:
                 if r["logprobs_beside"] else f"logits copy {r['logits_copy']:.2f}")
         lines.append(f"step profile {kind}: {r['step']:.2f} ms = llama_decode {r['decode']:.2f}, {copy}, "
                      f"sampling {r['sampling']:.2f}, log-probs {r['logprobs']:.2f}{where}, rest {r['rest']:.2f}")
+    for r in results.get("clients", []):
+        lines.append(f"{r['requests']} requests of 1 vs 1 of {r['requests']} at T={r['temperature']:g}: "
+                     f"{r['clients_tok_s']:.1f} vs {r['forks_tok_s']:.1f} tok/s -> {r['ratio']:.2f}  "
+                     f"(1.00: separate requests cost nothing beyond the decode they share)")
     for r in results.get("rss", []):
         lines.append(f"peak RSS        {r['parallel']:>2} x {r['ctx']:<5} measured {r['peak_rss_mib']:.0f} MiB vs planned "
                      f"{r['predicted_mib']:.0f} MiB -> {r['ratio']:.3f}  (goal within 15%)")
