@@ -287,3 +287,38 @@ def test_overlapping_jobs_with_mixed_settings_each_get_what_they_get_alone() -> 
             (mine, my_logps), (theirs, their_logps) = outcome(events), outcome(alone)
             assert mine == theirs
             assert my_logps == pytest.approx(their_logps, abs=1e-4)
+
+
+def test_a_step_whose_sampling_fails_ends_its_requests_with_the_error_and_gives_their_sequences_back(monkeypatch):
+    """The scheduler samples every request's rows in one call (steps.sample_together): if that call raises, each
+    request that asked ends with the error, its sequences given back, and the scheduler serves the next ones."""
+    import edge_adapt.server.scheduler as scheduler_module
+
+    real, calls = scheduler_module.sample_together, [0]
+
+    def failing(picks):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] == 2:  # the second step of both requests
+            raise RuntimeError("sampling broke")
+        real(picks)
+
+    monkeypatch.setattr(scheduler_module, "sample_together", failing)
+    with Engine(parallel=4, ctx=128, device="cpu", threads=2) as e:
+        s = Scheduler(e, max_queue=4)
+        s.start()
+        try:
+            prompt = _prompt(s, "Name a colour.")
+            qs: list[queue.Queue[object]] = [queue.Queue(), queue.Queue()]
+            with s._cond:
+                for i, q in enumerate(qs):
+                    s.submit(Job(prompt, max_tokens=8, samples=_samples(2, seed=i)), q.put)
+            for q in qs:
+                while not isinstance(item := q.get(timeout=120), (Done, BaseException)):
+                    pass
+                assert isinstance(item, RuntimeError) and str(item) == "sampling broke"
+            m = _idle(s)
+            assert m["live_sequences"] == 0 and m["requests_failed_total"] == 2 and s.failure is None
+            assert isinstance(_run(s, Job(prompt, max_tokens=4, samples=_samples(1)))[-1], Done)
+        finally:
+            s.close()
+        assert e.live_sequences == 0

@@ -250,11 +250,12 @@ class Scheduler:
                             picks.append((run, item))
                         elif item is not None:
                             requests.append((run, item))
-                    try:
-                        sample_together([p for _, p in picks])
-                    except Exception as e:  # noqa: BLE001 - thrown into those programs at their yield: their jobs fail
-                        for run, _ in picks:
-                            run.error = e
+                    if picks:
+                        try:
+                            sample_together([p for _, p in picks])
+                        except Exception as e:  # noqa: BLE001 - thrown into those programs at their yield: they fail
+                            for run, _ in picks:
+                                run.error = e
                     waiting = [run for run, _ in picks]
                 if requests:
                     self._decode(requests)
