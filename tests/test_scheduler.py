@@ -286,6 +286,8 @@ def test_overlapping_jobs_with_mixed_settings_each_get_what_they_get_alone() -> 
                                     top_logprobs=job.top_logprobs))
             (mine, my_logps), (theirs, their_logps) = outcome(events), outcome(alone)
             assert mine == theirs
+            # The tokens are the same, so the rows are: llama.cpp may still sum a row in another order in another
+            # batch (its kernels depend on the batch's size and the CPU), which moves a log-probability by far less.
             assert my_logps == pytest.approx(their_logps, abs=1e-4)
 
 
