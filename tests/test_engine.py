@@ -510,6 +510,7 @@ def test_a_step_that_samples_in_place_while_a_worker_copies_gives_what_sampling_
         params = [SamplingParams(temperature=0.0, logit_bias=((300, 4.0), (eos, 1.0)))] + [
             SamplingParams(temperature=0.9, seed=3 + i, ignore_eos=True, logit_bias=((eos, 3.0), (300, 6.0)))
             for i in range(2)]
+
         def run(params: list[SamplingParams] = params, consume_root: bool = True,
                 ) -> tuple[list[object], list[np.ndarray], list[str | None]]:
             with e.opened(tokens) as root:

@@ -325,20 +325,20 @@ def clients_vs_forks(cfg: BenchConfig, n: int = 16, temperatures: tuple[float, .
         sched.start()
         try:
             def tok_s(jobs: list[Job]) -> float:
-                first: list[float] = []
-                count, ended, failed = [0], [0], []
+                first, count, ended = 0.0, 0, 0
+                failed: list[BaseException] = []
                 done = threading.Event()
 
                 def sink(ev: object) -> None:  # on the scheduler's thread: no consumer thread takes the GIL
+                    nonlocal first, count, ended
                     if isinstance(ev, Token):
-                        count[0] += 1
-                        if not first:
-                            first.append(time.perf_counter())
+                        count += 1
+                        first = first or time.perf_counter()
                     elif isinstance(ev, (Done, BaseException)):
                         if isinstance(ev, BaseException):
                             failed.append(ev)
-                        ended[0] += 1
-                        if ended[0] == len(jobs):
+                        ended += 1
+                        if ended == len(jobs):
                             done.set()
 
                 with sched._cond:  # admitted at the same step
@@ -346,7 +346,7 @@ def clients_vs_forks(cfg: BenchConfig, n: int = 16, temperatures: tuple[float, .
                         sched.submit(job, sink)
                 if not done.wait(600) or failed:
                     raise EngineError(f"the clients benchmark did not finish: {failed or 'timed out'}")
-                return count[0] / (time.perf_counter() - first[0])
+                return count / (time.perf_counter() - first)
 
             for temperature in temperatures:
                 samples = [SamplingParams(temperature=temperature, seed=i, ignore_eos=True) for i in range(n)]
