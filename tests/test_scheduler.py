@@ -158,18 +158,39 @@ def test_refusals_are_immediate(sched: Scheduler) -> None:
 
 
 def test_a_full_queue_refuses_until_waiting_requests_are_cancelled(sched: Scheduler) -> None:
+    """Requests that fit in the free sequences are about to start, not waiting, even before the scheduler steps
+    (concurrent clients submit between two steps); the bound is on the ones that must wait."""
+    def job(n: int = 1) -> Job:
+        return Job([1, 2, 3], max_tokens=2, samples=_samples(n))
+
     tickets = []
     with sched._cond:  # hold the scheduler still so nothing is admitted meanwhile
         with pytest.raises(QueueFull):
-            for i in range(6):
-                tickets.append(sched.submit(Job([1, 2, 3], max_tokens=2, samples=_samples(1)), lambda _: None))
-        assert len(tickets) == sched.max_queue
-        tickets[0].cancel()  # a client gone while waiting: its place is free before the scheduler steps again
-        tickets.append(sched.submit(Job([1, 2, 3], max_tokens=2, samples=_samples(1)), lambda _: None))
+            for i in range(sched.capacity + sched.max_queue + 2):
+                tickets.append(sched.submit(job(), lambda _: None))
+        assert len(tickets) == sched.capacity + sched.max_queue
+        tickets[-1].cancel()  # a client gone while waiting: its place is free before the scheduler steps again
+        tickets.append(sched.submit(job(), lambda _: None))
         with pytest.raises(QueueFull):
-            sched.submit(Job([1, 2, 3], max_tokens=2, samples=_samples(1)), lambda _: None)
+            sched.submit(job(), lambda _: None)
+        tickets[0].cancel()  # one about to start leaves: the first waiting one moves up, a place in line is free
+        tickets.append(sched.submit(job(), lambda _: None))
+        with pytest.raises(QueueFull):
+            sched.submit(job(), lambda _: None)
         for t in tickets:
             t.cancel()
+        sched.max_queue = 0
+        try:  # --max-queue 0: whatever fits at once is taken, in order, and nothing more
+            tickets = [sched.submit(job(3), lambda _: None), sched.submit(job(4), lambda _: None)]
+            with pytest.raises(QueueFull):
+                sched.submit(job(2), lambda _: None)
+            tickets.append(sched.submit(job(1), lambda _: None))
+            with pytest.raises(QueueFull):
+                sched.submit(job(1), lambda _: None)
+        finally:
+            sched.max_queue = 4
+            for t in tickets:
+                t.cancel()
     _idle(sched)
 
 

@@ -165,9 +165,7 @@ class Scheduler:
             if self._closing:
                 raise ShuttingDown("the server is shutting down")
             # The bound is on requests that wait: one that fits at once is never refused (--max-queue 0 works).
-            # Cancelled ones (clients gone while waiting) leave the queue at the next step and hold no place in it.
-            waiting = sum(not t.cancelled.is_set() for t in self._queue)
-            fits_now = not waiting and self._can_admit(ticket)
+            waiting, fits_now = self._waiting(ticket)
             if waiting >= self.max_queue and not fits_now:
                 raise QueueFull(f"{waiting} requests are already waiting (--max-queue {self.max_queue})")
             self._queue.append(ticket)
@@ -268,6 +266,21 @@ class Scheduler:
             logging.getLogger("edge_adapt.server").error("the scheduler stopped: %r", e, exc_info=e)
         finally:
             self._shutdown()
+
+    def _waiting(self, ticket: Ticket) -> tuple[int, bool]:
+        """How many queued requests will have to wait, and whether `ticket` would start at the next step (lock
+        held). The queue starts in order while requests fit, so the ones submitted since the last step that fit
+        in the free sequences are about to start, not waiting. Cancelled ones (clients gone while waiting) leave
+        the queue at the next step and hold no place in it."""
+        free, waiting = self.capacity - self._reserved, 0
+        for t in self._queue:
+            if t.cancelled.is_set():
+                continue
+            if waiting or t.need > free:
+                waiting += 1
+            else:
+                free -= t.need
+        return waiting, not waiting and ticket.need <= free
 
     def _can_admit(self, ticket: Ticket) -> bool:
         return self._reserved + ticket.need <= self.capacity
