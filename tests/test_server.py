@@ -436,6 +436,26 @@ def test_cors_only_for_the_allowed_origin(server: ServerProcess, guarded: Server
         # Without --cors-origin no browser origin is allowed.
         r = bare.get(f"{server.base}/v1/models", headers={"Origin": ORIGIN})
         assert "access-control-allow-origin" not in r.headers
+        # A page's plain POST (text/plain: a browser sends it without a preflight) is refused before it runs,
+        # from any origin the server does not serve; the allowed one gets its answer.
+        chat = {"messages": QUESTION, "max_tokens": 2}
+        forged = {"Content-Type": "text/plain", "Authorization": "Bearer sesame"}
+        for base, origin in ((server.base, ORIGIN), (guarded.base, "http://evil.example"), (guarded.base, "null")):
+            r = bare.post(f"{base}/v1/chat/completions", json=chat, headers={**forged, "Origin": origin})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed", (base, origin)
+        r = bare.post(f"{guarded.base}/v1/chat/completions", json=chat, headers={**forged, "Origin": ORIGIN})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+
+
+def test_a_loopback_server_answers_only_to_loopback_host_names(server: ServerProcess) -> None:
+    """A page whose name is re-pointed at 127.0.0.1 (DNS rebinding) sends its own name as Host."""
+    port = server.base.rsplit(":", 1)[1]
+    with httpx.Client() as bare:
+        for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.nip.io"):
+            r = bare.get(f"{server.base}/v1/models", headers={"Host": host})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", host
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST", "app.localhost", f"[::1]:{port}"):
+            assert bare.get(f"{server.base}/v1/models", headers={"Host": host}).status_code == 200, host
 
 
 def test_api_key_is_required_except_for_health_and_models(guarded: ServerProcess) -> None:

@@ -95,13 +95,14 @@ class ServerState:
 
 
 def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: Sequence[str] = (),
-               max_body: int = MAX_BODY) -> FastAPI:
+               max_body: int = MAX_BODY, loopback_only: bool = False) -> FastAPI:
     app = FastAPI(title="edge-adapt", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_unexpected)
-    app.add_middleware(Guard, api_key=api_key, max_body=max_body)  # type: ignore[arg-type]
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body, origins=tuple(cors_origins),  # type: ignore[arg-type]
+                       loopback_only=loopback_only)
     if cors_origins:  # added last: outermost, so a preflight is answered before the key is asked for
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])

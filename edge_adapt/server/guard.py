@@ -1,10 +1,11 @@
-"""The gate in front of the app (plain ASGI, so nothing is parsed before it has run): the API key, then the
-body size limit. A refused request's body is read and dropped, never held, so the client gets the answer
+"""The gate in front of the app (plain ASGI, so nothing is parsed before it has run): who may ask (the Host a
+loopback server answers to, the browser origins it serves), the API key, then the body size limit. A refused request's body is read and dropped, never held, so the client gets the answer
 instead of a broken pipe while it is still sending."""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -25,17 +26,45 @@ def _open(path: str) -> bool:
     return any(path == p or path.startswith(p + "/") for p in OPEN_PATHS)
 
 
+def is_loopback_name(host: str) -> bool:
+    """Whether a Host header (name or address, with or without a port) names this machine's loopback."""
+    name = host.rsplit("]", 1)[0].lstrip("[") if host.startswith("[") else host.rsplit(":", 1)[0]
+    name = name.lower().rstrip(".")
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return name == "localhost" or name.endswith(".localhost")  # browsers resolve these to loopback themselves
+
+
 class Guard:
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body: int = MAX_BODY) -> None:
+    """`origins`: the browser origins served ("*": any); a request from any other page is refused, since a
+    browser sends a page's plain POSTs without asking first. `loopback_only`: answer only to loopback Host
+    names, so a page whose name is re-pointed at 127.0.0.1 (DNS rebinding) gets nothing from a local server."""
+
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body: int = MAX_BODY, origins: tuple[str, ...] = (),
+                 loopback_only: bool = False) -> None:
         self.app = app
         self.api_key = api_key
         self.max_body = max_body
+        self.origins = origins
+        self.loopback_only = loopback_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        if self.loopback_only and not is_loopback_name(headers.get("host", "localhost")):
+            await self._refuse(receive, send, APIError(
+                403, f"this server answers only to localhost, not to the host name {headers['host']!r}",
+                code="host_not_allowed"))
+            return
+        origin = headers.get("origin")
+        if origin is not None and "*" not in self.origins and origin not in self.origins:
+            await self._refuse(receive, send, APIError(
+                403, f"requests from the web page origin {origin!r} are refused; start the server with "
+                     f"--cors-origin {origin} to allow it", code="origin_not_allowed"))
+            return
         if self.api_key is not None and scope["method"] != "OPTIONS" and not _open(scope["path"]):
             given = headers.get("authorization", "")
             scheme, _, token = given.partition(" ")

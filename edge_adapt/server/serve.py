@@ -86,7 +86,8 @@ def serve(config: ServeConfig) -> None:
         raise UsageError(f"model {model_path} is not a file")
     sock = bind(config.host, config.port)
     state = ServerState(model_id=model_path.stem, model_created=int(model_path.stat().st_mtime))
-    app = create_app(state, api_key=config.api_key, cors_origins=config.cors_origins, max_body=config.max_body)
+    app = create_app(state, api_key=config.api_key, cors_origins=config.cors_origins, max_body=config.max_body,
+                     loopback_only=is_loopback(sock))
     server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws="none",
                                     timeout_graceful_shutdown=3), state)
     failure: list[BaseException] = []
