@@ -4,6 +4,7 @@ scheduler and the embedded model, no mocks."""
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -504,6 +505,13 @@ def test_stopping_the_server_ends_requests_in_flight() -> None:
             waiter.start()
             while s.metrics()["requests_running"] < 2:
                 time.sleep(0.02)
+            # Clients still sending their bodies (a slow upload, or one that stalled) are not waited for.
+            host, port = s.base.removeprefix("http://").rsplit(":", 1)
+            uploading = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]
+            for u in uploading:
+                u.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+            time.sleep(0.2)
             t0 = time.monotonic()
             s.proc.send_signal(signal.SIGINT)
             rest = list(lines)
@@ -511,3 +519,8 @@ def test_stopping_the_server_ends_requests_in_flight() -> None:
         assert s.proc.wait(timeout=10) == 130 and time.monotonic() - t0 < 3
         assert any(line.startswith('data: {"error"') and "shutting down" in line for line in rest)
         assert plain[0].status_code == 503 and plain[0].json()["error"]["code"] == "server_shutting_down"
+        for u in uploading:
+            with u:
+                answer = u.makefile("rb").read().decode()
+            assert answer.startswith("HTTP/1.1 503") and "server_shutting_down" in answer, answer
+        assert "Traceback" not in s.stderr() and "ERROR" not in s.stderr(), s.stderr()

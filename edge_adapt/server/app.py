@@ -30,7 +30,7 @@ from edge_adapt.server.guard import MAX_BODY, Guard
 from edge_adapt.server.jobs import ScoringModel, chat_tokens, completion_tokens, plan_job
 from edge_adapt.server.openai_errors import (
     APIError, bad_request, from_library, from_pydantic, on_api_error, on_http_error, on_unexpected,
-    on_validation_error,
+    on_validation_error, shutting_down,
 )
 from edge_adapt.server.responses import Assembler, Shape
 from edge_adapt.server.scheduler import QueueFull, Scheduler, Ticket
@@ -52,11 +52,13 @@ class ServerState:
     scheduler: Scheduler | None = None
     scoring: ScoringModel | None = None  # set with the scheduler
     waiting: set[asyncio.Queue[object]] = field(default_factory=set)  # the event queues of requests in flight
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # requests still sending their body end too
 
     def stop_requests(self) -> None:
         """The server is stopping: every request in flight ends now with a 503 (a stream: an error event)."""
+        self.stopping.set()
         for q in self.waiting:
-            q.put_nowait(APIError(503, "the server is shutting down", code="server_shutting_down"))
+            q.put_nowait(shutting_down())
 
     def ready(self) -> Scheduler:
         if self.scheduler is None:
@@ -102,7 +104,7 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_unexpected)
     app.add_middleware(Guard, api_key=api_key, max_body=max_body, origins=tuple(cors_origins),  # type: ignore[arg-type]
-                       loopback_only=loopback_only)
+                       loopback_only=loopback_only, stopping=state.stopping)
     if cors_origins:  # added last: outermost, so a preflight is answered before the key is asked for
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])

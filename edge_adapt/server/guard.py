@@ -4,12 +4,13 @@ instead of a broken pipe while it is still sending."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from edge_adapt.server.openai_errors import APIError
+from edge_adapt.server.openai_errors import APIError, shutting_down
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -42,12 +43,15 @@ class Guard:
     names, so a page whose name is re-pointed at 127.0.0.1 (DNS rebinding) gets nothing from a local server."""
 
     def __init__(self, app: ASGIApp, *, api_key: str | None, max_body: int = MAX_BODY, origins: tuple[str, ...] = (),
-                 loopback_only: bool = False) -> None:
+                 loopback_only: bool = False, stopping: asyncio.Event | None = None) -> None:
         self.app = app
         self.api_key = api_key
         self.max_body = max_body
         self.origins = origins
         self.loopback_only = loopback_only
+        # Set when the server stops: a client still sending its body is answered 503 at once, instead of being
+        # waited for and then cancelled with a traceback in the log.
+        self.stopping = stopping
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,7 +85,10 @@ class Guard:
             return
         body, more = bytearray(), True
         while more:
-            message = await receive()
+            message = await self._next(receive)
+            if message is None:
+                await shutting_down().response()({"type": "http"}, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
@@ -109,9 +116,26 @@ class Guard:
         """Read what is left of the body (dropping it), then answer `error`."""
         seen = 0
         while more and seen <= DRAIN_LIMIT:
-            message = await receive()
+            message = await self._next(receive)
+            if message is None:
+                break
             if message["type"] == "http.disconnect":
                 return
             seen += len(message.get("body", b""))
             more = message.get("more_body", False)
         await error.response()({"type": "http"}, receive, send)
+
+    async def _next(self, receive: Receive) -> Message | None:
+        """The client's next message, or None once the server is stopping."""
+        if self.stopping is None:
+            return await receive()
+        if self.stopping.is_set():
+            return None
+        message, stop = asyncio.ensure_future(receive()), asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait((message, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not message.done():
+                message.cancel()  # the task ends later: done() stays False here
+        return message.result() if message.done() else None

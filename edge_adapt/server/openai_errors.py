@@ -46,6 +46,10 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", code="server_shutting_down")
+
+
 def from_library(exc: EdgeAdaptError) -> APIError:
     """The library's refusal of a request (bad settings, too many samples, a prompt over the context) as a 400."""
     if isinstance(exc, ContextOverflowError):
