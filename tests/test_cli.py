@@ -245,6 +245,7 @@ def test_run_json_has_one_schema_for_plain_and_strategy_runs():
         (("run", "hi", "--stop", ""), "--stop takes a non-empty string"),
         (("run", "hi", "--policy", "p.json"), "--policy is only used by --strategy auto"),
         (("run", "hi", "--temp", "inf"), "temperature (--temp) must be a finite number"),
+        (("run", "hi", "--temp", "1000"), "temperature (--temp) must be a finite number, 0 (greedy) or in [1e-6, 100]"),
         (("run", "hi", "--strategy", "best-of-n", "--top-p", "1.5"), "top_p (--top-p) must be in (0, 1]"),
         (("eval", "--temp", "nan"), "temperature (--temp) must be a finite number"),
         (("label", "-o", "x.jsonl", "--temp", "0"), "a pool samples: temperature must be > 0"),

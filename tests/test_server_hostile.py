@@ -85,7 +85,8 @@ def test_text_parts_are_accepted(server: ServerProcess) -> None:
 
 
 @pytest.mark.parametrize("field, value", [
-    ("n", 10**9), ("n", 0), ("max_tokens", -5), ("max_tokens", 0), ("temperature", -1), ("top_p", 0),
+    ("n", 10**9), ("n", 0), ("max_tokens", -5), ("max_tokens", 0), ("temperature", -1), ("temperature", 1e308),
+    ("temperature", 1e-300), ("repeat_penalty", 1e300), ("repeat_penalty", 0.0), ("top_p", 0),
     ("top_p", 1.5), ("min_p", 1), ("top_k", -1), ("seed", -7), ("top_logprobs", 50),
     ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]), ("unknown_field", 1), ("tools", [{"type": "function"}]),
     ("max_completion_tokens", 3),  # disagrees with max_tokens 2

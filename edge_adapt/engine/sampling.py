@@ -23,11 +23,15 @@ _TAIL_NATS = 25.0
 # The one declaration of the sampling settings' ranges: SamplingParams, StrategyConfig, the pool configs and
 # the CLI all check through `check_sampling`. Each entry: the rule, what it says when broken, the CLI flag.
 SAMPLING_RULES: dict[str, tuple[Callable[[float], bool], str, str]] = {
-    "temperature": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: greedy)", "--temp"),
+    # Bounded so that a row's scaled logits stay ordinary float32 numbers: below 1e-6 sampling is greedy anyway,
+    # and above 100 every token within 2,500 nats of the top one is a candidate (near uniform).
+    "temperature": (lambda v: math.isfinite(v) and (v == 0 or 1e-6 <= v <= 100),
+                    "a finite number, 0 (greedy) or in [1e-6, 100]", "--temp"),
     "top_k": (lambda v: v >= 0, ">= 0 (0 disables it)", "--top-k"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]", "--top-p"),
     "min_p": (lambda v: 0 <= v < 1, "in [0, 1)", "--min-p"),
-    "repeat_penalty": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0 (1: off)", "--repeat-penalty"),
+    "repeat_penalty": (lambda v: math.isfinite(v) and 0.01 <= v <= 100, "a finite number in [0.01, 100] (1: off)",
+                       "--repeat-penalty"),
     "repeat_last_n": (lambda v: v >= 0, ">= 0", "--repeat-last-n"),
     "seed": (lambda v: v >= 0, ">= 0", "--seed"),
 }
