@@ -4,6 +4,7 @@ no sequence leaks. A real server process (with an API key) and the embedded mode
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 
 import httpx
@@ -132,6 +133,19 @@ def test_ten_megabyte_body_is_refused_without_reading_it_all(server: ServerProce
 
     r = server.http.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
     _error(r, 413)
+    # A client that asks first ("Expect: 100-continue") is told at once, and is not invited to send it.
+    host, port = server.base.removeprefix("http://").rsplit(":", 1)
+    for key, status in ((f"Authorization: Bearer {KEY}\r\n", 413), ("", 401)):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      f"{key}Content-Length: {len(big)}\r\nExpect: 100-continue\r\n\r\n".encode())
+            line = s.makefile("rb").readline().decode()
+        assert line.startswith(f"HTTP/1.1 {status}"), line
+
+
+def test_paths_are_not_redirected_and_health_answers_head(server: ServerProcess) -> None:
+    _error(server.http.post("/v1/chat/completions/", json=OK_BODY), 404)
+    assert server.http.head("/health").status_code == 200
 
 
 def test_wrong_or_missing_key_is_401(server: ServerProcess) -> None:

@@ -98,7 +98,8 @@ class ServerState:
 
 def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: Sequence[str] = (),
                max_body: int = MAX_BODY, loopback_only: bool = False) -> FastAPI:
-    app = FastAPI(title="edge-adapt", docs_url=None, redoc_url=None, openapi_url=None)
+    # No redirects: a client that POSTs to `/v1/chat/completions/` gets a 404 it can read, not a 307 to follow.
+    app = FastAPI(title="edge-adapt", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
@@ -109,7 +110,7 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what some health checkers send
     async def health() -> dict[str, str]:
         state.ready()
         return {"status": "ok", "model": state.model_id}

@@ -58,30 +58,32 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        # A client that waits for "100 Continue" before sending its body gets a refusal instead, and sends nothing.
+        sending = headers.get("expect", "").lower() != "100-continue"
         if self.loopback_only and not is_loopback_name(headers.get("host", "localhost")):
             await self._refuse(receive, send, APIError(
                 403, f"this server answers only to localhost, not to the host name {headers['host']!r}",
-                code="host_not_allowed"))
+                code="host_not_allowed"), more=sending)
             return
         origin = headers.get("origin")
         if origin is not None and "*" not in self.origins and origin not in self.origins:
             await self._refuse(receive, send, APIError(
                 403, f"requests from the web page origin {origin!r} are refused; start the server with "
-                     f"--cors-origin {origin} to allow it", code="origin_not_allowed"))
+                     f"--cors-origin {origin} to allow it", code="origin_not_allowed"), more=sending)
             return
         if self.api_key is not None and scope["method"] != "OPTIONS" and not _open(scope["path"]):
             given = headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
                 what = "Incorrect API key provided" if given else "Missing API key: send 'Authorization: Bearer KEY'"
-                await self._refuse(receive, send, APIError(401, what, code="invalid_api_key"))
+                await self._refuse(receive, send, APIError(401, what, code="invalid_api_key"), more=sending)
                 return
         if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             await self.app(scope, receive, send)
             return
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:
-            await self._refuse(receive, send, self._too_large())
+            await self._refuse(receive, send, self._too_large(), more=sending)
             return
         body, more = bytearray(), True
         while more:
