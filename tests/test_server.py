@@ -192,6 +192,11 @@ def test_strategy_stream_sends_the_answer_when_the_run_ends(client: openai.OpenA
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **body))  # type: ignore[arg-type]
     assert _texts_by_index(chunks) == {0: plain.choices[0].message.content}
     assert chunks[-1].model_extra["edge_adapt"]["samples_started"] == 3  # type: ignore[index]
+    # Several choices: every choice's role first, as in a plain stream, then each choice's content.
+    plain = client.chat.completions.create(n=2, **body)  # type: ignore[arg-type]
+    chunks = list(client.chat.completions.create(stream=True, n=2, **body))  # type: ignore[arg-type]
+    assert [(c.choices[0].index, c.choices[0].delta.role) for c in chunks[:2]] == [(0, "assistant"), (1, "assistant")]
+    assert _texts_by_index(chunks) == {c.index: c.message.content for c in plain.choices} and len(plain.choices) == 2
 
 
 def test_invalid_strategy_settings_are_400(client: openai.OpenAI) -> None:

@@ -155,9 +155,11 @@ class Assembler:
         """A strategy stream's whole content (known only now), then the usage chunk when asked for."""
         chunks: list[dict[str, Any]] = []
         if self.shape.strategy is not None:
-            for c in self.choices():
+            choices = self.choices()
+            if self.shape.kind == "chat":  # every choice's role first, as in a plain stream
+                chunks += [self._chunk(c.index, {"role": "assistant", "content": ""}) for c in choices]
+            for c in choices:
                 if self.shape.kind == "chat":
-                    chunks.append(self._chunk(c.index, {"role": "assistant", "content": ""}))
                     chunks.append(self._content(c.index, c.text, [], 0))
                     chunks.append(self._chunk(c.index, {}, finish_reason=c.finish_reason, extra=self._edge(c)))
                 else:
