@@ -1,6 +1,7 @@
 """The gate in front of the app (plain ASGI, so nothing is parsed before it has run): who may ask (the Host a
-loopback server answers to, the browser origins it serves), the API key, then the body size limit. A refused request's body is read and dropped, never held, so the client gets the answer
-instead of a broken pipe while it is still sending."""
+loopback server answers to, the browser origins it serves), the API key, then the body size limit. A refused
+request's body is read and dropped, never held, so the client gets the answer instead of a broken pipe while it
+is still sending."""
 
 from __future__ import annotations
 
