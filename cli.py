@@ -307,6 +307,8 @@ def chat(
     verbose: VerboseOpt = False,
 ) -> None:
     """Talk with a model; the KV cache is kept across turns so each turn decodes only what is new."""
+    if sys.stdin is None:  # started with stdin closed (`<&-`): there is nothing to read turns from
+        raise UsageError("chat reads its turns from standard input, which is closed")
     from edge_adapt.engine import SamplingParams, Token, Vocab
     from edge_adapt.engine.budget import parse_size
     from edge_adapt.session import ChatSession, Notice
@@ -422,7 +424,7 @@ def info(
 @app.command()
 def bench(
     only: Annotated[Optional[list[str]], typer.Option("--only", help="single_stream | batched | fork | rss | raw | profile | clients | strategies (repeatable)")] = None,
-    samples: Annotated[int, typer.Option("--samples", help="parallel samples for the batched run", min=2)] = 16,
+    samples: Annotated[int, typer.Option("--samples", help="parallel samples for the batched run", min=2, max=255)] = 16,
     tokens: Annotated[int, typer.Option("--tokens", help="tokens per sample", min=8)] = 128,
     repeats: Annotated[int, typer.Option("--repeats", help="best of this many runs per timing", min=1)] = 3,
     model: ModelOpt = None,

@@ -249,6 +249,7 @@ def test_run_json_has_one_schema_for_plain_and_strategy_runs():
         (("run", "hi", "--strategy", "best-of-n", "--top-p", "1.5"), "top_p (--top-p) must be in (0, 1]"),
         (("eval", "--temp", "nan"), "temperature (--temp) must be a finite number"),
         (("label", "-o", "x.jsonl", "--temp", "0"), "a pool samples: temperature must be > 0"),
+        (("bench", "--only", "batched", "--samples", "300"), "'--samples': Input should be less than or equal to 255"),
     ],
 )
 def test_sampling_and_run_options_are_checked_once(args: tuple[str, ...], fragment: str, tmp_path: Path):
@@ -262,6 +263,13 @@ def test_run_config_file_values_win_over_flags_not_given(tmp_path: Path):
     assert all(s["tokens"] <= 5 for s in out["samples"]) and out["usage"]["samples_started"] == 2
     again = json.loads(cli("run", "Name a fruit.", "--config", str(cfg), "--max-tokens", "3", "--json").stdout)
     assert all(s["tokens"] <= 3 for s in again["samples"])
+
+
+def test_chat_with_stdin_closed_says_so_before_loading_anything():
+    proc = subprocess.run([sys.executable, "-m", "edge_adapt", "chat"], capture_output=True, timeout=300,
+                          preexec_fn=lambda: os.close(0))
+    assert_one_line_error(proc, "chat reads its turns from standard input, which is closed")
+    assert proc.stdout == b""
 
 
 def test_chat_switches_strategy_mid_conversation():
