@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,23 @@ def test_every_problem_of_a_family_or_a_mix_carries_its_familys_budget():
     steps = load_suite("arith", family="steps", split="validation", n=5)
     assert steps.budget() == 256 and steps.longest_budget(100) == 100
     assert load_suite("arith", split="validation", n=5).budget() == 96
+
+
+def test_a_split_that_runs_dry_is_refused_without_drawing_for_hours():
+    """A level has finitely many distinct questions: asking for far more stops once draws find nothing new (it
+    used to draw 200 per problem asked for: 2e10 draws for --prompts 100000000)."""
+    fam = FAMILIES["arith"]
+    calls = 0
+    level1 = fam.generators[1]
+
+    def counted(r):
+        nonlocal calls
+        calls += 1
+        return level1(r)
+
+    dry = replace(fam, generators={**fam.generators, 1: counted})
+    with pytest.raises(UsageError, match="fewer than 100000000 distinct test problems"):
+        dry.problems(1, "test", 10**8)
+    assert calls < 10**6  # the old bound was 2e10 draws
+    assert dry.problems(1, "test", 10) == fam.problems(1, "test", 10)  # what can be drawn is drawn as before
+

@@ -60,8 +60,10 @@ class GeneratedFamily:
     # Levels whose answers are checked differently from `scorer` (a weekday rather than a number).
     level_scorers: Mapping[int, Scorer] = field(default_factory=dict)
     # Distinct questions a level can produce are finite (single digits...): give up after this many draws per
-    # problem rather than loop forever when a split runs dry.
+    # problem rather than loop forever when a split runs dry, or sooner, after `dry_draws` draws in a row that
+    # found nothing new (a split that has run dry: --prompts 100000000 is refused in a second, not in hours).
     draws_per_problem: int = 200
+    dry_draws: int = 20_000
     levels: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -74,12 +76,15 @@ class GeneratedFamily:
         seen: set[str] = set()
         out: list[Problem] = []
         scorer = self.level_scorers.get(level)
+        dry = 0
         for _ in range(self.draws_per_problem * n + 1000):
-            if len(out) == n:
+            if len(out) == n or dry == self.dry_draws:
                 break
             q, ans = self.generators[level](r)
             if q in seen or split_of(self.name, q, seed) != split:
+                dry += 1
                 continue
+            dry = 0
             seen.add(q)
             pid = f"{self.name}-L{level}-{split}-{len(out)}"
             out.append(Problem(pid, user(f"{q} {self.instruction}"), str(ans), level, scorer))
