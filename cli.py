@@ -476,6 +476,7 @@ def eval_cmd(
     backend_selfeval: BackendSelfEvalOpt = None,
     concurrency: ConcurrencyOpt = 8,
     backend_wait: BackendWaitOpt = 120.0,
+    force: Annotated[bool, typer.Option("--force", help="overwrite a non-empty report directory")] = False,
 ) -> None:
     """Build (or resume) a sample pool, replay strategies over it, and write a report with plots."""
     from edge_adapt.eval import EvalConfig
@@ -485,7 +486,8 @@ def eval_cmd(
                           max_tokens=max_tokens, prune_at=prune_at, seed=seed, model=model, threads=threads,
                           adapter=adapter, cache_dir=cache_dir, family=family, backend=backend,
                           backend_model=backend_model, backend_selfeval=backend_selfeval, concurrency=concurrency, backend_wait=backend_wait)
-    cfg = validated(EvalConfig, {**fields, "out_dir": out, "live": live or [], "live_prompts": live_prompts}, "eval")
+    cfg = validated(EvalConfig, {**fields, "out_dir": out, "force": force, "live": live or [],
+                                 "live_prompts": live_prompts}, "eval")
     _show(eval_job(cfg))
     print(f"report written to {out / 'report.md'}")
 
@@ -517,7 +519,7 @@ def tune_policy_cmd(
     model: ModelOpt = None,
     threads: ThreadsOpt = None,
     cache_dir: CacheOpt = Path("runs/eval-cache"),
-    force: Annotated[bool, typer.Option("--force", help="overwrite an existing policy file")] = False,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing policy file and a non-empty --report directory")] = False,
     backend: BackendOpt = None,
     backend_model: BackendModelOpt = None,
     backend_selfeval: BackendSelfEvalOpt = None,

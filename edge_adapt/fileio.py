@@ -119,6 +119,20 @@ def check_target(path: Path, *, force: bool) -> None:
         raise UsageError(f"output directory {parent} does not exist")
 
 
+def check_output_dir(path: Path, *, force: bool, reuse: bool = False) -> None:
+    """Refuse, before any work is done, an output directory that cannot be written, or that holds earlier output
+    (a non-empty one, unless `force`; `reuse`: a resumable cache, whose contents are what it is for)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path} exists and is not a directory")
+    if path.is_dir() and not (force or reuse) and any(path.iterdir()):
+        raise UsageError(f"{path} already exists and is not empty; pass --force to overwrite it")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"cannot make directory {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):  # also read-only file systems and immutable folders, for root
+        raise ModelFileError(f"cannot write {path}: permission denied")
+
+
 def os_error_message(path: Path, exc: OSError) -> str:
     """One line for the user; disk full and permission problems are the common ones."""
     # numpy's tofile reports a short write without an errno: the device stopped taking data.

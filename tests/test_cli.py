@@ -265,6 +265,29 @@ def test_run_config_file_values_win_over_flags_not_given(tmp_path: Path):
     assert all(s["tokens"] <= 3 for s in again["samples"])
 
 
+def test_report_and_output_directories_are_checked_before_any_work(tmp_path: Path):
+    """An earlier report is not overwritten without --force; a file where a directory should be, or below one,
+    is one line, before a model loads or a pool is sampled."""
+    earlier = tmp_path / "report"
+    earlier.mkdir()
+    (earlier / "report.md").write_text("an earlier run's report\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("{}\n")
+    eval_ = ("eval", "--prompts", "1", "-k", "2", "--cache", str(tmp_path / "cache"))
+    for args, fragment in [
+        ((*eval_, "--out", str(earlier)), f"{earlier} already exists and is not empty; pass --force to overwrite it"),
+        ((*eval_, "--out", str(a_file)), f"{a_file} exists and is not a directory"),
+        ((*eval_, "--out", str(a_file / "sub")), f"cannot make directory {a_file / 'sub'}: {a_file} is not a directory"),
+        (("eval", "--cache", str(a_file), "--out", str(tmp_path / "new")), f"{a_file} exists and is not a directory"),
+        (("train", str(labels), "--validation", str(labels), "-o", str(a_file)), f"{a_file} exists and is not a directory"),
+    ]:
+        assert_one_line_error(cli(*args), fragment)
+    assert (earlier / "report.md").read_text() == "an earlier run's report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "labels.jsonl", "report"]
+
+
 def test_chat_with_stdin_closed_says_so_before_loading_anything():
     proc = subprocess.run([sys.executable, "-m", "edge_adapt", "chat"], capture_output=True, timeout=300,
                           preexec_fn=lambda: os.close(0))

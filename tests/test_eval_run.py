@@ -20,7 +20,9 @@ def test_run_eval_writes_report_and_reuses_the_pool(tmp_path):
     with Engine(parallel=cfg.k + 2, ctx=256) as e:
         rep = run_eval(cfg, engine=e, scorer=StandInSelfEval(e))
         assert rep.prompts == 5 and rep.prompts_generated == 5 and rep.levels == {str(i): 1 for i in range(1, 6)}
-        again = run_eval(cfg, engine=e, scorer=StandInSelfEval(e))
+        with pytest.raises(UsageError, match="already exists and is not empty; pass --force"):
+            run_eval(cfg, engine=e, scorer=StandInSelfEval(e))  # the report is not overwritten unasked
+        again = run_eval(cfg.model_copy(update={"force": True}), engine=e, scorer=StandInSelfEval(e))
         assert again.prompts_generated == 0
         assert [s.accuracy for s in again.strategies] == [s.accuracy for s in rep.strategies]
     md = (tmp_path / "out" / "report.md").read_text()

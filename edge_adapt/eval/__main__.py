@@ -1,7 +1,7 @@
 """`python -m edge_adapt.eval key=value ...`: run_eval without the CLI (values are JSON where not plain strings).
 
     python -m edge_adapt.eval suite=arith split=test n_prompts=200 k=16 max_tokens=96 'prune_points=[16,32]' \
-        'live=["best-of-8","adaptive"]' out_dir=docs/baseline-arith
+        'live=["best-of-8","adaptive"]' out_dir=docs/baseline-arith force=true
 """
 
 from __future__ import annotations

@@ -68,6 +68,7 @@ class EvalConfig(PoolSource):
     selfeval: str = Field("edge_adapt.selfeval:SelfEvaluator",
                           description="module:Class of the self-evaluator, called as Class(engine, adapter_path=...)")
     out_dir: Path = Path("runs/eval")
+    force: bool = Field(False, description="overwrite a non-empty out_dir")
     live: list[LiveStrategy] = Field(default_factory=list, description="strategies to also run for real")
     live_prompts: int = Field(30, ge=1)
     live_threshold: float | None = Field(None, description="adaptive threshold for --live; the pool's median end score when omitted")

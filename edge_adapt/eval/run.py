@@ -177,8 +177,10 @@ def eval_job(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalS
     sized for the suite (edge_adapt.sizing: prompt, K samples, greedy) and the scorer is cfg.selfeval's class.
     A failed or interrupted run takes back the folders it created (the cache keeps any samples it holds).
     """
-    from edge_adapt.fileio import removed_on_failure
+    from edge_adapt.fileio import check_output_dir, removed_on_failure
 
+    check_output_dir(Path(cfg.out_dir), force=cfg.force)
+    check_output_dir(Path(cfg.cache_dir), force=False, reuse=True)
     with removed_on_failure(cfg.cache_dir, keep_work=True), removed_on_failure(cfg.out_dir):
         return (yield from _evaluate(cfg, engine, scorer))
 

@@ -85,9 +85,12 @@ def tune_job(cfg: TuneConfig) -> Job[dict[str, Any]]:
     """Tune, write the policy, and (with a test split) the report, yielding Progress while sampling. Returns the
     report's JSON. A failed or interrupted run takes back the folders it created (the cache keeps any samples
     it holds)."""
-    from edge_adapt.fileio import removed_on_failure
+    from edge_adapt.fileio import check_output_dir, removed_on_failure
 
     check_target(cfg.out, force=cfg.force)
+    check_output_dir(cfg.pool.cache_dir, force=False, reuse=True)
+    if cfg.report_dir is not None:
+        check_output_dir(cfg.report_dir, force=cfg.force)
     if cfg.pool.n_prompts < 2 * N_BINS:  # known before sampling, not after it
         raise UsageError(f"tuning needs at least {2 * N_BINS} prompts, got --prompts {cfg.pool.n_prompts}")
     with removed_on_failure(cfg.pool.cache_dir, keep_work=True), \

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edge_adapt.errors import UsageError
+from edge_adapt.fileio import check_output_dir
 from edge_adapt.eval import metrics
 from edge_adapt.progress import Job, Progress, to_the_end
 from edge_adapt.tasks.registry import family_of
@@ -412,8 +413,7 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
 
     t_start = time.perf_counter()
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.force:
-        raise UsageError(f"{out} already exists and is not empty; pass --force to overwrite it")
+    check_output_dir(out, force=cfg.force)
     train_set, val_set = merge_labels(cfg.labels), merge_labels(cfg.validation)
     if train_set.header.get("model") != val_set.header.get("model"):
         raise UsageError("training and validation labels come from different models")
