@@ -11,7 +11,7 @@ from typing import Any
 
 from edge_adapt.engine import Engine, EngineOptions, Vocab
 from edge_adapt.engine.budget import fit, parse_size
-from edge_adapt.engine.gguf_file import inspect_gguf
+from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.run import Prompt, RunPlan, plan_run, prompt_tokens
 
@@ -35,14 +35,29 @@ class EngineSize:
 def load_engine(size: EngineSize, options: EngineOptions | None = None, *, mem_budget: int | str | None = None) -> Engine:
     """An engine of `size` with the rest of `options` (model, device, threads ...), refused with BudgetError
     before loading when its memory plan does not fit `mem_budget` (bytes, or a size such as '1.5GB')."""
-    opts = (options or EngineOptions()).model_copy(update={"parallel": size.sequences, "ctx": size.ctx})
-    if mem_budget is not None:
+    opts = sized_options(size, options)
+    check_budget(opts, mem_budget)
+    return Engine(opts)
+
+
+def sized_options(size: EngineSize, options: EngineOptions | None = None) -> EngineOptions:
+    """`options` (model, device, threads ...) for an engine of `size`."""
+    return (options or EngineOptions()).model_copy(update={"parallel": size.sequences, "ctx": size.ctx})
+
+
+def check_budget(opts: EngineOptions, mem_budget: int | str | None, info: GGUFInfo | None = None) -> None:
+    """Refuse an engine of `opts` whose memory plan does not fit `mem_budget` (bytes, or a size such as '1.5GB';
+    None: no budget) with BudgetError, from the GGUF's metadata alone: no weights are loaded, so a server can
+    check it before it binds its port. `info`: the model's GGUF facts, when the caller has read them already
+    (reading them scans the whole file)."""
+    if mem_budget is None:
+        return
+    budget = parse_size(mem_budget) if isinstance(mem_budget, str) else mem_budget
+    if info is None:
         from edge_adapt.engine.default_model import default_model_path
 
-        budget = parse_size(mem_budget) if isinstance(mem_budget, str) else mem_budget
-        fit(inspect_gguf(opts.model or default_model_path()), budget, ctx=opts.ctx, want=opts.parallel,
-            kv_unified=opts.kv_unified, batch=opts.batch)
-    return Engine(opts)
+        info = inspect_gguf(opts.model or default_model_path())
+    fit(info, budget, ctx=opts.ctx, want=opts.parallel, kv_unified=opts.kv_unified, batch=opts.batch)
 
 
 def for_strategy(model: Any, prompt: Prompt, config: StrategyConfig, *, ctx: int | None = None) -> tuple[EngineSize, RunPlan]:

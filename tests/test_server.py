@@ -529,3 +529,41 @@ def test_stopping_the_server_ends_requests_in_flight() -> None:
                 answer = u.makefile("rb").read().decode()
             assert answer.startswith("HTTP/1.1 503") and "server_shutting_down" in answer, answer
         assert "Traceback" not in s.stderr() and "ERROR" not in s.stderr(), s.stderr()
+
+
+# -- arguments refused before the port is bound ---------------------------------------------------------------
+# Each of these is known to be wrong without loading the weights; "{tmp}" is the test's tmp_path.
+REFUSED_BEFORE_LISTENING = {
+    "unreadable --mem-budget": ["--mem-budget", "xyz"],
+    "no GPU backend": ["--device", "cuda"],
+    "--ctx over the training context": ["--ctx", "100000"],
+    "truncated model": ["{tmp}/truncated.gguf"],
+    "missing adapter": ["--adapter", "{tmp}/missing.gguf"],
+    "adapter not a GGUF": ["--adapter", "{tmp}/noise.gguf"],
+    "memory plan over --mem-budget": ["--parallel", "256", "--ctx", "8192", "--mem-budget", "2GB"],
+}
+
+
+@pytest.mark.parametrize("args", REFUSED_BEFORE_LISTENING.values(), ids=REFUSED_BEFORE_LISTENING.keys())
+def test_bad_arguments_are_refused_before_listening(tmp_path, args: list[str]) -> None:
+    """A script waits for "listening" as the sign that a server is coming: bad arguments must end the command
+    with one error line before it, not bind the port, announce it and then fail."""
+    import subprocess
+    import sys
+
+    if "cuda" in args:
+        import llama_cpp.llama_cpp as ll
+
+        if ll.llama_supports_gpu_offload():
+            pytest.skip("this llama.cpp build has a GPU backend")
+    from edge_adapt.engine.default_model import default_model_path
+
+    with default_model_path().open("rb") as model:
+        (tmp_path / "truncated.gguf").write_bytes(model.read(1000))
+    (tmp_path / "noise.gguf").write_bytes(b"not a GGUF file at all" * 64)
+    cmd = [sys.executable, "-m", "edge_adapt", "serve", "--port", "0", *(a.format(tmp=tmp_path) for a in args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0, done
+    assert len(errors) == 1 and errors[0].startswith("error:"), done.stderr
+    assert "listening" not in done.stdout, done.stdout

@@ -33,6 +33,13 @@ from edge_adapt.engine.vocab import TextModel
 from edge_adapt.errors import BudgetError, ContextOverflowError, EngineError, UsageError
 
 
+def check_training_context(ctx: int, info: GGUFInfo) -> None:
+    """Refuse a per-sequence context longer than the model was trained for (n_ctx_train 0: the GGUF does not
+    say, and any length goes). Checked from the GGUF alone, so a server can refuse before it loads weights."""
+    if ctx > info.n_ctx_train > 0:
+        raise BudgetError(f"--ctx {ctx} exceeds the model's training context {info.n_ctx_train}")
+
+
 class EngineOptions(BaseModel):
     """How to load a model. Desktop apps build this; the CLI fills it from flags."""
 
@@ -145,8 +152,7 @@ class Engine(TextModel):
             path = Path(opts.model)
         self.model_path = path
         self.info: GGUFInfo = inspect_gguf(path)
-        if opts.ctx > self.info.n_ctx_train > 0:
-            raise BudgetError(f"--ctx {opts.ctx} exceeds the model's training context {self.info.n_ctx_train}")
+        check_training_context(opts.ctx, self.info)
         init_backend(opts.verbose)
         self.threads = opts.threads or physical_cores()
         self.gpu_layers = gpu_layers_for(opts.device, opts.gpu_layers)
@@ -208,8 +214,7 @@ class Engine(TextModel):
             raise EngineError(f"cannot resize the engine while {len(others)} other sequence(s) are in use")
         opts = EngineOptions.model_validate({**self.options.model_dump(), **{k: v for k, v in
                                              (("parallel", parallel), ("ctx", ctx)) if v is not None}})
-        if opts.ctx > self.info.n_ctx_train > 0:
-            raise BudgetError(f"--ctx {opts.ctx} exceeds the model's training context {self.info.n_ctx_train}")
+        check_training_context(opts.ctx, self.info)
         if len(keep) > opts.parallel:
             raise BudgetError(f"{len(keep)} sequences cannot be kept in an engine of {opts.parallel}")
         if any(s.n_past > opts.ctx for s in keep):

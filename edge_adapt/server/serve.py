@@ -14,6 +14,7 @@ from typing import Any
 import uvicorn
 
 from edge_adapt.engine import EngineOptions
+from edge_adapt.engine.gguf_file import GGUFInfo
 from edge_adapt.errors import UsageError
 from edge_adapt.server.app import ServerState, create_app
 from edge_adapt.server.guard import MAX_BODY
@@ -84,6 +85,8 @@ def serve(config: ServeConfig) -> None:
     model_path = Path(config.options.model) if config.options.model is not None else default_model_path()
     if not model_path.is_file():
         raise UsageError(f"model {model_path} is not a file")
+    options = engine_options(config)
+    check_before_loading(config, options, model_path)
     sock = bind(config.host, config.port)
     state = ServerState(model_id=model_path.stem, model_created=int(model_path.stat().st_mtime))
     app = create_app(state, api_key=config.api_key, cors_origins=config.cors_origins, max_body=config.max_body,
@@ -91,7 +94,8 @@ def serve(config: ServeConfig) -> None:
     server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws="none",
                                     timeout_graceful_shutdown=3), state)
     failure: list[BaseException] = []
-    loader = threading.Thread(target=_load, args=(config, state, server, failure), name="edge-adapt-load", daemon=True)
+    loader = threading.Thread(target=_load, args=(config, options, state, server, failure), name="edge-adapt-load",
+                              daemon=True)
     print(f"{PREFIX} listening on {url_of(sock)}", flush=True)
     if not is_loopback(sock) and config.api_key is None:
         print(f"warning: {config.host} is reachable from other machines and no --api-key is set: anyone who can "
@@ -122,14 +126,57 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def _load(config: ServeConfig, state: ServerState, server: object, failure: list[BaseException]) -> None:
+def engine_options(config: ServeConfig) -> EngineOptions:
+    """The options of the server's engine: `--parallel` sequences of `--ctx` tokens, each with its own KV."""
+    from edge_adapt.sizing import EngineSize, sized_options
+
+    separate_kv = config.options.model_copy(update={"kv_unified": False})
+    return sized_options(EngineSize(config.parallel, config.ctx), separate_kv)
+
+
+def check_before_loading(config: ServeConfig, options: EngineOptions, model_path: Path) -> None:
+    """Refuse, with the error loading would end in, whatever can be known wrong without the weights: the
+    model file, `--ctx`, the device, the memory plan and the self-eval adapter. It runs before the port is
+    bound and "listening" is printed, which a script waits for as the sign that a server is coming; only what
+    needs the weights (llama.cpp's own load, the adapter against this model) can still fail after it."""
+    from edge_adapt.engine.device import gpu_layers_for
+    from edge_adapt.engine.engine import check_training_context
+    from edge_adapt.engine.gguf_file import inspect_gguf
+    from edge_adapt.sizing import check_budget
+
+    info = inspect_gguf(model_path)  # header to last tensor byte, as Engine() reads it
+    check_training_context(options.ctx, info)
+    gpu_layers_for(options.device, options.gpu_layers)
+    check_budget(options, config.mem_budget, info)
+    _check_self_eval(model_path, info, config.self_eval)
+
+
+@dataclass(frozen=True)
+class _ModelFile:
+    """What the self-eval config is resolved from (an engine's, or a Vocab's, path and GGUF facts), known
+    before the weights are loaded."""
+
+    model_path: Path
+    info: GGUFInfo
+
+
+def _check_self_eval(model_path: Path, info: GGUFInfo, config: Any) -> None:
+    """The self-eval adapter (`--adapter`, or the one shipped for the default model) read as SelfEvaluator
+    reads it: an adapter GGUF, header to last tensor byte, whose self-eval metadata, merged with the model's,
+    makes a valid config."""
+    from edge_adapt.selfeval.evaluator import resolve_config
+
+    resolve_config(_ModelFile(model_path, info), config, None)  # type: ignore[arg-type]  # reads only these two
+
+
+def _load(config: ServeConfig, options: EngineOptions, state: ServerState, server: object,
+          failure: list[BaseException]) -> None:
     """Load the engine and start its scheduler; a failure stops the server (serve() raises it)."""
+    from edge_adapt.engine import Engine
     from edge_adapt.server.scheduler import Scheduler
-    from edge_adapt.sizing import EngineSize, load_engine
 
     try:
-        options = config.options.model_copy(update={"kv_unified": False})  # each sequence has its own context
-        engine = load_engine(EngineSize(config.parallel, config.ctx), options, mem_budget=config.mem_budget)
+        engine = Engine(options)  # its memory plan was checked against --mem-budget before binding
         try:
             scorer, scoring = _self_evaluation(engine, state.model_id, config.self_eval)
             scheduler = Scheduler(engine, max_queue=config.max_queue, scorer=scorer)
