@@ -227,7 +227,10 @@ def run(
     from edge_adapt.sizing import engine_for_generation, engine_for_strategy
     from edge_adapt.strategies import run_strategy
 
-    prompt = _text_arg(prompt, "the prompt")
+    text = _text_arg(prompt, "the prompt")
+    if not text.strip():
+        raise UsageError("the prompt on standard input is empty" if prompt == "-" else "the prompt is empty")
+    prompt = text
     messages = ([{"role": "system", "content": _text_arg(system, "--system")}] if system else []) + [
         {"role": "user", "content": prompt}]
     if stop and "" in stop:
@@ -244,6 +247,14 @@ def run(
                                sequential_ratio=sequential_ratio, **sampling)
     if policy is not None and (cfg is None or cfg.strategy != "auto"):
         raise UsageError("--policy is only used by --strategy auto")
+    if cfg is None:  # a strategy's settings without a strategy would be ignored in silence
+        unused = {"--budget": budget, "--threshold": threshold, "--adapter": adapter, "--beam-width": beam_width,
+                  "--max-step-tokens": step_tokens, "--lookahead": lookahead, "--sequential-ratio": sequential_ratio,
+                  "--keep": keep, "--prune-at": prune_at, "--show-scores": show_scores or None}
+        given = [flag for flag, value in unused.items() if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only used with --strategy "
+                             "(without one, samples are not scored)")
     if cfg is None and raw and system:
         raise UsageError("--system needs the chat template; --raw sends the prompt as it is")
     t0 = time.perf_counter()

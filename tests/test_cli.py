@@ -250,6 +250,9 @@ def test_run_json_has_one_schema_for_plain_and_strategy_runs():
         (("eval", "--temp", "nan"), "temperature (--temp) must be a finite number"),
         (("label", "-o", "x.jsonl", "--temp", "0"), "a pool samples: temperature must be > 0"),
         (("bench", "--only", "batched", "--samples", "300"), "'--samples': Input should be less than or equal to 255"),
+        (("run", "hi", "--adapter", "missing.gguf"), "--adapter is only used with --strategy"),
+        (("run", "hi", "-n", "2", "--keep", "1", "--show-scores"), "--keep, --show-scores are only used with --strategy"),
+        (("run", " \n"), "the prompt is empty"),
     ],
 )
 def test_sampling_and_run_options_are_checked_once(args: tuple[str, ...], fragment: str, tmp_path: Path):
