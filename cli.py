@@ -242,7 +242,7 @@ def run(
             raise UsageError(f"-n {n} and --budget {budget} disagree: with a strategy, -n is the budget")
         cfg = _strategy_config(config, strategy=strategy, budget=budget if budget is not None else n,
                                threshold=threshold, adapter=adapter, max_tokens=max_tokens,
-                               stop=tuple(stop) if stop else None, k=keep, prune_at=tuple(prune_at) if prune_at else None,
+                               stop=tuple(stop) if stop else None, keep=keep, prune_at=tuple(prune_at) if prune_at else None,
                                policy=policy, beam_width=beam_width, max_step_tokens=step_tokens, lookahead=lookahead,
                                sequential_ratio=sequential_ratio, **sampling)
     if policy is not None and (cfg is None or cfg.strategy != "auto"):

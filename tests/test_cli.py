@@ -106,7 +106,7 @@ def test_budget_too_small():
         (("run", "hi", "-n", "0"), "-n"),
         (("run", "hi", "--device", "tpu"), "--device"),
         (("run", "hi", "--strategy", "magic"), "unknown strategy"),
-        (("run", "hi", "--strategy", "prune", "--budget", "4", "-k", "9"), "k (9) must be <= budget"),
+        (("run", "hi", "--strategy", "prune", "--budget", "4", "-k", "9"), "keep (9) must be <= budget"),
         (("run", "hi", "--strategy", "adaptive", "--threshold", "1.5"), "threshold"),
         (("bench", "--only", "everything"), "--only"),
         (("run", "hi", "--strategy", "beam", "--budget", "6"), "multiple of the beam width M (4)"),

@@ -440,10 +440,18 @@ def test_context_too_small_is_a_clear_error():
 
 
 # -- configuration ----------------------------------------------------------------------------------------
+def test_keep_is_the_settings_name_everywhere():
+    """--keep on the command line, `keep` in the HTTP API and in a config file (`k`, the field's own name, too)."""
+    assert StrategyConfig.parse({"strategy": "prune", "budget": 8, "keep": 2}).k == 2
+    assert StrategyConfig.parse({"strategy": "prune", "budget": 8, "k": 2}).k == 2
+    with pytest.raises(UsageError, match="strategy config: keep: Input should be greater than or equal to 1"):
+        StrategyConfig.parse({"keep": 0})
+
+
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        (dict(strategy="prune", budget=4, k=8), "k (8) must be <= budget (4)"),
+        (dict(strategy="prune", budget=4, k=8), "keep (8) must be <= budget (4)"),
         (dict(threshold=1.5), "threshold: Input should be less than or equal to 1"),
         (dict(threshold=-0.1), "threshold: Input should be greater than or equal to 0"),
         (dict(strategy="bean"), "unknown strategy 'bean'"),
@@ -481,7 +489,7 @@ def test_config_from_toml_and_json(tmp_path):
 def test_with_options_revalidates():
     cfg = StrategyConfig(strategy="best-of-n", budget=8)
     assert cfg.with_options(budget=4, threshold=None).budget == 4
-    with pytest.raises(UsageError, match="k \\(8\\) must be <= budget \\(4\\)"):
+    with pytest.raises(UsageError, match="keep \\(8\\) must be <= budget \\(4\\)"):
         StrategyConfig(k=8, budget=8).with_options(budget=4)
 
 

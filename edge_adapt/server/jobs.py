@@ -135,7 +135,7 @@ def strategy_config(opts: EdgeAdaptOptions, sampling: dict[str, float], *, seed:
         raise bad_request(str(exc), "edge_adapt.policy") from None
     prune_at = (opts.prune_at,) if isinstance(opts.prune_at, int) else opts.prune_at
     data: dict[str, Any] = {
-        "strategy": opts.strategy, "budget": opts.budget, "threshold": opts.threshold, "k": opts.keep,
+        "strategy": opts.strategy, "budget": opts.budget, "threshold": opts.threshold, "keep": opts.keep,
         "prune_at": tuple(prune_at) if prune_at is not None else None, "policy": policy,
         "beam_width": opts.beam_width, "max_step_tokens": opts.max_step_tokens, "lookahead": opts.lookahead,
         "sequential_ratio": opts.sequential_ratio, **sampling, "seed": seed, "max_tokens": max_tokens,

@@ -31,7 +31,8 @@ class StrategyConfig(BaseModel):
     # 0.5: "more likely right than wrong" for a calibrated score (the shipped adapter's ECE is 0.04 on arith);
     # at 0.9 it almost never stopped early (1 reply in 300 scores that high).
     threshold: float = Field(0.5, ge=0, le=1, description="adaptive: stop once a sample's p_keep reaches this")
-    k: int | None = Field(None, ge=1, description="prune: samples kept at each prune point (default budget // 4)")
+    k: int | None = Field(None, ge=1, validation_alias=AliasChoices("keep", "k"),  # keep: the flag's and the API's name
+                          description="prune: samples kept at each prune point (default budget // 4)")
     prune_threshold: float | None = Field(None, ge=0, le=1, description="prune: keep samples with p_keep >= this")
     prune_at: tuple[int, ...] = Field((32,), description="prune: generated-token counts at which to score and prune")
     # Sampling settings: their ranges are declared once, in edge_adapt.engine.sampling (checked below).
@@ -85,7 +86,7 @@ class StrategyConfig(BaseModel):
         except UsageError as exc:
             raise ValueError(str(exc)) from None
         if self.k is not None and self.k > self.budget:
-            raise ValueError(f"k ({self.k}) must be <= budget ({self.budget})")
+            raise ValueError(f"keep ({self.k}) must be <= budget ({self.budget})")
         registry.STRATEGIES[self.strategy].check(self)
         if self.t_min > self.t_max:
             raise ValueError(f"t_min ({self.t_min}) must be <= t_max ({self.t_max})")
