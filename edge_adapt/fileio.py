@@ -154,9 +154,9 @@ def _umask_mode(path: Path, mode: int = 0o666) -> None:
 def atomic_file(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
     """Yield a temp path to write; on success it becomes `path`, on any exception it is deleted."""
     target = Path(path)
-    check_target(target, force=force)
-    if target.is_dir():
+    if target.is_dir():  # first: --force would not help
         raise UsageError(f"{target} is a directory")
+    check_target(target, force=force)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
     except OSError as exc:
