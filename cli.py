@@ -99,7 +99,8 @@ def _show(job: Any) -> Any:
 
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, transient=True) as bar:
+                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, transient=True,
+                  disable=not console.is_terminal) as bar:  # off a terminal even a stopped bar's newline is noise
         tasks: dict[str, Any] = {}
 
         def show(p: Any) -> None:

@@ -25,6 +25,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[bytes], fragment: st
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert err.startswith("error: "), err  # not even a blank line first
     assert fragment in lines[0], err
 
 
