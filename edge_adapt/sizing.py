@@ -12,6 +12,7 @@ from typing import Any
 from edge_adapt.engine import Engine, EngineOptions, Vocab
 from edge_adapt.engine.budget import fit, parse_size
 from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
+from edge_adapt.errors import ContextOverflowError
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.run import Prompt, RunPlan, plan_run, prompt_tokens
 
@@ -74,6 +75,9 @@ def engine_for_strategy(prompt: Prompt, config: StrategyConfig, options: EngineO
     plan.config)`). Token counts come from the model's tokenizer, read without its weights."""
     with Vocab((options or EngineOptions()).model) as vocab:
         size, plan = for_strategy(vocab, prompt, config, ctx=ctx)
+        if ctx is None:
+            check_trained(plan.tokens_per_sequence, vocab.info, f"the prompt ({len(plan.prompt)} tokens), max_tokens "
+                          f"{config.max_tokens} and the self-evaluation suffix")
     return load_engine(size, options, mem_budget=mem_budget), plan
 
 
@@ -84,7 +88,17 @@ def engine_for_generation(prompt: Prompt, n: int, max_tokens: int, options: Engi
     prompt as it is, with the model's BOS, instead of a chat turn)."""
     with Vocab((options or EngineOptions()).model) as vocab:
         tokens = vocab.tokenize(prompt, add_bos=True) if raw and isinstance(prompt, str) else prompt_tokens(vocab, prompt)
+        if ctx is None:
+            check_trained(len(tokens) + max_tokens, vocab.info, f"the prompt ({len(tokens)} tokens) and max_tokens {max_tokens}")
     return load_engine(for_generation(tokens, n, max_tokens, ctx=ctx), options, mem_budget=mem_budget), tokens
+
+
+def check_trained(needed: int, info: GGUFInfo, what: str) -> None:
+    """Refuse, in the user's terms, a sequence longer than the model was trained for when the context was sized
+    for it (not given with --ctx, which Engine checks as such)."""
+    if needed > info.n_ctx_train > 0:
+        raise ContextOverflowError(f"{what} need {needed} tokens, more than the model's training context of "
+                                   f"{info.n_ctx_train}")
 
 
 def for_generation(prompt: Seq[int], n: int, max_tokens: int, *, ctx: int | None = None) -> EngineSize:

@@ -292,6 +292,15 @@ def test_report_and_output_directories_are_checked_before_any_work(tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "labels.jsonl", "report"]
 
 
+def test_a_prompt_longer_than_the_model_was_trained_for_is_named_as_such():
+    """Not as a --ctx the user never gave."""
+    long = ("word " * 20000).encode()
+    for args in (("run", "-"), ("run", "-", "--strategy", "best-of-n", "-n", "2")):
+        proc = cli(*args, stdin=long)
+        assert_one_line_error(proc, "more than the model's training context of 8192")
+        assert "--ctx" not in proc.stderr.decode()
+
+
 def test_chat_with_stdin_closed_says_so_before_loading_anything():
     proc = subprocess.run([sys.executable, "-m", "edge_adapt", "chat"], capture_output=True, timeout=300,
                           preexec_fn=lambda: os.close(0))
