@@ -139,6 +139,8 @@ def test_user_jsonl_suite_with_prompt_or_messages(tmp_path):
     assert [p.id for p in s.problems] == ["mine-0", "sum"] and s.problems[0].level == 2
     assert s.scorer.correct("paris.", "Paris") and len(s.problems[1].messages) == 2
     assert load_suite(str(f), scorer="exact").name == "mine"
+    with pytest.raises(UsageError, match="--scorer applies to a .jsonl suite; suite 'units' scores with its own"):
+        load_suite("arith", family="units", scorer="exact")  # a built-in suite's scorer is its own, not ignored
     (tmp_path / "broken.jsonl").write_text('{"prompt": "x"}\n')
     with pytest.raises(UsageError):
         jsonl_suite(tmp_path / "broken.jsonl")

@@ -37,6 +37,8 @@ def load_suite(
     data), or 'jsonl' / any path ending in .jsonl (a user suite; `scorer` defaults to final-number).
     `family` picks one family instead (`levels` some of its levels); `name` must then be 'arith' (the default)
     or the family itself."""
+    if scorer is not None and not (name == "jsonl" or name.endswith(".jsonl")):
+        raise UsageError(f"--scorer applies to a .jsonl suite; suite {family or name!r} scores with its own")
     if family is not None:
         if name not in ("arith", family):
             raise UsageError(f"suite {name!r} and family {family!r} both pick a suite: give one of them")
