@@ -168,17 +168,19 @@ class ChatSession:
         if cmd == "/reset":
             self.reset()
             return "(conversation cleared)"
-        if cmd == "/save" and arg:
+        if cmd in ("/save", "/load") and not arg:
+            raise UsageError(f"{cmd} FILE: name the file to {cmd[1:]}")
+        if cmd == "/save":
             path, _, flag = arg.partition(" ")
             self.save(path, force=flag.strip() == "--force")
             return f"(saved to {path})"
-        if cmd == "/load" and arg:
+        if cmd == "/load":
             self.load(arg)
             return f"(restored {len(self.messages)} messages)"
         if cmd == "/strategy":
             name, _, n = arg.partition(" ")
             if n.strip() and not n.strip().isdigit():
-                raise UsageError(f"/strategy NAME [BUDGET]: the budget is a whole number, got {n.strip()!r}")
+                raise UsageError(f"/strategy NAME [BUDGET]: the budget is a whole number >= 1, got {n.strip()!r}")
             start = self.strategy or base or StrategyConfig()
             self.set_strategy(start.with_options(strategy=name or None, budget=int(n) if n.strip() else None))
             s = self.strategy or start.with_options(strategy="single")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
+
 from edge_adapt.engine import GREEDY, Engine, Finished
+from edge_adapt.errors import UsageError
 from edge_adapt.session import ChatSession, Notice
 
 
@@ -88,3 +93,12 @@ def test_switching_strategy_mid_chat_grows_the_engine_and_keeps_the_conversation
         chat.set_strategy(None)
         assert next(ev for ev in chat.send("One more?") if isinstance(ev, Finished)).text
         chat.close()
+
+
+def test_slash_commands_missing_their_argument_say_what_they_need(engine: Engine):
+    chat = ChatSession(engine, params=GREEDY, max_tokens=8)
+    for line, message in (("/save", "/save FILE: name the file to save"), ("/load  ", "/load FILE: name the file to load"),
+                          ("/strategy best-of-n -3", "the budget is a whole number >= 1, got '-3'")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            chat.command(line)
+    assert chat.command("/sve x").startswith("unknown command '/sve x'")
