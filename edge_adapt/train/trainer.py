@@ -580,7 +580,10 @@ def _check_init(cfg: TrainConfig, init: Path, suffix_ids: list[int]) -> int:
     invocation = peft_cfg.get("alora_invocation_tokens")
     method = "alora" if invocation else "lora"
     r = peft_cfg.get("r")
-    if method != cfg.method or not isinstance(r, int) or r > cfg.rank:
+    if method != cfg.method:
+        raise UsageError(f"--init {cfg.init} is {'an' if method == 'alora' else 'a'} {method} adapter; this run trains "
+                         f"with --method {cfg.method} (pass --method {method} to continue it)")
+    if not isinstance(r, int) or r > cfg.rank:
         raise UsageError(f"--init {cfg.init} is a rank-{r} {method} adapter; this run trains a "
                          f"rank-{cfg.rank} {cfg.method} one (a rank can grow, not shrink)")
     if invocation and list(invocation) != list(suffix_ids):
