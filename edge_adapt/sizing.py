@@ -89,7 +89,8 @@ def engine_for_generation(prompt: Prompt, n: int, max_tokens: int, options: Engi
     with Vocab((options or EngineOptions()).model) as vocab:
         tokens = vocab.tokenize(prompt, add_bos=True) if raw and isinstance(prompt, str) else prompt_tokens(vocab, prompt)
         if ctx is None:
-            check_trained(len(tokens) + max_tokens, vocab.info, f"the prompt ({len(tokens)} tokens) and max_tokens {max_tokens}")
+            check_trained(len(tokens) + max_tokens, vocab.info,
+                          f"the prompt ({len(tokens)} tokens) and max_tokens {max_tokens}")
     return load_engine(for_generation(tokens, n, max_tokens, ctx=ctx), options, mem_budget=mem_budget), tokens
 
 
