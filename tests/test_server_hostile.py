@@ -163,7 +163,8 @@ def test_unknown_model_is_404(server: ServerProcess) -> None:
 
 def test_strategy_needing_more_sequences_than_the_server_has_is_400(server: ServerProcess) -> None:
     body = {**OK_BODY, "edge_adapt": {"strategy": "best-of-n", "budget": 16}}
-    _error(_post(server, body), 400)
+    err = _error(_post(server, body), 400)
+    assert err["code"] == "budget_exceeded" and err["param"] == "edge_adapt.budget", err
     err = _error(_post(server, {**OK_BODY, "logprobs": True, "edge_adapt": {"strategy": "best-of-n", "budget": 2}}), 400)
     assert err["param"] == "logprobs"
 

@@ -212,7 +212,10 @@ async def _answer(request: Request, state: ServerState, scheduler: Scheduler,
         raise APIError(429, "too many requests are waiting; retry shortly", code="queue_full",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except EdgeAdaptError as exc:
-        raise _refusal(exc, kind) from None
+        err = _refusal(exc, kind)
+        if err.code == "budget_exceeded":  # plan_job refuses an n over --parallel itself: this is a strategy's
+            err.param = "edge_adapt.budget"
+        raise err from None
     if req.stream:
         return StreamingResponse(_stream(assembler, queue, ticket, state.waiting), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
