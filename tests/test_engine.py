@@ -9,6 +9,7 @@ import pytest
 
 from edge_adapt.engine import GREEDY, Done, Engine, Finished, SamplingParams
 from edge_adapt.engine.snapshot_file import load_snapshot, save_snapshot
+from edge_adapt.errors import EngineError, UsageError
 
 from in_place import InPlaceSteps
 
@@ -548,3 +549,61 @@ def test_a_step_that_samples_in_place_while_a_worker_copies_gives_what_sampling_
         assert other[0] == one[0] and other[2] == one[2]
         for row, row_other in zip(one[1], other[1]):  # the same decodes: equal bits; a row left edited is off by 4
             np.testing.assert_array_equal(row, row_other)
+
+
+# -- misuse from a desktop app: an error, never a crash in llama.cpp or a corrupted neighbour --------------
+def test_a_closed_engine_refuses_work_instead_of_crashing():
+    e = Engine(parallel=2, ctx=256, device="cpu", threads=1)
+    paused = e.generate("Hi", GREEDY, max_tokens=8)
+    next(paused)
+    e.close()
+    e.close()  # twice is fine
+    for use in (lambda: e.tokenize("Hi"), lambda: e.open([1, 2, 3]), lambda: list(e.generate([1, 2], max_tokens=2)),
+                lambda: list(paused), lambda: e.resize(parallel=1)):
+        with pytest.raises(EngineError, match="the engine is closed"):
+            use()
+    assert e.live_sequences == 0  # what the abandoned generation held is given back, without touching llama.cpp
+
+
+def test_a_released_sequence_is_refused_so_the_one_now_on_its_id_stays_intact(engine: Engine):
+    stale = engine.open([1, 2, 3])
+    engine.release(stale)
+    other = engine.open(engine.tokenize("The sky is"))  # takes the freed id
+    assert other.id == stale.id
+    before = np.array(other.logits, copy=True)
+    for use in (lambda: engine.extend([(stale, [9])]), lambda: engine.fork(stale), lambda: engine.truncate(stale, 1)):
+        with pytest.raises(UsageError, match=f"sequence {stale.id} was released"):
+            use()
+    engine.extend([(other, [1])])
+    fresh = engine.open(engine.tokenize("The sky is") + [1])
+    assert np.allclose(other.logits, fresh.logits, atol=1e-4) and before.shape == fresh.logits.shape
+    engine.release(other)
+    engine.release(fresh)
+
+
+def test_two_threads_decoding_on_one_engine_get_an_error_not_a_crash(engine: Engine):
+    import threading
+
+    errors: list[str] = []
+
+    def work(seed: int) -> None:
+        try:
+            for _ in range(3):
+                list(engine.generate("Write a poem about the sea.", SamplingParams(seed=seed), max_tokens=24, n=2))
+        except EngineError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all("another thread is decoding on this engine" in m for m in errors)
+    assert engine.live_sequences == 0
+    assert [type(ev).__name__ for ev in engine.generate("Hi", GREEDY, max_tokens=2)][-1] == "Done"
+
+
+def test_a_cancel_with_nothing_running_does_not_stop_the_next_request(engine: Engine):
+    engine.cancel()  # the user pressed Stop just after a reply ended
+    events = list(engine.generate("Name a fruit.", GREEDY, max_tokens=4))
+    assert [e.reason for e in events if isinstance(e, Finished)] in (["length"], ["eos"])

@@ -174,6 +174,12 @@ class Engine(TextModel):
         if self._beside is not None:
             self.model.on_close(self._beside.shutdown)
         self._cancel = threading.Event()
+        # cancel() stops the work in progress: `_busy` counts what is running (decodes, step programs), and a
+        # cancel that finds nothing running, or outlives what it was for, is dropped instead of stopping the
+        # next request. `_decoding`: one thread decodes at a time (two at once crashed inside llama.cpp).
+        self._busy_count = 0
+        self._busy_lock = threading.RLock()  # re-entrant: the CLI calls cancel() from a SIGINT handler
+        self._decoding = threading.Lock()
         self._last_outputs = Outputs(np.empty((0, 0), dtype=np.float32), [])  # the last decode's logits
         self._adapters: dict[Path, Adapter] = {}
         self.decoded_tokens = 0  # every token llama.cpp has been asked to decode: tests and accounts read it
@@ -242,6 +248,7 @@ class Engine(TextModel):
 
     # -- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:
+        """Free the model and its context (twice is fine); using the engine afterwards raises EngineError."""
         self._last_outputs.wait()  # a worker may be copying out of the context's buffer
         self.model.close()
 
@@ -316,8 +323,15 @@ class Engine(TextModel):
         for seq in [s for s in self._live.values() if s.origin is root and s is not root]:
             self.release(seq)
 
+    def _check_held(self, seq: Sequence) -> None:
+        """A released sequence's id may be another's now: decoding, forking or cutting it would corrupt that one.
+        (A scratch extension on split KV is a copy of its sequence's handle, on the same, pinned id.)"""
+        if not self.holds(seq) and seq.id not in self._pinned:
+            raise UsageError(f"sequence {seq.id} was released; it cannot be used again")
+
     def fork(self, seq: Sequence) -> Sequence:
         """A copy of `seq` under a free id, sharing (unified KV) or copying (split KV) its cells."""
+        self._check_held(seq)
         if seq.n_past != len(seq.tokens):
             raise EngineError("cannot fork a sequence with undecoded tokens")
         child = self._new(list(seq.tokens), seq.n_past, seq.logits, seq.origin or seq)
@@ -334,7 +348,8 @@ class Engine(TextModel):
         for a stale copy whose id another sequence holds now, does nothing)."""
         if not self.holds(seq):
             return
-        self.ctx.seq_rm(seq.id)
+        if not self.model.closed:  # a closed engine's KV is gone with it: only the bookkeeping is left
+            self.ctx.seq_rm(seq.id)
         del self._live[seq.id]
         self._free_ids.append(seq.id)
         self._free_ids.sort()
@@ -342,6 +357,7 @@ class Engine(TextModel):
 
     def truncate(self, seq: Sequence, n: int) -> None:
         """Keep only the first n tokens of a sequence (its logits are gone until the next decode)."""
+        self._check_held(seq)
         if n < seq.n_past:
             self.ctx.seq_rm(seq.id, n, -1)
             seq.n_past = n
@@ -357,12 +373,39 @@ class Engine(TextModel):
         so this runs while the GPU computes; on the CPU the decode is done by then, and nothing changes.
         """
         work = list(meanwhile)
+        if self.model.closed or not self._decoding.acquire(blocking=False):
+            _run_all(work)
+            raise EngineError("the engine is closed" if self.model.closed else
+                              "another thread is decoding on this engine: an engine serves one thread at a time "
+                              "(edge-adapt serve's scheduler shares one among many requests)")
+        self._work_begins()  # not `with self._busy()`: a generator-based context costs 2 us a step here
         try:
             failed = self._extend(updates, work)
         finally:
+            self._work_ends()
+            self._decoding.release()
             _run_all(work)  # what the decode's failure left undone
         if failed is not None:
             raise failed
+
+    @contextmanager
+    def _busy(self) -> Iterator[None]:
+        self._work_begins()
+        try:
+            yield
+        finally:
+            self._work_ends()
+
+    def _work_begins(self) -> None:
+        with self._busy_lock:
+            self._busy_count += 1
+
+    def _work_ends(self) -> None:
+        with self._busy_lock:
+            self._busy_count -= 1
+            if not self._busy_count:  # a cancel that came for this work must not stop the next
+                self._cancel.clear()
+                self.ctx.request_abort(False)
 
     def _extend(self, updates: Seq[tuple[Sequence, Seq[int]]], work: list[Callable[[], None]]) -> BaseException | None:
         failed = None
@@ -372,6 +415,7 @@ class Engine(TextModel):
         rows_out: list[bool] = []
         owners: list[Sequence] = []
         for seq, new in updates:
+            self._check_held(seq)
             self._check_fits(len(seq.tokens) + len(new))
             if not new and not seq.pending and not seq.has_logits:
                 raise EngineError("nothing to decode and no logits: truncate one token and decode it again")
@@ -584,9 +628,12 @@ class Engine(TextModel):
 
     # -- sampling ---------------------------------------------------------------------------------------
     def cancel(self) -> None:
-        """Stop the generation in progress (safe from any thread); it ends with finish reason 'cancelled'."""
-        self._cancel.set()
-        self.ctx.request_abort(True)
+        """Stop the generation in progress (safe from any thread); it ends with finish reason 'cancelled'.
+        With nothing in progress it does nothing."""
+        with self._busy_lock:
+            if self._busy_count and not self.model.closed:
+                self._cancel.set()
+                self.ctx.request_abort(True)
 
     def start(
         self,
@@ -663,6 +710,12 @@ class Engine(TextModel):
         Sampled tokens other than end-of-generation are decoded into the sample's KV even on the last
         step, so a finished sample can be scored or continued without decoding anything again.
         """
+        with self._busy():  # while the program lives, paused at a yield included, a cancel() is for it
+            yield from self._steps(samples, until, max_new=max_new, pause_on=pause_on)
+
+    def _steps(
+        self, samples: Seq[Sample], until: int | None = None, *, max_new: int | None = None, pause_on: str | None = None
+    ) -> Program[None]:
         self._cancel.clear()
         self.ctx.request_abort(False)
         limit = {id(s): min(s.max_tokens, until if until is not None else s.max_tokens,
@@ -670,6 +723,8 @@ class Engine(TextModel):
         live = [s for s in samples if s.finish is None and len(s.generated) < limit[id(s)]]
         paused: set[int] = set()
         while live:
+            if self.model.closed:  # closed while this program was paused at a yield
+                raise EngineError("the engine is closed")
             if self._cancel.is_set():
                 yield from self._finish_all(live, "cancelled")
                 return

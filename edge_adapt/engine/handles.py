@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import llama_cpp.llama_cpp as ll
 import numpy as np
@@ -86,10 +87,10 @@ class Model:
         ptr = ll.llama_model_load_from_file(str(path).encode(), params)
         if not ptr:
             raise ModelFileError(f"{path}: llama.cpp could not load this model (run with --verbose for its log)")
-        self.ptr = ptr
+        self._ptr = ptr
         self._stack = ExitStack()
         self._stack.callback(self._free)
-        self.vocab = ll.llama_model_get_vocab(ptr)
+        self._vocab = ll.llama_model_get_vocab(ptr)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         self.eos = ll.llama_vocab_eos(self.vocab)
         self.bos = ll.llama_vocab_bos(self.vocab)
@@ -97,9 +98,27 @@ class Model:
         self._eog: dict[int, bool] = {}
 
     def _free(self) -> None:
-        if self.ptr:
-            ll.llama_model_free(self.ptr)
-            self.ptr = None
+        if self._ptr:
+            ll.llama_model_free(self._ptr)
+            self._ptr = None
+
+    # Every use goes through these: llama.cpp given a freed pointer crashes the process, so a closed model
+    # (an engine used after close()) is an EngineError instead.
+    @property
+    def ptr(self) -> Any:
+        if not self._ptr:
+            raise EngineError("the engine is closed")
+        return self._ptr
+
+    @property
+    def vocab(self) -> Any:
+        if not self._ptr:
+            raise EngineError("the engine is closed")
+        return self._vocab
+
+    @property
+    def closed(self) -> bool:
+        return not self._ptr
 
     def close(self) -> None:
         self._stack.close()
@@ -239,14 +258,14 @@ class Context:
         ptr = ll.llama_init_from_model(model.ptr, params)
         if not ptr:
             raise EngineError("llama.cpp could not create a context (out of memory? run with --verbose)")
-        self.ptr = ptr
+        self._ptr = ptr
         self.model = model
         self.n_vocab = model.n_vocab
         self.n_ctx = ll.llama_n_ctx(ptr)
         self.n_seq_max = n_seq_max
         self.n_ctx_seq = ll.llama_n_ctx_seq(ptr) if hasattr(ll, "llama_n_ctx_seq") else self.n_ctx
         self.n_batch = n_batch
-        self.memory = ll.llama_get_memory(ptr)
+        self._memory = ll.llama_get_memory(ptr)
         self._stack = ExitStack()
         self._stack.callback(self._free)
         self._adapters: tuple[int, ...] = ()
@@ -257,9 +276,21 @@ class Context:
         model.on_close(self.close)
 
     def _free(self) -> None:
-        if self.ptr:
-            ll.llama_free(self.ptr)
-            self.ptr = None
+        if self._ptr:
+            ll.llama_free(self._ptr)
+            self._ptr = None
+
+    @property
+    def ptr(self) -> Any:  # as Model.ptr: a freed context is an EngineError, not a crash
+        if not self._ptr:
+            raise EngineError("the engine is closed")
+        return self._ptr
+
+    @property
+    def memory(self) -> Any:
+        if not self._ptr:
+            raise EngineError("the engine is closed")
+        return self._memory
 
     def close(self) -> None:
         self._stack.close()
