@@ -41,7 +41,7 @@ class DeviceChoice(str, Enum):
 
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="where to run")]
 GpuLayersOpt = Annotated[Optional[int], typer.Option("--gpu-layers", help="layers to offload to the GPU (-1: all)", min=-1)]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: physical cores)", min=1)]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: physical cores)", min=1, max=512)]
 BudgetOpt = Annotated[Optional[str], typer.Option("--mem-budget", help="refuse plans above this much memory, e.g. 1.5GB")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="show llama.cpp's own log")]
 # Sampling flags carry no ranges here: edge_adapt.engine.sampling declares them once, for every entry point.

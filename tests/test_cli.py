@@ -254,6 +254,7 @@ def test_run_json_has_one_schema_for_plain_and_strategy_runs():
         (("run", "hi", "--adapter", "missing.gguf"), "--adapter is only used with --strategy"),
         (("run", "hi", "-n", "2", "--keep", "1", "--show-scores"), "--keep, --show-scores are only used with --strategy"),
         (("run", " \n"), "the prompt is empty"),
+        (("run", "hi", "--threads", "100000"), "'--threads': Input should be less than or equal to 512"),
     ],
 )
 def test_sampling_and_run_options_are_checked_once(args: tuple[str, ...], fragment: str, tmp_path: Path):

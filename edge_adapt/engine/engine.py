@@ -48,13 +48,15 @@ class EngineOptions(BaseModel):
     model: Path | None = Field(None, description="GGUF file; the embedded default model when omitted")
     ctx: int = Field(2048, ge=64, description="context length of each sequence, in tokens")
     parallel: int = Field(1, ge=1, le=256, description="sequences the context holds at once")
-    threads: int | None = Field(None, ge=1, description="CPU threads; physical cores when omitted")
+    # ggml's own bound (GGML_MAX_N_THREADS): 100,000 threads crashed in llama.cpp, 20,000 hung.
+    threads: int | None = Field(None, ge=1, le=512, description="CPU threads; physical cores when omitted")
     device: Device = "auto"
     gpu_layers: int | None = Field(None, ge=-1, description="layers to offload; all when a GPU is used")
     kv_unified: bool = Field(
         False, description="one KV buffer for all sequences (forks share the prompt's cells) instead of one each"
     )
-    batch: int = Field(512, ge=16, description="tokens per llama_decode call")
+    # Also the micro-batch: llama.cpp's compute buffers grow with it (10**9 was killed for memory in the constructor).
+    batch: int = Field(512, ge=16, le=8192, description="tokens per llama_decode call")
     verbose: bool = False
 
 
