@@ -607,3 +607,13 @@ def test_a_cancel_with_nothing_running_does_not_stop_the_next_request(engine: En
     engine.cancel()  # the user pressed Stop just after a reply ended
     events = list(engine.generate("Name a fruit.", GREEDY, max_tokens=4))
     assert [e.reason for e in events if isinstance(e, Finished)] in (["length"], ["eos"])
+
+
+def test_prompt_tokens_and_biased_tokens_outside_the_vocabulary_are_named(engine: Engine):
+    n = engine.model.n_vocab
+    for tokens in ([-1], [n], [1, 2, 2**40], [1.5, 2]):
+        with pytest.raises(UsageError, match="is not a token id of this model's vocabulary"):
+            list(engine.generate(tokens, GREEDY, max_tokens=2))
+    with pytest.raises(UsageError, match=f"logit_bias names token {n}, outside the model's vocabulary of {n}"):
+        list(engine.generate("Hi", SamplingParams(logit_bias=((n, 1.0),)), max_tokens=2))
+    assert engine.live_sequences == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,17 @@ def test_requests_sampled_together_pick_what_each_picks_alone_and_leave_each_gen
     plain = sample_rows(rows[spans[3][0] : spans[3][1]], kinds[3], [np.random.default_rng(4)])
     penalised = sample_rows(rows[spans[3][0] : spans[3][1]], kinds[3], [np.random.default_rng(4)], recent[3])
     assert plain.tolist() != penalised.tolist()
+
+
+@pytest.mark.parametrize(("bias", "message"), [
+    (((-1, 1.0),), "logit_bias names token -1: a token id is a whole number >= 0"),  # would bias the last token
+    (((1.5, 1.0),), "logit_bias names token 1.5"),
+    (((5, float("nan")),), "logit_bias for token 5 must be a finite number, got nan"),
+    ("ab", "logit_bias is a sequence of (token id, bias) pairs"),
+])
+def test_a_bad_logit_bias_is_refused_by_name(bias: object, message: str):
+    from edge_adapt.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        SamplingParams(logit_bias=bias)  # type: ignore[arg-type]
+    assert SamplingParams(logit_bias=[(5, 1)]).logit_bias == ((5, 1.0),)  # a list of pairs is fine (and hashable)

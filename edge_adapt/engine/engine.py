@@ -287,6 +287,11 @@ class Engine(TextModel):
         """A new sequence holding `tokens`, decoded once; its logits predict what follows."""
         if not tokens:
             raise UsageError("cannot open a sequence on an empty prompt")
+        n_vocab = self.model.n_vocab  # llama.cpp fails a decode of an unknown id without saying which
+        bad = next((t for t in tokens if isinstance(t, bool) or not isinstance(t, (int, np.integer))
+                    or not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise UsageError(f"prompt token {bad!r} is not a token id of this model's vocabulary (0 to {n_vocab - 1})")
         self._check_fits(len(tokens))
         seq = self._new([])
         try:
@@ -664,6 +669,10 @@ class Engine(TextModel):
             )
         if root.logits is None:
             raise EngineError("the prompt sequence has no logits to sample from")
+        n_vocab = self.model.n_vocab
+        outside = next((t for p in params for t, _ in p.logit_bias if t >= n_vocab), None)
+        if outside is not None:
+            raise UsageError(f"logit_bias names token {outside}, outside the model's vocabulary of {n_vocab}")
         seqs = [self.fork(root) for _ in range(forks)] + ([root] if consume_root else [])
         return [
             Sample(first_index + i, seq, p, max_tokens, TextStream(tuple(stop)), np.random.default_rng(p.seed),

@@ -64,6 +64,17 @@ class SamplingParams:
     def __post_init__(self) -> None:
         check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                        repeat_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n, seed=self.seed)
+        # A negative id would bias the vocabulary's last token (numpy indexing), a NaN bias every pick.
+        try:
+            bias = tuple((t, float(b)) for t, b in self.logit_bias)
+        except (TypeError, ValueError):
+            raise UsageError("logit_bias is a sequence of (token id, bias) pairs") from None
+        for t, b in bias:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
+                raise UsageError(f"logit_bias names token {t!r}: a token id is a whole number >= 0")
+            if not math.isfinite(b):
+                raise UsageError(f"logit_bias for token {t} must be a finite number, got {b}")
+        object.__setattr__(self, "logit_bias", tuple((int(t), b) for t, b in bias))
 
     @property
     def greedy(self) -> bool:
