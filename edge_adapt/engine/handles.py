@@ -71,6 +71,14 @@ def llama_like_the_engine() -> Iterator[None]:
         ll.llama_model_default_params = default
 
 
+def _unfreed(ptr: Any, handle: Any) -> Any:
+    """`handle` while the object owning `ptr` is not freed: llama.cpp given a freed pointer crashes the process,
+    so an engine used after close() gets an EngineError instead."""
+    if not ptr:
+        raise EngineError("the engine is closed")
+    return handle
+
+
 class Model:
     """A loaded llama_model and its vocabulary."""
 
@@ -102,19 +110,14 @@ class Model:
             ll.llama_model_free(self._ptr)
             self._ptr = None
 
-    # Every use goes through these: llama.cpp given a freed pointer crashes the process, so a closed model
-    # (an engine used after close()) is an EngineError instead.
+    # Every use goes through these (and Context's): see `_unfreed`.
     @property
     def ptr(self) -> Any:
-        if not self._ptr:
-            raise EngineError("the engine is closed")
-        return self._ptr
+        return _unfreed(self._ptr, self._ptr)
 
     @property
     def vocab(self) -> Any:
-        if not self._ptr:
-            raise EngineError("the engine is closed")
-        return self._vocab
+        return _unfreed(self._ptr, self._vocab)
 
     @property
     def closed(self) -> bool:
@@ -281,16 +284,12 @@ class Context:
             self._ptr = None
 
     @property
-    def ptr(self) -> Any:  # as Model.ptr: a freed context is an EngineError, not a crash
-        if not self._ptr:
-            raise EngineError("the engine is closed")
-        return self._ptr
+    def ptr(self) -> Any:
+        return _unfreed(self._ptr, self._ptr)
 
     @property
     def memory(self) -> Any:
-        if not self._ptr:
-            raise EngineError("the engine is closed")
-        return self._memory
+        return _unfreed(self._ptr, self._memory)
 
     def close(self) -> None:
         self._stack.close()
