@@ -26,7 +26,7 @@ from edge_adapt.engine.events import Cancelled, Done, Event, Finished, FinishRea
 from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
 from edge_adapt.engine.handles import Adapter, Batch, Context, Model, init_backend
 from edge_adapt.engine.outputs import Outputs
-from edge_adapt.engine.sampling import SamplingParams, token_logprobs, top_logprobs
+from edge_adapt.engine.sampling import SamplingParams, check_bias_vocabulary, token_logprobs, top_logprobs
 from edge_adapt.engine.steps import Decode, Program, Sampling, drive
 from edge_adapt.engine.text import TextStream
 from edge_adapt.engine.vocab import TextModel
@@ -669,10 +669,7 @@ class Engine(TextModel):
             )
         if root.logits is None:
             raise EngineError("the prompt sequence has no logits to sample from")
-        n_vocab = self.model.n_vocab
-        outside = next((t for p in params for t, _ in p.logit_bias if t >= n_vocab), None)
-        if outside is not None:
-            raise UsageError(f"logit_bias names token {outside}, outside the model's vocabulary of {n_vocab}")
+        check_bias_vocabulary(params, self.model.n_vocab)
         seqs = [self.fork(root) for _ in range(forks)] + ([root] if consume_root else [])
         return [
             Sample(first_index + i, seq, p, max_tokens, TextStream(tuple(stop)), np.random.default_rng(p.seed),

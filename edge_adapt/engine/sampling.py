@@ -84,6 +84,13 @@ class SamplingParams:
 GREEDY = SamplingParams(temperature=0.0)
 
 
+def check_bias_vocabulary(params: Sequence[SamplingParams], n_vocab: int) -> None:
+    """Refuse a logit_bias naming a token past the vocabulary (known only with a model, not in SamplingParams)."""
+    outside = next((t for p in params for t, _ in p.logit_bias if t >= n_vocab), None)
+    if outside is not None:
+        raise UsageError(f"logit_bias names token {outside}, outside the model's vocabulary of {n_vocab}")
+
+
 def log_normalizers(logits: np.ndarray) -> np.ndarray:
     """log(sum(exp(row))) of each row of float32 logits, in float64.
 

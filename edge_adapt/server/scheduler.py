@@ -28,7 +28,7 @@ import numpy as np
 
 from edge_adapt.engine.engine import Engine, Sequence
 from edge_adapt.engine.events import Done, Token
-from edge_adapt.engine.sampling import SamplingParams
+from edge_adapt.engine.sampling import SamplingParams, check_bias_vocabulary
 from edge_adapt.engine.steps import Decode, Program, Sampling, decode_together, sample_together
 from edge_adapt.errors import BudgetError, ContextOverflowError, EdgeAdaptError, UsageError
 from edge_adapt.selfeval import SelfEvaluator
@@ -211,10 +211,7 @@ class Scheduler:
                     f"prompt ({len(job.prompt)}) + max_tokens ({job.max_tokens}) = {len(job.prompt) + job.max_tokens} "
                     f"tokens exceed the context of {n_ctx} per sequence"
                 )
-            n_vocab = self.engine.model.n_vocab
-            biased = next((t for p in job.samples for t, _ in p.logit_bias if t >= n_vocab), None)
-            if biased is not None:
-                raise UsageError(f"logit_bias names token {biased}, outside the model's vocabulary of {n_vocab}")
+            check_bias_vocabulary(job.samples, self.engine.model.n_vocab)  # at once, not when the job starts
             plan, need = None, len(job.samples)
             what = f"n={need} holds {need} sequences at once (the last choice takes the prompt's)"
             if job.adapter_tail and (self.scorer is None or not 0 < job.adapter_tail < len(job.prompt)):
