@@ -617,3 +617,33 @@ def test_prompt_tokens_and_biased_tokens_outside_the_vocabulary_are_named(engine
     with pytest.raises(UsageError, match=f"logit_bias names token {n}, outside the model's vocabulary of {n}"):
         list(engine.generate("Hi", SamplingParams(logit_bias=((n, 1.0),)), max_tokens=2))
     assert engine.live_sequences == 0
+
+
+def test_generate_takes_one_stop_string_whole_and_refuses_empty_requests(engine: Engine):
+    prompt = engine.tokenize("The numbers from one to ten are one, two, three")
+    free = [e.text for e in engine.generate(prompt, GREEDY, max_tokens=24) if isinstance(e, Finished)][0]
+    # A stop string one of whose characters comes earlier in the reply: read as characters, it would cut there.
+    word = next(free[i : i + 4] for i in range(len(free) - 4)
+                if min(free.find(c) for c in free[i : i + 4]) < free.index(free[i : i + 4]))
+    # A string is one stop string (as in OpenAI's API), not a set of characters each ending the reply.
+    (done,) = [e for e in engine.generate(prompt, GREEDY, max_tokens=24, stop=word) if isinstance(e, Finished)]
+    assert (done.reason, done.text) == ("stop", free[: free.index(word)]), (free, word)
+    for bad, message in ((dict(n=0), "n must be >= 1"), (dict(params=[]), "no sampling parameters"),
+                         (dict(top_logprobs=-1), "top_logprobs must be between 0"), (dict(stop=[""]), "non-empty")):
+        with pytest.raises(UsageError, match=message):
+            list(engine.generate(prompt, **{"params": GREEDY, "max_tokens": 4, **bad}))
+    assert engine.live_sequences == 0
+
+
+def test_resize_refuses_a_kept_sequence_listed_twice_or_released():
+    with Engine(parallel=3, ctx=256) as e:
+        seq = e.open(e.tokenize("The sky is"))
+        gone = e.open([1, 2, 3])
+        e.release(gone)
+        with pytest.raises(UsageError, match="listed twice"):
+            e.resize(parallel=2, keep=[seq, seq])
+        with pytest.raises(UsageError, match="was released"):
+            e.resize(parallel=2, keep=[seq, gone])
+        assert (e.options.parallel, e.live_sequences, seq.n_past) == (3, 1, 3)
+        e.extend([(seq, [1])])  # the kept sequence is whole: its KV still continues
+        e.release(seq)

@@ -223,6 +223,10 @@ class Engine(TextModel):
         opts = EngineOptions.model_validate({**self.options.model_dump(), **{k: v for k, v in
                                              (("parallel", parallel), ("ctx", ctx)) if v is not None}})
         check_training_context(opts.ctx, self.info)
+        for s in keep:
+            self._check_held(s)
+        if len({id(s) for s in keep}) < len(keep):
+            raise UsageError("a sequence is listed twice in keep")
         if len(keep) > opts.parallel:
             raise BudgetError(f"{len(keep)} sequences cannot be kept in an engine of {opts.parallel}")
         if any(s.n_past > opts.ctx for s in keep):
@@ -661,6 +665,11 @@ class Engine(TextModel):
         """
         if max_tokens < 1:
             raise UsageError(f"max_tokens must be >= 1, got {max_tokens}")
+        if not params:
+            raise UsageError("no sampling parameters: give one SamplingParams per sample")
+        if top_logprobs is not None and not 0 <= top_logprobs <= self.model.n_vocab:
+            raise UsageError(f"top_logprobs must be between 0 and the vocabulary's {self.model.n_vocab}, got {top_logprobs}")
+        stop = _stop_strings(stop)
         forks = len(params) - (1 if consume_root else 0)
         if forks > self.free_sequences:
             raise BudgetError(
@@ -926,10 +935,13 @@ class Engine(TextModel):
         *,
         n: int = 1,
         max_tokens: int = 256,
-        stop: Seq[str] = (),
+        stop: str | Seq[str] = (),
         top_logprobs: int | None = None,
     ) -> Iterator[Event]:
-        """Decode the prompt once, fork `n` samples and stream their tokens. Sample i uses seed + i."""
+        """Decode the prompt once, fork `n` samples and stream their tokens. Sample i uses seed + i (a list of
+        params: one sample each, `n` unused). `stop`: a string or several; a sample ends before the first."""
+        if n < 1:
+            raise UsageError(f"n must be >= 1, got {n}")
         plist = list(params) if isinstance(params, (list, tuple)) else [
             SamplingParams(**{**params.__dict__, "seed": params.seed + i}) for i in range(n)
         ]
@@ -965,6 +977,14 @@ class Engine(TextModel):
         yield Done(Usage(prompt_tokens=n_prompt, prompt_tokens_reused=reused,
                          generated_tokens=sum(len(s.generated) for s in samples), samples_started=len(samples),
                          decode_calls=self.decode_calls - calls0, wall_s=time.perf_counter() - t0))
+
+
+def _stop_strings(stop: str | Seq[str]) -> tuple[str, ...]:
+    """Stop strings as a tuple: one string is one stop string (as in OpenAI's API), not its characters."""
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if not all(isinstance(x, str) and x for x in stops):
+        raise UsageError(f"stop strings must be non-empty strings, got {stops!r:.80}")
+    return stops
 
 
 def _run_all(work: list[Callable[[], None]]) -> BaseException | None:
