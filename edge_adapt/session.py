@@ -48,6 +48,8 @@ class ChatSession:
 
     def __init__(self, engine: Engine, *, system: str | None = None, params: SamplingParams = SamplingParams(),
                  max_tokens: int = 512, strategy: StrategyConfig | None = None, mem_budget: int | None = None) -> None:
+        if max_tokens < 1:
+            raise UsageError(f"max_tokens must be >= 1, got {max_tokens}")
         self.engine = engine
         self.params = params
         self.max_tokens = max_tokens
@@ -59,12 +61,14 @@ class ChatSession:
         self._turn = 0
         self.strategy: StrategyConfig | None = None  # None or "single": plain sampling with `params`
         self._room = max_tokens  # tokens a turn needs after the conversation (reply, suffix, attempts)
+        self._replying = False  # a reply is streaming: its sample holds `seq`
         self.set_strategy(strategy)
 
     def set_strategy(self, config: StrategyConfig | None) -> None:
         """Answer with `config` from the next turn on (None or "single": plain sampling). When the strategy
         needs more sequences than the engine has, the engine grows (within `mem_budget`), keeping the
         conversation and its KV; a strategy that cannot fit is refused here and the chat stays as it was."""
+        self._check_idle("change the strategy")
         if config is None or config.strategy == "single":
             self.strategy, self._room = config, self.max_tokens
             return
@@ -85,12 +89,19 @@ class ChatSession:
             self.engine.resize(parallel=need, keep=[self.seq] if self.seq is not None else [])
         self.strategy, self._room = plan.config, plan.tokens_per_sequence
 
+    def _check_idle(self, what: str) -> None:
+        """Refuse to touch the conversation's sequence while a reply's sample decodes into it."""
+        if self._replying:
+            raise UsageError(f"cannot {what} while a reply is streaming: read it to the end, or close() its iterator")
+
     def close(self) -> None:
+        self._check_idle("close the chat")
         if self.seq is not None:
             self.engine.release(self.seq)
             self.seq = None
 
     def reset(self) -> None:
+        self._check_idle("reset the chat")
         self.close()
         self._text = None
         self.messages = [m for m in self.messages if m["role"] == "system"]
@@ -118,7 +129,16 @@ class ChatSession:
             dropped += 1
 
     def send(self, text: str) -> Iterator[Event | Notice]:
-        """Add a user message and stream the reply; the reply joins the history when it finishes."""
+        """Add a user message and stream the reply; the reply joins the history when it finishes. One reply at a
+        time: a reply left unfinished is dropped once its iterator is closed (or collected)."""
+        self._check_idle("send another message")
+        self._replying = True
+        try:
+            yield from self._reply(text)
+        finally:
+            self._replying = False
+
+    def _reply(self, text: str) -> Iterator[Event | Notice]:
         messages, full, tokens, dropped = self._fit(self.messages + [{"role": "user", "content": text}])
         if dropped:
             yield Notice(f"dropped the {dropped} oldest exchange(s) to fit the context of {self.engine.n_ctx_seq} tokens")
@@ -192,6 +212,7 @@ class ChatSession:
         self.messages = messages + [{"role": "assistant", "content": reply}]
 
     def save(self, path: str | Path, *, force: bool = False) -> None:
+        self._check_idle("save the chat")
         if self.seq is None:
             raise EdgeAdaptError("nothing to save yet: the conversation is empty")
         save_snapshot(self.engine.snapshot(self.seq), path, extra={"messages": self.messages, "turn": self._turn, "text": self._text},
@@ -200,6 +221,7 @@ class ChatSession:
     def load(self, path: str | Path) -> None:
         """Restore a saved conversation. The whole file is checked against this model first; if anything is
         wrong (or llama.cpp refuses the state) the session is left as it was and an EdgeAdaptError says why."""
+        self._check_idle("load a conversation")
         snap, extra = load_snapshot(path)
         messages, turn, text = _chat_extra(extra, path)
         check_against(snap, path, fingerprint=self.engine.fingerprint, n_vocab=self.engine.model.n_vocab,

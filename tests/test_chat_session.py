@@ -102,3 +102,28 @@ def test_slash_commands_missing_their_argument_say_what_they_need(engine: Engine
         with pytest.raises(UsageError, match=re.escape(message)):
             chat.command(line)
     assert chat.command("/sve x").startswith("unknown command '/sve x'")
+
+
+def test_one_reply_at_a_time_and_an_abandoned_reply_leaves_the_chat_usable(engine: Engine):
+    with pytest.raises(UsageError, match="max_tokens must be >= 1"):
+        ChatSession(engine, max_tokens=0)
+    chat = ChatSession(engine, params=GREEDY, max_tokens=16)
+    try:
+        first = chat.send("Name a big city.")
+        next(first), next(first)  # the reply is streaming: its sample decodes into the chat's sequence
+        for act, what in ((lambda: next(chat.send("And a river?")), "send another message"),
+                          (chat.reset, "reset the chat"), (lambda: chat.save("x.snap"), "save the chat"),
+                          (chat.close, "close the chat")):
+            with pytest.raises(UsageError, match=f"cannot {what} while a reply is streaming"):
+                act()
+        first.close()  # abandoned: the reply is not recorded, the next turn goes on from the KV it left
+        assert chat.messages == []
+        reply = _reply(chat, "And a river?")
+        fresh = ChatSession(engine, params=GREEDY, max_tokens=16)
+        try:
+            assert _reply(fresh, "And a river?") == reply  # as if the abandoned turn had never been
+        finally:
+            fresh.close()
+    finally:
+        chat.close()
+    assert engine.live_sequences == 0
