@@ -432,6 +432,15 @@ def test_configuration_errors_raise_before_anything_is_decoded():
     assert e.decode_calls == 0 and e.free_sequences == 4
 
 
+def test_a_config_given_as_a_dict_runs_as_its_strategy_config():
+    scorer = FakeScorer(lambda i, n: [0.2, 0.9, 0.5][i])
+    as_dict = list(run_strategy(fresh(), [1, 2, 3], {"strategy": "best-of-n", "n": 3}, scorer))
+    as_config = run(fresh(), scorer, strategy="best-of-n", budget=3)
+    assert as_dict[:-1] == as_config[:-1] and chosen(as_dict).sample == 1  # the last, Done, holds wall time
+    with pytest.raises(UsageError, match="strategy config: budget: Input should be greater than or equal to 1"):
+        run_strategy(fresh(), [1, 2, 3], {"strategy": "vote", "budget": 0})
+
+
 def test_context_too_small_is_a_clear_error():
     from edge_adapt.errors import ContextOverflowError
 

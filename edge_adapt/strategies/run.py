@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Iterator, Mapping, Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,10 +77,12 @@ def plan_run(model: Any, prompt: Prompt | None, config: StrategyConfig, *, suffi
 
 
 def run_strategy(
-    engine: EngineLike, prompt: Prompt, config: StrategyConfig, scorer: Scorer | None = None, *, root: Any = None
+    engine: EngineLike, prompt: Prompt, config: StrategyConfig | Mapping[str, Any], scorer: Scorer | None = None, *,
+    root: Any = None,
 ) -> Iterator[Event | StrategyEvent]:
-    """Run `config.strategy` on the prompt. Without a scorer, strategies that need one get a
-    `SelfEvaluator(engine, config.self_eval)`. The stream ends with a Chosen event, then Done(usage).
+    """Run `config.strategy` on the prompt (`config` may be a StrategyConfig's fields as a dict). Without a
+    scorer, strategies that need one get a `SelfEvaluator(engine, config.self_eval)`. The stream ends with a
+    Chosen event, then Done(usage).
 
     `root`, when given, is an already decoded sequence holding the prompt (a chat keeps its conversation
     there): samples fork from it and it is left as it was, instead of decoding the prompt into a new one.
@@ -89,6 +91,8 @@ def run_strategy(
     anything is decoded; the returned iterator does the work, each of its decodes at once (`drive`); a
     scheduler drives `strategy_steps` itself, batching its decodes with other requests'.
     """
+    if isinstance(config, Mapping):
+        config = StrategyConfig.parse(config)
     if scorer is None and spec_of(config.strategy).needs_scorer:
         from edge_adapt.selfeval import SelfEvaluator
 
