@@ -191,7 +191,8 @@ async def _library(fn: Callable[..., Any], *args: Any) -> Any:
 async def _answer(request: Request, state: ServerState, scheduler: Scheduler,
                   req: ChatCompletionRequest | CompletionRequest, prompt: list[int], kind: Kind,
                   scoring: ScoringModel | None = None) -> Response:
-    plan = plan_job(req, prompt, n_ctx_seq=scheduler.engine.n_ctx_seq, capacity=scheduler.capacity, scoring=scoring)
+    plan = plan_job(req, prompt, n_ctx_seq=scheduler.engine.n_ctx_seq, capacity=scheduler.capacity,
+                    n_vocab=scheduler.engine.model.n_vocab, scoring=scoring)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     shape = Shape.new(kind, scoring.id if scoring is not None else state.model_id, plan.n,
                       top_logprobs=plan.top_logprobs, strategy=plan.strategy, include_usage=include_usage,

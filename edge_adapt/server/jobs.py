@@ -6,7 +6,7 @@ import secrets
 from dataclasses import dataclass, replace
 from typing import Any
 
-from edge_adapt.engine.sampling import SAMPLING_RULES, SamplingParams
+from edge_adapt.engine.sampling import SAMPLING_RULES, SamplingParams, check_bias_vocabulary
 from edge_adapt.errors import UsageError, validated
 from edge_adapt.server.openai_errors import APIError, bad_request
 from edge_adapt.server.scheduler import Job
@@ -77,11 +77,11 @@ def resolve_seed(seed: int | None) -> int:
     return secrets.randbelow(2**31) if seed is None or seed == -1 else seed
 
 
-def plan_job(req: Request, prompt: list[int], *, n_ctx_seq: int, capacity: int,
+def plan_job(req: Request, prompt: list[int], *, n_ctx_seq: int, capacity: int, n_vocab: int,
              scoring: ScoringModel | None = None) -> Plan:
-    """The Job for `req` on an engine of `capacity` sequences of `n_ctx_seq` tokens (`scoring`: the request
-    names the self-eval model). Only checks that need the request's own fields are made here; the scheduler
-    refuses what does not fit (context, sequences) itself."""
+    """The Job for `req` on an engine of `capacity` sequences of `n_ctx_seq` tokens and a vocabulary of
+    `n_vocab` (`scoring`: the request names the self-eval model). Only checks that need the request's own fields
+    are made here; the scheduler refuses what does not fit (context, sequences) itself."""
     values = sampling_values(req)
     seed = resolve_seed(req.seed)
     limit = req.token_limit
@@ -98,6 +98,10 @@ def plan_job(req: Request, prompt: list[int], *, n_ctx_seq: int, capacity: int,
                     cfg.strategy, None)
     if req.n > capacity:
         raise bad_request(f"n ({req.n}) is more than this server runs at once ({capacity} sequences)", "n")
+    try:
+        check_bias_vocabulary([base], n_vocab)
+    except UsageError as exc:
+        raise bad_request(str(exc), "logit_bias") from None
     # OpenAI's chat default: until the context is full.
     max_tokens = limit if limit is not None else max(1, n_ctx_seq - len(prompt))
     samples = tuple(replace(base, seed=seed + i) for i in range(req.n))  # choice i uses seed + i
