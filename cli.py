@@ -437,7 +437,7 @@ def info(
 def bench(
     only: Annotated[Optional[list[str]], typer.Option("--only", help="single_stream | batched | fork | rss | raw | profile | clients | strategies (repeatable)")] = None,
     samples: Annotated[int, typer.Option("--samples", help="parallel samples for the batched run", min=2, max=255)] = 16,
-    tokens: Annotated[int, typer.Option("--tokens", help="tokens per sample", min=8)] = 128,
+    tokens: Annotated[int, typer.Option("--tokens", help="tokens per sample", min=8, max=2048)] = 128,
     repeats: Annotated[int, typer.Option("--repeats", help="best of this many runs per timing", min=1)] = 3,
     model: ModelOpt = None,
     device: DeviceOpt = DeviceChoice.cpu,

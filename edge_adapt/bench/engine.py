@@ -49,6 +49,11 @@ def _best(fn: Any, repeats: int) -> float:
     return min(times)
 
 
+def _ctx_for(tokens: int) -> int:
+    """A context per sequence that holds the prompt (under 64 tokens) and `tokens` more, in 256s."""
+    return -(-(64 + tokens) // 256) * 256 + 256
+
+
 def _opts(cfg: BenchConfig, **kw: Any) -> EngineOptions:
     return EngineOptions(model=cfg.model, threads=cfg.threads, device=cfg.device, **kw)  # type: ignore[arg-type]
 
@@ -58,7 +63,7 @@ def single_stream(cfg: BenchConfig) -> dict[str, float]:
     from llama_cpp import Llama
 
     params = SamplingParams(temperature=0.0, ignore_eos=True)
-    with Engine(_opts(cfg, parallel=1, ctx=512)) as e:
+    with Engine(_opts(cfg, parallel=1, ctx=_ctx_for(cfg.tokens))) as e:
         prompt = e.tokenize(e.chat_prompt([{"role": "user", "content": PROMPT}]))
         path, threads, gpu_layers = e.model_path, e.threads, e.gpu_layers
 
@@ -69,8 +74,8 @@ def single_stream(cfg: BenchConfig) -> dict[str, float]:
         ours()  # warm-up: first decode allocates the graph
         t_ours = _best(ours, cfg.repeats)
     with llama_like_the_engine():
-        llm = Llama(str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers,
-                    verbose=False)
+        llm = Llama(str(path), n_ctx=_ctx_for(cfg.tokens), n_threads=threads, n_threads_batch=threads,
+                    n_gpu_layers=gpu_layers, verbose=False)
     try:
         def theirs() -> None:
             llm.reset()  # no prefix reuse between repeats: both sides decode the prompt each time
@@ -89,7 +94,7 @@ def batched_vs_sequential(cfg: BenchConfig) -> dict[str, float]:
     """Aggregate tokens/s of N forked samples in one batch vs the same N samples one after another."""
     n, tokens = cfg.samples, cfg.tokens
     base = SamplingParams(temperature=0.8, seed=1, ignore_eos=True)
-    with Engine(_opts(cfg, parallel=n, ctx=-(-(64 + tokens) // 256) * 256 + 256)) as e:
+    with Engine(_opts(cfg, parallel=n, ctx=_ctx_for(tokens))) as e:
         prompt = e.tokenize(e.chat_prompt([{"role": "user", "content": PROMPT}]))
 
         def batched() -> None:
