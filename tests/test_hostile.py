@@ -15,6 +15,7 @@ import os
 import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -390,9 +391,12 @@ def test_config_that_is_not_a_small_regular_file(source: str, tmp_path: Path):
 
 
 # -- chat snapshots: a bad /load is refused and leaves the chat exactly as it was ------------------------------
-def _snapshot_bytes(meta: object, logits: bytes, state: bytes, *, version: int = 1, raw_meta: bytes | None = None) -> bytes:
+def _snapshot_bytes(meta: object, logits: bytes, state: bytes, *, version: int = 2, raw_meta: bytes | None = None,
+                    crc_of: bytes | None = None) -> bytes:
+    """A snapshot file; from version 2 on with the CRC-32 of `crc_of` (by default: of the file's own bytes)."""
     blob = raw_meta if raw_meta is not None else json.dumps(meta).encode()
-    return struct.pack("<8sIQQQ", b"EDGESNAP", version, len(blob), len(logits), len(state)) + blob + logits + state
+    data = struct.pack("<8sIQQQ", b"EDGESNAP", version, len(blob), len(logits), len(state)) + blob + logits + state
+    return data + struct.pack("<I", zlib.crc32(crc_of or data)) if version >= 2 else data
 
 
 @pytest.fixture()
@@ -414,7 +418,8 @@ def _good_snapshot(chat, path: Path) -> tuple[dict, bytes, bytes]:
     at = struct.calcsize("<8sIQQQ")
     meta = json.loads(data[at : at + n_json])
     logits = data[at + n_json : at + n_json + n_logits]
-    state = data[at + n_json + n_logits :]
+    state = data[at + n_json + n_logits : at + n_json + n_logits + n_state]
+    assert data == _snapshot_bytes(meta, logits, state)  # the format these tests craft is the one chat.save writes
     return meta, logits, state
 
 
@@ -466,7 +471,10 @@ SNAPSHOT_CASES: dict[str, Callable[[dict, bytes, bytes], bytes]] = {
     "state_of_fewer_tokens": _m(lambda m: (m["tokens"].extend([1, 1]), m.__setitem__("n_past", m["n_past"] + 2))),
     "meta_not_json": lambda meta, logits, state: _snapshot_bytes(None, logits, state, raw_meta=b"{not json"),
     "meta_not_utf8": lambda meta, logits, state: _snapshot_bytes(None, logits, state, raw_meta=b'{"a": "\xff"}'),
-    "version_2": lambda meta, logits, state: _snapshot_bytes(meta, logits, state, version=2),
+    "version_3": lambda meta, logits, state: _snapshot_bytes(meta, logits, state, version=3),
+    "one_state_byte_flipped": lambda meta, logits, state: _snapshot_bytes(
+        meta, logits, state[:-9] + bytes([state[-9] ^ 1]) + state[-8:], crc_of=_snapshot_bytes(meta, logits, state)[:-4]),
+    "checksum_missing": lambda meta, logits, state: _snapshot_bytes(meta, logits, state)[:-4],
     "wrong_magic": lambda meta, logits, state: b"NOTSNAPS" + _snapshot_bytes(meta, logits, state)[8:],
     "header_sizes_lie": lambda meta, logits, state: _snapshot_bytes(meta, logits, state)[:-10],
     "empty_file": lambda meta, logits, state: b"",
@@ -488,6 +496,16 @@ def test_bad_snapshot_leaves_the_chat_as_it_was(case: str, chat, engine, tmp_pat
     # ... and the conversation goes on from where it was.
     reply = [ev for ev in chat.send("And again?")]
     assert reply and len(chat.messages) == len(before[0]) + 2
+
+
+def test_a_snapshot_of_format_version_1_without_a_checksum_still_loads(chat, engine, tmp_path: Path):
+    from edge_adapt.engine import Finished
+
+    meta, logits, state = _good_snapshot(chat, tmp_path / "good.snap")
+    expected = [ev.text for ev in chat.send("And again?") if isinstance(ev, Finished)]
+    (tmp_path / "v1.snap").write_bytes(_snapshot_bytes(meta, logits, state, version=1))
+    chat.load(tmp_path / "v1.snap")
+    assert [ev.text for ev in chat.send("And again?") if isinstance(ev, Finished)] == expected
 
 
 def test_chat_survives_bad_loads_and_a_non_utf8_line(tmp_path: Path):

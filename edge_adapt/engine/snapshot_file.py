@@ -1,10 +1,11 @@
 """Snapshots on disk: a format header, JSON metadata (model fingerprint, tokens, caller's extras),
-the next-token logits and llama.cpp's sequence state bytes."""
+the next-token logits, llama.cpp's sequence state bytes and a CRC-32 of all that (version 2 on)."""
 
 from __future__ import annotations
 
 import json
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,10 @@ from edge_adapt.errors import EdgeAdaptError
 from edge_adapt.fileio import atomic_output, read_user_file
 
 MAGIC = b"EDGESNAP"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # version 1 had no checksum
 _HEAD = struct.Struct("<8sIQQQ")  # magic, version, json bytes, logits bytes, state bytes
+_CRC = struct.Struct("<I")  # after the state: zlib.crc32 of every byte before it
 
 
 def save_snapshot(snap: Snapshot, path: str | Path, *, extra: dict[str, Any] | None = None, force: bool = False) -> None:
@@ -28,11 +31,11 @@ def save_snapshot(snap: Snapshot, path: str | Path, *, extra: dict[str, Any] | N
     }
     blob = json.dumps(meta).encode()
     logits = b"" if snap.logits is None else np.asarray(snap.logits, dtype=np.float32).tobytes()
+    head = _HEAD.pack(MAGIC, VERSION, len(blob), len(logits), len(snap.state))
+    crc = zlib.crc32(snap.state, zlib.crc32(logits, zlib.crc32(blob, zlib.crc32(head))))
     with atomic_output(path, force=force) as fh:
-        fh.write(_HEAD.pack(MAGIC, VERSION, len(blob), len(logits), len(snap.state)))
-        fh.write(blob)
-        fh.write(logits)
-        fh.write(snap.state)
+        for part in (head, blob, logits, snap.state, _CRC.pack(crc)):
+            fh.write(part)
 
 
 # A snapshot holds one sequence of one context; far larger files are not snapshots.
@@ -51,10 +54,17 @@ def load_snapshot(path: str | Path) -> tuple[Snapshot, dict[str, Any]]:
     if len(data) < _HEAD.size or data[:8] != MAGIC:
         raise EdgeAdaptError(f"{p}: not an edge-adapt snapshot")
     _, version, n_json, n_logits, n_state = _HEAD.unpack_from(data)
-    if version != VERSION:
-        raise EdgeAdaptError(f"{p}: snapshot format version {version}, this edge-adapt reads {VERSION}")
-    if _HEAD.size + n_json + n_logits + n_state != len(data):
+    if version not in READS:
+        raise EdgeAdaptError(f"{p}: snapshot format version {version}, this edge-adapt reads {READS[0]} to {READS[-1]}")
+    n_crc = _CRC.size if version >= 2 else 0
+    if _HEAD.size + n_json + n_logits + n_state + n_crc != len(data):
         raise EdgeAdaptError(f"{p}: truncated or corrupt snapshot")
+    if n_crc:
+        # A flipped bit in the KV state would restore without complaint and quietly change every later token.
+        (crc,) = _CRC.unpack_from(data, len(data) - n_crc)
+        if zlib.crc32(memoryview(data)[: len(data) - n_crc]) != crc:
+            raise EdgeAdaptError(f"{p}: corrupt snapshot (its checksum does not match its contents)")
+        data = data[: len(data) - n_crc]
     if n_logits % 4:
         raise EdgeAdaptError(f"{p}: corrupt snapshot (logits are {n_logits} bytes, not whole float32 values)")
     if n_state == 0:
