@@ -517,7 +517,7 @@ def tune_policy_cmd(
     temp: PoolTempOpt = 0.7,
     max_tokens: PoolMaxTokOpt = None,
     prune_at: PrunePointsOpt = None,
-    budget: Annotated[Optional[list[int]], typer.Option("--budget", help="budget to tune for (repeatable; default 2 4 6 8 12 16)", min=1)] = None,
+    budget: Annotated[Optional[list[int]], typer.Option("--budget", help="budget to tune for, at most --samples + 1 (repeatable; default 2 4 6 8 12 16 up to that)", min=1)] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="a cheaper choice within this accuracy of the best wins", min=0, max=1)] = 0.02,
     test_split: Annotated[Optional[str], typer.Option("--test-split", help="also report the policy on this split")] = None,
     test_prompts: Annotated[int, typer.Option("--test-prompts", min=1)] = 200,
@@ -541,7 +541,6 @@ def tune_policy_cmd(
     """Build the compute-optimal policy `--strategy auto` follows: per difficulty bin and budget, the strategy
     that does best on the tuning pool (two-fold cross-validated), optionally reported on a held-out split."""
     from edge_adapt.eval import EvalConfig
-    from edge_adapt.eval.tune import DEFAULT_BUDGETS
     from edge_adapt.eval.tune_run import TuneConfig, tune_job
 
     fields = _pool_fields(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temp=temp,
@@ -549,7 +548,7 @@ def tune_policy_cmd(
                           adapter=adapter, cache_dir=cache_dir, family=family, backend=backend,
                           backend_model=backend_model, backend_selfeval=backend_selfeval, concurrency=concurrency, backend_wait=backend_wait)
     pool = validated(EvalConfig, fields, "tune-policy")
-    cfg = validated(TuneConfig, dict(pool=pool, budgets=budget or list(DEFAULT_BUDGETS), tolerance=tolerance, out=out,
+    cfg = validated(TuneConfig, dict(pool=pool, **({"budgets": budget} if budget else {}), tolerance=tolerance, out=out,
                                      force=force, test_split=test_split, test_prompts=test_prompts, report_dir=report,
                                      live=live or [], live_prompts=live_prompts, live_budget=live_budget,
                                      compare_model=compare_model), "tune-policy")

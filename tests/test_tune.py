@@ -112,3 +112,15 @@ def test_tune_refuses_too_few_prompts():
 def test_pool_cannot_replay_beam():
     with pytest.raises(UsageError, match="cannot be replayed"):
         tune.replay_choice(PolicyChoice(strategy="beam", options={"budget": 4}), _pools(), (16, 32))
+
+
+def test_budgets_stay_within_what_the_pool_can_replay(tmp_path):
+    from edge_adapt.errors import validated
+    from edge_adapt.eval import EvalConfig
+    from edge_adapt.eval.tune_run import TuneConfig
+
+    pool = EvalConfig(k=4, n_prompts=20, cache_dir=tmp_path)
+    assert TuneConfig(pool=pool).budgets == [2, 4]  # the defaults a pool of 4 samples (+ the probe) can spend
+    assert TuneConfig(pool=pool, budgets=[3, 5]).budgets == [3, 5]
+    with pytest.raises(UsageError, match="budget 8 spends the probe and 7 more samples, more than the pool's 4"):
+        validated(TuneConfig, {"pool": pool, "budgets": [2, 8]}, "tune-policy")

@@ -67,6 +67,14 @@ class TuneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TuneConfig:
+        # A budget spends the probe and up to K more samples of the pool: past K + 1 it would be tuned on the same
+        # choices as K + 1 and labelled with a budget it never spends.
+        most = self.pool.k + 1
+        if "budgets" not in self.model_fields_set:
+            self.budgets = [b for b in self.budgets if b <= most] or [2]
+        elif any(b > most for b in self.budgets):
+            raise ValueError(f"budget {max(self.budgets)} spends the probe and {max(self.budgets) - 1} more samples, "
+                             f"more than the pool's {self.pool.k} per prompt (--samples)")
         if self.test_split is None and (self.report_dir or self.live or self.compare_model):
             raise ValueError("--report, --live and --compare-model need --test-split")
         if self.compare_model is not None:
