@@ -127,3 +127,21 @@ def test_one_reply_at_a_time_and_an_abandoned_reply_leaves_the_chat_usable(engin
     finally:
         chat.close()
     assert engine.live_sequences == 0
+
+
+def test_a_chat_saved_by_an_engine_of_another_parallel_loads_and_continues_identically(engine: Engine, tmp_path):
+    chat = ChatSession(engine, params=GREEDY, max_tokens=16)
+    try:
+        _reply(chat, "Say hello.")
+        chat.save(tmp_path / "c.snap")
+        expected = _reply(chat, "Now say goodbye.")
+    finally:
+        chat.close()
+    assert engine.options.parallel != 3
+    # llama.cpp's sequence state is tied to its context's KV streams (one per sequence): the tokens are decoded again.
+    with Engine(parallel=3, ctx=engine.options.ctx) as other:
+        again = ChatSession(other, params=GREEDY, max_tokens=16)
+        again.load(tmp_path / "c.snap")
+        assert again.seq is not None and other.decoded_tokens == again.seq.n_past
+        assert _reply(again, "Now say goodbye.") == expected
+        again.close()

@@ -601,7 +601,11 @@ class Engine(TextModel):
         seq.logits = logits
 
     def restore(self, snap: Snapshot, into: Sequence | None = None) -> Sequence:
-        """Bring a snapshot back under a free id (or into an existing sequence, replacing its content)."""
+        """Bring a snapshot back under a free id (or into an existing sequence, replacing its content).
+
+        llama.cpp's sequence state records the KV layout of the context it was taken from (one stream per
+        sequence): an engine of another `parallel` refuses it. The snapshot's tokens are then decoded again, in
+        one prefill, which gives the same KV."""
         if snap.model_fingerprint != self.fingerprint:
             raise EngineError(f"snapshot is from another model ({snap.model_fingerprint}, this is {self.fingerprint})")
         self._check_fits(snap.n_past)
@@ -610,9 +614,16 @@ class Engine(TextModel):
         try:
             self.ctx.state_seq_set(seq.id, snap.state)
         except EngineError:
-            if into is None:
-                self.release(seq)
-            raise
+            self.ctx.seq_rm(seq.id)
+            seq.tokens, seq.n_past, seq.logits = [], 0, None
+            try:
+                if snap.tokens:
+                    self.extend([(seq, list(snap.tokens))])
+            except BaseException:
+                if into is None:
+                    self.release(seq)
+                raise
+            return seq
         seq.tokens, seq.n_past = list(snap.tokens), snap.n_past
         seq.logits = None if snap.logits is None else snap.logits.copy()
         return seq
