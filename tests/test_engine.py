@@ -647,3 +647,39 @@ def test_resize_refuses_a_kept_sequence_listed_twice_or_released():
         assert (e.options.parallel, e.live_sequences, seq.n_past) == (3, 1, 3)
         e.extend([(seq, [1])])  # the kept sequence is whole: its KV still continues
         e.release(seq)
+
+
+def test_closing_from_another_thread_cancels_its_generation_and_waits_for_it():
+    """An app quitting while a worker thread reads a reply: freeing the context under the worker's decode (or under
+    its step reading logits in place) crashed the process."""
+    import threading
+
+    from edge_adapt.engine import Token
+
+    e = Engine(parallel=3, ctx=512)
+    started, go_on, reasons, errors = threading.Event(), threading.Event(), [], []
+
+    def worker() -> None:
+        try:
+            for ev in e.generate("Write a long story.", SamplingParams(seed=1, ignore_eos=True), n=2, max_tokens=400):
+                if isinstance(ev, Token) and not started.is_set():
+                    started.set()
+                    go_on.wait(30)  # paused mid-stream: the first close cannot wait this long
+                if isinstance(ev, Finished):
+                    reasons.append(ev.reason)
+        except EngineError as exc:
+            errors.append(str(exc))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    assert started.wait(60)
+    with pytest.raises(EngineError, match="has not ended within 0.3 s"):
+        e.close(wait=0.3)
+    assert not e.model.closed  # still open, and the worker goes on reading (cancelled)
+    go_on.set()
+    e.close()
+    assert reasons == ["cancelled", "cancelled"] and errors == []  # it waited for the worker's stream to end
+    t.join(30)
+    assert not t.is_alive() and e.live_sequences == 0
+    with pytest.raises(EngineError, match="the engine is closed"):
+        e.tokenize("Hi")

@@ -32,6 +32,8 @@ from edge_adapt.engine.text import TextStream
 from edge_adapt.engine.vocab import TextModel
 from edge_adapt.errors import BudgetError, ContextOverflowError, EngineError, UsageError
 
+CLOSE_WAIT_S = 10.0  # how long close() waits for another thread's cancelled generation to end
+
 
 def check_training_context(ctx: int, info: GGUFInfo) -> None:
     """Refuse a per-sequence context longer than the model was trained for (n_ctx_train 0: the GGUF does not
@@ -181,6 +183,10 @@ class Engine(TextModel):
         # next request. `_decoding`: one thread decodes at a time (two at once crashed inside llama.cpp).
         self._busy_count = 0
         self._busy_lock = threading.RLock()  # re-entrant: the CLI calls cancel() from a SIGINT handler
+        # The threads the running work belongs to: close() from another thread waits for theirs to end (freeing
+        # the context under a decode, or under a step reading its logits in place, crashed the process).
+        self._busy_threads: dict[int, int] = {}
+        self._idle = threading.Condition(self._busy_lock)
         self._decoding = threading.Lock()
         self._last_outputs = Outputs(np.empty((0, 0), dtype=np.float32), [])  # the last decode's logits
         self._adapters: dict[Path, Adapter] = {}
@@ -253,10 +259,35 @@ class Engine(TextModel):
         self.extend([(seq, toks) for seq, toks in zip(keep, tokens) if toks])
 
     # -- lifetime -------------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Free the model and its context (twice is fine); using the engine afterwards raises EngineError."""
-        self._last_outputs.wait()  # a worker may be copying out of the context's buffer
-        self.model.close()
+    def close(self, *, wait: float = CLOSE_WAIT_S) -> None:
+        """Free the model and its context (twice is fine); using the engine afterwards raises EngineError.
+
+        Work running on another thread (a generation a worker thread reads) is cancelled first, and the close
+        waits up to `wait` seconds for that thread to read its stream to the end; if it does not, EngineError
+        and the engine stays open. Work of this thread's own (a generation paused at an event) ends with
+        EngineError at its next step."""
+        me = threading.get_ident()
+
+        def others() -> bool:  # a generation left paused by a thread that has ended runs no more: not waited for
+            alive = {t.ident for t in threading.enumerate()}
+            return any(t != me and t in alive for t in self._busy_threads)
+
+        with self._idle:
+            if self.model.closed:
+                return
+            if others():
+                self._cancel.set()
+                self.ctx.request_abort(True)
+                deadline = time.monotonic() + wait
+                while others():  # woken as work ends; a slice at a time, for a thread that ends without a word
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise EngineError(f"cannot close the engine: a generation on another thread was cancelled "
+                                          f"but has not ended within {wait:g} s (that thread must read its events "
+                                          "to the end)")
+                    self._idle.wait(min(left, 0.1))
+            self._last_outputs.wait()  # a worker may be copying out of the context's buffer
+            self.model.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -359,8 +390,12 @@ class Engine(TextModel):
         for a stale copy whose id another sequence holds now, does nothing)."""
         if not self.holds(seq):
             return
-        if not self.model.closed:  # a closed engine's KV is gone with it: only the bookkeeping is left
-            self.ctx.seq_rm(seq.id)
+        if not self.ctx.closed:  # a closed engine's KV is gone with it: only the bookkeeping is left
+            try:
+                self.ctx.seq_rm(seq.id)
+            except EngineError:
+                if not self.ctx.closed:  # not closed by another thread meanwhile
+                    raise
         del self._live[seq.id]
         self._free_ids.append(seq.id)
         self._free_ids.sort()
@@ -391,6 +426,8 @@ class Engine(TextModel):
                               "(edge-adapt serve's scheduler shares one among many requests)")
         self._work_begins()  # not `with self._busy()`: a generator-based context costs 2 us a step here
         try:
+            if self.model.closed:  # by another thread, before this decode counted as work it waits for
+                raise EngineError("the engine is closed")
             failed = self._extend(updates, work)
         finally:
             self._work_ends()
@@ -408,15 +445,23 @@ class Engine(TextModel):
             self._work_ends()
 
     def _work_begins(self) -> None:
+        me = threading.get_ident()
         with self._busy_lock:
             self._busy_count += 1
+            self._busy_threads[me] = self._busy_threads.get(me, 0) + 1
 
     def _work_ends(self) -> None:
+        me = threading.get_ident()
         with self._busy_lock:
             self._busy_count -= 1
+            left = self._busy_threads.pop(me, 1) - 1  # a generator closed by another thread than ran it: none
+            if left > 0:
+                self._busy_threads[me] = left
             if not self._busy_count:  # a cancel that came for this work must not stop the next
                 self._cancel.clear()
-                self.ctx.request_abort(False)
+                if not self.model.closed:
+                    self.ctx.request_abort(False)
+            self._idle.notify_all()
 
     def _extend(self, updates: Seq[tuple[Sequence, Seq[int]]], work: list[Callable[[], None]]) -> BaseException | None:
         failed = None
@@ -959,7 +1004,7 @@ class Engine(TextModel):
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_fits(len(tokens) + max_tokens)
         started = (time.perf_counter(), self.decode_calls)
-        with self.opened(tokens) as root:
+        with self._busy(), self.opened(tokens) as root:  # busy to the end: a close from another thread waits for it
             yield from drive(self, self.generation(root, plist, max_tokens=max_tokens, stop=stop,
                                                    top_logprobs=top_logprobs, started=started))
 

@@ -73,7 +73,9 @@ def llama_like_the_engine() -> Iterator[None]:
 
 def _unfreed(ptr: Any, handle: Any) -> Any:
     """`handle` while the object owning `ptr` is not freed: llama.cpp given a freed pointer crashes the process,
-    so an engine used after close() gets an EngineError instead."""
+    so an engine used after close() gets an EngineError instead. Each handle makes its calls into llama.cpp
+    holding its `_lock`, which freeing it takes too: a close from another thread (an app quitting while a worker
+    reads a reply) waits for the call in progress instead of freeing memory under it."""
     if not ptr:
         raise EngineError("the engine is closed")
     return handle
@@ -96,6 +98,7 @@ class Model:
         if not ptr:
             raise ModelFileError(f"{path}: llama.cpp could not load this model (run with --verbose for its log)")
         self._ptr = ptr
+        self._lock = threading.RLock()  # re-entrant: closing runs the contexts' and adapters' own closes
         self._stack = ExitStack()
         self._stack.callback(self._free)
         self._vocab = ll.llama_model_get_vocab(ptr)
@@ -124,7 +127,8 @@ class Model:
         return not self._ptr
 
     def close(self) -> None:
-        self._stack.close()
+        with self._lock:
+            self._stack.close()
 
     def on_close(self, callback) -> None:  # type: ignore[no-untyped-def]
         self._stack.callback(callback)
@@ -133,11 +137,12 @@ class Model:
         data = text.encode("utf-8")
         capacity = len(data) + 16
         buf = (ll.llama_token * capacity)()
-        n = ll.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
-        if n < 0:
-            capacity = -n
-            buf = (ll.llama_token * capacity)()
+        with self._lock:
             n = ll.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
+            if n < 0:
+                capacity = -n
+                buf = (ll.llama_token * capacity)()
+                n = ll.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
         if n < 0:
             raise EngineError("tokenization failed")
         return list(buf[:n])
@@ -147,10 +152,11 @@ class Model:
         cached = self._pieces.get(token)
         if cached is None:
             buf = ctypes.create_string_buffer(64)
-            n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
+            with self._lock:
                 n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+                if n < 0:
+                    buf = ctypes.create_string_buffer(-n)
+                    n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
             cached = self._pieces[token] = buf.raw[:n]
         return cached
 
@@ -158,16 +164,19 @@ class Model:
         """Whether a token ends generation (cached like `piece`: a call into llama.cpp costs microseconds)."""
         eog = self._eog.get(token)
         if eog is None:
-            eog = self._eog[token] = bool(ll.llama_vocab_is_eog(self.vocab, token))
+            with self._lock:
+                eog = self._eog[token] = bool(ll.llama_vocab_is_eog(self.vocab, token))
         return eog
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1 << 16)
-        n = ll.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        with self._lock:
+            n = ll.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
         return None if n < 0 else buf.value.decode("utf-8", "replace")
 
     def chat_template(self) -> str | None:
-        tpl = ll.llama_model_chat_template(self.ptr, None)
+        with self._lock:
+            tpl = ll.llama_model_chat_template(self.ptr, None)
         return tpl.decode("utf-8", "replace") if tpl else None
 
 
@@ -262,6 +271,7 @@ class Context:
         if not ptr:
             raise EngineError("llama.cpp could not create a context (out of memory? run with --verbose)")
         self._ptr = ptr
+        self._lock = threading.Lock()  # see _unfreed
         self.model = model
         self.n_vocab = model.n_vocab
         self.n_ctx = ll.llama_n_ctx(ptr)
@@ -279,9 +289,10 @@ class Context:
         model.on_close(self.close)
 
     def _free(self) -> None:
-        if self._ptr:
-            ll.llama_free(self._ptr)
-            self._ptr = None
+        with self._lock:
+            if self._ptr:
+                ll.llama_free(self._ptr)
+                self._ptr = None
 
     @property
     def ptr(self) -> Any:
@@ -291,6 +302,10 @@ class Context:
     def memory(self) -> Any:
         return _unfreed(self._ptr, self._memory)
 
+    @property
+    def closed(self) -> bool:
+        return not self._ptr
+
     def close(self) -> None:
         self._stack.close()
 
@@ -298,7 +313,8 @@ class Context:
         self._abort.set(flag)
 
     def decode(self, batch: Batch) -> None:
-        rc = ll.llama_decode(self.ptr, batch.view)
+        with self._lock:
+            rc = ll.llama_decode(self.ptr, batch.view)
         if rc >= 0:  # past its input checks llama.cpp has applied the pending stream copies
             self.copies_pending = False
         if rc == 2:
@@ -313,31 +329,39 @@ class Context:
     def logits_view(self, n_outputs: int) -> np.ndarray:
         """Logits of the last decode's outputs, (n_outputs, n_vocab) in batch order, where llama.cpp wrote them:
         its own buffer, which the next decode overwrites (and may reallocate). Read or copy them before that."""
-        ptr = ll.llama_get_logits(self.ptr)
+        with self._lock:
+            ptr = ll.llama_get_logits(self.ptr)
         return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab))
 
     def seq_cp(self, src: int, dst: int) -> None:
-        ll.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        with self._lock:
+            ll.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
         self.copies_pending = self.copies_pending or (self._split and src != dst)
 
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
-        if not ll.llama_memory_seq_rm(self.memory, seq, p0, p1):
+        with self._lock:
+            removed = ll.llama_memory_seq_rm(self.memory, seq, p0, p1)
+        if not removed:
             raise EngineError(f"could not remove positions [{p0}, {p1}) of sequence {seq}")
 
     def seq_pos_max(self, seq: int) -> int:
-        return ll.llama_memory_seq_pos_max(self.memory, seq)
+        with self._lock:
+            return ll.llama_memory_seq_pos_max(self.memory, seq)
 
     def state_seq_get(self, seq: int) -> bytes:
-        size = ll.llama_state_seq_get_size(self.ptr, seq)
-        buf = (ctypes.c_uint8 * size)()
-        written = ll.llama_state_seq_get_data(self.ptr, buf, size, seq)
+        with self._lock:
+            size = ll.llama_state_seq_get_size(self.ptr, seq)
+            buf = (ctypes.c_uint8 * size)()
+            written = ll.llama_state_seq_get_data(self.ptr, buf, size, seq)
         if written != size:
             raise EngineError(f"sequence {seq} state: expected {size} bytes, got {written}")
         return bytes(buf)
 
     def state_seq_set(self, seq: int, data: bytes) -> None:
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if ll.llama_state_seq_set_data(self.ptr, buf, len(data), seq) == 0:
+        with self._lock:
+            accepted = ll.llama_state_seq_set_data(self.ptr, buf, len(data), seq)
+        if accepted == 0:
             raise EngineError("llama.cpp refused the sequence state (taken from another model or context size?)")
 
     def set_adapters(self, adapters: list[Adapter], scales: list[float]) -> None:
@@ -346,7 +370,9 @@ class Context:
             return
         arr = (ll.llama_adapter_lora_p_ctypes * max(1, len(adapters)))(*[a.ptr for a in adapters])
         sc = (ctypes.c_float * max(1, len(adapters)))(*scales)
-        if ll.llama_set_adapters_lora(self.ptr, arr if adapters else None, len(adapters), sc if adapters else None):
+        with self._lock:
+            refused = ll.llama_set_adapters_lora(self.ptr, arr if adapters else None, len(adapters), sc if adapters else None)
+        if refused:
             raise EngineError("llama.cpp refused the adapter set")
         self._adapters = key
 
