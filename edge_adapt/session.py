@@ -62,6 +62,7 @@ class ChatSession:
         self.strategy: StrategyConfig | None = None  # None or "single": plain sampling with `params`
         self._room = max_tokens  # tokens a turn needs after the conversation (reply, suffix, attempts)
         self._replying = False  # a reply is streaming: its sample holds `seq`
+        self._recorded = False  # the streaming reply has joined the history
         self.set_strategy(strategy)
 
     def set_strategy(self, config: StrategyConfig | None) -> None:
@@ -132,11 +133,13 @@ class ChatSession:
         """Add a user message and stream the reply; the reply joins the history when it finishes. One reply at a
         time: a reply left unfinished is dropped once its iterator is closed (or collected)."""
         self._check_idle("send another message")
-        self._replying = True
+        self._replying, self._recorded = True, False
         try:
             yield from self._reply(text)
         finally:
             self._replying = False
+            if not self._recorded:  # left unfinished: the sequence holds a turn the history does not
+                self._text = None
 
     def _reply(self, text: str) -> Iterator[Event | Notice]:
         messages, full, tokens, dropped = self._fit(self.messages + [{"role": "user", "content": text}])
@@ -210,6 +213,7 @@ class ChatSession:
     def _record(self, messages: list[Message], reply: str) -> None:
         # Recorded before the final event is handed out, so a caller that stops reading there keeps the turn.
         self.messages = messages + [{"role": "assistant", "content": reply}]
+        self._recorded = True
 
     def save(self, path: str | Path, *, force: bool = False) -> None:
         self._check_idle("save the chat")

@@ -119,6 +119,15 @@ def test_one_reply_at_a_time_and_an_abandoned_reply_leaves_the_chat_usable(engin
         first.close()  # abandoned: the reply is not recorded, the next turn goes on from the KV it left
         assert chat.messages == []
         reply = _reply(chat, "And a river?")
+        # Abandoned after a finished turn: the next turn's KV holds the history, not the abandoned turn.
+        third = chat.send("Write a poem about the sea.")
+        for _ in range(4):
+            next(third)
+        third.close()
+        _reply(chat, "And a mountain?")
+        assert chat.last is not None and chat.seq is not None
+        in_kv = engine.detokenize(chat.seq.tokens[: chat.last.prompt_tokens])
+        assert "poem" not in in_kv and "And a river?" in in_kv and len(chat.messages) == 4
         fresh = ChatSession(engine, params=GREEDY, max_tokens=16)
         try:
             assert _reply(fresh, "And a river?") == reply  # as if the abandoned turn had never been
