@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edge_adapt.engine.events import Done, Finished, Usage
+from edge_adapt.errors import EdgeAdaptError
 from edge_adapt.strategies.events import Chosen, DifficultyEstimated, Scored
 
 
@@ -76,7 +77,7 @@ class Collector:
 
     def result(self) -> Result:
         if self._usage is None:
-            raise RuntimeError("the event stream ended without Done(usage): it was not read to the end")
+            raise EdgeAdaptError("the event stream ended without Done(usage): it was not read to the end")
         samples = tuple(
             SampleResult(f.sample, f.text, f.reason, f.n_tokens, f.sum_logprob / max(1, f.n_tokens),
                          tuple(self._scores.get(f.sample, ())))

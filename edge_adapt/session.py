@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_adapt.engine.chat import Message
 from edge_adapt.engine.engine import Engine, Sequence, Snapshot
-from edge_adapt.engine.events import Event, Finished, SampleStarted
+from edge_adapt.engine.events import Done, Event, Finished, SampleStarted, Usage
 from edge_adapt.engine.sampling import SamplingParams
 from edge_adapt.engine.snapshot_file import check_against, load_snapshot, save_snapshot
 from edge_adapt.engine.budget import fit
@@ -145,7 +146,7 @@ class ChatSession:
         messages, full, tokens, dropped = self._fit(self.messages + [{"role": "user", "content": text}])
         if dropped:
             yield Notice(f"dropped the {dropped} oldest exchange(s) to fit the context of {self.engine.n_ctx_seq} tokens")
-        before = self.engine.decoded_tokens
+        before, calls, t0 = self.engine.decoded_tokens, self.engine.decode_calls, time.perf_counter()
         if self.seq is not None and self._text is not None and full.startswith(self._text):
             # Reuse the KV exactly as generated: re-tokenizing the reply could merge tokens differently at
             # its edges and force a re-decode of the whole reply.
@@ -158,7 +159,7 @@ class ChatSession:
             keep = min(common, len(tokens) - 1)
             self.engine.truncate(self.seq, keep)
             self.engine.extend([(self.seq, tokens[keep:])])
-        self.last = TurnStats(len(tokens), self.engine.decoded_tokens - before)
+        turn = self.last = TurnStats(len(tokens), self.engine.decoded_tokens - before)
         self._turn += 1
         if self.strategy is not None and self.strategy.strategy != "single":
             cfg = self.strategy.with_options(seed=self.strategy.seed + 1000 * self._turn, max_tokens=self.max_tokens)
@@ -178,6 +179,11 @@ class ChatSession:
                 # the reply, so only clean endings can be extended as text.
                 self._text = full + ev.text if ev.reason in ("eos", "length") else None
             yield ev
+        # As every stream ends (a strategy's turn, Engine.generate): the account of this turn, so that
+        # edge_adapt.collect reads a chat reply as it reads any other.
+        yield Done(Usage(prompt_tokens=len(tokens), prompt_tokens_reused=len(tokens) - turn.decoded_tokens,
+                         generated_tokens=len(sample.generated), samples_started=1,
+                         decode_calls=self.engine.decode_calls - calls, wall_s=time.perf_counter() - t0))
 
     def command(self, line: str, base: StrategyConfig | None = None) -> str | None:
         """A chat front end's slash command: what to show for it, or None for /exit. `base` holds the sampling

@@ -154,3 +154,20 @@ def test_a_chat_saved_by_an_engine_of_another_parallel_loads_and_continues_ident
         assert again.seq is not None and other.decoded_tokens == again.seq.n_past
         assert _reply(again, "Now say goodbye.") == expected
         again.close()
+
+
+def test_a_chat_reply_reads_with_collect_in_every_mode(engine: Engine):
+    from edge_adapt import StrategyConfig, collect
+
+    chat = ChatSession(engine, params=GREEDY, max_tokens=8)
+    try:
+        first = collect(chat.send("Name a colour."))
+        second = collect(chat.send("And another?"))
+        assert first.text == chat.messages[1]["content"] and second.text == chat.messages[3]["content"]
+        # The second turn decoded only what was new: the rest of its prompt came from the KV cache.
+        assert second.usage.prompt_tokens_reused == second.usage.prompt_tokens - chat.last.decoded_tokens > 0
+        assert second.usage.generated_tokens == second.samples[0].tokens and second.usage.samples_started == 1
+        chat.set_strategy(StrategyConfig(strategy="best-of-n", budget=2))
+        assert collect(chat.send("And a third?")).text == chat.messages[5]["content"]
+    finally:
+        chat.close()

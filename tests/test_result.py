@@ -6,6 +6,7 @@ import pytest
 
 from edge_adapt.engine import Engine, SamplingParams
 from edge_adapt.result import Collector, collect
+from edge_adapt.errors import EdgeAdaptError
 from edge_adapt.strategies import Scored, StrategyConfig, run_strategy
 
 from test_strategies import FakeScorer, fresh, words
@@ -41,5 +42,5 @@ def test_a_stream_not_read_to_its_end_is_no_result():
     c = Collector()
     c.add(next(events))
     events.close()
-    with pytest.raises(RuntimeError, match="without Done"):
+    with pytest.raises(EdgeAdaptError, match="without Done"):
         c.result()
