@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edge_adapt.engine.chat import Message
-from edge_adapt.engine.engine import Engine, Sequence, Snapshot
+from edge_adapt.engine.engine import Engine, Sequence, Snapshot, check_count
 from edge_adapt.engine.events import Done, Event, Finished, SampleStarted, Usage
 from edge_adapt.engine.sampling import SamplingParams
 from edge_adapt.engine.snapshot_file import check_against, load_snapshot, save_snapshot
-from edge_adapt.engine.budget import fit
+from edge_adapt.engine.budget import fit, parse_size
 from edge_adapt.errors import BudgetError, ContextOverflowError, EdgeAdaptError, UsageError
 from edge_adapt.strategies import Chosen, StrategyConfig, plan_run, run_strategy
 
@@ -48,9 +49,15 @@ class ChatSession:
     """
 
     def __init__(self, engine: Engine, *, system: str | None = None, params: SamplingParams = SamplingParams(),
-                 max_tokens: int = 512, strategy: StrategyConfig | None = None, mem_budget: int | None = None) -> None:
-        if max_tokens < 1:
-            raise UsageError(f"max_tokens must be >= 1, got {max_tokens}")
+                 max_tokens: int = 512, strategy: StrategyConfig | Mapping[str, Any] | None = None,
+                 mem_budget: int | str | None = None) -> None:
+        check_count("max_tokens", max_tokens)
+        if not isinstance(params, SamplingParams):
+            raise UsageError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if system is not None and not isinstance(system, str):
+            raise UsageError(f"system must be a str, got {type(system).__name__}")
+        if isinstance(mem_budget, str):
+            mem_budget = parse_size(mem_budget)
         self.engine = engine
         self.params = params
         self.max_tokens = max_tokens
@@ -66,11 +73,15 @@ class ChatSession:
         self._recorded = False  # the streaming reply has joined the history
         self.set_strategy(strategy)
 
-    def set_strategy(self, config: StrategyConfig | None) -> None:
+    def set_strategy(self, config: StrategyConfig | Mapping[str, Any] | None) -> None:
         """Answer with `config` from the next turn on (None or "single": plain sampling). When the strategy
         needs more sequences than the engine has, the engine grows (within `mem_budget`), keeping the
         conversation and its KV; a strategy that cannot fit is refused here and the chat stays as it was."""
         self._check_idle("change the strategy")
+        if isinstance(config, Mapping):
+            config = StrategyConfig.parse(config)
+        elif config is not None and not isinstance(config, StrategyConfig):
+            raise UsageError(f"strategy must be a StrategyConfig or a dict of its fields, got {type(config).__name__}")
         if config is None or config.strategy == "single":
             self.strategy, self._room = config, self.max_tokens
             return

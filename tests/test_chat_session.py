@@ -105,7 +105,7 @@ def test_slash_commands_missing_their_argument_say_what_they_need(engine: Engine
 
 
 def test_one_reply_at_a_time_and_an_abandoned_reply_leaves_the_chat_usable(engine: Engine):
-    with pytest.raises(UsageError, match="max_tokens must be >= 1"):
+    with pytest.raises(UsageError, match="max_tokens must be a whole number >= 1"):
         ChatSession(engine, max_tokens=0)
     chat = ChatSession(engine, params=GREEDY, max_tokens=16)
     try:
@@ -171,3 +171,16 @@ def test_a_chat_reply_reads_with_collect_in_every_mode(engine: Engine):
         assert collect(chat.send("And a third?")).text == chat.messages[5]["content"]
     finally:
         chat.close()
+
+
+def test_chat_settings_of_the_wrong_type_are_named_and_a_strategy_may_be_a_dict(engine: Engine):
+    for kwargs, message in ((dict(max_tokens=8.5), "max_tokens must be a whole number"),
+                            (dict(params=None), "params must be a SamplingParams"),
+                            (dict(strategy="vote"), "strategy must be a StrategyConfig or a dict")):
+        with pytest.raises(UsageError, match=message):
+            ChatSession(engine, **kwargs)
+    chat = ChatSession(engine, strategy={"strategy": "vote", "budget": 2}, mem_budget="1GB", max_tokens=8)
+    assert chat.strategy is not None and chat.strategy.strategy == "vote" and chat.mem_budget == 1 << 30
+    with pytest.raises(UsageError, match="not valid Unicode"):
+        list(chat.send("caf\udce9"))
+    assert chat.messages == [] and engine.live_sequences == 0

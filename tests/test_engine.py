@@ -628,7 +628,7 @@ def test_generate_takes_one_stop_string_whole_and_refuses_empty_requests(engine:
     # A string is one stop string (as in OpenAI's API), not a set of characters each ending the reply.
     (done,) = [e for e in engine.generate(prompt, GREEDY, max_tokens=24, stop=word) if isinstance(e, Finished)]
     assert (done.reason, done.text) == ("stop", free[: free.index(word)]), (free, word)
-    for bad, message in ((dict(n=0), "n must be >= 1"), (dict(params=[]), "no sampling parameters"),
+    for bad, message in ((dict(n=0), "n must be a whole number >= 1"), (dict(params=[]), "give one SamplingParams per sample"),
                          (dict(top_logprobs=-1), "top_logprobs must be between 0"), (dict(stop=[""]), "non-empty")):
         with pytest.raises(UsageError, match=message):
             list(engine.generate(prompt, **{"params": GREEDY, "max_tokens": 4, **bad}))
@@ -683,3 +683,26 @@ def test_closing_from_another_thread_cancels_its_generation_and_waits_for_it():
     assert not t.is_alive() and e.live_sequences == 0
     with pytest.raises(EngineError, match="the engine is closed"):
         e.tokenize("Hi")
+
+
+def test_the_python_api_names_a_wrong_type_instead_of_failing_deep_inside_or_guessing(engine: Engine):
+    """What a desktop app's bug passes: each a one-line UsageError (or BudgetError) at once, nothing held after."""
+    from edge_adapt.errors import BudgetError
+
+    cases = [
+        (lambda: next(engine.generate("Hi", GREEDY, n=10**9)), BudgetError, "1000000000 samples need"),  # no 10^9 params
+        (lambda: next(engine.generate("Hi", GREEDY, max_tokens=4.7)), UsageError, "max_tokens must be a whole number"),
+        (lambda: next(engine.generate("Hi", GREEDY, n=2.0)), UsageError, "n must be a whole number"),
+        (lambda: next(engine.generate("Hi", None)), UsageError, "params must be a SamplingParams"),
+        (lambda: next(engine.generate("Hi", GREEDY, max_tokens=4, stop=5)), UsageError, "stop is a string or a list"),
+        (lambda: next(engine.generate(b"Hi", GREEDY)), UsageError, "got bytes"),  # not read as token ids 72, 105
+        (lambda: next(engine.generate("caf\udce9", GREEDY)), UsageError, "not valid Unicode"),
+        (lambda: SamplingParams(seed=1.5), UsageError, "seed .* must be a whole number"),
+        (lambda: SamplingParams(temperature=None), UsageError, "temperature .* must be a number"),
+        (lambda: Engine(threads=1.5), UsageError, "engine options: threads"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    done = [e for e in engine.generate("Hi", GREEDY, max_tokens=3, stop=None) if isinstance(e, Finished)]
+    assert len(done) == 1 and engine.live_sequences == 0  # stop=None: no stop strings

@@ -30,7 +30,7 @@ from edge_adapt.engine.sampling import SamplingParams, check_bias_vocabulary, to
 from edge_adapt.engine.steps import Decode, Program, Sampling, drive
 from edge_adapt.engine.text import TextStream
 from edge_adapt.engine.vocab import TextModel
-from edge_adapt.errors import BudgetError, ContextOverflowError, EngineError, UsageError
+from edge_adapt.errors import BudgetError, ContextOverflowError, EngineError, UsageError, validated
 
 CLOSE_WAIT_S = 10.0  # how long close() waits for another thread's cancelled generation to end
 
@@ -146,7 +146,7 @@ class Engine(TextModel):
     """Owns the model, the context and the sequence ids. Use as a context manager or call close()."""
 
     def __init__(self, options: EngineOptions | None = None, **overrides: object) -> None:
-        opts = EngineOptions.model_validate({**(options or EngineOptions()).model_dump(), **overrides})
+        opts = validated(EngineOptions, {**(options or EngineOptions()).model_dump(), **overrides}, "engine options")
         self.options = opts
         if opts.model is None:
             from edge_adapt.engine.default_model import default_model_path
@@ -719,11 +719,10 @@ class Engine(TextModel):
         when no more samples will be drawn from that prompt. With `top_logprobs` k, every Token event carries
         the k most likely tokens of its step and their log-probabilities.
         """
-        if max_tokens < 1:
-            raise UsageError(f"max_tokens must be >= 1, got {max_tokens}")
-        if not params:
-            raise UsageError("no sampling parameters: give one SamplingParams per sample")
-        if top_logprobs is not None and not 0 <= top_logprobs <= self.model.n_vocab:
+        check_count("max_tokens", max_tokens)
+        if not params or not all(isinstance(p, SamplingParams) for p in params):
+            raise UsageError("give one SamplingParams per sample")
+        if top_logprobs is not None and (not _is_whole(top_logprobs) or not 0 <= top_logprobs <= self.model.n_vocab):
             raise UsageError(f"top_logprobs must be between 0 and the vocabulary's {self.model.n_vocab}, got {top_logprobs}")
         stop = _stop_strings(stop)
         forks = len(params) - (1 if consume_root else 0)
@@ -996,12 +995,17 @@ class Engine(TextModel):
     ) -> Iterator[Event]:
         """Decode the prompt once, fork `n` samples and stream their tokens. Sample i uses seed + i (a list of
         params: one sample each, `n` unused). `stop`: a string or several; a sample ends before the first."""
-        if n < 1:
-            raise UsageError(f"n must be >= 1, got {n}")
-        plist = list(params) if isinstance(params, (list, tuple)) else [
-            SamplingParams(**{**params.__dict__, "seed": params.seed + i}) for i in range(n)
-        ]
-        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if isinstance(params, SamplingParams):
+            check_count("n", n)
+            if n > self.free_sequences:  # before n params are made: n may be a typo of many digits
+                raise BudgetError(f"{n} samples need {n} free sequences, {self.free_sequences} are left "
+                                  f"(the engine holds {self.options.parallel})")
+            plist = [SamplingParams(**{**params.__dict__, "seed": params.seed + i}) for i in range(n)]
+        elif isinstance(params, (list, tuple)):
+            plist = list(params)
+        else:
+            raise UsageError(f"params must be a SamplingParams or a list of them, got {type(params).__name__}")
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else token_list(prompt)
         self._check_fits(len(tokens) + max_tokens)
         started = (time.perf_counter(), self.decode_calls)
         with self._busy(), self.opened(tokens) as root:  # busy to the end: a close from another thread waits for it
@@ -1035,9 +1039,28 @@ class Engine(TextModel):
                          decode_calls=self.decode_calls - calls0, wall_s=time.perf_counter() - t0))
 
 
-def _stop_strings(stop: str | Seq[str]) -> tuple[str, ...]:
+def _is_whole(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def check_count(name: str, value: object) -> None:
+    """A count the caller gives (max_tokens, n): a whole number >= 1, or a UsageError saying so."""
+    if not _is_whole(value) or value < 1:  # type: ignore[operator]
+        raise UsageError(f"{name} must be a whole number >= 1, got {value!r:.40}")
+
+
+def token_list(prompt: object) -> list[int]:
+    """A prompt given as token ids, as a list; bytes (which iterate as small ints) are refused, not read as ids."""
+    if isinstance(prompt, (bytes, bytearray, memoryview)) or not isinstance(prompt, (list, tuple, np.ndarray)):
+        raise UsageError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}")
+    return list(prompt)
+
+
+def _stop_strings(stop: str | Seq[str] | None) -> tuple[str, ...]:
     """Stop strings as a tuple: one string is one stop string (as in OpenAI's API), not its characters."""
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if stop is not None and not isinstance(stop, (str, list, tuple)):
+        raise UsageError(f"stop is a string or a list of strings, got {type(stop).__name__}")
+    stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
     if not all(isinstance(x, str) and x for x in stops):
         raise UsageError(f"stop strings must be non-empty strings, got {stops!r:.80}")
     return stops

@@ -19,7 +19,7 @@ from typing import Any
 import llama_cpp.llama_cpp as ll
 import numpy as np
 
-from edge_adapt.errors import EngineError, ModelFileError
+from edge_adapt.errors import EngineError, ModelFileError, UsageError
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -134,7 +134,13 @@ class Model:
         self._stack.callback(callback)
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        data = text.encode("utf-8")
+        if not isinstance(text, str):
+            raise UsageError(f"text to tokenize must be a str, got {type(text).__name__}")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: bytes that were not UTF-8, decoded with surrogateescape
+            raise UsageError(f"the text is not valid Unicode ({exc.object[exc.start:exc.end]!r} at character "
+                             f"{exc.start})") from None
         capacity = len(data) + 16
         buf = (ll.llama_token * capacity)()
         with self._lock:

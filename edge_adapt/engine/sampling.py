@@ -37,10 +37,16 @@ SAMPLING_RULES: dict[str, tuple[Callable[[float], bool], str, str]] = {
 }
 
 
+WHOLE_NUMBERS = frozenset({"top_k", "repeat_last_n", "seed"})
+
+
 def check_sampling(**values: float) -> None:
     """Raise UsageError naming the first setting out of its range (the field and its CLI flag)."""
     for name, value in values.items():
         ok, rule, flag = SAMPLING_RULES[name]
+        whole = name in WHOLE_NUMBERS
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer) if whole else (int, float, np.number)):
+            raise UsageError(f"{name} ({flag}) must be {'a whole number' if whole else 'a number'}, got {value!r:.40}")
         if not ok(value):
             raise UsageError(f"{name} ({flag}) must be {rule}, got {value}")
 

@@ -28,6 +28,9 @@ def prompt_tokens(model: Any, prompt: Prompt) -> list[int]:
     template; a list of ints is used as it is. `model` is an Engine or a Vocab."""
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, (bytes, bytearray, memoryview)) or not isinstance(prompt, Seq):  # bytes iterate as ints
+        raise UsageError(f"a prompt is a string, a list of chat messages or a list of token ids, got "
+                         f"{type(prompt).__name__}")
     items = list(prompt)
     if not items:
         raise UsageError("empty prompt")
@@ -93,6 +96,8 @@ def run_strategy(
     """
     if isinstance(config, Mapping):
         config = StrategyConfig.parse(config)
+    elif not isinstance(config, StrategyConfig):
+        raise UsageError(f"config must be a StrategyConfig or a dict of its fields, got {type(config).__name__}")
     if scorer is None and spec_of(config.strategy).needs_scorer:
         from edge_adapt.selfeval import SelfEvaluator
 
