@@ -36,14 +36,19 @@ def test_second_turn_decodes_only_the_new_tokens(engine: Engine):
         chat.close()
 
 
-def test_saved_chat_restores_and_continues_identically(engine: Engine, tmp_path):
+def _saved_chat(engine: Engine, path) -> str:
+    """A one-turn chat saved to `path`; the reply its second turn, "Now say goodbye.", gets."""
     chat = ChatSession(engine, params=GREEDY, max_tokens=16)
     try:
         _reply(chat, "Say hello.")
-        chat.save(tmp_path / "c.snap")
-        expected = _reply(chat, "Now say goodbye.")
+        chat.save(path)
+        return _reply(chat, "Now say goodbye.")
     finally:
         chat.close()
+
+
+def test_saved_chat_restores_and_continues_identically(engine: Engine, tmp_path):
+    expected = _saved_chat(engine, tmp_path / "c.snap")
     again = ChatSession(engine, params=GREEDY, max_tokens=16)
     try:
         again.load(tmp_path / "c.snap")
@@ -139,13 +144,7 @@ def test_one_reply_at_a_time_and_an_abandoned_reply_leaves_the_chat_usable(engin
 
 
 def test_a_chat_saved_by_an_engine_of_another_parallel_loads_and_continues_identically(engine: Engine, tmp_path):
-    chat = ChatSession(engine, params=GREEDY, max_tokens=16)
-    try:
-        _reply(chat, "Say hello.")
-        chat.save(tmp_path / "c.snap")
-        expected = _reply(chat, "Now say goodbye.")
-    finally:
-        chat.close()
+    expected = _saved_chat(engine, tmp_path / "c.snap")
     assert engine.options.parallel != 3
     # llama.cpp's sequence state is tied to its context's KV streams (one per sequence): the tokens are decoded again.
     with Engine(parallel=3, ctx=engine.options.ctx) as other:
