@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,6 +38,22 @@ class ContextOverflowError(BudgetError):
 
 class EngineError(EdgeAdaptError):
     """llama.cpp refused an operation (a failed decode, a state that would not restore)."""
+
+
+def is_whole(v: Any) -> bool:
+    """A whole number as a count or a token id must be: an int (a numpy integer too), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    """A real number (int, float, a numpy number too), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_count(name: str, value: Any) -> None:
+    """A count the caller gives (max_tokens, n): a whole number >= 1, or a UsageError saying so."""
+    if not is_whole(value) or value < 1:
+        raise UsageError(f"{name} must be a whole number >= 1, got {value!r:.40}")
 
 
 def one_line(exc: ValidationError, what: str) -> str:

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from edge_adapt.engine.chat import Message
-from edge_adapt.engine.engine import Engine, Sequence, Snapshot, check_count
+from edge_adapt.engine.engine import Engine, Sequence, Snapshot
 from edge_adapt.engine.events import Done, Event, Finished, SampleStarted, Usage
 from edge_adapt.engine.sampling import SamplingParams
 from edge_adapt.engine.snapshot_file import check_against, load_snapshot, save_snapshot
 from edge_adapt.engine.budget import fit, parse_size
-from edge_adapt.errors import BudgetError, ContextOverflowError, EdgeAdaptError, UsageError
+from edge_adapt.errors import BudgetError, ContextOverflowError, EdgeAdaptError, UsageError, check_count, is_whole
 from edge_adapt.strategies import Chosen, StrategyConfig, plan_run, run_strategy
 
 
@@ -289,7 +289,7 @@ def _chat_extra(extra: dict[str, object], path: str | Path) -> tuple[list[Messag
                 or not isinstance(m["content"], str)):
             raise EdgeAdaptError(f"{path}: snapshot chat history holds {str(m)[:60]!r}, not a message")
     turn = extra.get("turn", 0)
-    if not isinstance(turn, int) or isinstance(turn, bool) or turn < 0:
+    if not is_whole(turn) or turn < 0:
         raise EdgeAdaptError(f"{path}: snapshot turn counter is {turn!r}")
     text = extra.get("text")
     if text is not None and not isinstance(text, str):

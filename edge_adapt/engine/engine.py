@@ -30,7 +30,9 @@ from edge_adapt.engine.sampling import SamplingParams, check_bias_vocabulary, to
 from edge_adapt.engine.steps import Decode, Program, Sampling, drive
 from edge_adapt.engine.text import TextStream
 from edge_adapt.engine.vocab import TextModel
-from edge_adapt.errors import BudgetError, ContextOverflowError, EngineError, UsageError, validated
+from edge_adapt.errors import (
+    BudgetError, ContextOverflowError, EngineError, UsageError, check_count, is_whole, validated,
+)
 
 CLOSE_WAIT_S = 10.0  # how long close() waits for another thread's cancelled generation to end
 
@@ -323,8 +325,7 @@ class Engine(TextModel):
         if not tokens:
             raise UsageError("cannot open a sequence on an empty prompt")
         n_vocab = self.model.n_vocab  # llama.cpp fails a decode of an unknown id without saying which
-        bad = next((t for t in tokens if isinstance(t, bool) or not isinstance(t, (int, np.integer))
-                    or not 0 <= t < n_vocab), None)
+        bad = next((t for t in tokens if not is_whole(t) or not 0 <= t < n_vocab), None)
         if bad is not None:
             raise UsageError(f"prompt token {bad!r} is not a token id of this model's vocabulary (0 to {n_vocab - 1})")
         self._check_fits(len(tokens))
@@ -722,7 +723,7 @@ class Engine(TextModel):
         check_count("max_tokens", max_tokens)
         if not params or not all(isinstance(p, SamplingParams) for p in params):
             raise UsageError("give one SamplingParams per sample")
-        if top_logprobs is not None and (not _is_whole(top_logprobs) or not 0 <= top_logprobs <= self.model.n_vocab):
+        if top_logprobs is not None and (not is_whole(top_logprobs) or not 0 <= top_logprobs <= self.model.n_vocab):
             raise UsageError(f"top_logprobs must be between 0 and the vocabulary's {self.model.n_vocab}, got {top_logprobs}")
         stop = _stop_strings(stop)
         forks = len(params) - (1 if consume_root else 0)
@@ -1037,16 +1038,6 @@ class Engine(TextModel):
         yield Done(Usage(prompt_tokens=n_prompt, prompt_tokens_reused=reused,
                          generated_tokens=sum(len(s.generated) for s in samples), samples_started=len(samples),
                          decode_calls=self.decode_calls - calls0, wall_s=time.perf_counter() - t0))
-
-
-def _is_whole(v: object) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def check_count(name: str, value: object) -> None:
-    """A count the caller gives (max_tokens, n): a whole number >= 1, or a UsageError saying so."""
-    if not _is_whole(value) or value < 1:  # type: ignore[operator]
-        raise UsageError(f"{name} must be a whole number >= 1, got {value!r:.40}")
 
 
 def token_list(prompt: object) -> list[int]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_adapt.errors import ModelFileError
+from edge_adapt.errors import ModelFileError, is_number, is_whole
 
 GGUF_MAGIC = b"GGUF"
 
@@ -316,14 +316,6 @@ SCAN_DATA_BYTES = 2 << 30  # files up to this size have their float data checked
 _NO_TOKEN = (-1, 0xFFFFFFFF)  # "no such special token"
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def check_model_metadata(p: Path, arch: str, kv: dict[str, Any], tensors: list[_Tensor]) -> None:
     """Refuse, with one line, what llama.cpp would abort on (GGML_ASSERT) or load and then misbehave with:
     the layer count and per-layer arrays, head counts, finite positive epsilons and rope parameters, the
@@ -340,7 +332,7 @@ def check_model_metadata(p: Path, arch: str, kv: dict[str, Any], tensors: list[_
                     raise bad(f"{key} is {x}, not a finite number")
 
     n_layer = kv.get(f"{arch}.block_count")
-    if not _is_int(n_layer) or not 0 < n_layer <= LLAMA_MAX_LAYERS:
+    if not is_whole(n_layer) or not 0 < n_layer <= LLAMA_MAX_LAYERS:
         raise bad(f"{arch}.block_count is {n_layer!r}; llama.cpp takes 1 to {LLAMA_MAX_LAYERS} layers")
 
     def per_layer(suffix: str, *, required: bool, default: Any = None) -> list[int] | None:
@@ -353,12 +345,12 @@ def check_model_metadata(p: Path, arch: str, kv: dict[str, Any], tensors: list[_
         values = v if isinstance(v, list) else [v] * n_layer
         if isinstance(v, list) and len(v) != n_layer:
             raise bad(f"{key} has {len(v)} entries for {n_layer} layers")
-        if not all(_is_int(x) and 0 < x < 1 << 24 for x in values):
+        if not all(is_whole(x) and 0 < x < 1 << 24 for x in values):
             raise bad(f"{key} is {v!r}; expected positive counts")
         return values
 
     n_embd = kv.get(f"{arch}.embedding_length")
-    if not _is_int(n_embd) or not 0 < n_embd < 1 << 20:
+    if not is_whole(n_embd) or not 0 < n_embd < 1 << 20:
         raise bad(f"{arch}.embedding_length is {n_embd!r}")
     heads = per_layer("attention.head_count", required=True)
     kv_heads = per_layer("attention.head_count_kv", required=False, default=kv.get(f"{arch}.attention.head_count"))
@@ -370,25 +362,25 @@ def check_model_metadata(p: Path, arch: str, kv: dict[str, Any], tensors: list[_
     head_k = kv.get(f"{arch}.attention.key_length")
     head_v = kv.get(f"{arch}.attention.value_length")
     for key, v in ((f"{arch}.attention.key_length", head_k), (f"{arch}.attention.value_length", head_v)):
-        if v is not None and not (_is_int(v) and 0 < v < 1 << 16):
+        if v is not None and not (is_whole(v) and 0 < v < 1 << 16):
             raise bad(f"{key} is {v!r}")
     if head_k is None and n_embd % max(heads):
         raise bad(f"{arch}.embedding_length {n_embd} is not a multiple of {max(heads)} heads")
     head_dim = head_k or n_embd // max(heads)
 
     ctx = kv.get(f"{arch}.context_length")
-    if ctx is not None and not (_is_int(ctx) and 0 < ctx <= MAX_CONTEXT):
+    if ctx is not None and not (is_whole(ctx) and 0 < ctx <= MAX_CONTEXT):
         raise bad(f"{arch}.context_length is {ctx!r}; expected 1 to {MAX_CONTEXT}")
     for suffix in ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon"):
         eps = kv.get(f"{arch}.{suffix}")
-        if eps is not None and not (_is_num(eps) and 0 < eps < 1):
+        if eps is not None and not (is_number(eps) and 0 < eps < 1):
             raise bad(f"{arch}.{suffix} is {eps!r}; expected a small positive number")
     for suffix in ("rope.freq_base", "rope.scaling.factor", "rope.scale_linear"):
         v = kv.get(f"{arch}.{suffix}")
-        if v is not None and not (_is_num(v) and v > 0):
+        if v is not None and not (is_number(v) and v > 0):
             raise bad(f"{arch}.{suffix} is {v!r}; expected a positive number")
     rope_dims = kv.get(f"{arch}.rope.dimension_count")
-    if rope_dims is not None and not (_is_int(rope_dims) and 0 < rope_dims <= head_dim and rope_dims % 2 == 0):
+    if rope_dims is not None and not (is_whole(rope_dims) and 0 < rope_dims <= head_dim and rope_dims % 2 == 0):
         raise bad(f"{arch}.rope.dimension_count is {rope_dims!r} for heads of {head_dim}")
 
     # The vocabulary: llama.cpp asserts its token strings are unique, and reads scores / types by token id.
@@ -409,7 +401,7 @@ def check_model_metadata(p: Path, arch: str, kv: dict[str, Any], tensors: list[_
         raise bad(f"{arch}.vocab_size is {declared!r} but the vocabulary has {n_vocab} tokens")
     for key, v in kv.items():
         if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
-            if not _is_int(v) or (v not in _NO_TOKEN and not 0 <= v < n_vocab):
+            if not is_whole(v) or (v not in _NO_TOKEN and not 0 <= v < n_vocab):
                 raise bad(f"{key} is {v!r}, outside the vocabulary of {n_vocab} tokens")
 
     # Tensors: one set per declared layer, and the shapes the metadata implies.

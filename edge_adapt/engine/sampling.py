@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_adapt.errors import UsageError
+from edge_adapt.errors import UsageError, is_number, is_whole
 
 # Candidates are the tokens within this many temperature-scaled nats of the most likely one: anything
 # further is less than e^-25 (about 1e-11) times as likely as the top token, far below what top-p or
@@ -45,7 +45,7 @@ def check_sampling(**values: float) -> None:
     for name, value in values.items():
         ok, rule, flag = SAMPLING_RULES[name]
         whole = name in WHOLE_NUMBERS
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer) if whole else (int, float, np.number)):
+        if not (is_whole(value) if whole else is_number(value)):
             raise UsageError(f"{name} ({flag}) must be {'a whole number' if whole else 'a number'}, got {value!r:.40}")
         if not ok(value):
             raise UsageError(f"{name} ({flag}) must be {rule}, got {value}")
@@ -76,7 +76,7 @@ class SamplingParams:
         except (TypeError, ValueError):
             raise UsageError("logit_bias is a sequence of (token id, bias) pairs") from None
         for t, b in bias:
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
+            if not is_whole(t) or t < 0:
                 raise UsageError(f"logit_bias names token {t!r}: a token id is a whole number >= 0")
             if not math.isfinite(b):
                 raise UsageError(f"logit_bias for token {t} must be a finite number, got {b}")

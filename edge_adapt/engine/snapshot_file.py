@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from edge_adapt.engine.engine import Snapshot
-from edge_adapt.errors import EdgeAdaptError
+from edge_adapt.errors import EdgeAdaptError, is_whole
 from edge_adapt.fileio import atomic_output, read_user_file
 
 MAGIC = b"EDGESNAP"
@@ -78,9 +78,9 @@ def load_snapshot(path: str | Path) -> tuple[Snapshot, dict[str, Any]]:
         raise EdgeAdaptError(f"{p}: corrupt snapshot metadata (not a JSON object)")
     tokens, n_past, model = meta.get("tokens"), meta.get("n_past"), meta.get("model")
     extra = meta.get("extra", {})
-    if not isinstance(tokens, list) or not all(_is_int(t) and t >= 0 for t in tokens):
+    if not isinstance(tokens, list) or not all(is_whole(t) and t >= 0 for t in tokens):
         raise EdgeAdaptError(f"{p}: corrupt snapshot metadata (tokens must be a list of token ids)")
-    if not _is_int(n_past) or n_past != len(tokens):
+    if not is_whole(n_past) or n_past != len(tokens):
         raise EdgeAdaptError(f"{p}: corrupt snapshot metadata (n_past {n_past!r} for {len(tokens)} tokens)")
     if not isinstance(model, str):
         raise EdgeAdaptError(f"{p}: corrupt snapshot metadata (no model fingerprint)")
@@ -107,7 +107,3 @@ def check_against(snap: Snapshot, path: str | Path, *, fingerprint: str, n_vocab
         raise EdgeAdaptError(f"{path}: snapshot logits have {snap.logits.size} values for {n_vocab} tokens")
     if snap.n_past > n_ctx:
         raise EdgeAdaptError(f"{path}: snapshot holds {snap.n_past} tokens, the context holds {n_ctx}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)

@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from edge_adapt.engine import Engine, EngineOptions, Sample, Vocab
-from edge_adapt.errors import UsageError
+from edge_adapt.errors import UsageError, is_number, is_whole
 from edge_adapt.eval.config import PoolSource, token_points
 from edge_adapt.backends import LocalBackend, PoolBackend
 from edge_adapt.eval.pool import PoolSettings, PromptPool, build_pool_from, pool_job, samples_in
@@ -212,7 +212,7 @@ def read_labels(path: str | Path) -> LabelSet:
 
 
 def _ids(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v)
+    return isinstance(v, list) and all(is_whole(t) and t >= 0 for t in v)
 
 
 def _bad_record(rec: Any) -> str | None:
@@ -234,7 +234,7 @@ def _bad_record(rec: Any) -> str | None:
         if row["cut"] is not None and (not isinstance(row["cut"], int) or row["cut"] <= 0):
             return f"has a row with cut {row['cut']!r}"
         t = row["target"]
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
+        if not is_number(t) or not 0 <= t <= 1:
             return f"has a row with target {t!r} (expected 0..1)"
         if not isinstance(row["correct"], (bool, int)):
             return f"has a row with correct {row['correct']!r}"
