@@ -241,7 +241,8 @@ class ChatSession:
 
     def load(self, path: str | Path) -> None:
         """Restore a saved conversation. The whole file is checked against this model first; if anything is
-        wrong (or llama.cpp refuses the state) the session is left as it was and an EdgeAdaptError says why."""
+        wrong the session is left as it was and an EdgeAdaptError says why. A state saved by an engine of another
+        `parallel` is rebuilt from its tokens (Engine.restore)."""
         self._check_idle("load a conversation")
         snap, extra = load_snapshot(path)
         messages, turn, text = _chat_extra(extra, path)
