@@ -153,3 +153,22 @@ def test_a_mix_takes_the_samples_of_its_families_own_pools(engine, scorer, tmp_p
     other = list(build_pool(engine, scorer, mix, replace(SETTINGS, max_tokens=8), tmp_path / "mix8",
                             rescore=samples_in(tmp_path / "c")))
     assert [s.generated for s in other] == [True, True]
+
+
+def test_a_cached_pool_is_judged_by_the_scorer_of_this_run(engine, scorer, tmp_path):
+    """The cache keys what the replies depend on, not the scorer: another --scorer reuses the replies and judges
+    them again (it used to report the first scorer's right/wrong marks)."""
+    from edge_adapt.tasks.scorers import resolve_scorer
+
+    suite = arith_suite("test", 2)
+    first = [p.pool for p in build_pool(engine, scorer, suite, SETTINGS, tmp_path)]
+    for spec in ("regex:ZZZ-no-match", r"regex:(\w+)\W*$"):
+        check = resolve_scorer(spec)
+        again = [p for p in build_pool(engine, scorer, replace(suite, scorer=check), SETTINGS, tmp_path)]
+        assert not any(p.generated for p in again)  # the same replies, from the cache
+        for old, new in zip(first, (p.pool for p in again)):
+            assert [s.text for s in new.samples] == [s.text for s in old.samples]
+            for s in (*new.samples, new.greedy):
+                assert (s.extracted, s.correct) == (check.extract(s.text), check.correct(s.text, new.answer))
+        if spec.startswith("regex:ZZZ"):
+            assert not any(s.correct for p in again for s in (*p.pool.samples, p.pool.greedy))

@@ -29,6 +29,7 @@ from edge_adapt.engine.text import TextStream
 from edge_adapt.progress import Job, Progress
 from edge_adapt.tasks.base import Problem, Suite, stable_hash
 from edge_adapt.tasks.registry import family_of
+from edge_adapt.tasks.scorers import Scorer
 
 if TYPE_CHECKING:
     from edge_adapt.backends import PoolBackend
@@ -352,11 +353,21 @@ def build_pool_from(
             cache.append(pool)
             have[pool.key] = pool
             fresh.add(pool.key)
-        pool = have[key]
+        pool = _judged(have[key], suite.scorer_of(suite.problems[i]))
         generated = key in fresh
         fresh.discard(key)
         tokens = sum(s.n_tokens for s in pool.samples) + pool.greedy.n_tokens if generated else 0
         yield PoolProgress(i + 1, len(plan), generated, pool, tokens)
+
+
+def _judged(pool: PromptPool, check: Scorer) -> PromptPool:
+    """The pool with each reply's answer extracted and marked right or wrong by `check` now: the cache keys
+    what the replies depend on, not the scorer, so a pool made under another --scorer is judged again here."""
+    def one(s: PoolSample) -> PoolSample:
+        extracted, correct = check.extract(s.text), bool(check.correct(s.text, pool.answer))
+        return s if (s.extracted, s.correct) == (extracted, correct) else replace(s, extracted=extracted, correct=correct)
+
+    return replace(pool, samples=tuple(one(s) for s in pool.samples), greedy=one(pool.greedy))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ Spec strings (`resolve_scorer`): "final-number" (GSM8K-style), "stated-number" (
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -189,13 +191,21 @@ def resolve_scorer(spec: str) -> Scorer:
     if spec == "exact":
         return ExactMatch()
     if spec.startswith("regex:"):
-        return RegexMatch(spec[len("regex:") :])
+        return RegexMatch(spec[len("regex:") :], name=spec)
     module, sep, attr = spec.partition(":")
     if sep and module and attr:
+        # As `python -m` would: a module in the current directory is found (a console script's path lacks it).
+        here = os.getcwd()
+        added = here not in sys.path
+        if added:
+            sys.path.insert(0, here)
         try:
             fn = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
             raise UsageError(f"scorer {spec!r} cannot be loaded: {exc}") from None
+        finally:
+            if added:
+                sys.path.remove(here)
         if not callable(fn):
             raise UsageError(f"scorer {spec!r} is not callable")
         return CustomScorer(fn, spec)
