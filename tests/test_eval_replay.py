@@ -185,6 +185,9 @@ def test_replay_all_runs_on_a_pool():
     assert capped and all(1 <= r.mean_samples <= 2 for r in capped)
     judged = [r.setting for r in rows if r.strategy == "adaptive" and r.setting.startswith("by=oracle")]
     assert judged == ["by=oracle max=2 first=greedy", "by=oracle max=4 first=greedy", "by=oracle max=5 first=greedy"]
+    # N = 5, 2: halving and quartering N = 2 are the same schedule (2 -> 1), which is one row, not two.
+    pruned = [r.setting for r in rows if r.strategy == "prune"]
+    assert pruned == ["N=5 keep=2 at=16", "N=5 keep=1 at=16", "N=2 keep=1 at=16"]
 
 
 def test_plots_draw_the_perfect_judge_as_one_curve_across_budgets():

@@ -269,8 +269,9 @@ def replay_all(pools: Sequence[PromptPool], prune_points: Sequence[int], seed: i
     out += [adaptive(pools, 0.0, cap, seed=seed, greedy_first=True, by="oracle") for cap in sorted({2, 4, k}) if cap <= k]
     if prune_points:
         for n in sorted({k, max(2, k // 2), max(2, k // 4)}, reverse=True):
-            for keep in (0.5, 0.25):
-                out.append(prune(pools, prune_points, n, prune_schedule(n, len(prune_points), keep), seed=seed))
+            # Halving and quartering coincide for small N (2 -> 1 either way): each schedule once.
+            for keeps in dict.fromkeys(prune_schedule(n, len(prune_points), keep) for keep in (0.5, 0.25)):
+                out.append(prune(pools, prune_points, n, keeps, seed=seed))
         if len(prune_points) > 1:  # one cut at each point alone: K -> K/4 (the paper's "prune early" setting)
             for i in range(len(prune_points)):
                 keeps = [None] * len(prune_points)
