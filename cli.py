@@ -55,7 +55,7 @@ DataOpt = Annotated[Optional[Path], typer.Option("--data", help="suite file (gsm
 ScorerOpt = Annotated[Optional[str], typer.Option("--scorer", help="final-number | exact | regex:PATTERN | module:function")]
 PoolKOpt = Annotated[int, typer.Option("-k", "--samples", help="samples per prompt in the pool", min=1, max=64)]
 PoolTempOpt = Annotated[float, typer.Option("--temp", help="sampling temperature of the pool")]
-PrunePointsOpt = Annotated[Optional[list[int]], typer.Option("--prune-at", help="token counts where scores are recorded (repeatable)")]
+PrunePointsOpt = Annotated[Optional[list[int]], typer.Option("--prune-at", help="token counts where scores are recorded (repeatable; default 16 32, those below --max-tokens)")]
 CacheOpt = Annotated[Path, typer.Option("--cache", help="sample pool cache (resumable; shared by eval and label)")]
 BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="sample on this OpenAI-compatible server (vLLM, llama-server, edge-adapt serve) instead of in process; API key from $EDGE_ADAPT_BACKEND_KEY")]
 BackendModelOpt = Annotated[Optional[str], typer.Option("--backend-model", help="the server's model name (default: the one it serves)")]
@@ -574,7 +574,7 @@ def label_cmd(
     k: Annotated[int, typer.Option("-k", "--samples", help="samples per prompt", min=2, max=64)] = 16,
     temp: Annotated[float, typer.Option("--temp", help="sampling temperature")] = 0.7,
     max_tokens: PoolMaxTokOpt = None,
-    cut: Annotated[Optional[list[int]], typer.Option("--cut", help="also emit responses cut at this many tokens (repeatable)")] = None,
+    cut: Annotated[Optional[list[int]], typer.Option("--cut", help="also emit responses cut at this many tokens (repeatable; default 16 32 64, those below --max-tokens)")] = None,
     seed: SeedOpt = 0,
     model: ModelOpt = None,
     threads: ThreadsOpt = None,

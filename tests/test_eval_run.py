@@ -72,3 +72,16 @@ def test_pool_budget_is_each_familys_own_unless_given():
     # Prune points must lie below every family's budget (64 is the shortest).
     with pytest.raises(UsageError, match="below max_tokens 64"):
         pool_settings(mix.model_copy(update={"prune_points": [32, 64]}), suite)
+
+
+def test_default_prune_points_and_cuts_stop_below_a_short_max_tokens():
+    from edge_adapt.errors import UsageError, validated
+    from edge_adapt.eval import EvalConfig
+    from edge_adapt.train.labels import LabelConfig
+
+    assert EvalConfig(max_tokens=24).prune_points == [16] and EvalConfig().prune_points == [16, 32]
+    assert LabelConfig(out="l.jsonl", max_tokens=40).cuts == [16, 32] and LabelConfig(out="l.jsonl", max_tokens=8).cuts == []
+    # Points a user gives are kept as given, and checked against the budget where the suite is known.
+    assert EvalConfig(max_tokens=24, prune_points=[16, 32]).prune_points == [16, 32]
+    with pytest.raises(UsageError, match="prune_points must be positive and strictly increasing"):
+        validated(EvalConfig, {"prune_points": [32, 16]}, "eval")

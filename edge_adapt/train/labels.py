@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from edge_adapt.engine import Engine, EngineOptions, Sample, Vocab
 from edge_adapt.errors import UsageError, is_number, is_whole
-from edge_adapt.eval.config import PoolSource, token_points
+from edge_adapt.eval.config import PoolSource, defaults_below, token_points
 from edge_adapt.backends import LocalBackend, PoolBackend
 from edge_adapt.eval.pool import PoolSettings, PromptPool, build_pool_from, pool_job, samples_in
 from edge_adapt.fileio import atomic_file, check_target, removed_on_failure
@@ -63,6 +63,12 @@ class LabelConfig(PoolSource):
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
         return token_points(v, "cuts")
+
+    @model_validator(mode="after")
+    def _defaults_within_max_tokens(self) -> LabelConfig:
+        if "cuts" not in self.model_fields_set:
+            self.cuts = defaults_below(self.cuts, self.max_tokens)
+        return self
 
 
 def targets(scores: Sequence[float]) -> list[float]:
