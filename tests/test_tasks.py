@@ -144,3 +144,8 @@ def test_user_jsonl_suite_with_prompt_or_messages(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"prompt": "x"}\n')
     with pytest.raises(UsageError):
         jsonl_suite(tmp_path / "broken.jsonl")
+    (tmp_path / "levels.jsonl").write_text('{"prompt": "x", "answer": "1", "level": "3"}\n'
+                                           '{"prompt": "y", "answer": "2", "level": "hard"}\n')
+    with pytest.raises(UsageError, match=r"levels.jsonl: line 2: level must be a whole number .*, got 'hard'"):
+        jsonl_suite(tmp_path / "levels.jsonl")  # was: "unexpected ValueError: invalid literal for int()"
+    assert jsonl_suite(tmp_path / "levels.jsonl", n=1).problems[0].level == 3

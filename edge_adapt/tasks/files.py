@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edge_adapt.errors import UsageError
+from edge_adapt.errors import UsageError, is_whole
 from edge_adapt.tasks.base import ANSWER_FORMAT, Problem, Suite, user
 from edge_adapt.tasks.scorers import FinalNumber, Scorer, reference_number, resolve_scorer
 
@@ -62,8 +62,11 @@ def jsonl_suite(path: Path, scorer: Scorer | str = "final-number", n: int | None
             if not msgs or any(not isinstance(m, dict) or "role" not in m or "content" not in m for m in msgs):
                 raise UsageError(f"{path}: line {i + 1}: messages must be a list of {{role, content}}")
         level = row.get("level")
-        out.append(Problem(str(row.get("id", f"{Path(path).stem}-{i}")), msgs, str(row["answer"]),
-                           int(level) if level is not None else None))
+        if isinstance(level, str) and level.strip().lstrip("-").isdigit():
+            level = int(level)  # "3" is read as 3, as it always was
+        if level is not None and not is_whole(level):
+            raise UsageError(f"{path}: line {i + 1}: level must be a whole number (a difficulty), got {level!r:.40}")
+        out.append(Problem(str(row.get("id", f"{Path(path).stem}-{i}")), msgs, str(row["answer"]), level))
         if n is not None and len(out) == n:
             break
     return Suite(name or Path(path).stem, "file", tuple(out), sc)
