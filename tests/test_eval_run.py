@@ -85,3 +85,13 @@ def test_default_prune_points_and_cuts_stop_below_a_short_max_tokens():
     assert EvalConfig(max_tokens=24, prune_points=[16, 32]).prune_points == [16, 32]
     with pytest.raises(UsageError, match="prune_points must be positive and strictly increasing"):
         validated(EvalConfig, {"prune_points": [32, 16]}, "eval")
+
+
+def test_python_m_eval_says_what_is_wrong_in_one_line(capsys):
+    from edge_adapt.eval.__main__ import main
+
+    for argv, message in ((["n_prompts=3", "k=bogus"], "error: eval: k: Input should be a valid integer"),
+                          (["nprompts"], "error: expected key=value, got 'nprompts'")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from edge_adapt.errors import EdgeAdaptError
+from edge_adapt.errors import EdgeAdaptError, UsageError, validated
 from edge_adapt.eval import EvalConfig, run_eval
 
 
@@ -18,12 +18,12 @@ def parse(argv: list[str]) -> EvalConfig:
     for arg in argv:
         key, sep, raw = arg.partition("=")
         if not sep:
-            raise SystemExit(f"expected key=value, got {arg!r}")
+            raise UsageError(f"expected key=value, got {arg!r}")
         try:
             fields[key] = json.loads(raw)
         except json.JSONDecodeError:
             fields[key] = raw
-    return EvalConfig.model_validate(fields)
+    return validated(EvalConfig, fields, "eval")
 
 
 def main(argv: list[str] | None = None) -> int:
