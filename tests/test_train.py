@@ -245,6 +245,10 @@ def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
     result = train(cfg)
     assert result.exported.exists() and (tmp_path / "run" / "metrics.json").exists()
     assert len(result.epochs) == 2  # before training + one epoch
+    # Strict JSON, which every reader takes: the epoch before training has no training loss, written as null.
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
+    assert metrics["epochs"][0]["train_loss"] is None and metrics["epochs"][1]["train_loss"] > 0
     # Continuing from the checkpoint starts where that run ended: its before-training validation is the first
     # run's last epoch, not the untrained model's.
     # (It also trains with the within-prompt ranking loss on: the real scorer's rows through rank_loss.)

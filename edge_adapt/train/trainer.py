@@ -645,6 +645,17 @@ def _f(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _no_nan(x: Any) -> Any:
+    """`x` with NaN and infinities as null: strict JSON (epoch 0 has no training loss), which every reader takes."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_no_nan(v) for v in x]
+    return x
+
+
 def _write_metrics(cfg: TrainConfig, result: TrainResult, suffix_ids: list[int]) -> None:
     from dataclasses import asdict
 
@@ -656,7 +667,7 @@ def _write_metrics(cfg: TrainConfig, result: TrainResult, suffix_ids: list[int])
         "processes": result.processes, "train_rows": result.examples, "epochs": [asdict(e) for e in result.epochs],
     }
     with atomic_file(result.out / "metrics.json", force=True) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.write_text(json.dumps(_no_nan(data), indent=2, allow_nan=False) + "\n")
     _plot(result, result.out / "training.png")
 
 
