@@ -352,7 +352,8 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{bo['accuracy']:.3f} | {bo['tokens']:.0f} | {w['accuracy']:.3f} | {w['tokens']:.0f} | "
                      f"{a['minus_reference']:+.3f} ({a['minus_reference_ci'][0]:+.3f} … {a['minus_reference_ci'][1]:+.3f}) | "
                      f"{a['tokens'] / ref['tokens']:.2f} |")
-    lines += ["", "Best-of-N and weighted best-of-N use N = budget samples and no probe; auto's tokens include its probe.", ""]
+    lines += ["", "Best-of-N and weighted best-of-N use N = budget samples (at most the pool's K) and no probe; auto's "
+              "tokens include its probe.", ""]
     lines += verdict(t)
     lines += ["", "Cross-validation on the tuning prompts (two folds, each chosen on the other): " + ", ".join(
         f"budget {b}: {v['accuracy']:.3f} at {v['tokens']:.0f} tokens" for b, v in r["tuning"]["cross_validation"].items()), ""]
