@@ -243,3 +243,24 @@ def test_train_interrupted_leaves_no_output(moment: str, tmp_path: Path):
     interrupted(r.interrupt(signum=signal.SIGTERM if moment == "terminated" else signal.SIGINT))
     assert not out.exists()
     no_temp_files(tmp_path)
+
+
+def test_train_force_interrupted_leaves_the_earlier_run_whole(tmp_path: Path):
+    """`train --force` into an earlier run's directory, interrupted while training: the earlier run's checkpoint,
+    adapter, metrics and plot are all still its own (the checkpoint used to be the new run's, the rest the old)."""
+    pytest.importorskip("peft")
+    train, val = _labels(tmp_path / "t.jsonl", ["a", "b"]), _labels(tmp_path / "v.jsonl", ["c", "d"])
+    out = tmp_path / "run"
+    args = ["train", str(train), "--validation", str(val), "-o", str(out), "--epochs", "1", "--threads", "1"]
+    done = subprocess.run([sys.executable, "-m", "edge_adapt", *args], capture_output=True, timeout=900)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*")
+             if p.is_file() and "base-hf" not in p.parts}
+    assert {Path("adapter.gguf"), Path("metrics.json"), Path("training.png")} <= set(files)
+    r = Run([*args, "--force", "--epochs", "4", "--seed", "7"])
+    r.wait_for(lambda: (out / ".new" / "checkpoint").is_dir(), timeout=600)  # validated once, now training
+    interrupted(r.interrupt(), verbose=True)  # transformers' warnings and the progress lines come first
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*")
+            if p.is_file() and "base-hf" not in p.parts} == files
+    assert not (out / ".new").exists()
+    no_temp_files(tmp_path)

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from contextlib import contextmanager, nullcontext
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -451,9 +453,11 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
                 grow_rank(init, cfg.rank, out / "init-grown", seed=cfg.seed)
             acc.wait_for_everyone()
             init = out / "init-grown"
-    hf_dir = out / "base-hf"
-    if main and not (hf_dir / "config.json").exists():
+    hf_dir = out / "base-hf"  # kept between runs into one directory: it is the base model, imported once
+    source = _source_of(base_gguf)
+    if main and not ((hf_dir / "config.json").exists() and _read(hf_dir / SOURCE_FILE) == source):
         import_gguf(base_gguf, hf_dir, force=True)
+        (hf_dir / SOURCE_FILE).write_text(source)
     acc.wait_for_everyone()  # the others load what the main process imported
 
     scorer = _Scorer(cfg, hf_dir, suffix_ids, yes, no, checkpoint=init, device=str(acc.device))
@@ -474,7 +478,13 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
 
     history: list[EpochResult] = []
     best: EpochResult | None = None
-    best_dir = out / "checkpoint"
+    # The run's outputs are written under `stage` and moved in together at the end: an earlier run's (--force)
+    # stay whole until then, and a run that fails or is interrupted leaves them as they were.
+    stage = out / ".new"
+    best_dir = stage / "checkpoint"
+    if main:
+        shutil.rmtree(stage, ignore_errors=True)  # a killed run's (kill -9 leaves what Ctrl-C would take back)
+        stage.mkdir()
     step = 0
     rng = random.Random(cfg.seed)
     if cfg.validate_before:
@@ -537,17 +547,18 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
     assert best is not None
 
     meta = self_eval.model_dump(include={"format", "suffix", "yes", "no"})
-    exported = out / ("model.gguf" if cfg.method == "full" else "adapter.gguf")
+    name = "model.gguf" if cfg.method == "full" else "adapter.gguf"
     acc.wait_for_everyone()  # training is over everywhere before the main process exports
     if main:
         if cfg.method == "full":
-            convert_model(best_dir, exported, type=cfg.export_type, self_eval_config=meta, force=True)
+            convert_model(best_dir, stage / name, type=cfg.export_type, self_eval_config=meta, force=True)
         else:
-            convert_adapter(best_dir, base_gguf, exported, self_eval_config=meta, type="f16", force=True)
-    result = TrainResult(out, exported, best.epoch, history, time.perf_counter() - t_start, peak_rss() / 2**20,
+            convert_adapter(best_dir, base_gguf, stage / name, self_eval_config=meta, type="f16", force=True)
+    result = TrainResult(out, out / name, best.epoch, history, time.perf_counter() - t_start, peak_rss() / 2**20,
                          train_set.n_rows, world, main)
     if main:
-        _write_metrics(cfg, result, suffix_ids)
+        _write_metrics(cfg, result, suffix_ids, stage)
+        _move_in(stage, out)
     acc.wait_for_everyone()  # every process returns once the outputs are there
     return result
 
@@ -628,8 +639,6 @@ def grow_rank(checkpoint: Path, rank: int, dest: Path, seed: int = 0) -> Path:
 
 def _save(scorer: _Scorer, path: Path) -> None:
     """The PEFT adapter (or the whole model for `full`) with what the converter needs beside it."""
-    import shutil
-
     from edge_adapt.fileio import atomic_dir
 
     with atomic_dir(path, force=True) as tmp:
@@ -656,7 +665,7 @@ def _no_nan(x: Any) -> Any:
     return x
 
 
-def _write_metrics(cfg: TrainConfig, result: TrainResult, suffix_ids: list[int]) -> None:
+def _write_metrics(cfg: TrainConfig, result: TrainResult, suffix_ids: list[int], into: Path) -> None:
     from dataclasses import asdict
 
     from edge_adapt.fileio import atomic_file
@@ -666,9 +675,38 @@ def _write_metrics(cfg: TrainConfig, result: TrainResult, suffix_ids: list[int])
         "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1), "peak_rss_mib": round(result.peak_rss_mib),
         "processes": result.processes, "train_rows": result.examples, "epochs": [asdict(e) for e in result.epochs],
     }
-    with atomic_file(result.out / "metrics.json", force=True) as tmp:
+    with atomic_file(into / "metrics.json", force=True) as tmp:
         tmp.write_text(json.dumps(_no_nan(data), indent=2, allow_nan=False) + "\n")
-    _plot(result, result.out / "training.png")
+    _plot(result, into / "training.png")
+
+
+SOURCE_FILE = "edge_adapt_source.txt"
+
+
+def _source_of(gguf: Path) -> str:
+    """Which base model file an imported copy came from (path, size, modification time): another --model, or
+    the file changed, and the copy is imported again."""
+    st = Path(gguf).stat()
+    return f"{Path(gguf).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
+
+
+def _move_in(stage: Path, out: Path) -> None:
+    """Put every entry of `stage` in place of its namesake in `out` (renames, an earlier directory parked
+    aside first), then remove `stage`."""
+    import tempfile
+
+    parked = Path(tempfile.mkdtemp(prefix=".old.", dir=out))
+    for entry in sorted(stage.iterdir()):
+        dst = out / entry.name
+        if dst.is_dir():
+            os.replace(dst, parked / entry.name)
+        os.replace(entry, dst)
+    shutil.rmtree(parked, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def _plot(result: TrainResult, path: Path) -> None:
