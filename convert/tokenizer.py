@@ -231,7 +231,10 @@ def build_hf_tokenizer(kv: dict[str, Any], out: Path) -> None:
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges},
+                  # Rows past the tokenizer (UNUSED padding to a round size) stay out of it, as they were before
+                  # conversion: converting back makes them padding again, not normal tokens.
+                  "vocab": {t: i for i, t in enumerate(tokens) if types[i] != gguf.TokenType.UNUSED},
+                  "merges": merges},
     }
     tok = Tokenizer.from_str(json.dumps(spec))
 

@@ -139,3 +139,24 @@ def test_chat_template_and_special_tokens_carried(llama_dir: Path, tmp_path: Pat
         prompt = e.chat_prompt([{"role": "user", "content": "hi"}])
         assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         assert e.is_eog(e.tokenize("</s>")[0])
+
+
+def test_padding_tokens_stay_unused_through_import_and_back(llama_dir: Path, tmp_path: Path) -> None:
+    """HF -> GGUF -> HF -> GGUF gives the same vocabulary: the embedding rows past the tokenizer are padding
+    (UNUSED) both times, not normal tokens the second time."""
+    import gguf
+
+    from edge_adapt.convert import import_gguf
+
+    first = convert_model(llama_dir, tmp_path / "a.gguf", type="f32").path
+    import_gguf(first, tmp_path / "back")
+    second = convert_model(tmp_path / "back", tmp_path / "b.gguf", type="f32").path
+
+    def vocab(path: Path) -> tuple[list[str], list[int]]:
+        r = gguf.GGUFReader(path)
+        toks, types = r.fields["tokenizer.ggml.tokens"], r.fields["tokenizer.ggml.token_type"]
+        return ([bytes(toks.parts[i]).decode() for i in toks.data], [int(types.parts[i][0]) for i in types.data])
+
+    (tokens, types), again = vocab(first), vocab(second)
+    assert gguf.TokenType.UNUSED in types  # the fixture pads its vocabulary
+    assert again == (tokens, types)
