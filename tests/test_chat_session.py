@@ -183,3 +183,15 @@ def test_chat_settings_of_the_wrong_type_are_named_and_a_strategy_may_be_a_dict(
     with pytest.raises(UsageError, match="not valid Unicode"):
         list(chat.send("caf\udce9"))
     assert chat.messages == [] and engine.live_sequences == 0
+
+
+def test_a_snapshot_needs_a_file_name(engine: Engine, tmp_path):
+    chat = ChatSession(engine, params=GREEDY, max_tokens=4)
+    try:
+        _reply(chat, "Hi.")
+        for bad in (None, b"c.snap", ""):  # "" would be '.', the current directory
+            for act in (lambda: chat.save(bad), lambda: chat.load(bad)):
+                with pytest.raises(UsageError, match="a snapshot is a file: give its name"):
+                    act()
+    finally:
+        chat.close()

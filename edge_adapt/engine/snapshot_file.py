@@ -4,6 +4,7 @@ the next-token logits, llama.cpp's sequence state bytes and a CRC-32 of all that
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from edge_adapt.engine.engine import Snapshot
-from edge_adapt.errors import EdgeAdaptError, is_whole
+from edge_adapt.errors import EdgeAdaptError, UsageError, is_whole
 from edge_adapt.fileio import atomic_output, read_user_file
 
 MAGIC = b"EDGESNAP"
@@ -22,7 +23,15 @@ _HEAD = struct.Struct("<8sIQQQ")  # magic, version, json bytes, logits bytes, st
 _CRC = struct.Struct("<I")  # after the state: zlib.crc32 of every byte before it
 
 
+def _file_name(path: object) -> Path:
+    """`path` as a Path, when it names a file (not None, bytes or the empty string, which is '.')."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise UsageError(f"a snapshot is a file: give its name, not {path!r:.40}")
+    return Path(path)
+
+
 def save_snapshot(snap: Snapshot, path: str | Path, *, extra: dict[str, Any] | None = None, force: bool = False) -> None:
+    path = _file_name(path)
     meta = {
         "model": snap.model_fingerprint,
         "tokens": list(snap.tokens),
@@ -49,7 +58,7 @@ def load_snapshot(path: str | Path) -> tuple[Snapshot, dict[str, Any]]:
     mapping), so a crafted file fails here with one line. What depends on the model (fingerprint, vocabulary,
     logits width, state bytes) is checked by `check_against`.
     """
-    p = Path(path)
+    p = _file_name(path)
     data = read_user_file(p, max_bytes=MAX_SNAPSHOT_BYTES, error=EdgeAdaptError)
     if len(data) < _HEAD.size or data[:8] != MAGIC:
         raise EdgeAdaptError(f"{p}: not an edge-adapt snapshot")
