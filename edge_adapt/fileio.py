@@ -176,6 +176,18 @@ def atomic_file(path: str | os.PathLike[str], *, force: bool = False) -> Iterato
         raise
 
 
+def replace_path(new: Path, target: Path) -> None:
+    """Rename `new` (a file or a directory) to `target`, in place of what is there. A directory cannot be replaced
+    in one rename: the old one is parked beside it until the new one is in place, then removed."""
+    if not target.is_dir():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent or "."))
+    os.replace(target, old / "x")
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
     """Like atomic_file for a directory: filled under a temp name, swapped in only when complete."""
@@ -191,14 +203,7 @@ def atomic_dir(path: str | os.PathLike[str], *, force: bool = False) -> Iterator
     try:
         yield tmp
         interrupts.check()
-        if target.exists():
-            # A directory cannot be replaced in one rename; park the old one until the new one is in place.
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent or "."))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_path(tmp, target)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelFileError(os_error_message(target, exc)) from None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from contextlib import contextmanager, nullcontext
 import random
 import shutil
@@ -695,17 +694,11 @@ def _read(path: Path) -> str | None:
 
 
 def _move_in(stage: Path, out: Path) -> None:
-    """Put every entry of `stage` in place of its namesake in `out` (renames, an earlier directory parked
-    aside first), then remove `stage`."""
-    import tempfile
+    """Put every entry of `stage` in place of its namesake in `out` (renames), then remove `stage`."""
+    from edge_adapt.fileio import replace_path
 
-    parked = Path(tempfile.mkdtemp(prefix=".old.", dir=out))
     for entry in sorted(stage.iterdir()):
-        dst = out / entry.name
-        if dst.is_dir():
-            os.replace(dst, parked / entry.name)
-        os.replace(entry, dst)
-    shutil.rmtree(parked, ignore_errors=True)
+        replace_path(entry, out / entry.name)
     shutil.rmtree(stage, ignore_errors=True)
 
 
