@@ -11,38 +11,12 @@ from edge_adapt.engine import GREEDY, Engine, SamplingParams
 from edge_adapt.errors import UsageError
 from edge_adapt.selfeval import SelfEvalConfig, SelfEvaluator, p_keep
 from edge_adapt.strategies import Chosen, StrategyConfig, run_strategy
+from lora_files import make_lora
 
 pytestmark = pytest.mark.slow  # the embedded model, both KV layouts: about a minute on 2 shared cores
 
 PROMPT = [{"role": "user", "content": "Name three colours and explain which one you like best."}]
 PARAMS = [GREEDY, SamplingParams(temperature=0.9, seed=3), SamplingParams(temperature=1.2, seed=11)]
-
-
-def make_lora(path: Path, *, rank: int = 8, seed: int = 0, invocation=None, meta=None) -> Path:
-    """A random LoRA (or aLoRA) on attn_q / attn_v of every block of SmolLM2-135M."""
-    import gguf
-
-    rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_type("adapter")
-    w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", float(rank))
-    if invocation:
-        w.add_key_value(  # llama.cpp accepts only a uint32 array here
-            "adapter.alora.invocation_tokens", [int(t) for t in invocation],
-            gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32,
-        )
-    for k, v in (meta or {}).items():
-        w.add_string(f"edge_adapt.{k}", v)
-    for b in range(30):
-        for name, n_out in (("attn_q", 576), ("attn_v", 192)):
-            w.add_tensor(f"blk.{b}.{name}.weight.lora_a", (rng.standard_normal((rank, 576)) * 0.05).astype(np.float32))
-            w.add_tensor(f"blk.{b}.{name}.weight.lora_b", (rng.standard_normal((n_out, rank)) * 0.05).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["split-kv", "unified-kv"])
@@ -211,6 +185,45 @@ def test_adapter_gguf_carries_the_self_eval_config(engine, tmp_path):
     assert SelfEvaluator(engine, SelfEvalConfig(adapter=path)).config.question == "Is this answer correct?"
     explicit = SelfEvaluator(engine, SelfEvalConfig(question="Sure?"), adapter_path=path)
     assert explicit.config.question == "Sure?"  # what the caller sets wins over the file's keys
+
+
+# Adapters llama.cpp refuses for this model; each is refused by name before llama.cpp is asked (the server
+# checks before it announces "listening"), and llama.cpp's own verdict is checked to be the same.
+WRONG_ADAPTERS = {
+    "wider model": (dict(n_embd=960, n_embd_kv=320), "does not fit"),
+    "more blocks": (dict(n_blocks=32), "'blk.30.attn_q.weight', which"),
+    "narrower k/v": (dict(n_embd_kv=128), "does not fit"),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_ADAPTERS)
+def test_adapter_for_another_model_is_refused_by_name(engine, tmp_path, case):
+    from edge_adapt.engine.handles import Adapter
+    from edge_adapt.errors import ModelFileError
+
+    sizes, message = WRONG_ADAPTERS[case]
+    path = make_lora(tmp_path / "wrong.gguf", **sizes)
+    with pytest.raises(ModelFileError, match="could not load this adapter"):
+        Adapter(engine.model, path)  # what the check stands in front of
+    for load in (lambda: SelfEvaluator(engine, adapter_path=path), lambda: engine.load_adapter(path)):
+        with pytest.raises(ModelFileError, match=message) as refused:
+            load()
+        assert "another model" in str(refused.value)
+
+
+def test_adapter_of_another_architecture_is_refused_by_name(engine, tmp_path):
+    import gguf
+
+    from edge_adapt.errors import ModelFileError
+
+    path = make_lora(tmp_path / "lora.gguf")
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"llama")  # general.architecture, the first string value the writer puts in the file
+    raw[at : at + 5] = b"qwen2"
+    path.write_bytes(bytes(raw))
+    assert gguf.GGUFReader(path).fields["general.architecture"].contents() == "qwen2"
+    with pytest.raises(ModelFileError, match="'qwen2' architecture, .* is 'llama'"):
+        SelfEvaluator(engine, adapter_path=path)
 
 
 @pytest.mark.parametrize("strategy", ["best-of-n", "prune", "adaptive"])

@@ -14,6 +14,7 @@ import numpy as np
 import openai
 import pytest
 
+from lora_files import make_lora
 from serving import ServerProcess, running_server
 
 MODEL = "default"
@@ -540,6 +541,7 @@ REFUSED_BEFORE_LISTENING = {
     "truncated model": ["{tmp}/truncated.gguf"],
     "missing adapter": ["--adapter", "{tmp}/missing.gguf"],
     "adapter not a GGUF": ["--adapter", "{tmp}/noise.gguf"],
+    "adapter for a wider model": ["--adapter", "{tmp}/wider.gguf"],
     "memory plan over --mem-budget": ["--parallel", "256", "--ctx", "8192", "--mem-budget", "2GB"],
 }
 
@@ -561,6 +563,7 @@ def test_bad_arguments_are_refused_before_listening(tmp_path, args: list[str]) -
     with default_model_path().open("rb") as model:
         (tmp_path / "truncated.gguf").write_bytes(model.read(1000))
     (tmp_path / "noise.gguf").write_bytes(b"not a GGUF file at all" * 64)
+    make_lora(tmp_path / "wider.gguf", n_embd=960, n_embd_kv=320)
     cmd = [sys.executable, "-m", "edge_adapt", "serve", "--port", "0", *(a.format(tmp=tmp_path) for a in args)]
     done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
     errors = [line for line in done.stderr.splitlines() if line.strip()]

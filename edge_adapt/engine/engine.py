@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge_adapt.engine.budget import sequence_ids
 from edge_adapt.engine.device import Device, gpu_layers_for, physical_cores
 from edge_adapt.engine.events import Cancelled, Done, Event, Finished, FinishReason, SampleStarted, Token, Usage
-from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
+from edge_adapt.engine.gguf_file import GGUFInfo, check_adapter_fits, inspect_gguf
 from edge_adapt.engine.handles import Adapter, Batch, Context, Model, init_backend
 from edge_adapt.engine.outputs import Outputs
 from edge_adapt.engine.sampling import SamplingParams, check_bias_vocabulary, token_logprobs, top_logprobs
@@ -678,7 +678,7 @@ class Engine(TextModel):
     def load_adapter(self, path: Path) -> Adapter:
         path = Path(path)
         if path not in self._adapters:
-            inspect_gguf(path, expect="adapter")
+            check_adapter_fits(self.info, inspect_gguf(path, expect="adapter"))  # by name, not "could not load"
             self._adapters[path] = Adapter(self.model, path)
         return self._adapters[path]
 

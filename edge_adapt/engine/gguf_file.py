@@ -53,6 +53,7 @@ class GGUFInfo:
     chat_template: str | None
     edge_adapt: dict[str, Any] = field(default_factory=dict)
     adapter: dict[str, Any] = field(default_factory=dict)
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)  # ggml order: ne[0] first
 
     @property
     def kv_bytes_per_token_f16(self) -> int:
@@ -255,7 +256,7 @@ def inspect_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUF
             n_params=n_params, n_layers=0, n_embd=0, n_head=0, n_head_kv=0, head_dim_k=0, head_dim_v=0,
             n_ctx_train=0, n_vocab=0, n_ff=0, file_type=_file_type_name(get("general.file_type")),
             tensor_types=dict(type_counts), tensor_bytes=sum(t.n_bytes for t in tensors), chat_template=None,
-            edge_adapt=edge_meta, adapter=adapter,
+            edge_adapt=edge_meta, adapter=adapter, tensor_shapes={t.name: t.shape for t in tensors},
         )
 
     known = set(gguf.MODEL_ARCH_NAMES.values())
@@ -287,8 +288,43 @@ def inspect_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUF
         n_vocab=n_vocab, n_ff=int(_scalar(get(f"{arch}.feed_forward_length", 4 * n_embd))),
         file_type=_file_type_name(get("general.file_type")), tensor_types=dict(type_counts),
         tensor_bytes=sum(t.n_bytes for t in tensors), chat_template=template if isinstance(template, str) else None,
-        edge_adapt=edge_meta,
+        edge_adapt=edge_meta, tensor_shapes={t.name: t.shape for t in tensors},
     )
+
+
+def check_adapter_fits(model: GGUFInfo, adapter: GGUFInfo) -> None:
+    """Refuse, before any weights are loaded, an adapter that llama.cpp would refuse for this model, naming
+    the first mismatch; llama.cpp itself says only that loading failed. The checks are llama-adapter.cpp's:
+    the architecture, then each lora_a / lora_b pair against the model tensor it adapts (shapes in ggml
+    order: the model's (n_in, n_out), A's (n_in, r), B's (r, n_out); flipped for token_embd)."""
+    where = f"{adapter.path}: adapter"
+    if adapter.architecture != model.architecture:
+        raise ModelFileError(f"{where} is for the {adapter.architecture!r} architecture, "
+                             f"{model.path.name} is {model.architecture!r}")
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, shape in adapter.tensor_shapes.items():
+        base, dot, part = name.rpartition(".")
+        if part in ("lora_a", "lora_b"):
+            pairs.setdefault(base, {})[part] = shape
+        elif not name.endswith("_norm.weight"):  # llama.cpp skips norm tensors
+            raise ModelFileError(f"{where} tensor {name!r} is not a lora_a / lora_b tensor")
+    for base, pair in pairs.items():
+        if len(pair) != 2:
+            raise ModelFileError(f"{where} has {base}.{next(iter(pair))} without its other half")
+        target = model.tensor_shapes.get(base)
+        if target is None:
+            raise ModelFileError(f"{where} adapts {base!r}, which {model.path.name} does not have "
+                                 "(an adapter made for another model?)")
+        a, b = pair["lora_a"], pair["lora_b"]
+        if len(target) != 2 or len(a) != 2 or len(b) != 2:
+            fits = False
+        elif base.endswith("token_embd.weight"):
+            fits = (target[0], target[1]) == (b[1], a[1])
+        else:
+            fits = (target[0], target[1]) == (a[0], b[1]) and a[1] == b[0]
+        if not fits:
+            raise ModelFileError(f"{where} for {base!r} (lora_a {list(a)}, lora_b {list(b)}) does not fit "
+                                 f"{model.path.name}'s {list(target)} (an adapter made for another model?)")
 
 
 def _scalar(value: Any) -> Any:

@@ -38,9 +38,11 @@ def resolve_config(engine: Engine, config: SelfEvalConfig | None, adapter_path: 
         if is_default_model(engine.model_path):
             path = default_selfeval_adapter()
     if path is not None:
-        from edge_adapt.engine.gguf_file import inspect_gguf
+        from edge_adapt.engine.gguf_file import check_adapter_fits, inspect_gguf
 
-        meta.update(inspect_gguf(path, expect="adapter").edge_adapt)
+        adapter = inspect_gguf(path, expect="adapter")
+        check_adapter_fits(engine.info, adapter)
+        meta.update(adapter.edge_adapt)
     data = SelfEvalConfig.from_gguf_metadata(meta).model_dump(exclude_unset=True)
     if config is not None:
         data.update(config.model_dump(exclude_unset=True))
