@@ -217,6 +217,10 @@ def test_auto_uses_the_largest_tuned_budget_that_fits(tmp_path):
         (dict(budgets={"4": [{"strategy": "warp"}] * 5}), "unknown strategy 'warp'"),
         (dict(budgets={"4": [{"strategy": "probe"}] * 3}), "5 choices, one per bin"),
         (dict(format="other/1"), "is not an edge-adapt policy"),
+        (dict(budgets={"4": [{"strategy": "vote", "options": {"extractor": "regex", "pattern": "(.*)*!"}}] * 5}),
+         "spends compute, not extractor, pattern"),
+        (dict(budgets={"4": [{"strategy": "best-of-n", "options": {"self_eval": {"adapter": "/etc/passwd"}}}] * 5}),
+         "not self_eval"),
     ],
 )
 def test_auto_bad_policy_or_budget_is_a_one_line_error_before_decoding(tmp_path, kw, message):
@@ -227,6 +231,18 @@ def test_auto_bad_policy_or_budget_is_a_one_line_error_before_decoding(tmp_path,
         run_strategy(e, [1, 2, 3], StrategyConfig(strategy="auto", budget=budget, policy=path), FakeScorer(unique_score))
     assert message in str(err.value) and "\n" not in str(err.value)
     assert e.decode_calls == 0
+
+
+def test_policy_options_are_strategy_config_settings():
+    from edge_adapt.strategies.policy import POLICY_OPTIONS
+
+    names = set()
+    for name, field in StrategyConfig.model_fields.items():
+        alias = field.validation_alias
+        names |= {name, *(alias.choices if alias is not None else ())}
+    assert POLICY_OPTIONS <= names
+    for owned_by_the_caller in ("max_tokens", "stop", "seed", "self_eval", "extractor", "pattern", "policy"):
+        assert owned_by_the_caller not in POLICY_OPTIONS
 
 
 def test_policy_bins_run_from_easy_to_hard(tmp_path):

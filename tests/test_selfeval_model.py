@@ -11,7 +11,7 @@ from edge_adapt.engine import GREEDY, Engine, SamplingParams
 from edge_adapt.errors import UsageError
 from edge_adapt.selfeval import SelfEvalConfig, SelfEvaluator, p_keep
 from edge_adapt.strategies import Chosen, StrategyConfig, run_strategy
-from lora_files import make_lora
+from lora_files import make_lora  # tests/ is on sys.path under pytest
 
 pytestmark = pytest.mark.slow  # the embedded model, both KV layouts: about a minute on 2 shared cores
 

@@ -3,6 +3,7 @@ scheduler and the embedded model, no mocks."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import threading
@@ -14,7 +15,8 @@ import numpy as np
 import openai
 import pytest
 
-from lora_files import make_lora
+from edge_adapt.engine.default_model import default_policy
+from lora_files import make_lora  # tests/ is on sys.path under pytest
 from serving import ServerProcess, running_server
 
 MODEL = "default"
@@ -210,6 +212,15 @@ def test_invalid_strategy_settings_are_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="inline JSON object"):
         client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8,
                                        extra_body={"edge_adapt": {"strategy": "auto", "policy": "/etc/passwd"}})
+    # A bin's options are the policy's spending settings only: a regex of its own would run on the scheduler's
+    # thread (this one backtracks for minutes on a long reply, and every client would wait).
+    policy = json.loads(default_policy().read_text())
+    policy["budgets"] = {"2": [{"strategy": "vote", "options": {"budget": 2, "extractor": "regex",
+                                                                "pattern": r"([\s\S]*)([\s\S]*)([\s\S]*)!"}}] * 5}
+    with pytest.raises(openai.BadRequestError, match="not extractor, pattern") as bad:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8,
+                                       extra_body={"edge_adapt": {"strategy": "auto", "budget": 2, "policy": policy}})
+    assert bad.value.param == "edge_adapt.policy"  # type: ignore[attr-defined]
 
 
 # -- errors -------------------------------------------------------------------------------------------------

@@ -20,6 +20,14 @@ from edge_adapt.strategies.registry import STRATEGIES
 POLICY_FORMAT = "edge-adapt-policy/1"
 N_BINS = 5
 PROBE = "probe"  # answer with the probe sample itself: no more compute for this bin
+# What a bin may set: how its strategy spends and searches (StrategyConfig's names). Not what the caller owns
+# (max_tokens, stop, seed, the scorer, how answers are extracted): a policy also arrives inline in HTTP requests,
+# where a bin's regex `pattern` would run on the server's scheduler thread and could stall every client.
+POLICY_OPTIONS = frozenset({
+    "budget", "n", "k", "keep", "threshold", "prune_threshold", "prune_at", "temperature", "schedule", "t_min",
+    "t_max", "top_k", "top_p", "min_p", "repeat_penalty", "max_step_tokens", "beam_width", "max_rounds",
+    "lookahead", "sequential_ratio",
+})
 
 
 class PolicyChoice(BaseModel):
@@ -37,6 +45,9 @@ class PolicyChoice(BaseModel):
     def _known(self) -> PolicyChoice:
         if self.strategy != PROBE and (self.strategy not in STRATEGIES or self.strategy == "auto"):
             raise ValueError(f"unknown strategy {self.strategy!r} in the policy")
+        if other := sorted(set(self.options) - POLICY_OPTIONS):
+            raise ValueError(f"a policy's bin sets how its strategy spends compute, not {', '.join(other)} "
+                             "(the caller's settings)")
         return self
 
     def describe(self) -> str:
