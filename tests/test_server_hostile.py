@@ -67,7 +67,6 @@ def test_wrong_types_are_400_naming_the_field(server: ServerProcess, field: str,
     [],
     [{"role": "wizard", "content": "hi"}],
     [{"role": "tool", "content": "hi", "tool_call_id": "x"}],
-    [{"role": "user", "content": ""}],
     [{"role": "user", "content": None}],
     [{"role": "user"}],
     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
@@ -76,6 +75,24 @@ def test_wrong_types_are_400_naming_the_field(server: ServerProcess, field: str,
 def test_bad_messages_are_400(server: ServerProcess, messages: list) -> None:
     err = _error(_post(server, {**OK_BODY, "messages": messages}), 400)
     assert err["param"] is not None and err["param"].startswith("messages")
+
+
+def test_empty_content_and_null_options_are_accepted_as_openai_reads_them(server: ServerProcess) -> None:
+    """An empty system turn, and an empty reply sent back as history, are messages OpenAI accepts; null for
+    an optional field is its default."""
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": ""}, {"role": "user", "content": "Hi again"}]
+    assert _post(server, {**OK_BODY, "messages": messages}).status_code == 200
+    nulls = {"n": None, "stream": None, "logprobs": None, "stream_options": None, "edge_adapt": None, "stop": None}
+    plain = _post(server, {**OK_BODY, "seed": 3}).json()
+    nulled = _post(server, {**OK_BODY, "seed": 3, **nulls}).json()
+    assert nulled["choices"] == plain["choices"] and len(nulled["choices"]) == 1
+    completion = {"prompt": "Hi", "max_tokens": 2, "seed": 3}
+    assert _post(server, {**completion, "n": None, "stream": None, "logprobs": None,
+                          "return_tokens_as_token_ids": None}, "/v1/completions").json()["choices"] \
+        == _post(server, completion, "/v1/completions").json()["choices"]
+    for required in ({"messages": None}, {"edge_adapt": {"strategy": None}}):
+        assert _post(server, {**OK_BODY, **required}).status_code == 400
 
 
 def test_text_parts_are_accepted(server: ServerProcess) -> None:

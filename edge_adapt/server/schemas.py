@@ -61,6 +61,16 @@ def _utf8(text: str, what: str) -> str:
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """null for an optional field means its default, as OpenAI reads it (clients send "n": null, "stream":
+        null); a required field keeps its null, to be refused by name."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+
 
 class StreamOptions(_Body):
     include_usage: bool = False
@@ -191,9 +201,7 @@ class ChatMessage(_Body):
             v = "".join(texts)
         if not isinstance(v, str):
             raise ValueError("must be a string or a list of text parts")
-        if not v:
-            raise ValueError("must not be empty")
-        return _utf8(v, "the content")
+        return _utf8(v, "the content")  # "" too, as OpenAI: an empty system turn, an empty reply sent back
 
 
 class ChatCompletionRequest(_Completion):
