@@ -451,6 +451,9 @@ def test_cors_only_for_the_allowed_origin(server: ServerProcess, guarded: Server
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
         r = bare.options(f"{guarded.base}/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
         assert r.headers.get("access-control-allow-origin") != "http://evil.example"
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"  # OpenAI's shape
+        r = bare.options(f"{guarded.base}/v1/chat/completions", headers={**preflight, "Access-Control-Request-Method": "PUT"})
+        assert r.status_code == 400 and "method" in r.json()["error"]["message"]
         # Without --cors-origin no browser origin is allowed.
         r = bare.get(f"{server.base}/v1/models", headers={"Origin": ORIGIN})
         assert "access-control-allow-origin" not in r.headers

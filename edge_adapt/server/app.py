@@ -19,14 +19,13 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from edge_adapt.engine.events import Done
 from edge_adapt.errors import EdgeAdaptError
 from edge_adapt.server import metrics as prometheus
-from edge_adapt.server.guard import MAX_BODY, Guard
+from edge_adapt.server.guard import CORS, MAX_BODY, Guard
 from edge_adapt.server.jobs import ScoringModel, chat_tokens, completion_tokens, plan_job
 from edge_adapt.server.openai_errors import (
     APIError, bad_request, from_library, from_pydantic, on_api_error, on_http_error, on_unexpected,
@@ -107,7 +106,7 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
     app.add_middleware(Guard, api_key=api_key, max_body=max_body, origins=tuple(cors_origins),  # type: ignore[arg-type]
                        loopback_only=loopback_only, stopping=state.stopping)
     if cors_origins:  # added last: outermost, so a preflight is answered before the key is asked for
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+        app.add_middleware(CORS, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what some health checkers send

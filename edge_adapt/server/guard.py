@@ -11,6 +11,10 @@ import ipaddress
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+
 from edge_adapt.server.openai_errors import APIError, shutting_down
 
 Scope = MutableMapping[str, Any]
@@ -36,6 +40,26 @@ def is_loopback_name(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return name == "localhost" or name.endswith(".localhost")  # browsers resolve these to loopback themselves
+
+
+def origin_refused(origin: str) -> APIError:
+    return APIError(403, f"requests from the web page origin {origin!r} are refused; start the server with "
+                         f"--cors-origin {origin} to allow it", code="origin_not_allowed")
+
+
+class CORS(CORSMiddleware):
+    """Starlette's CORS middleware, whose refusal of a preflight is in OpenAI's error shape: a 403 for an origin
+    the server does not serve, as Guard answers that origin's other requests (Starlette's is a plain-text 400)."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        origin = request_headers["origin"]
+        if not self.is_allowed_origin(origin=origin):
+            return origin_refused(origin).response()
+        return APIError(400, f"the preflight asks for what this server does not allow ({bytes(response.body).decode()})",
+                        code="cors_not_allowed").response()
 
 
 class Guard:
@@ -68,9 +92,7 @@ class Guard:
             return
         origin = headers.get("origin")
         if origin is not None and "*" not in self.origins and origin not in self.origins:
-            await self._refuse(receive, send, APIError(
-                403, f"requests from the web page origin {origin!r} are refused; start the server with "
-                     f"--cors-origin {origin} to allow it", code="origin_not_allowed"), more=sending)
+            await self._refuse(receive, send, origin_refused(origin), more=sending)
             return
         if self.api_key is not None and scope["method"] != "OPTIONS" and not _open(scope["path"]):
             given = headers.get("authorization", "")
