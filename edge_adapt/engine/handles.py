@@ -19,6 +19,7 @@ from typing import Any
 import llama_cpp.llama_cpp as ll
 import numpy as np
 
+from edge_adapt.engine.special_cuts import Special, safe_cuts
 from edge_adapt.errors import EngineError, ModelFileError, UsageError
 
 _backend_lock = threading.Lock()
@@ -81,6 +82,53 @@ def _unfreed(ptr: Any, handle: Any) -> Any:
     return handle
 
 
+class SharedLock:
+    """Held by many threads at once (`shared`) or by one (`exclusive`), which waits for the others and keeps new
+    ones out while it waits. The model's calls into llama.cpp read the vocabulary and may run side by side (as
+    llama-server tokenizes in its HTTP threads while its loop decodes): a long tokenization must not hold up the
+    decode loop's token lookups. Freeing the model is the exclusive use."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._holders = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holders -= 1
+                if not self._holders:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._exclusive = True
+            while self._holders:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+# A text longer than this is looked at for special tokens to cut it at (edge_adapt.engine.special_cuts); below
+# it, at most a few thousand special tokens fit, whose quadratic cost in llama.cpp is a few milliseconds.
+CUT_ABOVE_BYTES = 1 << 14
+SPECIALS_PER_PIECE = 256
+
+
 class Model:
     """A loaded llama_model and its vocabulary."""
 
@@ -98,7 +146,7 @@ class Model:
         if not ptr:
             raise ModelFileError(f"{path}: llama.cpp could not load this model (run with --verbose for its log)")
         self._ptr = ptr
-        self._lock = threading.RLock()  # re-entrant: closing runs the contexts' and adapters' own closes
+        self._lock = SharedLock()
         self._stack = ExitStack()
         self._stack.callback(self._free)
         self._vocab = ll.llama_model_get_vocab(ptr)
@@ -107,6 +155,7 @@ class Model:
         self.bos = ll.llama_vocab_bos(self.vocab)
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
+        self._specials: dict[bool, list[Special]] = {}
 
     def _free(self) -> None:
         if self._ptr:
@@ -127,7 +176,7 @@ class Model:
         return not self._ptr
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock.exclusive():
             self._stack.close()
 
     def on_close(self, callback) -> None:  # type: ignore[no-untyped-def]
@@ -141,9 +190,17 @@ class Model:
         except UnicodeEncodeError as exc:  # a lone surrogate: bytes that were not UTF-8, decoded with surrogateescape
             raise UsageError(f"the text is not valid Unicode ({exc.object[exc.start:exc.end]!r} at character "
                              f"{exc.start})") from None
+        cuts = self._cuts(data, parse_special, add_special)
+        tokens: list[int] = []
+        for start, end in zip([0, *cuts], [*cuts, len(data)]):
+            tokens += self._tokenize(data[start:end], add_special=add_special and start == 0,
+                                     parse_special=parse_special)
+        return tokens
+
+    def _tokenize(self, data: bytes, *, add_special: bool, parse_special: bool) -> list[int]:
         capacity = len(data) + 16
         buf = (ll.llama_token * capacity)()
-        with self._lock:
+        with self._lock.shared():
             n = ll.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
             if n < 0:
                 capacity = -n
@@ -153,12 +210,43 @@ class Model:
             raise EngineError("tokenization failed")
         return list(buf[:n])
 
+    def _cuts(self, data: bytes, parse_special: bool, add_special: bool) -> list[int]:
+        """Where a long text is cut into pieces tokenized one by one (edge_adapt.engine.special_cuts): only for
+        the vocabularies whose tokenizer treats each piece between special tokens on its own (SentencePiece
+        and BPE), and not where an end-of-text token is added after the last piece."""
+        if len(data) <= CUT_ABOVE_BYTES:
+            return []
+        with self._lock.shared():
+            kind = ll.llama_vocab_type(self.vocab)
+            adds_eos = ll.llama_vocab_get_add_eos(self.vocab)
+        if kind not in (ll.LLAMA_VOCAB_TYPE_SPM, ll.LLAMA_VOCAB_TYPE_BPE) or (add_special and adds_eos):
+            return []
+        return safe_cuts(data, self._special_tokens(parse_special), SPECIALS_PER_PIECE)
+
+    def _special_tokens(self, parse_special: bool) -> list[Special]:
+        """The tokens llama.cpp looks for in a text before tokenizing it: control, user-defined and unknown ones,
+        only the user-defined ones when special tokens are not parsed."""
+        found = self._specials.get(parse_special)
+        if found is None:
+            kinds = ll.LLAMA_TOKEN_ATTR_USER_DEFINED
+            if parse_special:
+                kinds |= ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_UNKNOWN
+            found = []
+            with self._lock.shared():
+                for token in range(self.n_vocab):
+                    attr = ll.llama_vocab_get_attr(self.vocab, token)
+                    if attr & kinds:
+                        found.append(Special(ll.llama_vocab_get_text(self.vocab, token) or b"",
+                                             bool(attr & ll.LLAMA_TOKEN_ATTR_RSTRIP)))
+            self._specials[parse_special] = found
+        return found
+
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for, without rendering control tokens (cached: the hot loop calls this)."""
         cached = self._pieces.get(token)
         if cached is None:
             buf = ctypes.create_string_buffer(64)
-            with self._lock:
+            with self._lock.shared():
                 n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
                 if n < 0:
                     buf = ctypes.create_string_buffer(-n)
@@ -170,18 +258,18 @@ class Model:
         """Whether a token ends generation (cached like `piece`: a call into llama.cpp costs microseconds)."""
         eog = self._eog.get(token)
         if eog is None:
-            with self._lock:
+            with self._lock.shared():
                 eog = self._eog[token] = bool(ll.llama_vocab_is_eog(self.vocab, token))
         return eog
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1 << 16)
-        with self._lock:
+        with self._lock.shared():
             n = ll.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
         return None if n < 0 else buf.value.decode("utf-8", "replace")
 
     def chat_template(self) -> str | None:
-        with self._lock:
+        with self._lock.shared():
             tpl = ll.llama_model_chat_template(self.ptr, None)
         return tpl.decode("utf-8", "replace") if tpl else None
 
