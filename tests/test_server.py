@@ -546,6 +546,28 @@ def test_stopping_the_server_ends_requests_in_flight() -> None:
         assert "Traceback" not in s.stderr() and "ERROR" not in s.stderr(), s.stderr()
 
 
+def test_stopping_the_server_ends_a_request_still_being_tokenized() -> None:
+    """Tokenizing a long prompt (here 110,000 messages, about 3.4 MB: seconds) cannot be interrupted; a
+    server that stops meanwhile answers it 503 at once, as every other request in flight, not with uvicorn's 500
+    and a traceback once its grace period is over."""
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": "a"} for i in range(110_000)]
+    with running_server("--parallel", "1", "--ctx", "512") as s:
+        answer: list[httpx.Response] = []
+        sender = threading.Thread(target=lambda: answer.append(
+            httpx.post(f"{s.base}/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=60)))
+        sender.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=30) == 130
+        stopped_in = time.monotonic() - t0
+        sender.join(30)
+        assert answer and answer[0].status_code == 503, answer
+        assert answer[0].json()["error"]["code"] == "server_shutting_down"
+        assert "Traceback" not in s.stderr() and "ERROR" not in s.stderr(), s.stderr()
+        assert stopped_in < 5
+
+
 # -- arguments refused before the port is bound ---------------------------------------------------------------
 # Each of these is known to be wrong without loading the weights; "{tmp}" is the test's tmp_path.
 REFUSED_BEFORE_LISTENING = {

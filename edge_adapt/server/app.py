@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from edge_adapt.engine.events import Done
 from edge_adapt.errors import EdgeAdaptError
 from edge_adapt.server import metrics as prometheus
-from edge_adapt.server.guard import CORS, MAX_BODY, Guard
+from edge_adapt.server.guard import CORS, MAX_BODY, Guard, before_stop
 from edge_adapt.server.jobs import ScoringModel, chat_tokens, completion_tokens, plan_job
 from edge_adapt.server.openai_errors import (
     APIError, bad_request, from_library, from_pydantic, on_api_error, on_http_error, on_unexpected,
@@ -135,7 +135,7 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
             raise bad_request(f"the self-eval model {req.model} answers completions requests (token ids ending in "
                               "its suffix), not chat", "model")
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
-        prompt = await _library(chat_tokens, scheduler.engine, messages)
+        prompt = await _library(state, chat_tokens, scheduler.engine, messages)
         return await _answer(request, state, scheduler, req, prompt, "chat")
 
     @app.post("/v1/completions")
@@ -143,7 +143,7 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
         req = await _parse(request, CompletionRequest)
         scheduler = state.ready()
         scoring = state.check_model(req.model)
-        prompt = await _library(completion_tokens, scheduler.engine, req.prompt)
+        prompt = await _library(state, completion_tokens, scheduler.engine, req.prompt)
         return await _answer(request, state, scheduler, req, prompt, "text", scoring)
 
     return app
@@ -179,12 +179,16 @@ async def _parse(request: Request, cls: type[M]) -> M:
 _TOKENIZER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-adapt-tokenize")
 
 
-async def _library(fn: Callable[..., Any], *args: Any) -> Any:
-    """A library call off the event loop (tokenizing a long prompt takes a while); its refusals are 400s."""
+async def _library(state: ServerState, fn: Callable[..., Any], *args: Any) -> Any:
+    """A library call off the event loop (tokenizing a long prompt takes a while); its refusals are 400s. A
+    server that stops meanwhile answers 503 at once, without waiting for the call (which runs on to its end)."""
     try:
-        return await asyncio.get_running_loop().run_in_executor(_TOKENIZER, fn, *args)
+        result = await before_stop(asyncio.get_running_loop().run_in_executor(_TOKENIZER, fn, *args), state.stopping)
     except EdgeAdaptError as exc:
         raise from_library(exc) from None
+    if result is None:
+        raise shutting_down()
+    return result
 
 
 async def _answer(request: Request, state: ServerState, scheduler: Scheduler,

@@ -9,7 +9,7 @@ import asyncio
 import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from edge_adapt.server.openai_errors import APIError, shutting_down
 
+T = TypeVar("T")
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -40,6 +41,26 @@ def is_loopback_name(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return name == "localhost" or name.endswith(".localhost")  # browsers resolve these to loopback themselves
+
+
+async def before_stop(work: Awaitable[T], stopping: asyncio.Event | None) -> T | None:
+    """`work`'s result, or None if the server starts stopping first; `work` is cancelled then (a call running
+    on a thread runs on to its end, and its result is dropped)."""
+    if stopping is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    if stopping.is_set():
+        task.cancel()
+        return None
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        done, _ = await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    return None
 
 
 def origin_refused(origin: str) -> APIError:
@@ -152,15 +173,4 @@ class Guard:
 
     async def _next(self, receive: Receive) -> Message | None:
         """The client's next message, or None once the server is stopping."""
-        if self.stopping is None:
-            return await receive()
-        if self.stopping.is_set():
-            return None
-        message, stop = asyncio.ensure_future(receive()), asyncio.ensure_future(self.stopping.wait())
-        try:
-            await asyncio.wait((message, stop), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not message.done():
-                message.cancel()  # the task ends later: done() stays False here
-        return message.result() if message.done() else None
+        return await before_stop(receive(), self.stopping)
