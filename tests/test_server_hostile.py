@@ -4,6 +4,7 @@ no sequence leaks. A real server process (with an API key) and the embedded mode
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import Iterator
 
@@ -137,6 +138,15 @@ def test_prompt_over_the_context_is_400(server: ServerProcess) -> None:
     # max_tokens that cannot fit beside the prompt is the same refusal.
     err = _error(_post(server, {**OK_BODY, "max_tokens": 1000}), 400)
     assert err["code"] == "exceed_context_size_error"
+
+
+def test_prompt_dense_in_special_tokens_is_refused_before_it_is_all_tokenized(server: ServerProcess) -> None:
+    """Tokenizing is linear (pieces cut between special tokens), and stops at the first piece past the context."""
+    prompt = "<|im_end|>" * 300_000  # 3 MB: about 3 minutes for llama.cpp's own quadratic split
+    err = _error(_post(server, {"prompt": prompt, "max_tokens": 1}, "/v1/completions", timeout=60), 400)
+    assert err["code"] == "exceed_context_size_error"
+    m = re.search(r"in its first (\d+) of (\d+) bytes", err["message"])
+    assert m and int(m.group(1)) < int(m.group(2)) == len(prompt), err["message"]
 
 
 def test_ten_megabyte_body_is_refused_without_reading_it_all(server: ServerProcess) -> None:

@@ -141,3 +141,18 @@ def test_vocabulary_calls_share_the_model_and_freeing_it_waits_for_them() -> Non
     leave.set()
     assert freed.wait(5)
     closer.join(5)
+
+
+def test_at_most_so_many_tokens_is_refused_at_the_first_piece_past_it() -> None:
+    from edge_adapt.errors import ContextOverflowError
+
+    model = _model(default_model_path())
+    try:
+        text = "<|im_end|>" * 20_000
+        assert len(model.tokenize(text, add_special=False, parse_special=True, most=20_000)) == 20_000
+        with pytest.raises(ContextOverflowError, match=r"longer than 100 tokens \(256 in its first 2560 of 200000 bytes\)"):
+            model.tokenize(text, add_special=False, parse_special=True, most=100)
+        with pytest.raises(ContextOverflowError):
+            model.tokenize("x" * 1000, add_special=False, parse_special=True, most=100)  # one piece: whole
+    finally:
+        model.close()

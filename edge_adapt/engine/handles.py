@@ -20,7 +20,7 @@ import llama_cpp.llama_cpp as ll
 import numpy as np
 
 from edge_adapt.engine.special_cuts import Special, safe_cuts
-from edge_adapt.errors import EngineError, ModelFileError, UsageError
+from edge_adapt.errors import ContextOverflowError, EngineError, ModelFileError, UsageError
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -182,7 +182,8 @@ class Model:
     def on_close(self, callback) -> None:  # type: ignore[no-untyped-def]
         self._stack.callback(callback)
 
-    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool, most: int | None = None) -> list[int]:
+        """`most`: refuse (ContextOverflowError) a text of more tokens, as soon as a piece of it shows that."""
         if not isinstance(text, str):
             raise UsageError(f"text to tokenize must be a str, got {type(text).__name__}")
         try:
@@ -195,6 +196,9 @@ class Model:
         for start, end in zip([0, *cuts], [*cuts, len(data)]):
             tokens += self._tokenize(data[start:end], add_special=add_special and start == 0,
                                      parse_special=parse_special)
+            if most is not None and len(tokens) > most:
+                raise ContextOverflowError(f"the text is longer than {most} tokens ({len(tokens)} in its first "
+                                           f"{end} of {len(data)} bytes)")
         return tokens
 
     def _tokenize(self, data: bytes, *, add_special: bool, parse_special: bool) -> list[int]:

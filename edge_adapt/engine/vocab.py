@@ -26,8 +26,9 @@ class TextModel:
     info: GGUFInfo
     model_path: Path
 
-    def tokenize(self, text: str, *, special: bool = True, add_bos: bool = False) -> list[int]:
-        return self.model.tokenize(text, add_special=add_bos, parse_special=special)
+    def tokenize(self, text: str, *, special: bool = True, add_bos: bool = False, most: int | None = None) -> list[int]:
+        """`most`: a text of more tokens is refused (ContextOverflowError), a long one before all of it is read."""
+        return self.model.tokenize(text, add_special=add_bos, parse_special=special, most=most)
 
     def detokenize(self, tokens: Seq[int]) -> str:
         return b"".join(self.model.piece(t) for t in tokens).decode("utf-8", "replace")

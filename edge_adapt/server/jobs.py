@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from edge_adapt.engine.sampling import SAMPLING_RULES, SamplingParams, check_bias_vocabulary
-from edge_adapt.errors import UsageError, validated
+from edge_adapt.errors import ContextOverflowError, UsageError, validated
 from edge_adapt.server.openai_errors import APIError, bad_request
 from edge_adapt.server.scheduler import Job
 from edge_adapt.server.schemas import ChatCompletionRequest, CompletionRequest, EdgeAdaptOptions
@@ -47,7 +47,18 @@ class Plan:
 
 def chat_tokens(engine: Any, messages: list[dict[str, str]]) -> list[int]:
     """A conversation rendered with the model's chat template, as `edge-adapt run` and `chat` render it."""
-    return engine.tokenize(engine.chat_prompt(messages), special=True)
+    return _fitting(engine, engine.chat_prompt(messages), special=True)
+
+
+def _fitting(engine: Any, text: str, **how: bool) -> list[int]:
+    """`text`'s tokens, refused as soon as it is known not to fit a sequence beside one generated token: a long
+    prompt is not tokenized to its end just to be refused."""
+    most = engine.n_ctx_seq - 1
+    try:
+        return engine.tokenize(text, most=most, **how)  # type: ignore[no-any-return]
+    except ContextOverflowError as exc:
+        raise ContextOverflowError(f"the prompt does not fit the context of {engine.n_ctx_seq} tokens per "
+                                   f"sequence: {exc}") from None
 
 
 def completion_tokens(engine: Any, prompt: str | list[int]) -> list[int]:
@@ -59,7 +70,7 @@ def completion_tokens(engine: Any, prompt: str | list[int]) -> list[int]:
         if bad is not None:
             raise bad_request(f"token id {bad} is not in the model's vocabulary of {n_vocab}", "prompt")
         return list(prompt)
-    return engine.tokenize(prompt, add_bos=True)
+    return _fitting(engine, prompt, add_bos=True)
 
 
 def sampling_values(req: Request) -> dict[str, float]:
