@@ -256,6 +256,29 @@ def _ids(names: list[str]) -> list[int]:
     return [int(n.split(":", 1)[1]) for n in names]
 
 
+def test_alternatives_that_are_part_of_a_character_keep_their_bytes(client: openai.OpenAI) -> None:
+    """A byte of an emoji is its own token: its `bytes` are that byte (not U+FFFD's), and its name an escape, so
+    completions' top_logprobs (keyed by name) keeps every alternative asked for."""
+    emoji = [{"role": "user", "content": "Reply only with emoji: 🐉🔥🌊😀 repeat them"}]
+    r = client.chat.completions.create(model=MODEL, messages=emoji, max_tokens=12, temperature=0, logprobs=True,
+                                       top_logprobs=5)
+    tops = [a for t in r.choices[0].logprobs.content for a in t.top_logprobs]  # type: ignore[union-attr]
+    assert [239, 191, 189] not in [a.bytes for a in tops]
+    partial = [a for a in tops if a.bytes and not _decodes(bytes(a.bytes))]
+    assert partial, "no alternative was part of a character: the prompt no longer tests this"
+    assert all(a.token == bytes(a.bytes).decode("utf-8", "backslashreplace") for a in tops)
+    c = client.completions.create(model=MODEL, prompt="Emoji: 🐉🔥🌊😀🐉🔥", max_tokens=6, temperature=0, logprobs=5)
+    assert all(len(d) == 5 for d in c.choices[0].logprobs.top_logprobs)  # type: ignore[union-attr]
+
+
+def _decodes(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def test_token_id_prompt_and_token_id_logprobs(client: openai.OpenAI) -> None:
     """A prompt given as token ids is decoded as given; with return_tokens_as_token_ids every drawn token is
     named by id, the end-of-generation token included, and the ids spell the text."""

@@ -44,11 +44,21 @@ class Shape:
         return cls(kind, model, n, id=prefix + uuid.uuid4().hex[:24], created=int(time.time()), **options)
 
 
+@dataclass(frozen=True)
+class Alternative:
+    """One of the most likely tokens at a step: its name (its text; a byte that is part of a character as an
+    escape, "\\xf0", so that no two tokens share a name), its log-probability and its bytes."""
+
+    name: str
+    logprob: float
+    raw: bytes
+
+
 @dataclass
 class TokenLog:
     text: str
     logprob: float
-    top: list[tuple[str, float]]
+    top: list[Alternative]
     token: int = -1
 
 
@@ -89,7 +99,7 @@ class Assembler:
     """Folds one job's events. `add(ev)` returns the stream chunks the event completes (stream or not: a
     non-streaming caller drops them) and `body()`, once Done arrived, is the non-streaming response."""
 
-    def __init__(self, shape: Shape, piece: Callable[[int], str]) -> None:
+    def __init__(self, shape: Shape, piece: Callable[[int], bytes]) -> None:
         self.shape = shape
         self.piece = piece
         self.collector = Collector()
@@ -123,8 +133,7 @@ class Assembler:
     def _token(self, ev: Token) -> list[dict[str, Any]]:
         logs = self.logs.setdefault(ev.sample, [])
         if self.shape.top_logprobs is not None:
-            name = self._name
-            top = [(name(t), _finite(lp)) for t, lp in ev.top[: self.shape.top_logprobs]]
+            top = [self._alternative(t, lp) for t, lp in ev.top[: self.shape.top_logprobs]]
             logs.append(TokenLog(ev.text, _finite(ev.logprob), top, ev.token))
         if not ev.text:
             return []  # part of a character, or held back as a possible stop string: sent with later text
@@ -222,8 +231,10 @@ class Assembler:
         return body
 
     # -- pieces -----------------------------------------------------------------------------------------
-    def _name(self, token: int) -> str:
-        return f"token_id:{token}" if self.shape.token_ids else self.piece(token)
+    def _alternative(self, token: int, logprob: float) -> Alternative:
+        raw = self.piece(token)
+        name = f"token_id:{token}" if self.shape.token_ids else raw.decode("utf-8", "backslashreplace")
+        return Alternative(name, _finite(logprob), raw)
 
     def _object(self, *, stream: bool) -> str:
         if self.shape.kind == "text":
@@ -259,8 +270,8 @@ class Assembler:
         if self.shape.top_logprobs is None:
             return None
         return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode()),
-                             "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())}
-                                              for s, lp in t.top]} for t in logs],
+                             "top_logprobs": [{"token": a.name, "logprob": a.logprob, "bytes": list(a.raw)}
+                                              for a in t.top]} for t in logs],
                 "refusal": None}
 
     def _text_logprobs(self, logs: list[TokenLog], offset: int) -> dict[str, Any] | None:
@@ -273,4 +284,4 @@ class Assembler:
             offset += len(t.text)
         tokens = [f"token_id:{t.token}" for t in logs] if self.shape.token_ids else [t.text for t in logs]
         return {"tokens": tokens, "token_logprobs": [t.logprob for t in logs],
-                "top_logprobs": [dict(t.top) for t in logs], "text_offset": offsets}
+                "top_logprobs": [{a.name: a.logprob for a in t.top} for t in logs], "text_offset": offsets}

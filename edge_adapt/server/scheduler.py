@@ -137,7 +137,6 @@ class Scheduler:
         # What stopped the scheduler's thread when it was not a close(): requests are refused from then on.
         self.failure: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._pieces: dict[int, str] = {}
 
     # -- any thread ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -171,12 +170,6 @@ class Scheduler:
             self._queue.append(ticket)
             self._cond.notify_all()
         return ticket
-
-    def piece(self, token: int) -> str:
-        text = self._pieces.get(token)
-        if text is None:
-            text = self._pieces[token] = self.engine.model.piece(token).decode("utf-8", errors="replace")
-        return text
 
     def metrics(self) -> dict[str, float]:
         with self._cond:
