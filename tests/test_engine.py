@@ -192,6 +192,17 @@ def test_prompt_longer_than_context_is_refused(engine: Engine):
 
 
 # -- steps and branches (beam search) ---------------------------------------------------------------------
+@pytest.mark.parametrize("ctx, words", [(64, 100), (200, 240)])
+def test_a_context_llama_cpp_rounds_up_takes_a_prompt_longer_than_asked_for(ctx: int, words: int):
+    """llama.cpp rounds a context up to a multiple of 256 but caps its batch at the size asked for: a prompt
+    between the two was decoded in one batch over that cap, and llama.cpp aborted the process."""
+    with Engine(parallel=1, ctx=ctx, threads=1) as e:
+        prompt = e.tokenize("word " * words)
+        assert ctx < len(prompt) <= e.n_ctx_seq and e.ctx.n_batch == ctx
+        out = list(e.generate(prompt, GREEDY, max_tokens=4))
+        assert isinstance(out[-1], Done) and out[-1].usage.generated_tokens == 4
+
+
 def test_advance_pauses_at_a_step_end_and_resumes(engine: Engine):
     tokens = engine.tokenize(engine.chat_prompt([{"role": "user", "content": "List three fruits, one per line."}]))
     whole = _tokens_alone(engine, tokens, GREEDY, 40)

@@ -375,7 +375,7 @@ class Context:
         self.n_ctx = ll.llama_n_ctx(ptr)
         self.n_seq_max = n_seq_max
         self.n_ctx_seq = ll.llama_n_ctx_seq(ptr) if hasattr(ll, "llama_n_ctx_seq") else self.n_ctx
-        self.n_batch = n_batch
+        self.n_batch = ll.llama_n_batch(ptr)  # llama.cpp caps it at the n_ctx asked for (--ctx 64: 64)
         self._memory = ll.llama_get_memory(ptr)
         self._stack = ExitStack()
         self._stack.callback(self._free)
