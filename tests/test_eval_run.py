@@ -74,17 +74,30 @@ def test_pool_budget_is_each_familys_own_unless_given():
         pool_settings(mix.model_copy(update={"prune_points": [32, 64]}), suite)
 
 
-def test_default_prune_points_and_cuts_stop_below_a_short_max_tokens():
+def test_default_prune_points_and_cuts_stop_below_the_shortest_reply_budget():
     from edge_adapt.errors import UsageError, validated
-    from edge_adapt.eval import EvalConfig
-    from edge_adapt.train.labels import LabelConfig
+    from edge_adapt.eval.run import pool_settings, suite_for
+    from edge_adapt.tasks import load_suite
 
-    assert EvalConfig(max_tokens=24).prune_points == [16] and EvalConfig().prune_points == [16, 32]
-    assert LabelConfig(out="l.jsonl", max_tokens=40).cuts == [16, 32] and LabelConfig(out="l.jsonl", max_tokens=8).cuts == []
-    # Points a user gives are kept as given, and checked against the budget where the suite is known.
-    assert EvalConfig(max_tokens=24, prune_points=[16, 32]).prune_points == [16, 32]
+    def points(**kw):
+        cfg = EvalConfig(n_prompts=6, split="validation", **kw)
+        return list(pool_settings(cfg, suite_for(cfg)).prune_points)
+
+    assert points(max_tokens=24) == [16] and points() == [16, 32]
+    # Points a user gives are kept as given, and refused where they do not fit.
+    with pytest.raises(UsageError, match=r"prune points \[16, 32\] must be below max_tokens 24"):
+        points(max_tokens=24, prune_points=[16, 32])
     with pytest.raises(UsageError, match="prune_points must be positive and strictly increasing"):
         validated(EvalConfig, {"prune_points": [32, 16]}, "eval")
+    # Label cuts (default 16 32 64) against a short --max-tokens, and against a family's own 64-token budget,
+    # the shortest of a mix (label --suite mix failed with "cuts [16, 32, 64] must be below max_tokens 64").
+    arith = load_suite("arith", split="validation", n=4)
+    mix = load_suite("mix", split="validation", n=12, family=None)
+    assert arith.points_below_budget("cuts", [16, 32, 64], 40, given=False) == [16, 32]
+    assert arith.points_below_budget("cuts", [16, 32, 64], 8, given=False) == []
+    assert mix.points_below_budget("cuts", [16, 32, 64], None, given=False) == [16, 32]
+    with pytest.raises(UsageError, match="below max_tokens 64"):
+        mix.points_below_budget("cuts", [16, 32, 64], None, given=True)
 
 
 def test_python_m_eval_says_what_is_wrong_in_one_line(capsys):

@@ -201,6 +201,16 @@ def test_family_of_a_problem_id(pid, family):
     assert family_of(pid) == family
 
 @pytest.mark.slow
+def test_default_cuts_stop_below_a_familys_own_budget(engine: Engine, tmp_path: Path):
+    """`label --family units` (replies of at most 64 tokens) labels at the default cuts below 64: it was refused
+    with "cuts [16, 32, 64] must be below max_tokens 64", as was `label --suite mix`."""
+    out = label(LabelConfig(out=tmp_path / "units.jsonl", family="units", split="train", n_prompts=1, k=2,
+                            cache_dir=tmp_path / "cache"), engine)
+    header = read_labels(out).header["settings"]
+    assert header["cuts"] == [16, 32] and header["max_tokens"] == 64
+
+
+@pytest.mark.slow
 def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
     """A few prompts labelled, a few steps trained, exported, and loaded by the runtime: the runtime's score
     equals the trained model's, the metadata picks the suffix with no flags, and generation is unchanged."""

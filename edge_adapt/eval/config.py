@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
     from edge_adapt.backends import RemoteOptions
@@ -77,18 +77,6 @@ class EvalConfig(PoolSource):
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
         return token_points(v, "prune_points")
-
-    @model_validator(mode="after")
-    def _defaults_within_max_tokens(self) -> EvalConfig:
-        if "prune_points" not in self.model_fields_set:
-            self.prune_points = defaults_below(self.prune_points, self.max_tokens)
-        return self
-
-
-def defaults_below(points: list[int], max_tokens: int | None) -> list[int]:
-    """Default token points (prune points, cuts) a short --max-tokens leaves room for: a reply cut at 24 tokens
-    is pruned or labelled at 16, not refused for the 32 it never reaches. Points a user gives stay as given."""
-    return points if max_tokens is None else [p for p in points if p < max_tokens]
 
 
 def pool_temperature(v: float) -> float:

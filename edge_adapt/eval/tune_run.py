@@ -23,7 +23,7 @@ from edge_adapt.eval.live import StrategyOutcome, run_strategy_live
 from edge_adapt.eval.metrics import bootstrap_ci, wilson
 from edge_adapt.eval.pool import PromptPool
 from edge_adapt.backends import LocalBackend
-from edge_adapt.eval.run import pool_backend, pools_job, suite_for
+from edge_adapt.eval.run import pool_backend, pool_settings, pools_job, suite_for
 from edge_adapt.errors import UsageError
 from edge_adapt.fileio import atomic_file, check_target
 from edge_adapt.progress import Job, Progress, to_the_end
@@ -119,7 +119,7 @@ def _tune(cfg: TuneConfig) -> Job[dict[str, Any]]:
     with backend:
         run, identity = yield from pools_job(pcfg, backend, suites[0])
         pools = run.pools
-        points = tuple(pcfg.prune_points)
+        points = pool_settings(pcfg, suites[0]).prune_points
         # The adapter by file name: the policy is shipped, the path it was tuned from is local.
         adapter = getattr(getattr(getattr(backend, "scorer", None), "config", None), "adapter", None)
         self_eval = identity.split("|selfeval=", 1)[1]

@@ -70,12 +70,17 @@ class Suite:
         """The fewest tokens a reply's budget allows (prune points and cuts must lie below it)."""
         return min((p.budget(max_tokens) for p in self.problems), default=max_tokens or DEFAULT_MAX_TOKENS)
 
-    def check_below_budget(self, what: str, points: list[int], max_tokens: int | None = None) -> None:
-        """Token counts (prune points, label cuts; increasing) that every reply's budget must exceed, or a
-        one-line UsageError."""
+    def points_below_budget(self, what: str, points: list[int], max_tokens: int | None = None, *,
+                            given: bool = True) -> list[int]:
+        """Token counts (prune points, label cuts; increasing) that every reply's budget must exceed. Points a user
+        gave that do not fit are a one-line UsageError; default ones are cut to those that fit (a reply of at
+        most 64 tokens is labelled at 16 and 32, not refused for the 64 it never passes)."""
         shortest = self.shortest_budget(max_tokens)
+        if not given:
+            return [p for p in points if p < shortest]
         if points and points[-1] >= shortest:
             raise UsageError(f"{what} {points} must be below max_tokens {shortest}")
+        return points
 
 
 def user(content: str) -> tuple[Message, ...]:

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from edge_adapt.engine import Engine, EngineOptions, Sample, Vocab
 from edge_adapt.errors import UsageError, is_number, is_whole
-from edge_adapt.eval.config import PoolSource, defaults_below, token_points
+from edge_adapt.eval.config import PoolSource, token_points
 from edge_adapt.backends import LocalBackend, PoolBackend
 from edge_adapt.eval.pool import PoolSettings, PromptPool, build_pool_from, pool_job, samples_in
 from edge_adapt.fileio import atomic_file, check_target, removed_on_failure
@@ -63,12 +63,6 @@ class LabelConfig(PoolSource):
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
         return token_points(v, "cuts")
-
-    @model_validator(mode="after")
-    def _defaults_within_max_tokens(self) -> LabelConfig:
-        if "cuts" not in self.model_fields_set:
-            self.cuts = defaults_below(self.cuts, self.max_tokens)
-        return self
 
 
 def targets(scores: Sequence[float]) -> list[float]:
@@ -126,7 +120,7 @@ def label_job(cfg: LabelConfig, engine: Engine | None = None) -> Job[Path]:
                        levels=cfg.levels, family=cfg.family)
     if not suite.problems:
         raise UsageError(f"suite {suite.name!r} holds no problems")
-    suite.check_below_budget("cuts", cfg.cuts, cfg.max_tokens)
+    cuts = suite.points_below_budget("cuts", cfg.cuts, cfg.max_tokens, given="cuts" in cfg.model_fields_set)
     # Without --max-tokens each problem takes its family's budget (see eval.run.pool_settings).
     settings = PoolSettings(k=cfg.k, temperature=cfg.temperature, max_tokens=suite.budget(cfg.max_tokens),
                             prune_points=(), seed=cfg.seed)
@@ -139,14 +133,14 @@ def label_job(cfg: LabelConfig, engine: Engine | None = None) -> Job[Path]:
             for problem, pool in zip(suite.problems, run.pools):
                 if not pool.prompt_ids:
                     raise UsageError(f"{cfg.cache_dir}: pool entry for {problem.id} predates token ids; use another --cache")
-                records.append(prompt_record(pool, backend.chat_prompt(list(problem.messages)), cfg.cuts,
+                records.append(prompt_record(pool, backend.chat_prompt(list(problem.messages)), cuts,
                                              cfg.include_greedy))
             header = {
                 "format": FORMAT, "version": VERSION, "model": backend.fingerprint, "model_path": str(backend.model_path),
                 "backend": cfg.backend,
                 "suite": suite.name, "split": suite.split, "scorer": suite.scorer.name, "created": time.strftime("%Y-%m-%d"),
                 "settings": {"k": cfg.k, "temperature": cfg.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
-                             "min_p": settings.min_p, "max_tokens": settings.max_tokens, "cuts": cfg.cuts, "seed": cfg.seed,
+                             "min_p": settings.min_p, "max_tokens": settings.max_tokens, "cuts": cuts, "seed": cfg.seed,
                              "include_greedy": cfg.include_greedy, "levels": cfg.levels},
             }
             with atomic_file(out, force=cfg.force) as tmp:
