@@ -149,3 +149,10 @@ def test_user_jsonl_suite_with_prompt_or_messages(tmp_path):
     with pytest.raises(UsageError, match=r"levels.jsonl: line 2: level must be a whole number .*, got 'hard'"):
         jsonl_suite(tmp_path / "levels.jsonl")  # was: "unexpected ValueError: invalid literal for int()"
     assert jsonl_suite(tmp_path / "levels.jsonl", n=1).problems[0].level == 3
+    # Bytes that are not UTF-8: one line naming where (was "unexpected UnicodeDecodeError", exit 70).
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "answer": "1"}\n')
+    with pytest.raises(UsageError, match=r"latin1.jsonl: not valid UTF-8 text \(line 1, byte 15\)"):
+        jsonl_suite(tmp_path / "latin1.jsonl")
+    # A line separator (U+2028) inside a JSON string is text, not the end of a line.
+    (tmp_path / "ls.jsonl").write_text('{"prompt": "one\u2028two", "answer": "1"}\n', encoding="utf-8")
+    assert jsonl_suite(tmp_path / "ls.jsonl").problems[0].messages[0]["content"].startswith("one\u2028two")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from edge_adapt.errors import UsageError, is_whole
+from edge_adapt.fileio import read_user_file
 from edge_adapt.tasks.base import ANSWER_FORMAT, Problem, Suite, user
 from edge_adapt.tasks.scorers import FinalNumber, Scorer, reference_number, resolve_scorer
 
@@ -16,20 +17,20 @@ GSM8K_DEFAULT = Path("../shared/data/gsm8k/train.jsonl")
 
 def _read_jsonl(path: Path) -> list[dict]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"suite file {path} does not exist")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{path}:{lineno}: each line must be a JSON object")
-            rows.append(row)
+    # One line for a FIFO or bad UTF-8; split at "\n" only: a JSON string may hold U+2028, which splitlines() cuts at.
+    for lineno, line in enumerate(read_user_file(path, text=True).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{path}:{lineno}: each line must be a JSON object")
+        rows.append(row)
     return rows
 
 
