@@ -156,3 +156,11 @@ def test_user_jsonl_suite_with_prompt_or_messages(tmp_path):
     # A line separator (U+2028) inside a JSON string is text, not the end of a line.
     (tmp_path / "ls.jsonl").write_text('{"prompt": "one\u2028two", "answer": "1"}\n', encoding="utf-8")
     assert jsonl_suite(tmp_path / "ls.jsonl").problems[0].messages[0]["content"].startswith("one\u2028two")
+
+
+def test_measure_names_a_missing_data_file_in_one_line(tmp_path, capsys):
+    from edge_adapt.tasks.measure import main
+
+    assert main(["gsm8k", "--prompts", "1", "--data", str(tmp_path / "none.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the gsm8k family reads") and "none.jsonl" in err and err.count("\n") == 1, err

@@ -23,6 +23,7 @@ from typing import Any
 
 from edge_adapt.bench import servers as srv
 from edge_adapt.bench.serve import machine
+from edge_adapt.errors import EdgeAdaptError, validated
 
 
 def label_once(out_dir: Path, *, prompts: int, k: int, max_tokens: int, threads: int, model: Path | None,
@@ -31,9 +32,9 @@ def label_once(out_dir: Path, *, prompts: int, k: int, max_tokens: int, threads:
     from edge_adapt.train.labels import label
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = LabelConfig(out=out_dir / "labels.jsonl", cache_dir=out_dir / "cache", n_prompts=prompts, k=k,
-                      max_tokens=max_tokens, cuts=[16, 32], threads=threads, model=model, backend=backend,
-                      concurrency=concurrency)
+    cfg = validated(LabelConfig, dict(out=out_dir / "labels.jsonl", cache_dir=out_dir / "cache", n_prompts=prompts,
+                                      k=k, max_tokens=max_tokens, threads=threads, model=model, backend=backend,
+                                      concurrency=concurrency), "label")
     t0 = time.perf_counter()
     path = label(cfg)
     return time.perf_counter() - t0, Path(path)
@@ -97,12 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-k", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--concurrency", type=int, default=17, help="requests in flight (default: one prompt's K+1)")
+    p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: one prompt's K+1)")
     p.add_argument("--parallel", type=int, default=None, help="the server's sequences (default: concurrency + 1)")
     p.add_argument("--model", type=Path)
     p.add_argument("--json", type=Path, help="also write the result here")
     a = p.parse_args(argv)
-    res = run(a.prompts, a.k, a.max_tokens, a.threads, a.concurrency, a.parallel or a.concurrency + 1, a.model)
+    concurrency = a.concurrency or a.k + 1
+    try:
+        res = run(a.prompts, a.k, a.max_tokens, a.threads, concurrency, a.parallel or concurrency + 1, a.model)
+    except EdgeAdaptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     print(render(res))
     if a.json:
         a.json.write_text(json.dumps(res, indent=1) + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,9 @@ def measure(families: Sequence[Family], n: int = 24, split: str = "validation", 
                 yield LevelRow(fam.name, level, n, right, tokens / n, cut / n)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    from edge_adapt.errors import EdgeAdaptError
+    from edge_adapt.tasks import get_family
     from edge_adapt.tasks.registry import FAMILIES
 
     ap = argparse.ArgumentParser(prog="python -m edge_adapt.tasks.measure", description=__doc__.split("\n\n")[0])
@@ -85,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=None, help="default: each family's own")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--data", type=Path, default=None, help="the gsm8k family's GSM8K-format .jsonl (default: "
+                                                             "../shared/data/gsm8k/train.jsonl from here)")
     ap.add_argument("--batch", type=int, default=8, help="prompts decoded together")
     ap.add_argument("--dump", type=Path, default=None, help="append every reply to this JSONL file")
     args = ap.parse_args(argv)
@@ -92,10 +97,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         ap.error(f"unknown family {unknown[0]!r}: choose from {', '.join(FAMILIES)}")
     print(HEADER, flush=True)
-    for row in measure([FAMILIES[f] for f in args.families or FAMILIES], args.prompts, args.split, args.max_tokens,
-                       args.threads, args.model, args.dump, args.batch):
-        print(row.markdown(), flush=True)
+    try:
+        for row in measure([get_family(f, args.data) for f in args.families or FAMILIES], args.prompts, args.split,
+                           args.max_tokens, args.threads, args.model, args.dump, args.batch):
+            print(row.markdown(), flush=True)
+    except EdgeAdaptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
