@@ -52,10 +52,10 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="random seed (sam
 SuiteOpt = Annotated[str, typer.Option("--suite", help="arith, gsm8k, mix (all task families), or a user suite .jsonl file")]
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="one task family instead of --suite (docs/tasks.md)")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="suite file (gsm8k: the shared training split by default)")]
-ScorerOpt = Annotated[Optional[str], typer.Option("--scorer", help="final-number | exact | regex:PATTERN | module:function")]
+ScorerOpt = Annotated[Optional[str], typer.Option("--scorer", help="final-number | stated-number | exact | regex:PATTERN | module:function")]
 PoolKOpt = Annotated[int, typer.Option("-k", "--samples", help="samples per prompt in the pool", min=1, max=64)]
 PoolTempOpt = Annotated[float, typer.Option("--temp", help="sampling temperature of the pool")]
-PrunePointsOpt = Annotated[Optional[list[int]], typer.Option("--prune-at", help="token counts where scores are recorded (repeatable; default 16 32, those below --max-tokens)")]
+PrunePointsOpt = Annotated[Optional[list[int]], typer.Option("--prune-at", help="token counts where scores are recorded (repeatable; default 16 32, those below the reply budget)")]
 CacheOpt = Annotated[Path, typer.Option("--cache", help="sample pool cache (resumable; shared by eval and label)")]
 BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="sample on this OpenAI-compatible server (vLLM, llama-server, edge-adapt serve) instead of in process; API key from $EDGE_ADAPT_BACKEND_KEY")]
 BackendModelOpt = Annotated[Optional[str], typer.Option("--backend-model", help="the server's model name (default: the one it serves)")]
@@ -112,6 +112,13 @@ def _show(job: Any) -> Any:
             bar.update(tasks[p.task], completed=p.done, total=p.total, info=p.info)
 
         return finish(job, show)
+
+
+def _one_model(arg: Path | None, option: Path | None) -> Path | None:
+    """The model given as MODEL or with --model (as `run` takes it), not both."""
+    if arg is not None and option is not None:
+        raise UsageError("give the model once: as MODEL or with --model")
+    return arg if arg is not None else option
 
 
 def _options(model: Path | None, *, device: DeviceChoice = DeviceChoice.auto, gpu_layers: int | None = None,
@@ -298,6 +305,7 @@ def run(
 @app.command()
 def chat(
     model: ModelArg = None,
+    model_opt: ModelOpt = None,
     system: Annotated[Optional[str], typer.Option("--system", help="system message")] = None,
     temp: TempOpt = 0.7,
     max_tokens: MaxTokOpt = 512,
@@ -319,6 +327,7 @@ def chat(
     verbose: VerboseOpt = False,
 ) -> None:
     """Talk with a model; the KV cache is kept across turns so each turn decodes only what is new."""
+    model = _one_model(model, model_opt)
     if sys.stdin is None:  # started with stdin closed (`<&-`): there is nothing to read turns from
         raise UsageError("chat reads its turns from standard input, which is closed")
     from edge_adapt.engine import SamplingParams, Token, Vocab
@@ -382,6 +391,7 @@ def chat(
 @app.command()
 def serve(
     model: ModelArg = None,
+    model_opt: ModelOpt = None,
     host: Annotated[str, typer.Option("--host", help="address to listen on (other than loopback: set --api-key)")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="port (0: a free one, printed once bound)", min=0, max=65535)] = 8080,
     parallel: Annotated[int, typer.Option("--parallel", "-n", help="sequences decoded at once, over all requests", min=1, max=256)] = 16,
@@ -397,6 +407,7 @@ def serve(
     adapter: AdapterOpt = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API; concurrent requests are decoded together."""
+    model = _one_model(model, model_opt)
     from edge_adapt.server.serve import ServeConfig, serve as run_server
 
     if api_key is not None and not api_key.strip():
@@ -416,17 +427,24 @@ def serve(
 @app.command()
 def info(
     model: ModelArg = None,
+    model_opt: ModelOpt = None,
     mem_budget: BudgetOpt = None,
     ctx: Annotated[int, typer.Option("--ctx", help="context per sequence to plan for", min=64)] = 1024,
     parallel: Annotated[Optional[int], typer.Option("-n", "--parallel", help="sequences to plan for", min=1)] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Describe a GGUF model and plan its memory (no weights are loaded)."""
-    from edge_adapt.engine.budget import fit, model_facts, parse_size, plan, summary
+    """Describe a GGUF model and plan its memory, or describe a LoRA / aLoRA adapter (no weights are loaded)."""
+    model = _one_model(model, model_opt)
+    from edge_adapt.engine.budget import adapter_facts, adapter_summary, fit, model_facts, parse_size, plan, summary
     from edge_adapt.engine.default_model import default_model_path
     from edge_adapt.engine.gguf_file import inspect_gguf
 
-    meta = inspect_gguf(model or default_model_path())
+    meta = inspect_gguf(model or default_model_path(), expect="any")
+    if meta.kind == "adapter":
+        if mem_budget is not None or parallel is not None:
+            raise UsageError(f"{meta.path} is an adapter: it has no memory plan of its own (plan its model)")
+        print(json.dumps(adapter_facts(meta), indent=2, default=str) if as_json else adapter_summary(meta))
+        return
     budget = parse_size(mem_budget) if mem_budget is not None else None
     p = fit(meta, budget, ctx=ctx, want=parallel) if budget is not None else plan(meta, parallel=parallel or 1, ctx=ctx)
     print(json.dumps(model_facts(meta, p), indent=2, default=str) if as_json else summary(meta, p, budget))
@@ -574,7 +592,7 @@ def label_cmd(
     k: Annotated[int, typer.Option("-k", "--samples", help="samples per prompt", min=2, max=64)] = 16,
     temp: Annotated[float, typer.Option("--temp", help="sampling temperature")] = 0.7,
     max_tokens: PoolMaxTokOpt = None,
-    cut: Annotated[Optional[list[int]], typer.Option("--cut", help="also emit responses cut at this many tokens (repeatable; default 16 32 64, those below --max-tokens)")] = None,
+    cut: Annotated[Optional[list[int]], typer.Option("--cut", help="also emit responses cut at this many tokens (repeatable; default 16 32 64, those below the reply budget)")] = None,
     seed: SeedOpt = 0,
     model: ModelOpt = None,
     threads: ThreadsOpt = None,

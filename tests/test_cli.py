@@ -53,6 +53,20 @@ def test_info_prints_facts_and_a_plan():
     assert facts["plan"]["parallel"] > 1 and facts["plan"]["total_bytes"] <= 2**30
 
 
+def test_info_describes_an_adapter_and_takes_the_model_as_run_does():
+    from edge_adapt.engine.default_model import default_model_path, default_selfeval_adapter
+
+    adapter = str(default_selfeval_adapter())
+    proc = cli("info", "--json", "--model", adapter)  # --model as `run` takes it, beside the MODEL argument
+    assert proc.returncode == 0, proc.stderr
+    facts = json.loads(proc.stdout)
+    assert (facts["kind"], facts["rank"], facts["architecture"]) == ("aLoRA", 8, "llama")
+    assert len(facts["invocation_tokens"]) == 3 and "attn_q" in facts["targets"]
+    assert facts["edge_adapt"]["self_eval.suffix"] == "<|im_end|>Restart"
+    assert_one_line_error(cli("info", adapter, "-n", "4"), "no memory plan of its own")
+    assert_one_line_error(cli("info", adapter, "--model", str(default_model_path())), "give the model once")
+
+
 def test_missing_model_file(tmp_path: Path):
     assert_one_line_error(cli("run", "hi", "--model", str(tmp_path / "nope.gguf")), "no such file")
 

@@ -178,3 +178,32 @@ def summary(meta: GGUFInfo, p: Plan, budget: int | None = None) -> str:
         f"  plan{f' within {budget / MiB:.0f} MiB' if budget else ''}: {p.describe()}",
     ]
     return "\n".join(lines)
+
+
+def adapter_facts(meta: GGUFInfo) -> dict[str, object]:
+    """What `edge-adapt info --json` prints for a LoRA / aLoRA adapter: its GGUF's facts (it has no memory plan of
+    its own; it is loaded beside its model)."""
+    ranks = {shape[1] for name, shape in meta.tensor_shapes.items() if name.endswith(".lora_a") and len(shape) == 2}
+    targets = sorted({name.split(".")[-3] for name in meta.tensor_shapes if name.endswith(".lora_a")})
+    invocation = meta.adapter.get("alora.invocation_tokens")
+    return {
+        "file": str(meta.path), "name": meta.name, "architecture": meta.architecture,
+        "kind": "aLoRA" if invocation else "LoRA", "rank": max(ranks, default=0), "alpha": meta.adapter.get("lora.alpha"),
+        "targets": targets, "tensors": len(meta.tensor_shapes), "parameters": meta.n_params,
+        "bytes": meta.file_size, "invocation_tokens": list(invocation) if isinstance(invocation, list) else [],
+        "edge_adapt": meta.edge_adapt,
+    }
+
+
+def adapter_summary(meta: GGUFInfo) -> str:
+    """The same, as lines for a person."""
+    f = adapter_facts(meta)
+    invoked = f"; switched on by the tokens {f['invocation_tokens']}" if f["invocation_tokens"] else ""
+    lines = [
+        f"{meta.name}  [{meta.path}]",
+        f"  adapter        {f['kind']} for a {meta.architecture} model, rank {f['rank']}, alpha {f['alpha']}{invoked}",
+        f"  adapts         {', '.join(f['targets'])} ({f['tensors']} tensors, {meta.n_params / 1e6:.2f}M parameters, "
+        f"{meta.file_size / MiB:.1f} MiB)",
+        *(f"  edge_adapt.{k} = {v}" for k, v in meta.edge_adapt.items()),
+    ]
+    return "\n".join(lines)

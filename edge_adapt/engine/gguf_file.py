@@ -207,7 +207,8 @@ def _scan(path: Path) -> tuple[dict[str, Any], list[_Tensor]]:
 
 
 def inspect_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUFInfo:
-    """Check a model (or adapter) GGUF from header to last tensor byte and return its facts.
+    """Check a model (or adapter) GGUF from header to last tensor byte and return its facts. `expect`: "model",
+    "adapter", or "any" (either; `kind` says which).
 
     Raises ModelFileError naming the file and the first problem found.
     """
@@ -244,7 +245,7 @@ def inspect_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUF
     edge_meta = {k.removeprefix("edge_adapt."): v for k, v in kv.items() if k.startswith("edge_adapt.")}
 
     if expect == "adapter" or general_type == "adapter":
-        if expect != "adapter":
+        if expect == "model":
             raise ModelFileError(f"{p}: this is an adapter GGUF, not a model; pass it with --adapter")
         if general_type != "adapter":
             raise ModelFileError(f"{p}: not an adapter GGUF (general.type is {general_type!r})")

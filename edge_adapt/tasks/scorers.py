@@ -209,7 +209,7 @@ def resolve_scorer(spec: str) -> Scorer:
         if not callable(fn):
             raise UsageError(f"scorer {spec!r} is not callable")
         return CustomScorer(fn, spec)
-    raise UsageError(f"unknown scorer {spec!r}: use final-number, exact, regex:<pattern> or module:function")
+    raise UsageError(f"unknown scorer {spec!r}: use final-number, stated-number, exact, regex:<pattern> or module:function")
 
 
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
