@@ -148,7 +148,7 @@ def _ctrl_c_cancels(engine: Any, *, then_exit: bool = True) -> Iterator[None]:
 
 
 StrategyOpt = Annotated[Optional[str], typer.Option("--strategy", "-s", help="a self-evaluation strategy (best-of-n, adaptive, prune, vote, beam, revise, auto ...: the README lists them)")]
-BudgetNOpt = Annotated[Optional[int], typer.Option("--budget", help="most samples the strategy may draw", min=1)]
+BudgetNOpt = Annotated[Optional[int], typer.Option("--budget", help="samples: N of best-of-n / prune / votes, the most adaptive may start; beam / lookahead: candidates per step; revise: attempts in all", min=1)]
 ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help="adaptive: stop when a sample's p_keep reaches this")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="strategy TOML/JSON file (flags given override it)")]
 PolicyOpt = Annotated[Optional[Path], typer.Option("--policy", help="auto: compute-optimal policy JSON (default: the one shipped for the default model)")]
