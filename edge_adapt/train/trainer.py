@@ -25,6 +25,7 @@ from contextlib import contextmanager, nullcontext
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,6 +39,11 @@ from edge_adapt.train.config import TrainConfig
 from edge_adapt.train.labels import LabelSet, merge_labels
 
 CHUNK = 8  # responses batched over one prompt's KV; sorted by length so padding stays small
+
+# transformers (pinned below 5.40, see pyproject.toml) warns at every forward that `past_key_values` and
+# `is_gradient_checkpointing` are deprecated there: said once here, not in every training run's output.
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)
