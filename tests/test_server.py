@@ -206,6 +206,14 @@ def test_invalid_strategy_settings_are_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="keep|k \\("):
         client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8,
                                        extra_body={"edge_adapt": {"strategy": "prune", "budget": 2, "keep": 5}})
+    # A field is named as the request names it.
+    for body, param in (({"strategy": "best-of-n", "budget": 0}, "edge_adapt.budget"),
+                        ({"strategy": "prune", "budget": 4, "keep": 0}, "edge_adapt.keep"),
+                        ({"strategy": "adaptive", "threshold": 2}, "edge_adapt.threshold"),
+                        ({"strategy": "prune", "budget": 2, "keep": 5}, "edge_adapt")):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, extra_body={"edge_adapt": body})
+        assert bad.value.param == param, (body, bad.value.param)  # type: ignore[attr-defined]
     with pytest.raises(openai.BadRequestError, match="unknown strategy"):
         client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8,
                                        extra_body={"edge_adapt": {"strategy": "guess"}})

@@ -6,8 +6,10 @@ import secrets
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pydantic import ValidationError
+
 from edge_adapt.engine.sampling import SAMPLING_RULES, SamplingParams, check_bias_vocabulary
-from edge_adapt.errors import ContextOverflowError, UsageError, validated
+from edge_adapt.errors import ContextOverflowError, UsageError, one_line, validated
 from edge_adapt.server.openai_errors import APIError, bad_request
 from edge_adapt.server.scheduler import Job
 from edge_adapt.server.schemas import ChatCompletionRequest, CompletionRequest, EdgeAdaptOptions
@@ -157,6 +159,11 @@ def strategy_config(opts: EdgeAdaptOptions, sampling: dict[str, float], *, seed:
         "stop": stop or None,
     }
     try:
-        return StrategyConfig.parse({k: v for k, v in data.items() if v is not None}, "edge_adapt")
-    except UsageError as exc:
-        raise APIError(400, str(exc), param="edge_adapt") from None
+        return StrategyConfig.model_validate({k: v for k, v in data.items() if v is not None})
+    except ValidationError as exc:
+        # Named as the request names it: `edge_adapt.budget`, or `temperature` for a sampling field; a check
+        # across fields (keep <= budget) names the object.
+        loc = exc.errors()[0]["loc"]
+        field = str(loc[0]) if loc else None
+        param = f"edge_adapt.{field}" if field in EdgeAdaptOptions.model_fields else field or "edge_adapt"
+        raise APIError(400, one_line(exc, "edge_adapt"), param=param) from None
