@@ -154,3 +154,16 @@ def test_a_bad_logit_bias_is_refused_by_name(bias: object, message: str):
     with pytest.raises(UsageError, match=re.escape(message)):
         SamplingParams(logit_bias=bias)  # type: ignore[arg-type]
     assert SamplingParams(logit_bias=[(5, 1)]).logit_bias == ((5, 1.0),)  # a list of pairs is fine (and hashable)
+
+
+def test_a_tokens_logprob_is_the_same_number_in_the_top_list():
+    """A reply's logprob and its entry among the top alternatives are one number (they differed by 1e-9: two
+    normalizers)."""
+    from edge_adapt.engine.sampling import token_logprobs, top_logprobs
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        row = (rng.standard_normal(49152) * rng.uniform(0.5, 8)).astype(np.float32)
+        top = dict(top_logprobs(row, 5))
+        chosen = np.array(list(top))
+        assert list(token_logprobs(np.repeat(row[None, :], 5, axis=0), chosen)) == [top[int(t)] for t in chosen]

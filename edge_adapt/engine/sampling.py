@@ -124,8 +124,7 @@ def top_logprobs(row: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
     k = min(k, row.shape[-1])
     idx = np.argpartition(-row, k - 1)[:k]
     idx = idx[np.argsort(-row[idx], kind="stable")]
-    m = float(row.max())
-    lse = float(np.log(np.exp(row - m, dtype=np.float64).sum())) + m
+    lse = float(log_normalizers(row[None, :])[0])  # as token_logprobs: the chosen token's two values are one
     return tuple((int(i), float(row[i]) - lse) for i in idx)
 
 
