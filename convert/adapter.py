@@ -23,7 +23,7 @@ from edge_adapt.convert.checkpoint import read_json, require_torch
 from edge_adapt.convert.gguf_io import read_gguf_kv
 from edge_adapt.progress import Job, Progress, to_the_end
 from edge_adapt.convert.registry import ModelBase, model_class_for_gguf
-from edge_adapt.errors import ModelFileError, UsageError
+from edge_adapt.errors import ModelFileError, UsageError, is_number, is_whole
 
 if TYPE_CHECKING:
     import torch
@@ -69,13 +69,26 @@ def load_peft_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
                      ("lora_bias", "LoRA biases")):
         if cfg.get(key):
             raise ModelFileError(f"{root}: {why} adapters cannot be converted for llama.cpp")
-    rank, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
-    ranks = {rank, *(int(v) for v in (cfg.get("rank_pattern") or {}).values())}
+    where = root / "adapter_config.json"
+    rank, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    pattern = cfg.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise ModelFileError(f"{where}: rank_pattern must be an object")
+    for field, value in (("r", rank), *((f"rank_pattern.{k}", v) for k, v in pattern.items())):
+        if not is_whole(value) or value < 1:
+            raise ModelFileError(f"{where}: {field} must be a whole number >= 1, got {value!r:.40}")
+    if not (is_number(alpha) and math.isfinite(alpha)):
+        raise ModelFileError(f"{where}: lora_alpha must be a number, got {alpha!r:.40}")
+    ranks = {rank, *pattern.values()}
     if cfg.get("use_rslora") and len(ranks) > 1:
         raise ModelFileError(f"{root}: rsLoRA with a rank_pattern has no single llama.cpp alpha")
     if len(ranks) > 1:
         raise ModelFileError(f"{root}: rank_pattern (mixed ranks) is not supported")
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    invocation = cfg.get("alora_invocation_tokens")
+    if invocation is not None and not (isinstance(invocation, list)
+                                       and all(is_whole(t) and t >= 0 for t in invocation)):
+        raise ModelFileError(f"{where}: alora_invocation_tokens must be a list of token ids, got {invocation!r:.40}")
 
     weights = root / "adapter_model.safetensors"
     try:
@@ -101,6 +114,12 @@ def load_peft_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
                 halves.setdefault(name[: -len(marker)] + ".weight", {})[part] = value.to(torch.float32)
                 break
         else:
+            if name.endswith(".base_layer.weight"):  # PEFT's save_embedding_layers: a full copy of the layer
+                raise ModelFileError(
+                    f"{root}: the adapter holds a full copy of {name.removesuffix('.base_layer.weight')} ({key}), "
+                    "which a llama.cpp adapter cannot carry; if training did not change that layer, save the adapter "
+                    "again with save_pretrained(..., save_embedding_layers=False)"
+                )
             raise ModelFileError(f"{root}: unsupported adapter tensor {key!r} (only lora_A / lora_B of linear layers)")
     pairs = {}
     for name, h in halves.items():
@@ -109,8 +128,7 @@ def load_peft_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
         pairs[name] = (h["lora_A"], h["lora_B"])
     if not pairs:
         raise ModelFileError(f"{root}: adapter holds no LoRA tensors")
-    inv = cfg.get("alora_invocation_tokens")
-    return LoraAdapter(root, rank, alpha, scale, pairs, [int(t) for t in inv] if inv else None)
+    return LoraAdapter(root, rank, float(alpha), scale, pairs, invocation or None)
 
 
 def check_fits(adapter: LoraAdapter, shapes: dict[str, tuple[int, ...]], what: str) -> None:
@@ -132,8 +150,7 @@ def _base_layout(info: GGUFInfo) -> tuple[ModelBase, dict[str, tuple[int, ...]]]
     reader = gguf.GGUFReader(info.path)
     kv = read_gguf_kv(reader, skip_vocab=True)
     cls = model_class_for_gguf(info.architecture)
-    tied = not any(t.name == "output.weight" for t in reader.tensors)
-    model: ModelBase = cls(cls.hf_config(kv, info.n_vocab, tied))
+    model: ModelBase = cls(cls.hf_config(kv, info.n_vocab, {t.name for t in reader.tensors}))
     shapes = {model.hf_name(t.name): tuple(int(x) for x in reversed(t.shape))
               for t in reader.tensors if t.name != "rope_freqs.weight"}
     return model, shapes

@@ -19,6 +19,7 @@ import numpy as np
 
 from edge_adapt.fileio import atomic_dir
 from edge_adapt.convert.gguf_io import read_gguf_kv
+from edge_adapt.convert.model import IMPORTED_METADATA
 from edge_adapt.progress import Job, Progress, to_the_end
 from edge_adapt.convert.registry import model_class_for_gguf
 from edge_adapt.convert.tokenizer import build_hf_tokenizer
@@ -70,7 +71,7 @@ def import_gguf_job(
     if embd is None:
         raise ModelFileError(f"{info.path}: no token_embd.weight")
     n_vocab = int(embd.shape[1])
-    config = cls.hf_config(kv, n_vocab, tied="output.weight" not in names)
+    config = cls.hf_config(kv, n_vocab, names)
     arch = cls(config)
 
     # safetensors layout: 8-byte header length, JSON header (offsets relative to the data start), raw data.
@@ -101,7 +102,7 @@ def import_gguf_job(
         build_hf_tokenizer(kv, tmp)
         if info.edge_adapt:
             # Runtime metadata the GGUF carried (e.g. a self-eval config): kept so a round trip can restore it.
-            (tmp / "edge_adapt.json").write_text(json.dumps(info.edge_adapt, indent=2) + "\n", encoding="utf-8")
+            (tmp / IMPORTED_METADATA).write_text(json.dumps(info.edge_adapt, indent=2) + "\n", encoding="utf-8")
     n_params = sum(int(np.prod(s)) for _, _, s, _, _ in entries)
     return ImportResult(Path(out), info.architecture, len(entries), n_params, time.perf_counter() - t0)
 

@@ -43,6 +43,8 @@ LLAMA_QUANT_TYPES: dict[str, F] = {"q4_k_m": F.MOSTLY_Q4_K_M, "q5_k_m": F.MOSTLY
 TYPES = (*NATIVE_TYPES, *LLAMA_QUANT_TYPES)
 
 SELF_EVAL_PREFIX = "edge_adapt.self_eval."
+# Written by `import` beside the transformers files: the GGUF's edge_adapt.* metadata, keys without "edge_adapt.".
+IMPORTED_METADATA = "edge_adapt.json"
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ def _nbytes(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...], np.dtype
 
 def read_self_eval_config(source: str | os.PathLike[str] | dict[str, Any] | None) -> dict[str, Any]:
     """A flat mapping whose values GGUF can hold (str, int, float, bool, or a non-empty list of one of those),
-    given as a dict or a JSON file; None is no metadata."""
+    given as a dict or a JSON file; None is no metadata. Keys may carry the "self_eval." prefix (as in the
+    edge_adapt.json `import` writes), which is dropped: write_self_eval adds it back."""
     if source is None:
         return {}
     data: Any = source
@@ -121,7 +124,10 @@ def read_self_eval_config(source: str | os.PathLike[str] | dict[str, Any] | None
         kinds = {type(v) for v in items}
         if not kinds <= {str, int, float, bool} or (len(kinds) > 1 and kinds != {int, float}):
             raise UsageError(f"{p}: {key} must be a string, number, bool, or a list of one such type")
-    return data
+    config = {key.removeprefix("self_eval."): value for key, value in data.items()}
+    if len(config) < len(data):
+        raise UsageError(f"{p}: a key is given both with and without the self_eval. prefix")
+    return config
 
 
 def write_self_eval(w: gguf.GGUFWriter, config: dict[str, Any]) -> None:
@@ -201,6 +207,8 @@ def convert_model_job(
         raise UsageError(f"unknown type {type!r}; choose one of {', '.join(TYPES)}")
     out_path = Path(out)
     check_target(out_path, force=force)
+    if self_eval_config is None and (Path(hf_dir) / IMPORTED_METADATA).is_file():
+        self_eval_config = Path(hf_dir) / IMPORTED_METADATA  # what `import` kept of the GGUF's self-eval config
     self_eval = read_self_eval_config(self_eval_config)
     require_torch()
 
@@ -237,15 +245,38 @@ def convert_model_job(
                     yield Progress("quantize", 1, 1)
                 finally:
                     mid.unlink(missing_ok=True)
-            from edge_adapt.engine.gguf_file import inspect_gguf
-
-            inspect_gguf(tmp, expect="model")  # a file we would refuse to load must not be published
+            _check_loadable(tmp, out_path)
         n_params = sum(int(np.prod(p.shape)) for p in plan)
     return ConvertResult(out_path, kind, model.gguf_arch, len(plan), n_params, out_path.stat().st_size,
                          time.perf_counter() - t0)
 
 
 convert_model = to_the_end(convert_model_job)
+
+
+def _check_loadable(tmp: Path, out: Path) -> None:
+    """A file we would refuse to load must not be published: our own checks (header to last tensor byte, NaN),
+    then llama.cpp's (vocabulary and tensor shapes), which loads it memory-mapped and frees it at once. Errors
+    name the output, since the temporary file is gone by the time the message is read."""
+    import llama_cpp as ll
+
+    from edge_adapt.engine.gguf_file import inspect_gguf
+    from edge_adapt.engine.handles import init_backend
+
+    try:
+        inspect_gguf(tmp, expect="model")
+    except ModelFileError as exc:
+        raise ModelFileError(f"{out}: not written, {str(exc).removeprefix(f'{tmp}: ')}") from None
+    init_backend()
+    params = ll.llama_model_default_params()
+    params.use_mmap = True
+    params.n_gpu_layers = 0
+    params.use_extra_bufts = False  # repacking the weights for the CPU kernels would read every one of them
+    ptr = ll.llama_model_load_from_file(str(tmp).encode(), params)
+    if not ptr:
+        raise ModelFileError(f"{out}: not written, llama.cpp refuses to load the converted file (a converter bug "
+                             "for this model; please report it)")
+    ll.llama_model_free(ptr)
 
 
 def _write_gguf(

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, TypeVar
 
 import gguf
 import numpy as np
 
-from edge_adapt.errors import ModelFileError
+from edge_adapt.errors import ModelFileError, is_number, is_whole
 
 _REGISTRY: dict[str, type[ModelBase]] = {}
 _BY_GGUF_ARCH: dict[str, type[ModelBase]] = {}
@@ -81,7 +81,7 @@ class Hparams:
             n_head = int(cfg["num_attention_heads"])
             # transformers 5 moved rope settings into `rope_parameters`; 4.x keeps `rope_theta`/`rope_scaling`.
             rope = cfg.get("rope_parameters") or {}
-            scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+            scaling = _rope_scaling(cfg)
             return cls(
                 n_layer=int(cfg["num_hidden_layers"]),
                 n_embd=n_embd,
@@ -120,6 +120,34 @@ class Hparams:
             raise ModelFileError(f"config.json: rope_theta is {self.rope_theta}")
 
 
+def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The rope scaling a config asks for, its type under `rope_type`; None for none. transformers 4 spells it
+    `rope_scaling`, 5 `rope_parameters`, and both read type "default" as no scaling. Values the scaling divides
+    by are checked here, so a bad one is named rather than failing the arithmetic later."""
+    for key in ("rope_scaling", "rope_parameters"):
+        sc = cfg.get(key)
+        if sc is None:
+            continue
+        if not isinstance(sc, dict):
+            raise ModelFileError(f"config.json: {key} must be an object, got {sc!r:.40}")
+        kind = sc.get("rope_type") or sc.get("type") or "default"
+        if kind == "default":
+            continue
+        defaults: dict[str, float | None] = {"factor": None}
+        if kind == "llama3":
+            defaults = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}
+        for field, default in defaults.items():
+            value = sc.get(field, default)
+            if not (is_number(value) and math.isfinite(value) and value > 0):
+                raise ModelFileError(f"config.json: {key}.{field} must be a positive number for {kind} rope scaling, "
+                                     f"got {value!r:.40}")
+        if kind == "llama3" and sc.get("high_freq_factor", 4.0) <= sc.get("low_freq_factor", 1.0):
+            raise ModelFileError(f"config.json: {key}.high_freq_factor must exceed low_freq_factor")
+        return {**sc, "rope_type": kind}
+    return None
+
+
 class ModelBase:
     """Shared machinery; subclasses set the class variables and override the hooks they need."""
 
@@ -146,12 +174,14 @@ class ModelBase:
     }
     # Buffers some checkpoints carry that llama.cpp recomputes.
     ignored: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+    rope_scaling_types: ClassVar[tuple[str, ...]] = ("linear",)
 
     def __init__(self, config: dict[str, Any]) -> None:
         if type(self) is ModelBase:
             raise TypeError("ModelBase is abstract; use a registered architecture class")
         self.config = config
         self.hp = Hparams.from_config(config)
+        self.check_supported()
         self._to_gguf = self._name_table()
         self._to_hf = {v: k for k, v in self._to_gguf.items()}
 
@@ -184,7 +214,8 @@ class ModelBase:
             "self_attn.o_proj.weight": (hp.n_embd, q), "mlp.gate_proj.weight": (hp.n_ff, hp.n_embd),
             "mlp.up_proj.weight": (hp.n_ff, hp.n_embd), "mlp.down_proj.weight": (hp.n_embd, hp.n_ff),
             "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
-            "self_attn.o_proj.bias": (hp.n_embd,),
+            "self_attn.o_proj.bias": (hp.n_embd,), "mlp.gate_proj.bias": (hp.n_ff,), "mlp.up_proj.bias": (hp.n_ff,),
+            "mlp.down_proj.bias": (hp.n_embd,),
         }
         if hf_name.startswith("model.layers."):
             hf_name = hf_name.split(".", 3)[3]
@@ -208,6 +239,18 @@ class ModelBase:
         return int(m.group(1)) if m else None
 
     # -- hooks ------------------------------------------------------------------------------------------
+    def check_supported(self) -> None:
+        """Refuse, before anything is written, settings llama.cpp's graph for this family would not honour
+        (it would load the file and compute different logits, or not load it at all)."""
+        act = self.config.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):  # transformers' two names for the same function
+            raise ModelFileError(f"config.json: hidden_act {act!r} is not supported (llama.cpp's {self.gguf_arch} "
+                                 "graph always uses SiLU)")
+        sc = self.hp.rope_scaling
+        if sc and sc["rope_type"] not in self.rope_scaling_types:
+            raise ModelFileError(f"config.json: {sc['rope_type']} rope scaling is not supported for "
+                                 f"{self.hf_architecture} (supported: {', '.join(self.rope_scaling_types)})")
+
     def set_gguf_parameters(self, w: gguf.GGUFWriter) -> None:
         hp = self.hp
         w.add_context_length(hp.n_ctx)
@@ -227,14 +270,9 @@ class ModelBase:
 
     def _set_rope_scaling(self, w: gguf.GGUFWriter) -> None:
         sc = self.hp.rope_scaling
-        if not sc:
-            return
-        kind = sc.get("rope_type") or sc.get("type")
-        if kind == "linear":
+        if sc and sc["rope_type"] == "linear":  # llama3 is carried by the rope_freqs tensor (extra_tensors)
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(float(sc["factor"]))
-        elif kind != "llama3":  # llama3 is carried by the rope_freqs tensor (extra_tensors)
-            raise ModelFileError(f"unsupported rope scaling {kind!r} (supported: linear, llama3)")
 
     def extra_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Tensors llama.cpp needs that the checkpoint does not hold."""
@@ -250,8 +288,10 @@ class ModelBase:
 
     # -- import direction ---------------------------------------------------------------------------------
     @classmethod
-    def hf_config(cls, kv: dict[str, Any], n_vocab: int, tied: bool) -> dict[str, Any]:
+    def hf_config(cls, kv: dict[str, Any], n_vocab: int, tensor_names: Collection[str]) -> dict[str, Any]:
+        """config.json for a GGUF of this family, from its metadata and which tensors it holds."""
         a = cls.gguf_arch
+        tied = "output.weight" not in tensor_names
         n_embd, n_head = int(kv[f"{a}.embedding_length"]), int(kv[f"{a}.attention.head_count"])
         theta = float(kv.get(f"{a}.rope.freq_base", 10000.0))
         cfg: dict[str, Any] = {
@@ -304,7 +344,37 @@ class LlamaModel(ModelBase):
         "self_attn.k_proj.bias": "attn_k.bias",
         "self_attn.v_proj.bias": "attn_v.bias",
         "self_attn.o_proj.bias": "attn_output.bias",
+        "mlp.gate_proj.bias": "ffn_gate.bias",
+        "mlp.up_proj.bias": "ffn_up.bias",
+        "mlp.down_proj.bias": "ffn_down.bias",
     }
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        window = config.get("sliding_window")  # Mistral's
+        if window is not None:
+            if not is_whole(window) or window < 1:
+                raise ModelFileError(f"config.json: sliding_window must be a whole number >= 1, got {window!r:.40}")
+            # llama.cpp's llama graph attends to every earlier token, which is Mistral's sliding-window attention
+            # exactly as long as the sequence fits in the window; so the file says it was trained for no more
+            # than the window (the engine refuses a longer context).
+            self.hp = replace(self.hp, n_ctx=min(self.hp.n_ctx, window))
+
+    @classmethod
+    def hf_config(cls, kv: dict[str, Any], n_vocab: int, tensor_names: Collection[str]) -> dict[str, Any]:
+        cfg = super().hf_config(kv, n_vocab, tensor_names)
+        # transformers' Llama has biases on every attention projection or on none (attention_bias), and likewise
+        # on the MLP's (mlp_bias).
+        for key, kinds in (("attention_bias", ("attn_q", "attn_k", "attn_v", "attn_output")),
+                           ("mlp_bias", ("ffn_gate", "ffn_up", "ffn_down"))):
+            biases = {f"blk.{bid}.{kind}.bias" for bid in range(cfg["num_hidden_layers"]) for kind in kinds}
+            present = biases & set(tensor_names)
+            if present and present != biases:
+                raise ModelFileError(f"{len(present)} of the {len(biases)} {', '.join(kinds)} bias tensors present "
+                                     f"(first missing: {min(biases - present)}); transformers' Llama ({key}) has "
+                                     "them on every projection or on none")
+            cfg[key] = bool(present)
+        return cfg
 
     def _heads_for(self, name: str) -> int | None:
         if ".attn_q." in name:
@@ -323,7 +393,7 @@ class LlamaModel(ModelBase):
 
     def extra_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         sc = self.hp.rope_scaling
-        if not sc or (sc.get("rope_type") or sc.get("type")) != "llama3":
+        if not sc or sc["rope_type"] != "llama3":
             return
         # Llama 3.1 frequency-dependent scaling, precomputed per rotary pair as llama.cpp expects.
         factor = float(sc.get("factor", 8.0))
@@ -358,7 +428,12 @@ class Qwen2Model(ModelBase):
         "self_attn.v_proj.bias": "attn_v.bias",
     }
 
-    def set_gguf_parameters(self, w: gguf.GGUFWriter) -> None:
-        super().set_gguf_parameters(w)
+    def check_supported(self) -> None:
+        super().check_supported()
+        hp = self.hp
         if self.config.get("use_sliding_window"):
             raise ModelFileError("Qwen2 with use_sliding_window=true is not supported by llama.cpp's qwen2 graph")
+        if hp.n_head * hp.head_dim != hp.n_embd:
+            # llama.cpp's qwen2 graph sizes the Q and output projections by hidden_size, not heads x head_dim.
+            raise ModelFileError(f"config.json: head_dim {hp.head_dim} x {hp.n_head} heads differs from hidden_size "
+                                 f"{hp.n_embd}, which llama.cpp's qwen2 graph does not support")

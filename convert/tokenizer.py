@@ -15,7 +15,7 @@ from typing import Any
 
 import gguf
 
-from edge_adapt.errors import ModelFileError
+from edge_adapt.errors import ModelFileError, is_whole
 
 # The split regexes, exactly as HF tokenizer.json files spell them.
 QWEN2_REGEX = (
@@ -33,13 +33,16 @@ def _split(regex: str) -> dict[str, Any]:
     return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
 
 
-# llama.cpp pre-tokenizer name -> the HF pre_tokenizer that splits text the same way.
+# llama.cpp pre-tokenizer name (as llama.cpp spells it) -> the HF pre_tokenizer that splits text the same way.
 PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
-    "gpt2": _BYTELEVEL_REGEX,
+    "gpt-2": _BYTELEVEL_REGEX,
     "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTELEVEL_REGEX]},
     "qwen2": {"type": "Sequence", "pretokenizers": [_split(QWEN2_REGEX), _BYTELEVEL_PLAIN]},
     "llama-bpe": {"type": "Sequence", "pretokenizers": [_split(LLAMA3_REGEX), _BYTELEVEL_PLAIN]},
 }
+# The one pre-tokenizer for which llama.cpp takes a whole word that is in the vocabulary as it is, before merging
+# (HF's BPE `ignore_merges`); for every other it always merges.
+IGNORES_MERGES = "llama-bpe"
 
 
 def _canon(pre: dict[str, Any] | None) -> tuple[Any, ...]:
@@ -117,13 +120,19 @@ def read_hf_tokenizer(root: Path, n_vocab: int, config: dict[str, Any]) -> GGUFV
         raise ModelFileError(f"{root}: tokenizer missing (no tokenizer.json; save it with tokenizer.save_pretrained)")
     from edge_adapt.fileio import read_user_file
 
+    config_path = root / "tokenizer_config.json"
     try:
         tj = json.loads(read_user_file(path, max_bytes=256 << 20, text=True, error=ModelFileError))
-        tcfg = json.loads(read_user_file(root / "tokenizer_config.json", max_bytes=64 << 20, text=True,
-                                         error=ModelFileError)) if (root / "tokenizer_config.json").exists() else {}
+        tcfg = json.loads(read_user_file(config_path, max_bytes=64 << 20, text=True,
+                                         error=ModelFileError)) if config_path.exists() else {}
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{root}: unreadable tokenizer files ({exc.__class__.__name__})") from None
+    for file, data in ((path, tj), (config_path, tcfg)):
+        if not isinstance(data, dict):
+            raise ModelFileError(f"{file}: not a JSON object")
     model = tj.get("model") or {}
+    if not isinstance(model, dict):
+        raise ModelFileError(f"{path}: model is not a JSON object")
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise ModelFileError(
             f"{path}: only byte-level BPE tokenizers are supported (found {model.get('type')!r}"
@@ -134,9 +143,15 @@ def read_hf_tokenizer(root: Path, n_vocab: int, config: dict[str, Any]) -> GGUFV
     if normalizer is not None and normalizer.get("type") != "NFC":
         raise ModelFileError(f"{path}: normalizer {normalizer.get('type')!r} has no llama.cpp equivalent")
     pre = identify_pre_tokenizer(tj.get("pre_tokenizer"))
+    ignore_merges = bool(model.get("ignore_merges", False))
+    if ignore_merges != (pre == IGNORES_MERGES):
+        does = "takes a word found whole in the vocabulary as it is" if pre == IGNORES_MERGES else "always merges"
+        raise ModelFileError(f"{path}: model.ignore_merges is {ignore_merges}, but llama.cpp {does} with the {pre} "
+                             "pre-tokenizer")
 
     vocab: dict[str, int] = model.get("vocab") or {}
     added = tj.get("added_tokens") or []
+    _check_vocab(path, vocab, added)
     top = max([*vocab.values(), *(a["id"] for a in added)], default=-1)
     if top >= n_vocab:
         raise ModelFileError(f"{path}: tokenizer has ids up to {top} but the model's vocab_size is {n_vocab}")
@@ -152,7 +167,7 @@ def read_hf_tokenizer(root: Path, n_vocab: int, config: dict[str, Any]) -> GGUFV
             tokens[i] = f"[PAD{i}]"
             types[i] = gguf.TokenType.UNUSED
 
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    merges = _merges(path, model.get("merges") or [])
     ids = {t: i for i, t in enumerate(tokens)}
     special: dict[str, int] = {}
     for kind, key in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
@@ -176,6 +191,36 @@ def read_hf_tokenizer(root: Path, n_vocab: int, config: dict[str, Any]) -> GGUFV
     )
 
 
+def _check_vocab(path: Path, vocab: Any, added: Any) -> None:
+    """Token ids are whole numbers; added tokens are objects llama.cpp can honour."""
+    if not isinstance(vocab, dict) or not all(is_whole(i) and i >= 0 for i in vocab.values()):
+        raise ModelFileError(f"{path}: model.vocab must map each token to a whole number >= 0")
+    if not isinstance(added, list):
+        raise ModelFileError(f"{path}: added_tokens must be a list")
+    for a in added:
+        if not (isinstance(a, dict) and isinstance(a.get("content"), str) and is_whole(a.get("id")) and a["id"] >= 0):
+            raise ModelFileError(f"{path}: added_tokens entry {a!r:.60} needs a string content and a whole id >= 0")
+        # HF strips the whitespace beside such a token when it matches; llama.cpp keeps it.
+        strips = [side for side in ("lstrip", "rstrip") if a.get(side)]
+        if strips:
+            raise ModelFileError(f"{path}: added token {a['content']!r} has {' and '.join(strips)} set, which "
+                                 "llama.cpp does not honour (it would keep the whitespace HF removes)")
+
+
+def _merges(path: Path, raw: Any) -> list[str]:
+    """BPE merges as llama.cpp stores them, "left right"; tokenizer.json has that form or [left, right] pairs."""
+    if not isinstance(raw, list):
+        raise ModelFileError(f"{path}: model.merges must be a list")
+    merges = []
+    for i, m in enumerate(raw):
+        if isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m):
+            m = " ".join(m)
+        if not isinstance(m, str) or m.count(" ") != 1:
+            raise ModelFileError(f"{path}: model.merges[{i}] is {m!r:.40}, expected \"left right\" or [left, right]")
+        merges.append(m)
+    return merges
+
+
 def _template_adds(post: dict[str, Any] | None) -> tuple[bool, bool]:
     """Whether the HF post-processor puts a special token before / after a single sequence."""
     if not post:
@@ -195,28 +240,20 @@ def build_hf_tokenizer(kv: dict[str, Any], out: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     model = kv.get("tokenizer.ggml.model")
-    pre = kv.get("tokenizer.ggml.pre", "gpt2")
+    pre = kv.get("tokenizer.ggml.pre", "default")
     if model != "gpt2":
         raise ModelFileError(f"cannot import tokenizer model {model!r} (only byte-level BPE, 'gpt2')")
     if pre == "default":
-        pre = "gpt2"
+        pre = "gpt-2"
     if pre not in PRE_TOKENIZERS:
         raise ModelFileError(f"cannot import pre-tokenizer {pre!r}; supported: {', '.join(PRE_TOKENIZERS)}")
     tokens: list[str] = kv["tokenizer.ggml.tokens"]
     types: list[int] = kv.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = [m.split(" ", 1) for m in kv.get("tokenizer.ggml.merges") or []]
-    bos = kv.get("tokenizer.ggml.bos_token_id")
-    add_bos = bool(kv.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
-    if add_bos:
-        post: dict[str, Any] = {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": tokens[bos], "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}},
-        }
-    else:
-        post = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    # The special tokens llama.cpp adds around a text (add_bos_token / add_eos_token), by kind.
+    adds = {kind: tid for kind in ("bos", "eos")
+            if kv.get(f"tokenizer.ggml.add_{kind}_token", False)
+            and isinstance(tid := kv.get(f"tokenizer.ggml.{kind}_token_id"), int) and 0 <= tid < len(tokens)}
     # Written as tokenizer.json's own schema: the `tokenizers` builder API cannot set every field we need.
     spec = {
         "version": "1.0", "truncation": None, "padding": None,
@@ -227,10 +264,11 @@ def build_hf_tokenizer(kv: dict[str, Any], out: Path) -> None:
         ],
         "normalizer": None,
         "pre_tokenizer": PRE_TOKENIZERS[pre],
-        "post_processor": post,
+        "post_processor": _post_processor(adds, tokens),
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": pre == IGNORES_MERGES,
                   # Rows past the tokenizer (UNUSED padding to a round size) stay out of it, as they were before
                   # conversion: converting back makes them padding again, not normal tokens.
                   "vocab": {t: i for i, t in enumerate(tokens) if types[i] != gguf.TokenType.UNUSED},
@@ -244,10 +282,27 @@ def build_hf_tokenizer(kv: dict[str, Any], out: Path) -> None:
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=text("bos"), eos_token=text("eos"), unk_token=text("unknown"),
-        pad_token=text("padding"), add_bos_token=add_bos, clean_up_tokenization_spaces=False,
+        pad_token=text("padding"), add_bos_token="bos" in adds, add_eos_token="eos" in adds,
+        clean_up_tokenization_spaces=False,
     )
     template = kv.get("tokenizer.chat_template")
     if template:
         fast.chat_template = template
     fast.save_pretrained(str(out))
 
+
+def _post_processor(adds: dict[str, int], tokens: list[str]) -> dict[str, Any]:
+    """tokenizer.json's post-processor for the special tokens llama.cpp adds (transformers rebuilds the same from
+    add_bos_token / add_eos_token; other readers of tokenizer.json use this)."""
+    if not adds:
+        return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+
+    def one(seq: str, type_id: int) -> list[dict[str, Any]]:
+        around = {kind: [{"SpecialToken": {"id": tokens[tid], "type_id": type_id}}] for kind, tid in adds.items()}
+        return [*around.get("bos", []), {"Sequence": {"id": seq, "type_id": type_id}}, *around.get("eos", [])]
+
+    return {
+        "type": "TemplateProcessing", "single": one("A", 0), "pair": one("A", 0) + one("B", 1),
+        "special_tokens": {tokens[tid]: {"id": tokens[tid], "ids": [tid], "tokens": [tokens[tid]]}
+                           for tid in adds.values()},
+    }

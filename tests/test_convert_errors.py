@@ -222,3 +222,168 @@ def test_import_rejects_adapter_and_keeps_existing_dir(llama_dir: Path, gguf_dir
     with pytest.raises(UsageError, match="already exists"):
         import_gguf(base, tmp_path / "hf")
     _only(tmp_path, "lora", "a.gguf", "hf")
+
+
+def _edit_json(path: Path, change: object) -> None:
+    """Rewrite a JSON file through `change(data)`, which edits it in place or returns the new data."""
+    data = json.loads(path.read_text())
+    new = change(data)  # type: ignore[operator]
+    path.write_text(json.dumps(data if new is None else new))
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"rope_scaling": {"rope_type": "linear"}}, r"rope_scaling.factor must be a positive number .*got None"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, r"rope_scaling.factor must be a positive number"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn rope scaling is not supported"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                          "original_max_position_embeddings": 64}}, "rope_parameters.high_freq_factor must exceed"),
+    ({"sliding_window": 0}, "sliding_window must be a whole number >= 1"),
+])
+def test_unsupported_llama_settings_refused_by_name(setting: dict, message: str, llama_dir: Path,
+                                                    tmp_path: Path) -> None:
+    src = _copy(llama_dir, tmp_path / "src")
+    _edit_json(src / "config.json", lambda cfg: cfg.update(setting))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ModelFileError, match=f"config.json: {message}"):
+        convert_model(src, out / "m.gguf", type="f16")
+    _only(out)
+
+
+def test_qwen2_settings_llama_cpp_cannot_run_refused(qwen2_dir: Path, tmp_path: Path) -> None:
+    """Only the Llama class writes the rope_freqs tensor llama3 scaling needs; llama.cpp's qwen2 graph sizes
+    attention by hidden_size, so a head_dim that differs would not load."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    src = _copy(qwen2_dir, tmp_path / "rope")
+    _edit_json(src / "config.json", lambda cfg: cfg.update(rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64, "rope_theta": 5e5}))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ModelFileError, match="llama3 rope scaling is not supported for Qwen2ForCausalLM"):
+        convert_model(src, out / "m.gguf", type="f16")
+
+    src = _copy(qwen2_dir, tmp_path / "head_dim")
+    cfg = Qwen2Config.from_pretrained(str(src))
+    cfg.hidden_size, cfg.head_dim = 96, 32
+    Qwen2ForCausalLM(cfg).save_pretrained(str(src))
+    with pytest.raises(ModelFileError, match="head_dim 32 x 4 heads differs from hidden_size 96"):
+        convert_model(src, out / "m.gguf", type="f16")
+    _only(out)
+
+
+def test_file_llama_cpp_refuses_is_not_published(qwen2_dir: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The closing check loads the file in llama.cpp itself, so a setting the converter fails to refuse by
+    name (here the qwen2 head_dim refusal, switched off) still publishes nothing."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from edge_adapt.convert.registry import ModelBase, Qwen2Model
+
+    src = _copy(qwen2_dir, tmp_path / "src")
+    cfg = Qwen2Config.from_pretrained(str(src))
+    cfg.hidden_size, cfg.head_dim = 96, 32
+    Qwen2ForCausalLM(cfg).save_pretrained(str(src))
+    monkeypatch.setattr(Qwen2Model, "check_supported", ModelBase.check_supported)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ModelFileError, match=f"^{out / 'm.gguf'}: not written, llama.cpp refuses to load"):
+        convert_model(src, out / "m.gguf", type="f16")
+    _only(out)
+
+
+def test_nan_weight_error_names_the_output_not_the_temp_file(llama_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    src = _copy(llama_dir, tmp_path / "src")
+    state = load_file(str(src / "model.safetensors"))
+    state["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ModelFileError) as info:
+        convert_model(src, out / "m.gguf", type="f16")
+    assert str(info.value) == f"{out / 'm.gguf'}: not written, tensor 'blk.0.ffn_up.weight' holds NaN or infinite values"
+    _only(out)
+
+
+@pytest.mark.parametrize(("file", "change", "message"), [
+    ("tokenizer_config.json", lambda _: [1], r"tokenizer_config.json: not a JSON object"),
+    ("tokenizer.json", lambda tj: tj["model"].update(merges=[1, 2]), r"tokenizer.json: model.merges\[0\] is 1"),
+    ("tokenizer.json", lambda tj: tj["model"].update(merges=[["a", 2]]), r"model.merges\[0\] is \['a', 2\]"),
+    ("tokenizer.json", lambda tj: tj["model"].update(vocab={"a": "x"}), "model.vocab must map each token"),
+    ("tokenizer.json", lambda tj: tj.update(added_tokens=[{"id": "x"}]), "added_tokens entry"),
+])
+def test_malformed_tokenizer_files_named(file: str, change: object, message: str, llama_dir: Path,
+                                         tmp_path: Path) -> None:
+    src = _copy(llama_dir, tmp_path / "src")
+    _edit_json(src / file, change)
+    with pytest.raises(ModelFileError, match=message):
+        convert_model(src, tmp_path / "m.gguf", type="f16")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_tokenizer_settings_llama_cpp_cannot_honour_refused(llama_dir: Path, qwen2_dir: Path, tmp_path: Path) -> None:
+    """HF strips the whitespace beside an lstrip/rstrip added token and llama.cpp does not; llama.cpp takes whole
+    words from the vocabulary (ignore_merges) for llama-bpe only."""
+    from edge_adapt.convert.tokenizer import LLAMA3_REGEX, QWEN2_REGEX
+
+    def strip_tool(tj: dict) -> None:
+        next(a for a in tj["added_tokens"] if a["content"] == "<tool>")["rstrip"] = True
+
+    src = _copy(llama_dir, tmp_path / "strip")
+    _edit_json(src / "tokenizer.json", strip_tool)
+    with pytest.raises(ModelFileError, match="added token '<tool>' has rstrip set"):
+        convert_model(src, tmp_path / "m.gguf", type="f16")
+
+    src = _copy(llama_dir, tmp_path / "ignore")
+    _edit_json(src / "tokenizer.json", lambda tj: tj["model"].update(ignore_merges=True))
+    with pytest.raises(ModelFileError, match="model.ignore_merges is True, but llama.cpp always merges with the smollm"):
+        convert_model(src, tmp_path / "m.gguf", type="f16")
+
+    src = _copy(qwen2_dir, tmp_path / "llama3")  # the Llama 3 split regex, without ignore_merges
+    text = (src / "tokenizer.json").read_text()
+    (src / "tokenizer.json").write_text(text.replace(json.dumps(QWEN2_REGEX)[1:-1], json.dumps(LLAMA3_REGEX)[1:-1]))
+    with pytest.raises(ModelFileError, match="model.ignore_merges is False, but llama.cpp takes a word .* with the llama-bpe"):
+        convert_model(src, tmp_path / "m.gguf", type="f16")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"r": 0}, "adapter_config.json: r must be a whole number >= 1, got 0"),
+    ({"lora_alpha": "8"}, "adapter_config.json: lora_alpha must be a number"),
+    ({"alora_invocation_tokens": ["x"]}, r"adapter_config.json: alora_invocation_tokens must be a list of token ids"),
+])
+def test_malformed_adapter_config_named(change: dict, message: str, llama_dir: Path, tmp_path: Path) -> None:
+    lora = build_lora(llama_dir, tmp_path / "lora")
+    _edit_json(lora / "adapter_config.json", lambda cfg: cfg.update(change))
+    with pytest.raises(ModelFileError, match=message):
+        convert_model(llama_dir, tmp_path / "m.gguf", merge_adapter=lora)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_adapter_with_saved_embedding_layer_says_what_to_do(llama_dir: Path, tmp_path: Path) -> None:
+    """PEFT's save_embedding_layers stores a full copy of a targeted lm_head as `lm_head.base_layer.weight`."""
+    from safetensors.torch import load_file, save_file
+
+    lora = build_lora(llama_dir, tmp_path / "lora")
+    state = load_file(str(lora / "adapter_model.safetensors"))
+    base = load_file(str(llama_dir / "model.safetensors"))
+    state["base_model.model.lm_head.base_layer.weight"] = base["lm_head.weight"]
+    save_file(state, str(lora / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelFileError, match=r"full copy of lm_head .*save_embedding_layers=False"):
+        convert_model(llama_dir, tmp_path / "m.gguf", merge_adapter=lora)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_malformed_inputs_are_one_line_errors_at_the_cli(llama_dir: Path, tmp_path: Path) -> None:
+    """What used to escape as `error: unexpected KeyError` (exit 70) is a named one-line error (exit 1)."""
+    src = _copy(llama_dir, tmp_path / "src")
+    _edit_json(src / "config.json", lambda cfg: cfg.update(rope_scaling={"rope_type": "linear"}))
+    r = _cli("convert", str(src), "-o", str(tmp_path / "m.gguf"))
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == ("error: config.json: rope_scaling.factor must be a positive number for linear rope "
+                                "scaling, got None")
+    assert not (tmp_path / "m.gguf").exists()

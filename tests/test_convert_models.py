@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
@@ -160,3 +162,73 @@ def test_padding_tokens_stay_unused_through_import_and_back(llama_dir: Path, tmp
     (tokens, types), again = vocab(first), vocab(second)
     assert gguf.TokenType.UNUSED in types  # the fixture pads its vocabulary
     assert again == (tokens, types)
+
+
+def test_gpt2_pre_tokenizer_written_as_llama_cpp_names_it(llama_dir: Path, tmp_path: Path) -> None:
+    """A plain GPT-2 ByteLevel pre-tokenizer is llama.cpp's "gpt-2": the file loads and tokenizes as HF does,
+    and imports back."""
+    import llama_cpp
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from convert_fixtures import CORPUS_LINES
+    from edge_adapt.convert import import_gguf
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_dir, src, ignore=lambda _d, names: [n for n in names if n.startswith(("tokenizer", "special"))])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS_LINES, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(str(src))
+
+    out = convert_model(src, tmp_path / "m.gguf", type="f16").path
+    hf = AutoTokenizer.from_pretrained(str(src))
+    llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+    try:
+        for text in (MIXED_TEXT, *PROMPTS):
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf(text)["input_ids"], text
+    finally:
+        llm.close()
+    import_gguf(out, tmp_path / "back")
+    back = AutoTokenizer.from_pretrained(str(tmp_path / "back"))
+    assert back(MIXED_TEXT)["input_ids"] == hf(MIXED_TEXT)["input_ids"]
+
+
+def test_mistral_sliding_window_bounds_the_training_context(llama_dir: Path, tmp_path: Path) -> None:
+    """llama.cpp's llama graph attends to every earlier token: that is Mistral's sliding-window attention only
+    within the window, so the file's training context is the window (and the engine refuses a longer one)."""
+    import json
+
+    from edge_adapt.engine import Engine
+    from edge_adapt.errors import BudgetError
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_dir, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=128)
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = convert_model(src, tmp_path / "m.gguf", type="f16").path
+    assert inspect_gguf(out).n_ctx_train == 128
+    with pytest.raises(BudgetError, match="exceeds the model's training context 128"):
+        Engine(model=out, ctx=256, device="cpu", threads=2)
+
+    cfg["sliding_window"] = None  # Mistral 7B v0.2 and later: full attention
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert inspect_gguf(convert_model(src, tmp_path / "full.gguf", type="f16").path).n_ctx_train == 512
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "default"}, {"type": "default"}])
+def test_default_rope_scaling_is_no_scaling(scaling: dict, llama_dir: Path, tmp_path: Path) -> None:
+    """transformers reads a legacy rope_scaling of type "default" as no scaling; so does the converter."""
+    import json
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_dir, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["rope_scaling"] = scaling
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = convert_model(src, tmp_path / "m.gguf", type="f16").path
+    assert not any(key.startswith("llama.rope.scaling") for key in gguf.GGUFReader(out).fields)
