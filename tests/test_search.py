@@ -8,6 +8,7 @@ import json
 import pytest
 
 from edge_adapt.engine.events import Finished, SampleStarted, Token
+from edge_adapt.result import collect
 from edge_adapt.errors import UsageError
 from edge_adapt.strategies import Pruned, RoundStarted, Scored, StrategyConfig, run_strategy
 from edge_adapt.strategies.events import DifficultyEstimated, RolledOut
@@ -100,6 +101,9 @@ def test_lookahead_rollouts_are_discarded_and_counted():
     announced = {s.sample for s in of(ev, SampleStarted)}
     assert not announced & {r.sample for r in rolled} - announced  # roll-outs are never announced as samples
     assert chosen(ev).sample in announced
+    # nor do they end as samples: only announced samples finish, so collect() lists no roll-out
+    assert {f.sample for f in of(ev, Finished)} <= announced
+    assert {s.index for s in collect(ev).samples} <= announced
     # a beam's score is its roll-out's: the scorer saw the roll-out k steps further on
     scored_lengths = [n for call in sc.calls for _, n in call]
     assert max(scored_lengths) == 9  # a beam three steps in, rolled out by the last step and the end of text

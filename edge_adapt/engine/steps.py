@@ -166,9 +166,10 @@ def drive(engine: Decoder, program: Program[R]) -> Generator[Any, None, R]:
         program.close()
 
 
-def watched(program: Program[R], see: Any) -> Program[R]:
-    """`yield from program`, calling `see(item)` on each item that is not a decode request: a driver's errors
-    thrown in at a yield reach the program (a bare `for item in program: yield item` would take them itself)."""
+def watched(program: Program[R], see: Any = None, *, keep: Any = None) -> Program[R]:
+    """`yield from program`, calling `see(item)` on each item that is not a decode request, and leaving out those
+    `keep(item)` refuses: a driver's errors thrown in at a yield reach the program (a bare `for item in program:
+    yield item` would take them itself)."""
     error: BaseException | None = None
     try:
         while True:
@@ -178,7 +179,10 @@ def watched(program: Program[R], see: Any) -> Program[R]:
                 return stop.value
             error = None
             if not isinstance(item, (Decode, Sampling)):
-                see(item)
+                if keep is not None and not keep(item):
+                    continue
+                if see is not None:
+                    see(item)
             try:
                 yield item
             except GeneratorExit:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence as Seq
 
 from edge_adapt.engine.engine import Sample, Sequence
-from edge_adapt.engine.events import Event
+from edge_adapt.engine.events import Event, Finished
+from edge_adapt.engine.steps import watched
 from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.beam import check_width, search
 from edge_adapt.strategies.config import StrategyConfig
@@ -39,9 +40,15 @@ def rolled_out_scores(
         before = len(pool.samples)
         yield from pool.branch(b, 1, 0.0, announce=False)
         rolls += pool.samples[before:]
+    rolled = {r.index for r in rolls}
+
+    def seen(ev: object) -> bool:  # a roll-out is not a sample: its tokens are compute, its end is not an answer's
+        return not (isinstance(ev, Finished) and ev.sample in rolled)
+
     try:
         for _ in range(config.lookahead):
-            yield from engine.steps(rolls, max_new=config.max_step_tokens, pause_on=config.step_delimiter)
+            yield from watched(engine.steps(rolls, max_new=config.max_step_tokens, pause_on=config.step_delimiter),
+                               keep=seen)
         scores = (yield from scorer.steps(rolls)) if rolls else []
     finally:
         pool.release(rolls)
