@@ -473,6 +473,12 @@ def test_keep_is_the_settings_name_everywhere():
         (dict(extractor="regex", pattern="("), "not a valid regex"),
         (dict(t_min=2.0, t_max=1.0), "t_min (2.0) must be <= t_max (1.0)"),
         (dict(bogus=1), "bogus: Extra inputs are not permitted"),
+        # Refused here, not at the first decode (stop) or read as 1 (a bool).
+        (dict(stop=[""]), "stop: stop strings must be non-empty"),
+        (dict(stop=""), "stop: stop strings must be non-empty"),
+        (dict(budget=True), "budget: must be a whole number, got True"),
+        (dict(max_tokens=True), "max_tokens: must be a whole number, got True"),
+        (dict(strategy="prune", prune_at=[True]), "prune_at: must be a whole number"),
     ],
 )
 def test_invalid_config_is_a_one_line_error(cfg, message):
@@ -493,6 +499,10 @@ def test_config_from_toml_and_json(tmp_path):
     js.write_text('{"strategy": "adaptive", "budget": 0}')
     with pytest.raises(UsageError, match=r"s\.json: budget"):
         StrategyConfig.from_file(js)
+
+
+def test_one_stop_string_is_taken_as_generate_takes_it():
+    assert StrategyConfig.parse({"stop": "\n\n"}).stop == ("\n\n",)
 
 
 def test_with_options_revalidates():

@@ -69,6 +69,26 @@ class StrategyConfig(BaseModel):
         None, description="auto: compute-optimal policy JSON (loaded once, in preflight); the default model's shipped one when omitted",
     )
 
+    @field_validator("budget", "k", "max_tokens", "seed", "top_k", "max_step_tokens", "beam_width", "max_rounds",
+                     "lookahead", "prune_at", mode="before")
+    @classmethod
+    def _counts_are_not_bools(cls, v: Any) -> Any:
+        """pydantic reads True as 1; a count given as a bool is a mistake, refused as the engine refuses it."""
+        if isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v)):
+            raise ValueError(f"must be a whole number, got {v!r}")
+        return v
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stops(cls, v: Any) -> Any:
+        """One string or several, as `generate` takes them; checked here, before anything is decoded: an empty
+        stop string would end every reply at once."""
+        if isinstance(v, str):
+            v = (v,)
+        if isinstance(v, (list, tuple)) and any(s == "" for s in v):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
     @field_validator("strategy")
     @classmethod
     def _known(cls, v: str) -> str:
