@@ -332,6 +332,7 @@ def chat(
         raise UsageError("chat reads its turns from standard input, which is closed")
     from edge_adapt.engine import SamplingParams, Token, Vocab
     from edge_adapt.engine.budget import parse_size
+    from edge_adapt.engine.events import Cancelled
     from edge_adapt.session import ChatSession, Notice
     from edge_adapt.sizing import EngineSize, load_engine
     from edge_adapt.strategies import Chosen, plan_run
@@ -383,6 +384,8 @@ def chat(
                                 score = f"p_keep {ev.p_keep:.2f}, " if ev.p_keep is not None else ""
                                 sys.stdout.write(f"{ev.text}\n({score}sample {ev.sample})")
                     print()
+            except Cancelled:  # Ctrl-C ended a strategy's run: that reply is left out, the chat goes on
+                print("\n(stopped)")
             except EdgeAdaptError as exc:
                 print(f"error: {exc}")
 

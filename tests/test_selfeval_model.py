@@ -226,6 +226,35 @@ def test_adapter_of_another_architecture_is_refused_by_name(engine, tmp_path):
         SelfEvaluator(engine, adapter_path=path)
 
 
+@pytest.mark.parametrize("strategy", ["adaptive", "beam"])
+def test_a_cancel_ends_the_whole_strategy_run(engine, strategy):
+    """engine.cancel() in the middle of a run ends the run, not only the step it lands in: adaptive went on to
+    start 15 more samples and generate 333 more tokens after a cancel at its first token."""
+    import threading
+
+    from edge_adapt.engine import Token
+    from edge_adapt.engine.events import Cancelled, SampleStarted
+
+    free = engine.free_sequences
+    cfg = StrategyConfig(strategy=strategy, budget=6 if strategy == "adaptive" else 4, beam_width=2, threshold=1.0,
+                         max_tokens=24)
+    seen: list[object] = []
+    with pytest.raises(Cancelled):
+        for ev in run_strategy(engine, "Write a haiku about rain.", cfg):
+            seen.append(ev)
+            if isinstance(ev, Token) and sum(isinstance(x, Token) for x in seen) == 1:
+                canceller = threading.Thread(target=engine.cancel)
+                canceller.start()
+                canceller.join()
+    first = next(i for i, ev in enumerate(seen) if isinstance(ev, Token))
+    assert not any(isinstance(ev, SampleStarted) for ev in seen[first:])  # nothing new was started
+    assert sum(isinstance(ev, Token) for ev in seen) <= cfg.budget  # at most the step in flight
+    assert engine.free_sequences == free
+    # The cancel was for that run only: the next one runs to its end.
+    events = list(run_strategy(engine, "What is 2 + 2?", StrategyConfig(strategy="best-of-n", budget=2, max_tokens=8)))
+    assert isinstance(events[-2], Chosen)
+
+
 @pytest.mark.parametrize("strategy", ["best-of-n", "prune", "adaptive"])
 def test_strategies_run_on_the_model(engine, strategy):
     free = engine.free_sequences

@@ -789,8 +789,8 @@ class Engine(TextModel):
     def _steps(
         self, samples: Seq[Sample], until: int | None = None, *, max_new: int | None = None, pause_on: str | None = None
     ) -> Program[None]:
-        self._cancel.clear()
-        self.ctx.request_abort(False)
+        # A cancel is not cleared here: it is for all the work in progress (a strategy run holds the engine busy
+        # from start to end), and is cleared when that ends (_work_ends).
         limit = {id(s): min(s.max_tokens, until if until is not None else s.max_tokens,
                             len(s.generated) + max_new if max_new is not None else s.max_tokens) for s in samples}
         live = [s for s in samples if s.finish is None and len(s.generated) < limit[id(s)]]
@@ -973,8 +973,6 @@ class Engine(TextModel):
         return lambda: np.concatenate([p.result() for p in parts])
 
     def _finish_all(self, samples: Seq[Sample], reason: FinishReason) -> Iterator[Event]:
-        self._cancel.clear()
-        self.ctx.request_abort(False)
         for s in samples:
             s.finish = reason
             s.stream.flush()

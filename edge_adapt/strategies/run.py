@@ -110,7 +110,15 @@ def run_strategy(
             f"strategy {config.strategy} with budget {config.budget} runs {plan.samples} samples at once and needs "
             f"{plan.samples + 1} free sequences (one for the prompt); the engine has {engine.free_sequences}"
         )
-    return drive(engine, strategy_steps(engine, plan, scorer, root))
+    return _as_one_work(engine, drive(engine, strategy_steps(engine, plan, scorer, root)))
+
+
+def _as_one_work(engine: EngineLike, events: Iterator[Any]) -> Iterator[Any]:
+    """The run holds the engine busy from its first event to its last, so that `engine.cancel()` ends the whole
+    run (its next decode raises Cancelled, every sequence is given back), not only the step it lands in."""
+    busy = getattr(engine, "_busy", None)  # an Engine; a stand-in engine has no cancel to hold
+    with busy() if busy is not None else nullcontext():
+        yield from events
 
 
 def check_fits(plan: RunPlan, n_ctx_seq: int) -> None:
