@@ -251,11 +251,21 @@ def test_unsupported_llama_settings_refused_by_name(setting: dict, message: str,
     _only(out)
 
 
+def _qwen2_with_its_own_head_dim(qwen2_dir: Path, out: Path) -> Path:
+    """The Qwen2 fixture with head_dim x heads (32 x 4) other than hidden_size (96): transformers runs it,
+    llama.cpp's qwen2 graph does not."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    src = _copy(qwen2_dir, out)
+    cfg = Qwen2Config.from_pretrained(str(src))
+    cfg.hidden_size, cfg.head_dim = 96, 32
+    Qwen2ForCausalLM(cfg).save_pretrained(str(src))
+    return src
+
+
 def test_qwen2_settings_llama_cpp_cannot_run_refused(qwen2_dir: Path, tmp_path: Path) -> None:
     """Only the Llama class writes the rope_freqs tensor llama3 scaling needs; llama.cpp's qwen2 graph sizes
     attention by hidden_size, so a head_dim that differs would not load."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     src = _copy(qwen2_dir, tmp_path / "rope")
     _edit_json(src / "config.json", lambda cfg: cfg.update(rope_parameters={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -265,10 +275,7 @@ def test_qwen2_settings_llama_cpp_cannot_run_refused(qwen2_dir: Path, tmp_path: 
     with pytest.raises(ModelFileError, match="llama3 rope scaling is not supported for Qwen2ForCausalLM"):
         convert_model(src, out / "m.gguf", type="f16")
 
-    src = _copy(qwen2_dir, tmp_path / "head_dim")
-    cfg = Qwen2Config.from_pretrained(str(src))
-    cfg.hidden_size, cfg.head_dim = 96, 32
-    Qwen2ForCausalLM(cfg).save_pretrained(str(src))
+    src = _qwen2_with_its_own_head_dim(qwen2_dir, tmp_path / "head_dim")
     with pytest.raises(ModelFileError, match="head_dim 32 x 4 heads differs from hidden_size 96"):
         convert_model(src, out / "m.gguf", type="f16")
     _only(out)
@@ -278,14 +285,9 @@ def test_file_llama_cpp_refuses_is_not_published(qwen2_dir: Path, tmp_path: Path
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The closing check loads the file in llama.cpp itself, so a setting the converter fails to refuse by
     name (here the qwen2 head_dim refusal, switched off) still publishes nothing."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from edge_adapt.convert.registry import ModelBase, Qwen2Model
 
-    src = _copy(qwen2_dir, tmp_path / "src")
-    cfg = Qwen2Config.from_pretrained(str(src))
-    cfg.hidden_size, cfg.head_dim = 96, 32
-    Qwen2ForCausalLM(cfg).save_pretrained(str(src))
+    src = _qwen2_with_its_own_head_dim(qwen2_dir, tmp_path / "src")
     monkeypatch.setattr(Qwen2Model, "check_supported", ModelBase.check_supported)
     out = tmp_path / "out"
     out.mkdir()
