@@ -156,6 +156,11 @@ class Model:
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
         self._specials: dict[bool, list[Special]] = {}
+        # Whether a long text may be tokenized in pieces (Model._cuts): the tokenizers that treat each piece between
+        # special tokens on their own (SentencePiece and BPE), and not where an end-of-text token is added after
+        # the last piece.
+        self._pieces_apart = ll.llama_vocab_type(self.vocab) in (ll.LLAMA_VOCAB_TYPE_SPM, ll.LLAMA_VOCAB_TYPE_BPE)
+        self._adds_eos = bool(ll.llama_vocab_get_add_eos(self.vocab))
 
     def _free(self) -> None:
         if self._ptr:
@@ -215,15 +220,8 @@ class Model:
         return list(buf[:n])
 
     def _cuts(self, data: bytes, parse_special: bool, add_special: bool) -> list[int]:
-        """Where a long text is cut into pieces tokenized one by one (edge_adapt.engine.special_cuts): only for
-        the vocabularies whose tokenizer treats each piece between special tokens on its own (SentencePiece
-        and BPE), and not where an end-of-text token is added after the last piece."""
-        if len(data) <= CUT_ABOVE_BYTES:
-            return []
-        with self._lock.shared():
-            kind = ll.llama_vocab_type(self.vocab)
-            adds_eos = ll.llama_vocab_get_add_eos(self.vocab)
-        if kind not in (ll.LLAMA_VOCAB_TYPE_SPM, ll.LLAMA_VOCAB_TYPE_BPE) or (add_special and adds_eos):
+        """Where a long text is cut into pieces tokenized one by one (edge_adapt.engine.special_cuts)."""
+        if len(data) <= CUT_ABOVE_BYTES or not self._pieces_apart or (add_special and self._adds_eos):
             return []
         return safe_cuts(data, self._special_tokens(parse_special), SPECIALS_PER_PIECE)
 
