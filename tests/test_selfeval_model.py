@@ -264,3 +264,53 @@ def test_strategies_run_on_the_model(engine, strategy):
     assert isinstance(events[-2], Chosen)
     assert usage.selfeval_tokens > 0 and usage.selfeval_tokens % 3 == 0  # the shipped adapter's 3-token suffix
     assert engine.free_sequences == free
+
+
+# A stop string beginning with every letter, space and stop, each completed by a character no reply holds: a
+# step's last character is held back as the possible start of one of them.
+HOLD_BACK = [c + "\x01" for c in "abcdefghijklmnopqrstuvwxyz ,."]
+
+
+@pytest.mark.parametrize("strategy", ["prune", "beam"])
+def test_a_samples_token_texts_then_its_tail_are_its_text(engine, strategy):
+    """A sample ended from outside its decode (pruned, out of search rounds) releases the text it held back as
+    the possible start of a stop string in Finished.tail: no Token carried it, and a client streaming a sample's
+    text would otherwise miss its last characters."""
+    from edge_adapt.engine import Finished, Token
+
+    cfg = StrategyConfig(strategy=strategy, budget=4, k=1, prune_at=(6,), beam_width=2, max_rounds=2,
+                         max_step_tokens=4, max_tokens=24, stop=HOLD_BACK, temperature=0.9)
+    streamed: dict[int, str] = {}
+    ended = []
+    for ev in run_strategy(engine, "Name three colours.", cfg):
+        if isinstance(ev, Token):
+            streamed[ev.sample] = streamed.get(ev.sample, "") + ev.text
+        elif isinstance(ev, Finished):
+            ended.append(ev)
+            own = streamed.get(ev.sample, "") + ev.tail
+            # A beam's sample goes on from its parent's text, which was streamed under the parent's index.
+            assert ev.text == own if strategy == "prune" else ev.text.endswith(own)
+    outside = [f for f in ended if f.reason == ("pruned" if strategy == "prune" else "length")]
+    assert outside and any(f.tail for f in outside)
+
+
+def test_a_cancelled_samples_token_texts_then_its_tail_are_its_text(engine):
+    import threading
+
+    from edge_adapt.engine import Finished, Token
+
+    streamed: dict[int, str] = {}
+    ended = []
+    cancelled: list[threading.Thread] = []
+    for ev in engine.generate(engine.chat_prompt(PROMPT), SamplingParams(temperature=0.9, seed=5), n=3,
+                              max_tokens=24, stop=HOLD_BACK):
+        if isinstance(ev, Token):
+            streamed[ev.sample] = streamed.get(ev.sample, "") + ev.text
+            if len(streamed[ev.sample]) > 8 and not ended and not cancelled:
+                cancelled.append(threading.Thread(target=engine.cancel))
+                cancelled[0].start()
+                cancelled[0].join()
+        elif isinstance(ev, Finished):
+            ended.append(ev)
+            assert streamed.get(ev.sample, "") + ev.tail == ev.text
+    assert {f.reason for f in ended} == {"cancelled"} and any(f.tail for f in ended)

@@ -132,6 +132,12 @@ class Sample:
     def mean_logprob(self) -> float:
         return self.sum_logprob / len(self.logprobs) if self.logprobs else 0.0
 
+    def end(self, reason: FinishReason) -> Finished:
+        """End the sample where it is, from outside its decode: the text held back is released in the event."""
+        self.finish = reason
+        tail = self.stream.flush()
+        return Finished(self.index, reason, self.text, len(self.generated), self.sum_logprob, tail)
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -974,9 +980,7 @@ class Engine(TextModel):
 
     def _finish_all(self, samples: Seq[Sample], reason: FinishReason) -> Iterator[Event]:
         for s in samples:
-            s.finish = reason
-            s.stream.flush()
-            yield self._finished(s)
+            yield s.end(reason)
 
     @staticmethod
     def _finished(s: Sample) -> Finished:

@@ -32,9 +32,12 @@ class Token:
 class Finished:
     sample: int
     reason: FinishReason
-    text: str
+    text: str  # the whole sample: its Token events' texts, then `tail`
     n_tokens: int
     sum_logprob: float
+    # Text released only now, which no Token carried: what was held back as the possible start of a stop string
+    # or of a character when the sample was ended from outside its decode (cancelled, pruned, out of rounds).
+    tail: str = ""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Callable, Protocol
 
 from edge_adapt.engine.engine import Sample, Sequence
-from edge_adapt.engine.events import Event, Finished, SampleStarted
+from edge_adapt.engine.events import Event, SampleStarted
 from edge_adapt.engine.sampling import SamplingParams
 from edge_adapt.engine.steps import Program
 from edge_adapt.strategies.config import StrategyConfig
@@ -114,9 +114,7 @@ class Pool:
         rounds); they stay candidates."""
         for s in samples:
             if s.finish is None:
-                s.finish = "length"
-                s.stream.flush()
-                yield Finished(s.index, "length", s.text, len(s.generated), s.sum_logprob)
+                yield s.end("length")
 
     def score(self, scorer: Scorer, samples: Seq[Sample]) -> Program[None]:
         """Score samples in one batch and record the scores. A sample scored after it finished is not scored
@@ -139,9 +137,7 @@ class Pool:
         for s in samples:
             yield Pruned(s.index, self.scores.get(s.index, math.nan), len(s.generated))
             if s.finish is None:
-                s.finish = "pruned"
-                s.stream.flush()
-                yield Finished(s.index, "pruned", s.text, len(s.generated), s.sum_logprob)
+                yield s.end("pruned")
         self.release(samples)
 
     def close(self) -> None:
