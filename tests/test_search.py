@@ -10,7 +10,8 @@ import pytest
 from edge_adapt.engine.events import Finished, SampleStarted, Token
 from edge_adapt.result import collect
 from edge_adapt.errors import UsageError
-from edge_adapt.strategies import Pruned, RoundStarted, Scored, StrategyConfig, run_strategy
+from edge_adapt.strategies import Chosen, Pruned, RoundStarted, Scored, StrategyConfig, run_strategy
+from edge_adapt.strategies.auto import prepare, sub_config
 from edge_adapt.strategies.events import DifficultyEstimated, RolledOut
 from edge_adapt.strategies.policy import Policy
 from edge_adapt.strategies.revise import MAX_IN_CONTEXT, revision_turn
@@ -235,6 +236,45 @@ def test_auto_bad_policy_or_budget_is_a_one_line_error_before_decoding(tmp_path,
         run_strategy(e, [1, 2, 3], StrategyConfig(strategy="auto", budget=budget, policy=path), FakeScorer(unique_score))
     assert message in str(err.value) and "\n" not in str(err.value)
     assert e.decode_calls == 0
+
+
+def test_auto_runs_a_choice_as_tuned_whatever_the_callers_spending_settings(tmp_path):
+    """keep and temperature are the caller's settings for strategies it names: a keep of 5 made the policy's
+    best-of-4 refuse to run ("keep (5) must be <= budget (4)"), and a temperature changed what was tuned."""
+    e = fresh()
+    ev = run(e, FakeScorer(lambda i, n: 0.3), strategy="auto", budget=8, keep=5, temperature=1.3,
+             policy=policy_file(tmp_path))
+    assert of(ev, DifficultyEstimated)[0].choice == "best-of-n" and usage(ev).samples_started == 5
+    assert {s.params.temperature for s in e.started[1:]} == {StrategyConfig().temperature}
+
+
+@pytest.mark.parametrize("prune_at, max_tokens, runs, points", [
+    ([32], 32, "best-of-n", None),  # refused before: "prune point 32 is not below max_tokens (32)"
+    ([4, 32], 32, "prune", (4,)),
+    ([4, 32], 64, "prune", (4, 32)),
+])
+def test_auto_leaves_out_prune_points_the_replies_never_reach(tmp_path, prune_at, max_tokens, runs, points):
+    choice = {"strategy": "prune", "options": {"budget": 4, "k": 1, "prune_at": prune_at}}
+    path = policy_file(tmp_path, budgets={"8": [choice] * 5})
+    cfg = prepare(StrategyConfig(strategy="auto", budget=8, max_tokens=max_tokens, policy=path), fresh())
+    sub = sub_config(cfg, cfg.policy, 3)
+    assert sub.strategy == runs and sub.budget == 4 and sub.max_tokens == max_tokens
+    assert points is None or sub.prune_at == points
+    ev = run(fresh(), FakeScorer(lambda i, n: 0.5), strategy="auto", budget=8, max_tokens=max_tokens, policy=path)
+    assert of(ev, DifficultyEstimated)[0].choice == runs and isinstance(ev[-2], Chosen)
+
+
+def test_a_choice_without_a_budget_spends_the_rows_less_the_probe(tmp_path):
+    path = policy_file(tmp_path, budgets={"6": [{"strategy": "best-of-n"}] * 5})
+    ev = run(fresh(), FakeScorer(lambda i, n: 0.5), strategy="auto", budget=7, policy=path)
+    assert usage(ev).samples_started == 6
+
+
+def test_a_policy_choice_that_cannot_run_is_named_in_its_error(tmp_path):
+    path = policy_file(tmp_path, budgets={"8": [{"strategy": "prune", "options": {"budget": 4, "k": 5}}] * 5})
+    with pytest.raises(UsageError, match=r"the policy's choice in bin 1 at budget 8 \(prune budget=4 k=5\) cannot "
+                                         r"run here: .*keep \(5\) must be <= budget \(4\)"):
+        run_strategy(fresh(), [1, 2, 3], StrategyConfig(strategy="auto", budget=8, policy=path), FakeScorer(unique_score))
 
 
 def test_policy_options_are_strategy_config_settings():

@@ -83,4 +83,5 @@ def _largest_round(config: StrategyConfig) -> int:
 
 
 register(StrategySpec("adaptive", adaptive, samples_at_once=_largest_round))
-register(StrategySpec("adaptive+prune", adaptive_prune, samples_at_once=_largest_round, check=check_prune_points))
+register(StrategySpec("adaptive+prune", adaptive_prune, samples_at_once=_largest_round, check=check_prune_points,
+                      unpruned="adaptive"))

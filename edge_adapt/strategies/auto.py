@@ -16,7 +16,7 @@ from edge_adapt.errors import UsageError
 from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import DifficultyEstimated, StrategyEvent
-from edge_adapt.strategies.policy import N_BINS, PROBE, Policy
+from edge_adapt.strategies.policy import N_BINS, POLICY_OPTIONS, PROBE, Policy
 from edge_adapt.strategies.registry import STRATEGIES, StrategySpec, register
 
 
@@ -45,14 +45,37 @@ def prepare(config: StrategyConfig, model: Any) -> StrategyConfig:
     return config.model_copy(update={"policy": policy})
 
 
+# The settings a policy decides (its bins' options), by field name: the caller's do not reach a bin's choice.
+SPENDING = frozenset(POLICY_OPTIONS & StrategyConfig.model_fields.keys())
+DEFAULT_PRUNE_AT = StrategyConfig.model_fields["prune_at"].default
+
+
 def sub_config(config: StrategyConfig, policy: Policy, bin: int) -> StrategyConfig | None:
-    """The strategy the policy runs in this bin (None: answer with the probe). Its samples are seeded after
-    the probe's."""
-    _, row = policy.row_for(config.budget)
+    """The strategy the policy runs in this bin (None: answer with the probe), as it was tuned: the caller's own
+    spending settings were for auto (its budget) or for strategies the caller names (a keep, a temperature);
+    what to answer and how to judge it (max_tokens, stop, the scorer, the extractor) is the caller's. Its samples
+    are seeded after the probe's."""
+    row_budget, row = policy.row_for(config.budget)
     choice = row[bin - 1]
     if choice.strategy == PROBE:
         return None
-    return config.with_options(**{**choice.options, "strategy": choice.strategy, "seed": config.seed + 1})
+    # A choice that names no budget spends the row's, less the probe.
+    options = {**config.model_dump(exclude_unset=True, exclude=SPENDING | {"policy"}), "budget": row_budget - 1,
+               **choice.options, "strategy": choice.strategy, "seed": config.seed + 1}
+    unpruned = STRATEGIES[choice.strategy].unpruned
+    if unpruned is not None:
+        # A prune point the replies never reach (the policy was tuned on longer ones) changes nothing: every
+        # sample has finished there and the best one is kept. Without a point left, it is its unpruned twin.
+        reached = [p for p in options.pop("prune_at", DEFAULT_PRUNE_AT) if p < config.max_tokens]
+        if reached:
+            options["prune_at"] = reached
+        else:
+            options["strategy"] = unpruned
+    try:
+        return StrategyConfig.parse(options)
+    except UsageError as exc:
+        raise UsageError(f"the policy's choice in bin {bin} at budget {row_budget} ({choice.describe()}) cannot "
+                         f"run here: {exc}") from None
 
 
 def _choices(config: StrategyConfig) -> list[StrategyConfig]:

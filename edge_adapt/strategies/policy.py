@@ -31,7 +31,8 @@ POLICY_OPTIONS = frozenset({
 
 
 class PolicyChoice(BaseModel):
-    """What to run in one bin: a strategy and the StrategyConfig options that differ from the caller's."""
+    """What to run in one bin: a strategy and how it spends compute (StrategyConfig options among POLICY_OPTIONS;
+    those it leaves out take their defaults, not the caller's, and its budget defaults to the row's less the probe)."""
 
     model_config = ConfigDict(extra="forbid")
 

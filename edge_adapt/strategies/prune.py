@@ -69,4 +69,4 @@ def check_prune_points(config: StrategyConfig) -> None:
         raise ValueError(f"prune point {pts[-1]} is not below max_tokens ({config.max_tokens})")
 
 
-register(StrategySpec("prune", prune, check=check_prune_points))
+register(StrategySpec("prune", prune, check=check_prune_points, unpruned="best-of-n"))

@@ -42,6 +42,9 @@ class StrategySpec:
     - `check(config)`: settings that only this strategy constrains; raises ValueError with a one-line reason.
     - `prepare(config, model)`: preflight against the model before anything is decoded (auto loads and checks
       its policy once here); returns the config the run uses.
+    - `unpruned`: a strategy that prunes at token counts (`prune_at`) names the strategy it is when replies end
+      before every prune point (`auto` runs a policy's choice that way when the caller's replies are shorter than
+      those it was tuned on).
     """
 
     name: str
@@ -52,6 +55,7 @@ class StrategySpec:
     check: Callable[[StrategyConfig], None] = _no_check
     prepare: Callable[[StrategyConfig, Any], StrategyConfig] = _as_is
     aliases: tuple[str, ...] = ()
+    unpruned: str | None = None
 
 
 STRATEGIES: dict[str, StrategySpec] = {}  # every name (aliases too) -> its spec, in registration order
