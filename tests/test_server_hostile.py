@@ -170,6 +170,18 @@ def test_ten_megabyte_body_is_refused_without_reading_it_all(server: ServerProce
         assert line.startswith(f"HTTP/1.1 {status}"), line
 
 
+@pytest.mark.parametrize("raw", [b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a\r\nbad header\r\n\r\n",
+                                 b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40)])  # the last: TLS
+def test_bytes_that_are_not_http_get_a_400_in_openais_shape(server: ServerProcess, raw: bytes) -> None:
+    host, port = server.base.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(raw)
+        head, _, body = s.makefile("rb").read().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), head
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == "invalid_http_request", err
+
+
 def test_paths_are_not_redirected_and_health_answers_head(server: ServerProcess) -> None:
     _error(server.http.post("/v1/chat/completions/", json=OK_BODY), 404)
     assert server.http.head("/health").status_code == 200

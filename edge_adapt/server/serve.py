@@ -4,6 +4,7 @@ thread), then serve until Ctrl-C / SIGTERM and take everything down in order: HT
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 import sys
 import threading
@@ -11,13 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edge_adapt.engine import EngineOptions
 from edge_adapt.engine.gguf_file import GGUFInfo
 from edge_adapt.errors import UsageError
 from edge_adapt.server.app import ServerState, create_app
 from edge_adapt.server.guard import MAX_BODY
+from edge_adapt.server.openai_errors import bad_request
 
 PREFIX = "edge-adapt serve:"
 
@@ -91,7 +95,7 @@ def serve(config: ServeConfig) -> None:
     state = ServerState(model_id=model_path.stem, model_created=int(model_path.stat().st_mtime))
     app = create_app(state, api_key=config.api_key, cors_origins=config.cors_origins, max_body=config.max_body,
                      loopback_only=is_loopback(sock))
-    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws="none",
+    server = _Server(uvicorn.Config(app, http=_HTTP, log_level="warning", access_log=False, lifespan="off", ws="none",
                                     timeout_graceful_shutdown=3), state)
     failure: list[BaseException] = []
     loader = threading.Thread(target=_load, args=(config, options, state, server, failure), name="edge-adapt-load",
@@ -111,6 +115,20 @@ def serve(config: ServeConfig) -> None:
         sock.close()
     if failure:
         raise failure[0]
+
+
+class _HTTP(H11Protocol):
+    """uvicorn's HTTP/1.1, whose answer to bytes that are not an HTTP request is a 400 in OpenAI's error shape
+    (uvicorn's own is plain text; everything after the request line already goes through the app)."""
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps(bad_request(msg, code="invalid_http_request").body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
 
 class _Server(uvicorn.Server):
