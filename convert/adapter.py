@@ -183,7 +183,7 @@ def convert_adapter_job(
     if type not in ("f32", "f16"):
         raise UsageError(f"adapter type must be f32 or f16, got {type!r}")
     dtype = np.float32 if type == "f32" else np.float16
-    from edge_adapt.convert.model import read_self_eval_config, write_self_eval
+    from edge_adapt.convert.model import check_adapter_loadable, read_self_eval_config, write_self_eval
     from edge_adapt.engine.gguf_file import inspect_gguf
 
     t0 = time.perf_counter()
@@ -230,7 +230,7 @@ def convert_adapter_job(
                 yield Progress("adapter", i + 1, len(tensors))
         finally:
             w.close()
-        inspect_gguf(tmp, expect="adapter")
+        check_adapter_loadable(tmp, out_path, info)
     return AdapterResult(out_path, len(tensors), adapter.gguf_alpha, adapter.invocation_tokens,
                          time.perf_counter() - t0)
 

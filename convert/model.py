@@ -13,9 +13,11 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
@@ -27,6 +29,9 @@ from edge_adapt.progress import Job, Progress, to_the_end
 from edge_adapt.convert.registry import ModelBase, model_class_for
 from edge_adapt.convert.tokenizer import read_hf_tokenizer
 from edge_adapt.errors import ModelFileError, UsageError
+
+if TYPE_CHECKING:
+    from edge_adapt.engine.gguf_file import GGUFInfo
 
 Q = gguf.GGMLQuantizationType
 F = gguf.LlamaFileType
@@ -258,25 +263,59 @@ def _check_loadable(tmp: Path, out: Path) -> None:
     """A file we would refuse to load must not be published: our own checks (header to last tensor byte, NaN),
     then llama.cpp's (vocabulary and tensor shapes), which loads it memory-mapped and frees it at once. Errors
     name the output, since the temporary file is gone by the time the message is read."""
+    from edge_adapt.engine.gguf_file import inspect_gguf
+
+    with _naming(tmp, out):
+        inspect_gguf(tmp, expect="model")
+    with _llama_model(tmp) as ptr:
+        if ptr is None:
+            raise ModelFileError(f"{out}: not written, llama.cpp refuses to load the converted file (a converter bug "
+                                 "for this model; please report it)")
+
+
+def check_adapter_loadable(tmp: Path, out: Path, base: GGUFInfo) -> None:
+    """As `_check_loadable`, for an adapter of `base`: checked against it, then loaded by llama.cpp on top of it."""
     import llama_cpp as ll
 
-    from edge_adapt.engine.gguf_file import inspect_gguf
+    from edge_adapt.engine.gguf_file import check_adapter_fits, inspect_gguf
+
+    with _naming(tmp, out):
+        check_adapter_fits(base, inspect_gguf(tmp, expect="adapter"))
+    with _llama_model(base.path) as ptr:
+        adapter = ll.llama_adapter_lora_init(ptr, str(tmp).encode()) if ptr is not None else None
+        if not adapter:
+            raise ModelFileError(f"{out}: not written, llama.cpp refuses the converted adapter on {base.path.name} "
+                                 "(a converter bug for this model; please report it)")
+        ll.llama_adapter_lora_free(adapter)
+
+
+@contextmanager
+def _naming(tmp: Path, out: Path) -> Iterator[None]:
+    """Our checks' errors about the temporary file, told of the output it was to become."""
+    try:
+        yield
+    except ModelFileError as exc:
+        raise ModelFileError(f"{out}: not written, {str(exc).replace(f'{tmp}: ', '')}") from None
+
+
+@contextmanager
+def _llama_model(path: Path) -> Iterator[Any]:
+    """llama.cpp's model of `path` (None where it refuses the file), memory-mapped and freed afterwards."""
+    import llama_cpp as ll
+
     from edge_adapt.engine.handles import init_backend
 
-    try:
-        inspect_gguf(tmp, expect="model")
-    except ModelFileError as exc:
-        raise ModelFileError(f"{out}: not written, {str(exc).removeprefix(f'{tmp}: ')}") from None
     init_backend()
     params = ll.llama_model_default_params()
     params.use_mmap = True
     params.n_gpu_layers = 0
     params.use_extra_bufts = False  # repacking the weights for the CPU kernels would read every one of them
-    ptr = ll.llama_model_load_from_file(str(tmp).encode(), params)
-    if not ptr:
-        raise ModelFileError(f"{out}: not written, llama.cpp refuses to load the converted file (a converter bug "
-                             "for this model; please report it)")
-    ll.llama_model_free(ptr)
+    ptr = ll.llama_model_load_from_file(str(path).encode(), params)
+    try:
+        yield ptr or None
+    finally:
+        if ptr:
+            ll.llama_model_free(ptr)
 
 
 def _write_gguf(

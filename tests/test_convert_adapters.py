@@ -130,3 +130,21 @@ def test_gguf_adapter_imports_back_to_the_same_peft_adapter(family: str, request
     with pytest.raises(ModelFileError, match="not an adapter GGUF|adapter GGUF"):
         import_adapter(base, base, tmp_path / "nope")
     assert not (tmp_path / "nope").exists()
+
+
+def test_an_adapter_is_checked_against_its_base_and_loaded_by_llama_cpp_before_it_is_published(tmp_path: Path):
+    """convert-adapter's last check: the written file against the base it adapts (llama.cpp's own rules, then
+    llama.cpp loading it on the base), its errors naming the output, not the temporary file gone by then."""
+    from lora_files import make_lora
+
+    from edge_adapt.convert.model import check_adapter_loadable
+    from edge_adapt.engine.default_model import default_model_path
+
+    base = inspect_gguf(default_model_path(), expect="model")
+    out = tmp_path / "adapter.gguf"
+    check_adapter_loadable(make_lora(tmp_path / ".adapter.gguf.1.tmp"), out, base)
+    other = make_lora(tmp_path / ".adapter.gguf.2.tmp", n_embd=960, n_embd_kv=320, n_blocks=32)
+    with pytest.raises(ModelFileError) as err:
+        check_adapter_loadable(other, out, base)
+    assert str(err.value).startswith(f"{out}: not written, adapter for 'blk.0.attn_q.weight'"), err.value
+    assert "does not fit" in str(err.value) and ".tmp" not in str(err.value)
