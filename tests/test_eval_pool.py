@@ -172,3 +172,41 @@ def test_a_cached_pool_is_judged_by_the_scorer_of_this_run(engine, scorer, tmp_p
                 assert (s.extracted, s.correct) == (check.extract(s.text), check.correct(s.text, new.answer))
         if spec.startswith("regex:ZZZ"):
             assert not any(s.correct for p in again for s in (*p.pool.samples, p.pool.greedy))
+
+
+def test_a_model_of_the_same_shape_with_other_weights_is_another_model(tmp_path):
+    """The fingerprint keying pools, label files, policies and snapshots named only the shape
+    (architecture:params:vocab:quantization): a full fine-tune exported at the same quantization read its base's
+    cached samples, and took its base's policy."""
+    import shutil
+
+    import gguf
+    import numpy as np
+
+    from edge_adapt.engine.default_model import default_model_path
+    from edge_adapt.engine.gguf_file import inspect_gguf
+    from edge_adapt.engine.vocab import fingerprint, same_model
+    from edge_adapt.errors import UsageError
+    from edge_adapt.strategies.policy import Policy
+
+    base = inspect_gguf(default_model_path())
+    copy = shutil.copy(default_model_path(), tmp_path / "copy.gguf")
+    assert fingerprint(inspect_gguf(copy)) == fingerprint(base)  # the bytes, not the path
+    tuned = tmp_path / "tuned.gguf"
+    shutil.copy(default_model_path(), tuned)
+    reader = gguf.GGUFReader(tuned, "r+")
+    norm = next(t for t in reader.tensors if t.name == "output_norm.weight")
+    norm.data[:] = np.asarray(norm.data) * 1.7
+    del reader
+    other = fingerprint(inspect_gguf(tuned))
+    assert other != fingerprint(base) and other.rsplit(":", 1)[0] == fingerprint(base).rsplit(":", 1)[0]
+    policy = Policy(model=fingerprint(base), bin_edges=[0.2, 0.4, 0.6, 0.8], budgets={2: [{"strategy": "probe"}] * 5})
+    with pytest.raises(UsageError, match="tuned for model"):
+        policy.check_model(other)
+    # A file written before fingerprints held a digest names the shape only, and is taken for that shape.
+    legacy = fingerprint(base).rsplit(":", 1)[0]
+    assert same_model(legacy, other) and not same_model(legacy, "llama:1:2:Q8_0:0123456789ab")
+    # Samples a server drew name it and the GGUF that tokenized them: label files and policies made with
+    # `--backend` were refused by `train` and `--strategy auto` ("labels were made with remote:...").
+    assert same_model(f"remote:served-name|tokenizer={fingerprint(base)}", fingerprint(base))
+    assert not same_model(f"remote:served-name|tokenizer={fingerprint(base)}", other)

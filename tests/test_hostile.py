@@ -539,9 +539,9 @@ def test_chat_survives_bad_loads_and_a_non_utf8_line(tmp_path: Path):
 # -- label files are validated before any work; a failed train leaves nothing ----------------------------------
 def _fingerprint() -> str:
     from edge_adapt.engine.gguf_file import inspect_gguf
+    from edge_adapt.engine.vocab import fingerprint
 
-    i = inspect_gguf(default_model_path())
-    return f"{i.architecture}:{i.n_params}:{i.n_vocab}:{i.file_type}"
+    return fingerprint(inspect_gguf(default_model_path()))
 
 
 def _labels(path: Path, records: list, *, model: str | None = None, header: object = None) -> Path:

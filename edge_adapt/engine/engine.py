@@ -29,7 +29,7 @@ from edge_adapt.engine.outputs import Outputs
 from edge_adapt.engine.sampling import SamplingParams, check_bias_vocabulary, token_logprobs, top_logprobs
 from edge_adapt.engine.steps import Decode, Program, Sampling, drive
 from edge_adapt.engine.text import TextStream
-from edge_adapt.engine.vocab import TextModel
+from edge_adapt.engine.vocab import TextModel, same_model
 from edge_adapt.errors import (
     BudgetError, ContextOverflowError, EngineError, UsageError, check_count, is_whole, validated,
 )
@@ -658,7 +658,7 @@ class Engine(TextModel):
         llama.cpp's sequence state records the KV layout of the context it was taken from (one stream per
         sequence): an engine of another `parallel` refuses it. The snapshot's tokens are then decoded again, in
         one prefill, which gives the same KV."""
-        if snap.model_fingerprint != self.fingerprint:
+        if not same_model(snap.model_fingerprint, self.fingerprint):
             raise EngineError(f"snapshot is from another model ({snap.model_fingerprint}, this is {self.fingerprint})")
         self._check_fits(snap.n_past)
         seq = into or self._new([])

@@ -6,6 +6,7 @@ so that a bad file becomes a one-line ModelFileError instead of a crash in C.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import mmap
 import os
@@ -54,6 +55,7 @@ class GGUFInfo:
     edge_adapt: dict[str, Any] = field(default_factory=dict)
     adapter: dict[str, Any] = field(default_factory=dict)
     tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)  # ggml order: ne[0] first
+    digest: str = ""  # models: what their bytes say (content_digest), so two models of one shape differ
 
     @property
     def kv_bytes_per_token_f16(self) -> int:
@@ -289,7 +291,7 @@ def inspect_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUF
         n_vocab=n_vocab, n_ff=int(_scalar(get(f"{arch}.feed_forward_length", 4 * n_embd))),
         file_type=_file_type_name(get("general.file_type")), tensor_types=dict(type_counts),
         tensor_bytes=sum(t.n_bytes for t in tensors), chat_template=template if isinstance(template, str) else None,
-        edge_adapt=edge_meta, tensor_shapes={t.name: t.shape for t in tensors},
+        edge_adapt=edge_meta, tensor_shapes={t.name: t.shape for t in tensors}, digest=content_digest(p, tensors),
     )
 
 
@@ -474,6 +476,30 @@ _FLOAT_FIELDS: dict[str, tuple[tuple[int, str], ...]] = {
     "Q4_K": ((0, "<f2"), (2, "<f2")), "Q5_K": ((0, "<f2"), (2, "<f2")), "Q6_K": ((208, "<f2"),),
 }
 _PLAIN = {"F32": "<f4", "F16": "<f2", "F64": "<f8"}
+
+
+DIGEST_SLICES, DIGEST_SLICE = 8, 4096
+
+
+def content_digest(p: Path, tensors: list[_Tensor]) -> str:
+    """A hash of a model's header (metadata, vocabulary, template, tensor table) and of its weights: a small
+    tensor whole, a large one at DIGEST_SLICES places spread over it. A fine-tune, a merged adapter or another
+    quantization changes every slice; an edit of a few values inside a large tensor can go unseen. About 8 MB read
+    whatever the model's size, where hashing an 8B model whole would take seconds at every start."""
+    h = hashlib.sha256()
+    data = np.memmap(p, dtype=np.uint8, mode="r")
+    try:
+        h.update(data[: min(t.offset for t in tensors)])
+        for t in tensors:
+            if t.n_bytes <= DIGEST_SLICES * DIGEST_SLICE:
+                h.update(data[t.offset : t.offset + t.n_bytes])
+                continue
+            for i in range(DIGEST_SLICES):
+                at = t.offset + i * (t.n_bytes - DIGEST_SLICE) // (DIGEST_SLICES - 1)
+                h.update(data[at : at + DIGEST_SLICE])
+    finally:
+        del data
+    return h.hexdigest()[:12]
 
 
 def check_tensor_data(p: Path, tensors: list[_Tensor]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from edge_adapt.engine.engine import Snapshot
+from edge_adapt.engine.vocab import same_model
 from edge_adapt.errors import EdgeAdaptError, UsageError, is_whole
 from edge_adapt.fileio import atomic_output, read_user_file
 
@@ -107,7 +108,7 @@ def load_snapshot(path: str | Path) -> tuple[Snapshot, dict[str, Any]]:
 def check_against(snap: Snapshot, path: str | Path, *, fingerprint: str, n_vocab: int, n_ctx: int) -> None:
     """The snapshot fits this model and context: same model, token ids in the vocabulary, a logits row as
     wide as the vocabulary, and no more tokens than a sequence holds."""
-    if snap.model_fingerprint != fingerprint:
+    if not same_model(snap.model_fingerprint, fingerprint):
         raise EdgeAdaptError(f"{path}: snapshot is from another model ({snap.model_fingerprint}, this is {fingerprint})")
     bad = next((t for t in snap.tokens if t >= n_vocab), None)
     if bad is not None:

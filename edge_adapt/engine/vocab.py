@@ -15,8 +15,18 @@ from edge_adapt.engine.handles import Model, init_backend
 
 
 def fingerprint(info: GGUFInfo) -> str:
-    """What identifies a model for snapshots, pools and policies."""
-    return f"{info.architecture}:{info.n_params}:{info.n_vocab}:{info.file_type}"
+    """What identifies a model for snapshots, pools, label files and policies: its shape, and a digest of its
+    bytes (a fine-tune of the same shape and quantization is another model)."""
+    return f"{info.architecture}:{info.n_params}:{info.n_vocab}:{info.file_type}:{info.digest}"
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two fingerprints (this model's, one recorded in a file) name the same model. Samples a server drew
+    are recorded as `remote:NAME|tokenizer=FP` (edge_adapt.backends.remote): FP is the GGUF that rendered and
+    checked them, the one to train and run with. One written before fingerprints held a digest names the shape
+    only, and is taken for any model of that shape, as it was then."""
+    a, b = (x.rsplit("|tokenizer=", 1)[1] if x.startswith("remote:") and "|tokenizer=" in x else x for x in (a, b))
+    return a == b or any(x.count(":") == 3 and y.startswith(x + ":") for x, y in ((a, b), (b, a)))
 
 
 class TextModel:

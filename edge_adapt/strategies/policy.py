@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edge_adapt.engine.vocab import same_model
 from edge_adapt.errors import UsageError, validated
 from edge_adapt.strategies.registry import STRATEGIES
 
@@ -96,7 +97,7 @@ class Policy(BaseModel):
         return fits[-1], self.budgets[fits[-1]]
 
     def check_model(self, fingerprint: str) -> None:
-        if fingerprint != self.model:
+        if not same_model(self.model, fingerprint):
             raise UsageError(f"the policy was tuned for model {self.model}, not this one ({fingerprint})")
 
     @classmethod

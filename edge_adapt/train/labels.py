@@ -32,6 +32,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from edge_adapt.engine import Engine, EngineOptions, Sample, Vocab
+from edge_adapt.engine.vocab import same_model
 from edge_adapt.errors import UsageError, is_number, is_whole
 from edge_adapt.eval.config import PoolSource, token_points
 from edge_adapt.backends import LocalBackend, PoolBackend
@@ -251,7 +252,7 @@ def merge_labels(paths: Sequence[str | Path]) -> LabelSet:
     sets = [read_labels(p) for p in paths]
     first = sets[0]
     for path, other in zip(paths[1:], sets[1:]):
-        if other.header.get("model") != first.header.get("model"):
+        if not same_model(str(other.header.get("model")), str(first.header.get("model"))):
             raise UsageError(f"{path} was labelled with {other.header.get('model')}, {paths[0]} with "
                              f"{first.header.get('model')}")
     seen: set[str] = set()

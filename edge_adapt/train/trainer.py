@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 from edge_adapt.errors import UsageError
 from edge_adapt.fileio import check_output_dir
+from edge_adapt.engine.vocab import same_model
 from edge_adapt.eval import metrics
 from edge_adapt.progress import Job, Progress, to_the_end
 from edge_adapt.tasks.registry import family_of
@@ -422,8 +423,9 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
     out = Path(cfg.out)
     check_output_dir(out, force=cfg.force)
     train_set, val_set = merge_labels(cfg.labels), merge_labels(cfg.validation)
-    if train_set.header.get("model") != val_set.header.get("model"):
-        raise UsageError("training and validation labels come from different models")
+    trained_on, validated_on = str(train_set.header.get("model")), str(val_set.header.get("model"))
+    if not same_model(trained_on, validated_on):
+        raise UsageError(f"training and validation labels come from different models ({trained_on}, {validated_on})")
     overlap = {p["problem_id"] for p in train_set.prompts} & {p["problem_id"] for p in val_set.prompts}
     if overlap:
         raise UsageError(f"validation shares {len(overlap)} prompts with training (e.g. {sorted(overlap)[0]})")
@@ -433,7 +435,7 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
         torch.set_num_threads(cfg.threads)
     self_eval = SelfEvalConfig(format="raw", suffix=cfg.suffix, yes=cfg.yes, no=cfg.no)
     with Engine(model=cfg.model, parallel=1, ctx=256) as eng:
-        if eng.fingerprint != train_set.header.get("model"):
+        if not same_model(str(train_set.header.get("model")), eng.fingerprint):
             raise UsageError(f"labels were made with {train_set.header.get('model')}, the model is {eng.fingerprint}")
         top = max(max(rec["prompt_ids"] + [max(r["ids"]) for r in rec["rows"]])
                   for rec in train_set.prompts + val_set.prompts)
