@@ -660,9 +660,11 @@ def train_cmd(
     if not result.main:
         return  # one of several processes (accelerate launch): the main one reports
     best = next(e for e in result.epochs if e.epoch == result.best_epoch)
-    typer.echo(f"wrote {result.exported} (best epoch {result.best_epoch}: validation AUROC "
-               f"{best.auroc if best.auroc is None else round(best.auroc, 3)}, within prompts "
-               f"{best.within_prompt_auroc if best.within_prompt_auroc is None else round(best.within_prompt_auroc, 3)}, Brier {best.brier:.3f} vs constant "
+    def auroc(x: float | None) -> str:  # undefined where the validation prompts are all right or all wrong
+        return "n/a" if x is None else f"{x:.3f}"
+
+    typer.echo(f"wrote {result.exported} (best epoch {result.best_epoch}: validation AUROC {auroc(best.auroc)}, "
+               f"within prompts {auroc(best.within_prompt_auroc)}, Brier {best.brier:.3f} vs constant "
                f"{best.brier_constant:.3f}) in {result.seconds / 60:.1f} min, peak RSS {result.peak_rss_mib:.0f} MiB")
 
 

@@ -563,6 +563,13 @@ def _record(pid: str = "p1", **row_changes: object) -> dict:
     return {"problem_id": pid, "level": 1, "prompt_ids": [1, 2, 3], "rows": rows}
 
 
+def _with_cut(cut: int, ids: list[int]) -> dict:
+    """A record whose cut row is `ids` at `cut` (its sample's full response is [28, 29, 30])."""
+    rec = _record()
+    rec["rows"][2].update(cut=cut, ids=ids)
+    return rec
+
+
 _DROP = object()
 LABEL_CASES: dict[str, Callable[[Path], Path]] = {
     "row_without_cut": lambda p: _labels(p, [_record(cut=_DROP)]),
@@ -575,6 +582,13 @@ LABEL_CASES: dict[str, Callable[[Path], Path]] = {
     "ids_negative": lambda p: _labels(p, [_record(ids=[-1])]),
     "ids_beyond_vocab": lambda p: _labels(p, [_record(ids=[10**7])]),
     "cut_negative": lambda p: _labels(p, [_record(cut=-4)]),
+    # Trained on before: the trainer reads a cut from its full response's KV, whatever the cut row's ids say.
+    "cut_not_a_prefix": lambda p: _labels(p, [_with_cut(2, [29, 28])]),
+    "cut_not_its_length": lambda p: _labels(p, [_with_cut(1, [28, 29])]),
+    "cut_past_its_response": lambda p: _labels(p, [_with_cut(6, [28, 29, 30, 28, 29, 30])]),
+    # Crashed at the first validation ("'<' not supported between instances of 'str' and 'int'").
+    "level_is_text": lambda p: _labels(p, [{**_record(), "level": "1"}]),
+    "level_is_a_list": lambda p: _labels(p, [{**_record(), "level": [1]}]),
     "rows_empty": lambda p: _labels(p, [{**_record(), "rows": []}]),
     "record_is_a_list": lambda p: _labels(p, [[1, 2]]),
     "no_problem_id": lambda p: _labels(p, [{k: v for k, v in _record().items() if k != "problem_id"}]),

@@ -226,6 +226,21 @@ def test_adapter_of_another_architecture_is_refused_by_name(engine, tmp_path):
         SelfEvaluator(engine, adapter_path=path)
 
 
+def test_an_adapter_holding_nan_is_refused_before_it_scores(engine, tmp_path):
+    """A training run that diverged exported an adapter whose every score was NaN: `run --show-scores` printed
+    "@10: nan" for each sample and best-of-n chose sample 0 without a word."""
+    import gguf
+
+    from edge_adapt.errors import ModelFileError
+
+    path = make_lora(tmp_path / "nan.gguf")
+    reader = gguf.GGUFReader(path, "r+")
+    reader.tensors[5].data[0, 0] = np.nan
+    del reader
+    with pytest.raises(ModelFileError, match="NaN or infinite"):
+        SelfEvaluator(engine, adapter_path=path)
+
+
 @pytest.mark.parametrize("strategy", ["adaptive", "beam"])
 def test_a_cancel_ends_the_whole_strategy_run(engine, strategy):
     """engine.cancel() in the middle of a run ends the run, not only the step it lands in: adaptive went on to

@@ -362,6 +362,10 @@ def test_cli_label_and_train_bad_input_is_one_line(tmp_path):
                           "not an edge-adapt label file")
     assert_one_line_error(cli("train", str(foreign), "--validation", str(foreign), "-o", str(tmp_path / "o"),
                               "--method", "magic"), "method")
+    # Trained before: 1e300 ended in "unexpected RuntimeError", a rank weight of 1e300 in NaN weights exported.
+    for flag, value in (("--lr", "1e300"), ("--rank-weight", "1e300"), ("--rank-weight", "inf"), ("--lm-loss", "nan")):
+        assert_one_line_error(cli("train", str(foreign), "--validation", str(foreign), "-o", str(tmp_path / "o"),
+                                  flag, value), flag.removeprefix("--").replace("-", "_"))
     assert_one_line_error(cli("label", "-o", str(tmp_path / "l.jsonl"), "--cut", "32", "--cut", "16"), "cuts")
     assert_one_line_error(cli("label", "-o", str(tmp_path / "l.jsonl"), "--level", "9"), "arith has levels")
     assert not (tmp_path / "l.jsonl").exists()

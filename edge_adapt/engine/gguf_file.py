@@ -254,6 +254,8 @@ def inspect_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUF
         adapter = {k.removeprefix("adapter."): v for k, v in kv.items() if k.startswith("adapter.")}
         if adapter.get("type") != "lora":
             raise ModelFileError(f"{p}: unsupported adapter type {adapter.get('type')!r} (only LoRA / aLoRA)")
+        if file_size <= SCAN_DATA_BYTES:  # a NaN in an adapter makes every self-evaluation score NaN
+            check_tensor_data(p, tensors)
         return GGUFInfo(
             path=p, file_size=file_size, kind="adapter", architecture=arch, name=get("general.name", p.stem),
             n_params=n_params, n_layers=0, n_embd=0, n_head=0, n_head_kv=0, head_dim_k=0, head_dim_v=0,

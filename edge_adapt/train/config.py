@@ -18,7 +18,7 @@ Method = Literal["alora", "lora", "full"]
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     labels: list[Path] = Field(..., min_length=1, description="label datasets from `edge-adapt label` (training "
                                                              "split), merged; a prompt in several counts once")
@@ -32,14 +32,14 @@ class TrainConfig(BaseModel):
     alpha: float = Field(32.0, gt=0)
     targets: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    lr: float | None = Field(None, gt=0, description="learning rate; 3e-4 for (a)LoRA, 2e-5 for full when omitted")
+    lr: float | None = Field(None, gt=0, le=1, description="learning rate; 3e-4 for (a)LoRA, 2e-5 for full when omitted")
     target: Literal["relative", "correct", "blend"] = Field(
         "relative", description="relative: the label's target, the share of other samples not better (Manvi et al.); "
                                 "correct: 1 for a right answer, 0 for a wrong one; blend: (1 - w) * correct + "
                                 "w * relative with w = relative_weight")
     relative_weight: float = Field(0.3, ge=0, le=1, description="w of the blend target: a wrong reply's target is "
                                                                "w * (1 - pass rate of the others), a right one's 1")
-    rank_weight: float = Field(0.0, ge=0, description="weight of a listwise loss within each prompt (softmax over "
+    rank_weight: float = Field(0.0, ge=0, le=100, description="weight of a listwise loss within each prompt (softmax over "
                                                       "its replies' scores against its right ones, per cut): what "
                                                       "best-of-N and pruning choose by; 0: none")
     init: Path | None = Field(None, description="continue from this (a)LoRA adapter (a previous run's "
@@ -47,7 +47,7 @@ class TrainConfig(BaseModel):
                                                 "one) instead of a fresh adapter")
     epochs: int = Field(2, ge=1)
     prompts_per_step: int = Field(4, ge=1, description="prompts (with all their samples and cuts) per optimizer step")
-    lm_loss: float = Field(0.0, ge=0, description="weight of an LM loss on the responses (method full: keeps the "
+    lm_loss: float = Field(0.0, ge=0, le=100, description="weight of an LM loss on the responses (method full: keeps the "
                                                   "model's own distribution); ignored by (a)LoRA, which never "
                                                   "touches generation")
     suffix: str = Field(DEFAULT_SUFFIX, min_length=1, description="raw self-eval suffix trained on and exported")

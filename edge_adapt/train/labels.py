@@ -226,7 +226,10 @@ def _bad_record(rec: Any) -> str | None:
         return "has prompt_ids that are not token ids"
     if not rec["rows"]:
         return "has no rows"
-    full = set()
+    level = rec.get("level")
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int)):
+        return f"has level {level!r} (expected a whole number or null)"
+    full: dict[int, list[int]] = {}
     for row in rec["rows"]:
         if not isinstance(row, dict) or not {"sample", "cut", "ids", "correct", "target"} <= set(row):
             return "has a row without sample, cut, ids, correct and target"
@@ -240,9 +243,14 @@ def _bad_record(rec: Any) -> str | None:
         if not isinstance(row["correct"], (bool, int)):
             return f"has a row with correct {row['correct']!r}"
         if row["cut"] is None:
-            full.add(row["sample"])
+            full[row["sample"]] = row["ids"]
     if not full:
         return "has no full (uncut) response"
+    for row in rec["rows"]:
+        # A cut is its response's first `cut` tokens: the trainer reads it from the full response's KV.
+        cut, whole = row["cut"], full.get(row["sample"])
+        if cut is not None and (whole is None or not cut == len(row["ids"]) < len(whole) or row["ids"] != whole[:cut]):
+            return f"has a cut row ({cut}) that is not the first {cut} tokens of its sample's full response"
     return None
 
 

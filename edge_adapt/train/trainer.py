@@ -20,6 +20,7 @@ step's prompts, the gradients are averaged by DDP, and the update is the one-pro
 from __future__ import annotations
 
 import json
+import logging
 import math
 from contextlib import contextmanager, nullcontext
 import random
@@ -42,9 +43,12 @@ from edge_adapt.train.labels import LabelSet, merge_labels
 CHUNK = 8  # responses batched over one prompt's KV; sorted by length so padding stays small
 
 # transformers (pinned below 5.40, see pyproject.toml) warns at every forward that `past_key_values` and
-# `is_gradient_checkpointing` are deprecated there: said once here, not in every training run's output.
+# `is_gradient_checkpointing` are deprecated there: said once here, not in every training run's output. Later
+# versions say it through their logger (once per process) instead of a FutureWarning.
 warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+logging.getLogger("transformers.utils.generic").addFilter(
+    lambda record: "`past_key_values`/`cache_params` are deprecated" not in record.getMessage())
 
 
 @dataclass(frozen=True)
@@ -533,7 +537,10 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
             opt.step()
             sched.step()
             step += 1
-            losses.append(_summed(acc, step_loss))
+            losses.append(_summed(acc, step_loss))  # the same sum in every process: all stop together
+            if not math.isfinite(losses[-1]):
+                raise UsageError(f"training diverged: the loss is {losses[-1]} at step {step} (lower --lr or "
+                                 "--rank-weight)")
             if main:
                 yield Progress("train", step, total_steps,
                                f"epoch {epoch} loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
