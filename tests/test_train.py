@@ -76,6 +76,18 @@ def test_read_labels_rejects_foreign_files(tmp_path):
         read_labels(tmp_path / "missing.jsonl")
 
 
+def test_a_cut_may_hold_a_whole_response_that_ended_right_after_it():
+    """A reply of 8 text tokens and an end-of-text token (not kept in the ids) is still generating at 8: its cut at
+    8 holds all its ids, as `label` writes it."""
+    from edge_adapt.train.labels import _bad_record
+
+    rows = [{"sample": 0, "cut": cut, "ids": ids, "correct": True, "target": 1.0}
+            for cut, ids in ((None, [5, 6, 7]), (3, [5, 6, 7]))]
+    assert _bad_record({"problem_id": "p", "prompt_ids": [1, 2], "rows": rows}) is None
+    rows[1].update(cut=4, ids=[5, 6, 7, 8])
+    assert "not the first 4 tokens" in _bad_record({"problem_id": "p", "prompt_ids": [1, 2], "rows": rows})
+
+
 def test_merged_label_files_count_a_shared_prompt_once(tmp_path):
     def write(name: str, model: str, ids: list[str]) -> Path:
         f = tmp_path / name
@@ -273,6 +285,11 @@ def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
     # (Torch on both sides, f32; the zero columns add exact zeros, so only summation order differs: ~1e-7.)
     grown = train(cfg.model_copy(update={"out": tmp_path / "grown", "init": tmp_path / "run" / "checkpoint",
                                          "rank": 16, "max_steps": 1}))
+    # A continued run's starting adapter is a candidate too: the export is never worse, by validation AUROC,
+    # than what it started from (it was an epoch's, whatever epoch 0 scored).
+    for run in (again, from_gguf, grown):
+        best = max((e.auroc or 0) for e in run.epochs)
+        assert run.best_epoch == next(e.epoch for e in run.epochs if (e.auroc or 0) == best)
     assert grown.epochs[0].brier == pytest.approx(result.epochs[-1].brier, abs=1e-5)
     assert json.loads((tmp_path / "grown" / "checkpoint" / "adapter_config.json").read_text())["r"] == 16
     # Several validation files merge like training ones, and a training prompt in any of them is refused.

@@ -247,9 +247,10 @@ def _bad_record(rec: Any) -> str | None:
     if not full:
         return "has no full (uncut) response"
     for row in rec["rows"]:
-        # A cut is its response's first `cut` tokens: the trainer reads it from the full response's KV.
+        # A cut is its response's first `cut` tokens (all of them where an end-of-text token, not kept in the ids,
+        # came next): the trainer reads it from the full response's KV.
         cut, whole = row["cut"], full.get(row["sample"])
-        if cut is not None and (whole is None or not cut == len(row["ids"]) < len(whole) or row["ids"] != whole[:cut]):
+        if cut is not None and (whole is None or not cut == len(row["ids"]) <= len(whole) or row["ids"] != whole[:cut]):
             return f"has a cut row ({cut}) that is not the first {cut} tokens of its sample's full response"
     return None
 

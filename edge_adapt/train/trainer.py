@@ -501,6 +501,10 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
     if cfg.validate_before:
         val0 = _epoch_metrics(0, float("nan"), _validate(scorer, val_groups, acc), 0.0)
         history.append(val0)
+        if cfg.init is not None:  # a continued run exports its starting adapter if no epoch validates better
+            best = val0
+            if main:
+                _save(scorer, best_dir)
     if cfg.validate_before and main:
         yield Progress("validate", 0, cfg.epochs,
                        message=f"before training: AUROC {_f(val0.auroc)} ({val0.breakdown()}) within prompts "
