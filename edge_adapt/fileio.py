@@ -19,7 +19,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -110,8 +110,11 @@ def read_user_file(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX
         raise _refuse(p, f"not valid UTF-8 text (line {line}, byte {exc.start})", error) from None
 
 
-def check_target(path: Path, *, force: bool) -> None:
-    """Refuse to clobber an existing output before any work is done."""
+def check_target(path: Path, *, force: bool, directory: bool = False) -> None:
+    """Refuse to clobber an existing output before any work is done. A file output (not `directory`) that names a
+    directory is refused even with `force`: replacing a directory with a file is never what was asked for."""
+    if not directory and path.is_dir():
+        raise UsageError(f"{path} is a directory")
     if path.exists() and not force:
         raise UsageError(f"{path} already exists; pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
@@ -154,8 +157,6 @@ def _umask_mode(path: Path, mode: int = 0o666) -> None:
 def atomic_file(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
     """Yield a temp path to write; on success it becomes `path`, on any exception it is deleted."""
     target = Path(path)
-    if target.is_dir():  # first: --force would not help
-        raise UsageError(f"{target} is a directory")
     check_target(target, force=force)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
@@ -188,11 +189,45 @@ def replace_path(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _carry_over(old: Path, new: Path, carry: Callable[[str], bool]) -> None:
+    """Entries of `old` that `new` lacks and `carry` accepts, linked (or copied) into `new`: the old directory is
+    left whole until the swap, so a failure here loses nothing."""
+    for entry in old.iterdir():
+        dst = new / entry.name
+        if dst.exists() or dst.is_symlink() or not carry(entry.name):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), dst)
+        elif entry.is_dir():
+            shutil.copytree(entry, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(dst))
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuse, before any work, a directory output that holds the working directory: atomic_dir swaps the whole
+    directory, and the process would go on in the one it took away."""
+    here = Path.cwd().resolve()
+    if here.is_relative_to(path.resolve()):
+        raise UsageError(f"{path} holds the working directory: the output directory is replaced as a whole when "
+                         "it is complete; name a directory below this one")
+
+
 @contextmanager
-def atomic_dir(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
-    """Like atomic_file for a directory: filled under a temp name, swapped in only when complete."""
+def atomic_dir(path: str | os.PathLike[str], *, force: bool = False,
+               carry: Callable[[str], bool] | None = None) -> Iterator[Path]:
+    """Like atomic_file for a directory: filled under a temp name, swapped in only when complete. `carry`: which
+    entries of an existing directory the new one keeps (by name; hard links, so nothing is copied), when it
+    does not write them itself; without it, the old directory's contents go with it."""
     target = Path(path)
-    check_target(target, force=force)
+    check_target(target, force=force, directory=True)
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target} exists and is not a directory")
     try:
@@ -203,6 +238,8 @@ def atomic_dir(path: str | os.PathLike[str], *, force: bool = False) -> Iterator
     try:
         yield tmp
         interrupts.check()
+        if carry is not None and target.is_dir():
+            _carry_over(target, tmp, carry)
         replace_path(tmp, target)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

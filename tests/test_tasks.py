@@ -9,7 +9,7 @@ import pytest
 from edge_adapt.errors import UsageError
 from edge_adapt.tasks import (
     LEVELS, ExactMatch, FinalNumber, RegexMatch, arith_problems, arith_suite, extract_final_number, gsm8k_suite,
-    jsonl_suite, load_suite, resolve_scorer,
+    StatedNumber, jsonl_suite, load_suite, normalize_number, resolve_scorer,
 )
 from edge_adapt.tasks.files import GSM8K_DEFAULT
 
@@ -146,7 +146,7 @@ def test_user_jsonl_suite_with_prompt_or_messages(tmp_path):
         jsonl_suite(tmp_path / "broken.jsonl")
     (tmp_path / "levels.jsonl").write_text('{"prompt": "x", "answer": "1", "level": "3"}\n'
                                            '{"prompt": "y", "answer": "2", "level": "hard"}\n')
-    with pytest.raises(UsageError, match=r"levels.jsonl: line 2: level must be a whole number .*, got 'hard'"):
+    with pytest.raises(UsageError, match=r"levels.jsonl:2: level must be a whole number .*, got 'hard'"):
         jsonl_suite(tmp_path / "levels.jsonl")  # was: "unexpected ValueError: invalid literal for int()"
     assert jsonl_suite(tmp_path / "levels.jsonl", n=1).problems[0].level == 3
     # Bytes that are not UTF-8: one line naming where (was "unexpected UnicodeDecodeError", exit 70).
@@ -164,3 +164,50 @@ def test_measure_names_a_missing_data_file_in_one_line(tmp_path, capsys):
     assert main(["gsm8k", "--prompts", "1", "--data", str(tmp_path / "none.jsonl")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the gsm8k family reads") and "none.jsonl" in err and err.count("\n") == 1, err
+
+
+def test_user_suite_errors_name_the_files_line(tmp_path):
+    """Line numbers count the file's lines (blank ones too), a bad chat message names its line, a null answer is
+    refused (it was scored against the text "None"), and a UTF-8 byte-order mark is read past."""
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"prompt": "a", "answer": "1"}\n\n\n{"prompt": "b"}\n')
+    with pytest.raises(UsageError, match=r"s.jsonl:4: needs 'answer'"):
+        jsonl_suite(f)  # was "line 2": the second non-blank row
+    f.write_text('{"prompt": "a", "answer": "1"}\n{"messages": [{"role": "wizard", "content": "hi"}], "answer": "1"}\n')
+    with pytest.raises(UsageError, match=r"s.jsonl:2: bad chat message \{'role': 'wizard'"):
+        jsonl_suite(f)  # was "bad chat message {...}" from the chat template, once the model had loaded
+    f.write_text('{"messages": [{"role": "user", "content": 5}], "answer": "1"}\n')
+    with pytest.raises(UsageError, match=r"s.jsonl:1: bad chat message"):
+        jsonl_suite(f)
+    for bad in ("null", "[1]", "true"):
+        f.write_text(f'{{"prompt": "a", "answer": {bad}}}\n')
+        with pytest.raises(UsageError, match=r"s.jsonl:1: answer must be a string or a number"):
+            jsonl_suite(f)
+    f.write_text('{"prompt": "a", "answer": 12}\n')
+    assert jsonl_suite(f).problems[0].answer == "12"
+    f.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "answer": "1"}\n')
+    assert [p.text for p in jsonl_suite(f).problems] == ["user: a"]  # was "not JSON (Unexpected UTF-8 BOM)"
+
+
+def test_user_suite_refuses_a_problem_twice(tmp_path):
+    """A problem twice would count twice in every accuracy and share its sample seeds."""
+    f = tmp_path / "s.jsonl"
+    line = '{"prompt": "What is 2 + 2?", "answer": "4"}'
+    f.write_text(f"{line}\n{line}\n")
+    with pytest.raises(UsageError, match=r"s.jsonl:2: duplicate prompt \(first on line 1\)"):
+        jsonl_suite(f)
+    f.write_text('{"id": "q", "prompt": "a", "answer": "1"}\n{"id": "q", "prompt": "b", "answer": "2"}\n')
+    with pytest.raises(UsageError, match=r"s.jsonl:2: duplicate id 'q' \(first on line 1\)"):
+        jsonl_suite(f)
+    f.write_text('{"id": "q", "prompt": "a", "answer": "1"}\n{"id": "r", "prompt": "b", "answer": "1"}\n')
+    assert [p.id for p in jsonl_suite(f).problems] == ["q", "r"]
+
+
+def test_a_number_of_any_length_is_read_not_a_crash():
+    """int() refuses more than 4,300 digits: a suite's huge answer crashed scoring after generation."""
+    big = "7" * 5000
+    assert normalize_number(big) == big and normalize_number("-" + big + ".500") == "-" + big + ".5"
+    assert FinalNumber().correct(f"The answer is {big}.", big)
+    assert not FinalNumber().correct(f"The answer is {big}1.", big)
+    assert StatedNumber().correct(f"so it is {big}", big)
+    assert [normalize_number(x) for x in ("3.0", "-0.0", "1,234.50", "$12", "0.10")] == ["3", "0", "1234.5", "12", "0.1"]

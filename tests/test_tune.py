@@ -119,7 +119,7 @@ def test_budgets_stay_within_what_the_pool_can_replay(tmp_path):
     from edge_adapt.eval import EvalConfig
     from edge_adapt.eval.tune_run import TuneConfig
 
-    pool = EvalConfig(k=4, n_prompts=20, cache_dir=tmp_path)
+    pool = EvalConfig(k=4, n_prompts=20, split="validation", cache_dir=tmp_path)  # never tuned on test
     assert TuneConfig(pool=pool).budgets == [2, 4]  # the defaults a pool of 4 samples (+ the probe) can spend
     assert TuneConfig(pool=pool, budgets=[3, 5]).budgets == [3, 5]
     with pytest.raises(UsageError, match="budget 8 spends the probe and 7 more samples, more than the pool's 4"):

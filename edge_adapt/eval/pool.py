@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_adapt.engine import GREEDY, Engine, Sample, SamplingParams
 from edge_adapt.engine.text import TextStream
+from edge_adapt.errors import UsageError, is_number, one_line
 from edge_adapt.progress import Job, Progress
 from edge_adapt.tasks.base import Problem, Suite, stable_hash
 from edge_adapt.tasks.registry import family_of
@@ -109,7 +112,11 @@ class PromptPool:
     rescore_s: float = 0.0  # when the samples came from another pool and were only scored again: that time
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        d = asdict(self)
+        for s in (*d["samples"], d["greedy"]):  # an unscored pool (NaN in memory) is null on disk: JSON has no NaN
+            if math.isnan(s["end_score"]):
+                s["end_score"] = None
+        return json.dumps(d, separators=(",", ":"))
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> PromptPool:
@@ -161,37 +168,153 @@ def prompt_key(settings_k: str, problem: Problem) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+_Score = Annotated[float, Field(ge=0, le=1)]  # p_keep: a probability (NaN and infinities fail both bounds)
+
+
+class _CachedSample(BaseModel):
+    """A cached PoolSample as it must read back (pydantic: the cache is a file a person can edit)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    index: int = Field(ge=-1)
+    temperature: float = Field(ge=0, allow_inf_nan=False)
+    seed: int
+    text: str
+    n_tokens: int = Field(ge=0)
+    logprobs: tuple[Annotated[float, Field(le=0)], ...]  # -inf is a log-probability, NaN and +inf are not
+    finish: str
+    scores: tuple[_Score | None, ...]
+    # null: unscored (a remote pool sampled for labels only; earlier versions wrote NaN for it)
+    end_score: float | None
+    selfeval_tokens: tuple[Annotated[float, Field(ge=0, allow_inf_nan=False)], ...]
+    extracted: str | None
+    correct: bool
+    tokens: tuple[Annotated[int, Field(ge=0)], ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _CachedSample:
+        if self.end_score is not None and not (math.isnan(self.end_score) or 0 <= self.end_score <= 1):
+            raise ValueError(f"end_score {self.end_score} is not in [0, 1]")
+        if len(self.logprobs) != self.n_tokens:
+            raise ValueError(f"{len(self.logprobs)} log-probabilities for n_tokens {self.n_tokens}")
+        if len(self.tokens) > self.n_tokens:
+            raise ValueError(f"{len(self.tokens)} token ids for n_tokens {self.n_tokens}")
+        if len(self.selfeval_tokens) != len(self.scores) + 1:
+            raise ValueError(f"{len(self.selfeval_tokens)} self-eval costs for {len(self.scores)} prune scores + the end")
+        return self
+
+    @property
+    def scored(self) -> bool:
+        return self.end_score is not None and not math.isnan(self.end_score)
+
+
+class _CachedPool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    key: str
+    problem_id: str
+    level: int | None
+    answer: str
+    prompt_tokens: int = Field(ge=0)
+    samples: tuple[_CachedSample, ...] = Field(min_length=1)
+    greedy: _CachedSample
+    wall_s: float = Field(ge=0, allow_inf_nan=False)
+    prompt_ids: tuple[Annotated[int, Field(ge=0)], ...] = ()
+    sample_key: str = ""
+    rescore_s: float = Field(0.0, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _CachedPool:
+        if [s.index for s in self.samples] != list(range(len(self.samples))) or self.greedy.index != -1:
+            raise ValueError("sample indices are not 0 ... K-1 and -1 for the greedy sample")
+        every = (*self.samples, self.greedy)
+        if len({len(s.scores) for s in every}) != 1:
+            raise ValueError("samples scored at different numbers of prune points")
+        # A pool is scored or not as a whole: one missing score is an edit, not an unscored pool.
+        unscored_at_points = not every[0].scored and any(x is not None for s in every for x in s.scores)
+        if len({s.scored for s in every}) != 1 or unscored_at_points:
+            raise ValueError("some samples are scored and some are not")
+        if self.prompt_ids and len(self.prompt_ids) != self.prompt_tokens:
+            raise ValueError(f"{len(self.prompt_ids)} prompt ids for prompt_tokens {self.prompt_tokens}")
+        return self
+
+
+def _cut_short(raw: bytes) -> bool:
+    """Whether a line is JSON that stops before its end, as a killed write leaves it. Before this version a resumed
+    run appended after such a line without removing it; it holds no value that could be read, so it is skipped."""
+    try:
+        json.loads(raw.decode("ascii"))  # the cache is written with ensure_ascii: other bytes were put there
+    except UnicodeDecodeError:
+        return False
+    except json.JSONDecodeError as exc:
+        return raw.lstrip().startswith(b"{") and exc.pos >= len(raw.rstrip())
+    return False
+
+
+def _unscored_as_nan(s: dict[str, Any]) -> dict[str, Any]:
+    return {**s, "end_score": math.nan if s["end_score"] is None else s["end_score"]}
+
+
 class PoolCache:
-    """Append-only JSONL store of PromptPools, one line each; a torn last line (a killed run) is ignored."""
+    """Append-only JSONL store of PromptPools, one line each.
+
+    Only a write a killed run did not finish is ignored: a last line without its newline (the next append cuts
+    it off), or such a line an earlier version left mid-file (JSON that stops short). Any other line that does not
+    read back as a whole pool (K samples, scores in [0, 1], token counts that agree) was changed by hand or by
+    something else, and would silently skew every metric computed from it: it is a one-line error naming the
+    line, never skipped.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def load(self) -> dict[str, PromptPool]:
+    def load(self, k: int | None = None) -> dict[str, PromptPool]:
+        """The pools by key; `k`: the samples per prompt every line must hold (else the file's first line's)."""
         out: dict[str, PromptPool] = {}
         if not self.path.exists():
             return out
-        with self.path.open(encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    pool = PromptPool.from_dict(json.loads(line))
-                except (json.JSONDecodeError, TypeError, KeyError):
-                    continue  # torn or foreign line
-                out[pool.key] = pool
+        lines = self.path.read_bytes().split(b"\n")
+        for lineno, raw in enumerate(lines[:-1], 1):  # lines[-1]: after the last newline, a torn write or b""
+            if not raw.strip():
+                continue
+            try:
+                got = _CachedPool.model_validate_json(raw)
+            except ValidationError as exc:
+                if _cut_short(raw):  # a killed write that an earlier version's resume left mid-file: regenerated
+                    continue
+                raise self._corrupt(lineno, one_line(exc, "").removeprefix(": ")) from None
+            if k is None:
+                k = len(got.samples)
+            if len(got.samples) != k:
+                raise self._corrupt(lineno, f"{len(got.samples)} samples, not K={k}")
+            d = got.model_dump()
+            d["samples"] = [_unscored_as_nan(x) for x in d["samples"]]
+            d["greedy"] = _unscored_as_nan(d["greedy"])
+            pool = PromptPool.from_dict(d)
+            out[pool.key] = pool
         return out
 
+    def _corrupt(self, lineno: int, why: str) -> UsageError:
+        return UsageError(f"{self.path}:{lineno} is corrupt ({why:.200}); delete the line or the file")
+
     def append(self, pool: PromptPool) -> None:
-        needs_newline = self.path.exists() and self.path.stat().st_size > 0 and not self._ends_with_newline()
+        self._drop_torn_tail()
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(("\n" if needs_newline else "") + pool.to_json() + "\n")
+            fh.write(pool.to_json() + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
-    def _ends_with_newline(self) -> bool:
-        with self.path.open("rb") as fh:
+    def _drop_torn_tail(self) -> None:
+        """Cut a last line a killed run left without its newline, so it never ends up mid-file."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with self.path.open("rb+") as fh:
             fh.seek(-1, os.SEEK_END)
-            return fh.read(1) == b"\n"
+            if fh.read(1) == b"\n":
+                return
+            fh.seek(0)
+            fh.truncate(fh.read().rfind(b"\n") + 1)
 
 
 @dataclass(frozen=True)
@@ -205,13 +328,32 @@ class PoolProgress:
     tokens: int = field(default=0)
 
 
+class NoSelfEval:
+    """Sampling without scores (labelling needs the samples only): its pools are unscored, NaN in memory and null
+    on disk."""
+
+    config = None
+
+    def score(self, samples: Sequence[Sample]) -> list[float]:
+        return [math.nan] * len(samples)
+
+
 def _score(engine: Engine, scorer: SelfEvalScorer, samples: list[Sample]) -> tuple[list[float], float]:
     """Scores and the self-eval tokens each cost (decoded tokens during scoring / samples scored)."""
     if not samples:
         return [], 0.0
+    if isinstance(scorer, NoSelfEval):
+        return scorer.score(samples), 0.0
     before = engine.decoded_tokens
-    scores = [float(x) for x in scorer.score(samples)]
-    return scores, (engine.decoded_tokens - before) / len(samples)
+    scores = list(scorer.score(samples))
+    name = f"{type(scorer).__module__}.{type(scorer).__qualname__}"
+    if len(scores) != len(samples):
+        raise UsageError(f"self-evaluator {name} returned {len(scores)} scores for {len(samples)} samples")
+    for x in scores:
+        # p_keep is a probability: NaN or 7.5 would pass through every metric and ranking silently.
+        if not is_number(x) or not 0.0 <= float(x) <= 1.0:
+            raise UsageError(f"self-evaluator {name} returned the score {x!r:.40}; a score must be a number in [0, 1]")
+    return [float(x) for x in scores], (engine.decoded_tokens - before) / len(samples)
 
 
 def generate_prompt_pool(
@@ -324,7 +466,7 @@ def build_pool_from(
     old samples costs a prefill and the suffixes, not a generation)."""
     sk = settings_key(backend.identity, suite.name, settings)
     cache = PoolCache(Path(cache_dir) / f"pool-{suite.name}-{sk}.jsonl")
-    have = cache.load()
+    have = cache.load(settings.k)
     plan: list[tuple[str, PromptPool | None]] = []  # per problem: its key and a pool to take or rescore
     work: list[tuple[Problem, str]] = []
     for problem in suite.problems:

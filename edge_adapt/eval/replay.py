@@ -8,7 +8,10 @@ Semantics (chosen to match the live strategies; each function's docstring says w
   started, generated tokens, self-eval tokens. Accuracy intervals bootstrap over prompts.
 - The live adaptive strategy anneals the temperature per round from near 0; the pool holds greedy plus one
   temperature, so replayed adaptive starts from a sample or from the greedy one and uses the pool's temperature
-  after that. `--live` measures what that approximation costs.
+  after that. Nothing here measures what that approximation costs: `--live` (edge_adapt.eval.live.run_live) runs
+  the replay's own semantics for real (greedy first, then the pool's temperature, the replayed threshold: the
+  pool's median end score unless given) on fresh seeds, so it checks the replay's arithmetic and sampling
+  noise, not the annealed strategy.
 """
 
 from __future__ import annotations

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
@@ -11,6 +15,26 @@ from edge_adapt.eval import metrics
 from edge_adapt.eval.pool import PromptPool
 from edge_adapt.eval.replay import Replay
 from edge_adapt.tasks.registry import family_of
+
+
+def _written_by_a_report(name: str) -> bool:
+    return name in ("report.md", "report.json") or name.endswith(".png")
+
+
+def report_dir(path: Path) -> AbstractContextManager[Path]:
+    """A temporary directory to write a report into, swapped in for `path` once every file is complete
+    (fileio.atomic_dir): a run killed while writing leaves the old report whole, never a truncated PNG beside it.
+    Whether `path` may be replaced was checked before the run (fileio.check_output_dir: a non-empty one only with
+    --force). What the old directory holds besides a report's own files (notes, the policy file, a cache) is kept."""
+    from edge_adapt.fileio import atomic_dir
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_dir(path, force=True, carry=lambda name: not _written_by_a_report(name))
+
+
+def report_json(data: Any) -> str:
+    """report.json's text: strict JSON (an undefined metric is null, never NaN, which JSON parsers refuse)."""
+    return json.dumps(data, indent=1, allow_nan=False)
 
 
 class StrategyRow(BaseModel):
@@ -24,8 +48,9 @@ class StrategyRow(BaseModel):
     mean_selfeval_tokens: float
     gain_recovered: float | None = None  # (acc - greedy) / (best-of-K by self-eval - greedy)
     per_level: dict[str, float] = {}
-    # Adaptive from greedy only: what a perfect right/wrong judge reaches at this row's mean samples and budget
-    # (see judge_at), and the share of its gain over greedy this row gets.
+    # Adaptive from greedy only: what a right/wrong judge that resamples wrong greedy answers picked at random
+    # reaches at this row's mean samples and budget (see judge_at), and the share of its gain over greedy this row
+    # gets. A reference, not a bound: a score that resamples the prompts more samples can fix gets a share above 1.
     judge_accuracy: float | None = None
     judge_gain_share: float | None = None
 
@@ -153,11 +178,14 @@ def strategy_rows(replays: Sequence[Replay], pools: Sequence[PromptPool], seed: 
 
 
 def judge_at(row: Replay, replays: Sequence[Replay]) -> float | None:
-    """The accuracy a perfect right/wrong judge gets from greedy at `row`'s mean samples and budget: None unless
-    `row` is adaptive from greedy by the score. The judge's own row (`by=oracle`, same budget) resamples every
-    prompt whose greedy answer is wrong; held to fewer samples on average it can only pick at random which of
-    them to resample (it knows right from wrong, not which prompt another sample would fix), so its gain over
-    greedy grows in proportion to the extra samples, up to its own row."""
+    """The accuracy from greedy, at `row`'s mean samples and budget, of a right/wrong judge that picks at random
+    which wrong greedy answers to resample: None unless `row` is adaptive from greedy by the score. The judge's
+    own row (`by=oracle`, same budget) resamples every prompt whose greedy answer is wrong; this one gets the
+    same gain over greedy in proportion to the extra samples, up to that row (linear interpolation).
+
+    It is not the best a judge could do with fewer samples: one that also knew which prompts another sample
+    would fix would do better, and so may the score (it tends to doubt the prompts of middling difficulty, where
+    resampling pays), so `judge_gain_share` can exceed 1."""
     if row.strategy != "adaptive" or "first=greedy" not in row.setting or "by=oracle" in row.setting:
         return None
     greedy_row = next((r for r in replays if r.strategy == "greedy"), None)
@@ -206,11 +234,13 @@ def render_markdown(r: Report) -> str:
             + "".join(f" {s.per_level.get(x, float('nan')):.2f} |" for x in lv))
     judged = [s for s in r.strategies if s.judge_accuracy is not None]
     if judged:
-        lines += ["", "## Adaptive sampling from greedy against a perfect judge at the same samples", "",
-                  "A perfect right/wrong judge held to the row's mean samples resamples a random share of the prompts "
-                  "whose greedy answer is wrong: its gain over greedy is its `by=oracle` row's (same budget) in "
-                  "proportion to the extra samples. `share` is the row's gain over greedy as a share of the judge's.",
-                  "", "| setting | samples | accuracy | perfect judge | share |", "|---|---|---|---|---|"]
+        lines += ["", "## Adaptive sampling from greedy against a judge that resamples wrong greedy answers at random", "",
+                  "The reference judge knows right from wrong but not which prompt another sample would fix: held to "
+                  "the row's mean samples, it resamples a random share of the prompts whose greedy answer is wrong, so "
+                  "its gain over greedy is its `by=oracle` row's (same budget) in proportion to the extra samples. "
+                  "`share` is the row's gain over greedy as a share of that judge's. It is a reference, not a "
+                  "ceiling: a score that spends its samples on the prompts they can fix gets a share above 1.",
+                  "", "| setting | samples | accuracy | random-allocation judge | share |", "|---|---|---|---|---|"]
         lines += [f"| {s.setting} | {s.mean_samples:.2f} | {s.accuracy:.3f} | {s.judge_accuracy:.3f} | "
                   f"{_f(s.judge_gain_share, 2)} |" for s in judged]
     lines += ["", "## Calibration of the self-eval score (p_keep vs correctness of each sampled reply)", "",
@@ -228,7 +258,10 @@ def render_markdown(r: Report) -> str:
         lines += ["", "Reliability (all replies):", "", "| p_keep bin | replies | mean p_keep | accuracy |", "|---|---|---|---|"]
         lines += [f"| {b.lo:.1f}–{b.hi:.1f} | {b.count} | {b.mean_score:.3f} | {b.accuracy:.3f} |" for b in allc.bins]
     if r.live:
-        lines += ["", "## Live check (strategy run for real vs its replay, same prompts)", "",
+        lines += ["", "## Live check (the replay's semantics run for real on fresh seeds, same prompts)", "",
+                  "Live runs sample as the replay does (adaptive: greedy first, then the pool's one temperature; "
+                  "threshold as replayed), so they check the replay against sampling noise, not what annealing the "
+                  "temperature (`edge-adapt run --strategy adaptive`) changes.", "",
                   "| strategy | setting | prompts | live acc (95% Wilson) | replay acc (95% bootstrap) | live in replay CI | "
                   "samples live/replay | tokens live/replay |", "|---|---|---|---|---|---|---|---|"]
         for c in r.live:

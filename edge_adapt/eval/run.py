@@ -7,7 +7,6 @@ strategies live, and write report.md, report.json and the PNGs to `out_dir`.
 from __future__ import annotations
 
 import importlib
-import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from edge_adapt.eval.pool import (
     PoolRun, PoolSettings, PromptPool, SelfEvalScorer, build_pool_from, pool_job, samples_in, settings_key,
 )
 from edge_adapt.eval import replay as rp
-from edge_adapt.eval.report import LiveCheck, Report, calibrations, strategy_rows
+from edge_adapt.eval.report import LiveCheck, Report, calibrations, report_dir, report_json, strategy_rows
 from edge_adapt.progress import Job, Progress, to_the_end
 from edge_adapt.sizing import ensure, for_pool, for_strategy, load_engine
 from edge_adapt.strategies.config import StrategyConfig
@@ -178,9 +177,10 @@ def eval_job(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalS
     sized for the suite (edge_adapt.sizing: prompt, K samples, greedy) and the scorer is cfg.selfeval's class.
     A failed or interrupted run takes back the folders it created (the cache keeps any samples it holds).
     """
-    from edge_adapt.fileio import check_output_dir, removed_on_failure
+    from edge_adapt.fileio import check_output_dir, check_replaceable, removed_on_failure
 
     check_output_dir(Path(cfg.out_dir), force=cfg.force)
+    check_replaceable(Path(cfg.out_dir))
     check_output_dir(Path(cfg.cache_dir), force=False, reuse=True)
     with removed_on_failure(cfg.cache_dir, keep_work=True), removed_on_failure(cfg.out_dir):
         return (yield from _evaluate(cfg, engine, scorer))
@@ -196,7 +196,6 @@ def _evaluate(cfg: EvalConfig, engine: Engine | None, scorer: SelfEvalScorer | N
         backend = pool_backend(cfg, [suite])
     try:
         out_dir = Path(cfg.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         run, identity = yield from pools_job(cfg, backend, suite)
         pools, generated, tokens = run.pools, run.generated, run.tokens
         live = []
@@ -227,9 +226,10 @@ def _evaluate(cfg: EvalConfig, engine: Engine | None, scorer: SelfEvalScorer | N
         strategies=strategy_rows(replays, pools, cfg.seed), calibration=calibrations(pools, settings.prune_points),
         live=live, notes=notes,
     )
-    report.plots = write_plots(report, out_dir)
-    (out_dir / "report.json").write_text(json.dumps(report.model_dump(mode="json"), indent=1))
-    (out_dir / "report.md").write_text(report.markdown())
+    with report_dir(out_dir) as tmp:
+        report.plots = write_plots(report, tmp)
+        (tmp / "report.json").write_text(report_json(report.model_dump(mode="json")))
+        (tmp / "report.md").write_text(report.markdown())
     return report
 
 

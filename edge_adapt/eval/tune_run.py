@@ -22,6 +22,7 @@ from edge_adapt.eval.config import EvalConfig
 from edge_adapt.eval.live import StrategyOutcome, run_strategy_live
 from edge_adapt.eval.metrics import bootstrap_ci, wilson
 from edge_adapt.eval.pool import PromptPool
+from edge_adapt.eval.report import report_dir, report_json
 from edge_adapt.backends import LocalBackend
 from edge_adapt.eval.run import pool_backend, pool_settings, pools_job, suite_for
 from edge_adapt.errors import UsageError
@@ -77,11 +78,30 @@ class TuneConfig(BaseModel):
                              f"more than the pool's {self.pool.k} per prompt (--samples)")
         if self.test_split is None and (self.report_dir or self.live or self.compare_model):
             raise ValueError("--report, --live and --compare-model need --test-split")
+        self._held_out()
         if self.compare_model is not None:
             from edge_adapt.engine.gguf_file import inspect_gguf
 
             inspect_gguf(self.compare_model)  # a bad file fails now, not after the tuning
         return self
+
+    def _held_out(self) -> None:
+        """The tuning never sees the test prompts: a test split is another split of a suite that has splits."""
+        from edge_adapt.tasks import has_splits
+
+        suite = self.pool.family or self.pool.suite
+        if not has_splits(self.pool.suite, self.pool.family):
+            if self.test_split is not None:
+                raise ValueError(f"suite {suite!r} has no splits (a file is read whole, whatever --split says): "
+                                 "--test-split would report on the prompts the policy was tuned on; leave it out "
+                                 "and keep your test prompts in a file of their own, or tune on a suite with splits "
+                                 "(arith, mix, --family NAME" + (", e.g. --family gsm8k" if suite == "gsm8k" else "") + ")")
+            return
+        if self.pool.split == "test":
+            raise ValueError("--split test: a policy is never tuned on the test split (tune on validation or train)")
+        if self.test_split is not None and self.test_split == self.pool.split:
+            raise ValueError(f"--test-split {self.test_split} is the split the policy is tuned on (--split): "
+                             "give another one (test)")
 
 
 def _mean_ci(x: np.ndarray) -> tuple[float, float, float]:
@@ -93,12 +113,13 @@ def tune_job(cfg: TuneConfig) -> Job[dict[str, Any]]:
     """Tune, write the policy, and (with a test split) the report, yielding Progress while sampling. Returns the
     report's JSON. A failed or interrupted run takes back the folders it created (the cache keeps any samples
     it holds)."""
-    from edge_adapt.fileio import check_output_dir, removed_on_failure
+    from edge_adapt.fileio import check_output_dir, check_replaceable, removed_on_failure
 
     check_target(cfg.out, force=cfg.force)
     check_output_dir(cfg.pool.cache_dir, force=False, reuse=True)
     if cfg.report_dir is not None:
         check_output_dir(cfg.report_dir, force=cfg.force)
+        check_replaceable(cfg.report_dir)
     if cfg.pool.n_prompts < 2 * N_BINS:  # known before sampling, not after it
         raise UsageError(f"tuning needs at least {2 * N_BINS} prompts, got --prompts {cfg.pool.n_prompts}")
     with removed_on_failure(cfg.pool.cache_dir, keep_work=True), \
@@ -146,10 +167,10 @@ def _tune(cfg: TuneConfig) -> Job[dict[str, Any]]:
     if cfg.compare_model is not None and tcfg is not None:
         report["compare"] = yield from compare_model(cfg.compare_model, tcfg)
     if cfg.report_dir is not None and "test" in report:
-        cfg.report_dir.mkdir(parents=True, exist_ok=True)
-        report["plots"] = write_plots(report, cfg.report_dir)
-        (cfg.report_dir / "report.json").write_text(json.dumps(report, indent=1))
-        (cfg.report_dir / "report.md").write_text(markdown(report))
+        with report_dir(cfg.report_dir) as tmp:
+            report["plots"] = write_plots(report, tmp)
+            (tmp / "report.json").write_text(report_json(report))
+            (tmp / "report.md").write_text(markdown(report))
     return report
 
 

@@ -28,6 +28,12 @@ def get_family(name: str, path: Path | None = None) -> Family:
     return replace(fam, path=path) if path is not None and isinstance(fam, Gsm8kFamily) else fam
 
 
+def has_splits(name: str, family: str | None = None) -> bool:
+    """Whether `--split` picks problems for this suite: the generated ones and families do; a file suite (`gsm8k`,
+    a .jsonl) is the whole file in order, whatever split is asked for."""
+    return family is not None or not (name == "gsm8k" or name == "jsonl" or name.endswith(".jsonl"))
+
+
 def load_suite(
     name: str, *, split: str = "test", n: int | None = None, path: Path | None = None,
     scorer: str | None = None, seed: int = 0, levels: Sequence[int] | None = None, family: str | None = None,
@@ -64,6 +70,6 @@ def load_suite(
 __all__ = [
     "ANSWER_FORMAT", "LEVELS", "SPLITS", "GSM8K_DEFAULT", "FAMILIES", "Family", "GeneratedFamily", "Gsm8kFamily",
     "Problem", "Suite", "Scorer", "FinalNumber", "ExactMatch", "RegexMatch", "StatedNumber", "Weekday", "arith_problems",
-    "arith_suite", "family_suite", "get_family", "gsm8k_suite", "jsonl_suite", "load_suite", "mix_suite",
+    "arith_suite", "family_suite", "get_family", "gsm8k_suite", "has_splits", "jsonl_suite", "load_suite", "mix_suite",
     "extract_final_number", "extract_stated_number", "extract_weekday", "normalize_number", "resolve_scorer",
 ]

@@ -34,12 +34,12 @@ def steps_of(solution: str) -> int:
 def _rows(path: str, mtime_ns: int) -> tuple[tuple[str, str, int], ...]:
     """(question, reference number, steps) per line; cached per file version, as every level and split reads it."""
     out = []
-    for i, row in enumerate(_read_jsonl(Path(path))):
+    for lineno, row in _read_jsonl(Path(path)):
         if "question" not in row or "answer" not in row:
-            raise UsageError(f"{path}: line {i + 1} needs 'question' and 'answer'")
+            raise UsageError(f"{path}:{lineno}: needs 'question' and 'answer'")
         ref = reference_number(str(row["answer"]))
         if ref is None:
-            raise UsageError(f"{path}: line {i + 1}: the answer has no final number ('#### N')")
+            raise UsageError(f"{path}:{lineno}: the answer has no final number ('#### N')")
         out.append((str(row["question"]), ref, steps_of(str(row["answer"]))))
     return tuple(out)
 

@@ -45,9 +45,12 @@ def normalize_number(raw: str) -> str | None:
         d = Decimal(s)
     except InvalidOperation:
         return None
-    if d == d.to_integral_value():
-        return str(int(d))  # not quantize(): it raises on integers longer than the context's 28 digits
-    return format(d.normalize(), "f")
+    if d.is_zero():
+        return "0"  # not "-0" or "0.00"
+    # Exact at any length, from the digits: int() refuses more than 4,300 digits, quantize() and normalize() round
+    # or raise past the context's 28.
+    out = format(d, "f")
+    return out.rstrip("0").rstrip(".") if "." in out else out
 
 
 def _marked_number(clause: str) -> str | None:

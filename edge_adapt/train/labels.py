@@ -31,12 +31,12 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from edge_adapt.engine import Engine, EngineOptions, Sample, Vocab
+from edge_adapt.engine import Engine, EngineOptions, Vocab
 from edge_adapt.engine.vocab import same_model
 from edge_adapt.errors import UsageError, is_number, is_whole
 from edge_adapt.eval.config import PoolSource, token_points
 from edge_adapt.backends import LocalBackend, PoolBackend
-from edge_adapt.eval.pool import PoolSettings, PromptPool, build_pool_from, pool_job, samples_in
+from edge_adapt.eval.pool import NoSelfEval, PoolSettings, PromptPool, build_pool_from, pool_job, samples_in
 from edge_adapt.fileio import atomic_file, check_target, removed_on_failure
 from edge_adapt.progress import Job, to_the_end
 from edge_adapt.sizing import for_pool, load_engine
@@ -83,15 +83,6 @@ def cut_points(n_generated: int, cuts: Sequence[int]) -> list[int]:
     """The prune points at which a sample was still generating: it had produced more than `c` tokens, so a
     pruner at `c` scored exactly its first `c` tokens (a sample whose c-th token ended it was already done)."""
     return [c for c in cuts if n_generated > c]
-
-
-class NoSelfEval:
-    """Labelling needs the samples only: no self-eval pass during generation (scores are NaN)."""
-
-    config = None
-
-    def score(self, samples: Sequence[Sample]) -> list[float]:
-        return [float("nan")] * len(samples)
 
 
 def prompt_record(pool: PromptPool, prompt_text: str, cuts: Sequence[int], include_greedy: bool) -> dict[str, Any]:
