@@ -48,7 +48,7 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", help="show llama.cpp's ow
 TempOpt = Annotated[Optional[float], typer.Option("--temp", help="sampling temperature (0: greedy; run: greedy unless a strategy, 0.7)")]
 MaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", help="most tokens to generate per sample (run: 256)", min=1)]
 PoolMaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", help="most tokens per sampled reply (default: each task family's own, 96 for other suites)", min=1)]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="random seed (sample i uses seed + i)")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="random seed (run, chat: sample i uses seed + i; eval, label, tune-policy pools: each sample's seed is a hash of it, the prompt and i)")]
 SuiteOpt = Annotated[str, typer.Option("--suite", help="arith, gsm8k, mix (all task families), or a user suite .jsonl file")]
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="one task family instead of --suite (docs/tasks.md)")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="suite file (gsm8k: the shared training split by default)")]

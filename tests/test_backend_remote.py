@@ -6,7 +6,9 @@ stdlib HTTP server answering the wrong shapes) gives one line and leaves the cac
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,8 +47,8 @@ def local_labels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return _label(tmp_path_factory.mktemp("local"), "local")
 
 
-def _cli(*args: str, timeout: float = 180) -> tuple[int, str, str]:
-    p = subprocess.run([sys.executable, "-m", "edge_adapt", *args], capture_output=True, timeout=timeout, env=ENV)
+def _cli(*args: str, timeout: float = 180, env: dict[str, str] = ENV) -> tuple[int, str, str]:
+    p = subprocess.run([sys.executable, "-m", "edge_adapt", *args], capture_output=True, timeout=timeout, env=env)
     return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
 
 
@@ -192,13 +194,22 @@ def _cached(cache: Path) -> int:
 
 # -- broken servers and bad input -----------------------------------------------------------------------------
 class _Broken(BaseHTTPRequestHandler):
-    """An OpenAI look-alike that answers the model list well and completions in the shape `mode` names."""
+    """An OpenAI look-alike that answers the model list well and completions in the shape `mode` names; `seen`
+    records each request (method, path, Authorization header), `release` ends the "hang" mode's waits."""
 
     mode = "ok"
-    model = {"id": "m", "object": "model"}
+    model = {"id": "SmolLM2-135M-Instruct", "object": "model"}  # the name of --model's, as vLLM would list it
+    extra: list[dict[str, Any]] = []  # more model cards
+    retry_after = "2"
+    hang_s = 120.0
+    seen: list[tuple[str, str, str | None]]
+    release: threading.Event
 
     def log_message(self, *args: Any) -> None:
         pass
+
+    def _seen(self, method: str) -> None:
+        self.seen.append((method, self.path, self.headers.get("Authorization")))
 
     def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
         self.send_response(status)
@@ -207,20 +218,44 @@ class _Broken(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _busy(self) -> None:
+        self.send_response(503)
+        self.send_header("Retry-After", self.retry_after)
+        body_ = json.dumps({"error": {"message": "warming up"}}).encode()
+        self.send_header("Content-Length", str(len(body_)))
+        self.end_headers()
+        self.wfile.write(body_)
+
     def do_GET(self) -> None:  # noqa: N802
-        data: Any = [self.model] if self.mode != "no-models" else "nope"
-        if self.mode == "no-answer-tokens":  # a self-eval model whose answers never show up
-            data.append({"id": "m:selfeval", "parent": "m", "edge_adapt": {
+        self._seen("GET")
+        if self.mode.startswith("loading-until-") and time.monotonic() < float(self.mode.rsplit("-", 1)[1]):
+            return self._busy()
+        if self.mode == "empty-models":
+            return self._send(200, json.dumps({"object": "list", "data": []}).encode())
+        data: Any = [self.model, *self.extra] if self.mode != "no-models" else "nope"
+        judge = self.mode == "no-answer-tokens"  # a self-eval model whose answers never show up
+        if self.mode.startswith("serve-loading-until-"):  # edge-adapt serve: its model listed before it has loaded
+            loaded = time.monotonic() >= float(self.mode.rsplit("-", 1)[1])
+            if self.path == "/health" and not loaded:
+                return self._busy()
+            data = [{**self.model, "owned_by": "edge-adapt",
+                     **({"edge_adapt": {"fingerprint": _fingerprint()}} if loaded else {})}]
+            judge = loaded
+        if self.path == "/health":
+            return self._send(200, b'{"status": "ok"}')
+        if judge:
+            data.append({"id": f"{self.model['id']}:selfeval", "parent": self.model["id"], "edge_adapt": {
                 "suffix_ids": [2, 21892, 434], "yes_token": 9230, "no_token": 2838, "adapter": "a.gguf",
-                "adapter_sha256": "0"}})
+                "adapter_sha256": _default_adapter_hash()}})
         self._send(200, json.dumps({"object": "list", "data": data}).encode())
 
     def do_POST(self) -> None:  # noqa: N802
+        self._seen("POST")
         raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         choice: dict[str, Any] = {"index": 0, "text": "4", "finish_reason": "length",
                                   "logprobs": {"tokens": ["token_id:36"], "token_logprobs": [-0.1]}}  # "4"
         mode = self.mode
-        if mode == "no-answer-tokens" and json.loads(raw).get("model") == "m:selfeval":
+        if mode == "no-answer-tokens" and json.loads(raw).get("model", "").endswith(":selfeval"):
             top = {"token_id:2": -0.1, "token_id:198": -2.5}
             body = {"choices": [{**choice, "logprobs": {"tokens": ["token_id:2"], "token_logprobs": [-0.1],
                                                          "top_logprobs": [top]}}]}
@@ -228,12 +263,12 @@ class _Broken(BaseHTTPRequestHandler):
         if mode == "not-json":
             return self._send(200, b"<html>gateway</html>", "text/html")
         if mode == "busy":
-            self.send_response(503)
-            self.send_header("Retry-After", "2")
-            body_ = json.dumps({"error": {"message": "warming up"}}).encode()
-            self.send_header("Content-Length", str(len(body_)))
-            self.end_headers()
-            self.wfile.write(body_)
+            return self._busy()
+        if mode == "slow-busy":  # each try takes its time before the 503
+            time.sleep(0.6)
+            return self._busy()
+        if mode == "hang":  # a server that takes the request and never answers
+            self.release.wait(self.hang_s)
             return None
         if mode == "refuses":
             return self._send(400, json.dumps({"error": {"message": "n is not supported"}}).encode())
@@ -247,20 +282,37 @@ class _Broken(BaseHTTPRequestHandler):
             body = {"choices": [{**choice, "logprobs": {"tokens": ["4"], "token_logprobs": [-0.1]}}]}
         elif mode == "wrong-model":  # ids that do not spell the text: another tokenizer
             body = {"choices": [{**choice, "text": "four hundred"}]}
+        elif mode == "nan-logprobs":
+            body = {"choices": [{**choice, "logprobs": {"tokens": ["token_id:36"], "token_logprobs": [math.nan]}}]}
         else:
             body = {"choices": [choice]}
         self._send(200, json.dumps(body).encode())
 
 
+def _fingerprint() -> str:
+    from edge_adapt.engine import Vocab
+
+    with Vocab() as vocab:
+        return vocab.fingerprint
+
+
+def _default_adapter_hash() -> str:
+    from edge_adapt.engine.default_model import default_selfeval_adapter
+    from edge_adapt.eval.pool import file_hash
+
+    return file_hash(default_selfeval_adapter())
+
+
 @pytest.fixture()
 def broken() -> Iterator[tuple[str, type[_Broken]]]:
-    handler = type("Handler", (_Broken,), {})
+    handler = type("Handler", (_Broken,), {"seen": [], "release": threading.Event(), "extra": []})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}", handler
     finally:
+        handler.release.set()
         httpd.shutdown()
         httpd.server_close()
 
@@ -270,6 +322,7 @@ def broken() -> Iterator[tuple[str, type[_Broken]]]:
     ("no-logprobs", "per-token log-probabilities"), ("text-tokens", "return_tokens_as_token_ids"),
     ("content-without-ids", "by token id"),
     ("wrong-model", "same model"), ("no-models", "not an OpenAI model list"),
+    ("empty-models", "lists no models"), ("nan-logprobs", "not finite"),
 ])
 def test_malformed_answers_are_one_line_and_cache_stays_clean(broken: tuple[str, type[_Broken]], tmp_path: Path,
                                                               mode: str, fragment: str) -> None:
@@ -338,10 +391,217 @@ def test_retry_policy_backs_off_and_gives_up(broken: tuple[str, type[_Broken]]) 
         full = min(8.0, 0.25 * 2**attempt)
         assert full / 2 <= p.delay(attempt, None) <= full  # doubling, capped, with jitter
     assert p.delay(0, 3.0) == 3.0 and p.delay(0, 100.0) == 8.0  # the server's Retry-After, capped
+    assert p.delay(0, 0.01) == 0.25  # and floored
     url, handler = broken
-    handler.mode = "busy"
-    slept: list[float] = []
-    client = JsonClient(url, retry=RetryPolicy(give_up_s=5.0), sleep=slept.append)
-    with pytest.raises(RemoteError, match="503 warming up, still after"):
+    handler.mode, handler.retry_after = "busy", "0.5"
+    client = JsonClient(url, retry=RetryPolicy(give_up_s=1.2))
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError, match="503 warming up, still after 3 tries"):
         client.post("/completions", {})
-    assert slept == [2.0, 2.0] and client.stats.server_errors == 3  # Retry-After: 2, until 5 s would be passed
+    # Retry-After: 0.5, until 1.2 s from the start would be passed: tries at 0, 0.5 and 1 s
+    assert client.stats.server_errors == 3 and client.stats.retries == 2 and 0.9 < time.monotonic() - t0 < 1.5
+
+
+@pytest.mark.parametrize("retry_after", ["0", "-5", "nan"])
+def test_retry_after_zero_or_negative_backs_off_and_gives_up(broken: tuple[str, type[_Broken]],
+                                                            retry_after: str) -> None:
+    """A Retry-After of "now" (or nonsense) is no reason to hammer the server: the call backs off as it would
+    without one, and stops at --backend-wait."""
+    from edge_adapt.backends.http import JsonClient, RemoteError, RetryPolicy
+
+    assert RetryPolicy().delay(3, float(retry_after)) >= 1.0  # attempt 3's backoff: 2 s with jitter
+    url, handler = broken
+    handler.mode, handler.retry_after = "busy", retry_after
+    client = JsonClient(url, retry=RetryPolicy(give_up_s=1.0))
+    failed: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.post("/completions", {})
+        except BaseException as exc:  # noqa: BLE001
+            failed.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive() and isinstance(failed[0], RemoteError), client.stats
+    assert client.stats.requests <= 6  # backoff from 0.25 s over 1 s: 3 or 4 tries
+
+
+def test_backend_wait_counts_the_time_the_tries_take(broken: tuple[str, type[_Broken]]) -> None:
+    """503s that each take 0.6 s to come back, --backend-wait 1: the call stops once 1 s has passed since its
+    start, not after 1 s of sleeping between tries."""
+    from edge_adapt.backends.http import JsonClient, RemoteError, RetryPolicy
+
+    url, handler = broken
+    handler.mode, handler.retry_after = "slow-busy", "0.25"
+    client = JsonClient(url, retry=RetryPolicy(give_up_s=1.0))
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError, match="still after 2 tries over 1 s"):
+        client.post("/completions", {})
+    assert time.monotonic() - t0 < 2.0 and client.stats.server_errors == 2
+
+
+@pytest.mark.parametrize("mode, sig", [("busy", signal.SIGINT), ("hang", signal.SIGTERM)])
+def test_interrupt_ends_a_run_on_a_server_busy_or_silent(broken: tuple[str, type[_Broken]], tmp_path: Path,
+                                                        mode: str, sig: signal.Signals) -> None:
+    """Ctrl-C or SIGTERM while every request is retried (503, Retry-After 1, --backend-wait 300) or waits on a
+    server that never answers: one line and exit 130 at once, not when the retries or the timeout run out."""
+    url, handler = broken
+    handler.mode, handler.retry_after = mode, "1"
+    args = [sys.executable, "-m", "edge_adapt", "label", "--out", str(tmp_path / "l.jsonl"), "--prompts", "2",
+            "-k", "2", "--max-tokens", "8", "--cut", "4", "--cache", str(tmp_path / "cache"), "--threads", "1",
+            "--backend", url, "--backend-wait", "300", "--concurrency", "3"]
+    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    try:
+        deadline = time.monotonic() + 60
+        while sum(m == "POST" for m, _, _ in handler.seen) < 3:
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[1].decode()
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the retry sleeps, or the wait for an answer
+        run.send_signal(sig)
+        t0 = time.monotonic()
+        _, err = run.communicate(timeout=20)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    lines = [line for line in err.decode().splitlines() if line.strip()]
+    assert run.returncode == 130 and lines == ["interrupted"], err.decode()
+    assert time.monotonic() - t0 < 5
+
+
+def test_stopping_a_remote_pool_leaves_no_thread_or_connection(broken: tuple[str, type[_Broken]]) -> None:
+    """A KeyboardInterrupt while requests wait on a server that never answers: the pool's threads end and its
+    connections are closed (the server sees them go) within a couple of seconds."""
+    from edge_adapt.backends import RemoteBackend, RemoteOptions
+    from edge_adapt.eval.pool import PoolSettings
+    from edge_adapt.tasks import load_suite
+
+    url, handler = broken
+    with RemoteBackend.open(RemoteOptions(url=url, concurrency=4, give_up_s=1), None, scores=False) as backend:
+        handler.mode, handler.hang_s = "hang", 5.0
+        suite = load_suite("arith", split="train", n=3, seed=1)
+        settings = PoolSettings(k=2, temperature=0.7, max_tokens=8, prune_points=(), seed=1)
+        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            for _ in backend.generate([(p, p.id) for p in suite.problems], suite, settings):
+                pass
+        stopped = time.monotonic() - t0
+    timer.join()
+    assert sum(m == "POST" for m, _, _ in handler.seen) >= 3 and stopped < 4
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("edge-adapt-")]
+
+
+def test_eval_refuses_a_server_without_the_adapter_it_means(server: ServerProcess, tmp_path: Path) -> None:
+    """`eval` without --adapter means the default adapter; a server started with --adapter none is refused, as
+    --backend-selfeval naming the model that samples is."""
+    evaluate = ["eval", "--prompts", "1", "-k", "2", "--max-tokens", "8", "--prune-at", "4",
+                "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "report")]
+    name = server.http.get("/v1/models").json()["data"][0]["id"]
+    _one_error(_cli(*evaluate, "--backend", server.base, "--backend-selfeval", name), "is the model that samples")
+    with running_server("--parallel", "2", "--ctx", "256", "--adapter", "none") as bare:
+        _one_error(_cli(*evaluate, "--backend", bare.base), "runs no adapter (--adapter none), not the default "
+                                                            "adapter smollm2-135m-selfeval.gguf")
+    assert not (tmp_path / "report").exists()
+
+
+def test_selfeval_identity_names_what_the_server_says(broken: tuple[str, type[_Broken]]) -> None:
+    """A self-eval model the server says nothing about (a vLLM LoRA module): the pool's identity holds its name
+    and the path the server lists, never the local adapter's path, which the server may not run."""
+    from edge_adapt.backends import RemoteBackend, RemoteOptions
+
+    url, handler = broken
+    handler.extra = [{"id": "judge", "object": "model", "parent": handler.model["id"], "root": "/srv/judge-lora"}]
+    with RemoteBackend.open(RemoteOptions(url=url, selfeval_model="judge"), None, scores=True) as backend:
+        judged = backend.identity.split("|selfeval=", 1)[1]
+    assert judged.startswith("judge:root=/srv/judge-lora:") and "selfeval.gguf" not in judged, judged
+
+
+def test_the_servers_model_must_be_the_local_one(broken: tuple[str, type[_Broken]], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A server that publishes its model's fingerprint (edge-adapt serve) must run --model's; one that publishes
+    none gets one warning when its model's name is not --model's."""
+    from edge_adapt.backends import RemoteBackend, RemoteOptions
+    from edge_adapt.backends.http import RemoteError
+    from edge_adapt.engine import Vocab
+
+    url, handler = broken
+    with Vocab() as vocab:
+        mine = vocab.fingerprint
+    handler.model = {**handler.model, "edge_adapt": {"fingerprint": mine}}
+    RemoteBackend.open(RemoteOptions(url=url), None, scores=False).close()
+    other = mine.rsplit(":", 1)[0] + ":0123456789ab"  # the same shape and vocabulary, other weights
+    handler.model = {**handler.model, "edge_adapt": {"fingerprint": other}}
+    with pytest.raises(RemoteError, match="not the model of --model SmolLM2-135M-Instruct.Q4_1.gguf"):
+        RemoteBackend.open(RemoteOptions(url=url), None, scores=False)
+    assert capsys.readouterr().err == ""
+    handler.model = {"id": "meta-llama/Llama-3.1-8B-Instruct", "object": "model"}
+    for _ in range(2):
+        RemoteBackend.open(RemoteOptions(url=url), None, scores=False).close()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and "Llama-3.1-8B-Instruct" in err[0], err
+
+
+def test_loading_servers_are_waited_for_with_backend_wait(broken: tuple[str, type[_Broken]]) -> None:
+    """/v1/models answering 503 for 10.5 s (a server loading its model) is waited out under --backend-wait,
+    not given up after 10 s whatever --backend-wait says."""
+    from edge_adapt.backends import RemoteBackend, RemoteOptions
+
+    url, handler = broken
+    handler.mode, handler.retry_after = f"loading-until-{time.monotonic() + 10.5}", "1"
+    with RemoteBackend.open(RemoteOptions(url=url, give_up_s=30), None, scores=False) as backend:
+        assert backend.model == handler.model["id"]
+    assert sum(m == "GET" for m, _, _ in handler.seen) >= 10
+    # edge-adapt serve lists its model at once, its fingerprint and self-eval model once loaded (its /health
+    # answers 503 until then): the client waits for those.
+    handler.mode = f"serve-loading-until-{time.monotonic() + 1.5}"
+    with RemoteBackend.open(RemoteOptions(url=url, give_up_s=30), None, scores=True) as backend:
+        assert backend.scoring is not None and backend.scoring.model == f"{handler.model['id']}:selfeval"
+    assert ("GET", "/health", None) in handler.seen
+
+
+def test_api_key_is_only_edge_adapts_and_never_shown(broken: tuple[str, type[_Broken]], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """OPENAI_API_KEY is not sent to whatever --backend names; EDGE_ADAPT_BACKEND_KEY is, without a trailing
+    newline; a key an HTTP header cannot carry is one line that does not show it."""
+    from edge_adapt.backends import RemoteBackend, RemoteOptions
+
+    url, handler = broken
+    monkeypatch.delenv("EDGE_ADAPT_BACKEND_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-meant-for-openai")
+    RemoteBackend.open(RemoteOptions(url=url), None, scores=False).close()
+    monkeypatch.setenv("EDGE_ADAPT_BACKEND_KEY", "sesame\n")
+    RemoteBackend.open(RemoteOptions(url=url), None, scores=False).close()
+    assert [auth for _, _, auth in handler.seen] == [None, "Bearer sesame"]
+    label = ["label", "--out", str(tmp_path / "l.jsonl"), "--prompts", "1", "-k", "2", "--max-tokens", "8",
+             "--cache", str(tmp_path / "cache"), "--backend", url]
+    line = _one_error(_cli(*label, env={**ENV, "EDGE_ADAPT_BACKEND_KEY": "SECRET\nInjected: 1"}), "API key")
+    assert "SECRET" not in line and len(handler.seen) == 2
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("http://[::1", "not a valid URL"), ("http://127.0.0.1:99999/v1", "out of range"),
+    ("http://127.0.0.1:0/v1", "port 0"), ("http:///v1", "names no host"), ("ftp://127.0.0.1/x", "not an http"),
+    ("http://user:pw@127.0.0.1:8000/v1", "user name or password"), ("http://h/v1?key=1", "no query"),
+])
+def test_malformed_urls_are_refused_before_any_request(url: str, fragment: str) -> None:
+    from edge_adapt.backends.http import JsonClient
+    from edge_adapt.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(fragment)) as exc:
+        JsonClient(url)
+    assert "pw" not in str(exc.value)
+    assert JsonClient("https://[::1]:8443/").base == "https://[::1]:8443/v1"
+
+
+def test_malformed_url_is_one_line_without_its_password(tmp_path: Path) -> None:
+    label = ["label", "--out", str(tmp_path / "l.jsonl"), "--prompts", "1", "-k", "2", "--max-tokens", "8",
+             "--cache", str(tmp_path / "cache"), "--backend-wait", "1"]
+    t0 = time.monotonic()
+    line = _one_error(_cli(*label, "--backend", "http://user:hunter2@127.0.0.1:1/v1"), "user name or password")
+    assert "hunter2" not in line
+    _one_error(_cli(*label, "--backend", "http://[::1"), "not a valid URL")
+    assert time.monotonic() - t0 < 60

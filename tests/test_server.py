@@ -58,6 +58,12 @@ def test_health_and_model_list(server: ServerProcess, client: openai.OpenAI) -> 
     assert judge["id"] == models[0].id + ":selfeval" and judge["parent"] == models[0].id
     assert judge["edge_adapt"]["adapter"] == "smollm2-135m-selfeval.gguf" and len(judge["edge_adapt"]["suffix_ids"]) >= 1
     assert client.models.retrieve(judge["id"]).id == judge["id"]
+    # Both publish the GGUF's fingerprint, which a --backend client checks against its --model.
+    from edge_adapt.engine import Vocab
+
+    with Vocab() as vocab:
+        assert models[0].model_dump()["edge_adapt"] == {"fingerprint": vocab.fingerprint}
+        assert judge["edge_adapt"]["fingerprint"] == vocab.fingerprint
     # The served model answers to its id too, not only to the alias "default".
     r = client.chat.completions.create(model=models[0].id, messages=QUESTION, max_tokens=4, seed=1)
     assert r.model == models[0].id
@@ -460,7 +466,8 @@ def test_health_is_503_while_the_model_loads() -> None:
         r = http.get("/health")
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading" and r.headers["retry-after"]
         assert http.post("/v1/chat/completions", json={"messages": QUESTION}).status_code == 503
-        assert http.get("/v1/models").json()["data"][0]["id"] == "m"  # known before the weights are
+        card = http.get("/v1/models").json()["data"][0]
+        assert card["id"] == "m" and "edge_adapt" not in card  # known before the weights are, the fingerprint after
 
 
 # -- a second server: API key, a queue of one, CORS for one origin ------------------------------------------

@@ -28,23 +28,27 @@ a LoRA to the whole request (docs/scale-out.md).
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import threading
+import re
+import sys
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge_adapt.backends.http import JsonClient, RemoteError, RetryPolicy
+from edge_adapt.backends.http import Cancel, JsonClient, RemoteError, RetryPolicy
+from edge_adapt.backends.workers import Workers
 from edge_adapt.engine.chat import Message
 from edge_adapt.engine.gguf_file import GGUFInfo
 from edge_adapt.engine.sampling import GREEDY, SamplingParams
 from edge_adapt.engine.vocab import TextModel, Vocab
+from edge_adapt.errors import UsageError
 
 if TYPE_CHECKING:
     from edge_adapt.eval.pool import PoolSample, PoolSettings, PromptPool
@@ -52,7 +56,8 @@ if TYPE_CHECKING:
 
 SCORE_LOGPROBS = 5  # the alternatives a score request asks for (OpenAI's most for completions)
 ANSWER_BIAS = 100.0  # added to both answer tokens' logits: the most OpenAI's logit_bias allows
-KEY_ENV = ("EDGE_ADAPT_BACKEND_KEY", "OPENAI_API_KEY")  # the server's API key, read from the environment
+KEY_ENV = "EDGE_ADAPT_BACKEND_KEY"  # the server's API key, read from the environment (only this one: a key meant
+# for another service is never sent to whatever --backend names)
 
 
 class RemoteOptions(BaseModel):
@@ -70,7 +75,7 @@ class RemoteOptions(BaseModel):
     give_up_s: float = Field(120.0, ge=0, description="longest a request is retried (429, 5xx, a restarting server)")
 
     def api_key(self) -> str | None:
-        return next((os.environ[k] for k in KEY_ENV if os.environ.get(k)), None)
+        return os.environ.get(KEY_ENV) or None
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ class RemoteBackend:
         self.options, self.vocab = options, vocab
         self.client = client or JsonClient(options.url, api_key=options.api_key(), timeout_s=options.timeout_s,
                                            retry=RetryPolicy(give_up_s=options.give_up_s))
+        self._running: set[Cancel] = set()  # the Cancels of the generate and rescore calls under way
         cards = self._models()
         self.model = self._served_model(cards)
         # llama.cpp's llama-server (its model card says owned_by "llamacpp") lists token ids only when asked for
@@ -112,7 +118,6 @@ class RemoteBackend:
         # unless asked for post-sampling probabilities: its requests are shaped for that.
         self.llama_server = any(c.get("id") == self.model and c.get("owned_by") == "llamacpp" for c in cards)
         self.scoring = self._scoring(cards, selfeval_config) if scores else None
-        self._stop = threading.Event()
 
     @classmethod
     def open(cls, options: RemoteOptions, model_path: Path | None, *, scores: bool,
@@ -151,30 +156,43 @@ class RemoteBackend:
                  settings: PoolSettings) -> Iterator[PromptPool]:
         per_prompt = settings.k + 1
         prompts_at_once = max(1, math.ceil(self.options.concurrency / per_prompt)) + 1  # the next one queued
-        self._stop.clear()
-        requests = ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="edge-adapt-http")
-        prompts = ThreadPoolExecutor(prompts_at_once, thread_name_prefix="edge-adapt-prompt")
-        futures = [prompts.submit(self._prompt_pool, requests, suite, problem, settings, key) for problem, key in work]
+        cancel = Cancel()
+        self._running.add(cancel)
+        requests = Workers(self.options.concurrency, "edge-adapt-http")
+        prompts = Workers(prompts_at_once, "edge-adapt-prompt")
+        futures = [prompts.submit(self._prompt_pool, requests, cancel, suite, problem, settings, key)
+                   for problem, key in work]
         try:
             for f in as_completed(futures):
                 yield f.result()
-        finally:  # an error, a Ctrl-C or a caller that stopped early: nothing more is sent
-            self._stop.set()
+        finally:  # an error, a Ctrl-C or a caller that stopped early: nothing more is sent, nothing waits on
+            cancel.set()  # a retry sleep, a connection in use is shut
             for f in futures:
                 f.cancel()
-            prompts.shutdown(wait=True, cancel_futures=True)
-            requests.shutdown(wait=True, cancel_futures=True)
+            requests.shutdown()  # first: the prompts waiting on requests not yet sent see them cancelled
+            prompts.shutdown()
+            self._running.discard(cancel)
 
     def rescore(self, settings: PoolSettings, key: str, other: PromptPool) -> PromptPool:
-        with ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="edge-adapt-http") as requests:
-            t0 = time.perf_counter()
-            records = [*other.samples, other.greedy]
-            scored = self._score_all(requests, list(other.prompt_ids), records, settings)
+        cancel = Cancel()
+        self._running.add(cancel)
+        t0 = time.perf_counter()
+        try:
+            with Workers(self.options.concurrency, "edge-adapt-http") as requests:
+                try:
+                    records = [*other.samples, other.greedy]
+                    scored = self._score_all(requests, cancel, list(other.prompt_ids), records, settings)
+                except BaseException:
+                    cancel.set()
+                    raise
+        finally:
+            self._running.discard(cancel)
         return replace(other, key=key, samples=tuple(scored[:-1]), greedy=scored[-1],
                        rescore_s=time.perf_counter() - t0)
 
     def close(self) -> None:
-        self._stop.set()
+        for cancel in list(self._running):
+            cancel.set()
         self.vocab.close()
 
     def __enter__(self) -> RemoteBackend:
@@ -184,14 +202,14 @@ class RemoteBackend:
         self.close()
 
     # -- one prompt -------------------------------------------------------------------------------------------
-    def _prompt_pool(self, requests: ThreadPoolExecutor, suite: Suite, problem: Problem, settings: PoolSettings,
-                     key: str) -> PromptPool:
+    def _prompt_pool(self, requests: Workers, cancel: Cancel, suite: Suite, problem: Problem,
+                     settings: PoolSettings, key: str) -> PromptPool:
         from edge_adapt.eval.pool import PoolSample, PromptPool, sample_key
 
         t0 = time.perf_counter()
         prompt = self.vocab.tokenize(self.vocab.chat_prompt(list(problem.messages)))
         params = [*settings.params(problem.id), GREEDY]
-        drawn = _all(requests, [(self._draw, prompt, p, settings.budget(problem)) for p in params], self._stop)
+        drawn = _all(requests, [(self._draw, prompt, p, settings.budget(problem), cancel) for p in params], cancel)
         check = suite.scorer_of(problem)
         records = [
             PoolSample(index=i if i < settings.k else -1, temperature=d.params.temperature, seed=d.params.seed,
@@ -202,12 +220,12 @@ class RemoteBackend:
             for i, d in enumerate(drawn)
         ]
         if self.scoring is not None:
-            records = self._score_all(requests, prompt, records, settings)
+            records = self._score_all(requests, cancel, prompt, records, settings)
         return PromptPool(key, problem.id, problem.level, problem.answer, len(prompt), tuple(records[:-1]), records[-1],
                           time.perf_counter() - t0, tuple(prompt),
                           sample_key(self.fingerprint, suite.name, settings, problem))
 
-    def _score_all(self, requests: ThreadPoolExecutor, prompt: list[int], records: list[PoolSample],
+    def _score_all(self, requests: Workers, cancel: Cancel, prompt: list[int], records: list[PoolSample],
                    settings: PoolSettings) -> list[PoolSample]:
         """Each sample scored at every prune point it was still generating at (its first `point` tokens) and at
         the end, as edge_adapt.eval.pool scores it in process."""
@@ -217,8 +235,8 @@ class RemoteBackend:
             asks += [(j, i) for i, point in enumerate(settings.prune_points) if r.n_tokens > point]
             asks.append((j, None))
         calls = [(self._score, prompt + list(records[j].tokens[: settings.prune_points[i]] if i is not None
-                                              else records[j].tokens)) for j, i in asks]
-        got = _all(requests, calls, self._stop)
+                                              else records[j].tokens), cancel) for j, i in asks]
+        got = _all(requests, calls, cancel)
         cost = float(len(self.scoring.suffix))
         out = []
         for j, r in enumerate(records):
@@ -234,14 +252,14 @@ class RemoteBackend:
         return out
 
     # -- one request ------------------------------------------------------------------------------------------
-    def _draw(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> Drawn:
+    def _draw(self, prompt: list[int], params: SamplingParams, max_tokens: int, cancel: Cancel) -> Drawn:
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "n": 1,
                 "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
                 "min_p": params.min_p, "seed": params.seed, "logprobs": 1 if self.llama_server else 0,
                 "return_tokens_as_token_ids": True}
         if params.repeat_penalty != 1.0:
             body["repeat_penalty"] = params.repeat_penalty
-        choice = self._choice(self.client.post("/completions", body))
+        choice = self._choice(self.client.post("/completions", body, cancel=cancel))
         text = choice.get("text")
         ids, lps, _ = _logprobs(choice, self.client.base)
         if not isinstance(text, str) or len(lps) != len(ids):
@@ -259,7 +277,7 @@ class RemoteBackend:
                               f"vocabulary: does the server run the same model ({self.model})?")
         return Drawn(params, text, tuple(drawn), tuple(float(x) for x in lps), finish)
 
-    def _score(self, ids: list[int]) -> float:
+    def _score(self, ids: list[int], cancel: Cancel) -> float:
         assert self.scoring is not None
         s = self.scoring
         body: dict[str, Any] = {
@@ -268,7 +286,7 @@ class RemoteBackend:
             "logit_bias": {str(s.yes_token): ANSWER_BIAS, str(s.no_token): ANSWER_BIAS}}
         if s.lora is not None:  # llama-server: the adapter by id, its probabilities after the bias
             body.update(model=self.model, lora=[{"id": s.lora, "scale": 1.0}], post_sampling_probs=True)
-        choice = self._choice(self.client.post("/completions", body))
+        choice = self._choice(self.client.post("/completions", body, cancel=cancel))
         _, _, tops = _logprobs(choice, self.client.base)
         if not tops or not tops[0]:
             raise RemoteError(f"{self.client.base}: the self-eval model {s.model} returned no top log-probabilities")
@@ -292,32 +310,70 @@ class RemoteBackend:
 
     # -- what the server offers -------------------------------------------------------------------------------
     def _models(self) -> list[dict[str, Any]]:
-        resp = self.client.get("/models", give_up_s=min(10.0, self.options.give_up_s))
+        """The server's model list, retried for --backend-wait (a server still loading answers 503). edge-adapt
+        serve lists its model before the weights have loaded, and its fingerprint and self-eval model only
+        after: a list of its without them waits for /health (503 until loaded) and is read again."""
+        cards = self._model_list()
+        if any(c.get("owned_by") == "edge-adapt" and "edge_adapt" not in c for c in cards):
+            self.client.get("/health", root=True)
+            cards = self._model_list()
+        return cards
+
+    def _model_list(self) -> list[dict[str, Any]]:
+        resp = self.client.get("/models")
         data = resp.get("data") if isinstance(resp, dict) else None
         if not isinstance(data, list) or not all(isinstance(c, dict) and isinstance(c.get("id"), str) for c in data):
             raise RemoteError(f"{self.client.base}/models: not an OpenAI model list")
+        if not data:
+            raise RemoteError(f"{self.client.base}/models lists no models: the server serves none (yet)")
         return data
 
     def _served_model(self, cards: list[dict[str, Any]]) -> str:
         ids = [c["id"] for c in cards]
         if self.options.model is not None:
             if self.options.model not in ids:
-                raise RemoteError(f"{self.client.base} serves {', '.join(ids) or 'no model'}, not "
-                                  f"{self.options.model!r} (--backend-model)")
-            return self.options.model
-        bases = [c["id"] for c in cards if not c.get("parent")]
-        if len(bases) != 1:
-            raise RemoteError(f"{self.client.base} serves {len(bases)} models ({', '.join(bases)}): name one with "
-                              "--backend-model")
-        return bases[0]
+                raise RemoteError(f"{self.client.base} serves {', '.join(ids)}, not {self.options.model!r} "
+                                  "(--backend-model)")
+            name = self.options.model
+        else:
+            bases = [c["id"] for c in cards if not c.get("parent")]
+            if len(bases) != 1:
+                raise RemoteError(f"{self.client.base} serves {len(bases)} models ({', '.join(bases)}): name one "
+                                  "with --backend-model")
+            name = bases[0]
+        self._check_same_model(name, next(c for c in cards if c["id"] == name))
+        return name
+
+    def _check_same_model(self, name: str, card: dict[str, Any]) -> None:
+        """edge-adapt serve publishes its GGUF's fingerprint: it must be --model's (the cache key names the
+        served model and --model's fingerprint, so two servers of one name never mix pools). A server that
+        publishes none (vLLM, llama-server) gets a warning when its model's name is not --model's."""
+        block = card.get("edge_adapt")
+        theirs = block.get("fingerprint") if isinstance(block, dict) else None
+        mine = self.vocab.fingerprint
+        if theirs is not None:
+            if theirs != mine:
+                raise RemoteError(f"{self.client.base} runs {name} ({theirs}), not the model of --model "
+                                  f"{self.vocab.model_path.name} ({mine}): give --model the GGUF the server runs")
+            return
+        key = (self.client.base, name)
+        if not _names_alike(name, self.vocab.model_path.stem) and key not in _WARNED:
+            _WARNED.add(key)
+            print(f"warning: {self.client.base} serves {name!r}, whose name is not --model's "
+                  f"({self.vocab.model_path.stem}): it must be the same model (another with the same vocabulary "
+                  "would pass every check)", file=sys.stderr, flush=True)
 
     def _scoring(self, cards: list[dict[str, Any]], selfeval_config: Any) -> Scoring:
-        """The server's self-eval model: its card's `edge_adapt` block (edge-adapt serve) says the suffix and
-        answer tokens; for another server (a LoRA module named with --backend-selfeval) they come from the local
-        self-evaluation config, as the adapter was trained with them."""
+        """The server's self-eval model: its card's `edge_adapt` block (edge-adapt serve) says the suffix, the
+        answer tokens and the adapter, which must be the one the local self-evaluation would use (--adapter,
+        --adapter none, or the default adapter); for another server (a LoRA module named with --backend-selfeval)
+        they come from the local self-evaluation config, as the adapter was trained with them."""
         name = self.options.selfeval_model
         if self.llama_server:
             return self._llama_server_scoring(selfeval_config)
+        if name == self.model:
+            raise UsageError(f"--backend-selfeval {name} is the model that samples, not a self-evaluation model: "
+                             "name the model that serves the adapter (vLLM: --lora-modules NAME=PATH)")
         if name is None:
             found = [c for c in cards if c.get("parent") == self.model and isinstance(c.get("edge_adapt"), dict)]
             if not found:
@@ -334,27 +390,35 @@ class RemoteBackend:
                 yes, no = int(block["yes_token"]), int(block["no_token"])
             except (KeyError, TypeError, ValueError):
                 raise RemoteError(f"{self.client.base}: model {name} has a malformed edge_adapt block") from None
+            self._check_adapter(name, block, selfeval_config)
             judged = f"{name}:adapter={block.get('adapter')}:{block.get('adapter_sha256')}:suffix={list(suffix)}"
-            wanted = getattr(selfeval_config, "adapter", None)
-            if selfeval_config is not None and wanted is None and not selfeval_config.default_adapter \
-                    and block.get("adapter") is not None:
-                raise RemoteError(f"{self.client.base}: its self-eval model {name} runs adapter {block.get('adapter')}, "
-                                  "not none (--adapter none): start the server with --adapter none")
-            if wanted is not None:
-                from edge_adapt.eval.pool import file_hash
-
-                if not Path(wanted).is_file():
-                    raise RemoteError(f"--adapter {wanted} is not a file")
-                if file_hash(Path(wanted)) != block.get("adapter_sha256"):
-                    raise RemoteError(f"{self.client.base}: its self-eval model {name} runs adapter "
-                                      f"{block.get('adapter')}, not --adapter {Path(wanted).name} (start the server "
-                                      "with that --adapter)")
         else:
+            # The server says nothing of its adapter: the identity holds what it does say (vLLM lists a LoRA
+            # module's path as `root`), never the local adapter, which it may not run.
             suffix, yes, no, config = self._local_suffix(selfeval_config)
-            judged = f"{name}:{config}"
+            root = card.get("root") if card.get("parent") else None
+            judged = f"{name}:root={root}:{_without_adapter(config)}"
         if not suffix or any(not 0 <= t < self.vocab.model.n_vocab for t in (*suffix, yes, no)):
             raise RemoteError(f"{self.client.base}: model {name}'s suffix or answer tokens are not --model's tokens")
         return Scoring(name, suffix, yes, no, judged)
+
+    def _check_adapter(self, name: str, block: dict[str, Any], selfeval_config: Any) -> None:
+        """The server's self-eval adapter (by content) is the one the local self-evaluation resolves to."""
+        from edge_adapt.eval.pool import file_hash
+        from edge_adapt.selfeval.evaluator import resolve_config
+
+        wanted = resolve_config(self.vocab, selfeval_config, None).adapter
+        theirs = block.get("adapter_sha256")
+        if (file_hash(Path(wanted)) if wanted is not None else None) == theirs:
+            return
+        runs = f"adapter {block.get('adapter')}" if theirs is not None else "no adapter (--adapter none)"
+        if wanted is None:
+            raise RemoteError(f"{self.client.base}: its self-eval model {name} runs {runs}, not none (--adapter "
+                              "none): start the server with --adapter none")
+        explicit = getattr(selfeval_config, "adapter", None) is not None
+        what = f"--adapter {Path(wanted).name}" if explicit else f"the default adapter {Path(wanted).name}"
+        raise RemoteError(f"{self.client.base}: its self-eval model {name} runs {runs}, not {what} (start the "
+                          f"server with that --adapter{'' if explicit else ', or pass --adapter none'})")
 
     def _local_suffix(self, selfeval_config: Any) -> tuple[tuple[int, ...], int, int, str]:
         """The suffix and answer tokens of the local self-eval config (the adapter's metadata, --adapter's)."""
@@ -369,10 +433,9 @@ class RemoteBackend:
     def _llama_server_scoring(self, selfeval_config: Any) -> Scoring:
         """llama-server: the adapter loaded with `--lora FILE` (id 0, or --backend-selfeval ID), switched on per
         request; an activated LoRA (trained with --method alora) acts from its invocation tokens on, as here."""
-        root = self.client.base.removesuffix("/v1")
+        root = self.client.root
         try:
-            adapters = JsonClient(root, api_key=self.options.api_key(), timeout_s=self.options.timeout_s,
-                                  retry=self.client.retry, versioned=False).get("/lora-adapters", give_up_s=10.0)
+            adapters = self.client.get("/lora-adapters", root=True)
         except RemoteError as exc:
             raise RemoteError(f"{exc} (start llama-server with --lora ADAPTER.gguf)") from None
         if self.options.concurrency > 1:
@@ -393,10 +456,29 @@ class RemoteBackend:
         return Scoring(self.model, suffix, yes, no, f"lora:{found[0].get('path')}:{config}", lora=int(found[0]["id"]))
 
 
-def _all(pool: ThreadPoolExecutor, calls: list[tuple[Any, ...]], stop: threading.Event) -> list[Any]:
+_WARNED: set[tuple[str, str]] = set()  # (server, model) pairs warned about once in this process
+_QUANT = re.compile(r"[-_.](i?q\d\w*|f16|f32|bf16|fp16)$", re.IGNORECASE)
+
+
+def _names_alike(served: str, stem: str) -> bool:
+    """Whether a served model's name holds the GGUF file's stem (its quantization tag left out), letters and
+    digits compared: "meta-llama/Llama-3.1-8B-Instruct" holds "llama-3.1-8b-instruct-q8_0"."""
+    core = _QUANT.sub("", stem)
+    alnum = [re.sub(r"[^a-z0-9]", "", s.lower()) for s in (served, core)]
+    return bool(alnum[1]) and alnum[1] in alnum[0]
+
+
+def _without_adapter(config_json: str) -> str:
+    """A self-eval config (JSON) without its local adapter path."""
+    data = json.loads(config_json)
+    data.pop("adapter", None)
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def _all(pool: Workers, calls: list[tuple[Any, ...]], cancel: Cancel) -> list[Any]:
     """Run `calls` ((fn, *args) each) on `pool` and return their results in order; the first failure cancels
     the rest and is raised."""
-    if stop.is_set():
+    if cancel.is_set():
         raise RemoteError("stopped")
     futures: list[Future[Any]] = [pool.submit(fn, *args) for fn, *args in calls]
     try:
@@ -418,16 +500,27 @@ def _logprobs(choice: dict[str, Any], where: str) -> tuple[list[int], list[float
             ids = [int(x["id"]) for x in items]
             lps = [_lp(x) for x in items]
             tops = [{int(t["id"]): _lp(t) for t in x.get("top_logprobs") or x.get("top_probs") or ()} for x in items]
-            return ids, lps, tops
+            return _finite(ids, lps, tops, where)
         if isinstance(lp, dict) and isinstance(lp.get("tokens"), list) and isinstance(lp.get("token_logprobs"), list):
             ids = [_token_id(t, where) for t in lp["tokens"]]
             lps = [float(x) for x in lp["token_logprobs"]]
             tops = [{_token_id(k, where): float(v) for k, v in (t or {}).items()} for t in lp.get("top_logprobs") or ()]
-            return ids, lps, tops
+            return _finite(ids, lps, tops, where)
     except (KeyError, TypeError, ValueError):
         pass
     raise RemoteError(f"{where}: a completion without per-token log-probabilities by token id (logprobs.tokens / "
                       "token_logprobs, or logprobs.content)")
+
+
+def _finite(ids: list[int], lps: list[float], tops: list[dict[int, float]],
+            where: str) -> tuple[list[int], list[float], list[dict[int, float]]]:
+    """The parsed log-probabilities, refused when one is NaN or infinite (an alternative may be -inf: a
+    probability of 0); a pool would keep them, and a NaN score reads as "not scored"."""
+    if not all(math.isfinite(x) for x in lps) or \
+            any(math.isnan(x) or x == math.inf for top in tops for x in top.values()):
+        raise RemoteError(f"{where}: a completion with log-probabilities that are not finite numbers (NaN or "
+                          "infinity)")
+    return ids, lps, tops
 
 
 def _lp(item: dict[str, Any]) -> float:

@@ -83,7 +83,12 @@ class ServerState:
         return None
 
     def model_card(self) -> dict[str, Any]:
-        return {"id": self.model_id, "object": "model", "created": self.model_created, "owned_by": "edge-adapt"}
+        """The served model; once loaded, with an `edge_adapt` block holding its fingerprint (an extra field, as
+        llama-server adds its own): a client checks it is the model it renders prompts for."""
+        card = {"id": self.model_id, "object": "model", "created": self.model_created, "owned_by": "edge-adapt"}
+        if self.scheduler is not None:
+            card["edge_adapt"] = {"fingerprint": self.scheduler.engine.fingerprint}
+        return card
 
     def model_cards(self) -> list[dict[str, Any]]:
         """The served model, and its self-evaluation as a model of its own (listed as vLLM lists a LoRA: with
@@ -91,7 +96,8 @@ class ServerState:
         cards = [self.model_card()]
         if self.scoring is not None:
             cards.append({"id": self.scoring.id, "object": "model", "created": self.model_created,
-                          "owned_by": "edge-adapt", "parent": self.model_id, "edge_adapt": self.scoring.card()})
+                          "owned_by": "edge-adapt", "parent": self.model_id,
+                          "edge_adapt": {**self.scoring.card(), **cards[0].get("edge_adapt", {})}})
         return cards
 
 
