@@ -265,7 +265,7 @@ def import_adapter(
 
     t0 = time.perf_counter()
     out_path = Path(out)
-    check_target(out_path, force=force)
+    check_target(out_path, force=force, directory=True)  # a PEFT directory
     info = inspect_gguf(adapter, expect="adapter")
     base_info = inspect_gguf(base, expect="model")
     if info.architecture != base_info.architecture:
