@@ -132,11 +132,14 @@ class Sample:
     def mean_logprob(self) -> float:
         return self.sum_logprob / len(self.logprobs) if self.logprobs else 0.0
 
+    def finished(self, tail: str = "") -> Finished:
+        """The event of the sample's end (its finish reason set; `tail`: text no Token carried)."""
+        return Finished(self.index, self.finish or "length", self.text, len(self.generated), self.sum_logprob, tail)
+
     def end(self, reason: FinishReason) -> Finished:
         """End the sample where it is, from outside its decode: the text held back is released in the event."""
         self.finish = reason
-        tail = self.stream.flush()
-        return Finished(self.index, reason, self.text, len(self.generated), self.sum_logprob, tail)
+        return self.finished(tail=self.stream.flush())
 
 
 @dataclass(frozen=True)
@@ -896,7 +899,7 @@ class Engine(TextModel):
                 s.logprobs.append(lp)
                 yield Token(s.index, t, text, lp, top)
                 if s.finish == "eos" or (s.finish and not cancelled):
-                    yield self._finished(s)
+                    yield s.finished()
             if cancelled:
                 # The interrupted step's tokens were recorded but not decoded: forget them too.
                 for seq, _ in to_decode:
@@ -981,10 +984,6 @@ class Engine(TextModel):
     def _finish_all(self, samples: Seq[Sample], reason: FinishReason) -> Iterator[Event]:
         for s in samples:
             yield s.end(reason)
-
-    @staticmethod
-    def _finished(s: Sample) -> Finished:
-        return Finished(s.index, s.finish or "length", s.text, len(s.generated), s.sum_logprob)
 
     def generate(
         self,
