@@ -5,7 +5,7 @@ The library a desktop app embeds; the `edge-adapt` command line is a thin layer 
     from edge_adapt import Engine, SamplingParams, Token
 
     with Engine(parallel=4, ctx=1024) as engine:           # the embedded SmolLM2-135M unless model=... is given
-        prompt = engine.chat_prompt([{"role": "user", "content": "What is 12 + 7?"}])
+        prompt = engine.chat_tokens([{"role": "user", "content": "What is 12 + 7?"}])
         for event in engine.generate(prompt, SamplingParams(temperature=0.7), n=4, max_tokens=64):
             if isinstance(event, Token):
                 print(event.sample, event.text)

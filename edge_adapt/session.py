@@ -124,7 +124,7 @@ class ChatSession:
         dropped = 0
         while True:
             text = self.engine.chat_prompt(messages)
-            tokens = self.engine.tokenize(text)
+            tokens = self.engine.chat_tokens(messages, text=text)
             # A strategy's turn may need more than the reply: the self-eval suffix, earlier attempts (revise).
             if len(tokens) + self._room <= self.engine.n_ctx_seq:
                 return messages, text, tokens, dropped
@@ -161,7 +161,7 @@ class ChatSession:
         if self.seq is not None and self._text is not None and full.startswith(self._text):
             # Reuse the KV exactly as generated: re-tokenizing the reply could merge tokens differently at
             # its edges and force a re-decode of the whole reply.
-            tokens = list(self.seq.tokens) + self.engine.tokenize(full[len(self._text):])
+            tokens = list(self.seq.tokens) + self.engine.chat_tokens(messages, text=full, start=len(self._text))
         if self.seq is None:
             self.seq = self.engine.open(tokens)
         else:

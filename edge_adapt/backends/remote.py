@@ -207,7 +207,7 @@ class RemoteBackend:
         from edge_adapt.eval.pool import PoolSample, PromptPool, sample_key
 
         t0 = time.perf_counter()
-        prompt = self.vocab.tokenize(self.vocab.chat_prompt(list(problem.messages)))
+        prompt = self.vocab.chat_tokens(list(problem.messages))
         params = [*settings.params(problem.id), GREEDY]
         drawn = _all(requests, [(self._draw, prompt, p, settings.budget(problem), cancel) for p in params], cancel)
         check = suite.scorer_of(problem)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Literal, TypedDict
@@ -57,3 +59,24 @@ def render_chat(
         )
     except TemplateError as exc:
         raise ModelFileError(f"the model's chat template failed to render: {exc}") from None
+
+
+# A message's content stand-in: private-use characters, which no template writes and no filter (trim) removes.
+_MARK = "\ue000{}\ue001"
+_MARKED = re.compile("\ue000(\\d+)\ue001")
+
+
+def content_spans(render: Callable[[list[Message]], str], messages: list[Message],
+                  text: str) -> list[tuple[int, int]] | None:
+    """Where the messages' contents lie in `text`, the conversation as `render` writes it: found by rendering it
+    again with a marker in place of each content, and checked by putting the contents back. None where the
+    template does more with a content than write it out (strips it, splits it at a tag)."""
+    parts = _MARKED.split(render([{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]))
+    spans: list[tuple[int, int]] = []
+    at = 0
+    for i, part in enumerate(parts):
+        if i % 2:  # split() puts each marker's group at the odd places
+            parts[i] = part = messages[int(part)]["content"]
+            spans.append((at, at + len(part)))
+        at += len(part)
+    return spans if "".join(parts) == text else None

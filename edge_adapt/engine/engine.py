@@ -306,7 +306,7 @@ class Engine(TextModel):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- text: tokenize, detokenize, chat_prompt, is_eog, fingerprint come from TextModel ----------------------
+    # -- text: tokenize, detokenize, chat_prompt, chat_tokens, is_eog, fingerprint come from TextModel ------------
     @cached_property
     def eog_tokens(self) -> np.ndarray:
         return np.array([t for t in range(self.model.n_vocab) if self.model.is_eog(t)], dtype=np.int64)

@@ -243,6 +243,13 @@ class Model:
             self._specials[parse_special] = found
         return found
 
+    def control_texts(self) -> list[str]:
+        """The texts llama.cpp reads as a control token only when asked to parse special tokens (`<|im_end|>`):
+        in a chat message's content they are plain characters (TextModel.chat_tokens)."""
+        always = {sp.text for sp in self._special_tokens(False)}
+        return [sp.text.decode("utf-8", "replace") for sp in self._special_tokens(True)
+                if sp.text and sp.text not in always]
+
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for, without rendering control tokens (cached: the hot loop calls this)."""
         cached = self._pieces.get(token)

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
-from edge_adapt.engine.chat import Message, render_chat
+from edge_adapt.engine.chat import Message, content_spans, render_chat
 from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
 from edge_adapt.engine.handles import Model, init_backend
+from edge_adapt.errors import ContextOverflowError, UsageError
 
 
 def fingerprint(info: GGUFInfo) -> str:
@@ -51,6 +52,33 @@ class TextModel:
             bos_token=self.detokenize([self.model.bos]) if self.model.bos >= 0 else "",
             eos_token=self.detokenize([self.model.eos]) if self.model.eos >= 0 else "",
         )
+
+    def chat_tokens(self, messages: list[Message], *, text: str | None = None, start: int = 0,
+                    most: int | None = None) -> list[int]:
+        """The conversation's tokens (`text`: its chat_prompt, where the caller has it), from character `start` on.
+        A message's content is text: control-token text in it (`<|im_end|>` typed by a user or found in a
+        document) is tokenized as plain characters, so a message cannot end its turn or open another role's.
+        `most` as for tokenize."""
+        if text is None:
+            text = self.chat_prompt(messages)
+        controls = self.model.control_texts()
+        held = [i for i, m in enumerate(messages) if any(c in m["content"] for c in controls)]
+        if not held:  # the common case, tokenized whole as before
+            return self.tokenize(text[start:], most=most)
+        spans = content_spans(self.chat_prompt, messages, text)
+        if spans is None:
+            found = next(c for c in controls if c in messages[held[0]]["content"])
+            raise UsageError(f"message {held[0] + 1} holds a control token's text ({found}), and this model's chat "
+                             "template rewrites message contents, so it cannot be kept as plain text: remove it")
+        cuts = sorted({start, len(text), *(x for span in spans for x in span if x > start)})
+        tokens: list[int] = []
+        for a, b in zip(cuts, cuts[1:]):
+            plain = any(s <= a and b <= e for s, e in spans)
+            try:
+                tokens += self.tokenize(text[a:b], special=not plain, most=None if most is None else most - len(tokens))
+            except ContextOverflowError:
+                raise ContextOverflowError(f"the text is longer than {most} tokens") from None
+        return tokens
 
     def is_eog(self, token: int) -> bool:
         return self.model.is_eog(token)

@@ -35,7 +35,7 @@ def _run(engine: Engine, scorer: SelfEvalScorer, suite: Suite, problem: Problem,
     used: list[Sample] = []
     scores: list[float] = []
     se = 0.0
-    with engine.opened(engine.tokenize(engine.chat_prompt(list(problem.messages)))) as root:
+    with engine.opened(engine.chat_tokens(list(problem.messages))) as root:
         rounds = [n] if strategy == "best-of-n" else round_sizes(n)
         for size in rounds:
             new = engine.start(root, params[len(used) : len(used) + size], max_tokens=settings.budget(problem),

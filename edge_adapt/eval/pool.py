@@ -362,7 +362,7 @@ def generate_prompt_pool(
     """Decode the prompt once, fork K sampled + 1 greedy sample, advance them together to each prune point and
     score the ones still generating, then run to the end and score all of them."""
     t0 = time.perf_counter()
-    tokens = engine.tokenize(engine.chat_prompt(list(problem.messages)))
+    tokens = engine.chat_tokens(list(problem.messages))
     with engine.opened(tokens) as root:  # the samples forked from it go back with it
         samples = engine.start(root, [*settings.params(problem.id), GREEDY], max_tokens=settings.budget(problem))
         n_pts = len(settings.prune_points)

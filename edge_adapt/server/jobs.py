@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -49,15 +50,14 @@ class Plan:
 
 def chat_tokens(engine: Any, messages: list[dict[str, str]]) -> list[int]:
     """A conversation rendered with the model's chat template, as `edge-adapt run` and `chat` render it."""
-    return _fitting(engine, engine.chat_prompt(messages), special=True)
+    return _fitting(engine, lambda most: engine.chat_tokens(messages, most=most))
 
 
-def _fitting(engine: Any, text: str, **how: bool) -> list[int]:
-    """`text`'s tokens, refused as soon as it is known not to fit a sequence beside one generated token: a long
+def _fitting(engine: Any, tokenize: Callable[[int], list[int]]) -> list[int]:
+    """A prompt's tokens, refused as soon as it is known not to fit a sequence beside one generated token: a long
     prompt is not tokenized to its end just to be refused."""
-    most = engine.n_ctx_seq - 1
     try:
-        return engine.tokenize(text, most=most, **how)  # type: ignore[no-any-return]
+        return tokenize(engine.n_ctx_seq - 1)
     except ContextOverflowError as exc:
         raise ContextOverflowError(f"the prompt does not fit the context of {engine.n_ctx_seq} tokens per "
                                    f"sequence: {exc}") from None
@@ -72,7 +72,7 @@ def completion_tokens(engine: Any, prompt: str | list[int]) -> list[int]:
         if bad is not None:
             raise bad_request(f"token id {bad} is not in the model's vocabulary of {n_vocab}", "prompt")
         return list(prompt)
-    return _fitting(engine, prompt, add_bos=True)
+    return _fitting(engine, lambda most: engine.tokenize(prompt, add_bos=True, most=most))
 
 
 def sampling_values(req: Request) -> dict[str, float]:

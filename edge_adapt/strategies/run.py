@@ -37,7 +37,7 @@ def prompt_tokens(model: Any, prompt: Prompt) -> list[int]:
     if all(isinstance(t, int) for t in items):
         return items  # type: ignore[return-value]
     if all(isinstance(m, dict) for m in items):
-        return model.tokenize(model.chat_prompt(items), special=True)
+        return model.chat_tokens(items)
     raise UsageError("a prompt is a string, a list of chat messages or a list of token ids")
 
 

@@ -56,7 +56,7 @@ def measure(families: Sequence[Family], n: int = 24, split: str = "validation", 
                 right = tokens = cut = 0
                 for lo in range(0, n, batch):
                     group = probs[lo : lo + batch]
-                    roots = [e.open(e.tokenize(e.chat_prompt(list(p.messages)))) for p in group]
+                    roots = [e.open(e.chat_tokens(list(p.messages))) for p in group]
                     samples = [e.start(r, [GREEDY], max_tokens=mt, first_index=i)[0] for i, r in enumerate(roots)]
                     for _ in e.advance(samples):
                         pass
