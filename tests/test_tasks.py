@@ -167,8 +167,9 @@ def test_measure_names_a_missing_data_file_in_one_line(tmp_path, capsys):
 
 
 def test_user_suite_errors_name_the_files_line(tmp_path):
-    """Line numbers count the file's lines (blank ones too), a bad chat message names its line, a null answer is
-    refused (it was scored against the text "None"), and a UTF-8 byte-order mark is read past."""
+    """Line numbers count the file's lines (blank ones too), a bad chat message names its line, a chat must end
+    with the user's message, a null answer is refused (it was scored against the text "None"), and a UTF-8
+    byte-order mark is read past."""
     f = tmp_path / "s.jsonl"
     f.write_text('{"prompt": "a", "answer": "1"}\n\n\n{"prompt": "b"}\n')
     with pytest.raises(UsageError, match=r"s.jsonl:4: needs 'answer'"):
@@ -179,6 +180,10 @@ def test_user_suite_errors_name_the_files_line(tmp_path):
     f.write_text('{"messages": [{"role": "user", "content": 5}], "answer": "1"}\n')
     with pytest.raises(UsageError, match=r"s.jsonl:1: bad chat message"):
         jsonl_suite(f)
+    f.write_text('{"messages": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}], '
+                 '"answer": "4"}\n')
+    with pytest.raises(UsageError, match=r"s.jsonl:1: the last message must be the user's, got the assistant's"):
+        jsonl_suite(f)  # the model would answer a turn after its own, a question nobody asked
     for bad in ("null", "[1]", "true"):
         f.write_text(f'{{"prompt": "a", "answer": {bad}}}\n')
         with pytest.raises(UsageError, match=r"s.jsonl:1: answer must be a string or a number"):

@@ -66,6 +66,8 @@ def _messages(row: dict, where: str) -> tuple[Message, ...]:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
                 or not isinstance(m.get("content"), str):
             raise UsageError(f"{where}: bad chat message {m!r:.80}: needs role system/user/assistant and string content")
+    if msgs[-1]["role"] != "user":  # what the model answers: a turn after an assistant's would answer nobody
+        raise UsageError(f"{where}: the last message must be the user's, got the {msgs[-1]['role']}'s")
     return tuple(msgs)
 
 
