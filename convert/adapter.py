@@ -172,14 +172,16 @@ def convert_adapter_job(
     *,
     self_eval_config: str | os.PathLike[str] | dict[str, Any] | None = None,
     type: str = "f32",
+    name: str | None = None,
     force: bool = False,
 ) -> Job[AdapterResult]:
     """Export a PEFT LoRA or aLoRA as a GGUF adapter that llama.cpp loads on top of the `base` GGUF.
 
     `self_eval_config` (a dict or a JSON file) is written as `edge_adapt.self_eval.*` metadata, so the runtime
     scores with the suffix and answers the adapter was trained on, with no flags. `type` f16 halves the file
-    (llama.cpp computes LoRA products in f32 either way). As a job it yields Progress ("adapter", per tensor
-    written); `convert_adapter` runs it to its result."""
+    (llama.cpp computes LoRA products in f32 either way). `name`: its title (`general.name`), the PEFT directory's
+    name if None. As a job it yields Progress ("adapter", per tensor written); `convert_adapter` runs it to its
+    result."""
     if type not in ("f32", "f16"):
         raise UsageError(f"adapter type must be f32 or f16, got {type!r}")
     dtype = np.float32 if type == "f32" else np.float16
@@ -197,7 +199,7 @@ def convert_adapter_job(
 
     w = gguf.GGUFWriter(None, info.architecture)
     w.add_type(gguf.GGUFType.ADAPTER)
-    w.add_name(adapter.path.name)
+    w.add_name(name or adapter.path.name)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.gguf_alpha)
     if adapter.invocation_tokens:

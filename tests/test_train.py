@@ -266,6 +266,9 @@ def test_label_train_export_score_end_to_end(engine: Engine, tmp_path: Path):
     base_greedy = greedy(None)
     result = train(cfg)
     assert result.exported.exists() and (tmp_path / "run" / "metrics.json").exists()
+    from edge_adapt.engine.gguf_file import inspect_gguf
+
+    assert inspect_gguf(result.exported, expect="adapter").name == f"{engine.info.name} self-eval adapter"  # `info`'s title for it
     assert len(result.epochs) == 2  # before training + one epoch
     # Strict JSON, which every reader takes: the epoch before training has no training loss, written as null.
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text(),

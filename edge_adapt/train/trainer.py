@@ -447,7 +447,7 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
             raise UsageError(f"labels hold token id {top}, outside the model's {eng.model.n_vocab} tokens")
         suffix_ids = render_suffix(self_eval, eng)
         yes, no = answer_token(eng, cfg.yes, "yes"), answer_token(eng, cfg.no, "no")
-        base_gguf = eng.model_path
+        base_gguf, base_name = eng.model_path, eng.info.name
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
     acc.wait_for_everyone()  # every process has checked the output directory before the main one writes there
     if main:
@@ -571,7 +571,8 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
         if cfg.method == "full":
             convert_model(best_dir, stage / name, type=cfg.export_type, self_eval_config=meta, force=True)
         else:
-            convert_adapter(best_dir, base_gguf, stage / name, self_eval_config=meta, type="f16", force=True)
+            convert_adapter(best_dir, base_gguf, stage / name, self_eval_config=meta, type="f16", force=True,
+                            name=f"{base_name} self-eval adapter")
     result = TrainResult(out, out / name, best.epoch, history, time.perf_counter() - t_start, peak_rss() / 2**20,
                          train_set.n_rows, world, main)
     if main:
