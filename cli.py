@@ -147,6 +147,17 @@ def _ctrl_c_cancels(engine: Any, *, then_exit: bool = True) -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+@contextmanager
+def _ctrl_c_waits() -> Iterator[list[int]]:
+    """Ctrl-C is held until the block ends; the list says whether it came."""
+    hit: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda *_: hit.append(1))
+    try:
+        yield hit
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 StrategyOpt = Annotated[Optional[str], typer.Option("--strategy", "-s", help="a self-evaluation strategy (best-of-n, adaptive, prune, vote, beam, revise, auto ...: the README lists them)")]
 BudgetNOpt = Annotated[Optional[int], typer.Option("--budget", help="samples: N of best-of-n / prune / votes, the most adaptive may start; beam / lookahead: candidates per step; revise: attempts in all", min=1)]
 ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help="adaptive: stop when a sample's p_keep reaches this")]
@@ -330,12 +341,11 @@ def chat(
     model = _one_model(model, model_opt)
     if sys.stdin is None:  # started with stdin closed (`<&-`): there is nothing to read turns from
         raise UsageError("chat reads its turns from standard input, which is closed")
-    from edge_adapt.engine import SamplingParams, Token, Vocab
+    from edge_adapt.engine import SamplingParams, Vocab
     from edge_adapt.engine.budget import parse_size
-    from edge_adapt.engine.events import Cancelled
-    from edge_adapt.session import ChatSession, Notice
+    from edge_adapt.session import ChatSession
     from edge_adapt.sizing import EngineSize, load_engine
-    from edge_adapt.strategies import Chosen, plan_run
+    from edge_adapt.strategies import plan_run
 
     params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,  # type: ignore[arg-type]
                             repeat_penalty=repeat_penalty, seed=seed)  # type: ignore[arg-type]
@@ -351,43 +361,75 @@ def chat(
         session = ChatSession(engine, system=_text_arg(system, "--system") if system else None, params=params,
                               max_tokens=max_tokens, strategy=base if (strategy or config) else None,  # type: ignore[arg-type]
                               mem_budget=budget_bytes)
+        if base.self_eval is not None and base.self_eval.adapter is not None:  # refused now, not at /strategy
+            engine.load_adapter(base.self_eval.adapter)
         print(f"edge-adapt chat: {engine.info.name} ({engine.n_ctx_seq} tokens of context). /help for commands.")
-        while True:
-            try:
-                line = input("> ").strip()
-                line.encode("utf-8")  # undecodable bytes arrive as lone surrogates (or as a decode error)
-            except EOFError:
-                print()
-                return
-            except KeyboardInterrupt:
-                print()
-                continue
-            except (UnicodeDecodeError, UnicodeEncodeError):  # the line is dropped, the chat goes on
-                print("error: this line is not valid UTF-8; it was ignored")
-                continue
-            try:
-                if line.startswith("/"):
+        _chat_turns(session, engine, base)
+
+
+def _chat_turns(session: Any, engine: Any, base: Any) -> None:
+    """Read lines until /exit or the end of input: a message is answered, a /command carried out. Ctrl-C stops
+    a reply (even one not started yet) or drops the line being typed, and waits for a command to finish (a half
+    done /strategy or /load would leave the chat in between); SIGTERM ends the chat."""
+    import io
+
+    from edge_adapt.engine import Token
+    from edge_adapt.engine.events import Cancelled, Finished
+    from edge_adapt.interrupts import Terminated
+    from edge_adapt.session import Notice
+    from edge_adapt.strategies import Chosen
+
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        # A strict decoder throws away its whole buffered chunk, the lines after a bad one too: undecodable
+        # bytes become lone surrogates instead, and only their line is refused.
+        sys.stdin.reconfigure(errors="surrogateescape")
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - input() then edits the line and keeps a history
+        except ImportError:  # Windows
+            pass
+    while True:
+        try:
+            line = input("> ").strip()
+            line.encode("utf-8")  # undecodable bytes arrive as lone surrogates
+        except EOFError:
+            print()
+            return
+        except Terminated:
+            raise
+        except KeyboardInterrupt:
+            print()
+            continue
+        except (UnicodeDecodeError, UnicodeEncodeError):  # the line is dropped, the chat goes on
+            print("error: this line is not valid UTF-8; it was ignored", file=sys.stderr)
+            continue
+        try:
+            if line.startswith("/"):
+                with _ctrl_c_waits() as hit:
                     reply = session.command(line, base)
-                    if reply is None:
-                        return
-                    print(reply)
-                elif line:
-                    plain = session.strategy is None or session.strategy.strategy == "single"
-                    with _ctrl_c_cancels(engine, then_exit=False):
-                        for ev in session.send(line):
-                            if isinstance(ev, Notice):
-                                print(f"({ev.text})")
-                            elif isinstance(ev, Token) and plain:
-                                sys.stdout.write(ev.text)
-                                sys.stdout.flush()
-                            elif isinstance(ev, Chosen):
-                                score = f"p_keep {ev.p_keep:.2f}, " if ev.p_keep is not None else ""
-                                sys.stdout.write(f"{ev.text}\n({score}sample {ev.sample})")
-                    print()
-            except Cancelled:  # Ctrl-C ended a strategy's run: that reply is left out, the chat goes on
-                print("\n(stopped)")
-            except EdgeAdaptError as exc:
-                print(f"error: {exc}")
+                if reply is None:
+                    return
+                print(reply + ("\n(Ctrl-C waits for a command to finish; this one has)" if hit else ""))
+            elif line:
+                plain = session.strategy is None or session.strategy.strategy == "single"
+                stopped = False
+                with engine.busy(), _ctrl_c_cancels(engine, then_exit=False):  # busy: a Ctrl-C from now on stops it
+                    for ev in session.send(line):
+                        if isinstance(ev, Notice):
+                            print(f"({ev.text})")
+                        elif isinstance(ev, Token) and plain:
+                            sys.stdout.write(ev.text)
+                            sys.stdout.flush()
+                        elif isinstance(ev, Finished) and plain:
+                            stopped = ev.reason == "cancelled"
+                        elif isinstance(ev, Chosen):
+                            score = f"p_keep {ev.p_keep:.2f}, " if ev.p_keep is not None else ""
+                            sys.stdout.write(f"{ev.text}\n({score}sample {ev.sample})")
+                print("\n(stopped)" if stopped else "")
+        except Cancelled:  # Ctrl-C ended a strategy's run or the prompt's decode: no reply, the chat goes on
+            print("\n(stopped)")
+        except EdgeAdaptError as exc:
+            print(f"error: {exc}", file=sys.stderr)
 
 
 # -- serve --------------------------------------------------------------------------------------------------
@@ -740,7 +782,9 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt, Cancelled):  # Cancelled: Ctrl-C stopped a decode outside generation
         _interrupted()
     except TyperException as exc:  # bad options and arguments, as typer's bundled click reports them
-        print(f"error: {exc.format_message()}", file=sys.stderr)  # type: ignore[attr-defined]
+        message = exc.format_message()  # type: ignore[attr-defined]
+        if message:  # none after the help that a bare `edge-adapt` prints
+            print(f"error: {message}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if _debug:

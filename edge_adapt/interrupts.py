@@ -27,7 +27,12 @@ MESSAGE = "interrupted"
 # Functions llama.cpp calls through ctypes; an exception raised in them never reaches the caller.
 CALLBACKS = frozenset({"_log_callback"})
 
-_pending = threading.Event()
+_pending: list[int] = []  # the signal that landed inside a callback, to deliver again
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: the process is being stopped. A KeyboardInterrupt, so everything that cleans up after Ctrl-C
+    cleans up after it; a REPL that takes Ctrl-C back at its prompt (chat) lets this one through."""
 
 
 def _inside_callback(frame: FrameType | None) -> bool:
@@ -41,19 +46,23 @@ def _inside_callback(frame: FrameType | None) -> bool:
 
 
 def _redeliver() -> None:
-    if _pending.is_set():
-        os.kill(os.getpid(), signal.SIGINT)
+    if _pending:
+        os.kill(os.getpid(), _pending[-1])
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     if _inside_callback(frame):
-        _pending.set()
+        _pending.append(signum)
         timer = threading.Timer(0.05, _redeliver)
         timer.daemon = True
         timer.start()
         return
     _pending.clear()
-    raise KeyboardInterrupt
+    raise _interrupt(signum)
 
 
 def _exit_now(signum: int, frame: FrameType | None) -> None:
@@ -63,9 +72,10 @@ def _exit_now(signum: int, frame: FrameType | None) -> None:
 
 def check() -> None:
     """Raise the interrupt that arrived while llama.cpp had control, if one did."""
-    if _pending.is_set():
+    if _pending:
+        signum = _pending[-1]
         _pending.clear()
-        raise KeyboardInterrupt
+        raise _interrupt(signum)
 
 
 def install() -> None:

@@ -82,14 +82,24 @@ class ChatSession:
             config = StrategyConfig.parse(config)
         elif config is not None and not isinstance(config, StrategyConfig):
             raise UsageError(f"strategy must be a StrategyConfig or a dict of its fields, got {type(config).__name__}")
+        # Every turn's prompt holds the system message and the template's markup: a turn that cannot fit beside
+        # them is refused now, not at every message.
+        floor = len(self.engine.chat_tokens([m for m in self.messages if m["role"] == "system"]
+                                            + [{"role": "user", "content": ""}]))
         if config is None or config.strategy == "single":
+            if floor + self.max_tokens > self.engine.n_ctx_seq:
+                raise BudgetError(
+                    f"a reply of up to {self.max_tokens} tokens after the {floor} tokens every prompt holds (the "
+                    f"system message and the chat template) does not fit this chat's context of "
+                    f"{self.engine.n_ctx_seq} (start the chat with a larger --ctx or lower --max-tokens)")
             self.strategy, self._room = config, self.max_tokens
             return
         plan = plan_run(self.engine, None, config.with_options(max_tokens=self.max_tokens))
-        if plan.tokens_per_sequence >= self.engine.n_ctx_seq:
+        if floor + plan.tokens_per_sequence > self.engine.n_ctx_seq:
             raise BudgetError(
-                f"strategy {config.strategy} needs {plan.tokens_per_sequence} tokens per turn, more than this chat's "
-                f"context of {self.engine.n_ctx_seq} (start the chat with a larger --ctx or lower --max-tokens)"
+                f"strategy {config.strategy} needs {plan.tokens_per_sequence} tokens per turn after the {floor} tokens "
+                f"every prompt holds, more than this chat's context of {self.engine.n_ctx_seq} (start the chat with "
+                f"a larger --ctx or lower --max-tokens)"
             )
         need = plan.sequences  # the conversation's own sequence is the prompt the samples fork from
         if need > self.engine.options.parallel:
@@ -147,7 +157,8 @@ class ChatSession:
         self._check_idle("send another message")
         self._replying, self._recorded = True, False
         try:
-            yield from self._reply(text)
+            with self.engine.busy():  # a cancel() from now on stops this reply, even one before its first token
+                yield from self._reply(text)
         finally:
             self._replying = False
             if not self._recorded:  # left unfinished: the sequence holds a turn the history does not
@@ -208,21 +219,21 @@ class ChatSession:
         if cmd == "/reset":
             self.reset()
             return "(conversation cleared)"
-        if cmd in ("/save", "/load") and not arg:
-            raise UsageError(f"{cmd} FILE: name the file to {cmd[1:]}")
-        if cmd == "/save":
-            path, _, flag = arg.partition(" ")
-            self.save(path, force=flag.strip() == "--force")
-            return f"(saved to {path})"
-        if cmd == "/load":
-            self.load(arg)
+        if cmd in ("/save", "/load"):
+            path, force = _file_argument(cmd, arg)
+            if cmd == "/save":
+                self.save(path, force=force)
+                return f"(saved to {path})"
+            self.load(path)
             return f"(restored {len(self.messages)} messages)"
         if cmd == "/strategy":
             name, _, n = arg.partition(" ")
-            if n.strip() and not n.strip().isdigit():
-                raise UsageError(f"/strategy NAME [BUDGET]: the budget is a whole number >= 1, got {n.strip()!r}")
+            n = n.strip()
+            if n and not (n.isascii() and n.isdigit() and int(n) >= 1):  # isdigit() alone takes "²", int() not
+                raise UsageError(f"/strategy NAME [BUDGET]: the budget is a whole number >= 1, got {n!r}")
+            budget = int(n) if n else None
             start = self.strategy or base or StrategyConfig()
-            self.set_strategy(start.with_options(strategy=name or None, budget=int(n) if n.strip() else None))
+            self.set_strategy(start.with_options(strategy=name or None, budget=budget))
             s = self.strategy or start.with_options(strategy="single")
             return f"(strategy {s.strategy}, budget {s.budget}; the engine holds {self.engine.options.parallel} sequences)"
         return f"unknown command {line!r}; /help lists them"
@@ -304,3 +315,22 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def _file_argument(cmd: str, arg: str) -> tuple[str, bool]:
+    """/save's and /load's FILE: the rest of the line, spaces and backslashes as typed (a Windows path), quotes
+    around it dropped; and whether /save was given --force, before or after it."""
+    path = arg.strip()
+    words = path.split()
+    force = cmd == "/save" and "--force" in words[:1] + words[-1:]
+    if force:
+        path = (path.removeprefix("--force") if words[0] == "--force" else path.removesuffix("--force")).strip()
+    options = [w for w in path.split()[:1] + path.split()[-1:] if w.startswith("--")]
+    if options:
+        raise UsageError(f"{cmd}: unknown option {options[0]} "
+                         f"({'--force is the only one' if cmd == '/save' else 'it takes none'})")
+    if len(path) >= 2 and path[0] == path[-1] and path[0] in "'\"":
+        path = path[1:-1]
+    if not path:
+        raise UsageError(f"{cmd} FILE: name the file to {cmd[1:]}")
+    return path, force

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from edge_adapt.engine import GREEDY, Engine, Finished
-from edge_adapt.errors import UsageError
+from edge_adapt.engine import GREEDY, Engine, Finished, SampleStarted
+from edge_adapt.errors import BudgetError, UsageError
 from edge_adapt.session import ChatSession, Notice
 
 
@@ -107,6 +107,57 @@ def test_slash_commands_missing_their_argument_say_what_they_need(engine: Engine
         with pytest.raises(UsageError, match=re.escape(message)):
             chat.command(line)
     assert chat.command("/sve x").startswith("unknown command '/sve x'")
+    with pytest.raises(UsageError, match=re.escape("the budget is a whole number >= 1, got '\u00b2'")):
+        chat.command("/strategy best-of-n \u00b2")  # a digit to str.isdigit(), not to int()
+
+
+def test_save_and_load_take_the_whole_name_and_only_force(engine: Engine, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    chat = ChatSession(engine, params=GREEDY, max_tokens=8)
+    try:
+        _reply(chat, "Say hi.")
+        assert chat.command("/save my chat.snap") == "(saved to my chat.snap)"  # was a file named "my"
+        assert chat.command('/save --force "my chat.snap"') == "(saved to my chat.snap)"
+        for line, message in (("/save x.snap --forc", "/save: unknown option --forc (--force is the only one)"),
+                              ("/save --force", "/save FILE: name the file to save"),
+                              ("/load my chat.snap --force", "/load: unknown option --force (it takes none)")):
+            with pytest.raises(UsageError, match=re.escape(message)):
+                chat.command(line)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["my chat.snap"]
+        assert chat.command("/load my chat.snap") == "(restored 2 messages)"
+    finally:
+        chat.close()
+
+
+def test_a_chat_whose_reply_cannot_fit_its_context_is_refused_at_start(engine: Engine):
+    """Not at every message: a reply of max_tokens after the system message and the template's markup."""
+    room = engine.n_ctx_seq
+    with pytest.raises(BudgetError, match=f"does not fit this chat's context of {room}"):
+        ChatSession(engine, max_tokens=room)
+    with pytest.raises(BudgetError, match=f"does not fit this chat's context of {room}"):
+        ChatSession(engine, system="Be brief. " * room, max_tokens=8)
+    floor = len(engine.chat_tokens([{"role": "user", "content": ""}]))  # the default system prompt and markup
+    ChatSession(engine, max_tokens=room - floor).close()  # fits, just
+    with pytest.raises(BudgetError, match=f"more than this chat's context of {room}"):  # + the suffix does not
+        ChatSession(engine, max_tokens=room - floor, strategy={"strategy": "best-of-n", "budget": 2})
+
+
+def test_a_cancel_before_the_first_token_stops_the_reply(engine: Engine):
+    """A stop button pressed between the prompt's decode and the first token (the reply's sample started, no
+    token yet) was lost: the engine was idle between the turn's calls, and the whole reply came."""
+    chat = ChatSession(engine, params=GREEDY, max_tokens=64)
+    try:
+        finished = []
+        for ev in chat.send("Write a long story about a dragon."):
+            if isinstance(ev, SampleStarted):
+                engine.cancel()
+            elif isinstance(ev, Finished):
+                finished.append(ev)
+        assert [(f.reason, f.text) for f in finished] == [("cancelled", "")]
+        # The cancel was for that reply only.
+        assert next(e for e in chat.send("Say hi.") if isinstance(e, Finished)).reason in ("eos", "length")
+    finally:
+        chat.close()
 
 
 def test_one_reply_at_a_time_and_an_abandoned_reply_leaves_the_chat_usable(engine: Engine):

@@ -434,7 +434,7 @@ class Engine(TextModel):
             raise EngineError("the engine is closed" if self.model.closed else
                               "another thread is decoding on this engine: an engine serves one thread at a time "
                               "(edge-adapt serve's scheduler shares one among many requests)")
-        self._work_begins()  # not `with self._busy()`: a generator-based context costs 2 us a step here
+        self._work_begins()  # not `with self.busy()`: a generator-based context costs 2 us a step here
         try:
             if self.model.closed:  # by another thread, before this decode counted as work it waits for
                 raise EngineError("the engine is closed")
@@ -447,7 +447,10 @@ class Engine(TextModel):
             raise failed
 
     @contextmanager
-    def _busy(self) -> Iterator[None]:
+    def busy(self) -> Iterator[None]:
+        """Hold the engine busy for work of several calls (a chat turn: the prompt's decode, then the reply): a
+        cancel() from any thread while inside is for that work, whichever call it lands before or in, and a
+        close() waits for it."""
         self._work_begins()
         try:
             yield
@@ -792,7 +795,7 @@ class Engine(TextModel):
         Sampled tokens other than end-of-generation are decoded into the sample's KV even on the last
         step, so a finished sample can be scored or continued without decoding anything again.
         """
-        with self._busy():  # while the program lives, paused at a yield included, a cancel() is for it
+        with self.busy():  # while the program lives, paused at a yield included, a cancel() is for it
             yield from self._steps(samples, until, max_new=max_new, pause_on=pause_on)
 
     def _steps(
@@ -1010,7 +1013,7 @@ class Engine(TextModel):
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else token_list(prompt)
         self._check_fits(len(tokens) + max_tokens)
         started = (time.perf_counter(), self.decode_calls)
-        with self._busy(), self.opened(tokens) as root:  # busy to the end: a close from another thread waits for it
+        with self.busy(), self.opened(tokens) as root:  # busy to the end: a close from another thread waits for it
             yield from drive(self, self.generation(root, plist, max_tokens=max_tokens, stop=stop,
                                                    top_logprobs=top_logprobs, started=started))
 
