@@ -531,8 +531,8 @@ def test_chat_survives_bad_loads_and_a_non_utf8_line(tmp_path: Path):
     rc, out, err = cli("chat", "--temp", "0", "--max-tokens", "8", "--ctx", "512", stdin=script, timeout=120)
     assert rc == 0, err
     assert "Traceback" not in err and "unexpected" not in out + err
-    errors = [ln for ln in out.splitlines() if "error:" in ln]
-    assert len(errors) == 4, out
+    errors = [ln for ln in err.splitlines() if "error:" in ln]  # on stderr: the transcript is replies only
+    assert len(errors) == 4 and "error:" not in out, (out, err)
     assert "FIFO" in errors[0] and "directory" in errors[1] and "not valid UTF-8" in errors[3]
 
 
