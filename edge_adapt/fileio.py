@@ -110,12 +110,27 @@ def read_user_file(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX
         raise _refuse(p, f"not valid UTF-8 text (line {line}, byte {exc.start})", error) from None
 
 
+def _in_the_way(path: Path, *, directory: bool) -> str | None:
+    """Why what is at `path` may not be replaced by an output (a regular file, or with `directory` a directory),
+    even with --force: a directory, a device or a FIFO replaced by a file is never what was asked for. None when
+    nothing is there or it is of the output's kind. A symlink is judged by what it points to (a link to a regular
+    file is replaced by the output, and what it points to is left alone; so is a dangling link, both with --force)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # nothing there (or unreadable: creating the output will say why)
+        return None
+    if directory:
+        return None if stat.S_ISDIR(mode) else "exists and is not a directory"
+    return None if stat.S_ISREG(mode) else _kind(mode)
+
+
 def check_target(path: Path, *, force: bool, directory: bool = False) -> None:
-    """Refuse to clobber an existing output before any work is done. A file output (not `directory`) that names a
-    directory is refused even with `force`: replacing a directory with a file is never what was asked for."""
-    if not directory and path.is_dir():
-        raise UsageError(f"{path} is a directory")
-    if path.exists() and not force:
+    """Refuse to clobber an existing output before any work is done. What is not of the output's kind (a file
+    output naming a directory, a device, a FIFO) is refused even with `force` (_in_the_way)."""
+    why = _in_the_way(path, directory=directory)
+    if why is not None:
+        raise UsageError(f"{path} {why}")
+    if (path.exists() or path.is_symlink()) and not force:
         raise UsageError(f"{path} already exists; pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -168,7 +183,7 @@ def atomic_file(path: str | os.PathLike[str], *, force: bool = False) -> Iterato
     try:
         yield tmp
         interrupts.check()  # a Ctrl-C that arrived while llama.cpp wrote the file: publish nothing
-        os.replace(tmp, target)
+        replace_path(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise ModelFileError(os_error_message(target, exc)) from None
@@ -179,7 +194,11 @@ def atomic_file(path: str | os.PathLike[str], *, force: bool = False) -> Iterato
 
 def replace_path(new: Path, target: Path) -> None:
     """Rename `new` (a file or a directory) to `target`, in place of what is there. A directory cannot be replaced
-    in one rename: the old one is parked beside it until the new one is in place, then removed."""
+    in one rename: the old one is parked beside it until the new one is in place, then removed. What is not of
+    `new`'s kind is refused: checked again here, as it may have appeared while the output was made."""
+    why = _in_the_way(target, directory=new.is_dir())
+    if why is not None:
+        raise UsageError(f"{target} {why}")
     if not target.is_dir():
         os.replace(new, target)
         return
@@ -228,8 +247,6 @@ def atomic_dir(path: str | os.PathLike[str], *, force: bool = False,
     does not write them itself; without it, the old directory's contents go with it."""
     target = Path(path)
     check_target(target, force=force, directory=True)
-    if target.exists() and not target.is_dir():
-        raise UsageError(f"{target} exists and is not a directory")
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or "."))
     except OSError as exc:
