@@ -474,7 +474,7 @@ def info(
     model: ModelArg = None,
     model_opt: ModelOpt = None,
     mem_budget: BudgetOpt = None,
-    ctx: Annotated[int, typer.Option("--ctx", help="context per sequence to plan for", min=64)] = 1024,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", help="context per sequence to plan for (default 1024)", min=64)] = None,
     parallel: Annotated[Optional[int], typer.Option("-n", "--parallel", help="sequences to plan for", min=1)] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -482,14 +482,17 @@ def info(
     model = _one_model(model, model_opt)
     from edge_adapt.engine.budget import adapter_facts, adapter_summary, fit, model_facts, parse_size, plan, summary
     from edge_adapt.engine.default_model import default_model_path
+    from edge_adapt.engine.engine import check_training_context
     from edge_adapt.engine.gguf_file import inspect_gguf
 
     meta = inspect_gguf(model or default_model_path(), expect="any")
     if meta.kind == "adapter":
-        if mem_budget is not None or parallel is not None:
+        if mem_budget is not None or parallel is not None or ctx is not None:
             raise UsageError(f"{meta.path} is an adapter: it has no memory plan of its own (plan its model)")
         print(json.dumps(adapter_facts(meta), indent=2, default=str) if as_json else adapter_summary(meta))
         return
+    ctx = ctx if ctx is not None else 1024
+    check_training_context(ctx, meta)  # a plan for a context that run and chat would refuse is no plan
     budget = parse_size(mem_budget) if mem_budget is not None else None
     p = fit(meta, budget, ctx=ctx, want=parallel) if budget is not None else plan(meta, parallel=parallel or 1, ctx=ctx)
     print(json.dumps(model_facts(meta, p), indent=2, default=str) if as_json else summary(meta, p, budget))

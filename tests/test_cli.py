@@ -67,6 +67,54 @@ def test_info_describes_an_adapter_and_takes_the_model_as_run_does():
     assert_one_line_error(cli("info", adapter, "--model", str(default_model_path())), "give the model once")
 
 
+def _renamed(tmp_path: Path, renames: dict[bytes, bytes]) -> Path:
+    """The shipped adapter with tensors renamed in place (same length, so the file stays well-formed)."""
+    from edge_adapt.engine.default_model import default_selfeval_adapter
+
+    data = default_selfeval_adapter().read_bytes()
+    for old, new in renames.items():
+        assert len(old) == len(new) and data.count(old) == 1
+        data = data.replace(old, new)
+    path = tmp_path / "renamed.gguf"
+    path.write_bytes(data)
+    return path
+
+
+def test_info_refuses_half_a_lora_pair_as_run_does_and_takes_any_tensor_name(tmp_path: Path):
+    half = _renamed(tmp_path, {b"blk.0.attn_k.weight.lora_a": b"xxxxxxxxxxxxxxxxxxx.lora_a"})
+    for args in (("info", str(half)), ("info", "--json", str(half)),
+                 ("run", "hi", "--strategy", "best-of-n", "-n", "2", "--adapter", str(half))):
+        assert_one_line_error(cli(*args), f"{half}: adapter has xxxxxxxxxxxxxxxxxxx.lora_a without its other half")
+    both = _renamed(tmp_path, {b"blk.0.attn_k.weight.lora_a": b"xxxxxxxxxxxxxxxxxxx.lora_a",
+                               b"blk.0.attn_k.weight.lora_b": b"xxxxxxxxxxxxxxxxxxx.lora_b"})
+    proc = cli("info", "--json", str(both))  # a whole pair: described (run refuses it: the model has no such tensor)
+    assert proc.returncode == 0, proc.stderr
+    targets = json.loads(proc.stdout)["targets"]
+    assert "xxxxxxxxxxxxxxxxxxx" in targets and "attn_k" in targets  # blk.1's attn_k and later blocks
+
+
+def test_info_refuses_what_run_would_and_names_sizes_as_given(tmp_path: Path):
+    from edge_adapt.engine.default_model import default_selfeval_adapter
+
+    assert_one_line_error(cli("info", "--ctx", "100000"), "--ctx 100000 exceeds the model's training context 8192")
+    assert_one_line_error(cli("info", "--mem-budget", "1KB"), "--mem-budget 1024 bytes is too small")
+    assert_one_line_error(cli("info", "--mem-budget", "1.5MB"), "--mem-budget 1.5 MiB is too small")
+    assert_one_line_error(cli("info", str(default_selfeval_adapter()), "--ctx", "512"), "no memory plan of its own")
+
+
+def test_info_escapes_control_characters_from_the_gguf(tmp_path: Path):
+    """Metadata is the file's, not ours: an ANSI sequence in it must not reach the terminal as one."""
+    from lora_files import make_lora
+
+    adapter = make_lora(tmp_path / "ansi.gguf", meta={"self_eval.suffix": "\x1b[2J\x1b[31mfake\tline\nok café"})
+    proc = cli("info", str(adapter))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.decode()
+    assert "\x1b" not in out and "\t" not in out
+    assert "edge_adapt.self_eval.suffix = \\x1b[2J\\x1b[31mfake\\tline\\nok café\n" in out
+    assert json.loads(cli("info", "--json", str(adapter)).stdout)["edge_adapt"]["self_eval.suffix"].startswith("\x1b[2J")
+
+
 def test_missing_model_file(tmp_path: Path):
     assert_one_line_error(cli("run", "hi", "--model", str(tmp_path / "nope.gguf")), "no such file")
 

@@ -31,6 +31,18 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def size_text(n: int) -> str:
+    """A size the user gave, for a message: in MiB to four digits (1.5 MiB, not 2), below one MiB in bytes (a
+    budget of 1KB is not '0 MiB')."""
+    return f"{n / MiB:.4g} MiB" if n >= MiB else f"{n} bytes"
+
+
+def shown(value: object) -> str:
+    """Text from a GGUF (untrusted) as a terminal should get it: control characters escaped as repr escapes them
+    (an ANSI sequence in a name would clear the screen or forge lines), all other text as it is."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+
+
 def process_rss() -> int:
     """Resident memory of this process now (Linux /proc, else the peak that resource reports)."""
     try:
@@ -135,7 +147,7 @@ def fit(info: GGUFInfo, budget: int, *, ctx: int, want: int | None = None, kv_un
     one = sized(1)
     if one.total > budget:
         raise BudgetError(
-            f"--mem-budget {budget / MiB:.0f} MiB is too small: one sequence of {ctx} tokens needs "
+            f"--mem-budget {size_text(budget)} is too small: one sequence of {ctx} tokens needs "
             f"{one.total / MiB:.0f} MiB ({one.describe()})"
         )
     most, over = 1, 257  # the most sequences that fit, and the fewest that do not (memory grows with the count)
@@ -145,7 +157,7 @@ def fit(info: GGUFInfo, budget: int, *, ctx: int, want: int | None = None, kv_un
     if want is not None and most < want:
         raise BudgetError(
             f"{want} parallel sequences of {ctx} tokens need {sized(want).total / MiB:.0f} MiB;"
-            f" --mem-budget {budget / MiB:.0f} MiB fits {most} (lower -n or --ctx)"
+            f" --mem-budget {size_text(budget)} fits {most} (lower -n or --ctx)"
         )
     return sized(min(most, want if want is not None else 256))
 
@@ -167,15 +179,15 @@ def model_facts(meta: GGUFInfo, p: Plan) -> dict[str, object]:
 def summary(meta: GGUFInfo, p: Plan, budget: int | None = None) -> str:
     """The same, as lines for a person (`edge-adapt info`)."""
     lines = [
-        f"{meta.name}  [{meta.path}]",
+        f"{shown(meta.name)}  [{shown(meta.path)}]",
         f"  architecture   {meta.architecture}, {meta.n_params / 1e6:.1f}M parameters, {meta.file_type}"
         f" ({', '.join(f'{k}: {v}' for k, v in meta.tensor_types.items())})",
         f"  shape          {meta.n_layers} layers, {meta.n_embd} wide, {meta.n_head} heads / {meta.n_head_kv} KV heads,"
         f" vocabulary {meta.n_vocab}",
         f"  context        {meta.n_ctx_train} tokens trained; KV {meta.kv_bytes_per_token_f16 / 1024:.1f} KiB per token",
         f"  chat template  {'yes' if meta.chat_template else 'no (ChatML is used)'}",
-        *(f"  edge_adapt.{k} = {v}" for k, v in meta.edge_adapt.items()),
-        f"  plan{f' within {budget / MiB:.0f} MiB' if budget else ''}: {p.describe()}",
+        *(f"  edge_adapt.{shown(k)} = {shown(v)}" for k, v in meta.edge_adapt.items()),
+        f"  plan{f' within {size_text(budget)}' if budget else ''}: {p.describe()}",
     ]
     return "\n".join(lines)
 
@@ -184,7 +196,9 @@ def adapter_facts(meta: GGUFInfo) -> dict[str, object]:
     """What `edge-adapt info --json` prints for a LoRA / aLoRA adapter: its GGUF's facts (it has no memory plan of
     its own; it is loaded beside its model)."""
     ranks = {shape[1] for name, shape in meta.tensor_shapes.items() if name.endswith(".lora_a") and len(shape) == 2}
-    targets = sorted({name.split(".")[-3] for name in meta.tensor_shapes if name.endswith(".lora_a")})
+    # blk.0.attn_q.weight.lora_a adapts attn_q (any name goes: inspect_gguf checked the pairs, not their names)
+    targets = sorted({name.removesuffix(".lora_a").removesuffix(".weight").rpartition(".")[2]
+                      for name in meta.tensor_shapes if name.endswith(".lora_a")})
     invocation = meta.adapter.get("alora.invocation_tokens")
     return {
         "file": str(meta.path), "name": meta.name, "architecture": meta.architecture,
@@ -200,10 +214,10 @@ def adapter_summary(meta: GGUFInfo) -> str:
     f = adapter_facts(meta)
     invoked = f"; switched on by the tokens {f['invocation_tokens']}" if f["invocation_tokens"] else ""
     lines = [
-        f"{meta.name}  [{meta.path}]",
-        f"  adapter        {f['kind']} for a {meta.architecture} model, rank {f['rank']}, alpha {f['alpha']}{invoked}",
-        f"  adapts         {', '.join(f['targets'])} ({f['tensors']} tensors, {meta.n_params / 1e6:.2f}M parameters, "
+        f"{shown(meta.name)}  [{shown(meta.path)}]",
+        f"  adapter        {f['kind']} for a {shown(meta.architecture)} model, rank {f['rank']}, alpha {shown(f['alpha'])}{invoked}",
+        f"  adapts         {shown(', '.join(f['targets']))} ({f['tensors']} tensors, {meta.n_params / 1e6:.2f}M parameters, "
         f"{meta.file_size / MiB:.1f} MiB)",
-        *(f"  edge_adapt.{k} = {v}" for k, v in meta.edge_adapt.items()),
+        *(f"  edge_adapt.{shown(k)} = {shown(v)}" for k, v in meta.edge_adapt.items()),
     ]
     return "\n".join(lines)

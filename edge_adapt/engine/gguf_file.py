@@ -254,6 +254,7 @@ def inspect_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUF
         adapter = {k.removeprefix("adapter."): v for k, v in kv.items() if k.startswith("adapter.")}
         if adapter.get("type") != "lora":
             raise ModelFileError(f"{p}: unsupported adapter type {adapter.get('type')!r} (only LoRA / aLoRA)")
+        lora_pairs(p, {t.name: t.shape for t in tensors})
         if file_size <= SCAN_DATA_BYTES:  # a NaN in an adapter makes every self-evaluation score NaN
             check_tensor_data(p, tensors)
         return GGUFInfo(
@@ -297,6 +298,23 @@ def inspect_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUF
     )
 
 
+def lora_pairs(path: Path, tensor_shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """An adapter's lora_a / lora_b shapes by the name of the tensor they adapt. Refuses what llama-adapter.cpp
+    refuses whatever the model: a tensor that is neither (norms aside, which it skips), or half a pair."""
+    where = f"{path}: adapter"
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, shape in tensor_shapes.items():
+        base, dot, part = name.rpartition(".")
+        if part in ("lora_a", "lora_b"):
+            pairs.setdefault(base, {})[part] = shape
+        elif not name.endswith("_norm.weight"):  # llama.cpp skips norm tensors
+            raise ModelFileError(f"{where} tensor {name!r} is not a lora_a / lora_b tensor")
+    for base, pair in pairs.items():
+        if len(pair) != 2:
+            raise ModelFileError(f"{where} has {base}.{next(iter(pair))} without its other half")
+    return pairs
+
+
 def check_adapter_fits(model: GGUFInfo, adapter: GGUFInfo) -> None:
     """Refuse, before any weights are loaded, an adapter that llama.cpp would refuse for this model, naming
     the first mismatch; llama.cpp itself says only that loading failed. The checks are llama-adapter.cpp's:
@@ -306,16 +324,7 @@ def check_adapter_fits(model: GGUFInfo, adapter: GGUFInfo) -> None:
     if adapter.architecture != model.architecture:
         raise ModelFileError(f"{where} is for the {adapter.architecture!r} architecture, "
                              f"{model.path.name} is {model.architecture!r}")
-    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
-    for name, shape in adapter.tensor_shapes.items():
-        base, dot, part = name.rpartition(".")
-        if part in ("lora_a", "lora_b"):
-            pairs.setdefault(base, {})[part] = shape
-        elif not name.endswith("_norm.weight"):  # llama.cpp skips norm tensors
-            raise ModelFileError(f"{where} tensor {name!r} is not a lora_a / lora_b tensor")
-    for base, pair in pairs.items():
-        if len(pair) != 2:
-            raise ModelFileError(f"{where} has {base}.{next(iter(pair))} without its other half")
+    for base, pair in lora_pairs(adapter.path, adapter.tensor_shapes).items():
         target = model.tensor_shapes.get(base)
         if target is None:
             raise ModelFileError(f"{where} adapts {base!r}, which {model.path.name} does not have "
