@@ -502,21 +502,30 @@ def info(
 @app.command()
 def bench(
     only: Annotated[Optional[list[str]], typer.Option("--only", help="single_stream | batched | fork | rss | raw | profile | clients | strategies (repeatable)")] = None,
-    samples: Annotated[int, typer.Option("--samples", help="parallel samples for the batched run", min=2, max=255)] = 16,
-    tokens: Annotated[int, typer.Option("--tokens", help="tokens per sample", min=8, max=2048)] = 128,
+    samples: Annotated[int, typer.Option("--samples", help="forked samples of batched, and the sequences of rss's second row (N x 512 tokens); the other sections use their own counts", min=2, max=255)] = 16,
+    tokens: Annotated[int, typer.Option("--tokens", help="tokens per sample of single_stream and batched; raw, profile, clients and rss use at most 64; fork and strategies their own", min=8, max=2048)] = 128,
     repeats: Annotated[int, typer.Option("--repeats", help="best of this many runs per timing", min=1)] = 3,
     model: ModelOpt = None,
     device: DeviceOpt = DeviceChoice.cpu,
     threads: ThreadsOpt = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the results as one JSON document at the end (each section's lines go to stderr as it ends)")] = False,
 ) -> None:
-    """Measure the engine against llama-cpp-python's high-level API, side by side, and print ratios."""
+    """Measure the engine against llama-cpp-python's high-level API, side by side, and print ratios: each
+    section's as soon as it ends, with a line on stderr as each one starts."""
     from edge_adapt import bench as benchmarks
     from edge_adapt.bench.engine import BenchConfig
+    from edge_adapt.progress import finish
 
-    results = benchmarks.run(BenchConfig(model=model, threads=threads, device=device.value, samples=samples,
-                                         tokens=tokens, repeats=repeats), set(only) if only else None)
-    print(json.dumps(results, indent=2) if as_json else benchmarks.render(results))
+    def show(p: Any) -> None:  # plain lines, no bar: a section runs for minutes, and its result goes to stdout
+        if p.message is None:
+            print(f"bench: {p.info} ({p.done + 1} of {p.total}) ...", file=sys.stderr, flush=True)
+        else:
+            print(p.message, file=sys.stderr if as_json else sys.stdout, flush=True)
+
+    results = finish(benchmarks.run_job(BenchConfig(model=model, threads=threads, device=device.value, samples=samples,
+                                                    tokens=tokens, repeats=repeats), set(only) if only else None), show)
+    if as_json:
+        print(json.dumps(results, indent=2))
 
 
 # -- eval ---------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ models that cannot travel to the machine."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import gguf
 import pytest
@@ -81,3 +82,64 @@ def test_clients_against_forks_runs_both_sides_on_one_engine(tmp_path):
         assert r["forks_tok_s"] > 0 and r["clients_tok_s"] > 0
         assert r["ratio"] == pytest.approx(r["clients_tok_s"] / r["forks_tok_s"])
     assert "4 requests of 1 vs 1 of 4 at T=0.8:" in render({"clients": rows})
+
+
+def test_bench_reports_each_section_as_it_ends_with_its_settings_as_json_values(tmp_path):
+    """A full `edge-adapt bench` takes minutes: each section's result is an event the moment it ends (a Ctrl-C
+    keeps what was printed), and the settings come back with their JSON types, not as strings."""
+    from edge_adapt.bench import run_job
+    from edge_adapt.bench.engine import BenchConfig, config_json
+    from edge_adapt.progress import finish
+
+    path = write_random_model(tmp_path / "tiny.gguf", SHAPES["tiny"])
+    events: list = []
+    results = finish(run_job(BenchConfig(model=path, threads=1, samples=2, tokens=8, repeats=1),
+                             {"batched", "single_stream"}), events.append)
+    assert [(e.info, e.done, e.total, e.message is not None) for e in events] == [
+        ("single_stream", 0, 2, False), ("single_stream", 1, 2, True), ("batched", 1, 2, False), ("batched", 2, 2, True)]
+    assert events[1].message.startswith("single stream   ours ") and events[3].message.startswith("forked batch ")
+    assert results["config"] == {"model": str(path), "threads": 1, "device": "cpu", "samples": 2, "tokens": 8,
+                                 "repeats": 1}
+    assert set(results) == {"config", "single_stream", "batched"}
+    assert json.loads(json.dumps(config_json(BenchConfig())))["model"] is None  # the default model: null, not "None"
+
+
+def test_bench_cli_prints_sections_as_they_end_and_json_as_one_document(tmp_path):
+    import subprocess
+    import sys
+
+    path = write_random_model(tmp_path / "tiny.gguf", SHAPES["tiny"])
+    args = [sys.executable, "-m", "edge_adapt", "bench", "--only", "batched", "--only", "single_stream", "--model",
+            str(path), "--tokens", "8", "--samples", "2", "--repeats", "1", "--threads", "1"]
+    text = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert text.returncode == 0, text.stderr
+    assert [line.split()[0] for line in text.stdout.splitlines()] == ["single", "forked"]
+    assert text.stderr.splitlines() == ["bench: single_stream (1 of 2) ...", "bench: batched (2 of 2) ..."]
+    as_json = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=300)
+    assert as_json.returncode == 0, as_json.stderr
+    out = json.loads(as_json.stdout)
+    assert out["config"]["threads"] == 1 and out["config"]["tokens"] == 8 and out["batched"]["ratio"] > 0
+
+
+def test_a_failed_peak_rss_child_says_why_in_one_line(tmp_path):
+    """What the parent's checks let through (here a thread count the engine refuses) fails in the child: its last
+    line of stderr is the reason given."""
+    from edge_adapt.bench.engine import BenchConfig, rss_vs_plan
+    from edge_adapt.errors import EngineError
+
+    path = write_random_model(tmp_path / "tiny.gguf", SHAPES["tiny"])
+    with pytest.raises(EngineError, match=r"^the peak RSS run of 1 x 2048 tokens failed: .*threads: Input should be "
+                                          r"greater than or equal to 1$"):
+        rss_vs_plan(BenchConfig(model=path, threads=0, tokens=8))
+
+
+def test_bench_help_says_which_sections_each_option_sets():
+    """--tokens and --samples do not reach every section: the help must not say they do."""
+    import typer.main
+
+    from edge_adapt.cli import app
+
+    helps = {p.name: p.help for p in typer.main.get_command(app).commands["bench"].params}
+    assert "single_stream and batched" in helps["tokens"] and "at most 64" in helps["tokens"]
+    assert "strategies" in helps["tokens"] and "fork" in helps["tokens"]
+    assert "batched" in helps["samples"] and "rss" in helps["samples"]

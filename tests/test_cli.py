@@ -200,6 +200,21 @@ def test_cuda_requested_on_a_cpu_build():
     assert_one_line_error(cli("run", "hi", "--device", "cuda"), "no GPU backend")
 
 
+def test_bench_refuses_a_bad_model_or_device_in_one_line_before_any_section(tmp_path: Path):
+    """As the other sections did, also the peak-RSS one, whose runs are child processes."""
+    import llama_cpp.llama_cpp as ll
+
+    from edge_adapt.engine.default_model import default_selfeval_adapter
+
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"garbage\n")
+    for model, fragment in ((garbage, "not a GGUF file"), (tmp_path / "nope.gguf", "no such file"),
+                            (default_selfeval_adapter(), "this is an adapter GGUF, not a model")):
+        assert_one_line_error(cli("bench", "--only", "rss", "--model", str(model)), fragment)
+    if not ll.llama_supports_gpu_offload():
+        assert_one_line_error(cli("bench", "--only", "rss", "--device", "cuda"), "no GPU backend")
+
+
 def _policy(path: Path, model: str, budgets: dict) -> Path:
     path.write_text(json.dumps({"format": "edge-adapt-policy/1", "model": model, "bin_edges": [0.2, 0.4, 0.6, 0.8],
                                 "budgets": budgets}))

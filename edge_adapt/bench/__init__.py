@@ -1,32 +1,45 @@
 """Side-by-side benchmarks: the engine against llama-cpp-python's high-level API (engine.py), and the
-self-evaluation strategies against their sequential equivalents (strategies.py). `run` picks sections."""
+self-evaluation strategies against their sequential equivalents (strategies.py). `run_job` picks sections and
+reports each one as it ends (a full run takes minutes)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from edge_adapt.errors import UsageError
+from edge_adapt.progress import Job, Progress, to_the_end
 
 SECTIONS = ("single_stream", "batched", "fork", "rss", "raw", "profile", "clients", "strategies")
 
 
-def run(cfg: Any, sections: set[str] | None = None) -> dict[str, Any]:
-    """The chosen sections (all when None) of `edge-adapt bench` with `cfg` (engine.BenchConfig)."""
-    from edge_adapt.bench import engine as engine_bench
+def _strategies(cfg: Any) -> dict[str, Any]:
     from edge_adapt.bench import strategies as strategy_bench
+    from edge_adapt.engine import Engine
+
+    with Engine(model=cfg.model, parallel=17, ctx=512, threads=cfg.threads, device=cfg.device) as e:
+        return strategy_bench.run_all(e, repeats=cfg.repeats)
+
+
+def run_job(cfg: Any, sections: set[str] | None = None) -> Job[dict[str, Any]]:
+    """The chosen sections (all when None) of `edge-adapt bench` with `cfg` (engine.BenchConfig), in SECTIONS'
+    order. Yields a Progress as each section starts (`info`: its name) and one as it ends, whose `message` is its
+    result as `render` prints it; returns every result, under "config" the settings they were measured with."""
+    from edge_adapt.bench import engine as engine_bench
 
     sections = set(sections or SECTIONS)
     if not sections <= set(SECTIONS):
         raise UsageError(f"--only takes {', '.join(sorted(SECTIONS))}; got {', '.join(sorted(sections - set(SECTIONS)))}")
-    results: dict[str, Any] = {}
-    if sections - {"strategies"}:
-        results = engine_bench.run_all(cfg, sections - {"strategies"})
-    if "strategies" in sections:
-        from edge_adapt.engine import Engine
-
-        with Engine(model=cfg.model, parallel=17, ctx=512, threads=cfg.threads, device=cfg.device) as e:
-            results["strategies"] = strategy_bench.run_all(e, repeats=cfg.repeats)
+    engine_bench.check_config(cfg)
+    chosen = [name for name in SECTIONS if name in sections]
+    results: dict[str, Any] = {"config": engine_bench.config_json(cfg)}
+    for i, name in enumerate(chosen):
+        yield Progress("bench", i, len(chosen), info=name)
+        results[name] = _strategies(cfg) if name == "strategies" else engine_bench.SECTIONS[name](cfg)
+        yield Progress("bench", i + 1, len(chosen), info=name, message=render({name: results[name]}))
     return results
+
+
+run = to_the_end(run_job)
 
 
 def render(results: dict[str, Any]) -> str:

@@ -175,13 +175,27 @@ def _rss_child(model: str | None, parallel: int, ctx: int, tokens: int, threads:
             "peak_rss_mib": peak_rss() / 2**20}
 
 
+def check_config(cfg: BenchConfig) -> None:
+    """Refuse, before anything runs, a model or device that every section would fail on: in one line, where the
+    peak-RSS section's children would report it as the last line of a traceback."""
+    from edge_adapt.engine.default_model import default_model_path
+    from edge_adapt.engine.device import gpu_layers_for
+    from edge_adapt.engine.gguf_file import inspect_gguf
+
+    gpu_layers_for(cfg.device, None)  # type: ignore[arg-type]
+    inspect_gguf(cfg.model or default_model_path())
+
+
 def rss_vs_plan(cfg: BenchConfig) -> list[dict[str, float]]:
     rows = []
     for parallel, ctx in ((1, 2048), (cfg.samples, 512), (32, 1024)):
         code = ("import json,sys; from edge_adapt.bench.engine import _rss_child; "
                 f"print(json.dumps(_rss_child({str(cfg.model) if cfg.model else None!r}, {parallel}, {ctx}, "
                 f"{min(cfg.tokens, 64)}, {cfg.threads!r}, {cfg.device!r})))")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if out.returncode != 0:
+            last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit status {out.returncode}"
+            raise EngineError(f"the peak RSS run of {parallel} x {ctx} tokens failed: {last}")
         row = json.loads(out.stdout.strip().splitlines()[-1])
         row["ratio"] = row["peak_rss_mib"] / row["predicted_mib"]
         rows.append(row)
@@ -366,12 +380,17 @@ def clients_vs_forks(cfg: BenchConfig, n: int = 16, temperatures: tuple[float, .
     return rows
 
 
+SECTIONS = {"single_stream": single_stream, "batched": batched_vs_sequential, "fork": fork_cost, "rss": rss_vs_plan,
+            "raw": engine_vs_raw, "profile": step_profile, "clients": clients_vs_forks}
+
+
+def config_json(cfg: BenchConfig) -> dict[str, Any]:
+    """The settings a run's results were measured with, as JSON keeps them: numbers as numbers, no model as null."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+
+
 def run_all(cfg: BenchConfig, only: set[str] | None = None) -> dict[str, Any]:
-    sections = {"single_stream": single_stream, "batched": batched_vs_sequential, "fork": fork_cost,
-                "rss": rss_vs_plan, "raw": engine_vs_raw, "profile": step_profile,
-                "clients": clients_vs_forks}
-    return {"config": {k: str(v) for k, v in asdict(cfg).items()},
-            **{name: fn(cfg) for name, fn in sections.items() if not only or name in only}}
+    return {"config": config_json(cfg), **{name: fn(cfg) for name, fn in SECTIONS.items() if not only or name in only}}
 
 
 def render(results: dict[str, Any]) -> str:
