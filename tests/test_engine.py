@@ -620,6 +620,24 @@ def test_a_cancel_with_nothing_running_does_not_stop_the_next_request(engine: En
     assert [e.reason for e in events if isinstance(e, Finished)] in (["length"], ["eos"])
 
 
+def test_a_cancel_ends_a_whole_strategy_run_not_only_its_round(engine: Engine):
+    """A strategy run is one piece of work: Stop during its first round ends the run (Cancelled, every sequence
+    given back); it used to end that round only, and the run went on to start the next."""
+    from edge_adapt.engine.events import Cancelled, SampleStarted, Token
+    from edge_adapt.strategies import run_strategy
+
+    seen: list[object] = []
+    with pytest.raises(Cancelled):
+        for ev in run_strategy(engine, "Write a haiku about rain.",
+                               {"strategy": "adaptive", "budget": 6, "threshold": 1.0, "max_tokens": 24}):
+            seen.append(ev)
+            if isinstance(ev, Token) and sum(isinstance(e, Token) for e in seen) == 1:
+                engine.cancel()  # the user presses Stop
+    after = seen[next(i for i, e in enumerate(seen) if isinstance(e, Token)):]
+    assert not any(isinstance(e, SampleStarted) for e in after)
+    assert engine.live_sequences == 0
+
+
 def test_prompt_tokens_and_biased_tokens_outside_the_vocabulary_are_named(engine: Engine):
     n = engine.model.n_vocab
     for tokens in ([-1], [n], [1, 2, 2**40], [1.5, 2]):

@@ -189,7 +189,7 @@ class Engine(TextModel):
         if self._beside is not None:
             self.model.on_close(self._beside.shutdown)
         self._cancel = threading.Event()
-        # cancel() stops the work in progress: `_busy` counts what is running (decodes, step programs), and a
+        # cancel() stops the work in progress: `busy` counts what is running (decodes, step programs), and a
         # cancel that finds nothing running, or outlives what it was for, is dropped instead of stopping the
         # next request. `_decoding`: one thread decodes at a time (two at once crashed inside llama.cpp).
         self._busy_count = 0

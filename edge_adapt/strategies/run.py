@@ -116,7 +116,7 @@ def run_strategy(
 def _as_one_work(engine: EngineLike, events: Iterator[Any]) -> Iterator[Any]:
     """The run holds the engine busy from its first event to its last, so that `engine.cancel()` ends the whole
     run (its next decode raises Cancelled, every sequence is given back), not only the step it lands in."""
-    busy = getattr(engine, "_busy", None)  # an Engine; a stand-in engine has no cancel to hold
+    busy = getattr(engine, "busy", None)  # an Engine; a stand-in engine has no cancel to hold
     with busy() if busy is not None else nullcontext():
         yield from events
 
