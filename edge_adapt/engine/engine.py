@@ -24,7 +24,7 @@ from edge_adapt.engine.budget import sequence_ids
 from edge_adapt.engine.device import Device, gpu_layers_for, physical_cores
 from edge_adapt.engine.events import Cancelled, Done, Event, Finished, FinishReason, SampleStarted, Token, Usage
 from edge_adapt.engine.gguf_file import GGUFInfo, check_adapter_fits, inspect_gguf
-from edge_adapt.engine.handles import Adapter, Batch, Context, Model, init_backend
+from edge_adapt.engine.handles import Adapter, Batch, Context, Model, free_when_collected, init_backend
 from edge_adapt.engine.outputs import Outputs
 from edge_adapt.engine.sampling import SamplingParams, check_bias_vocabulary, token_logprobs, top_logprobs
 from edge_adapt.engine.steps import Decode, Program, Sampling, drive
@@ -172,6 +172,7 @@ class Engine(TextModel):
         self.threads = opts.threads or physical_cores()
         self.gpu_layers = gpu_layers_for(opts.device, opts.gpu_layers)
         self.model = Model(path, gpu_layers=self.gpu_layers)
+        free_when_collected(self, self.model)
         try:
             self._make_context(opts)
         except BaseException:

@@ -11,6 +11,7 @@ import functools
 import re
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -127,6 +128,13 @@ class SharedLock:
 # it, at most a few thousand special tokens fit, whose quadratic cost in llama.cpp is a few milliseconds.
 CUT_ABOVE_BYTES = 1 << 14
 SPECIALS_PER_PIECE = 256
+
+
+def free_when_collected(owner: object, model: Model) -> None:
+    """Give llama.cpp's memory back when `owner` (an Engine, a Vocab) is collected without close(): its model,
+    and the context and buffers on the model's close stack, were never freed (300 MB per dropped engine of the
+    default model). Not at interpreter exit, where the process's memory goes anyway and teardown order is not ours."""
+    weakref.finalize(owner, model.close).atexit = False
 
 
 class Model:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edge_adapt.engine.chat import Message, content_spans, render_chat
 from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
-from edge_adapt.engine.handles import Model, init_backend
+from edge_adapt.engine.handles import Model, free_when_collected, init_backend
 from edge_adapt.errors import ContextOverflowError, UsageError
 
 
@@ -100,6 +100,7 @@ class Vocab(TextModel):
         self.info = inspect_gguf(self.model_path)
         init_backend()
         self.model = Model(self.model_path, vocab_only=True)
+        free_when_collected(self, self.model)
 
     def close(self) -> None:
         self.model.close()
