@@ -637,6 +637,25 @@ def test_an_engine_or_vocab_dropped_without_close_frees_llama_cpps_memory():
         assert model.closed
 
 
+def test_a_stream_started_on_a_worker_and_closed_elsewhere_does_not_block_close():
+    """A worker thread (alive for the app's life) starts a stream and hands it to the UI thread, which drops it:
+    the work was counted for the thread that ended it, the worker's entry stayed, and close() waited for a
+    thread that ran nothing, then refused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = Engine(parallel=2, ctx=256, device="cpu")
+    with ThreadPoolExecutor(1) as worker:
+        def start():  # type: ignore[no-untyped-def]
+            it = engine.generate("Write a story.", GREEDY, n=2, max_tokens=64)
+            for _ in range(4):
+                next(it)
+            return it
+
+        worker.submit(start).result().close()
+        engine.close(wait=2)  # the worker is alive and idle
+        assert engine.model.closed
+
+
 def test_a_cancel_ends_a_whole_strategy_run_not_only_its_round(engine: Engine):
     """A strategy run is one piece of work: Stop during its first round ends the run (Cancelled, every sequence
     given back); it used to end that round only, and the run went on to start the next."""

@@ -435,13 +435,13 @@ class Engine(TextModel):
             raise EngineError("the engine is closed" if self.model.closed else
                               "another thread is decoding on this engine: an engine serves one thread at a time "
                               "(edge-adapt serve's scheduler shares one among many requests)")
-        self._work_begins()  # not `with self.busy()`: a generator-based context costs 2 us a step here
+        owner = self._work_begins()  # not `with self.busy()`: a generator-based context costs 2 us a step here
         try:
             if self.model.closed:  # by another thread, before this decode counted as work it waits for
                 raise EngineError("the engine is closed")
             failed = self._extend(updates, work)
         finally:
-            self._work_ends()
+            self._work_ends(owner)
             self._decoding.release()
             _run_all(work)  # what the decode's failure left undone
         if failed is not None:
@@ -452,25 +452,29 @@ class Engine(TextModel):
         """Hold the engine busy for work of several calls (a chat turn: the prompt's decode, then the reply): a
         cancel() from any thread while inside is for that work, whichever call it lands before or in, and a
         close() waits for it."""
-        self._work_begins()
+        owner = self._work_begins()
         try:
             yield
         finally:
-            self._work_ends()
+            self._work_ends(owner)
 
-    def _work_begins(self) -> None:
+    def _work_begins(self) -> int:
+        """Count work as running; returns the thread it is counted for, which `_work_ends` is given back."""
         me = threading.get_ident()
         with self._busy_lock:
             self._busy_count += 1
             self._busy_threads[me] = self._busy_threads.get(me, 0) + 1
+        return me
 
-    def _work_ends(self) -> None:
-        me = threading.get_ident()
+    def _work_ends(self, owner: int) -> None:
+        """`owner`: the thread the work began on, not the one ending it (a stream a worker started and the UI
+        thread closed, or one asyncio's executor advanced on several threads): left counted, it made close()
+        wait for a thread that runs nothing."""
         with self._busy_lock:
             self._busy_count -= 1
-            left = self._busy_threads.pop(me, 1) - 1  # a generator closed by another thread than ran it: none
+            left = self._busy_threads.pop(owner, 1) - 1
             if left > 0:
-                self._busy_threads[me] = left
+                self._busy_threads[owner] = left
             if not self._busy_count:  # a cancel that came for this work must not stop the next
                 self._cancel.clear()
                 if not self.model.closed:
