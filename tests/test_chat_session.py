@@ -142,6 +142,28 @@ def test_a_chat_whose_reply_cannot_fit_its_context_is_refused_at_start(engine: E
         ChatSession(engine, max_tokens=room - floor, strategy={"strategy": "best-of-n", "budget": 2})
 
 
+def test_a_cancel_while_a_strategy_grows_the_engine_keeps_the_conversation():
+    """The engine grows by decoding the conversation again in a new context; a cancel landing there left the
+    chat's sequence empty, and the next turn answered with no history and no system message."""
+    from edge_adapt.engine.events import Cancelled
+
+    with Engine(parallel=1, ctx=512, device="cpu") as engine:
+        chat = ChatSession(engine, system="You are a geographer.", params=GREEDY, max_tokens=8)
+        try:
+            _reply(chat, "Name a big city.")
+            with engine.busy():
+                engine.cancel()  # the stop button, while set_strategy re-decodes the conversation
+                with pytest.raises(Cancelled):
+                    chat.set_strategy({"strategy": "best-of-n", "budget": 2})
+            _reply(chat, "And a river?")
+            assert chat.last is not None and chat.seq is not None
+            in_kv = engine.detokenize(chat.seq.tokens[: chat.last.prompt_tokens])
+            assert "geographer" in in_kv and "Name a big city." in in_kv and "And a river?" in in_kv
+            assert chat.last.prompt_tokens == len(engine.chat_tokens(chat.messages[:-1]))
+        finally:
+            chat.close()
+
+
 def test_a_cancel_before_the_first_token_stops_the_reply(engine: Engine):
     """A stop button pressed between the prompt's decode and the first token (the reply's sample started, no
     token yet) was lost: the engine was idle between the turn's calls, and the whole reply came."""

@@ -268,7 +268,14 @@ class Engine(TextModel):
         for seq, toks in zip(keep, tokens):
             seq.id, seq.tokens, seq.n_past, seq.logits = self._take_id(), [], 0, None
             self._live[seq.id] = seq
-        self.extend([(seq, toks) for seq, toks in zip(keep, tokens) if toks])
+        if self._cancel.is_set():  # a cancel for the work in progress holds in the new context too
+            self.ctx.request_abort(True)
+        try:
+            self.extend([(seq, toks) for seq, toks in zip(keep, tokens) if toks])
+        except Cancelled:  # the sequences keep their tokens, undecoded: their next extend decodes them first
+            for seq, toks in zip(keep, tokens):
+                seq.tokens = list(toks)
+            raise
 
     # -- lifetime -------------------------------------------------------------------------------------
     def close(self, *, wait: float = CLOSE_WAIT_S) -> None:
