@@ -9,7 +9,7 @@ import pytest
 
 from edge_adapt.engine import GREEDY, Done, Engine, Finished, SamplingParams
 from edge_adapt.engine.snapshot_file import load_snapshot, save_snapshot
-from edge_adapt.errors import EngineError, UsageError
+from edge_adapt.errors import BudgetError, EngineError, UsageError
 
 from in_place import InPlaceSteps
 
@@ -654,6 +654,20 @@ def test_a_stream_started_on_a_worker_and_closed_elsewhere_does_not_block_close(
         worker.submit(start).result().close()
         engine.close(wait=2)  # the worker is alive and idle
         assert engine.model.closed
+
+
+def test_bad_api_arguments_are_the_projects_errors(engine: Engine):
+    """An app that catches EdgeAdaptError caught none of these: a TypeError, an AttributeError, llama.cpp's
+    "could not create a context (out of memory?)"."""
+    for bad in ("8", None, 0):
+        with pytest.raises(UsageError, match="max_tokens must be a whole number >= 1"):
+            list(engine.generate("Hi", GREEDY, max_tokens=bad))  # type: ignore[arg-type]
+    for messages in ("hi", ["hi"], None):
+        with pytest.raises(UsageError, match="chat messages must be a list|bad chat message"):
+            engine.chat_prompt(messages)  # type: ignore[arg-type]
+    with pytest.raises(BudgetError, match="256 sequences take 257 sequence ids with split KV .* hold at most 255"):
+        Engine(parallel=256, ctx=256, device="cpu")
+    assert engine.live_sequences == 0
 
 
 def test_a_cancel_ends_a_whole_strategy_run_not_only_its_round(engine: Engine):

@@ -48,8 +48,11 @@ def render_chat(
     bos_token: str = "",
     eos_token: str = "",
 ) -> str:
+    if not isinstance(messages, (list, tuple)):
+        raise UsageError(f"chat messages must be a list of {{role, content}} dicts, got {type(messages).__name__}")
     for m in messages:
-        if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
             raise UsageError(f"bad chat message {m!r}: needs role system/user/assistant and string content")
     from jinja2 import TemplateError
 

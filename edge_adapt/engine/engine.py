@@ -24,7 +24,9 @@ from edge_adapt.engine.budget import sequence_ids
 from edge_adapt.engine.device import Device, gpu_layers_for, physical_cores
 from edge_adapt.engine.events import Cancelled, Done, Event, Finished, FinishReason, SampleStarted, Token, Usage
 from edge_adapt.engine.gguf_file import GGUFInfo, check_adapter_fits, inspect_gguf
-from edge_adapt.engine.handles import Adapter, Batch, Context, Model, free_when_collected, init_backend
+from edge_adapt.engine.handles import (
+    MAX_SEQUENCE_IDS, Adapter, Batch, Context, Model, free_when_collected, init_backend,
+)
 from edge_adapt.engine.outputs import Outputs
 from edge_adapt.engine.sampling import SamplingParams, check_bias_vocabulary, token_logprobs, top_logprobs
 from edge_adapt.engine.steps import Decode, Program, Sampling, drive
@@ -209,6 +211,9 @@ class Engine(TextModel):
     def _make_context(self, opts: EngineOptions) -> None:
         """A context (and its batch) for `opts.parallel` sequences of `opts.ctx` tokens, all of them free."""
         ids = sequence_ids(opts.parallel, opts.kv_unified)
+        if ids > MAX_SEQUENCE_IDS:  # llama.cpp says only that it could not create the context
+            raise BudgetError(f"{opts.parallel} sequences take {ids} sequence ids with split KV (one spare), more than "
+                              f"llama.cpp's {MAX_SEQUENCE_IDS}: hold at most {MAX_SEQUENCE_IDS - 1}, or unify the KV")
         ctx = Context(
             self.model,
             n_ctx=opts.ctx * ids,
@@ -1012,6 +1017,7 @@ class Engine(TextModel):
     ) -> Iterator[Event]:
         """Decode the prompt once, fork `n` samples and stream their tokens. Sample i uses seed + i (a list of
         params: one sample each, `n` unused). `stop`: a string or several; a sample ends before the first."""
+        check_count("max_tokens", max_tokens)  # before it is added to the prompt's length
         if isinstance(params, SamplingParams):
             check_count("n", n)
             if n > self.free_sequences:  # before n params are made: n may be a typo of many digits

@@ -130,6 +130,9 @@ CUT_ABOVE_BYTES = 1 << 14
 SPECIALS_PER_PIECE = 256
 
 
+MAX_SEQUENCE_IDS = ll.llama_max_parallel_sequences()  # a context holds at most this many sequences
+
+
 def free_when_collected(owner: object, model: Model) -> None:
     """Give llama.cpp's memory back when `owner` (an Engine, a Vocab) is collected without close(): its model,
     and the context and buffers on the model's close stack, were never freed (300 MB per dropped engine of the
