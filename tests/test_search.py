@@ -98,8 +98,11 @@ def test_lookahead_rollouts_are_discarded_and_counted():
     assert rolled and all(r.n_tokens <= 4 for r in rolled)  # two two-token steps at most
     u = usage(ev)
     assert u.extra["rollout_tokens"] == sum(r.n_tokens for r in rolled)
-    assert u.generated_tokens == len(of(ev, Token))  # roll-out tokens are generated compute
+    # Roll-out tokens are generated compute, counted; not streamed: a UI keyed on sample index would show a
+    # sample that never started nor finished.
+    assert u.generated_tokens == len(of(ev, Token)) + u.extra["rollout_tokens"]
     announced = {s.sample for s in of(ev, SampleStarted)}
+    assert {t.sample for t in of(ev, Token)} <= announced
     assert not announced & {r.sample for r in rolled} - announced  # roll-outs are never announced as samples
     assert chosen(ev).sample in announced
     # nor do they end as samples: only announced samples finish, so collect() lists no roll-out

@@ -42,7 +42,9 @@ def test_lookahead_on_the_model_counts_its_rollouts(engine: Engine):
     usage = the(ev, Done)[0].usage
     rolled = the(ev, RolledOut)
     assert rolled and usage.extra["rollout_tokens"] == sum(r.n_tokens for r in rolled) > 0
-    assert the(ev, Chosen)[0].sample in {s.sample for s in the(ev, SampleStarted)}
+    announced = {s.sample for s in the(ev, SampleStarted)}
+    assert the(ev, Chosen)[0].sample in announced and {t.sample for t in the(ev, Token)} <= announced
+    assert usage.generated_tokens == len(the(ev, Token)) + usage.extra["rollout_tokens"]
 
 
 def test_revise_on_the_model(engine: Engine):

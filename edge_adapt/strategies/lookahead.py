@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence as Seq
 
 from edge_adapt.engine.engine import Sample, Sequence
-from edge_adapt.engine.events import Event, Finished
+from edge_adapt.engine.events import Event, Finished, Token
 from edge_adapt.engine.steps import watched
 from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.beam import check_width, search
@@ -42,8 +42,8 @@ def rolled_out_scores(
         rolls += pool.samples[before:]
     rolled = {r.index for r in rolls}
 
-    def seen(ev: object) -> bool:  # a roll-out is not a sample: its tokens are compute, its end is not an answer's
-        return not (isinstance(ev, Finished) and ev.sample in rolled)
+    def seen(ev: object) -> bool:  # a roll-out is not a sample (never started as one): its tokens are compute, counted
+        return not (isinstance(ev, (Token, Finished)) and ev.sample in rolled)  # by RolledOut, its end is no answer
 
     try:
         for _ in range(config.lookahead):

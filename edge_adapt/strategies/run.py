@@ -161,14 +161,14 @@ def strategy_steps(
     if counts[RoundStarted]:
         extra["rounds"] = float(counts[RoundStarted])
     if rollout:
-        extra["rollout_tokens"] = float(rollout)  # already part of generated_tokens
+        extra["rollout_tokens"] = float(rollout)  # part of generated_tokens (a roll-out's tokens are not streamed)
     if difficulty is not None:
         extra["difficulty_bin"] = float(difficulty)
     yield Done(
         Usage(
             prompt_tokens=len(plan.prompt),
             prompt_tokens_reused=reused,
-            generated_tokens=counts[Token],
+            generated_tokens=counts[Token] + rollout,
             selfeval_tokens=(scorer.decoded_tokens - se0) if scorer is not None else 0,
             samples_started=counts[SampleStarted],
             samples_pruned=counts[Pruned],
