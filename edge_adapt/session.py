@@ -196,7 +196,8 @@ class ChatSession:
         yield SampleStarted(0, params.temperature, params.seed)
         for ev in self.engine.advance([sample]):
             if isinstance(ev, Finished):
-                self._record(messages, ev.text)
+                if ev.text or ev.reason != "cancelled":  # stopped before a word: left out, as a strategy's turn is
+                    self._record(messages, ev.text)
                 # The sequence now holds prompt + reply tokens; a stop string's tokens are in the KV but not in
                 # the reply, so only clean endings can be extended as text.
                 self._text = full + ev.text if ev.reason in ("eos", "length") else None

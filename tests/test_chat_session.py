@@ -176,8 +176,10 @@ def test_a_cancel_before_the_first_token_stops_the_reply(engine: Engine):
             elif isinstance(ev, Finished):
                 finished.append(ev)
         assert [(f.reason, f.text) for f in finished] == [("cancelled", "")]
+        assert chat.messages == []  # no empty assistant turn in the history: the exchange is left out
         # The cancel was for that reply only.
         assert next(e for e in chat.send("Say hi.") if isinstance(e, Finished)).reason in ("eos", "length")
+        assert [m["content"] for m in chat.messages][:1] == ["Say hi."]
     finally:
         chat.close()
 
