@@ -6,7 +6,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -132,26 +132,22 @@ def _options(model: Path | None, *, device: DeviceChoice = DeviceChoice.auto, gp
 def _ctrl_c_cancels(engine: Any, *, then_exit: bool = True) -> Iterator[None]:
     """While generating, Ctrl-C stops the reply (the engine ends it cleanly); then the command ends as
     interrupted (exit 130), or with `then_exit=False` (chat) carries on."""
-    hit: list[int] = []
-
-    def on_sigint(*_: Any) -> None:
-        hit.append(1)
-        engine.cancel()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
+    with _ctrl_c_waits(engine.cancel) as hit:
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
     if hit and then_exit:
         raise KeyboardInterrupt
 
 
 @contextmanager
-def _ctrl_c_waits() -> Iterator[list[int]]:
-    """Ctrl-C is held until the block ends; the list says whether it came."""
+def _ctrl_c_waits(then: Callable[[], None] = lambda: None) -> Iterator[list[int]]:
+    """Ctrl-C is held until the block ends (`then` is called at each press); the list says whether it came."""
     hit: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda *_: hit.append(1))
+
+    def on_sigint(*_: Any) -> None:
+        hit.append(1)
+        then()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         yield hit
     finally:
