@@ -254,9 +254,11 @@ class Model:
             self._specials[parse_special] = found
         return found
 
+    @functools.cached_property
     def control_texts(self) -> list[str]:
         """The texts llama.cpp reads as a control token only when asked to parse special tokens (`<|im_end|>`):
-        in a chat message's content they are plain characters (TextModel.chat_tokens)."""
+        in a chat message's content they are plain characters (TextModel.chat_tokens; a property, as every
+        conversation's tokenizing reads it)."""
         always = {sp.text for sp in self._special_tokens(False)}
         return [sp.text.decode("utf-8", "replace") for sp in self._special_tokens(True)
                 if sp.text and sp.text not in always]

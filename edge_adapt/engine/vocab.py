@@ -61,7 +61,7 @@ class TextModel:
         `most` as for tokenize."""
         if text is None:
             text = self.chat_prompt(messages)
-        controls = self.model.control_texts()
+        controls = self.model.control_texts
         held = [i for i, m in enumerate(messages) if any(c in m["content"] for c in controls)]
         if not held:  # the common case, tokenized whole as before
             return self.tokenize(text[start:], most=most)
