@@ -61,6 +61,25 @@ def test_beam_children_continue_their_parent():
         assert child.text.startswith("a b\n") and child.text.count("\n") >= 2  # the parent's step, then its own
 
 
+def test_beam_events_name_each_branchs_parent_and_the_stream_rebuilds_every_text():
+    e = fresh(steps(3))
+    ev = run(e, FakeScorer(unique_score), strategy="beam", budget=4, beam_width=2, max_tokens=64)
+    started = {x.sample: x for x in of(ev, SampleStarted)}
+    finished = {x.sample: x for x in of(ev, Finished)}
+    parents = {x.parent for x in started.values() if x.parent is not None}
+    assert parents and all(started[p].sample < c for c, x in started.items() for p in [x.parent] if p is not None)
+    # Every sample ends once: with a Finished, or continued by its branches.
+    assert set(started) == set(finished) | parents and not set(finished) & parents
+    texts: dict[int, str] = {}
+    for x in ev:
+        if isinstance(x, SampleStarted):
+            texts[x.sample] = "" if x.parent is None else texts[x.parent]
+        elif isinstance(x, Token):
+            texts[x.sample] += x.text
+        elif isinstance(x, Finished):
+            assert texts[x.sample] + x.tail == x.text
+
+
 def test_beam_stops_at_the_round_limit():
     e = fresh(steps(50))
     ev = run(e, FakeScorer(unique_score), strategy="beam", budget=4, beam_width=2, max_rounds=3, max_tokens=256)

@@ -14,9 +14,13 @@ class Cancelled(Exception):
 
 @dataclass(frozen=True)
 class SampleStarted:
+    """A sample begins. With `parent` it is a branch of that sample (beam search): it starts with the parent's text,
+    which its own Token events do not repeat, and the parent, continued by its branches, gets no Finished."""
+
     sample: int
     temperature: float
     seed: int
+    parent: int | None = None
 
 
 @dataclass(frozen=True)

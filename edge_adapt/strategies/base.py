@@ -82,12 +82,13 @@ class Pool:
         first = len(self.samples)
         return [sampling_params(self.config, temperature, self.config.seed + first + i) for i in range(n)]
 
-    def _adopt(self, new: list[Sample], *, announce: bool = True) -> Iterator[Event]:
+    def _adopt(self, new: list[Sample], *, announce: bool = True, parent: Sample | None = None) -> Iterator[Event]:
         self.samples.extend(new)
         self._live_ids.update(s.index for s in new)
         if announce:
             for s in new:
-                yield SampleStarted(s.index, s.params.temperature, s.params.seed)
+                yield SampleStarted(s.index, s.params.temperature, s.params.seed,
+                                    None if parent is None else parent.index)
 
     def start(self, n: int, temperature: float) -> Iterator[Event]:
         """Fork n samples from the prompt; they are appended to `self.samples`."""
@@ -99,7 +100,7 @@ class Pool:
         """Continue a paused sample n ways (its KV forked, its history copied); the children are appended to
         `self.samples`. `announce=False` for throw-away continuations (look-ahead roll-outs)."""
         new = self.engine.branch(parent, self._params(n, temperature), first_index=len(self.samples))
-        yield from self._adopt(new, announce=announce)
+        yield from self._adopt(new, announce=announce, parent=parent)
 
     def follow(self, previous: Sample, temperature: float) -> Iterator[Event]:
         """A new sample that takes over `previous`'s sequence (whatever was decoded into it since stays its
