@@ -9,9 +9,6 @@ from typing import Any
 from edge_adapt.errors import UsageError
 from edge_adapt.progress import Job, Progress, to_the_end
 
-SECTIONS = ("single_stream", "batched", "fork", "rss", "raw", "profile", "clients", "strategies")
-
-
 def _strategies(cfg: Any) -> dict[str, Any]:
     from edge_adapt.bench import strategies as strategy_bench
     from edge_adapt.engine import Engine
@@ -21,20 +18,22 @@ def _strategies(cfg: Any) -> dict[str, Any]:
 
 
 def run_job(cfg: Any, sections: set[str] | None = None) -> Job[dict[str, Any]]:
-    """The chosen sections (all when None) of `edge-adapt bench` with `cfg` (engine.BenchConfig), in SECTIONS'
-    order. Yields a Progress as each section starts (`info`: its name) and one as it ends, whose `message` is its
-    result as `render` prints it; returns every result, under "config" the settings they were measured with."""
+    """The chosen sections (all when None) of `edge-adapt bench` with `cfg` (engine.BenchConfig), in the order of
+    engine.SECTIONS, then strategies. Yields a Progress as each section starts (`info`: its name) and one as it
+    ends, whose `message` is its result as `render` prints it; returns every result, under "config" the settings
+    they were measured with."""
     from edge_adapt.bench import engine as engine_bench
 
-    sections = set(sections or SECTIONS)
-    if not sections <= set(SECTIONS):
-        raise UsageError(f"--only takes {', '.join(sorted(SECTIONS))}; got {', '.join(sorted(sections - set(SECTIONS)))}")
+    every = {**engine_bench.SECTIONS, "strategies": _strategies}
+    sections = set(sections or every)
+    if not sections <= set(every):
+        raise UsageError(f"--only takes {', '.join(sorted(every))}; got {', '.join(sorted(sections - set(every)))}")
     engine_bench.check_config(cfg)
-    chosen = [name for name in SECTIONS if name in sections]
+    chosen = [name for name in every if name in sections]
     results: dict[str, Any] = {"config": engine_bench.config_json(cfg)}
     for i, name in enumerate(chosen):
         yield Progress("bench", i, len(chosen), info=name)
-        results[name] = _strategies(cfg) if name == "strategies" else engine_bench.SECTIONS[name](cfg)
+        results[name] = every[name](cfg)
         yield Progress("bench", i + 1, len(chosen), info=name, message=render({name: results[name]}))
     return results
 

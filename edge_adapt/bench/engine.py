@@ -380,6 +380,7 @@ def clients_vs_forks(cfg: BenchConfig, n: int = 16, temperatures: tuple[float, .
     return rows
 
 
+# `edge-adapt bench`'s engine sections, in the order they run (edge_adapt.bench adds the strategies one).
 SECTIONS = {"single_stream": single_stream, "batched": batched_vs_sequential, "fork": fork_cost, "rss": rss_vs_plan,
             "raw": engine_vs_raw, "profile": step_profile, "clients": clients_vs_forks}
 
@@ -387,10 +388,6 @@ SECTIONS = {"single_stream": single_stream, "batched": batched_vs_sequential, "f
 def config_json(cfg: BenchConfig) -> dict[str, Any]:
     """The settings a run's results were measured with, as JSON keeps them: numbers as numbers, no model as null."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
-
-
-def run_all(cfg: BenchConfig, only: set[str] | None = None) -> dict[str, Any]:
-    return {"config": config_json(cfg), **{name: fn(cfg) for name, fn in SECTIONS.items() if not only or name in only}}
 
 
 def render(results: dict[str, Any]) -> str:
@@ -427,9 +424,3 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"peak RSS        {r['parallel']:>2} x {r['ctx']:<5} measured {r['peak_rss_mib']:.0f} MiB vs planned "
                      f"{r['predicted_mib']:.0f} MiB -> {r['ratio']:.3f}  (goal within 15%)")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    res = run_all(BenchConfig())
-    print(render(res))
-    print(json.dumps(res, indent=2))
