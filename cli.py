@@ -668,7 +668,7 @@ def label_cmd(
     cfg = validated(LabelConfig, fields, "label")
     t0 = time.perf_counter()
     _show(label_job(cfg))
-    print(f"wrote {out} ({n_prompts} prompts) in {time.perf_counter() - t0:.0f}s")
+    print(f"wrote {out} in {time.perf_counter() - t0:.0f}s")
 
 
 @app.command("train")
@@ -767,40 +767,24 @@ def import_cmd(
     typer.echo(f"wrote {r.path} ({r.architecture}, {r.n_params / 1e6:.1f}M params, float32) in {r.seconds:.1f}s")
 
 
-def _interrupted() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or SIGTERM) must not cut the one line short
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    print(interrupts.MESSAGE, file=sys.stderr)
-    sys.exit(interrupts.EXIT_CODE)
-
-
 def main() -> None:
-    from edge_adapt.engine.events import Cancelled
-
-    interrupts.install()  # Ctrl-C raises KeyboardInterrupt from here on; what a command created is taken back
-    try:
-        # typer turns KeyboardInterrupt into Exit(130), which standalone_mode=False returns instead of raising.
-        code = app(standalone_mode=False)
-        interrupts.check()
-    except EdgeAdaptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except typer.Exit as exc:
-        code = exc.exit_code
-    except (typer.Abort, KeyboardInterrupt, Cancelled):  # Cancelled: Ctrl-C stopped a decode outside generation
-        _interrupted()
-    except TyperException as exc:  # bad options and arguments, as typer's bundled click reports them
-        message = exc.format_message()  # type: ignore[attr-defined]
-        if message:  # none after the help that a bare `edge-adapt` prints
-            print(f"error: {message}", file=sys.stderr)
-        sys.exit(getattr(exc, "exit_code", 2))
-    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
-        if _debug:
-            raise
-        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)
-        sys.exit(70)
-    if code == interrupts.EXIT_CODE:
-        _interrupted()
+    # Ctrl-C raises KeyboardInterrupt from here on (what a command created is taken back); errors, interrupts
+    # and bugs end as one line, as for every entry point (interrupts.entry_point).
+    with interrupts.entry_point(lambda: _debug):
+        try:
+            # typer turns KeyboardInterrupt into Exit(130), which standalone_mode=False returns instead of raising.
+            code = app(standalone_mode=False)
+        except typer.Exit as exc:
+            code = exc.exit_code
+        except typer.Abort:
+            raise KeyboardInterrupt from None
+        except TyperException as exc:  # bad options and arguments, as typer's bundled click reports them
+            message = exc.format_message()  # type: ignore[attr-defined]
+            if message:  # none after the help that a bare `edge-adapt` prints
+                print(f"error: {message}", file=sys.stderr)
+            sys.exit(getattr(exc, "exit_code", 2))
+        if code == interrupts.EXIT_CODE:
+            raise KeyboardInterrupt
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -19,7 +19,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence as Seq
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -135,11 +135,15 @@ def check_target(path: Path, *, force: bool, directory: bool = False) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):  # known now, not after the work that makes the output
+        raise ModelFileError(f"cannot write {path}: permission denied")
 
 
 def check_output_dir(path: Path, *, force: bool, reuse: bool = False) -> None:
     """Refuse, before any work is done, an output directory that cannot be written, or that holds earlier output
     (a non-empty one, unless `force`; `reuse`: a resumable cache, whose contents are what it is for)."""
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist (or loops)")
     if path.exists() and not path.is_dir():
         raise UsageError(f"{path} exists and is not a directory")
     if path.is_dir() and not (force or reuse) and any(path.iterdir()):
@@ -289,19 +293,41 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _empty_tree(path: Path) -> bool:
-    return path.is_dir() and all(_empty_tree(p) for p in path.iterdir())
+def _made_for(path: Path) -> Path:
+    """What making `path` creates: its highest missing folder (`a` of a new `a/b/c`), or `path` itself."""
+    made = path
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            break
+        made = parent
+    return made
+
+
+def _take_back(path: Path, keep: list[Path]) -> None:
+    """Remove what a failed command created at `path`, except work under a `keep` path: a kept folder goes only when
+    it holds no file, and a folder that leads to one is emptied of everything else."""
+    here = Path(os.path.abspath(path))
+    kept = any(here.is_relative_to(k) for k in keep)
+    if (kept or any(k.is_relative_to(here) for k in keep)) and path.is_dir() and not path.is_symlink():
+        for entry in path.iterdir():
+            _take_back(entry, keep)
+        if not any(path.iterdir()):
+            path.rmdir()
+    elif not kept:
+        _remove(path)
 
 
 @contextmanager
-def removed_on_failure(*paths: str | os.PathLike[str], keep_work: bool = False) -> Iterator[None]:
-    """If the block raises (Ctrl-C included), take back what it created at `paths`: a path that did not exist
-    is removed, and so are the new entries of a directory that did. What existed before is never touched.
+def removed_on_failure(*paths: str | os.PathLike[str], keep: Seq[str | os.PathLike[str]] = ()) -> Iterator[None]:
+    """If the block raises (Ctrl-C included), take back what it created at `paths`: a path that did not exist is
+    removed, with the folders made above it for it, and so are the new entries of a directory that did. What
+    existed before is never touched.
 
-    `keep_work` is for resumable caches: what was created is removed only when it holds no file (an empty
-    folder, or folders of empty folders), so work done before the failure is there for the next run.
+    `keep` names resumable caches: their files are work the next run reuses, so they stay wherever they lie (a
+    cache inside a new report folder too) with the folders that lead to them; only what holds no file is removed.
     """
-    targets = [Path(p) for p in paths]
+    targets = [_made_for(Path(p)) for p in paths]
+    kept = [Path(os.path.abspath(k)) for k in keep]
     before = [_snapshot(p) for p in targets]
     try:
         yield
@@ -311,6 +337,5 @@ def removed_on_failure(*paths: str | os.PathLike[str], keep_work: bool = False) 
                 continue
             created = [p] if had is False else [c for c in (p.iterdir() if p.is_dir() else ()) if c.name not in had]
             for c in created:
-                if not keep_work or _empty_tree(c):
-                    _remove(c)
+                _take_back(c, kept)
         raise

@@ -1,9 +1,9 @@
 """Ctrl-C for the command line: handled once, at the entry point, the same way for every command.
 
 Two phases. While the package and the CLI import (before anything is created) Ctrl-C ends the process at
-once with one line: a KeyboardInterrupt there would print a traceback from inside some import. From
-`cli.main()` on, Ctrl-C raises KeyboardInterrupt as usual, so `with` blocks and `finally` clauses take back
-what they created, and `main()` prints one line and exits 130.
+once with one line: a KeyboardInterrupt there would print a traceback from inside some import. Inside
+`entry_point()` (`cli.main()`, `python -m edge_adapt.eval`), Ctrl-C raises KeyboardInterrupt as usual, so `with`
+blocks and `finally` clauses take back what they created, and the entry point prints one line and exits 130.
 
 One case needs care: llama.cpp calls back into Python (its log callback) while it loads a model or
 quantizes. A KeyboardInterrupt raised inside a ctypes callback is printed as "Exception ignored" and lost.
@@ -11,7 +11,8 @@ When the signal lands there it is remembered instead and delivered again shortly
 Python; `check()` raises it at points that must not be passed with an interrupt pending (publishing an
 output).
 
-Only the standard library is imported here: the package imports this module before anything else.
+Only the standard library is imported here (`entry_point` imports the rest when it is entered): the package
+imports this module before anything else.
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
+from typing import NoReturn
 
 EXIT_CODE = 130
 MESSAGE = "interrupted"
+UNEXPECTED_EXIT_CODE = 70  # a bug, not bad input: one line, the traceback only on request
 # Functions llama.cpp calls through ctypes; an exception raised in them never reaches the caller.
 CALLBACKS = frozenset({"_log_callback"})
 
@@ -91,10 +96,43 @@ def install_early_if_cli() -> None:
     """When this process is the `edge-adapt` command, Ctrl-C during the imports exits 130 with one line.
 
     A library user's process is left alone: only the command's own start (the console script, or
-    `python -m edge_adapt` / `python -m edge_adapt.cli`) is recognised.
+    `python -m edge_adapt` / `python -m edge_adapt.cli` / `python -m edge_adapt.eval`) is recognised.
     """
     argv = getattr(sys, "orig_argv", sys.argv)
     script = os.path.basename(sys.argv[0]) if sys.argv else ""
-    as_module = any(a == "-m" and b in ("edge_adapt", "edge_adapt.cli") for a, b in zip(argv, argv[1:]))
+    as_module = any(a == "-m" and b in ("edge_adapt", "edge_adapt.cli", "edge_adapt.eval") for a, b in zip(argv, argv[1:]))
     if (script in ("edge-adapt", "edge-adapt.exe") or as_module) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _exit_now)
+
+
+def exit_interrupted() -> NoReturn:
+    """One `interrupted` line and exit 130; a second Ctrl-C (or SIGTERM) must not cut the line short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(MESSAGE, file=sys.stderr)
+    sys.exit(EXIT_CODE)
+
+
+@contextmanager
+def entry_point(debug: Callable[[], bool] = lambda: False) -> Iterator[None]:
+    """The outermost frame of a command (`cli.main()`, `python -m edge_adapt.eval`), the same for each: Ctrl-C
+    and SIGTERM raise KeyboardInterrupt inside it (`install`), and it ends the process with one line on stderr:
+    an EdgeAdaptError as `error: MESSAGE` and its exit code, an interrupt as `interrupted` and 130, anything
+    else as `error: unexpected ...` and 70, with the traceback instead when `debug()` (the `--debug` flag)."""
+    from edge_adapt.engine.events import Cancelled  # imported late: this module stays standard-library only
+    from edge_adapt.errors import EdgeAdaptError
+
+    install()
+    try:
+        yield
+        check()
+    except EdgeAdaptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, Cancelled):  # Cancelled: Ctrl-C stopped a decode outside generation
+        exit_interrupted()
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if debug():
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)
+        sys.exit(UNEXPECTED_EXIT_CODE)

@@ -154,13 +154,30 @@ def test_only_a_torn_last_line_is_regenerated_and_cut_off(engine, scorer, cached
     assert not any(s.generated for s in build_pool(engine, scorer, arith_suite("test", 2), SETTINGS, tmp_path))
 
 
-def test_a_torn_line_an_earlier_resume_left_mid_file_is_skipped(engine, scorer, cached_pool, tmp_path):
+@pytest.mark.parametrize("cut_in", [b'"logprobs":[', b'"text":"'])  # a number's digits, a string's characters
+def test_a_torn_line_an_earlier_resume_left_mid_file_is_skipped(engine, scorer, cached_pool, tmp_path, cut_in):
     """Before this version a resumed run appended after a torn line, leaving JSON that stops short mid-file;
-    such a cache is read as it always was (the line holds no value to misread)."""
+    such a cache is read as it always was (the line holds no value to misread). Was: a line cut inside a string
+    was called corrupt."""
     first, second = cached_pool.read_bytes().splitlines()
     path = tmp_path / cached_pool.name
-    path.write_bytes(first + b"\n" + second[:300] + b"\n" + second + b"\n")
+    torn = second[: second.index(cut_in) + len(cut_in) + 3]
+    path.write_bytes(first + b"\n" + torn + b"\n" + second + b"\n")
     assert not any(s.generated for s in build_pool(engine, scorer, arith_suite("test", 2), SETTINGS, tmp_path))
+
+
+def test_every_cut_of_a_cache_line_reads_as_cut_short_and_no_corruption_does(cached_pool):
+    """Whatever byte a killed write stopped at (inside a string, a \\u escape, a number, a literal), the line is
+    known for a torn one; a line changed otherwise is not. Was: cuts inside strings were called corrupt."""
+    from edge_adapt.eval.pool import _cut_short
+
+    line = cached_pool.read_bytes().splitlines()[0]
+    extra = json.dumps({"text": "é 12\\\"", "xs": [1.5e-3, -0.25, None, True, False], "o": {"k": "v"}}).encode()
+    for whole in (line, extra):
+        assert not _cut_short(whole)
+        assert [i for i in range(1, len(whole)) if not _cut_short(whole[:i])] == []
+    for changed in (b'{"a": 1.}', b'{"a": tru }', b'{"a": "x\\q"}', b'{"a": 1} x', b"[1, 2", b'garbage{"a": 1'):
+        assert not _cut_short(changed), changed
 
 
 def test_an_unscored_pool_is_null_on_disk_and_reads_back(cached_pool, tmp_path):

@@ -159,12 +159,61 @@ def test_prune_accounting_matches_hand_computation():
     s = [_s(0, False, 0.1, scores=(0.9,), n_tok=40, cost=5), _s(1, True, 0.8, scores=(0.7,), n_tok=30, cost=5),
          _s(2, False, 0.6, scores=(0.5,), n_tok=20, cost=5), _s(3, True, 0.99, scores=(None,), n_tok=10, cost=5)]
     r = rp.prune([_pool(s)], points=(16,), n=4, keeps=(2,))
-    # At 16 tokens: 0, 1, 2 are still generating (scored there: 3 x 5 self-eval tokens); 3 finished at 10 tokens
-    # and competes with its end score 0.99. Kept: 3 (0.99) and 0 (0.9). Pruned: 1 and 2 at 16 tokens each.
+    # At 16 tokens all four are scored (4 x 5 self-eval tokens): 0, 1, 2 are still generating; 3 finished at 10
+    # tokens and is scored on its final text, so it competes with its end score 0.99. Kept: 3 (0.99) and 0 (0.9).
+    # Pruned: 1 and 2 at 16 tokens each. At the end only 0 is scored again (3's text has not changed).
     assert r.correct == (1.0,)
     assert r.tokens == (10 + 40 + 16 + 16,)
-    assert r.selfeval_tokens == (3 * 5 + 2 * 5,)
+    assert r.selfeval_tokens == (4 * 5 + 1 * 5,)
     assert rp.prune_schedule(16, 2, 0.5) == (8, 4) and rp.prune_schedule(4, 3, 0.25) == (1, 1, 1)
+
+
+def _recorded(lengths, table, points, max_tokens, cost, chosen):
+    """The pool eval records for FakeEngine samples of lengths[i] words (+ EOS), scored p_keep = table[i, tokens]."""
+    out = []
+    for i, length in enumerate(lengths):
+        n = min(length + 1, max_tokens)
+        at = tuple(None if n <= p else float(table[i, p]) for p in points)  # finished by the point: not scored there
+        out.append(PoolSample(index=i, temperature=0.7, seed=i, text="", n_tokens=n, logprobs=(-1.0,) * n,
+                              finish="eos" if n == length + 1 else "length", scores=at, end_score=float(table[i, n]),
+                              selfeval_tokens=tuple(0.0 if x is None else cost for x in at) + (cost,),
+                              extracted=None, correct=i == chosen))
+    return out
+
+
+PRUNE_CASES = [
+    # (words per sample, prune points, keep, max tokens): the QA case, three done before the point, one going on
+    ((11, 27, 19, 40), (32,), 1, 48),
+    ((2, 4, 5, 30), (8,), 1, 40),
+    ((2, 4, 5, 30), (8,), 2, 40),
+    ((2, 5, 6, 9, 12, 20), (4, 8), 2, 24),  # some finish between the points, some survive both
+    ((1, 1, 2, 3), (4, 8), 3, 12),  # all done before the first point
+]
+
+
+@pytest.mark.parametrize("case", [*PRUNE_CASES, *range(12)])
+def test_prune_replay_spends_what_the_live_strategy_spends(case):
+    """The live prune strategy on a scripted engine and the replay of the pool eval would record from the same
+    samples: the same answer, generated tokens and self-eval tokens (a sample that had finished before a prune
+    point is scored there too, once)."""
+    from test_strategies import FakeScorer, chosen, fresh, run, usage
+
+    rng = np.random.default_rng(case if isinstance(case, int) else 0)
+    if isinstance(case, int):  # seeded random scripts and schedules
+        n_points = int(rng.integers(1, 4))
+        points = tuple(sorted(rng.choice(np.arange(2, 20), n_points, replace=False).tolist()))
+        lengths = tuple(int(x) for x in rng.integers(0, 30, int(rng.integers(2, 9))))
+        case = (lengths, points, int(rng.integers(1, len(lengths))), 24)
+    lengths, points, keep, max_tokens = case
+    table = rng.random((len(lengths), max_tokens + 1))  # distinct scores: no ties to break
+    ev = run(fresh(lambda i: ["w"] * lengths[i]), FakeScorer(lambda i, n: float(table[i, n]), suffix_len=5),
+             strategy="prune", budget=len(lengths), k=keep, prune_at=points, max_tokens=max_tokens)
+    live = usage(ev)
+    pool = _pool(_recorded(lengths, table, points, max_tokens, 5.0, chosen(ev).sample))
+    r = rp.prune([pool], points, len(lengths), [keep] * len(points))
+    assert r.correct == (1.0,)  # the replay answers with the sample the live run chose
+    assert r.tokens == (live.generated_tokens,)
+    assert r.selfeval_tokens == (live.selfeval_tokens,)
 
 
 def test_greedy_replay_reads_the_greedy_sample():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -36,6 +37,30 @@ def test_run_eval_writes_report_and_reuses_the_pool(tmp_path):
     pytest.importorskip("matplotlib")
     assert {"accuracy_vs_samples.png", "accuracy_vs_tokens.png", "gain_recovered.png"} <= set(rep.plots)
     assert all((tmp_path / "out" / p).stat().st_size > 1000 for p in rep.plots)
+
+
+def test_a_resumed_eval_says_so_and_its_report_names_seed_and_model_file(tmp_path):
+    """Was: a resumed run said nothing of the prompts it read from the cache, and a report did not say which seed
+    (which picks the arith problems) or model file made it."""
+    from edge_adapt.eval.run import eval_job
+    from edge_adapt.progress import finish
+
+    cfg = EvalConfig(suite="arith", n_prompts=2, k=2, max_tokens=8, prune_points=[4], cache_dir=tmp_path / "c",
+                     out_dir=tmp_path / "a", seed=3)
+    with Engine(parallel=cfg.k + 2, ctx=256) as e:
+        run_eval(cfg, engine=e, scorer=StandInSelfEval(e))
+        lines: list[str] = []
+        more = cfg.model_copy(update={"n_prompts": 3, "out_dir": tmp_path / "b"})
+        rep = finish(eval_job(more, engine=e, scorer=StandInSelfEval(e)),
+                     lambda p: lines.append(p.message) if p.message else None)
+    assert rep.prompts_generated == 1 and rep.seed == 3 and rep.model_file == e.model_path.name
+    assert len(lines) == 1
+    assert re.fullmatch(r"pool arith/\w+ K=2: 3 prompts, 1 generated \(\d+ tokens in \d+ s\), 2 read from the cache",
+                        lines[0]), lines
+    md = (tmp_path / "b" / "report.md").read_text()
+    assert "1 prompts generated" in md and "2 read from the cache" in md
+    assert f"- model: `{e.model_path.name}`" in md and "seed 3," in md
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["seed"] == 3
 
 
 def test_eval_config_rejects_bad_settings(tmp_path):
@@ -100,11 +125,41 @@ def test_default_prune_points_and_cuts_stop_below_the_shortest_reply_budget():
         mix.points_below_budget("cuts", [16, 32, 64], None, given=True)
 
 
-def test_python_m_eval_says_what_is_wrong_in_one_line(capsys):
+def _python_m_eval(argv, capsys):
+    """`python -m edge_adapt.eval ARGV` in this process: its exit code and stderr (its signal handlers undone)."""
+    import signal
+
     from edge_adapt.eval.__main__ import main
 
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return code, capsys.readouterr().err
+
+
+def test_python_m_eval_says_what_is_wrong_in_one_line(capsys):
     for argv, message in ((["n_prompts=3", "k=bogus"], "error: eval: k: Input should be a valid integer"),
                           (["nprompts"], "error: expected key=value, got 'nprompts'")):
-        assert main(argv) == 2
-        err = capsys.readouterr().err
+        code, err = _python_m_eval(argv, capsys)
+        assert code == 2
         assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_python_m_eval_ends_a_bug_in_one_line_as_the_command_does(capsys, monkeypatch):
+    """An unexpected error is one `error: unexpected` line and exit 70, as `edge-adapt`; `--debug` lets the
+    traceback through."""
+    import edge_adapt.eval.__main__ as entry
+
+    def broken(cfg):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(entry, "run_eval", broken)
+    code, err = _python_m_eval(["n_prompts=3"], capsys)
+    assert code == 70
+    assert err == "error: unexpected ZeroDivisionError: a bug (rerun with --debug for details)\n"
+    with pytest.raises(ZeroDivisionError):
+        _python_m_eval(["--debug", "n_prompts=3"], capsys)

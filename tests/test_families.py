@@ -281,3 +281,36 @@ def test_a_split_that_runs_dry_is_refused_without_drawing_for_hours():
     assert calls < 10**6  # the old bound was 2e10 draws
     assert dry.problems(1, "test", 10) == fam.problems(1, "test", 10)  # what can be drawn is drawn as before
 
+
+
+def test_a_user_suite_whose_ids_look_like_a_familys_is_no_family(tmp_path: Path):
+    """A user's `arith-L1-mine` is the user's problem, not arith's: the eval report gives no per-family calibration
+    rows for it and its samples are keyed by its own suite (another suite may judge the same replies differently),
+    while a mix's problems keep their families and share their keys with the families' own pools."""
+    from edge_adapt.eval.pool import PoolSample, PoolSettings, PromptPool, sample_key
+    from edge_adapt.eval.report import calibrations
+    from edge_adapt.tasks.registry import family_of
+
+    def pool(p):
+        def s(i: int, ok: bool) -> PoolSample:
+            return PoolSample(index=i, temperature=0.7, seed=i, text="", n_tokens=1, logprobs=(-1.0,), finish="eos",
+                              scores=(), end_score=0.3 + 0.2 * ok, selfeval_tokens=(1.0,), extracted=None, correct=ok)
+        return PromptPool("k-" + p.id, p.id, p.level, p.answer, 3, (s(0, True), s(1, False)), s(-1, True), 0.0)
+
+    f = tmp_path / "famids.jsonl"
+    f.write_text('{"id": "arith-L1-mine", "prompt": "What is 2+2?", "answer": 4}\n'
+                 '{"id": "units-L9-mine", "prompt": "What is 3+3?", "answer": 6}\n')
+    mine = load_suite(str(f))
+    assert [family_of(p) for p in mine.problems] == [None, None]
+    scopes = [c.scope for c in calibrations([pool(p) for p in mine.problems], (), mine)]
+    assert not [s for s in scopes if s.startswith("family")], scopes
+    settings = PoolSettings(k=2)
+    p = mine.problems[0]
+    assert sample_key("fp", mine.name, settings, p) != sample_key("fp", "arith", settings, p)
+
+    mix = mix_suite([FAMILIES[n] for n in GENERATED], "validation", len(GENERATED))
+    assert sorted(family_of(q) for q in mix.problems) == sorted(GENERATED)
+    scopes = [c.scope for c in calibrations([pool(q) for q in mix.problems], (), mix)]
+    assert [s for s in scopes if s.startswith("family")] == [f"family {n}" for n in sorted(GENERATED)]
+    q = next(q for q in mix.problems if family_of(q) == "arith")
+    assert sample_key("fp", "mix", settings, q) == sample_key("fp", "arith", settings, q)

@@ -66,3 +66,95 @@ def test_a_symlink_output_is_replaced_only_with_force_and_what_it_points_to_is_l
             tmp.write_text("new")
         assert not path.is_symlink() and path.read_text() == "new"
     assert kept.read_text() == "mine"
+
+
+# -- taking back what a failed command made -----------------------------------------------------------------
+def _fail_inside(*paths, keep=(), make=lambda: None):
+    from edge_adapt.fileio import removed_on_failure
+
+    with pytest.raises(KeyboardInterrupt):
+        with removed_on_failure(*paths, keep=keep):
+            make()
+            raise KeyboardInterrupt
+
+
+def _write(path, text="x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_a_cache_inside_a_new_report_folder_keeps_its_samples_and_nothing_else_is_left(tmp_path):
+    """Was: `eval --out R --cache R/cache` interrupted removed R whole, the samples with it."""
+    out, cache = tmp_path / "R", tmp_path / "R" / "cache"
+
+    def make():
+        _write(cache / "pool-a.jsonl")
+        _write(out / "partial.png")
+        (cache / "empty").mkdir()
+
+    _fail_inside(out, cache, keep=[cache], make=make)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "R", "R/cache", "R/cache/pool-a.jsonl"]
+
+
+def test_a_cache_that_is_the_report_folder_keeps_its_samples(tmp_path):
+    same = tmp_path / "R"
+    _fail_inside(same, same, keep=[same], make=lambda: _write(same / "pool-a.jsonl"))
+    assert (same / "pool-a.jsonl").read_text() == "x"
+
+
+def test_the_folders_made_above_a_new_output_go_with_it_and_an_empty_cache_too(tmp_path):
+    """Was: an interrupted run with a new `--cache a/b/c` left `a/b` behind."""
+    cache, out = tmp_path / "a" / "b" / "c", tmp_path / "x" / "y"
+    _fail_inside(out, cache, keep=[cache], make=lambda: (cache.mkdir(parents=True), _write(out / "f")))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_what_existed_before_is_never_touched(tmp_path):
+    old = tmp_path / "R"
+    _write(old / "notes.md", "mine")
+    _fail_inside(old, make=lambda: _write(old / "new.png"))
+    assert [p.name for p in old.iterdir()] == ["notes.md"] and (old / "notes.md").read_text() == "mine"
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody may write: mode 555, or for root (who ignores modes) a read-only tmpfs mounted on it."""
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0:
+        ro.chmod(0o555)
+        yield ro
+        ro.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True).returncode:
+        pytest.skip("root writes anywhere, and no read-only file system can be mounted here")
+    try:
+        yield ro
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(read_only_dir):
+    """Was: label and tune-policy found out only when writing, after all the sampling."""
+    from edge_adapt.errors import ModelFileError
+    from edge_adapt.fileio import check_target
+
+    with pytest.raises(ModelFileError, match="cannot write .*policy.json: permission denied"):
+        check_target(read_only_dir / "policy.json", force=False)
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_a_broken_link_as_an_output_folder_is_one_clear_error(tmp_path, kind):
+    from edge_adapt.fileio import check_output_dir
+
+    link = tmp_path / "link"
+    if kind == "dangling":
+        link.symlink_to(tmp_path / "missing")
+    else:
+        link.symlink_to(tmp_path / "link2")
+        (tmp_path / "link2").symlink_to(link)
+    with pytest.raises(UsageError, match="link is a symbolic link to .*, which does not exist"):
+        check_output_dir(link, force=False, reuse=True)

@@ -31,9 +31,9 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ma
 class Run:
     """A command in its own process, its stdout and stderr collected as they come."""
 
-    def __init__(self, args: list[str], cwd: Path | None = None) -> None:
+    def __init__(self, args: list[str], cwd: Path | None = None, module: str = "edge_adapt") -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.p = subprocess.Popen([sys.executable, "-m", "edge_adapt", *args], stdout=subprocess.PIPE,
+        self.p = subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, env=env, cwd=cwd)
         self.out, self.err = bytearray(), bytearray()
         self._threads = [threading.Thread(target=self._pump, args=(s, b), daemon=True)
@@ -82,7 +82,7 @@ def interrupted(result: tuple[int, str, str], *, verbose: bool = False) -> None:
     assert rc == 130, (rc, err[-3000:])
     assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    if verbose:  # llama.cpp's own log comes first
+    if verbose:  # llama.cpp's own log (or a finished step's line) comes first
         assert lines and lines[-1] == "interrupted", err[-3000:]
     else:
         assert lines == ["interrupted"], err[-3000:]
@@ -215,6 +215,46 @@ def test_eval_interrupted_publishes_nothing(moment: str, tmp_path: Path):
     assert not report.exists()
     no_temp_files(tmp_path)
     assert not cache.exists() or any(cache.iterdir())
+
+
+@pytest.mark.parametrize("moment", ["imports", "sampling"])
+def test_python_m_eval_interrupted_ends_like_the_command(moment: str, tmp_path: Path):
+    """`python -m edge_adapt.eval` (the documented way without the CLI): one `interrupted` line, exit 130, no
+    traceback, no report; the cache keeps what it holds."""
+    cache, report = tmp_path / "cache", tmp_path / "report"
+    r = Run(["n_prompts=40", "k=4", "max_tokens=64", "threads=1", f"cache_dir={cache}", f"out_dir={report}"],
+            module="edge_adapt.eval")
+    if moment == "imports":
+        r.wait_for(r.maps("libllama"))
+    else:
+        r.wait_for(_cache_has_a_pool(cache))
+    interrupted(r.interrupt())
+    assert not report.exists()
+    no_temp_files(tmp_path)
+    assert not cache.exists() or any(cache.iterdir())
+
+
+def test_eval_interrupted_keeps_a_cache_inside_its_new_report_folder(tmp_path: Path):
+    """Was: `--out R --cache R/cache` interrupted removed R, the sampled prompts with it."""
+    report = tmp_path / "report"
+    cache = report / "cache"
+    r = Run(["eval", "--prompts", "40", "-k", "4", "--max-tokens", "64", "--cache", str(cache), "--out", str(report)])
+    r.wait_for(_cache_has_a_pool(cache))
+    interrupted(r.interrupt())
+    assert [p.name for p in report.iterdir()] == ["cache"] and any(cache.glob("pool-*.jsonl"))
+    no_temp_files(tmp_path)
+
+
+def test_tune_policy_interrupted_after_tuning_publishes_no_policy(tmp_path: Path):
+    """Was: the policy was published as soon as it was tuned, so a run stopped while it sampled the test split
+    left it, and the rerun was refused without --force."""
+    policy = tmp_path / "policy.json"
+    r = Run(["tune-policy", "-o", str(policy), "--prompts", "10", "-k", "2", "--max-tokens", "8", "--budget", "2",
+             "--test-split", "test", "--test-prompts", "40", "--cache", str(tmp_path / "cache")])
+    r.wait_for(lambda: any(p.stat().st_size for p in tmp_path.glob(".policy.json.*.tmp")), timeout=300)
+    interrupted(r.interrupt(), verbose=True)  # the tuning pool's summary line comes first
+    assert not policy.exists()
+    no_temp_files(tmp_path)
 
 
 def _labels(path: Path, pids: list[str]) -> Path:

@@ -248,6 +248,14 @@ def test_auto_uses_the_largest_tuned_budget_that_fits(tmp_path):
          "spends compute, not extractor, pattern"),
         (dict(budgets={"4": [{"strategy": "best-of-n", "options": {"self_eval": {"adapter": "/etc/passwd"}}}] * 5}),
          "not self_eval"),
+        # Python's json writes and reads NaN / Infinity; NaN edges compared false both ways: every prompt in bin 5.
+        (dict(bin_edges=[float("nan")] * 4), "bin_edges: must be 4 non-decreasing finite numbers, got [nan, nan"),
+        (dict(bin_edges=[0.2, 0.4, 0.6, float("inf")]), "bin_edges: must be 4 non-decreasing finite numbers"),
+        (dict(probe_temperature=float("inf")), "probe_temperature: must be a finite number"),
+        (dict(budgets={"4": [{"strategy": "adaptive", "options": {"threshold": float("nan")}}] * 5}),
+         "option threshold must be finite, got nan"),
+        (dict(budgets={"4": [{"strategy": "probe", "accuracy": float("nan")}] * 5}),
+         "accuracy: Input should be a finite number"),
     ],
 )
 def test_auto_bad_policy_or_budget_is_a_one_line_error_before_decoding(tmp_path, kw, message):

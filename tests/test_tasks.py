@@ -186,12 +186,21 @@ def test_user_suite_errors_name_the_files_line(tmp_path):
         jsonl_suite(f)  # the model would answer a turn after its own, a question nobody asked
     for bad in ("null", "[1]", "true"):
         f.write_text(f'{{"prompt": "a", "answer": {bad}}}\n')
-        with pytest.raises(UsageError, match=r"s.jsonl:1: answer must be a string or a number"):
+        with pytest.raises(UsageError, match=r"s.jsonl:1: answer must be a string or a finite number"):
             jsonl_suite(f)
     f.write_text('{"prompt": "a", "answer": 12}\n')
     assert jsonl_suite(f).problems[0].answer == "12"
     f.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "answer": "1"}\n')
     assert [p.text for p in jsonl_suite(f).problems] == ["user: a"]  # was "not JSON (Unexpected UTF-8 BOM)"
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_user_suite_refuses_an_answer_that_is_not_a_finite_number(tmp_path, bad):
+    """Python's json reads NaN and Infinity (and 1e999 as inf): the reference would be the text "nan" or "inf"."""
+    f = tmp_path / "s.jsonl"
+    f.write_text(f'{{"prompt": "What is 1+1?", "answer": 2}}\n{{"prompt": "What is 2+2?", "answer": {bad}}}\n')
+    with pytest.raises(UsageError, match=r"s.jsonl:2: answer must be a string or a finite number, got (nan|inf|-inf)$"):
+        jsonl_suite(f)
 
 
 def test_user_suite_refuses_a_problem_twice(tmp_path):

@@ -207,10 +207,10 @@ def test_rank_loss_asks_for_right_above_wrong_within_each_cut_of_one_prompt():
 @pytest.mark.parametrize("pid, family", [("units-L3-validation-7", "units"), ("arith-L1-train-0", "arith"),
                                          ("gsm8k-L2-test-0", "gsm8k"), ("units", None), ("mine-L1-x", None),
                                          ("units-x", None), ("q17", None)])
-def test_family_of_a_problem_id(pid, family):
-    from edge_adapt.tasks.registry import family_of
+def test_family_named_by_a_problem_id(pid, family):
+    from edge_adapt.tasks.registry import family_named
 
-    assert family_of(pid) == family
+    assert family_named(pid) == family
 
 @pytest.mark.slow
 def test_default_cuts_stop_below_a_familys_own_budget(engine: Engine, tmp_path: Path):

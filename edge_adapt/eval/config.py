@@ -25,7 +25,7 @@ class PoolSource(BaseModel):
     temperature: float = Field(0.7, description="sampling temperature of the pool (> 0)")
     max_tokens: int | None = Field(None, ge=1, description="most tokens per reply; default: each task family's own "
                                                            "(docs/tasks.md), 96 for other suites")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="picks the arith problems and seeds every sample")
     model: Path | None = Field(None, description="GGUF model; the embedded default when omitted")
     threads: int | None = Field(None, ge=1)
     cache_dir: Path = Path("runs/eval-cache")

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -28,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edge_adapt.engine import GREEDY, Engine, Sample, SamplingParams
 from edge_adapt.engine.text import TextStream
-from edge_adapt.errors import UsageError, is_number, one_line
+from edge_adapt.errors import ModelFileError, UsageError, is_number, one_line
+from edge_adapt.fileio import check_user_file, os_error_message
 from edge_adapt.progress import Job, Progress
 from edge_adapt.tasks.base import Problem, Suite, stable_hash
 from edge_adapt.tasks.registry import family_of
@@ -158,7 +160,7 @@ def sample_key(fingerprint: str, suite: str, settings: PoolSettings, problem: Pr
     same settings hold the same samples under one key (a family suite's key is what it always was)."""
     sampling = {k: v for k, v in sorted(asdict(settings).items()) if k != "prune_points"}
     sampling["max_tokens"] = settings.budget(problem)
-    source = family_of(problem.id) or suite
+    source = family_of(problem) or suite
     blob = f"{fingerprint}|{source}|{sampling}|{problem.id}|{problem.text}|{problem.answer}"
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -243,12 +245,24 @@ def _cut_short(raw: bytes) -> bool:
     """Whether a line is JSON that stops before its end, as a killed write leaves it. Before this version a resumed
     run appended after such a line without removing it; it holds no value that could be read, so it is skipped."""
     try:
-        json.loads(raw.decode("ascii"))  # the cache is written with ensure_ascii: other bytes were put there
+        text = raw.decode("ascii")  # the cache is written with ensure_ascii: other bytes were put there
+        json.loads(text)
     except UnicodeDecodeError:
         return False
     except json.JSONDecodeError as exc:
-        return raw.lstrip().startswith(b"{") and exc.pos >= len(raw.rstrip())
+        if not text.lstrip().startswith("{"):
+            return False
+        if exc.msg.startswith("Unterminated string"):  # the line ends inside a string
+            return True
+        if exc.msg.startswith("Invalid \\uXXXX"):  # or inside a \uXXXX escape
+            return len(text) - exc.pos <= 6
+        rest = text[exc.pos:].rstrip()  # where parsing stopped: the end, or a number or literal the cut broke off
+        return not rest or _NUMBER_PART.fullmatch(rest) is not None or any(w.startswith(rest) for w in _LITERALS)
     return False
+
+
+_NUMBER_PART = re.compile(r"[-+.eE0-9]+")
+_LITERALS = ("true", "false", "null")
 
 
 def _unscored_as_nan(s: dict[str, Any]) -> dict[str, Any]:
@@ -267,13 +281,17 @@ class PoolCache:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ModelFileError(os_error_message(self.path.parent, exc)) from None
 
     def load(self, k: int | None = None) -> dict[str, PromptPool]:
         """The pools by key; `k`: the samples per prompt every line must hold (else the file's first line's)."""
         out: dict[str, PromptPool] = {}
-        if not self.path.exists():
+        if not (self.path.exists() or self.path.is_symlink()):
             return out
+        check_user_file(self.path)  # a folder or a FIFO in its place is a one-line error, not a traceback or a hang
         lines = self.path.read_bytes().split(b"\n")
         for lineno, raw in enumerate(lines[:-1], 1):  # lines[-1]: after the last newline, a torn write or b""
             if not raw.strip():
@@ -523,7 +541,8 @@ class PoolRun:
 
 
 def pool_job(task: str, steps: Iterator[PoolProgress]) -> Job[PoolRun]:
-    """Drain `build_pool(...)`, yielding Progress per prompt (the generation rate, or 'cached')."""
+    """Drain `build_pool(...)`, yielding Progress per prompt (the generation rate, or 'cached'), then a line that
+    says how many prompts were generated and how many read from the cache (a resumed run says so)."""
     pools: list[PromptPool] = []
     generated = tokens = 0
     t0 = time.perf_counter()
@@ -533,7 +552,13 @@ def pool_job(task: str, steps: Iterator[PoolProgress]) -> Job[PoolRun]:
         tokens += step.tokens
         rate = tokens / max(time.perf_counter() - t0, 1e-9)
         yield Progress(task, step.done, step.total, f"{rate:.0f} tok/s" if generated else "cached")
-    return PoolRun(pools, generated, tokens, time.perf_counter() - t0)
+    wall_s = time.perf_counter() - t0
+    cached = len(pools) - generated
+    made = f"{generated} generated ({tokens} tokens in {wall_s:.0f} s)" if generated else ""
+    from_cache = f"{cached} read from the cache" if cached else ""
+    yield Progress(task, len(pools), len(pools), message=f"{task}: {len(pools)} prompts, "
+                   + ", ".join(x for x in (made, from_cache) if x))
+    return PoolRun(pools, generated, tokens, wall_s)
 
 
 def samples_in(cache_dir: Path) -> dict[str, PromptPool]:

@@ -201,17 +201,24 @@ def _prune_once(group: Sequence[PoolSample], points: Sequence[int], keeps: Seque
     live = list(group)
     tokens = 0.0
     se = 0.0
+    final: set[int] = set()  # scored after they had finished: their text is final, never scored again
     for i, (point, keep) in enumerate(zip(points, keeps)):
         if keep is None:  # the pool scored here, this schedule does not prune here
             continue
-        scored = [s for s in live if s.scores[i] is not None]  # still generating at this point: scored now
-        se += sum(s.selfeval_tokens[i] for s in scored)
+        # As Pool.score: every sample still in the pool is scored here; one that had finished costs what its
+        # end score cost (the same text), once.
+        for s in live:
+            if s.scores[i] is not None:
+                se += s.selfeval_tokens[i]
+            elif s.index not in final:
+                se += _end_cost(s)
+                final.add(s.index)
         ranked = sorted(live, key=lambda s: (s.score_at(i), s.mean_logprob), reverse=True)
         kept, dropped = ranked[:keep], ranked[keep:]
         tokens += sum(min(s.n_tokens, point) for s in dropped)
         live = kept
     tokens += sum(s.n_tokens for s in live)
-    se += sum(_end_cost(s) for s in live)
+    se += sum(_end_cost(s) for s in live if s.index not in final)
     best = max(live, key=lambda s: _rank_key(s, "self-eval"))
     return float(best.correct), tokens, se
 
@@ -220,9 +227,12 @@ def prune(pools: Sequence[PromptPool], points: Sequence[int], n: int, keeps: Seq
           seed: int = 0) -> Replay:
     """Start N samples; at each prune point keep the top keeps[i] (None: do not prune or score there) by the p_keep recorded there (a sample that had
     already finished competes with its end score); the survivors run to the end and the best end score answers.
-    Tokens: full length for survivors, min(length, prune point) for the pruned. Self-eval tokens: every sample
-    still generating at a prune point is scored there, survivors once more at the end. Expectation over
-    N-subsets: exact when N = K, else `draws` seeded random subsets."""
+    Tokens: full length for survivors, min(length, prune point) for the pruned. Self-eval tokens, as the live
+    strategy spends them (strategies/prune.py, Pool.score): at each prune point every sample still in the pool is
+    scored, a sample still generating at its cost recorded there, one that had already finished at its end score's
+    cost, and only the first time (a finished text is never scored again); at the end the survivors not yet
+    scored as finished are scored once more. Expectation over N-subsets: exact when N = K, else `draws` seeded
+    random subsets."""
     rng = np.random.default_rng(seed)
     correct, tokens, se = [], [], []
     for p in pools:

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from edge_adapt.eval import metrics
 from edge_adapt.eval.pool import PromptPool
 from edge_adapt.eval.replay import Replay
+from edge_adapt.tasks.base import Suite
 from edge_adapt.tasks.registry import family_of
 
 
@@ -94,10 +95,12 @@ class LiveCheck(BaseModel):
 
 class Report(BaseModel):
     title: str
-    model: str
+    model: str  # the fingerprint
     selfeval: str
     suite: str
     split: str
+    seed: int = 0  # picks the arith problems and every sample's seed
+    model_file: str = ""  # the GGUF's file name (its path is local)
     prompts: int
     k: int
     temperature: float
@@ -131,18 +134,20 @@ def calibration(scope: str, groups: Sequence[tuple[list[float], list[bool]]], bi
     )
 
 
-def calibrations(pools: Sequence[PromptPool], prune_points: Sequence[int]) -> list[Calibration]:
-    """End-score calibration over all sampled replies, per level, per task family when there are several (a mix),
-    and at each prune point (samples scored there)."""
+def calibrations(pools: Sequence[PromptPool], prune_points: Sequence[int], suite: Suite) -> list[Calibration]:
+    """End-score calibration over all sampled replies, per level, per task family when there are several (a mix:
+    the family that made each of `suite`'s problems; a user's suite file has none, whatever its ids), and at each
+    prune point (samples scored there)."""
+    family = {p.id: family_of(p) for p in suite.problems}
     def ends(ps: Sequence[PromptPool]) -> list[tuple[list[float], list[bool]]]:
         return [([s.end_score for s in p.samples], [s.correct for s in p.samples]) for p in ps]
     out = [calibration("all", ends(pools))]
     for lv in sorted({p.level for p in pools if p.level is not None}):
         out.append(calibration(f"level {lv}", ends([p for p in pools if p.level == lv])))
-    families = sorted({f for f in map(family_of, (p.problem_id for p in pools)) if f is not None})
+    families = sorted({f for f in (family.get(p.problem_id) for p in pools) if f is not None})
     if len(families) > 1:
         for fam in families:
-            out.append(calibration(f"family {fam}", ends([p for p in pools if family_of(p.problem_id) == fam])))
+            out.append(calibration(f"family {fam}", ends([p for p in pools if family.get(p.problem_id) == fam])))
     for i, pt in enumerate(prune_points):
         scored = [[s for s in p.samples if s.scores[i] is not None] for p in pools]
         groups = [([s.scores[i] for s in ss], [s.correct for s in ss]) for ss in scored if ss]
@@ -205,14 +210,17 @@ def render_markdown(r: Report) -> str:
     lv = sorted(r.levels, key=lambda s: int(s) if s.isdigit() else 0)
     lines = [
         f"# {r.title}", "",
-        f"- model: `{r.model}`", f"- self-eval: `{r.selfeval}`",
-        f"- suite: `{r.suite}` split `{r.split}`, {r.prompts} prompts"
+        f"- model: `{r.model_file}` (`{r.model}`)" if r.model_file else f"- model: `{r.model}`",
+        f"- self-eval: `{r.selfeval}`",
+        f"- suite: `{r.suite}` split `{r.split}` seed {r.seed}, {r.prompts} prompts"
         + (f" ({', '.join(f'level {k}: {v}' for k, v in sorted(r.levels.items()))})" if r.levels else ""),
         f"- pool: K={r.k} samples per prompt at temperature {r.temperature} + 1 greedy, max_tokens "
         f"{r.max_tokens if r.max_tokens is not None else 'each family its own'}, "
         f"prune points {r.prune_points}",
         (f"- generation: {r.prompts_generated} prompts generated ({r.tokens_generated} tokens) in "
-         f"{r.generation_wall_s / 60:.1f} min" if r.prompts_generated else
+         f"{r.generation_wall_s / 60:.1f} min"
+         + (f", {r.prompts - r.prompts_generated} read from the cache" if r.prompts_generated < r.prompts else "")
+         if r.prompts_generated else
          f"- generation: every prompt read from the cache (generating them took {r.generation_wall_s / 60:.1f} min)")
         + f"; pool file `{r.pool_file}`", "",
     ]

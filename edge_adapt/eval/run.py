@@ -182,7 +182,7 @@ def eval_job(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalS
     check_output_dir(Path(cfg.out_dir), force=cfg.force)
     check_replaceable(Path(cfg.out_dir))
     check_output_dir(Path(cfg.cache_dir), force=False, reuse=True)
-    with removed_on_failure(cfg.cache_dir, keep_work=True), removed_on_failure(cfg.out_dir):
+    with removed_on_failure(cfg.out_dir, cfg.cache_dir, keep=[cfg.cache_dir]):
         return (yield from _evaluate(cfg, engine, scorer))
 
 
@@ -198,6 +198,7 @@ def _evaluate(cfg: EvalConfig, engine: Engine | None, scorer: SelfEvalScorer | N
         out_dir = Path(cfg.out_dir)
         run, identity = yield from pools_job(cfg, backend, suite)
         pools, generated, tokens = run.pools, run.generated, run.tokens
+        model_file = backend.model_path.name
         live = []
         if cfg.live and isinstance(backend, LocalBackend):
             live = yield from _live_checks(backend.engine, backend.scorer, suite, pools, settings, cfg)
@@ -218,12 +219,13 @@ def _evaluate(cfg: EvalConfig, engine: Engine | None, scorer: SelfEvalScorer | N
                      "not edge_adapt.selfeval; regenerate with the real scorer.")
     report = Report(
         title=f"edge-adapt eval: {suite.name} {suite.split}",
-        model=backend.fingerprint, selfeval=identity.split("|selfeval=", 1)[1], suite=suite.name, split=suite.split,
+        model=backend.fingerprint, model_file=model_file, selfeval=identity.split("|selfeval=", 1)[1],
+        suite=suite.name, split=suite.split, seed=cfg.seed,
         prompts=len(pools), k=settings.k, temperature=settings.temperature, max_tokens=settings.max_tokens,
         prune_points=list(settings.prune_points), pool_file=str(Path(cfg.cache_dir) / f"pool-{suite.name}-{sk}.jsonl"),
         generation_wall_s=run.wall_s if generated else sum(p.wall_s for p in pools), prompts_generated=generated, tokens_generated=tokens,
         levels={str(k): v for k, v in sorted(Counter(p.level for p in pools if p.level is not None).items())},
-        strategies=strategy_rows(replays, pools, cfg.seed), calibration=calibrations(pools, settings.prune_points),
+        strategies=strategy_rows(replays, pools, cfg.seed), calibration=calibrations(pools, settings.prune_points, suite),
         live=live, notes=notes,
     )
     with report_dir(out_dir) as tmp:

@@ -122,17 +122,21 @@ def tune_job(cfg: TuneConfig) -> Job[dict[str, Any]]:
         check_replaceable(cfg.report_dir)
     if cfg.pool.n_prompts < 2 * N_BINS:  # known before sampling, not after it
         raise UsageError(f"tuning needs at least {2 * N_BINS} prompts, got --prompts {cfg.pool.n_prompts}")
-    with removed_on_failure(cfg.pool.cache_dir, keep_work=True), \
-            removed_on_failure(*([cfg.report_dir] if cfg.report_dir is not None else [])):
-        return (yield from _tune(cfg))
+    reports = [cfg.report_dir] if cfg.report_dir is not None else []
+    # The policy is published last, with the report: a run stopped after tuning leaves none (live `auto` reads it
+    # from its temp file).
+    with removed_on_failure(*reports, cfg.pool.cache_dir, keep=[cfg.pool.cache_dir]), \
+            atomic_file(cfg.out, force=cfg.force) as policy_file:
+        return (yield from _tune(cfg, policy_file))
 
 
-def _tune(cfg: TuneConfig) -> Job[dict[str, Any]]:
+def _tune(cfg: TuneConfig, policy_file: Path) -> Job[dict[str, Any]]:
     pcfg = cfg.pool
     tcfg = pcfg.model_copy(update={"split": cfg.test_split, "n_prompts": cfg.test_prompts}) if cfg.test_split else None
     suites = [suite_for(pcfg)] + ([suite_for(tcfg)] if tcfg is not None else [])
     # `auto` runs live with the policy this job writes: its engine size is known once the policy is.
-    backend = pool_backend(pcfg, suites, [live_config(cfg, pcfg, name) for name in cfg.live if name != "auto"])
+    backend = pool_backend(pcfg, suites, [live_config(cfg, pcfg, name, policy_file) for name in cfg.live
+                                          if name != "auto"])
     if cfg.live and not isinstance(backend, LocalBackend):  # `auto` alone is not in the list above
         backend.close()
         raise UsageError("live strategy runs happen in process: --live cannot be combined with --backend")
@@ -153,8 +157,7 @@ def _tune(cfg: TuneConfig) -> Job[dict[str, Any]]:
         cv = {b: tune.cross_validate(t, b, cfg.tolerance, seed=pcfg.seed) for b, t in tables.items()}
         policy.tuning["cross_validation"] = {
             str(b): {"accuracy": round(c.accuracy, 4), "tokens": round(c.mean_tokens, 1)} for b, c in cv.items()}
-        with atomic_file(cfg.out, force=cfg.force) as tmp:
-            tmp.write_text(policy.dumps())
+        policy_file.write_text(policy.dumps())
         report = {"policy": str(cfg.out), "tuning": policy.tuning, "bin_edges": policy.bin_edges,
                   "choices": {str(b): [c.describe() for c in row] for b, row in policy.budgets.items()}}
         if tcfg is not None:
@@ -162,7 +165,7 @@ def _tune(cfg: TuneConfig) -> Job[dict[str, Any]]:
             report["test"] = held_out(policy, test_run.pools, points, pcfg.seed)
             report["test"]["params"] = backend.info.n_params
             if cfg.live and isinstance(backend, LocalBackend):
-                report["live"] = yield from live_runs(backend.engine, backend.scorer, tcfg, cfg, policy,
+                report["live"] = yield from live_runs(backend.engine, backend.scorer, tcfg, cfg, policy_file,
                                                       test_run.pools)
     if cfg.compare_model is not None and tcfg is not None:
         report["compare"] = yield from compare_model(cfg.compare_model, tcfg)
@@ -251,26 +254,27 @@ def bin_curves(pools: list[PromptPool], policy: Policy, budget: int, points: tup
     return out
 
 
-def live_config(cfg: TuneConfig, tcfg: EvalConfig, name: str) -> StrategyConfig:
+def live_config(cfg: TuneConfig, tcfg: EvalConfig, name: str, policy_file: Path) -> StrategyConfig:
     """How strategy `name` runs live: the live budget, the pool's sampling, seeds no pool used (auto: the policy
-    this job writes). One strategy config serves every prompt, so a mix without --max-tokens runs live with its
-    longest family budget."""
+    this job writes, in `policy_file`). One strategy config serves every prompt, so a mix without --max-tokens runs
+    live with its longest family budget."""
     max_tokens = tcfg.max_tokens or suite_for(tcfg).longest_budget()
     return StrategyConfig.parse({
         "strategy": name, "budget": cfg.live_budget, "max_tokens": max_tokens, "temperature": tcfg.temperature,
-        "seed": LIVE_SEED, **({"policy": str(cfg.out)} if name == "auto" else {}),
+        "seed": LIVE_SEED, **({"policy": str(policy_file)} if name == "auto" else {}),
     }, f"live {name}")
 
 
-def live_runs(engine: Engine, scorer: Any, tcfg: EvalConfig, cfg: TuneConfig, policy: Policy,
+def live_runs(engine: Engine, scorer: Any, tcfg: EvalConfig, cfg: TuneConfig, policy_file: Path,
               pools: list[PromptPool]) -> Job[list[dict[str, Any]]]:
-    """Strategies run for real on the first `live_prompts` test prompts (auto with the policy just written)."""
+    """Strategies run for real on the first `live_prompts` test prompts (auto with the policy just written to
+    `policy_file`)."""
     suite = suite_for(tcfg)
     n = min(cfg.live_prompts, len(suite.problems))
     problems = list(suite.problems[:n])
     out = []
     for name in cfg.live:
-        config = live_config(cfg, tcfg, name)
+        config = live_config(cfg, tcfg, name, policy_file)
         if name == "auto":  # its policy exists now: grow the engine if a bin's choice holds more
             longest = max((prompt_tokens(engine, list(p.messages)) for p in suite.problems), key=len)
             ensure(engine, for_strategy(engine, longest, config)[0])

@@ -9,11 +9,13 @@ one in `models/`. It names the model it was tuned for, and `auto` refuses it on 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edge_adapt.engine.sampling import SAMPLING_RULES
 from edge_adapt.engine.vocab import same_model
 from edge_adapt.errors import UsageError, validated
 from edge_adapt.strategies.registry import STRATEGIES
@@ -39,8 +41,9 @@ class PolicyChoice(BaseModel):
 
     strategy: str
     options: dict[str, Any] = Field(default_factory=dict, description="StrategyConfig fields, e.g. budget, threshold")
-    accuracy: float | None = Field(None, description="on the tuning prompts of this bin (information only)")
-    tokens: float | None = Field(None, description="generated tokens per prompt there, probe included")
+    # Python's json reads and writes NaN and Infinity; a policy's numbers must be finite (the tuner's are).
+    accuracy: float | None = Field(None, allow_inf_nan=False, description="on the tuning prompts of this bin (information only)")
+    tokens: float | None = Field(None, allow_inf_nan=False, description="generated tokens per prompt there, probe included")
     prompts: int | None = None
 
     @model_validator(mode="after")
@@ -50,6 +53,10 @@ class PolicyChoice(BaseModel):
         if other := sorted(set(self.options) - POLICY_OPTIONS):
             raise ValueError(f"a policy's bin sets how its strategy spends compute, not {', '.join(other)} "
                              "(the caller's settings)")
+        for name, value in self.options.items():  # ranges are StrategyConfig's; NaN would pass some of them
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(x, float) and not math.isfinite(x) for x in values):
+                raise ValueError(f"option {name} must be finite, got {value!r:.40}")
         return self
 
     def describe(self) -> str:
@@ -63,7 +70,7 @@ class Policy(BaseModel):
     format: Literal["edge-adapt-policy/1"] = POLICY_FORMAT
     model: str = Field(description="fingerprint of the model it was tuned for (Engine.fingerprint)")
     self_eval: str = Field("", description="the self-evaluation it was tuned with (information)")
-    probe_temperature: float = Field(0.0, ge=0)
+    probe_temperature: float = 0.0
     bin_edges: list[float] = Field(description="4 increasing p_keep edges; p >= the last is bin 1 (easiest)")
     budgets: dict[int, list[PolicyChoice]] = Field(description="budget -> the choice for bins 1..5")
     tuning: dict[str, Any] = Field(default_factory=dict, description="how it was tuned (information)")
@@ -71,8 +78,17 @@ class Policy(BaseModel):
     @field_validator("bin_edges")
     @classmethod
     def _edges(cls, v: list[float]) -> list[float]:
-        if len(v) != N_BINS - 1 or any(b < a for a, b in zip(v, v[1:])):
-            raise ValueError(f"bin_edges must be {N_BINS - 1} non-decreasing numbers")
+        # NaN compares false both ways: NaN edges passed the order check and put every prompt in bin 5.
+        if len(v) != N_BINS - 1 or not all(map(math.isfinite, v)) or any(b < a for a, b in zip(v, v[1:])):
+            raise ValueError(f"must be {N_BINS - 1} non-decreasing finite numbers, got {v!r:.80}")
+        return v
+
+    @field_validator("probe_temperature")
+    @classmethod
+    def _probe_temperature(cls, v: float) -> float:
+        ok, rule, _ = SAMPLING_RULES["temperature"]  # refused here, not at the first prompt's probe
+        if not ok(v):
+            raise ValueError(f"must be {rule}, got {v}")
         return v
 
     @field_validator("budgets")

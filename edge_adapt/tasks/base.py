@@ -31,6 +31,9 @@ class Problem:
     scorer: Scorer | None = None
     # Tokens a reply to it may take when the run does not say: its family's (a mix keeps each family's).
     max_tokens: int | None = None
+    # The built-in family whose suite it comes from (a mix keeps each one's); None for a user's suite file, whatever
+    # its ids look like. What pool keys and per-family report rows go by (tasks.registry.family_of).
+    family: str | None = None
 
     def budget(self, max_tokens: int | None = None) -> int:
         """Tokens a reply may take: the run's `max_tokens` when given, else the problem's own, else 96."""

@@ -101,7 +101,8 @@ def family_suite(family: Family, split: str = "test", n: int = 200, seed: int = 
         check_level_split(family, level, split)
     per = -(-n // len(lv))
     by_level = [family.problems(level, split, per, seed) for level in lv]
-    mixed = [replace(p, max_tokens=p.max_tokens or family.max_tokens) for group in zip(*by_level) for p in group][:n]
+    mixed = [replace(p, max_tokens=p.max_tokens or family.max_tokens, family=family.name)
+             for group in zip(*by_level) for p in group][:n]
     return Suite(family.name, split, tuple(mixed), family.scorer)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from edge_adapt.engine.chat import Message
@@ -83,8 +84,9 @@ def jsonl_suite(path: Path, scorer: Scorer | str = "final-number", n: int | None
         if "answer" not in row or ("prompt" in row) == ("messages" in row):
             raise UsageError(f"{where}: needs 'answer' and exactly one of 'prompt' or 'messages'")
         answer = row["answer"]
-        if not (isinstance(answer, str) or is_number(answer)):  # null would be scored against the text "None"
-            raise UsageError(f"{where}: answer must be a string or a number, got {answer!r:.40}")
+        # null would be scored against the text "None"; NaN, Infinity (or 1e999, read as inf) against "nan", "inf"
+        if not (isinstance(answer, str) or (is_number(answer) and math.isfinite(answer))):
+            raise UsageError(f"{where}: answer must be a string or a finite number, got {answer!r:.40}")
         msgs = _messages(row, where)
         level = row.get("level")
         if isinstance(level, str) and level.strip().lstrip("-").isdigit():

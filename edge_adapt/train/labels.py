@@ -37,7 +37,7 @@ from edge_adapt.errors import UsageError, is_number, is_whole
 from edge_adapt.eval.config import PoolSource, token_points
 from edge_adapt.backends import LocalBackend, PoolBackend
 from edge_adapt.eval.pool import NoSelfEval, PoolSettings, PromptPool, build_pool_from, pool_job, samples_in
-from edge_adapt.fileio import atomic_file, check_target, removed_on_failure
+from edge_adapt.fileio import atomic_file, check_output_dir, check_target, removed_on_failure
 from edge_adapt.progress import Job, to_the_end
 from edge_adapt.sizing import for_pool, load_engine
 from edge_adapt.strategies.run import prompt_tokens
@@ -108,6 +108,7 @@ def label_job(cfg: LabelConfig, engine: Engine | None = None) -> Job[Path]:
     """Generate (or reuse) the pool prompt by prompt, yielding Progress; write the dataset when all are done."""
     out = Path(cfg.out)
     check_target(out, force=cfg.force)
+    check_output_dir(Path(cfg.cache_dir), force=False, reuse=True)
     suite = load_suite(cfg.suite, split=cfg.split, n=cfg.n_prompts, path=cfg.data, scorer=cfg.scorer, seed=cfg.seed,
                        levels=cfg.levels, family=cfg.family)
     if not suite.problems:
@@ -118,7 +119,7 @@ def label_job(cfg: LabelConfig, engine: Engine | None = None) -> Job[Path]:
                             prune_points=(), seed=cfg.seed)
     backend = _label_backend(cfg, suite, engine)
     try:
-        with removed_on_failure(cfg.cache_dir, keep_work=True):  # an empty cache folder is not left behind
+        with removed_on_failure(cfg.cache_dir, keep=[cfg.cache_dir]):  # an empty cache folder is not left behind
             steps = build_pool_from(backend, suite, settings, cfg.cache_dir, samples_in(cfg.cache_dir))
             run = yield from pool_job(f"label {suite.name}/{suite.split} K={cfg.k}", steps)
             records = []

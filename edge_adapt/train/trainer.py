@@ -36,7 +36,7 @@ from edge_adapt.fileio import check_output_dir
 from edge_adapt.engine.vocab import same_model
 from edge_adapt.eval import metrics
 from edge_adapt.progress import Job, Progress, to_the_end
-from edge_adapt.tasks.registry import family_of
+from edge_adapt.tasks.registry import family_named
 from edge_adapt.train.config import TrainConfig
 from edge_adapt.train.labels import LabelSet, merge_labels
 
@@ -72,7 +72,7 @@ class Group:
 
     @property
     def family(self) -> str | None:
-        return family_of(self.problem_id)
+        return family_named(self.problem_id)
 
 
 def row_target(row: dict[str, Any], target: str = "relative", relative_weight: float = 0.3) -> float:
