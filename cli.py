@@ -470,7 +470,7 @@ def info(
     model: ModelArg = None,
     model_opt: ModelOpt = None,
     mem_budget: BudgetOpt = None,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", help="context per sequence to plan for (default 1024)", min=64)] = None,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", help="context per sequence to plan for (default 1024, or the model's training context when smaller)", min=64)] = None,
     parallel: Annotated[Optional[int], typer.Option("-n", "--parallel", help="sequences to plan for", min=1)] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -487,7 +487,8 @@ def info(
             raise UsageError(f"{meta.path} is an adapter: it has no memory plan of its own (plan its model)")
         print(json.dumps(adapter_facts(meta), indent=2, default=str) if as_json else adapter_summary(meta))
         return
-    ctx = ctx if ctx is not None else 1024
+    if ctx is None:  # the default never exceeds what the model was trained for; only a --ctx given is refused
+        ctx = min(1024, meta.n_ctx_train) if meta.n_ctx_train else 1024
     check_training_context(ctx, meta)  # a plan for a context that run and chat would refuse is no plan
     budget = parse_size(mem_budget) if mem_budget is not None else None
     p = fit(meta, budget, ctx=ctx, want=parallel) if budget is not None else plan(meta, parallel=parallel or 1, ctx=ctx)

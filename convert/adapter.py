@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import gguf
 import numpy as np
 
-from edge_adapt.fileio import atomic_dir, atomic_file, check_target
+from edge_adapt.fileio import atomic_dir, atomic_file, check_replaceable, check_target
 from edge_adapt.convert.checkpoint import read_json, require_torch
 from edge_adapt.convert.gguf_io import read_gguf_kv
 from edge_adapt.progress import Job, Progress, to_the_end
@@ -60,6 +60,11 @@ def load_peft_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
     """Read adapter_config.json and adapter_model.safetensors; refuse what llama.cpp cannot apply."""
     torch = require_torch()
     root = Path(path)
+    if root.is_file():
+        with root.open("rb") as fh:
+            gguf_file = fh.read(4) == b"GGUF"
+        raise ModelFileError(f"{root}: {'a GGUF adapter file' if gguf_file else 'a file'}, not a PEFT adapter "
+                             "directory (adapter_config.json, adapter_model.safetensors)")
     if not root.is_dir():
         raise ModelFileError(f"{root}: no such adapter directory")
     cfg = read_json(root / "adapter_config.json", "PEFT adapter config")
@@ -178,8 +183,11 @@ def convert_adapter_job(
     """Export a PEFT LoRA or aLoRA as a GGUF adapter that llama.cpp loads on top of the `base` GGUF.
 
     `self_eval_config` (a dict or a JSON file) is written as `edge_adapt.self_eval.*` metadata, so the runtime
-    scores with the suffix and answers the adapter was trained on, with no flags. `type` f16 halves the file
-    (llama.cpp computes LoRA products in f32 either way). `name`: its title (`general.name`), the PEFT directory's
+    scores with the suffix and answers the adapter was trained on, with no flags. `type` f16 halves the file but is
+    not free: llama.cpp multiplies an f16 adapter's tensors at f16 precision (on the CPU the activations are rounded
+    to f16 too), so outputs and self-eval scores differ slightly from the f32 file's even where the values are the
+    same (the shipped f16 adapter, exported as f32, scores a reply 0.1048 where the f16 file scores 0.0988). To
+    reproduce an f16 adapter exactly, export it as f16. `name`: its title (`general.name`), the PEFT directory's
     name if None. As a job it yields Progress ("adapter", per tensor written); `convert_adapter` runs it to its
     result."""
     if type not in ("f32", "f16"):
@@ -267,6 +275,7 @@ def import_adapter(
 
     t0 = time.perf_counter()
     out_path = Path(out)
+    check_replaceable(out_path)  # it is replaced as a whole: never the directory the process works in
     check_target(out_path, force=force, directory=True)  # a PEFT directory
     info = inspect_gguf(adapter, expect="adapter")
     base_info = inspect_gguf(base, expect="model")

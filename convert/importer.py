@@ -17,7 +17,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from edge_adapt.fileio import atomic_dir
+from edge_adapt.fileio import atomic_dir, check_replaceable, check_target
 from edge_adapt.convert.gguf_io import read_gguf_kv
 from edge_adapt.convert.model import IMPORTED_METADATA
 from edge_adapt.progress import Job, Progress, to_the_end
@@ -56,6 +56,9 @@ def import_gguf_job(
     from edge_adapt.engine.gguf_file import inspect_gguf
 
     t0 = time.perf_counter()
+    out_path = Path(out)
+    check_replaceable(out_path)  # it is replaced as a whole: never the directory the process works in
+    check_target(out_path, force=force, directory=True)  # before the work (atomic_dir checks again after it)
     if model is None:
         from edge_adapt.engine.default_model import default_model_path
 
@@ -88,7 +91,7 @@ def import_gguf_job(
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
 
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out_path, force=force) as tmp:
         with open(tmp / "model.safetensors", "wb") as fh:
             fh.write(struct.pack("<Q", len(blob)))
             fh.write(blob)
@@ -104,7 +107,7 @@ def import_gguf_job(
             # Runtime metadata the GGUF carried (e.g. a self-eval config): kept so a round trip can restore it.
             (tmp / IMPORTED_METADATA).write_text(json.dumps(info.edge_adapt, indent=2) + "\n", encoding="utf-8")
     n_params = sum(int(np.prod(s)) for _, _, s, _, _ in entries)
-    return ImportResult(Path(out), info.architecture, len(entries), n_params, time.perf_counter() - t0)
+    return ImportResult(out_path, info.architecture, len(entries), n_params, time.perf_counter() - t0)
 
 
 

@@ -82,6 +82,26 @@ def tensor_type(name: str, shape: tuple[int, ...], want: Q) -> Q:
     return want
 
 
+F16_MAX = 65504.0  # the largest finite f16
+
+
+def _check_f16_range(name: str, arr: np.ndarray, kind: str) -> None:
+    """A finite weight beyond f16's range would be written as infinity: refused by name, with the types that hold
+    it (bf16 and f32 have f32's range; q8_0 stores a block's scale, max/127, as f16)."""
+    arr = np.asarray(arr)
+    big = float(np.max(np.abs(arr), initial=0.0, where=np.isfinite(arr)))
+    if big <= F16_MAX:
+        return
+    if kind in LLAMA_QUANT_TYPES:
+        how, use = f", which the f16 file {kind} is quantized from cannot hold", "q8_0, bf16 or f32"
+    elif kind == "f16":
+        how, use = "", "bf16 or f32"
+    else:  # rows that do not fill a quantization block are written as f16
+        how, use = f" (its rows do not fill {kind} blocks, so it is written as f16)", "bf16 or f32"
+    raise ModelFileError(f"tensor {name!r} has values beyond f16's range (|x| up to {big:.4g}){how}; "
+                         f"use --type {use}")
+
+
 def _encode(arr: np.ndarray, qtype: Q) -> np.ndarray:
     if qtype == Q.F32:
         return np.ascontiguousarray(arr, dtype=np.float32)
@@ -233,7 +253,7 @@ def convert_model_job(
         plan = _plan(model, ckpt, want)
 
         def write(path: Path) -> Job[None]:
-            return _write_gguf(path, model, ckpt, plan, vocab, ftype, self_eval, adapter)
+            return _write_gguf(path, model, ckpt, plan, vocab, ftype, self_eval, adapter, kind)
 
         with atomic_file(out_path, force=force) as tmp:
             if kind in NATIVE_TYPES:
@@ -327,6 +347,7 @@ def _write_gguf(
     ftype: F,
     self_eval: dict[str, Any],
     adapter: LoraAdapter | None,
+    kind: str,
 ) -> Job[None]:
     torch = require_torch()
     w = gguf.GGUFWriter(None, model.gguf_arch)
@@ -368,6 +389,8 @@ def _write_gguf(
                 q = plan[i]
                 if q.name != out_name or tuple(arr.shape) != q.shape:
                     raise ModelFileError(f"internal: planned {q.name}{q.shape}, produced {out_name}{arr.shape}")
+                if q.qtype == Q.F16:
+                    _check_f16_range(out_name, arr, kind)
                 w.write_tensor_data(_encode(arr, q.qtype))
                 done += int(np.prod(q.shape))
                 i += 1

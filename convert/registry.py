@@ -41,6 +41,10 @@ def supported_architectures() -> list[str]:
 def model_class_for(config: dict[str, Any]) -> type[ModelBase]:
     """The class for a config.json's `architectures`; an unknown one is named along with what is supported."""
     archs = config.get("architectures") or []
+    if isinstance(archs, str):  # one class name, not the list transformers writes: read as that one name
+        archs = [archs]
+    if not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ModelFileError(f"config.json: architectures must be a list of class names, got {archs!r:.60}")
     if not archs:
         raise ModelFileError("config.json has no `architectures` entry; cannot tell which model this is")
     for name in archs:
@@ -82,17 +86,23 @@ class Hparams:
             # transformers 5 moved rope settings into `rope_parameters`; 4.x keeps `rope_theta`/`rope_scaling`.
             rope = cfg.get("rope_parameters") or {}
             scaling = _rope_scaling(cfg)
+
+            def given(d: dict[str, Any], key: str, default: Any) -> Any:
+                """A missing or null entry is the default; any other value (0 too) is the value, to be checked."""
+                value = d.get(key) if isinstance(d, dict) else None
+                return default if value is None else value
+
             return cls(
                 n_layer=int(cfg["num_hidden_layers"]),
                 n_embd=n_embd,
                 n_ff=int(cfg["intermediate_size"]),
                 n_head=n_head,
-                n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
-                head_dim=int(cfg.get("head_dim") or n_embd // n_head),
+                n_head_kv=int(given(cfg, "num_key_value_heads", n_head)),
+                head_dim=int(given(cfg, "head_dim", n_embd // n_head if n_head else 0)),
                 n_vocab=int(cfg["vocab_size"]),
-                n_ctx=int(cfg.get("max_position_embeddings") or 2048),
-                rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-                rms_eps=float(cfg.get("rms_norm_eps") or 1e-6),
+                n_ctx=int(given(cfg, "max_position_embeddings", 2048)),
+                rope_theta=float(given(cfg, "rope_theta", given(rope, "rope_theta", 10000.0))),
+                rms_eps=float(given(cfg, "rms_norm_eps", 1e-6)),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 rope_scaling=scaling,
             )
@@ -115,9 +125,9 @@ class Hparams:
         if self.head_dim % 2:
             raise ModelFileError(f"config.json: head size {self.head_dim} is odd (rope rotates pairs)")
         if not (math.isfinite(self.rms_eps) and 0 < self.rms_eps < 1):
-            raise ModelFileError(f"config.json: rms_norm_eps is {self.rms_eps}")
+            raise ModelFileError(f"config.json: rms_norm_eps is {self.rms_eps}; expected a small positive number")
         if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
-            raise ModelFileError(f"config.json: rope_theta is {self.rope_theta}")
+            raise ModelFileError(f"config.json: rope_theta is {self.rope_theta}; expected a positive number")
 
 
 def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
@@ -339,6 +349,7 @@ class LlamaModel(ModelBase):
     gguf_arch = "llama"
     hf_architecture = "LlamaForCausalLM"
     hf_model_type = "llama"
+    rope_scaling_types = ("linear", "llama3")  # llama3: the rope_freqs tensor (extra_tensors), read by the llama graph
     optional_layer_tensors = {
         "self_attn.q_proj.bias": "attn_q.bias",
         "self_attn.k_proj.bias": "attn_k.bias",

@@ -168,6 +168,8 @@ def read_hf_tokenizer(root: Path, n_vocab: int, config: dict[str, Any]) -> GGUFV
             types[i] = gguf.TokenType.UNUSED
 
     merges = _merges(path, model.get("merges") or [])
+    if not merges:
+        raise ModelFileError(f"{path}: BPE tokenizer has no merges (model.merges); llama.cpp cannot load it")
     ids = {t: i for i, t in enumerate(tokens)}
     special: dict[str, int] = {}
     for kind, key in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
@@ -180,15 +182,28 @@ def read_hf_tokenizer(root: Path, n_vocab: int, config: dict[str, Any]) -> GGUFV
             special[kind] = value
 
     add_bos, add_eos = _template_adds(tj.get("post_processor"))
-    template = tcfg.get("chat_template")
-    if (root / "chat_template.jinja").is_file():  # transformers >= 4.50 saves it beside the config
-        template = (root / "chat_template.jinja").read_text(encoding="utf-8")
-    if isinstance(template, list):  # named templates: llama.cpp reads the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    template = _chat_template(root, config_path, tcfg.get("chat_template"))
     return GGUFVocab(
         model="gpt2", pre=pre, tokens=[str(t) for t in tokens], toktypes=[int(t) for t in types], merges=merges,
         special_ids=special, add_bos=add_bos, add_eos=add_eos, chat_template=template,
     )
+
+
+def _chat_template(root: Path, config_path: Path, template: Any) -> str | None:
+    """The chat template: chat_template.jinja beside the config (transformers >= 4.50 saves it there), else the
+    config's `chat_template`, a string or a list of named templates of which llama.cpp reads the default one."""
+    from edge_adapt.fileio import read_user_file
+
+    jinja = root / "chat_template.jinja"
+    if jinja.is_file():
+        return read_user_file(jinja, max_bytes=16 << 20, text=True, error=ModelFileError)
+    if template is None or isinstance(template, str):
+        return template
+    if isinstance(template, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                          and isinstance(t.get("template"), str) for t in template):
+        return next((t["template"] for t in template if t["name"] == "default"), None)
+    raise ModelFileError(f"{config_path}: chat_template must be a string or a list of named templates "
+                         f"({{\"name\": ..., \"template\": ...}}), got {template!r:.40}")
 
 
 def _check_vocab(path: Path, vocab: Any, added: Any) -> None:

@@ -8,6 +8,7 @@ import os
 import resource
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -178,7 +179,7 @@ def test_permission_denied_is_one_line_error(llama_dir: Path, tmp_path: Path, mo
     _only(out)
 
 
-def _cli(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, fsize: int | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     def limit() -> None:
         if fsize is not None:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write(), as on a full disk
@@ -186,7 +187,7 @@ def _cli(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess[st
 
     code = "from edge_adapt.cli import main; main()"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
-                          preexec_fn=limit, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                          preexec_fn=limit, env={**os.environ, "OMP_NUM_THREADS": "2"}, cwd=cwd)
 
 
 def test_disk_full_leaves_nothing_behind(llama_dir: Path, tmp_path: Path) -> None:
@@ -389,3 +390,158 @@ def test_malformed_inputs_are_one_line_errors_at_the_cli(llama_dir: Path, tmp_pa
     assert r.stderr.strip() == ("error: config.json: rope_scaling.factor must be a positive number for linear rope "
                                 "scaling, got None")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("where", ["work", "work/sub"])
+@pytest.mark.parametrize("output", ["absolute", "dot"])
+def test_import_force_refuses_the_directory_it_runs_in(where: str, output: str, tmp_path: Path) -> None:
+    """`import -o "$PWD" --force` (or `-o .`, or a folder above the working directory) would swap the whole
+    directory out from under the user: refused before any work, and nothing in it is touched."""
+    from hostile_gguf import read_kv, tiny_model
+
+    from edge_adapt.engine.default_model import default_model_path
+
+    tokenizer = {k: v for k, v in read_kv(default_model_path()).items() if k.startswith("tokenizer.")}
+    model = tiny_model(tokenizer).write(tmp_path / "m.gguf")
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("precious")
+    (work / "sub" / "data.txt").write_text("more")
+    cwd = tmp_path / where
+    target = str(work) if output == "absolute" else os.path.relpath(work, cwd)
+    before = _tree(tmp_path)
+    r = _cli("import", str(model), "-o", target, "--force", cwd=cwd)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (f"error: {target} holds the working directory: the output directory is replaced as "
+                                "a whole when it is complete; name a directory below this one")
+    assert _tree(tmp_path) == before
+    assert (work / "notes.txt").read_text() == "precious"
+
+    code = ("import sys; from edge_adapt.convert import import_adapter; "
+            "import_adapter(sys.argv[1], base=sys.argv[1], out=sys.argv[2], force=True)")
+    r = subprocess.run([sys.executable, "-c", code, str(model), target], capture_output=True, text=True, cwd=cwd,
+                       timeout=300)
+    assert r.returncode != 0 and "UsageError" in r.stderr and "holds the working directory" in r.stderr, r.stderr
+    assert _tree(tmp_path) == before
+
+
+def _drop_merges(tj: dict) -> None:
+    del tj["model"]["merges"]
+
+
+@pytest.mark.parametrize(("file", "change", "message"), [
+    ("tokenizer.json", _drop_merges, r"tokenizer.json: BPE tokenizer has no merges \(model.merges\); llama.cpp cannot"),
+    ("chat_template.jinja", b"{{ messages }}\xff\xfe", r"chat_template.jinja: not valid UTF-8 text"),
+    ("tokenizer_config.json", lambda tc: tc.update(chat_template=123),
+     r"tokenizer_config.json: chat_template must be a string or a list of named templates"),
+    ("config.json", lambda cfg: cfg.update(rms_norm_eps=0), r"config.json: rms_norm_eps is 0.0; expected a small"),
+    ("config.json", lambda cfg: cfg.update(rms_norm_eps=-1e-5),
+     r"config.json: rms_norm_eps is -1e-05; expected a small positive"),
+    ("config.json", lambda cfg: cfg.update(rope_theta=0, rope_parameters={"rope_type": "default", "rope_theta": 0}),
+     r"config.json: rope_theta is 0.0; expected a positive number"),
+    ("config.json", lambda cfg: cfg.update(rope_theta=-5.0, rope_parameters=None),
+     r"config.json: rope_theta is -5.0; expected a positive"),
+    ("config.json", lambda cfg: cfg.update(architectures={"a": 1}), r"config.json: architectures must be a list"),
+])
+def test_bad_checkpoint_files_are_one_named_error(file: str, change: object, message: str, llama_dir: Path,
+                                                  tmp_path: Path) -> None:
+    """Each used to end in a converter-bug message, `error: unexpected ...` (exit 70), or a silent default."""
+    src = _copy(llama_dir, tmp_path / "src")
+    if file == "tokenizer_config.json":
+        (src / "chat_template.jinja").unlink(missing_ok=True)  # it takes precedence over the config's template
+    if isinstance(change, bytes):
+        (src / file).write_bytes(change)
+    else:
+        _edit_json(src / file, change)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ModelFileError, match=message):
+        convert_model(src, out / "m.gguf", type="f16")
+    _only(out)
+    r = _cli("convert", str(src), "-o", str(out / "m.gguf"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    _only(out)
+
+
+def test_architectures_given_as_one_string_is_read_as_that_name(llama_dir: Path, tmp_path: Path) -> None:
+    src = _copy(llama_dir, tmp_path / "src")
+    _edit_json(src / "config.json", lambda cfg: cfg.update(architectures="LlamaForCausalLM"))
+    assert convert_model(src, tmp_path / "m.gguf", type="f16").architecture == "llama"
+
+
+def test_gguf_without_bpe_merges_refused_at_info_and_import(llama_dir: Path, gguf_dir: Path, tmp_path: Path) -> None:
+    """llama.cpp cannot load a BPE vocabulary without merges: info and import say so instead of passing it on."""
+    from hostile_gguf import read_kv
+
+    from edge_adapt.engine.gguf_file import inspect_gguf
+
+    base = gguf_dir / "llama.m.f16.gguf"
+    convert_model(llama_dir, base, type="f16", force=True)
+    kv = read_kv(base)
+    assert "tokenizer.ggml.merges" in kv
+    data = base.read_bytes()
+    key = b"tokenizer.ggml.merges"
+    at = data.index(struct.pack("<Q", len(key)) + key)
+    _, raw = kv["tokenizer.ggml.merges"]
+    end = at + 8 + len(key) + 4 + len(raw)
+    n_kv = struct.unpack_from("<Q", data, 16)[0]
+    # Drop the entry and pad where it was, so the tensor data stays aligned: the padding is a harmless string key.
+    filler = b"x" * (end - at - 20)
+    pad = struct.pack("<Q", len(filler)) + filler + struct.pack("<I", 8) + struct.pack("<Q", 0)
+    assert len(pad) == end - at
+    bad = tmp_path / "nomerges.gguf"
+    bad.write_bytes(data[:16] + struct.pack("<Q", n_kv) + data[24:at] + pad + data[end:])
+    with pytest.raises(ModelFileError, match="BPE tokenizer has no merges"):
+        inspect_gguf(bad)
+    r = _cli("info", str(bad))
+    assert r.returncode == 1 and r.stderr == f"error: {bad}: BPE tokenizer has no merges (tokenizer.ggml.merges); " \
+        "llama.cpp cannot load it\n"
+    r = _cli("import", str(bad), "-o", str(tmp_path / "hf"))
+    assert r.returncode == 1 and "BPE tokenizer has no merges" in r.stderr and r.stderr.count("\n") == 1
+    _only(tmp_path, "nomerges.gguf")
+
+
+def test_wrong_kind_of_input_is_named_not_misdescribed(tmp_path: Path) -> None:
+    """An adapter GGUF where a model belongs names no --adapter option the command lacks; a GGUF file where a PEFT
+    directory belongs is not "no such directory"; a directory where a GGUF belongs says it is one."""
+    from edge_adapt.engine.default_model import default_model_path, default_selfeval_adapter
+
+    adapter, model = default_selfeval_adapter(), default_model_path()
+    assert adapter is not None
+    r = _cli("import", str(adapter), "-o", str(tmp_path / "hf"))
+    assert r.returncode == 1 and r.stderr == f"error: {adapter}: this is an adapter GGUF, not a model (an adapter " \
+        "is applied on top of its base model)\n"
+    r = _cli("convert-adapter", str(tmp_path), "--base", str(adapter), "-o", str(tmp_path / "a.gguf"))
+    assert r.returncode == 1 and "--adapter" not in r.stderr and "adapter GGUF, not a model" in r.stderr
+    r = _cli("convert-adapter", str(adapter), "--base", str(model), "-o", str(tmp_path / "a.gguf"))
+    assert r.returncode == 1 and r.stderr == f"error: {adapter}: a GGUF adapter file, not a PEFT adapter directory " \
+        "(adapter_config.json, adapter_model.safetensors)\n"
+    r = _cli("info", str(tmp_path))
+    assert r.returncode == 1 and r.stderr == f"error: {tmp_path}: is a directory; a GGUF file is expected here\n"
+    _only(tmp_path)
+
+
+@pytest.mark.parametrize(("kind", "use"), [
+    ("f16", "; use --type bf16 or f32"),
+    ("q4_k_m", ", which the f16 file q4_k_m is quantized from cannot hold; use --type q8_0, bf16 or f32"),
+])
+def test_weight_beyond_f16_range_named_with_the_types_that_hold_it(kind: str, use: str, llama_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """A finite 1e5 (bf16 / f32 checkpoints hold such values) is not "NaN or infinite", nor a numpy warning."""
+    from safetensors.torch import load_file, save_file
+
+    src = _copy(llama_dir, tmp_path / "src")
+    state = load_file(str(src / "model.safetensors"))
+    state["model.layers.0.mlp.down_proj.weight"][3, 5] = -1e5
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    out.mkdir()
+    r = _cli("convert", str(src), "-o", str(out / "m.gguf"), "--type", kind)
+    assert r.returncode == 1
+    assert r.stderr == (f"error: tensor 'blk.0.ffn_down.weight' has values beyond f16's range (|x| up to 1e+05){use}"
+                        "\n")
+    _only(out)

@@ -232,3 +232,37 @@ def test_default_rope_scaling_is_no_scaling(scaling: dict, llama_dir: Path, tmp_
     (src / "config.json").write_text(json.dumps(cfg))
     out = convert_model(src, tmp_path / "m.gguf", type="f16").path
     assert not any(key.startswith("llama.rope.scaling") for key in gguf.GGUFReader(out).fields)
+
+
+def test_llama3_rope_scaling_matches_transformers_beyond_the_original_context(llama_dir: Path, tmp_path: Path) -> None:
+    """Llama 3.1 / 3.2 frequency-dependent rope scaling travels as the rope_freqs tensor; past
+    original_max_position_embeddings (64 here, so every regime of the scaling is used) llama.cpp must still give
+    transformers' logits."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_dir, src)
+    cfg = json.loads((src / "config.json").read_text())
+    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    cfg.pop("rope_scaling", None)
+    cfg["rope_parameters"] = {**scaling, "rope_theta": theta}
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = convert_model(src, tmp_path / "m.gguf", type="f32").path
+    assert "rope_freqs.weight" in inspect_gguf(out).tensor_shapes
+
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    assert model.config.rope_parameters["rope_type"] == "llama3"
+    ids = AutoTokenizer.from_pretrained(str(src))(" ".join(PROMPTS) * 3)["input_ids"][:240]
+    assert len(ids) == 240  # well past the original 64 positions, inside llama_cpp_logits' 256
+    ref, got = hf_logits(model, ids), llama_cpp_logits(out, ids)
+    assert np.abs(ref - got).max() <= 1e-3 * np.abs(ref).max()
+    unscaled = json.loads((llama_dir / "config.json").read_text())  # the scaling must matter at these positions
+    assert unscaled.get("rope_parameters", {}).get("rope_type", "default") == "default"
+    plain = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32).eval()
+    assert np.abs(hf_logits(plain, ids) - ref)[64:].max() > 10 * np.abs(ref - got).max()

@@ -183,6 +183,16 @@ def _arr_u32(values: list[int]) -> tuple[int, bytes]:
     return array(U32, values)
 
 
+def _as_qwen2(*edits: Callable[[GGUF], None]) -> Callable[[GGUF], None]:
+    """The tiny llama relabelled as qwen2 (its keys renamed), then `edits` (which name qwen2's keys)."""
+    def edit(g: GGUF) -> None:
+        g.kv = {("qwen2." + k.removeprefix("llama.") if k.startswith("llama.") else k): v for k, v in g.kv.items()}
+        g.kv["general.architecture"] = string("qwen2")
+        for e in edits:
+            e(g)
+    return edit
+
+
 GGUF_CASES: dict[str, tuple[Callable[[GGUF], None], str]] = {
     # layer count and per-layer arrays (GGML_ASSERT n_layer_all in 1..LLAMA_MAX_LAYERS)
     "block_count_1000": (_set("llama.block_count", scalar(U32, 1000)), "block_count is 1000"),
@@ -224,6 +234,19 @@ GGUF_CASES: dict[str, tuple[Callable[[GGUF], None], str]] = {
     "rope_dims_0": (_set("llama.rope.dimension_count", scalar(U32, 0)), "dimension_count"),
     "rope_dims_odd": (_set("llama.rope.dimension_count", scalar(U32, 7)), "dimension_count"),
     "rope_dims_wider_than_head": (_set("llama.rope.dimension_count", scalar(U32, 1000)), "dimension_count"),
+    # llama / qwen2 rotate the whole head (qwen2: GGML_ASSERT(n_embd_head == n_rot) when the graph is built)
+    "rope_dims_half_head": (_set("llama.rope.dimension_count", scalar(U32, 4)), "rotates the whole head"),
+    "qwen2_rope_dims_half_head": (_as_qwen2(_set("qwen2.rope.dimension_count", scalar(U32, 4))),
+                                  "qwen2.rope.dimension_count is 4 for heads of 8; llama.cpp's qwen2 graph rotates"),
+    # expert counts (GGML_ASSERT n_expert_used_max > 0 / <= n_expert)
+    "qwen2_experts_on_dense_model": (_as_qwen2(_set("qwen2.expert_count", scalar(U32, 4))),
+                                     "expert_used_count is missing or 0"),
+    "experts_used_without_experts": (_set("llama.expert_used_count", scalar(U32, 2)), "declares no experts"),
+    "experts_used_more_than_experts": (lambda g: (_set("llama.expert_count", scalar(U32, 2))(g),
+                                                  _set("llama.expert_used_count", scalar(U32, 4))(g)),
+                                       "more than the 2 experts"),
+    "experts_too_many": (lambda g: (_set("llama.expert_count", scalar(U32, 100_000))(g),
+                                    _set("llama.expert_used_count", scalar(U32, 2))(g)), "at most 512 experts"),
     # context length
     "context_length_0": (_set("llama.context_length", scalar(U32, 0)), "context_length is 0"),
     "context_length_2_32": (_set("llama.context_length", scalar(U64, 1 << 32)), "context_length"),
@@ -298,7 +321,8 @@ def test_crafted_gguf_is_refused_with_one_line(case: str, tokenizer, tmp_path: P
 # each in its own process: without the check the process dies with SIGABRT.
 LOADED = ["block_count_1000", "vocab_duplicate_endoftext", "rms_eps_nan", "bos_out_of_vocab", "eos_out_of_vocab",
           "context_length_0", "vocab_size_2_31", "nan_in_norm", "head_count_kv_not_divisor", "token_type_short",
-          "attn_q_wrong_shape"]
+          "attn_q_wrong_shape", "qwen2_rope_dims_half_head", "qwen2_experts_on_dense_model",
+          "experts_used_without_experts"]
 
 
 @pytest.mark.parametrize("case", LOADED)

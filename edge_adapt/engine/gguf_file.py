@@ -217,6 +217,8 @@ def inspect_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUF
     p = Path(path)
     if not p.exists():
         raise ModelFileError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelFileError(f"{p}: is a directory; a GGUF file is expected here")
     if not p.is_file():
         raise ModelFileError(f"{p}: not a file")
     try:
@@ -248,7 +250,8 @@ def inspect_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUF
 
     if expect == "adapter" or general_type == "adapter":
         if expect == "model":
-            raise ModelFileError(f"{p}: this is an adapter GGUF, not a model; pass it with --adapter")
+            raise ModelFileError(f"{p}: this is an adapter GGUF, not a model (an adapter is applied on top of "
+                                 "its base model)")
         if general_type != "adapter":
             raise ModelFileError(f"{p}: not an adapter GGUF (general.type is {general_type!r})")
         adapter = {k.removeprefix("adapter."): v for k, v in kv.items() if k.startswith("adapter.")}
@@ -361,6 +364,12 @@ def _file_type_name(value: Any) -> str:
 
 # -- what llama.cpp asserts on load, checked first ------------------------------------------------------------
 LLAMA_MAX_LAYERS = 512  # llama-hparams.h
+LLAMA_MAX_EXPERTS = 512  # llama-hparams.cpp
+# Architectures whose rope rotates the whole head: llama.cpp's load_hparams refuses another n_rot for llama, deci
+# and falcon ("invalid n_rot"), and the qwen2 graph asserts it (GGML_ASSERT(n_embd_head == n_rot), an abort).
+ROPE_WHOLE_HEAD = frozenset({"llama", "deci", "falcon", "qwen2"})
+# The qwen2 graph also asserts n_embd_head_v == n_embd_head_k.
+SAME_K_V_HEADS = frozenset({"qwen2"})
 MAX_CONTEXT = 1 << 24
 SCAN_DATA_BYTES = 2 << 30  # files up to this size have their float data checked for NaN / Inf
 _NO_TOKEN = (-1, 0xFFFFFFFF)  # "no such special token"
@@ -432,6 +441,7 @@ def check_model_metadata(p: Path, arch: str, kv: dict[str, Any], tensors: list[_
     rope_dims = kv.get(f"{arch}.rope.dimension_count")
     if rope_dims is not None and not (is_whole(rope_dims) and 0 < rope_dims <= head_dim and rope_dims % 2 == 0):
         raise bad(f"{arch}.rope.dimension_count is {rope_dims!r} for heads of {head_dim}")
+    check_experts(p, arch, kv, n_layer)
 
     # The vocabulary: llama.cpp asserts its token strings are unique, and reads scores / types by token id.
     vocab = kv.get(_TOKENS)
@@ -446,6 +456,8 @@ def check_model_metadata(p: Path, arch: str, kv: dict[str, Any], tensors: list[_
         v = kv.get(key)
         if v is not None and (not isinstance(v, list) or len(v) != n_vocab):
             raise bad(f"{key} has {len(v) if isinstance(v, list) else 'no'} entries for {n_vocab} tokens")
+    if kv.get("tokenizer.ggml.model") == "gpt2" and "tokenizer.ggml.merges" not in kv:
+        raise bad("BPE tokenizer has no merges (tokenizer.ggml.merges); llama.cpp cannot load it")
     declared = kv.get(f"{arch}.vocab_size")
     if declared is not None and declared != n_vocab:
         raise bad(f"{arch}.vocab_size is {declared!r} but the vocabulary has {n_vocab} tokens")
@@ -477,6 +489,54 @@ def check_model_metadata(p: Path, arch: str, kv: dict[str, Any], tensors: list[_
             raise bad(f"tensor {name!r} has shape {list(t.shape)}, the metadata implies {list(shape)}")
     if "token_embd.weight" not in by_name:
         raise bad("GGUF lacks the token embedding (token_embd.weight)")
+    # Checked after the tensors, so a head size the tensors contradict is named as that first.
+    if arch in ROPE_WHOLE_HEAD and rope_dims is not None and rope_dims != head_dim:
+        raise bad(f"{arch}.rope.dimension_count is {rope_dims} for heads of {head_dim}; llama.cpp's {arch} graph "
+                  "rotates the whole head")
+    value_dim = head_v or n_embd // max(heads)  # llama.cpp's default, as for the key length
+    if arch in SAME_K_V_HEADS and value_dim != head_dim:
+        raise bad(f"{arch} heads of {head_dim} for keys and {value_dim} for values; llama.cpp's {arch} graph "
+                  "needs them equal")
+
+
+def check_experts(p: Path, arch: str, kv: dict[str, Any], n_layer: int) -> None:
+    """The expert counts as llama.cpp's load_hparams asserts them, for every architecture (a GGML_ASSERT aborts
+    the process): at most LLAMA_MAX_EXPERTS experts; experts used (per layer, or one count) no more than there
+    are, and some when there are experts, none when there are not; fewer expert groups than experts, the experts
+    a whole number of groups, and some groups used but fewer than there are."""
+
+    def count(suffix: str) -> int:
+        key = f"{arch}.{suffix}"
+        v = kv.get(key, 0)
+        values = v if isinstance(v, list) else [v]
+        if isinstance(v, list) and len(v) != n_layer:
+            raise ModelFileError(f"{p}: {key} has {len(v)} entries for {n_layer} layers")
+        if not all(is_whole(x) and 0 <= x < 1 << 31 for x in values):
+            raise ModelFileError(f"{p}: {key} is {v!r}; expected a count")
+        return max(values, default=0)
+
+    n_expert, n_used = count("expert_count"), count("expert_used_count")
+    groups, groups_used = count("expert_group_count"), count("expert_group_used_count")
+    where = f"{p}: {arch}.expert"
+    if n_expert > LLAMA_MAX_EXPERTS:
+        raise ModelFileError(f"{where}_count is {n_expert}; llama.cpp takes at most {LLAMA_MAX_EXPERTS} experts")
+    if n_expert == 0:
+        if n_used:
+            raise ModelFileError(f"{where}_used_count is {n_used} but the model declares no experts "
+                                 f"({arch}.expert_count)")
+        if groups:
+            raise ModelFileError(f"{where}_group_count is {groups} but the model declares no experts")
+        return
+    if n_used == 0:
+        raise ModelFileError(f"{where}_count is {n_expert} but {arch}.expert_used_count is missing or 0 (a dense "
+                             f"model has no {arch}.expert_count)")
+    if n_used > n_expert:
+        raise ModelFileError(f"{where}_used_count is {n_used}, more than the {n_expert} experts")
+    if groups >= n_expert:
+        raise ModelFileError(f"{where}_group_count is {groups}, not fewer than the {n_expert} experts")
+    if groups > 1 and (n_expert % groups or not 0 < groups_used < groups):
+        raise ModelFileError(f"{where}_group_count {groups} with {arch}.expert_group_used_count {groups_used} does "
+                             f"not fit {n_expert} experts (a whole number of groups, some but not all used)")
 
 
 # Where the float fields (scales, minimums) sit inside one quantized block, in bytes: (offset, numpy type).
