@@ -211,3 +211,69 @@ def test_strategy_needing_more_sequences_than_the_server_has_is_400(server: Serv
 def test_nothing_leaks_after_bad_input(server: ServerProcess) -> None:
     server.wait_idle()
     assert server.metrics()["requests_queued"] == 0
+
+
+def _fingerprint(server: ServerProcess) -> str:
+    return server.http.get("/v1/models").json()["data"][0]["edge_adapt"]["fingerprint"]
+
+
+def _policy(model: str, choice: str = '{"strategy":"probe"}') -> str:
+    """An inline auto policy as raw JSON text (so that it can spell lone surrogates): `choice` in bin 1."""
+    return '{"model":"%s","bin_edges":[0.1,0.2,0.3,0.4],"budgets":{"2":[%s%s]}}' % (
+        model, choice, ',{"strategy":"probe"}' * 4)
+
+
+@pytest.mark.parametrize("case", ["chat model", "completions model", "policy model", "policy option name",
+                                  "policy option value", "key"])
+def test_lone_surrogates_quoted_back_in_errors_are_4xx_not_500(server: ServerProcess, case: str) -> None:
+    # "\ud800" is valid JSON; such a string quoted into an error message must not make the error unanswerable.
+    m = '[{"role":"user","content":"hi"}]'
+    fp = _fingerprint(server)
+    auto = '{"messages":%s,"max_tokens":8,"edge_adapt":{"strategy":"auto","budget":4,"policy":%s}}'
+    path, body, status, param = {
+        "chat model": ("/v1/chat/completions", '{"model":"\\ud800","messages":%s,"max_tokens":2}' % m, 404, "model"),
+        "completions model": ("/v1/completions", '{"model":"x\\udfff","prompt":"hi","max_tokens":2}', 404, "model"),
+        "policy model": ("/v1/chat/completions", auto % (m, _policy("\\ud800")), 400, "edge_adapt.policy"),
+        "policy option name": ("/v1/chat/completions",
+                               auto % (m, _policy(fp, '{"strategy":"best-of-n","options":{"\\ud800":1}}')),
+                               400, "edge_adapt.policy.budgets.2.0.options"),
+        "policy option value": ("/v1/chat/completions",
+                                auto % (m, _policy(fp, '{"strategy":"best-of-n","options":{"budget":"\\ud800"}}')),
+                                400, "edge_adapt.policy"),
+        "key": ("/v1/chat/completions", '{"\\ud800x":1,"messages":%s}' % m, 400, None),
+    }[case]
+    r = _post(server, body, path)
+    err = _error(r, status)
+    assert err["param"] == param and "internal error" not in err["message"], err
+    if case in ("key", "policy option name"):  # refused as such (pydantic cannot quote it)
+        assert "lone surrogate" in err["message"]
+    else:  # quoted as it was sent, escaped in the JSON
+        assert "\ud800" in err["message"] or "\udfff" in err["message"]
+    assert "Exception in ASGI" not in server.stderr()
+
+
+def test_auto_refusals_name_the_field(server: ServerProcess) -> None:
+    auto = {"strategy": "auto", "budget": 1}
+    err = _error(_post(server, {**OK_BODY, "edge_adapt": auto}), 400)
+    assert err["param"] == "edge_adapt.budget" and "budget 1" in err["message"], err
+    other = json.loads(_policy("llama:1:2:Q4_1:deadbeef"))
+    err = _error(_post(server, {**OK_BODY, "edge_adapt": {**auto, "budget": 4, "policy": other}}), 400)
+    assert err["param"] == "edge_adapt.policy" and "tuned for model" in err["message"], err
+
+
+def test_bodies_and_stream_chunks_holding_a_lone_surrogate_still_encode() -> None:
+    # A model id from a file name with bytes that are not UTF-8 holds one (Python's surrogateescape): every JSON
+    # body and SSE chunk that names the model must still be written, with the string escaped.
+    from edge_adapt.server.app import _sse
+    from edge_adapt.server.openai_errors import APIError, JSONBody
+    from edge_adapt.server.responses import Assembler, Shape
+
+    shape = Shape.new("chat", "model-\udcff", 1)
+    chunk = Assembler(shape, lambda t: b"").opening()[0]
+    event = _sse(chunk)
+    raw = event if isinstance(event, bytes) else event.encode("utf-8")
+    assert json.loads(raw.decode("utf-8").removeprefix("data: "))["model"] == "model-\udcff"
+    assert json.loads(JSONBody({"model": "model-\udcff", "text": "é"}).body) == {"model": "model-\udcff", "text": "é"}
+    assert JSONBody({"text": "é"}).body == '{"text":"é"}'.encode()  # UTF-8 as before when it can be
+    err = APIError(404, "no model \ud800", param="model").response()
+    assert json.loads(err.body)["error"]["message"] == "no model \ud800"

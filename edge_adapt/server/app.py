@@ -20,16 +20,16 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from edge_adapt.engine.events import Done
 from edge_adapt.errors import EdgeAdaptError
 from edge_adapt.server import metrics as prometheus
 from edge_adapt.server.guard import CORS, MAX_BODY, Guard, before_stop
-from edge_adapt.server.jobs import ScoringModel, chat_tokens, completion_tokens, plan_job
+from edge_adapt.server.jobs import ScoringModel, chat_tokens, completion_tokens, plan_job, refused_field
 from edge_adapt.server.openai_errors import (
-    APIError, bad_request, from_library, from_pydantic, on_api_error, on_http_error, on_unexpected,
-    on_validation_error, shutting_down,
+    APIError, JSONBody, bad_request, from_library, from_pydantic, json_bytes, lone_surrogate, on_api_error,
+    on_http_error, on_unexpected, on_validation_error, shutting_down,
 )
 from edge_adapt.server.responses import Assembler, Shape
 from edge_adapt.server.scheduler import QueueFull, Scheduler, Ticket
@@ -40,6 +40,7 @@ Kind = Literal["chat", "text"]
 PING_S = 2.0  # an SSE comment this often while a stream has nothing to send (queue wait, long prefill, strategy)
 DISCONNECT_POLL_S = 0.05  # how often a non-streaming request checks that its client is still there
 RETRY_AFTER_S = 1
+OFF_LOOP_BYTES = 1 << 16  # a request body this big is parsed and validated off the event loop
 
 
 @dataclass
@@ -104,7 +105,8 @@ class ServerState:
 def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: Sequence[str] = (),
                max_body: int = MAX_BODY, loopback_only: bool = False) -> FastAPI:
     # No redirects: a client that POSTs to `/v1/chat/completions/` gets a 404 it can read, not a 307 to follow.
-    app = FastAPI(title="edge-adapt", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+    app = FastAPI(title="edge-adapt", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False,
+                  default_response_class=JSONBody)
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
@@ -161,8 +163,15 @@ def _no_constant(name: str) -> Any:
 
 
 async def _parse(request: Request, cls: type[M]) -> M:
-    """The body as `cls`: UTF-8 JSON holding one object, every fault a 400 naming what is wrong."""
+    """The body as `cls`: UTF-8 JSON holding one object, every fault a 400 naming what is wrong. A big body is
+    parsed on the worker thread: validating 110,000 messages (3.7 MB) took 0.6 s, a stall for every stream."""
     raw = await request.body()
+    if len(raw) < OFF_LOOP_BYTES:
+        return _parsed(raw, cls)
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZER, _parsed, raw, cls)
+
+
+def _parsed(raw: bytes, cls: type[M]) -> M:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -177,11 +186,14 @@ async def _parse(request: Request, cls: type[M]) -> M:
         return cls.model_validate(data)
     except ValidationError as exc:
         raise from_pydantic(exc.errors()) from None
+    except UnicodeEncodeError:  # a refusal that quotes a lone surrogate
+        raise lone_surrogate(data) from None
 
 
-# Tokenizing runs off the event loop on this one worker thread, not on Starlette's pool of up to 40: every thread
-# that allocates gets its own malloc arena, and a burst of concurrent clients grew the server's RSS by ~27 MiB
-# that way (the load test, edge_adapt.bench.serve_load) for no speed gain (tokenizing takes microseconds to ms).
+# Tokenizing (and parsing a big body) runs off the event loop on this one worker thread, not on Starlette's pool
+# of up to 40: every thread that allocates gets its own malloc arena, and a burst of concurrent clients grew the
+# server's RSS by ~27 MiB that way (the load test, edge_adapt.bench.serve_load) for no speed gain (tokenizing
+# takes microseconds to ms).
 _TOKENIZER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-adapt-tokenize")
 
 
@@ -225,6 +237,8 @@ async def _answer(request: Request, state: ServerState, scheduler: Scheduler,
         err = _refusal(exc, kind)
         if err.code == "budget_exceeded":  # plan_job refuses an n over --parallel itself: this is a strategy's
             err.param = "edge_adapt.budget"
+        elif err.param is None and plan.job.strategy is not None:  # its preflight (auto: the policy, its rows)
+            err.param = refused_field(plan.job.strategy, scheduler.engine.fingerprint)
         raise err from None
     if req.stream:
         return StreamingResponse(_stream(assembler, queue, ticket, state.waiting), media_type="text/event-stream",
@@ -272,7 +286,7 @@ async def _wait(request: Request, assembler: Assembler, queue: asyncio.Queue[obj
             assembler.add(item)
             if isinstance(item, Done):
                 finished = True
-                return JSONResponse(assembler.body())
+                return JSONBody(assembler.body())
     finally:
         if not finished:
             ticket.cancel()
@@ -284,12 +298,12 @@ def _last(item: object) -> bool:
     return isinstance(item, Done) or (isinstance(item, BaseException) and not isinstance(item, APIError))
 
 
-def _sse(data: object) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+def _sse(data: object) -> bytes:
+    return b"data: " + json_bytes(data) + b"\n\n"
 
 
 async def _stream(assembler: Assembler, queue: asyncio.Queue[object], ticket: Ticket,
-                  waiting: set[asyncio.Queue[object]]) -> AsyncIterator[str]:
+                  waiting: set[asyncio.Queue[object]]) -> AsyncIterator[bytes]:
     """Server-sent events: chunks as the job produces them, `: ping` while it has nothing to say, `[DONE]` at
     the end. Starlette stops iterating when the client disconnects: `finally` then cancels the job."""
     finished = False  # the stream has said all it will
@@ -298,17 +312,17 @@ async def _stream(assembler: Assembler, queue: asyncio.Queue[object], ticket: Ti
     try:
         opening = assembler.opening()
         if opening:
-            yield "".join(_sse(c) for c in opening)
+            yield b"".join(_sse(c) for c in opening)
         while not finished:
             try:
                 item = await asyncio.wait_for(queue.get(), PING_S)
             except asyncio.TimeoutError:
-                yield ": ping\n\n"
+                yield b": ping\n\n"
                 continue
             items = [item]
             while not queue.empty():  # everything already waiting goes out in one write
                 items.append(queue.get_nowait())
-            out = []
+            out: list[bytes] = []
             for it in items:
                 ended = _last(it)
                 try:
@@ -320,10 +334,10 @@ async def _stream(assembler: Assembler, queue: asyncio.Queue[object], ticket: Ti
                     finished = True
                     break
                 if isinstance(it, Done):
-                    out.append("data: [DONE]\n\n")
+                    out.append(b"data: [DONE]\n\n")
                     finished = True
                     break
-            yield "".join(out)
+            yield b"".join(out)
     finally:
         waiting.discard(queue)
         if not ended:

@@ -11,9 +11,10 @@ from pydantic import ValidationError
 
 from edge_adapt.engine.sampling import SAMPLING_RULES, SamplingParams, check_bias_vocabulary
 from edge_adapt.errors import ContextOverflowError, UsageError, one_line, validated
-from edge_adapt.server.openai_errors import APIError, bad_request
+from edge_adapt.server.openai_errors import APIError, bad_request, lone_surrogate
 from edge_adapt.server.scheduler import Job
 from edge_adapt.server.schemas import ChatCompletionRequest, CompletionRequest, EdgeAdaptOptions
+from edge_adapt.strategies.auto import policy_of
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.policy import Policy
 
@@ -142,6 +143,24 @@ def _scoring_plan(req: Request, prompt: list[int], scoring: ScoringModel, params
     return Plan(job, 1, None, req.top_alternatives)
 
 
+def refused_field(config: StrategyConfig, fingerprint: str) -> str:
+    """The `edge_adapt` field a strategy's preflight refused the request for (`param` of its 400). auto: its budget
+    when the policy has no row for it, else the policy (none for this model, tuned for another, a choice that
+    cannot run), in the order `auto.prepare` checks them; the object itself for other strategies."""
+    if config.strategy != "auto":
+        return "edge_adapt"
+    try:
+        policy = policy_of(config)
+        policy.check_model(fingerprint)
+    except UsageError:
+        return "edge_adapt.policy"
+    try:
+        policy.row_for(config.budget)
+    except UsageError:
+        return "edge_adapt.budget"
+    return "edge_adapt.policy"  # a choice in its row that cannot run here
+
+
 def strategy_config(opts: EdgeAdaptOptions, sampling: dict[str, float], *, seed: int, max_tokens: int | None,
                     stop: tuple[str, ...]) -> StrategyConfig:
     """The `edge_adapt` object and the request's sampling fields as a StrategyConfig, with `edge-adapt run`'s
@@ -150,6 +169,8 @@ def strategy_config(opts: EdgeAdaptOptions, sampling: dict[str, float], *, seed:
         policy = validated(Policy, opts.policy, "edge_adapt.policy") if opts.policy is not None else None
     except UsageError as exc:
         raise bad_request(str(exc), "edge_adapt.policy") from None
+    except UnicodeEncodeError:  # a refusal that quotes a lone surrogate
+        raise lone_surrogate(opts.policy, "edge_adapt.policy") from None
     prune_at = (opts.prune_at,) if isinstance(opts.prune_at, int) else opts.prune_at
     data: dict[str, Any] = {
         "strategy": opts.strategy, "budget": opts.budget, "threshold": opts.threshold, "keep": opts.keep,
@@ -167,3 +188,5 @@ def strategy_config(opts: EdgeAdaptOptions, sampling: dict[str, float], *, seed:
         field = str(loc[0]) if loc else None
         param = f"edge_adapt.{field}" if field in EdgeAdaptOptions.model_fields else field or "edge_adapt"
         raise APIError(400, one_line(exc, "edge_adapt"), param=param) from None
+    except UnicodeEncodeError:
+        raise lone_surrogate(opts.model_dump(exclude={"policy"}), "edge_adapt") from None
