@@ -159,7 +159,7 @@ def os_error_message(path: Path, exc: OSError) -> str:
     """One line for the user; disk full and permission problems are the common ones."""
     # numpy's tofile reports a short write without an errno: the device stopped taking data.
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or (exc.errno is None and "requested and" in str(exc)):
-        return f"cannot write {path}: no space left ({exc.strerror})"
+        return f"cannot write {path}: no space left" + (f" ({exc.strerror})" if exc.strerror else "")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {path}: permission denied"
     return f"cannot write {path}: {exc.strerror or exc}"
@@ -207,8 +207,17 @@ def replace_path(new: Path, target: Path) -> None:
         os.replace(new, target)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent or "."))
-    os.replace(target, old / "x")
-    os.replace(new, target)
+    try:
+        os.replace(target, old / "x")
+    except OSError:
+        old.rmdir()  # nothing was parked: no empty folder is left beside the target
+        raise
+    try:
+        os.replace(new, target)
+    except OSError:
+        os.replace(old / "x", target)  # the old directory back where it was
+        old.rmdir()
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

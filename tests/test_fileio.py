@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +159,16 @@ def test_a_broken_link_as_an_output_folder_is_one_clear_error(tmp_path, kind):
         (tmp_path / "link2").symlink_to(link)
     with pytest.raises(UsageError, match="link is a symbolic link to .*, which does not exist"):
         check_output_dir(link, force=False, reuse=True)
+
+
+def test_a_directory_that_cannot_be_moved_aside_is_left_as_it_was_with_nothing_beside_it(tmp_path, monkeypatch):
+    """Was: replacing "." (a rename the OS refuses) left an empty `..XXXX.old` folder behind."""
+    from edge_adapt.fileio import replace_path
+
+    work = tmp_path / "work"
+    (work / "new").mkdir(parents=True)
+    (work / "mine.txt").write_text("kept")
+    monkeypatch.chdir(work)
+    with pytest.raises(OSError):
+        replace_path(work / "new", Path("."))
+    assert sorted(p.name for p in work.iterdir()) == ["mine.txt", "new"]
