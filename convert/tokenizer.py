@@ -25,6 +25,17 @@ LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# llama.cpp's split when a BPE vocabulary names no pre-tokenizer it knows (LLAMA_VOCAB_PRE_TYPE_DEFAULT, also taken
+# when tokenizer.ggml.pre is missing, as in older GGUFs): four regexes, each splitting the pieces the one before left
+# (src/llama-vocab.cpp). It is not GPT-2's: punctuation runs, then digit runs, then 3-digit groups split off.
+# The second is GPT-2's; llama.cpp runs it as code that also takes a lone whitespace run, as HF's `|\s+` does.
+DEFAULT_REGEXES = (
+    r"[\p{P}\$\+<=>\^~\|]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+)
+
 _BYTELEVEL_REGEX = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 _BYTELEVEL_PLAIN = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
 
@@ -35,6 +46,7 @@ def _split(regex: str) -> dict[str, Any]:
 
 # llama.cpp pre-tokenizer name (as llama.cpp spells it) -> the HF pre_tokenizer that splits text the same way.
 PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
+    "default": {"type": "Sequence", "pretokenizers": [*map(_split, DEFAULT_REGEXES), _BYTELEVEL_PLAIN]},
     "gpt-2": _BYTELEVEL_REGEX,
     "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTELEVEL_REGEX]},
     "qwen2": {"type": "Sequence", "pretokenizers": [_split(QWEN2_REGEX), _BYTELEVEL_PLAIN]},
@@ -255,11 +267,10 @@ def build_hf_tokenizer(kv: dict[str, Any], out: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     model = kv.get("tokenizer.ggml.model")
+    # A GGUF without a pre-tokenizer (older files) gets llama.cpp's default split, and says so once converted back.
     pre = kv.get("tokenizer.ggml.pre", "default")
     if model != "gpt2":
         raise ModelFileError(f"cannot import tokenizer model {model!r} (only byte-level BPE, 'gpt2')")
-    if pre == "default":
-        pre = "gpt-2"
     if pre not in PRE_TOKENIZERS:
         raise ModelFileError(f"cannot import pre-tokenizer {pre!r}; supported: {', '.join(PRE_TOKENIZERS)}")
     tokens: list[str] = kv["tokenizer.ggml.tokens"]
