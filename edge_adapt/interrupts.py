@@ -59,7 +59,13 @@ def _interrupt(signum: int) -> KeyboardInterrupt:
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+_held: list[bool] = []  # inside `held()`: an interrupt waits for the block's end
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    if _held:
+        _pending.append(signum)
+        return
     if _inside_callback(frame):
         _pending.append(signum)
         timer = threading.Timer(0.05, _redeliver)
@@ -81,6 +87,18 @@ def check() -> None:
         signum = _pending[-1]
         _pending.clear()
         raise _interrupt(signum)
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """A few steps that must happen all or none (renames that publish several outputs): Ctrl-C or SIGTERM inside
+    waits until they are done and then stays pending, raised by the next `check()` (the entry point's, once the
+    command is over), so what was published stays whole."""
+    _held.append(True)
+    try:
+        yield
+    finally:
+        _held.pop()
 
 
 def install() -> None:
@@ -124,8 +142,13 @@ def entry_point(debug: Callable[[], bool] = lambda: False) -> Iterator[None]:
 
     install()
     try:
-        yield
-        check()
+        try:
+            yield
+            check()
+        finally:  # the command is over: a Ctrl-C while the interpreter shuts down (atexit) would be a traceback
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except EdgeAdaptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -332,6 +332,9 @@ def test_run_json_has_one_schema_for_plain_and_strategy_runs():
         (("run", "hi", "-n", "2", "--keep", "1", "--show-scores"), "--keep, --show-scores are only used with --strategy"),
         (("run", " \n"), "the prompt is empty"),
         (("run", "hi", "--threads", "100000"), "'--threads': Input should be less than or equal to 512"),
+        (("eval", "--seed", "-1"), "eval: seed: Input should be greater than or equal to 0"),
+        (("train", "l.jsonl", "--validation", "v.jsonl", "-o", "o", "--seed", "99999999999999999999999"),
+         "seed: Input should be less than"),
     ],
 )
 def test_sampling_and_run_options_are_checked_once(args: tuple[str, ...], fragment: str, tmp_path: Path):

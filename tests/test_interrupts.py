@@ -304,3 +304,36 @@ def test_train_force_interrupted_leaves_the_earlier_run_whole(tmp_path: Path):
             if p.is_file() and "base-hf" not in p.parts} == files
     assert not (out / ".new").exists()
     no_temp_files(tmp_path)
+
+
+# -- the entry point's edges -----------------------------------------------------------------------------------
+def test_an_interrupt_inside_held_waits_for_the_block_and_stays_pending():
+    """train's move of its outputs into place: a Ctrl-C there used to leave a new adapter.gguf beside the earlier
+    run's metrics and checkpoint."""
+    import signal as sig
+
+    from edge_adapt import interrupts
+
+    before = sig.getsignal(sig.SIGINT), sig.getsignal(sig.SIGTERM)
+    interrupts.install()
+    try:
+        done = []
+        with interrupts.held():
+            os.kill(os.getpid(), sig.SIGINT)
+            time.sleep(0.05)
+            done.append("every rename")
+        assert done == ["every rename"]
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.check()
+    finally:
+        sig.signal(sig.SIGINT, before[0])
+        sig.signal(sig.SIGTERM, before[1])
+
+
+def test_ctrl_c_while_the_finished_command_shuts_down_is_no_traceback():
+    """Was: Ctrl-C in the second after `wrote ...` printed `Exception ignored in atexit callback` and a traceback."""
+    code = ("import atexit, os, signal, time\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.1)))\n"
+            "from edge_adapt.cli import main\nmain()")
+    r = subprocess.run([sys.executable, "-c", code, "info"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr, r.stderr

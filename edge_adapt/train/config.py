@@ -56,7 +56,7 @@ class TrainConfig(BaseModel):
     validate_before: bool = Field(True, description="also validate the untrained model (the baseline in metrics)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (smoke tests)")
     export_type: str = Field("q8_0", description="GGUF type of the merged model (method full)")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="seeds torch and the order of the prompts")
     threads: int | None = Field(None, ge=1)
     force: bool = False
 

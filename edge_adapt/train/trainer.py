@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from edge_adapt.errors import UsageError
-from edge_adapt.fileio import check_output_dir
+from edge_adapt.errors import ModelFileError, UsageError
+from edge_adapt.fileio import check_output_dir, os_error_message
 from edge_adapt.engine.vocab import same_model
 from edge_adapt.eval import metrics
 from edge_adapt.progress import Job, Progress, to_the_end
@@ -451,7 +451,10 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
     acc.wait_for_everyone()  # every process has checked the output directory before the main one writes there
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ModelFileError(os_error_message(out, exc)) from None
     init = cfg.init
     if init is not None and Path(init).is_file() and cfg.method != "full":
         # An exported adapter (the shipped one, say): back to PEFT, so training continues where it left off.
@@ -660,8 +663,13 @@ def _save(scorer: _Scorer, path: Path) -> None:
     """The PEFT adapter (or the whole model for `full`) with what the converter needs beside it."""
     from edge_adapt.fileio import atomic_dir
 
+    from safetensors import SafetensorError
+
     with atomic_dir(path, force=True) as tmp:
-        scorer.model.save_pretrained(tmp)
+        try:
+            scorer.model.save_pretrained(tmp)
+        except SafetensorError as exc:  # safetensors' own error for a failed write (a full disk)
+            raise ModelFileError(f"cannot write {path}: {exc}") from None
         if scorer.peft is None:
             src = Path(scorer.base.name_or_path)
             for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
@@ -714,11 +722,14 @@ def _read(path: Path) -> str | None:
 
 
 def _move_in(stage: Path, out: Path) -> None:
-    """Put every entry of `stage` in place of its namesake in `out` (renames), then remove `stage`."""
+    """Put every entry of `stage` in place of its namesake in `out` (renames), then remove `stage`. Ctrl-C waits
+    for the renames (interrupts.held): a run half moved in would name an adapter it does not hold."""
+    from edge_adapt import interrupts
     from edge_adapt.fileio import replace_path
 
-    for entry in sorted(stage.iterdir()):
-        replace_path(entry, out / entry.name)
+    with interrupts.held():
+        for entry in sorted(stage.iterdir()):
+            replace_path(entry, out / entry.name)
     shutil.rmtree(stage, ignore_errors=True)
 
 
@@ -740,5 +751,9 @@ def _plot(result: TrainResult, path: Path) -> None:
     ax[1].set(xlabel="epoch", title="validation (whole responses vs correctness)")
     ax[1].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as exc:
+        raise ModelFileError(os_error_message(path, exc)) from None
+    finally:
+        plt.close(fig)
