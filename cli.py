@@ -104,8 +104,8 @@ def _show(job: Any) -> Any:
         tasks: dict[str, Any] = {}
 
         def show(p: Any) -> None:
-            if p.message is not None:
-                console.print(p.message)
+            if p.message is not None:  # as written: not wrapped at 80 columns in a log, no [markup] read in it
+                console.print(p.message, soft_wrap=True, markup=False, highlight=False)
                 return
             if p.task not in tasks:
                 tasks[p.task] = bar.add_task(p.task, total=p.total, info="")

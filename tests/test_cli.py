@@ -395,3 +395,18 @@ def test_chat_switches_strategy_mid_conversation():
     assert proc.returncode == 0, proc.stderr.decode()
     assert "(strategy adaptive, budget 4; the engine holds 3 sequences)" in out and "error" not in out
     assert "p_keep" in out  # the second answer came from the strategy, with its score
+
+
+def test_a_jobs_message_lines_reach_a_log_as_written(capsys):
+    """Was: off a terminal rich wrapped them at 80 columns (and would read [markup] in them)."""
+    from edge_adapt.cli import _show
+    from edge_adapt.progress import Progress
+
+    line = "epoch 1: " + "AUROC 0.5 " * 20 + "[bold]prune points [8, 16][/bold]"
+
+    def job():
+        yield Progress("train", 1, 1, message=line)
+        return "done"
+
+    assert _show(job()) == "done"
+    assert capsys.readouterr().err == line + "\n"
