@@ -223,9 +223,11 @@ def convert_model_job(
     merge_adapter: str | os.PathLike[str] | None = None,
     self_eval_config: str | os.PathLike[str] | dict[str, Any] | None = None,
     force: bool = False,
+    name: str | None = None,
 ) -> Job[ConvertResult]:
-    """Convert a transformers checkpoint directory to a GGUF model file of the given --type. As a job it yields
-    Progress ("convert", then "quantize" for llama.cpp's own types); `convert_model` runs it to its result."""
+    """Convert a transformers checkpoint directory to a GGUF model file of the given --type. `name`: its title
+    (`general.name`), the checkpoint's `_name_or_path` or directory name if None. As a job it yields Progress
+    ("convert", then "quantize" for llama.cpp's own types); `convert_model` runs it to its result."""
     t0 = time.perf_counter()
     kind = type.lower()
     if kind not in TYPES:
@@ -253,7 +255,7 @@ def convert_model_job(
         plan = _plan(model, ckpt, want)
 
         def write(path: Path) -> Job[None]:
-            return _write_gguf(path, model, ckpt, plan, vocab, ftype, self_eval, adapter, kind)
+            return _write_gguf(path, model, ckpt, plan, vocab, ftype, self_eval, adapter, kind, name)
 
         with atomic_file(out_path, force=force) as tmp:
             if kind in NATIVE_TYPES:
@@ -348,12 +350,13 @@ def _write_gguf(
     self_eval: dict[str, Any],
     adapter: LoraAdapter | None,
     kind: str,
+    name: str | None,
 ) -> Job[None]:
     torch = require_torch()
     w = gguf.GGUFWriter(None, model.gguf_arch)
     try:
         w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(ckpt.config.get("_name_or_path") or ckpt.path.name)
+        w.add_name(name or ckpt.config.get("_name_or_path") or ckpt.path.name)
         model.set_gguf_parameters(w)
         w.add_file_type(int(ftype))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)

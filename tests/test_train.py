@@ -435,6 +435,11 @@ def test_full_fine_tune_exports_a_self_describing_model(tmp_path: Path, engine: 
         finally:
             merged.release(root)
         assert 0.0 < p < 1.0
+    assert merged.info.name == f"{engine.info.name} self-eval fine-tune"  # was: "checkpoint"
+    # An aLoRA run over it with --force leaves no stale model.gguf beside its adapter (was: 145 MB of it).
+    again = train(TrainConfig(labels=tr, validation=va, out=tmp_path / "full", max_steps=1, prompts_per_step=1,
+                              validate_before=False, threads=2, force=True))
+    assert again.exported.name == "adapter.gguf" and not (tmp_path / "full" / "model.gguf").exists()
 
 
 def test_label_refuses_cuts_at_or_past_the_shortest_reply_budget(tmp_path):

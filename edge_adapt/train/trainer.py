@@ -30,6 +30,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+from collections.abc import Sequence as Seq
 
 from edge_adapt.errors import ModelFileError, UsageError
 from edge_adapt.fileio import check_output_dir, os_error_message
@@ -572,7 +573,8 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
     acc.wait_for_everyone()  # training is over everywhere before the main process exports
     if main:
         if cfg.method == "full":
-            convert_model(best_dir, stage / name, type=cfg.export_type, self_eval_config=meta, force=True)
+            convert_model(best_dir, stage / name, type=cfg.export_type, self_eval_config=meta, force=True,
+                          name=f"{base_name} self-eval fine-tune")
         else:
             convert_adapter(best_dir, base_gguf, stage / name, self_eval_config=meta, type="f16", force=True,
                             name=f"{base_name} self-eval adapter")
@@ -580,7 +582,7 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
                          train_set.n_rows, world, main)
     if main:
         _write_metrics(cfg, result, suffix_ids, stage)
-        _move_in(stage, out)
+        _move_in(stage, out, stale=[out / ("adapter.gguf" if name == "model.gguf" else "model.gguf")])
     acc.wait_for_everyone()  # every process returns once the outputs are there
     return result
 
@@ -721,8 +723,9 @@ def _read(path: Path) -> str | None:
     return path.read_text() if path.is_file() else None
 
 
-def _move_in(stage: Path, out: Path) -> None:
-    """Put every entry of `stage` in place of its namesake in `out` (renames), then remove `stage`. Ctrl-C waits
+def _move_in(stage: Path, out: Path, stale: Seq[Path] = ()) -> None:
+    """Put every entry of `stage` in place of its namesake in `out` (renames), remove what an earlier run left that
+    this one replaces under another name (`stale`: the other method's export), then remove `stage`. Ctrl-C waits
     for the renames (interrupts.held): a run half moved in would name an adapter it does not hold."""
     from edge_adapt import interrupts
     from edge_adapt.fileio import replace_path
@@ -730,6 +733,8 @@ def _move_in(stage: Path, out: Path) -> None:
     with interrupts.held():
         for entry in sorted(stage.iterdir()):
             replace_path(entry, out / entry.name)
+        for path in stale:
+            path.unlink(missing_ok=True)
     shutil.rmtree(stage, ignore_errors=True)
 
 
