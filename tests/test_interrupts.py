@@ -203,27 +203,18 @@ def test_label_interrupted_publishes_nothing(moment: str, tmp_path: Path):
     assert not cache.exists() or any(cache.iterdir())
 
 
+@pytest.mark.parametrize("entry", ["edge-adapt eval", "python -m edge_adapt.eval"])  # the second: without the CLI
 @pytest.mark.parametrize("moment", ["imports", "sampling"])
-def test_eval_interrupted_publishes_nothing(moment: str, tmp_path: Path):
+def test_eval_interrupted_publishes_nothing(entry: str, moment: str, tmp_path: Path):
+    """One `interrupted` line, exit 130, no traceback, no report; the cache keeps what it holds. (Was, for `python
+    -m edge_adapt.eval`: a traceback.)"""
     cache, report = tmp_path / "cache", tmp_path / "report"
-    r = Run(["eval", "--prompts", "40", "-k", "4", "--max-tokens", "64", "--cache", str(cache), "--out", str(report)])
-    if moment == "imports":
-        r.wait_for(r.maps("libllama"))
+    if entry == "edge-adapt eval":
+        r = Run(["eval", "--prompts", "40", "-k", "4", "--max-tokens", "64", "--cache", str(cache), "--out",
+                 str(report)])
     else:
-        r.wait_for(_cache_has_a_pool(cache))
-    interrupted(r.interrupt())
-    assert not report.exists()
-    no_temp_files(tmp_path)
-    assert not cache.exists() or any(cache.iterdir())
-
-
-@pytest.mark.parametrize("moment", ["imports", "sampling"])
-def test_python_m_eval_interrupted_ends_like_the_command(moment: str, tmp_path: Path):
-    """`python -m edge_adapt.eval` (the documented way without the CLI): one `interrupted` line, exit 130, no
-    traceback, no report; the cache keeps what it holds."""
-    cache, report = tmp_path / "cache", tmp_path / "report"
-    r = Run(["n_prompts=40", "k=4", "max_tokens=64", "threads=1", f"cache_dir={cache}", f"out_dir={report}"],
-            module="edge_adapt.eval")
+        r = Run(["n_prompts=40", "k=4", "max_tokens=64", f"cache_dir={cache}", f"out_dir={report}"],
+                module="edge_adapt.eval")
     if moment == "imports":
         r.wait_for(r.maps("libllama"))
     else:
