@@ -24,7 +24,6 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import NoReturn
 
 EXIT_CODE = 130
 MESSAGE = "interrupted"
@@ -123,14 +122,6 @@ def install_early_if_cli() -> None:
         signal.signal(signal.SIGINT, _exit_now)
 
 
-def exit_interrupted() -> NoReturn:
-    """One `interrupted` line and exit 130; a second Ctrl-C (or SIGTERM) must not cut the line short."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    print(MESSAGE, file=sys.stderr)
-    sys.exit(EXIT_CODE)
-
-
 @contextmanager
 def entry_point(debug: Callable[[], bool] = lambda: False) -> Iterator[None]:
     """The outermost frame of a command (`cli.main()`, `python -m edge_adapt.eval`), the same for each: Ctrl-C
@@ -145,7 +136,8 @@ def entry_point(debug: Callable[[], bool] = lambda: False) -> Iterator[None]:
         try:
             yield
             check()
-        finally:  # the command is over: a Ctrl-C while the interpreter shuts down (atexit) would be a traceback
+        finally:  # the command is over: a second Ctrl-C must not cut its last line short, nor one while the
+            # interpreter shuts down (atexit) print a traceback
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -153,7 +145,8 @@ def entry_point(debug: Callable[[], bool] = lambda: False) -> Iterator[None]:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, Cancelled):  # Cancelled: Ctrl-C stopped a decode outside generation
-        exit_interrupted()
+        print(MESSAGE, file=sys.stderr)
+        sys.exit(EXIT_CODE)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if debug():
             raise
