@@ -289,7 +289,6 @@ def test_a_user_suite_whose_ids_look_like_a_familys_is_no_family(tmp_path: Path)
     while a mix's problems keep their families and share their keys with the families' own pools."""
     from edge_adapt.eval.pool import PoolSample, PoolSettings, PromptPool, sample_key
     from edge_adapt.eval.report import calibrations
-    from edge_adapt.tasks.registry import family_of
 
     def pool(p):
         def s(i: int, ok: bool) -> PoolSample:
@@ -301,7 +300,7 @@ def test_a_user_suite_whose_ids_look_like_a_familys_is_no_family(tmp_path: Path)
     f.write_text('{"id": "arith-L1-mine", "prompt": "What is 2+2?", "answer": 4}\n'
                  '{"id": "units-L9-mine", "prompt": "What is 3+3?", "answer": 6}\n')
     mine = load_suite(str(f))
-    assert [family_of(p) for p in mine.problems] == [None, None]
+    assert [p.family for p in mine.problems] == [None, None]
     scopes = [c.scope for c in calibrations([pool(p) for p in mine.problems], (), mine)]
     assert not [s for s in scopes if s.startswith("family")], scopes
     settings = PoolSettings(k=2)
@@ -309,8 +308,8 @@ def test_a_user_suite_whose_ids_look_like_a_familys_is_no_family(tmp_path: Path)
     assert sample_key("fp", mine.name, settings, p) != sample_key("fp", "arith", settings, p)
 
     mix = mix_suite([FAMILIES[n] for n in GENERATED], "validation", len(GENERATED))
-    assert sorted(family_of(q) for q in mix.problems) == sorted(GENERATED)
+    assert sorted(q.family for q in mix.problems) == sorted(GENERATED)
     scopes = [c.scope for c in calibrations([pool(q) for q in mix.problems], (), mix)]
     assert [s for s in scopes if s.startswith("family")] == [f"family {n}" for n in sorted(GENERATED)]
-    q = next(q for q in mix.problems if family_of(q) == "arith")
+    q = next(q for q in mix.problems if q.family == "arith")
     assert sample_key("fp", "mix", settings, q) == sample_key("fp", "arith", settings, q)

@@ -33,7 +33,6 @@ from edge_adapt.errors import ModelFileError, UsageError, is_number, one_line
 from edge_adapt.fileio import check_user_file, os_error_message
 from edge_adapt.progress import Job, Progress
 from edge_adapt.tasks.base import Problem, Suite, stable_hash
-from edge_adapt.tasks.registry import family_of
 from edge_adapt.tasks.scorers import Scorer
 
 if TYPE_CHECKING:
@@ -160,7 +159,7 @@ def sample_key(fingerprint: str, suite: str, settings: PoolSettings, problem: Pr
     same settings hold the same samples under one key (a family suite's key is what it always was)."""
     sampling = {k: v for k, v in sorted(asdict(settings).items()) if k != "prune_points"}
     sampling["max_tokens"] = settings.budget(problem)
-    source = family_of(problem) or suite
+    source = problem.family or suite
     blob = f"{fingerprint}|{source}|{sampling}|{problem.id}|{problem.text}|{problem.answer}"
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 

@@ -15,7 +15,6 @@ from edge_adapt.eval import metrics
 from edge_adapt.eval.pool import PromptPool
 from edge_adapt.eval.replay import Replay
 from edge_adapt.tasks.base import Suite
-from edge_adapt.tasks.registry import family_of
 
 
 def _written_by_a_report(name: str) -> bool:
@@ -138,7 +137,7 @@ def calibrations(pools: Sequence[PromptPool], prune_points: Sequence[int], suite
     """End-score calibration over all sampled replies, per level, per task family when there are several (a mix:
     the family that made each of `suite`'s problems; a user's suite file has none, whatever its ids), and at each
     prune point (samples scored there)."""
-    family = {p.id: family_of(p) for p in suite.problems}
+    family = {p.id: p.family for p in suite.problems}
     def ends(ps: Sequence[PromptPool]) -> list[tuple[list[float], list[bool]]]:
         return [([s.end_score for s in p.samples], [s.correct for s in p.samples]) for p in ps]
     out = [calibration("all", ends(pools))]

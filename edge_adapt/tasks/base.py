@@ -31,8 +31,8 @@ class Problem:
     scorer: Scorer | None = None
     # Tokens a reply to it may take when the run does not say: its family's (a mix keeps each family's).
     max_tokens: int | None = None
-    # The built-in family whose suite it comes from (a mix keeps each one's); None for a user's suite file, whatever
-    # its ids look like. What pool keys and per-family report rows go by (tasks.registry.family_of).
+    # The built-in family whose suite it comes from (set by tasks.family.family_suite, which a mix draws from too);
+    # None for a user's suite file, whatever its ids look like. What pool keys and per-family report rows go by.
     family: str | None = None
 
     def budget(self, max_tokens: int | None = None) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from edge_adapt.tasks.arith import ARITH
-from edge_adapt.tasks.base import Problem
 from edge_adapt.tasks.compare import COMPARE
 from edge_adapt.tasks.counting import COUNTING
 from edge_adapt.tasks.dates import DATES
@@ -27,14 +26,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 
-def family_of(problem: Problem) -> str | None:
-    """The family a problem comes from: set by the family's suite (tasks.family.family_suite, which a mix draws
-    from too). None for problems of a user's suite file, whatever their ids (`arith-L1-mine` is not arith's)."""
-    return problem.family
-
-
 def family_named(problem_id: str) -> str | None:
     """The family a generated problem's id names (`units-L3-validation-7`), for records that keep only the id
-    (label files). A user suite's ids may look the same: where the Problem is at hand, use family_of."""
+    (label files). A user suite's ids may look the same: where the Problem is at hand, use its `family`."""
     head, sep, rest = problem_id.partition("-")
     return head if sep and head in FAMILIES and rest[:1] == "L" else None

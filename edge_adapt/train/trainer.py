@@ -28,9 +28,9 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any, Iterator
-from collections.abc import Sequence as Seq
 
 from edge_adapt.errors import ModelFileError, UsageError
 from edge_adapt.fileio import check_output_dir, os_error_message
