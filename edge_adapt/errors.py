@@ -13,9 +13,14 @@ if TYPE_CHECKING:
 
 
 class EdgeAdaptError(Exception):
-    """An expected failure whose message is fit to show a user as it is."""
+    """An expected failure whose message is fit to show a user as it is. `field`: the setting it refuses, where
+    one is to blame (a strategy's `budget`, its `policy`): the server names it as the error's `param`."""
 
     exit_code = 1
+
+    def __init__(self, *args: object, field: str | None = None) -> None:
+        super().__init__(*args)
+        self.field = field
 
 
 class UsageError(EdgeAdaptError):

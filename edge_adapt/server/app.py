@@ -26,7 +26,7 @@ from edge_adapt.engine.events import Done
 from edge_adapt.errors import EdgeAdaptError
 from edge_adapt.server import metrics as prometheus
 from edge_adapt.server.guard import CORS, MAX_BODY, Guard, before_stop
-from edge_adapt.server.jobs import ScoringModel, chat_tokens, completion_tokens, plan_job, refused_field
+from edge_adapt.server.jobs import ScoringModel, chat_tokens, completion_tokens, plan_job
 from edge_adapt.server.openai_errors import (
     APIError, JSONBody, bad_request, from_library, from_pydantic, json_bytes, lone_surrogate, on_api_error,
     on_http_error, on_unexpected, on_validation_error, shutting_down,
@@ -238,7 +238,7 @@ async def _answer(request: Request, state: ServerState, scheduler: Scheduler,
         if err.code == "budget_exceeded":  # plan_job refuses an n over --parallel itself: this is a strategy's
             err.param = "edge_adapt.budget"
         elif err.param is None and plan.job.strategy is not None:  # its preflight (auto: the policy, its rows)
-            err.param = refused_field(plan.job.strategy, scheduler.engine.fingerprint)
+            err.param = f"edge_adapt.{exc.field}" if exc.field else "edge_adapt"
         raise err from None
     if req.stream:
         return StreamingResponse(_stream(assembler, queue, ticket, state.waiting), media_type="text/event-stream",

@@ -14,7 +14,6 @@ from edge_adapt.errors import ContextOverflowError, UsageError, one_line, valida
 from edge_adapt.server.openai_errors import APIError, bad_request, lone_surrogate
 from edge_adapt.server.scheduler import Job
 from edge_adapt.server.schemas import ChatCompletionRequest, CompletionRequest, EdgeAdaptOptions
-from edge_adapt.strategies.auto import policy_of
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.policy import Policy
 
@@ -141,24 +140,6 @@ def _scoring_plan(req: Request, prompt: list[int], scoring: ScoringModel, params
     job = Job(prompt=prompt, max_tokens=1, samples=(params,), top_logprobs=req.top_alternatives,
               adapter_tail=scoring.adapter_tail)
     return Plan(job, 1, None, req.top_alternatives)
-
-
-def refused_field(config: StrategyConfig, fingerprint: str) -> str:
-    """The `edge_adapt` field a strategy's preflight refused the request for (`param` of its 400). auto: its budget
-    when the policy has no row for it, else the policy (none for this model, tuned for another, a choice that
-    cannot run), in the order `auto.prepare` checks them; the object itself for other strategies."""
-    if config.strategy != "auto":
-        return "edge_adapt"
-    try:
-        policy = policy_of(config)
-        policy.check_model(fingerprint)
-    except UsageError:
-        return "edge_adapt.policy"
-    try:
-        policy.row_for(config.budget)
-    except UsageError:
-        return "edge_adapt.budget"
-    return "edge_adapt.policy"  # a choice in its row that cannot run here
 
 
 def strategy_config(opts: EdgeAdaptOptions, sampling: dict[str, float], *, seed: int, max_tokens: int | None,

@@ -12,7 +12,7 @@ from typing import Any
 
 from edge_adapt.engine.engine import Sequence
 from edge_adapt.engine.events import Event
-from edge_adapt.errors import UsageError
+from edge_adapt.errors import EdgeAdaptError, UsageError
 from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import DifficultyEstimated, StrategyEvent
@@ -39,9 +39,17 @@ def policy_of(config: StrategyConfig) -> Policy:
 def prepare(config: StrategyConfig, model: Any) -> StrategyConfig:
     """Preflight: read the policy once and refuse it before anything is generated if it was tuned for another
     model or has no row for the budget; the run then uses the loaded policy."""
-    policy = policy_of(config)
-    policy.check_model(getattr(model, "fingerprint", policy.model))
-    policy.row_for(config.budget)
+    try:
+        policy = policy_of(config)
+        policy.check_model(getattr(model, "fingerprint", policy.model))
+    except EdgeAdaptError as exc:
+        exc.field = "policy"
+        raise
+    try:
+        policy.row_for(config.budget)
+    except EdgeAdaptError as exc:
+        exc.field = "budget"
+        raise
     return config.model_copy(update={"policy": policy})
 
 
@@ -75,7 +83,7 @@ def sub_config(config: StrategyConfig, policy: Policy, bin: int) -> StrategyConf
         return StrategyConfig.parse(options)
     except UsageError as exc:
         raise UsageError(f"the policy's choice in bin {bin} at budget {row_budget} ({choice.describe()}) cannot "
-                         f"run here: {exc}") from None
+                         f"run here: {exc}", field="policy") from None
 
 
 def _choices(config: StrategyConfig) -> list[StrategyConfig]:
