@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -37,6 +38,13 @@ class DeviceChoice(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
     metal = "metal"
+
+
+def _file_path(value: str) -> Path:
+    """A file to write. Path() drops a trailing slash, which would write a file where the user meant a folder."""
+    if value.endswith(("/", os.sep)):
+        raise typer.BadParameter(f"'{value}' names a folder; give the file's name in it")
+    return Path(value)
 
 
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="where to run")]
@@ -578,7 +586,7 @@ def eval_cmd(
 
 @app.command("tune-policy")
 def tune_policy_cmd(
-    out: Annotated[Path, typer.Option("--out", "-o", help="policy JSON to write")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="policy JSON to write", parser=_file_path)],
     suite: SuiteOpt = "arith",
     family: FamilyOpt = None,
     split: Annotated[str, typer.Option("--split", help="the split the policy is tuned on")] = "validation",
@@ -635,7 +643,7 @@ def tune_policy_cmd(
 # -- label / train: teaching the model to evaluate itself ---------------------------------------------------
 @app.command("label")
 def label_cmd(
-    out: Annotated[Path, typer.Option("--out", "-o", help="label dataset to write (.jsonl)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="label dataset to write (.jsonl)", parser=_file_path)],
     suite: SuiteOpt = "arith",
     family: FamilyOpt = None,
     split: Annotated[str, typer.Option("--split", help="arith split (never the one you report on)")] = "train",
@@ -723,7 +731,7 @@ def train_cmd(
 @app.command("convert")
 def convert_cmd(
     hf_dir: Path = typer.Argument(..., help="transformers checkpoint directory (config.json, safetensors, tokenizer)"),
-    output: Path = typer.Option(..., "-o", "--output", help="GGUF file to write"),
+    output: Path = typer.Option(..., "-o", "--output", help="GGUF file to write", parser=_file_path),
     type: str = typer.Option("f16", "--type", help="f32|f16|bf16|q8_0|q4_0|q4_1|q4_k_m|q5_k_m|q6_k"),
     merge_adapter: Optional[Path] = typer.Option(None, "--merge-adapter", help="PEFT LoRA directory to merge in"),
     self_eval_config: Optional[Path] = typer.Option(None, "--self-eval-config", help="JSON written as edge_adapt.self_eval.*"),
@@ -742,7 +750,7 @@ def convert_cmd(
 def convert_adapter_cmd(
     peft_dir: Path = typer.Argument(..., help="PEFT adapter directory (adapter_config.json, adapter_model.safetensors)"),
     base: Path = typer.Option(..., "--base", help="the base model GGUF the adapter will be loaded on"),
-    output: Path = typer.Option(..., "-o", "--output", help="GGUF adapter file to write"),
+    output: Path = typer.Option(..., "-o", "--output", help="GGUF adapter file to write", parser=_file_path),
     self_eval_config: Optional[Path] = typer.Option(None, "--self-eval-config", help="JSON written as edge_adapt.self_eval.*"),
     type: str = typer.Option("f32", "--type", help="f32 | f16"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output"),

@@ -710,3 +710,13 @@ def test_convert_checks_shapes_before_writing(case: str, tmp_path: Path, capsys,
     out.mkdir()
     one_error(inproc(capsys, "convert", str(src), "-o", str(out / "m.gguf")), fragment)
     nothing_left(out)
+
+
+@pytest.mark.parametrize("args", [["convert", "{src}", "-o", "{out}/"], ["convert-adapter", "{src}", "--base", "{src}", "-o", "{out}/"],
+                                  ["label", "-o", "{out}/"], ["tune-policy", "-o", "{out}/"]])
+def test_a_file_output_ending_in_a_slash_is_refused(args: list[str], tmp_path: Path, capsys):
+    # Path("new/") is Path("new"): without the check the command would write a file named like the folder meant
+    src, out = tmp_path / "src", tmp_path / "new"
+    src.mkdir()
+    one_error(inproc(capsys, *(a.format(src=src, out=out) for a in args)), "names a folder")
+    assert not out.exists()
