@@ -19,11 +19,11 @@ import numpy as np
 
 from edge_adapt.fileio import atomic_dir, check_replaceable, check_target
 from edge_adapt.convert.gguf_io import read_gguf_kv
-from edge_adapt.convert.model import IMPORTED_METADATA
+from edge_adapt.convert.model import GENERAL_SET_BY_WRITER, IMPORTED_GENERAL, IMPORTED_METADATA, read_metadata
 from edge_adapt.progress import Job, Progress, to_the_end
 from edge_adapt.convert.registry import model_class_for_gguf
 from edge_adapt.convert.tokenizer import build_hf_tokenizer
-from edge_adapt.errors import ModelFileError
+from edge_adapt.errors import ModelFileError, UsageError
 
 
 @dataclass(frozen=True)
@@ -106,9 +106,22 @@ def import_gguf_job(
         if info.edge_adapt:
             # Runtime metadata the GGUF carried (e.g. a self-eval config): kept so a round trip can restore it.
             (tmp / IMPORTED_METADATA).write_text(json.dumps(info.edge_adapt, indent=2) + "\n", encoding="utf-8")
+        general = {k.removeprefix("general."): v for k, v in kv.items() if k.startswith("general.")
+                   and k.removeprefix("general.") not in GENERAL_SET_BY_WRITER and _convert_takes(k, v)}
+        if general:  # the license, organization and name, so that `convert` writes them back
+            (tmp / IMPORTED_GENERAL).write_text(json.dumps(general, indent=2) + "\n", encoding="utf-8")
     n_params = sum(int(np.prod(s)) for _, _, s, _, _ in entries)
     return ImportResult(out_path, info.architecture, len(entries), n_params, time.perf_counter() - t0)
 
+
+
+def _convert_takes(key: str, value: object) -> bool:
+    """Whether `convert` can write this metadata back (nested arrays, say, it cannot: they are left out)."""
+    try:
+        read_metadata({key: value}, what="general metadata", prefix="")
+    except UsageError:
+        return False
+    return True
 
 
 import_gguf = to_the_end(import_gguf_job)

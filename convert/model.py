@@ -50,6 +50,10 @@ TYPES = (*NATIVE_TYPES, *LLAMA_QUANT_TYPES)
 SELF_EVAL_PREFIX = "edge_adapt.self_eval."
 # Written by `import` beside the transformers files: the GGUF's edge_adapt.* metadata, keys without "edge_adapt.".
 IMPORTED_METADATA = "edge_adapt.json"
+# Also written by `import`: the GGUF's general.* metadata (license, organization, name...), keys without
+# "general.", less what describes the file itself, which the writer sets (GENERAL_SET_BY_WRITER).
+IMPORTED_GENERAL = "gguf_general.json"
+GENERAL_SET_BY_WRITER = ("architecture", "type", "file_type", "quantization_version", "alignment")
 
 
 @dataclass(frozen=True)
@@ -124,22 +128,27 @@ def read_self_eval_config(source: str | os.PathLike[str] | dict[str, Any] | None
     """A flat mapping whose values GGUF can hold (str, int, float, bool, or a non-empty list of one of those),
     given as a dict or a JSON file; None is no metadata. Keys may carry the "self_eval." prefix (as in the
     edge_adapt.json `import` writes), which is dropped: write_self_eval adds it back."""
+    return read_metadata(source, what="self-eval config", prefix="self_eval.")
+
+
+def read_metadata(source: str | os.PathLike[str] | dict[str, Any] | None, *, what: str, prefix: str) -> dict[str, Any]:
+    """read_self_eval_config for any group of GGUF keys: `prefix` is the group's, dropped where a key has it."""
     if source is None:
         return {}
     data: Any = source
-    p = Path("self-eval config")
+    p = Path(what)
     if not isinstance(source, dict):
         from edge_adapt.fileio import read_user_file
 
         p = Path(source)
         if not p.exists():
-            raise UsageError(f"{p}: self-eval config not found")
+            raise UsageError(f"{p}: {what} not found")
         try:
             data = json.loads(read_user_file(p, max_bytes=1 << 20, text=True))
         except json.JSONDecodeError as exc:
             raise UsageError(f"{p}: not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
-        raise UsageError(f"{p}: the self-eval config must be a JSON object")
+        raise UsageError(f"{p}: the {what} must be a JSON object")
     for key, value in data.items():
         if not key or not all(c.isalnum() or c in "_-." for c in key):
             raise UsageError(f"{p}: bad key {key!r} (letters, digits, _ - . only)")
@@ -149,16 +158,21 @@ def read_self_eval_config(source: str | os.PathLike[str] | dict[str, Any] | None
         kinds = {type(v) for v in items}
         if not kinds <= {str, int, float, bool} or (len(kinds) > 1 and kinds != {int, float}):
             raise UsageError(f"{p}: {key} must be a string, number, bool, or a list of one such type")
-    config = {key.removeprefix("self_eval."): value for key, value in data.items()}
+    config = {key.removeprefix(prefix): value for key, value in data.items()}
     if len(config) < len(data):
-        raise UsageError(f"{p}: a key is given both with and without the self_eval. prefix")
+        raise UsageError(f"{p}: a key is given both with and without the {prefix} prefix")
     return config
 
 
 def write_self_eval(w: gguf.GGUFWriter, config: dict[str, Any]) -> None:
+    write_metadata(w, SELF_EVAL_PREFIX, config)
+
+
+def write_metadata(w: gguf.GGUFWriter, prefix: str, values: dict[str, Any]) -> None:
+    """Each value (as read_metadata checked it) under prefix + its key, in the GGUF type that holds it."""
     V = gguf.GGUFValueType
-    for key, value in config.items():
-        k = SELF_EVAL_PREFIX + key
+    for key, value in values.items():
+        k = prefix + key
         if isinstance(value, list):
             if any(isinstance(v, float) for v in value):
                 w.add_key_value(k, [float(v) for v in value], V.ARRAY, sub_type=V.FLOAT32)
@@ -226,8 +240,10 @@ def convert_model_job(
     name: str | None = None,
 ) -> Job[ConvertResult]:
     """Convert a transformers checkpoint directory to a GGUF model file of the given --type. `name`: its title
-    (`general.name`), the checkpoint's `_name_or_path` or directory name if None. As a job it yields Progress
-    ("convert", then "quantize" for llama.cpp's own types); `convert_model` runs it to its result."""
+    (`general.name`), the checkpoint's `_name_or_path`, the name `import` kept, or the directory name if None.
+    A checkpoint `import` wrote gets back the GGUF's other general.* metadata (license, organization...). As a
+    job it yields Progress ("convert", then "quantize" for llama.cpp's own types); `convert_model` runs it to its
+    result."""
     t0 = time.perf_counter()
     kind = type.lower()
     if kind not in TYPES:
@@ -237,6 +253,9 @@ def convert_model_job(
     if self_eval_config is None and (Path(hf_dir) / IMPORTED_METADATA).is_file():
         self_eval_config = Path(hf_dir) / IMPORTED_METADATA  # what `import` kept of the GGUF's self-eval config
     self_eval = read_self_eval_config(self_eval_config)
+    general_file = Path(hf_dir) / IMPORTED_GENERAL  # what `import` kept of the GGUF's general.* (license...)
+    general = read_metadata(general_file if general_file.is_file() else None, what="general metadata", prefix="general.")
+    general = {k: v for k, v in general.items() if k not in GENERAL_SET_BY_WRITER}
     require_torch()
 
     with Checkpoint.open(hf_dir) as ckpt:
@@ -255,7 +274,7 @@ def convert_model_job(
         plan = _plan(model, ckpt, want)
 
         def write(path: Path) -> Job[None]:
-            return _write_gguf(path, model, ckpt, plan, vocab, ftype, self_eval, adapter, kind, name)
+            return _write_gguf(path, model, ckpt, plan, vocab, ftype, self_eval, adapter, kind, name, general)
 
         with atomic_file(out_path, force=force) as tmp:
             if kind in NATIVE_TYPES:
@@ -351,12 +370,14 @@ def _write_gguf(
     adapter: LoraAdapter | None,
     kind: str,
     name: str | None,
+    general: dict[str, Any],
 ) -> Job[None]:
     torch = require_torch()
     w = gguf.GGUFWriter(None, model.gguf_arch)
     try:
         w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(name or ckpt.config.get("_name_or_path") or ckpt.path.name)
+        w.add_name(name or ckpt.config.get("_name_or_path") or general.get("name") or ckpt.path.name)
+        write_metadata(w, "general.", {k: v for k, v in general.items() if k != "name"})
         model.set_gguf_parameters(w)
         w.add_file_type(int(ftype))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)

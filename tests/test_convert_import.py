@@ -99,3 +99,31 @@ def test_self_eval_key_given_twice_refused(qwen2_dir: Path, tmp_path: Path) -> N
     with pytest.raises(UsageError, match="both with and without the self_eval. prefix"):
         convert_model(qwen2_dir, tmp_path / "m.gguf", self_eval_config={"suffix": "a", "self_eval.suffix": "b"})
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_general_metadata_survives_import_and_convert(qwen2_dir: Path, tmp_path: Path) -> None:
+    import gguf
+
+    def general(path: Path) -> dict:
+        fields = gguf.GGUFReader(path).fields
+        return {k: fields[k].contents() for k in fields if k.startswith("general.") and k != "general.file_type"}
+
+    src = tmp_path / "src"
+    shutil.copytree(qwen2_dir, src)
+    (src / "gguf_general.json").write_text(json.dumps(
+        {"name": "Tiny Qwen", "license": "apache-2.0", "organization": "Example", "languages": ["en", "fr"],
+         "general.size_label": "1M", "architecture": "ignored: the writer's own"}))
+    first = convert_model(src, tmp_path / "a.gguf", type="f16").path
+    meta = general(first)
+    assert meta["general.name"] == "Tiny Qwen" and meta["general.languages"] == ["en", "fr"]
+    assert meta["general.license"] == "apache-2.0" and meta["general.size_label"] == "1M"
+    assert meta["general.architecture"] == "qwen2"
+
+    import_gguf(first, tmp_path / "back")
+    kept = json.loads((tmp_path / "back" / "gguf_general.json").read_text())
+    assert kept == {"name": "Tiny Qwen", "license": "apache-2.0", "organization": "Example",
+                    "languages": ["en", "fr"], "size_label": "1M"}
+    assert general(convert_model(tmp_path / "back", tmp_path / "b.gguf", type="f16").path) == meta
+    # A title given explicitly wins; the rest is kept.
+    named = general(convert_model(tmp_path / "back", tmp_path / "c.gguf", type="f16", name="Mine").path)
+    assert named == {**meta, "general.name": "Mine"}
