@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from edge_adapt.engine.events import Finished, SampleStarted, Token
+from edge_adapt.engine.events import Cancelled, Done, Finished, SampleStarted, Token
 from edge_adapt.result import collect
 from edge_adapt.errors import UsageError
 from edge_adapt.strategies import Chosen, Pruned, RoundStarted, Scored, StrategyConfig, run_strategy
@@ -15,7 +15,9 @@ from edge_adapt.strategies.auto import prepare, sub_config
 from edge_adapt.strategies.events import DifficultyEstimated, RolledOut
 from edge_adapt.strategies.policy import Policy
 from edge_adapt.strategies.revise import MAX_IN_CONTEXT, revision_turn
-from test_strategies import FakeScorer, chosen, fresh, of, run, usage  # tests/ is on sys.path under pytest
+from test_strategies import (  # tests/ is on sys.path under pytest
+    CancelledEngine, FakeScorer, chosen, fresh, of, run, usage, words,
+)
 
 STEP = ["a", "b\n"]  # every sample writes two-token steps
 
@@ -61,9 +63,9 @@ def test_beam_children_continue_their_parent():
         assert child.text.startswith("a b\n") and child.text.count("\n") >= 2  # the parent's step, then its own
 
 
-def test_beam_events_name_each_branchs_parent_and_the_stream_rebuilds_every_text():
-    e = fresh(steps(3))
-    ev = run(e, FakeScorer(unique_score), strategy="beam", budget=4, beam_width=2, max_tokens=64)
+def assert_branches_rebuild_every_text(ev: list) -> None:
+    """As the README has a caller rebuild texts: a branch starts from its parent's text (SampleStarted.parent),
+    then its Token texts, then Finished.tail make its Finished.text."""
     started = {x.sample: x for x in of(ev, SampleStarted)}
     finished = {x.sample: x for x in of(ev, Finished)}
     parents = {x.parent for x in started.values() if x.parent is not None}
@@ -78,6 +80,12 @@ def test_beam_events_name_each_branchs_parent_and_the_stream_rebuilds_every_text
             texts[x.sample] += x.text
         elif isinstance(x, Finished):
             assert texts[x.sample] + x.tail == x.text
+
+
+def test_beam_events_name_each_branchs_parent_and_the_stream_rebuilds_every_text():
+    e = fresh(steps(3))
+    ev = run(e, FakeScorer(unique_score), strategy="beam", budget=4, beam_width=2, max_tokens=64)
+    assert_branches_rebuild_every_text(ev)
 
 
 def test_beam_stops_at_the_round_limit():
@@ -254,8 +262,19 @@ def test_auto_uses_the_largest_tuned_budget_that_fits(tmp_path):
         (dict(probe_temperature=float("inf")), "probe_temperature: must be a finite number"),
         (dict(budgets={"4": [{"strategy": "adaptive", "options": {"threshold": float("nan")}}] * 5}),
          "option threshold must be finite, got nan"),
-        (dict(budgets={"4": [{"strategy": "probe", "accuracy": float("nan")}] * 5}),
+        (dict(budgets={"4": [{"strategy": "probe", "accuracy": float("nan")}] + [{"strategy": "probe"}] * 4}),
          "accuracy: Input should be a finite number"),
+        # The probe is one of the row's samples: a choice may spend the rest, no more (budget 200 started 201
+        # samples for a caller's budget of 4).
+        (dict(budgets={"4": [{"strategy": "probe"}] * 2 + [{"strategy": "best-of-n", "options": {"budget": 200}}] * 3}),
+         "the choice in bin 3 at budget 4 (best-of-n budget=200) starts 200 samples after the probe; the row's "
+         "budget leaves 3"),
+        (dict(budgets={"4": [{"strategy": "probe"}] * 4 + [{"strategy": "vote", "options": {"n": 4}}]}),
+         "the choice in bin 5 at budget 4 (vote n=4) starts 4 samples after the probe"),
+        # A budget as text is StrategyConfig's to read: refused when the run is planned, before any decode.
+        (dict(budgets={"4": [{"strategy": "best-of-n", "options": {"budget": "200"}}] * 5}),
+         "the policy's choice in bin 1 at budget 4 (best-of-n budget=200) starts 200 samples after the probe; "
+         "the row's budget leaves 3"),
     ],
 )
 def test_auto_bad_policy_or_budget_is_a_one_line_error_before_decoding(tmp_path, kw, message):
@@ -292,6 +311,43 @@ def test_auto_leaves_out_prune_points_the_replies_never_reach(tmp_path, prune_at
     assert points is None or sub.prune_at == points
     ev = run(fresh(), FakeScorer(lambda i, n: 0.5), strategy="auto", budget=8, max_tokens=max_tokens, policy=path)
     assert of(ev, DifficultyEstimated)[0].choice == runs and isinstance(ev[-2], Chosen)
+
+
+def test_a_choice_naming_its_budget_n_spends_that(tmp_path):
+    path = policy_file(tmp_path, budgets={"8": [{"strategy": "best-of-n", "options": {"n": 2}}] * 5})
+    ev = run(fresh(), FakeScorer(lambda i, n: 0.5), strategy="auto", budget=8, policy=path)
+    assert usage(ev).samples_started == 3  # the probe and best-of-2, not the row's 7
+
+
+def test_the_shipped_policy_loads_and_fits_its_rows():
+    from edge_adapt.engine.default_model import default_policy
+
+    policy = Policy.load(default_policy())
+    assert policy.budgets and all(c.strategy == "probe" or c.budget(b) <= b - 1
+                                  for b, row in policy.budgets.items() for c in row)
+
+
+def test_auto_running_beam_names_each_branchs_parent_after_the_probe(tmp_path):
+    """The probe is sample 0 and the beam's samples follow it: a branch's parent is renumbered as its own index
+    is, so the stream rebuilds every branch's text from its parent's."""
+    choice = {"strategy": "beam", "options": {"budget": 4, "beam_width": 2}}
+    path = policy_file(tmp_path, budgets={"5": [choice] * 5})
+    ev = run(fresh(steps(3)), FakeScorer(unique_score), strategy="auto", budget=5, policy=path, max_tokens=64)
+    assert of(ev, DifficultyEstimated)[0].choice == "beam"
+    assert_branches_rebuild_every_text(ev)
+
+
+def test_a_cancel_while_autos_choice_votes_ends_with_cancelled(tmp_path):
+    """vote decodes nothing after its samples: once cancelled it answered with one cut short."""
+    path = policy_file(tmp_path, budgets={"4": [{"strategy": "vote", "options": {"budget": 3}}] * 5})
+    e = CancelledEngine(words(5), after=8)  # the probe's 6 tokens, then 2 of the vote's
+    seen = []
+    with pytest.raises(Cancelled):
+        for x in run_strategy(e, [1, 2, 3], StrategyConfig(strategy="auto", budget=4, policy=path),
+                              FakeScorer(lambda i, n: 0.5)):
+            seen.append(x)
+    assert of(seen, DifficultyEstimated)[0].choice == "vote" and "cancelled" in {f.reason for f in of(seen, Finished)}
+    assert not of(seen, Chosen) and not of(seen, Done) and e.free_sequences == 32
 
 
 def test_a_choice_without_a_budget_spends_the_rows_less_the_probe(tmp_path):

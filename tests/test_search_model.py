@@ -64,3 +64,18 @@ def test_auto_on_the_model_with_a_policy(engine: Engine, tmp_path):
     (d,) = the(ev, DifficultyEstimated)
     assert d.bin == 5 and d.choice == "best-of-n"  # no probe scores 0.99
     assert the(ev, Done)[0].usage.samples_started == 4
+
+
+@pytest.mark.parametrize("name", ("single", "vote"))
+def test_a_cancel_during_a_strategy_that_decodes_nothing_after_its_samples_raises_cancelled(engine: Engine, name):
+    """As best-of-n does at its scoring decode: single and vote answered with a sample cut short instead."""
+    from edge_adapt.engine.events import Cancelled
+
+    seen: list[object] = []
+    with pytest.raises(Cancelled):
+        for ev in run_strategy(engine, PROMPT, {"strategy": name, "budget": 2, "max_tokens": 24}):
+            seen.append(ev)
+            if isinstance(ev, Token):
+                engine.cancel()  # the user presses Stop
+    assert not the(seen, Chosen) and engine.live_sequences == 0
+    assert the(list(run_strategy(engine, PROMPT, {"strategy": name, "budget": 2, "max_tokens": 4})), Chosen)  # usable

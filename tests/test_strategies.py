@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from edge_adapt.engine.engine import Sample, Sequence
-from edge_adapt.engine.events import Done, Finished, SampleStarted, Token
+from edge_adapt.engine.events import Cancelled, Done, Finished, SampleStarted, Token
+from edge_adapt.engine.steps import Decode
 from edge_adapt.engine.text import TextStream
 from edge_adapt.errors import BudgetError, UsageError
 from edge_adapt.strategies import (
@@ -419,6 +420,17 @@ def test_stopping_the_stream_early_gives_sequences_back():
     assert e.free_sequences == 32
 
 
+def test_a_prompt_or_scorer_of_the_wrong_type_is_a_usage_error_before_anything_is_decoded():
+    e = fresh()
+    with pytest.raises(UsageError, match=r"^a prompt is a string, a list of chat messages or a list of token ids, "
+                                         r"got None$"):  # not read as "no prompt" (an empty one)
+        run_strategy(e, None, StrategyConfig(strategy="single"))
+    with pytest.raises(UsageError, match=r"^scorer must be a SelfEvaluator or have steps\(samples\) and "
+                                         r"decoded_tokens \(the Scorer protocol\), got object$"):
+        run_strategy(e, [1, 2], StrategyConfig(strategy="best-of-n", budget=2), object())  # type: ignore[arg-type]
+    assert e.decode_calls == 0 and e.free_sequences == 32
+
+
 def test_too_few_sequences_is_a_clear_error():
     with pytest.raises(BudgetError, match="needs 17 free sequences"):
         run(fresh(parallel=8), FakeScorer(lambda i, n: 0.5), strategy="best-of-n", budget=16)
@@ -552,12 +564,19 @@ def test_the_registry_imports_no_strategy():
 
 
 def _peak_policy(tmp_path) -> Path:
-    row = [{"strategy": "probe"}, {"strategy": "best-of-n", "options": {"budget": 2}},
-           {"strategy": "beam", "options": {"budget": 4}}, {"strategy": "lookahead", "options": {"budget": 2}},
-           {"strategy": "revise", "options": {"budget": 4}}]
+    """A strategy per bin, each as large as its row allows (the row's budget less the probe)."""
+
+    def row(best_of_n: int, beam: int, lookahead: int, last: dict) -> list[dict]:
+        return [{"strategy": "probe"}, {"strategy": "best-of-n", "options": {"budget": best_of_n}},
+                {"strategy": "beam", "options": {"budget": beam}},
+                {"strategy": "lookahead", "options": {"budget": lookahead}}, last]
+
+    budgets = {"2": row(1, 1, 1, {"strategy": "adaptive"}),  # revise needs 2
+               "4": row(2, 2, 2, {"strategy": "revise", "options": {"budget": 3}}),
+               "8": row(2, 4, 2, {"strategy": "revise", "options": {"budget": 4}})}
     path = tmp_path / "policy.json"
     path.write_text(json.dumps({"format": "edge-adapt-policy/1", "model": "fake", "bin_edges": [0.2, 0.4, 0.6, 0.8],
-                                "budgets": {"2": row, "4": row, "8": row}}))
+                                "budgets": budgets}))
     return path
 
 
@@ -584,3 +603,57 @@ def test_prune_survivors_are_chosen_by_their_end_score():
     finals = {s.sample: s.p_keep for s in of(ev, Scored) if s.final}
     assert set(finals) == {0, 1} and finals[0] == 0.2  # both survivors scored again once they had finished
     assert chosen(ev).sample == 1 and chosen(ev).p_keep == 0.6
+
+
+class CancelledEngine(FakeEngine):
+    """The engine once `cancel()` lands after `after` generated tokens: the samples a step program was generating
+    end with finish reason 'cancelled', later step programs end theirs at once, and a decode (a scorer's suffix,
+    revise's turns) raises Cancelled."""
+
+    def __init__(self, *args, after: int, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.after, self.tokens, self.cancelled = after, 0, False
+
+    def steps(self, samples, until=None, *, max_new=None, pause_on=None) -> Iterator:
+        live = [s for s in samples if s.finish is None]
+        if not self.cancelled:
+            for ev in super().steps(samples, until, max_new=max_new, pause_on=pause_on):
+                yield ev
+                self.tokens += isinstance(ev, Token)
+                self.cancelled = self.tokens >= self.after
+                if self.cancelled:
+                    break
+        if self.cancelled:
+            for s in live:
+                if s.finish is None:
+                    yield s.end("cancelled")
+
+    def extend(self, updates) -> None:
+        if self.cancelled:
+            raise Cancelled()
+        super().extend(updates)
+
+
+class DecodingScorer(FakeScorer):
+    """Scores as the self-evaluator does, after a decode of its suffix."""
+
+    def steps(self, samples: Seq[Sample]) -> Iterator:
+        if samples:
+            yield Decode.of([(s.seq, self.suffix) for s in samples])
+        return (yield from super().steps(samples))
+
+
+@pytest.mark.parametrize("name", sorted(set(STRATEGIES)))
+def test_a_cancel_ends_every_strategy_with_cancelled_not_an_answer(name, tmp_path):
+    """As best-of-n, whose scoring decode raises: single and vote decode nothing after their samples, and answered
+    with one cut short (Chosen with finish 'cancelled')."""
+    extra = {"policy": _peak_policy(tmp_path), "max_tokens": 64} if name == "auto" else {}
+    scorer = DecodingScorer(lambda i, n: 0.5) if STRATEGIES[name].needs_scorer else None  # as run_strategy gives
+    e = CancelledEngine(words(50), parallel=32, after=3)
+    seen = []
+    with pytest.raises(Cancelled):
+        for ev in run_strategy(e, [1, 2, 3], StrategyConfig(strategy=name, budget=4, **extra), scorer):
+            seen.append(ev)
+    assert e.cancelled and not of(seen, Chosen) and not of(seen, Done)
+    assert {f.reason for f in of(seen, Finished)} >= {"cancelled"}  # the samples cut short are ended first
+    assert e.free_sequences == 32  # every sequence given back

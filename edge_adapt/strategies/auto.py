@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_adapt.engine.engine import Sequence
-from edge_adapt.engine.events import Event
+from edge_adapt.engine.events import Event, SampleStarted
 from edge_adapt.errors import EdgeAdaptError, UsageError
 from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.config import StrategyConfig
@@ -68,8 +68,9 @@ def sub_config(config: StrategyConfig, policy: Policy, bin: int) -> StrategyConf
     if choice.strategy == PROBE:
         return None
     # A choice that names no budget spends the row's, less the probe.
-    options = {**config.model_dump(exclude_unset=True, exclude=SPENDING | {"policy"}), "budget": row_budget - 1,
-               **choice.options, "strategy": choice.strategy, "seed": config.seed + 1}
+    own = {k: v for k, v in choice.options.items() if k != "n"}  # `n` is the budget's other name
+    options = {**config.model_dump(exclude_unset=True, exclude=SPENDING | {"policy"}), **own,
+               "budget": choice.budget(row_budget), "strategy": choice.strategy, "seed": config.seed + 1}
     unpruned = STRATEGIES[choice.strategy].unpruned
     if unpruned is not None:
         # A prune point the replies never reach (the policy was tuned on longer ones) changes nothing: every
@@ -79,11 +80,17 @@ def sub_config(config: StrategyConfig, policy: Policy, bin: int) -> StrategyConf
             options["prune_at"] = reached
         else:
             options["strategy"] = unpruned
+    where = f"the policy's choice in bin {bin} at budget {row_budget} ({choice.describe()})"
     try:
-        return StrategyConfig.parse(options)
+        sub = StrategyConfig.parse(options)
     except UsageError as exc:
-        raise UsageError(f"the policy's choice in bin {bin} at budget {row_budget} ({choice.describe()}) cannot "
-                         f"run here: {exc}", field="policy") from None
+        raise UsageError(f"{where} cannot run here: {exc}", field="policy") from None
+    # Loading the policy refuses such a choice; this holds for one it could not judge (a budget given as text)
+    # or a Policy built without validation: auto never starts more than the caller's budget.
+    if sub.budget > row_budget - 1:
+        raise UsageError(f"{where} starts {sub.budget} samples after the probe; the row's budget leaves "
+                         f"{row_budget - 1}", field="policy")
+    return sub
 
 
 def _choices(config: StrategyConfig) -> list[StrategyConfig]:
@@ -117,9 +124,17 @@ def auto(engine: EngineLike, root: Sequence, config: StrategyConfig, scorer: Sco
         if sub is None:
             yield pool.chosen(probe)
             return
-    # The probe is sample 0; the chosen strategy's samples follow it.
     for ev in STRATEGIES[sub.strategy].run(engine, root, sub, scorer):
-        yield dataclasses.replace(ev, sample=ev.sample + 1) if hasattr(ev, "sample") else ev  # type: ignore[type-var]
+        yield _after_probe(ev)
+
+
+def _after_probe(ev: Any) -> Any:
+    """The chosen strategy's event as auto streams it: the probe is sample 0, so every sample index it names is
+    one more (a beam branch's parent too, or its text would be rebuilt from the wrong sample's). Decode requests
+    pass as they are."""
+    if isinstance(ev, SampleStarted) and ev.parent is not None:
+        return dataclasses.replace(ev, sample=ev.sample + 1, parent=ev.parent + 1)
+    return dataclasses.replace(ev, sample=ev.sample + 1) if hasattr(ev, "sample") else ev
 
 
 register(StrategySpec("auto", auto, samples_at_once=samples_at_once, tokens_per_sequence=tokens_per_sequence,

@@ -33,9 +33,15 @@ POLICY_OPTIONS = frozenset({
 })
 
 
+def _number(x: Any) -> bool:
+    """A real number (a bool is not one); anything else is refused by StrategyConfig when the choice runs."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 class PolicyChoice(BaseModel):
     """What to run in one bin: a strategy and how it spends compute (StrategyConfig options among POLICY_OPTIONS;
-    those it leaves out take their defaults, not the caller's, and its budget defaults to the row's less the probe)."""
+    those it leaves out take their defaults, not the caller's, and its budget defaults to the row's less the probe,
+    which is also the most it may be)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -62,6 +68,12 @@ class PolicyChoice(BaseModel):
     def describe(self) -> str:
         opts = " ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
         return f"{self.strategy} {opts}".strip()
+
+    def budget(self, row_budget: int) -> Any:
+        """The samples this choice starts after the probe in the row of `row_budget`: its own budget (`n` is
+        StrategyConfig's other name for it), else the row's less the probe. As the file gives it: its type is
+        StrategyConfig's to check."""
+        return self.options.get("budget", self.options.get("n", row_budget - 1))
 
 
 class Policy(BaseModel):
@@ -99,6 +111,13 @@ class Policy(BaseModel):
         for budget, row in v.items():
             if budget < 1 or len(row) != N_BINS:
                 raise ValueError(f"budget {budget} needs a positive budget and {N_BINS} choices, one per bin")
+            for bin, choice in enumerate(row, 1):
+                # The probe is one of the row's samples: a choice spending more than the rest overspends every
+                # caller the row serves (a hand-made budget of 200 started 201 samples for --budget 4).
+                spend = choice.budget(budget)
+                if choice.strategy != PROBE and _number(spend) and spend > budget - 1:
+                    raise ValueError(f"the choice in bin {bin} at budget {budget} ({choice.describe()}) starts "
+                                     f"{spend} samples after the probe; the row's budget leaves {budget - 1}")
         return dict(sorted(v.items()))
 
     def bin_of(self, p_keep: float) -> int:

@@ -12,15 +12,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_adapt.engine.chat import Message
-from edge_adapt.engine.events import Done, Event, SampleStarted, Token, Usage
+from edge_adapt.engine.events import Cancelled, Done, Event, Finished, SampleStarted, Token, Usage
 from edge_adapt.engine.steps import Program, drive, watched
 from edge_adapt.errors import BudgetError, ContextOverflowError, UsageError
 from edge_adapt.strategies.base import EngineLike, Scorer
 from edge_adapt.strategies.config import StrategyConfig
-from edge_adapt.strategies.events import DifficultyEstimated, Pruned, RolledOut, RoundStarted, Scored, StrategyEvent
+from edge_adapt.strategies.events import (
+    Chosen, DifficultyEstimated, Pruned, RolledOut, RoundStarted, Scored, StrategyEvent,
+)
 from edge_adapt.strategies.registry import StrategySpec, spec_of
 
 Prompt = str | Seq[Message] | Seq[int]
+PROMPT_TYPES = "a prompt is a string, a list of chat messages or a list of token ids"
 
 
 def prompt_tokens(model: Any, prompt: Prompt) -> list[int]:
@@ -29,8 +32,7 @@ def prompt_tokens(model: Any, prompt: Prompt) -> list[int]:
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     if isinstance(prompt, (bytes, bytearray, memoryview)) or not isinstance(prompt, Seq):  # bytes iterate as ints
-        raise UsageError(f"a prompt is a string, a list of chat messages or a list of token ids, got "
-                         f"{type(prompt).__name__}")
+        raise UsageError(f"{PROMPT_TYPES}, got {type(prompt).__name__}")
     items = list(prompt)
     if not items:
         raise UsageError("empty prompt")
@@ -38,7 +40,7 @@ def prompt_tokens(model: Any, prompt: Prompt) -> list[int]:
         return items  # type: ignore[return-value]
     if all(isinstance(m, dict) for m in items):
         return model.chat_tokens(items)
-    raise UsageError("a prompt is a string, a list of chat messages or a list of token ids")
+    raise UsageError(PROMPT_TYPES)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,11 @@ def run_strategy(
         config = StrategyConfig.parse(config)
     elif not isinstance(config, StrategyConfig):
         raise UsageError(f"config must be a StrategyConfig or a dict of its fields, got {type(config).__name__}")
+    if prompt is None and root is None:  # plan_run reads None as a chat planning for turns to come
+        raise UsageError(f"{PROMPT_TYPES}, got None")
+    if scorer is not None and not (callable(getattr(scorer, "steps", None)) and hasattr(scorer, "decoded_tokens")):
+        raise UsageError(f"scorer must be a SelfEvaluator or have steps(samples) and decoded_tokens (the Scorer "
+                         f"protocol), got {type(scorer).__name__}")
     if scorer is None and spec_of(config.strategy).needs_scorer:
         from edge_adapt.selfeval import SelfEvaluator
 
@@ -115,7 +122,8 @@ def run_strategy(
 
 def _as_one_work(engine: EngineLike, events: Iterator[Any]) -> Iterator[Any]:
     """The run holds the engine busy from its first event to its last, so that `engine.cancel()` ends the whole
-    run (its next decode raises Cancelled, every sequence is given back), not only the step it lands in."""
+    run (its next decode raises Cancelled, or its answer does where nothing is left to decode: strategy_steps;
+    every sequence is given back), not only the step it lands in."""
     busy = getattr(engine, "busy", None)  # an Engine; a stand-in engine has no cancel to hold
     with busy() if busy is not None else nullcontext():
         yield from events
@@ -145,15 +153,22 @@ def strategy_steps(
     counts = {SampleStarted: 0, Token: 0, Scored: 0, Pruned: 0, RoundStarted: 0}
     rollout = 0
     difficulty = None
+    cancelled = False
 
     def see(ev: object) -> None:
-        nonlocal rollout, difficulty
+        nonlocal rollout, difficulty, cancelled
         if type(ev) in counts:
             counts[type(ev)] += 1
         elif isinstance(ev, RolledOut):
             rollout += ev.n_tokens
         elif isinstance(ev, DifficultyEstimated):
             difficulty = ev.bin
+        elif isinstance(ev, Finished) and ev.reason == "cancelled":
+            cancelled = True
+        elif isinstance(ev, Chosen) and cancelled:
+            # engine.cancel() ended the samples, and a strategy that decodes nothing after them (single, vote) was
+            # about to answer with one cut short: the run is cancelled as a whole, as where a later decode raises.
+            raise Cancelled()
 
     with nullcontext(given_root) if given_root is not None else engine.opened(plan.prompt) as root:
         yield from watched(plan.spec.run(engine, root, plan.config, scorer), see)
