@@ -176,7 +176,7 @@ def test_an_abort_requested_before_a_decode_stops_it_and_the_engine_goes_on(engi
     free = engine.free_sequences
     engine.ctx.request_abort(True)
     try:
-        with pytest.raises(Cancelled):
+        with pytest.raises(Cancelled, match="the generation was cancelled"):  # a message an app can show
             engine.open(tokens)
         assert engine.free_sequences == free
     finally:
@@ -300,6 +300,21 @@ def test_resize_keeps_a_sequence_and_continues_it_identically():
         e.release(seq)
         e.resize(parallel=2, ctx=512)
         assert e.free_sequences == 2 and e.n_ctx_seq >= 512
+
+
+def test_a_resize_refused_for_too_many_sequences_leaves_the_engine_and_the_kept_sequence_as_they_were():
+    """256 sequences take more sequence ids than llama.cpp has: the refusal came after the old context was freed,
+    and the engine was left with no context (a chat's next turn failed with an AttributeError)."""
+    with Engine(parallel=1, ctx=256, device="cpu") as e:
+        tokens = _prompt(e)
+        alone = _tokens_alone(e, tokens, GREEDY, 8)
+        seq = e.open(tokens)
+        logits = seq.logits.copy()
+        with pytest.raises(BudgetError, match="sequence ids"):
+            e.resize(parallel=256, keep=[seq])
+        assert (e.options.parallel, e.free_sequences, seq.tokens) == (1, 0, tokens)
+        assert np.array_equal(seq.logits, logits)
+        assert _continue_greedy(e, seq, 8) == alone
 
 
 def _params(i: int) -> SamplingParams:
@@ -578,11 +593,13 @@ def test_a_closed_engine_refuses_work_instead_of_crashing():
 
 def test_a_released_sequence_is_refused_so_the_one_now_on_its_id_stays_intact(engine: Engine):
     stale = engine.open([1, 2, 3])
+    snap = engine.snapshot(stale)
     engine.release(stale)
     other = engine.open(engine.tokenize("The sky is"))  # takes the freed id
     assert other.id == stale.id
     before = np.array(other.logits, copy=True)
-    for use in (lambda: engine.extend([(stale, [9])]), lambda: engine.fork(stale), lambda: engine.truncate(stale, 1)):
+    for use in (lambda: engine.extend([(stale, [9])]), lambda: engine.fork(stale), lambda: engine.truncate(stale, 1),
+                lambda: engine.snapshot(stale), lambda: engine.restore(snap, into=stale)):
         with pytest.raises(UsageError, match=f"sequence {stale.id} was released"):
             use()
     engine.extend([(other, [1])])
@@ -612,6 +629,93 @@ def test_two_threads_decoding_on_one_engine_get_an_error_not_a_crash(engine: Eng
     assert all("another thread is decoding on this engine" in m for m in errors)
     assert engine.live_sequences == 0
     assert [type(ev).__name__ for ev in engine.generate("Hi", GREEDY, max_tokens=2)][-1] == "Done"
+
+
+def test_a_second_thread_is_refused_while_a_generation_runs_and_the_first_goes_on_untouched(engine: Engine):
+    """A generation paused at an event holds the engine for its thread: another thread's generate (even one
+    asking for more sequences than are free) or busy() gets EngineError before it takes a sequence id. It used
+    to take ids, move the first generation's sequences and decode between its steps: ids leaked for good and
+    the first generation's texts changed."""
+    import threading
+
+    from edge_adapt.strategies import run_strategy
+
+    prompt = _prompt(engine)
+    alone = [e.text for e in engine.generate(prompt, SAMPLED, n=3, max_tokens=16) if isinstance(e, Finished)]
+    first = engine.generate(prompt, SAMPLED, n=3, max_tokens=16)
+    events = [next(first)]  # paused at its first event, holding its sequences
+    held = engine.live_sequences
+    errors: list[BaseException] = []
+
+    def busy() -> None:
+        with engine.busy():
+            pass
+
+    def second() -> None:
+        calls = (lambda: next(engine.generate(prompt, SAMPLED, n=2, max_tokens=4)),
+                 lambda: next(engine.generate(prompt, SAMPLED, n=engine.options.parallel, max_tokens=4)),
+                 lambda: next(run_strategy(engine, prompt, {"strategy": "vote", "budget": 2, "max_tokens": 4})),
+                 busy)
+        for call in calls:
+            try:
+                call()
+            except BaseException as exc:  # noqa: BLE001 - what the test looks at
+                errors.append(exc)
+
+    t = threading.Thread(target=second)
+    t.start()
+    t.join(60)
+    assert [type(e) for e in errors] == [EngineError] * 4, errors
+    assert all("another thread is decoding on this engine" in str(e) for e in errors)
+    assert engine.live_sequences == held
+    events += list(first)
+    assert [e.text for e in events if isinstance(e, Finished)] == alone
+    # Every id came back: the whole engine can be used at once.
+    n = engine.options.parallel
+    done = [e for e in engine.generate(prompt, GREEDY, n=n, max_tokens=2) if isinstance(e, Finished)]
+    assert len(done) == n and engine.live_sequences == 0
+
+
+def test_a_stream_left_paused_by_a_thread_that_ended_does_not_hold_the_engine_from_others(engine: Engine):
+    """A worker thread that ends with its stream paused (an app that kept the iterator, not reading it) leaves
+    no one to advance it: other threads may use the engine, as close() does not wait for such a stream."""
+    import threading
+
+    prompt = _prompt(engine)
+    kept: list = []
+    worker = threading.Thread(target=lambda: kept.append((g := engine.generate(prompt, SAMPLED, n=2, max_tokens=8),
+                                                          next(g))))
+    worker.start()
+    worker.join(60)
+    assert kept and engine.live_sequences > 0  # its sequences are still held: the stream lives
+    done = [e for e in engine.generate(prompt, GREEDY, n=2, max_tokens=2) if isinstance(e, Finished)]
+    assert len(done) == 2
+    kept[0][0].close()
+    assert engine.live_sequences == 0
+
+
+def test_work_one_thread_began_goes_on_on_another():
+    """An app reading a stream through an executor advances it on whichever pool thread is free: a generation and
+    a strategy run started on one thread go on on another (their rounds start there), and give their texts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edge_adapt.strategies import run_strategy
+
+    with Engine(parallel=4, ctx=256, device="cpu") as e:
+        prompt = _prompt(e)
+        config = {"strategy": "vote", "budget": 2, "max_tokens": 8, "seed": 3}
+        plain_alone = [x.text for x in e.generate(prompt, SAMPLED, n=2, max_tokens=8) if isinstance(x, Finished)]
+        run_alone = [type(x).__name__ for x in run_strategy(e, prompt, config)]
+        with ThreadPoolExecutor(1) as worker:
+            plain = e.generate(prompt, SAMPLED, n=2, max_tokens=8)
+            run = run_strategy(e, prompt, config)
+            first_plain = worker.submit(next, plain).result()  # begun on the worker, which stays alive
+            rest_plain = list(plain)
+            first_run = worker.submit(next, run).result()
+            rest_run = list(run)
+        assert [x.text for x in [first_plain, *rest_plain] if isinstance(x, Finished)] == plain_alone
+        assert [type(x).__name__ for x in [first_run, *rest_run]] == run_alone
+        assert e.live_sequences == 0
 
 
 def test_a_cancel_with_nothing_running_does_not_stop_the_next_request(engine: Engine):
@@ -698,6 +802,46 @@ def test_prompt_tokens_and_biased_tokens_outside_the_vocabulary_are_named(engine
     assert engine.live_sequences == 0
 
 
+def test_detokenize_refuses_what_is_not_a_token_id_instead_of_aborting_the_process(engine: Engine):
+    """An id past the vocabulary (a stored or remote id) ended the process in llama.cpp (std::out_of_range), and a
+    float or a string gave a ctypes traceback."""
+    n = engine.model.n_vocab
+    for bad in ([n], [1, 10**9], [-1], [1.5], [None]):
+        with pytest.raises(UsageError, match="is not a token id of this model's vocabulary"):
+            engine.detokenize(bad)
+    for bad in ("abc", b"ab", 5):
+        with pytest.raises(UsageError, match="detokenize takes a list of token ids"):
+            engine.detokenize(bad)  # type: ignore[arg-type]
+    tokens = engine.tokenize("The sky is blue.")
+    assert engine.detokenize(tokens) == engine.detokenize(tuple(tokens)) == engine.detokenize(np.array(tokens))
+    assert engine.detokenize(tokens) == "The sky is blue."
+
+
+def test_a_numpy_seed_is_taken_as_the_number_it_is(engine: Engine):
+    """Sample i uses seed + i: in numpy's int64 the largest seed wrapped around to a negative one the caller never
+    gave, and was refused."""
+    big = 2**63 - 1
+    runs = [[(type(e).__name__, getattr(e, "seed", None), getattr(e, "text", None))
+             for e in engine.generate("Hi", SamplingParams(seed=seed), n=2, max_tokens=4)][:-1]  # all but Done
+            for seed in (big, np.int64(big))]
+    assert runs[0] == runs[1]
+    assert [seed for name, seed, _ in runs[1] if name == "SampleStarted"] == [big, big + 1]
+
+
+def test_the_largest_logit_bias_keeps_log_probabilities_finite_and_a_larger_one_is_refused(engine: Engine):
+    """A bias of 1e39 (finite in float64) overflowed the float32 logits: every reported log-probability was NaN."""
+    from edge_adapt.engine import Token
+
+    token = engine.tokenize(" blue")[0]
+    # The strongest scalings of a biased logit: a low temperature, and the lowest repetition penalty on it.
+    params = SamplingParams(temperature=1e-6, repeat_penalty=0.01, logit_bias=((token, 1e6),))
+    events = list(engine.generate("The sky is", params, max_tokens=3))
+    steps = [e for e in events if isinstance(e, Token)]
+    assert [e.token for e in steps] == [token] * 3 and all(np.isfinite(e.logprob) for e in steps)
+    with pytest.raises(UsageError, match="logit_bias for token 5 must be between -1,000,000 and 1,000,000"):
+        SamplingParams(logit_bias=((5, 1e39),))
+
+
 def test_generate_takes_one_stop_string_whole_and_refuses_empty_requests(engine: Engine):
     prompt = engine.tokenize("The numbers from one to ten are one, two, three")
     free = [e.text for e in engine.generate(prompt, GREEDY, max_tokens=24) if isinstance(e, Finished)][0]
@@ -779,6 +923,10 @@ def test_the_python_api_names_a_wrong_type_instead_of_failing_deep_inside_or_gue
         (lambda: SamplingParams(seed=1.5), UsageError, "seed .* must be a whole number"),
         (lambda: SamplingParams(temperature=None), UsageError, "temperature .* must be a number"),
         (lambda: Engine(threads=1.5), UsageError, "engine options: threads"),
+        (lambda: Engine({"ctx": 64}), UsageError, "Engine options are an EngineOptions or keywords"),  # not a dict
+        (lambda: engine.chat_tokens([{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": "ab\udc80"}]),
+         UsageError, r"message 2 is not valid Unicode \('\\udc80' at character 2\)"),  # where it is in that message
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):

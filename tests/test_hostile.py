@@ -287,6 +287,9 @@ GGUF_CASES: dict[str, tuple[Callable[[GGUF], None], str]] = {
     "tensor_zero_dim": (_zero_dim, "shape"),
     "tensor_row_not_whole_blocks": (_row_not_whole_blocks, "shape"),
     "tensor_count_lie": (lambda g: setattr(g, "n_tensors", 10**7), "implausible counts"),
+    # one entry of the table left unread: the data was read from the wrong place (and "held NaN" in a real model)
+    "tensor_count_one_short": (lambda g: setattr(g, "n_tensors", len(g.tensors) - 1),
+                               "tensors its header counts: is that count wrong?"),
     "no_architecture": (_drop("general.architecture"), "no general.architecture"),
     "encoder_architecture": (_set("general.architecture", string("bert")), "unsupported architecture"),
     "unknown_architecture": (_set("general.architecture", string("llama9")), "unsupported architecture"),

@@ -50,10 +50,15 @@ def render_chat(
 ) -> str:
     if not isinstance(messages, (list, tuple)):
         raise UsageError(f"chat messages must be a list of {{role, content}} dicts, got {type(messages).__name__}")
-    for m in messages:
+    for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
                 or not isinstance(m.get("content"), str):
             raise UsageError(f"bad chat message {m!r}: needs role system/user/assistant and string content")
+        try:  # here, where the position is the message's own: tokenizing finds it in the rendered prompt
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: bytes that were not UTF-8, decoded with surrogateescape
+            raise UsageError(f"message {i + 1} is not valid Unicode ({exc.object[exc.start:exc.end]!r} at character "
+                             f"{exc.start})") from None
     from jinja2 import TemplateError
 
     try:

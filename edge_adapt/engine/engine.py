@@ -31,12 +31,14 @@ from edge_adapt.engine.outputs import Outputs
 from edge_adapt.engine.sampling import SamplingParams, check_bias_vocabulary, token_logprobs, top_logprobs
 from edge_adapt.engine.steps import Decode, Program, Sampling, drive
 from edge_adapt.engine.text import TextStream
-from edge_adapt.engine.vocab import TextModel, same_model
+from edge_adapt.engine.vocab import TextModel, first_bad_token, same_model
 from edge_adapt.errors import (
     BudgetError, ContextOverflowError, EngineError, UsageError, check_count, is_whole, validated,
 )
 
 CLOSE_WAIT_S = 10.0  # how long close() waits for another thread's cancelled generation to end
+ONE_THREAD = ("another thread is decoding on this engine: an engine serves one thread at a time "
+              "(edge-adapt serve's scheduler shares one among many requests)")
 
 
 def check_training_context(ctx: int, info: GGUFInfo) -> None:
@@ -159,6 +161,9 @@ class Engine(TextModel):
     """Owns the model, the context and the sequence ids. Use as a context manager or call close()."""
 
     def __init__(self, options: EngineOptions | None = None, **overrides: object) -> None:
+        if options is not None and not isinstance(options, EngineOptions):
+            raise UsageError(f"Engine options are an EngineOptions or keywords (Engine(ctx=1024, parallel=4)), "
+                             f"got {type(options).__name__}")
         opts = validated(EngineOptions, {**(options or EngineOptions()).model_dump(), **overrides}, "engine options")
         self.options = opts
         if opts.model is None:
@@ -208,12 +213,19 @@ class Engine(TextModel):
         self.moves = 0  # sequences moved to another id so that a decode's ids are consecutive (see _pack)
         self.decode_calls = 0
 
-    def _make_context(self, opts: EngineOptions) -> None:
-        """A context (and its batch) for `opts.parallel` sequences of `opts.ctx` tokens, all of them free."""
+    @staticmethod
+    def _sequence_ids(opts: EngineOptions) -> int:
+        """The sequence ids a context for `opts` takes, or BudgetError where llama.cpp cannot hold them (it says
+        only that it could not create the context)."""
         ids = sequence_ids(opts.parallel, opts.kv_unified)
-        if ids > MAX_SEQUENCE_IDS:  # llama.cpp says only that it could not create the context
+        if ids > MAX_SEQUENCE_IDS:
             raise BudgetError(f"{opts.parallel} sequences take {ids} sequence ids with split KV (one spare), more than "
                               f"llama.cpp's {MAX_SEQUENCE_IDS}: hold at most {MAX_SEQUENCE_IDS - 1}, or unify the KV")
+        return ids
+
+    def _make_context(self, opts: EngineOptions) -> None:
+        """A context (and its batch) for `opts.parallel` sequences of `opts.ctx` tokens, all of them free."""
+        ids = self._sequence_ids(opts)
         ctx = Context(
             self.model,
             n_ctx=opts.ctx * ids,
@@ -254,16 +266,17 @@ class Engine(TextModel):
             raise BudgetError(f"{len(keep)} sequences cannot be kept in an engine of {opts.parallel}")
         if any(s.n_past > opts.ctx for s in keep):
             raise ContextOverflowError(f"a kept sequence does not fit a context of {opts.ctx} tokens")
+        self._sequence_ids(opts)  # a refusal known without llama.cpp comes before anything is freed
         kept = [list(s.tokens[: s.n_past]) for s in keep]
         previous = self.options
         self._last_outputs.wait()  # a worker may be copying out of the context's buffer
-        # The old KV goes before the new one is allocated; if the new context cannot be made, the old one is made
-        # again so the engine and the kept sequences stay as they were.
+        # The old KV goes before the new one is allocated; if the new context cannot be made (whatever the
+        # error), the old one is made again so the engine and the kept sequences stay as they were.
         self.ctx.close()
         self.batch.close()
         try:
             self._make_context(opts)
-        except EngineError:
+        except BaseException:
             self._make_context(previous)
             self._decode_again(keep, kept)
             raise
@@ -290,12 +303,7 @@ class Engine(TextModel):
         waits up to `wait` seconds for that thread to read its stream to the end; if it does not, EngineError
         and the engine stays open. Work of this thread's own (a generation paused at an event) ends with
         EngineError at its next step."""
-        me = threading.get_ident()
-
-        def others() -> bool:  # a generation left paused by a thread that has ended runs no more: not waited for
-            alive = {t.ident for t in threading.enumerate()}
-            return any(t != me and t in alive for t in self._busy_threads)
-
+        others = self._busy_elsewhere
         with self._idle:
             if self.model.closed:
                 return
@@ -346,10 +354,11 @@ class Engine(TextModel):
         """A new sequence holding `tokens`, decoded once; its logits predict what follows."""
         if not tokens:
             raise UsageError("cannot open a sequence on an empty prompt")
-        n_vocab = self.model.n_vocab  # llama.cpp fails a decode of an unknown id without saying which
-        bad = next((t for t in tokens if not is_whole(t) or not 0 <= t < n_vocab), None)
+        n_vocab = self.model.n_vocab
+        bad = first_bad_token(tokens, n_vocab)
         if bad is not None:
-            raise UsageError(f"prompt token {bad!r} is not a token id of this model's vocabulary (0 to {n_vocab - 1})")
+            raise UsageError(f"prompt token {tokens[bad]!r} is not a token id of this model's vocabulary "
+                             f"(0 to {n_vocab - 1})")
         self._check_fits(len(tokens))
         seq = self._new([])
         try:
@@ -444,9 +453,7 @@ class Engine(TextModel):
         work = list(meanwhile)
         if self.model.closed or not self._decoding.acquire(blocking=False):
             _run_all(work)
-            raise EngineError("the engine is closed" if self.model.closed else
-                              "another thread is decoding on this engine: an engine serves one thread at a time "
-                              "(edge-adapt serve's scheduler shares one among many requests)")
+            raise EngineError("the engine is closed" if self.model.closed else ONE_THREAD)
         owner = self._work_begins()  # not `with self.busy()`: a generator-based context costs 2 us a step here
         try:
             if self.model.closed:  # by another thread, before this decode counted as work it waits for
@@ -463,12 +470,31 @@ class Engine(TextModel):
     def busy(self) -> Iterator[None]:
         """Hold the engine busy for work of several calls (a chat turn: the prompt's decode, then the reply): a
         cancel() from any thread while inside is for that work, whichever call it lands before or in, and a
-        close() waits for it."""
-        owner = self._work_begins()
+        close() waits for it. The work is this thread's: while it runs (a stream paused at an event included),
+        another thread's `busy` (its generate, strategy run or chat reply) gets EngineError before it touches
+        anything. The work itself may go on on another thread (a stream an executor advances)."""
+        owner = self._claim()
         try:
             yield
         finally:
             self._work_ends(owner)
+
+    def _claim(self) -> int:
+        """`_work_begins`, refused while work another thread began is running: checked and counted under one lock,
+        so of two threads starting at once one gets EngineError, before either has taken a sequence id. Without
+        this, the second one's forks, releases and moves of ids interleaved with the first one's steps: ids leaked
+        and texts changed."""
+        with self._busy_lock:
+            if self._busy_elsewhere():
+                raise EngineError(ONE_THREAD)
+            return self._work_begins()
+
+    def _busy_elsewhere(self) -> bool:
+        """Whether work another thread began is running. A stream left paused by a thread that has ended runs no
+        more (until collected): it is not waited for, nor does it keep the engine from other threads for good."""
+        me = threading.get_ident()
+        alive = {t.ident for t in threading.enumerate()}
+        return any(t != me and t in alive for t in self._busy_threads)
 
     def _work_begins(self) -> int:
         """Count work as running; returns the thread it is counted for, which `_work_ends` is given back."""
@@ -653,6 +679,7 @@ class Engine(TextModel):
 
     # -- snapshots -------------------------------------------------------------------------------------
     def snapshot(self, seq: Sequence) -> Snapshot:
+        self._check_held(seq)
         if seq.n_past != len(seq.tokens):
             raise EngineError("cannot snapshot a sequence with undecoded tokens")
         if self.ctx.copies_pending and seq.n_past:
@@ -684,6 +711,8 @@ class Engine(TextModel):
         if not same_model(snap.model_fingerprint, self.fingerprint):
             raise EngineError(f"snapshot is from another model ({snap.model_fingerprint}, this is {self.fingerprint})")
         self._check_fits(snap.n_past)
+        if into is not None:  # its id may be another sequence's now, whose KV the restore would replace
+            self._check_held(into)
         seq = into or self._new([])
         self.ctx.seq_rm(seq.id)
         try:
@@ -812,8 +841,14 @@ class Engine(TextModel):
         Sampled tokens other than end-of-generation are decoded into the sample's KV even on the last
         step, so a finished sample can be scored or continued without decoding anything again.
         """
-        with self.busy():  # while the program lives, paused at a yield included, a cancel() is for it
+        # While the program lives, paused at a yield included, a cancel() is for it. Counted, not claimed: a
+        # strategy's round or a chat's reply starts its steps on whichever thread advances the work that claimed
+        # the engine (generate, run_strategy, ChatSession.send).
+        owner = self._work_begins()
+        try:
             yield from self._steps(samples, until, max_new=max_new, pause_on=pause_on)
+        finally:
+            self._work_ends(owner)
 
     def _steps(
         self, samples: Seq[Sample], until: int | None = None, *, max_new: int | None = None, pause_on: str | None = None
@@ -1017,23 +1052,26 @@ class Engine(TextModel):
     ) -> Iterator[Event]:
         """Decode the prompt once, fork `n` samples and stream their tokens. Sample i uses seed + i (a list of
         params: one sample each, `n` unused). `stop`: a string or several; a sample ends before the first."""
-        check_count("max_tokens", max_tokens)  # before it is added to the prompt's length
-        if isinstance(params, SamplingParams):
-            check_count("n", n)
-            if n > self.free_sequences:  # before n params are made: n may be a typo of many digits
-                raise BudgetError(f"{n} samples need {n} free sequences, {self.free_sequences} are left "
-                                  f"(the engine holds {self.options.parallel})")
-            plist = [SamplingParams(**{**params.__dict__, "seed": params.seed + i}) for i in range(n)]
-        elif isinstance(params, (list, tuple)):
-            plist = list(params)
-        else:
-            raise UsageError(f"params must be a SamplingParams or a list of them, got {type(params).__name__}")
-        tokens = self.tokenize(prompt) if isinstance(prompt, str) else token_list(prompt)
-        self._check_fits(len(tokens) + max_tokens)
-        started = (time.perf_counter(), self.decode_calls)
-        with self.busy(), self.opened(tokens) as root:  # busy to the end: a close from another thread waits for it
-            yield from drive(self, self.generation(root, plist, max_tokens=max_tokens, stop=stop,
-                                                   top_logprobs=top_logprobs, started=started))
+        # The claim comes first: while another thread's work runs, this gets EngineError, not an error about
+        # the sequences that work holds. Busy to the end: a close from another thread waits for it.
+        with self.busy():
+            check_count("max_tokens", max_tokens)  # before it is added to the prompt's length
+            if isinstance(params, SamplingParams):
+                check_count("n", n)
+                if n > self.free_sequences:  # before n params are made: n may be a typo of many digits
+                    raise BudgetError(f"{n} samples need {n} free sequences, {self.free_sequences} are left "
+                                      f"(the engine holds {self.options.parallel})")
+                plist = [SamplingParams(**{**params.__dict__, "seed": params.seed + i}) for i in range(n)]
+            elif isinstance(params, (list, tuple)):
+                plist = list(params)
+            else:
+                raise UsageError(f"params must be a SamplingParams or a list of them, got {type(params).__name__}")
+            tokens = self.tokenize(prompt) if isinstance(prompt, str) else token_list(prompt)
+            self._check_fits(len(tokens) + max_tokens)
+            started = (time.perf_counter(), self.decode_calls)
+            with self.opened(tokens) as root:
+                yield from drive(self, self.generation(root, plist, max_tokens=max_tokens, stop=stop,
+                                                       top_logprobs=top_logprobs, started=started))
 
     def generation(
         self,

@@ -11,6 +11,9 @@ FinishReason = Literal["stop", "eos", "length", "cancelled", "pruned"]
 class Cancelled(Exception):
     """A generation was cancelled from another thread; the engine stays usable."""
 
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(args or ("the generation was cancelled",)))
+
 
 @dataclass(frozen=True)
 class SampleStarted:

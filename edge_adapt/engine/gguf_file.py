@@ -205,6 +205,13 @@ def _scan(path: Path) -> tuple[dict[str, Any], list[_Tensor]]:
                 f"{path}: truncated GGUF (tensor {name!r} ends at byte {start + n_bytes}, file has {file_size})"
             )
         tensors.append(_Tensor(name, shape, qtype.name, start, n_bytes))
+    # Writers end the file with the last tensor's data, padded to the alignment at most. More bytes after it mean
+    # the tensor table does not describe the file: a header whose tensor count is too low leaves entries unread,
+    # and the data section is then taken to start early (its checks found "NaN" in data read off its place).
+    end = max((t.offset + t.n_bytes for t in tensors), default=file_size)
+    if file_size - end >= alignment:
+        raise ModelFileError(f"{path}: malformed GGUF ({file_size - end} bytes after the data of the {n_tensors} "
+                             "tensors its header counts: is that count wrong?)")
     return kv, tensors
 
 

@@ -39,6 +39,11 @@ SAMPLING_RULES: dict[str, tuple[Callable[[float], bool], str, str]] = {
 
 WHOLE_NUMBERS = frozenset({"top_k", "repeat_last_n", "seed"})
 
+# A logit bias beyond this is no stronger (100, OpenAI's limit, already makes a token certain or never picked), and
+# near float32's limit the biased logits, or a repetition penalty's or a low temperature's scaling of them, overflow
+# to inf and every log-probability becomes NaN (1e39 did).
+MAX_LOGIT_BIAS = 1e6
+
 
 def check_sampling(**values: float) -> None:
     """Raise UsageError naming the first setting out of its range (the field and its CLI flag)."""
@@ -80,7 +85,12 @@ class SamplingParams:
                 raise UsageError(f"logit_bias names token {t!r}: a token id is a whole number >= 0")
             if not math.isfinite(b):
                 raise UsageError(f"logit_bias for token {t} must be a finite number, got {b}")
+            if abs(b) > MAX_LOGIT_BIAS:
+                raise UsageError(f"logit_bias for token {t} must be between {-MAX_LOGIT_BIAS:,.0f} and "
+                                 f"{MAX_LOGIT_BIAS:,.0f}, got {b:g}")
         object.__setattr__(self, "logit_bias", tuple((int(t), b) for t, b in bias))
+        # A numpy seed would wrap around in `seed + i` (generate's sample i), where a Python int does not.
+        object.__setattr__(self, "seed", int(self.seed))
 
     @property
     def greedy(self) -> bool:

@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
+import numpy as np
+
 from edge_adapt.engine.chat import Message, content_spans, render_chat
 from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
 from edge_adapt.engine.handles import Model, free_when_collected, init_backend
-from edge_adapt.errors import ContextOverflowError, UsageError
+from edge_adapt.errors import ContextOverflowError, UsageError, is_whole
 
 
 def fingerprint(info: GGUFInfo) -> str:
@@ -30,6 +32,13 @@ def same_model(a: str, b: str) -> bool:
     return a == b or any(x.count(":") == 3 and y.startswith(x + ":") for x, y in ((a, b), (b, a)))
 
 
+def first_bad_token(tokens: Seq[object], n_vocab: int) -> int | None:
+    """Where the first entry of `tokens` that is not a token id of a vocabulary of `n_vocab` is (None if all are):
+    llama.cpp aborts the process on an id past its vocabulary when turning it into text, and fails a decode of one
+    without saying which."""
+    return next((i for i, t in enumerate(tokens) if not is_whole(t) or not 0 <= t < n_vocab), None)  # type: ignore
+
+
 class TextModel:
     """Text methods over `self.model` (a loaded Model handle) and `self.info` (its GGUF metadata)."""
 
@@ -42,7 +51,14 @@ class TextModel:
         return self.model.tokenize(text, add_special=add_bos, parse_special=special, most=most)
 
     def detokenize(self, tokens: Seq[int]) -> str:
-        return b"".join(self.model.piece(t) for t in tokens).decode("utf-8", "replace")
+        # Checked here, not in Model.piece, which the decode loop calls with ids the model itself sampled.
+        if not isinstance(tokens, (list, tuple, range, np.ndarray)):  # bytes, which iterate as small ints, too
+            raise UsageError(f"detokenize takes a list of token ids, got {type(tokens).__name__}")
+        n_vocab = self.model.n_vocab
+        bad = first_bad_token(tokens, n_vocab)
+        if bad is not None:
+            raise UsageError(f"{tokens[bad]!r:.40} is not a token id of this model's vocabulary (0 to {n_vocab - 1})")
+        return b"".join(self.model.piece(int(t)) for t in tokens).decode("utf-8", "replace")  # numpy ints too
 
     def chat_prompt(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
         return render_chat(
