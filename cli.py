@@ -28,8 +28,15 @@ app = typer.Typer(
 _debug = False
 
 # -- shared options -----------------------------------------------------------------------------------------
-ModelArg = Annotated[Optional[Path], typer.Argument(help="GGUF model (default: embedded SmolLM2-135M-Instruct)")]
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF model (default: embedded SmolLM2-135M-Instruct)")]
+def _named_path(value: str) -> Path:
+    """A file to read. Path("") is ".", which would be refused as a directory the user never named."""
+    if not value.strip():
+        raise typer.BadParameter("is empty; give a file's name")
+    return Path(value)
+
+
+ModelArg = Annotated[Optional[Path], typer.Argument(help="GGUF model (default: embedded SmolLM2-135M-Instruct)", parser=_named_path)]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF model (default: embedded SmolLM2-135M-Instruct)", parser=_named_path)]
 CtxOpt = Annotated[Optional[int], typer.Option("--ctx", help="context length per sequence (tokens)", min=64)]
 
 
@@ -53,8 +60,8 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU thread
 BudgetOpt = Annotated[Optional[str], typer.Option("--mem-budget", help="refuse plans above this much memory, e.g. 1.5GB")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="show llama.cpp's own log")]
 # Sampling flags carry no ranges here: edge_adapt.engine.sampling declares them once, for every entry point.
-TempOpt = Annotated[Optional[float], typer.Option("--temp", help="sampling temperature (0: greedy; run: greedy unless a strategy, 0.7)")]
-MaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", help="most tokens to generate per sample (run: 256)", min=1)]
+TempOpt = Annotated[Optional[float], typer.Option("--temp", help="sampling temperature (0: greedy; default 0.7, but run without a strategy: greedy for one sample)")]
+MaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", help="most tokens to generate per sample (run: 256, chat: 512)", min=1)]
 PoolMaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", help="most tokens per sampled reply (default: each task family's own, 96 for other suites)", min=1)]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="random seed (run, chat: sample i uses seed + i; eval, label, tune-policy pools: each sample's seed is a hash of it, the prompt and i)")]
 SuiteOpt = Annotated[str, typer.Option("--suite", help="arith, gsm8k, mix (all task families), or a user suite .jsonl file")]
@@ -73,7 +80,7 @@ BackendWaitOpt = Annotated[float, typer.Option("--backend-wait", help="seconds a
 TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="keep the k most likely tokens (0: off; default 40)")]
 TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="nucleus sampling mass (default 0.95)")]
 MinPOpt = Annotated[Optional[float], typer.Option("--min-p", help="drop tokens below min-p x the top probability (default 0.05)")]
-RepeatOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", help="penalty for recently seen tokens (1: off)")]
+RepeatOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", help="penalty for recently seen tokens (1: off; default 1, chat: 1.1)")]
 
 
 @app.callback()
@@ -83,13 +90,17 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks f
 
 
 def _text_arg(value: str, what: str) -> str:
-    """Command-line text must be UTF-8: Python hands undecodable bytes through as lone surrogates."""
+    """Command-line text must be UTF-8: Python hands undecodable bytes through as lone surrogates. "-" reads
+    standard input, less one trailing newline (as $(...) drops it: `echo PROMPT | run -` is `run PROMPT`)."""
     if value == "-":
+        if sys.stdin is None:  # started with stdin closed (`<&-`)
+            raise UsageError(f"{what} is '-' (read standard input), but standard input is closed")
         data = sys.stdin.buffer.read()
         try:
-            return data.decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise UsageError(f"{what} on standard input is not valid UTF-8 (byte {exc.start})") from None
+        return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -162,25 +173,48 @@ def _ctrl_c_waits(then: Callable[[], None] = lambda: None) -> Iterator[list[int]
         signal.signal(signal.SIGINT, previous)
 
 
+@contextmanager
+def _streamed() -> Iterator[Callable[[str], None]]:
+    """A writer of reply text to stdout as it streams. When the stream ends in an exception (Ctrl-C, SIGTERM, an
+    error) mid-line, that line is ended first, so that what goes to stderr (`interrupted`) is a line of its own."""
+    mid_line = False
+
+    def write(text: str) -> None:
+        nonlocal mid_line
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            mid_line = not text.endswith("\n")
+
+    try:
+        yield write
+    except BaseException:
+        if mid_line:
+            print(flush=True)
+        raise
+
+
 StrategyOpt = Annotated[Optional[str], typer.Option("--strategy", "-s", help="a self-evaluation strategy (best-of-n, adaptive, prune, vote, beam, revise, auto ...: the README lists them)")]
 BudgetNOpt = Annotated[Optional[int], typer.Option("--budget", help="samples: N of best-of-n / prune / votes, the most adaptive may start; beam / lookahead: candidates per step; revise: attempts in all", min=1)]
 ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help="adaptive: stop when a sample's p_keep reaches this")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="strategy TOML/JSON file (flags given override it)")]
-PolicyOpt = Annotated[Optional[Path], typer.Option("--policy", help="auto: compute-optimal policy JSON (default: the one shipped for the default model)")]
-AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="self-eval adapter GGUF (LoRA / aLoRA), on only while scoring; 'none': not even the default model's shipped one")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="strategy TOML/JSON file (flags given override it)", parser=_named_path)]
+PolicyOpt = Annotated[Optional[Path], typer.Option("--policy", help="auto: compute-optimal policy JSON (default: the one shipped for the default model)", parser=_named_path)]
+AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="self-eval adapter GGUF (LoRA / aLoRA), on only while scoring; 'none': not even the default model's shipped one", parser=_named_path)]
 
 
 def _no_adapter(adapter: Path | None) -> bool:
     return adapter is not None and str(adapter).lower() == "none"
 
 
-def _strategy_config(path: Path | None, *, adapter: Path | None = None, **flags: Any) -> Any:
-    """The strategy settings: the --config file (if any), then each flag that was given."""
+def _strategy_config(path: Path | None, *, adapter: Path | None = None, defaults: dict[str, Any] | None = None,
+                     **flags: Any) -> Any:
+    """The strategy settings: the command's own `defaults`, then the --config file (if any), then each flag that
+    was given."""
     from edge_adapt.selfeval import SelfEvalConfig
     from edge_adapt.strategies import StrategyConfig
 
-    cfg = StrategyConfig.from_file(path, **flags) if path else StrategyConfig.parse(
-        {k: v for k, v in flags.items() if v is not None})
+    cfg = StrategyConfig.from_file(path, defaults=defaults, **flags) if path else StrategyConfig.parse(
+        {**(defaults or {}), **{k: v for k, v in flags.items() if v is not None}})
     if adapter is not None:
         update: dict[str, Any] = {"default_adapter": False} if _no_adapter(adapter) else {"adapter": adapter}
         cfg = cfg.model_copy(update={"self_eval": (cfg.self_eval or SelfEvalConfig()).model_copy(update=update)})
@@ -209,7 +243,7 @@ def _print_result(result: Any, *, show_scores: bool) -> None:
 # -- run ----------------------------------------------------------------------------------------------------
 @app.command()
 def run(
-    prompt: Annotated[str, typer.Argument(help="the prompt ('-' reads standard input)")],
+    prompt: Annotated[str, typer.Argument(help="the prompt ('-': read it from standard input)")],
     n: Annotated[Optional[int], typer.Option("-n", "--samples", help="samples to draw in parallel (with --strategy: the budget)", min=1, max=255)] = None,
     temp: TempOpt = None,
     max_tokens: MaxTokOpt = None,
@@ -219,8 +253,8 @@ def run(
     min_p: MinPOpt = None,
     repeat_penalty: RepeatOpt = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="stop string (repeatable)")] = None,
-    raw: Annotated[bool, typer.Option("--raw", help="plain completion: no chat template")] = False,
-    system: Annotated[Optional[str], typer.Option("--system", help="system message")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="plain completion: no chat template (with a strategy too)")] = False,
+    system: Annotated[Optional[str], typer.Option("--system", help="system message ('-': read it from standard input)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result (samples, scores, usage, timing) as JSON")] = False,
     strategy: StrategyOpt = None,
     budget: BudgetNOpt = None,
@@ -231,7 +265,8 @@ def run(
     beam_width: Annotated[Optional[int], typer.Option("--beam-width", help="beam/lookahead: M, expansions per kept beam", min=1)] = None,
     step_tokens: Annotated[Optional[int], typer.Option("--max-step-tokens", help="beam/lookahead: longest step", min=1)] = None,
     lookahead: Annotated[Optional[int], typer.Option("--lookahead", help="lookahead: greedy steps rolled out before scoring", min=1)] = None,
-    sequential_ratio: Annotated[Optional[float], typer.Option("--sequential-ratio", help="revise: share of the budget spent on revisions", min=0, max=1)] = None,
+    # No range here: StrategyConfig checks it, NaN too (which a range check would call "greater than 1").
+    sequential_ratio: Annotated[Optional[float], typer.Option("--sequential-ratio", help="revise: share of the budget spent on revisions (0 to 1)")] = None,
     keep: Annotated[Optional[int], typer.Option("--keep", "-k", help="prune: samples kept at each prune point", min=1)] = None,
     prune_at: Annotated[Optional[list[int]], typer.Option("--prune-at", help="prune: token count to score and prune at (repeatable)")] = None,
     show_scores: Annotated[bool, typer.Option("--show-scores", help="print every sample's self-eval score")] = False,
@@ -245,11 +280,16 @@ def run(
 ) -> None:
     """Answer one prompt; with -n, draw several samples from one decoded prompt; with --strategy, spend them by
     self-evaluation."""
-    from edge_adapt.engine import SamplingParams, Token
+    from edge_adapt.engine import SamplingParams, Token, Vocab
+    from edge_adapt.errors import ContextOverflowError
     from edge_adapt.result import Collector
     from edge_adapt.sizing import engine_for_generation, engine_for_strategy
-    from edge_adapt.strategies import run_strategy
+    from edge_adapt.strategies import StrategyConfig, run_strategy
 
+    if prompt == "-" and system == "-":
+        raise UsageError("the prompt and --system cannot both be '-': standard input holds one text")
+    if raw and system:
+        raise UsageError("--system needs the chat template; --raw sends the prompt as it is")
     text = _text_arg(prompt, "the prompt")
     if not text.strip():
         raise UsageError("the prompt on standard input is empty" if prompt == "-" else "the prompt is empty")
@@ -260,7 +300,7 @@ def run(
         raise UsageError("--stop takes a non-empty string (an empty one would end every reply at once)")
     sampling = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
     cfg = None
-    if strategy or config:
+    if strategy is not None or config is not None:  # -s "" is a strategy named wrong, not none
         if n is not None and budget is not None and n != budget:
             raise UsageError(f"-n {n} and --budget {budget} disagree: with a strategy, -n is the budget")
         cfg = _strategy_config(config, strategy=strategy, budget=budget if budget is not None else n,
@@ -270,37 +310,63 @@ def run(
                                sequential_ratio=sequential_ratio, **sampling)
     if policy is not None and (cfg is None or cfg.strategy != "auto"):
         raise UsageError("--policy is only used by --strategy auto")
-    if cfg is None:  # a strategy's settings without a strategy would be ignored in silence
-        unused = {"--budget": budget, "--threshold": threshold, "--adapter": adapter, "--beam-width": beam_width,
-                  "--max-step-tokens": step_tokens, "--lookahead": lookahead, "--sequential-ratio": sequential_ratio,
-                  "--keep": keep, "--prune-at": prune_at, "--show-scores": show_scores or None}
-        given = [flag for flag, value in unused.items() if value is not None]
+    # A strategy's settings that would be ignored in silence: all of them without a strategy, and with one those
+    # it does not read (each flag by its StrategyConfig field).
+    flags = {"budget": ("--budget" if budget is not None else "-n", budget if budget is not None else n),
+             "threshold": ("--threshold", threshold), "self_eval": ("--adapter", adapter),
+             "beam_width": ("--beam-width", beam_width), "max_step_tokens": ("--max-step-tokens", step_tokens),
+             "lookahead": ("--lookahead", lookahead), "sequential_ratio": ("--sequential-ratio", sequential_ratio),
+             "k": ("--keep", keep), "prune_at": ("--prune-at", prune_at)}
+    if cfg is None:
+        given = [flag for flag, value in flags.values() if value is not None and flag != "-n"]  # -n: samples
+        given += ["--show-scores"] if show_scores else []
         if given:
             raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only used with --strategy "
                              "(without one, samples are not scored)")
-    if cfg is None and raw and system:
-        raise UsageError("--system needs the chat template; --raw sends the prompt as it is")
+    else:
+        flags.update({"temperature": ("--temp", temp), "top_k": ("--top-k", top_k), "top_p": ("--top-p", top_p),
+                      "min_p": ("--min-p", min_p), "repeat_penalty": ("--repeat-penalty", repeat_penalty)})
+        unread = [flags[f][0] for f in cfg.unread(f for f, (_, value) in flags.items() if value is not None)]
+        if unread:
+            raise UsageError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used by strategy "
+                             f"{cfg.strategy}")
     t0 = time.perf_counter()
     opts = _options(model, device=device, gpu_layers=gpu_layers, threads=threads, verbose=verbose)
+    replies = max_tokens or 256
     if cfg is not None:
-        engine, plan = engine_for_strategy(messages, cfg, opts, ctx=ctx, mem_budget=mem_budget)
+        as_given: Any = messages
+        if raw:  # token ids are a prompt as it is (strategies.prompt_tokens), with the model's BOS as plain runs do
+            with Vocab(opts.model) as vocab:
+                as_given = vocab.tokenize(prompt, add_bos=True)
+        engine, plan = engine_for_strategy(as_given, cfg, opts, ctx=ctx, mem_budget=mem_budget)
     else:
-        params = SamplingParams(**{"temperature": 0.0, **{k: v for k, v in sampling.items() if v is not None}})
-        engine, tokens = engine_for_generation(prompt if raw else messages, n or 1, max_tokens or 256, opts, raw=raw,
+        # Several greedy samples would be one answer N times: they sample as a strategy's do, unless --temp says.
+        default_temp = 0.0 if (n or 1) == 1 else StrategyConfig.model_fields["temperature"].default
+        params = SamplingParams(**{"temperature": default_temp, **{k: v for k, v in sampling.items() if v is not None}})
+        engine, tokens = engine_for_generation(prompt if raw else messages, n or 1, replies, opts, raw=raw,
                                                ctx=ctx, mem_budget=mem_budget)
     stream = not as_json and not show_scores and (cfg.strategy == "single" if cfg else (n or 1) == 1)
     collector = Collector()
-    with engine, _ctrl_c_cancels(engine):
+    with _streamed() as write, engine, _ctrl_c_cancels(engine):
+        if cfg is None and len(tokens) + replies > engine.n_ctx_seq:  # only a --ctx given can be too small
+            # Said in the flags' terms: the engine knows neither the default --max-tokens nor how --ctx was rounded.
+            room = f"the context of {engine.n_ctx_seq} tokens per sequence" + (
+                f" (--ctx {ctx}, rounded up to llama.cpp's cells)" if ctx is not None and ctx != engine.n_ctx_seq else "")
+            if len(tokens) >= engine.n_ctx_seq:
+                raise ContextOverflowError(f"the prompt's {len(tokens)} tokens do not fit {room}: raise --ctx or "
+                                           "shorten the prompt")
+            raise ContextOverflowError(
+                f"the prompt ({len(tokens)} tokens) and --max-tokens {replies}{'' if max_tokens else ' (the default)'} "
+                f"need {len(tokens) + replies} tokens, which do not fit {room}: raise --ctx or lower --max-tokens")
         t_load = first_token_at = time.perf_counter()
         events = run_strategy(engine, plan.prompt, plan.config) if cfg is not None else engine.generate(
-            tokens, params, n=n or 1, max_tokens=max_tokens or 256, stop=stop or ())
+            tokens, params, n=n or 1, max_tokens=replies, stop=stop or ())
         for ev in events:
             collector.add(ev)
             if isinstance(ev, Token):
                 first_token_at = first_token_at if first_token_at > t_load else time.perf_counter()
                 if stream:
-                    sys.stdout.write(ev.text)
-                    sys.stdout.flush()
+                    write(ev.text)
         t_end = time.perf_counter()
     result = collector.result()
     if as_json:
@@ -317,18 +383,24 @@ def run(
 
 
 # -- chat ---------------------------------------------------------------------------------------------------
+# chat's own settings where neither a flag nor the --config file gives one: longer replies than run's, sampled.
+CHAT_DEFAULTS: dict[str, Any] = dict(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, seed=0,
+                                     max_tokens=512)
+
+
 @app.command()
 def chat(
     model: ModelArg = None,
     model_opt: ModelOpt = None,
-    system: Annotated[Optional[str], typer.Option("--system", help="system message")] = None,
-    temp: TempOpt = 0.7,
-    max_tokens: MaxTokOpt = 512,
-    seed: SeedOpt = 0,
-    top_k: TopKOpt = 40,
-    top_p: TopPOpt = 0.95,
-    min_p: MinPOpt = 0.05,
-    repeat_penalty: RepeatOpt = 1.1,
+    system: Annotated[Optional[str], typer.Option("--system", help="system message (not '-': standard input carries the turns)")] = None,
+    # None: not given, so that a --config file's value stands (CHAT_DEFAULTS where neither sets one).
+    temp: TempOpt = None,
+    max_tokens: MaxTokOpt = None,
+    seed: SeedOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatOpt = None,
     ctx: CtxOpt = 4096,
     strategy: StrategyOpt = None,
     budget: BudgetNOpt = None,
@@ -345,36 +417,46 @@ def chat(
     model = _one_model(model, model_opt)
     if sys.stdin is None:  # started with stdin closed (`<&-`): there is nothing to read turns from
         raise UsageError("chat reads its turns from standard input, which is closed")
+    if system == "-":  # reading it would swallow every turn piped after it
+        raise UsageError("--system - would read the system message from standard input, which carries the chat's "
+                         "turns; give the text itself")
     from edge_adapt.engine import SamplingParams, Vocab
     from edge_adapt.engine.budget import parse_size
     from edge_adapt.session import ChatSession
     from edge_adapt.sizing import EngineSize, load_engine
     from edge_adapt.strategies import plan_run
 
-    params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,  # type: ignore[arg-type]
-                            repeat_penalty=repeat_penalty, seed=seed)  # type: ignore[arg-type]
-    sampling = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
-    base = _strategy_config(config, strategy=strategy, budget=budget, threshold=threshold, adapter=adapter, **sampling)
+    given = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
+                 max_tokens=max_tokens)
+    base = _strategy_config(config, strategy=strategy, budget=budget, threshold=threshold, adapter=adapter,
+                            defaults=CHAT_DEFAULTS, **given)
+    # Plain replies (no strategy, or single) sample with the same settings a strategy's samples would.
+    params = SamplingParams(temperature=base.temperature, top_k=base.top_k, top_p=base.top_p, min_p=base.min_p,
+                            repeat_penalty=base.repeat_penalty, seed=base.seed)
+    with_strategy = strategy is not None or config is not None  # -s "" is a strategy named wrong, not none
     opts = _options(model, device=device, gpu_layers=gpu_layers, threads=threads, verbose=verbose)
     sequences = 1  # the conversation's own, plus the samples of the strategy chosen at start
-    if strategy or config:
+    if with_strategy:
         with Vocab(opts.model) as vocab:
-            sequences = plan_run(vocab, None, base.with_options(max_tokens=max_tokens)).sequences
+            sequences = plan_run(vocab, None, base).sequences
     budget_bytes = parse_size(mem_budget) if mem_budget else None
     with load_engine(EngineSize(sequences, ctx or 4096), opts, mem_budget=budget_bytes) as engine:
         session = ChatSession(engine, system=_text_arg(system, "--system") if system else None, params=params,
-                              max_tokens=max_tokens, strategy=base if (strategy or config) else None,  # type: ignore[arg-type]
+                              max_tokens=base.max_tokens, strategy=base if with_strategy else None,
                               mem_budget=budget_bytes)
         if base.self_eval is not None and base.self_eval.adapter is not None:  # refused now, not at /strategy
             engine.load_adapter(base.self_eval.adapter)
         print(f"edge-adapt chat: {engine.info.name} ({engine.n_ctx_seq} tokens of context). /help for commands.")
-        _chat_turns(session, engine, base)
+        failed = _chat_turns(session, engine, base)
+    if failed and not sys.stdin.isatty():  # a script feeding the chat learns that a message went unanswered
+        raise typer.Exit(1)
 
 
-def _chat_turns(session: Any, engine: Any, base: Any) -> None:
+def _chat_turns(session: Any, engine: Any, base: Any) -> int:
     """Read lines until /exit or the end of input: a message is answered, a /command carried out. Ctrl-C stops
     a reply (even one not started yet) or drops the line being typed, and waits for a command to finish (a half
-    done /strategy or /load would leave the chat in between); SIGTERM ends the chat."""
+    done /strategy or /load would leave the chat in between); SIGTERM ends the chat. The `> ` prompt is shown
+    on a terminal only: piped in, it would be glued to the replies. Returns how many messages failed."""
     import io
 
     from edge_adapt.engine import Token
@@ -387,18 +469,21 @@ def _chat_turns(session: Any, engine: Any, base: Any) -> None:
         # A strict decoder throws away its whole buffered chunk, the lines after a bad one too: undecodable
         # bytes become lone surrogates instead, and only their line is refused.
         sys.stdin.reconfigure(errors="surrogateescape")
-    if sys.stdin.isatty():
+    interactive = sys.stdin.isatty()
+    if interactive:
         try:
             import readline  # noqa: F401 - input() then edits the line and keeps a history
         except ImportError:  # Windows
             pass
+    failed = 0
     while True:
         try:
-            line = input("> ").strip()
+            line = input("> " if interactive else "").strip()
             line.encode("utf-8")  # undecodable bytes arrive as lone surrogates
         except EOFError:
-            print()
-            return
+            if interactive:  # ends the prompt's line
+                print()
+            return failed
         except Terminated:
             raise
         except KeyboardInterrupt:
@@ -412,28 +497,29 @@ def _chat_turns(session: Any, engine: Any, base: Any) -> None:
                 with _ctrl_c_waits() as hit:
                     reply = session.command(line, base)
                 if reply is None:
-                    return
+                    return failed
                 print(reply + ("\n(Ctrl-C waits for a command to finish; this one has)" if hit else ""))
             elif line:
                 plain = session.strategy is None or session.strategy.strategy == "single"
                 stopped = False
-                with engine.busy(), _ctrl_c_cancels(engine, then_exit=False):  # busy: a Ctrl-C from now on stops it
+                # busy: a Ctrl-C from now on stops it
+                with _streamed() as write, engine.busy(), _ctrl_c_cancels(engine, then_exit=False):
                     for ev in session.send(line):
                         if isinstance(ev, Notice):
                             print(f"({ev.text})")
                         elif isinstance(ev, Token) and plain:
-                            sys.stdout.write(ev.text)
-                            sys.stdout.flush()
+                            write(ev.text)
                         elif isinstance(ev, Finished) and plain:
                             stopped = ev.reason == "cancelled"
                         elif isinstance(ev, Chosen):
                             score = f"p_keep {ev.p_keep:.2f}, " if ev.p_keep is not None else ""
-                            sys.stdout.write(f"{ev.text}\n({score}sample {ev.sample})")
+                            write(f"{ev.text}\n({score}sample {ev.sample})")
                 print("\n(stopped)" if stopped else "")
         except Cancelled:  # Ctrl-C ended a strategy's run or the prompt's decode: no reply, the chat goes on
             print("\n(stopped)")
         except EdgeAdaptError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            failed += not line.startswith("/")  # a command's error is its own; a message went unanswered
 
 
 # -- serve --------------------------------------------------------------------------------------------------

@@ -62,12 +62,16 @@ def check_count(name: str, value: Any) -> None:
 
 
 def one_line(exc: ValidationError, what: str) -> str:
-    """A pydantic error as one line: `what: field: message; field: message`."""
-    parts = []
+    """A pydantic error as one line: `what: field: message; field: message`. A message repeated at several
+    places (one wrong strategy name in every cell of a policy) is said once, at its first place and a count of
+    the others."""
+    places: dict[str, list[str]] = {}  # message -> where, in pydantic's order
     for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        places.setdefault(err["msg"].removeprefix("Value error, "), []).append(".".join(str(x) for x in err["loc"]))
+    parts = []
+    for msg, locs in places.items():
+        loc = locs[0] + (f" and {len(locs) - 1} more" if len(locs) > 1 else "")
+        parts.append(f"{loc}: {msg}" if locs[0] else msg)
     return f"{what}: " + "; ".join(parts)
 
 

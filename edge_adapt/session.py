@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -124,9 +125,12 @@ class ChatSession:
             self.seq = None
 
     def reset(self) -> None:
+        """Forget the conversation (the system message stays): the chat then answers as a new one would, its
+        replies seeded from the first turn again."""
         self._check_idle("reset the chat")
         self.close()
         self._text = None
+        self._turn = 0
         self.messages = [m for m in self.messages if m["role"] == "system"]
 
     def _fit(self, messages: list[Message]) -> tuple[list[Message], str, list[int], int]:
@@ -223,6 +227,8 @@ class ChatSession:
         if cmd in ("/save", "/load"):
             path, force = _file_argument(cmd, arg)
             if cmd == "/save":
+                if not force and _taken(path):  # said in the chat's own terms; save() says force=True
+                    raise UsageError(f"{path} already exists; /save {path} --force overwrites it")
                 self.save(path, force=force)
                 return f"(saved to {path})"
             self.load(path)
@@ -235,8 +241,11 @@ class ChatSession:
             budget = int(n) if n else None
             start = self.strategy or base or StrategyConfig()
             self.set_strategy(start.with_options(strategy=name or None, budget=budget))
-            s = self.strategy or start.with_options(strategy="single")
-            return f"(strategy {s.strategy}, budget {s.budget}; the engine holds {self.engine.options.parallel} sequences)"
+            s, n = self.strategy, self.engine.options.parallel
+            held = f"the engine holds {n} sequence{'' if n == 1 else 's'}"
+            if s is None or s.strategy == "single":  # one sample: a budget would mean nothing
+                return f"(strategy single; {held})"
+            return f"(strategy {s.strategy}, budget {s.budget}; {held})"
         return f"unknown command {line!r}; /help lists them"
 
     def _record(self, messages: list[Message], reply: str) -> None:
@@ -245,9 +254,12 @@ class ChatSession:
         self._recorded = True
 
     def save(self, path: str | Path, *, force: bool = False) -> None:
+        """Save the conversation and its KV cache; an existing file is replaced only with `force=True`."""
         self._check_idle("save the chat")
         if self.seq is None:
             raise EdgeAdaptError("nothing to save yet: the conversation is empty")
+        if not force and _taken(path):  # the file layer's message names the CLI's --force, not this argument
+            raise UsageError(f"{path} already exists; save(..., force=True) overwrites it")
         save_snapshot(self.engine.snapshot(self.seq), path, extra={"messages": self.messages, "turn": self._turn, "text": self._text},
                       force=force)
 
@@ -310,6 +322,15 @@ def _chat_extra(extra: dict[str, object], path: str | Path) -> tuple[list[Messag
     return list(messages), turn, text
 
 
+def _taken(path: str | Path) -> bool:
+    """A file (or a link to one, or a dangling link) is at `path`: what saving without force refuses. Anything
+    else there (a directory, a FIFO) is the file layer's to refuse, force or not."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        return False  # no file's name: save_snapshot says so
+    p = Path(path)
+    return p.is_file() or (p.is_symlink() and not p.exists())
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -320,7 +341,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def _file_argument(cmd: str, arg: str) -> tuple[str, bool]:
     """/save's and /load's FILE: the rest of the line, spaces and backslashes as typed (a Windows path), quotes
-    around it dropped; and whether /save was given --force, before or after it."""
+    around it dropped, a leading ~ expanded; and whether /save was given --force, before or after it."""
     path = arg.strip()
     words = path.split()
     force = cmd == "/save" and "--force" in words[:1] + words[-1:]
@@ -334,4 +355,4 @@ def _file_argument(cmd: str, arg: str) -> tuple[str, bool]:
         path = path[1:-1]
     if not path:
         raise UsageError(f"{cmd} FILE: name the file to {cmd[1:]}")
-    return path, force
+    return os.path.expanduser(path), force  # ~ as a shell would expand it: there is no shell between

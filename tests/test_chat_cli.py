@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import io
 import os
+import pty
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from test_cli import assert_one_line_error, cli
+from test_hostile import inproc, one_error
 
 
 def test_sigterm_at_the_prompt_ends_the_chat():
     """Ctrl-C at the prompt drops the line being typed; SIGTERM (a desktop app or a service manager stopping it)
     was taken the same way, and the chat went on waiting for input."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "edge_adapt", "chat", "--threads", "2"], stdin=subprocess.PIPE,
+    terminal, stdin = pty.openpty()  # the prompt is shown on a terminal only
+    p = subprocess.Popen([sys.executable, "-m", "edge_adapt", "chat", "--threads", "2"], stdin=stdin,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    os.close(stdin)
     try:
         out = b""
         end = time.monotonic() + 240
@@ -32,6 +40,7 @@ def test_sigterm_at_the_prompt_ends_the_chat():
     finally:
         p.kill()
         p.wait()
+        os.close(terminal)
 
 
 def test_a_line_that_is_not_utf8_is_dropped_alone_and_errors_go_to_stderr():
@@ -57,3 +66,45 @@ def test_a_chat_that_could_never_answer_is_refused_before_its_first_line():
 def test_a_bare_command_prints_its_help_and_no_empty_error_line():
     proc = cli()
     assert proc.returncode == 2 and b"Commands" in proc.stdout and proc.stderr == b""
+
+
+def _chat(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, lines: bytes, *args: str) -> tuple[int, str, str]:
+    """`edge-adapt chat ARGS` in this process, its turns piped in."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(lines), encoding="utf-8"))
+    return inproc(capsys, "chat", "--threads", "2", *args)
+
+
+def _reply(result: tuple[int, str, str]) -> str:
+    rc, out, err = result
+    assert rc == 0, err
+    return out.split("\n", 1)[1].strip()  # after the banner
+
+
+def test_chat_keeps_the_config_files_settings_where_no_flag_is_given(tmp_path: Path, capsys, monkeypatch):
+    """chat's own defaults (512 tokens, seed 0, temperature 0.7 ...) replaced the file's, as if given as flags."""
+    def reply(seed: int, *flags: str) -> str:
+        config = tmp_path / f"seed{seed}.toml"
+        config.write_text(f'strategy = "single"\nmax_tokens = 6\ntemperature = 1.0\nseed = {seed}\n')
+        return _reply(_chat(capsys, monkeypatch, b"Name an animal and say why.\n", "--config", str(config), *flags))
+
+    a, b = reply(7), reply(100)
+    assert a != b  # the file's seeds
+    assert len(a.split()) <= 6 and len(b.split()) <= 6  # the file's max_tokens
+    assert reply(7, "--temp", "0") == reply(100, "--temp", "0")  # a flag given wins: greedy, whatever the seed
+
+
+def test_chat_refuses_its_system_message_from_standard_input_which_carries_its_turns(capsys, monkeypatch):
+    """`--system -` read every piped turn as the system message, and the chat answered nothing."""
+    one_error(_chat(capsys, monkeypatch, b"What is 2+2?\nWhat is 3+3?\n", "--system", "-"),
+              "standard input, which carries the chat's turns")
+
+
+def test_a_piped_chat_shows_no_prompts_and_exits_non_zero_when_a_message_failed(capsys, monkeypatch):
+    """The `> ` prompts were glued to the replies on stdout, and a script could not tell a turn had failed."""
+    rc, out, err = _chat(capsys, monkeypatch, ("word " * 3000 + "\nSay hi.\n/help\n").encode(), "--ctx", "256",
+                         "--max-tokens", "8")
+    assert rc == 1
+    assert err.startswith("error: this message (") and len(err.splitlines()) == 1, err
+    banner, reply, *rest = out.splitlines()
+    assert banner.startswith("edge-adapt chat: ") and reply.strip()  # "Say hi." was answered
+    assert "commands:" in rest and not any(line.startswith(">") for line in out.splitlines())

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from edge_adapt.engine import GREEDY, Engine, Finished, SampleStarted
+from edge_adapt.engine import GREEDY, Engine, Finished, SampleStarted, SamplingParams
 from edge_adapt.errors import BudgetError, UsageError
 from edge_adapt.session import ChatSession, Notice
 
@@ -268,5 +268,49 @@ def test_a_snapshot_needs_a_file_name(engine: Engine, tmp_path):
             for act in (lambda: chat.save(bad), lambda: chat.load(bad)):
                 with pytest.raises(UsageError, match="a snapshot is a file: give its name"):
                     act()
+    finally:
+        chat.close()
+
+
+def test_a_reset_chat_answers_as_a_new_one_would(engine: Engine):
+    """reset() kept the turn counter that seeds each reply: a 'new chat' built on it did not reproduce one."""
+    params = SamplingParams(temperature=1.0, seed=1)
+    chat = ChatSession(engine, params=params, max_tokens=12)
+    try:
+        _reply(chat, "Hello")
+        chat.reset()
+        after_reset = _reply(chat, "Hello")
+    finally:
+        chat.close()
+    fresh = ChatSession(engine, params=params, max_tokens=12)
+    try:
+        assert after_reset == _reply(fresh, "Hello")
+    finally:
+        fresh.close()
+
+
+def test_the_strategy_command_gives_single_no_budget_and_counts_sequences_right(engine: Engine):
+    chat = ChatSession(engine, params=GREEDY, max_tokens=8)
+    assert chat.command("/strategy best-of-n 2") == "(strategy best-of-n, budget 2; the engine holds 9 sequences)"
+    assert chat.command("/strategy single") == "(strategy single; the engine holds 9 sequences)"
+    with Engine(parallel=1, ctx=256, device="cpu") as e:
+        assert ChatSession(e, params=GREEDY, max_tokens=8).command("/strategy") == \
+            "(strategy single; the engine holds 1 sequence)"
+
+
+def test_save_and_load_expand_a_leading_tilde_and_each_front_end_names_its_own_force(engine: Engine, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    saved = tmp_path / "c.snap"
+    chat = ChatSession(engine, params=GREEDY, max_tokens=4)
+    try:
+        _reply(chat, "Say hi.")
+        assert chat.command("/save ~/c.snap") == f"(saved to {saved})"  # was "output directory ~ does not exist"
+        assert chat.command("/load ~/c.snap") == "(restored 2 messages)"
+        with pytest.raises(UsageError, match=re.escape(f"{saved} already exists; /save {saved} --force overwrites it")):
+            chat.command("/save ~/c.snap")
+        with pytest.raises(UsageError, match=re.escape(f"{saved} already exists; save(..., force=True) overwrites it")):
+            chat.save(saved)  # the API has no --force flag
+        chat.save(saved, force=True)
     finally:
         chat.close()

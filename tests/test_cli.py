@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from edge_adapt.engine.default_model import default_model_path
+from test_hostile import inproc, one_error
 
 
 def cli(*args: str | bytes, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -291,6 +293,12 @@ def test_every_strategy_runs_through_the_cli_at_its_defaults_and_small_budgets(s
     # question, whose samples mostly end within a few tokens, keeps the 36 runs quick.
     args = ["What is 2 + 3?", "--strategy", strategy, "--max-tokens", "40", "--json"] + (
         ["--budget", str(budget)] if budget else [])
+    if strategy == "single" and budget:  # one sample whatever the budget: refused rather than ignored
+        from edge_adapt.errors import UsageError
+
+        with pytest.raises(UsageError, match="--budget is not used by strategy single"):
+            _run_in_process(*args)
+        return
     code, out = _run_in_process(*args)
     assert code == 0, out
     data = json.loads(out)
@@ -410,3 +418,105 @@ def test_a_jobs_message_lines_reach_a_log_as_written(capsys):
 
     assert _show(job()) == "done"
     assert capsys.readouterr().err == line + "\n"
+
+
+# -- run: what it would ignore, what it reads from standard input, what it says ------------------------------------
+def _stdin(monkeypatch: pytest.MonkeyPatch, data: bytes | None) -> None:
+    """Standard input as a pipe holding `data` (None: closed, as `<&-` leaves it)."""
+    monkeypatch.setattr(sys, "stdin", None if data is None else io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+
+def _json(result: tuple[int, str, str]) -> dict:
+    rc, out, err = result
+    assert rc == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        # a flag the chosen strategy does not read is refused, as every strategy flag is without a strategy
+        (("-s", "best-of-n", "--budget", "2", "--prune-at", "2", "--keep", "1", "--threshold", "0.9"),
+         "error: --threshold, --keep, --prune-at are not used by strategy best-of-n"),
+        (("-s", "single", "-n", "3"), "error: -n is not used by strategy single"),
+        (("-s", "vote", "-n", "2", "--adapter", "none"), "error: --adapter is not used by strategy vote"),
+        (("-s", "adaptive", "--temp", "0.3"), "error: --temp is not used by strategy adaptive"),  # its schedule's
+        (("-s", "auto", "--beam-width", "2", "--top-k", "5"), "error: --beam-width, --top-k are not used by strategy auto"),
+        (("-s", "prune", "--max-tokens", "40", "--lookahead", "2", "--sequential-ratio", "0.5", "--max-step-tokens", "4"),
+         "error: --max-step-tokens, --lookahead, --sequential-ratio are not used by strategy prune"),
+        # --raw leaves no chat template for --system, with a strategy too
+        (("--raw", "--system", "be brief", "-s", "best-of-n", "-n", "2"), "--system needs the chat template"),
+        # named as what they are
+        (("-s", "adaptive", "--threshold", "nan"), "threshold: must be a number in [0, 1], got nan"),
+        (("-s", "revise", "--sequential-ratio", "nan"), "sequential_ratio: must be a number in [0, 1], got nan"),
+        (("-s", "prune", "--budget", "4", "--max-tokens", "24"), "the default prune point 32 is not below max_tokens (24)"),
+        (("-m", ""), "'--model' / '-m': is empty"),
+        (("-s", "best-of-n", "--adapter", ""), "'--adapter': is empty"),
+        (("-s", ""), "unknown strategy ''"),
+        (("-s", "", "--budget", "2"), "unknown strategy ''"),
+    ],
+)
+def test_run_refuses_settings_it_would_ignore_and_names_mistakes_as_they_are(args: tuple[str, ...], fragment: str,
+                                                                            capsys):
+    one_error(inproc(capsys, "run", "hi", "--max-tokens", "4", *args), fragment)
+
+
+def test_the_options_strategies_read_are_options_some_strategy_reads():
+    """What `unread` refuses: an option no strategy declares in `reads` is refused everywhere, and a name in
+    `reads` that is no such option protects nothing."""
+    from edge_adapt.strategies import STRATEGIES
+    from edge_adapt.strategies.config import _SOME
+
+    assert frozenset().union(*(spec.reads for spec in STRATEGIES.values())) == _SOME
+
+
+def test_a_strategy_run_takes_raw_as_a_plain_run_does(capsys):
+    plain = _json(inproc(capsys, "run", "The capital of France is", "--raw", "--max-tokens", "2", "--json"))
+    strat = _json(inproc(capsys, "run", "The capital of France is", "--raw", "-s", "best-of-n", "-n", "2",
+                         "--max-tokens", "2", "--json"))
+    assert strat["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] == 5  # no chat template around it
+
+
+def test_a_prompt_on_standard_input_loses_one_trailing_newline(capsys, monkeypatch):
+    as_argument = _json(inproc(capsys, "run", "What is 2+2?", "--max-tokens", "1", "--json"))
+    for data in (b"What is 2+2?\n", b"What is 2+2?\r\n"):
+        _stdin(monkeypatch, data)
+        piped = _json(inproc(capsys, "run", "-", "--max-tokens", "1", "--json"))
+        assert piped["usage"]["prompt_tokens"] == as_argument["usage"]["prompt_tokens"], data
+
+
+def test_standard_input_is_read_for_one_text_and_a_closed_one_is_one_error(capsys, monkeypatch):
+    _stdin(monkeypatch, b"hello\n")
+    one_error(inproc(capsys, "run", "-", "--system", "-", "--max-tokens", "2"), "cannot both be '-'")
+    _stdin(monkeypatch, None)
+    one_error(inproc(capsys, "run", "-", "--max-tokens", "2"), "the prompt is '-' (read standard input), but standard input is closed")
+    one_error(inproc(capsys, "run", "hi", "--system", "-", "--max-tokens", "2"), "--system is '-'")
+
+
+def test_several_samples_without_a_temperature_are_sampled(capsys):
+    """-n 3 gave three copies of the greedy answer; one sample (and --temp 0) stays greedy."""
+    sampled = _json(inproc(capsys, "run", "Name a color.", "-n", "3", "--max-tokens", "8", "--json"))
+    assert len({s["text"] for s in sampled["samples"]}) > 1
+    greedy = _json(inproc(capsys, "run", "Name a color.", "-n", "3", "--temp", "0", "--max-tokens", "8", "--json"))
+    one = _json(inproc(capsys, "run", "Name a color.", "--max-tokens", "8", "--json"))
+    assert {s["text"] for s in greedy["samples"]} == {one["samples"][0]["text"]}
+
+
+def test_a_context_given_too_small_names_the_reply_budget_not_the_prompt(capsys):
+    line = one_error(inproc(capsys, "run", "hi", "--ctx", "64"), "--max-tokens 256 (the default) need")
+    assert "--ctx 64" in line and "shorten the prompt" not in line
+
+
+def test_a_mistake_in_every_cell_of_a_policy_is_said_once(tmp_path: Path, capsys):
+    from edge_adapt.engine.default_model import default_policy
+
+    policy = json.loads(default_policy().read_text())
+    for row in policy["budgets"].values():
+        for cell in row:
+            cell["strategy"] = "nosuch"
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy))
+    line = one_error(inproc(capsys, "run", "hi", "-s", "auto", "--budget", "4", "--policy", str(path)),
+                     "unknown strategy 'nosuch'")
+    cells = sum(len(row) for row in policy["budgets"].values())
+    assert line.count("nosuch") == 1 and f" and {cells - 1} more: " in line, line

@@ -119,6 +119,16 @@ def test_run_interrupted_mid_generation():
     interrupted(r.interrupt())
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_run_interrupted_mid_reply_ends_the_replys_line_first(signum: int):
+    """On a terminal `interrupted` was glued to the partial reply ("A mooninterrupted")."""
+    r = Run(["run", "Write a long poem about the moon.", "--max-tokens", "2000", "--temp", "1", "--ctx", "2048"])
+    r.wait_for(lambda: len(r.out) > 0)
+    rc, out, err = r.interrupt(signum=signum)
+    interrupted((rc, out, err))
+    assert out.strip() and out.endswith("\n"), out[-200:]
+
+
 def test_run_with_a_strategy_interrupted_while_scoring():
     r = Run(["run", "What is 17 * 23?", "--strategy", "best-of-n", "--budget", "4", "--max-tokens", "200",
              "--temp", "1", "--show-scores"])

@@ -13,7 +13,7 @@ from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import RoundStarted, StrategyEvent
 from edge_adapt.strategies.prune import check_prune_points, run_pruned
-from edge_adapt.strategies.registry import StrategySpec, register
+from edge_adapt.strategies.registry import PRUNING, ROUNDS, SCORED, StrategySpec, register
 
 
 def round_sizes(budget: int) -> list[int]:
@@ -82,6 +82,6 @@ def _largest_round(config: StrategyConfig) -> int:
     return max(round_sizes(config.budget))  # a round's sequences are given back before the next one starts
 
 
-register(StrategySpec("adaptive", adaptive, samples_at_once=_largest_round))
+register(StrategySpec("adaptive", adaptive, samples_at_once=_largest_round, reads=SCORED | ROUNDS))
 register(StrategySpec("adaptive+prune", adaptive_prune, samples_at_once=_largest_round, check=check_prune_points,
-                      unpruned="adaptive"))
+                      reads=SCORED | ROUNDS | PRUNING, unpruned="adaptive"))

@@ -17,7 +17,7 @@ from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import DifficultyEstimated, StrategyEvent
 from edge_adapt.strategies.policy import N_BINS, POLICY_OPTIONS, PROBE, Policy
-from edge_adapt.strategies.registry import STRATEGIES, StrategySpec, register
+from edge_adapt.strategies.registry import ANSWERS, STRATEGIES, StrategySpec, register
 
 
 def policy_path(config: StrategyConfig) -> Path:
@@ -137,5 +137,7 @@ def _after_probe(ev: Any) -> Any:
     return dataclasses.replace(ev, sample=ev.sample + 1) if hasattr(ev, "sample") else ev
 
 
+# auto hands the caller's scorer, extractor, step delimiter and revision prompt on to its bins' choices; what
+# spends compute there (the sampling settings too) is the policy's, so the caller's goes unread.
 register(StrategySpec("auto", auto, samples_at_once=samples_at_once, tokens_per_sequence=tokens_per_sequence,
-                      prepare=prepare))
+                      prepare=prepare, reads=ANSWERS | {"budget", "policy", "self_eval", "step_delimiter", "revise_prompt"}))

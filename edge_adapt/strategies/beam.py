@@ -21,7 +21,7 @@ from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import RoundStarted, StrategyEvent
 from edge_adapt.strategies.extract import make_extractor
 from edge_adapt.strategies.prune import select
-from edge_adapt.strategies.registry import StrategySpec, register
+from edge_adapt.strategies.registry import STEPS, StrategySpec, register
 from edge_adapt.strategies.vote import choose_by_answer
 
 # Scores `beams` (live and just finished) into pool.scores, streaming its events.
@@ -76,4 +76,4 @@ def check_width(config: StrategyConfig) -> None:
 
 
 # While a kept beam forks its M children it still holds its own sequence: budget + 1 at the peak.
-register(StrategySpec("beam", beam, samples_at_once=lambda config: config.budget + 1, check=check_width))
+register(StrategySpec("beam", beam, samples_at_once=lambda config: config.budget + 1, check=check_width, reads=STEPS))

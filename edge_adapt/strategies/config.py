@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +79,14 @@ class StrategyConfig(BaseModel):
             raise ValueError(f"must be a whole number, got {v!r}")
         return v
 
+    @field_validator("threshold", "prune_threshold", "sequential_ratio", mode="before")
+    @classmethod
+    def _shares_are_numbers(cls, v: Any) -> Any:
+        """NaN fails every comparison, so pydantic's range check called it "greater than 1": say what it is."""
+        if isinstance(v, float) and math.isnan(v):
+            raise ValueError("must be a number in [0, 1], got nan")
+        return v
+
     @field_validator("stop", mode="before")
     @classmethod
     def _stops(cls, v: Any) -> Any:
@@ -107,6 +116,10 @@ class StrategyConfig(BaseModel):
             raise ValueError(str(exc)) from None
         if self.k is not None and self.k > self.budget:
             raise ValueError(f"keep ({self.k}) must be <= budget ({self.budget})")
+        if ("prune_at" not in self.model_fields_set and "prune_at" in registry.STRATEGIES[self.strategy].reads
+                and self.prune_at[-1] >= self.max_tokens):  # the strategy's check would blame a point never given
+            raise ValueError(f"the default prune point {self.prune_at[-1]} is not below max_tokens ({self.max_tokens}): "
+                             "give prune_at (--prune-at) below it")
         registry.STRATEGIES[self.strategy].check(self)
         if self.t_min > self.t_max:
             raise ValueError(f"t_min ({self.t_min}) must be <= t_max ({self.t_max})")
@@ -122,6 +135,15 @@ class StrategyConfig(BaseModel):
         elif self.pattern is not None:
             raise ValueError(f"`pattern` is only used by the regex extractor (extractor is {self.extractor!r})")
         return self
+
+    def unread(self, fields: Iterable[str]) -> list[str]:
+        """Of `fields` (options a caller set), those this config's strategy does not read: a front end refuses
+        them rather than ignore them in silence. Adaptive reads `temperature` only on the constant schedule
+        (t_min and t_max otherwise)."""
+        read = registry.STRATEGIES[self.strategy].reads
+        if "schedule" in read:
+            read -= {"t_min", "t_max"} if self.schedule == "constant" else {"temperature"}
+        return [f for f in fields if f in _SOME and f not in read]
 
     @property
     def width(self) -> int:
@@ -151,10 +173,11 @@ class StrategyConfig(BaseModel):
         return validated(cls, data, what)
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> StrategyConfig:
+    def from_file(cls, path: str | Path, *, defaults: Mapping[str, Any] | None = None, **overrides: Any) -> StrategyConfig:
         """From a .toml or .json file (a [self_eval] table configures the scorer); `overrides` (flags that
-        were given, None values skipped) win over the file."""
-        data = load_mapping(path)
+        were given, None values skipped) win over the file, and the file over `defaults` (a front end's own,
+        such as chat's longer replies)."""
+        data = {**(defaults or {}), **load_mapping(path)}
         data.update({k: v for k, v in overrides.items() if v is not None})
         cfg = cls.parse(data, str(path))
         se = cfg.self_eval
@@ -167,3 +190,7 @@ class StrategyConfig(BaseModel):
         data = self.model_dump(exclude_unset=True)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return type(self).parse(data)
+
+
+# The options only some strategies read (StrategySpec.reads); every strategy reads the others.
+_SOME = frozenset(StrategyConfig.model_fields) - {"strategy", "max_tokens", "stop", "seed"}

@@ -14,7 +14,7 @@ from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.beam import check_width, search
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import RolledOut, Scored, StrategyEvent
-from edge_adapt.strategies.registry import StrategySpec, register
+from edge_adapt.strategies.registry import STEPS, StrategySpec, register
 
 
 def lookahead(
@@ -59,4 +59,5 @@ def rolled_out_scores(
 
 
 # Every live beam and its roll-out.
-register(StrategySpec("lookahead", lookahead, samples_at_once=lambda config: 2 * config.budget, check=check_width))
+register(StrategySpec("lookahead", lookahead, samples_at_once=lambda config: 2 * config.budget, check=check_width,
+                      reads=STEPS | {"lookahead"}))

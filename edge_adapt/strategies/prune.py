@@ -10,7 +10,7 @@ from edge_adapt.engine.events import Event
 from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import StrategyEvent
-from edge_adapt.strategies.registry import StrategySpec, register
+from edge_adapt.strategies.registry import PRUNING, SCORED, StrategySpec, register
 
 
 def select(pool: Pool, samples: Seq[Sample], k: int | None, threshold: float | None) -> list[Sample]:
@@ -69,4 +69,4 @@ def check_prune_points(config: StrategyConfig) -> None:
         raise ValueError(f"prune point {pts[-1]} is not below max_tokens ({config.max_tokens})")
 
 
-register(StrategySpec("prune", prune, check=check_prune_points, unpruned="best-of-n"))
+register(StrategySpec("prune", prune, check=check_prune_points, reads=SCORED | PRUNING, unpruned="best-of-n"))

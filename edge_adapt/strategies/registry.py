@@ -31,6 +31,16 @@ def _as_is(config: StrategyConfig, model: Any) -> StrategyConfig:
     return config
 
 
+# Options only some strategies read, in the groups `StrategySpec.reads` is made of. Every strategy reads the rest
+# (strategy, max_tokens, stop, seed); what a strategy does not read, a front end refuses rather than ignore.
+SAMPLING = frozenset({"temperature", "top_k", "top_p", "min_p", "repeat_penalty"})
+SCORED = SAMPLING | {"budget", "self_eval"}
+PRUNING = frozenset({"k", "prune_threshold", "prune_at"})
+ROUNDS = frozenset({"threshold", "schedule", "t_min", "t_max"})  # adaptive: temperature only on the constant schedule
+ANSWERS = frozenset({"extractor", "pattern"})
+STEPS = SCORED | ANSWERS | {"beam_width", "max_step_tokens", "step_delimiter", "max_rounds"}
+
+
 @dataclass(frozen=True)
 class StrategySpec:
     """What a strategy is and what it needs, declared where it is written.
@@ -45,6 +55,8 @@ class StrategySpec:
     - `unpruned`: a strategy that prunes at token counts (`prune_at`) names the strategy it is when replies end
       before every prune point (`auto` runs a policy's choice that way when the caller's replies are shorter than
       those it was tuned on).
+    - `reads`: the StrategyConfig options it reads of those only some strategies read (the groups above);
+      `StrategyConfig.unread` names the others a caller set, which front ends refuse.
     """
 
     name: str
@@ -54,6 +66,7 @@ class StrategySpec:
     tokens_per_sequence: Callable[[StrategyConfig, Any], int] = _max_tokens
     check: Callable[[StrategyConfig], None] = _no_check
     prepare: Callable[[StrategyConfig, Any], StrategyConfig] = _as_is
+    reads: frozenset[str] = SCORED
     aliases: tuple[str, ...] = ()
     unpruned: str | None = None
 

@@ -16,7 +16,7 @@ from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import RoundStarted, StrategyEvent
 from edge_adapt.strategies.extract import make_extractor
-from edge_adapt.strategies.registry import StrategySpec, register
+from edge_adapt.strategies.registry import ANSWERS, SCORED, StrategySpec, register
 from edge_adapt.strategies.vote import choose_by_answer
 
 MAX_IN_CONTEXT = 4  # earlier attempts a revision sees (Snell et al. keep the 4 most recent)
@@ -94,4 +94,5 @@ def _check(config: StrategyConfig) -> None:
 
 
 register(StrategySpec("revise", revise, samples_at_once=lambda config: config.chains,
-                      tokens_per_sequence=_tokens_in_context, check=_check))
+                      tokens_per_sequence=_tokens_in_context, check=_check,
+                      reads=SCORED | ANSWERS | {"sequential_ratio", "revise_prompt"}))

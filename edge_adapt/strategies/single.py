@@ -9,7 +9,7 @@ from edge_adapt.engine.events import Event
 from edge_adapt.strategies.base import EngineLike, Pool, Scorer
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import StrategyEvent
-from edge_adapt.strategies.registry import StrategySpec, register
+from edge_adapt.strategies.registry import SAMPLING, StrategySpec, register
 
 
 def single(
@@ -23,4 +23,4 @@ def single(
         yield pool.chosen(pool.samples[0])
 
 
-register(StrategySpec("single", single, needs_scorer=False, samples_at_once=lambda config: 1))
+register(StrategySpec("single", single, needs_scorer=False, samples_at_once=lambda config: 1, reads=SAMPLING))

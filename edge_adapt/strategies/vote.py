@@ -12,7 +12,7 @@ from edge_adapt.strategies.base import EngineLike, Pool, Scorer, require_scorer
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.events import Chosen, StrategyEvent
 from edge_adapt.strategies.extract import Extractor, make_extractor
-from edge_adapt.strategies.registry import StrategySpec, register
+from edge_adapt.strategies.registry import ANSWERS, SAMPLING, SCORED, StrategySpec, register
 
 
 def tally(answers: Seq[str | None], weights: Seq[float]) -> list[tuple[str, float]]:
@@ -63,6 +63,6 @@ def choose_by_answer(pool: Pool, samples: Seq[Sample], extract: Extractor, weigh
     return pool.chosen(best, answer=winner, votes=votes, tally=tuple(ranked))
 
 
-register(StrategySpec("vote", vote, needs_scorer=False))
+register(StrategySpec("vote", vote, needs_scorer=False, reads=SAMPLING | ANSWERS | {"budget"}))
 # Snell et al. call the same rule weighted best-of-N.
-register(StrategySpec("weighted-vote", weighted_vote, aliases=("weighted-best-of-n",)))
+register(StrategySpec("weighted-vote", weighted_vote, reads=SCORED | ANSWERS, aliases=("weighted-best-of-n",)))
