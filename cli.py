@@ -383,9 +383,9 @@ def run(
 
 
 # -- chat ---------------------------------------------------------------------------------------------------
-# chat's own settings where neither a flag nor the --config file gives one: longer replies than run's, sampled.
-CHAT_DEFAULTS: dict[str, Any] = dict(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, seed=0,
-                                     max_tokens=512)
+# chat's own settings where neither a flag nor the --config file gives one (StrategyConfig's otherwise): longer
+# replies than run's, less repetition over a long conversation.
+CHAT_DEFAULTS: dict[str, Any] = dict(max_tokens=512, repeat_penalty=1.1)
 
 
 @app.command()
