@@ -445,6 +445,17 @@ def test_backend_wait_counts_the_time_the_tries_take(broken: tuple[str, type[_Br
     assert time.monotonic() - t0 < 2.5 and client.stats.server_errors <= 2
 
 
+@pytest.fixture
+def interruptible() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt, as under a terminal: a shell without job control starts background commands
+    with SIGINT ignored, and a test suite run that way would never see the signal a test sends itself."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("mode, sig", [("busy", signal.SIGINT), ("hang", signal.SIGTERM)])
 def test_interrupt_ends_a_run_on_a_server_busy_or_silent(broken: tuple[str, type[_Broken]], tmp_path: Path,
                                                         mode: str, sig: signal.Signals) -> None:
@@ -474,7 +485,8 @@ def test_interrupt_ends_a_run_on_a_server_busy_or_silent(broken: tuple[str, type
     assert time.monotonic() - t0 < 10  # before: until --backend-wait (300 s) or the request timeout ran out
 
 
-def test_stopping_a_remote_pool_leaves_no_thread_or_connection(broken: tuple[str, type[_Broken]]) -> None:
+def test_stopping_a_remote_pool_leaves_no_thread_or_connection(broken: tuple[str, type[_Broken]],
+                                                              interruptible: None) -> None:
     """A KeyboardInterrupt while requests wait on a server that never answers: the pool's threads end and its
     connections are closed (the server sees them go) within a couple of seconds."""
     from edge_adapt.backends import RemoteBackend, RemoteOptions
