@@ -220,6 +220,16 @@ def test_invalid_strategy_settings_are_400(client: openai.OpenAI) -> None:
         with pytest.raises(openai.BadRequestError) as bad:
             client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, extra_body={"edge_adapt": body})
         assert bad.value.param == param, (body, bad.value.param)  # type: ignore[attr-defined]
+    # An option the strategy would ignore is refused, as `edge-adapt run` refuses the flag.
+    for extra, body, param in (({}, {"strategy": "best-of-n", "budget": 2, "keep": 1}, "edge_adapt.keep"),
+                               ({}, {"strategy": "single", "budget": 2}, "edge_adapt.budget"),
+                               ({"temperature": 0.5}, {"strategy": "adaptive", "budget": 2}, "temperature"),
+                               ({}, {"strategy": "best-of-n", "policy": json.loads(default_policy().read_text())},
+                                "edge_adapt.policy")):
+        with pytest.raises(openai.BadRequestError, match=f"{param} is not used by strategy {body['strategy']}") as bad:
+            client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, **extra,  # type: ignore[arg-type]
+                                           extra_body={"edge_adapt": body})
+        assert bad.value.param == param, (body, bad.value.param)  # type: ignore[attr-defined]
     with pytest.raises(openai.BadRequestError, match="unknown strategy"):
         client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8,
                                        extra_body={"edge_adapt": {"strategy": "guess"}})

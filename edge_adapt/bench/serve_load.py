@@ -100,9 +100,11 @@ def send(client: Any, model: str, r: LoadRequest, deadline: float) -> Outcome:
     t0 = time.perf_counter()
     kind = kind_of(r)
     kwargs: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": r.prompt}], "n": r.n,
-                              "max_tokens": r.max_tokens, "temperature": 0.7, "seed": r.seed}
-    if r.strategy:
+                              "max_tokens": r.max_tokens, "seed": r.seed}
+    if r.strategy:  # sampled at the strategy's own temperature (0.7; adaptive's schedule reads none)
         kwargs["extra_body"] = {"edge_adapt": r.strategy}
+    else:
+        kwargs["temperature"] = 0.7
     remaining = max(1.0, deadline - time.monotonic())
     if r.disconnect and not r.stream:
         remaining = r.disconnect_after_s

@@ -161,7 +161,7 @@ def strategy_config(opts: EdgeAdaptOptions, sampling: dict[str, float], *, seed:
         "stop": stop or None,
     }
     try:
-        return StrategyConfig.model_validate({k: v for k, v in data.items() if v is not None})
+        cfg = StrategyConfig.model_validate({k: v for k, v in data.items() if v is not None})
     except ValidationError as exc:
         # Named as the request names it: `edge_adapt.budget`, or `temperature` for a sampling field; a check
         # across fields (keep <= budget) names the object.
@@ -171,3 +171,13 @@ def strategy_config(opts: EdgeAdaptOptions, sampling: dict[str, float], *, seed:
         raise APIError(400, one_line(exc, "edge_adapt"), param=param) from None
     except UnicodeEncodeError:
         raise lone_surrogate(opts.model_dump(exclude={"policy"}), "edge_adapt") from None
+    # What the strategy would ignore in silence is refused, as `edge-adapt run` refuses its flags: each option by
+    # its name in the request (`keep` is StrategyConfig's `k`).
+    given = {("k" if name == "keep" else name): f"edge_adapt.{name}"
+             for name in type(opts).model_fields if name != "strategy" and getattr(opts, name) is not None}
+    given.update({name: name for name in sampling})
+    unread = [given[field] for field in cfg.unread(given)]
+    if unread:
+        raise bad_request(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used by strategy "
+                          f"{cfg.strategy}", unread[0])
+    return cfg
