@@ -545,8 +545,6 @@ def serve(
     model = _one_model(model, model_opt)
     from edge_adapt.server.serve import ServeConfig, serve as run_server
 
-    if api_key is not None and not api_key.strip():
-        raise UsageError("--api-key must not be empty")
     self_eval = None
     if adapter is not None:
         from edge_adapt.selfeval import SelfEvalConfig

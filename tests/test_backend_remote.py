@@ -255,6 +255,10 @@ class _Broken(BaseHTTPRequestHandler):
         choice: dict[str, Any] = {"index": 0, "text": "4", "finish_reason": "length",
                                   "logprobs": {"tokens": ["token_id:36"], "token_logprobs": [-0.1]}}  # "4"
         mode = self.mode
+        if mode == "needs-key" and self.headers.get("Authorization") != "Bearer sesame":  # as edge-adapt serve says
+            given = self.headers.get("Authorization")
+            what = "Incorrect API key provided" if given else "Missing API key: send 'Authorization: Bearer KEY'"
+            return self._send(401, json.dumps({"error": {"message": what, "code": "invalid_api_key"}}).encode())
         if mode == "no-answer-tokens" and json.loads(raw).get("model", "").endswith(":selfeval"):
             top = {"token_id:2": -0.1, "token_id:198": -2.5}
             body = {"choices": [{**choice, "logprobs": {"tokens": ["token_id:2"], "token_logprobs": [-0.1],
@@ -595,6 +599,60 @@ def test_api_key_is_only_edge_adapts_and_never_shown(broken: tuple[str, type[_Br
              "--cache", str(tmp_path / "cache"), "--backend", url]
     line = _one_error(_cli(*label, env={**ENV, "EDGE_ADAPT_BACKEND_KEY": "SECRET\nInjected: 1"}), "API key")
     assert "SECRET" not in line and len(handler.seen) == 2
+
+
+def test_a_refused_key_names_the_variable_that_sets_it(broken: tuple[str, type[_Broken]], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 401 says where a CLI user's key comes from: $EDGE_ADAPT_BACKEND_KEY, unset or not the server's."""
+    from edge_adapt.backends import RemoteBackend, RemoteOptions
+    from edge_adapt.backends.http import RemoteError
+    from edge_adapt.eval.pool import PoolSettings
+    from edge_adapt.tasks import load_suite
+
+    url, handler = broken
+    handler.mode = "needs-key"
+    label = ["label", "--out", str(tmp_path / "l.jsonl"), "--prompts", "1", "-k", "2", "--max-tokens", "8",
+             "--cache", str(tmp_path / "cache"), "--backend", url]
+    unset = {k: v for k, v in ENV.items() if k != "EDGE_ADAPT_BACKEND_KEY"}
+    line = _one_error(_cli(*label, env=unset), "401 Missing API key")
+    assert "no API key was sent: set EDGE_ADAPT_BACKEND_KEY" in line, line
+    monkeypatch.setenv("EDGE_ADAPT_BACKEND_KEY", "wrong")
+    suite = load_suite("arith", split="train", n=1, seed=1)
+    settings = PoolSettings(k=1, temperature=0.7, max_tokens=8, prune_points=(), seed=1)
+    with RemoteBackend.open(RemoteOptions(url=url), None, scores=False) as backend, \
+            pytest.raises(RemoteError, match="401 Incorrect API key provided .the key sent, from "
+                                             "EDGE_ADAPT_BACKEND_KEY, is not the server's"):
+        list(backend.generate([(p, p.id) for p in suite.problems], suite, settings))
+
+
+def test_backend_model_self_eval_is_refused_and_the_servers_aliases_accepted(server: ServerProcess) -> None:
+    """MODEL:selfeval only scores: naming it to sample is refused up front, naming the model to use. The names
+    edge-adapt serve answers to for its model ('default', the file name) are that model, under its id."""
+    from edge_adapt.backends import RemoteBackend, RemoteOptions
+    from edge_adapt.errors import UsageError
+
+    name = server.http.get("/v1/models").json()["data"][0]["id"]
+    with pytest.raises(UsageError, match=re.escape(f"--backend-model {name}:selfeval is the self-evaluation model "
+                                                   f"of {name}") + ".*" + re.escape(f"--backend-model {name} ")):
+        RemoteBackend.open(RemoteOptions(url=server.base, model=f"{name}:selfeval"), None, scores=False)
+    with RemoteBackend.open(RemoteOptions(url=server.base), None, scores=False) as plain:
+        fingerprint = plain.fingerprint
+    for alias in ("default", f"{name}.gguf"):
+        with RemoteBackend.open(RemoteOptions(url=server.base, model=alias), None, scores=True) as backend:
+            assert backend.model == name and backend.fingerprint == fingerprint  # one cache key for all three
+            assert backend.scoring is not None and backend.scoring.model == f"{name}:selfeval"
+
+
+def test_tls_errors_fail_at_once(broken: tuple[str, type[_Broken]]) -> None:
+    """https:// to a plain-HTTP server fails the same way on every try: one line now, not after --backend-wait."""
+    from edge_adapt.backends.http import JsonClient, RemoteError, RetryPolicy
+
+    url, _ = broken
+    client = JsonClient(url.replace("http://", "https://"), retry=RetryPolicy(give_up_s=10))
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError, match="the TLS connection failed .*use http://"):
+        client.get("/models")
+    assert client.stats.requests == 1 and client.stats.retries == 0 and time.monotonic() - t0 < 5
 
 
 @pytest.mark.parametrize("url, fragment", [

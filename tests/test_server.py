@@ -669,3 +669,42 @@ def test_bad_arguments_are_refused_before_listening(tmp_path, args: list[str]) -
     assert done.returncode != 0, done
     assert len(errors) == 1 and errors[0].startswith("error:"), done.stderr
     assert "listening" not in done.stdout, done.stdout
+
+
+# Keys the project's client could never send as they are: it strips whitespace and refuses what a header cannot
+# carry. A server started with one would answer every request 401.
+UNSENDABLE_KEYS = {
+    "leading space": ("--api-key", " sesame"),
+    "trailing newline (env)": ("env", "sesame\n"),
+    "non-ASCII (env)": ("env", "clé"),
+    "control character": ("--api-key", "ses\x7fame"),
+    "empty": ("--api-key", ""),
+}
+
+
+@pytest.mark.parametrize("how, key", UNSENDABLE_KEYS.values(), ids=UNSENDABLE_KEYS.keys())
+def test_api_keys_no_client_could_send_are_refused_before_listening(how: str, key: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "EDGE_ADAPT_API_KEY"}
+    args = ["--api-key", key] if how == "--api-key" else []
+    if how == "env":
+        env["EDGE_ADAPT_API_KEY"] = key
+    proc = subprocess.Popen([sys.executable, "-m", "edge_adapt", "serve", "--port", "0", *args], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = ""
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # "listening ..." from a server that took the key; nothing from a refusal
+    finally:
+        if "listening" in first:
+            proc.kill()
+        _, err = proc.communicate(timeout=60)
+    assert "listening" not in first and proc.returncode != 0, first
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error:"), err
+    assert "--api-key" in errors[0] and "EDGE_ADAPT_API_KEY" in errors[0], errors[0]
+    if key.strip():
+        assert key.strip() not in errors[0], errors[0]  # the key itself is never shown

@@ -103,6 +103,18 @@ def test_text_parts_are_accepted(server: ServerProcess) -> None:
     assert _post(server, body).status_code == 200
 
 
+@pytest.mark.parametrize("part, param", [
+    ({"type": "text", "text": "b", "extra": 1}, "messages.1.content.1.extra"),
+    ({"type": "text", "text": 3}, "messages.1.content.1.text"),
+    ({"type": "text"}, "messages.1.content.1.text"),
+])
+def test_a_refused_content_part_is_named_by_its_index(server: ServerProcess, part: dict, param: str) -> None:
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, part]}]
+    err = _error(_post(server, {**OK_BODY, "messages": messages}), 400)
+    assert err["param"] == param and param in err["message"], err
+
+
 @pytest.mark.parametrize("field, value", [
     ("n", 10**9), ("n", 0), ("max_tokens", -5), ("max_tokens", 0), ("temperature", -1), ("temperature", 1e308),
     ("temperature", 1e-300), ("repeat_penalty", 1e300), ("repeat_penalty", 0.0), ("top_p", 0),
@@ -138,6 +150,14 @@ def test_prompt_over_the_context_is_400(server: ServerProcess) -> None:
     # max_tokens that cannot fit beside the prompt is the same refusal.
     err = _error(_post(server, {**OK_BODY, "max_tokens": 1000}), 400)
     assert err["code"] == "exceed_context_size_error"
+
+
+def test_a_strategy_over_the_context_is_told_what_the_client_can_change(server: ServerProcess) -> None:
+    """The server's --ctx is not the client's to raise: the refusal names what the request can lower."""
+    body = {**OK_BODY, "max_tokens": 1000, "edge_adapt": {"strategy": "best-of-n", "budget": 2}}
+    err = _error(_post(server, body), 400)
+    assert err["code"] == "exceed_context_size_error" and err["param"] == "messages", err
+    assert "--ctx" not in err["message"] and "shorter prompt or a lower max_tokens" in err["message"], err
 
 
 def test_prompt_dense_in_special_tokens_is_refused_before_it_is_all_tokenized(server: ServerProcess) -> None:

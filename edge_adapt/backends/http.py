@@ -13,6 +13,7 @@ import json
 import math
 import random
 import socket
+import ssl
 import threading
 import time
 import urllib.error
@@ -25,6 +26,8 @@ from urllib.parse import urlsplit
 from edge_adapt.errors import EdgeAdaptError, UsageError
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+KEY_ENV = "EDGE_ADAPT_BACKEND_KEY"  # the server's API key, read from the environment (only this one: a key meant
+# for another service is never sent to whatever --backend names)
 
 
 class RemoteError(EdgeAdaptError):
@@ -159,8 +162,7 @@ def check_url(url: str) -> str:
     if parts.scheme not in ("http", "https"):
         raise UsageError(f"backend {shown} is not an http:// or https:// URL")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
-        raise UsageError("the backend URL must not hold a user name or password: pass the API key in "
-                         "EDGE_ADAPT_BACKEND_KEY")
+        raise UsageError(f"the backend URL must not hold a user name or password: pass the API key in {KEY_ENV}")
     if not parts.hostname:
         raise UsageError(f"backend {url!r} names no host")
     if port == 0:
@@ -170,15 +172,30 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def key_fault(key: str) -> str | None:
+    """Why `key` is not what this client sends, as it is, in 'Authorization: Bearer KEY' (None: it is). The
+    client strips the key (check_key) and refuses what a header cannot carry, so `edge-adapt serve` refuses such
+    a key at startup with these words: no client of this project could ever present it. The key itself is never
+    part of the answer."""
+    if not key:
+        return "is empty"
+    if key != key.strip():
+        return "starts or ends with whitespace, which clients strip before sending it"
+    if not all(33 <= ord(c) <= 126 for c in key):
+        return ("holds a space, a control character or a non-ASCII character, which an HTTP Authorization header "
+                "cannot carry")
+    return None
+
+
 def check_key(key: str | None) -> str | None:
     """The API key without surrounding whitespace (a trailing newline from a file), or a UsageError when it
-    holds what an HTTP header cannot carry; the key itself is never part of a message."""
+    holds what an HTTP header cannot carry."""
     if key is None or not key.strip():
         return None
     key = key.strip()
-    if not all(33 <= ord(c) <= 126 for c in key):
-        raise UsageError("the backend API key (EDGE_ADAPT_BACKEND_KEY) holds a space, a control character or a "
-                         "non-ASCII character, which an HTTP Authorization header cannot carry")
+    fault = key_fault(key)
+    if fault is not None:
+        raise UsageError(f"the backend API key ({KEY_ENV}) {fault}")
     return key
 
 
@@ -223,7 +240,7 @@ class JsonClient:
                     raise RemoteError(f"{url}: the answer is not JSON ({raw[:80]!r})") from None
             except urllib.error.HTTPError as exc:
                 if exc.code not in RETRY_STATUS:
-                    raise RemoteError(f"{url}: {exc.code} {_message(exc)}") from None
+                    raise RemoteError(f"{url}: {exc.code} {_message(exc)}{self._key_hint(exc.code)}") from None
                 if exc.code == 429:
                     self.stats.throttled += 1
                 else:
@@ -237,6 +254,13 @@ class JsonClient:
                 reason = getattr(exc, "reason", exc)
                 if isinstance(reason, (socket.timeout, TimeoutError)):
                     raise RemoteError(f"{url}: no answer within {self.timeout_s:.0f} s") from None
+                # A refused certificate or a server that does not speak TLS (https:// to a plain-HTTP port) is
+                # the same on every try: fail now, not after --backend-wait. An EOF mid-handshake is a dropped
+                # connection (a server restarting) and is retried as one.
+                if isinstance(reason, ssl.SSLError) and not isinstance(reason, (ssl.SSLEOFError,
+                                                                                ssl.SSLZeroReturnError)):
+                    raise RemoteError(f"{url}: the TLS connection failed ({_reason(reason)}): check the "
+                                      "server's certificate, or use http:// for a server without TLS") from None
                 self.stats.dropped += 1
                 why = f"unreachable ({_reason(reason)})"
             delay = self.retry.delay(attempt, retry_after)
@@ -251,6 +275,14 @@ class JsonClient:
             attempt += 1
             self.stats.retries += 1
             self.stats.waited_s += delay
+
+    def _key_hint(self, status: int) -> str:
+        """What to do about a 401: the key is this client's to set, and only from the environment."""
+        if status != 401:
+            return ""
+        if self.api_key is None:
+            return f" (no API key was sent: set {KEY_ENV} to the server's key)"
+        return f" (the key sent, from {KEY_ENV}, is not the server's)"
 
     def _once(self, method: str, url: str, data: bytes | None, headers: dict[str, str],
               cancel: Cancel | None) -> bytes:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge_adapt.backends.http import Cancel, JsonClient, RemoteError, RetryPolicy
+from edge_adapt.backends.http import KEY_ENV, Cancel, JsonClient, RemoteError, RetryPolicy
 from edge_adapt.backends.workers import Workers
 from edge_adapt.engine.chat import Message
 from edge_adapt.engine.gguf_file import GGUFInfo
@@ -56,8 +56,6 @@ if TYPE_CHECKING:
 
 SCORE_LOGPROBS = 5  # the alternatives a score request asks for (OpenAI's most for completions)
 ANSWER_BIAS = 100.0  # added to both answer tokens' logits: the most OpenAI's logit_bias allows
-KEY_ENV = "EDGE_ADAPT_BACKEND_KEY"  # the server's API key, read from the environment (only this one: a key meant
-# for another service is never sent to whatever --backend names)
 
 
 class RemoteOptions(BaseModel):
@@ -331,10 +329,16 @@ class RemoteBackend:
     def _served_model(self, cards: list[dict[str, Any]]) -> str:
         ids = [c["id"] for c in cards]
         if self.options.model is not None:
-            if self.options.model not in ids:
+            name = _alias(self.options.model, cards)
+            if name not in ids:
                 raise RemoteError(f"{self.client.base} serves {', '.join(ids)}, not {self.options.model!r} "
                                   "(--backend-model)")
-            name = self.options.model
+            card = next(c for c in cards if c["id"] == name)
+            if _scores(card):
+                # edge-adapt serve's MODEL:selfeval answers only score requests: every sample would be a 400.
+                raise UsageError(f"--backend-model {name} is the self-evaluation model of {card['parent']}, which "
+                                 f"scores and does not sample: name the base model, --backend-model {card['parent']} "
+                                 "(or leave it out)")
         else:
             bases = [c["id"] for c in cards if not c.get("parent")]
             if len(bases) != 1:
@@ -375,7 +379,7 @@ class RemoteBackend:
             raise UsageError(f"--backend-selfeval {name} is the model that samples, not a self-evaluation model: "
                              "name the model that serves the adapter (vLLM: --lora-modules NAME=PATH)")
         if name is None:
-            found = [c for c in cards if c.get("parent") == self.model and isinstance(c.get("edge_adapt"), dict)]
+            found = [c for c in cards if c.get("parent") == self.model and _scores(c)]
             if not found:
                 raise RemoteError(f"{self.client.base} offers no self-evaluation model for {self.model}: serve the "
                                   "adapter (vLLM: --lora-modules NAME=PATH) and name it with --backend-selfeval")
@@ -458,6 +462,24 @@ class RemoteBackend:
 
 _WARNED: set[tuple[str, str]] = set()  # (server, model) pairs warned about once in this process
 _QUANT = re.compile(r"[-_.](i?q\d\w*|f16|f32|bf16|fp16)$", re.IGNORECASE)
+
+
+def _scores(card: dict[str, Any]) -> bool:
+    """Whether a model card is edge-adapt serve's self-eval model: a child of the served model (as vLLM lists a
+    LoRA module) whose `edge_adapt` block says how to ask it."""
+    return bool(card.get("parent")) and isinstance(card.get("edge_adapt"), dict)
+
+
+def _alias(name: str, cards: list[dict[str, Any]]) -> str:
+    """The model id `name` stands for: edge-adapt serve answers to its model's id, its file name and 'default'
+    (app.ServerState.accepts), so --backend-model takes them too, as the id (one cache key whichever is given);
+    another server's names are its ids alone."""
+    if any(c["id"] == name for c in cards):
+        return name
+    for c in cards:
+        if c.get("owned_by") == "edge-adapt" and not c.get("parent") and name in ("default", f"{c['id']}.gguf"):
+            return str(c["id"])
+    return name
 
 
 def _names_alike(served: str, stem: str) -> bool:

@@ -192,7 +192,7 @@ class Scheduler:
         n_ctx = self.engine.n_ctx_seq
         if job.strategy is not None:
             plan = plan_run(self.engine, job.prompt, job.strategy)
-            check_fits(plan, n_ctx)
+            check_fits(plan, n_ctx, client=True)
             need = plan.sequences
             what = (f"strategy {job.strategy.strategy} with budget {job.strategy.budget} holds {plan.samples} samples "
                     f"and the prompt's own sequence at once: {need} sequences")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 MAX_STOP = 4  # as OpenAI: up to 4 stop strings
 MAX_LOGIT_BIAS = 300  # as OpenAI: up to 300 biased tokens, each by -100..100
@@ -173,6 +173,11 @@ class ContentPart(_Body):
     text: str
 
 
+# The parts are validated as one list so that a refusal names its part (messages.0.content.1.text): the errors of
+# a validation run inside a field validator are placed under the field, and one part validated alone has no index.
+_CONTENT_PARTS = TypeAdapter(list[ContentPart])
+
+
 class ChatMessage(_Body):
     role: str
     content: Any
@@ -192,13 +197,11 @@ class ChatMessage(_Body):
     def _text(cls, v: Any) -> str:
         """A string, or a list of text parts joined; anything else (images, audio, null) is refused."""
         if isinstance(v, list):
-            texts = []
             for part in v:
                 if not isinstance(part, dict) or part.get("type") != "text":
                     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                     raise ValueError(f"only text content parts are supported, got {kind!r}")
-                texts.append(ContentPart.model_validate(part).text)
-            v = "".join(texts)
+            v = "".join(part.text for part in _CONTENT_PARTS.validate_python(v))
         if not isinstance(v, str):
             raise ValueError("must be a string or a list of text parts")
         return _utf8(v, "the content")  # "" too, as OpenAI: an empty system turn, an empty reply sent back

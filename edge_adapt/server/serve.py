@@ -16,6 +16,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from edge_adapt.backends.http import key_fault
 from edge_adapt.engine import EngineOptions
 from edge_adapt.engine.gguf_file import GGUFInfo
 from edge_adapt.errors import UsageError
@@ -82,7 +83,17 @@ def _fixed_mmap_threshold() -> None:
         pass
 
 
+def check_api_key(key: str | None) -> None:
+    """Refuse a key no client could present (a space at either end, which clients strip; a non-ASCII or control
+    character, which a header cannot carry): the server would start and then answer every request 401. The rule
+    is the project's client's own (edge_adapt.backends.http.key_fault)."""
+    fault = key_fault(key) if key is not None else None
+    if fault is not None:
+        raise UsageError(f"the API key (--api-key or EDGE_ADAPT_API_KEY) {fault}: no client could send it")
+
+
 def serve(config: ServeConfig) -> None:
+    check_api_key(config.api_key)
     _fixed_mmap_threshold()
     from edge_adapt.engine.default_model import default_model_path
 

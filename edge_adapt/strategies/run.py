@@ -129,14 +129,20 @@ def _as_one_work(engine: EngineLike, events: Iterator[Any]) -> Iterator[Any]:
         yield from events
 
 
-def check_fits(plan: RunPlan, n_ctx_seq: int) -> None:
-    """Refuse a plan whose longest sequence would not fit the context of one sequence."""
+def check_fits(plan: RunPlan, n_ctx_seq: int, *, client: bool = False) -> None:
+    """Refuse a plan whose longest sequence would not fit the context of one sequence. `client`: said to a
+    server's client, who cannot raise the server's --ctx but can send less or ask for fewer tokens."""
     if plan.tokens_per_sequence > n_ctx_seq:
-        what = "max_tokens" if plan.span == plan.config.max_tokens else "attempts in context"
+        attempts = plan.span != plan.config.max_tokens  # revise keeps earlier attempts; the budget sets how many
+        if client:
+            lower = "max_tokens or edge_adapt.budget" if attempts else "max_tokens"
+            remedy = f": send a shorter prompt or a lower {lower}"
+        else:
+            remedy = f" (raise --ctx or lower max_tokens{' or --budget' if attempts else ''})"
         raise ContextOverflowError(
-            f"prompt ({len(plan.prompt)}) + {what} ({plan.span}) + self-eval suffix ({plan.suffix}) = "
-            f"{plan.tokens_per_sequence} tokens exceed the context of {n_ctx_seq} per sequence "
-            "(raise --ctx or lower max_tokens)"
+            f"prompt ({len(plan.prompt)}) + {'attempts in context' if attempts else 'max_tokens'} ({plan.span}) + "
+            f"self-eval suffix ({plan.suffix}) = {plan.tokens_per_sequence} tokens exceed the context of "
+            f"{n_ctx_seq} per sequence{remedy}"
         )
 
 
