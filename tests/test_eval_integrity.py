@@ -196,6 +196,78 @@ def test_an_unscored_pool_is_null_on_disk_and_reads_back(cached_pool, tmp_path):
     assert all(math.isnan(s.end_score) for s in (*back.samples, back.greedy)) and back.samples[0].text == pool.samples[0].text
 
 
+class _HandMade:
+    """A pool backend that makes each prompt's pool by hand and rescores by copying: no model."""
+
+    fingerprint = "fp"
+
+    def __init__(self, identity: str, sample: bool = True) -> None:
+        self.identity, self.sample = identity, sample
+
+    def generate(self, work, suite, settings):
+        from edge_adapt.eval.pool import PoolSample, PromptPool, sample_key
+
+        assert self.sample, "sampled again"
+        for problem, key in work:
+            made = [PoolSample(index=i, temperature=0.7, seed=i, text="4", n_tokens=2, logprobs=(-0.1, -0.2),
+                               finish="length", scores=(), end_score=0.5, selfeval_tokens=(1.0,), extracted="4",
+                               correct=False, tokens=(5, 6)) for i in (*range(settings.k), -1)]
+            yield PromptPool(key, problem.id, problem.level, problem.answer, 2, tuple(made[:-1]), made[-1], 0.1,
+                             (1, 2), sample_key(self.fingerprint, suite.name, settings, problem))
+
+    def rescore(self, settings, key, other):
+        return replace(other, key=key, rescore_s=1.0)
+
+
+def test_a_corrupt_pool_of_another_suite_does_not_stop_this_one(tmp_path):
+    """Was: every pool-*.jsonl in the cache directory was read to find samples to rescore, so one corrupt line in
+    another suite's pool stopped every eval and label using the directory."""
+    from edge_adapt.eval.pool import build_pool_from, samples_in
+    from edge_adapt.tasks import family_suite, get_family
+
+    suite, settings = arith_suite("test", 2), PoolSettings(k=2, max_tokens=8, prune_points=())
+    list(build_pool_from(_HandMade("fp|a"), suite, settings, tmp_path))
+    (tmp_path / "pool-units-0123456789abcdef.jsonl").write_text("garbage\n")  # another suite's pool
+    (tmp_path / "pool-arith.jsonl").write_text("garbage\n")  # not a name the harness writes
+    again = list(build_pool_from(_HandMade("fp|b", sample=False), suite, settings, tmp_path / "b",
+                                 rescore=samples_in(tmp_path, suite)))  # eval: another scorer rescores the samples
+    assert [s.pool.rescore_s for s in again] == [1.0, 1.0]
+    taken = list(build_pool_from(_HandMade("fp|c", sample=False), suite, settings, tmp_path / "c",
+                                 samples_in(tmp_path, suite)))  # label: takes them as they are
+    assert [s.generated for s in taken] == [False, False]
+    # What is read: this suite's pools, its families' own and a mix's; a corrupt line there is still an error.
+    from edge_adapt.eval.pool import pool_sources
+
+    assert pool_sources(suite) == {"arith", "mix"}
+    assert pool_sources(family_suite(get_family("units"), "test", 2)) == {"units", "mix"}
+    (tmp_path / "pool-mix-fedcba9876543210.jsonl").write_text("garbage\n")
+    with pytest.raises(UsageError, match="pool-mix-fedcba9876543210.jsonl:1 is corrupt"):
+        list(build_pool_from(_HandMade("fp|d", sample=False), suite, settings, tmp_path / "d",
+                             rescore=samples_in(tmp_path, suite)))
+
+
+def test_force_replaces_a_reports_own_files_only(tmp_path):
+    """Was: every *.png in the report directory was taken for the report's, so --force deleted the user's."""
+    from edge_adapt.eval.report import report_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    plots = ["accuracy_vs_samples.png", "per_level.png"]  # the old report's, as its report.json lists them
+    for name in ("report.md", *plots, "my-chart.png", "notes.md"):
+        (out / name).write_text("old")
+    (out / "report.json").write_text(json.dumps({"plots": plots}))
+    with report_dir(out) as tmp:
+        (tmp / "report.md").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["my-chart.png", "notes.md", "report.md"]
+    assert (out / "my-chart.png").read_text() == "old" and (out / "report.md").read_text() == "new"
+    # A report.json that cannot be read names no plots: every PNG stays but the report's own two files.
+    (out / "per_level.png").write_text("old")
+    (out / "report.json").write_text("{not json")
+    with report_dir(out) as tmp:
+        (tmp / "report.md").write_text("newer")
+    assert sorted(p.name for p in out.iterdir()) == ["my-chart.png", "notes.md", "per_level.png", "report.md"]
+
+
 # -- 5. a report directory is swapped in whole -------------------------------------------------------------------
 def test_a_report_is_swapped_in_whole_and_keeps_what_is_not_a_report(engine, scorer, tmp_path, monkeypatch):
     import edge_adapt.eval.run as run

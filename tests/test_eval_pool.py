@@ -99,7 +99,7 @@ def test_rescoring_an_earlier_pool_reproduces_its_scores_without_generating(engi
     first = [s.pool for s in _drain(build_pool(engine, scorer, suite, SETTINGS, tmp_path))]
     decoded = engine.decoded_tokens
     ident = model_identity(engine, scorer) + "|adapter=other"  # another scorer's key: nothing cached under it
-    steps = _drain(build_pool(engine, scorer, suite, SETTINGS, tmp_path, identity=ident, rescore=samples_in(tmp_path)))
+    steps = _drain(build_pool(engine, scorer, suite, SETTINGS, tmp_path, identity=ident, rescore=samples_in(tmp_path, suite)))
     assert not any(s.generated for s in steps)
     for old, new in zip(first, (s.pool for s in steps)):
         assert new.key != old.key and new.rescore_s > 0
@@ -145,13 +145,13 @@ def test_a_mix_takes_the_samples_of_its_families_own_pools(engine, scorer, tmp_p
         own[step.pool.problem_id] = step.pool
     mix = mix_suite(fams, "validation", 2)
     steps = list(build_pool(engine, scorer, mix, replace(SETTINGS, max_tokens=None), tmp_path / "mix",
-                            rescore=samples_in(tmp_path / "c")))
+                            rescore=samples_in(tmp_path / "c", mix)))
     assert [s.generated for s in steps] == [False, False]  # scored again, never sampled again
     for s in steps:
         assert [x.tokens for x in s.pool.samples] == [x.tokens for x in own[s.pool.problem_id].samples]
     # Another budget is other samples: not taken.
     other = list(build_pool(engine, scorer, mix, replace(SETTINGS, max_tokens=8), tmp_path / "mix8",
-                            rescore=samples_in(tmp_path / "c")))
+                            rescore=samples_in(tmp_path / "c", mix)))
     assert [s.generated for s in other] == [True, True]
 
 

@@ -239,6 +239,16 @@ def test_replay_all_runs_on_a_pool():
     assert pruned == ["N=5 keep=2 at=16", "N=5 keep=1 at=16", "N=2 keep=1 at=16"]
 
 
+def test_no_prune_row_starts_more_samples_than_the_pool_holds():
+    """Was: K = 1 gave a "prune N=2 keep=1" row replayed on the one sample (it never pruned anything)."""
+    one = [_pool([_s(0, True, 0.9, scores=(0.5,))], pid=str(j)) for j in range(3)]
+    assert [r for r in rp.replay_all(one, prune_points=(16,)) if r.strategy == "prune"] == []
+    two = [_pool([_s(0, True, 0.9, scores=(0.5,)), _s(1, False, 0.2, scores=(0.4,))], pid=str(j)) for j in range(3)]
+    assert [r.setting for r in rp.replay_all(two, prune_points=(16,)) if r.strategy == "prune"] == ["N=2 keep=1 at=16"]
+    with pytest.raises(ValueError, match="prune N=4 needs 4 samples per prompt; a pool holds 2"):
+        rp.prune(two, (16,), 4, (1,))
+
+
 def test_plots_draw_the_perfect_judge_as_one_curve_across_budgets():
     from edge_adapt.eval.plots import _curves
     from edge_adapt.eval.report import strategy_rows

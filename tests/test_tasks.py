@@ -112,6 +112,41 @@ def test_suite_levels_pick_arith_levels_and_keep_their_problems():
         load_suite("gsm8k", n=5, levels=[4])
 
 
+def _raises(text: str, reference: str) -> bool:
+    raise ValueError("boom\nsecond line")
+
+
+def _one_argument(text: str) -> bool:
+    return True
+
+
+@pytest.mark.parametrize("fn, said", [("_raises", "raised ValueError \\(boom second line\\)"),
+                                      ("_one_argument", "takes \\(text\\), not \\(text, reference\\)")])
+def test_a_custom_scorer_that_fails_is_one_line_naming_it(fn, said):
+    """Was: "unexpected ValueError ... (rerun with --debug)", exit 70, as if edge-adapt had the bug. A signature
+    that cannot take (text, reference) is refused when the scorer loads, before any sampling."""
+    with pytest.raises(UsageError, match=f"scorer 'test_tasks:{fn}' {said}") as got:
+        resolve_scorer(f"test_tasks:{fn}").correct("The answer is 4", "4")
+    assert "\n" not in str(got.value)
+
+
+def test_data_is_refused_where_no_suite_reads_it(tmp_path):
+    """Was: --data silently ignored by arith (and every family but gsm8k), and silently read instead of the
+    file --suite names."""
+    mine, other = tmp_path / "mine.jsonl", tmp_path / "other.jsonl"
+    mine.write_text(json.dumps({"prompt": "1+1?", "answer": 2}) + "\n")
+    other.write_text(json.dumps({"prompt": "2+2?", "answer": 4}) + "\n")
+    with pytest.raises(UsageError, match="--data is read by --suite gsm8k, --suite mix and --family gsm8k"):
+        load_suite("arith", n=3, path=mine)
+    with pytest.raises(UsageError, match="family 'units' generates its problems"):
+        load_suite("arith", family="units", n=3, path=mine)
+    with pytest.raises(UsageError, match="two different files"):
+        load_suite(str(mine), path=other)
+    # Where it is read: the suite's own file named twice, or the file of --suite jsonl.
+    assert [p.answer for p in load_suite(str(mine), path=tmp_path / "." / "mine.jsonl").problems] == ["2"]
+    assert [p.answer for p in load_suite("jsonl", path=other).problems] == ["4"]
+
+
 def test_gsm8k_file_reads_final_number(tmp_path):
     f = tmp_path / "g.jsonl"
     f.write_text(json.dumps({"question": "How many?", "answer": "2+3=<<2+3=5>>5\n#### 1,005"}) + "\n\n")

@@ -3,6 +3,8 @@ cross-validation that never looks at the fold it reports on."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -124,3 +126,55 @@ def test_budgets_stay_within_what_the_pool_can_replay(tmp_path):
     assert TuneConfig(pool=pool, budgets=[3, 5]).budgets == [3, 5]
     with pytest.raises(UsageError, match="budget 8 spends the probe and 7 more samples, more than the pool's 4"):
         validated(TuneConfig, {"pool": pool, "budgets": [2, 8]}, "tune-policy")
+
+
+def test_live_auto_below_the_smallest_tuned_budget_is_refused_before_sampling(tmp_path):
+    """Was: both pools sampled, then "budget 8 is too small for this policy" and no policy written."""
+    from edge_adapt.errors import validated
+    from edge_adapt.eval import EvalConfig
+    from edge_adapt.eval.tune_run import TuneConfig
+
+    pool = EvalConfig(k=16, n_prompts=20, split="validation", cache_dir=tmp_path)
+    fields = {"pool": pool, "budgets": [12], "test_split": "test", "live": ["auto"]}
+    with pytest.raises(UsageError, match="--live-budget 8 is below the smallest tuned budget 12"):
+        validated(TuneConfig, fields, "tune-policy")
+    assert validated(TuneConfig, {**fields, "live_budget": 12}, "tune-policy").live_budget == 12
+    assert validated(TuneConfig, {**fields, "live": ["best-of-n"]}, "tune-policy").live == ["best-of-n"]
+
+
+@pytest.mark.parametrize("name", ["prune", "adaptive+prune"])
+def test_live_pruning_prunes_at_the_pools_prune_points(tmp_path, name):
+    """Was: the strategy's default prune point 32, refused for --max-tokens 16 although --prune-at 8 was given."""
+    from edge_adapt.eval import EvalConfig
+    from edge_adapt.eval.tune_run import TuneConfig, live_config
+
+    pool = EvalConfig(k=2, n_prompts=10, split="validation", max_tokens=16, prune_points=[8], cache_dir=tmp_path)
+    cfg = TuneConfig(pool=pool, test_split="test", live=[name])
+    test = pool.model_copy(update={"split": "test", "n_prompts": 2})
+    got = live_config(cfg, test, name, tmp_path / "p.json")
+    assert got.prune_at == (8,) and got.max_tokens == 16
+    # No prune point below the reply budget (the defaults 16 and 32 are not below 16): said before sampling.
+    bare = EvalConfig(k=2, n_prompts=2, split="test", max_tokens=16, cache_dir=tmp_path)
+    with pytest.raises(UsageError, match=rf"--live {re.escape(name)} prunes at the pool's prune points, and none is below max_tokens 16: give --prune-at"):
+        live_config(cfg, bare, name, tmp_path / "p.json")
+
+
+def test_a_suite_file_of_too_few_problems_is_refused_before_sampling(tmp_path, monkeypatch):
+    """Was: --prompts 150 passed the early check, the 3-problem suite was sampled whole, then refused."""
+    import json
+
+    from edge_adapt.eval import EvalConfig
+    from edge_adapt.eval import tune_run
+
+    suite = tmp_path / "three.jsonl"
+    suite.write_text("".join(json.dumps({"prompt": f"{i}+1?", "answer": i + 1}) + "\n" for i in range(3)))
+
+    def sampled(*args, **kwargs):
+        raise AssertionError("the pool was sampled")
+
+    monkeypatch.setattr(tune_run, "pool_backend", sampled)
+    pool = EvalConfig(suite=str(suite), k=2, n_prompts=150, split="validation", cache_dir=tmp_path / "c")
+    cfg = tune_run.TuneConfig(pool=pool, out=tmp_path / "p.json")
+    with pytest.raises(UsageError, match="tuning needs at least 10 prompts, and suite '.*three.jsonl' holds 3"):
+        tune_run.run_tune(cfg)
+    assert not (tmp_path / "p.json").exists()

@@ -20,7 +20,9 @@ class PoolSource(BaseModel):
 
     suite: str = Field("arith", description="arith, gsm8k, mix (every task family), or a user suite .jsonl file")
     family: str | None = Field(None, description="one task family instead of a suite (edge_adapt.tasks.FAMILIES)")
-    data: Path | None = Field(None, description="suite file (gsm8k: defaults to ../shared/data/gsm8k/train.jsonl)")
+    data: Path | None = Field(None, description="GSM8K's file for suite gsm8k, mix or family gsm8k (default "
+                                                "../shared/data/gsm8k/train.jsonl), or suite jsonl's file; "
+                                                "refused for any other suite")
     scorer: str | None = Field(None, description="user suites: final-number, stated-number, exact, regex:<pattern>, module:function")
     temperature: float = Field(0.7, description="sampling temperature of the pool (> 0)")
     max_tokens: int | None = Field(None, ge=1, description="most tokens per reply; default: each task family's own "

@@ -560,10 +560,28 @@ def pool_job(task: str, steps: Iterator[PoolProgress]) -> Job[PoolRun]:
     return PoolRun(pools, generated, tokens, wall_s)
 
 
-def samples_in(cache_dir: Path) -> dict[str, PromptPool]:
-    """Every cached prompt pool under `cache_dir` that recorded its token ids, by sample_key."""
+# How build_pool_from names a cache file: the suite's name, then its 16-hex-digit settings key.
+_POOL_FILE = re.compile(r"pool-(?P<suite>.+)-[0-9a-f]{16}\.jsonl")
+
+
+def pool_sources(suite: Suite) -> frozenset[str]:
+    """The suite parts of the cache files whose pools could hold `suite`'s samples (sample_key keys a problem by
+    its family, else by its suite's name): this suite's own files, its families' own, and a mix's (a mix draws
+    from every family)."""
+    families = {p.family for p in suite.problems if p.family is not None}
+    return frozenset({suite.name, *families, *(("mix",) if families else ())})
+
+
+def samples_in(cache_dir: Path, suite: Suite) -> dict[str, PromptPool]:
+    """The cached prompt pools that could hold `suite`'s samples and recorded their token ids, by sample_key.
+    Only the files named `pool-<source>-<key>.jsonl` for a source of pool_sources(suite) are read, so a corrupt
+    line in another suite's pool does not stop this one."""
+    sources = pool_sources(suite)
     out: dict[str, PromptPool] = {}
     for f in sorted(Path(cache_dir).glob("pool-*.jsonl")):
+        m = _POOL_FILE.fullmatch(f.name)
+        if m is None or m["suite"] not in sources:
+            continue
         for pool in PoolCache(f).load().values():
             if pool.sample_key and pool.prompt_ids:
                 out[pool.sample_key] = pool

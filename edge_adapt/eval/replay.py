@@ -132,6 +132,9 @@ def _vote(group: Sequence[PoolSample], weighted: bool) -> float:
 def vote(pools: Sequence[PromptPool], n: int, weighted: bool = False, draws: int = 64, seed: int = 0) -> Replay:
     """Majority vote (or self-eval-weighted vote) over the extracted answers of N samples. Expectation over
     N-subsets: exact (all subsets) when there are at most `draws` of them, else `draws` seeded random subsets."""
+    short = min((len(p.samples) for p in pools), default=n)
+    if n > short:  # fewer samples than N would be another strategy's row under this one's name
+        raise ValueError(f"vote N={n} needs {n} samples per prompt; a pool holds {short}")
     rng = np.random.default_rng(seed)
     correct, tokens, se = [], [], []
     for p in pools:
@@ -233,6 +236,9 @@ def prune(pools: Sequence[PromptPool], points: Sequence[int], n: int, keeps: Seq
     cost, and only the first time (a finished text is never scored again); at the end the survivors not yet
     scored as finished are scored once more. Expectation over N-subsets: exact when N = K, else `draws` seeded
     random subsets."""
+    short = min((len(p.samples) for p in pools), default=n)
+    if n > short:  # fewer samples than N would be another strategy's row under this one's name
+        raise ValueError(f"prune N={n} needs {n} samples per prompt; a pool holds {short}")
     rng = np.random.default_rng(seed)
     correct, tokens, se = [], [], []
     for p in pools:
@@ -243,7 +249,7 @@ def prune(pools: Sequence[PromptPool], points: Sequence[int], n: int, keeps: Seq
         correct.append(c), tokens.append(t), se.append(e)
     used = [(k, p) for k, p in zip(keeps, points) if k is not None]
     setting = f"N={n} keep={'/'.join(str(k) for k, _ in used)} at={'/'.join(str(p) for _, p in used)}"
-    return Replay("prune", setting, tuple(correct), tuple(float(min(n, len(p.samples))) for p in pools),
+    return Replay("prune", setting, tuple(correct), tuple(float(n) for _ in pools),
                   tuple(tokens), tuple(se), n)
 
 
@@ -262,7 +268,8 @@ def default_thresholds(pools: Sequence[PromptPool], greedy_first: bool = False) 
 def replay_all(pools: Sequence[PromptPool], prune_points: Sequence[int], seed: int = 0) -> list[Replay]:
     """The standard sweep: greedy; best-of-N (self-eval, log-prob, oracle) and votes for N = 1, 2, 4, ..., K;
     adaptive over a threshold sweep, from a sample and from greedy (budget K, and 2 and 4 from greedy), and from
-    greedy with a perfect judge at budgets 2, 4 and K; pruning schedules starting from K, K/2, K/4 samples."""
+    greedy with a perfect judge at budgets 2, 4 and K; pruning schedules starting from K, K/2, K/4 samples (at
+    least 2; none when K is 1)."""
     if not pools:
         return []
     k = min(len(p.samples) for p in pools)
@@ -280,7 +287,8 @@ def replay_all(pools: Sequence[PromptPool], prune_points: Sequence[int], seed: i
         out += [adaptive(pools, t, cap, seed=seed, greedy_first=True) for t in default_thresholds(pools, True)]
     # What a perfect judge would get at the same budgets: the ceiling the score's rows are read against.
     out += [adaptive(pools, 0.0, cap, seed=seed, greedy_first=True, by="oracle") for cap in sorted({2, 4, k}) if cap <= k]
-    if prune_points:
+    if prune_points and k >= 2:  # one sample per prompt leaves nothing to prune
+        # Schedules start from K, K/2 and K/4 samples, never fewer than 2 (pruning 1 keeps it) nor more than K.
         for n in sorted({k, max(2, k // 2), max(2, k // 4)}, reverse=True):
             # Halving and quartering coincide for small N (2 -> 1 either way): each schedule once.
             for keeps in dict.fromkeys(prune_schedule(n, len(prune_points), keep) for keep in (0.5, 0.25)):

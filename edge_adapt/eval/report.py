@@ -17,19 +17,30 @@ from edge_adapt.eval.replay import Replay
 from edge_adapt.tasks.base import Suite
 
 
-def _written_by_a_report(name: str) -> bool:
-    return name in ("report.md", "report.json") or name.endswith(".png")
+def _written_by_a_report(path: Path) -> frozenset[str]:
+    """The files of the report in `path` (report.md, report.json and the plots its report.json lists), which a
+    new report replaces; any other file there is the user's, a PNG too. Without a readable report.json: only
+    the two reports."""
+    names = {"report.md", "report.json"}
+    try:
+        plots = json.loads((path / "report.json").read_text(encoding="utf-8")).get("plots", [])
+        names |= {p for p in plots if isinstance(p, str)}
+    except (OSError, ValueError, AttributeError):
+        pass
+    return frozenset(names)
 
 
 def report_dir(path: Path) -> AbstractContextManager[Path]:
     """A temporary directory to write a report into, swapped in for `path` once every file is complete
     (fileio.atomic_dir): a run killed while writing leaves the old report whole, never a truncated PNG beside it.
     Whether `path` may be replaced was checked before the run (fileio.check_output_dir: a non-empty one only with
-    --force). What the old directory holds besides a report's own files (notes, the policy file, a cache) is kept."""
+    --force). What the old directory holds besides the old report's own files is kept: notes, the policy file, a
+    cache, the user's own PNGs."""
     from edge_adapt.fileio import atomic_dir
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return atomic_dir(path, force=True, carry=lambda name: not _written_by_a_report(name))
+    own = _written_by_a_report(Path(path))
+    return atomic_dir(path, force=True, carry=lambda name: name not in own)
 
 
 def report_json(data: Any) -> str:

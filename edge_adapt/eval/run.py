@@ -164,7 +164,7 @@ def pools_job(cfg: EvalConfig, backend: PoolBackend, suite: Suite) -> Job[tuple[
     """The pool of every prompt of `suite` (cached ones read back, missing ones made by `backend`) and the
     identity (model, adapter, self-eval) it was made with."""
     settings = pool_settings(cfg, suite)
-    steps = build_pool_from(backend, suite, settings, cfg.cache_dir, rescore=samples_in(cfg.cache_dir))
+    steps = build_pool_from(backend, suite, settings, cfg.cache_dir, rescore=samples_in(cfg.cache_dir, suite))
     run = yield from pool_job(f"pool {suite.name}/{suite.split} K={settings.k}", steps)
     return run, backend.identity
 

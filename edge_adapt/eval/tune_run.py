@@ -78,6 +78,11 @@ class TuneConfig(BaseModel):
                              f"more than the pool's {self.pool.k} per prompt (--samples)")
         if self.test_split is None and (self.report_dir or self.live or self.compare_model):
             raise ValueError("--report, --live and --compare-model need --test-split")
+        if "auto" in self.live and self.live_budget < min(self.budgets):
+            # auto follows the policy's row for the largest tuned budget that fits: known now, not after both pools.
+            raise ValueError(f"--live auto: --live-budget {self.live_budget} is below the smallest tuned budget "
+                             f"{min(self.budgets)}, so the policy has no row to follow; give --live-budget "
+                             f">= {min(self.budgets)} or tune --budget {self.live_budget} too")
         self._held_out()
         if self.compare_model is not None:
             from edge_adapt.engine.gguf_file import inspect_gguf
@@ -122,6 +127,10 @@ def tune_job(cfg: TuneConfig) -> Job[dict[str, Any]]:
         check_replaceable(cfg.report_dir)
     if cfg.pool.n_prompts < 2 * N_BINS:  # known before sampling, not after it
         raise UsageError(f"tuning needs at least {2 * N_BINS} prompts, got --prompts {cfg.pool.n_prompts}")
+    held = len(suite_for(cfg.pool).problems)  # a suite file may hold fewer than --prompts asks for
+    if held < 2 * N_BINS:
+        raise UsageError(f"tuning needs at least {2 * N_BINS} prompts, and suite {cfg.pool.family or cfg.pool.suite!r} "
+                         f"holds {held}")
     reports = [cfg.report_dir] if cfg.report_dir is not None else []
     # The policy is published last, with the report: a run stopped after tuning leaves none (live `auto` reads it
     # from its temp file).
@@ -258,10 +267,22 @@ def live_config(cfg: TuneConfig, tcfg: EvalConfig, name: str, policy_file: Path)
     """How strategy `name` runs live: the live budget, the pool's sampling, seeds no pool used (auto: the policy
     this job writes, in `policy_file`). One strategy config serves every prompt, so a mix without --max-tokens runs
     live with its longest family budget."""
-    max_tokens = tcfg.max_tokens or suite_for(tcfg).longest_budget()
+    from edge_adapt.strategies import registry
+
+    suite = suite_for(tcfg)
+    max_tokens = tcfg.max_tokens or suite.longest_budget()
+    extra: dict[str, Any] = {"policy": str(policy_file)} if name == "auto" else {}
+    if "prune_at" in registry.STRATEGIES[name].reads:  # TuneConfig checked the name
+        # It prunes where the pool was scored (--prune-at, or the defaults below the reply budget), not at the
+        # strategy's own default of 32, which a budget of 32 tokens or fewer never reaches.
+        points = [p for p in pool_settings(tcfg, suite).prune_points if p < max_tokens]
+        if not points:
+            raise UsageError(f"--live {name} prunes at the pool's prune points, and none is below max_tokens "
+                             f"{max_tokens}: give --prune-at below it")
+        extra["prune_at"] = points
     return StrategyConfig.parse({
         "strategy": name, "budget": cfg.live_budget, "max_tokens": max_tokens, "temperature": tcfg.temperature,
-        "seed": LIVE_SEED, **({"policy": str(policy_file)} if name == "auto" else {}),
+        "seed": LIVE_SEED, **extra,
     }, f"live {name}")
 
 

@@ -34,6 +34,26 @@ def has_splits(name: str, family: str | None = None) -> bool:
     return family is not None or not (name == "gsm8k" or name == "jsonl" or name.endswith(".jsonl"))
 
 
+def check_data(name: str, path: Path | None, family: str | None = None) -> None:
+    """`path` (--data) only where a suite reads it: GSM8K's file for `gsm8k`, `mix` and `--family gsm8k`, or the
+    file of `--suite jsonl` (a .jsonl suite names its own; --data may only name the same one). A file given and
+    never read would leave the user believing their data was used."""
+    if path is None:
+        return
+    if family is not None:
+        if family != "gsm8k":
+            raise UsageError(f"--data is gsm8k's file; family {family!r} generates its problems and reads none")
+        return
+    if name in ("gsm8k", "mix", "jsonl"):
+        return
+    if name.endswith(".jsonl"):
+        if Path(name).resolve() != Path(path).resolve():
+            raise UsageError(f"--suite {name} and --data {path} name two different files: give the suite file once")
+        return
+    raise UsageError(f"--data is read by --suite gsm8k, --suite mix and --family gsm8k (GSM8K's file); "
+                     f"suite {name!r} reads none")
+
+
 def load_suite(
     name: str, *, split: str = "test", n: int | None = None, path: Path | None = None,
     scorer: str | None = None, seed: int = 0, levels: Sequence[int] | None = None, family: str | None = None,
@@ -45,6 +65,7 @@ def load_suite(
     or the family itself."""
     if scorer is not None and not (name == "jsonl" or name.endswith(".jsonl")):
         raise UsageError(f"--scorer applies to a .jsonl suite; suite {family or name!r} scores with its own")
+    check_data(name, path, family)
     if family is not None:
         if name not in ("arith", family):
             raise UsageError(f"suite {name!r} and family {family!r} both pick a suite: give one of them")
@@ -70,6 +91,6 @@ def load_suite(
 __all__ = [
     "ANSWER_FORMAT", "LEVELS", "SPLITS", "GSM8K_DEFAULT", "FAMILIES", "Family", "GeneratedFamily", "Gsm8kFamily",
     "Problem", "Suite", "Scorer", "FinalNumber", "ExactMatch", "RegexMatch", "StatedNumber", "Weekday", "arith_problems",
-    "arith_suite", "family_suite", "get_family", "gsm8k_suite", "has_splits", "jsonl_suite", "load_suite", "mix_suite",
+    "arith_suite", "check_data", "family_suite", "get_family", "gsm8k_suite", "has_splits", "jsonl_suite", "load_suite", "mix_suite",
     "extract_final_number", "extract_stated_number", "extract_weekday", "normalize_number", "resolve_scorer",
 ]

@@ -10,6 +10,7 @@ Spec strings (`resolve_scorer`): "final-number" (GSM8K-style), "stated-number" (
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 import re
@@ -182,7 +183,14 @@ class CustomScorer:
         return extract_final_number(text) or _norm_text(text)
 
     def correct(self, text: str, reference: str) -> bool:
-        return bool(self.fn(text, reference))
+        # The user's code: whatever it raises (a bug in it, a signature that is not (text, reference)) is the
+        # --scorer's fault, said in one line, not a traceback blamed on edge-adapt.
+        try:
+            return bool(self.fn(text, reference))
+        except Exception as exc:
+            why = " ".join(str(exc).split()) or "no message"
+            raise UsageError(f"scorer {self.name!r} raised {type(exc).__name__} ({why:.200}) checking a reply; "
+                             "it is called as function(text, reference) -> bool") from exc  # the chain: where in their code
 
 
 def resolve_scorer(spec: str) -> Scorer:
@@ -211,6 +219,13 @@ def resolve_scorer(spec: str) -> Scorer:
                 sys.path.remove(here)
         if not callable(fn):
             raise UsageError(f"scorer {spec!r} is not callable")
+        try:  # a signature that cannot take (text, reference) is known now, before any reply is sampled
+            inspect.signature(fn).bind("text", "reference")
+        except TypeError:
+            takes = ", ".join(inspect.signature(fn).parameters)
+            raise UsageError(f"scorer {spec!r} takes ({takes}), not (text, reference)") from None
+        except ValueError:  # no signature to read (some builtins): CustomScorer.correct says what a call raises
+            pass
         return CustomScorer(fn, spec)
     raise UsageError(f"unknown scorer {spec!r}: use final-number, stated-number, exact, regex:<pattern> or module:function")
 

@@ -120,7 +120,7 @@ def label_job(cfg: LabelConfig, engine: Engine | None = None) -> Job[Path]:
     backend = _label_backend(cfg, suite, engine)
     try:
         with removed_on_failure(cfg.cache_dir, keep=[cfg.cache_dir]):  # an empty cache folder is not left behind
-            steps = build_pool_from(backend, suite, settings, cfg.cache_dir, samples_in(cfg.cache_dir))
+            steps = build_pool_from(backend, suite, settings, cfg.cache_dir, samples_in(cfg.cache_dir, suite))
             run = yield from pool_job(f"label {suite.name}/{suite.split} K={cfg.k}", steps)
             records = []
             for problem, pool in zip(suite.problems, run.pools):
