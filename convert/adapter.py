@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 
 from edge_adapt.fileio import atomic_dir, atomic_file, check_replaceable, check_target
-from edge_adapt.convert.checkpoint import read_json, require_torch
+from edge_adapt.convert.checkpoint import present, read_json, require_torch
 from edge_adapt.convert.gguf_io import read_gguf_kv
 from edge_adapt.progress import Job, Progress, to_the_end
 from edge_adapt.convert.registry import ModelBase, model_class_for_gguf
@@ -97,11 +97,11 @@ def load_peft_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
 
     weights = root / "adapter_model.safetensors"
     try:
-        if weights.is_file():
+        if present(weights):
             from safetensors.torch import load_file
 
             state = load_file(str(weights))
-        elif (root / "adapter_model.bin").is_file():
+        elif present(root / "adapter_model.bin"):
             state = torch.load(root / "adapter_model.bin", map_location="cpu", weights_only=True)
         else:
             raise ModelFileError(f"{root}: adapter weights missing (adapter_model.safetensors)")
@@ -130,16 +130,47 @@ def load_peft_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
     for name, h in halves.items():
         if set(h) != {"lora_A", "lora_B"}:
             raise ModelFileError(f"{root}: incomplete adapter, {name} lacks lora_A or lora_B")
-        pairs[name] = (h["lora_A"], h["lora_B"])
+        a, b = h["lora_A"], h["lora_B"]
+        _check_halves(root, name, a, b, ("lora_A", "lora_B"))
+        # The scale is alpha / r from the config, and llama.cpp divides alpha by each tensor's own rank: a tensor of
+        # another rank would be applied at another strength than PEFT's (r 16 on rank-8 tensors: twice).
+        if a.shape[0] != rank:
+            said = "rank_pattern gives" if any(_matches(name, k) for k in pattern) else "r is"
+            raise ModelFileError(f"{root}: {name} has rank {a.shape[0]} (lora_A is {a.shape[0]}x{a.shape[1]}), but "
+                                 f"adapter_config.json's {said} {rank}")
+        pairs[name] = (a, b)
     if not pairs:
         raise ModelFileError(f"{root}: adapter holds no LoRA tensors")
     return LoraAdapter(root, rank, float(alpha), scale, pairs, invocation or None)
 
 
+def _matches(name: str, key: str) -> bool:
+    """Whether a rank_pattern key names this weight (PEFT matches a key against the end of the module name)."""
+    module = name.removesuffix(".weight")
+    return module == key or module.endswith("." + key)
+
+
+def _check_halves(where: Path, name: str, a: torch.Tensor, b: torch.Tensor, parts: tuple[str, str]) -> None:
+    """A LoRA pair is two matrices, A (rank, in) and B (out, rank), of one rank: anything else is a broken
+    adapter file, whatever base it is meant for."""
+    for part, t in zip(parts, (a, b)):
+        if t.ndim != 2:
+            raise ModelFileError(f"{where}: {name} {part} has shape {list(t.shape)}; a LoRA half is a 2-D matrix")
+    if a.shape[0] != b.shape[1]:
+        raise ModelFileError(f"{where}: {name} {parts[0]} has rank {a.shape[0]} ({a.shape[0]}x{a.shape[1]}), "
+                             f"{parts[1]} rank {b.shape[1]} ({b.shape[0]}x{b.shape[1]})")
+
+
 def check_fits(adapter: LoraAdapter, shapes: dict[str, tuple[int, ...]], what: str) -> None:
-    """Every target must exist in the base with B @ A's shape; otherwise it was trained on another model."""
+    """Every target must exist in the base with B @ A's shape; otherwise it was trained on another model. `shapes`:
+    the weights the base has of its own (a tied lm_head is the embeddings, not a weight of its own)."""
     for name, (a, b) in adapter.pairs.items():
         if name not in shapes:
+            if name == "lm_head.weight" and "model.embed_tokens.weight" in shapes:
+                # llama.cpp reads a tied head from token_embd, where a LoRA would change the embeddings too.
+                raise ModelFileError(f"adapter {adapter.path} targets lm_head, which {what} ties to the token "
+                                     "embeddings; the converter cannot map a LoRA on a tied output head (train "
+                                     "without lm_head in target_modules)")
             raise ModelFileError(f"adapter {adapter.path} targets {name}, which {what} does not have (different base?)")
         want = tuple(shapes[name])
         got = (b.shape[0], a.shape[1])
@@ -193,7 +224,7 @@ def convert_adapter_job(
     if type not in ("f32", "f16"):
         raise UsageError(f"adapter type must be f32 or f16, got {type!r}")
     dtype = np.float32 if type == "f32" else np.float16
-    from edge_adapt.convert.model import check_adapter_loadable, read_self_eval_config, write_self_eval
+    from edge_adapt.convert.model import check_adapter_loadable, check_f16_range, read_self_eval_config, write_self_eval
     from edge_adapt.engine.gguf_file import inspect_gguf
 
     t0 = time.perf_counter()
@@ -224,8 +255,10 @@ def convert_adapter_job(
         gname = model.gguf_name(hf_name)
         bid = model.block_id(gname)
         (_, b_gguf), = model.modify_tensors(b, gname, bid)
-        tensors.append((f"{gname}.lora_a", a.numpy().astype(dtype)))
-        tensors.append((f"{gname}.lora_b", np.ascontiguousarray(b_gguf.numpy(), dtype=dtype)))
+        for tname, arr in ((f"{gname}.lora_a", a.numpy()), (f"{gname}.lora_b", b_gguf.numpy())):
+            if dtype == np.float16:  # a finite value past f16's range would be written as infinity
+                check_f16_range(tname, arr, "f16", use="f32")
+            tensors.append((tname, np.ascontiguousarray(arr, dtype=dtype)))
     for name, arr in tensors:
         w.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
 
@@ -275,7 +308,8 @@ def import_adapter(
 
     t0 = time.perf_counter()
     out_path = Path(out)
-    check_replaceable(out_path)  # it is replaced as a whole: never the directory the process works in
+    # It is replaced as a whole: never the directory the process works in, nor one holding the files read.
+    check_replaceable(out_path, inputs=(adapter, base))
     check_target(out_path, force=force, directory=True)  # a PEFT directory
     info = inspect_gguf(adapter, expect="adapter")
     base_info = inspect_gguf(base, expect="model")
@@ -299,6 +333,7 @@ def import_adapter(
         if set(h) != {"lora_a", "lora_b"}:
             raise ModelFileError(f"{info.path}: incomplete adapter, {name} lacks lora_a or lora_b")
         pairs[name] = (h["lora_a"], h["lora_b"])
+        _check_halves(info.path, name, *pairs[name], ("lora_a", "lora_b"))
     ranks = {a.shape[0] for a, _ in pairs.values()}
     if len(ranks) != 1:
         raise ModelFileError(f"{info.path}: mixed LoRA ranks {sorted(ranks)} have no single PEFT config")

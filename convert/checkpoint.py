@@ -27,15 +27,32 @@ def require_torch() -> Any:
     return torch
 
 
+def present(path: Path) -> bool:
+    """Whether a file the checkpoint may hold is there: False where nothing is, True for a regular file (symlinks
+    followed). Anything else by that name is an error saying what it is (a dangling link, a FIFO, a directory),
+    not "missing": the user put it there and would look for a file that is."""
+    from edge_adapt.fileio import check_user_file
+
+    if not os.path.lexists(path):
+        return False
+    if path.is_symlink() and not path.exists():
+        raise ModelFileError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist (or loops)")
+    check_user_file(path, error=ModelFileError)
+    return True
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
     from edge_adapt.fileio import read_user_file
 
-    if not path.exists():
+    if not present(path):
         raise ModelFileError(f"{path.parent}: {what} is missing ({path.name})")
+    text = read_user_file(path, max_bytes=64 << 20, text=True, error=ModelFileError)
     try:
-        data = json.loads(read_user_file(path, max_bytes=64 << 20, text=True, error=ModelFileError))
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{path}: unreadable {what} ({exc.__class__.__name__})") from None
+    except RecursionError:  # Python's parser recurses once per level of nesting
+        raise ModelFileError(f"{path}: unreadable {what} (JSON nested too deeply)") from None
     if not isinstance(data, dict):
         raise ModelFileError(f"{path}: {what} is not a JSON object")
     return data
@@ -101,20 +118,20 @@ def _index_weights(root: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, Pa
     files: dict[str, Path] = {}
     single = root / "model.safetensors"
     index = root / "model.safetensors.index.json"
-    if single.is_file():
+    if present(single):
         shards = [single]
-    elif index.is_file():
+    elif present(index):
         weight_map = read_json(index, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelFileError(f"{index}: no weight_map")
         shards = sorted({root / str(v) for v in weight_map.values()})
-        missing = [s.name for s in shards if not s.is_file()]
+        missing = [s.name for s in shards if not present(s)]
         if missing:
             raise ModelFileError(
                 f"{root}: incomplete checkpoint, {len(missing)} shard(s) listed in the index are missing: "
                 + ", ".join(missing[:3])
             )
-    elif (root / "pytorch_model.bin").is_file():
+    elif present(root / "pytorch_model.bin"):
         return _index_bin(root / "pytorch_model.bin")
     else:
         raise ModelFileError(f"{root}: no weights (model.safetensors, its index, or pytorch_model.bin)")

@@ -57,12 +57,13 @@ def import_gguf_job(
 
     t0 = time.perf_counter()
     out_path = Path(out)
-    check_replaceable(out_path)  # it is replaced as a whole: never the directory the process works in
-    check_target(out_path, force=force, directory=True)  # before the work (atomic_dir checks again after it)
     if model is None:
         from edge_adapt.engine.default_model import default_model_path
 
         model = default_model_path()
+    # It is replaced as a whole: never the directory the process works in, nor one holding the model read.
+    check_replaceable(out_path, inputs=(model,))
+    check_target(out_path, force=force, directory=True)  # before the work (atomic_dir checks again after it)
     info = inspect_gguf(model, expect="model")
     cls = model_class_for_gguf(info.architecture)
     reader = gguf.GGUFReader(info.path)

@@ -89,21 +89,22 @@ def tensor_type(name: str, shape: tuple[int, ...], want: Q) -> Q:
 F16_MAX = 65504.0  # the largest finite f16
 
 
-def _check_f16_range(name: str, arr: np.ndarray, kind: str) -> None:
+def check_f16_range(name: str, arr: np.ndarray, kind: str, *, use: str | None = None) -> None:
     """A finite weight beyond f16's range would be written as infinity: refused by name, with the types that hold
-    it (bf16 and f32 have f32's range; q8_0 stores a block's scale, max/127, as f16)."""
+    it (bf16 and f32 have f32's range; q8_0 stores a block's scale, max/127, as f16). `use`: those types, where the
+    command offers others (an adapter is f32 or f16)."""
     arr = np.asarray(arr)
     big = float(np.max(np.abs(arr), initial=0.0, where=np.isfinite(arr)))
     if big <= F16_MAX:
         return
     if kind in LLAMA_QUANT_TYPES:
-        how, use = f", which the f16 file {kind} is quantized from cannot hold", "q8_0, bf16 or f32"
+        how, types = f", which the f16 file {kind} is quantized from cannot hold", "q8_0, bf16 or f32"
     elif kind == "f16":
-        how, use = "", "bf16 or f32"
+        how, types = "", "bf16 or f32"
     else:  # rows that do not fill a quantization block are written as f16
-        how, use = f" (its rows do not fill {kind} blocks, so it is written as f16)", "bf16 or f32"
+        how, types = f" (its rows do not fill {kind} blocks, so it is written as f16)", "bf16 or f32"
     raise ModelFileError(f"tensor {name!r} has values beyond f16's range (|x| up to {big:.4g}){how}; "
-                         f"use --type {use}")
+                         f"use --type {use or types}")
 
 
 def _encode(arr: np.ndarray, qtype: Q) -> np.ndarray:
@@ -147,6 +148,8 @@ def read_metadata(source: str | os.PathLike[str] | dict[str, Any] | None, *, wha
             data = json.loads(read_user_file(p, max_bytes=1 << 20, text=True))
         except json.JSONDecodeError as exc:
             raise UsageError(f"{p}: not valid JSON ({exc.__class__.__name__})") from None
+        except RecursionError:  # Python's parser recurses once per level of nesting
+            raise UsageError(f"{p}: not readable JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise UsageError(f"{p}: the {what} must be a JSON object")
     for key, value in data.items():
@@ -265,7 +268,9 @@ def convert_model_job(
         if merge_adapter is not None:
             adapter = load_peft_adapter(merge_adapter)
             require_mergeable(adapter)
-            check_fits(adapter, ckpt.shapes, f"checkpoint {ckpt.path.name}")
+            # What the GGUF leaves out (a tied lm_head) is no weight a delta could be merged into.
+            own = {n: shape for n, shape in ckpt.shapes.items() if not model.is_ignored(n)}
+            check_fits(adapter, own, f"checkpoint {ckpt.path.name}")
 
         if kind in NATIVE_TYPES:
             ftype, want = NATIVE_TYPES[kind]
@@ -414,7 +419,7 @@ def _write_gguf(
                 if q.name != out_name or tuple(arr.shape) != q.shape:
                     raise ModelFileError(f"internal: planned {q.name}{q.shape}, produced {out_name}{arr.shape}")
                 if q.qtype == Q.F16:
-                    _check_f16_range(out_name, arr, kind)
+                    check_f16_range(out_name, arr, kind)
                 w.write_tensor_data(_encode(arr, q.qtype))
                 done += int(np.prod(q.shape))
                 i += 1

@@ -9,6 +9,8 @@ is compared (not a hash of sample ids, as llama.cpp's script does), so a retrain
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,20 +59,31 @@ PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
 IGNORES_MERGES = "llama-bpe"
 
 
+def _object(value: Any, field: str) -> dict[str, Any]:
+    """`value` if it is a JSON object; else a ModelFileError naming the field (the caller adds the file)."""
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{field} must be a JSON object, got {json.dumps(value)[:40]}")
+    return value
+
+
 def _canon(pre: dict[str, Any] | None) -> tuple[Any, ...]:
     """The parts of a pre-tokenizer that change where text is split (offsets trimming does not)."""
     if pre is None:
         return ()
+    pre = _object(pre, "pre_tokenizer")
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if not isinstance(steps, list):
+        raise ModelFileError(f"pre_tokenizer.pretokenizers must be a list, got {json.dumps(steps)[:40]}")
     out: list[Any] = []
-    for s in steps:
+    for i, step in enumerate(steps):
+        s = _object(step, f"pre_tokenizer.pretokenizers[{i}]")
         kind = s.get("type")
         if kind == "ByteLevel":
             out.append((kind, bool(s.get("add_prefix_space", True)), bool(s.get("use_regex", True))))
         elif kind == "Digits":
             out.append((kind, bool(s.get("individual_digits", False))))
         elif kind == "Split":
-            pattern = s.get("pattern", {})
+            pattern = _object(s.get("pattern", {}), "pre_tokenizer Split pattern")
             out.append((kind, pattern.get("Regex", pattern.get("String")), str(s.get("behavior", "")).lower(),
                         bool(s.get("invert", False))))
         else:
@@ -127,18 +140,14 @@ def _token_text(value: Any) -> str | None:
 
 def read_hf_tokenizer(root: Path, n_vocab: int, config: dict[str, Any]) -> GGUFVocab:
     """Read tokenizer.json (+ tokenizer_config.json, chat_template.jinja) from a checkpoint directory."""
-    path = root / "tokenizer.json"
-    if not path.is_file():
-        raise ModelFileError(f"{root}: tokenizer missing (no tokenizer.json; save it with tokenizer.save_pretrained)")
-    from edge_adapt.fileio import read_user_file
+    from edge_adapt.convert.checkpoint import present
 
+    path = root / "tokenizer.json"
+    if not present(path):
+        raise ModelFileError(f"{root}: tokenizer missing (no tokenizer.json; save it with tokenizer.save_pretrained)")
     config_path = root / "tokenizer_config.json"
-    try:
-        tj = json.loads(read_user_file(path, max_bytes=256 << 20, text=True, error=ModelFileError))
-        tcfg = json.loads(read_user_file(config_path, max_bytes=64 << 20, text=True,
-                                         error=ModelFileError)) if config_path.exists() else {}
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{root}: unreadable tokenizer files ({exc.__class__.__name__})") from None
+    tj = _read_json(path, 256 << 20)
+    tcfg = _read_json(config_path, 64 << 20) if present(config_path) else {}
     for file, data in ((path, tj), (config_path, tcfg)):
         if not isinstance(data, dict):
             raise ModelFileError(f"{file}: not a JSON object")
@@ -152,9 +161,10 @@ def read_hf_tokenizer(root: Path, n_vocab: int, config: dict[str, Any]) -> GGUFV
         )
     normalizer = tj.get("normalizer")
     # NFC is harmless: llama.cpp skips it, which differs only on text that is not already NFC.
-    if normalizer is not None and normalizer.get("type") != "NFC":
+    if normalizer is not None and _named(path, normalizer, "normalizer").get("type") != "NFC":
         raise ModelFileError(f"{path}: normalizer {normalizer.get('type')!r} has no llama.cpp equivalent")
-    pre = identify_pre_tokenizer(tj.get("pre_tokenizer"))
+    with _naming(path):
+        pre = identify_pre_tokenizer(tj.get("pre_tokenizer"))
     ignore_merges = bool(model.get("ignore_merges", False))
     if ignore_merges != (pre == IGNORES_MERGES):
         does = "takes a word found whole in the vocabulary as it is" if pre == IGNORES_MERGES else "always merges"
@@ -193,7 +203,8 @@ def read_hf_tokenizer(root: Path, n_vocab: int, config: dict[str, Any]) -> GGUFV
         if kind not in special and isinstance(value, int) and 0 <= value < n_vocab:
             special[kind] = value
 
-    add_bos, add_eos = _template_adds(tj.get("post_processor"))
+    with _naming(path):
+        add_bos, add_eos = _template_adds(tj.get("post_processor"))
     template = _chat_template(root, config_path, tcfg.get("chat_template"))
     return GGUFVocab(
         model="gpt2", pre=pre, tokens=[str(t) for t in tokens], toktypes=[int(t) for t in types], merges=merges,
@@ -219,14 +230,25 @@ def _chat_template(root: Path, config_path: Path, template: Any) -> str | None:
 
 
 def _check_vocab(path: Path, vocab: Any, added: Any) -> None:
-    """Token ids are whole numbers; added tokens are objects llama.cpp can honour."""
+    """Token ids are whole numbers, each one token's (a GGUF holds one text per id: a second would silently take
+    the first's place); added tokens are objects llama.cpp can honour."""
     if not isinstance(vocab, dict) or not all(is_whole(i) and i >= 0 for i in vocab.values()):
         raise ModelFileError(f"{path}: model.vocab must map each token to a whole number >= 0")
     if not isinstance(added, list):
         raise ModelFileError(f"{path}: added_tokens must be a list")
+    text_of: dict[int, str] = {}
+    for text, tid in vocab.items():
+        if tid in text_of:
+            raise ModelFileError(f"{path}: model.vocab gives id {tid} to both {text_of[tid]!r} and {text!r}; "
+                                 "an id names one token")
+        text_of[tid] = text
     for a in added:
         if not (isinstance(a, dict) and isinstance(a.get("content"), str) and is_whole(a.get("id")) and a["id"] >= 0):
             raise ModelFileError(f"{path}: added_tokens entry {a!r:.60} needs a string content and a whole id >= 0")
+        had = text_of.setdefault(a["id"], a["content"])
+        if had != a["content"]:  # the same token listed again (as added tokens are) is fine
+            raise ModelFileError(f"{path}: added token {a['content']!r} has id {a['id']}, which is already "
+                                 f"{had!r}; an id names one token")
         # HF strips the whitespace beside such a token when it matches; llama.cpp keeps it.
         strips = [side for side in ("lstrip", "rstrip") if a.get(side)]
         if strips:
@@ -250,14 +272,46 @@ def _merges(path: Path, raw: Any) -> list[str]:
 
 def _template_adds(post: dict[str, Any] | None) -> tuple[bool, bool]:
     """Whether the HF post-processor puts a special token before / after a single sequence."""
-    if not post:
+    if post is None:
         return False, False
+    post = _object(post, "post_processor")
     steps = post.get("processors", []) if post.get("type") == "Sequence" else [post]
-    for s in steps:
+    if not isinstance(steps, list):
+        raise ModelFileError(f"post_processor.processors must be a list, got {json.dumps(steps)[:40]}")
+    for i, step in enumerate(steps):
+        s = _object(step, f"post_processor.processors[{i}]")
         if s.get("type") == "TemplateProcessing":
             single = s.get("single") or []
+            if not (isinstance(single, list) and all(isinstance(piece, dict) for piece in single)):
+                raise ModelFileError(f"post_processor single must be a list of objects, got {json.dumps(single)[:40]}")
             return bool(single and "SpecialToken" in single[0]), bool(single and "SpecialToken" in single[-1])
     return False, False
+
+
+def _read_json(path: Path, max_bytes: int) -> Any:
+    from edge_adapt.fileio import read_user_file
+
+    text = read_user_file(path, max_bytes=max_bytes, text=True, error=ModelFileError)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{path}: unreadable tokenizer file ({exc.__class__.__name__})") from None
+    except RecursionError:  # Python's parser recurses once per level of nesting
+        raise ModelFileError(f"{path}: unreadable tokenizer file (JSON nested too deeply)") from None
+
+
+def _named(path: Path, value: Any, field: str) -> dict[str, Any]:
+    with _naming(path):
+        return _object(value, field)
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Errors about a part of tokenizer.json, told of the file."""
+    try:
+        yield
+    except ModelFileError as exc:
+        raise ModelFileError(f"{path}: {exc}") from None
 
 
 # -- GGUF -> transformers ----------------------------------------------------------------------------------

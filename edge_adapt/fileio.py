@@ -243,13 +243,21 @@ def _carry_over(old: Path, new: Path, carry: Callable[[str], bool]) -> None:
             _link_or_copy(str(entry), str(dst))
 
 
-def check_replaceable(path: Path) -> None:
-    """Refuse, before any work, a directory output that holds the working directory: atomic_dir swaps the whole
-    directory, and the process would go on in the one it took away."""
+def check_replaceable(path: Path, inputs: Seq[str | os.PathLike[str]] = ()) -> None:
+    """Refuse, before any work, a directory output that holds the working directory or one of `inputs`: atomic_dir
+    swaps the whole directory, so the process would go on in the one it took away, and an input inside it would
+    be deleted with the rest (`import m/model.gguf -o m --force`). Symbolic links are followed on both sides, as
+    what is replaced is where they lead."""
+    where = Path(path).resolve()
     here = Path.cwd().resolve()
-    if here.is_relative_to(path.resolve()):
+    if here.is_relative_to(where):
         raise UsageError(f"{path} holds the working directory: the output directory is replaced as a whole when "
                          "it is complete; name a directory below this one")
+    for given in inputs:
+        if Path(given).resolve().is_relative_to(where):
+            raise UsageError(f"{path} holds the input {given}: the output directory is replaced as a whole when it "
+                             "is complete, which would delete the input; move it out or name another output "
+                             "directory")
 
 
 @contextmanager

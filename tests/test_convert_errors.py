@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -545,3 +546,215 @@ def test_weight_beyond_f16_range_named_with_the_types_that_hold_it(kind: str, us
     assert r.stderr == (f"error: tensor 'blk.0.ffn_down.weight' has values beyond f16's range (|x| up to 1e+05){use}"
                         "\n")
     _only(out)
+
+
+def _base_gguf(llama_dir: Path, gguf_dir: Path) -> Path:
+    base = gguf_dir / "llama.s29.f16.gguf"
+    if not base.exists():
+        convert_model(llama_dir, base, type="f16")
+    return base
+
+
+def test_import_refuses_an_output_directory_holding_its_input(llama_dir: Path, gguf_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """`import out/m.gguf -o out --force` swapped the whole folder in and deleted the model it read (and every
+    other file there); `import_adapter` with the adapter inside its PEFT output folder did the same."""
+    work = tmp_path / "work"
+    work.mkdir()
+    model = work / "m.gguf"
+    shutil.copy(_base_gguf(llama_dir, gguf_dir), model)
+    (work / "notes.txt").write_text("precious")
+    before = _tree(tmp_path)
+    r = _cli("import", str(model), "-o", str(work), "--force")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == (f"error: {work} holds the input {model}: the output directory is replaced as a whole when "
+                        "it is complete, which would delete the input; move it out or name another output directory\n")
+    assert _tree(tmp_path) == before
+
+    lora = build_lora(llama_dir, tmp_path / "lora")
+    convert_adapter(lora, model, work / "a.gguf")
+    before = _tree(tmp_path)
+    with pytest.raises(UsageError, match=f"{work} holds the input {work / 'a.gguf'}"):
+        import_adapter(work / "a.gguf", model, work, force=True)
+    assert _tree(tmp_path) == before
+
+
+def _edit_lora(lora: Path, change: object) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(lora / "adapter_model.safetensors"))
+    change(state)  # type: ignore[operator]
+    save_file(state, str(lora / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+_Q = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def test_adapter_tensor_rank_must_be_the_configs(llama_dir: Path, gguf_dir: Path, tmp_path: Path) -> None:
+    """llama.cpp divides alpha by each tensor's rank: r 8 in the config on rank-4 tensors was written as alpha 16
+    and applied at twice PEFT's scale; one pair of another rank (no rank_pattern) passed as well."""
+    base = _base_gguf(llama_dir, gguf_dir)
+    lora = build_lora(llama_dir, tmp_path / "r8")  # rank 4, alpha 8
+    _edit_json(lora / "adapter_config.json", lambda cfg: cfg.update(r=8, lora_alpha=16))
+    message = (f"{lora}: model.layers.0.mlp.down_proj.weight has rank 4 (lora_A is 4x512), but "
+               "adapter_config.json's r is 8")
+    for convert in (lambda: convert_adapter(lora, base, tmp_path / "a.gguf"),
+                    lambda: convert_model(llama_dir, tmp_path / "m.gguf", merge_adapter=lora)):
+        with pytest.raises(ModelFileError) as info:
+            convert()
+        assert str(info.value) == message
+
+    mixed = build_lora(llama_dir, tmp_path / "mixed")
+    _edit_lora(mixed, lambda st: st.update({f"{_Q}.lora_A.weight": st[f"{_Q}.lora_A.weight"][:2].contiguous(),
+                                           f"{_Q}.lora_B.weight": st[f"{_Q}.lora_B.weight"][:, :2].contiguous()}))
+    with pytest.raises(ModelFileError, match=r"q_proj.weight has rank 2 \(lora_A is 2x256\), but adapter_config.json's "
+                                             "r is 4"):
+        convert_adapter(mixed, base, tmp_path / "a.gguf")
+    _only(tmp_path, "r8", "mixed")
+
+
+@pytest.mark.parametrize(("shape", "message"), [
+    ((256,), r"lora_A has shape \[256\]; a LoRA half is a 2-D matrix"),
+    ((4, 256, 1), r"lora_A has shape \[4, 256, 1\]; a LoRA half is a 2-D matrix"),
+])
+def test_adapter_tensor_that_is_not_a_matrix_is_named(shape: tuple[int, ...], message: str, llama_dir: Path,
+                                                      gguf_dir: Path, tmp_path: Path) -> None:
+    """A 1-D lora_A ended in `unexpected IndexError` (exit 70); a 3-D one was blamed on another base model."""
+    import torch
+
+    base = _base_gguf(llama_dir, gguf_dir)
+    lora = build_lora(llama_dir, tmp_path / "lora")
+    _edit_lora(lora, lambda st: st.update({f"{_Q}.lora_A.weight": torch.zeros(shape)}))
+    r = _cli("convert-adapter", str(lora), "--base", str(base), "-o", str(tmp_path / "a.gguf"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: {lora}: model.layers.0.self_attn.q_proj.weight ")
+    assert re.search(message, r.stderr) and "base" not in r.stderr, r.stderr
+    _only(tmp_path, "lora")
+
+
+def test_adapter_on_a_tied_output_head_says_so(qwen2_dir: Path, gguf_dir: Path, tmp_path: Path) -> None:
+    """The tied qwen2 base has lm_head (it is the embeddings): "does not have lm_head.weight (different base?)"
+    sent the user looking for another model."""
+    import torch
+
+    base = gguf_dir / "qwen2.s29.f16.gguf"
+    if not base.exists():
+        convert_model(qwen2_dir, base, type="f16")
+    lora = build_lora(qwen2_dir, tmp_path / "lora")
+    head = "base_model.model.lm_head"
+    _edit_lora(lora, lambda st: st.update({f"{head}.lora_A.weight": torch.zeros(4, 128),
+                                           f"{head}.lora_B.weight": torch.zeros(448, 4)}))
+    for convert, what in ((lambda: convert_adapter(lora, base, tmp_path / "a.gguf"), f"base model {base.name}"),
+                          (lambda: convert_model(qwen2_dir, tmp_path / "m.gguf", merge_adapter=lora),
+                           f"checkpoint {qwen2_dir.name}")):
+        with pytest.raises(ModelFileError) as info:
+            convert()
+        assert str(info.value) == (f"adapter {lora} targets lm_head, which {what} ties to the token embeddings; the "
+                                   "converter cannot map a LoRA on a tied output head (train without lm_head in "
+                                   "target_modules)")
+    _only(tmp_path, "lora")
+
+
+def test_adapter_beyond_f16_range_is_named_not_a_warning_and_nan(llama_dir: Path, gguf_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """convert-adapter --type f16 printed numpy's overflow RuntimeWarning, then blamed NaN or infinite values the
+    source does not hold."""
+    base = _base_gguf(llama_dir, gguf_dir)
+    lora = build_lora(llama_dir, tmp_path / "lora")
+    _edit_lora(lora, lambda st: st[f"{_Q}.lora_A.weight"].__setitem__((1, 2), 1e5))
+    r = _cli("convert-adapter", str(lora), "--base", str(base), "-o", str(tmp_path / "a.gguf"), "--type", "f16")
+    assert r.returncode == 1
+    assert r.stderr == ("error: tensor 'blk.0.attn_q.weight.lora_a' has values beyond f16's range (|x| up to 1e+05); "
+                        "use --type f32\n")
+    assert convert_adapter(lora, base, tmp_path / "a.gguf", type="f32").n_tensors > 0  # f32 holds it
+    _only(tmp_path, "lora", "a.gguf")
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _add_token_on(tid_of: str):
+    def change(tj: dict) -> None:
+        tj["added_tokens"].append({"id": tj["model"]["vocab"][tid_of], "content": "<|new|>", "single_word": False,
+                                   "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+    return change
+
+
+def _share_id(tj: dict) -> None:
+    vocab = tj["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[300:302]
+    vocab[second] = vocab[first]
+
+
+@pytest.mark.parametrize(("file", "change", "message"), [
+    ("tokenizer.json", lambda tj: tj.update(normalizer="NFKC"),
+     r"tokenizer.json: normalizer must be a JSON object, got \"NFKC\""),
+    ("tokenizer.json", lambda tj: tj.update(post_processor="x"),
+     r"tokenizer.json: post_processor must be a JSON object, got \"x\""),
+    ("tokenizer.json", lambda tj: tj.update(pre_tokenizer=[1]), r"tokenizer.json: pre_tokenizer must be a JSON object"),
+    ("tokenizer.json", lambda tj: tj.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [1]}),
+     r"tokenizer.json: pre_tokenizer.pretokenizers\[0\] must be a JSON object, got 1"),
+    ("tokenizer.json", lambda tj: tj.update(post_processor={"type": "TemplateProcessing", "single": [1]}),
+     r"tokenizer.json: post_processor single must be a list of objects"),
+    ("tokenizer.json", _share_id, r"tokenizer.json: model.vocab gives id \d+ to both .* and .*; an id names one token"),
+    ("config.json", _deep(100_000), r"config.json: unreadable model config \(JSON nested too deeply\)"),
+    ("tokenizer_config.json", _deep(100_000), r"tokenizer_config.json: unreadable tokenizer file \(JSON nested too"),
+])
+def test_malformed_tokenizer_and_config_are_one_named_error(file: str, change: object, message: str,
+                                                           llama_dir: Path, tmp_path: Path) -> None:
+    """Each ended in `error: unexpected AttributeError / RecursionError` (exit 70), or, for an id given to two tokens,
+    in a GGUF that silently lost one of them."""
+    src = _copy(llama_dir, tmp_path / "src")
+    if isinstance(change, str):
+        (src / file).write_text(change)
+    else:
+        _edit_json(src / file, change)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ModelFileError, match=message):
+        convert_model(src, out / "m.gguf", type="f16")
+    r = _cli("convert", str(src), "-o", str(out / "m.gguf"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    _only(out)
+
+
+def test_an_added_token_on_a_vocab_entrys_id_is_refused_unless_it_is_that_token(llama_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Was converted silently: the added token took the id, and the normal token vanished from the GGUF."""
+    src = _copy(llama_dir, tmp_path / "clash")
+    _edit_json(src / "tokenizer.json", _add_token_on("a"))
+    with pytest.raises(ModelFileError, match=r"tokenizer.json: added token '<\|new\|>' has id \d+, which is already "
+                                             "'a'; an id names one token"):
+        convert_model(src, tmp_path / "m.gguf", type="f16")
+    assert not (tmp_path / "m.gguf").exists()
+
+    def again(tj: dict) -> None:
+        a = dict(tj["added_tokens"][0])
+        tj["model"]["vocab"][a["content"]] = a["id"]  # the same token, by the same id, in both lists
+
+    src = _copy(llama_dir, tmp_path / "same")
+    _edit_json(src / "tokenizer.json", again)
+    assert convert_model(src, tmp_path / "m.gguf", type="f16").n_tensors > 0
+
+
+@pytest.mark.parametrize(("file", "kind", "message"), [
+    ("model.safetensors", "dangling", "a symbolic link to {target}, which does not exist"),
+    ("model.safetensors", "fifo", "is a FIFO, not a regular file"),
+    ("tokenizer.json", "dangling", "a symbolic link to {target}, which does not exist"),
+    ("tokenizer.json", "fifo", "is a FIFO, not a regular file"),
+])
+def test_checkpoint_file_that_is_not_a_file_says_what_it_is(file: str, kind: str, message: str, llama_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """Was "no weights" / "tokenizer missing": the user sees the file there and looks for the wrong problem."""
+    src = _copy(llama_dir, tmp_path / "src", skip=(file,))
+    target = tmp_path / "gone" / file
+    if kind == "dangling":
+        (src / file).symlink_to(target)
+    else:
+        os.mkfifo(src / file)
+    with pytest.raises(ModelFileError) as info:
+        convert_model(src, tmp_path / "m.gguf", type="f16")
+    assert str(info.value) == f"{src / file}: " + message.format(target=target) + \
+        (" (or loops)" if kind == "dangling" else "")
+    assert not (tmp_path / "m.gguf").exists()

@@ -172,3 +172,21 @@ def test_a_directory_that_cannot_be_moved_aside_is_left_as_it_was_with_nothing_b
     with pytest.raises(OSError):
         replace_path(work / "new", Path("."))
     assert sorted(p.name for p in work.iterdir()) == ["mine.txt", "new"]
+
+
+def test_a_directory_output_holding_an_input_is_refused_through_links_too(tmp_path):
+    """`import out/m.gguf -o out --force` deleted the model it read: the output folder is swapped as a whole."""
+    from edge_adapt.fileio import check_replaceable
+
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    model = out / "sub" / "m.gguf"
+    model.write_text("weights")
+    (tmp_path / "link").symlink_to(out)
+    (tmp_path / "m.gguf").symlink_to(model)  # an input outside, leading inside
+    for output, given in ((out, model), (tmp_path / "link", model), (out, tmp_path / "link" / "sub" / "m.gguf"),
+                          (out, tmp_path / "m.gguf")):
+        with pytest.raises(UsageError, match=f"^{output} holds the input {given}: .*would delete the input"):
+            check_replaceable(output, inputs=[given])
+    check_replaceable(out / "sub" / "new", inputs=[model, tmp_path / "elsewhere.gguf"])  # beside is fine
+    check_replaceable(tmp_path / "outer", inputs=[model])

@@ -448,3 +448,38 @@ def test_label_refuses_cuts_at_or_past_the_shortest_reply_budget(tmp_path):
     with pytest.raises(UsageError, match=r"cuts \[64\] must be below max_tokens 64"):  # a mix: the short families'
         label(LabelConfig(out=tmp_path / "m.jsonl", suite="mix", n_prompts=9, k=2, cuts=[64]))
     assert not list(tmp_path.iterdir())
+
+
+def test_label_line_nested_too_deeply_is_one_named_error(tmp_path):
+    """Was `error: unexpected RecursionError` (exit 70)."""
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text(json.dumps({"format": FORMAT, "version": VERSION, "model": "m"}) + "\n"
+                    + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(UsageError, match=f"^{deep}: a line holds JSON nested too deeply$"):
+        read_labels(deep)
+
+
+def test_train_refuses_inputs_inside_what_it_replaces_and_quiets_transformers_bars(tmp_path):
+    """An input in out/base-hf (imported again as a whole), out/.new (staging) or out/checkpoint (replaced by the
+    best epoch) was deleted by the run; checked before any work. Off a terminal (as here, under pytest's capture),
+    transformers' "Loading weights" bar is silenced like edge-adapt's own."""
+    pytest.importorskip("accelerate")
+    from transformers.utils import logging as hf_logging
+
+    from edge_adapt.train.config import TrainConfig
+    from edge_adapt.train.trainer import train
+
+    out = tmp_path / "out"
+    hf_logging.enable_progress_bar()
+    try:
+        for sub in ("base-hf", ".new", "checkpoint"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+            labels = out / sub / "l.jsonl"
+            labels.write_text("labels")
+            cfg = TrainConfig(labels=labels, validation=tmp_path / "v.jsonl", out=out, force=True)
+            with pytest.raises(UsageError, match=f"^{out / sub} holds the input {labels}: .*would delete the input"):
+                train(cfg)
+            assert labels.read_text() == "labels"
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

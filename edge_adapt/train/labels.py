@@ -195,6 +195,8 @@ def read_labels(path: str | Path) -> LabelSet:
         prompts = [json.loads(x) for x in lines[1:] if x.strip()]
     except json.JSONDecodeError as exc:
         raise UsageError(f"{p}: broken JSON line ({exc.msg})") from None
+    except RecursionError:  # Python's parser recurses once per level of nesting
+        raise UsageError(f"{p}: a line holds JSON nested too deeply") from None
     for line, rec in enumerate(prompts, start=2):
         problem = _bad_record(rec)
         if problem:

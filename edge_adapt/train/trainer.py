@@ -25,6 +25,7 @@ import math
 from contextlib import contextmanager, nullcontext
 import random
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -425,8 +426,15 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
     from edge_adapt.selfeval.suffix import answer_token, render_suffix
 
     t_start = time.perf_counter()
+    if not sys.stderr.isatty():
+        # transformers draws its own bars (loading weights) on stderr; edge-adapt's stay silent off a terminal, where
+        # a bar is only noise in a log, and so do these.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     out = Path(cfg.out)
     check_output_dir(out, force=cfg.force)
+    _check_inputs_outside_replaced(cfg, out)
     train_set, val_set = merge_labels(cfg.labels), merge_labels(cfg.validation)
     trained_on, validated_on = str(train_set.header.get("model")), str(val_set.header.get("model"))
     if not same_model(trained_on, validated_on):
@@ -588,6 +596,21 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
 
 
 train = to_the_end(train_job)
+
+
+def _check_inputs_outside_replaced(cfg: TrainConfig, out: Path) -> None:
+    """Refuse, before any work, an input inside a folder of `out` that a run replaces or removes as a whole (the
+    imported base model, the imported or grown --init, the staging folder, the best checkpoint): it would be
+    deleted with it. An --init in `checkpoint/` or `init-grown/` is the exception: an earlier run's adapter, which
+    this run continues from (it is read first) and, by design, replaces."""
+    from edge_adapt.fileio import check_replaceable
+
+    data = [*cfg.labels, *cfg.validation, *([cfg.model] if cfg.model is not None else [])]
+    init = [cfg.init] if cfg.init is not None else []
+    imported = init if cfg.init is not None and Path(cfg.init).is_file() else []  # only a file is imported to init/
+    for sub, inputs in (("base-hf", data + init), (".new", data + init), ("init", data + imported),
+                        ("init-grown", data), ("checkpoint", data)):
+        check_replaceable(out / sub, inputs=inputs)
 
 
 def _summed(acc: Any, x: float) -> float:
