@@ -142,8 +142,7 @@ def check_target(path: Path, *, force: bool, directory: bool = False) -> None:
 def check_output_dir(path: Path, *, force: bool, reuse: bool = False) -> None:
     """Refuse, before any work is done, an output directory that cannot be written, or that holds earlier output
     (a non-empty one, unless `force`; `reuse`: a resumable cache, whose contents are what it is for)."""
-    if path.is_symlink() and not path.exists():
-        raise UsageError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist (or loops)")
+    _real_dir(path)  # a dangling link or a loop is refused as such
     if path.exists() and not path.is_dir():
         raise UsageError(f"{path} exists and is not a directory")
     if path.is_dir() and not (force or reuse) and any(path.iterdir()):
@@ -196,13 +195,30 @@ def atomic_file(path: str | os.PathLike[str], *, force: bool = False) -> Iterato
         raise
 
 
+def _real_dir(path: Path) -> Path:
+    """Where a directory output named `path` goes: `path`, or, where it is a symbolic link, what the link leads
+    to. The link is kept and its target replaced, as most tools write through a link (`out -> /big/disk/out`
+    puts outputs elsewhere on purpose); replacing the link would lose it and leave its target stale. A dangling
+    link or a loop is refused with UsageError: there is no directory to write into."""
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve(strict=True)
+    except (OSError, RuntimeError):  # RuntimeError: a loop, before Python 3.13
+        raise UsageError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist (or loops)") from None
+
+
 def replace_path(new: Path, target: Path) -> None:
     """Rename `new` (a file or a directory) to `target`, in place of what is there. A directory cannot be replaced
-    in one rename: the old one is parked beside it until the new one is in place, then removed. What is not of
-    `new`'s kind is refused: checked again here, as it may have appeared while the output was made."""
+    in one rename: the old one is parked beside it until the new one is in place, then removed. A directory
+    replaces what a symbolic link at `target` leads to, the link staying (_real_dir); a file replaces the link
+    itself. What is not of `new`'s kind is refused: checked again here, as it may have appeared while the output
+    was made."""
     why = _in_the_way(target, directory=new.is_dir())
     if why is not None:
         raise UsageError(f"{target} {why}")
+    if new.is_dir():
+        target = _real_dir(target)
     if not target.is_dir():
         os.replace(new, target)
         return
@@ -265,20 +281,22 @@ def atomic_dir(path: str | os.PathLike[str], *, force: bool = False,
                carry: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """Like atomic_file for a directory: filled under a temp name, swapped in only when complete. `carry`: which
     entries of an existing directory the new one keeps (by name; hard links, so nothing is copied), when it
-    does not write them itself; without it, the old directory's contents go with it."""
+    does not write them itself; without it, the old directory's contents go with it. A symbolic link at `path`
+    stays, and the directory it leads to is the one replaced (_real_dir)."""
     target = Path(path)
+    real = _real_dir(target)  # the temp goes beside what is replaced: a rename stays on one file system
     check_target(target, force=force, directory=True)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or "."))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent or "."))
     except OSError as exc:
         raise ModelFileError(os_error_message(target, exc)) from None
     _umask_mode(tmp, 0o777)
     try:
         yield tmp
         interrupts.check()
-        if carry is not None and target.is_dir():
-            _carry_over(target, tmp, carry)
-        replace_path(tmp, target)
+        if carry is not None and real.is_dir():
+            _carry_over(real, tmp, carry)
+        replace_path(tmp, real)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelFileError(os_error_message(target, exc)) from None

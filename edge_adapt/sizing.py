@@ -6,7 +6,7 @@ strategies' own declarations (StrategySpec.samples_at_once / tokens_per_sequence
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edge_adapt.engine import Engine, EngineOptions, Vocab
@@ -28,16 +28,29 @@ def round_ctx(tokens: int) -> int:
 class EngineSize:
     sequences: int
     ctx: int  # tokens per sequence
+    # When the program sized the context (no --ctx given): the tokens a sequence needs, before rounding, and what
+    # needs them in the user's terms. load_engine refuses a context past the model's training naming it, where the
+    # engine could only name --ctx, a flag eval, label and tune-policy do not have.
+    needs: tuple[int, str] | None = field(default=None, compare=False)
 
     def covers(self, other: EngineSize) -> bool:
         return self.sequences >= other.sequences and self.ctx >= other.ctx
 
 
-def load_engine(size: EngineSize, options: EngineOptions | None = None, *, mem_budget: int | str | None = None) -> Engine:
+def load_engine(size: EngineSize, options: EngineOptions | None = None, *, mem_budget: int | str | None = None,
+                info: GGUFInfo | None = None) -> Engine:
     """An engine of `size` with the rest of `options` (model, device, threads ...), refused with BudgetError
-    before loading when its memory plan does not fit `mem_budget` (bytes, or a size such as '1.5GB')."""
+    before loading when its memory plan does not fit `mem_budget` (bytes, or a size such as '1.5GB'), or with
+    ContextOverflowError when what it was sized for (`size.needs`) is longer than the model was trained for.
+    `info`: the model's GGUF facts, when the caller has read them already (a Vocab has)."""
     opts = sized_options(size, options)
-    check_budget(opts, mem_budget)
+    if size.needs is not None:
+        if info is None:
+            from edge_adapt.engine.default_model import default_model_path
+
+            info = inspect_gguf(opts.model or default_model_path())
+        check_trained(size.needs[0], info, size.needs[1])
+    check_budget(opts, mem_budget, info)
     return Engine(opts)
 
 
@@ -66,7 +79,11 @@ def for_strategy(model: Any, prompt: Prompt, config: StrategyConfig, *, ctx: int
     for the prompt, its longest generation and the self-evaluation suffix), and the run's plan. `ctx` given
     by the user wins over the computed context."""
     plan = plan_run(model, prompt, config)
-    return EngineSize(plan.sequences, ctx or round_ctx(plan.tokens_per_sequence)), plan
+    if ctx is not None:
+        return EngineSize(plan.sequences, ctx), plan
+    needs = (plan.tokens_per_sequence, f"the prompt ({len(plan.prompt)} tokens), max_tokens {config.max_tokens} and the "
+             "self-evaluation suffix")
+    return EngineSize(plan.sequences, round_ctx(plan.tokens_per_sequence), needs), plan
 
 
 def engine_for_strategy(prompt: Prompt, config: StrategyConfig, options: EngineOptions | None = None, *,
@@ -75,10 +92,7 @@ def engine_for_strategy(prompt: Prompt, config: StrategyConfig, options: EngineO
     plan.config)`). Token counts come from the model's tokenizer, read without its weights."""
     with Vocab((options or EngineOptions()).model) as vocab:
         size, plan = for_strategy(vocab, prompt, config, ctx=ctx)
-        if ctx is None:
-            check_trained(plan.tokens_per_sequence, vocab.info, f"the prompt ({len(plan.prompt)} tokens), max_tokens "
-                          f"{config.max_tokens} and the self-evaluation suffix")
-    return load_engine(size, options, mem_budget=mem_budget), plan
+    return load_engine(size, options, mem_budget=mem_budget, info=vocab.info), plan
 
 
 def engine_for_generation(prompt: Prompt, n: int, max_tokens: int, options: EngineOptions | None = None, *,
@@ -88,10 +102,8 @@ def engine_for_generation(prompt: Prompt, n: int, max_tokens: int, options: Engi
     prompt as it is, with the model's BOS, instead of a chat turn)."""
     with Vocab((options or EngineOptions()).model) as vocab:
         tokens = vocab.tokenize(prompt, add_bos=True) if raw and isinstance(prompt, str) else prompt_tokens(vocab, prompt)
-        if ctx is None:
-            check_trained(len(tokens) + max_tokens, vocab.info,
-                          f"the prompt ({len(tokens)} tokens) and max_tokens {max_tokens}")
-    return load_engine(for_generation(tokens, n, max_tokens, ctx=ctx), options, mem_budget=mem_budget), tokens
+    return load_engine(for_generation(tokens, n, max_tokens, ctx=ctx), options, mem_budget=mem_budget,
+                       info=vocab.info), tokens
 
 
 def check_trained(needed: int, info: GGUFInfo, what: str) -> None:
@@ -104,15 +116,24 @@ def check_trained(needed: int, info: GGUFInfo, what: str) -> None:
 
 def for_generation(prompt: Seq[int], n: int, max_tokens: int, *, ctx: int | None = None) -> EngineSize:
     """Plain sampling: n samples forked from one prompt (the last takes the prompt's own sequence)."""
-    return EngineSize(n, ctx or round_ctx(len(prompt) + max_tokens))
+    if ctx is not None:
+        return EngineSize(n, ctx)
+    return EngineSize(n, round_ctx(len(prompt) + max_tokens),
+                      (len(prompt) + max_tokens, f"the prompt ({len(prompt)} tokens) and max_tokens {max_tokens}"))
 
 
-def for_pool(longest: int, k: int, max_tokens: int, suffix: int, *, extra: Iterable[EngineSize] = ()) -> EngineSize:
+def for_pool(longest: int, k: int, max_tokens: int, suffix: int, *, extra: Iterable[EngineSize] = (),
+             prompt: str | None = None) -> EngineSize:
     """A sample pool (eval, label, tune-policy): the prompt, its K samples and the greedy one at once, each with
     room for the longest prompt, max_tokens and the scorer's suffix; `extra` sizes (live strategy runs on the
-    same engine) are covered too."""
-    sizes = [EngineSize(k + 2, round_ctx(longest + max_tokens + suffix)), *extra]
-    return EngineSize(max(s.sequences for s in sizes), max(s.ctx for s in sizes))
+    same engine) are covered too. `prompt`: the longest prompt's id, for a message that it is too long."""
+    which = f"the longest prompt ({prompt!r}, {longest} tokens)" if prompt else f"the longest prompt ({longest} tokens)"
+    tail = f" and the self-evaluation suffix ({suffix} tokens)" if suffix else ""
+    pool = EngineSize(k + 2, round_ctx(longest + max_tokens + suffix),
+                      (longest + max_tokens + suffix, f"{which}, max_tokens {max_tokens}{tail}"))
+    sizes = [pool, *extra]
+    widest = max(sizes, key=lambda s: s.ctx)
+    return EngineSize(max(s.sequences for s in sizes), widest.ctx, widest.needs)
 
 
 def ensure(engine: Engine, size: EngineSize) -> None:
@@ -120,4 +141,6 @@ def ensure(engine: Engine, size: EngineSize) -> None:
     than the engine was sized with)."""
     have = EngineSize(engine.options.parallel, engine.n_ctx_seq)
     if not have.covers(size):
+        if size.needs is not None:  # named as load_engine names it: the engine could only name --ctx
+            check_trained(size.needs[0], engine.info, size.needs[1])
         engine.resize(parallel=max(have.sequences, size.sequences), ctx=max(engine.options.ctx, size.ctx))

@@ -520,3 +520,18 @@ def test_a_mistake_in_every_cell_of_a_policy_is_said_once(tmp_path: Path, capsys
                      "unknown strategy 'nosuch'")
     cells = sum(len(row) for row in policy["budgets"].values())
     assert line.count("nosuch") == 1 and f" and {cells - 1} more: " in line, line
+
+
+def test_info_refuses_a_budget_beyond_any_machine_and_plans_only_what_one_context_holds():
+    """Was: a 400-digit --mem-budget ended in `unexpected OverflowError` (exit 70); 100GB planned 256 sequences,
+    which the engine refuses; -n 300 within 100GB blamed the memory, and -n 300 alone was planned."""
+    huge = cli("info", "--mem-budget", "1" + "0" * 400 + "GB")
+    assert_one_line_error(huge, "is more than any machine has (at most 1048576GB)")
+    assert huge.returncode == 2 and len(huge.stderr) < 200
+    proc = cli("info", "--json", "--mem-budget", "100GB")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["plan"]["parallel"] == 255
+    for args in (("-n", "300", "--mem-budget", "100GB"), ("-n", "300")):
+        proc = cli("info", *args)
+        assert_one_line_error(proc, "300 parallel sequences are more than one llama.cpp context holds: at most 255")
+        assert b"MiB" not in proc.stderr

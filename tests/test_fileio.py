@@ -174,6 +174,40 @@ def test_a_directory_that_cannot_be_moved_aside_is_left_as_it_was_with_nothing_b
     assert sorted(p.name for p in work.iterdir()) == ["mine.txt", "new"]
 
 
+def test_a_directory_output_named_by_a_symlink_replaces_what_it_leads_to_and_the_link_stays(tmp_path):
+    """Was: `eval --out linkout` renamed the link away and put a real directory in its place: the report never
+    reached the link's target, which kept its old contents, and the link was lost."""
+    real, link = tmp_path / "disk" / "out", tmp_path / "out"
+    real.mkdir(parents=True)
+    (real / "old.txt").write_text("earlier run")
+    link.symlink_to(real)
+    with pytest.raises(UsageError, match=f"{link} already exists; pass --force"):  # named as typed
+        with atomic_dir(link):
+            pass
+    with atomic_dir(link, force=True, carry=lambda name: name == "old.txt") as tmp:
+        (tmp / "report.md").write_text("new")
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert sorted(p.name for p in real.iterdir()) == ["old.txt", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "out"]  # no temp or parked folder left
+    assert sorted(p.name for p in real.parent.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_a_broken_link_as_a_directory_output_is_refused_and_left_as_it_was(tmp_path, kind):
+    """Was: with --force a dangling link (or a loop) was replaced by the new directory."""
+    link = tmp_path / "link"
+    if kind == "dangling":
+        link.symlink_to(tmp_path / "missing")
+    else:
+        link.symlink_to(tmp_path / "link2")
+        (tmp_path / "link2").symlink_to(link)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(UsageError, match=r"link is a symbolic link to .*, which does not exist \(or loops\)"):
+        with atomic_dir(link, force=True) as tmp:
+            (tmp / "report.md").write_text("new")
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_a_directory_output_holding_an_input_is_refused_through_links_too(tmp_path):
     """`import out/m.gguf -o out --force` deleted the model it read: the output folder is swapped as a whole."""
     from edge_adapt.fileio import check_replaceable

@@ -61,3 +61,58 @@ def test_ensure_grows_an_idle_engine_only_when_needed():
         assert e.options.parallel == 2
         ensure(e, EngineSize(3, 600))
         assert e.options.parallel == 3 and e.n_ctx_seq >= 600
+
+
+def test_plans_stop_at_the_sequences_one_context_holds_and_say_so_whatever_the_memory():
+    """Was: fit searched up to 257 sequences and planned 256, which the engine refuses (llama.cpp has 256 sequence
+    ids and split KV keeps one spare); 300 within 100 GB blamed the memory, and plan() took 300 as it was."""
+    from edge_adapt.engine.budget import fit, plan
+    from edge_adapt.engine.default_model import default_model_path
+    from edge_adapt.engine.gguf_file import inspect_gguf
+    from edge_adapt.engine.handles import MAX_SEQUENCE_IDS
+
+    info, plenty = inspect_gguf(default_model_path()), 100 << 30
+    most = fit(info, plenty, ctx=1024, runtime=0).parallel
+    assert most == MAX_SEQUENCE_IDS - 1
+    Engine._sequence_ids(EngineOptions(parallel=most))  # the engine takes what was planned
+    assert fit(info, plenty, ctx=1024, kv_unified=True, runtime=0).parallel == MAX_SEQUENCE_IDS  # no spare id
+    for refused in (lambda: fit(info, plenty, ctx=1024, want=300, runtime=0),
+                    lambda: plan(info, parallel=300, ctx=1024, runtime=0)):
+        with pytest.raises(BudgetError, match=f"300 parallel sequences are more than one llama.cpp context holds: "
+                                              f"at most {MAX_SEQUENCE_IDS - 1}") as exc:
+            refused()
+        assert "mem-budget" not in str(exc.value)
+
+
+def test_a_program_sized_context_past_the_models_training_names_what_needs_it_not_ctx(tmp_path):
+    """Was: eval on a suite with one very long prompt said `--ctx 9472 exceeds the model's training context`, a
+    flag eval, label and tune-policy do not have."""
+    import json
+
+    from edge_adapt.errors import ContextOverflowError
+    from edge_adapt.eval.config import EvalConfig
+    from edge_adapt.eval.run import pool_engine
+    from edge_adapt.tasks.files import jsonl_suite
+
+    suite = tmp_path / "long.jsonl"
+    suite.write_text(json.dumps({"id": "short", "prompt": "What is 1 + 1?", "answer": "2"}) + "\n"
+                     + json.dumps({"id": "long", "prompt": "Add these: " + "1 " * 9000, "answer": "9000"}) + "\n")
+    with pytest.raises(ContextOverflowError, match=r"^the longest prompt \('long', \d+ tokens\), max_tokens 16 and "
+                       r"the self-evaluation suffix \(3 tokens\) need \d+ tokens, more than the model's training "
+                       r"context of 8192$"):
+        pool_engine(EvalConfig(k=2, max_tokens=16, prune_points=[8]), [jsonl_suite(suite)])
+    # label sizes its pool the same way, with no suffix and no prompt id at hand
+    with pytest.raises(ContextOverflowError, match=r"^the longest prompt \(9000 tokens\), max_tokens 16 need 9016 "
+                       r"tokens, more than the model's training context of 8192$"):
+        load_engine(for_pool(9000, 2, 16, 0), EngineOptions(device="cpu"))
+
+
+def test_growing_an_engine_past_the_models_training_names_what_needs_it():
+    """Was: a scorer whose suffix outgrew a pool's context made ensure() resize into `--ctx ... exceeds`."""
+    from edge_adapt.errors import ContextOverflowError
+
+    with Engine(parallel=2, ctx=256, device="cpu") as e:
+        with pytest.raises(ContextOverflowError, match=r"^the longest prompt \('p', 9000 tokens\), max_tokens 16 "
+                           r"and the self-evaluation suffix \(40 tokens\) need 9056 tokens"):
+            ensure(e, for_pool(9000, 2, 16, 40, prompt="p"))
+        assert e.n_ctx_seq == 256  # left as it was

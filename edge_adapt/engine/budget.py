@@ -11,24 +11,36 @@ The estimate mirrors what llama.cpp allocates for a context made by `Engine`:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
 
 from edge_adapt.engine.gguf_file import GGUFInfo
+from edge_adapt.engine.handles import MAX_SEQUENCE_IDS
 from edge_adapt.errors import BudgetError, UsageError
 
 MiB = 1 << 20
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": MiB, "mb": MiB, "mib": MiB,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+# No machine has a PiB of memory: a larger size is a typo (400 digits reads as infinity, and int() of it raised).
+MAX_SIZE = 1 << 50
+
+
+def _typed(text: str) -> str:
+    """What the user typed, for a one-line message: a long text is cut in the middle."""
+    return text if len(text) <= 40 else f"{text[:24]}...{text[-12:]}"
 
 
 def parse_size(text: str) -> int:
     """'1.5GB', '800M', '2GiB' -> bytes (binary units: a laptop's '8 GB' of RAM is 8 GiB)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise UsageError(f"cannot read memory size {text!r} (examples: 1.5GB, 800MB, 2GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        raise UsageError(f"cannot read memory size {_typed(text)!r} (examples: 1.5GB, 800MB, 2GiB)")
+    size = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not math.isfinite(size) or size > MAX_SIZE:
+        raise UsageError(f"memory size {_typed(text)!r} is more than any machine has (at most {MAX_SIZE >> 30}GB)")
+    return int(size)
 
 
 def size_text(n: int) -> str:
@@ -107,6 +119,24 @@ def sequence_ids(parallel: int, kv_unified: bool) -> int:
     return parallel + 1 if parallel > 2 and not kv_unified else parallel  # two fill their ids: no holes to pack
 
 
+def most_sequences(kv_unified: bool = False) -> int:
+    """The most sequences one context holds: llama.cpp's MAX_SEQUENCE_IDS ids, less split KV's spare."""
+    n = MAX_SEQUENCE_IDS
+    while sequence_ids(n, kv_unified) > MAX_SEQUENCE_IDS:
+        n -= 1
+    return n
+
+
+def check_sequences(parallel: int, kv_unified: bool = False) -> None:
+    """Refuse more sequences than one context holds with BudgetError: it is llama.cpp's limit on sequence ids, not
+    memory, that no budget lifts."""
+    most = most_sequences(kv_unified)
+    if parallel > most:
+        spare = "" if kv_unified else " (split KV keeps one of its ids spare)"
+        raise BudgetError(f"{parallel} parallel sequences are more than one llama.cpp context holds: at most {most}"
+                          f"{spare}")
+
+
 def plan(
     info: GGUFInfo,
     *,
@@ -119,6 +149,7 @@ def plan(
     """Predict the resident memory of `Engine(model, parallel=..., ctx=...)` running on the CPU."""
     if parallel < 1 or ctx < 1:
         raise UsageError("parallel and ctx must be >= 1")
+    check_sequences(parallel, kv_unified)  # a plan the engine would refuse is no plan
     ids = sequence_ids(parallel, kv_unified)
     cells = _pad(ctx * parallel, 256) if kv_unified else _pad(ctx, 256) * ids
     kv = info.kv_bytes_per_token_f16 * cells
@@ -135,11 +166,16 @@ def plan(
 
 def fit(info: GGUFInfo, budget: int, *, ctx: int, want: int | None = None, kv_unified: bool = False,
         batch: int = 512, runtime: int | None = None) -> Plan:
-    """The plan with the most parallel sequences of `ctx` tokens (up to `want`) that fits `budget` bytes.
+    """The plan with the most parallel sequences of `ctx` tokens (up to `want`, and to what one context holds:
+    most_sequences) that fits `budget` bytes.
 
-    Refuses with BudgetError when not even one sequence, or fewer than `want`, fit.
+    Refuses with BudgetError when not even one sequence, or fewer than `want`, fit, or `want` is more than one
+    context holds whatever the memory.
     """
     runtime = process_rss() if runtime is None else runtime
+    limit = most_sequences(kv_unified)
+    if want is not None:
+        check_sequences(want, kv_unified)
 
     def sized(n: int) -> Plan:
         return plan(info, parallel=n, ctx=ctx, kv_unified=kv_unified, batch=batch, runtime=runtime)
@@ -150,7 +186,9 @@ def fit(info: GGUFInfo, budget: int, *, ctx: int, want: int | None = None, kv_un
             f"--mem-budget {size_text(budget)} is too small: one sequence of {ctx} tokens needs "
             f"{one.total / MiB:.0f} MiB ({one.describe()})"
         )
-    most, over = 1, 257  # the most sequences that fit, and the fewest that do not (memory grows with the count)
+    # The most sequences that fit, and the fewest that do not or that a context cannot hold (memory grows with
+    # the count).
+    most, over = 1, limit + 1
     while over - most > 1:
         mid = (most + over) // 2
         most, over = (mid, over) if sized(mid).total <= budget else (most, mid)
@@ -159,7 +197,7 @@ def fit(info: GGUFInfo, budget: int, *, ctx: int, want: int | None = None, kv_un
             f"{want} parallel sequences of {ctx} tokens need {sized(want).total / MiB:.0f} MiB;"
             f" --mem-budget {size_text(budget)} fits {most} (lower -n or --ctx)"
         )
-    return sized(min(most, want if want is not None else 256))
+    return sized(min(most, want if want is not None else limit))
 
 
 def model_facts(meta: GGUFInfo, p: Plan) -> dict[str, object]:

@@ -126,18 +126,21 @@ def pool_engine(cfg: EvalConfig, suites: list[Suite], live: list[StrategyConfig]
     from edge_adapt.engine import EngineOptions, Vocab
     from edge_adapt.selfeval import suffix_tokens
 
-    prompts = [list(p.messages) for s in suites for p in s.problems]
+    problems = [p for s in suites for p in s.problems]
     budget = max(s.longest_budget(cfg.max_tokens) for s in suites)
     with Vocab(cfg.model) as vocab:
-        longest_ids = max((prompt_tokens(vocab, p) for p in prompts), key=len)
+        longest_id, longest_ids = max(((p.id, prompt_tokens(vocab, list(p.messages))) for p in problems),
+                                      key=lambda pair: len(pair[1]))
         longest = len(longest_ids)
         suffix = len(suffix_tokens(vocab, selfeval_config(cfg)))
         extra = [for_strategy(vocab, longest_ids, c)[0] for c in live]
-    engine = load_engine(for_pool(longest, cfg.k, budget, suffix, extra=extra),
-                         EngineOptions(model=cfg.model, threads=cfg.threads))
+    # A prompt too long for the model is refused naming it, before any weights load (info: read by the Vocab).
+    engine = load_engine(for_pool(longest, cfg.k, budget, suffix, extra=extra, prompt=longest_id),
+                         EngineOptions(model=cfg.model, threads=cfg.threads), info=vocab.info)
     try:
         scorer = load_scorer(cfg, engine)
-        ensure(engine, for_pool(longest, cfg.k, budget, len(getattr(scorer, "suffix", ())), extra=extra))
+        ensure(engine, for_pool(longest, cfg.k, budget, len(getattr(scorer, "suffix", ())), extra=extra,
+                                prompt=longest_id))
     except BaseException:
         engine.close()
         raise
