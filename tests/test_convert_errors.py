@@ -458,7 +458,11 @@ def test_bad_checkpoint_files_are_one_named_error(file: str, change: object, mes
         (src / file).write_bytes(change)
     else:
         _edit_json(src / file, change)
-    out = tmp_path / "out"
+    _refused_in_one_line(src, tmp_path / "out", message)
+
+
+def _refused_in_one_line(src: Path, out: Path, message: str) -> None:
+    """Converting `src` is refused with `message`, the CLI says it in one `error:` line, and `out` stays empty."""
     out.mkdir()
     with pytest.raises(ModelFileError, match=message):
         convert_model(src, out / "m.gguf", type="f16")
@@ -710,13 +714,7 @@ def test_malformed_tokenizer_and_config_are_one_named_error(file: str, change: o
         (src / file).write_text(change)
     else:
         _edit_json(src / file, change)
-    out = tmp_path / "out"
-    out.mkdir()
-    with pytest.raises(ModelFileError, match=message):
-        convert_model(src, out / "m.gguf", type="f16")
-    r = _cli("convert", str(src), "-o", str(out / "m.gguf"))
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
-    _only(out)
+    _refused_in_one_line(src, tmp_path / "out", message)
 
 
 def test_an_added_token_on_a_vocab_entrys_id_is_refused_unless_it_is_that_token(llama_dir: Path,

@@ -147,16 +147,22 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(read_only_dir):
         check_target(read_only_dir / "policy.json", force=False)
 
 
-@pytest.mark.parametrize("kind", ["dangling", "loop"])
-def test_a_broken_link_as_an_output_folder_is_one_clear_error(tmp_path, kind):
-    from edge_adapt.fileio import check_output_dir
-
+def _broken_link(tmp_path: Path, kind: str) -> Path:
+    """A symbolic link that leads nowhere: to a missing path, or to a link back to itself."""
     link = tmp_path / "link"
     if kind == "dangling":
         link.symlink_to(tmp_path / "missing")
     else:
         link.symlink_to(tmp_path / "link2")
         (tmp_path / "link2").symlink_to(link)
+    return link
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_a_broken_link_as_an_output_folder_is_one_clear_error(tmp_path, kind):
+    from edge_adapt.fileio import check_output_dir
+
+    link = _broken_link(tmp_path, kind)
     with pytest.raises(UsageError, match="link is a symbolic link to .*, which does not exist"):
         check_output_dir(link, force=False, reuse=True)
 
@@ -195,12 +201,7 @@ def test_a_directory_output_named_by_a_symlink_replaces_what_it_leads_to_and_the
 @pytest.mark.parametrize("kind", ["dangling", "loop"])
 def test_a_broken_link_as_a_directory_output_is_refused_and_left_as_it_was(tmp_path, kind):
     """Was: with --force a dangling link (or a loop) was replaced by the new directory."""
-    link = tmp_path / "link"
-    if kind == "dangling":
-        link.symlink_to(tmp_path / "missing")
-    else:
-        link.symlink_to(tmp_path / "link2")
-        (tmp_path / "link2").symlink_to(link)
+    link = _broken_link(tmp_path, kind)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(UsageError, match=r"link is a symbolic link to .*, which does not exist \(or loops\)"):
         with atomic_dir(link, force=True) as tmp:
