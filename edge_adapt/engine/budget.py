@@ -132,7 +132,9 @@ def check_sequences(parallel: int, kv_unified: bool = False) -> None:
     memory, that no budget lifts."""
     most = most_sequences(kv_unified)
     if parallel > most:
-        spare = "" if kv_unified else " (split KV keeps one of its ids spare)"
+        ids = sequence_ids(parallel, kv_unified)
+        spare = "" if kv_unified else (f" ({parallel} sequences take {ids} sequence ids with split KV (one spare): "
+                                       f"hold at most {most}, or unify the KV)")
         raise BudgetError(f"{parallel} parallel sequences are more than one llama.cpp context holds: at most {most}"
                           f"{spare}")
 

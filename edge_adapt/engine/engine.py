@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge_adapt.engine.budget import sequence_ids
+from edge_adapt.engine.budget import check_sequences, sequence_ids
 from edge_adapt.engine.device import Device, gpu_layers_for, physical_cores
 from edge_adapt.engine.events import Cancelled, Done, Event, Finished, FinishReason, SampleStarted, Token, Usage
 from edge_adapt.engine.gguf_file import GGUFInfo, check_adapter_fits, inspect_gguf
 from edge_adapt.engine.handles import (
-    MAX_SEQUENCE_IDS, Adapter, Batch, Context, Model, free_when_collected, init_backend,
+    Adapter, Batch, Context, Model, free_when_collected, init_backend,
 )
 from edge_adapt.engine.outputs import Outputs
 from edge_adapt.engine.sampling import SamplingParams, check_bias_vocabulary, token_logprobs, top_logprobs
@@ -217,11 +217,8 @@ class Engine(TextModel):
     def _sequence_ids(opts: EngineOptions) -> int:
         """The sequence ids a context for `opts` takes, or BudgetError where llama.cpp cannot hold them (it says
         only that it could not create the context)."""
-        ids = sequence_ids(opts.parallel, opts.kv_unified)
-        if ids > MAX_SEQUENCE_IDS:
-            raise BudgetError(f"{opts.parallel} sequences take {ids} sequence ids with split KV (one spare), more than "
-                              f"llama.cpp's {MAX_SEQUENCE_IDS}: hold at most {MAX_SEQUENCE_IDS - 1}, or unify the KV")
-        return ids
+        check_sequences(opts.parallel, opts.kv_unified)
+        return sequence_ids(opts.parallel, opts.kv_unified)
 
     def _make_context(self, opts: EngineOptions) -> None:
         """A context (and its batch) for `opts.parallel` sequences of `opts.ctx` tokens, all of them free."""
