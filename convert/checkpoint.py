@@ -41,12 +41,13 @@ def present(path: Path) -> bool:
     return True
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json(path: Path, what: str, *, max_bytes: int = 64 << 20) -> dict[str, Any]:
+    """The JSON object in `path` (`what` names it in messages), or one ModelFileError saying why not."""
     from edge_adapt.fileio import read_user_file
 
     if not present(path):
         raise ModelFileError(f"{path.parent}: {what} is missing ({path.name})")
-    text = read_user_file(path, max_bytes=64 << 20, text=True, error=ModelFileError)
+    text = read_user_file(path, max_bytes=max_bytes, text=True, error=ModelFileError)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -54,7 +55,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     except RecursionError:  # Python's parser recurses once per level of nesting
         raise ModelFileError(f"{path}: unreadable {what} (JSON nested too deeply)") from None
     if not isinstance(data, dict):
-        raise ModelFileError(f"{path}: {what} is not a JSON object")
+        raise ModelFileError(f"{path}: not a JSON object (the {what})")
     return data
 
 

@@ -140,17 +140,14 @@ def _token_text(value: Any) -> str | None:
 
 def read_hf_tokenizer(root: Path, n_vocab: int, config: dict[str, Any]) -> GGUFVocab:
     """Read tokenizer.json (+ tokenizer_config.json, chat_template.jinja) from a checkpoint directory."""
-    from edge_adapt.convert.checkpoint import present
+    from edge_adapt.convert.checkpoint import present, read_json
 
     path = root / "tokenizer.json"
     if not present(path):
         raise ModelFileError(f"{root}: tokenizer missing (no tokenizer.json; save it with tokenizer.save_pretrained)")
     config_path = root / "tokenizer_config.json"
-    tj = _read_json(path, 256 << 20)
-    tcfg = _read_json(config_path, 64 << 20) if present(config_path) else {}
-    for file, data in ((path, tj), (config_path, tcfg)):
-        if not isinstance(data, dict):
-            raise ModelFileError(f"{file}: not a JSON object")
+    tj = read_json(path, "tokenizer file", max_bytes=256 << 20)
+    tcfg = read_json(config_path, "tokenizer file") if present(config_path) else {}
     model = tj.get("model") or {}
     if not isinstance(model, dict):
         raise ModelFileError(f"{path}: model is not a JSON object")
@@ -286,18 +283,6 @@ def _template_adds(post: dict[str, Any] | None) -> tuple[bool, bool]:
                 raise ModelFileError(f"post_processor single must be a list of objects, got {json.dumps(single)[:40]}")
             return bool(single and "SpecialToken" in single[0]), bool(single and "SpecialToken" in single[-1])
     return False, False
-
-
-def _read_json(path: Path, max_bytes: int) -> Any:
-    from edge_adapt.fileio import read_user_file
-
-    text = read_user_file(path, max_bytes=max_bytes, text=True, error=ModelFileError)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{path}: unreadable tokenizer file ({exc.__class__.__name__})") from None
-    except RecursionError:  # Python's parser recurses once per level of nesting
-        raise ModelFileError(f"{path}: unreadable tokenizer file (JSON nested too deeply)") from None
 
 
 def _named(path: Path, value: Any, field: str) -> dict[str, Any]:
