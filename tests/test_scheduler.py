@@ -14,6 +14,7 @@ from edge_adapt.engine.events import Done, Finished, Token
 from edge_adapt.engine.sampling import SamplingParams
 from edge_adapt.errors import BudgetError, ContextOverflowError
 from edge_adapt.result import collect
+from edge_adapt.selfeval import SelfEvalConfig, SelfEvaluator
 from edge_adapt.server.scheduler import Job, QueueFull, Scheduler
 from edge_adapt.strategies import run_strategy
 from edge_adapt.strategies.config import StrategyConfig
@@ -155,6 +156,24 @@ def test_refusals_are_immediate(sched: Scheduler) -> None:
         sched.submit(Job([1] * 250, max_tokens=10, samples=_samples(1)), lambda _: None)
     with pytest.raises(BudgetError):
         sched.submit(Job([1, 2, 3], max_tokens=4, strategy=StrategyConfig(strategy="best-of-n", budget=8)), lambda _: None)
+
+
+def test_strategies_are_planned_with_the_servers_own_suffix(sched: Scheduler) -> None:
+    """A server scoring with a longer suffix than the request's config would (here the untrained chat question
+    instead of the shipped adapter's 3 tokens) plans the room for that suffix, so a request that would overflow
+    the context while scoring is refused before it starts."""
+    scorer = SelfEvaluator(sched.engine, SelfEvalConfig(default_adapter=False))
+    default = len(SelfEvaluator(sched.engine).suffix)
+    assert len(scorer.suffix) > default
+    long_suffix = Scheduler(sched.engine, scorer=scorer)  # never started: only its preflight runs
+    n_ctx = sched.engine.n_ctx_seq
+    job = Job([1] * (n_ctx - 16 - default), max_tokens=16,
+              strategy=StrategyConfig(strategy="best-of-n", budget=2, max_tokens=16))
+    assert sched._plan(job)[1].tokens_per_sequence == n_ctx
+    with pytest.raises(ContextOverflowError, match="self-eval suffix"):
+        long_suffix._plan(job)
+    plain = Job(job.prompt, max_tokens=16, strategy=StrategyConfig(strategy="vote", budget=2, max_tokens=16))
+    assert long_suffix._plan(plain)[1].suffix == 0  # a strategy that does not score reserves no suffix
 
 
 def test_a_full_queue_refuses_until_waiting_requests_are_cancelled(sched: Scheduler) -> None:

@@ -191,7 +191,9 @@ class Scheduler:
             raise UsageError("the prompt is empty")
         n_ctx = self.engine.n_ctx_seq
         if job.strategy is not None:
-            plan = plan_run(self.engine, job.prompt, job.strategy)
+            # The suffix this server scores with (its --adapter's), which the request's config does not know.
+            suffix = len(self.scorer.suffix) if self.scorer is not None else None
+            plan = plan_run(self.engine, job.prompt, job.strategy, suffix=suffix)
             check_fits(plan, n_ctx, client=True)
             need = plan.sequences
             what = (f"strategy {job.strategy.strategy} with budget {job.strategy.budget} holds {plan.samples} samples "

@@ -66,18 +66,19 @@ class RunPlan:
 
 def plan_run(model: Any, prompt: Prompt | None, config: StrategyConfig, *, suffix: int | None = None) -> RunPlan:
     """The preflight of a run: `model` is the Engine it will run on, or a Vocab when the engine is still to be
-    sized. `suffix` is the scorer's suffix length; when omitted it is the self-evaluation suffix the model
-    (and config.self_eval) gives, for strategies that need a scorer. With no prompt (a chat planning for
-    turns to come) the plan's prompt is empty and `tokens_per_sequence` is the room a turn needs after it."""
+    sized. `suffix` is the length of the scorer's suffix; when omitted it is the self-evaluation suffix the
+    model (and config.self_eval) gives. Either counts only for strategies that score. With no prompt (a chat
+    planning for turns to come) the plan's prompt is empty and `tokens_per_sequence` is the room a turn needs
+    after it."""
     spec = spec_of(config.strategy)
     config = spec.prepare(config, model)
     tokens = prompt_tokens(model, prompt) if prompt is not None else []
-    if suffix is None:
+    if not spec.needs_scorer:
         suffix = 0
-        if spec.needs_scorer:
-            from edge_adapt.selfeval import suffix_tokens
+    elif suffix is None:
+        from edge_adapt.selfeval import suffix_tokens
 
-            suffix = len(suffix_tokens(model, config.self_eval))
+        suffix = len(suffix_tokens(model, config.self_eval))
     return RunPlan(spec, config, tokens, spec.samples_at_once(config), spec.tokens_per_sequence(config, model), suffix)
 
 
@@ -109,7 +110,7 @@ def run_strategy(
         from edge_adapt.selfeval import SelfEvaluator
 
         scorer = SelfEvaluator(engine, config.self_eval)  # type: ignore[arg-type]
-    n_suffix = len(getattr(scorer, "suffix", ())) if scorer is not None else 0
+    n_suffix = len(getattr(scorer, "suffix", ())) if scorer is not None else None
     plan = plan_run(engine, list(root.tokens) if root is not None else prompt, config, suffix=n_suffix)
     check_fits(plan, engine.n_ctx_seq)
     if plan.samples + (root is None) > engine.free_sequences:
