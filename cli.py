@@ -401,7 +401,7 @@ def chat(
     top_p: TopPOpt = None,
     min_p: MinPOpt = None,
     repeat_penalty: RepeatOpt = None,
-    ctx: CtxOpt = 4096,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", help="context length of the conversation (default 4096, or the model's training context when shorter)", min=64)] = None,
     strategy: StrategyOpt = None,
     budget: BudgetNOpt = None,
     threshold: ThresholdOpt = None,
@@ -423,7 +423,7 @@ def chat(
     from edge_adapt.engine import SamplingParams, Vocab
     from edge_adapt.engine.budget import parse_size
     from edge_adapt.session import ChatSession
-    from edge_adapt.sizing import EngineSize, load_engine
+    from edge_adapt.sizing import EngineSize, default_ctx, load_engine
     from edge_adapt.strategies import plan_run
 
     given = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
@@ -435,12 +435,12 @@ def chat(
                             repeat_penalty=base.repeat_penalty, seed=base.seed)
     with_strategy = strategy is not None or config is not None  # -s "" is a strategy named wrong, not none
     opts = _options(model, device=device, gpu_layers=gpu_layers, threads=threads, verbose=verbose)
-    sequences = 1  # the conversation's own, plus the samples of the strategy chosen at start
-    if with_strategy:
-        with Vocab(opts.model) as vocab:
-            sequences = plan_run(vocab, None, base).sequences
+    with Vocab(opts.model) as vocab:
+        # the conversation's own sequence, plus the samples of the strategy chosen at start
+        sequences = plan_run(vocab, None, base).sequences if with_strategy else 1
     budget_bytes = parse_size(mem_budget) if mem_budget else None
-    with load_engine(EngineSize(sequences, ctx or 4096), opts, mem_budget=budget_bytes) as engine:
+    with load_engine(EngineSize(sequences, ctx or default_ctx(4096, vocab.info)), opts, mem_budget=budget_bytes,
+                     info=vocab.info) as engine:
         session = ChatSession(engine, system=_text_arg(system, "--system") if system else None, params=params,
                               max_tokens=base.max_tokens, strategy=base if with_strategy else None,
                               mem_budget=budget_bytes)
@@ -530,7 +530,7 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="address to listen on (other than loopback: set --api-key)")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="port (0: a free one, printed once bound)", min=0, max=65535)] = 8080,
     parallel: Annotated[int, typer.Option("--parallel", "-n", help="sequences decoded at once, over all requests", min=1, max=256)] = 16,
-    ctx: Annotated[int, typer.Option("--ctx", help="context length per sequence (tokens)", min=64)] = 2048,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", help="context length per sequence (default 2048, or the model's training context when shorter)", min=64)] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", help="require 'Authorization: Bearer KEY' (not on /health, /v1/models)", envvar="EDGE_ADAPT_API_KEY")] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", help="requests that may wait for sequences; more get 429", min=0)] = 64,
     cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", help="allow browser requests from this origin (repeatable; '*': any)")] = None,
@@ -572,6 +572,7 @@ def info(
     from edge_adapt.engine.default_model import default_model_path
     from edge_adapt.engine.engine import check_training_context
     from edge_adapt.engine.gguf_file import inspect_gguf
+    from edge_adapt.sizing import default_ctx
 
     meta = inspect_gguf(model or default_model_path(), expect="any")
     if meta.kind == "adapter":
@@ -579,8 +580,7 @@ def info(
             raise UsageError(f"{meta.path} is an adapter: it has no memory plan of its own (plan its model)")
         print(json.dumps(adapter_facts(meta), indent=2, default=str) if as_json else adapter_summary(meta))
         return
-    if ctx is None:  # the default never exceeds what the model was trained for; only a --ctx given is refused
-        ctx = min(1024, meta.n_ctx_train) if meta.n_ctx_train else 1024
+    ctx = ctx or default_ctx(1024, meta)
     check_training_context(ctx, meta)  # a plan for a context that run and chat would refuse is no plan
     budget = parse_size(mem_budget) if mem_budget is not None else None
     p = fit(meta, budget, ctx=ctx, want=parallel) if budget is not None else plan(meta, parallel=parallel or 1, ctx=ctx)

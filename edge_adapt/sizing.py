@@ -34,7 +34,9 @@ class EngineSize:
     needs: tuple[int, str] | None = field(default=None, compare=False)
 
     def covers(self, other: EngineSize) -> bool:
-        return self.sequences >= other.sequences and self.ctx >= other.ctx
+        """Holds what `other` was sized for: its sequences, and its context (what it needs, where the program
+        sized it: its rounded context may have been cut to the model's training context)."""
+        return self.sequences >= other.sequences and self.ctx >= (other.needs[0] if other.needs else other.ctx)
 
 
 def load_engine(size: EngineSize, options: EngineOptions | None = None, *, mem_budget: int | str | None = None,
@@ -49,7 +51,7 @@ def load_engine(size: EngineSize, options: EngineOptions | None = None, *, mem_b
             from edge_adapt.engine.default_model import default_model_path
 
             info = inspect_gguf(opts.model or default_model_path())
-        check_trained(size.needs[0], info, size.needs[1])
+        opts = opts.model_copy(update={"ctx": trained_ctx(size, info)})
     check_budget(opts, mem_budget, info)
     return Engine(opts)
 
@@ -106,12 +108,23 @@ def engine_for_generation(prompt: Prompt, n: int, max_tokens: int, options: Engi
                        info=vocab.info), tokens
 
 
-def check_trained(needed: int, info: GGUFInfo, what: str) -> None:
-    """Refuse, in the user's terms, a sequence longer than the model was trained for when the context was sized
-    for it (not given with --ctx, which Engine checks as such)."""
+def trained_ctx(size: EngineSize, info: GGUFInfo) -> int:
+    """The context to ask for a program-sized `size` (one with `needs`): refused in the user's terms when what it
+    was sized for is longer than the model was trained for (a --ctx given is checked by Engine, as such), and
+    the training context itself where rounding up to llama.cpp's cells passed it (a model trained for a context
+    that is not a multiple of 256)."""
+    assert size.needs is not None
+    needed, what = size.needs
     if needed > info.n_ctx_train > 0:
         raise ContextOverflowError(f"{what} need {needed} tokens, more than the model's training context of "
                                    f"{info.n_ctx_train}")
+    return default_ctx(size.ctx, info)
+
+
+def default_ctx(preferred: int, info: GGUFInfo) -> int:
+    """A context the user did not give: `preferred`, or the model's training context where that is shorter (a
+    default never exceeds what the model was trained for; only a --ctx given is refused)."""
+    return min(preferred, info.n_ctx_train) if info.n_ctx_train > 0 else preferred
 
 
 def for_generation(prompt: Seq[int], n: int, max_tokens: int, *, ctx: int | None = None) -> EngineSize:
@@ -139,8 +152,7 @@ def for_pool(longest: int, k: int, max_tokens: int, suffix: int, *, extra: Itera
 def ensure(engine: Engine, size: EngineSize) -> None:
     """Grow an engine that holds no sequences to at least `size` (a scorer turned out to need a longer suffix
     than the engine was sized with)."""
+    ctx = size.ctx if size.needs is None else trained_ctx(size, engine.info)  # refused as load_engine refuses
     have = EngineSize(engine.options.parallel, engine.n_ctx_seq)
     if not have.covers(size):
-        if size.needs is not None:  # named as load_engine names it: the engine could only name --ctx
-            check_trained(size.needs[0], engine.info, size.needs[1])
-        engine.resize(parallel=max(have.sequences, size.sequences), ctx=max(engine.options.ctx, size.ctx))
+        engine.resize(parallel=max(have.sequences, size.sequences), ctx=max(engine.options.ctx, ctx))

@@ -39,3 +39,18 @@ def test_info_plans_a_short_trained_context_without_ctx(short_model: Path) -> No
     r = _info(str(short_model), "--ctx", "1024")
     assert r.returncode != 0
     assert r.stderr.strip() == "error: --ctx 1024 exceeds the model's training context 256"  # only a --ctx given
+
+
+def test_chat_and_serve_default_to_a_short_trained_context(short_model: Path) -> None:
+    """Was: without --ctx, chat asked for 4096 tokens and serve for 2048, and each refused a model trained for
+    fewer as `--ctx 4096 exceeds the model's training context 256`, a flag the user never gave."""
+    from serving import running_server
+
+    chat = subprocess.run([sys.executable, "-m", "edge_adapt", "chat", str(short_model), "--threads", "1",
+                           "--device", "cpu", "--max-tokens", "2"], input="hi\n", capture_output=True, text=True,
+                          timeout=120)
+    assert chat.returncode == 0, chat.stderr
+    assert "(256 tokens of context)" in chat.stdout.splitlines()[0]
+    with running_server(str(short_model)) as server:
+        r = server.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 300})
+        assert r.status_code == 400 and "the context of 256 per sequence" in r.json()["error"]["message"], r.text

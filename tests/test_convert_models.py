@@ -220,6 +220,32 @@ def test_mistral_sliding_window_bounds_the_training_context(llama_dir: Path, tmp
     assert inspect_gguf(convert_model(src, tmp_path / "full.gguf", type="f16").path).n_ctx_train == 512
 
 
+def test_a_sized_context_is_cut_to_a_training_context_that_is_no_multiple_of_256(llama_dir: Path, tmp_path: Path) -> None:
+    """Was: a job needing 280 tokens of a model trained for 300 was sized 512 (llama.cpp's cells), and the
+    engine refused that as `--ctx 512 exceeds the model's training context 300`, a flag the user never gave."""
+    import json
+
+    from edge_adapt.engine import EngineOptions
+    from edge_adapt.errors import ContextOverflowError
+    from edge_adapt.sizing import ensure, for_generation, load_engine
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_dir, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=300)
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = convert_model(src, tmp_path / "m.gguf", type="f16").path
+    size = for_generation([1] * 200, 2, 80)
+    assert size.ctx == 512
+    with load_engine(size, EngineOptions(model=out, device="cpu", threads=2)) as engine:
+        assert engine.options.ctx == 300 and engine.n_ctx_seq >= 280, engine.n_ctx_seq
+        ensure(engine, for_generation([1] * 250, 2, 40))  # 290 tokens: held already
+        assert engine.options.ctx == 300
+        with pytest.raises(ContextOverflowError, match=r"^the prompt \(250 tokens\) and max_tokens 60 need 310 "
+                                                       r"tokens, more than the model's training context of 300$"):
+            ensure(engine, for_generation([1] * 250, 2, 60))
+
+
 @pytest.mark.parametrize("scaling", [{"rope_type": "default"}, {"type": "default"}])
 def test_default_rope_scaling_is_no_scaling(scaling: dict, llama_dir: Path, tmp_path: Path) -> None:
     """transformers reads a legacy rope_scaling of type "default" as no scaling; so does the converter."""

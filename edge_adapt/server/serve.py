@@ -18,7 +18,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edge_adapt.backends.http import key_fault
 from edge_adapt.engine import EngineOptions
-from edge_adapt.engine.gguf_file import GGUFInfo
+from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
 from edge_adapt.errors import UsageError
 from edge_adapt.server.app import ServerState, create_app
 from edge_adapt.server.guard import MAX_BODY
@@ -33,7 +33,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     parallel: int = 16
-    ctx: int = 2048
+    ctx: int | None = None  # None: 2048, or the model's training context where that is shorter
     mem_budget: str | None = None
     api_key: str | None = None
     max_queue: int = 64
@@ -100,8 +100,9 @@ def serve(config: ServeConfig) -> None:
     model_path = Path(config.options.model) if config.options.model is not None else default_model_path()
     if not model_path.is_file():
         raise UsageError(f"model {model_path} is not a file")
-    options = engine_options(config)
-    check_before_loading(config, options, model_path)
+    info = inspect_gguf(model_path)  # header to last tensor byte, as Engine() reads it
+    options = engine_options(config, info)
+    check_before_loading(config, options, model_path, info)
     sock = bind(config.host, config.port)
     state = ServerState(model_id=model_path.stem, model_created=int(model_path.stat().st_mtime))
     app = create_app(state, api_key=config.api_key, cors_origins=config.cors_origins, max_body=config.max_body,
@@ -155,25 +156,23 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def engine_options(config: ServeConfig) -> EngineOptions:
+def engine_options(config: ServeConfig, info: GGUFInfo) -> EngineOptions:
     """The options of the server's engine: `--parallel` sequences of `--ctx` tokens, each with its own KV."""
-    from edge_adapt.sizing import EngineSize, sized_options
+    from edge_adapt.sizing import EngineSize, default_ctx, sized_options
 
     separate_kv = config.options.model_copy(update={"kv_unified": False})
-    return sized_options(EngineSize(config.parallel, config.ctx), separate_kv)
+    return sized_options(EngineSize(config.parallel, config.ctx or default_ctx(2048, info)), separate_kv)
 
 
-def check_before_loading(config: ServeConfig, options: EngineOptions, model_path: Path) -> None:
+def check_before_loading(config: ServeConfig, options: EngineOptions, model_path: Path, info: GGUFInfo) -> None:
     """Refuse, with the error loading would end in, whatever can be known wrong without the weights: the
     model file, `--ctx`, the device, the memory plan and the self-eval adapter. It runs before the port is
     bound and "listening" is printed, which a script waits for as the sign that a server is coming; only what
     needs the weights (llama.cpp's own load, the adapter against this model) can still fail after it."""
     from edge_adapt.engine.device import gpu_layers_for
     from edge_adapt.engine.engine import check_training_context
-    from edge_adapt.engine.gguf_file import inspect_gguf
     from edge_adapt.sizing import check_budget
 
-    info = inspect_gguf(model_path)  # header to last tensor byte, as Engine() reads it
     check_training_context(options.ctx, info)
     gpu_layers_for(options.device, options.gpu_layers)
     check_budget(options, config.mem_budget, info)
