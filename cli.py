@@ -77,6 +77,7 @@ BackendModelOpt = Annotated[Optional[str], typer.Option("--backend-model", help=
 BackendSelfEvalOpt = Annotated[Optional[str], typer.Option("--backend-selfeval", help="the server's self-eval model name (default: edge-adapt serve's MODEL:selfeval)")]
 ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", help="requests in flight to --backend at once", min=1, max=1024)]
 BackendWaitOpt = Annotated[float, typer.Option("--backend-wait", help="seconds a --backend request is retried (429, 5xx, a restarting server)", min=0)]
+BackendTimeoutOpt = Annotated[float, typer.Option("--backend-timeout", help="seconds to wait for one --backend answer (raise it for a server that queues requests past its slots)", min=1)]
 TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="keep the k most likely tokens (0: off; default 40)")]
 TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="nucleus sampling mass (default 0.95)")]
 MinPOpt = Annotated[Optional[float], typer.Option("--min-p", help="drop tokens below min-p x the top probability (default 0.05)")]
@@ -652,6 +653,7 @@ def eval_cmd(
     backend_selfeval: BackendSelfEvalOpt = None,
     concurrency: ConcurrencyOpt = 8,
     backend_wait: BackendWaitOpt = 120.0,
+    backend_timeout: BackendTimeoutOpt = 300.0,
     force: Annotated[bool, typer.Option("--force", help="overwrite a non-empty report directory")] = False,
 ) -> None:
     """Build (or resume) a sample pool, replay strategies over it, and write a report with plots."""
@@ -661,7 +663,8 @@ def eval_cmd(
     fields = _pool_fields(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temp=temp,
                           max_tokens=max_tokens, prune_at=prune_at, seed=seed, model=model, threads=threads,
                           adapter=adapter, cache_dir=cache_dir, family=family, backend=backend,
-                          backend_model=backend_model, backend_selfeval=backend_selfeval, concurrency=concurrency, backend_wait=backend_wait)
+                          backend_model=backend_model, backend_selfeval=backend_selfeval, concurrency=concurrency, backend_wait=backend_wait,
+                          backend_timeout=backend_timeout)
     cfg = validated(EvalConfig, {**fields, "out_dir": out, "force": force, "live": live or [],
                                  "live_prompts": live_prompts}, "eval")
     _show(eval_job(cfg))
@@ -701,6 +704,7 @@ def tune_policy_cmd(
     backend_selfeval: BackendSelfEvalOpt = None,
     concurrency: ConcurrencyOpt = 8,
     backend_wait: BackendWaitOpt = 120.0,
+    backend_timeout: BackendTimeoutOpt = 300.0,
 ) -> None:
     """Build the compute-optimal policy `--strategy auto` follows: per difficulty bin and budget, the strategy
     that does best on the tuning pool (two-fold cross-validated), optionally reported on a held-out split."""
@@ -710,7 +714,8 @@ def tune_policy_cmd(
     fields = _pool_fields(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temp=temp,
                           max_tokens=max_tokens, prune_at=prune_at, seed=seed, model=model, threads=threads,
                           adapter=adapter, cache_dir=cache_dir, family=family, backend=backend,
-                          backend_model=backend_model, backend_selfeval=backend_selfeval, concurrency=concurrency, backend_wait=backend_wait)
+                          backend_model=backend_model, backend_selfeval=backend_selfeval, concurrency=concurrency, backend_wait=backend_wait,
+                          backend_timeout=backend_timeout)
     pool = validated(EvalConfig, fields, "tune-policy")
     cfg = validated(TuneConfig, dict(pool=pool, **({"budgets": budget} if budget else {}), tolerance=tolerance, out=out,
                                      force=force, test_split=test_split, test_prompts=test_prompts, report_dir=report,
@@ -748,6 +753,7 @@ def label_cmd(
     backend_model: BackendModelOpt = None,
     concurrency: ConcurrencyOpt = 8,
     backend_wait: BackendWaitOpt = 120.0,
+    backend_timeout: BackendTimeoutOpt = 300.0,
 ) -> None:
     """Sample K responses per training prompt and label each with its self-eval target."""
     from edge_adapt.train import LabelConfig, label_job
@@ -755,7 +761,7 @@ def label_cmd(
     fields = dict(out=out, suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, levels=level, k=k,
                   temperature=temp, max_tokens=max_tokens, seed=seed, model=model, threads=threads,
                   cache_dir=cache_dir, force=force, family=family, backend=backend, backend_model=backend_model,
-                  concurrency=concurrency, backend_wait=backend_wait)
+                  concurrency=concurrency, backend_wait=backend_wait, backend_timeout=backend_timeout)
     if cut:
         fields["cuts"] = cut
     cfg = validated(LabelConfig, fields, "label")

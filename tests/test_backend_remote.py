@@ -489,6 +489,28 @@ def test_interrupt_ends_a_run_on_a_server_busy_or_silent(broken: tuple[str, type
     assert time.monotonic() - t0 < 10  # before: until --backend-wait (300 s) or the request timeout ran out
 
 
+def test_backend_timeout_bounds_the_wait_for_one_answer(broken: tuple[str, type[_Broken]], tmp_path: Path) -> None:
+    """A server that takes requests and never answers (one queueing past its slots) stops the run after
+    --backend-timeout, named; it was a fixed 300 s no flag could raise or lower."""
+    url, handler = broken
+    handler.mode = "hang"
+    t0 = time.monotonic()
+    _one_error(_cli("label", "--out", str(tmp_path / "l.jsonl"), "--prompts", "2", "-k", "2", "--max-tokens", "8",
+                    "--cut", "4", "--cache", str(tmp_path / "cache"), "--backend", url, "--backend-timeout", "2"),
+               "no answer within 2 s (--backend-timeout)")
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "l.jsonl").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--concurrency", "4"), ("--backend-wait", "5"), ("--backend-timeout", "9"),
+                                         ("--backend-model", "m")])
+def test_backend_options_without_a_backend_are_refused(flag: str, value: str, tmp_path: Path) -> None:
+    """Each was ignored in silence when no --backend was given (the run sampled in process)."""
+    _one_error(_cli("label", "--out", str(tmp_path / "l.jsonl"), "--prompts", "2", "-k", "2", flag, value),
+               f"label: {flag} is read only with --backend")
+    assert not (tmp_path / "l.jsonl").exists()
+
+
 def test_stopping_a_remote_pool_leaves_no_thread_or_connection(broken: tuple[str, type[_Broken]],
                                                               interruptible: None) -> None:
     """A KeyboardInterrupt while requests wait on a server that never answers: the pool's threads end and its

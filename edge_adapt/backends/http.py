@@ -253,7 +253,7 @@ class JsonClient:
                     raise Stopped("stopped") from None
                 reason = getattr(exc, "reason", exc)
                 if isinstance(reason, (socket.timeout, TimeoutError)):
-                    raise RemoteError(f"{url}: no answer within {self.timeout_s:.0f} s") from None
+                    raise RemoteError(f"{url}: no answer within {self.timeout_s:g} s (--backend-timeout)") from None
                 # A refused certificate or a server that does not speak TLS (https:// to a plain-HTTP port) is
                 # the same on every try: fail now, not after --backend-wait. An EOF mid-handshake is a dropped
                 # connection (a server restarting) and is retried as one.

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
     from edge_adapt.backends import RemoteOptions
 
 LiveStrategy = Literal["best-of-8", "adaptive"]
+BACKEND_OPTIONS = ("backend_model", "backend_selfeval", "concurrency", "backend_wait", "backend_timeout")
 
 
 class PoolSource(BaseModel):
@@ -39,6 +40,8 @@ class PoolSource(BaseModel):
     concurrency: int = Field(8, ge=1, le=1024, description="requests in flight to the backend at once")
     backend_wait: float = Field(120.0, ge=0, description="seconds a backend request is retried (429, 5xx, a "
                                                          "restarting server) before the run stops")
+    backend_timeout: float = Field(300.0, gt=0, description="seconds to wait for one answer before the run stops "
+                                                            "(a server that queues requests past its slots)")
 
     def remote(self) -> RemoteOptions | None:
         """How to reach the backend server, or None to sample in process."""
@@ -47,7 +50,17 @@ class PoolSource(BaseModel):
         if self.backend is None:
             return None
         return RemoteOptions(url=self.backend, model=self.backend_model, selfeval_model=self.backend_selfeval,
-                             concurrency=self.concurrency, give_up_s=self.backend_wait)
+                             concurrency=self.concurrency, give_up_s=self.backend_wait,
+                             timeout_s=self.backend_timeout)
+
+    @model_validator(mode="after")
+    def _backend_options(self) -> PoolSource:
+        """A backend setting without a backend would be ignored in silence: refused, named as the flag."""
+        if self.backend is None:
+            for name in BACKEND_OPTIONS:
+                if name in type(self).model_fields and getattr(self, name) != type(self).model_fields[name].default:
+                    raise ValueError(f"--{name.replace('_', '-')} is read only with --backend")
+        return self
 
     @field_validator("temperature")
     @classmethod
