@@ -85,9 +85,16 @@ RepeatOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", help="pe
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for unexpected errors")] = False) -> None:
+def _root(ctx: typer.Context,
+          debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for unexpected errors")] = False) -> None:
     global _debug
     _debug = debug
+    # Started with stdout closed (`>&-`), print() writes nowhere without a word: an answer, a report path, a
+    # benchmark would be lost while the command says it succeeded. A server is left to run (a daemon may well
+    # close its stdout); its requests are answered over HTTP.
+    if sys.stdout is None and ctx.invoked_subcommand not in (None, "serve"):
+        raise UsageError(f"standard output is closed: {ctx.invoked_subcommand} would write its output nowhere "
+                         "(redirect it to a file or /dev/null)")
 
 
 def _text_arg(value: str, what: str) -> str:
@@ -492,6 +499,7 @@ def _chat_turns(session: Any, engine: Any, base: Any) -> int:
             continue
         except (UnicodeDecodeError, UnicodeEncodeError):  # the line is dropped, the chat goes on
             print("error: this line is not valid UTF-8; it was ignored", file=sys.stderr)
+            failed += 1  # a message, or a command, that was not carried out
             continue
         try:
             if line.startswith("/"):

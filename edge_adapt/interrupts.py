@@ -100,6 +100,40 @@ def held() -> Iterator[None]:
         _held.pop()
 
 
+class _Output:
+    """A command's sys.stdout: an OSError writing it (a full disk, a pipe whose reader left) is marked as the
+    output's, so that the entry point ends with one line instead of calling it a bug."""
+
+    def __init__(self, stream: object) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)  # type: ignore[attr-defined, no-any-return]
+        except OSError as exc:
+            exc.lost_output = True  # type: ignore[attr-defined]
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()  # type: ignore[attr-defined]
+        except OSError as exc:
+            exc.lost_output = True  # type: ignore[attr-defined]
+            raise
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
+def _drop_output() -> None:
+    """Point the lost standard output at /dev/null, so that the interpreter's own flush at exit does not fail
+    on what is left in its buffer."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())  # type: ignore[union-attr]
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def install() -> None:
     """From here on Ctrl-C raises KeyboardInterrupt (never inside a llama.cpp callback), and so does SIGTERM: a
     desktop app or a service manager stopping a command gets what Ctrl-C gets (what the command created taken
@@ -132,11 +166,17 @@ def entry_point(debug: Callable[[], bool] = lambda: False) -> Iterator[None]:
     from edge_adapt.errors import EdgeAdaptError
 
     install()
+    stdout = sys.stdout
+    if stdout is not None:
+        sys.stdout = _Output(stdout)  # type: ignore[assignment]
     try:
         try:
             yield
             check()
-        finally:  # the command is over: a second Ctrl-C must not cut its last line short, nor one while the
+            if stdout is not None:
+                sys.stdout.flush()  # what is still buffered fails here, inside, not at the interpreter's exit
+        finally:
+            sys.stdout = stdout  # the command is over: a second Ctrl-C must not cut its last line short, nor one while the
             # interpreter shuts down (atexit) print a traceback
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -148,6 +188,11 @@ def entry_point(debug: Callable[[], bool] = lambda: False) -> Iterator[None]:
         print(MESSAGE, file=sys.stderr)
         sys.exit(EXIT_CODE)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if getattr(exc, "lost_output", False):  # a full disk, a closed pipe: no bug of ours
+            if not isinstance(exc, BrokenPipeError):  # `| head` ends the command quietly, as any Unix filter's
+                print(f"error: cannot write to standard output: {exc.strerror or exc}", file=sys.stderr)
+            _drop_output()
+            sys.exit(1)
         if debug():
             raise
         print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)

@@ -217,6 +217,8 @@ class ChatSession:
         settings a `/strategy` switch starts from when no strategy is set."""
         cmd, _, arg = line.strip().partition(" ")
         arg = arg.strip()
+        if cmd in ("/exit", "/quit", "/help", "/reset") and arg:  # `/reset all` would seem to mean something
+            raise UsageError(f"{cmd} takes no argument, got {arg!r}")
         if cmd in ("/exit", "/quit"):
             return None
         if cmd == "/help":
@@ -239,6 +241,8 @@ class ChatSession:
             if n and not (n.isascii() and n.isdigit() and int(n) >= 1):  # isdigit() alone takes "²", int() not
                 raise UsageError(f"/strategy NAME [BUDGET]: the budget is a whole number >= 1, got {n!r}")
             budget = int(n) if n else None
+            if name == "single" and budget is not None:  # it would be kept, unread, for the next /strategy
+                raise UsageError("/strategy single draws one sample: it takes no budget")
             start = self.strategy or base or StrategyConfig()
             self.set_strategy(start.with_options(strategy=name or None, budget=budget))
             s, n = self.strategy, self.engine.options.parallel
@@ -246,7 +250,7 @@ class ChatSession:
             if s is None or s.strategy == "single":  # one sample: a budget would mean nothing
                 return f"(strategy single; {held})"
             return f"(strategy {s.strategy}, budget {s.budget}; {held})"
-        return f"unknown command {line!r}; /help lists them"
+        raise UsageError(f"unknown command {cmd!r}; /help lists them")
 
     def _record(self, messages: list[Message], reply: str) -> None:
         # Recorded before the final event is handed out, so a caller that stops reading there keeps the turn.

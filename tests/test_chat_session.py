@@ -106,7 +106,11 @@ def test_slash_commands_missing_their_argument_say_what_they_need(engine: Engine
                           ("/strategy best-of-n -3", "the budget is a whole number >= 1, got '-3'")):
         with pytest.raises(UsageError, match=re.escape(message)):
             chat.command(line)
-    assert chat.command("/sve x").startswith("unknown command '/sve x'")
+    for line, message in (("/sve x", "unknown command '/sve'; /help lists them"),
+                          ("/reset all", "/reset takes no argument, got 'all'"),
+                          ("/strategy single 5", "/strategy single draws one sample: it takes no budget")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            chat.command(line)
     with pytest.raises(UsageError, match=re.escape("the budget is a whole number >= 1, got '\u00b2'")):
         chat.command("/strategy best-of-n \u00b2")  # a digit to str.isdigit(), not to int()
 

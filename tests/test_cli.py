@@ -535,3 +535,18 @@ def test_info_refuses_a_budget_beyond_any_machine_and_plans_only_what_one_contex
         proc = cli("info", *args)
         assert_one_line_error(proc, "300 parallel sequences are more than one llama.cpp context holds: at most 255")
         assert b"MiB" not in proc.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_that_cannot_be_written_is_one_line(tmp_path: Path):
+    """Was: `run > /dev/full` ended as `error: unexpected OSError ... (rerun with --debug)`, exit 70, a bug's
+    wording for a full disk; with stdout closed (`>&-`) the answer went nowhere and the command exited 0."""
+    cmd = [sys.executable, "-m", "edge_adapt", "run", "What is 2 + 2?", "--max-tokens", "4", "--threads", "1"]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.decode().strip() == "error: cannot write to standard output: No space left on device"
+    closed = subprocess.run(cmd, stderr=subprocess.PIPE, timeout=120, close_fds=True,
+                            preexec_fn=lambda: os.close(1))
+    assert_one_line_error(closed, "standard output is closed: run would write its output nowhere")
+    assert closed.returncode == 2
