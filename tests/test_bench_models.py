@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import gguf
 import pytest
@@ -128,8 +129,8 @@ def test_a_failed_peak_rss_child_says_why_in_one_line(tmp_path):
     from edge_adapt.errors import EngineError
 
     path = write_random_model(tmp_path / "tiny.gguf", SHAPES["tiny"])
-    with pytest.raises(EngineError, match=r"^the peak RSS run of 1 x 2048 tokens failed: .*threads: Input should be "
-                                          r"greater than or equal to 1$"):
+    with pytest.raises(EngineError, match=r"^the peak RSS run of 1 x 2048 tokens failed: engine options: threads: "
+                                          r"Input should be greater than or equal to 1$"):  # no class path first
         rss_vs_plan(BenchConfig(model=path, threads=0, tokens=8))
 
 
@@ -143,3 +144,82 @@ def test_bench_help_says_which_sections_each_option_sets():
     assert "single_stream and batched" in helps["tokens"] and "at most 64" in helps["tokens"]
     assert "strategies" in helps["tokens"] and "fork" in helps["tokens"]
     assert "batched" in helps["samples"] and "rss" in helps["samples"]
+
+
+def test_each_side_of_the_batched_ratio_is_the_best_of_repeats(tmp_path, monkeypatch):
+    """`--repeats 2`: the batched side and the sequential baseline both run twice after the warm-up, not the batched
+    side twice and the baseline once (a ratio biased upward)."""
+    from edge_adapt.bench.engine import BenchConfig, batched_vs_sequential
+
+    path = write_random_model(tmp_path / "tiny.gguf", SHAPES["tiny"])
+    calls = {"batched": 0, "sequential": 0}
+    generate = Engine.generate
+
+    def counted(self, prompt, params, *args, n=1, **kwargs):
+        calls["batched" if n > 1 else "sequential"] += 1
+        return generate(self, prompt, params, *args, n=n, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", counted)
+    batched_vs_sequential(BenchConfig(model=path, threads=1, samples=2, tokens=8, repeats=2))
+    assert calls == {"batched": 1 + 2, "sequential": 2 * 2}  # the warm-up, then 2 runs of 2 samples each side
+
+
+def test_prune_against_best_of_n_is_the_best_of_repeats(tmp_path, monkeypatch):
+    """`--only strategies` with `--repeats 2`: best-of-n and prune each run twice, the fastest of each timed."""
+    import edge_adapt.bench.strategies as strategy_bench
+
+    runs: list[str] = []
+    run_strategy = strategy_bench.run_strategy
+
+    def counted(e, prompt, cfg, *args, **kwargs):
+        runs.append(cfg.strategy)
+        return run_strategy(e, prompt, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(strategy_bench, "run_strategy", counted)
+    with Engine(model=write_random_model(tmp_path / "tiny.gguf", SHAPES["tiny"]), parallel=6, ctx=128) as e:
+        r = strategy_bench.prune_vs_best_of_n(e, n=4, k=2, at=4, max_tokens=8, repeats=2)
+    assert sorted(runs) == ["best-of-n", "best-of-n", "prune", "prune"] and r["repeats"] == 2
+    assert r["wall_ratio"] == pytest.approx(r["prune_s"] / r["best_of_n_s"])
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    """A converted tiny Llama: trained for 512 tokens, a vocabulary of 448."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from convert_fixtures import build_model
+
+    from edge_adapt.convert import convert_model
+
+    root = tmp_path_factory.mktemp("small")
+    out = root / "small.gguf"
+    convert_model(build_model(root / "hf", "llama"), out, type="f16")
+    return out
+
+
+def test_bench_refuses_what_a_small_model_cannot_hold_in_its_own_terms(small_model, capsys):
+    """Was: `--ctx 1024 exceeds the model's training context 512` (bench has no --ctx) for --tokens 600, and the
+    rss section's child failing with a class path in its line."""
+    from test_hostile import inproc
+
+    from edge_adapt.bench.engine import BenchConfig, batched_vs_sequential, rss_vs_plan, single_stream
+
+    wanted = "--tokens 600 needs a context of 1024 tokens per sequence, more than the model's training context of 512: "
+    for section in (single_stream, batched_vs_sequential):
+        with pytest.raises(UsageError, match=f"^{wanted}use --tokens 192 or fewer$"):
+            section(BenchConfig(model=small_model, threads=1, samples=2, tokens=600))
+    rc, _, err = inproc(capsys, "bench", "-m", str(small_model), "--only", "single_stream", "--tokens", "600",
+                        "--threads", "1")
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.splitlines() == ["bench: single_stream (1 of 1) ...", f"error: {wanted}use --tokens 192 or fewer"]
+    with pytest.raises(UsageError, match=r"^the rss section's 1 x 2048 run needs a context of 2048 tokens per "
+                                         r"sequence, .* 512: it cannot run on this model"):
+        rss_vs_plan(BenchConfig(model=small_model, threads=1, tokens=8))
+
+
+def test_fork_cost_runs_on_a_model_with_a_small_vocabulary(small_model):
+    """Was: the synthetic prompt's ids 1000 to 1255, refused by any vocabulary smaller than that."""
+    from edge_adapt.bench.engine import BenchConfig, fork_cost
+
+    r = fork_cost(BenchConfig(model=small_model, threads=1, repeats=1), reps=2)
+    assert all(r[k] > 0 for k in ("seq_cp_split_s", "seq_cp_unified_s", "llama_save_load_s"))

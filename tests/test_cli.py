@@ -550,3 +550,10 @@ def test_output_that_cannot_be_written_is_one_line(tmp_path: Path):
                             preexec_fn=lambda: os.close(1))
     assert_one_line_error(closed, "standard output is closed: run would write its output nowhere")
     assert closed.returncode == 2
+
+
+def test_info_names_a_budget_in_units_a_person_reads(capsys):
+    """Was: `plan within 1.024e+04 MiB` for --mem-budget 10GB."""
+    rc, out, err = inproc(capsys, "info", "--mem-budget", "10GB")
+    assert rc == 0, err
+    assert "  plan within 10 GiB: " in out and "e+" not in out

@@ -25,7 +25,7 @@ import numpy as np
 
 from edge_adapt.engine import Done, Engine, EngineOptions, Finished, SampleStarted, SamplingParams, Token
 from edge_adapt.engine.handles import llama_like_the_engine
-from edge_adapt.errors import EngineError
+from edge_adapt.errors import EdgeAdaptError, EngineError, UsageError
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 
@@ -49,9 +49,30 @@ def _best(fn: Any, repeats: int) -> float:
     return min(times)
 
 
-def _ctx_for(tokens: int) -> int:
-    """A context per sequence that holds the prompt (under 64 tokens) and `tokens` more, in 256s."""
-    return -(-(64 + tokens) // 256) * 256 + 256
+def _trained_ctx(cfg: BenchConfig) -> int:
+    """The context the model was trained for (0: its GGUF does not say)."""
+    from edge_adapt.engine.default_model import default_model_path
+    from edge_adapt.engine.gguf_file import inspect_gguf
+
+    return inspect_gguf(cfg.model or default_model_path()).n_ctx_train
+
+
+def _check_ctx(cfg: BenchConfig, ctx: int, what: str, remedy: str) -> None:
+    """Refuse in bench's terms a context per sequence the model was not trained for: the engine's own refusal
+    names run's --ctx, which bench does not have."""
+    trained = _trained_ctx(cfg)
+    if ctx > trained > 0:
+        raise UsageError(f"{what} needs a context of {ctx} tokens per sequence, more than the model's training "
+                         f"context of {trained}: {remedy}")
+
+
+def _ctx_for(cfg: BenchConfig) -> int:
+    """A context per sequence that holds the prompt (under 64 tokens) and --tokens more, in 256s."""
+    ctx = -(-(64 + cfg.tokens) // 256) * 256 + 256
+    most = (_trained_ctx(cfg) // 256 - 1) * 256 - 64  # the most --tokens whose context the model was trained for
+    _check_ctx(cfg, ctx, f"--tokens {cfg.tokens}", f"use --tokens {most} or fewer" if most >= 8
+               else "single_stream and batched cannot run on this model (leave them out with --only)")
+    return ctx
 
 
 def _opts(cfg: BenchConfig, **kw: Any) -> EngineOptions:
@@ -63,7 +84,8 @@ def single_stream(cfg: BenchConfig) -> dict[str, float]:
     from llama_cpp import Llama
 
     params = SamplingParams(temperature=0.0, ignore_eos=True)
-    with Engine(_opts(cfg, parallel=1, ctx=_ctx_for(cfg.tokens))) as e:
+    ctx = _ctx_for(cfg)
+    with Engine(_opts(cfg, parallel=1, ctx=ctx)) as e:
         prompt = e.tokenize(e.chat_prompt([{"role": "user", "content": PROMPT}]))
         path, threads, gpu_layers = e.model_path, e.threads, e.gpu_layers
 
@@ -74,7 +96,7 @@ def single_stream(cfg: BenchConfig) -> dict[str, float]:
         ours()  # warm-up: first decode allocates the graph
         t_ours = _best(ours, cfg.repeats)
     with llama_like_the_engine():
-        llm = Llama(str(path), n_ctx=_ctx_for(cfg.tokens), n_threads=threads, n_threads_batch=threads,
+        llm = Llama(str(path), n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
                     n_gpu_layers=gpu_layers, verbose=False)
     try:
         def theirs() -> None:
@@ -94,7 +116,7 @@ def batched_vs_sequential(cfg: BenchConfig) -> dict[str, float]:
     """Aggregate tokens/s of N forked samples in one batch vs the same N samples one after another."""
     n, tokens = cfg.samples, cfg.tokens
     base = SamplingParams(temperature=0.8, seed=1, ignore_eos=True)
-    with Engine(_opts(cfg, parallel=n, ctx=_ctx_for(tokens))) as e:
+    with Engine(_opts(cfg, parallel=n, ctx=_ctx_for(cfg))) as e:
         prompt = e.tokenize(e.chat_prompt([{"role": "user", "content": PROMPT}]))
 
         def batched() -> None:
@@ -107,9 +129,9 @@ def batched_vs_sequential(cfg: BenchConfig) -> dict[str, float]:
                 for _ in e.generate(prompt, p, max_tokens=tokens):
                     pass
 
-        batched()
-        t_b = _best(batched, max(1, cfg.repeats - 1))
-        t_s = _best(sequential, 1)
+        batched()  # warm-up: first decode allocates the graph
+        t_b = _best(batched, cfg.repeats)
+        t_s = _best(sequential, cfg.repeats)
     total = n * tokens
     return {"batched_tok_s": total / t_b, "sequential_tok_s": total / t_s, "ratio": t_s / t_b,
             "batched_s": t_b, "sequential_s": t_s}
@@ -124,9 +146,12 @@ def fork_cost(cfg: BenchConfig, prompt_tokens: int = 256, reps: int = 20) -> dic
     from llama_cpp import Llama
 
     out: dict[str, float] = {}
-    prompt = list(range(1000, 1000 + prompt_tokens))
+    _check_ctx(cfg, 512, f"the fork section (a {prompt_tokens}-token prompt)", "it cannot run on this model "
+               "(leave it out with --only)")
     for unified in (False, True):
         with Engine(_opts(cfg, parallel=2, ctx=512, kv_unified=unified)) as e:
+            # any ids will do, as long as they are the model's: a small vocabulary wraps them around
+            prompt = [(1000 + i) % e.model.n_vocab for i in range(prompt_tokens)]
             root = e.open(prompt)
 
             def fork() -> None:
@@ -166,11 +191,15 @@ def _rss_child(model: str | None, parallel: int, ctx: int, tokens: int, threads:
     from edge_adapt.engine.gguf_file import inspect_gguf
 
     path = Path(model) if model else default_model_path()
-    predicted = plan(inspect_gguf(path), parallel=parallel, ctx=ctx)
-    with Engine(model=path, parallel=parallel, ctx=ctx, threads=threads, device=device) as e:
-        prompt = e.tokenize(e.chat_prompt([{"role": "user", "content": PROMPT}]))
-        for _ in e.generate(prompt, SamplingParams(temperature=0.8, ignore_eos=True), n=parallel, max_tokens=tokens):
-            pass
+    try:
+        predicted = plan(inspect_gguf(path), parallel=parallel, ctx=ctx)
+        with Engine(model=path, parallel=parallel, ctx=ctx, threads=threads, device=device) as e:
+            prompt = e.tokenize(e.chat_prompt([{"role": "user", "content": PROMPT}]))
+            for _ in e.generate(prompt, SamplingParams(temperature=0.8, ignore_eos=True), n=parallel,
+                                max_tokens=tokens):
+                pass
+    except EdgeAdaptError as exc:  # the message alone, as the parent's one line gives stderr's last line
+        raise SystemExit(str(exc)) from None
     return {"parallel": parallel, "ctx": ctx, "predicted_mib": predicted.total / 2**20,
             "peak_rss_mib": peak_rss() / 2**20}
 
@@ -189,6 +218,8 @@ def check_config(cfg: BenchConfig) -> None:
 def rss_vs_plan(cfg: BenchConfig) -> list[dict[str, float]]:
     rows = []
     for parallel, ctx in ((1, 2048), (cfg.samples, 512), (32, 1024)):
+        _check_ctx(cfg, ctx, f"the rss section's {parallel} x {ctx} run", "it cannot run on this model "
+                   "(leave it out with --only)")
         code = ("import json,sys; from edge_adapt.bench.engine import _rss_child; "
                 f"print(json.dumps(_rss_child({str(cfg.model) if cfg.model else None!r}, {parallel}, {ctx}, "
                 f"{min(cfg.tokens, 64)}, {cfg.threads!r}, {cfg.device!r})))")

@@ -44,9 +44,13 @@ def parse_size(text: str) -> int:
 
 
 def size_text(n: int) -> str:
-    """A size the user gave, for a message: in MiB to four digits (1.5 MiB, not 2), below one MiB in bytes (a
+    """A size the user gave, for a message: in the largest unit it reaches to four digits (1.5 MiB, not 2; 10 GiB,
+    not 1.024e+04 MiB: under 1024 of a unit, four digits never turn to an exponent), below one MiB in bytes (a
     budget of 1KB is not '0 MiB')."""
-    return f"{n / MiB:.4g} MiB" if n >= MiB else f"{n} bytes"
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", MiB)):
+        if n >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{n} bytes"
 
 
 def shown(value: object) -> str:
