@@ -8,7 +8,7 @@ import numpy as np
 
 
 def make_lora(path: Path, *, rank: int = 8, seed: int = 0, invocation=None, meta=None, n_embd: int = 576,
-              n_embd_kv: int = 192, n_blocks: int = 30) -> Path:
+              n_embd_kv: int = 192, n_blocks: int = 30, alpha: float | None = None) -> Path:
     """A random LoRA (or aLoRA) on attn_q / attn_v of every block of SmolLM2-135M (by default: other sizes
     make one for a model of the same architecture that is not this one, as SmolLM2-360M's 960 / 320 / 32)."""
     import gguf
@@ -17,7 +17,7 @@ def make_lora(path: Path, *, rank: int = 8, seed: int = 0, invocation=None, meta
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_type("adapter")
     w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", float(rank))
+    w.add_float32("adapter.lora.alpha", float(rank) if alpha is None else alpha)
     if invocation:
         w.add_key_value(  # llama.cpp accepts only a uint32 array here
             "adapter.alora.invocation_tokens", [int(t) for t in invocation],

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from edge_adapt.engine import GREEDY, Engine, SamplingParams
-from edge_adapt.errors import UsageError
+from edge_adapt.errors import EngineError, ModelFileError, UsageError
 from edge_adapt.selfeval import SelfEvalConfig, SelfEvaluator, p_keep
 from edge_adapt.strategies import Chosen, StrategyConfig, run_strategy
 from lora_files import make_lora  # tests/ is on sys.path under pytest
@@ -185,6 +186,23 @@ def test_adapter_gguf_carries_the_self_eval_config(engine, tmp_path):
     assert SelfEvaluator(engine, SelfEvalConfig(adapter=path)).config.question == "Is this answer correct?"
     explicit = SelfEvaluator(engine, SelfEvalConfig(question="Sure?"), adapter_path=path)
     assert explicit.config.question == "Sure?"  # what the caller sets wins over the file's keys
+
+
+def test_a_score_that_is_not_a_number_is_refused_not_chosen_by(engine, tmp_path):
+    """Was: an adapter whose alpha or scale made the suffix's logits overflow scored every sample NaN, and
+    best-of-n chose one of them (at random), printing `"p_keep": NaN`, which no JSON parser reads."""
+    with pytest.raises(ModelFileError, match="adapter.lora.alpha is nan, not a finite number"):
+        SelfEvaluator(engine, adapter_path=make_lora(tmp_path / "nan.gguf", alpha=float("nan")))
+    with pytest.raises(ValidationError, match="finite number"):
+        SelfEvalConfig(adapter_scale=float("inf"))
+    ev = SelfEvaluator(engine, adapter_path=make_lora(tmp_path / "huge.gguf", meta={"self_eval.adapter_scale": "1e30"}))
+    root = engine.open(engine.tokenize(engine.chat_prompt(PROMPT)))
+    try:
+        with pytest.raises(EngineError, match="a score that is not a number .*scale 1e\\+30"):
+            ev.score([root])
+    finally:
+        engine.release(root)
+    assert engine.live_sequences == 0  # the scratch extensions went back too
 
 
 # Adapters llama.cpp refuses for this model; each is refused by name before llama.cpp is asked (the server

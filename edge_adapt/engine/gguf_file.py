@@ -264,6 +264,10 @@ def inspect_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUF
         adapter = {k.removeprefix("adapter."): v for k, v in kv.items() if k.startswith("adapter.")}
         if adapter.get("type") != "lora":
             raise ModelFileError(f"{p}: unsupported adapter type {adapter.get('type')!r} (only LoRA / aLoRA)")
+        alpha = adapter.get("lora.alpha")
+        if alpha is not None and not (is_number(alpha) and math.isfinite(alpha)):
+            raise ModelFileError(f"{p}: adapter.lora.alpha is {alpha!r}, not a finite number: every score it "
+                                 "gave would be NaN")
         lora_pairs(p, {t.name: t.shape for t in tensors})
         if file_size <= SCAN_DATA_BYTES:  # a NaN in an adapter makes every self-evaluation score NaN
             check_tensor_data(p, tensors)

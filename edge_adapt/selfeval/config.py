@@ -37,7 +37,7 @@ class SelfEvalConfig(BaseModel):
     yes: str = Field("Yes", min_length=1, description="the answer meaning 'restarting would do better'; one token")
     no: str = Field("No", min_length=1, description="the answer meaning 'keep this response'; one token")
     adapter: Path | None = Field(None, description="LoRA / aLoRA GGUF switched on only while scoring")
-    adapter_scale: float = Field(1.0, gt=0)
+    adapter_scale: float = Field(1.0, gt=0, allow_inf_nan=False)
     default_adapter: bool = Field(True, description="with the embedded default model and no adapter given, score "
                                                     "with the self-eval adapter shipped for it")
 

@@ -100,4 +100,9 @@ class SelfEvaluator:
             logits = np.stack([t.logits for t in tmp])  # type: ignore[misc]
         self.decoded_tokens += len(seqs) * len(self.suffix)
         self.calls += 1
-        return p_keep(logits, self.yes_token, self.no_token).tolist()
+        scores = p_keep(logits, self.yes_token, self.no_token)
+        if not np.isfinite(scores).all():  # a choice by NaN would be a random one, reported as a score
+            raise EngineError(f"the self-evaluation gave a score that is not a number (adapter "
+                              f"{self.config.adapter or 'none'}, scale {self.config.adapter_scale:g}): its "
+                              "logits overflowed")
+        return scores.tolist()
