@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +193,10 @@ class ChatSession:
             for ev in run_strategy(self.engine, tokens, cfg, root=self.seq):
                 if isinstance(ev, Chosen):
                     self._record(messages, ev.text)
+                elif isinstance(ev, Done):  # the run's account began after this turn's prompt was decoded
+                    ev = Done(replace(ev.usage, prompt_tokens_reused=len(tokens) - turn.decoded_tokens,
+                                      decode_calls=self.engine.decode_calls - calls,
+                                      wall_s=time.perf_counter() - t0))
                 yield ev
             return
         params = SamplingParams(**{**self.params.__dict__, "seed": self.params.seed + self._turn})

@@ -246,7 +246,13 @@ def test_a_chat_reply_reads_with_collect_in_every_mode(engine: Engine):
         assert second.usage.prompt_tokens_reused == second.usage.prompt_tokens - chat.last.decoded_tokens > 0
         assert second.usage.generated_tokens == second.samples[0].tokens and second.usage.samples_started == 1
         chat.set_strategy(StrategyConfig(strategy="best-of-n", budget=2))
-        assert collect(chat.send("And a third?")).text == chat.messages[5]["content"]
+        calls = engine.decode_calls
+        third = collect(chat.send("And a third?"))
+        assert third.text == chat.messages[5]["content"]
+        # A strategy's turn is accounted as a plain one: its prompt's reuse and decode included (was: 0 reused,
+        # and the calls that decoded the new message left out).
+        assert third.usage.prompt_tokens_reused == third.usage.prompt_tokens - chat.last.decoded_tokens > 0
+        assert third.usage.decode_calls == engine.decode_calls - calls
     finally:
         chat.close()
 
