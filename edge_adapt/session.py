@@ -87,12 +87,14 @@ class ChatSession:
         # them is refused now, not at every message.
         floor = len(self.engine.chat_tokens([m for m in self.messages if m["role"] == "system"]
                                             + [{"role": "user", "content": ""}]))
+        # What would make a turn fit: with the system message alone filling the context, no --max-tokens does.
+        fix = "a shorter --system" if floor >= self.engine.n_ctx_seq else "lower --max-tokens"
         if config is None or config.strategy == "single":
             if floor + self.max_tokens > self.engine.n_ctx_seq:
                 raise BudgetError(
                     f"a reply of up to {self.max_tokens} tokens after the {floor} tokens every prompt holds (the "
                     f"system message and the chat template) does not fit this chat's context of "
-                    f"{self.engine.n_ctx_seq} (start the chat with a larger --ctx or lower --max-tokens)")
+                    f"{self.engine.n_ctx_seq} (start the chat with a larger --ctx or {fix})")
             self.strategy, self._room = config, self.max_tokens
             return
         plan = plan_run(self.engine, None, config.with_options(max_tokens=self.max_tokens))
@@ -100,7 +102,7 @@ class ChatSession:
             raise BudgetError(
                 f"strategy {config.strategy} needs {plan.tokens_per_sequence} tokens per turn after the {floor} tokens "
                 f"every prompt holds, more than this chat's context of {self.engine.n_ctx_seq} (start the chat with "
-                f"a larger --ctx or lower --max-tokens)"
+                f"a larger --ctx or {fix})"
             )
         need = plan.sequences  # the conversation's own sequence is the prompt the samples fork from
         if need > self.engine.options.parallel:

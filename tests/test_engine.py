@@ -9,7 +9,7 @@ import pytest
 
 from edge_adapt.engine import GREEDY, Done, Engine, Finished, SamplingParams
 from edge_adapt.engine.snapshot_file import load_snapshot, save_snapshot
-from edge_adapt.errors import BudgetError, EngineError, UsageError
+from edge_adapt.errors import BudgetError, ContextOverflowError, EngineError, UsageError
 
 from in_place import InPlaceSteps
 
@@ -187,7 +187,7 @@ def test_an_abort_requested_before_a_decode_stops_it_and_the_engine_goes_on(engi
 def test_prompt_longer_than_context_is_refused(engine: Engine):
     from edge_adapt.errors import ContextOverflowError
 
-    with pytest.raises(ContextOverflowError, match="do not fit"):
+    with pytest.raises(ContextOverflowError, match=r"exceed the context of 256 per sequence \(shorten the prompt or raise --ctx\)"):
         list(engine.generate(list(range(1000, 1300)), GREEDY, max_tokens=4))
 
 
@@ -933,3 +933,23 @@ def test_the_python_api_names_a_wrong_type_instead_of_failing_deep_inside_or_gue
             call()
     done = [e for e in engine.generate("Hi", GREEDY, max_tokens=3, stop=None) if isinstance(e, Finished)]
     assert len(done) == 1 and engine.live_sequences == 0  # stop=None: no stop strings
+
+
+def test_context_overflow_names_the_fix_that_works(engine: Engine) -> None:
+    """Was: a 1-token prompt with max_tokens 300 said "raise --ctx or shorten the prompt"; a prompt that alone
+    filled the context said "lower max_tokens", and so did chat of a system message that did."""
+    from edge_adapt.session import ChatSession
+    from edge_adapt.strategies import StrategyConfig, run_strategy
+
+    with pytest.raises(ContextOverflowError, match=r"max_tokens \(300\) = 30\d tokens exceed the context of 256 "
+                                                   r"per sequence \(lower max_tokens or raise --ctx\)"):
+        list(engine.generate("hi", max_tokens=300))
+    long = "rule " * 300
+    with pytest.raises(ContextOverflowError, match=r"\(shorten the prompt or raise --ctx\)"):
+        list(engine.generate(long, max_tokens=8))
+    with pytest.raises(ContextOverflowError, match=r"^the prompt alone \(\d+ tokens\) fills the context of 256 per "
+                                                   r"sequence \(raise --ctx or shorten the prompt\)$"):
+        run_strategy(engine, long, StrategyConfig(strategy="best-of-n", budget=2, max_tokens=8))
+    with pytest.raises(BudgetError, match=r"\(start the chat with a larger --ctx or a shorter --system\)$"):
+        ChatSession(engine, system=long, max_tokens=8)
+    assert engine.live_sequences == 0

@@ -1064,7 +1064,11 @@ class Engine(TextModel):
             else:
                 raise UsageError(f"params must be a SamplingParams or a list of them, got {type(params).__name__}")
             tokens = self.tokenize(prompt) if isinstance(prompt, str) else token_list(prompt)
-            self._check_fits(len(tokens) + max_tokens)
+            if len(tokens) + max_tokens > self.n_ctx_seq:  # named by what would make it fit
+                fix = "shorten the prompt" if len(tokens) >= self.n_ctx_seq else "lower max_tokens"
+                raise ContextOverflowError(
+                    f"prompt ({len(tokens)}) + max_tokens ({max_tokens}) = {len(tokens) + max_tokens} tokens exceed "
+                    f"the context of {self.n_ctx_seq} per sequence ({fix} or raise --ctx)")
             started = (time.perf_counter(), self.decode_calls)
             with self.opened(tokens) as root:
                 yield from drive(self, self.generation(root, plist, max_tokens=max_tokens, stop=stop,

@@ -133,6 +133,10 @@ def _as_one_work(engine: EngineLike, events: Iterator[Any]) -> Iterator[Any]:
 def check_fits(plan: RunPlan, n_ctx_seq: int, *, client: bool = False) -> None:
     """Refuse a plan whose longest sequence would not fit the context of one sequence. `client`: said to a
     server's client, who cannot raise the server's --ctx but can send less or ask for fewer tokens."""
+    if len(plan.prompt) >= n_ctx_seq:  # no max_tokens or budget would help
+        remedy = ": send a shorter prompt" if client else " (raise --ctx or shorten the prompt)"
+        raise ContextOverflowError(f"the prompt alone ({len(plan.prompt)} tokens) fills the context of {n_ctx_seq} "
+                                   f"per sequence{remedy}")
     if plan.tokens_per_sequence > n_ctx_seq:
         attempts = plan.span != plan.config.max_tokens  # revise keeps earlier attempts; the budget sets how many
         if client:
