@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import gguf
 import numpy as np
 
-from edge_adapt.fileio import atomic_dir, atomic_file, check_replaceable, check_target
+from edge_adapt.fileio import atomic_dir, atomic_file, check_not_input, check_replaceable, check_target
 from edge_adapt.convert.checkpoint import present, read_json, require_torch
 from edge_adapt.convert.gguf_io import read_gguf_kv
 from edge_adapt.progress import Job, Progress, to_the_end
@@ -46,8 +46,17 @@ class LoraAdapter:
 
     @property
     def gguf_alpha(self) -> float:
-        """The alpha llama.cpp needs so that alpha / rank equals PEFT's scale."""
-        return self.scale * self.rank
+        """The alpha llama.cpp needs so that alpha / rank equals PEFT's scale, as the float32 the GGUF holds. There is
+        none for scale 0: llama.cpp reads alpha 0 as "no alpha" and applies the adapter at full strength."""
+        with np.errstate(over="ignore"):
+            alpha = float(np.float32(self.scale * self.rank))
+        where = self.path / "adapter_config.json"
+        if alpha == 0:
+            raise ModelFileError(f"{where}: lora_alpha {self.alpha:g} makes the adapter change nothing (PEFT scale 0), "
+                                 "which a GGUF adapter cannot hold: llama.cpp reads alpha 0 as full strength")
+        if not math.isfinite(alpha):
+            raise ModelFileError(f"{where}: lora_alpha {self.alpha:g} is beyond the float32 alpha of a GGUF adapter")
+        return alpha
 
     def delta(self, hf_name: str) -> torch.Tensor | None:
         if hf_name not in self.pairs:
@@ -229,6 +238,7 @@ def convert_adapter_job(
 
     t0 = time.perf_counter()
     out_path = Path(out)
+    check_not_input(out_path, (peft_dir, base, None if isinstance(self_eval_config, dict) else self_eval_config))
     check_target(out_path, force=force)
     self_eval = read_self_eval_config(self_eval_config)
     info = inspect_gguf(base, expect="model")

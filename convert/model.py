@@ -23,7 +23,7 @@ import gguf
 import numpy as np
 
 from edge_adapt.convert.adapter import LoraAdapter, check_fits, load_peft_adapter, require_mergeable
-from edge_adapt.fileio import atomic_file, check_target
+from edge_adapt.fileio import atomic_file, check_not_input, check_target
 from edge_adapt.convert.checkpoint import Checkpoint, require_torch
 from edge_adapt.progress import Job, Progress, to_the_end
 from edge_adapt.convert.registry import ModelBase, model_class_for
@@ -128,8 +128,14 @@ def _nbytes(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...], np.dtype
 def read_self_eval_config(source: str | os.PathLike[str] | dict[str, Any] | None) -> dict[str, Any]:
     """A flat mapping whose values GGUF can hold (str, int, float, bool, or a non-empty list of one of those),
     given as a dict or a JSON file; None is no metadata. Keys may carry the "self_eval." prefix (as in the
-    edge_adapt.json `import` writes), which is dropped: write_self_eval adds it back."""
-    return read_metadata(source, what="self-eval config", prefix="self_eval.")
+    edge_adapt.json `import` writes), which is dropped: write_self_eval adds it back. The keys the runtime reads are
+    checked as it checks them (SelfEvalConfig.from_gguf_metadata), so no file is written that it would refuse."""
+    from edge_adapt.selfeval.config import GGUF_KEYS, SelfEvalConfig
+
+    config = read_metadata(source, what="self-eval config", prefix="self_eval.")
+    what = "self-eval config" if isinstance(source, dict) else str(source)
+    SelfEvalConfig.parse({k: config[k] for k in GGUF_KEYS if k in config}, what)
+    return config
 
 
 def read_metadata(source: str | os.PathLike[str] | dict[str, Any] | None, *, what: str, prefix: str) -> dict[str, Any]:
@@ -252,6 +258,7 @@ def convert_model_job(
     if kind not in TYPES:
         raise UsageError(f"unknown type {type!r}; choose one of {', '.join(TYPES)}")
     out_path = Path(out)
+    check_not_input(out_path, (hf_dir, merge_adapter, None if isinstance(self_eval_config, dict) else self_eval_config))
     check_target(out_path, force=force)
     if self_eval_config is None and (Path(hf_dir) / IMPORTED_METADATA).is_file():
         self_eval_config = Path(hf_dir) / IMPORTED_METADATA  # what `import` kept of the GGUF's self-eval config

@@ -276,6 +276,22 @@ def check_replaceable(path: Path, inputs: Seq[str | os.PathLike[str]] = ()) -> N
                              "directory")
 
 
+def check_not_input(path: Path, inputs: Seq[str | os.PathLike[str] | None]) -> None:
+    """Refuse, before any work, a file output that is one of `inputs` (None: not given) or an existing file inside
+    an input directory (`convert hf -o hf/model.safetensors --force` replaced the weights it read): --force
+    replaces an earlier output, never what the command reads. A new file written into an input directory is
+    fine (llama.cpp's converter writes its GGUF beside the checkpoint). Symbolic links are followed on both
+    sides (realpath, which also takes a link loop without raising: reading that input will say what is wrong)."""
+    where = Path(os.path.realpath(path))
+    for given in inputs:
+        if given is None:
+            continue
+        real = Path(os.path.realpath(given))
+        if where == real or (where.is_relative_to(real) and os.path.lexists(where)):
+            how = "is" if where == real else "is a file inside"
+            raise UsageError(f"{path} {how} the input {given}; name an output the command does not read")
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike[str], *, force: bool = False,
                carry: Callable[[str], bool] | None = None) -> Iterator[Path]:

@@ -520,7 +520,7 @@ def test_wrong_kind_of_input_is_named_not_misdescribed(tmp_path: Path) -> None:
     r = _cli("import", str(adapter), "-o", str(tmp_path / "hf"))
     assert r.returncode == 1 and r.stderr == f"error: {adapter}: this is an adapter GGUF, not a model (an adapter " \
         "is applied on top of its base model)\n"
-    r = _cli("convert-adapter", str(tmp_path), "--base", str(adapter), "-o", str(tmp_path / "a.gguf"))
+    r = _cli("convert-adapter", str(tmp_path / "peft"), "--base", str(adapter), "-o", str(tmp_path / "a.gguf"))
     assert r.returncode == 1 and "--adapter" not in r.stderr and "adapter GGUF, not a model" in r.stderr
     r = _cli("convert-adapter", str(adapter), "--base", str(model), "-o", str(tmp_path / "a.gguf"))
     assert r.returncode == 1 and r.stderr == f"error: {adapter}: a GGUF adapter file, not a PEFT adapter directory " \
@@ -756,3 +756,73 @@ def test_checkpoint_file_that_is_not_a_file_says_what_it_is(file: str, kind: str
     assert str(info.value) == f"{src / file}: " + message.format(target=target) + \
         (" (or loops)" if kind == "dangling" else "")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_adapter_with_lora_alpha_zero_is_refused_not_written_at_full_strength(llama_dir: Path, gguf_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    """PEFT scales by alpha / r, so lora_alpha 0 changes nothing; written as alpha 0, llama.cpp reads "no alpha" and
+    applied the adapter at full strength. A negative alpha has an exact GGUF form (llama.cpp scales by it too)."""
+    base = _base_gguf(llama_dir, gguf_dir)
+    lora = build_lora(llama_dir, tmp_path / "lora")
+    _edit_json(lora / "adapter_config.json", lambda cfg: cfg.update(lora_alpha=0))
+    with pytest.raises(ModelFileError) as info:
+        convert_adapter(lora, base, tmp_path / "a.gguf")
+    assert str(info.value) == (f"{lora / 'adapter_config.json'}: lora_alpha 0 makes the adapter change nothing (PEFT "
+                               "scale 0), which a GGUF adapter cannot hold: llama.cpp reads alpha 0 as full strength")
+    _only(tmp_path, "lora")
+    _edit_json(lora / "adapter_config.json", lambda cfg: cfg.update(lora_alpha=-8))
+    assert convert_adapter(lora, base, tmp_path / "a.gguf").alpha == -8
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"format": "bogus"}, "format: Input should be 'chat' or 'raw'"),
+    ({"yes": " Yes", "no": " Yes"}, "`yes` and `no` must differ (both are ' Yes')"),
+    ({"self_eval.yes": 5}, "yes: Input should be a valid string"),
+])
+def test_self_eval_config_the_runtime_would_refuse_is_refused_before_writing(config: dict, message: str,
+                                                                            llama_dir: Path, gguf_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    """--self-eval-config was checked for key syntax and value types only: the file was written, and every run
+    with it then failed on its edge_adapt.self_eval metadata."""
+    base = _base_gguf(llama_dir, gguf_dir)
+    lora = build_lora(llama_dir, tmp_path / "lora")
+    cfg = tmp_path / "se.json"
+    cfg.write_text(json.dumps(config))
+    for convert in (lambda: convert_model(llama_dir, tmp_path / "m.gguf", self_eval_config=cfg),
+                    lambda: convert_adapter(lora, base, tmp_path / "a.gguf", self_eval_config=cfg)):
+        with pytest.raises(UsageError) as info:
+            convert()
+        assert str(info.value) == f"{cfg}: {message}"
+    _only(tmp_path, "lora", "se.json")
+
+
+def test_output_naming_an_input_is_refused_even_with_force(llama_dir: Path, gguf_dir: Path, tmp_path: Path) -> None:
+    """`convert hf -o hf/model.safetensors --force` replaced the weights it converted, and `convert-adapter --base X
+    -o X --force` the base model: --force replaces an earlier output, not an input (also through a link)."""
+    src = _copy(llama_dir, tmp_path / "hf")
+    base = tmp_path / "base.gguf"
+    shutil.copy(_base_gguf(llama_dir, gguf_dir), base)
+    (tmp_path / "link.gguf").symlink_to(base)
+    lora = build_lora(llama_dir, tmp_path / "lora")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    cases = [
+        (lambda: convert_model(src, src / "model.safetensors", force=True),
+         f"{src / 'model.safetensors'} is a file inside the input {src}"),
+        (lambda: convert_adapter(lora, base, base, force=True), f"{base} is the input {base}"),
+        (lambda: convert_adapter(lora, tmp_path / "link.gguf", base, force=True),
+         f"{base} is the input {tmp_path / 'link.gguf'}"),
+    ]
+    for convert, message in cases:
+        with pytest.raises(UsageError) as info:
+            convert()
+        assert str(info.value) == f"{message}; name an output the command does not read"
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_info_on_a_symbolic_link_loop_says_so(tmp_path: Path) -> None:
+    """Was "no such file": Path.exists() is False for a link loop, though the links are there."""
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    r = _cli("info", str(tmp_path / "loop1"))
+    assert r.returncode == 1 and r.stderr == f"error: {tmp_path / 'loop1'}: cannot read (Too many levels of symbolic " \
+        "links)\n"

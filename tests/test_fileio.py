@@ -225,3 +225,20 @@ def test_a_directory_output_holding_an_input_is_refused_through_links_too(tmp_pa
             check_replaceable(output, inputs=[given])
     check_replaceable(out / "sub" / "new", inputs=[model, tmp_path / "elsewhere.gguf"])  # beside is fine
     check_replaceable(tmp_path / "outer", inputs=[model])
+
+
+def test_a_file_output_that_is_or_lies_inside_an_input_is_refused_through_links_too(tmp_path):
+    """`convert hf -o hf/model.safetensors --force` replaced the weights it read: --force is for earlier outputs."""
+    from edge_adapt.fileio import check_not_input
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    weights = hf / "model.safetensors"
+    weights.write_text("weights")
+    (tmp_path / "link").symlink_to(weights)
+    for output, given, how in ((weights, weights, "is"), (tmp_path / "link", weights, "is"),
+                               (weights, tmp_path / "link", "is"), (weights, hf, "is a file inside")):
+        with pytest.raises(UsageError, match=f"^{output} {how} the input {given}; name an output the command"):
+            check_not_input(output, [None, given])
+    check_not_input(tmp_path / "m.gguf", [None, hf, weights])  # beside is fine
+    check_not_input(hf / "model.gguf", [hf])  # and so is a new file beside the checkpoint's, as llama.cpp writes it

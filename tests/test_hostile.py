@@ -384,10 +384,11 @@ FIFO_CASES: dict[str, Callable[[Path], list[str]]] = {
     "info_model": lambda f: ["info", str(f)],
     "chat_config": lambda f: ["chat", "--config", str(f)],
     "train_labels": lambda f: ["train", str(f), "--validation", str(f), "-o", str(f.parent / "out")],
-    "convert_self_eval_config": lambda f: ["convert", str(f.parent), "-o", str(f.parent / "m.gguf"),
+    "convert_self_eval_config": lambda f: ["convert", str(f.parent / "hf"), "-o", str(f.parent / "m.gguf"),
                                            "--self-eval-config", str(f)],
     "import_model": lambda f: ["import", str(f), "-o", str(f.parent / "hf")],
-    "convert_adapter_base": lambda f: ["convert-adapter", str(f.parent), "--base", str(f), "-o", str(f.parent / "a.gguf")],
+    "convert_adapter_base": lambda f: ["convert-adapter", str(f.parent / "peft"), "--base", str(f),
+                                       "-o", str(f.parent / "a.gguf")],
 }
 
 

@@ -222,8 +222,12 @@ def inspect_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUF
     Raises ModelFileError naming the file and the first problem found.
     """
     p = Path(path)
-    if not p.exists():
-        raise ModelFileError(f"{p}: no such file")
+    try:
+        p.stat()  # not p.exists(), which is False for a symbolic link loop or an unreadable folder too
+    except FileNotFoundError:
+        raise ModelFileError(f"{p}: no such file") from None
+    except OSError as exc:
+        raise ModelFileError(f"{p}: cannot read ({exc.strerror or exc})") from None
     if p.is_dir():
         raise ModelFileError(f"{p}: is a directory; a GGUF file is expected here")
     if not p.is_file():
