@@ -215,13 +215,13 @@ def _no_adapter(adapter: Path | None) -> bool:
 
 
 def _strategy_config(path: Path | None, *, adapter: Path | None = None, defaults: dict[str, Any] | None = None,
-                     **flags: Any) -> Any:
+                     unread_ok: bool = False, **flags: Any) -> Any:
     """The strategy settings: the command's own `defaults`, then the --config file (if any), then each flag that
-    was given."""
+    was given. A file's setting the strategy does not read is refused unless `unread_ok` (StrategyConfig.from_file)."""
     from edge_adapt.selfeval import SelfEvalConfig
     from edge_adapt.strategies import StrategyConfig
 
-    cfg = StrategyConfig.from_file(path, defaults=defaults, **flags) if path else StrategyConfig.parse(
+    cfg = StrategyConfig.from_file(path, defaults=defaults, unread_ok=unread_ok, **flags) if path else StrategyConfig.parse(
         {**(defaults or {}), **{k: v for k, v in flags.items() if v is not None}})
     if adapter is not None:
         update: dict[str, Any] = {"default_adapter": False} if _no_adapter(adapter) else {"adapter": adapter}
@@ -436,8 +436,9 @@ def chat(
 
     given = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
                  max_tokens=max_tokens)
+    # unread_ok: the file's settings for other strategies are kept for /strategy, as chat's flags are.
     base = _strategy_config(config, strategy=strategy, budget=budget, threshold=threshold, adapter=adapter,
-                            defaults=CHAT_DEFAULTS, **given)
+                            defaults=CHAT_DEFAULTS, unread_ok=True, **given)
     # Plain replies (no strategy, or single) sample with the same settings a strategy's samples would.
     params = SamplingParams(temperature=base.temperature, top_k=base.top_k, top_p=base.top_p, min_p=base.min_p,
                             repeat_penalty=base.repeat_penalty, seed=base.seed)

@@ -108,3 +108,20 @@ def test_a_piped_chat_shows_no_prompts_and_exits_non_zero_when_a_message_failed(
     banner, reply, *rest = out.splitlines()
     assert banner.startswith("edge-adapt chat: ") and reply.strip()  # "Say hi." was answered
     assert "commands:" in rest and not any(line.startswith(">") for line in out.splitlines())
+
+
+def test_chat_config_policy_is_read_beside_the_file(tmp_path: Path, capsys, monkeypatch):
+    """`policy = "p.json"` in a --config file was read from the current directory (`cannot read policy p.json`),
+    though `[self_eval] adapter` in the same file is the file's neighbour. A setting for another strategy is
+    kept for /strategy, as chat's flags are."""
+    from edge_adapt.engine.default_model import default_policy
+
+    shipped = default_policy()
+    if shipped is None:
+        pytest.skip("no policy shipped with this install")
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "p.json").write_bytes(shipped.read_bytes())
+    (tmp_path / "cfg" / "auto.toml").write_text('strategy = "auto"\nbudget = 2\npolicy = "p.json"\nmax_tokens = 4\n'
+                                                'beam_width = 2\n')
+    monkeypatch.chdir(tmp_path)
+    assert _reply(_chat(capsys, monkeypatch, b"What is 2+3?\n", "--config", "cfg/auto.toml"))

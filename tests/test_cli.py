@@ -552,6 +552,19 @@ def test_output_that_cannot_be_written_is_one_line(tmp_path: Path):
     assert closed.returncode == 2
 
 
+def test_run_refuses_config_file_settings_its_strategy_does_not_read(tmp_path: Path):
+    """Was: a file's keep, threshold and a policy that does not exist beside best-of-n were ignored and the run
+    answered (rc 0), while `--keep` with best-of-n is refused; a file for beam run with `-s best-of-n` too."""
+    cfg = tmp_path / "bon.toml"
+    cfg.write_text('strategy = "best-of-n"\nbudget = 2\nkeep = 1\nthreshold = 0.9\npolicy = "none.json"\n')
+    proc = cli("run", "hi", "--config", str(cfg), "--threads", "1")
+    assert_one_line_error(proc, f"keep, threshold, policy in {cfg} are not used by strategy best-of-n")
+    assert proc.returncode == 2
+    cfg.write_text('strategy = "beam"\nbudget = 4\nbeam_width = 2\n')
+    assert_one_line_error(cli("run", "hi", "--config", str(cfg), "-s", "best-of-n", "--threads", "1"),
+                          f"beam_width in {cfg} is not used by strategy best-of-n")
+
+
 def test_info_names_a_budget_in_units_a_person_reads(capsys):
     """Was: `plan within 1.024e+04 MiB` for --mem-budget 10GB."""
     rc, out, err = inproc(capsys, "info", "--mem-budget", "10GB")

@@ -513,6 +513,63 @@ def test_config_from_toml_and_json(tmp_path):
         StrategyConfig.from_file(js)
 
 
+def test_config_file_settings_the_strategy_does_not_read_are_refused(tmp_path):
+    """A file's keep/threshold/policy beside best-of-n were ignored in silence, where the same flags are refused."""
+    toml = tmp_path / "strategy.toml"
+    toml.write_text('strategy = "best-of-n"\nbudget = 2\nkeep = 1\nthreshold = 0.9\npolicy = "none.json"\n')
+    with pytest.raises(UsageError, match=r"^keep, threshold, policy in .*strategy\.toml are not used by strategy "
+                                         r"best-of-n$"):
+        StrategyConfig.from_file(toml)
+    # An override naming another strategy leaves the file's settings for its own unread too.
+    toml.write_text('strategy = "beam"\nbudget = 4\nbeam_width = 2\n')
+    with pytest.raises(UsageError, match=r"^beam_width in .* is not used by strategy best-of-n$"):
+        StrategyConfig.from_file(toml, strategy="best-of-n")
+    assert StrategyConfig.from_file(toml, strategy="lookahead").width == 2
+    # A chat keeps them for the strategies /strategy may switch to.
+    assert StrategyConfig.from_file(toml, strategy="best-of-n", unread_ok=True).beam_width == 2
+
+
+def test_config_file_value_overridden_under_its_other_name(tmp_path):
+    """`n` in the file and a `budget` given were both passed on, and pydantic refused `n` as an extra input."""
+    toml = tmp_path / "strategy.toml"
+    toml.write_text('strategy = "prune"\nn = 16\nkeep = 4\n')
+    cfg = StrategyConfig.from_file(toml, budget=8, k=2)
+    assert (cfg.budget, cfg.k) == (8, 2)
+
+
+def test_config_file_paths_are_relative_to_the_file(tmp_path, monkeypatch):
+    """`policy` was read from the current directory while `[self_eval] adapter` was the file's neighbour."""
+    (tmp_path / "cfg").mkdir()
+    toml = tmp_path / "cfg" / "auto.toml"
+    toml.write_text('strategy = "auto"\npolicy = "p.json"\n[self_eval]\nadapter = "a.gguf"\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = StrategyConfig.from_file(Path("cfg/auto.toml"))
+    assert cfg.policy == Path("cfg/p.json") and cfg.self_eval is not None and cfg.self_eval.adapter == Path("cfg/a.gguf")
+    assert StrategyConfig.from_file(Path("cfg/auto.toml"), policy=Path("mine.json")).policy == Path("mine.json")
+
+
+@pytest.mark.parametrize(
+    "choice, message",
+    [
+        ({"strategy": "best-of-n", "options": {"budget": 1, "beam_width": 7, "lookahead": 3}},
+         "best-of-n does not read beam_width, lookahead"),
+        ({"strategy": "vote", "options": {"n": 2, "keep": 1}}, "vote does not read keep"),
+        ({"strategy": "adaptive", "options": {"temperature": 0.5}}, "adaptive does not read temperature"),
+        ({"strategy": "best-of-n", "options": {"budget": 1, "n": 50}}, "options budget and n are one setting"),
+        ({"strategy": "probe", "options": {"budget": 3}}, "the probe runs nothing more: it does not read budget"),
+    ],
+)
+def test_policy_choice_options_its_strategy_does_not_read_are_refused(choice, message):
+    """A best-of-n bin's beam_width (or an `n` beside its budget) loaded and was ignored in silence."""
+    from edge_adapt.strategies.policy import PolicyChoice
+
+    with pytest.raises(ValueError, match=message):
+        PolicyChoice.model_validate(choice)
+    # the same settings its strategy does read
+    PolicyChoice.model_validate({"strategy": "adaptive", "options": {"schedule": "constant", "temperature": 0.5}})
+    PolicyChoice.model_validate({"strategy": "lookahead", "options": {"n": 4, "beam_width": 2, "lookahead": 3}})
+
+
 def test_one_stop_string_is_taken_as_generate_takes_it():
     assert StrategyConfig.parse({"stop": "\n\n"}).stop == ("\n\n",)
 

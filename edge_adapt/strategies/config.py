@@ -137,13 +137,13 @@ class StrategyConfig(BaseModel):
         return self
 
     def unread(self, fields: Iterable[str]) -> list[str]:
-        """Of `fields` (options a caller set), those this config's strategy does not read: a front end refuses
-        them rather than ignore them in silence. Adaptive reads `temperature` only on the constant schedule
-        (t_min and t_max otherwise)."""
+        """Of `fields` (options a caller set, by field name or alias such as `keep`), those this config's strategy
+        does not read, named as given: a front end refuses them rather than ignore them in silence. Adaptive
+        reads `temperature` only on the constant schedule (t_min and t_max otherwise)."""
         read = registry.STRATEGIES[self.strategy].reads
         if "schedule" in read:
             read -= {"t_min", "t_max"} if self.schedule == "constant" else {"temperature"}
-        return [f for f in fields if f in _SOME and f not in read]
+        return [f for f in fields if FIELD_OF.get(f, f) in _SOME and FIELD_OF.get(f, f) not in read]
 
     @property
     def width(self) -> int:
@@ -173,17 +173,28 @@ class StrategyConfig(BaseModel):
         return validated(cls, data, what)
 
     @classmethod
-    def from_file(cls, path: str | Path, *, defaults: Mapping[str, Any] | None = None, **overrides: Any) -> StrategyConfig:
+    def from_file(cls, path: str | Path, *, defaults: Mapping[str, Any] | None = None, unread_ok: bool = False,
+                  **overrides: Any) -> StrategyConfig:
         """From a .toml or .json file (a [self_eval] table configures the scorer); `overrides` (flags that
         were given, None values skipped) win over the file, and the file over `defaults` (a front end's own,
-        such as chat's longer replies)."""
-        data = {**(defaults or {}), **load_mapping(path)}
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        cfg = cls.parse(data, str(path))
+        such as chat's longer replies). A setting of the file that the strategy does not read is refused as
+        front ends refuse such flags (one for the file's strategy too, when an override names another), unless
+        `unread_ok`: a chat keeps them for the strategies it may switch to. Relative paths in the file (policy,
+        self_eval.adapter) are the file's neighbours."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        overridden = {FIELD_OF.get(k, k) for k in given}  # by any of its names: `n` in the file, `budget` given
+        file = {k: v for k, v in load_mapping(path).items() if FIELD_OF.get(k, k) not in overridden}
+        cfg = cls.parse({**(defaults or {}), **file, **given}, str(path))
+        if not unread_ok and (unread := cfg.unread(file)):
+            raise UsageError(f"{', '.join(unread)} in {path} {'is' if len(unread) == 1 else 'are'} not used by "
+                             f"strategy {cfg.strategy}")
+        update: dict[str, Any] = {}
+        if "policy" in file and isinstance(cfg.policy, Path) and not cfg.policy.is_absolute():
+            update["policy"] = Path(path).parent / cfg.policy
         se = cfg.self_eval
-        if se is not None and se.adapter is not None and not se.adapter.is_absolute():
-            cfg = cfg.model_copy(update={"self_eval": se.model_copy(update={"adapter": Path(path).parent / se.adapter})})
-        return cfg
+        if "self_eval" in file and se is not None and se.adapter is not None and not se.adapter.is_absolute():
+            update["self_eval"] = se.model_copy(update={"adapter": Path(path).parent / se.adapter})
+        return cfg.model_copy(update=update)
 
     def with_options(self, **overrides: Any) -> StrategyConfig:
         """A copy with some options changed (None values skipped), validated again."""
@@ -194,3 +205,7 @@ class StrategyConfig(BaseModel):
 
 # The options only some strategies read (StrategySpec.reads); every strategy reads the others.
 _SOME = frozenset(StrategyConfig.model_fields) - {"strategy", "max_tokens", "stop", "seed"}
+# Each option's field by its other names (`keep`: k, `n`: budget), for settings that name it either way.
+FIELD_OF: dict[str, str] = {alias: name for name, field in StrategyConfig.model_fields.items()
+                            if isinstance(field.validation_alias, AliasChoices)
+                            for alias in field.validation_alias.choices if isinstance(alias, str)}

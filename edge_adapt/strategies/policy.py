@@ -63,6 +63,18 @@ class PolicyChoice(BaseModel):
             values = value if isinstance(value, list) else [value]
             if any(isinstance(x, float) and not math.isfinite(x) for x in values):
                 raise ValueError(f"option {name} must be finite, got {value!r:.40}")
+        # Options the choice would ignore are refused, by the rule front ends refuse such flags with.
+        if self.strategy == PROBE and self.options:
+            raise ValueError(f"the probe runs nothing more: it does not read {', '.join(self.options)}")
+        if self.strategy != PROBE:
+            from edge_adapt.strategies.config import FIELD_OF, StrategyConfig  # config.py imports this module
+
+            fields = [FIELD_OF.get(name, name) for name in self.options]
+            if twice := [name for name, field in zip(self.options, fields) if fields.count(field) > 1]:
+                raise ValueError(f"options {' and '.join(twice)} are one setting: give one")
+            schedule = {"schedule": self.options["schedule"]} if "schedule" in self.options else {}
+            if unread := StrategyConfig.model_construct(strategy=self.strategy, **schedule).unread(self.options):
+                raise ValueError(f"{self.strategy} does not read {', '.join(unread)}")
         return self
 
     def describe(self) -> str:
