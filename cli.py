@@ -744,11 +744,11 @@ def label_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="label dataset to write (.jsonl)", parser=_file_path)],
     suite: SuiteOpt = "arith",
     family: FamilyOpt = None,
-    split: Annotated[str, typer.Option("--split", help="arith split (never the one you report on)")] = "train",
+    split: Annotated[str, typer.Option("--split", help="split of a generated suite or family: train, validation or test (never the one you report on; a file suite has none)")] = "train",
     data: DataOpt = None,
     scorer: ScorerOpt = None,
     n_prompts: Annotated[int, typer.Option("--prompts", help="training prompts to label", min=1)] = 300,
-    level: Annotated[Optional[list[int]], typer.Option("--level", help="arith level to label (repeatable; all when omitted)")] = None,
+    level: Annotated[Optional[list[int]], typer.Option("--level", help="level of arith or the --family to label (repeatable; all when omitted)")] = None,
     k: Annotated[int, typer.Option("-k", "--samples", help="samples per prompt", min=2, max=64)] = 16,
     temp: Annotated[float, typer.Option("--temp", help="sampling temperature")] = 0.7,
     max_tokens: PoolMaxTokOpt = None,
@@ -786,15 +786,15 @@ def train_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory (adapter.gguf or model.gguf, metrics, plot)")],
     method: Annotated[str, typer.Option("--method", help="alora | lora | full")] = "alora",
     target: Annotated[str, typer.Option("--target", help="relative (share of other samples not better) | correct | blend")] = "relative",
-    relative_weight: Annotated[float, typer.Option("--relative-weight", help="blend: target = (1 - w) * correct + w * relative")] = 0.3,
+    relative_weight: Annotated[float, typer.Option("--relative-weight", help="--target blend only: target = (1 - w) * correct + w * relative")] = 0.3,
     rank_weight: Annotated[float, typer.Option("--rank-weight", help="weight of a listwise loss ranking each prompt's right replies above its wrong ones (0: none)")] = 0.0,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 2,
     init: Annotated[Optional[Path], typer.Option("--init", help="continue from a previous run's checkpoint/ directory or an adapter GGUF")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate (3e-4 for (a)LoRA, 2e-5 for full)")] = None,
-    rank: Annotated[int, typer.Option("--rank", min=1, help="LoRA rank; above --init's rank, that adapter is grown to it (scores unchanged, more capacity)")] = 8,
+    rank: Annotated[int, typer.Option("--rank", min=1, help="LoRA rank (not --method full); above --init's rank, that adapter is grown to it (scores unchanged, more capacity)")] = 8,
     suffix: Annotated[Optional[str], typer.Option("--suffix", help="raw self-eval suffix to train on (default <|im_end|>Restart)")] = None,
     prompts_per_step: Annotated[int, typer.Option("--prompts-per-step", min=1)] = 4,
-    lm_loss: Annotated[float, typer.Option("--lm-loss", help="weight of an LM loss on the responses (full)")] = 0.0,
+    lm_loss: Annotated[float, typer.Option("--lm-loss", help="weight of an LM loss on the responses (--method full only)")] = 0.0,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="stop early (smoke tests)")] = None,
     validate_before: Annotated[bool, typer.Option("--validate-before/--no-validate-before", help="validate the untrained model too")] = True,
     model: ModelOpt = None,
@@ -821,7 +821,7 @@ def train_cmd(
     def auroc(x: float | None) -> str:  # undefined where the validation prompts are all right or all wrong
         return "n/a" if x is None else f"{x:.3f}"
 
-    typer.echo(f"wrote {result.exported} (best epoch {result.best_epoch}: validation AUROC {auroc(best.auroc)}, "
+    typer.echo(f"wrote {result.exported} (best epoch {result.best_epoch} by {result.best_by}: validation AUROC {auroc(best.auroc)}, "
                f"within prompts {auroc(best.within_prompt_auroc)}, Brier {best.brier:.3f} vs constant "
                f"{best.brier_constant:.3f}) in {result.seconds / 60:.1f} min, peak RSS {result.peak_rss_mib:.0f} MiB")
 

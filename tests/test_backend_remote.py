@@ -276,6 +276,10 @@ class _Broken(BaseHTTPRequestHandler):
             return None
         if mode == "refuses":
             return self._send(400, json.dumps({"error": {"message": "n is not supported"}}).encode())
+        if mode.startswith("id-"):  # llama-server's shape, a reply of one end-of-text token (id 2) but malformed
+            bad = {"id-infinite": "1e400", "id-fraction": "2.7", "id-bool": "true", "id-out-of-vocab": "10000000000"}
+            return self._send(200, ('{"choices": [{"index": 0, "text": "", "finish_reason": "stop", "logprobs": '
+                                    f'{{"content": [{{"id": {bad[mode]}, "logprob": -0.1}}]}}}}]}}').encode())
         if mode == "two-choices":
             body = {"choices": [choice, {**choice, "index": 1}]}
         elif mode == "no-logprobs":
@@ -327,6 +331,9 @@ def broken() -> Iterator[tuple[str, type[_Broken]]]:
     ("content-without-ids", "by token id"),
     ("wrong-model", "same model"), ("no-models", "not an OpenAI model list"),
     ("empty-models", "lists no models"), ("nan-logprobs", "not finite"),
+    # token ids that are not whole numbers in the vocabulary: 1e400 was "unexpected OverflowError", 2.7 read as 2
+    ("id-infinite", "by token id"), ("id-fraction", "by token id"), ("id-bool", "by token id"),
+    ("id-out-of-vocab", "same model"),
 ])
 def test_malformed_answers_are_one_line_and_cache_stays_clean(broken: tuple[str, type[_Broken]], tmp_path: Path,
                                                               mode: str, fragment: str) -> None:

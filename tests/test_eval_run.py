@@ -163,3 +163,17 @@ def test_python_m_eval_ends_a_bug_in_one_line_as_the_command_does(capsys, monkey
     assert err == "error: unexpected ZeroDivisionError: a bug (rerun with --debug for details)\n"
     with pytest.raises(ZeroDivisionError):
         _python_m_eval(["--debug", "n_prompts=3"], capsys)
+
+
+@pytest.mark.parametrize("temp", [-1.0, 1000.0, float("nan")])
+def test_a_pool_temperature_error_gives_the_range_a_pool_takes(temp):
+    """`label --temp -1` said "0 (greedy)" was allowed, and `--temp 0` was then refused: a pool samples."""
+    from edge_adapt.errors import validated
+    from edge_adapt.eval.config import EvalConfig
+
+    with pytest.raises(UsageError, match=r"temperature \(--temp\) must be a finite number in \[1e-6, 100\] "
+                                         r"\(a pool samples: not 0\), got") as err:
+        validated(EvalConfig, {"temperature": temp}, "eval")
+    assert "greedy" not in str(err.value)
+    with pytest.raises(UsageError, match="a pool samples: temperature must be > 0"):
+        validated(EvalConfig, {"temperature": 0}, "eval")

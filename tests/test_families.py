@@ -313,3 +313,15 @@ def test_a_user_suite_whose_ids_look_like_a_familys_is_no_family(tmp_path: Path)
     assert [s for s in scopes if s.startswith("family")] == [f"family {n}" for n in sorted(GENERATED)]
     q = next(q for q in mix.problems if q.family == "arith")
     assert sample_key("fp", "mix", settings, q) == sample_key("fp", "arith", settings, q)
+
+
+def test_label_cuts_fit_each_replys_own_budget_not_the_shortest():
+    """A mix's 256-token families are cut at 64 too (its 64-token ones never pass 64): the default 64 was dropped
+    for every family, and `--cut 64` refused with "cuts [16, 32, 64] must be below max_tokens 64"."""
+    mix = load_suite("mix", split="validation", n=18)
+    assert mix.points_below_budget("--cut", [16, 32, 64, 256], given=False, per_reply=True) == [16, 32, 64]
+    assert mix.points_below_budget("--cut", [16, 32, 64], given=True, per_reply=True) == [16, 32, 64]
+    with pytest.raises(UsageError, match=r"^--cut 64 must be below --max-tokens 64$"):
+        mix.points_below_budget("--cut", [16, 64], 64, per_reply=True)
+    # A pool's prune points apply to every reply: still the shortest budget's.
+    assert mix.points_below_budget("prune points", [16, 32, 64], given=False) == [16, 32]

@@ -260,3 +260,12 @@ def test_a_number_of_any_length_is_read_not_a_crash():
     assert not FinalNumber().correct(f"The answer is {big}1.", big)
     assert StatedNumber().correct(f"so it is {big}", big)
     assert [normalize_number(x) for x in ("3.0", "-0.0", "1,234.50", "$12", "0.10")] == ["3", "0", "1234.5", "12", "0.1"]
+
+
+def test_a_suite_line_nested_too_deeply_is_one_error_naming_its_line(tmp_path):
+    """Was `error: unexpected RecursionError` (exit 70), for --suite FILE.jsonl and --suite gsm8k --data FILE."""
+    f = tmp_path / "deep.jsonl"
+    f.write_text('{"prompt": "a", "answer": "1"}\n' + "[" * 100_000 + "\n")
+    for read in (jsonl_suite, gsm8k_suite):
+        with pytest.raises(UsageError, match=f"^{f}:2: JSON nested too deeply$"):
+            read(f)

@@ -442,11 +442,16 @@ def test_full_fine_tune_exports_a_self_describing_model(tmp_path: Path, engine: 
     assert again.exported.name == "adapter.gguf" and not (tmp_path / "full" / "model.gguf").exists()
 
 
-def test_label_refuses_cuts_at_or_past_the_shortest_reply_budget(tmp_path):
-    with pytest.raises(UsageError, match=r"cuts \[32, 96\] must be below max_tokens 96"):
+def test_label_refuses_cuts_no_reply_can_reach_naming_the_flags(tmp_path):
+    """Each reply is cut below its own budget, so a cut is refused only past the longest: a mix's `--cut 64` was
+    refused with "cuts [16, 32, 64] must be below max_tokens 64", a --max-tokens the user never gave."""
+    with pytest.raises(UsageError, match=r"^--cut 96 must be below the longest reply budget of suite 'arith', 96 "
+                                         r"tokens \(--max-tokens sets one\)$"):
         label(LabelConfig(out=tmp_path / "l.jsonl", n_prompts=2, k=2, cuts=[32, 96]))
-    with pytest.raises(UsageError, match=r"cuts \[64\] must be below max_tokens 64"):  # a mix: the short families'
-        label(LabelConfig(out=tmp_path / "m.jsonl", suite="mix", n_prompts=9, k=2, cuts=[64]))
+    with pytest.raises(UsageError, match=r"^--cut 32 must be below --max-tokens 32$"):
+        label(LabelConfig(out=tmp_path / "l.jsonl", n_prompts=2, k=2, cuts=[32], max_tokens=32))
+    with pytest.raises(UsageError, match="--cut 256 must be below the longest reply budget of suite 'mix', 256"):
+        label(LabelConfig(out=tmp_path / "m.jsonl", suite="mix", n_prompts=9, k=2, cuts=[64, 256]))
     assert not list(tmp_path.iterdir())
 
 
@@ -455,7 +460,7 @@ def test_label_line_nested_too_deeply_is_one_named_error(tmp_path):
     deep = tmp_path / "deep.jsonl"
     deep.write_text(json.dumps({"format": FORMAT, "version": VERSION, "model": "m"}) + "\n"
                     + "[" * 100_000 + "]" * 100_000 + "\n")
-    with pytest.raises(UsageError, match=f"^{deep}: a line holds JSON nested too deeply$"):
+    with pytest.raises(UsageError, match=f"^{deep}:2: JSON nested too deeply$"):
         read_labels(deep)
 
 
@@ -483,3 +488,114 @@ def test_train_refuses_inputs_inside_what_it_replaces_and_quiets_transformers_ba
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_a_reply_that_was_only_end_of_text_is_a_row_train_reads(tmp_path):
+    """A reply of just the end-of-text token has no ids (`label` keeps none of it): `train` refused the whole
+    file with "has a row whose sample or ids are not token ids". Malformed ids are still refused."""
+    from edge_adapt.train.trainer import groups_of
+
+    f = _label_set(tmp_path, {"p": [True, False]})
+    lines = f.read_text().split("\n")
+    rec = json.loads(lines[1])
+    rec["rows"][1]["ids"] = []
+    f.write_text("\n".join([lines[0], json.dumps(rec)]))
+    (group,) = groups_of(read_labels(f), "relative")
+    assert group.responses == [[5], []]
+    for bad in ([-1], [1.5], "5", [True]):
+        rec["rows"][1]["ids"] = bad
+        f.write_text("\n".join([lines[0], json.dumps(rec)]))
+        with pytest.raises(UsageError, match="prompt record 1 has a row whose sample or ids are not token ids"):
+            read_labels(f)
+
+
+def test_train_config_refuses_settings_its_method_or_target_never_reads(tmp_path):
+    """--lm-loss without --method full and --relative-weight without --target blend were accepted and changed
+    nothing (byte-identical adapters); so was --rank with --method full."""
+    from edge_adapt.errors import validated
+    from edge_adapt.train.config import TrainConfig
+
+    def cfg(**kw):
+        return validated(TrainConfig, dict(labels="l.jsonl", validation="v.jsonl", out=tmp_path, **kw), "train")
+
+    for kw, message in ((dict(lm_loss=5), "--lm-loss is read only by --method full"),
+                        (dict(method="lora", lm_loss=5), "--lm-loss is read only by --method full"),
+                        (dict(relative_weight=0.9), "--relative-weight is read only by --target blend, not relative"),
+                        (dict(method="full", rank=4), "--rank is not used by --method full"),
+                        (dict(method="full", targets=["q_proj"]), "--targets is not used by --method full"),
+                        (dict(export_type="f16"), "--export-type is read only by --method full")):
+        with pytest.raises(UsageError, match=f"^train: {message}"):
+            cfg(**kw)
+    # Each where it is read, and any at its default, is accepted.
+    cfg(method="full", lm_loss=5, export_type="f16")
+    cfg(target="blend", relative_weight=0.9)
+    cfg(method="full", rank=8, relative_weight=0.3)
+
+
+def test_best_epoch_is_by_brier_where_validation_cannot_give_an_auroc():
+    """Validation replies all wrong (or all right): AUROC is undefined every epoch and epoch 1 was "best" with no
+    measure behind it; the lower Brier score picks it, and the result says so."""
+    from edge_adapt.train.trainer import EpochResult, best_by, better
+
+    def epoch(n: int, auroc: float | None, brier: float) -> EpochResult:
+        return EpochResult(n, 0.5, 0.5, auroc, brier, 0.25, 0.1)
+
+    one_class = [epoch(1, None, 0.919), epoch(2, None, 0.872), epoch(3, None, 0.9)]
+    mixed = [epoch(1, 0.6, 0.2), epoch(2, 0.7, 0.3), epoch(3, 0.65, 0.1)]
+    for history, want, by in ((one_class, 2, "Brier"), (mixed, 2, "AUROC")):
+        best = None
+        for res in history:
+            best = res if better(res, best) else best
+        assert best is not None and (best.epoch, best_by(best)) == (want, by)
+
+
+def test_label_split_of_a_file_suite_is_refused_not_ignored(tmp_path):
+    """A file suite is read whole: `label --suite FILE.jsonl --split test` labelled the whole file."""
+    suite = tmp_path / "good.jsonl"
+    suite.write_text('{"prompt": "What is 2+2?", "answer": "4"}\n')
+    out = tmp_path / "s.jsonl"
+    for name in (str(suite), "gsm8k"):
+        with pytest.raises(UsageError, match=f"^--split test: suite '{name}' has no splits"):
+            LabelConfig(out=out, suite=name, split="test")
+    LabelConfig(out=out, suite=str(suite), split="train")  # the default: nothing to ignore
+    LabelConfig(out=out, family="gsm8k", split="test")  # the hash-split family has splits
+    with pytest.raises(UsageError, match="has no levels"):
+        label(LabelConfig(out=out, suite=str(suite), levels=[1], cache_dir=tmp_path / "c"))
+
+
+@pytest.mark.slow
+def test_train_takes_a_reply_of_no_tokens_and_picks_by_brier_when_validation_is_one_class(engine: Engine,
+                                                                                         tmp_path: Path):
+    """A reply that was only end-of-text ("ids": []) stopped `train` ("max() arg is an empty sequence"), and with
+    every validation reply wrong the first epoch was "best" with no measure behind it."""
+    pytest.importorskip("peft")
+    from edge_adapt.train.config import TrainConfig
+    from edge_adapt.train.trainer import train
+
+    common = dict(k=2, max_tokens=8, cuts=[4], cache_dir=tmp_path / "cache")
+    tr = label(LabelConfig(out=tmp_path / "train.jsonl", split="train", n_prompts=2, **common), engine)
+    va = label(LabelConfig(out=tmp_path / "val.jsonl", split="validation", n_prompts=1, **common), engine)
+
+    def rewrite(path: Path, edit) -> None:
+        header, *recs = [json.loads(x) for x in path.read_text().splitlines()]
+        for rec in recs:
+            edit(rec)
+        path.write_text("".join(json.dumps(x) + "\n" for x in (header, *recs)))
+
+    def empty_first(rec: dict) -> None:
+        first = rec["rows"][0]["sample"]
+        rec["rows"] = [r for r in rec["rows"] if r["sample"] != first or r["cut"] is None]
+        rec["rows"][0]["ids"] = []
+
+    def all_wrong(rec: dict) -> None:
+        for r in rec["rows"]:
+            r.update(correct=False, target=1.0)
+
+    rewrite(tr, empty_first)
+    rewrite(va, all_wrong)
+    result = train(TrainConfig(labels=tr, validation=va, out=tmp_path / "run", epochs=2, prompts_per_step=1,
+                               validate_before=False, threads=1))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert all(e["auroc"] is None for e in metrics["epochs"])
+    assert result.best_by == metrics["best_by"] == "Brier"
+    assert metrics["best_epoch"] == min(metrics["epochs"], key=lambda e: e["brier"])["epoch"]

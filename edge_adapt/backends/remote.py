@@ -48,7 +48,7 @@ from edge_adapt.engine.chat import Message
 from edge_adapt.engine.gguf_file import GGUFInfo
 from edge_adapt.engine.sampling import GREEDY, SamplingParams
 from edge_adapt.engine.vocab import TextModel, Vocab
-from edge_adapt.errors import UsageError
+from edge_adapt.errors import UsageError, is_whole
 
 if TYPE_CHECKING:
     from edge_adapt.eval.pool import PoolSample, PoolSettings, PromptPool
@@ -266,11 +266,12 @@ class RemoteBackend:
         if reason not in ("stop", "length"):
             raise RemoteError(f"{self.client.base}: unexpected finish_reason {reason!r}")
         finish = "length" if reason == "length" else "stop"
-        drawn = ids
-        if ids and reason == "stop" and self.vocab.is_eog(ids[-1]):
-            finish, drawn = "eos", ids[:-1]
         n_vocab = self.vocab.model.n_vocab
-        if any(not 0 <= t < n_vocab for t in drawn) or self.vocab.detokenize(drawn) != text:
+        in_vocab = all(0 <= t < n_vocab for t in ids)  # before is_eog asks llama.cpp about one
+        drawn = ids
+        if in_vocab and ids and reason == "stop" and self.vocab.is_eog(ids[-1]):
+            finish, drawn = "eos", ids[:-1]
+        if not in_vocab or self.vocab.detokenize(drawn) != text:
             raise RemoteError(f"{self.client.base}: the reply's token ids do not spell its text with --model's "
                               f"vocabulary: does the server run the same model ({self.model})?")
         return Drawn(params, text, tuple(drawn), tuple(float(x) for x in lps), finish)
@@ -390,8 +391,8 @@ class RemoteBackend:
         block = card.get("edge_adapt")
         if isinstance(block, dict):
             try:
-                suffix = tuple(int(t) for t in block["suffix_ids"])
-                yes, no = int(block["yes_token"]), int(block["no_token"])
+                suffix = tuple(_whole(t) for t in block["suffix_ids"])
+                yes, no = _whole(block["yes_token"]), _whole(block["no_token"])
             except (KeyError, TypeError, ValueError):
                 raise RemoteError(f"{self.client.base}: model {name} has a malformed edge_adapt block") from None
             self._check_adapter(name, block, selfeval_config)
@@ -451,7 +452,7 @@ class RemoteBackend:
                               "scores when requests are decoded together: score with --concurrency 1, or on "
                               "edge-adapt serve or in process (labels, which need no scores, are not affected)")
         name = self.options.selfeval_model or "0"
-        found = [a for a in adapters if isinstance(a, dict) and str(a.get("id")) == name] \
+        found = [a for a in adapters if isinstance(a, dict) and is_whole(a.get("id")) and str(a["id"]) == name] \
             if isinstance(adapters, list) else []
         if not found:
             raise RemoteError(f"{root} has no LoRA adapter with id {name} (start llama-server with --lora "
@@ -519,9 +520,9 @@ def _logprobs(choice: dict[str, Any], where: str) -> tuple[list[int], list[float
     try:
         if isinstance(lp, dict) and isinstance(lp.get("content"), list):
             items = lp["content"]
-            ids = [int(x["id"]) for x in items]
+            ids = [_whole(x["id"]) for x in items]
             lps = [_lp(x) for x in items]
-            tops = [{int(t["id"]): _lp(t) for t in x.get("top_logprobs") or x.get("top_probs") or ()} for x in items]
+            tops = [{_whole(t["id"]): _lp(t) for t in x.get("top_logprobs") or x.get("top_probs") or ()} for x in items]
             return _finite(ids, lps, tops, where)
         if isinstance(lp, dict) and isinstance(lp.get("tokens"), list) and isinstance(lp.get("token_logprobs"), list):
             ids = [_token_id(t, where) for t in lp["tokens"]]
@@ -543,6 +544,14 @@ def _finite(ids: list[int], lps: list[float], tops: list[dict[int, float]],
         raise RemoteError(f"{where}: a completion with log-probabilities that are not finite numbers (NaN or "
                           "infinity)")
     return ids, lps, tops
+
+
+def _whole(v: Any) -> int:
+    """A token id as JSON gives it: a whole number. int() of a float would truncate 2.7 to another token and fail
+    on 1e400 (infinity) with an OverflowError; a ValueError instead, which the caller's RemoteError says."""
+    if not is_whole(v):
+        raise ValueError(f"a token id must be a whole number, got {v!r:.40}")
+    return int(v)
 
 
 def _lp(item: dict[str, Any]) -> float:

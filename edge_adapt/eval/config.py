@@ -95,16 +95,16 @@ class EvalConfig(PoolSource):
 
 
 def pool_temperature(v: float) -> float:
-    """A pool samples (its greedy reply is drawn apart): a temperature in the sampling range, above 0."""
-    from edge_adapt.engine.sampling import check_sampling
-    from edge_adapt.errors import UsageError
+    """A pool samples (its greedy reply is drawn apart): a temperature in the sampling range, above 0. Said in
+    one message here: the sampler's own allows 0 (greedy), which would point to a value refused next."""
+    from edge_adapt.engine.sampling import SAMPLING_RULES
 
-    try:
-        check_sampling(temperature=v)
-    except UsageError as exc:
-        raise ValueError(str(exc)) from None
-    if v <= 0:
+    if v == 0:
         raise ValueError(f"a pool samples: temperature must be > 0, got {v}")
+    in_range, _, flag = SAMPLING_RULES["temperature"]
+    if not in_range(v):
+        raise ValueError(f"temperature ({flag}) must be a finite number in [1e-6, 100] (a pool samples: not 0), "
+                         f"got {v}")
     return v
 
 

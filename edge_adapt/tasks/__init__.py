@@ -54,6 +54,14 @@ def check_data(name: str, path: Path | None, family: str | None = None) -> None:
                      f"suite {name!r} reads none")
 
 
+def check_split(name: str, split: str, default: str, family: str | None = None) -> None:
+    """`split` (--split) only where the suite has splits: a file suite is read whole, so a split other than the
+    command's `default` would be ignored in silence, leaving the user believing they labelled that split."""
+    if split != default and not has_splits(name, family):
+        raise UsageError(f"--split {split}: suite {name!r} has no splits (a file is read whole, whatever split is "
+                         "asked for); leave --split out, or keep the prompts of each split in a file of their own")
+
+
 def load_suite(
     name: str, *, split: str = "test", n: int | None = None, path: Path | None = None,
     scorer: str | None = None, seed: int = 0, levels: Sequence[int] | None = None, family: str | None = None,
@@ -91,6 +99,6 @@ def load_suite(
 __all__ = [
     "ANSWER_FORMAT", "LEVELS", "SPLITS", "GSM8K_DEFAULT", "FAMILIES", "Family", "GeneratedFamily", "Gsm8kFamily",
     "Problem", "Suite", "Scorer", "FinalNumber", "ExactMatch", "RegexMatch", "StatedNumber", "Weekday", "arith_problems",
-    "arith_suite", "check_data", "family_suite", "get_family", "gsm8k_suite", "has_splits", "jsonl_suite", "load_suite", "mix_suite",
+    "arith_suite", "check_data", "check_split", "family_suite", "get_family", "gsm8k_suite", "has_splits", "jsonl_suite", "load_suite", "mix_suite",
     "extract_final_number", "extract_stated_number", "extract_weekday", "normalize_number", "resolve_scorer",
 ]

@@ -74,15 +74,21 @@ class Suite:
         return min((p.budget(max_tokens) for p in self.problems), default=max_tokens or DEFAULT_MAX_TOKENS)
 
     def points_below_budget(self, what: str, points: list[int], max_tokens: int | None = None, *,
-                            given: bool = True) -> list[int]:
-        """Token counts (prune points, label cuts; increasing) that every reply's budget must exceed. Points a user
-        gave that do not fit are a one-line UsageError; default ones are cut to those that fit (a reply of at
-        most 64 tokens is labelled at 16 and 32, not refused for the 64 it never passes)."""
-        shortest = self.shortest_budget(max_tokens)
+                            given: bool = True, per_reply: bool = False) -> list[int]:
+        """Token counts (prune points, label cuts; increasing) below the replies' budget. Points a user gave that
+        do not fit are a one-line UsageError; default ones are cut to those that fit (a reply of at most 64 tokens
+        is labelled at 16 and 32, not refused for the 64 it never passes). A pool's prune points must fit every
+        reply's budget; `per_reply` points (label's cuts) are applied to each reply only where it passed them, so
+        they need fit only the longest budget (a mix's 256-token replies are cut at 64, its 64-token ones not)."""
+        limit = self.longest_budget(max_tokens) if per_reply else self.shortest_budget(max_tokens)
         if not given:
-            return [p for p in points if p < shortest]
-        if points and points[-1] >= shortest:
-            raise UsageError(f"{what} {points} must be below max_tokens {shortest}")
+            return [p for p in points if p < limit]
+        if points and points[-1] >= limit:
+            if not per_reply:
+                raise UsageError(f"{what} {points} must be below max_tokens {limit}")
+            budget = f"--max-tokens {limit}" if max_tokens else \
+                f"the longest reply budget of suite {self.name!r}, {limit} tokens (--max-tokens sets one)"
+            raise UsageError(f"{what} {points[-1]} must be below {budget}")
         return points
 
 

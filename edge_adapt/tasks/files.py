@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from edge_adapt.engine.chat import Message
 from edge_adapt.errors import UsageError, is_number, is_whole
@@ -15,6 +16,16 @@ from edge_adapt.tasks.scorers import FinalNumber, Scorer, reference_number, reso
 
 # Where the GSM8K training split sits beside a checkout (MIT licensed); users point at their own files.
 GSM8K_DEFAULT = Path("../shared/data/gsm8k/train.jsonl")
+
+
+def json_line(line: str, where: str) -> Any:
+    """One line of a JSON Lines file, or a one-line UsageError naming `where` (its file and line)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{where}: not JSON ({exc.msg})") from None
+    except RecursionError:  # Python's parser recurses once per level of nesting
+        raise UsageError(f"{where}: JSON nested too deeply") from None
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -29,10 +40,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+        row = json_line(line, f"{path}:{lineno}")
         if not isinstance(row, dict):
             raise UsageError(f"{path}:{lineno}: each line must be a JSON object")
         rows.append((lineno, row))

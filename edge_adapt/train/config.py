@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The suffix the shipped adapter is trained on. Three tokens for SmolLM2 ([<|im_end|>, Rest, art]): scoring 16
 # samples costs one decode of 48 tokens, about 2.4% of generating 128 tokens each (the earlier 4-token
@@ -64,6 +64,24 @@ class TrainConfig(BaseModel):
     @classmethod
     def _one_or_more(cls, v: object) -> object:
         return [v] if isinstance(v, (str, Path)) else v
+
+    @model_validator(mode="after")
+    def _all_read(self) -> TrainConfig:
+        """A setting the chosen method or target never reads would change nothing, in silence: refused when it is
+        not its default, named as the flag."""
+        adapter = "is not used by --method full, which trains every weight and no adapter"
+        unread = {
+            "lm_loss": self.method != "full" and "is read only by --method full ((a)LoRA never touches generation)",
+            "export_type": self.method != "full" and "is read only by --method full (an adapter is exported as f16)",
+            "relative_weight": self.target != "blend" and f"is read only by --target blend, not {self.target}",
+            "rank": self.method == "full" and adapter,
+            "alpha": self.method == "full" and adapter,
+            "targets": self.method == "full" and adapter,
+        }
+        for name, why in unread.items():
+            if why and getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True):
+                raise ValueError(f"--{name.replace('_', '-')} {why}")
+        return self
 
     @property
     def learning_rate(self) -> float:

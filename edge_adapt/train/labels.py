@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from edge_adapt.engine import Engine, EngineOptions, Vocab
 from edge_adapt.engine.vocab import same_model
@@ -41,8 +41,9 @@ from edge_adapt.fileio import atomic_file, check_output_dir, check_target, remov
 from edge_adapt.progress import Job, to_the_end
 from edge_adapt.sizing import for_pool, load_engine
 from edge_adapt.strategies.run import prompt_tokens
-from edge_adapt.tasks import load_suite
+from edge_adapt.tasks import check_split, load_suite
 from edge_adapt.tasks.base import Suite
+from edge_adapt.tasks.files import json_line
 
 FORMAT = "edge-adapt-labels"
 VERSION = 1
@@ -52,7 +53,8 @@ class LabelConfig(PoolSource):
     """What `edge-adapt label` and `label()` take."""
 
     out: Path = Field(..., description="the dataset file to write (.jsonl)")
-    split: str = Field("train", description="split of a generated suite; never label the split you report on")
+    split: str = Field("train", description="split of a generated suite or family; never label the split you report "
+                                            "on (a file suite has none: refused unless train)")
     n_prompts: int = Field(300, ge=1)
     levels: list[int] | None = Field(None, description="levels of arith or the family to label, spread evenly (all when omitted)")
     k: int = Field(16, ge=2, le=64, description="samples per prompt (targets compare each with the other K-1)")
@@ -63,7 +65,12 @@ class LabelConfig(PoolSource):
     @field_validator("cuts")
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
-        return token_points(v, "cuts")
+        return token_points(v, "--cut")
+
+    @model_validator(mode="after")
+    def _split_read(self) -> LabelConfig:
+        check_split(self.suite, self.split, type(self).model_fields["split"].default, self.family)
+        return self
 
 
 def targets(scores: Sequence[float]) -> list[float]:
@@ -113,7 +120,9 @@ def label_job(cfg: LabelConfig, engine: Engine | None = None) -> Job[Path]:
                        levels=cfg.levels, family=cfg.family)
     if not suite.problems:
         raise UsageError(f"suite {suite.name!r} holds no problems")
-    cuts = suite.points_below_budget("cuts", cfg.cuts, cfg.max_tokens, given="cuts" in cfg.model_fields_set)
+    # Each reply is cut only where it was still generating (cut_points), so below its own budget.
+    cuts = suite.points_below_budget("--cut", cfg.cuts, cfg.max_tokens, given="cuts" in cfg.model_fields_set,
+                                     per_reply=True)
     # Without --max-tokens each problem takes its family's budget (see eval.run.pool_settings).
     settings = PoolSettings(k=cfg.k, temperature=cfg.temperature, max_tokens=suite.budget(cfg.max_tokens),
                             prune_points=(), seed=cfg.seed)
@@ -186,17 +195,12 @@ def read_labels(path: str | Path) -> LabelSet:
     if not p.exists() and not p.is_symlink():
         raise UsageError(f"{p}: label file not found")
     lines = read_user_file(p, max_bytes=4 << 30, text=True).splitlines()
-    try:
-        header = json.loads(lines[0]) if lines else {}
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise UsageError(f"{p}: not an edge-adapt label file (no '{FORMAT}' header)")
-        if header.get("version") != VERSION:
-            raise UsageError(f"{p}: label format version {header.get('version')} is not supported (want {VERSION})")
-        prompts = [json.loads(x) for x in lines[1:] if x.strip()]
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{p}: broken JSON line ({exc.msg})") from None
-    except RecursionError:  # Python's parser recurses once per level of nesting
-        raise UsageError(f"{p}: a line holds JSON nested too deeply") from None
+    header = json_line(lines[0], f"{p}:1") if lines else {}
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise UsageError(f"{p}: not an edge-adapt label file (no '{FORMAT}' header)")
+    if header.get("version") != VERSION:
+        raise UsageError(f"{p}: label format version {header.get('version')} is not supported (want {VERSION})")
+    prompts = [json_line(x, f"{p}:{n}") for n, x in enumerate(lines[1:], start=2) if x.strip()]
     for line, rec in enumerate(prompts, start=2):
         problem = _bad_record(rec)
         if problem:
@@ -227,7 +231,8 @@ def _bad_record(rec: Any) -> str | None:
     for row in rec["rows"]:
         if not isinstance(row, dict) or not {"sample", "cut", "ids", "correct", "target"} <= set(row):
             return "has a row without sample, cut, ids, correct and target"
-        if not isinstance(row["sample"], int) or not _ids(row["ids"]) or not row["ids"]:
+        # No ids is a reply that was only an end-of-text token (not kept in the ids): a legitimate sample.
+        if not isinstance(row["sample"], int) or not _ids(row["ids"]):
             return "has a row whose sample or ids are not token ids"
         if row["cut"] is not None and (not isinstance(row["cut"], int) or row["cut"] <= 0):
             return f"has a row with cut {row['cut']!r}"

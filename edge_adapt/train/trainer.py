@@ -140,6 +140,23 @@ class TrainResult:
     examples: int
     processes: int = 1  # processes that trained together (data-parallel over prompts)
     main: bool = True  # this process wrote the outputs (the others of a multi-process run only computed)
+    best_by: str = "AUROC"  # what chose the best epoch (see `better`)
+
+
+def better(res: EpochResult, best: EpochResult | None) -> bool:
+    """Whether epoch `res` validates better than `best`: by AUROC, or where validation holds replies of one class
+    only (AUROC undefined every epoch) by the Brier score, lower being better; else the first epoch would be
+    "best" with no measure behind it."""
+    if best is None:
+        return True
+    if res.auroc is not None and best.auroc is not None:
+        return res.auroc > best.auroc
+    return res.brier < best.brier
+
+
+def best_by(best: EpochResult) -> str:
+    """The measure `better` chose `best` by."""
+    return "AUROC" if best.auroc is not None else "Brier"
 
 
 class _Scorer:
@@ -247,7 +264,8 @@ class _Scorer:
                 continue
             prompt = prompt if prompt is not None else self._prompt(group, full_grad)
             out, ids = self._prefix(group, prompt, members, full_grad)
-            if full_grad and self.cfg.lm_loss > 0:
+            # A reply of one token or none predicts nothing: a chunk of only those would average no terms (NaN).
+            if full_grad and self.cfg.lm_loss > 0 and any(len(group.responses[m]) > 1 for m in members):
                 lm_terms.append(self._lm_loss(out.last_hidden_state, ids, [len(group.responses[m]) for m in members]))
             pick = torch.tensor([where[r.sample] for r in rows], dtype=torch.long, device=self.device)
             cache = DynamicCache([(lay.keys.index_select(0, pick), lay.values.index_select(0, pick))
@@ -381,9 +399,9 @@ def require_train_extra() -> None:
 
 
 def train_job(cfg: TrainConfig) -> Job[TrainResult]:
-    """Import the base model, train, keep the best epoch by validation AUROC, export to GGUF. As a job it yields
-    Progress ("train" per optimizer step; "validate" per validation, its metrics as the message); `train` runs
-    it to its result.
+    """Import the base model, train, keep the best epoch by validation AUROC (Brier where it is undefined), export
+    to GGUF. As a job it yields Progress ("train" per optimizer step; "validate" per validation, its metrics as
+    the message); `train` runs it to its result.
 
     Inputs are checked before any work; if the run fails or is interrupted, what it created in the output
     directory (the directory itself, if it made it) is removed.
@@ -450,7 +468,7 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
     with Engine(model=cfg.model, parallel=1, ctx=256) as eng:
         if not same_model(str(train_set.header.get("model")), eng.fingerprint):
             raise UsageError(f"labels were made with {train_set.header.get('model')}, the model is {eng.fingerprint}")
-        top = max(max(rec["prompt_ids"] + [max(r["ids"]) for r in rec["rows"]])
+        top = max(max(rec["prompt_ids"] + [t for r in rec["rows"] for t in r["ids"]])  # a reply may have none
                   for rec in train_set.prompts + val_set.prompts)
         if top >= eng.model.n_vocab:
             raise UsageError(f"labels hold token id {top}, outside the model's {eng.model.n_vocab} tokens")
@@ -568,7 +586,7 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
                            message=f"epoch {epoch}: AUROC {_f(res.auroc)} ({res.breakdown()}) within prompts "
                                    f"{_f(res.within_prompt_auroc)} Brier {res.brier:.3f} "
                                    f"(constant {res.brier_constant:.3f}) ECE {res.ece:.3f}")
-        if best is None or (res.auroc or 0) > (best.auroc or 0):
+        if better(res, best):
             best = res  # every process holds the whole validation, so all agree on the best epoch
             if main:
                 _save(scorer, best_dir)
@@ -587,7 +605,7 @@ def _train(cfg: TrainConfig, acc: Any) -> Job[TrainResult]:
             convert_adapter(best_dir, base_gguf, stage / name, self_eval_config=meta, type="f16", force=True,
                             name=f"{base_name} self-eval adapter")
     result = TrainResult(out, out / name, best.epoch, history, time.perf_counter() - t_start, peak_rss() / 2**20,
-                         train_set.n_rows, world, main)
+                         train_set.n_rows, world, main, best_by(best))
     if main:
         _write_metrics(cfg, result, suffix_ids, stage)
         _move_in(stage, out, stale=[out / ("adapter.gguf" if name == "model.gguf" else "model.gguf")])
@@ -724,7 +742,7 @@ def _write_metrics(cfg: TrainConfig, result: TrainResult, suffix_ids: list[int],
 
     data = {
         "config": json.loads(cfg.model_dump_json()), "suffix_ids": suffix_ids, "exported": str(result.exported),
-        "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1), "peak_rss_mib": round(result.peak_rss_mib),
+        "best_epoch": result.best_epoch, "best_by": result.best_by, "seconds": round(result.seconds, 1), "peak_rss_mib": round(result.peak_rss_mib),
         "processes": result.processes, "train_rows": result.examples, "epochs": [asdict(e) for e in result.epochs],
     }
     with atomic_file(into / "metrics.json", force=True) as tmp:
