@@ -134,6 +134,9 @@ def check_target(path: Path, *, force: bool, directory: bool = False) -> None:
         raise UsageError(f"{path} already exists; pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
+        existing = next((p for p in parent.parents if p.exists()), None) if not parent.exists() else parent
+        if existing is not None and not existing.is_dir():  # -o out.jsonl/x.jsonl: it exists, as a file
+            raise UsageError(f"cannot write {path}: {existing} is not a directory")
         raise UsageError(f"output directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):  # known now, not after the work that makes the output
         raise ModelFileError(f"cannot write {path}: permission denied")

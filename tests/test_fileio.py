@@ -242,3 +242,15 @@ def test_a_file_output_that_is_or_lies_inside_an_input_is_refused_through_links_
             check_not_input(output, [None, given])
     check_not_input(tmp_path / "m.gguf", [None, hf, weights])  # beside is fine
     check_not_input(hf / "model.gguf", [hf])  # and so is a new file beside the checkpoint's, as llama.cpp writes it
+
+
+def test_an_output_under_a_file_names_the_file_in_the_way(tmp_path):
+    """Was: `-o labels.jsonl/x.jsonl` said "output directory labels.jsonl does not exist", though it does."""
+    from edge_adapt.fileio import check_target
+
+    (tmp_path / "labels.jsonl").write_text("{}\n")
+    for output in (tmp_path / "labels.jsonl" / "x.jsonl", tmp_path / "labels.jsonl" / "sub" / "x.jsonl"):
+        with pytest.raises(UsageError, match=f"^cannot write {output}: {tmp_path / 'labels.jsonl'} is not a directory$"):
+            check_target(output, force=True)
+    with pytest.raises(UsageError, match="^output directory .*missing does not exist$"):
+        check_target(tmp_path / "missing" / "x.jsonl", force=False)
