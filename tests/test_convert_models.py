@@ -197,48 +197,45 @@ def test_gpt2_pre_tokenizer_written_as_llama_cpp_names_it(llama_dir: Path, tmp_p
     assert back(MIXED_TEXT)["input_ids"] == hf(MIXED_TEXT)["input_ids"]
 
 
+def _mistral(llama_dir: Path, tmp_path: Path, window: int | None, name: str = "m.gguf") -> Path:
+    """The tiny llama converted as a Mistral with this sliding window (None: full attention)."""
+    import json
+
+    src = tmp_path / "src"
+    if not src.exists():
+        shutil.copytree(llama_dir, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=window)
+    (src / "config.json").write_text(json.dumps(cfg))
+    return convert_model(src, tmp_path / name, type="f16").path
+
+
 def test_mistral_sliding_window_bounds_the_training_context(llama_dir: Path, tmp_path: Path) -> None:
     """llama.cpp's llama graph attends to every earlier token: that is Mistral's sliding-window attention only
     within the window, so the file's training context is the window (and the engine refuses a longer one)."""
-    import json
-
     from edge_adapt.engine import Engine
     from edge_adapt.errors import BudgetError
 
-    src = tmp_path / "src"
-    shutil.copytree(llama_dir, src)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=128)
-    (src / "config.json").write_text(json.dumps(cfg))
-    out = convert_model(src, tmp_path / "m.gguf", type="f16").path
+    out = _mistral(llama_dir, tmp_path, 128)
     assert inspect_gguf(out).n_ctx_train == 128
     with pytest.raises(BudgetError, match="exceeds the model's training context 128"):
         Engine(model=out, ctx=256, device="cpu", threads=2)
-
-    cfg["sliding_window"] = None  # Mistral 7B v0.2 and later: full attention
-    (src / "config.json").write_text(json.dumps(cfg))
-    assert inspect_gguf(convert_model(src, tmp_path / "full.gguf", type="f16").path).n_ctx_train == 512
+    # Mistral 7B v0.2 and later: full attention
+    assert inspect_gguf(_mistral(llama_dir, tmp_path, None, "full.gguf")).n_ctx_train == 512
 
 
 def test_a_sized_context_is_cut_to_a_training_context_that_is_no_multiple_of_256(llama_dir: Path, tmp_path: Path) -> None:
     """Was: a job needing 280 tokens of a model trained for 300 was sized 512 (llama.cpp's cells), and the
     engine refused that as `--ctx 512 exceeds the model's training context 300`, a flag the user never gave."""
-    import json
-
     from edge_adapt.engine import EngineOptions
     from edge_adapt.errors import ContextOverflowError
     from edge_adapt.sizing import ensure, for_generation, load_engine
 
-    src = tmp_path / "src"
-    shutil.copytree(llama_dir, src)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=300)
-    (src / "config.json").write_text(json.dumps(cfg))
-    out = convert_model(src, tmp_path / "m.gguf", type="f16").path
+    out = _mistral(llama_dir, tmp_path, 300)
     size = for_generation([1] * 200, 2, 80)
     assert size.ctx == 512
     with load_engine(size, EngineOptions(model=out, device="cpu", threads=2)) as engine:
-        assert engine.options.ctx == 300 and engine.n_ctx_seq >= 280, engine.n_ctx_seq
+        assert engine.options.ctx == 300 and engine.n_ctx_seq >= 280
         ensure(engine, for_generation([1] * 250, 2, 40))  # 290 tokens: held already
         assert engine.options.ctx == 300
         with pytest.raises(ContextOverflowError, match=r"^the prompt \(250 tokens\) and max_tokens 60 need 310 "
