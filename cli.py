@@ -274,7 +274,7 @@ def run(
     step_tokens: Annotated[Optional[int], typer.Option("--max-step-tokens", help="beam/lookahead: longest step", min=1)] = None,
     lookahead: Annotated[Optional[int], typer.Option("--lookahead", help="lookahead: greedy steps rolled out before scoring", min=1)] = None,
     # No range here: StrategyConfig checks it, NaN too (which a range check would call "greater than 1").
-    sequential_ratio: Annotated[Optional[float], typer.Option("--sequential-ratio", help="revise: share of the budget spent on revisions (0 to 1)")] = None,
+    sequential_ratio: Annotated[Optional[float], typer.Option("--sequential-ratio", help="revise: share of the budget one chain of revisions spends (0 to 1; about 1/ratio chains)")] = None,
     keep: Annotated[Optional[int], typer.Option("--keep", "-k", help="prune: samples kept at each prune point", min=1)] = None,
     prune_at: Annotated[Optional[list[int]], typer.Option("--prune-at", help="prune: token count to score and prune at (repeatable)")] = None,
     show_scores: Annotated[bool, typer.Option("--show-scores", help="print every sample's self-eval score")] = False,

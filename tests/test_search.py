@@ -186,6 +186,28 @@ def test_revise_splits_the_budget_into_chains():
     assert usage(ev).samples_started == 8
 
 
+@pytest.mark.parametrize("budget, rounds", [(2, [1, 1]), (3, [2, 1]), (5, [2, 2, 1]), (7, [2, 2, 2, 1])])
+def test_revise_spends_the_whole_budget_and_revises(budget, rounds):
+    """At the default ratio: two chains, the first longer by one when the budget is odd; budget 2 is one attempt
+    and its revision."""
+    e = fresh(lambda i: ["x"])
+    ev = run(e, FakeScorer(unique_score), strategy="revise", budget=budget)
+    assert [r.n for r in of(ev, RoundStarted)] == rounds
+    assert usage(ev).samples_started == len(e.started) == budget
+    turn = revision_turn(e, StrategyConfig().revise_prompt)
+    first = e.started[0].generated[:-1] + turn
+    assert e.contexts[-1][3 : 3 + len(first)] == first  # the last attempt is a revision of the first chain
+
+
+@pytest.mark.parametrize("ratio, lengths", [(0.0, (2, 1, 1)), (0.25, (2, 1, 1)), (0.4, (2, 1, 1)), (0.5, (2, 2)),
+                                            (0.6, (2, 2)), (0.75, (4,)), (1.0, (4,))])
+def test_revise_chain_length_follows_the_ratio(ratio, lengths):
+    """About 1/ratio chains of budget x ratio attempts; at most budget - 1 chains, so that one revises."""
+    rounds = [sum(n > r for n in lengths) for r in range(lengths[0])]
+    ev = run(fresh(lambda i: ["x"]), FakeScorer(unique_score), strategy="revise", budget=4, sequential_ratio=ratio)
+    assert [r.n for r in of(ev, RoundStarted)] == rounds and usage(ev).samples_started == 4
+
+
 def test_revise_answers_by_weighted_vote_over_all_attempts():
     answers = {0: "3", 1: "4", 2: "4"}
     e = fresh(lambda i: [answers[i]])

@@ -714,3 +714,17 @@ def test_a_cancel_ends_every_strategy_with_cancelled_not_an_answer(name, tmp_pat
     assert e.cancelled and not of(seen, Chosen) and not of(seen, Done)
     assert {f.reason for f in of(seen, Finished)} >= {"cancelled"}  # the samples cut short are ended first
     assert e.free_sequences == 32  # every sequence given back
+
+
+@pytest.mark.parametrize("budget, ratio", [(3, 0.5), (5, 0.5), (7, 0.4), (11, 0.5), (9, 1.0)])
+def test_revise_holds_no_more_than_it_declares_when_chains_differ_in_length(budget, ratio):
+    """The engine is sized from the declaration: as many sequences as chains, each as long as the longest chain's
+    window of attempts and turns."""
+    from edge_adapt.strategies.run import plan_run
+
+    cfg = StrategyConfig(strategy="revise", budget=budget, sequential_ratio=ratio, max_tokens=8)
+    plan = plan_run(fresh(), [1, 2, 3], cfg, suffix=0)
+    e = fresh(lambda i: ["x", "y"] * (1 + i % 3), parallel=plan.sequences)
+    ev = list(run_strategy(e, [1, 2, 3], cfg, FakeScorer(lambda i, n: 0.5)))
+    assert isinstance(ev[-1], Done) and len(e.started) == budget and e.peak <= plan.sequences
+    assert max(len(ctx) + len(s.generated) for ctx, s in zip(e.contexts, e.started)) <= plan.tokens_per_sequence

@@ -63,7 +63,8 @@ class StrategyConfig(BaseModel):
     lookahead: int = Field(1, ge=1, description="lookahead: greedy steps rolled out before a step is scored")
     sequential_ratio: float = Field(
         0.5, ge=0, le=1,
-        description="revise: attempts per chain = max(1, round(budget * ratio)); chains = budget // that",
+        description="revise: the share of the budget one chain spends: about 1/ratio chains of budget * ratio "
+                    "attempts each (at most budget - 1 chains, so that one revises)",
     )
     revise_prompt: str = Field(DEFAULT_REVISE_PROMPT, min_length=1, description="revise: the user turn before a new attempt")
     policy: Path | Policy | None = Field(
@@ -158,14 +159,16 @@ class StrategyConfig(BaseModel):
         return max(1, self.budget // 4)
 
     @property
-    def chain_length(self) -> int:
-        """revise: attempts per chain (the first attempt and its revisions)."""
-        return max(1, min(self.budget, round(self.budget * self.sequential_ratio)))
-
-    @property
-    def chains(self) -> int:
-        """revise: chains run side by side."""
-        return self.budget // self.chain_length
+    def chain_lengths(self) -> tuple[int, ...]:
+        """revise: attempts per chain (a first attempt and its revisions), longest first. About 1/ratio chains
+        (rounded half up), so that each is about budget * ratio long; at most budget - 1, so that a chain revises
+        at least once (budget 2 is one attempt and one revision at any ratio). The whole budget is spent: the
+        lengths differ by at most one."""
+        few = self.budget * self.sequential_ratio <= 1  # then 1/ratio >= budget (and no division by 0)
+        wanted = self.budget if few else math.floor(1 / self.sequential_ratio + 0.5)
+        chains = max(1, min(self.budget - 1, wanted))
+        length, longer = divmod(self.budget, chains)
+        return tuple(length + (i < longer) for i in range(chains))
 
     @classmethod
     def parse(cls, data: Mapping[str, Any], what: str = "strategy config") -> StrategyConfig:

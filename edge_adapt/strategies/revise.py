@@ -1,5 +1,5 @@
-"""revise: sequential revisions (Snell et al. 2024). The budget is split into `chains` run side by side, each
-a first attempt followed by revisions: before each new attempt the chain's context gets a user turn asking
+"""revise: sequential revisions (Snell et al. 2024). The budget is split into chains run side by side (their
+lengths: StrategyConfig.chain_lengths), each a first attempt followed by revisions: before each new attempt the chain's context gets a user turn asking
 to check and try again, so the model sees its earlier attempts (the MAX_IN_CONTEXT most recent). All chains
 fork from the prompt's KV, decoded once; while a chain's window is not full each revision only appends to its
 KV. The answer is the weighted best-of-N (summed p_keep per extracted answer) across every attempt."""
@@ -46,18 +46,19 @@ def revise(engine: EngineLike, root: Sequence, config: StrategyConfig, scorer: S
     scorer = require_scorer(scorer, "revise")
     turn = revision_turn(engine, config.revise_prompt)
     n_prompt = len(root.tokens)
+    lengths = config.chain_lengths
     with Pool(engine, root, config) as pool:
-        yield from pool.start(config.chains, config.temperature)
+        yield from pool.start(len(lengths), config.temperature)
         current = list(pool.samples)
         chains: list[list[Sample]] = [[s] for s in current]
-        for r in range(config.chain_length):
+        for r in range(lengths[0]):
             yield RoundStarted(r, len(current), config.temperature)
             yield from engine.steps(current)
             yield from pool.score(scorer, current)
-            if r == config.chain_length - 1:
-                break
             current = []
-            for chain in chains:
+            for chain, length in zip(chains, lengths):
+                if len(chain) == length:  # this chain's attempts are spent (the last round: every chain's)
+                    continue
                 last = chain[-1]
                 seq = last.seq
                 if len(chain) <= MAX_IN_CONTEXT:  # the window still holds every attempt: append
@@ -83,8 +84,8 @@ def context_after_prompt(attempts: Seq[Sample], turn: Seq[int]) -> list[int]:
 
 def _tokens_in_context(config: StrategyConfig, model: Any) -> int:
     """A chain's sequence holds its current attempt and the earlier ones in its window, with the revision turn
-    after each."""
-    window = min(config.chain_length - 1, MAX_IN_CONTEXT)
+    after each; the longest chain's window is the largest."""
+    window = min(config.chain_lengths[0] - 1, MAX_IN_CONTEXT)
     return config.max_tokens + window * (config.max_tokens + len(revision_turn(model, config.revise_prompt)))
 
 
@@ -93,6 +94,6 @@ def _check(config: StrategyConfig) -> None:
         raise ValueError("revise needs a budget of at least 2 (one attempt and one revision)")
 
 
-register(StrategySpec("revise", revise, samples_at_once=lambda config: config.chains,
+register(StrategySpec("revise", revise, samples_at_once=lambda config: len(config.chain_lengths),
                       tokens_per_sequence=_tokens_in_context, check=_check,
                       reads=SCORED | ANSWERS | {"sequential_ratio", "revise_prompt"}))
