@@ -109,6 +109,20 @@ def _text_arg(value: str, what: str) -> str:
         except UnicodeDecodeError as exc:
             raise UsageError(f"{what} on standard input is not valid UTF-8 (byte {exc.start})") from None
         return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
+    return _utf8(value, what)
+
+
+def _system_arg(value: str) -> str:
+    """--system's text, refused when empty as an empty prompt is: dropped, it would answer as if none was given."""
+    text = _text_arg(value, "--system")
+    if not text.strip():
+        raise UsageError("--system on standard input is empty" if value == "-" else "--system is empty")
+    return text
+
+
+def _utf8(value: str, what: str) -> str:
+    """`value` as given on the command line, refused unless it is UTF-8 (undecodable bytes arrive as lone
+    surrogates)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -205,6 +219,7 @@ def _streamed() -> Iterator[Callable[[str], None]]:
 StrategyOpt = Annotated[Optional[str], typer.Option("--strategy", "-s", help="a self-evaluation strategy (best-of-n, adaptive, prune, vote, beam, revise, auto ...: the README lists them)")]
 BudgetNOpt = Annotated[Optional[int], typer.Option("--budget", help="samples: N of best-of-n / prune / votes, the most adaptive may start; beam / lookahead: candidates per step; revise: attempts in all", min=1)]
 ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help="adaptive: stop when a sample's p_keep reaches this")]
+PruneAtOpt = Annotated[Optional[list[int]], typer.Option("--prune-at", help="prune: token count to score and prune at (repeatable)")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="strategy TOML/JSON file (flags given override it)", parser=_named_path)]
 PolicyOpt = Annotated[Optional[Path], typer.Option("--policy", help="auto: compute-optimal policy JSON (default: the one shipped for the default model)", parser=_named_path)]
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="self-eval adapter GGUF (LoRA / aLoRA), on only while scoring; 'none': not even the default model's shipped one", parser=_named_path)]
@@ -227,6 +242,15 @@ def _strategy_config(path: Path | None, *, adapter: Path | None = None, defaults
         update: dict[str, Any] = {"default_adapter": False} if _no_adapter(adapter) else {"adapter": adapter}
         cfg = cfg.model_copy(update={"self_eval": (cfg.self_eval or SelfEvalConfig()).model_copy(update=update)})
     return cfg
+
+
+def _refuse_unread(cfg: Any, flags: dict[str, tuple[str, Any]]) -> None:
+    """Refuse the flags given (`flags`: StrategyConfig field -> (flag, value, None when not given)) that cfg's
+    strategy does not read: ignored in silence, they would seem to have done something."""
+    unread = [flags[f][0] for f in cfg.unread(f for f, (_, value) in flags.items() if value is not None)]
+    if unread:
+        raise UsageError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used by strategy "
+                         f"{cfg.strategy}")
 
 
 def _print_result(result: Any, *, show_scores: bool) -> None:
@@ -276,7 +300,7 @@ def run(
     # No range here: StrategyConfig checks it, NaN too (which a range check would call "greater than 1").
     sequential_ratio: Annotated[Optional[float], typer.Option("--sequential-ratio", help="revise: share of the budget one chain of revisions spends (0 to 1; about 1/ratio chains)")] = None,
     keep: Annotated[Optional[int], typer.Option("--keep", "-k", help="prune: samples kept at each prune point", min=1)] = None,
-    prune_at: Annotated[Optional[list[int]], typer.Option("--prune-at", help="prune: token count to score and prune at (repeatable)")] = None,
+    prune_at: PruneAtOpt = None,
     show_scores: Annotated[bool, typer.Option("--show-scores", help="print every sample's self-eval score")] = False,
     model: ModelOpt = None,
     ctx: CtxOpt = None,
@@ -296,16 +320,18 @@ def run(
 
     if prompt == "-" and system == "-":
         raise UsageError("the prompt and --system cannot both be '-': standard input holds one text")
-    if raw and system:
+    if raw and system is not None:
         raise UsageError("--system needs the chat template; --raw sends the prompt as it is")
     text = _text_arg(prompt, "the prompt")
     if not text.strip():
         raise UsageError("the prompt on standard input is empty" if prompt == "-" else "the prompt is empty")
     prompt = text
-    messages = ([{"role": "system", "content": _text_arg(system, "--system")}] if system else []) + [
+    messages = ([{"role": "system", "content": _system_arg(system)}] if system is not None else []) + [
         {"role": "user", "content": prompt}]
     if stop and "" in stop:
         raise UsageError("--stop takes a non-empty string (an empty one would end every reply at once)")
+    for s in stop or ():  # a string no reply could ever match
+        _utf8(s, "--stop")
     sampling = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
     cfg = None
     if strategy is not None or config is not None:  # -s "" is a strategy named wrong, not none
@@ -334,10 +360,7 @@ def run(
     else:
         flags.update({"temperature": ("--temp", temp), "top_k": ("--top-k", top_k), "top_p": ("--top-p", top_p),
                       "min_p": ("--min-p", min_p), "repeat_penalty": ("--repeat-penalty", repeat_penalty)})
-        unread = [flags[f][0] for f in cfg.unread(f for f, (_, value) in flags.items() if value is not None)]
-        if unread:
-            raise UsageError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used by strategy "
-                             f"{cfg.strategy}")
+        _refuse_unread(cfg, flags)
     t0 = time.perf_counter()
     opts = _options(model, device=device, gpu_layers=gpu_layers, threads=threads, verbose=verbose)
     replies = max_tokens or 256
@@ -351,6 +374,12 @@ def run(
         # Several greedy samples would be one answer N times: they sample as a strategy's do, unless --temp says.
         default_temp = 0.0 if (n or 1) == 1 else StrategyConfig.model_fields["temperature"].default
         params = SamplingParams(**{"temperature": default_temp, **{k: v for k, v in sampling.items() if v is not None}})
+        idle = [flag for flag, value in (("--seed", seed), ("--top-k", top_k), ("--top-p", top_p), ("--min-p", min_p))
+                if value is not None]
+        if params.greedy and idle:  # greedy decoding takes the likeliest token: it draws nothing, filters nothing
+            why = "--temp 0" if temp is not None else "one sample without --temp"
+            raise UsageError(f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect on greedy decoding "
+                             f"({why}): give --temp above 0 to sample")
         engine, tokens = engine_for_generation(prompt if raw else messages, n or 1, replies, opts, raw=raw,
                                                ctx=ctx, mem_budget=mem_budget)
     stream = not as_json and not show_scores and (cfg.strategy == "single" if cfg else (n or 1) == 1)
@@ -415,42 +444,54 @@ def chat(
     threshold: ThresholdOpt = None,
     config: ConfigOpt = None,
     adapter: AdapterOpt = None,
+    prune_at: PruneAtOpt = None,
     device: DeviceOpt = DeviceChoice.auto,
     gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
     mem_budget: BudgetOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Talk with a model; the KV cache is kept across turns so each turn decodes only what is new."""
+    """Talk with a model; the KV cache is kept across turns so each turn decodes only what is new.
+
+    With --strategy (or a --config file's strategy), a flag that strategy does not read is refused, as run refuses
+    it. Without one, replies are plain samples, and --budget, --threshold, --prune-at and --adapter are the
+    settings a later /strategy starts from."""
     model = _one_model(model, model_opt)
     if sys.stdin is None:  # started with stdin closed (`<&-`): there is nothing to read turns from
         raise UsageError("chat reads its turns from standard input, which is closed")
     if system == "-":  # reading it would swallow every turn piped after it
         raise UsageError("--system - would read the system message from standard input, which carries the chat's "
                          "turns; give the text itself")
+    system = _system_arg(system) if system is not None else None
     from edge_adapt.engine import SamplingParams, Vocab
     from edge_adapt.engine.budget import parse_size
     from edge_adapt.session import ChatSession
-    from edge_adapt.sizing import EngineSize, default_ctx, load_engine
+    from edge_adapt.sizing import EngineSize, default_ctx, load_engine, strategy_sequences
     from edge_adapt.strategies import plan_run
 
     given = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
                  max_tokens=max_tokens)
     # unread_ok: the file's settings for other strategies are kept for /strategy, as chat's flags are.
     base = _strategy_config(config, strategy=strategy, budget=budget, threshold=threshold, adapter=adapter,
-                            defaults=CHAT_DEFAULTS, unread_ok=True, **given)
+                            prune_at=tuple(prune_at) if prune_at else None, defaults=CHAT_DEFAULTS, unread_ok=True,
+                            **given)
     # Plain replies (no strategy, or single) sample with the same settings a strategy's samples would.
     params = SamplingParams(temperature=base.temperature, top_k=base.top_k, top_p=base.top_p, min_p=base.min_p,
                             repeat_penalty=base.repeat_penalty, seed=base.seed)
     with_strategy = strategy is not None or config is not None  # -s "" is a strategy named wrong, not none
+    if with_strategy:  # the flags are meant for the strategy chat starts with (without one: kept for /strategy)
+        _refuse_unread(base, {"budget": ("--budget", budget), "threshold": ("--threshold", threshold),
+                              "self_eval": ("--adapter", adapter), "prune_at": ("--prune-at", prune_at),
+                              "temperature": ("--temp", temp), "top_k": ("--top-k", top_k), "top_p": ("--top-p", top_p),
+                              "min_p": ("--min-p", min_p), "repeat_penalty": ("--repeat-penalty", repeat_penalty)})
     opts = _options(model, device=device, gpu_layers=gpu_layers, threads=threads, verbose=verbose)
     with Vocab(opts.model) as vocab:
         # the conversation's own sequence, plus the samples of the strategy chosen at start
-        sequences = plan_run(vocab, None, base).sequences if with_strategy else 1
+        sequences = strategy_sequences(plan_run(vocab, None, base)) if with_strategy else 1
     budget_bytes = parse_size(mem_budget) if mem_budget else None
     with load_engine(EngineSize(sequences, ctx or default_ctx(4096, vocab.info)), opts, mem_budget=budget_bytes,
-                     info=vocab.info) as engine:
-        session = ChatSession(engine, system=_text_arg(system, "--system") if system else None, params=params,
+                     info=vocab.info, fix="lower --budget or --ctx") as engine:
+        session = ChatSession(engine, system=system, params=params,
                               max_tokens=base.max_tokens, strategy=base if with_strategy else None,
                               mem_budget=budget_bytes)
         if base.self_eval is not None and base.self_eval.adapter is not None:  # refused now, not at /strategy

@@ -16,6 +16,7 @@ from edge_adapt.engine.sampling import SamplingParams
 from edge_adapt.engine.snapshot_file import check_against, load_snapshot, save_snapshot
 from edge_adapt.engine.budget import fit, parse_size
 from edge_adapt.errors import BudgetError, ContextOverflowError, EdgeAdaptError, UsageError, check_count, is_whole
+from edge_adapt.sizing import strategy_sequences
 from edge_adapt.strategies import Chosen, StrategyConfig, plan_run, run_strategy
 
 
@@ -104,11 +105,13 @@ class ChatSession:
                 f"every prompt holds, more than this chat's context of {self.engine.n_ctx_seq} (start the chat with "
                 f"a larger --ctx or {fix})"
             )
-        need = plan.sequences  # the conversation's own sequence is the prompt the samples fork from
+        # the conversation's own sequence is the prompt the samples fork from
+        need = strategy_sequences(plan, kv_unified=self.engine.options.kv_unified)
         if need > self.engine.options.parallel:
             if self.mem_budget is not None:
                 try:
-                    fit(self.engine.info, self.mem_budget, ctx=self.engine.options.ctx, want=need)
+                    fit(self.engine.info, self.mem_budget, ctx=self.engine.options.ctx, want=need,
+                        fix="lower the strategy's budget, or start the chat with a smaller --ctx")
                 except BudgetError as exc:
                     raise BudgetError(f"strategy {config.strategy} with budget {config.budget} needs {need} "
                                       f"sequences: {exc}") from None

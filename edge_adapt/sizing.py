@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_adapt.engine import Engine, EngineOptions, Vocab
-from edge_adapt.engine.budget import fit, parse_size
+from edge_adapt.engine.budget import fit, most_sequences, parse_size
 from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
-from edge_adapt.errors import ContextOverflowError
+from edge_adapt.errors import ContextOverflowError, UsageError
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.run import Prompt, RunPlan, plan_run, prompt_tokens
 
@@ -40,11 +40,12 @@ class EngineSize:
 
 
 def load_engine(size: EngineSize, options: EngineOptions | None = None, *, mem_budget: int | str | None = None,
-                info: GGUFInfo | None = None) -> Engine:
+                info: GGUFInfo | None = None, fix: str = "lower -n or --ctx") -> Engine:
     """An engine of `size` with the rest of `options` (model, device, threads ...), refused with BudgetError
     before loading when its memory plan does not fit `mem_budget` (bytes, or a size such as '1.5GB'), or with
     ContextOverflowError when what it was sized for (`size.needs`) is longer than the model was trained for.
-    `info`: the model's GGUF facts, when the caller has read them already (a Vocab has)."""
+    `info`: the model's GGUF facts, when the caller has read them already (a Vocab has); `fix`: what makes the
+    engine smaller, in the caller's terms."""
     opts = sized_options(size, options)
     if size.needs is not None:
         if info is None:
@@ -52,7 +53,7 @@ def load_engine(size: EngineSize, options: EngineOptions | None = None, *, mem_b
 
             info = inspect_gguf(opts.model or default_model_path())
         opts = opts.model_copy(update={"ctx": trained_ctx(size, info)})
-    check_budget(opts, mem_budget, info)
+    check_budget(opts, mem_budget, info, fix=fix)
     return Engine(opts)
 
 
@@ -61,7 +62,8 @@ def sized_options(size: EngineSize, options: EngineOptions | None = None) -> Eng
     return (options or EngineOptions()).model_copy(update={"parallel": size.sequences, "ctx": size.ctx})
 
 
-def check_budget(opts: EngineOptions, mem_budget: int | str | None, info: GGUFInfo | None = None) -> None:
+def check_budget(opts: EngineOptions, mem_budget: int | str | None, info: GGUFInfo | None = None, *,
+                 fix: str = "lower -n or --ctx") -> None:
     """Refuse an engine of `opts` whose memory plan does not fit `mem_budget` (bytes, or a size such as '1.5GB';
     None: no budget) with BudgetError, from the GGUF's metadata alone: no weights are loaded, so a server can
     check it before it binds its port. `info`: the model's GGUF facts, when the caller has read them already
@@ -73,27 +75,50 @@ def check_budget(opts: EngineOptions, mem_budget: int | str | None, info: GGUFIn
         from edge_adapt.engine.default_model import default_model_path
 
         info = inspect_gguf(opts.model or default_model_path())
-    fit(info, budget, ctx=opts.ctx, want=opts.parallel, kv_unified=opts.kv_unified, batch=opts.batch)
+    fit(info, budget, ctx=opts.ctx, want=opts.parallel, kv_unified=opts.kv_unified, batch=opts.batch, fix=fix)
 
 
-def for_strategy(model: Any, prompt: Prompt, config: StrategyConfig, *, ctx: int | None = None) -> tuple[EngineSize, RunPlan]:
+def strategy_sequences(plan: RunPlan, *, kv_unified: bool = False) -> int:
+    """The engine sequences a run of `plan` holds at once (its samples and the prompt's), refused with UsageError
+    in the budget's terms when one llama.cpp context cannot hold them: the budget's range alone does not count the
+    prompt's sequence (nor lookahead's rollouts), and the engine's own refusal names a fix no front end offers."""
+    most = most_sequences(kv_unified)
+    if plan.sequences <= most:
+        return plan.sequences
+
+    def holds(budget: int) -> bool:  # a budget the strategy takes (lookahead's is a multiple of its width) that fits
+        try:
+            return plan.spec.samples_at_once(plan.config.with_options(budget=budget)) < most
+        except UsageError:
+            return False
+
+    largest = next((b for b in range(plan.config.budget - 1, 0, -1) if holds(b)), None)
+    raise UsageError(f"strategy {plan.config.strategy} with budget {plan.config.budget} holds {plan.sequences} "
+                     f"sequences at once (its samples and the prompt's), more than one llama.cpp context holds "
+                     f"({most})" + (f": its largest budget is {largest}" if largest else ""))
+
+
+def for_strategy(model: Any, prompt: Prompt, config: StrategyConfig, *, ctx: int | None = None,
+                 kv_unified: bool = False) -> tuple[EngineSize, RunPlan]:
     """The engine one strategy run needs (the prompt's sequence and the samples it holds at once, each with room
     for the prompt, its longest generation and the self-evaluation suffix), and the run's plan. `ctx` given
     by the user wins over the computed context."""
     plan = plan_run(model, prompt, config)
+    sequences = strategy_sequences(plan, kv_unified=kv_unified)
     if ctx is not None:
-        return EngineSize(plan.sequences, ctx), plan
+        return EngineSize(sequences, ctx), plan
     needs = (plan.tokens_per_sequence, f"the prompt ({len(plan.prompt)} tokens), max_tokens {config.max_tokens} and the "
              "self-evaluation suffix")
-    return EngineSize(plan.sequences, round_ctx(plan.tokens_per_sequence), needs), plan
+    return EngineSize(sequences, round_ctx(plan.tokens_per_sequence), needs), plan
 
 
 def engine_for_strategy(prompt: Prompt, config: StrategyConfig, options: EngineOptions | None = None, *,
                         ctx: int | None = None, mem_budget: int | str | None = None) -> tuple[Engine, RunPlan]:
     """An engine sized for one strategy run on `prompt`, and the run's plan (`run_strategy(engine, plan.prompt,
     plan.config)`). Token counts come from the model's tokenizer, read without its weights."""
-    with Vocab((options or EngineOptions()).model) as vocab:
-        size, plan = for_strategy(vocab, prompt, config, ctx=ctx)
+    options = options or EngineOptions()
+    with Vocab(options.model) as vocab:
+        size, plan = for_strategy(vocab, prompt, config, ctx=ctx, kv_unified=options.kv_unified)
     return load_engine(size, options, mem_budget=mem_budget, info=vocab.info), plan
 
 

@@ -125,3 +125,34 @@ def test_chat_config_policy_is_read_beside_the_file(tmp_path: Path, capsys, monk
                                                 'beam_width = 2\n')
     monkeypatch.chdir(tmp_path)
     assert _reply(_chat(capsys, monkeypatch, b"What is 2+3?\n", "--config", "cfg/auto.toml"))
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("-s", "best-of-n", "--budget", "2", "--threshold", "0.3"), "error: --threshold is not used by strategy best-of-n"),
+        (("-s", "adaptive", "--budget", "2", "--temp", "0.3"), "error: --temp is not used by strategy adaptive"),
+        (("-s", "vote", "--budget", "2", "--adapter", "none"), "error: --adapter is not used by strategy vote"),
+        (("-s", "single", "--budget", "4"), "error: --budget is not used by strategy single"),
+        (("-s", "best-of-n", "--budget", "255"), "its largest budget is 254"),
+        (("--system", ""), "error: --system is empty"),
+    ],
+)
+def test_chat_refuses_flags_its_starting_strategy_would_ignore(args: tuple[str, ...], fragment: str, capsys,
+                                                               monkeypatch):
+    """chat answered and ignored them, where run refuses them; an empty --system was dropped in silence."""
+    one_error(_chat(capsys, monkeypatch, b"hi\n", "--max-tokens", "8", "--ctx", "256", *args), fragment, code=2)
+
+
+def test_chat_keeps_strategy_flags_for_strategy_and_names_its_own_fixes(capsys, monkeypatch):
+    """Without -s, strategy flags are what /strategy starts from (--prune-at: chat had none, so short replies
+    could not be pruned); refusals named -n, which chat does not have, or `unify the KV`."""
+    rc, out, err = _chat(capsys, monkeypatch, b"/strategy prune\nhi\n", "--max-tokens", "8", "--ctx", "256",
+                         "--budget", "2", "--prune-at", "4")
+    assert rc == 0 and "(strategy prune, budget 2;" in out, err
+    rc, out, err = _chat(capsys, monkeypatch, b"/strategy best-of-n 255\n", "--max-tokens", "8", "--ctx", "256")
+    assert err == ("error: strategy best-of-n with budget 255 holds 256 sequences at once (its samples and the "
+                   "prompt's), more than one llama.cpp context holds (255): its largest budget is 254\n")
+    # one sequence of 4096 tokens fits 600 MB, nine do not
+    one_error(_chat(capsys, monkeypatch, b"hi\n", "--max-tokens", "8", "--mem-budget", "600MB", "-s", "best-of-n",
+                    "--budget", "8"), "(lower --budget or --ctx)")

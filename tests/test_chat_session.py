@@ -324,3 +324,21 @@ def test_save_and_load_expand_a_leading_tilde_and_each_front_end_names_its_own_f
         chat.save(saved, force=True)
     finally:
         chat.close()
+
+
+def test_a_strategy_one_context_cannot_hold_is_refused_with_its_largest_budget(engine: Engine):
+    chat = ChatSession(engine, params=GREEDY, max_tokens=8)
+    with pytest.raises(UsageError, match="its largest budget is 254"):  # was: "or unify the KV"
+        chat.set_strategy({"strategy": "best-of-n", "budget": 255})
+    assert chat.strategy is None
+
+
+def test_a_strategy_past_the_memory_budget_names_the_chats_own_fixes(engine: Engine):
+    """The refusal said `lower -n or --ctx`: a chat has no -n."""
+    from edge_adapt.engine.budget import plan
+
+    sized = [plan(engine.info, parallel=n, ctx=engine.options.ctx).total for n in (engine.options.parallel, 17)]
+    chat = ChatSession(engine, params=GREEDY, max_tokens=8, mem_budget=sum(sized) // 2)
+    with pytest.raises(BudgetError, match=re.escape("(lower the strategy's budget, or start the chat with a smaller "
+                                                    "--ctx)")):
+        chat.set_strategy({"strategy": "best-of-n", "budget": 16})

@@ -461,6 +461,28 @@ def test_run_refuses_settings_it_would_ignore_and_names_mistakes_as_they_are(arg
     one_error(inproc(capsys, "run", "hi", "--max-tokens", "4", *args), fragment)
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        # a greedy sample (one without --temp, or --temp 0) draws nothing: no seed or filter changes a token
+        (("--seed", "3"), "error: --seed has no effect on greedy decoding (one sample without --temp)"),
+        (("--top-k", "1000", "--top-p", "0.5", "--min-p", "0.1"),
+         "error: --top-k, --top-p, --min-p have no effect on greedy decoding"),
+        (("-n", "2", "--temp", "0", "--seed", "3"), "error: --seed has no effect on greedy decoding (--temp 0)"),
+        # the budget's range does not count the prompt's own sequence (nor lookahead's rollouts)
+        (("-s", "best-of-n", "-n", "255"), "more than one llama.cpp context holds (255): its largest budget is 254"),
+        (("-s", "lookahead", "--budget", "252"), "its largest budget is 124"),  # a multiple of its width, 4
+        # a stop string no reply could match; a system message that would be dropped
+        (("--stop", "a\udcffb"), "error: --stop is not valid UTF-8"),
+        (("--system", ""), "error: --system is empty"),
+        (("--system", "", "--raw"), "error: --system needs the chat template"),
+    ],
+)
+def test_run_refuses_what_it_could_not_use_in_its_own_terms(args: tuple[str, ...], fragment: str, capsys):
+    """Each was accepted and did nothing (or failed with a fix run cannot apply, `unify the KV`, exit 1)."""
+    one_error(inproc(capsys, "run", "hi", "--max-tokens", "4", "--threads", "1", *args), fragment, code=2)
+
+
 def test_the_options_strategies_read_are_options_some_strategy_reads():
     """What `unread` refuses: an option no strategy declares in `reads` is refused everywhere, and a name in
     `reads` that is no such option protects nothing."""

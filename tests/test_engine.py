@@ -953,3 +953,9 @@ def test_context_overflow_names_the_fix_that_works(engine: Engine) -> None:
     with pytest.raises(BudgetError, match=r"\(start the chat with a larger --ctx or a shorter --system\)$"):
         ChatSession(engine, system=long, max_tokens=8)
     assert engine.live_sequences == 0
+
+
+def test_a_stop_string_that_is_not_valid_unicode_is_refused(engine: Engine):
+    """A lone surrogate (bytes that were not UTF-8) can never be generated: such a stop string did nothing."""
+    with pytest.raises(UsageError, match="stop string 'a\\\\udcffb' is not valid Unicode"):
+        next(engine.generate("Hi", GREEDY, max_tokens=2, stop="a\udcffb"))

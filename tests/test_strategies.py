@@ -728,3 +728,8 @@ def test_revise_holds_no_more_than_it_declares_when_chains_differ_in_length(budg
     ev = list(run_strategy(e, [1, 2, 3], cfg, FakeScorer(lambda i, n: 0.5)))
     assert isinstance(ev[-1], Done) and len(e.started) == budget and e.peak <= plan.sequences
     assert max(len(ctx) + len(s.generated) for ctx, s in zip(e.contexts, e.started)) <= plan.tokens_per_sequence
+
+
+def test_a_stop_string_that_is_not_valid_unicode_is_refused_in_the_config():
+    with pytest.raises(UsageError, match="stop: stop string .* is not valid Unicode"):
+        StrategyConfig.parse({"stop": ["a\udcffb"]})

@@ -171,12 +171,12 @@ def plan(
 
 
 def fit(info: GGUFInfo, budget: int, *, ctx: int, want: int | None = None, kv_unified: bool = False,
-        batch: int = 512, runtime: int | None = None) -> Plan:
+        batch: int = 512, runtime: int | None = None, fix: str = "lower -n or --ctx") -> Plan:
     """The plan with the most parallel sequences of `ctx` tokens (up to `want`, and to what one context holds:
     most_sequences) that fits `budget` bytes.
 
     Refuses with BudgetError when not even one sequence, or fewer than `want`, fit, or `want` is more than one
-    context holds whatever the memory.
+    context holds whatever the memory. `fix`: what lowers `want` or `ctx` in the caller's terms (chat has no -n).
     """
     runtime = process_rss() if runtime is None else runtime
     limit = most_sequences(kv_unified)
@@ -201,7 +201,7 @@ def fit(info: GGUFInfo, budget: int, *, ctx: int, want: int | None = None, kv_un
     if want is not None and most < want:
         raise BudgetError(
             f"{want} parallel sequences of {ctx} tokens need {sized(want).total / MiB:.0f} MiB;"
-            f" --mem-budget {size_text(budget)} fits {most} (lower -n or --ctx)"
+            f" --mem-budget {size_text(budget)} fits {most} ({fix})"
         )
     return sized(min(most, want if want is not None else limit))
 

@@ -28,7 +28,7 @@ from edge_adapt.engine.handles import (
     Adapter, Batch, Context, Model, free_when_collected, init_backend,
 )
 from edge_adapt.engine.outputs import Outputs
-from edge_adapt.engine.sampling import SamplingParams, check_bias_vocabulary, token_logprobs, top_logprobs
+from edge_adapt.engine.sampling import SamplingParams, check_bias_vocabulary, stop_strings, token_logprobs, top_logprobs
 from edge_adapt.engine.steps import Decode, Program, Sampling, drive
 from edge_adapt.engine.text import TextStream
 from edge_adapt.engine.vocab import TextModel, first_bad_token, same_model
@@ -780,7 +780,7 @@ class Engine(TextModel):
             raise UsageError("give one SamplingParams per sample")
         if top_logprobs is not None and (not is_whole(top_logprobs) or not 0 <= top_logprobs <= self.model.n_vocab):
             raise UsageError(f"top_logprobs must be between 0 and the vocabulary's {self.model.n_vocab}, got {top_logprobs}")
-        stop = _stop_strings(stop)
+        stop = stop_strings(stop)
         forks = len(params) - (1 if consume_root else 0)
         if forks > self.free_sequences:
             raise BudgetError(
@@ -1106,16 +1106,6 @@ def token_list(prompt: object) -> list[int]:
     if isinstance(prompt, (bytes, bytearray, memoryview)) or not isinstance(prompt, (list, tuple, np.ndarray)):
         raise UsageError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}")
     return list(prompt)
-
-
-def _stop_strings(stop: str | Seq[str] | None) -> tuple[str, ...]:
-    """Stop strings as a tuple: one string is one stop string (as in OpenAI's API), not its characters."""
-    if stop is not None and not isinstance(stop, (str, list, tuple)):
-        raise UsageError(f"stop is a string or a list of strings, got {type(stop).__name__}")
-    stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
-    if not all(isinstance(x, str) and x for x in stops):
-        raise UsageError(f"stop strings must be non-empty strings, got {stops!r:.80}")
-    return stops
 
 
 def _run_all(work: list[Callable[[], None]]) -> BaseException | None:

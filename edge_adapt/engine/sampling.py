@@ -56,6 +56,24 @@ def check_sampling(**values: float) -> None:
             raise UsageError(f"{name} ({flag}) must be {rule}, got {value}")
 
 
+def stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Stop strings as a tuple: one string is one stop string (as in OpenAI's API), not its characters. Refused
+    (UsageError): an empty one, which would end every reply at once, and one that is not valid Unicode (a lone
+    surrogate: bytes that were not UTF-8), which no generated text could ever match."""
+    if stop is not None and not isinstance(stop, (str, list, tuple)):
+        raise UsageError(f"stop is a string or a list of strings, got {type(stop).__name__}")
+    stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    if not all(isinstance(x, str) and x for x in stops):
+        raise UsageError(f"stop strings must be non-empty strings, got {stops!r:.80}")
+    for x in stops:
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UsageError(f"stop string {x!r:.40} is not valid Unicode ({exc.object[exc.start:exc.end]!r} at "
+                             f"character {exc.start})") from None
+    return stops
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one sequence picks its next token. temperature 0 means greedy."""

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edge_adapt.engine.sampling import check_sampling
+from edge_adapt.engine.sampling import check_sampling, stop_strings
 from edge_adapt.errors import UsageError, validated
 from edge_adapt.selfeval.config import SelfEvalConfig, load_mapping
 from edge_adapt.strategies import registry
@@ -97,6 +97,11 @@ class StrategyConfig(BaseModel):
             v = (v,)
         if isinstance(v, (list, tuple)) and any(s == "" for s in v):
             raise ValueError("stop strings must be non-empty")
+        if isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v):
+            try:  # a lone surrogate could never match: refused as generate() refuses it
+                stop_strings(v)
+            except UsageError as exc:
+                raise ValueError(str(exc)) from None
         return v
 
     @field_validator("strategy")
@@ -120,7 +125,7 @@ class StrategyConfig(BaseModel):
         if ("prune_at" not in self.model_fields_set and "prune_at" in registry.STRATEGIES[self.strategy].reads
                 and self.prune_at[-1] >= self.max_tokens):  # the strategy's check would blame a point never given
             raise ValueError(f"the default prune point {self.prune_at[-1]} is not below max_tokens ({self.max_tokens}): "
-                             "give prune_at (--prune-at) below it")
+                             "give prune_at (--prune-at) below it, or raise max_tokens (--max-tokens)")
         registry.STRATEGIES[self.strategy].check(self)
         if self.t_min > self.t_max:
             raise ValueError(f"t_min ({self.t_min}) must be <= t_max ({self.t_max})")
