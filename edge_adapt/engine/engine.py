@@ -204,7 +204,9 @@ class Engine(TextModel):
         self._busy_lock = threading.RLock()  # re-entrant: the CLI calls cancel() from a SIGINT handler
         # The threads the running work belongs to: close() from another thread waits for theirs to end (freeing
         # the context under a decode, or under a step reading its logits in place, crashed the process).
-        self._busy_threads: dict[int, int] = {}
+        # By Thread object, not id: Python gives a thread that has ended its id to the next one started (the
+        # engine's own log-probability worker took a finished caller's, and the engine then refused every call).
+        self._busy_threads: dict[threading.Thread, int] = {}
         self._idle = threading.Condition(self._busy_lock)
         self._decoding = threading.Lock()
         self._last_outputs = Outputs(np.empty((0, 0), dtype=np.float32), [])  # the last decode's logits
@@ -476,7 +478,7 @@ class Engine(TextModel):
         finally:
             self._work_ends(owner)
 
-    def _claim(self) -> int:
+    def _claim(self) -> threading.Thread:
         """`_work_begins`, refused while work another thread began is running: checked and counted under one lock,
         so of two threads starting at once one gets EngineError, before either has taken a sequence id. Without
         this, the second one's forks, releases and moves of ids interleaved with the first one's steps: ids leaked
@@ -489,19 +491,18 @@ class Engine(TextModel):
     def _busy_elsewhere(self) -> bool:
         """Whether work another thread began is running. A stream left paused by a thread that has ended runs no
         more (until collected): it is not waited for, nor does it keep the engine from other threads for good."""
-        me = threading.get_ident()
-        alive = {t.ident for t in threading.enumerate()}
-        return any(t != me and t in alive for t in self._busy_threads)
+        me = threading.current_thread()
+        return any(t is not me and t.is_alive() for t in self._busy_threads)
 
-    def _work_begins(self) -> int:
+    def _work_begins(self) -> threading.Thread:
         """Count work as running; returns the thread it is counted for, which `_work_ends` is given back."""
-        me = threading.get_ident()
+        me = threading.current_thread()
         with self._busy_lock:
             self._busy_count += 1
             self._busy_threads[me] = self._busy_threads.get(me, 0) + 1
         return me
 
-    def _work_ends(self, owner: int) -> None:
+    def _work_ends(self, owner: threading.Thread) -> None:
         """`owner`: the thread the work began on, not the one ending it (a stream a worker started and the UI
         thread closed, or one asyncio's executor advanced on several threads): left counted, it made close()
         wait for a thread that runs nothing."""
