@@ -736,7 +736,7 @@ def tune_policy_cmd(
     prune_at: PrunePointsOpt = None,
     budget: Annotated[Optional[list[int]], typer.Option("--budget", help="budget to tune for, at most --samples + 1 (repeatable; default 2 4 6 8 12 16 up to that)", min=1)] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="a cheaper choice within this accuracy of the best wins", min=0, max=1)] = 0.02,
-    test_split: Annotated[Optional[str], typer.Option("--test-split", help="also report the policy on this split")] = None,
+    test_split: Annotated[Optional[str], typer.Option("--test-split", help="also report the policy on this split against best-of-N (printed, or in --report)")] = None,
     test_prompts: Annotated[int, typer.Option("--test-prompts", min=1)] = 200,
     report: Annotated[Optional[Path], typer.Option("--report", help="report directory (with --test-split)")] = None,
     live: Annotated[Optional[list[str]], typer.Option("--live", help="strategy to also run live on test prompts (repeatable)")] = None,
@@ -759,7 +759,7 @@ def tune_policy_cmd(
     """Build the compute-optimal policy `--strategy auto` follows: per difficulty bin and budget, the strategy
     that does best on the tuning pool (two-fold cross-validated), optionally reported on a held-out split."""
     from edge_adapt.eval import EvalConfig
-    from edge_adapt.eval.tune_run import TuneConfig, tune_job
+    from edge_adapt.eval.tune_run import TuneConfig, summary, tune_job
 
     fields = _pool_fields(suite=suite, split=split, data=data, scorer=scorer, n_prompts=n_prompts, k=k, temp=temp,
                           max_tokens=max_tokens, prune_at=prune_at, seed=seed, model=model, threads=threads,
@@ -777,6 +777,8 @@ def tune_policy_cmd(
         print(f"  budget {b}: " + " | ".join(f"bin {i}: {c}" for i, c in enumerate(choices, start=1)))
     if report and "test" in result:
         print(f"report written to {report / 'report.md'}")
+    elif "test" in result:  # no report to hold it: the held-out comparison --test-split asked for is shown here
+        print(summary(result))
 
 
 # -- label / train: teaching the model to evaluate itself ---------------------------------------------------

@@ -43,14 +43,16 @@ def test_the_default_models_shape_has_its_tensors_and_types(tmp_path):
     assert layout(path) == layout(default_model_path())
 
 
-def test_random_model_refuses_to_overwrite_and_bad_inputs(tmp_path):
+def test_random_model_refuses_to_overwrite_and_bad_inputs(tmp_path, capsys):
     out = tmp_path / "m.gguf"
     out.write_bytes(b"keep me")
-    with pytest.raises(SystemExit, match="error: .*--force"):
+    with pytest.raises(SystemExit) as e:
         main([str(out), "--shape", "tiny"])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {out} already exists; pass --force to overwrite it\n"
     assert out.read_bytes() == b"keep me"
-    with pytest.raises(SystemExit, match="error: .*cannot read it as a GGUF file"):
+    with pytest.raises(SystemExit):
         main([str(tmp_path / "new.gguf"), "--shape", "tiny", "--tokenizer", str(out)])
+    assert "cannot read it as a GGUF file" in capsys.readouterr().err
     with pytest.raises(UsageError, match="vocabulary of 100 is smaller"):
         write_random_model(tmp_path / "small.gguf", dataclasses.replace(SHAPES["tiny"], vocab=100))
     assert not (tmp_path / "new.gguf").exists() and not (tmp_path / "small.gguf").exists()
@@ -223,3 +225,13 @@ def test_fork_cost_runs_on_a_model_with_a_small_vocabulary(small_model):
 
     r = fork_cost(BenchConfig(model=small_model, threads=1, repeats=1), reps=2)
     assert all(r[k] > 0 for k in ("seq_cp_split_s", "seq_cp_unified_s", "llama_save_load_s"))
+
+
+def test_backend_bench_refuses_zero_concurrency_and_parallel(capsys):
+    """0 was taken for the default (K + 1 requests in flight) and the run went on: refused as --prompts 0 is,
+    before anything runs."""
+    from edge_adapt.bench.backend import main as backend_main
+
+    for flag in ("--concurrency", "--parallel"):
+        assert backend_main([flag, "0", "--prompts", "1", "-k", "2", "--max-tokens", "4", "--threads", "1"]) == 2
+        assert capsys.readouterr().err == f"error: {flag} must be a whole number >= 1, got 0\n"

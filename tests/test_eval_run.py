@@ -100,7 +100,7 @@ def test_pool_budget_is_each_familys_own_unless_given():
 
 
 def test_default_prune_points_and_cuts_stop_below_the_shortest_reply_budget():
-    from edge_adapt.errors import UsageError, validated
+    from edge_adapt.errors import validated
     from edge_adapt.eval.run import pool_settings, suite_for
     from edge_adapt.tasks import load_suite
 
@@ -177,3 +177,12 @@ def test_a_pool_temperature_error_gives_the_range_a_pool_takes(temp):
     assert "greedy" not in str(err.value)
     with pytest.raises(UsageError, match="a pool samples: temperature must be > 0"):
         validated(EvalConfig, {"temperature": 0}, "eval")
+
+
+def test_live_prompts_without_live_is_refused(tmp_path):
+    """Was: accepted and ignored in silence; refused as a backend setting without --backend is."""
+    from edge_adapt.errors import validated
+
+    with pytest.raises(UsageError, match="^eval: --live-prompts is read only with --live$"):
+        validated(EvalConfig, {"live_prompts": 3, "cache_dir": tmp_path}, "eval")
+    assert validated(EvalConfig, {"live_prompts": 3, "live": ["adaptive"]}, "eval").live_prompts == 3

@@ -708,3 +708,28 @@ def test_api_keys_no_client_could_send_are_refused_before_listening(how: str, ke
     assert "--api-key" in errors[0] and "EDGE_ADAPT_API_KEY" in errors[0], errors[0]
     if key.strip():
         assert key.strip() not in errors[0], errors[0]  # the key itself is never shown
+
+
+def test_chat_names_tokens_by_id_with_return_tokens_as_token_ids(client: openai.OpenAI) -> None:
+    """Chat takes vLLM's return_tokens_as_token_ids as completions does (README's Fields): every drawn token is
+    named by id, the end-of-generation one too, in a stream as in a whole reply; without logprobs it is refused."""
+    from edge_adapt.engine import Vocab
+
+    ask = dict(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0.9, seed=5, logprobs=True)
+    r = client.chat.completions.create(**ask, extra_body={"return_tokens_as_token_ids": True})  # type: ignore[call-overload]
+    c = r.choices[0]
+    drawn = _ids([t.token for t in c.logprobs.content])  # type: ignore[union-attr]
+    assert len(drawn) == r.usage.completion_tokens  # type: ignore[union-attr]
+    with Vocab() as vocab:
+        if c.finish_reason == "stop":
+            assert vocab.is_eog(drawn[-1])
+            drawn = drawn[:-1]
+        assert vocab.detokenize(drawn) == c.message.content
+    chunks = client.chat.completions.create(**ask, stream=True, extra_body={"return_tokens_as_token_ids": True})  # type: ignore[call-overload]
+    streamed = [t.token for ch in chunks for choice in ch.choices if choice.logprobs
+                for t in choice.logprobs.content or []]
+    assert streamed == [t.token for t in c.logprobs.content]  # type: ignore[union-attr]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2,
+                                       extra_body={"return_tokens_as_token_ids": True})
+    assert e.value.param == "return_tokens_as_token_ids"  # type: ignore[attr-defined]

@@ -269,3 +269,14 @@ def test_a_suite_line_nested_too_deeply_is_one_error_naming_its_line(tmp_path):
     for read in (jsonl_suite, gsm8k_suite):
         with pytest.raises(UsageError, match=f"^{f}:2: JSON nested too deeply$"):
             read(f)
+
+
+@pytest.mark.parametrize("flags", [["--prompts", "0"], ["--prompts", "-1"], ["--max-tokens", "0"]])
+def test_measure_refuses_a_count_below_one_before_the_table(flags, capsys):
+    """--prompts 0 divided by zero after the header, -1 printed nonsense rows, --max-tokens 0 ran with each
+    family's default: each is one error line and exit 2, before any model loads."""
+    from edge_adapt.tasks.measure import main
+
+    assert main(["arith", "--threads", "1", *flags]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: {flags[0]} must be a whole number >= 1, got {flags[1]}\n", (out, err)

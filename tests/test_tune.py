@@ -178,3 +178,34 @@ def test_a_suite_file_of_too_few_problems_is_refused_before_sampling(tmp_path, m
     with pytest.raises(UsageError, match="tuning needs at least 10 prompts, and suite '.*three.jsonl' holds 3"):
         tune_run.run_tune(cfg)
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ({"test_prompts": 5}, "--test-prompts is read only with --test-split"),
+    ({"test_split": "test", "live_prompts": 3}, "--live-prompts is read only with --live"),
+    ({"test_split": "test", "live_budget": 4}, "--live-budget is read only with --live"),
+])
+def test_a_setting_without_the_option_it_serves_is_refused(tmp_path, given, message):
+    """Was: accepted and ignored in silence (a test pool's size with no test split, a live budget with nothing
+    run live), as a backend setting without --backend is refused."""
+    from edge_adapt.errors import validated
+    from edge_adapt.eval import EvalConfig
+    from edge_adapt.eval.tune_run import TuneConfig
+
+    pool = EvalConfig(k=4, n_prompts=20, split="validation", cache_dir=tmp_path)
+    with pytest.raises(UsageError, match=f"^tune-policy: {message}$"):
+        validated(TuneConfig, {"pool": pool, **given}, "tune-policy")
+
+
+def test_tune_policy_without_report_prints_the_held_out_comparison(tmp_path):
+    """Was: --test-split sampled and replayed the test pool, then showed nothing of it without --report."""
+    from typer.testing import CliRunner
+
+    from edge_adapt.cli import app
+
+    result = CliRunner().invoke(app, ["tune-policy", "-o", str(tmp_path / "p.json"), "--prompts", "10", "-k", "2",
+                                      "--max-tokens", "16", "--budget", "2", "--test-split", "test",
+                                      "--test-prompts", "3", "--threads", "1", "--cache", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert "- test: 3 prompts the tuning never saw" in result.output
+    assert re.search(r"^\| 2 \| \d\.\d{3} \(", result.output, re.M), result.output  # auto's row at budget 2

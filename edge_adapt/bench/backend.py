@@ -23,7 +23,7 @@ from typing import Any
 
 from edge_adapt.bench import servers as srv
 from edge_adapt.bench.serve import machine
-from edge_adapt.errors import EdgeAdaptError, validated
+from edge_adapt.errors import EdgeAdaptError, check_count, validated
 
 
 def label_once(out_dir: Path, *, prompts: int, k: int, max_tokens: int, threads: int, model: Path | None,
@@ -103,9 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path)
     p.add_argument("--json", type=Path, help="also write the result here")
     a = p.parse_args(argv)
-    concurrency = a.concurrency or a.k + 1
     try:
-        res = run(a.prompts, a.k, a.max_tokens, a.threads, concurrency, a.parallel or concurrency + 1, a.model)
+        for flag, value in (("--concurrency", a.concurrency), ("--parallel", a.parallel)):
+            if value is not None:  # 0 is refused as --prompts 0 is, not taken for the default
+                check_count(flag, value)
+        concurrency = a.k + 1 if a.concurrency is None else a.concurrency
+        res = run(a.prompts, a.k, a.max_tokens, a.threads, concurrency,
+                  concurrency + 1 if a.parallel is None else a.parallel, a.model)
     except EdgeAdaptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -13,6 +13,7 @@ draws (no NaN, no overflow), norms are ones, the output layer is tied to the emb
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
             write_random_model(args.out, SHAPES[args.shape], args.type, tokenizer=args.tokenizer, seed=args.seed,
                                force=args.force)
     except EdgeAdaptError as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None  # 2 for a usage error, as every command of the project
     print(args.out)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -55,11 +56,8 @@ class PoolSource(BaseModel):
 
     @model_validator(mode="after")
     def _backend_options(self) -> PoolSource:
-        """A backend setting without a backend would be ignored in silence: refused, named as the flag."""
         if self.backend is None:
-            for name in BACKEND_OPTIONS:
-                if name in type(self).model_fields and getattr(self, name) != type(self).model_fields[name].default:
-                    raise ValueError(f"--{name.replace('_', '-')} is read only with --backend")
+            read_only_with(self, BACKEND_OPTIONS, "--backend")
         return self
 
     @field_validator("temperature")
@@ -92,6 +90,21 @@ class EvalConfig(PoolSource):
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
         return token_points(v, "prune_points")
+
+    @model_validator(mode="after")
+    def _live_options(self) -> EvalConfig:
+        if not self.live:
+            read_only_with(self, ("live_prompts",), "--live")
+        return self
+
+
+def read_only_with(cfg: BaseModel, names: Iterable[str], flag: str) -> None:
+    """Settings `names` of `cfg`, read only when `flag` is given: one given anyway (not its default) would be
+    ignored in silence, so it is refused, named as its flag."""
+    fields = type(cfg).model_fields
+    for name in names:
+        if name in fields and getattr(cfg, name) != fields[name].get_default(call_default_factory=True):
+            raise ValueError(f"--{name.replace('_', '-')} is read only with {flag}")
 
 
 def pool_temperature(v: float) -> float:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from edge_adapt.engine import Engine
 from edge_adapt.eval import replay as rp
 from edge_adapt.eval import tune
-from edge_adapt.eval.config import EvalConfig
+from edge_adapt.eval.config import EvalConfig, read_only_with
 from edge_adapt.eval.live import StrategyOutcome, run_strategy_live
 from edge_adapt.eval.metrics import bootstrap_ci, wilson
 from edge_adapt.eval.pool import PromptPool
@@ -78,6 +78,10 @@ class TuneConfig(BaseModel):
                              f"more than the pool's {self.pool.k} per prompt (--samples)")
         if self.test_split is None and (self.report_dir or self.live or self.compare_model):
             raise ValueError("--report, --live and --compare-model need --test-split")
+        if self.test_split is None:
+            read_only_with(self, ("test_prompts",), "--test-split")
+        if not self.live:
+            read_only_with(self, ("live_prompts", "live_budget"), "--live")
         if "auto" in self.live and self.live_budget < min(self.budgets):
             # auto follows the policy's row for the largest tuned budget that fits: known now, not after both pools.
             raise ValueError(f"--live auto: --live-budget {self.live_budget} is below the smallest tuned budget "
@@ -380,24 +384,15 @@ def verdict(t: dict[str, Any]) -> list[str]:
 
 def markdown(r: dict[str, Any]) -> str:
     t = r["test"]
-    ref = t["reference"]
     lines = [
         "# Compute-optimal policy (`auto`)", "",
         f"- policy: `{r['policy']}`, tuned on {r['tuning']['source']}; tolerance {r['tuning']['tolerance']}",
         "- difficulty: the greedy probe's p_keep; bin edges (bin 1 = easiest, p >= the last edge): "
         + ", ".join(f"{e:.3f}" for e in r["bin_edges"]),
-        f"- test: {t['prompts']} prompts the tuning never saw; greedy {t['greedy']:.3f} at {t['greedy_tokens']:.0f} tokens",
-        f"- reference: {ref['name']} {ref['accuracy']:.3f} ({ref['ci'][0]:.3f}–{ref['ci'][1]:.3f}) at {ref['tokens']:.0f} tokens",
+        *_test_lines(t),
         "", "## Accuracy and generated tokens per prompt, by budget (replayed on the test pool)", "",
-        "| budget | auto | tokens | best-of-N | tokens | weighted best-of-N | tokens | auto − reference (paired 95% CI) | auto tokens / reference |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *_budget_table(t),
     ]
-    for b, row in t["budgets"].items():
-        a, bo, w = row["auto"], row["best-of-n"], row["weighted-best-of-n"]
-        lines.append(f"| {b} | {a['accuracy']:.3f} ({a['ci'][0]:.3f}–{a['ci'][1]:.3f}) | {a['tokens']:.0f} | "
-                     f"{bo['accuracy']:.3f} | {bo['tokens']:.0f} | {w['accuracy']:.3f} | {w['tokens']:.0f} | "
-                     f"{a['minus_reference']:+.3f} ({a['minus_reference_ci'][0]:+.3f} … {a['minus_reference_ci'][1]:+.3f}) | "
-                     f"{a['tokens'] / ref['tokens']:.2f} |")
     lines += ["", "Best-of-N and weighted best-of-N use N = budget samples (at most the pool's K) and no probe; auto's "
               "tokens include its probe.", ""]
     lines += verdict(t)
@@ -416,30 +411,70 @@ def markdown(r: dict[str, Any]) -> str:
                          f"{x['best_on_test']} ({x['best_on_test_accuracy']:.3f}) |")
         lines.append("")
     if r.get("live"):
-        lines += ["## Live runs (real generation through `run_strategy`, fresh seeds)", "",
-                  "| strategy | budget | prompts | accuracy | 95% CI | tokens | samples | self-eval tokens | s/prompt |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for x in r["live"]:
-            wall = f"{x['wall_s']:.2f}" if "wall_s" in x else "replayed"
-            lines.append(f"| {x['strategy']} | {x['budget']} | {x['prompts']} | {x['accuracy']:.3f} | "
-                         f"{x['ci'][0]:.3f}–{x['ci'][1]:.3f} | {x['tokens']:.0f} | {x['samples']:.1f} | "
-                         f"{x['selfeval_tokens']:.0f} | {wall} |")
-        lines.append("")
+        lines += ["## Live runs (real generation through `run_strategy`, fresh seeds)", "", *_live_table(r["live"]), ""]
     if r.get("compare"):
-        c = r["compare"]
-        lines += ["## Compute-matched comparison with a larger model", "",
-                  f"`{c['model']}` ({c['params'] / 1e6:.0f}M parameters) answers each test prompt once, greedily. "
-                  "Compute is 2 × parameters × tokens processed (prompt once, generated tokens, self-eval suffixes).", "",
-                  "| who | accuracy | 95% CI | GFLOPs per prompt |", "|---|---|---|---|",
-                  f"| {c['fingerprint']} greedy | {c['accuracy']:.3f} | {c['ci'][0]:.3f}–{c['ci'][1]:.3f} | {c['flops'] / 1e9:.1f} |"]
-        for b, row in t["budgets"].items():
-            a = row["auto"]
-            f = flops(t["params"], t["prompt_tokens"], a["tokens"], a["selfeval_tokens"])
-            lines.append(f"| auto, budget {b} | {a['accuracy']:.3f} | {a['ci'][0]:.3f}–{a['ci'][1]:.3f} | {f / 1e9:.1f} |")
-        lines.append("")
+        lines += ["## Compute-matched comparison with a larger model", "", *_compare_section(r), ""]
     if r.get("plots"):
         lines += [f"![{p}]({p})" for p in r["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def summary(r: dict[str, Any]) -> str:
+    """The held-out comparison in short, for a run that writes no report: the test pool and the reference, auto
+    against best-of-N by budget, the verdict, and the live and compared runs when there are any."""
+    t = r["test"]
+    lines = ["held-out test (replayed on the test pool):", *_test_lines(t), "", *_budget_table(t), "", *verdict(t)]
+    if r.get("live"):
+        lines += ["live runs on the test prompts:", "", *_live_table(r["live"]), ""]
+    if r.get("compare"):
+        lines += _compare_section(r) + [""]
+    return "\n".join(lines).rstrip("\n")
+
+
+def _test_lines(t: dict[str, Any]) -> list[str]:
+    ref = t["reference"]
+    return [f"- test: {t['prompts']} prompts the tuning never saw; greedy {t['greedy']:.3f} at {t['greedy_tokens']:.0f} tokens",
+            f"- reference: {ref['name']} {ref['accuracy']:.3f} ({ref['ci'][0]:.3f}–{ref['ci'][1]:.3f}) at {ref['tokens']:.0f} tokens"]
+
+
+def _budget_table(t: dict[str, Any]) -> list[str]:
+    """Accuracy and generated tokens per prompt of auto, best-of-N and weighted best-of-N, by budget."""
+    ref = t["reference"]
+    lines = [
+        "| budget | auto | tokens | best-of-N | tokens | weighted best-of-N | tokens | auto − reference (paired 95% CI) | auto tokens / reference |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b, row in t["budgets"].items():
+        a, bo, w = row["auto"], row["best-of-n"], row["weighted-best-of-n"]
+        lines.append(f"| {b} | {a['accuracy']:.3f} ({a['ci'][0]:.3f}–{a['ci'][1]:.3f}) | {a['tokens']:.0f} | "
+                     f"{bo['accuracy']:.3f} | {bo['tokens']:.0f} | {w['accuracy']:.3f} | {w['tokens']:.0f} | "
+                     f"{a['minus_reference']:+.3f} ({a['minus_reference_ci'][0]:+.3f} … {a['minus_reference_ci'][1]:+.3f}) | "
+                     f"{a['tokens'] / ref['tokens']:.2f} |")
+    return lines
+
+
+def _live_table(live: list[dict[str, Any]]) -> list[str]:
+    lines = ["| strategy | budget | prompts | accuracy | 95% CI | tokens | samples | self-eval tokens | s/prompt |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for x in live:
+        wall = f"{x['wall_s']:.2f}" if "wall_s" in x else "replayed"
+        lines.append(f"| {x['strategy']} | {x['budget']} | {x['prompts']} | {x['accuracy']:.3f} | "
+                     f"{x['ci'][0]:.3f}–{x['ci'][1]:.3f} | {x['tokens']:.0f} | {x['samples']:.1f} | "
+                     f"{x['selfeval_tokens']:.0f} | {wall} |")
+    return lines
+
+
+def _compare_section(r: dict[str, Any]) -> list[str]:
+    t, c = r["test"], r["compare"]
+    lines = [f"`{c['model']}` ({c['params'] / 1e6:.0f}M parameters) answers each test prompt once, greedily. "
+             "Compute is 2 × parameters × tokens processed (prompt once, generated tokens, self-eval suffixes).", "",
+             "| who | accuracy | 95% CI | GFLOPs per prompt |", "|---|---|---|---|",
+             f"| {c['fingerprint']} greedy | {c['accuracy']:.3f} | {c['ci'][0]:.3f}–{c['ci'][1]:.3f} | {c['flops'] / 1e9:.1f} |"]
+    for b, row in t["budgets"].items():
+        a = row["auto"]
+        f = flops(t["params"], t["prompt_tokens"], a["tokens"], a["selfeval_tokens"])
+        lines.append(f"| auto, budget {b} | {a['accuracy']:.3f} | {a['ci'][0]:.3f}–{a['ci'][1]:.3f} | {f / 1e9:.1f} |")
+    return lines
 
 
 def short_label(choice: str) -> str:

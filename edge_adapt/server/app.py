@@ -217,7 +217,7 @@ async def _answer(request: Request, state: ServerState, scheduler: Scheduler,
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     shape = Shape.new(kind, scoring.id if scoring is not None else state.model_id, plan.n,
                       top_logprobs=plan.top_logprobs, strategy=plan.strategy, include_usage=include_usage,
-                      token_ids=bool(getattr(req, "return_tokens_as_token_ids", False)))
+                      token_ids=req.return_tokens_as_token_ids)
     assembler = Assembler(shape, scheduler.engine.model.piece)
     queue: asyncio.Queue[object] = asyncio.Queue()
     loop = asyncio.get_running_loop()

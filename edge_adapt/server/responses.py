@@ -155,7 +155,8 @@ class Assembler:
         del logs[sent + len(rest):]  # tokens that released no text: end of generation, a stop string
         reason = self.finished[ev.sample] = FINISH[ev.reason]
         if self.shape.kind == "chat":
-            return [self._chunk(ev.sample, {}, finish_reason=reason)]
+            return [self._chunk(ev.sample, {}, finish_reason=reason,
+                                logprobs=self._chat_logprobs(rest) if rest else None)]
         offset = len(self.texts.get(ev.sample, ""))
         return [self._chunk(ev.sample, None, text="", finish_reason=reason,
                             logprobs=self._text_logprobs(rest, offset) if rest else None)]
@@ -269,10 +270,14 @@ class Assembler:
     def _chat_logprobs(self, logs: list[TokenLog]) -> dict[str, Any] | None:
         if self.shape.top_logprobs is None:
             return None
-        return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode()),
+        return {"content": [{"token": self._name(t), "logprob": t.logprob, "bytes": list(t.text.encode()),
                              "top_logprobs": [{"token": a.name, "logprob": a.logprob, "bytes": list(a.raw)}
                                               for a in t.top]} for t in logs],
                 "refusal": None}
+
+    def _name(self, t: TokenLog) -> str:
+        """A drawn token as logprobs name it: its released text, or its id (return_tokens_as_token_ids)."""
+        return f"token_id:{t.token}" if self.shape.token_ids else t.text
 
     def _text_logprobs(self, logs: list[TokenLog], offset: int) -> dict[str, Any] | None:
         """Completions' shape: parallel lists; text_offset counts characters from the start of the choice."""
@@ -282,6 +287,5 @@ class Assembler:
         for t in logs:
             offsets.append(offset)
             offset += len(t.text)
-        tokens = [f"token_id:{t.token}" for t in logs] if self.shape.token_ids else [t.text for t in logs]
-        return {"tokens": tokens, "token_logprobs": [t.logprob for t in logs],
+        return {"tokens": [self._name(t) for t in logs], "token_logprobs": [t.logprob for t in logs],
                 "top_logprobs": [{a.name: a.logprob for a in t.top} for t in logs], "text_offset": offsets}

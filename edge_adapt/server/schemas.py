@@ -116,6 +116,10 @@ class _Completion(_Body):
     stream_options: StreamOptions | None = None
     user: str | None = None
     edge_adapt: EdgeAdaptOptions | None = None
+    # vLLM's extension, on both endpoints as there: logprobs name each token as "token_id:<id>" instead of its
+    # text, so a client gets the exact token ids of the reply (what a label file records and a self-eval request
+    # sends back).
+    return_tokens_as_token_ids: bool = False
     # Declared only to be refused by name (see _NEUTRAL); Any so that the refusal, not a type error, speaks.
     logit_bias: Any = Field(None, validate_default=True)
     presence_penalty: Any = None
@@ -153,6 +157,12 @@ class _Completion(_Body):
         if any(s == "" for s in items):
             raise ValueError("a stop string must not be empty (it would end every reply at once)")
         return tuple(_utf8(s, "a stop string") for s in items)
+
+    @model_validator(mode="after")
+    def _token_ids(self) -> _Completion:
+        if self.return_tokens_as_token_ids and self.top_alternatives is None:  # type: ignore[attr-defined]
+            raise FieldError("return_tokens_as_token_ids", "return_tokens_as_token_ids needs logprobs")
+        return self
 
     @model_validator(mode="after")
     def _unsupported(self) -> _Completion:
@@ -249,9 +259,6 @@ class ChatCompletionRequest(_Completion):
 class CompletionRequest(_Completion):
     prompt: Any
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    # vLLM's extension: logprobs name each token as "token_id:<id>" instead of its text, so a client gets
-    # the exact token ids of the reply (what a label file records and a self-eval request sends back).
-    return_tokens_as_token_ids: bool = False
     echo: Any = None
     suffix: Any = None
     best_of: Any = None
@@ -276,12 +283,6 @@ class CompletionRequest(_Completion):
         if not v:
             raise ValueError("must not be empty")
         return _utf8(v, "the prompt")
-
-    @model_validator(mode="after")
-    def _token_ids(self) -> CompletionRequest:
-        if self.return_tokens_as_token_ids and self.logprobs is None:
-            raise FieldError("return_tokens_as_token_ids", "return_tokens_as_token_ids needs logprobs")
-        return self
 
     @property
     def token_limit(self) -> int | None:

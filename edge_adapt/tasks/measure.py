@@ -47,10 +47,10 @@ def measure(families: Sequence[Family], n: int = 24, split: str = "validation", 
     """Greedy replies to the first `n` problems of each level of each family, several prompts decoded together."""
     from edge_adapt.engine import GREEDY, Engine
 
-    longest = max(max_tokens or f.max_tokens for f in families)
+    longest = max(f.max_tokens if max_tokens is None else max_tokens for f in families)
     with Engine(model=model, parallel=2 * batch, ctx=512 + longest, threads=threads) as e:
         for fam in families:
-            mt = max_tokens or fam.max_tokens
+            mt = fam.max_tokens if max_tokens is None else max_tokens
             for level in fam.levels:
                 probs = fam.problems(level, split, n)
                 right = tokens = cut = 0
@@ -77,7 +77,7 @@ def measure(families: Sequence[Family], n: int = 24, split: str = "validation", 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from edge_adapt.errors import EdgeAdaptError
+    from edge_adapt.errors import EdgeAdaptError, check_count
     from edge_adapt.tasks import get_family
     from edge_adapt.tasks.registry import FAMILIES
 
@@ -96,8 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [f for f in args.families if f not in FAMILIES]
     if unknown:
         ap.error(f"unknown family {unknown[0]!r}: choose from {', '.join(FAMILIES)}")
-    print(HEADER, flush=True)
     try:
+        # Checked before the table starts: a count of 0 would divide by zero, a negative one print nonsense rows.
+        check_count("--prompts", args.prompts)
+        check_count("--batch", args.batch)
+        for flag, value in (("--max-tokens", args.max_tokens), ("--threads", args.threads)):
+            if value is not None:
+                check_count(flag, value)
+        print(HEADER, flush=True)
         for row in measure([get_family(f, args.data) for f in args.families or FAMILIES], args.prompts, args.split,
                            args.max_tokens, args.threads, args.model, args.dump, args.batch):
             print(row.markdown(), flush=True)
