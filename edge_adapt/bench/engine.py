@@ -57,10 +57,9 @@ def _trained_ctx(cfg: BenchConfig) -> int:
     return inspect_gguf(cfg.model or default_model_path()).n_ctx_train
 
 
-def _check_ctx(cfg: BenchConfig, ctx: int, what: str, remedy: str) -> None:
-    """Refuse in bench's terms a context per sequence the model was not trained for: the engine's own refusal
-    names run's --ctx, which bench does not have."""
-    trained = _trained_ctx(cfg)
+def _check_ctx(trained: int, ctx: int, what: str, remedy: str) -> None:
+    """Refuse in bench's terms a context per sequence the model was not trained for (`trained`: _trained_ctx):
+    the engine's own refusal names run's --ctx, which bench does not have."""
     if ctx > trained > 0:
         raise UsageError(f"{what} needs a context of {ctx} tokens per sequence, more than the model's training "
                          f"context of {trained}: {remedy}")
@@ -69,8 +68,9 @@ def _check_ctx(cfg: BenchConfig, ctx: int, what: str, remedy: str) -> None:
 def _ctx_for(cfg: BenchConfig) -> int:
     """A context per sequence that holds the prompt (under 64 tokens) and --tokens more, in 256s."""
     ctx = -(-(64 + cfg.tokens) // 256) * 256 + 256
-    most = (_trained_ctx(cfg) // 256 - 1) * 256 - 64  # the most --tokens whose context the model was trained for
-    _check_ctx(cfg, ctx, f"--tokens {cfg.tokens}", f"use --tokens {most} or fewer" if most >= 8
+    trained = _trained_ctx(cfg)
+    most = (trained // 256 - 1) * 256 - 64  # the most --tokens whose context the model was trained for
+    _check_ctx(trained, ctx, f"--tokens {cfg.tokens}", f"use --tokens {most} or fewer" if most >= 8
                else "single_stream and batched cannot run on this model (leave them out with --only)")
     return ctx
 
@@ -146,7 +146,7 @@ def fork_cost(cfg: BenchConfig, prompt_tokens: int = 256, reps: int = 20) -> dic
     from llama_cpp import Llama
 
     out: dict[str, float] = {}
-    _check_ctx(cfg, 512, f"the fork section (a {prompt_tokens}-token prompt)", "it cannot run on this model "
+    _check_ctx(_trained_ctx(cfg), 512, f"the fork section (a {prompt_tokens}-token prompt)", "it cannot run on this model "
                "(leave it out with --only)")
     for unified in (False, True):
         with Engine(_opts(cfg, parallel=2, ctx=512, kv_unified=unified)) as e:
@@ -217,8 +217,9 @@ def check_config(cfg: BenchConfig) -> None:
 
 def rss_vs_plan(cfg: BenchConfig) -> list[dict[str, float]]:
     rows = []
+    trained = _trained_ctx(cfg)
     for parallel, ctx in ((1, 2048), (cfg.samples, 512), (32, 1024)):
-        _check_ctx(cfg, ctx, f"the rss section's {parallel} x {ctx} run", "it cannot run on this model "
+        _check_ctx(trained, ctx, f"the rss section's {parallel} x {ctx} run", "it cannot run on this model "
                    "(leave it out with --only)")
         code = ("import json,sys; from edge_adapt.bench.engine import _rss_child; "
                 f"print(json.dumps(_rss_child({str(cfg.model) if cfg.model else None!r}, {parallel}, {ctx}, "
