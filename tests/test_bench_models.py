@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import gguf
@@ -71,6 +72,27 @@ def test_the_step_profile_accounts_for_a_step(tmp_path):
         assert r["decode"] + waited + r["sampling"] < r["step"] and r["rest"] > -0.05 * r["step"]
     assert "step profile  4 forks:" in render({"profile": rows})
     assert "step profile  4 forks T=0.8:" in render({"profile": rows})
+
+
+def test_the_step_profile_does_not_count_its_warm_up_run(tmp_path, monkeypatch):
+    """The profile kept the best of its repeats and the warm-up run before them. Here every run after an engine's
+    first is slowed by 300 ms a step (a step of the tiny model takes well under that even on a busy machine): a
+    best that is faster came from the warm-up."""
+    from edge_adapt.bench.engine import BenchConfig, step_profile
+
+    generate, runs = Engine.generate, []
+
+    def slowed_after_the_first(self, *args, **kwargs):
+        runs.append(self)
+        for ev in generate(self, *args, **kwargs):
+            if runs.count(self) > 1:
+                time.sleep(0.3)
+            yield ev
+
+    monkeypatch.setattr(Engine, "generate", slowed_after_the_first)
+    path = write_random_model(tmp_path / "tiny.gguf", SHAPES["tiny"])
+    rows = step_profile(BenchConfig(model=path, tokens=8, repeats=1), sizes=(1,), sampled=0)
+    assert len(runs) == 2 and rows[0]["step"] >= 300
 
 
 def test_clients_against_forks_runs_both_sides_on_one_engine(tmp_path):
