@@ -148,7 +148,7 @@ def read_metadata(source: str | os.PathLike[str] | dict[str, Any] | None, *, wha
         from edge_adapt.fileio import read_user_file
 
         p = Path(source)
-        if not p.exists():
+        if not os.path.lexists(p):  # a link that leads nowhere (a loop, a dangling target): read_user_file says which
             raise UsageError(f"{p}: {what} not found")
         try:
             data = json.loads(read_user_file(p, max_bytes=1 << 20, text=True))

@@ -160,6 +160,16 @@ def test_bad_self_eval_config_rejected(llama_dir: Path, tmp_path: Path) -> None:
     _only(tmp_path, "cfg.json")
 
 
+def test_self_eval_config_link_loop_is_named_as_one(llama_dir: Path, tmp_path: Path) -> None:
+    """A --self-eval-config that is a link loop was "not found"."""
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(loop)
+    with pytest.raises(UsageError, match="loop.json: cannot read .*symbolic links"):
+        convert_model(llama_dir, tmp_path / "m.gguf", self_eval_config=loop)
+    with pytest.raises(UsageError, match="gone.json: self-eval config not found"):
+        convert_model(llama_dir, tmp_path / "m.gguf", self_eval_config=tmp_path / "gone.json")
+
+
 def test_permission_denied_is_one_line_error(llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "ro"
     out.mkdir()
