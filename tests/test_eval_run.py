@@ -95,7 +95,7 @@ def test_pool_budget_is_each_familys_own_unless_given():
     assert s.max_tokens is None
     assert {p.id.split("-")[0]: s.budget(p) for p in suite.problems} == {n: f.max_tokens for n, f in FAMILIES.items()}
     # Prune points must lie below every family's budget (64 is the shortest).
-    with pytest.raises(UsageError, match="below max_tokens 64"):
+    with pytest.raises(UsageError, match="^--prune-at 64 must be below the shortest reply budget of suite 'mix', 64 "):
         pool_settings(mix.model_copy(update={"prune_points": [32, 64]}), suite)
 
 
@@ -110,9 +110,14 @@ def test_default_prune_points_and_cuts_stop_below_the_shortest_reply_budget():
 
     assert points(max_tokens=24) == [16] and points() == [16, 32]
     # Points a user gives are kept as given, and refused where they do not fit.
-    with pytest.raises(UsageError, match=r"prune points \[16, 32\] must be below max_tokens 24"):
+    # Named as the flags (was "prune_points: prune_points must be ...", "prune points [16, 32] must be below
+    # max_tokens 24"), and a budget the user never gave as the suite's.
+    with pytest.raises(UsageError, match=r"^--prune-at 32 must be below --max-tokens 24$"):
         points(max_tokens=24, prune_points=[16, 32])
-    with pytest.raises(UsageError, match="prune_points must be positive and strictly increasing"):
+    with pytest.raises(UsageError, match=r"^--prune-at 96 must be below the shortest reply budget of suite 'arith', "
+                                         r"96 tokens \(--max-tokens sets one\)$"):
+        points(prune_points=[16, 96])
+    with pytest.raises(UsageError, match=r"^eval: prune_points: --prune-at must be positive and strictly increasing$"):
         validated(EvalConfig, {"prune_points": [32, 16]}, "eval")
     # Label cuts (default 16 32 64) against a short --max-tokens, and against a family's own 64-token budget,
     # the shortest of a mix (label --suite mix failed with "cuts [16, 32, 64] must be below max_tokens 64").
@@ -121,7 +126,7 @@ def test_default_prune_points_and_cuts_stop_below_the_shortest_reply_budget():
     assert arith.points_below_budget("cuts", [16, 32, 64], 40, given=False) == [16, 32]
     assert arith.points_below_budget("cuts", [16, 32, 64], 8, given=False) == []
     assert mix.points_below_budget("cuts", [16, 32, 64], None, given=False) == [16, 32]
-    with pytest.raises(UsageError, match="below max_tokens 64"):
+    with pytest.raises(UsageError, match="cuts 64 must be below the shortest reply budget of suite 'mix', 64"):
         mix.points_below_budget("cuts", [16, 32, 64], None, given=True)
 
 

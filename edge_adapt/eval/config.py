@@ -89,7 +89,7 @@ class EvalConfig(PoolSource):
     @field_validator("prune_points")
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
-        return token_points(v, "prune_points")
+        return token_points(v, "--prune-at")
 
     @model_validator(mode="after")
     def _live_options(self) -> EvalConfig:

@@ -47,7 +47,7 @@ def pool_settings(cfg: EvalConfig, suite: Suite) -> PoolSettings:
     """How the pool of `suite` is drawn. Without --max-tokens each problem takes its family's budget; when those
     are all one number (any suite but a mix) it is written into the settings, so the pool's cache key is the
     one an explicit --max-tokens of that number gives."""
-    points = suite.points_below_budget("prune points", list(cfg.prune_points), cfg.max_tokens,
+    points = suite.points_below_budget("--prune-at", list(cfg.prune_points), cfg.max_tokens,
                                        given="prune_points" in cfg.model_fields_set)
     return PoolSettings(k=cfg.k, temperature=cfg.temperature, max_tokens=suite.budget(cfg.max_tokens),
                         prune_points=tuple(points), seed=cfg.seed)

@@ -84,10 +84,8 @@ class Suite:
         if not given:
             return [p for p in points if p < limit]
         if points and points[-1] >= limit:
-            if not per_reply:
-                raise UsageError(f"{what} {points} must be below max_tokens {limit}")
-            budget = f"--max-tokens {limit}" if max_tokens else \
-                f"the longest reply budget of suite {self.name!r}, {limit} tokens (--max-tokens sets one)"
+            budget = f"--max-tokens {limit}" if max_tokens else f"the {'longest' if per_reply else 'shortest'} " \
+                f"reply budget of suite {self.name!r}, {limit} tokens (--max-tokens sets one)"
             raise UsageError(f"{what} {points[-1]} must be below {budget}")
         return points
 
