@@ -50,6 +50,12 @@ def test_tune_policy_never_reports_test_numbers_on_its_tuning_prompts(tmp_path):
         with pytest.raises(UsageError, match="has no splits .* leave it out"):
             tune("test", suite=name)
         assert tune(None, suite=name).test_split is None  # tuning alone is fine
+        # A --split other than tune-policy's default was ignored in silence, as eval's was (the file is read whole).
+        with pytest.raises(UsageError, match=r"^--split train: suite '.*' has no splits"):
+            tune(None, suite=name, split="train")
+        with pytest.raises(UsageError, match=r"^--split validation: suite '.*' has no splits"):
+            run_eval(EvalConfig(suite=name, split="validation", out_dir=tmp_path / "r"))
+        assert not (tmp_path / "r").exists()
     assert tune("test", family="gsm8k").test_split == "test"  # the hash-split family has splits
 
 

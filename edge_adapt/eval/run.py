@@ -30,7 +30,7 @@ from edge_adapt.progress import Job, Progress, to_the_end
 from edge_adapt.sizing import ensure, for_pool, for_strategy, load_engine
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.run import prompt_tokens
-from edge_adapt.tasks import load_suite
+from edge_adapt.tasks import check_split, load_suite
 from edge_adapt.tasks.base import Suite
 
 
@@ -182,6 +182,7 @@ def eval_job(cfg: EvalConfig, *, engine: Engine | None = None, scorer: SelfEvalS
     """
     from edge_adapt.fileio import check_output_dir, check_replaceable, removed_on_failure
 
+    check_split(cfg.suite, cfg.split, type(cfg).model_fields["split"].default, cfg.family)
     check_output_dir(Path(cfg.out_dir), force=cfg.force)
     check_replaceable(Path(cfg.out_dir))
     check_output_dir(Path(cfg.cache_dir), force=False, reuse=True)

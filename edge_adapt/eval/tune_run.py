@@ -96,10 +96,11 @@ class TuneConfig(BaseModel):
 
     def _held_out(self) -> None:
         """The tuning never sees the test prompts: a test split is another split of a suite that has splits."""
-        from edge_adapt.tasks import has_splits
+        from edge_adapt.tasks import check_split, has_splits
 
         suite = self.pool.family or self.pool.suite
         if not has_splits(self.pool.suite, self.pool.family):
+            check_split(self.pool.suite, self.pool.split, "validation", self.pool.family)  # tune-policy's default
             if self.test_split is not None:
                 raise ValueError(f"suite {suite!r} has no splits (a file is read whole, whatever --split says): "
                                  "--test-split would report on the prompts the policy was tuned on; leave it out "
