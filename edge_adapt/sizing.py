@@ -11,6 +11,7 @@ from typing import Any
 
 from edge_adapt.engine import Engine, EngineOptions, Vocab
 from edge_adapt.engine.budget import fit, most_sequences, parse_size
+from edge_adapt.engine.engine import MIN_CTX
 from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
 from edge_adapt.errors import ContextOverflowError, UsageError
 from edge_adapt.strategies.config import StrategyConfig
@@ -148,8 +149,10 @@ def trained_ctx(size: EngineSize, info: GGUFInfo) -> int:
 
 def default_ctx(preferred: int, info: GGUFInfo) -> int:
     """A context the user did not give: `preferred`, or the model's training context where that is shorter (a
-    default never exceeds what the model was trained for; only a --ctx given is refused)."""
-    return min(preferred, info.n_ctx_train) if info.n_ctx_train > 0 else preferred
+    default never exceeds what the model was trained for; only a --ctx given is refused), but never below the
+    engine's least (a model trained for fewer tokens still runs what fits its training, in a context with room
+    to spare, rather than being refused with a `ctx` the user never gave)."""
+    return max(MIN_CTX, min(preferred, info.n_ctx_train)) if info.n_ctx_train > 0 else preferred
 
 
 def for_generation(prompt: Seq[int], n: int, max_tokens: int, *, ctx: int | None = None) -> EngineSize:

@@ -107,6 +107,26 @@ def test_a_program_sized_context_past_the_models_training_names_what_needs_it_no
         load_engine(for_pool(9000, 2, 16, 0), EngineOptions(device="cpu"))
 
 
+def test_a_default_context_is_never_below_the_engines_least():
+    """A model trained for 32 tokens: the default context was its training context, and run refused it with
+    `ctx: Input should be >= 64`, a setting the user never gave. It is refused for what it is."""
+    import dataclasses
+
+    from edge_adapt.engine.default_model import default_model_path
+    from edge_adapt.engine.gguf_file import inspect_gguf
+    from edge_adapt.sizing import default_ctx, trained_ctx
+
+    from edge_adapt.engine.engine import check_training_context
+
+    info = inspect_gguf(default_model_path())
+    short = dataclasses.replace(info, n_ctx_train=32)
+    assert default_ctx(2048, short) == 64 and trained_ctx(for_generation([1] * 10, 1, 16), short) == 64
+    with pytest.raises(BudgetError, match="^the model was trained for a context of 32 tokens, fewer than the 64 an "
+                                          "engine needs$"):  # the engine's own check, not "--ctx 64 exceeds"
+        check_training_context(default_ctx(2048, short), short)
+    assert default_ctx(2048, info) == 2048 and default_ctx(100, dataclasses.replace(info, n_ctx_train=300)) == 100
+
+
 def test_growing_an_engine_past_the_models_training_names_what_needs_it():
     """Was: a scorer whose suffix outgrew a pool's context made ensure() resize into `--ctx ... exceeds`."""
     from edge_adapt.errors import ContextOverflowError

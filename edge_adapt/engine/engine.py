@@ -44,8 +44,14 @@ ONE_THREAD = ("another thread is decoding on this engine: an engine serves one t
 def check_training_context(ctx: int, info: GGUFInfo) -> None:
     """Refuse a per-sequence context longer than the model was trained for (n_ctx_train 0: the GGUF does not
     say, and any length goes). Checked from the GGUF alone, so a server can refuse before it loads weights."""
+    if MIN_CTX > info.n_ctx_train > 0:  # no context an engine opens fits it, whatever --ctx says
+        raise BudgetError(f"the model was trained for a context of {info.n_ctx_train} tokens, fewer than the "
+                          f"{MIN_CTX} an engine needs")
     if ctx > info.n_ctx_train > 0:
         raise BudgetError(f"--ctx {ctx} exceeds the model's training context {info.n_ctx_train}")
+
+
+MIN_CTX = 64  # the least context per sequence an engine is opened with
 
 
 class EngineOptions(BaseModel):
@@ -54,7 +60,7 @@ class EngineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Path | None = Field(None, description="GGUF file; the embedded default model when omitted")
-    ctx: int = Field(2048, ge=64, description="context length of each sequence, in tokens")
+    ctx: int = Field(2048, ge=MIN_CTX, description="context length of each sequence, in tokens")
     parallel: int = Field(1, ge=1, le=256, description="sequences the context holds at once")
     # ggml's own bound (GGML_MAX_N_THREADS): 100,000 threads crashed in llama.cpp, 20,000 hung.
     threads: int | None = Field(None, ge=1, le=512, description="CPU threads; physical cores when omitted")
