@@ -82,6 +82,9 @@ def test_plans_stop_at_the_sequences_one_context_holds_and_say_so_whatever_the_m
                                               f"at most {MAX_SEQUENCE_IDS - 1}") as exc:
             refused()
         assert "mem-budget" not in str(exc.value)
+        # the unified KV is named as what it is, a library setting (was "or unify the KV", which no command offers)
+        assert str(exc.value).endswith(f"hold at most {MAX_SEQUENCE_IDS - 1}; a library engine with a unified KV, "
+                                       f"EngineOptions(kv_unified=True), holds {MAX_SEQUENCE_IDS})")
 
 
 def test_a_program_sized_context_past_the_models_training_names_what_needs_it_not_ctx(tmp_path):

@@ -138,7 +138,8 @@ def check_sequences(parallel: int, kv_unified: bool = False) -> None:
     if parallel > most:
         ids = sequence_ids(parallel, kv_unified)
         spare = "" if kv_unified else (f" ({parallel} sequences take {ids} sequence ids with split KV (one spare): "
-                                       f"hold at most {most}, or unify the KV)")
+                                       f"hold at most {most}; a library engine with a unified KV, "
+                                       f"EngineOptions(kv_unified=True), holds {most_sequences(True)})")
         raise BudgetError(f"{parallel} parallel sequences are more than one llama.cpp context holds: at most {most}"
                           f"{spare}")
 
