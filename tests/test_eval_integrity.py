@@ -252,6 +252,26 @@ def test_a_corrupt_pool_of_another_suite_does_not_stop_this_one(tmp_path):
                              rescore=samples_in(tmp_path, suite)))
 
 
+def test_the_pool_line_says_which_prompts_were_scored_again(tmp_path):
+    """Was: `eval --adapter none` on a cache of another scorer's pool printed "5 read from the cache" for prompts
+    whose samples it had just scored again."""
+    from edge_adapt.eval.pool import build_pool_from, pool_job, samples_in
+    from edge_adapt.progress import finish
+
+    suite, settings = arith_suite("test", 3), PoolSettings(k=2, max_tokens=8, prune_points=())
+    list(build_pool_from(_HandMade("fp|a"), suite, settings, tmp_path))
+
+    def last_line(identity: str) -> str:
+        lines: list[str] = []
+        finish(pool_job("pool", build_pool_from(_HandMade(identity, sample=False), suite, settings,
+                                                tmp_path / "b", rescore=samples_in(tmp_path, suite))),
+               lambda p: lines.append(p.message or p.info))
+        return lines[-1]
+
+    assert last_line("fp|b") == "pool: 3 prompts, 3 scored again from an earlier pool"
+    assert last_line("fp|b") == "pool: 3 prompts, 3 read from the cache"  # the second time they are this pool's own
+
+
 def test_force_replaces_a_reports_own_files_only(tmp_path):
     """Was: every *.png in the report directory was taken for the report's, so --force deleted the user's."""
     from edge_adapt.eval.report import report_dir

@@ -343,6 +343,7 @@ class PoolProgress:
     generated: bool  # False when the prompt came from the cache
     pool: PromptPool
     tokens: int = field(default=0)
+    rescored: bool = False  # its samples came from an earlier pool and were scored again in this run
 
 
 class NoSelfEval:
@@ -504,7 +505,8 @@ def build_pool_from(
     made = backend.generate(work, suite, settings) if work else iter(())  # pools come in the order they finish
     fresh: set[str] = set()
     for i, (key, other) in enumerate(plan):
-        if other is not None and key not in have:
+        rescored = other is not None and key not in have
+        if rescored:
             have[key] = backend.rescore(settings, key, other)
             cache.append(have[key])
         while key not in have:
@@ -516,7 +518,7 @@ def build_pool_from(
         generated = key in fresh
         fresh.discard(key)
         tokens = sum(s.n_tokens for s in pool.samples) + pool.greedy.n_tokens if generated else 0
-        yield PoolProgress(i + 1, len(plan), generated, pool, tokens)
+        yield PoolProgress(i + 1, len(plan), generated, pool, tokens, rescored)
 
 
 def _judged(pool: PromptPool, check: Scorer) -> PromptPool:
@@ -541,22 +543,26 @@ class PoolRun:
 
 def pool_job(task: str, steps: Iterator[PoolProgress]) -> Job[PoolRun]:
     """Drain `build_pool(...)`, yielding Progress per prompt (the generation rate, or 'cached'), then a line that
-    says how many prompts were generated and how many read from the cache (a resumed run says so)."""
+    says how many prompts were generated, how many scored again from an earlier pool, and how many read from the
+    cache (a resumed run says so)."""
     pools: list[PromptPool] = []
-    generated = tokens = 0
+    generated = tokens = rescored = 0
     t0 = time.perf_counter()
     for step in steps:
         pools.append(step.pool)
         generated += step.generated
+        rescored += step.rescored
         tokens += step.tokens
         rate = tokens / max(time.perf_counter() - t0, 1e-9)
-        yield Progress(task, step.done, step.total, f"{rate:.0f} tok/s" if generated else "cached")
+        yield Progress(task, step.done, step.total, f"{rate:.0f} tok/s" if generated else
+                       "scored again" if rescored else "cached")
     wall_s = time.perf_counter() - t0
-    cached = len(pools) - generated
+    cached = len(pools) - generated - rescored
     made = f"{generated} generated ({tokens} tokens in {wall_s:.0f} s)" if generated else ""
+    again = f"{rescored} scored again from an earlier pool" if rescored else ""
     from_cache = f"{cached} read from the cache" if cached else ""
     yield Progress(task, len(pools), len(pools), message=f"{task}: {len(pools)} prompts, "
-                   + ", ".join(x for x in (made, from_cache) if x))
+                   + ", ".join(x for x in (made, again, from_cache) if x))
     return PoolRun(pools, generated, tokens, wall_s)
 
 
