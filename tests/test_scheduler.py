@@ -18,6 +18,7 @@ from edge_adapt.selfeval import SelfEvalConfig, SelfEvaluator
 from edge_adapt.server.scheduler import Job, QueueFull, Scheduler
 from edge_adapt.strategies import run_strategy
 from edge_adapt.strategies.config import StrategyConfig
+from edge_adapt.strategies.events import Scored
 
 from in_place import InPlaceSteps
 
@@ -364,3 +365,42 @@ def test_a_step_whose_sampling_fails_ends_its_requests_with_the_error_and_gives_
         finally:
             s.close()
         assert e.live_sequences == 0
+
+
+def test_selfeval_tokens_are_counted_as_they_are_decoded_in_a_cancelled_run(sched: Scheduler) -> None:
+    """`selfeval_tokens_total` (/metrics) counts suffix tokens when they are decoded, not when a run reports them
+    at its end: a run cancelled after its first scores has counted theirs."""
+    suffix = len(SelfEvaluator(sched.engine).suffix)
+    cfg = StrategyConfig(strategy="prune", budget=3, keep=1, prune_at=(2, 4, 6, 8), max_tokens=120, seed=1)
+    before = _idle(sched)
+    q: queue.Queue[object] = queue.Queue()
+    ticket = sched.submit(Job(_prompt(sched, "Explain gravity in detail."), max_tokens=120, strategy=cfg), q.put)
+    scored = 0
+    while scored < 3:  # the first prune point scores all three samples
+        item = q.get(timeout=120)
+        assert not isinstance(item, (Done, BaseException)), item
+        scored += isinstance(item, Scored)
+    ticket.cancel()
+    after = _idle(sched)
+    assert after["requests_cancelled_total"] == before["requests_cancelled_total"] + 1
+    assert after["selfeval_tokens_total"] - before["selfeval_tokens_total"] >= scored * suffix
+
+
+def test_a_selfeval_request_counts_its_suffix_as_selfeval_tokens_not_prompt_or_reply() -> None:
+    """A `MODEL:selfeval` request (a job with an adapter tail) decodes the suffix with the adapter on: those are
+    self-evaluation tokens, and its one answer token is no reply's."""
+    with Engine(parallel=2, ctx=128, device="cpu", threads=1) as e:
+        scorer = SelfEvaluator(e)
+        s = Scheduler(e, scorer=scorer)
+        s.start()
+        try:
+            prompt = _prompt(s, "What is 2 + 2?")
+            job = Job(prompt + list(scorer.suffix), max_tokens=1, samples=_samples(1, 0.0), top_logprobs=2,
+                      adapter_tail=len(scorer.adapter_part))
+            assert isinstance(_run(s, job)[-1], Done)
+            m = _idle(s)
+        finally:
+            s.close()
+    assert m["selfeval_tokens_total"] == len(scorer.adapter_part) > 0
+    assert m["prompt_tokens_decoded_total"] == len(job.prompt) - job.adapter_tail
+    assert m["tokens_generated_total"] == 0

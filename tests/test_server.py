@@ -96,6 +96,23 @@ def test_n4_stream_sends_roles_first_then_indexed_content_and_usage(client: open
     assert all(ch.usage is None for ch in chunks[:-1])
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 3, "n": 2}),
+    ("/v1/completions", {"prompt": COUNTING, "max_tokens": 3}),
+    ("/v1/chat/completions",
+     {"messages": QUESTION, "max_tokens": 3, "edge_adapt": {"strategy": "best-of-n", "budget": 2}}),
+], ids=["chat", "completions", "strategy"])
+def test_stream_chunks_with_include_usage_have_openais_shape(server: ServerProcess, path: str, body: dict) -> None:
+    """As OpenAI documents it: with include_usage every chunk carries `usage`, null on all but the last, and every
+    chunk has the same top-level keys (`system_fingerprint` too)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with server.http.stream("POST", path, json=body) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    keys = {"id", "object", "created", "model", "system_fingerprint", "choices", "usage"}
+    assert len(chunks) > 2 and all(keys <= set(ch) for ch in chunks), chunks
+    assert [ch["usage"] is not None for ch in chunks] == [False] * (len(chunks) - 1) + [True]
+
+
 def test_stream_helper_assembles_every_choice(client: openai.OpenAI) -> None:
     kwargs = dict(n=3, max_tokens=10, seed=11, temperature=0.8)
     plain = client.chat.completions.create(model=MODEL, messages=QUESTION, **kwargs)  # type: ignore[arg-type]
@@ -642,6 +659,8 @@ REFUSED_BEFORE_LISTENING = {
     "adapter not a GGUF": ["--adapter", "{tmp}/noise.gguf"],
     "adapter for a wider model": ["--adapter", "{tmp}/wider.gguf"],
     "memory plan over --mem-budget": ["--parallel", "256", "--ctx", "8192", "--mem-budget", "2GB"],
+    "empty --cors-origin": ["--cors-origin", ""],
+    "--cors-origin with a path": ["--cors-origin", "http://app.example/"],
 }
 
 

@@ -138,6 +138,32 @@ def test_completion_prompt_faults_are_400(server: ServerProcess) -> None:
     for prompt in [["a", "b"], [[1, 2], [3]], [], [1, -2], [1, 2.5], [True, 2], [1, 10**9], 7, ""]:
         err = _error(_post(server, {"prompt": prompt, "max_tokens": 2}, "/v1/completions"), 400)
         assert err["param"] == "prompt", prompt
+
+
+@pytest.mark.parametrize("prompt, item", [([1, 2.5], "item 1 is 2.5"), ([1, True], "item 1 is true"),
+                                          ([1, None], "item 1 is null"), ([[1, 2.5]], "item 1 is 2.5")])
+def test_a_token_id_prompt_with_a_non_integer_names_the_item(server: ServerProcess, prompt: list, item: str) -> None:
+    """One prompt with a bad token id is not a batch: the refusal names the item, not batching."""
+    err = _error(_post(server, {"prompt": prompt, "max_tokens": 2}, "/v1/completions"), 400)
+    assert err["param"] == "prompt" and "token ids must be integers" in err["message"] and item in err["message"], err
+
+
+def test_a_logit_bias_key_too_long_for_a_token_id_is_not_a_token_id(server: ServerProcess) -> None:
+    err = _error(_post(server, {**OK_BODY, "logit_bias": {"1" * 5000: 1}}), 400)
+    assert err["param"] == "logit_bias" and "is not a token id" in err["message"], err
+    assert "sys." not in err["message"] and len(err["message"]) < 200, err
+
+
+def test_a_compressed_body_is_415_naming_content_encoding(server: ServerProcess) -> None:
+    """A body the server would read as if uncompressed is refused by its Content-Encoding, not as bad UTF-8."""
+    import gzip
+
+    r = server.http.post("/v1/chat/completions", content=gzip.compress(json.dumps(OK_BODY).encode()),
+                         headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    err = _error(r, 415)
+    assert "Content-Encoding" in err["message"] and "gzip" in err["message"], err
+    identity = server.http.post("/v1/chat/completions", json=OK_BODY, headers={"Content-Encoding": "identity"})
+    assert identity.status_code == 200, identity.text
     for field, value in [("echo", True), ("suffix", "x"), ("best_of", 3)]:
         err = _error(_post(server, {"prompt": "hi", "max_tokens": 2, field: value}, "/v1/completions"), 400)
         assert err["param"] == field

@@ -177,8 +177,7 @@ class Assembler:
                     chunks.append(self._chunk(c.index, None, text="", finish_reason=c.finish_reason,
                                               extra=self._edge(c)))
         if self.shape.include_usage and self.usage is not None:
-            last = {"id": self.shape.id, "object": self._object(stream=True), "created": self.shape.created,
-                    "model": self.shape.model, "choices": [], "usage": usage_body(self.usage)}
+            last = self._envelope([], usage_body(self.usage))
             if self.shape.strategy is not None:
                 last["edge_adapt"] = edge_adapt_body(self.shape.strategy, self.collector.result())
             chunks.append(last)
@@ -257,8 +256,17 @@ class Assembler:
         else:
             choice["text"] = text
         choice.update(logprobs=logprobs, finish_reason=finish_reason, **(extra or {}))
-        return {"id": self.shape.id, "object": self._object(stream=True), "created": self.shape.created,
-                "model": self.shape.model, "system_fingerprint": None, "choices": [choice]}
+        return self._envelope([choice])
+
+    def _envelope(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A stream chunk, every one with the same keys: as OpenAI's, with include_usage each carries `usage`,
+        null on all but the last."""
+        chunk: dict[str, Any] = {"id": self.shape.id, "object": self._object(stream=True),
+                                 "created": self.shape.created, "model": self.shape.model,
+                                 "system_fingerprint": None, "choices": choices}
+        if self.shape.include_usage:
+            chunk["usage"] = usage
+        return chunk
 
     def _content(self, index: int, text: str, logs: list[TokenLog], offset: int) -> dict[str, Any]:
         if self.shape.kind == "chat":

@@ -23,17 +23,20 @@ import logging
 import threading
 from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
 from edge_adapt.engine.engine import Engine, Sequence
-from edge_adapt.engine.events import Done, Token
+from edge_adapt.engine.events import Token
 from edge_adapt.engine.sampling import SamplingParams, check_bias_vocabulary
 from edge_adapt.engine.steps import Decode, Program, Sampling, decode_together, sample_together
 from edge_adapt.errors import BudgetError, ContextOverflowError, EdgeAdaptError, UsageError
 from edge_adapt.selfeval import SelfEvaluator
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.run import RunPlan, check_fits, plan_run, strategy_steps
+
+R = TypeVar("R")
 
 
 class QueueFull(EdgeAdaptError):
@@ -57,6 +60,44 @@ class Job:
     # A self-eval request: the prompt's last `adapter_tail` tokens (its self-eval suffix's adapter part) are
     # decoded with the scheduler's self-eval adapter on, as an activated LoRA does; the rest is the base model's.
     adapter_tail: int = 0
+
+
+@dataclass(frozen=True)
+class _SuffixDecode(Decode):
+    """A self-evaluation suffix's decode: `_decode` counts its tokens once they are decoded (selfeval_tokens_total),
+    whether or not the run they score ever ends."""
+
+
+def _suffix(d: Decode) -> _SuffixDecode:
+    return _SuffixDecode(d.updates, d.adapter, d.scale, d.meanwhile)
+
+
+class _Scorer(SelfEvaluator):
+    """A job's self-evaluation, its suffix decodes marked as such for the scheduler's count."""
+
+    def steps(self, samples: Seq[Any]) -> Program[list[float]]:
+        return _suffix_decodes(super().steps(samples))
+
+
+def _suffix_decodes(program: Program[R]) -> Program[R]:
+    """`yield from program`, each Decode it yields marked as a _SuffixDecode; errors thrown in at a yield reach
+    the program (as edge_adapt.engine.steps.watched passes them)."""
+    error: BaseException | None = None
+    try:
+        while True:
+            try:
+                item = program.throw(error) if error is not None else next(program)
+            except StopIteration as stop:
+                return stop.value
+            error = None
+            try:
+                yield _suffix(item) if isinstance(item, Decode) else item
+            except GeneratorExit:
+                raise
+            except BaseException as e:  # thrown in by the scheduler: the program's to handle
+                error = e
+    finally:
+        program.close()
 
 
 class Ticket:
@@ -302,19 +343,20 @@ class Scheduler:
         root, reused = self._root_for(base)
         run.root = root
         rest = base[reused:]
-        self._counters.prompt_tokens_decoded_total += len(rest) + job.adapter_tail
+        self._counters.prompt_tokens_decoded_total += len(rest)  # the adapter tail: suffix tokens
         step = self.engine.options.batch
         for lo in range(0, len(rest), step):  # a long prompt in slices: other requests go on decoding between them
             yield Decode.of([(root, rest[lo : lo + step])])
         if job.adapter_tail:
             assert self.scorer is not None  # _plan refused the job otherwise
-            yield Decode.of([(root, job.prompt[len(base):])], self.scorer.adapter, self.scorer.config.adapter_scale)
+            yield _suffix(Decode.of([(root, job.prompt[len(base):])], self.scorer.adapter,
+                                    self.scorer.config.adapter_scale))
         if run.ticket.plan is not None:
             plan = run.ticket.plan
             scorer = None
             if plan.spec.needs_scorer:
                 # The server's self-evaluation (its --adapter), a scorer of its own (it counts this job's tokens).
-                scorer = SelfEvaluator(self.engine, self.scorer.config if self.scorer else plan.config.self_eval)
+                scorer = _Scorer(self.engine, self.scorer.config if self.scorer else plan.config.self_eval)
             yield from strategy_steps(self.engine, plan, scorer, root, reused=reused)
         else:
             yield from self.engine.generation(root, job.samples, max_tokens=job.max_tokens, stop=job.stop,
@@ -374,21 +416,19 @@ class Scheduler:
                 return None
             if isinstance(item, (Decode, Sampling)):
                 return item
-            self._count(item)
+            # A self-eval request's one token is its answer to the suffix, not a reply's.
+            if isinstance(item, Token) and not run.ticket.job.adapter_tail:
+                self._counters.tokens_generated_total += 1
             _deliver(sink, item)
-
-    def _count(self, item: object) -> None:
-        if isinstance(item, Token):
-            self._counters.tokens_generated_total += 1
-        elif isinstance(item, Done):
-            self._counters.selfeval_tokens_total += item.usage.selfeval_tokens
 
     def _decode(self, requests: list[tuple[_Running, Decode]]) -> None:
         decodes = [d for _, d in requests]
         errors = decode_together(self.engine, decodes)
-        for (run, _), err in zip(requests, errors):
-            run.error = err
         c = self._counters
+        for (run, d), err in zip(requests, errors):
+            run.error = err
+            if err is None and isinstance(d, _SuffixDecode):
+                c.selfeval_tokens_total += sum(len(tokens) for _, tokens in d.updates)
         seqs = len({s.id for d in decodes for s, _ in d.updates})  # a scoring scratch shares its sample's id
         c.decode_steps_total += 1
         c.decode_step_sequences_total += seqs

@@ -8,6 +8,7 @@ own (edge_adapt.engine.sampling.SAMPLING_RULES), checked when the job is built.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
@@ -137,7 +138,9 @@ class _Completion(_Body):
             raise ValueError(f"takes at most {MAX_LOGIT_BIAS} tokens, got {len(v)}")
         out = []
         for key, bias in v.items():
-            if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            # A token id (llama_token, an int32) has at most 10 digits; a longer key is no id (and int() of one
+            # past 4300 digits would raise with Python's own advice).
+            if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
                 raise ValueError(f"key {key[:20]!r} is not a token id")
             if type(bias) not in (int, float) or not -100 <= bias <= 100:
                 raise ValueError(f"bias of token {key} must be a number in -100..100")
@@ -272,9 +275,12 @@ class CompletionRequest(_Completion):
         if isinstance(v, list):
             if not v:
                 raise ValueError("must not be empty")
-            if not all(type(t) is int for t in v):
+            if all(isinstance(t, (str, list)) for t in v):
                 raise ValueError("only one prompt per request is supported (a string, a list of token ids, "
                                  "or a list holding one of them)")
+            bad = next((i for i, t in enumerate(v) if type(t) is not int), None)
+            if bad is not None:
+                raise ValueError(f"token ids must be integers (item {bad} is {json.dumps(v[bad])[:40]})")
             if min(v) < 0:
                 raise ValueError("token ids must not be negative")
             return list(v)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import socket
 import sys
 import threading
@@ -25,6 +26,9 @@ from edge_adapt.server.guard import MAX_BODY
 from edge_adapt.server.openai_errors import bad_request
 
 PREFIX = "edge-adapt serve:"
+# What a browser sends as Origin: scheme://host[:port], no path (a trailing "/" too would never match one), or
+# "null" (a page with no origin of its own: a file://, a sandboxed frame, some desktop web views).
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+|null")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,13 @@ class ServeConfig:
     cors_origins: tuple[str, ...] = ()
     max_body: int = MAX_BODY
     self_eval: Any = None  # SelfEvalConfig of the strategies and MODEL:selfeval (--adapter); None: the model's own
+
+    def __post_init__(self) -> None:
+        # Guard compares Origin headers with these as strings: one no browser sends would allow nothing, in silence.
+        for origin in self.cors_origins:
+            if origin != "*" and not ORIGIN.fullmatch(origin):
+                raise UsageError(f"--cors-origin: an origin must be scheme://host[:port], 'null' or '*', "
+                                 f"got {origin!r}")
 
 
 def bind(host: str, port: int) -> socket.socket:
