@@ -266,7 +266,9 @@ def _print_result(result: Any, *, show_scores: bool) -> None:
             print(f"{mark} sample {s.index:>2}  {s.tokens:>4} tokens  {s.finish_reason:<9} {trail}")
         d, u = result.difficulty, result.usage
         if d is not None:
-            print(f"  difficulty bin {d.bin} of 5 (probe p_keep {d.p_keep:.3f}): {d.choice}")
+            row = "" if d.row_budget is None else (f", from the policy's row for budget {d.row_budget}: it has "
+                                                   "none for this budget, and the rest goes unspent")
+            print(f"  difficulty bin {d.bin} of 5 (probe p_keep {d.p_keep:.3f}): {d.choice}{row}")
         print(f"  compute: {u.samples_started} samples ({u.samples_pruned} pruned), {u.generated_tokens} "
               f"generated + {u.selfeval_tokens} self-eval tokens, {u.wall_s:.1f} s\n")
     print(result.chosen.text)

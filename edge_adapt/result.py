@@ -49,7 +49,8 @@ class Result:
             "samples": [{"index": s.index, "text": s.text, "finish_reason": s.finish_reason, "tokens": s.tokens,
                          "mean_logprob": s.mean_logprob, "scores": [list(x) for x in s.scores]} for s in self.samples],
             "usage": asdict(self.usage),
-            "difficulty": None if d is None else {"bin": d.bin, "p_keep": d.p_keep, "choice": d.choice},
+            "difficulty": None if d is None else {"bin": d.bin, "p_keep": d.p_keep, "choice": d.choice,
+                                                  "row_budget": d.row_budget},
         }
 
 

@@ -4,6 +4,7 @@ engine and scorer of test_strategies: pure mechanics, no model."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,8 @@ from edge_adapt.errors import UsageError
 from edge_adapt.strategies import Chosen, Pruned, RoundStarted, Scored, StrategyConfig, run_strategy
 from edge_adapt.strategies.auto import prepare, sub_config
 from edge_adapt.strategies.events import DifficultyEstimated, RolledOut
-from edge_adapt.strategies.policy import Policy
+from edge_adapt.selfeval.config import SelfEvalConfig
+from edge_adapt.strategies.policy import Policy, self_eval_name
 from edge_adapt.strategies.revise import MAX_IN_CONTEXT, revision_turn
 from test_strategies import (  # tests/ is on sys.path under pytest
     CancelledEngine, FakeScorer, chosen, fresh, of, run, usage, words,
@@ -266,6 +268,70 @@ def test_auto_uses_the_largest_tuned_budget_that_fits(tmp_path):
     assert usage(ev).samples_started == 4  # budget 4's row: the probe + best-of-3
 
 
+@pytest.mark.parametrize("budget, row", [(64, 8), (6, 4), (8, None)])
+def test_auto_says_which_row_ran_when_the_policy_has_none_for_the_budget(tmp_path, budget, row):
+    """Was: --budget 64 with a policy whose largest row is 16 ran that row in silence (16 samples, nothing said)."""
+    ev = run(fresh(), FakeScorer(lambda i, n: 0.1), strategy="auto", budget=budget, policy=policy_file(tmp_path))
+    assert of(ev, DifficultyEstimated)[0].row_budget == row
+    assert collect(ev).to_dict()["difficulty"]["row_budget"] == row  # run --json
+
+
+class ConfiguredScorer(FakeScorer):
+    """A scorer with a self-eval config, as SelfEvaluator has."""
+
+    def __init__(self, fn, config: SelfEvalConfig) -> None:
+        super().__init__(fn)
+        self.config = config
+
+
+TUNED = SelfEvalConfig(format="raw", suffix="<|im_end|>Restart", yes=" Yes", no=" No", adapter="/tune/here/se.gguf")
+
+
+@pytest.mark.parametrize("used", [TUNED, TUNED.model_copy(update={"adapter": Path("/elsewhere/se.gguf")}),
+                                  TUNED.model_copy(update={"default_adapter": False})])
+def test_auto_runs_with_the_self_evaluation_its_policy_was_tuned_with(tmp_path, used):
+    """The same suffix, answers and adapter file (from wherever it is read) score on the policy's scale."""
+    path = policy_file(tmp_path, self_eval=self_eval_name(ConfiguredScorer(None, TUNED)))
+    ev = run(fresh(), ConfiguredScorer(lambda i, n: 0.9, used), strategy="auto", budget=8, policy=path)
+    assert of(ev, DifficultyEstimated)[0].bin == 1
+
+
+def test_a_scorer_of_another_class_with_the_policys_config_runs_it(tmp_path):
+    """The server scores with a SelfEvaluator subclass that counts its decodes: the policy names the class it was
+    tuned with, and a comparison of classes refused every server auto request with the shipped policy."""
+    class Counting(ConfiguredScorer):
+        pass
+
+    path = policy_file(tmp_path, self_eval=self_eval_name(ConfiguredScorer(None, TUNED)))
+    ev = run(fresh(), Counting(lambda i, n: 0.9, TUNED), strategy="auto", budget=8, policy=path)
+    assert of(ev, DifficultyEstimated)[0].bin == 1
+
+
+@pytest.mark.parametrize("used, ours", [
+    (SelfEvalConfig(default_adapter=False), "adapter=None format='chat' no='No' suffix=None yes='Yes'"),
+    (TUNED.model_copy(update={"adapter": Path("other.gguf")}), "adapter='other.gguf'"),
+])
+def test_auto_refuses_a_policy_tuned_with_another_self_evaluation(tmp_path, used, ours):
+    """Was: --adapter none ran the shipped policy, whose bin edges are the adapter's p_keep quantiles: a prompt the
+    adapter put in bin 3 landed in bin 1 and got no compute past the probe."""
+    path = policy_file(tmp_path, self_eval=self_eval_name(ConfiguredScorer(None, TUNED)))
+    e = fresh()
+    with pytest.raises(UsageError) as err:
+        run(e, ConfiguredScorer(lambda i, n: 0.9, used), strategy="auto", budget=8, policy=path)
+    message = str(err.value)
+    assert "the policy was tuned with self-evaluation adapter='se.gguf'" in message
+    assert f"this run scores with {ours}:" in message and "tune a policy for this one" in message
+    assert "\n" not in message and err.value.field == "policy" and not e.started  # before the probe
+
+
+@pytest.mark.parametrize("tuned", ["", "selfeval-lora:adapter=se.gguf:0123:suffix=[2, 7]"])
+def test_a_policy_naming_no_self_eval_config_runs_with_any(tmp_path, tuned):
+    """An older policy records none, one tuned through a server records the server's identity: nothing to compare."""
+    path = policy_file(tmp_path, self_eval=tuned)
+    ev = run(fresh(), ConfiguredScorer(lambda i, n: 0.9, SelfEvalConfig()), strategy="auto", budget=8, policy=path)
+    assert isinstance(ev[-2], Chosen)
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [
@@ -313,8 +379,9 @@ def test_auto_runs_a_choice_as_tuned_whatever_the_callers_spending_settings(tmp_
     """keep and temperature are the caller's settings for strategies it names: a keep of 5 made the policy's
     best-of-4 refuse to run ("keep (5) must be <= budget (4)"), and a temperature changed what was tuned."""
     e = fresh()
-    ev = run(e, FakeScorer(lambda i, n: 0.3), strategy="auto", budget=8, keep=5, temperature=1.3,
-             policy=policy_file(tmp_path))
+    cfg = StrategyConfig(strategy="auto", budget=8, keep=5, temperature=1.3, policy=policy_file(tmp_path))
+    # unread_ok: as a chat keeps them for the strategies it switches to (run_strategy refuses them otherwise)
+    ev = list(run_strategy(e, [1, 2, 3], cfg, FakeScorer(lambda i, n: 0.3), unread_ok=True))
     assert of(ev, DifficultyEstimated)[0].choice == "best-of-n" and usage(ev).samples_started == 5
     assert {s.params.temperature for s in e.started[1:]} == {StrategyConfig().temperature}
 

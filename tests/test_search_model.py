@@ -66,6 +66,19 @@ def test_auto_on_the_model_with_a_policy(engine: Engine, tmp_path):
     assert the(ev, Done)[0].usage.samples_started == 4
 
 
+def test_auto_runs_the_shipped_policy_with_the_shipped_adapter_only(engine: Engine):
+    """The shipped policy's bins are the shipped adapter's p_keep quantiles: without it (--adapter none) a prompt
+    the adapter put in bin 3 landed in bin 1 and was answered with the probe alone."""
+    from edge_adapt.errors import UsageError
+    from edge_adapt.selfeval.config import SelfEvalConfig
+
+    config = StrategyConfig(strategy="auto", budget=2, max_tokens=4)
+    assert the(list(run_strategy(engine, PROMPT, config, SelfEvaluator(engine))), Chosen)
+    bare = SelfEvaluator(engine, SelfEvalConfig(default_adapter=False))
+    with pytest.raises(UsageError, match="tuned with self-evaluation adapter='smollm2-135m-selfeval.gguf'"):
+        list(run_strategy(engine, PROMPT, config, bare))
+
+
 @pytest.mark.parametrize("name", ("single", "vote"))
 def test_a_cancel_during_a_strategy_that_decodes_nothing_after_its_samples_raises_cancelled(engine: Engine, name):
     """As best-of-n does at its scoring decode: single and vote answered with a sample cut short instead."""

@@ -205,7 +205,26 @@ def test_tune_policy_without_report_prints_the_held_out_comparison(tmp_path):
 
     result = CliRunner().invoke(app, ["tune-policy", "-o", str(tmp_path / "p.json"), "--prompts", "10", "-k", "2",
                                       "--max-tokens", "16", "--budget", "2", "--test-split", "test",
-                                      "--test-prompts", "3", "--threads", "1", "--cache", str(tmp_path / "cache")])
+                                      "--test-prompts", "3", "--threads", "1", "--cache", str(tmp_path / "cache"),
+                                      "--live", "auto", "--live-prompts", "1"])
     assert result.exit_code == 0, result.output
     assert "- test: 3 prompts the tuning never saw" in result.output
     assert re.search(r"^\| 2 \| \d\.\d{3} \(", result.output, re.M), result.output  # auto's row at budget 2
+    # Live auto runs with the policy just tuned, scored as it was tuned; the policy's only row is budget 2, so
+    # its live row says 2, not the --live-budget of 8 asked (was: "| auto | 8 |" for runs of at most 2 samples).
+    assert re.search(r"^\| auto \| 2 \| 1 \| ", result.output, re.M), result.output
+
+
+@pytest.mark.parametrize("params, heading", [(3_219_776, "with another model"), (360_000_000, "with a larger model")])
+def test_the_report_calls_the_compared_model_larger_only_when_it_is(params, heading):
+    """Was: "comparison with a larger model" above a 3M-parameter model compared with the 134.5M one tuned."""
+    from edge_adapt.eval.tune_run import markdown
+
+    ref = {"name": "best-of-2", "accuracy": 0.5, "ci": [0.1, 0.9], "tokens": 20.0}
+    report = {"policy": "p.json", "tuning": {"source": "arith validation", "tolerance": 0.02, "cross_validation": {}},
+              "bin_edges": [0.1, 0.2, 0.3, 0.4],
+              "test": {"prompts": 2, "greedy": 0.5, "greedy_tokens": 10.0, "reference": ref, "budgets": {},
+                       "params": 134_515_008, "prompt_tokens": 30.0},
+              "compare": {"model": "other.gguf", "fingerprint": "llama:x", "params": params, "prompts": 2,
+                          "accuracy": 0.0, "ci": [0.0, 0.8], "tokens": 9.0, "flops": 1e9}}
+    assert f"## Compute-matched comparison {heading}\n" in markdown(report)

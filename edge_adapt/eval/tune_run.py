@@ -8,7 +8,6 @@ revise, auto itself) live on some of those prompts, and writes report.md / repor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from edge_adapt.fileio import atomic_file, check_target
 from edge_adapt.progress import Job, Progress, to_the_end
 from edge_adapt.sizing import ensure, for_generation, for_strategy, load_engine
 from edge_adapt.strategies.config import StrategyConfig
-from edge_adapt.strategies.policy import N_BINS, Policy
+from edge_adapt.strategies.policy import N_BINS, Policy, self_eval_name
 from edge_adapt.strategies.run import prompt_tokens
 
 LIVE_SEED = 1_000_003  # live runs never reuse a pool's seeds
@@ -50,7 +49,8 @@ class TuneConfig(BaseModel):
     live: list[str] = Field(default_factory=list, description="strategies to run live on test prompts")
     live_prompts: int = Field(40, ge=1)
     live_budget: int = Field(8, ge=2)
-    compare_model: Path | None = Field(None, description="a larger GGUF model answering the test prompts greedily")
+    compare_model: Path | None = Field(None, description="another GGUF model (a larger one, typically) answering the "
+                                                         "test prompts greedily")
 
     @field_validator("budgets")
     @classmethod
@@ -159,11 +159,8 @@ def _tune(cfg: TuneConfig, policy_file: Path) -> Job[dict[str, Any]]:
         run, identity = yield from pools_job(pcfg, backend, suites[0])
         pools = run.pools
         points = pool_settings(pcfg, suites[0]).prune_points
-        # The adapter by file name: the policy is shipped, the path it was tuned from is local.
-        adapter = getattr(getattr(getattr(backend, "scorer", None), "config", None), "adapter", None)
-        self_eval = identity.split("|selfeval=", 1)[1]
-        if adapter is not None:
-            self_eval = self_eval.replace(json.dumps(str(adapter))[1:-1], Path(adapter).name)
+        # Named as auto names the scorer it runs with, to refuse another; a server's scoring by its identity.
+        self_eval = self_eval_name(getattr(backend, "scorer", None)) or identity.split("|selfeval=", 1)[1]
         policy, tables = tune.tune(pools, model=backend.fingerprint, self_eval=self_eval,
                                    prune_points=points, temperature=pcfg.temperature, budgets=cfg.budgets,
                                    tolerance=cfg.tolerance, seed=pcfg.seed,
@@ -301,17 +298,20 @@ def live_runs(engine: Engine, scorer: Any, tcfg: EvalConfig, cfg: TuneConfig, po
     out = []
     for name in cfg.live:
         config = live_config(cfg, tcfg, name, policy_file)
+        budget = cfg.live_budget
         if name == "auto":  # its policy exists now: grow the engine if a bin's choice holds more
             longest = max((prompt_tokens(engine, list(p.messages)) for p in suite.problems), key=len)
             ensure(engine, for_strategy(engine, longest, config)[0])
+            # It follows the policy's largest row that fits: its row is labelled with what it could spend.
+            budget = Policy.load(policy_file).row_for(budget)[0]
         outcomes: list[StrategyOutcome] = []
         for o in run_strategy_live(engine, scorer, suite, problems, config):
             outcomes.append(o)
-            yield Progress(f"live {name} budget {cfg.live_budget}", len(outcomes), n,
+            yield Progress(f"live {name} budget {budget}", len(outcomes), n,
                            f"acc {np.mean([x.correct for x in outcomes]):.2f}")
         right = sum(o.correct for o in outcomes)
         row: dict[str, Any] = {
-            "strategy": name, "budget": cfg.live_budget, "prompts": n, "accuracy": right / n, "ci": list(wilson(right, n)),
+            "strategy": name, "budget": budget, "prompts": n, "accuracy": right / n, "ci": list(wilson(right, n)),
             "tokens": float(np.mean([o.tokens for o in outcomes])),
             "samples": float(np.mean([o.samples for o in outcomes])),
             "selfeval_tokens": float(np.mean([o.selfeval_tokens for o in outcomes])),
@@ -333,7 +333,8 @@ def live_runs(engine: Engine, scorer: Any, tcfg: EvalConfig, cfg: TuneConfig, po
 
 
 def compare_model(path: Path, tcfg: EvalConfig) -> Job[dict[str, Any]]:
-    """The larger model answering every test prompt once, greedily: its accuracy and its compute."""
+    """Another model (a larger one, typically) answering every test prompt once, greedily: its accuracy and its
+    compute."""
     from edge_adapt.engine import GREEDY, EngineOptions, Vocab
     from edge_adapt.result import collect
 
@@ -414,7 +415,9 @@ def markdown(r: dict[str, Any]) -> str:
     if r.get("live"):
         lines += ["## Live runs (real generation through `run_strategy`, fresh seeds)", "", *_live_table(r["live"]), ""]
     if r.get("compare"):
-        lines += ["## Compute-matched comparison with a larger model", "", *_compare_section(r), ""]
+        # Any model is accepted: the heading says "larger" only of one that is.
+        other = "a larger" if r["compare"]["params"] > t["params"] else "another"
+        lines += [f"## Compute-matched comparison with {other} model", "", *_compare_section(r), ""]
     if r.get("plots"):
         lines += [f"![{p}]({p})" for p in r["plots"]]
     return "\n".join(lines) + "\n"

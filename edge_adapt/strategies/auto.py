@@ -112,6 +112,12 @@ def tokens_per_sequence(config: StrategyConfig, model: Any) -> int:
 def auto(engine: EngineLike, root: Sequence, config: StrategyConfig, scorer: Scorer | None) -> Iterator[Event | StrategyEvent]:
     scorer = require_scorer(scorer, "auto")
     policy = policy_of(config)
+    try:  # the scorer is known here, not at `prepare`: a caller may bring its own
+        policy.check_self_eval(scorer)
+    except EdgeAdaptError as exc:
+        exc.field = "policy"
+        raise
+    row_budget = policy.row_for(config.budget)[0]
     with Pool(engine, root, config) as pool:
         yield from pool.start(1, policy.probe_temperature)
         yield from engine.steps(pool.samples)
@@ -120,7 +126,8 @@ def auto(engine: EngineLike, root: Sequence, config: StrategyConfig, scorer: Sco
         p = pool.scores[probe.index]
         bin = policy.bin_of(p)
         sub = sub_config(config, policy, bin)
-        yield DifficultyEstimated(bin, p, PROBE if sub is None else sub.strategy)
+        yield DifficultyEstimated(bin, p, PROBE if sub is None else sub.strategy,
+                                  None if row_budget == config.budget else row_budget)
         if sub is None:
             yield pool.chosen(probe)
             return

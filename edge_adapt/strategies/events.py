@@ -62,11 +62,13 @@ class RolledOut:
 @dataclass(frozen=True)
 class DifficultyEstimated:
     """auto: the probe sample's p_keep put the prompt in `bin` (1 = easiest .. 5 = hardest); `choice` is the
-    strategy the policy picks there."""
+    strategy the policy picks there. `row_budget`: where the policy has no row for the caller's budget, the
+    budget of the largest row below it, which ran (the rest of the caller's budget is not spent)."""
 
     bin: int
     p_keep: float
     choice: str
+    row_budget: int | None = None
 
 
 StrategyEvent = RoundStarted | Scored | Pruned | Chosen | RolledOut | DifficultyEstimated

@@ -3,7 +3,8 @@
 Difficulty is read from one probe sample's p_keep (Snell et al. estimate it from verifier scores too): the
 four bin edges are quantiles of probe scores on a tuning set, bin 1 holds the highest scores (easiest) and
 bin 5 the lowest. `edge-adapt tune-policy` writes the file (edge_adapt/eval/tune.py); the default model ships
-one in `models/`. It names the model it was tuned for, and `auto` refuses it on another.
+one in `models/`. It names the model and the self-evaluation it was tuned with, and `auto` refuses it with
+another of either.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ class Policy(BaseModel):
 
     format: Literal["edge-adapt-policy/1"] = POLICY_FORMAT
     model: str = Field(description="fingerprint of the model it was tuned for (Engine.fingerprint)")
-    self_eval: str = Field("", description="the self-evaluation it was tuned with (information)")
+    self_eval: str = Field("", description="the self-evaluation it was tuned with (self_eval_name; a server's "
+                                           "identity when tuned through --backend)")
     probe_temperature: float = 0.0
     bin_edges: list[float] = Field(description="4 increasing p_keep edges; p >= the last is bin 1 (easiest)")
     budgets: dict[int, list[PolicyChoice]] = Field(description="budget -> the choice for bins 1..5")
@@ -147,6 +149,22 @@ class Policy(BaseModel):
         if not same_model(self.model, fingerprint):
             raise UsageError(f"the policy was tuned for model {self.model}, not this one ({fingerprint})")
 
+    def check_self_eval(self, scorer: object) -> None:
+        """The bin edges are quantiles of the tuning scorer's p_keep: another scorer's p_keep puts prompts in bins
+        that mean nothing (the suffix without the shipped adapter scored a prompt 0.57 where the adapter gave 0.13,
+        so it was answered with the probe alone). A record that names no config (a server's identity, an older
+        policy's empty one) or a scorer without one has nothing to compare, and passes."""
+        theirs, ours = _scoring(self.self_eval), _scoring(self_eval_name(scorer))
+        if theirs is None or ours is None or theirs == ours:
+            return
+
+        def differing(d: dict[str, Any]) -> str:
+            return " ".join(f"{k}={d.get(k)!r}" for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k))
+
+        raise UsageError(f"the policy was tuned with self-evaluation {differing(theirs)}, and this run scores with "
+                         f"{differing(ours)}: its difficulty bins are p_keep quantiles of its own self-evaluation; "
+                         "score with that one (its adapter), or tune a policy for this one (edge-adapt tune-policy)")
+
     @classmethod
     def load(cls, path: str | Path) -> Policy:
         from edge_adapt.fileio import read_user_file
@@ -168,3 +186,28 @@ class Policy(BaseModel):
 
     def dumps(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=1) + "\n"
+
+
+def self_eval_name(scorer: object) -> str | None:
+    """How a policy names the self-evaluation it is tuned with: the scorer's class and config, the adapter by file
+    name (a policy is shipped; the path it was tuned from is local). None for a scorer without a config."""
+    config = getattr(scorer, "config", None)
+    if not isinstance(config, BaseModel):
+        return None
+    adapter = getattr(config, "adapter", None)
+    if adapter is not None:
+        config = config.model_copy(update={"adapter": Path(Path(adapter).name)})
+    return f"{type(scorer).__module__}.{type(scorer).__qualname__}:{config.model_dump_json()}"
+
+
+def _scoring(name: str | None) -> dict[str, Any] | None:
+    """What decides a self_eval_name's scores: its config, less how the adapter was found (not the scorer's
+    class: the server scores with a subclass that only counts its decodes). None where it names no config."""
+    _, _, config = (name or "").partition(":")
+    try:
+        fields = json.loads(config)
+    except ValueError:
+        return None
+    if not isinstance(fields, dict):
+        return None
+    return {k: v for k, v in fields.items() if k != "default_adapter"}
