@@ -9,6 +9,7 @@ from edge_adapt.engine.chat import CHATML, render_chat
 from edge_adapt.errors import UsageError
 from edge_adapt.selfeval import (
     DEFAULT_QUESTION, SelfEvalConfig, answer_token, p_keep, render_suffix, split_for_adapter, suffix_text,
+    suffix_tokens,
 )
 
 
@@ -54,6 +55,8 @@ def test_alora_starts_at_its_invocation_tokens():
     assert split_for_adapter([9, 1, 2, 7, 1, 2, 5], [1, 2]) == ([9, 1, 2, 7], [1, 2, 5])  # the last occurrence
     with pytest.raises(UsageError, match="invocation tokens \\[4\\] do not occur"):
         split_for_adapter([1, 2, 3], [4])
+    with pytest.raises(UsageError, match="^the aLoRA a.gguf's invocation tokens"):  # names the adapter
+        split_for_adapter([1, 2, 3], [4], "the aLoRA a.gguf")
 
 
 def test_raw_format_needs_a_suffix_and_answers_must_differ():
@@ -85,3 +88,22 @@ def test_config_from_file(tmp_path):
     js.write_text("{not json")
     with pytest.raises(UsageError, match="not valid JSON"):
         SelfEvalConfig.from_file(js)
+
+
+def test_a_prompt_field_the_format_does_not_read_is_refused():
+    """Was: the default model's shipped aLoRA fixes a raw suffix, so a question given with it (even one too long
+    for the context) was dropped in silence. Only its tokenizer is loaded."""
+    from edge_adapt.engine.vocab import Vocab
+
+    with Vocab() as vocab:
+        with pytest.raises(UsageError, match=r"^self-eval question is read only with format 'chat'; the default "
+                                             r"model's shipped adapter smollm2-135m-selfeval\.gguf sets format 'raw' "
+                                             r"\(suffix '<\|im_end\|>Restart'\); default_adapter = false"):
+            suffix_tokens(vocab, SelfEvalConfig(question="Wrong?"))
+        without = SelfEvalConfig(question="Wrong?", default_adapter=False)
+        assert "Wrong?" in vocab.detokenize(suffix_tokens(vocab, without))  # as the hint says
+        with pytest.raises(UsageError, match="question is read only with format 'chat'; the self-eval config sets"):
+            suffix_tokens(vocab, SelfEvalConfig(format="raw", suffix="?", question="Wrong?", default_adapter=False))
+        with pytest.raises(UsageError, match="suffix is read only with format 'raw'; the self-eval config sets"):
+            suffix_tokens(vocab, SelfEvalConfig(format="chat", suffix="?"))
+        assert suffix_tokens(vocab, SelfEvalConfig(suffix="?")) == vocab.tokenize("?")  # the adapter's raw format

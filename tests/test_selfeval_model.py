@@ -269,8 +269,8 @@ def test_a_cancel_ends_the_whole_strategy_run(engine, strategy):
     from edge_adapt.engine.events import Cancelled, SampleStarted
 
     free = engine.free_sequences
-    cfg = StrategyConfig(strategy=strategy, budget=6 if strategy == "adaptive" else 4, beam_width=2, threshold=1.0,
-                         max_tokens=24)
+    own = {"budget": 6, "threshold": 1.0} if strategy == "adaptive" else {"budget": 4, "beam_width": 2}
+    cfg = StrategyConfig(strategy=strategy, max_tokens=24, **own)
     seen: list[object] = []
     with pytest.raises(Cancelled):
         for ev in run_strategy(engine, "Write a haiku about rain.", cfg):
@@ -288,10 +288,11 @@ def test_a_cancel_ends_the_whole_strategy_run(engine, strategy):
     assert isinstance(events[-2], Chosen)
 
 
-@pytest.mark.parametrize("strategy", ["best-of-n", "prune", "adaptive"])
-def test_strategies_run_on_the_model(engine, strategy):
+@pytest.mark.parametrize("strategy, own", [("best-of-n", {}), ("prune", {"k": 2, "prune_at": (6,)}),
+                                           ("adaptive", {"threshold": 1.0})])
+def test_strategies_run_on_the_model(engine, strategy, own):
     free = engine.free_sequences
-    cfg = StrategyConfig(strategy=strategy, budget=4, k=2, prune_at=(6,), max_tokens=16, threshold=1.0)
+    cfg = StrategyConfig(strategy=strategy, budget=4, max_tokens=16, **own)
     events = list(run_strategy(engine, "What is 2 + 2?", cfg))
     usage = events[-1].usage
     assert isinstance(events[-2], Chosen)
@@ -311,8 +312,9 @@ def test_a_samples_token_texts_then_its_tail_are_its_text(engine, strategy):
     text would otherwise miss its last characters."""
     from edge_adapt.engine import Finished, Token
 
-    cfg = StrategyConfig(strategy=strategy, budget=4, k=1, prune_at=(6,), beam_width=2, max_rounds=2,
-                         max_step_tokens=4, max_tokens=24, stop=HOLD_BACK, temperature=0.9)
+    own = ({"k": 1, "prune_at": (6,)} if strategy == "prune"
+           else {"beam_width": 2, "max_rounds": 2, "max_step_tokens": 4})
+    cfg = StrategyConfig(strategy=strategy, budget=4, max_tokens=24, stop=HOLD_BACK, temperature=0.9, **own)
     streamed: dict[int, str] = {}
     ended = []
     for ev in run_strategy(engine, "Name three colours.", cfg):

@@ -65,8 +65,9 @@ def answer_token(tok: Tokenizer, text: str, which: str) -> int:
     return ids[0]
 
 
-def split_for_adapter(suffix: Sequence[int], invocation: Sequence[int]) -> tuple[list[int], list[int]]:
-    """(decoded with the adapter off, decoded with it on).
+def split_for_adapter(suffix: Sequence[int], invocation: Sequence[int],
+                      name: str = "the aLoRA") -> tuple[list[int], list[int]]:
+    """(decoded with the adapter off, decoded with it on); `name` is the adapter as an error names it.
 
     A plain LoRA (no invocation tokens) is on for the whole suffix. An activated LoRA must see its
     invocation tokens as the first tokens it is on for: the suffix is split at their last occurrence.
@@ -79,6 +80,7 @@ def split_for_adapter(suffix: Sequence[int], invocation: Sequence[int]) -> tuple
         if suffix[at : at + n] == invocation:
             return suffix[:at], suffix[at:]
     raise UsageError(
-        f"the aLoRA's invocation tokens {invocation} do not occur in the self-eval suffix {suffix}; "
-        "the suffix must contain them"
+        f"{name}'s invocation tokens {invocation} do not occur in the self-eval suffix {suffix}; "
+        "convert the adapter again with a --self-eval-config whose suffix contains them, or score with a self-eval "
+        "config whose suffix does"
     )
