@@ -284,11 +284,34 @@ def convert_adapter_job(
         finally:
             w.close()
         check_adapter_loadable(tmp, out_path, info)
+        if adapter.invocation_tokens:
+            check_invoked_by_suffix(tmp, out_path, info, adapter.invocation_tokens)
     return AdapterResult(out_path, len(tensors), adapter.gguf_alpha, adapter.invocation_tokens,
                          time.perf_counter() - t0)
 
 
 convert_adapter = to_the_end(convert_adapter_job)
+
+
+def check_invoked_by_suffix(tmp: Path, out: Path, base: GGUFInfo, invocation: list[int]) -> None:
+    """The runtime's own check (SelfEvaluator) that an aLoRA's invocation tokens occur in the self-eval suffix it is
+    scored with: the suffix the written file resolves to on `base` (its --self-eval-config, else the default), which
+    every scoring command would otherwise refuse."""
+    from edge_adapt.engine.vocab import Vocab
+    from edge_adapt.selfeval.evaluator import resolve_config
+    from edge_adapt.selfeval.suffix import render_suffix, split_for_adapter, suffix_text
+
+    with Vocab(base.path) as vocab:
+        config = resolve_config(vocab, None, tmp)
+        suffix = render_suffix(config, vocab)
+        try:
+            split_for_adapter(suffix, invocation)
+        except UsageError:  # the runtime's advice is for a file already written; this one is not
+            raise UsageError(
+                f"{out}: not written, the aLoRA's invocation tokens {invocation} do not occur in the self-eval suffix "
+                f"it would be scored with, {suffix_text(config, vocab)!r} (tokens {suffix}); give --self-eval-config "
+                "a suffix that contains them"
+            ) from None
 
 
 def require_mergeable(adapter: LoraAdapter) -> None:

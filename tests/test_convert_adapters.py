@@ -132,6 +132,24 @@ def test_gguf_adapter_imports_back_to_the_same_peft_adapter(family: str, request
     assert not (tmp_path / "nope").exists()
 
 
+def test_alora_scores_with_the_suffix_it_was_converted_for_and_another_is_refused_naming_the_fix(
+        request: pytest.FixtureRequest, gguf_dir: Path, tmp_path: Path) -> None:
+    """The runtime's refusal of a suffix without the aLoRA's invocation tokens said only "the suffix must contain
+    them"; it names the two ways out."""
+    from edge_adapt.selfeval import SelfEvalConfig, SelfEvaluator
+
+    _, _, invocation, _, base, adapter = _alora_on_f32_base("llama", request, gguf_dir, tmp_path, "d")
+    with Engine(model=base, ctx=128, device="cpu", threads=1) as e:
+        ev = SelfEvaluator(e, SelfEvalConfig(yes="Y", no="N"), adapter_path=adapter)  # the default question's suffix
+        assert ev.adapter_part[: len(invocation)] == invocation
+        with pytest.raises(UsageError) as err:
+            SelfEvaluator(e, SelfEvalConfig(format="raw", suffix="<|im_end|>Restart", yes="Y", no="N"),
+                          adapter_path=adapter)
+    assert f"invocation tokens {invocation} do not occur in the self-eval suffix" in str(err.value)
+    assert str(err.value).endswith("; convert the adapter again with a --self-eval-config whose suffix contains them, "
+                                   "or score with a self-eval config whose suffix does")
+
+
 def test_an_adapter_is_checked_against_its_base_and_loaded_by_llama_cpp_before_it_is_published(tmp_path: Path):
     """convert-adapter's last check: the written file against the base it adapts (llama.cpp's own rules, then
     llama.cpp loading it on the base), its errors naming the output, not the temporary file gone by then."""

@@ -788,6 +788,8 @@ def test_adapter_with_lora_alpha_zero_is_refused_not_written_at_full_strength(ll
     ({"format": "bogus"}, "format: Input should be 'chat' or 'raw'"),
     ({"yes": " Yes", "no": " Yes"}, "`yes` and `no` must differ (both are ' Yes')"),
     ({"self_eval.yes": 5}, "yes: Input should be a valid string"),
+    ({"yes": "Y", "no_": "N"}, "unknown key 'no_'; the self-eval keys are format, question, suffix, yes, no, "
+                               "adapter_scale"),
 ])
 def test_self_eval_config_the_runtime_would_refuse_is_refused_before_writing(config: dict, message: str,
                                                                             llama_dir: Path, gguf_dir: Path,
@@ -804,6 +806,26 @@ def test_self_eval_config_the_runtime_would_refuse_is_refused_before_writing(con
             convert()
         assert str(info.value) == f"{cfg}: {message}"
     _only(tmp_path, "lora", "se.json")
+
+
+def test_alora_whose_self_eval_suffix_lacks_its_invocation_tokens_is_refused(llama_dir: Path, gguf_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    """convert-adapter wrote an aLoRA whose invocation tokens do not occur in the suffix it is scored with (the
+    default question's without --self-eval-config, or the one given), which every scoring command then refused."""
+    base = _base_gguf(llama_dir, gguf_dir)
+    alora = build_lora(llama_dir, tmp_path / "alora", invocation=[4, 3])  # <|im_end|><|im_start|>
+    cfg = tmp_path / "se.json"
+    cfg.write_text(json.dumps({"format": "raw", "suffix": "<|im_end|>Restart"}))
+    default = "'<|im_end|>\\n<|im_start|>user\\nWould you do better"  # the default question, chat-rendered
+    for config, suffix in ((None, default), (cfg, "'<|im_end|>Restart'")):
+        with pytest.raises(UsageError) as info:
+            convert_adapter(alora, base, tmp_path / "a.gguf", self_eval_config=config)
+        assert str(info.value).startswith(f"{tmp_path / 'a.gguf'}: not written, the aLoRA's invocation tokens [4, 3] "
+                                          f"do not occur in the self-eval suffix it would be scored with, {suffix}")
+        assert str(info.value).endswith("; give --self-eval-config a suffix that contains them")
+    _only(tmp_path, "alora", "se.json")
+    cfg.write_text(json.dumps({"format": "raw", "suffix": "<|im_end|><|im_start|>Restart"}))
+    assert convert_adapter(alora, base, tmp_path / "a.gguf", self_eval_config=cfg).invocation_tokens == [4, 3]
 
 
 def test_output_naming_an_input_is_refused_even_with_force(llama_dir: Path, gguf_dir: Path, tmp_path: Path) -> None:
