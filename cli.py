@@ -495,7 +495,7 @@ def chat(
                      info=vocab.info, fix="lower --budget or --ctx") as engine:
         session = ChatSession(engine, system=system, params=params,
                               max_tokens=base.max_tokens, strategy=base if with_strategy else None,
-                              mem_budget=budget_bytes)
+                              mem_budget=budget_bytes, unread_ok=True)  # flags refused above; the rest kept for /strategy
         if base.self_eval is not None and base.self_eval.adapter is not None:  # refused now, not at /strategy
             engine.load_adapter(base.self_eval.adapter)
         print(f"edge-adapt chat: {engine.info.name} ({engine.n_ctx_seq} tokens of context). /help for commands.")

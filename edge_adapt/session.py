@@ -13,7 +13,7 @@ from edge_adapt.engine.chat import Message
 from edge_adapt.engine.engine import Engine, Sequence, Snapshot
 from edge_adapt.engine.events import Done, Event, Finished, SampleStarted, Usage
 from edge_adapt.engine.sampling import SamplingParams
-from edge_adapt.engine.snapshot_file import check_against, load_snapshot, save_snapshot
+from edge_adapt.engine.snapshot_file import check_against, load_snapshot, save_snapshot, taken
 from edge_adapt.engine.budget import fit, parse_size
 from edge_adapt.errors import BudgetError, ContextOverflowError, EdgeAdaptError, UsageError, check_count, is_whole
 from edge_adapt.sizing import strategy_sequences
@@ -52,7 +52,9 @@ class ChatSession:
 
     def __init__(self, engine: Engine, *, system: str | None = None, params: SamplingParams = SamplingParams(),
                  max_tokens: int = 512, strategy: StrategyConfig | Mapping[str, Any] | None = None,
-                 mem_budget: int | str | None = None) -> None:
+                 mem_budget: int | str | None = None, unread_ok: bool = False) -> None:
+        if not isinstance(engine, Engine):
+            raise UsageError(f"ChatSession takes an Engine, got {type(engine).__name__}")
         check_count("max_tokens", max_tokens)
         if not isinstance(params, SamplingParams):
             raise UsageError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -73,17 +75,17 @@ class ChatSession:
         self._room = max_tokens  # tokens a turn needs after the conversation (reply, suffix, attempts)
         self._replying = False  # a reply is streaming: its sample holds `seq`
         self._recorded = False  # the streaming reply has joined the history
-        self.set_strategy(strategy)
+        self.set_strategy(strategy, unread_ok=unread_ok)
 
-    def set_strategy(self, config: StrategyConfig | Mapping[str, Any] | None) -> None:
+    def set_strategy(self, config: StrategyConfig | Mapping[str, Any] | None, *, unread_ok: bool = False) -> None:
         """Answer with `config` from the next turn on (None or "single": plain sampling). When the strategy
         needs more sequences than the engine has, the engine grows (within `mem_budget`), keeping the
-        conversation and its KV; a strategy that cannot fit is refused here and the chat stays as it was."""
+        conversation and its KV; a strategy that cannot fit is refused here and the chat stays as it was. An
+        option set that the strategy does not read is refused (as run_strategy refuses it) unless `unread_ok`:
+        the chat then keeps it for the strategies a later /strategy switches to."""
         self._check_idle("change the strategy")
-        if isinstance(config, Mapping):
-            config = StrategyConfig.parse(config)
-        elif config is not None and not isinstance(config, StrategyConfig):
-            raise UsageError(f"strategy must be a StrategyConfig or a dict of its fields, got {type(config).__name__}")
+        if config is not None:
+            config = StrategyConfig.from_caller(config, "strategy", unread_ok=unread_ok)
         # Every turn's prompt holds the system message and the template's markup: a turn that cannot fit beside
         # them is refused now, not at every message.
         floor = len(self.engine.chat_tokens([m for m in self.messages if m["role"] == "system"]
@@ -195,7 +197,8 @@ class ChatSession:
         if self.strategy is not None and self.strategy.strategy != "single":
             cfg = self.strategy.with_options(seed=self.strategy.seed + 1000 * self._turn, max_tokens=self.max_tokens)
             self._text = full  # the sequence holds the prompt only; the samples were forks
-            for ev in run_strategy(self.engine, tokens, cfg, root=self.seq):
+            # checked by set_strategy; what it kept unread is for a later /strategy
+            for ev in run_strategy(self.engine, tokens, cfg, root=self.seq, unread_ok=True):
                 if isinstance(ev, Chosen):
                     self._record(messages, ev.text)
                 elif isinstance(ev, Done):  # the run's account began after this turn's prompt was decoded
@@ -238,7 +241,7 @@ class ChatSession:
         if cmd in ("/save", "/load"):
             path, force = _file_argument(cmd, arg)
             if cmd == "/save":
-                if not force and _taken(path):  # said in the chat's own terms; save() says force=True
+                if not force and taken(path):  # said in the chat's own terms; save() says force=True
                     raise UsageError(f"{path} already exists; /save {path} --force overwrites it")
                 self.save(path, force=force)
                 return f"(saved to {path})"
@@ -253,7 +256,8 @@ class ChatSession:
             if name == "single" and budget is not None:  # it would be kept, unread, for the next /strategy
                 raise UsageError("/strategy single draws one sample: it takes no budget")
             start = self.strategy or base or StrategyConfig()
-            self.set_strategy(start.with_options(strategy=name or None, budget=budget))
+            # the settings of the strategy switched from (or base's) are kept for the next switch
+            self.set_strategy(start.with_options(strategy=name or None, budget=budget), unread_ok=True)
             s, n = self.strategy, self.engine.options.parallel
             held = f"the engine holds {n} sequence{'' if n == 1 else 's'}"
             if s is None or s.strategy == "single":  # one sample: a budget would mean nothing
@@ -271,7 +275,7 @@ class ChatSession:
         self._check_idle("save the chat")
         if self.seq is None:
             raise EdgeAdaptError("nothing to save yet: the conversation is empty")
-        if not force and _taken(path):  # the file layer's message names the CLI's --force, not this argument
+        if not force and taken(path):  # save_snapshot's message names save_snapshot, not this method
             raise UsageError(f"{path} already exists; save(..., force=True) overwrites it")
         save_snapshot(self.engine.snapshot(self.seq), path, extra={"messages": self.messages, "turn": self._turn, "text": self._text},
                       force=force)
@@ -333,15 +337,6 @@ def _chat_extra(extra: dict[str, object], path: str | Path) -> tuple[list[Messag
     if text is not None and not isinstance(text, str):
         raise EdgeAdaptError(f"{path}: snapshot text is {type(text).__name__}, not a string")
     return list(messages), turn, text
-
-
-def _taken(path: str | Path) -> bool:
-    """A file (or a link to one, or a dangling link) is at `path`: what saving without force refuses. Anything
-    else there (a directory, a FIFO) is the file layer's to refuse, force or not."""
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        return False  # no file's name: save_snapshot says so
-    p = Path(path)
-    return p.is_file() or (p.is_symlink() and not p.exists())
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -270,6 +270,29 @@ def test_chat_settings_of_the_wrong_type_are_named_and_a_strategy_may_be_a_dict(
     assert chat.messages == [] and engine.live_sequences == 0
 
 
+def test_a_strategy_option_the_strategy_does_not_read_is_refused(engine: Engine):
+    """Was: accepted and ignored in silence (keep beside best-of-n), where `edge-adapt chat` refuses --keep. A
+    /strategy switch keeps the settings of the strategy it leaves, for the next switch."""
+    from edge_adapt.strategies import StrategyConfig
+
+    with pytest.raises(UsageError, match="^budget is not used by strategy single$"):
+        ChatSession(engine, strategy={"strategy": "single", "budget": 4}, max_tokens=8)
+    chat = ChatSession(engine, max_tokens=8)
+    try:
+        with pytest.raises(UsageError, match="^keep is not used by strategy best-of-n$"):
+            chat.set_strategy({"strategy": "best-of-n", "budget": 2, "keep": 1})
+        with pytest.raises(UsageError, match="^temperature is not used by strategy adaptive$"):
+            chat.set_strategy(StrategyConfig(strategy="adaptive", budget=2, temperature=1.5))
+        assert chat.strategy is None  # left as it was
+        chat.set_strategy({"strategy": "prune", "budget": 2, "keep": 1, "prune_at": [4]})
+        assert chat.command("/strategy best-of-n").startswith("(strategy best-of-n, budget 2;")
+        assert _reply(chat, "Hi.")  # answered with the kept keep unread
+        chat.command("/strategy prune")
+        assert chat.strategy is not None and (chat.strategy.k, chat.strategy.prune_at) == (1, (4,))
+    finally:
+        chat.close()
+
+
 def test_a_snapshot_needs_a_file_name(engine: Engine, tmp_path):
     chat = ChatSession(engine, params=GREEDY, max_tokens=4)
     try:

@@ -268,7 +268,7 @@ def test_adaptive_threshold_zero_stops_after_first_sample():
 )
 def test_annealing_yields_scheduled_temperatures(schedule, expected):
     ev = run(fresh(), FakeScorer(lambda i, n: 0.0), strategy="adaptive", budget=16, threshold=1.0,
-             schedule=schedule, t_min=0.1, t_max=1.0, temperature=0.7)
+             schedule=schedule, **({"temperature": 0.7} if schedule == "constant" else {"t_min": 0.1, "t_max": 1.0}))
     assert [r.temperature for r in of(ev, RoundStarted)] == pytest.approx(expected)
     per_sample = [s.temperature for s in of(ev, SampleStarted)]
     assert per_sample == pytest.approx([t for t, n in zip(expected, [1, 1, 2, 4, 8]) for _ in range(n)])
@@ -469,6 +469,15 @@ def test_keep_is_the_settings_name_everywhere():
         StrategyConfig.parse({"keep": 0})
 
 
+@pytest.mark.parametrize("cfg, names", [({"budget": 4, "n": 2}, "budget and n"),
+                                        ({"strategy": "prune", "budget": 4, "keep": 1, "k": 2}, "keep and k")])
+def test_an_option_given_by_both_its_names_is_refused_as_given_twice(cfg, names):
+    """Was: "n: Extra inputs are not permitted", though n is the budget's other name."""
+    with pytest.raises(UsageError, match=rf"^strategy config: {names} name the same option, given twice: give one of "
+                                         r"them$"):
+        StrategyConfig.parse(cfg)
+
+
 @pytest.mark.parametrize(
     "cfg, message",
     [
@@ -527,6 +536,19 @@ def test_config_file_settings_the_strategy_does_not_read_are_refused(tmp_path):
     assert StrategyConfig.from_file(toml, strategy="lookahead").width == 2
     # A chat keeps them for the strategies /strategy may switch to.
     assert StrategyConfig.from_file(toml, strategy="best-of-n", unread_ok=True).beam_width == 2
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"strategy": "best-of-n", "budget": 2, "keep": 1}, "keep is not used by strategy best-of-n"),
+    (StrategyConfig(strategy="adaptive", budget=2, temperature=1.5), "temperature is not used by strategy adaptive"),
+    ({"strategy": "single", "budget": 4, "prune_at": [4]}, "budget, prune_at are not used by strategy single"),
+])
+def test_run_strategy_refuses_options_the_strategy_does_not_read(cfg, message):
+    """Was: run in silence without them, where the CLI, a config file and the server refuse them."""
+    e = fresh()
+    with pytest.raises(UsageError, match=rf"^{message}$"):
+        run_strategy(e, [1, 2, 3], cfg)
+    assert e.free_sequences == 32  # refused before anything was opened; defaults left unread are not named
 
 
 def test_config_file_value_overridden_under_its_other_name(tmp_path):
@@ -647,7 +669,8 @@ def test_declared_sequences_are_exactly_what_a_run_holds_at_most(name, budget, t
     need = samples_at_once(cfg) + 1
     e = fresh(lambda i: ["x", "y\n"] * (2 + i % 3), parallel=need)
     for p in (0.1, 0.5, 0.9):  # auto: bins 5, 3 and 1
-        ev = list(run_strategy(e, [1, 2, 3], cfg, FakeScorer(lambda i, n: (p + 0.07 * (i % 5)) % 1)))
+        # one config for every strategy: each reads the options it has
+        ev = list(run_strategy(e, [1, 2, 3], cfg, FakeScorer(lambda i, n: (p + 0.07 * (i % 5)) % 1), unread_ok=True))
         assert isinstance(ev[-1], Done) and e.free_sequences == need
         assert e.peak <= need
 
@@ -709,7 +732,7 @@ def test_a_cancel_ends_every_strategy_with_cancelled_not_an_answer(name, tmp_pat
     e = CancelledEngine(words(50), parallel=32, after=3)
     seen = []
     with pytest.raises(Cancelled):
-        for ev in run_strategy(e, [1, 2, 3], StrategyConfig(strategy=name, budget=4, **extra), scorer):
+        for ev in run_strategy(e, [1, 2, 3], StrategyConfig(strategy=name, budget=4, **extra), scorer, unread_ok=True):
             seen.append(ev)
     assert e.cancelled and not of(seen, Chosen) and not of(seen, Done)
     assert {f.reason for f in of(seen, Finished)} >= {"cancelled"}  # the samples cut short are ended first

@@ -31,8 +31,21 @@ def _file_name(path: object) -> Path:
     return Path(path)
 
 
+def taken(path: str | Path) -> bool:
+    """A file (or a link to one, or a dangling link) is at `path`: what saving without force refuses. Anything
+    else there (a directory, a FIFO) is the file layer's to refuse, force or not."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        return False  # no file's name: save_snapshot says so
+    p = Path(path)
+    return p.is_file() or (p.is_symlink() and not p.exists())
+
+
 def save_snapshot(snap: Snapshot, path: str | Path, *, extra: dict[str, Any] | None = None, force: bool = False) -> None:
+    if not isinstance(snap, Snapshot):
+        raise UsageError(f"save_snapshot takes a Snapshot (Engine.snapshot(seq) makes one), got {type(snap).__name__}")
     path = _file_name(path)
+    if not force and taken(path):  # the file layer's message names the CLI's --force, not this argument
+        raise UsageError(f"{path} already exists; save_snapshot(..., force=True) overwrites it")
     meta = {
         "model": snap.model_fingerprint,
         "tokens": list(snap.tokens),

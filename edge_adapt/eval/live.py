@@ -86,7 +86,8 @@ def run_strategy_live(engine: Engine, scorer: Any, suite: Suite, problems: Seque
     from edge_adapt.strategies import run_strategy
 
     for p in problems:
-        r = collect(run_strategy(engine, list(p.messages), config, scorer))
+        # unread_ok: tune-policy gives every strategy the pool's temperature; auto and adaptive schedule their own
+        r = collect(run_strategy(engine, list(p.messages), config, scorer, unread_ok=True))
         u = r.usage
         yield StrategyOutcome(p.id, p.level, bool(suite.scorer_of(p).correct(r.text, p.answer)), u.samples_started,
                               u.generated_tokens, u.selfeval_tokens, u.wall_s, None if r.difficulty is None else r.difficulty.bin)

@@ -71,6 +71,19 @@ class StrategyConfig(BaseModel):
         None, description="auto: compute-optimal policy JSON (loaded once, in preflight); the default model's shipped one when omitted",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _named_once(cls, data: Any) -> Any:
+        """An option given by two of its names (budget and n, keep and k): pydantic would take one and call the
+        other an unknown input, though both are its names."""
+        if isinstance(data, Mapping):
+            names: dict[str, list[str]] = {}
+            for key in data:
+                names.setdefault(FIELD_OF.get(key, key), []).append(key)
+            if twice := next((keys for keys in names.values() if len(keys) > 1), None):
+                raise ValueError(f"{' and '.join(twice)} name the same option, given twice: give one of them")
+        return data
+
     @field_validator("budget", "k", "max_tokens", "seed", "top_k", "max_step_tokens", "beam_width", "max_rounds",
                      "lookahead", "prune_at", mode="before")
     @classmethod
@@ -151,6 +164,13 @@ class StrategyConfig(BaseModel):
             read -= {"t_min", "t_max"} if self.schedule == "constant" else {"temperature"}
         return [f for f in fields if FIELD_OF.get(f, f) in _SOME and FIELD_OF.get(f, f) not in read]
 
+    def refuse_unread(self, fields: Iterable[str], where: str = "") -> None:
+        """Raise a UsageError naming those of `fields` (options a caller set) that `unread` names; `where` says
+        where they were set (" in FILE")."""
+        if unread := self.unread(fields):
+            raise UsageError(f"{', '.join(unread)}{where} {'is' if len(unread) == 1 else 'are'} not used by strategy "
+                             f"{self.strategy}", field=FIELD_OF.get(unread[0], unread[0]))
+
     @property
     def width(self) -> int:
         """beam/lookahead: M, the expansions per kept beam."""
@@ -181,6 +201,22 @@ class StrategyConfig(BaseModel):
         return validated(cls, data, what)
 
     @classmethod
+    def from_caller(cls, config: StrategyConfig | Mapping[str, Any], what: str, *,
+                    unread_ok: bool = False) -> StrategyConfig:
+        """A library call's `what` argument: a StrategyConfig or a dict of its fields. An option the caller set
+        (a key of the dict, a field set on the config) that the strategy does not read is refused, as front ends
+        refuse it, unless `unread_ok`."""
+        if isinstance(config, Mapping):
+            cfg, given = cls.parse(config), config.keys()
+        elif isinstance(config, cls):
+            cfg, given = config, config.model_fields_set
+        else:
+            raise UsageError(f"{what} must be a StrategyConfig or a dict of its fields, got {type(config).__name__}")
+        if not unread_ok:
+            cfg.refuse_unread(given)
+        return cfg
+
+    @classmethod
     def from_file(cls, path: str | Path, *, defaults: Mapping[str, Any] | None = None, unread_ok: bool = False,
                   **overrides: Any) -> StrategyConfig:
         """From a .toml or .json file (a [self_eval] table configures the scorer); `overrides` (flags that
@@ -193,9 +229,8 @@ class StrategyConfig(BaseModel):
         overridden = {FIELD_OF.get(k, k) for k in given}  # by any of its names: `n` in the file, `budget` given
         file = {k: v for k, v in load_mapping(path).items() if FIELD_OF.get(k, k) not in overridden}
         cfg = cls.parse({**(defaults or {}), **file, **given}, str(path))
-        if not unread_ok and (unread := cfg.unread(file)):
-            raise UsageError(f"{', '.join(unread)} in {path} {'is' if len(unread) == 1 else 'are'} not used by "
-                             f"strategy {cfg.strategy}")
+        if not unread_ok:
+            cfg.refuse_unread(file, f" in {path}")
         update: dict[str, Any] = {}
         if "policy" in file and isinstance(cfg.policy, Path) and not cfg.policy.is_absolute():
             update["policy"] = Path(path).parent / cfg.policy

@@ -84,11 +84,12 @@ def plan_run(model: Any, prompt: Prompt | None, config: StrategyConfig, *, suffi
 
 def run_strategy(
     engine: EngineLike, prompt: Prompt, config: StrategyConfig | Mapping[str, Any], scorer: Scorer | None = None, *,
-    root: Any = None,
+    root: Any = None, unread_ok: bool = False,
 ) -> Iterator[Event | StrategyEvent]:
     """Run `config.strategy` on the prompt (`config` may be a StrategyConfig's fields as a dict). Without a
     scorer, strategies that need one get a `SelfEvaluator(engine, config.self_eval)`. The stream ends with a
-    Chosen event, then Done(usage).
+    Chosen event, then Done(usage). An option the caller set that the strategy does not read is refused, as
+    every front end refuses it, unless `unread_ok` (a chat keeps settings for strategies it may switch to).
 
     `root`, when given, is an already decoded sequence holding the prompt (a chat keeps its conversation
     there): samples fork from it and it is left as it was, instead of decoding the prompt into a new one.
@@ -97,10 +98,7 @@ def run_strategy(
     anything is decoded; the returned iterator does the work, each of its decodes at once (`drive`); a
     scheduler drives `strategy_steps` itself, batching its decodes with other requests'.
     """
-    if isinstance(config, Mapping):
-        config = StrategyConfig.parse(config)
-    elif not isinstance(config, StrategyConfig):
-        raise UsageError(f"config must be a StrategyConfig or a dict of its fields, got {type(config).__name__}")
+    config = StrategyConfig.from_caller(config, "config", unread_ok=unread_ok)
     if prompt is None and root is None:  # plan_run reads None as a chat planning for turns to come
         raise UsageError(f"{PROMPT_TYPES}, got None")
     if scorer is not None and not (callable(getattr(scorer, "steps", None)) and hasattr(scorer, "decoded_tokens")):
