@@ -5,7 +5,7 @@ strategies' own declarations (StrategySpec.samples_at_once / tokens_per_sequence
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence as Seq
+from collections.abc import Iterable, Mapping, Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +13,7 @@ from edge_adapt.engine import Engine, EngineOptions, Vocab
 from edge_adapt.engine.budget import fit, most_sequences, parse_size
 from edge_adapt.engine.engine import MIN_CTX
 from edge_adapt.engine.gguf_file import GGUFInfo, inspect_gguf
-from edge_adapt.errors import ContextOverflowError, UsageError
+from edge_adapt.errors import ContextOverflowError, UsageError, check_count, is_whole
 from edge_adapt.strategies.config import StrategyConfig
 from edge_adapt.strategies.run import Prompt, RunPlan, plan_run, prompt_tokens
 
@@ -71,6 +71,8 @@ def check_budget(opts: EngineOptions, mem_budget: int | str | None, info: GGUFIn
     (reading them scans the whole file)."""
     if mem_budget is None:
         return
+    if not isinstance(mem_budget, str) and (not is_whole(mem_budget) or mem_budget < 1):  # True read as 1 byte
+        raise UsageError(f"mem_budget is a number of bytes or a size such as '1.5GB', got {mem_budget!r:.40}")
     budget = parse_size(mem_budget) if isinstance(mem_budget, str) else mem_budget
     if info is None:
         from edge_adapt.engine.default_model import default_model_path
@@ -113,10 +115,13 @@ def for_strategy(model: Any, prompt: Prompt, config: StrategyConfig, *, ctx: int
     return EngineSize(sequences, round_ctx(plan.tokens_per_sequence), needs), plan
 
 
-def engine_for_strategy(prompt: Prompt, config: StrategyConfig, options: EngineOptions | None = None, *,
-                        ctx: int | None = None, mem_budget: int | str | None = None) -> tuple[Engine, RunPlan]:
+def engine_for_strategy(prompt: Prompt, config: StrategyConfig | Mapping[str, Any],
+                        options: EngineOptions | None = None, *, ctx: int | None = None,
+                        mem_budget: int | str | None = None) -> tuple[Engine, RunPlan]:
     """An engine sized for one strategy run on `prompt`, and the run's plan (`run_strategy(engine, plan.prompt,
-    plan.config)`). Token counts come from the model's tokenizer, read without its weights."""
+    plan.config)`). `config` as run_strategy takes it. Token counts come from the model's tokenizer, read without
+    its weights."""
+    config = StrategyConfig.from_caller(config, "config")  # refused as run_strategy refuses it, before loading
     options = options or EngineOptions()
     with Vocab(options.model) as vocab:
         size, plan = for_strategy(vocab, prompt, config, ctx=ctx, kv_unified=options.kv_unified)
@@ -128,10 +133,11 @@ def engine_for_generation(prompt: Prompt, n: int, max_tokens: int, options: Engi
                           mem_budget: int | str | None = None) -> tuple[Engine, list[int]]:
     """An engine sized for `n` samples of `max_tokens` from `prompt`, and the prompt's tokens (`raw`: a str
     prompt as it is, with the model's BOS, instead of a chat turn)."""
-    with Vocab((options or EngineOptions()).model) as vocab:
+    options = options or EngineOptions()
+    with Vocab(options.model) as vocab:
         tokens = vocab.tokenize(prompt, add_bos=True) if raw and isinstance(prompt, str) else prompt_tokens(vocab, prompt)
-    return load_engine(for_generation(tokens, n, max_tokens, ctx=ctx), options, mem_budget=mem_budget,
-                       info=vocab.info), tokens
+    return load_engine(for_generation(tokens, n, max_tokens, ctx=ctx, kv_unified=options.kv_unified), options,
+                       mem_budget=mem_budget, info=vocab.info), tokens
 
 
 def trained_ctx(size: EngineSize, info: GGUFInfo) -> int:
@@ -155,8 +161,15 @@ def default_ctx(preferred: int, info: GGUFInfo) -> int:
     return max(MIN_CTX, min(preferred, info.n_ctx_train)) if info.n_ctx_train > 0 else preferred
 
 
-def for_generation(prompt: Seq[int], n: int, max_tokens: int, *, ctx: int | None = None) -> EngineSize:
+def for_generation(prompt: Seq[int], n: int, max_tokens: int, *, ctx: int | None = None,
+                   kv_unified: bool = False) -> EngineSize:
     """Plain sampling: n samples forked from one prompt (the last takes the prompt's own sequence)."""
+    # Checked here, in the caller's terms: the engine would blame `parallel` (or accept a negative max_tokens).
+    check_count("n", n)
+    check_count("max_tokens", max_tokens)
+    if n > most_sequences(kv_unified):
+        raise UsageError(f"n ({n}) is more samples than one llama.cpp context holds at once "
+                         f"({most_sequences(kv_unified)})")
     if ctx is not None:
         return EngineSize(n, ctx)
     return EngineSize(n, round_ctx(len(prompt) + max_tokens),

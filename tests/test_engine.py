@@ -815,6 +815,65 @@ def test_prompt_tokens_and_biased_tokens_outside_the_vocabulary_are_named(engine
     assert engine.live_sequences == 0
 
 
+def test_bad_token_ids_given_to_extend_are_named_and_leave_every_sequence_as_it_was(engine: Engine, tmp_path):
+    """Text was recorded as tokens (the sequence unusable for good), 1.9 decoded as 1 but recorded as 1.9 (a snapshot
+    load_snapshot refused), an id past the vocabulary failed the decode unnamed, truncate took -1."""
+    n = engine.model.n_vocab
+    root, other = engine.open([1, 2, 3]), engine.open([4, 5])
+    for bad, named in (([n], str(n)), ("ab", "'a'"), ([1.9], "1.9"), ([5, -1], "-1"), ([True], "True")):
+        with pytest.raises(UsageError, match=f"^token {named} is not a token id of this model's vocabulary"):
+            engine.extend([(other, [6]), (root, bad)])
+        assert (root.tokens, root.n_past, other.tokens, other.n_past) == ([1, 2, 3], 3, [4, 5], 2)
+    with pytest.raises(UsageError, match="truncate keeps n tokens, a whole number >= 0, got -1"):
+        engine.truncate(root, -1)
+    assert (root.tokens, root.n_past) == ([1, 2, 3], 3)
+    engine.extend([(root, np.array([7, 8]))])  # numpy ids are recorded as the ints decoded: a snapshot takes them
+    assert root.tokens == [1, 2, 3, 7, 8] and all(type(t) is int for t in root.tokens)
+    save_snapshot(engine.snapshot(root), tmp_path / "s.snap")
+    assert load_snapshot(tmp_path / "s.snap")[0].tokens == (1, 2, 3, 7, 8)
+    engine.release(root)
+    engine.release(other)
+    opened = engine.open(np.array([1, 2, 3]))  # as generate takes a numpy prompt
+    assert opened.tokens == [1, 2, 3]
+    engine.release(opened)
+    with pytest.raises(UsageError, match="prompt tokens must be given as a list of token ids"):
+        engine.open(5)  # type: ignore[arg-type]
+
+
+def test_the_wrong_object_given_for_a_sequence_a_snapshot_or_an_engine_is_named(engine: Engine, tmp_path):
+    """Each was an AttributeError; restore("chat.snap") is a natural slip, as the file API takes a path."""
+    from edge_adapt.session import ChatSession
+
+    root = engine.open([1, 2, 3])
+    save_snapshot(engine.snapshot(root), tmp_path / "s.snap")
+    for call, message in [
+        (lambda: engine.restore(None), "restore takes a Snapshot \\(load_snapshot\\(path\\) reads a file\\), got NoneType"),
+        (lambda: engine.restore(str(tmp_path / "s.snap")), "restore takes a Snapshot .*, got str"),
+        (lambda: engine.snapshot("x"), "expected a Sequence .*, got str"),
+        (lambda: engine.fork(None), "expected a Sequence .*, got NoneType"),
+        (lambda: engine.release("x"), "expected a Sequence .*, got str"),
+        (lambda: engine.truncate("x", 1), "expected a Sequence .*, got str"),
+        (lambda: save_snapshot(root, tmp_path / "t.snap"), "save_snapshot takes a Snapshot .*, got Sequence"),
+        (lambda: ChatSession(None), "ChatSession takes an Engine, got NoneType"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            call()  # type: ignore[arg-type]
+    engine.release(root)
+
+
+def test_save_snapshot_names_its_own_force_argument_not_the_clis_flag(engine: Engine, tmp_path):
+    root = engine.open([1, 2, 3])
+    snap = engine.snapshot(root)
+    engine.release(root)
+    path = tmp_path / "s.snap"
+    save_snapshot(snap, path, extra={"n": 1})
+    with pytest.raises(UsageError, match=f"^{path} already exists; save_snapshot\\(\\.\\.\\., force=True\\) overwrites it$"):
+        save_snapshot(snap, path, extra={"n": 2})
+    assert load_snapshot(path)[1] == {"n": 1}
+    save_snapshot(snap, path, extra={"n": 2}, force=True)
+    assert load_snapshot(path)[1] == {"n": 2}
+
+
 def test_detokenize_refuses_what_is_not_a_token_id_instead_of_aborting_the_process(engine: Engine):
     """An id past the vocabulary (a stored or remote id) ended the process in llama.cpp (std::out_of_range), and a
     float or a string gave a ctypes traceback."""
@@ -972,3 +1031,23 @@ def test_a_stop_string_that_is_not_valid_unicode_is_refused(engine: Engine):
     """A lone surrogate (bytes that were not UTF-8) can never be generated: such a stop string did nothing."""
     with pytest.raises(UsageError, match="stop string 'a\\\\udcffb' is not valid Unicode"):
         next(engine.generate("Hi", GREEDY, max_tokens=2, stop="a\udcffb"))
+
+
+def test_resize_refuses_a_bad_size_in_one_line(engine: Engine):
+    """Was: pydantic's multi-line ValidationError, which an app's `except EdgeAdaptError` does not catch."""
+    for kw in ({"parallel": 0}, {"ctx": 10}, {"parallel": True}):
+        (name,) = kw
+        with pytest.raises(UsageError, match=rf"^resize: {name}: [^\n]+$"):
+            engine.resize(**kw)
+    assert (engine.options.parallel, engine.options.ctx) == (9, 256)
+
+
+def test_engine_options_refuse_a_bool_as_a_count_and_take_numpy_ints():
+    """Was: Engine(parallel=True) loaded an engine of one sequence, and ctx=True was called too small."""
+    from edge_adapt.engine import EngineOptions
+
+    for name in ("ctx", "parallel", "threads", "gpu_layers", "batch"):
+        with pytest.raises(UsageError, match=rf"^engine options: {name}: must be a whole number, got True$"):
+            Engine(**{name: True})
+    opts = EngineOptions(parallel=np.int64(3), ctx=np.int32(512))
+    assert (opts.parallel, opts.ctx) == (3, 512)

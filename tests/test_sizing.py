@@ -139,3 +139,44 @@ def test_growing_an_engine_past_the_models_training_names_what_needs_it():
                            r"and the self-evaluation suffix \(40 tokens\) need 9056 tokens"):
             ensure(e, for_pool(9000, 2, 16, 40, prompt="p"))
         assert e.n_ctx_seq == 256  # left as it was
+
+
+def test_generation_sizing_names_n_and_max_tokens_not_the_engines_parallel():
+    """Was: n=0 and n=300 blamed `engine options: parallel`, n=2.5 printed a pydantic serializer warning, and a
+    negative max_tokens sized an engine."""
+    import warnings
+
+    from edge_adapt.errors import UsageError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n, message in [(0, r"^n must be a whole number >= 1, got 0$"), (2.5, r"^n must be a whole number"),
+                           (True, r"^n must be a whole number"),
+                           (300, r"^n \(300\) is more samples than one llama.cpp context holds at once \(25\d\)$")]:
+            with pytest.raises(UsageError, match=message):
+                for_generation([1, 2, 3], n, 8)
+        with pytest.raises(UsageError, match=r"^max_tokens must be a whole number >= 1, got -5$"):
+            for_generation([1, 2, 3], 2, -5)
+
+
+def test_a_memory_budget_that_is_no_size_is_named_not_read_as_bytes():
+    """Was: mem_budget=True was 1 byte: `--mem-budget True bytes is too small`."""
+    from edge_adapt.errors import UsageError
+    from edge_adapt.sizing import check_budget
+
+    for budget in (True, -5, 1.5):
+        with pytest.raises(UsageError, match=rf"^mem_budget is a number of bytes or a size such as '1.5GB', got "
+                                             rf"{budget!r}$"):
+            check_budget(EngineOptions(device="cpu"), budget)
+
+
+def test_engine_for_strategy_takes_a_config_as_run_strategy_does():
+    """Was: a dict config, which run_strategy takes, raised AttributeError: 'dict' object has no attribute."""
+    from edge_adapt.errors import UsageError
+
+    engine, plan = engine_for_strategy(PROMPT, {"strategy": "single", "max_tokens": 8}, EngineOptions(device="cpu"))
+    with engine:
+        assert plan.config.max_tokens == 8 and engine.options.parallel == plan.sequences
+        assert collect(run_strategy(engine, plan.prompt, plan.config)).chosen is not None
+    with pytest.raises(UsageError, match=r"^strategy config: budget: "):
+        engine_for_strategy(PROMPT, {"strategy": "best-of-n", "budget": 0}, EngineOptions(device="cpu"))

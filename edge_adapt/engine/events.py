@@ -57,6 +57,8 @@ class Usage:
     selfeval_tokens: int = 0
     samples_started: int = 0
     samples_pruned: int = 0
+    # llama_decode calls the engine made while the request ran: in a server they are shared with the requests
+    # decoded alongside, and a stream paused meanwhile counts those of whatever ran on the engine in the pause
     decode_calls: int = 0
     wall_s: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
