@@ -84,11 +84,12 @@ def test_a_cancel_during_a_strategy_that_decodes_nothing_after_its_samples_raise
     """As best-of-n does at its scoring decode: single and vote answered with a sample cut short instead."""
     from edge_adapt.engine.events import Cancelled
 
+    budget = {} if name == "single" else {"budget": 2}  # single reads none
     seen: list[object] = []
     with pytest.raises(Cancelled):
-        for ev in run_strategy(engine, PROMPT, {"strategy": name, "budget": 2, "max_tokens": 24}):
+        for ev in run_strategy(engine, PROMPT, {"strategy": name, **budget, "max_tokens": 24}):
             seen.append(ev)
             if isinstance(ev, Token):
                 engine.cancel()  # the user presses Stop
     assert not the(seen, Chosen) and engine.live_sequences == 0
-    assert the(list(run_strategy(engine, PROMPT, {"strategy": name, "budget": 2, "max_tokens": 4})), Chosen)  # usable
+    assert the(list(run_strategy(engine, PROMPT, {"strategy": name, **budget, "max_tokens": 4})), Chosen)  # usable
