@@ -1051,3 +1051,30 @@ def test_engine_options_refuse_a_bool_as_a_count_and_take_numpy_ints():
             Engine(**{name: True})
     opts = EngineOptions(parallel=np.int64(3), ctx=np.int32(512))
     assert (opts.parallel, opts.ctx) == (3, 512)
+
+
+def test_a_sample_a_stop_string_ends_keeps_only_the_tokens_of_its_text(engine: Engine):
+    """Was: a stop string's tokens stayed in the sample's sequence, and its self-evaluation, decoded after them,
+    judged text the caller never saw (a reply shown as "" was scored as the "1" the stop string had cut)."""
+    from edge_adapt.selfeval import SelfEvaluator
+
+    tokens = _prompt(engine)
+    greedy = _tokens_alone(engine, tokens, GREEDY, 8)
+    shown = engine.model.piece(greedy[0]) + engine.model.piece(greedy[1])
+    stop = engine.model.piece(greedy[2]).decode()[:2]  # begins at the start of the third token
+    scorer = SelfEvaluator(engine)
+
+    def score(max_tokens: int, stop: tuple[str, ...] = ()) -> tuple[float, list[int], int]:
+        root = engine.open(tokens)
+        (s,) = engine.start(root, [GREEDY], max_tokens=max_tokens, stop=stop, consume_root=True)
+        list(engine.advance([s]))
+        try:
+            return scorer.score([s])[0], s.seq.tokens[len(tokens):], s.dropped
+        finally:
+            engine.release(s.seq)
+
+    p_stopped, held, dropped = score(8, (stop,))
+    assert engine.model.piece(held[0]) + engine.model.piece(held[1]) == shown and held == greedy[:2]
+    assert dropped == 1  # generated 3 tokens, the third began the stop string
+    p_cut, _, _ = score(2)  # the same two tokens, no stop string
+    assert p_stopped == pytest.approx(p_cut, abs=1e-5)

@@ -42,3 +42,17 @@ def test_incomplete_character_at_end_becomes_replacement_char():
     stream = TextStream()
     stream.push("é".encode()[:1])
     assert stream.flush() == "\ufffd"
+
+
+def test_tokens_within_counts_the_tokens_a_stopped_text_holds_whole():
+    from edge_adapt.engine.text import tokens_within
+
+    pieces = [b"The answer", b" is 4.\n", b"Us", b"er:", b" more"]
+    stream = TextStream(stop=("\nUser:",))
+    _feed(stream, pieces)
+    assert tokens_within(pieces, stream.text) == 1  # " is 4.\n" holds the stop string's first character
+    stream = TextStream(stop=("Us",))
+    _feed(stream, pieces)
+    assert tokens_within(pieces, stream.text) == 2
+    assert tokens_within([b"\xc3", b"\xa9t\xc3", b"\xa9"], "\u00e9t") == 1  # the second holds half of the next character
+    assert tokens_within([b"x"], "") == 0

@@ -31,7 +31,7 @@ from edge_adapt.engine.handles import (
 from edge_adapt.engine.outputs import Outputs
 from edge_adapt.engine.sampling import SamplingParams, check_bias_vocabulary, stop_strings, token_logprobs, top_logprobs
 from edge_adapt.engine.steps import Decode, Program, Sampling, drive
-from edge_adapt.engine.text import TextStream
+from edge_adapt.engine.text import TextStream, tokens_within
 from edge_adapt.engine.vocab import TextModel, first_bad_token, same_model
 from edge_adapt.errors import (
     BudgetError, ContextOverflowError, EngineError, UsageError, check_count, is_whole, validated,
@@ -138,6 +138,7 @@ class Sample:
     logprobs: list[float] = field(default_factory=list)
     finish: FinishReason | None = None
     top_logprobs: int | None = None  # Token events carry this many most likely alternatives (None: none)
+    dropped: int = 0  # the last generated tokens its sequence no longer holds: the stop string's that ended it
 
     @property
     def text(self) -> str:
@@ -603,6 +604,14 @@ class Engine(TextModel):
             seq.n_past = len(seq.tokens)
         return failed
 
+    def _keep_shown(self, s: Sample) -> None:
+        """A sample a stop string ended keeps in its sequence only the tokens of the text it shows: the stop
+        string is not its reply, and a self-evaluation decoded after it would judge text the caller never sees
+        (a token the stop string begins inside goes too)."""
+        s.dropped = len(s.generated) - tokens_within(map(self.model.piece, s.generated), s.text)
+        if s.dropped:
+            self.truncate(s.seq, len(s.seq.tokens) - s.dropped)
+
     def _token_ids(self, parts: list[Seq[int]], what: str) -> list[Seq[int]]:
         """`parts` (lists of token ids) as given when they hold ints only (every step's), else as lists of the ints
         they are (numpy's: a snapshot's JSON takes no numpy int); or a UsageError naming the first entry that is no
@@ -995,6 +1004,8 @@ class Engine(TextModel):
                 s.logprobs.append(lp)
                 yield Token(s.index, t, text, lp, top)
                 if s.finish == "eos" or (s.finish and not cancelled):
+                    if s.finish == "stop":
+                        self._keep_shown(s)
                     yield s.finished()
             if cancelled:
                 # The interrupted step's tokens were recorded but not decoded: forget them too.

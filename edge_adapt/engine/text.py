@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -63,3 +64,17 @@ class TextStream:
                     best = n
                     break
         return best
+
+
+def tokens_within(pieces: Iterable[bytes], text: str) -> int:
+    """How many leading tokens (their `pieces`) a sample's shown `text` holds whole: those before the stop string
+    that ended it. A token the stop string begins inside is not one of them (nor one past bytes that were shown
+    as U+FFFD)."""
+    shown = text.encode("utf-8")
+    n = at = 0
+    for piece in pieces:
+        if shown[at:at + len(piece)] != piece:
+            break
+        at += len(piece)
+        n += 1
+    return n

@@ -38,8 +38,9 @@ def revision_turn(engine: Any, message: str) -> list[int]:
 
 
 def response_tokens(s: Sample) -> list[int]:
-    """What an attempt put into its KV: every generated token but a final end-of-generation one."""
-    return list(s.generated[:-1] if s.finish == "eos" else s.generated)
+    """What an attempt put into its KV: every generated token but a final end-of-generation one, and those of a
+    stop string that ended it (the engine drops them)."""
+    return list(s.generated[: len(s.generated) - s.dropped - (s.finish == "eos")])
 
 
 def revise(engine: EngineLike, root: Sequence, config: StrategyConfig, scorer: Scorer | None) -> Iterator[Event | StrategyEvent]:
