@@ -129,16 +129,13 @@ def read_self_eval_config(source: str | os.PathLike[str] | dict[str, Any] | None
     """A flat mapping whose values GGUF can hold (str, int, float, bool, or a non-empty list of one of those),
     given as a dict or a JSON file; None is no metadata. Keys may carry the "self_eval." prefix (as in the
     edge_adapt.json `import` writes), which is dropped: write_self_eval adds it back. The keys the runtime reads are
-    checked as it checks them (SelfEvalConfig.from_gguf_metadata), so no file is written that it would refuse; any
-    other key is refused, as the runtime would ignore it (a misspelt key would change nothing, without a word)."""
+    checked as it checks them (SelfEvalConfig.from_gguf_metadata), so no file is written that it would refuse; other
+    keys are carried as they are, for other tools (the runtime reads none of them)."""
     from edge_adapt.selfeval.config import GGUF_KEYS, SelfEvalConfig
 
     config = read_metadata(source, what="self-eval config", prefix="self_eval.")
     what = "self-eval config" if isinstance(source, dict) else str(source)
-    unknown = next((k for k in config if k not in GGUF_KEYS), None)
-    if unknown is not None:
-        raise UsageError(f"{what}: unknown key {unknown!r}; the self-eval keys are {', '.join(GGUF_KEYS)}")
-    SelfEvalConfig.parse(config, what)
+    SelfEvalConfig.parse({k: config[k] for k in GGUF_KEYS if k in config}, what)
     return config
 
 
