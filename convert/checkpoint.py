@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edge_adapt import interrupts
 from edge_adapt.errors import ModelFileError, UsageError
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class Checkpoint:
                 from safetensors import safe_open
 
                 # Opened per tensor: a long-lived mapping would keep every page read so far resident.
-                with safe_open(str(file), framework="pt") as fh:
+                with interrupts.not_swallowed(), safe_open(str(file), framework="pt") as fh:
                     t = fh.get_tensor(name).clone()
             else:
                 if file not in self._bin:

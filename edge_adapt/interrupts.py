@@ -59,6 +59,7 @@ def _interrupt(signum: int) -> KeyboardInterrupt:
 
 
 _held: list[bool] = []  # inside `held()`: an interrupt waits for the block's end
+_raised: list[int] = []  # the signal of each interrupt raised so far (see `not_swallowed`)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -72,7 +73,23 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
         timer.start()
         return
     _pending.clear()
+    _raised.append(signum)
     raise _interrupt(signum)
+
+
+@contextmanager
+def not_swallowed() -> Iterator[None]:
+    """Library code that can swallow an interrupt raised inside it: safetensors turns a KeyboardInterrupt raised
+    while it builds a tensor into a ValueError ("could not determine the shape of object type ..."), which would
+    end the command as a corrupt file. An interrupt raised in the block and lost there is raised again in place of
+    the block's exception."""
+    before = len(_raised)
+    try:
+        yield
+    except Exception:
+        if len(_raised) > before:
+            raise _interrupt(_raised[-1]) from None
+        raise
 
 
 def _exit_now(signum: int, frame: FrameType | None) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from edge_adapt.engine.default_model import default_model_path
+from edge_adapt.errors import ModelFileError
 
 try:
     from convert_fixtures import llama_dir  # noqa: F401 (a fixture)
@@ -178,6 +179,34 @@ def test_convert_interrupted_publishes_nothing(moment: str, medium_dir: Path, tm
                                for p in out.iterdir()))
     interrupted(r.interrupt())
     assert list(out.iterdir()) == []
+
+
+def test_an_interrupt_a_library_swallows_is_raised_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Was: Ctrl-C while safetensors built a tensor became its ValueError ("could not determine the shape of object
+    type ..."), and convert ended with `error: ...: cannot read tensor` and exit 1, as if the file were corrupt
+    (seen once in CI). A tensor read that swallows an interrupt ends as the interrupt."""
+    import contextlib
+
+    import safetensors
+
+    from edge_adapt.convert.checkpoint import Checkpoint
+    from edge_adapt import interrupts
+
+    class Swallowing:  # what safetensors does with an interrupt that lands while it builds a tensor
+        def get_tensor(self, name: str) -> None:
+            try:
+                interrupts._raise_interrupt(signal.SIGINT, None)
+            except KeyboardInterrupt:
+                raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: contextlib.nullcontext(Swallowing()))
+    file = tmp_path / "model.safetensors"
+    ckpt = Checkpoint(tmp_path, {}, {"w": (2,)}, {"w": file})
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.load("w")
+    monkeypatch.setattr(Swallowing, "get_tensor", lambda self, name: (_ for _ in ()).throw(ValueError("corrupt")))
+    with pytest.raises(ModelFileError, match="cannot read tensor 'w' \\(ValueError\\)"):  # a real fault stays one
+        ckpt.load("w")
 
 
 @pytest.mark.parametrize("moment", ["imports", "writing"])
