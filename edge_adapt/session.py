@@ -214,8 +214,8 @@ class ChatSession:
             if isinstance(ev, Finished):
                 if ev.text or ev.reason != "cancelled":  # stopped before a word: left out, as a strategy's turn is
                     self._record(messages, ev.text)
-                # The sequence now holds prompt + reply tokens; a stop string's tokens are in the KV but not in
-                # the reply, so only clean endings can be extended as text.
+                # The sequence now holds prompt + reply tokens; after a stop string its last token may hold some
+                # of the stop string too (Engine._keep_shown), so only clean endings can be extended as text.
                 self._text = full + ev.text if ev.reason in ("eos", "length") else None
             yield ev
         # As every stream ends (a strategy's turn, Engine.generate): the account of this turn, so that

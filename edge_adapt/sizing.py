@@ -156,8 +156,8 @@ def trained_ctx(size: EngineSize, info: GGUFInfo) -> int:
 def default_ctx(preferred: int, info: GGUFInfo) -> int:
     """A context the user did not give: `preferred`, or the model's training context where that is shorter (a
     default never exceeds what the model was trained for; only a --ctx given is refused), but never below the
-    engine's least (a model trained for fewer tokens still runs what fits its training, in a context with room
-    to spare, rather than being refused with a `ctx` the user never gave)."""
+    engine's least: a model trained for fewer tokens is then refused for what it is (check_training_context),
+    not with a `ctx` the user never gave."""
     return max(MIN_CTX, min(preferred, info.n_ctx_train)) if info.n_ctx_train > 0 else preferred
 
 

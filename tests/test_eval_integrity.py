@@ -53,6 +53,8 @@ def test_tune_policy_never_reports_test_numbers_on_its_tuning_prompts(tmp_path):
         # A --split other than tune-policy's default was ignored in silence, as eval's was (the file is read whole).
         with pytest.raises(UsageError, match=r"^--split train: suite '.*' has no splits"):
             tune(None, suite=name, split="train")
+        # a library pool that leaves the split out (its default, test) is not refused for it
+        validated(TuneConfig, {"pool": EvalConfig(suite=name, k=2, n_prompts=10, cache_dir=tmp_path)}, "tune-policy")
         with pytest.raises(UsageError, match=r"^--split validation: suite '.*' has no splits"):
             run_eval(EvalConfig(suite=name, split="validation", out_dir=tmp_path / "r"))
         assert not (tmp_path / "r").exists()

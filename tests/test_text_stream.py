@@ -44,15 +44,15 @@ def test_incomplete_character_at_end_becomes_replacement_char():
     assert stream.flush() == "\ufffd"
 
 
-def test_tokens_within_counts_the_tokens_a_stopped_text_holds_whole():
+def test_tokens_within_counts_the_tokens_that_hold_shown_text():
     from edge_adapt.engine.text import tokens_within
 
     pieces = [b"The answer", b" is 4.\n", b"Us", b"er:", b" more"]
     stream = TextStream(stop=("\nUser:",))
     _feed(stream, pieces)
-    assert tokens_within(pieces, stream.text) == 1  # " is 4.\n" holds the stop string's first character
+    assert tokens_within(pieces, stream.text) == 2  # " is 4.\n" holds the end of the reply, and "\n" of the stop
     stream = TextStream(stop=("Us",))
     _feed(stream, pieces)
-    assert tokens_within(pieces, stream.text) == 2
-    assert tokens_within([b"\xc3", b"\xa9t\xc3", b"\xa9"], "\u00e9t") == 1  # the second holds half of the next character
+    assert tokens_within(pieces, stream.text) == 2  # the stop string begins at a token's start: that token goes
+    assert tokens_within([b"\xc3", b"\xa9t\xc3", b"\xa9"], "\u00e9t") == 2
     assert tokens_within([b"x"], "") == 0

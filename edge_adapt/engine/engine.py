@@ -607,7 +607,7 @@ class Engine(TextModel):
     def _keep_shown(self, s: Sample) -> None:
         """A sample a stop string ended keeps in its sequence only the tokens of the text it shows: the stop
         string is not its reply, and a self-evaluation decoded after it would judge text the caller never sees
-        (a token the stop string begins inside goes too)."""
+        (a token holding both the reply's end and the stop string's start stays: see tokens_within)."""
         s.dropped = len(s.generated) - tokens_within(map(self.model.piece, s.generated), s.text)
         if s.dropped:
             self.truncate(s.seq, len(s.seq.tokens) - s.dropped)

@@ -67,13 +67,14 @@ class TextStream:
 
 
 def tokens_within(pieces: Iterable[bytes], text: str) -> int:
-    """How many leading tokens (their `pieces`) a sample's shown `text` holds whole: those before the stop string
-    that ended it. A token the stop string begins inside is not one of them (nor one past bytes that were shown
-    as U+FFFD)."""
-    shown = text.encode("utf-8")
+    """How many leading tokens (their `pieces`) begin inside a sample's shown `text`: those that hold any of it.
+    The token the stop string that ended it begins inside is one of them when it also holds shown text (a
+    `".\n"` before a stop string `"\nUser:"`): judging the reply without its end would be worse than with a
+    character of the stop string."""
+    shown = len(text.encode("utf-8"))
     n = at = 0
     for piece in pieces:
-        if shown[at:at + len(piece)] != piece:
+        if at >= shown:
             break
         at += len(piece)
         n += 1

@@ -100,7 +100,8 @@ class TuneConfig(BaseModel):
 
         suite = self.pool.family or self.pool.suite
         if not has_splits(self.pool.suite, self.pool.family):
-            check_split(self.pool.suite, self.pool.split, "validation", self.pool.family)  # tune-policy's default
+            if "split" in self.pool.model_fields_set:  # given (tune-policy's own default is validation)
+                check_split(self.pool.suite, self.pool.split, "validation", self.pool.family)
             if self.test_split is not None:
                 raise ValueError(f"suite {suite!r} has no splits (a file is read whole, whatever --split says): "
                                  "--test-split would report on the prompts the policy was tuned on; leave it out "
