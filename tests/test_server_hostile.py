@@ -305,6 +305,12 @@ def test_auto_refusals_name_the_field(server: ServerProcess) -> None:
     other = json.loads(_policy("llama:1:2:Q4_1:deadbeef"))
     err = _error(_post(server, {**OK_BODY, "edge_adapt": {**auto, "budget": 4, "policy": other}}), 400)
     assert err["param"] == "edge_adapt.policy" and "tuned for model" in err["message"], err
+    # Tuned with another self-evaluation: a 400 when the request comes (was an error event mid-stream, after the
+    # prompt's decode).
+    mine = {**json.loads(_policy(_fingerprint(server))), "self_eval": 'edge_adapt.selfeval.evaluator.SelfEvaluator:'
+            '{"format":"chat","question":"Sure?","suffix":null,"yes":"Yes","no":"No","adapter":null,"adapter_scale":1.0}'}
+    err = _error(_post(server, {**OK_BODY, "stream": True, "edge_adapt": {**auto, "budget": 4, "policy": mine}}), 400)
+    assert err["param"] == "edge_adapt.policy" and "tuned with self-evaluation" in err["message"], err
 
 
 def test_bodies_and_stream_chunks_holding_a_lone_surrogate_still_encode() -> None:

@@ -34,6 +34,7 @@ from edge_adapt.engine.steps import Decode, Program, Sampling, decode_together, 
 from edge_adapt.errors import BudgetError, ContextOverflowError, EdgeAdaptError, UsageError
 from edge_adapt.selfeval import SelfEvaluator
 from edge_adapt.strategies.config import StrategyConfig
+from edge_adapt.strategies.auto import check_scorer
 from edge_adapt.strategies.run import RunPlan, check_fits, plan_run, strategy_steps
 
 R = TypeVar("R")
@@ -236,6 +237,8 @@ class Scheduler:
             suffix = len(self.scorer.suffix) if self.scorer is not None else None
             plan = plan_run(self.engine, job.prompt, job.strategy, suffix=suffix)
             check_fits(plan, n_ctx, client=True)
+            if plan.config.strategy == "auto" and self.scorer is not None:  # a 400 now, not an error mid-stream
+                check_scorer(plan.config, self.scorer)
             need = plan.sequences
             what = (f"strategy {job.strategy.strategy} with budget {job.strategy.budget} holds {plan.samples} samples "
                     f"and the prompt's own sequence at once: {need} sequences")

@@ -53,6 +53,16 @@ def prepare(config: StrategyConfig, model: Any) -> StrategyConfig:
     return config.model_copy(update={"policy": policy})
 
 
+def check_scorer(config: StrategyConfig, scorer: Any) -> None:
+    """Refuse the policy if it was tuned with another self-evaluation than `scorer`'s (its bins would mean
+    nothing); a server checks it when a request comes, before its prompt is decoded."""
+    try:
+        policy_of(config).check_self_eval(scorer)
+    except EdgeAdaptError as exc:
+        exc.field = "policy"
+        raise
+
+
 # The settings a policy decides (its bins' options), by field name: the caller's do not reach a bin's choice.
 SPENDING = frozenset(POLICY_OPTIONS & StrategyConfig.model_fields.keys())
 DEFAULT_PRUNE_AT = StrategyConfig.model_fields["prune_at"].default
@@ -112,11 +122,7 @@ def tokens_per_sequence(config: StrategyConfig, model: Any) -> int:
 def auto(engine: EngineLike, root: Sequence, config: StrategyConfig, scorer: Scorer | None) -> Iterator[Event | StrategyEvent]:
     scorer = require_scorer(scorer, "auto")
     policy = policy_of(config)
-    try:  # the scorer is known here, not at `prepare`: a caller may bring its own
-        policy.check_self_eval(scorer)
-    except EdgeAdaptError as exc:
-        exc.field = "policy"
-        raise
+    check_scorer(config, scorer)  # known here, not at `prepare`: a caller may bring its own
     row_budget = policy.row_for(config.budget)[0]
     with Pool(engine, root, config) as pool:
         yield from pool.start(1, policy.probe_temperature)
