@@ -308,7 +308,7 @@ def test_a_scorer_of_another_class_with_the_policys_config_runs_it(tmp_path):
 
 
 @pytest.mark.parametrize("used, ours", [
-    (SelfEvalConfig(default_adapter=False), "adapter=None format='chat' no='No' suffix=None yes='Yes'"),
+    (SelfEvalConfig(default_adapter=False), "adapter=None format='chat' no='No' question='Would you do better"),
     (TUNED.model_copy(update={"adapter": Path("other.gguf")}), "adapter='other.gguf'"),
 ])
 def test_auto_refuses_a_policy_tuned_with_another_self_evaluation(tmp_path, used, ours):
@@ -320,8 +320,18 @@ def test_auto_refuses_a_policy_tuned_with_another_self_evaluation(tmp_path, used
         run(e, ConfiguredScorer(lambda i, n: 0.9, used), strategy="auto", budget=8, policy=path)
     message = str(err.value)
     assert "the policy was tuned with self-evaluation adapter='se.gguf'" in message
-    assert f"this run scores with {ours}:" in message and "tune a policy for this one" in message
+    assert f"this run scores with {ours}" in message and "tune a policy for this one" in message
     assert "\n" not in message and err.value.field == "policy" and not e.started  # before the probe
+
+
+def test_a_policy_is_compared_on_what_decides_the_score(tmp_path):
+    """A field added to the config since the policy was tuned (missing from its record: taken as its default), or a
+    question its raw format never asks, does not refuse it."""
+    record = json.loads(self_eval_name(ConfiguredScorer(None, TUNED)).partition(":")[2])
+    del record["adapter_scale"]
+    path = policy_file(tmp_path, self_eval="x:" + json.dumps({**record, "question": "Other?", "added_since": 1}))
+    ev = run(fresh(), ConfiguredScorer(lambda i, n: 0.9, TUNED), strategy="auto", budget=8, policy=path)
+    assert of(ev, DifficultyEstimated)[0].bin == 1
 
 
 @pytest.mark.parametrize("tuned", ["", "selfeval-lora:adapter=se.gguf:0123:suffix=[2, 7]"])

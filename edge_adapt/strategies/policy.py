@@ -159,7 +159,7 @@ class Policy(BaseModel):
             return
 
         def differing(d: dict[str, Any]) -> str:
-            return " ".join(f"{k}={d.get(k)!r}" for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k))
+            return " ".join(f"{k}={d[k]!r}" for k in sorted(d) if theirs.get(k, ...) != ours.get(k, ...))
 
         raise UsageError(f"the policy was tuned with self-evaluation {differing(theirs)}, and this run scores with "
                          f"{differing(ours)}: its difficulty bins are p_keep quantiles of its own self-evaluation; "
@@ -201,8 +201,11 @@ def self_eval_name(scorer: object) -> str | None:
 
 
 def _scoring(name: str | None) -> dict[str, Any] | None:
-    """What decides a self_eval_name's scores: its config, less how the adapter was found (not the scorer's
-    class: the server scores with a subclass that only counts its decodes). None where it names no config."""
+    """What decides a self_eval_name's scores: the config fields its format reads, a field the record lacks
+    (an older policy's, one added since) taken as its default; not how the adapter was found, nor the scorer's
+    class (the server scores with a subclass that only counts its decodes). None where it names no config."""
+    from edge_adapt.selfeval.config import SelfEvalConfig
+
     _, _, config = (name or "").partition(":")
     try:
         fields = json.loads(config)
@@ -210,4 +213,7 @@ def _scoring(name: str | None) -> dict[str, Any] | None:
         return None
     if not isinstance(fields, dict):
         return None
-    return {k: v for k, v in fields.items() if k != "default_adapter"}
+    defaults = {k: f.default for k, f in SelfEvalConfig.model_fields.items()}
+    prompt = "suffix" if fields.get("format", defaults["format"]) == "raw" else "question"
+    return {k: fields.get(k, defaults[k] if k != "adapter" else None)
+            for k in ("format", prompt, "yes", "no", "adapter", "adapter_scale")}
