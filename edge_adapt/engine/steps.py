@@ -166,10 +166,10 @@ def drive(engine: Decoder, program: Program[R]) -> Generator[Any, None, R]:
         program.close()
 
 
-def watched(program: Program[R], see: Any = None, *, keep: Any = None) -> Program[R]:
-    """`yield from program`, calling `see(item)` on each item that is not a decode request, and leaving out those
-    `keep(item)` refuses: a driver's errors thrown in at a yield reach the program (a bare `for item in program:
-    yield item` would take them itself)."""
+def watched(program: Program[R], see: Any = None, *, keep: Any = None, mark: Any = None) -> Program[R]:
+    """`yield from program`, calling `see(item)` on each item that is not a decode request, leaving out those
+    `keep(item)` refuses, and passing each Decode on as `mark(item)` where given: a driver's errors thrown in at a
+    yield reach the program (a bare `for item in program: yield item` would take them itself)."""
     error: BaseException | None = None
     try:
         while True:
@@ -183,6 +183,8 @@ def watched(program: Program[R], see: Any = None, *, keep: Any = None) -> Progra
                     continue
                 if see is not None:
                     see(item)
+            elif mark is not None and isinstance(item, Decode):
+                item = mark(item)
             try:
                 yield item
             except GeneratorExit:

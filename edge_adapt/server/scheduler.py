@@ -30,7 +30,7 @@ import numpy as np
 from edge_adapt.engine.engine import Engine, Sequence
 from edge_adapt.engine.events import Token
 from edge_adapt.engine.sampling import SamplingParams, check_bias_vocabulary
-from edge_adapt.engine.steps import Decode, Program, Sampling, decode_together, sample_together
+from edge_adapt.engine.steps import Decode, Program, Sampling, decode_together, sample_together, watched
 from edge_adapt.errors import BudgetError, ContextOverflowError, EdgeAdaptError, UsageError
 from edge_adapt.selfeval import SelfEvaluator
 from edge_adapt.strategies.config import StrategyConfig
@@ -81,24 +81,8 @@ class _Scorer(SelfEvaluator):
 
 
 def _suffix_decodes(program: Program[R]) -> Program[R]:
-    """`yield from program`, each Decode it yields marked as a _SuffixDecode; errors thrown in at a yield reach
-    the program (as edge_adapt.engine.steps.watched passes them)."""
-    error: BaseException | None = None
-    try:
-        while True:
-            try:
-                item = program.throw(error) if error is not None else next(program)
-            except StopIteration as stop:
-                return stop.value
-            error = None
-            try:
-                yield _suffix(item) if isinstance(item, Decode) else item
-            except GeneratorExit:
-                raise
-            except BaseException as e:  # thrown in by the scheduler: the program's to handle
-                error = e
-    finally:
-        program.close()
+    """`yield from program`, each Decode it yields marked as a _SuffixDecode."""
+    return watched(program, mark=_suffix)
 
 
 class Ticket:
