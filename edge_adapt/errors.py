@@ -55,6 +55,14 @@ def is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def not_a_bool(v: Any) -> Any:
+    """A pydantic `before` validator for counts (and lists of them): pydantic reads True as 1, and a count given as
+    a bool is a mistake."""
+    if isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v)):
+        raise ValueError(f"must be a whole number, got {v!r}")
+    return v
+
+
 def check_count(name: str, value: Any) -> None:
     """A count the caller gives (max_tokens, n): a whole number >= 1, or a UsageError saying so."""
     if not is_whole(value) or value < 1:

@@ -34,7 +34,7 @@ from edge_adapt.engine.steps import Decode, Program, Sampling, drive
 from edge_adapt.engine.text import TextStream, tokens_within
 from edge_adapt.engine.vocab import TextModel, first_bad_token, same_model
 from edge_adapt.errors import (
-    BudgetError, ContextOverflowError, EngineError, UsageError, check_count, is_whole, validated,
+    BudgetError, ContextOverflowError, EngineError, UsageError, check_count, is_whole, not_a_bool, validated,
 )
 
 CLOSE_WAIT_S = 10.0  # how long close() waits for another thread's cancelled generation to end
@@ -77,10 +77,7 @@ class EngineOptions(BaseModel):
     @field_validator("ctx", "parallel", "threads", "gpu_layers", "batch", mode="before")
     @classmethod
     def _counts_are_not_bools(cls, v: object) -> object:
-        """pydantic reads True as 1; a count given as a bool is a mistake, refused as StrategyConfig refuses it."""
-        if isinstance(v, bool):
-            raise ValueError(f"must be a whole number, got {v!r}")
-        return v
+        return not_a_bool(v)
 
 
 class Sequence:

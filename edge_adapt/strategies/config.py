@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge_adapt.engine.sampling import check_sampling, stop_strings
-from edge_adapt.errors import UsageError, validated
+from edge_adapt.errors import UsageError, not_a_bool, validated
 from edge_adapt.selfeval.config import SelfEvalConfig, load_mapping
 from edge_adapt.strategies import registry
 from edge_adapt.strategies.policy import Policy
@@ -88,10 +88,7 @@ class StrategyConfig(BaseModel):
                      "lookahead", "prune_at", mode="before")
     @classmethod
     def _counts_are_not_bools(cls, v: Any) -> Any:
-        """pydantic reads True as 1; a count given as a bool is a mistake, refused as the engine refuses it."""
-        if isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v)):
-            raise ValueError(f"must be a whole number, got {v!r}")
-        return v
+        return not_a_bool(v)
 
     @field_validator("threshold", "prune_threshold", "sequential_ratio", mode="before")
     @classmethod
